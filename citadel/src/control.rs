@@ -1,0 +1,266 @@
+//! The ts2021 control client: `GET /key`, the Noise upgrade on `POST /ts2021`, HTTP/2 inside
+//! the Noise channel, `/machine/register` and the streaming `/machine/map`.
+//!
+//! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
+
+use crate::keys::{MachinePublic, PrivateKey};
+use crate::noise::{self, NoiseStream, EARLY_MAGIC};
+use crate::tailcfg::{
+    self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse,
+    RegisterRequest, RegisterResponse,
+};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Control-plane failures, sorted by what the user should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The URL is not one citadel can dial.
+    #[error("invalid Nexus URL {0:?}: {1}")]
+    BadUrl(String, String),
+    /// TCP connect failed or timed out.
+    #[error("cannot reach Nexus at {0}: {1}")]
+    Unreachable(String, String),
+    /// The server answered with something that is not the protocol.
+    #[error("Nexus protocol error: {0}")]
+    Protocol(String),
+    /// The Noise channel failed.
+    #[error(transparent)]
+    Noise(#[from] noise::NoiseError),
+    /// The server sent a map message we could not decode.
+    #[error("bad map message from Nexus: {0}")]
+    Frame(#[from] tailcfg::FrameError),
+    /// The connection closed.
+    #[error("connection to Nexus closed")]
+    Closed,
+}
+
+impl From<hyper::Error> for ControlError {
+    fn from(e: hyper::Error) -> Self {
+        ControlError::Protocol(e.to_string())
+    }
+}
+
+/// Host and port of an `http://host[:port]` URL.
+pub fn parse_url(url: &str) -> Result<(String, u16), ControlError> {
+    let bad = |why: &str| ControlError::BadUrl(url.to_string(), why.to_string());
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("https is not supported yet; use http:// (ts2021 is encrypted end to end)")),
+        _ => return Err(bad("expected http://host:port")),
+    }
+    let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_string();
+    Ok((host, uri.port_u16().unwrap_or(80)))
+}
+
+async fn tcp_connect(url: &str, timeout: Duration) -> Result<TcpStream, ControlError> {
+    let (host, port) = parse_url(url)?;
+    match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(ControlError::Unreachable(url.to_string(), e.to_string())),
+        Err(_) => Err(ControlError::Unreachable(url.to_string(), format!("timed out after {timeout:?}"))),
+    }
+}
+
+/// Fetches the server's machine public key (`GET /key?v=N`).
+pub async fn fetch_server_key(url: &str, timeout: Duration) -> Result<MachinePublic, ControlError> {
+    let fut = async {
+        let tcp = tcp_connect(url, timeout).await?;
+        let (host, port) = parse_url(url)?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("/key?v={}", tailcfg::CAPABILITY_VERSION))
+            .header("host", format!("{host}:{port}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let resp = send.send_request(req).await?;
+        if !resp.status().is_success() {
+            return Err(ControlError::Protocol(format!("/key answered {}", resp.status())));
+        }
+        let body = resp.into_body().collect().await?.to_bytes();
+        let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
+            .map_err(|e| ControlError::Protocol(format!("/key answer is not the expected JSON: {e}")))?;
+        if k.public_key.is_zero() {
+            return Err(ControlError::Protocol("/key answer has no publicKey".into()));
+        }
+        Ok(k.public_key)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ControlError::Unreachable(url.to_string(), format!("no answer within {timeout:?}")))?
+}
+
+/// An open ts2021 session: HTTP/2 requests over the Noise channel.
+pub struct ControlConn {
+    send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    /// The early payload, if the server sent one.
+    pub early: Option<EarlyNoise>,
+}
+
+/// Reads an HTTP/1.1 response head byte by byte (so nothing past it is consumed).
+async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, ControlError> {
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(ControlError::Protocol("upgrade response head too large".into()));
+        }
+        if tcp.read(&mut b).await.map_err(|_| ControlError::Closed)? == 0 {
+            return Err(ControlError::Closed);
+        }
+        head.push(b[0]);
+    }
+    Ok(head)
+}
+
+impl ControlConn {
+    /// Dials `url`, performs the Noise handshake as `machine` and starts HTTP/2.
+    pub async fn dial(
+        url: &str,
+        machine: &PrivateKey,
+        server: &MachinePublic,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let fut = async {
+            let mut tcp = tcp_connect(url, timeout).await?;
+            let (host, port) = parse_url(url)?;
+            let init = noise::Initiator::new(machine, &server.0, tailcfg::CAPABILITY_VERSION)?;
+            let hdr = base64::engine::general_purpose::STANDARD.encode(&init.init_frame);
+            let req = format!(
+                "POST /ts2021 HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {hdr}\r\nContent-Length: 0\r\n\r\n"
+            );
+            tcp.write_all(req.as_bytes()).await.map_err(|_| ControlError::Closed)?;
+            let head = read_head(&mut tcp).await?;
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            resp.parse(&head).map_err(|e| ControlError::Protocol(format!("bad upgrade response: {e}")))?;
+            if resp.code != Some(101) {
+                return Err(ControlError::Protocol(format!(
+                    "/ts2021 answered {} {} instead of 101",
+                    resp.code.unwrap_or(0),
+                    resp.reason.unwrap_or("")
+                )));
+            }
+            let mut hdr3 = [0u8; 3];
+            tcp.read_exact(&mut hdr3).await.map_err(|_| ControlError::Closed)?;
+            let len = u16::from_be_bytes([hdr3[1], hdr3[2]]) as usize;
+            if len > noise::MAX_FRAME {
+                return Err(ControlError::Protocol("oversized handshake response".into()));
+            }
+            let mut frame = hdr3.to_vec();
+            frame.resize(3 + len, 0);
+            tcp.read_exact(&mut frame[3..]).await.map_err(|_| ControlError::Closed)?;
+            let (tx, rx) = init.finish(&frame)?;
+            let mut stream = NoiseStream::new(tcp, tx, rx);
+            let early = read_early(&mut stream).await?;
+            let (send, conn) =
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("control connection ended: {e}");
+                }
+            });
+            Ok(ControlConn { send, early })
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ControlError::Unreachable(url.to_string(), format!("handshake not done within {timeout:?}")))?
+    }
+
+    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<hyper::Response<Incoming>, ControlError> {
+        self.send.ready().await?;
+        let req = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        Ok(self.send.send_request(req).await?)
+    }
+
+    /// `POST /machine/register`.
+    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse, ControlError> {
+        let resp = self.post("/machine/register", serde_json::to_vec(req).expect("serializes")).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(ControlError::Protocol(format!(
+                "register answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| ControlError::Protocol(format!("bad RegisterResponse: {e}")))
+    }
+
+    /// `POST /machine/map`; for a streaming request, read messages with [`MapStream::next`].
+    pub async fn map(&mut self, req: &MapRequest) -> Result<MapStream, ControlError> {
+        let resp = self.post("/machine/map", serde_json::to_vec(req).expect("serializes")).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(ControlError::Protocol(format!(
+                "map answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        Ok(MapStream { body: resp.into_body(), buf: Vec::new(), zstd: req.compress == "zstd" })
+    }
+}
+
+async fn read_early<S: tokio::io::AsyncRead + Unpin>(s: &mut NoiseStream<S>) -> Result<Option<EarlyNoise>, ControlError> {
+    let mut magic = [0u8; 5];
+    s.read_exact(&mut magic).await.map_err(|e| ControlError::Protocol(format!("reading early payload: {e}")))?;
+    if magic != EARLY_MAGIC {
+        s.unread(&magic);
+        return Ok(None);
+    }
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.map_err(|_| ControlError::Closed)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > 64 * 1024 {
+        return Err(ControlError::Protocol("early payload too large".into()));
+    }
+    let mut json = vec![0u8; len];
+    s.read_exact(&mut json).await.map_err(|_| ControlError::Closed)?;
+    serde_json::from_slice(&json).map(Some).map_err(|e| ControlError::Protocol(format!("bad early payload: {e}")))
+}
+
+/// The body of a map response, decoded message by message.
+pub struct MapStream {
+    body: Incoming,
+    buf: Vec<u8>,
+    zstd: bool,
+}
+
+impl MapStream {
+    /// The next message, `Ok(None)` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<MapResponse>, ControlError> {
+        loop {
+            if let Some(m) = decode_map_frame(&mut self.buf, self.zstd)? {
+                return Ok(Some(m));
+            }
+            match self.body.frame().await {
+                None => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(ControlError::Protocol("map stream ended mid-message".into()));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Curve25519 keys with Tailscale's text forms (`mkey:`, `nodekey:`, `discokey:` + 64 hex).
+//!
+//! The machine key authenticates the node to the control server (Noise IK), the node key is
+//! the WireGuard static key, and the disco key seals discovery messages. Private keys never
+//! implement `Debug` or `Display` with their bytes, so they cannot reach a log by accident.
+
+use rand::RngCore;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// What went wrong parsing a key's text form.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    /// The prefix is not the one this key type uses.
+    #[error("key has prefix {found:?}, expected {expected:?}")]
+    WrongPrefix { expected: &'static str, found: String },
+    /// The hex part is not 64 hex digits.
+    #[error("key is not 64 hex digits")]
+    BadHex,
+}
+
+fn parse_hex32(prefix: &'static str, s: &str) -> Result<[u8; 32], KeyError> {
+    let (p, rest) = match s.find(':') {
+        Some(i) => (&s[..=i], &s[i + 1..]),
+        None => ("", s),
+    };
+    if p != prefix {
+        return Err(KeyError::WrongPrefix { expected: prefix, found: p.to_string() });
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(rest, &mut out).map_err(|_| KeyError::BadHex)?;
+    Ok(out)
+}
+
+macro_rules! public_key {
+    ($name:ident, $prefix:expr, $doc:expr) => {
+        #[doc = $doc]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            /// The text prefix of this key type.
+            pub const PREFIX: &'static str = $prefix;
+            /// Parses the text form (`prefix:` + 64 hex digits).
+            pub fn parse(s: &str) -> Result<Self, KeyError> {
+                parse_hex32($prefix, s).map($name)
+            }
+            /// True for the all-zero key (Go's zero value).
+            pub fn is_zero(&self) -> bool {
+                self.0 == [0u8; 32]
+            }
+            /// A short form for humans and logs (public keys are not secret).
+            pub fn short(&self) -> String {
+                format!("[{}]", &hex::encode(&self.0[..3]))
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}{}", $prefix, hex::encode(self.0))
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}{}", $prefix, &hex::encode(self.0)[..8])
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = KeyError;
+            fn from_str(s: &str) -> Result<Self, KeyError> {
+                Self::parse(s)
+            }
+        }
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                if s.is_empty() {
+                    return Ok(Self::default());
+                }
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+public_key!(MachinePublic, "mkey:", "A machine's public key (control-plane identity).");
+public_key!(NodePublic, "nodekey:", "A node's public key (its WireGuard static key).");
+public_key!(DiscoPublic, "discokey:", "A node's disco public key.");
+
+/// A Curve25519 private key. Its bytes are only reachable through [`PrivateKey::to_bytes`].
+#[derive(Clone)]
+pub struct PrivateKey(StaticSecret);
+
+impl PrivateKey {
+    /// A new random key from the given RNG (pass `rand::thread_rng()` in production).
+    pub fn generate(rng: &mut impl RngCore) -> Self {
+        let mut b = [0u8; 32];
+        rng.fill_bytes(&mut b);
+        Self(StaticSecret::from(b))
+    }
+    /// A key from its raw bytes.
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(StaticSecret::from(b))
+    }
+    /// The raw (clamped on use) secret bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+    /// The public half.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        PublicKey::from(&self.0).to_bytes()
+    }
+    /// Diffie-Hellman with a peer's public key.
+    pub fn dh(&self, peer: &[u8; 32]) -> [u8; 32] {
+        self.0.diffie_hellman(&PublicKey::from(*peer)).to_bytes()
+    }
+    /// Text form for the state file (`privkey:` + hex). Never log it.
+    pub fn to_text(&self) -> String {
+        format!("privkey:{}", hex::encode(self.to_bytes()))
+    }
+    /// Parses the text form written by [`PrivateKey::to_text`].
+    pub fn from_text(s: &str) -> Result<Self, KeyError> {
+        parse_hex32("privkey:", s).map(Self::from_bytes)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+impl Serialize for PrivateKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_text())
+    }
+}
+impl<'de> Deserialize<'de> for PrivateKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_text(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn text_round_trip(b in proptest::array::uniform32(any::<u8>())) {
+            let k = NodePublic(b);
+            prop_assert_eq!(NodePublic::parse(&k.to_string()).unwrap(), k);
+            let m = MachinePublic(b);
+            prop_assert_eq!(MachinePublic::parse(&m.to_string()).unwrap(), m);
+            let p = PrivateKey::from_bytes(b);
+            prop_assert_eq!(PrivateKey::from_text(&p.to_text()).unwrap().to_bytes(), p.to_bytes());
+        }
+
+        #[test]
+        fn garbage_never_panics(s in ".{0,80}") {
+            let _ = NodePublic::parse(&s);
+            let _ = DiscoPublic::parse(&s);
+        }
+    }
+
+    #[test]
+    fn wrong_prefix_is_an_error() {
+        let k = NodePublic([7; 32]).to_string();
+        assert!(matches!(MachinePublic::parse(&k), Err(KeyError::WrongPrefix { .. })));
+        assert_eq!(NodePublic::parse("nodekey:zz"), Err(KeyError::BadHex));
+    }
+
+    #[test]
+    fn private_key_debug_is_redacted() {
+        let k = PrivateKey::from_bytes([9; 32]);
+        assert!(!format!("{k:?}").contains("0909"));
+    }
+}

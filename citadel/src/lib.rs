@@ -1,0 +1,19 @@
+//! Citadel: a node agent that joins a Tailscale-compatible WireGuard mesh with no root, no TUN
+//! device and no separately installed VPN.
+//!
+//! [`mesh::Mesh`] is the embeddable handle; [`network`] is the process-global facade
+//! (`connect`, `logout`, `is_global_connected`, `global_ipv4`). The wire modules
+//! ([`keys`], [`noise`], [`tailcfg`]) are shared with nexus-sim so there is one definition of
+//! every byte on the wire.
+#![warn(missing_docs)]
+#![allow(missing_docs)] // field-level docs on wire structs would restate Go's names
+
+pub mod api;
+pub mod control;
+pub mod keys;
+pub mod mesh;
+pub mod netmap;
+pub mod network;
+pub mod noise;
+pub mod state;
+pub mod tailcfg;

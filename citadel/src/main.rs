@@ -1,0 +1,237 @@
+//! The `citadel` command line.
+
+use citadel::api::{self, Request, Response};
+use citadel::control::ControlError;
+use citadel::mesh::{Config, ConnectError, Mesh, Status};
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  other failure
+  2  bad command line
+  3  authentication failed or needed (wrong, used or expired key; not logged in)
+  4  Nexus unreachable or speaking something else
+  5  state directory locked by another process, corrupt or unwritable
+  6  not connected";
+
+#[derive(Parser)]
+#[command(name = "citadel", version, about = "Join your organization's WireGuard mesh without root, TUN or a VPN install", after_help = EXIT_CODES)]
+struct Cli {
+    /// State directory [default: $CITADEL_STATE_DIR or ~/.citadel-node/network]
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Bound on each network step, in seconds
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join the mesh with a pre-auth key, print the mesh IP and exit
+    Init {
+        /// Pre-auth key from Nexus
+        #[arg(long, env = "CITADEL_AUTHKEY", hide_env_values = true)]
+        authkey: Option<String>,
+        /// Nexus (Headscale) URL
+        #[arg(long, env = "CITADEL_NEXUS")]
+        nexus: String,
+        /// Host name to register
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Register as ephemeral (removed when offline)
+        #[arg(long)]
+        ephemeral: bool,
+    },
+    /// Run the node in the foreground until SIGINT/SIGTERM
+    Up {
+        /// Pre-auth key, if not registered yet
+        #[arg(long, env = "CITADEL_AUTHKEY", hide_env_values = true)]
+        authkey: Option<String>,
+        /// Nexus URL, if not saved by `init`
+        #[arg(long, env = "CITADEL_NEXUS")]
+        nexus: Option<String>,
+        /// Host name to register
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Show connection, mesh IPs, org and peers
+    Status {
+        /// Machine-readable output (stable keys, see README)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave the mesh (Nexus removes the node) and clear the state directory
+    Logout,
+}
+
+fn exit_code(e: &ConnectError) -> u8 {
+    match e {
+        ConnectError::NeedsAuth { .. } | ConnectError::AuthRejected(_) | ConnectError::Expired => 3,
+        ConnectError::Control(ControlError::BadUrl(..)) => 2,
+        ConnectError::Control(_) | ConnectError::NoMap(_) | ConnectError::NoNexusUrl => 4,
+        ConnectError::State(_) => 5,
+    }
+}
+
+fn fail(e: &ConnectError) -> ExitCode {
+    eprintln!("citadel: {e}");
+    ExitCode::from(exit_code(e))
+}
+
+fn print_status(s: &Status, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).expect("serializes"));
+        return;
+    }
+    println!("Citadel    {}", if s.connected { "connected" } else { "disconnected" });
+    println!(
+        "Mesh IP    {} {}",
+        s.ipv4.as_deref().unwrap_or("-"),
+        s.ipv6.as_deref().unwrap_or("")
+    );
+    println!("Hostname   {} ({})", s.hostname, s.fqdn);
+    println!("Org        {}", s.org);
+    println!("Nexus      {}", s.nexus_url);
+    println!();
+    println!("Peers ({})", s.peers.len());
+    if !s.peers.is_empty() {
+        let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
+        println!("  {:w$}  {:15}  {}", "NAME", "IPV4", "STATE");
+        for p in &s.peers {
+            let st = match p.online {
+                Some(true) => "online",
+                Some(false) => "offline",
+                None => "unknown",
+            };
+            println!("  {:w$}  {:15}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.cmd, Cmd::Up { .. }) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CITADEL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let state_dir = cli.state_dir.clone().unwrap_or_else(citadel::state::default_dir);
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let cfg = |nexus: Option<String>, authkey: Option<String>, hostname: Option<String>| {
+        let mut c = Config::new(nexus, authkey, state_dir.clone());
+        c.hostname = hostname;
+        c.timeout = timeout;
+        c
+    };
+    match cli.cmd {
+        Cmd::Init { authkey, nexus, hostname, ephemeral } => {
+            let mut c = cfg(Some(nexus), authkey, hostname);
+            c.ephemeral = ephemeral;
+            match Mesh::connect(c).await {
+                Ok(m) => {
+                    println!("{}", m.ipv4().map(|a| a.to_string()).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Cmd::Up { authkey, nexus, hostname } => {
+            let mesh = match Mesh::connect(cfg(nexus, authkey, hostname)).await {
+                Ok(m) => m,
+                Err(e) => return fail(&e),
+            };
+            let s = mesh.status();
+            eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
+            let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
+            let done = Arc::new(tokio::sync::Notify::new());
+            let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&state_dir), done.clone()));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = done.notified() => {}
+                r = server => { if let Ok(Err(e)) = r { eprintln!("citadel: local API failed: {e}"); return ExitCode::from(1); } }
+            }
+            let _ = std::fs::remove_file(api::socket_path(&state_dir));
+            drop(mesh.lock().await.take());
+            ExitCode::SUCCESS
+        }
+        Cmd::Status { json } => {
+            match api::call(&state_dir, &Request::Status).await {
+                Ok(Some(Response::Status(s))) => {
+                    print_status(&s, json);
+                    return if s.connected { ExitCode::SUCCESS } else { ExitCode::from(6) };
+                }
+                Ok(Some(Response::Error { message })) => {
+                    eprintln!("citadel: {message}");
+                    return ExitCode::from(1);
+                }
+                _ => {}
+            }
+            let registered = matches!(
+                std::fs::read(state_dir.join("node.json")).ok().and_then(|b| serde_json::from_slice::<citadel::state::NodeInfo>(&b).ok()),
+                Some(i) if i.registered
+            );
+            if !registered && !state_dir.join("node.json").exists() {
+                if json {
+                    println!("{}", serde_json::json!({"connected": false, "peers": []}));
+                } else {
+                    println!("Citadel    not logged in (run `citadel init --authkey KEY --nexus URL`)");
+                }
+                return ExitCode::from(6);
+            }
+            match Mesh::connect(cfg(None, None, None)).await {
+                Ok(m) => {
+                    print_status(&m.status(), json);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Cmd::Logout => {
+            match api::call(&state_dir, &Request::Logout).await {
+                Ok(Some(Response::Ok)) => {
+                    println!("logged out");
+                    return ExitCode::SUCCESS;
+                }
+                Ok(Some(Response::Error { message })) => {
+                    eprintln!("citadel: {message}");
+                    return ExitCode::from(1);
+                }
+                _ => {}
+            }
+            match Mesh::connect(cfg(None, None, None)).await {
+                Ok(m) => match m.logout().await {
+                    Ok(()) => {
+                        println!("logged out");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
+                Err(ConnectError::NeedsAuth { .. }) | Err(ConnectError::NoNexusUrl) => {
+                    // Not registered anywhere: just clear local state.
+                    match citadel::state::StateDir::open(&state_dir).and_then(|s| s.clear()) {
+                        Ok(()) => {
+                            println!("logged out");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(&ConnectError::State(e)),
+                    }
+                }
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+

@@ -1,0 +1,449 @@
+//! The embedded mesh: a non-global handle that joins the org's network, keeps the netmap
+//! current (reconnecting with backoff, never re-authenticating while the state is valid) and
+//! reports status. [`crate::network`] is the process-global facade over it.
+
+use crate::control::{self, ControlConn, ControlError};
+use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use crate::netmap::{short_name, NetMap};
+use crate::state::{Identity, NodeInfo, StateDir, StateError};
+use crate::tailcfg::{self, Hostinfo, MapRequest, RegisterAuth, RegisterRequest};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Nexus URL; taken from the state directory when `None`.
+    pub nexus_url: Option<String>,
+    /// Pre-auth key; only needed when the state holds no valid registration.
+    pub auth_key: Option<String>,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Host name to register; defaults to the saved one, then the OS host name.
+    pub hostname: Option<String>,
+    /// Register as an ephemeral node (removed by Nexus when it goes away).
+    pub ephemeral: bool,
+    /// Bound on each network step (connect, handshake, first map).
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// A config with defaults: state in the default directory, 10 s steps.
+    pub fn new(nexus_url: Option<String>, auth_key: Option<String>, state_dir: PathBuf) -> Self {
+        Self { nexus_url, auth_key, state_dir, hostname: None, ephemeral: false, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// State directory problem (locked, corrupt, unwritable).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// No Nexus URL given or saved.
+    #[error("no Nexus URL: pass --nexus URL (or run `citadel init` first)")]
+    NoNexusUrl,
+    /// The node has no valid registration and no key was given.
+    #[error("not logged in: run `citadel init --authkey KEY --nexus URL` or `citadel login`{}", auth_url.as_ref().map(|u| format!(" (or visit {u})")).unwrap_or_default())]
+    NeedsAuth {
+        /// Where an admin can approve the node, if the server offered one.
+        auth_url: Option<String>,
+    },
+    /// Nexus refused the auth key.
+    #[error("Nexus refused the auth key: {0}")]
+    AuthRejected(String),
+    /// The node's key has expired.
+    #[error("this node's key has expired; re-authenticate with `citadel init --authkey KEY`")]
+    Expired,
+    /// Network or protocol failure talking to Nexus.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Nexus accepted the node but sent no map in time.
+    #[error("no network map from Nexus within {0:?}")]
+    NoMap(Duration),
+}
+
+/// One peer in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    /// Short host name.
+    pub name: String,
+    /// Fully qualified mesh name.
+    pub fqdn: String,
+    /// Mesh IPv4 address.
+    pub ipv4: Option<String>,
+    /// Mesh IPv6 address.
+    pub ipv6: Option<String>,
+    /// Online as Nexus reports it (`null` when unknown).
+    pub online: Option<bool>,
+    /// Operating system the peer reports.
+    pub os: String,
+    /// The peer's node key (public).
+    pub node_key: String,
+    /// Direct endpoints the peer reported.
+    pub endpoints: Vec<String>,
+    /// Home DERP region (0 = none).
+    pub home_derp: i32,
+}
+
+/// A snapshot of the node's state. The JSON keys are stable (documented in the README).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// True while the control stream is up and a netmap is held.
+    pub connected: bool,
+    /// Mesh IPv4 address.
+    pub ipv4: Option<String>,
+    /// Mesh IPv6 address.
+    pub ipv6: Option<String>,
+    /// Short host name.
+    pub hostname: String,
+    /// Fully qualified mesh name.
+    pub fqdn: String,
+    /// Org (Headscale user) name.
+    pub org: String,
+    /// Nexus URL.
+    pub nexus_url: String,
+    /// This node's public node key.
+    pub node_key: String,
+    /// Peers in the same org, sorted by name.
+    pub peers: Vec<PeerStatus>,
+}
+
+struct Inner {
+    state: StateDir,
+    id: Identity,
+    info: Mutex<NodeInfo>,
+    cfg: Config,
+    netmap: watch::Sender<NetMap>,
+    connected: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    endpoints: Mutex<Vec<String>>,
+}
+
+/// A running mesh node. Dropping it stops the background control loop.
+pub struct Mesh {
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = self.inner.stop.send(true);
+        self.task.abort();
+    }
+}
+
+fn os_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "citadel".to_string())
+}
+
+impl Inner {
+    fn node_pub(&self) -> NodePublic {
+        NodePublic(self.id.node_key.public_bytes())
+    }
+
+    fn hostinfo(&self) -> Hostinfo {
+        Hostinfo {
+            ipn_version: format!("citadel-{}", env!("CARGO_PKG_VERSION")),
+            os: std::env::consts::OS.to_string(),
+            hostname: self.info.lock().unwrap().hostname.clone(),
+            rest: Default::default(),
+        }
+    }
+
+    fn nexus_url(&self) -> String {
+        self.info.lock().unwrap().nexus_url.clone()
+    }
+
+    async fn dial(&self) -> Result<ControlConn, ControlError> {
+        let url = self.nexus_url();
+        let server = control::fetch_server_key(&url, self.cfg.timeout).await?;
+        ControlConn::dial(&url, &self.id.machine_key, &server, self.cfg.timeout).await
+    }
+
+    /// Makes sure the server knows and authorizes our node key, using the auth key only if
+    /// the saved registration is not accepted.
+    async fn ensure_registered(&self, conn: &mut ControlConn) -> Result<(), ConnectError> {
+        let mut req = RegisterRequest {
+            version: tailcfg::CAPABILITY_VERSION,
+            node_key: self.node_pub(),
+            hostinfo: Some(self.hostinfo()),
+            ephemeral: self.cfg.ephemeral,
+            ..Default::default()
+        };
+        let mut auth_url = None;
+        if self.info.lock().unwrap().registered {
+            let resp = conn.register(&req).await?;
+            if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
+                return Ok(());
+            }
+            if resp.node_key_expired && self.cfg.auth_key.is_none() {
+                return Err(ConnectError::Expired);
+            }
+            if !resp.auth_url.is_empty() {
+                auth_url = Some(resp.auth_url);
+            }
+        }
+        let Some(key) = self.cfg.auth_key.clone() else {
+            return Err(ConnectError::NeedsAuth { auth_url });
+        };
+        req.auth = Some(RegisterAuth { auth_key: key, ..Default::default() });
+        let resp = conn.register(&req).await?;
+        if !resp.error.is_empty() {
+            return Err(ConnectError::AuthRejected(resp.error));
+        }
+        if !resp.machine_authorized {
+            return Err(ConnectError::NeedsAuth { auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()) });
+        }
+        let mut info = self.info.lock().unwrap();
+        info.registered = true;
+        info.org = resp.user.login_name.clone();
+        self.state.write("node.json", &*info)?;
+        Ok(())
+    }
+
+    fn map_request(&self, stream: bool) -> MapRequest {
+        MapRequest {
+            version: tailcfg::CAPABILITY_VERSION,
+            keep_alive: stream,
+            node_key: self.node_pub(),
+            disco_key: DiscoPublic(self.id.disco_key.public_bytes()),
+            endpoints: self.endpoints.lock().unwrap().clone(),
+            stream,
+            hostinfo: Some(self.hostinfo()),
+            ..Default::default()
+        }
+    }
+
+    fn apply(&self, m: &tailcfg::MapResponse) -> Result<(), StateError> {
+        let mut changed = false;
+        self.netmap.send_if_modified(|nm| {
+            changed = nm.apply(m);
+            changed
+        });
+        if changed {
+            let nm = self.netmap.borrow().clone();
+            if nm.self_node.key_expiry.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()) {
+                tracing::warn!("Nexus reports this node's key as expired");
+            }
+            let mut info = self.info.lock().unwrap();
+            let addrs = nm.self_node.addresses.clone();
+            let org = nm.org();
+            if info.addresses != addrs || (!org.is_empty() && info.org != org) {
+                info.addresses = addrs;
+                if !org.is_empty() {
+                    info.org = org;
+                }
+                self.state.write("node.json", &*info)?;
+            }
+            self.state.write("netmap.json", &nm)?;
+        }
+        Ok(())
+    }
+}
+
+impl Mesh {
+    /// Joins the mesh: registers if needed, waits for the first netmap, then keeps it current in
+    /// the background. Errors are returned only for the first attempt; later drops reconnect.
+    pub async fn connect(cfg: Config) -> Result<Mesh, ConnectError> {
+        let state = StateDir::open(&cfg.state_dir)?;
+        let id = state.identity(&mut rand::thread_rng())?;
+        let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
+        if let Some(u) = &cfg.nexus_url {
+            if !info.nexus_url.is_empty() && &info.nexus_url != u {
+                // A different server: the old registration means nothing there.
+                info.registered = false;
+            }
+            info.nexus_url = u.trim_end_matches('/').to_string();
+        }
+        if info.nexus_url.is_empty() {
+            return Err(ConnectError::NoNexusUrl);
+        }
+        control::parse_url(&info.nexus_url)?;
+        if let Some(h) = &cfg.hostname {
+            info.hostname = h.clone();
+        }
+        if info.hostname.is_empty() {
+            info.hostname = os_hostname();
+        }
+        state.write("node.json", &info)?;
+        let cached: NetMap = state.read("netmap.json").ok().flatten().unwrap_or_default();
+        let inner = Arc::new(Inner {
+            state,
+            id,
+            info: Mutex::new(info),
+            cfg: cfg.clone(),
+            netmap: watch::channel(cached).0,
+            connected: watch::channel(false).0,
+            stop: watch::channel(false).0,
+            endpoints: Mutex::new(Vec::new()),
+        });
+        let mut conn = inner.dial().await?;
+        inner.ensure_registered(&mut conn).await?;
+        let mut stream = conn.map(&inner.map_request(true)).await?;
+        let first = tokio::time::timeout(cfg.timeout, async {
+            loop {
+                match stream.next().await? {
+                    Some(m) if m.node.is_some() => return Ok::<_, ConnectError>(m),
+                    Some(_) => continue,
+                    None => return Err(ControlError::Closed.into()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| ConnectError::NoMap(cfg.timeout))??;
+        inner.netmap.send_modify(|nm| nm.peers.clear());
+        inner.apply(&first)?;
+        inner.connected.send_replace(true);
+        let task = tokio::spawn(run(inner.clone(), Some((conn, stream))));
+        Ok(Mesh { inner, task })
+    }
+
+    /// A snapshot of the node's state.
+    pub fn status(&self) -> Status {
+        let nm = self.inner.netmap.borrow().clone();
+        let info = self.inner.info.lock().unwrap().clone();
+        let addr = |n: &tailcfg::Node, v6: bool| {
+            n.addresses.iter().map(|a| a.split('/').next().unwrap_or_default().to_string()).find(|a| a.contains(':') == v6)
+        };
+        let mut peers: Vec<PeerStatus> = nm
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                name: short_name(p),
+                fqdn: p.name.trim_end_matches('.').to_string(),
+                ipv4: addr(p, false),
+                ipv6: addr(p, true),
+                online: p.online,
+                os: p.hostinfo.os.clone(),
+                node_key: p.key.to_string(),
+                endpoints: p.endpoints.clone(),
+                home_derp: p.home_region(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ipv4.cmp(&b.ipv4)));
+        Status {
+            connected: *self.inner.connected.borrow(),
+            ipv4: addr(&nm.self_node, false),
+            ipv6: addr(&nm.self_node, true),
+            hostname: if nm.self_node.name.is_empty() { info.hostname.clone() } else { short_name(&nm.self_node) },
+            fqdn: nm.self_node.name.trim_end_matches('.').to_string(),
+            org: if nm.org().is_empty() { info.org.clone() } else { nm.org() },
+            nexus_url: info.nexus_url.clone(),
+            node_key: self.inner.node_pub().to_string(),
+            peers,
+        }
+    }
+
+    /// True while the control stream is up.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// The mesh IPv4 address.
+    pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        self.inner.netmap.borrow().ipv4()
+    }
+
+    /// Watches the netmap.
+    pub fn netmap(&self) -> watch::Receiver<NetMap> {
+        self.inner.netmap.subscribe()
+    }
+
+    /// Watches the connected flag.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+
+    /// The machine public key (for admin tooling).
+    pub fn machine_key(&self) -> MachinePublic {
+        MachinePublic(self.inner.id.machine_key.public_bytes())
+    }
+
+    /// The node public key.
+    pub fn node_key(&self) -> NodePublic {
+        self.inner.node_pub()
+    }
+
+    /// Sets the direct endpoints reported to Nexus (the data plane calls this).
+    pub fn set_endpoints(&self, eps: Vec<String>) {
+        *self.inner.endpoints.lock().unwrap() = eps;
+    }
+
+    /// Leaves the mesh: tells Nexus (the node is removed), stops, and clears the state directory.
+    pub async fn logout(self) -> Result<(), ConnectError> {
+        let _ = self.inner.stop.send(true);
+        let mut conn = self.inner.dial().await?;
+        let req = RegisterRequest {
+            version: tailcfg::CAPABILITY_VERSION,
+            node_key: self.inner.node_pub(),
+            expiry: Some(chrono::Utc::now() - chrono::Duration::days(1)),
+            hostinfo: Some(self.inner.hostinfo()),
+            ..Default::default()
+        };
+        let resp = conn.register(&req).await?;
+        if !resp.error.is_empty() {
+            tracing::warn!("Nexus answered logout with: {}", resp.error);
+        }
+        self.inner.state.clear()?;
+        Ok(())
+    }
+}
+
+/// The background control loop: read the map stream; on any failure reconnect with
+/// exponential backoff (250 ms doubling to 15 s, with jitter), re-confirming the registration
+/// with the saved node key only.
+async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapStream)>) {
+    let mut stop = inner.stop.subscribe();
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if let Some((_conn, mut stream)) = session.take() {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    m = stream.next() => match m {
+                        Ok(Some(m)) => {
+                            if let Err(e) = inner.apply(&m) {
+                                tracing::warn!("saving state: {e}");
+                            }
+                            backoff = Duration::from_millis(250);
+                        }
+                        Ok(None) => { tracing::info!("map stream ended"); break; }
+                        Err(e) => { tracing::info!("map stream failed: {e}"); break; }
+                    }
+                }
+            }
+            inner.connected.send_replace(false);
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+        let attempt = async {
+            let mut conn = inner.dial().await?;
+            inner.ensure_registered(&mut conn).await?;
+            let stream = conn.map(&inner.map_request(true)).await?;
+            Ok::<_, ConnectError>((conn, stream))
+        };
+        match attempt.await {
+            Ok(s) => {
+                tracing::info!("reconnected to Nexus");
+                inner.connected.send_replace(true);
+                session = Some(s);
+            }
+            Err(e) => tracing::info!("reconnect failed: {e}"),
+        }
+    }
+}

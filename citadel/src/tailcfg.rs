@@ -1,0 +1,430 @@
+//! The subset of Tailscale's `tailcfg` JSON that the control protocol carries, shared by the
+//! citadel client and nexus-sim so there is one definition of every field on the wire.
+//!
+//! Field names follow Go's encoding (PascalCase, with Go's initialisms: `DERPMap`, `IPv4`,
+//! `AuthURL`). Unknown fields are ignored when decoding; absent fields take their zero value, as
+//! Go's decoder does.
+
+use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The capability version citadel speaks (Tailscale v1.90).
+pub const CAPABILITY_VERSION: u16 = 130;
+/// Oldest client capability version nexus-sim serves.
+pub const MIN_CAPABILITY_VERSION: u16 = 106;
+
+/// Go's zero `time.Time`, which Tailscale uses for "never".
+pub fn zero_time() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z").expect("constant").with_timezone(&Utc)
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
+}
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+/// Free-form host information; the fields citadel reads are typed, the rest kept as-is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Hostinfo {
+    #[serde(rename = "IPNVersion", skip_serializing_if = "String::is_empty")]
+    pub ipn_version: String,
+    #[serde(rename = "OS", skip_serializing_if = "String::is_empty")]
+    pub os: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Credentials in a register request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RegisterAuth {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub login_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub auth_key: String,
+}
+
+/// `POST /machine/register` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RegisterRequest {
+    pub version: u16,
+    pub node_key: NodePublic,
+    pub old_node_key: NodePublic,
+    #[serde(rename = "NLKey", skip_serializing_if = "String::is_empty")]
+    pub nl_key: String,
+    pub auth: Option<RegisterAuth>,
+    /// A time in the past asks the server to log the node out.
+    pub expiry: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub followup: String,
+    pub hostinfo: Option<Hostinfo>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub ephemeral: bool,
+}
+
+/// A user (an org, in Nexus terms).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct User {
+    #[serde(rename = "ID")]
+    pub id: i64,
+    pub login_name: String,
+    pub display_name: String,
+    #[serde(rename = "ProfilePicURL")]
+    pub profile_pic_url: String,
+}
+
+/// The login a register response reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Login {
+    #[serde(rename = "ID")]
+    pub id: i64,
+    pub provider: String,
+    pub login_name: String,
+    pub display_name: String,
+}
+
+/// `POST /machine/register` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RegisterResponse {
+    pub user: User,
+    pub login: Login,
+    pub node_key_expired: bool,
+    pub machine_authorized: bool,
+    #[serde(rename = "AuthURL")]
+    pub auth_url: String,
+    pub error: String,
+}
+
+/// `POST /machine/map` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct MapRequest {
+    pub version: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub compress: String,
+    pub keep_alive: bool,
+    pub node_key: NodePublic,
+    pub disco_key: DiscoPublic,
+    pub endpoints: Vec<String>,
+    pub endpoint_types: Vec<i32>,
+    pub stream: bool,
+    pub hostinfo: Option<Hostinfo>,
+    pub omit_peers: bool,
+    pub read_only: bool,
+}
+
+/// A port range in a filter rule.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// Destination of a filter rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetPortRange {
+    #[serde(rename = "IP")]
+    pub ip: String,
+    pub ports: PortRange,
+}
+
+/// One packet filter rule: traffic from `SrcIPs` to `DstPorts` is allowed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct FilterRule {
+    #[serde(rename = "SrcIPs")]
+    pub src_ips: Vec<String>,
+    pub dst_ports: Vec<NetPortRange>,
+    #[serde(rename = "IPProto", skip_serializing_if = "Vec::is_empty")]
+    pub ip_proto: Vec<i32>,
+}
+
+/// A node as the map describes it (self or peer).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Node {
+    #[serde(rename = "ID")]
+    pub id: i64,
+    #[serde(rename = "StableID")]
+    pub stable_id: String,
+    pub name: String,
+    pub user: i64,
+    pub key: NodePublic,
+    pub key_expiry: Option<DateTime<Utc>>,
+    pub machine: MachinePublic,
+    pub disco_key: DiscoPublic,
+    pub addresses: Vec<String>,
+    #[serde(rename = "AllowedIPs")]
+    pub allowed_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Legacy home DERP form `127.3.3.40:<region>`.
+    #[serde(rename = "DERP", skip_serializing_if = "String::is_empty")]
+    pub derp: String,
+    #[serde(rename = "HomeDERP", skip_serializing_if = "is_zero_i32")]
+    pub home_derp: i32,
+    pub hostinfo: Hostinfo,
+    pub created: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub online: Option<bool>,
+    pub machine_authorized: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub expired: bool,
+}
+
+impl Node {
+    /// The node's home DERP region, from either encoding.
+    pub fn home_region(&self) -> i32 {
+        if self.home_derp != 0 {
+            return self.home_derp;
+        }
+        self.derp.strip_prefix("127.3.3.40:").and_then(|r| r.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// A DERP server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct DerpNode {
+    pub name: String,
+    #[serde(rename = "RegionID")]
+    pub region_id: i32,
+    pub host_name: String,
+    #[serde(rename = "IPv4", skip_serializing_if = "String::is_empty")]
+    pub ipv4: String,
+    #[serde(rename = "IPv6", skip_serializing_if = "String::is_empty")]
+    pub ipv6: String,
+    #[serde(rename = "STUNPort", skip_serializing_if = "is_zero_i32")]
+    pub stun_port: i32,
+    #[serde(rename = "STUNOnly", skip_serializing_if = "is_false")]
+    pub stun_only: bool,
+    #[serde(rename = "DERPPort", skip_serializing_if = "is_zero_i32")]
+    pub derp_port: i32,
+    #[serde(skip_serializing_if = "is_false")]
+    pub insecure_for_tests: bool,
+    #[serde(rename = "CanPort80", skip_serializing_if = "is_false")]
+    pub can_port80: bool,
+}
+
+/// A DERP region.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct DerpRegion {
+    #[serde(rename = "RegionID")]
+    pub region_id: i32,
+    pub region_code: String,
+    pub region_name: String,
+    pub nodes: Vec<DerpNode>,
+}
+
+/// The DERP map.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct DerpMap {
+    pub regions: BTreeMap<i32, DerpRegion>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub omit_default_regions: bool,
+}
+
+/// A user profile in the map.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct UserProfile {
+    #[serde(rename = "ID")]
+    pub id: i64,
+    pub login_name: String,
+    pub display_name: String,
+    #[serde(rename = "ProfilePicURL")]
+    pub profile_pic_url: String,
+}
+
+/// One message on the map stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct MapResponse {
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_alive: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Node>,
+    #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
+    pub derp_map: Option<DerpMap>,
+    /// A full peer list when present (an empty list means "no peers").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<Node>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers_changed: Option<Vec<Node>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers_removed: Option<Vec<i64>>,
+    #[serde(rename = "DNSConfig", skip_serializing_if = "Option::is_none")]
+    pub dns_config: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_filter: Option<Vec<FilterRule>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_profiles: Vec<UserProfile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_time: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "is_zero_i64")]
+    pub seq: i64,
+    /// Small per-peer changes (Headscale sends these).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers_changed_patch: Option<Vec<PeerChange>>,
+    /// Peers whose online state changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online_change: Option<BTreeMap<i64, bool>>,
+}
+
+/// A patch to one peer (fields absent are unchanged).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct PeerChange {
+    #[serde(rename = "NodeID")]
+    pub node_id: i64,
+    #[serde(rename = "DERPRegion")]
+    pub derp_region: Option<i32>,
+    pub endpoints: Option<Vec<String>>,
+    pub key: Option<NodePublic>,
+    pub disco_key: Option<DiscoPublic>,
+    pub online: Option<bool>,
+    pub key_expiry: Option<DateTime<Utc>>,
+}
+
+/// Early payload the server sends before HTTP/2 starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EarlyNoise {
+    #[serde(rename = "nodeKeyChallenge")]
+    pub node_key_challenge: String,
+}
+
+/// `GET /key` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OverTlsPublicKeyResponse {
+    #[serde(rename = "legacyPublicKey")]
+    pub legacy_public_key: String,
+    #[serde(rename = "publicKey")]
+    pub public_key: MachinePublic,
+}
+
+/// Errors decoding a map frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than we accept.
+    #[error("map message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// zstd failed.
+    #[error("map message did not decompress: {0}")]
+    Decompress(String),
+    /// JSON failed.
+    #[error("map message is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Largest map message accepted (compressed or not).
+pub const MAX_MAP_MESSAGE: usize = 16 << 20;
+
+/// Encodes one map-stream message: u32 little-endian length, then (zstd-compressed) JSON.
+pub fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
+    let json = serde_json::to_vec(resp).expect("MapResponse serializes");
+    let body = if zstd { zstd::bulk::compress(&json, 1).expect("zstd in memory") } else { json };
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Splits one map-stream message off the front of `buf` and decodes it, or `Ok(None)` when
+/// more bytes are needed.
+pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapResponse>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_MAP_MESSAGE {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let body: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
+    let json = if zstd {
+        zstd::bulk::decompress(&body, MAX_MAP_MESSAGE).map_err(|e| FrameError::Decompress(e.to_string()))?
+    } else {
+        body
+    };
+    Ok(Some(serde_json::from_slice(&json)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn map_frame_round_trip_plain_and_zstd() {
+        let resp = MapResponse {
+            node: Some(Node { id: 7, name: "a.nexus.".into(), addresses: vec!["100.64.0.1/32".into()], ..Default::default() }),
+            peers: Some(vec![]),
+            ..Default::default()
+        };
+        for z in [false, true] {
+            let mut buf = encode_map_frame(&resp, z);
+            buf.extend_from_slice(&encode_map_frame(&MapResponse { keep_alive: true, ..Default::default() }, z));
+            assert_eq!(decode_map_frame(&mut buf, z).unwrap().unwrap(), resp);
+            assert!(decode_map_frame(&mut buf, z).unwrap().unwrap().keep_alive);
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn go_field_names_are_used() {
+        let j = serde_json::to_value(MapResponse { derp_map: Some(DerpMap::default()), peers: Some(vec![]), ..Default::default() }).unwrap();
+        assert!(j.get("DERPMap").is_some());
+        assert_eq!(j["Peers"], serde_json::json!([]));
+        let n: Node = serde_json::from_str(r#"{"ID":3,"StableID":"x","Key":"","HomeDERP":2,"Unknown":1}"#).unwrap();
+        assert_eq!((n.id, n.home_region()), (3, 2));
+        assert_eq!(Node { derp: "127.3.3.40:5".into(), ..Default::default() }.home_region(), 5);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let mut huge = (u32::MAX).to_le_bytes().to_vec();
+        assert!(matches!(decode_map_frame(&mut huge, false), Err(FrameError::TooLarge(_))));
+        let mut bad = 3u32.to_le_bytes().to_vec();
+        bad.extend_from_slice(b"{x}");
+        assert!(matches!(decode_map_frame(&mut bad, false), Err(FrameError::Json(_))));
+        let mut bad = 3u32.to_le_bytes().to_vec();
+        bad.extend_from_slice(b"abc");
+        assert!(matches!(decode_map_frame(&mut bad, true), Err(FrameError::Decompress(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), z in any::<bool>()) {
+            let mut b = data;
+            while let Ok(Some(_)) = decode_map_frame(&mut b, z) {}
+        }
+    }
+}
