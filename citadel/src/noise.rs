@@ -75,7 +75,9 @@ fn prologue(version: u16) -> Vec<u8> {
 }
 
 fn params() -> snow::params::NoiseParams {
-    PROTOCOL_NAME.parse().expect("constant protocol name parses")
+    PROTOCOL_NAME
+        .parse()
+        .expect("constant protocol name parses")
 }
 
 /// One direction of the transport: a key and a big-endian counter nonce.
@@ -87,7 +89,10 @@ pub struct Cipher {
 impl Cipher {
     /// A cipher from a raw 32-byte key, counter at zero.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), nonce: 0 }
+        Self {
+            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            nonce: 0,
+        }
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
@@ -112,7 +117,9 @@ impl Cipher {
         out.extend_from_slice(&(ct_len as u16).to_be_bytes());
         out.extend_from_slice(plain);
         let mut body = out.split_off(start + 3);
-        self.aead.encrypt_in_place(&nonce, &[], &mut body).map_err(|_| NoiseError::Decrypt)?;
+        self.aead
+            .encrypt_in_place(&nonce, &[], &mut body)
+            .map_err(|_| NoiseError::Decrypt)?;
         out.extend_from_slice(&body);
         Ok(())
     }
@@ -123,7 +130,9 @@ impl Cipher {
             return Err(NoiseError::Malformed("record shorter than its tag"));
         }
         let nonce = self.next_nonce()?;
-        self.aead.decrypt_in_place(&nonce, &[], body).map_err(|_| NoiseError::Decrypt)
+        self.aead
+            .decrypt_in_place(&nonce, &[], body)
+            .map_err(|_| NoiseError::Decrypt)
     }
 }
 
@@ -166,7 +175,9 @@ impl Initiator {
             .build_initiator()
             .map_err(|e| NoiseError::Handshake(e.to_string()))?;
         let mut msg = [0u8; INIT_LEN];
-        let n = hs.write_message(&[], &mut msg).map_err(|e| NoiseError::Handshake(e.to_string()))?;
+        let n = hs
+            .write_message(&[], &mut msg)
+            .map_err(|e| NoiseError::Handshake(e.to_string()))?;
         debug_assert_eq!(n, INIT_LEN);
         let mut init_frame = Vec::with_capacity(5 + INIT_LEN);
         init_frame.extend_from_slice(&version.to_be_bytes());
@@ -185,7 +196,9 @@ impl Initiator {
         let len = u16::from_be_bytes([frame[1], frame[2]]) as usize;
         if frame[0] == MSG_ERROR {
             let text = frame.get(3..3 + len).unwrap_or(&frame[3..]);
-            return Err(NoiseError::Remote(String::from_utf8_lossy(text).into_owned()));
+            return Err(NoiseError::Remote(
+                String::from_utf8_lossy(text).into_owned(),
+            ));
         }
         if frame[0] != MSG_RESPONSE || len != RESP_LEN || frame.len() != 3 + RESP_LEN {
             return Err(NoiseError::Malformed("bad handshake response header"));
@@ -237,12 +250,20 @@ pub fn accept(server_key: &PrivateKey, init_frame: &[u8]) -> Result<Accepted, No
         .and_then(|s| s.try_into().ok())
         .ok_or(NoiseError::Handshake("no client static key".into()))?;
     let mut msg = [0u8; RESP_LEN];
-    let n = hs.write_message(&[], &mut msg).map_err(|e| NoiseError::Handshake(e.to_string()))?;
+    let n = hs
+        .write_message(&[], &mut msg)
+        .map_err(|e| NoiseError::Handshake(e.to_string()))?;
     debug_assert_eq!(n, RESP_LEN);
     let mut response_frame = vec![MSG_RESPONSE, 0, RESP_LEN as u8];
     response_frame.extend_from_slice(&msg);
     let (c2s, s2c) = hs.dangerously_get_raw_split();
-    Ok(Accepted { version, client_machine, response_frame, tx: Cipher::new(s2c), rx: Cipher::new(c2s) })
+    Ok(Accepted {
+        version,
+        client_machine,
+        response_frame,
+        tx: Cipher::new(s2c),
+        rx: Cipher::new(c2s),
+    })
 }
 
 /// An error frame (type 3) carrying `text`, for refusing a handshake.
@@ -276,7 +297,15 @@ pub struct NoiseStream<S> {
 impl<S> NoiseStream<S> {
     /// Wraps `io` (already past the handshake) with the transport ciphers.
     pub fn new(io: S, tx: Cipher, rx: Cipher) -> Self {
-        Self { io, tx, rx, raw: BytesMut::new(), plain: BytesMut::new(), out: Vec::new(), eof: false }
+        Self {
+            io,
+            tx,
+            rx,
+            raw: BytesMut::new(),
+            plain: BytesMut::new(),
+            out: Vec::new(),
+            eof: false,
+        }
     }
 
     /// Puts plaintext back at the front of the read side (used after peeking for the early
@@ -332,7 +361,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                     )
                     .into()))
                 }
-                Some(_) => return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into())),
+                Some(_) => {
+                    return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into()))
+                }
                 None => {}
             }
             let mut tmp = [0u8; 8192];
@@ -348,7 +379,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for NoiseStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         // Keep at most a few frames queued: push what is pending before taking more.
         if this.out.len() >= 4 * MAX_FRAME {
@@ -428,7 +463,8 @@ mod tests {
         let mut n = [0u8; 12];
         n[11] = 1;
         let mut body = f[3..].to_vec();
-        aead.decrypt_in_place(Nonce::from_slice(&n), &[], &mut body).unwrap();
+        aead.decrypt_in_place(Nonce::from_slice(&n), &[], &mut body)
+            .unwrap();
         assert_eq!(body, b"x");
     }
 
@@ -439,7 +475,10 @@ mod tests {
         let other = PrivateKey::generate(&mut rng);
         let client = PrivateKey::generate(&mut rng);
         let init = Initiator::new(&client, &other.public_bytes(), 130).unwrap();
-        assert!(matches!(accept(&server, &init.init_frame), Err(NoiseError::Handshake(_))));
+        assert!(matches!(
+            accept(&server, &init.init_frame),
+            Err(NoiseError::Handshake(_))
+        ));
     }
 
     #[test]

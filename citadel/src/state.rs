@@ -19,15 +19,23 @@ pub enum StateError {
     #[error("state directory {0} is in use by another citadel process")]
     Locked(PathBuf),
     /// A file exists but cannot be parsed.
-    #[error("state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over")]
+    #[error(
+        "state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over"
+    )]
     Corrupt { path: PathBuf, reason: String },
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io { path: path.to_path_buf(), source }
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The node's three private keys.
@@ -71,7 +79,9 @@ pub fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CITADEL_STATE_DIR") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".citadel-node").join("network")
 }
 
@@ -97,10 +107,20 @@ impl StateDir {
             .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(StateError::Locked(path.to_path_buf())),
-            Err(fs::TryLockError::Error(e)) => return Err(StateError::Io { path: lock_path, source: e }),
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked(path.to_path_buf()))
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StateError::Io {
+                    path: lock_path,
+                    source: e,
+                })
+            }
         }
-        Ok(Self { path: path.to_path_buf(), _lock: lock })
+        Ok(Self {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// The directory's path.
@@ -118,7 +138,10 @@ impl StateDir {
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| StateError::Corrupt { path: p, reason: e.to_string() })
+            .map_err(|e| StateError::Corrupt {
+                path: p,
+                reason: e.to_string(),
+            })
     }
 
     /// Writes `name` atomically with mode 0600.
@@ -145,7 +168,11 @@ impl StateDir {
                 continue;
             }
             let p = entry.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
             r.map_err(io_err(&p))?;
         }
         Ok(())
@@ -186,11 +213,21 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("net");
         let s = StateDir::open(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let id = s.identity(&mut rand::thread_rng()).unwrap();
         let again = s.identity(&mut rand::thread_rng()).unwrap();
         assert_eq!(id.node_key.to_bytes(), again.node_key.to_bytes());
-        assert_eq!(fs::metadata(p.join("identity.json")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(p.join("identity.json"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         assert!(matches!(StateDir::open(&p), Err(StateError::Locked(_))));
         drop(s);
         let s = StateDir::open(&p).unwrap();

@@ -1,0 +1,539 @@
+//! `nexus-sim`: serve, and Headscale-style admin subcommands that call the REST API.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "nexus-sim",
+    version,
+    about = "A Headscale-compatible coordination server for Citadel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Conn {
+    /// Server URL
+    #[arg(
+        long,
+        env = "NEXUS_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// API key
+    #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print JSON instead of a table
+    #[arg(long, short = 'o', global = true, value_parser = ["json", "table"], default_value = "table")]
+    output: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// SQLite file (in memory when absent)
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// URL clients use to reach this server
+        #[arg(long)]
+        server_url: Option<String>,
+        /// Accept this admin API key (else one is generated and printed)
+        #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Tailnet DNS suffix
+        #[arg(long, default_value = "nexus.sim")]
+        base_domain: String,
+        /// Map keep-alive interval in seconds
+        #[arg(long, default_value_t = 50)]
+        keepalive: u64,
+        /// Seconds an offline ephemeral node is kept
+        #[arg(long, default_value_t = 120)]
+        ephemeral_timeout: u64,
+    },
+    /// Manage users (orgs)
+    Users {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: UsersCmd,
+    },
+    /// Manage pre-auth keys
+    Preauthkeys {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Manage nodes
+    Nodes {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: NodesCmd,
+    },
+    /// Manage API keys
+    Apikeys {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: ApiKeysCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    /// Create a user; prints its name
+    Create { name: String },
+    /// List users
+    List,
+    /// Delete a user (by name or id)
+    Delete { name: String },
+    /// Rename a user
+    Rename { name: String, new_name: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a pre-auth key; prints only the key
+    Create {
+        #[arg(long, short)]
+        user: String,
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long)]
+        ephemeral: bool,
+        /// Lifetime, e.g. 90s, 30m, 24h, 7d
+        #[arg(long, default_value = "1h")]
+        expiration: String,
+        /// ACL tags (tag:name), comma separated
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// List a user's keys
+    List {
+        #[arg(long, short)]
+        user: String,
+    },
+    /// Expire a key
+    Expire {
+        #[arg(long, short)]
+        user: String,
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// List nodes
+    List {
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+    /// Delete a node
+    Delete { id: u64 },
+    /// Expire a node's key
+    Expire { id: u64 },
+    /// Rename a node
+    Rename { id: u64, name: String },
+    /// Approve an interactive registration (the id from /register/{id})
+    Register {
+        #[arg(long, short)]
+        user: String,
+        #[arg(long, short)]
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeysCmd {
+    /// Create an API key; prints only the key
+    Create,
+    /// List API keys
+    List,
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("bad duration unit in {s:?} (use s, m, h or d)"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+struct Client {
+    http: reqwest::Client,
+    conn: Conn,
+}
+
+impl Client {
+    fn new(conn: Conn) -> Result<Self> {
+        if conn.api_key.is_none() {
+            bail!("no API key: pass --api-key or set NEXUS_API_KEY");
+        }
+        Ok(Client {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            conn,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let url = format!("{}{}", self.conn.url.trim_end_matches('/'), path);
+        let mut rb = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.conn.api_key.as_deref().unwrap_or_default());
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!(
+                "{}: {}",
+                status,
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("request failed")
+            );
+        }
+        Ok(v)
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(o) => o.to_string(),
+    }
+}
+
+async fn admin(conn: Conn, f: impl AsyncFnOnce(&Client, bool) -> Result<()>) -> Result<()> {
+    let json = conn.output == "json";
+    let c = Client::new(conn)?;
+    f(&c, json).await
+}
+
+async fn serve(
+    listen: SocketAddr,
+    db: Option<PathBuf>,
+    server_url: Option<String>,
+    api_key: Option<String>,
+    base_domain: String,
+    keepalive: u64,
+    ephemeral_timeout: u64,
+) -> Result<()> {
+    let generated = api_key.is_none();
+    let key = api_key.unwrap_or_else(|| format!("nsapi-{}", nexus_sim::store::random_hex(24)));
+    let cfg = nexus_sim::Config {
+        listen,
+        db,
+        server_url: server_url.unwrap_or_default(),
+        base_domain,
+        api_keys: vec![key.clone()],
+        keepalive: Duration::from_secs(keepalive.max(1)),
+        ephemeral_timeout: Duration::from_secs(ephemeral_timeout),
+        ..Default::default()
+    };
+    let running = nexus_sim::start(cfg).await?;
+    if generated {
+        // The admin credential goes to stdout (never to the log) so a script can capture it.
+        println!("NEXUS_API_KEY={key}");
+    }
+    tracing::info!("nexus-sim listening on {}", running.url);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    drop(running);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = run(Cli::parse()).await;
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nexus-sim: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    use reqwest::Method;
+    match cli.cmd {
+        Cmd::Serve {
+            listen,
+            db,
+            server_url,
+            api_key,
+            base_domain,
+            keepalive,
+            ephemeral_timeout,
+        } => {
+            serve(
+                listen,
+                db,
+                server_url,
+                api_key,
+                base_domain,
+                keepalive,
+                ephemeral_timeout,
+            )
+            .await
+        }
+        Cmd::Users { conn, cmd } => {
+            admin(conn, async |c, json| {
+                match cmd {
+                    UsersCmd::Create { name } => {
+                        let v = c
+                            .call(Method::POST, "/api/v1/user", Some(json!({"name": name})))
+                            .await?;
+                        if json {
+                            println!("{}", v["user"])
+                        } else {
+                            println!("{}", s(&v["user"], "name"))
+                        }
+                    }
+                    UsersCmd::List => {
+                        let v = c.call(Method::GET, "/api/v1/user", None).await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v["users"])?);
+                        } else {
+                            println!("{:<6} {:<24} {}", "ID", "NAME", "CREATED");
+                            for u in v["users"].as_array().into_iter().flatten() {
+                                println!(
+                                    "{:<6} {:<24} {}",
+                                    s(u, "id"),
+                                    s(u, "name"),
+                                    s(u, "createdAt")
+                                );
+                            }
+                        }
+                    }
+                    UsersCmd::Delete { name } => {
+                        c.call(Method::DELETE, &format!("/api/v1/user/{name}"), None)
+                            .await?;
+                    }
+                    UsersCmd::Rename { name, new_name } => {
+                        c.call(
+                            Method::POST,
+                            &format!("/api/v1/user/{name}/rename/{new_name}"),
+                            None,
+                        )
+                        .await?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Preauthkeys { conn, cmd } => admin(conn, async |c, json| {
+            match cmd {
+                KeysCmd::Create {
+                    user,
+                    reusable,
+                    ephemeral,
+                    expiration,
+                    tags,
+                } => {
+                    let exp = chrono::Utc::now()
+                        + chrono::Duration::from_std(parse_duration(&expiration)?)?;
+                    let v = c
+                        .call(
+                            Method::POST,
+                            "/api/v1/preauthkey",
+                            Some(
+                                json!({"user": user, "reusable": reusable, "ephemeral": ephemeral,
+                                            "expiration": exp.to_rfc3339(), "aclTags": tags}),
+                            ),
+                        )
+                        .await?;
+                    if json {
+                        println!("{}", v["preAuthKey"])
+                    } else {
+                        println!("{}", s(&v["preAuthKey"], "key"))
+                    }
+                }
+                KeysCmd::List { user } => {
+                    let v = c
+                        .call(
+                            Method::GET,
+                            &format!("/api/v1/preauthkey?user={user}"),
+                            None,
+                        )
+                        .await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v["preAuthKeys"])?);
+                    } else {
+                        println!(
+                            "{:<6} {:<10} {:<10} {:<6} {}",
+                            "ID", "REUSABLE", "EPHEMERAL", "USED", "EXPIRATION"
+                        );
+                        for k in v["preAuthKeys"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<6} {:<10} {:<10} {:<6} {}",
+                                s(k, "id"),
+                                s(k, "reusable"),
+                                s(k, "ephemeral"),
+                                s(k, "used"),
+                                s(k, "expiration")
+                            );
+                        }
+                    }
+                }
+                KeysCmd::Expire { user, key } => {
+                    c.call(
+                        Method::POST,
+                        "/api/v1/preauthkey/expire",
+                        Some(json!({"user": user, "key": key})),
+                    )
+                    .await?;
+                }
+            }
+            Ok(())
+        })
+        .await,
+        Cmd::Nodes { conn, cmd } => {
+            admin(conn, async |c, json| {
+                match cmd {
+                    NodesCmd::List { user } => {
+                        let q = user.map(|u| format!("?user={u}")).unwrap_or_default();
+                        let v = c
+                            .call(Method::GET, &format!("/api/v1/node{q}"), None)
+                            .await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v["nodes"])?);
+                        } else {
+                            println!(
+                                "{:<5} {:<20} {:<12} {:<16} {:<8} {}",
+                                "ID", "NAME", "USER", "IPV4", "ONLINE", "ENDPOINTS"
+                            );
+                            for n in v["nodes"].as_array().into_iter().flatten() {
+                                let ips = n["ipAddresses"]
+                                    .as_array()
+                                    .and_then(|a| a.first())
+                                    .and_then(|a| a.as_str())
+                                    .unwrap_or("-");
+                                let eps: Vec<&str> = n["endpoints"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|e| e.as_str())
+                                    .collect();
+                                println!(
+                                    "{:<5} {:<20} {:<12} {:<16} {:<8} {}",
+                                    s(n, "id"),
+                                    s(n, "givenName"),
+                                    s(&n["user"], "name"),
+                                    ips,
+                                    s(n, "online"),
+                                    eps.join(",")
+                                );
+                            }
+                        }
+                    }
+                    NodesCmd::Delete { id } => {
+                        c.call(Method::DELETE, &format!("/api/v1/node/{id}"), None)
+                            .await?;
+                    }
+                    NodesCmd::Expire { id } => {
+                        c.call(Method::POST, &format!("/api/v1/node/{id}/expire"), None)
+                            .await?;
+                    }
+                    NodesCmd::Rename { id, name } => {
+                        c.call(
+                            Method::POST,
+                            &format!("/api/v1/node/{id}/rename/{name}"),
+                            None,
+                        )
+                        .await?;
+                    }
+                    NodesCmd::Register { user, key } => {
+                        let v = c
+                            .call(
+                                Method::POST,
+                                &format!("/api/v1/node/register?user={user}&key={key}"),
+                                None,
+                            )
+                            .await?;
+                        if json {
+                            println!("{}", v["node"])
+                        } else {
+                            println!("{}", s(&v["node"], "givenName"))
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Apikeys { conn, cmd } => {
+            admin(conn, async |c, json| {
+                match cmd {
+                    ApiKeysCmd::Create => {
+                        let v = c
+                            .call(Method::POST, "/api/v1/apikey", Some(json!({})))
+                            .await?;
+                        println!("{}", s(&v, "apiKey"));
+                    }
+                    ApiKeysCmd::List => {
+                        let v = c.call(Method::GET, "/api/v1/apikey", None).await?;
+                        if json {
+                            println!("{}", v["apiKeys"])
+                        } else {
+                            for k in v["apiKeys"].as_array().into_iter().flatten() {
+                                println!(
+                                    "{:<5} {:<14} {}",
+                                    s(k, "id"),
+                                    s(k, "prefix"),
+                                    s(k, "expiration")
+                                );
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+    }
+}
