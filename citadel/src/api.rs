@@ -61,14 +61,10 @@ pub async fn serve(
                 return;
             }
             let resp = match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response::Error {
-                    message: format!("bad request: {e}"),
-                },
+                Err(e) => Response::Error { message: format!("bad request: {e}") },
                 Ok(Request::Status) => match mesh.lock().await.as_ref() {
                     Some(m) => Response::Status(m.status()),
-                    None => Response::Error {
-                        message: "node is stopping".into(),
-                    },
+                    None => Response::Error { message: "node is stopping".into() },
                 },
                 Ok(Request::Logout) => match mesh.lock().await.take() {
                     Some(m) => {
@@ -76,14 +72,10 @@ pub async fn serve(
                         done.notify_one();
                         match r {
                             Ok(()) => Response::Ok,
-                            Err(e) => Response::Error {
-                                message: e.to_string(),
-                            },
+                            Err(e) => Response::Error { message: e.to_string() },
                         }
                     }
-                    None => Response::Error {
-                        message: "node is stopping".into(),
-                    },
+                    None => Response::Error { message: "node is stopping".into() },
                 },
             };
             let mut out = serde_json::to_vec(&resp).expect("serializes");
@@ -97,12 +89,7 @@ pub async fn serve(
 pub async fn call(state_dir: &Path, req: &Request) -> std::io::Result<Option<Response>> {
     let s = match UnixStream::connect(socket_path(state_dir)).await {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
             return Ok(None)
         }
         Err(e) => return Err(e),
@@ -113,7 +100,5 @@ pub async fn call(state_dir: &Path, req: &Request) -> std::io::Result<Option<Res
     w.write_all(&out).await?;
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_str(&line).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

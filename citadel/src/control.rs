@@ -6,8 +6,8 @@
 use crate::keys::{MachinePublic, PrivateKey};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
 use crate::tailcfg::{
-    self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse,
-    RegisterRequest, RegisterResponse,
+    self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest,
+    RegisterResponse,
 };
 use base64::Engine;
 use bytes::Bytes;
@@ -53,18 +53,10 @@ pub fn parse_url(url: &str) -> Result<(String, u16), ControlError> {
     let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
-            return Err(bad(
-                "https is not supported yet; use http:// (ts2021 is encrypted end to end)",
-            ))
-        }
+        Some("https") => return Err(bad("https is not supported yet; use http:// (ts2021 is encrypted end to end)")),
         _ => return Err(bad("expected http://host:port")),
     }
-    let host = uri
-        .host()
-        .ok_or_else(|| bad("no host"))?
-        .trim_matches(['[', ']'])
-        .to_string();
+    let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_string();
     Ok((host, uri.port_u16().unwrap_or(80)))
 }
 
@@ -76,10 +68,7 @@ async fn tcp_connect(url: &str, timeout: Duration) -> Result<TcpStream, ControlE
             Ok(s)
         }
         Ok(Err(e)) => Err(ControlError::Unreachable(url.to_string(), e.to_string())),
-        Err(_) => Err(ControlError::Unreachable(
-            url.to_string(),
-            format!("timed out after {timeout:?}"),
-        )),
+        Err(_) => Err(ControlError::Unreachable(url.to_string(), format!("timed out after {timeout:?}"))),
     }
 }
 
@@ -96,25 +85,19 @@ pub async fn fetch_server_key(url: &str, timeout: Duration) -> Result<MachinePub
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = send.send_request(req).await?;
         if !resp.status().is_success() {
-            return Err(ControlError::Protocol(format!(
-                "/key answered {}",
-                resp.status()
-            )));
+            return Err(ControlError::Protocol(format!("/key answered {}", resp.status())));
         }
         let body = resp.into_body().collect().await?.to_bytes();
-        let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body).map_err(|e| {
-            ControlError::Protocol(format!("/key answer is not the expected JSON: {e}"))
-        })?;
+        let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
+            .map_err(|e| ControlError::Protocol(format!("/key answer is not the expected JSON: {e}")))?;
         if k.public_key.is_zero() {
-            return Err(ControlError::Protocol(
-                "/key answer has no publicKey".into(),
-            ));
+            return Err(ControlError::Protocol("/key answer has no publicKey".into()));
         }
         Ok(k.public_key)
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| {
-        ControlError::Unreachable(url.to_string(), format!("no answer within {timeout:?}"))
-    })?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ControlError::Unreachable(url.to_string(), format!("no answer within {timeout:?}")))?
 }
 
 /// An open ts2021 session: HTTP/2 requests over the Noise channel.
@@ -130,9 +113,7 @@ async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, ControlError> {
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() > 16 * 1024 {
-            return Err(ControlError::Protocol(
-                "upgrade response head too large".into(),
-            ));
+            return Err(ControlError::Protocol("upgrade response head too large".into()));
         }
         if tcp.read(&mut b).await.map_err(|_| ControlError::Closed)? == 0 {
             return Err(ControlError::Closed);
@@ -158,14 +139,11 @@ impl ControlConn {
             let req = format!(
                 "POST /ts2021 HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {hdr}\r\nContent-Length: 0\r\n\r\n"
             );
-            tcp.write_all(req.as_bytes())
-                .await
-                .map_err(|_| ControlError::Closed)?;
+            tcp.write_all(req.as_bytes()).await.map_err(|_| ControlError::Closed)?;
             let head = read_head(&mut tcp).await?;
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut resp = httparse::Response::new(&mut headers);
-            resp.parse(&head)
-                .map_err(|e| ControlError::Protocol(format!("bad upgrade response: {e}")))?;
+            resp.parse(&head).map_err(|e| ControlError::Protocol(format!("bad upgrade response: {e}")))?;
             if resp.code != Some(101) {
                 return Err(ControlError::Protocol(format!(
                     "/ts2021 answered {} {} instead of 101",
@@ -174,20 +152,14 @@ impl ControlConn {
                 )));
             }
             let mut hdr3 = [0u8; 3];
-            tcp.read_exact(&mut hdr3)
-                .await
-                .map_err(|_| ControlError::Closed)?;
+            tcp.read_exact(&mut hdr3).await.map_err(|_| ControlError::Closed)?;
             let len = u16::from_be_bytes([hdr3[1], hdr3[2]]) as usize;
             if len > noise::MAX_FRAME {
-                return Err(ControlError::Protocol(
-                    "oversized handshake response".into(),
-                ));
+                return Err(ControlError::Protocol("oversized handshake response".into()));
             }
             let mut frame = hdr3.to_vec();
             frame.resize(3 + len, 0);
-            tcp.read_exact(&mut frame[3..])
-                .await
-                .map_err(|_| ControlError::Closed)?;
+            tcp.read_exact(&mut frame[3..]).await.map_err(|_| ControlError::Closed)?;
             let (tx, rx) = init.finish(&frame)?;
             let mut stream = NoiseStream::new(tcp, tx, rx);
             let early = read_early(&mut stream).await?;
@@ -206,19 +178,12 @@ impl ControlConn {
             });
             Ok(ControlConn { send, early })
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| {
-            ControlError::Unreachable(
-                url.to_string(),
-                format!("handshake not done within {timeout:?}"),
-            )
-        })?
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ControlError::Unreachable(url.to_string(), format!("handshake not done within {timeout:?}")))?
     }
 
-    async fn post(
-        &mut self,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<hyper::Response<Incoming>, ControlError> {
+    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<hyper::Response<Incoming>, ControlError> {
         self.send.ready().await?;
         let req = http::Request::post(path)
             .header("content-type", "application/json")
@@ -228,16 +193,8 @@ impl ControlConn {
     }
 
     /// `POST /machine/register`.
-    pub async fn register(
-        &mut self,
-        req: &RegisterRequest,
-    ) -> Result<RegisterResponse, ControlError> {
-        let resp = self
-            .post(
-                "/machine/register",
-                serde_json::to_vec(req).expect("serializes"),
-            )
-            .await?;
+    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse, ControlError> {
+        let resp = self.post("/machine/register", serde_json::to_vec(req).expect("serializes")).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
@@ -246,33 +203,21 @@ impl ControlConn {
                 String::from_utf8_lossy(&body).trim()
             )));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| ControlError::Protocol(format!("bad RegisterResponse: {e}")))
+        serde_json::from_slice(&body).map_err(|e| ControlError::Protocol(format!("bad RegisterResponse: {e}")))
     }
 
     /// `POST /machine/map`; for a streaming request, read messages with [`MapStream::next`].
     pub async fn map(&mut self, req: &MapRequest) -> Result<MapStream, ControlError> {
-        let resp = self
-            .post("/machine/map", serde_json::to_vec(req).expect("serializes"))
-            .await?;
+        let resp = self.post("/machine/map", serde_json::to_vec(req).expect("serializes")).await?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             return Err(ControlError::Protocol(format!(
                 "map answered {status}: {}",
                 String::from_utf8_lossy(&body).trim()
             )));
         }
-        Ok(MapStream {
-            body: resp.into_body(),
-            buf: Vec::new(),
-            zstd: req.compress == "zstd",
-        })
+        Ok(MapStream { body: resp.into_body(), buf: Vec::new(), zstd: req.compress == "zstd" })
     }
 }
 
@@ -280,28 +225,20 @@ async fn read_early<S: tokio::io::AsyncRead + Unpin>(
     s: &mut NoiseStream<S>,
 ) -> Result<Option<EarlyNoise>, ControlError> {
     let mut magic = [0u8; 5];
-    s.read_exact(&mut magic)
-        .await
-        .map_err(|e| ControlError::Protocol(format!("reading early payload: {e}")))?;
+    s.read_exact(&mut magic).await.map_err(|e| ControlError::Protocol(format!("reading early payload: {e}")))?;
     if magic != EARLY_MAGIC {
         s.unread(&magic);
         return Ok(None);
     }
     let mut len = [0u8; 4];
-    s.read_exact(&mut len)
-        .await
-        .map_err(|_| ControlError::Closed)?;
+    s.read_exact(&mut len).await.map_err(|_| ControlError::Closed)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > 64 * 1024 {
         return Err(ControlError::Protocol("early payload too large".into()));
     }
     let mut json = vec![0u8; len];
-    s.read_exact(&mut json)
-        .await
-        .map_err(|_| ControlError::Closed)?;
-    serde_json::from_slice(&json)
-        .map(Some)
-        .map_err(|e| ControlError::Protocol(format!("bad early payload: {e}")))
+    s.read_exact(&mut json).await.map_err(|_| ControlError::Closed)?;
+    serde_json::from_slice(&json).map(Some).map_err(|e| ControlError::Protocol(format!("bad early payload: {e}")))
 }
 
 /// The body of a map response, decoded message by message.
@@ -323,9 +260,7 @@ impl MapStream {
                     if self.buf.is_empty() {
                         return Ok(None);
                     }
-                    return Err(ControlError::Protocol(
-                        "map stream ended mid-message".into(),
-                    ));
+                    return Err(ControlError::Protocol("map stream ended mid-message".into()));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(f)) => {

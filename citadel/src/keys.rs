@@ -14,10 +14,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 pub enum KeyError {
     /// The prefix is not the one this key type uses.
     #[error("key has prefix {found:?}, expected {expected:?}")]
-    WrongPrefix {
-        expected: &'static str,
-        found: String,
-    },
+    WrongPrefix { expected: &'static str, found: String },
     /// The hex part is not 64 hex digits.
     #[error("key is not 64 hex digits")]
     BadHex,
@@ -29,10 +26,7 @@ fn parse_hex32(prefix: &'static str, s: &str) -> Result<[u8; 32], KeyError> {
         None => ("", s),
     };
     if p != prefix {
-        return Err(KeyError::WrongPrefix {
-            expected: prefix,
-            found: p.to_string(),
-        });
+        return Err(KeyError::WrongPrefix { expected: prefix, found: p.to_string() });
     }
     let mut out = [0u8; 32];
     hex::decode_to_slice(rest, &mut out).map_err(|_| KeyError::BadHex)?;
@@ -94,16 +88,8 @@ macro_rules! public_key {
     };
 }
 
-public_key!(
-    MachinePublic,
-    "mkey:",
-    "A machine's public key (control-plane identity)."
-);
-public_key!(
-    NodePublic,
-    "nodekey:",
-    "A node's public key (its WireGuard static key)."
-);
+public_key!(MachinePublic, "mkey:", "A machine's public key (control-plane identity).");
+public_key!(NodePublic, "nodekey:", "A node's public key (its WireGuard static key).");
 public_key!(DiscoPublic, "discokey:", "A node's disco public key.");
 
 /// A Curve25519 private key. Its bytes are only reachable through [`PrivateKey::to_bytes`].
@@ -187,10 +173,7 @@ mod tests {
     #[test]
     fn wrong_prefix_is_an_error() {
         let k = NodePublic([7; 32]).to_string();
-        assert!(matches!(
-            MachinePublic::parse(&k),
-            Err(KeyError::WrongPrefix { .. })
-        ));
+        assert!(matches!(MachinePublic::parse(&k), Err(KeyError::WrongPrefix { .. })));
         assert_eq!(NodePublic::parse("nodekey:zz"), Err(KeyError::BadHex));
     }
 

@@ -90,32 +90,15 @@ fn print_status(s: &Status, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).expect("serializes"));
         return;
     }
-    println!(
-        "Citadel    {}",
-        if s.connected {
-            "connected"
-        } else {
-            "disconnected"
-        }
-    );
-    println!(
-        "Mesh IP    {} {}",
-        s.ipv4.as_deref().unwrap_or("-"),
-        s.ipv6.as_deref().unwrap_or("")
-    );
+    println!("Citadel    {}", if s.connected { "connected" } else { "disconnected" });
+    println!("Mesh IP    {} {}", s.ipv4.as_deref().unwrap_or("-"), s.ipv6.as_deref().unwrap_or(""));
     println!("Hostname   {} ({})", s.hostname, s.fqdn);
     println!("Org        {}", s.org);
     println!("Nexus      {}", s.nexus_url);
     println!();
     println!("Peers ({})", s.peers.len());
     if !s.peers.is_empty() {
-        let w = s
-            .peers
-            .iter()
-            .map(|p| p.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
+        let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
         println!("  {:w$}  {:15}  {}", "NAME", "IPV4", "STATE");
         for p in &s.peers {
             let st = match p.online {
@@ -123,12 +106,7 @@ fn print_status(s: &Status, json: bool) {
                 Some(false) => "offline",
                 None => "unknown",
             };
-            println!(
-                "  {:w$}  {:15}  {}",
-                p.name,
-                p.ipv4.as_deref().unwrap_or("-"),
-                st
-            );
+            println!("  {:w$}  {:15}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st);
         }
     }
 }
@@ -136,11 +114,7 @@ fn print_status(s: &Status, json: bool) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.cmd, Cmd::Up { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if matches!(cli.cmd, Cmd::Up { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CITADEL_LOG")
@@ -148,10 +122,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(citadel::state::default_dir);
+    let state_dir = cli.state_dir.clone().unwrap_or_else(citadel::state::default_dir);
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let cfg = |nexus: Option<String>, authkey: Option<String>, hostname: Option<String>| {
         let mut c = Config::new(nexus, authkey, state_dir.clone());
@@ -160,12 +131,7 @@ async fn main() -> ExitCode {
         c
     };
     match cli.cmd {
-        Cmd::Init {
-            authkey,
-            nexus,
-            hostname,
-            ephemeral,
-        } => {
+        Cmd::Init { authkey, nexus, hostname, ephemeral } => {
             let mut c = cfg(Some(nexus), authkey, hostname);
             c.ephemeral = ephemeral;
             match Mesh::connect(c).await {
@@ -176,32 +142,18 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Cmd::Up {
-            authkey,
-            nexus,
-            hostname,
-        } => {
+        Cmd::Up { authkey, nexus, hostname } => {
             let mesh = match Mesh::connect(cfg(nexus, authkey, hostname)).await {
                 Ok(m) => m,
                 Err(e) => return fail(&e),
             };
             let s = mesh.status();
-            eprintln!(
-                "citadel: up as {} ({}) in org {}",
-                s.hostname,
-                s.ipv4.as_deref().unwrap_or("-"),
-                s.org
-            );
+            eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
             let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
             let done = Arc::new(tokio::sync::Notify::new());
-            let server = tokio::spawn(api::serve(
-                mesh.clone(),
-                api::socket_path(&state_dir),
-                done.clone(),
-            ));
+            let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&state_dir), done.clone()));
             let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -216,11 +168,7 @@ async fn main() -> ExitCode {
             match api::call(&state_dir, &Request::Status).await {
                 Ok(Some(Response::Status(s))) => {
                     print_status(&s, json);
-                    return if s.connected {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(6)
-                    };
+                    return if s.connected { ExitCode::SUCCESS } else { ExitCode::from(6) };
                 }
                 Ok(Some(Response::Error { message })) => {
                     eprintln!("citadel: {message}");
@@ -236,9 +184,7 @@ async fn main() -> ExitCode {
                 if json {
                     println!("{}", serde_json::json!({"connected": false, "peers": []}));
                 } else {
-                    println!(
-                        "Citadel    not logged in (run `citadel init --authkey KEY --nexus URL`)"
-                    );
+                    println!("Citadel    not logged in (run `citadel init --authkey KEY --nexus URL`)");
                 }
                 return ExitCode::from(6);
             }

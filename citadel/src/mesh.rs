@@ -33,14 +33,7 @@ pub struct Config {
 impl Config {
     /// A config with defaults: state in the default directory, 10 s steps.
     pub fn new(nexus_url: Option<String>, auth_key: Option<String>, state_dir: PathBuf) -> Self {
-        Self {
-            nexus_url,
-            auth_key,
-            state_dir,
-            hostname: None,
-            ephemeral: false,
-            timeout: Duration::from_secs(10),
-        }
+        Self { nexus_url, auth_key, state_dir, hostname: None, ephemeral: false, timeout: Duration::from_secs(10) }
     }
 }
 
@@ -140,6 +133,9 @@ impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = self.inner.stop.send(true);
         self.task.abort();
+        // The aborted task may still hold `inner` for a moment; the lock must go now so a
+        // restart in the same process (or right after) can take the identity.
+        self.inner.state.release();
     }
 }
 
@@ -201,18 +197,13 @@ impl Inner {
         let Some(key) = self.cfg.auth_key.clone() else {
             return Err(ConnectError::NeedsAuth { auth_url });
         };
-        req.auth = Some(RegisterAuth {
-            auth_key: key,
-            ..Default::default()
-        });
+        req.auth = Some(RegisterAuth { auth_key: key, ..Default::default() });
         let resp = conn.register(&req).await?;
         if !resp.error.is_empty() {
             return Err(ConnectError::AuthRejected(resp.error));
         }
         if !resp.machine_authorized {
-            return Err(ConnectError::NeedsAuth {
-                auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()),
-            });
+            return Err(ConnectError::NeedsAuth { auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()) });
         }
         let mut info = self.info.lock().unwrap();
         info.registered = true;
@@ -242,11 +233,7 @@ impl Inner {
         });
         if changed {
             let nm = self.netmap.borrow().clone();
-            if nm
-                .self_node
-                .key_expiry
-                .is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now())
-            {
+            if nm.self_node.key_expiry.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()) {
                 tracing::warn!("Nexus reports this node's key as expired");
             }
             let mut info = self.info.lock().unwrap();
@@ -352,17 +339,9 @@ impl Mesh {
             connected: *self.inner.connected.borrow(),
             ipv4: addr(&nm.self_node, false),
             ipv6: addr(&nm.self_node, true),
-            hostname: if nm.self_node.name.is_empty() {
-                info.hostname.clone()
-            } else {
-                short_name(&nm.self_node)
-            },
+            hostname: if nm.self_node.name.is_empty() { info.hostname.clone() } else { short_name(&nm.self_node) },
             fqdn: nm.self_node.name.trim_end_matches('.').to_string(),
-            org: if nm.org().is_empty() {
-                info.org.clone()
-            } else {
-                nm.org()
-            },
+            org: if nm.org().is_empty() { info.org.clone() } else { nm.org() },
             nexus_url: info.nexus_url.clone(),
             node_key: self.inner.node_pub().to_string(),
             peers,
@@ -452,8 +431,7 @@ async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapSt
         if *stop.borrow() {
             return;
         }
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(backoff + jitter) => {}

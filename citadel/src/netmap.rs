@@ -82,26 +82,17 @@ impl NetMap {
 
     /// The org (user) name this node belongs to.
     pub fn org(&self) -> String {
-        self.users
-            .get(&self.self_node.user)
-            .map(|u| u.login_name.clone())
-            .unwrap_or_default()
+        self.users.get(&self.self_node.user).map(|u| u.login_name.clone()).unwrap_or_default()
     }
 
     /// The node's first IPv4 mesh address, without prefix length.
     pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
-        self.self_node
-            .addresses
-            .iter()
-            .find_map(|a| a.split('/').next()?.parse().ok())
+        self.self_node.addresses.iter().find_map(|a| a.split('/').next()?.parse().ok())
     }
 
     /// The node's first IPv6 mesh address.
     pub fn ipv6(&self) -> Option<std::net::Ipv6Addr> {
-        self.self_node
-            .addresses
-            .iter()
-            .find_map(|a| a.split('/').next()?.parse().ok())
+        self.self_node.addresses.iter().find_map(|a| a.split('/').next()?.parse().ok())
     }
 }
 
@@ -121,11 +112,7 @@ mod tests {
     use crate::tailcfg::PeerChange;
 
     fn node(id: i64) -> Node {
-        Node {
-            id,
-            name: format!("n{id}.mesh."),
-            ..Default::default()
-        }
+        Node { id, name: format!("n{id}.mesh."), ..Default::default() }
     }
 
     #[test]
@@ -144,22 +131,12 @@ mod tests {
         }));
         assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
         m.apply(&MapResponse {
-            peers_changed_patch: Some(vec![PeerChange {
-                node_id: 3,
-                online: Some(true),
-                ..Default::default()
-            }]),
+            peers_changed_patch: Some(vec![PeerChange { node_id: 3, online: Some(true), ..Default::default() }]),
             ..Default::default()
         });
         assert_eq!(m.peers[&3].online, Some(true));
-        assert!(!m.apply(&MapResponse {
-            keep_alive: true,
-            ..Default::default()
-        }));
-        assert!(m.apply(&MapResponse {
-            peers: Some(vec![]),
-            ..Default::default()
-        }));
+        assert!(!m.apply(&MapResponse { keep_alive: true, ..Default::default() }));
+        assert!(m.apply(&MapResponse { peers: Some(vec![]), ..Default::default() }));
         assert!(m.peers.is_empty());
     }
 }

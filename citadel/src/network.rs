@@ -20,11 +20,7 @@ pub async fn connect(nexus_url: &str, auth_key: &str, state_dir: &str) -> Result
     let cfg = Config::new(
         Some(nexus_url.to_string()).filter(|s| !s.is_empty()),
         Some(auth_key.to_string()).filter(|s| !s.is_empty()),
-        if state_dir.is_empty() {
-            crate::state::default_dir()
-        } else {
-            state_dir.into()
-        },
+        if state_dir.is_empty() { crate::state::default_dir() } else { state_dir.into() },
     );
     // Release the previous connection (and its state lock) before opening a new one.
     drop(GLOBAL.lock().unwrap().take());
@@ -44,22 +40,12 @@ pub async fn logout() -> Result<(), ConnectError> {
 
 /// True while the global connection's control stream is up.
 pub fn is_global_connected() -> bool {
-    GLOBAL
-        .lock()
-        .unwrap()
-        .as_ref()
-        .is_some_and(|m| m.is_connected())
+    GLOBAL.lock().unwrap().as_ref().is_some_and(|m| m.is_connected())
 }
 
 /// The mesh IPv4 address, or an empty string when not connected.
 pub fn global_ipv4() -> String {
-    GLOBAL
-        .lock()
-        .unwrap()
-        .as_ref()
-        .and_then(|m| m.ipv4())
-        .map(|a| a.to_string())
-        .unwrap_or_default()
+    GLOBAL.lock().unwrap().as_ref().and_then(|m| m.ipv4()).map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// Runs `f` with the global mesh, if any.

@@ -75,9 +75,7 @@ fn prologue(version: u16) -> Vec<u8> {
 }
 
 fn params() -> snow::params::NoiseParams {
-    PROTOCOL_NAME
-        .parse()
-        .expect("constant protocol name parses")
+    PROTOCOL_NAME.parse().expect("constant protocol name parses")
 }
 
 /// One direction of the transport: a key and a big-endian counter nonce.
@@ -89,10 +87,7 @@ pub struct Cipher {
 impl Cipher {
     /// A cipher from a raw 32-byte key, counter at zero.
     pub fn new(key: [u8; 32]) -> Self {
-        Self {
-            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
-            nonce: 0,
-        }
+        Self { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), nonce: 0 }
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
@@ -117,9 +112,7 @@ impl Cipher {
         out.extend_from_slice(&(ct_len as u16).to_be_bytes());
         out.extend_from_slice(plain);
         let mut body = out.split_off(start + 3);
-        self.aead
-            .encrypt_in_place(&nonce, &[], &mut body)
-            .map_err(|_| NoiseError::Decrypt)?;
+        self.aead.encrypt_in_place(&nonce, &[], &mut body).map_err(|_| NoiseError::Decrypt)?;
         out.extend_from_slice(&body);
         Ok(())
     }
@@ -130,9 +123,7 @@ impl Cipher {
             return Err(NoiseError::Malformed("record shorter than its tag"));
         }
         let nonce = self.next_nonce()?;
-        self.aead
-            .decrypt_in_place(&nonce, &[], body)
-            .map_err(|_| NoiseError::Decrypt)
+        self.aead.decrypt_in_place(&nonce, &[], body).map_err(|_| NoiseError::Decrypt)
     }
 }
 
@@ -175,9 +166,7 @@ impl Initiator {
             .build_initiator()
             .map_err(|e| NoiseError::Handshake(e.to_string()))?;
         let mut msg = [0u8; INIT_LEN];
-        let n = hs
-            .write_message(&[], &mut msg)
-            .map_err(|e| NoiseError::Handshake(e.to_string()))?;
+        let n = hs.write_message(&[], &mut msg).map_err(|e| NoiseError::Handshake(e.to_string()))?;
         debug_assert_eq!(n, INIT_LEN);
         let mut init_frame = Vec::with_capacity(5 + INIT_LEN);
         init_frame.extend_from_slice(&version.to_be_bytes());
@@ -196,17 +185,13 @@ impl Initiator {
         let len = u16::from_be_bytes([frame[1], frame[2]]) as usize;
         if frame[0] == MSG_ERROR {
             let text = frame.get(3..3 + len).unwrap_or(&frame[3..]);
-            return Err(NoiseError::Remote(
-                String::from_utf8_lossy(text).into_owned(),
-            ));
+            return Err(NoiseError::Remote(String::from_utf8_lossy(text).into_owned()));
         }
         if frame[0] != MSG_RESPONSE || len != RESP_LEN || frame.len() != 3 + RESP_LEN {
             return Err(NoiseError::Malformed("bad handshake response header"));
         }
         let mut payload = [0u8; 64];
-        self.hs
-            .read_message(&frame[3..], &mut payload)
-            .map_err(|e| NoiseError::Handshake(e.to_string()))?;
+        self.hs.read_message(&frame[3..], &mut payload).map_err(|e| NoiseError::Handshake(e.to_string()))?;
         let (c2s, s2c) = self.hs.dangerously_get_raw_split();
         Ok((Cipher::new(c2s), Cipher::new(s2c)))
     }
@@ -232,9 +217,7 @@ pub fn accept(server_key: &PrivateKey, init_frame: &[u8]) -> Result<Accepted, No
         return Err(NoiseError::Malformed("initiation is not 101 bytes"));
     }
     let version = u16::from_be_bytes([init_frame[0], init_frame[1]]);
-    if init_frame[2] != MSG_INITIATION
-        || u16::from_be_bytes([init_frame[3], init_frame[4]]) as usize != INIT_LEN
-    {
+    if init_frame[2] != MSG_INITIATION || u16::from_be_bytes([init_frame[3], init_frame[4]]) as usize != INIT_LEN {
         return Err(NoiseError::Malformed("bad initiation header"));
     }
     let mut hs = snow::Builder::new(params())
@@ -243,27 +226,18 @@ pub fn accept(server_key: &PrivateKey, init_frame: &[u8]) -> Result<Accepted, No
         .build_responder()
         .map_err(|e| NoiseError::Handshake(e.to_string()))?;
     let mut payload = [0u8; 128];
-    hs.read_message(&init_frame[5..], &mut payload)
-        .map_err(|e| NoiseError::Handshake(e.to_string()))?;
+    hs.read_message(&init_frame[5..], &mut payload).map_err(|e| NoiseError::Handshake(e.to_string()))?;
     let client_machine: [u8; 32] = hs
         .get_remote_static()
         .and_then(|s| s.try_into().ok())
         .ok_or(NoiseError::Handshake("no client static key".into()))?;
     let mut msg = [0u8; RESP_LEN];
-    let n = hs
-        .write_message(&[], &mut msg)
-        .map_err(|e| NoiseError::Handshake(e.to_string()))?;
+    let n = hs.write_message(&[], &mut msg).map_err(|e| NoiseError::Handshake(e.to_string()))?;
     debug_assert_eq!(n, RESP_LEN);
     let mut response_frame = vec![MSG_RESPONSE, 0, RESP_LEN as u8];
     response_frame.extend_from_slice(&msg);
     let (c2s, s2c) = hs.dangerously_get_raw_split();
-    Ok(Accepted {
-        version,
-        client_machine,
-        response_frame,
-        tx: Cipher::new(s2c),
-        rx: Cipher::new(c2s),
-    })
+    Ok(Accepted { version, client_machine, response_frame, tx: Cipher::new(s2c), rx: Cipher::new(c2s) })
 }
 
 /// An error frame (type 3) carrying `text`, for refusing a handshake.
@@ -297,15 +271,7 @@ pub struct NoiseStream<S> {
 impl<S> NoiseStream<S> {
     /// Wraps `io` (already past the handshake) with the transport ciphers.
     pub fn new(io: S, tx: Cipher, rx: Cipher) -> Self {
-        Self {
-            io,
-            tx,
-            rx,
-            raw: BytesMut::new(),
-            plain: BytesMut::new(),
-            out: Vec::new(),
-            eof: false,
-        }
+        Self { io, tx, rx, raw: BytesMut::new(), plain: BytesMut::new(), out: Vec::new(), eof: false }
     }
 
     /// Puts plaintext back at the front of the read side (used after peeking for the early
@@ -331,11 +297,7 @@ impl<S: AsyncWrite + Unpin> NoiseStream<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if !this.plain.is_empty() {
@@ -356,14 +318,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                     continue;
                 }
                 Some((MSG_ERROR, body)) => {
-                    return Poll::Ready(Err(NoiseError::Remote(
-                        String::from_utf8_lossy(&body).into_owned(),
-                    )
-                    .into()))
+                    return Poll::Ready(Err(NoiseError::Remote(String::from_utf8_lossy(&body).into_owned()).into()))
                 }
-                Some(_) => {
-                    return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into()))
-                }
+                Some(_) => return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into())),
                 None => {}
             }
             let mut tmp = [0u8; 8192];
@@ -379,11 +336,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for NoiseStream<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         // Keep at most a few frames queued: push what is pending before taking more.
         if this.out.len() >= 4 * MAX_FRAME {
@@ -463,8 +416,7 @@ mod tests {
         let mut n = [0u8; 12];
         n[11] = 1;
         let mut body = f[3..].to_vec();
-        aead.decrypt_in_place(Nonce::from_slice(&n), &[], &mut body)
-            .unwrap();
+        aead.decrypt_in_place(Nonce::from_slice(&n), &[], &mut body).unwrap();
         assert_eq!(body, b"x");
     }
 
@@ -475,10 +427,7 @@ mod tests {
         let other = PrivateKey::generate(&mut rng);
         let client = PrivateKey::generate(&mut rng);
         let init = Initiator::new(&client, &other.public_bytes(), 130).unwrap();
-        assert!(matches!(
-            accept(&server, &init.init_frame),
-            Err(NoiseError::Handshake(_))
-        ));
+        assert!(matches!(accept(&server, &init.init_frame), Err(NoiseError::Handshake(_))));
     }
 
     #[test]

@@ -19,23 +19,15 @@ pub enum StateError {
     #[error("state directory {0} is in use by another citadel process")]
     Locked(PathBuf),
     /// A file exists but cannot be parsed.
-    #[error(
-        "state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over"
-    )]
+    #[error("state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over")]
     Corrupt { path: PathBuf, reason: String },
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StateError::Io { path: path.to_path_buf(), source }
 }
 
 /// The node's three private keys.
@@ -79,9 +71,7 @@ pub fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CITADEL_STATE_DIR") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".citadel-node").join("network")
 }
 
@@ -89,7 +79,7 @@ pub fn default_dir() -> PathBuf {
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
-    _lock: File,
+    lock: std::sync::Mutex<Option<File>>,
 }
 
 impl StateDir {
@@ -107,20 +97,19 @@ impl StateDir {
             .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StateError::Locked(path.to_path_buf()))
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(StateError::Io {
-                    path: lock_path,
-                    source: e,
-                })
-            }
+            Err(fs::TryLockError::WouldBlock) => return Err(StateError::Locked(path.to_path_buf())),
+            Err(fs::TryLockError::Error(e)) => return Err(StateError::Io { path: lock_path, source: e }),
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            _lock: lock,
-        })
+        Ok(Self { path: path.to_path_buf(), lock: std::sync::Mutex::new(Some(lock)) })
+    }
+
+    /// Releases the lock now (the owner is going away; later writes are skipped).
+    pub fn release(&self) {
+        self.lock.lock().unwrap().take();
+    }
+
+    fn held(&self) -> bool {
+        self.lock.lock().unwrap().is_some()
     }
 
     /// The directory's path.
@@ -136,16 +125,14 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StateError::Io { path: p, source: e }),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StateError::Corrupt {
-                path: p,
-                reason: e.to_string(),
-            })
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| StateError::Corrupt { path: p, reason: e.to_string() })
     }
 
     /// Writes `name` atomically with mode 0600.
     pub fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        if !self.held() {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
         write_atomic(&self.path.join(name), &bytes)
     }
@@ -168,11 +155,7 @@ impl StateDir {
                 continue;
             }
             let p = entry.path();
-            let r = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
             r.map_err(io_err(&p))?;
         }
         Ok(())
@@ -187,13 +170,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f =
+        OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
@@ -213,21 +191,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("net");
         let s = StateDir::open(&p).unwrap();
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
         let id = s.identity(&mut rand::thread_rng()).unwrap();
         let again = s.identity(&mut rand::thread_rng()).unwrap();
         assert_eq!(id.node_key.to_bytes(), again.node_key.to_bytes());
-        assert_eq!(
-            fs::metadata(p.join("identity.json"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(p.join("identity.json")).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(matches!(StateDir::open(&p), Err(StateError::Locked(_))));
         drop(s);
         let s = StateDir::open(&p).unwrap();

@@ -17,9 +17,7 @@ pub const MIN_CAPABILITY_VERSION: u16 = 106;
 
 /// Go's zero `time.Time`, which Tailscale uses for "never".
 pub fn zero_time() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z")
-        .expect("constant")
-        .with_timezone(&Utc)
+    DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z").expect("constant").with_timezone(&Utc)
 }
 
 fn is_false(b: &bool) -> bool {
@@ -200,10 +198,7 @@ impl Node {
         if self.home_derp != 0 {
             return self.home_derp;
         }
-        self.derp
-            .strip_prefix("127.3.3.40:")
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(0)
+        self.derp.strip_prefix("127.3.3.40:").and_then(|r| r.parse().ok()).unwrap_or(0)
     }
 }
 
@@ -353,11 +348,7 @@ pub const MAX_MAP_MESSAGE: usize = 16 << 20;
 /// Encodes one map-stream message: u32 little-endian length, then (zstd-compressed) JSON.
 pub fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
     let json = serde_json::to_vec(resp).expect("MapResponse serializes");
-    let body = if zstd {
-        zstd::bulk::compress(&json, 1).expect("zstd in memory")
-    } else {
-        json
-    };
+    let body = if zstd { zstd::bulk::compress(&json, 1).expect("zstd in memory") } else { json };
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -379,8 +370,7 @@ pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapRespo
     }
     let body: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
     let json = if zstd {
-        zstd::bulk::decompress(&body, MAX_MAP_MESSAGE)
-            .map_err(|e| FrameError::Decompress(e.to_string()))?
+        zstd::bulk::decompress(&body, MAX_MAP_MESSAGE).map_err(|e| FrameError::Decompress(e.to_string()))?
     } else {
         body
     };
@@ -406,13 +396,7 @@ mod tests {
         };
         for z in [false, true] {
             let mut buf = encode_map_frame(&resp, z);
-            buf.extend_from_slice(&encode_map_frame(
-                &MapResponse {
-                    keep_alive: true,
-                    ..Default::default()
-                },
-                z,
-            ));
+            buf.extend_from_slice(&encode_map_frame(&MapResponse { keep_alive: true, ..Default::default() }, z));
             assert_eq!(decode_map_frame(&mut buf, z).unwrap().unwrap(), resp);
             assert!(decode_map_frame(&mut buf, z).unwrap().unwrap().keep_alive);
             assert!(buf.is_empty());
@@ -429,39 +413,21 @@ mod tests {
         .unwrap();
         assert!(j.get("DERPMap").is_some());
         assert_eq!(j["Peers"], serde_json::json!([]));
-        let n: Node =
-            serde_json::from_str(r#"{"ID":3,"StableID":"x","Key":"","HomeDERP":2,"Unknown":1}"#)
-                .unwrap();
+        let n: Node = serde_json::from_str(r#"{"ID":3,"StableID":"x","Key":"","HomeDERP":2,"Unknown":1}"#).unwrap();
         assert_eq!((n.id, n.home_region()), (3, 2));
-        assert_eq!(
-            Node {
-                derp: "127.3.3.40:5".into(),
-                ..Default::default()
-            }
-            .home_region(),
-            5
-        );
+        assert_eq!(Node { derp: "127.3.3.40:5".into(), ..Default::default() }.home_region(), 5);
     }
 
     #[test]
     fn bad_frames_are_errors() {
         let mut huge = (u32::MAX).to_le_bytes().to_vec();
-        assert!(matches!(
-            decode_map_frame(&mut huge, false),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(decode_map_frame(&mut huge, false), Err(FrameError::TooLarge(_))));
         let mut bad = 3u32.to_le_bytes().to_vec();
         bad.extend_from_slice(b"{x}");
-        assert!(matches!(
-            decode_map_frame(&mut bad, false),
-            Err(FrameError::Json(_))
-        ));
+        assert!(matches!(decode_map_frame(&mut bad, false), Err(FrameError::Json(_))));
         let mut bad = 3u32.to_le_bytes().to_vec();
         bad.extend_from_slice(b"abc");
-        assert!(matches!(
-            decode_map_frame(&mut bad, true),
-            Err(FrameError::Decompress(_))
-        ));
+        assert!(matches!(decode_map_frame(&mut bad, true), Err(FrameError::Decompress(_))));
     }
 
     proptest! {

@@ -36,11 +36,7 @@ impl IntoResponse for ApiError {
             StatusCode::UNAUTHORIZED => 16,
             _ => 13,
         };
-        (
-            self.0,
-            Json(json!({"code": code, "message": self.1, "details": []})),
-        )
-            .into_response()
+        (self.0, Json(json!({"code": code, "message": self.1, "details": []}))).into_response()
     }
 }
 
@@ -114,18 +110,12 @@ fn json_str(v: &Value) -> Option<String> {
     }
 }
 
-async fn list_users(
-    State(s): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+async fn list_users(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let users: Vec<Value> = s
         .store
         .users()
         .iter()
-        .filter(|u| {
-            q.get("name").is_none_or(|n| &u.name == n)
-                && q.get("id").is_none_or(|i| &u.id.to_string() == i)
-        })
+        .filter(|u| q.get("name").is_none_or(|n| &u.name == n) && q.get("id").is_none_or(|i| &u.id.to_string() == i))
         .map(user_json)
         .collect();
     Ok(Json(json!({"users": users})))
@@ -139,9 +129,7 @@ struct CreateUser {
 }
 
 async fn create_user(State(s): State<Shared>, Json(b): Json<CreateUser>) -> ApiResult {
-    Ok(Json(
-        json!({"user": user_json(&s.store.create_user(&b.name, &b.display_name)?)}),
-    ))
+    Ok(Json(json!({"user": user_json(&s.store.create_user(&b.name, &b.display_name)?)})))
 }
 
 async fn delete_user(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult {
@@ -150,14 +138,9 @@ async fn delete_user(State(s): State<Shared>, Path(id): Path<String>) -> ApiResu
     Ok(Json(json!({})))
 }
 
-async fn rename_user(
-    State(s): State<Shared>,
-    Path((id, new)): Path<(String, String)>,
-) -> ApiResult {
+async fn rename_user(State(s): State<Shared>, Path((id, new)): Path<(String, String)>) -> ApiResult {
     let u = resolve_user(&s, &id)?;
-    Ok(Json(
-        json!({"user": user_json(&s.store.rename_user(u.id, &new)?)}),
-    ))
+    Ok(Json(json!({"user": user_json(&s.store.rename_user(u.id, &new)?)})))
 }
 
 async fn list_keys(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
@@ -181,64 +164,41 @@ fn parse_time(v: &Value) -> Result<Option<DateTime<Utc>>, ApiError> {
 }
 
 async fn create_key(State(s): State<Shared>, Json(b): Json<Value>) -> ApiResult {
-    let user = b
-        .get("user")
-        .and_then(json_str)
-        .ok_or_else(|| bad("user is required"))?;
+    let user = b.get("user").and_then(json_str).ok_or_else(|| bad("user is required"))?;
     let u = resolve_user(&s, &user)?;
     let expiration = parse_time(b.get("expiration").unwrap_or(&Value::Null))?;
     let tags: Vec<String> = b
         .get("aclTags")
         .and_then(|t| t.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     let flag = |n: &str| b.get(n).and_then(|v| v.as_bool()).unwrap_or(false);
-    let k = s
-        .store
-        .create_key(u.id, flag("reusable"), flag("ephemeral"), expiration, tags)?;
+    let k = s.store.create_key(u.id, flag("reusable"), flag("ephemeral"), expiration, tags)?;
     Ok(Json(json!({"preAuthKey": key_json(&s, &k)})))
 }
 
 async fn expire_key(State(s): State<Shared>, Json(b): Json<Value>) -> ApiResult {
-    let key = b
-        .get("key")
-        .and_then(|k| k.as_str())
-        .ok_or_else(|| bad("key is required"))?;
+    let key = b.get("key").and_then(|k| k.as_str()).ok_or_else(|| bad("key is required"))?;
     s.store.expire_key(key)?;
     Ok(Json(json!({})))
 }
 
-async fn list_nodes(
-    State(s): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+async fn list_nodes(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let uid = match q.get("user").filter(|u| !u.is_empty()) {
         Some(u) => Some(resolve_user(&s, u)?.id),
         None => None,
     };
-    let nodes: Vec<Value> = s
-        .store
-        .nodes(uid)
-        .iter()
-        .map(|n| node_json(&s, n))
-        .collect();
+    let nodes: Vec<Value> = s.store.nodes(uid).iter().map(|n| node_json(&s, n)).collect();
     Ok(Json(json!({"nodes": nodes})))
 }
 
 fn node_id(id: &str) -> Result<u64, ApiError> {
-    id.parse()
-        .map_err(|_| bad(format!("invalid node id {id:?}")))
+    id.parse().map_err(|_| bad(format!("invalid node id {id:?}")))
 }
 
 async fn get_node(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult {
-    let n = s
-        .store
-        .node(node_id(&id)?)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {id} not found")))?;
+    let n =
+        s.store.node(node_id(&id)?).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {id} not found")))?;
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -252,29 +212,21 @@ async fn expire_node(State(s): State<Shared>, Path(id): Path<String>) -> ApiResu
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
-async fn rename_node(
-    State(s): State<Shared>,
-    Path((id, name)): Path<(String, String)>,
-) -> ApiResult {
+async fn rename_node(State(s): State<Shared>, Path((id, name)): Path<(String, String)>) -> ApiResult {
     let n = s.store.rename_node(node_id(&id)?, &name)?;
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
 /// `POST /api/v1/node/register?user=U&key=ID`: approve an interactive registration.
-async fn register_node(
-    State(s): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let user = q.get("user").ok_or_else(|| bad("user is required"))?;
     let key = q.get("key").ok_or_else(|| bad("key is required"))?;
     let u = resolve_user(&s, user)?;
     let id = key.rsplit('/').next().unwrap_or(key);
-    let p = s.store.take_pending(id).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no pending registration {id:?}"),
-        )
-    })?;
+    let p = s
+        .store
+        .take_pending(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no pending registration {id:?}")))?;
     let n = s.store.register(
         p.machine_key,
         p.node_key,
@@ -300,9 +252,7 @@ async fn create_api_key(State(s): State<Shared>, body: Option<Json<Value>>) -> A
 }
 
 async fn list_api_keys(State(s): State<Shared>) -> ApiResult {
-    Ok(Json(
-        json!({"apiKeys": s.store.api_keys().iter().map(api_key_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(json!({"apiKeys": s.store.api_keys().iter().map(api_key_json).collect::<Vec<_>>()})))
 }
 
 /// The `/api/v1` router.

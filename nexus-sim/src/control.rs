@@ -15,8 +15,8 @@ use chrono::Utc;
 use citadel::keys::{MachinePublic, NodePublic};
 use citadel::noise::{self, NoiseStream};
 use citadel::tailcfg::{
-    self, encode_map_frame, FilterRule, MapRequest, MapResponse, NetPortRange,
-    OverTlsPublicKeyResponse, PortRange, RegisterRequest, RegisterResponse, UserProfile,
+    self, encode_map_frame, FilterRule, MapRequest, MapResponse, NetPortRange, OverTlsPublicKeyResponse, PortRange,
+    RegisterRequest, RegisterResponse, UserProfile,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -49,26 +49,14 @@ pub async fn upgrade(State(s): State<Shared>, mut req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("tailscale-control-protocol"));
     if !upgrade_ok {
-        return (
-            StatusCode::BAD_REQUEST,
-            "expected Upgrade: tailscale-control-protocol",
-        )
-            .into_response();
+        return (StatusCode::BAD_REQUEST, "expected Upgrade: tailscale-control-protocol").into_response();
     }
     let Some(init) = headers
         .get("x-tailscale-handshake")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            base64::engine::general_purpose::STANDARD
-                .decode(v.trim())
-                .ok()
-        })
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
     else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "missing or invalid X-Tailscale-Handshake",
-        )
-            .into_response();
+        return (StatusCode::BAD_REQUEST, "missing or invalid X-Tailscale-Handshake").into_response();
     };
     if s.faults.refuse_control() {
         return (StatusCode::SERVICE_UNAVAILABLE, "control plane paused").into_response();
@@ -92,11 +80,7 @@ pub async fn upgrade(State(s): State<Shared>, mut req: Request) -> Response {
         };
         let mut io = TokioIo::new(upgraded);
         if version < tailcfg::MIN_CAPABILITY_VERSION {
-            let _ = io
-                .write_all(&noise::error_frame(&format!(
-                    "unsupported client version {version}"
-                )))
-                .await;
+            let _ = io.write_all(&noise::error_frame(&format!("unsupported client version {version}"))).await;
             return;
         }
         if io.write_all(&accepted.response_frame).await.is_err() {
@@ -107,18 +91,10 @@ pub async fn upgrade(State(s): State<Shared>, mut req: Request) -> Response {
             node_key_challenge: format!("chalpub:{}", hex::encode(s.challenge_pub)),
         })
         .expect("serializes");
-        if stream
-            .write_all(&noise::early_payload(&early))
-            .await
-            .is_err()
-            || stream.flush().await.is_err()
-        {
+        if stream.write_all(&noise::early_payload(&early)).await.is_err() || stream.flush().await.is_err() {
             return;
         }
-        let session = Session {
-            machine: MachinePublic(accepted.client_machine),
-            version,
-        };
+        let session = Session { machine: MachinePublic(accepted.client_machine), version };
         let svc = TowerToHyperService::new(machine_router(s.clone()).layer(Extension(session)));
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -186,11 +162,7 @@ fn register_ok(s: &Shared, n: &StoreNode) -> RegisterResponse {
     }
 }
 
-async fn register(
-    State(s): State<Shared>,
-    Extension(sess): Extension<Session>,
-    body: Bytes,
-) -> Response {
+async fn register(State(s): State<Shared>, Extension(sess): Extension<Session>, body: Bytes) -> Response {
     let req: RegisterRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_json(e),
@@ -200,37 +172,23 @@ async fn register(
 
 async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> RegisterResponse {
     let now = Utc::now();
-    let existing = s
-        .store
-        .node_by_keys(&sess.machine, &req.node_key)
-        .or_else(|| {
-            (!req.old_node_key.is_zero())
-                .then(|| s.store.node_by_keys(&sess.machine, &req.old_node_key))
-                .flatten()
-        });
+    let existing = s.store.node_by_keys(&sess.machine, &req.node_key).or_else(|| {
+        (!req.old_node_key.is_zero()).then(|| s.store.node_by_keys(&sess.machine, &req.old_node_key)).flatten()
+    });
     // Logout: an expiry in the past.
-    if req
-        .expiry
-        .is_some_and(|e| e > tailcfg::zero_time() && e <= now)
-    {
+    if req.expiry.is_some_and(|e| e > tailcfg::zero_time() && e <= now) {
         if let Some(n) = existing {
             tracing::info!(node = n.id, "node logged out");
             let _ = s.store.delete_node(n.id);
         }
-        return RegisterResponse {
-            node_key_expired: true,
-            ..Default::default()
-        };
+        return RegisterResponse { node_key_expired: true, ..Default::default() };
     }
     if let Some(auth) = req.auth.as_ref().filter(|a| !a.auth_key.is_empty()) {
         let key = match s.store.use_key(&auth.auth_key) {
             Ok(k) => k,
             Err(e) => {
                 tracing::info!("registration refused: {e}");
-                return RegisterResponse {
-                    error: e,
-                    ..Default::default()
-                };
+                return RegisterResponse { error: e, ..Default::default() };
             }
         };
         let hostinfo = req.hostinfo.clone().unwrap_or_default();
@@ -246,30 +204,18 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
             s.cfg.ipv4_base,
             s.cfg.ipv6_base,
         );
-        tracing::info!(
-            node = n.id,
-            user = key.user_id,
-            "node registered with a pre-auth key"
-        );
+        tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
         return register_ok(s, &n);
     }
     if let Some(n) = existing {
         if n.is_expired(now) {
-            return RegisterResponse {
-                node_key_expired: true,
-                ..Default::default()
-            };
+            return RegisterResponse { node_key_expired: true, ..Default::default() };
         }
         return register_ok(s, &n);
     }
     // Interactive registration: hand out /register/{id}; a follow-up waits for approval.
     if !req.followup.is_empty() {
-        let id = req
-            .followup
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let id = req.followup.rsplit('/').next().unwrap_or_default().to_string();
         let deadline = tokio::time::Instant::now() + s.cfg.followup_wait;
         let mut rx = s.store.subscribe_all();
         loop {
@@ -282,14 +228,8 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
                     ..Default::default()
                 };
             }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return RegisterResponse {
-                    auth_url: req.followup.clone(),
-                    ..Default::default()
-                };
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return RegisterResponse { auth_url: req.followup.clone(), ..Default::default() };
             }
         }
     }
@@ -325,11 +265,7 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
             addresses: addrs.clone(),
             allowed_ips: addrs,
             endpoints: n.endpoints.clone(),
-            derp: if n.home_derp > 0 {
-                format!("127.3.3.40:{}", n.home_derp)
-            } else {
-                String::new()
-            },
+            derp: if n.home_derp > 0 { format!("127.3.3.40:{}", n.home_derp) } else { String::new() },
             home_derp: n.home_derp,
             hostinfo: n.hostinfo.clone(),
             created: Some(n.created_at),
@@ -342,10 +278,7 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
     };
     let mut peers: Vec<tailcfg::Node> = org.iter().filter(|n| n.id != me.id).map(to_tail).collect();
     peers.sort_by_key(|p| p.id);
-    let src: Vec<String> = org
-        .iter()
-        .flat_map(|n| [n.ipv4.to_string(), n.ipv6.to_string()])
-        .collect();
+    let src: Vec<String> = org.iter().flat_map(|n| [n.ipv4.to_string(), n.ipv6.to_string()]).collect();
     MapResponse {
         node: Some(to_tail(me)),
         derp_map: Some(s.derp_map.clone()),
@@ -354,13 +287,7 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
         dns_config: Some(serde_json::json!({"Domains": [s.cfg.base_domain]})),
         packet_filter: Some(vec![FilterRule {
             src_ips: src,
-            dst_ports: vec![NetPortRange {
-                ip: "*".into(),
-                ports: PortRange {
-                    first: 0,
-                    last: 65535,
-                },
-            }],
+            dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
             ip_proto: vec![],
         }]),
         user_profiles: vec![user_profile(s, me.user_id)],
@@ -394,19 +321,14 @@ async fn map(
                 n.disco_key = disco;
                 changed = true;
             }
-            if n.endpoints != ep
-                && !(ep.is_empty() && req.stream && !req.omit_peers && n.endpoints.is_empty())
-            {
+            if n.endpoints != ep && !(ep.is_empty() && req.stream && !req.omit_peers && n.endpoints.is_empty()) {
                 n.endpoints = ep.clone();
                 changed = true;
             }
             if let Some(h) = &hi {
-                let region = h
-                    .rest
-                    .get("NetInfo")
-                    .and_then(|ni| ni.get("PreferredDERP"))
-                    .and_then(|r| r.as_i64())
-                    .unwrap_or(0) as i32;
+                let region =
+                    h.rest.get("NetInfo").and_then(|ni| ni.get("PreferredDERP")).and_then(|r| r.as_i64()).unwrap_or(0)
+                        as i32;
                 if region != 0 && n.home_derp != region {
                     n.home_derp = region;
                     changed = true;
@@ -439,8 +361,7 @@ async fn map(
         let mut org = store.subscribe(user_id);
         store.session(node_id, true);
         let mut last: Option<MapResponse> = None;
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         loop {
             let Some(me) = store.node(node_id) else { break };
             if me.user_id != user_id {
@@ -450,11 +371,7 @@ async fn map(
             if last.as_ref() != Some(&m) {
                 let mut out = m.clone();
                 out.control_time = Some(Utc::now());
-                if tx
-                    .send(Ok(Bytes::from(encode_map_frame(&out, zstd))))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(Bytes::from(encode_map_frame(&out, zstd)))).await.is_err() {
                     break;
                 }
                 last = Some(m);

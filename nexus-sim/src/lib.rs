@@ -135,11 +135,8 @@ impl Inner {
 /// Builds the shared state: opens the store and loads (or makes) the server's machine key.
 pub fn build(cfg: Config) -> anyhow::Result<Shared> {
     let store = Store::open(cfg.db.as_deref())?;
-    let key_text = store.meta_or_insert("server_key", || {
-        PrivateKey::generate(&mut rand::thread_rng()).to_text()
-    });
-    let server_key =
-        PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
+    let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
+    let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
     for k in &cfg.api_keys {
         store.insert_api_key(k, None);
     }
@@ -167,9 +164,7 @@ async fn register_page(State(s): State<Shared>, Path(id): Path<String>) -> Html<
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// The whole HTTP app.
@@ -177,10 +172,7 @@ pub fn router(s: Shared) -> Router {
     Router::new()
         .route("/key", get(control::key))
         .route("/ts2021", post(control::upgrade))
-        .route(
-            "/health",
-            get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }),
-        )
+        .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }))
         .route("/register/{id}", get(register_page))
         .merge(api::router(s.clone()))
         .with_state(s)
@@ -224,10 +216,5 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
             tracing::error!("server stopped: {e}");
         }
     });
-    Ok(Running {
-        addr,
-        url,
-        shared,
-        task,
-    })
+    Ok(Running { addr, url, shared, task })
 }

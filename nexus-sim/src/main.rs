@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "nexus-sim",
-    version,
-    about = "A Headscale-compatible coordination server for Citadel"
-)]
+#[command(name = "nexus-sim", version, about = "A Headscale-compatible coordination server for Citadel")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -21,12 +17,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct Conn {
     /// Server URL
-    #[arg(
-        long,
-        env = "NEXUS_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "NEXUS_URL", default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
     /// API key
     #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true, global = true)]
@@ -187,42 +178,20 @@ impl Client {
         if conn.api_key.is_none() {
             bail!("no API key: pass --api-key or set NEXUS_API_KEY");
         }
-        Ok(Client {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
-            conn,
-        })
+        Ok(Client { http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?, conn })
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}{}", self.conn.url.trim_end_matches('/'), path);
-        let mut rb = self
-            .http
-            .request(method, &url)
-            .bearer_auth(self.conn.api_key.as_deref().unwrap_or_default());
+        let mut rb = self.http.request(method, &url).bearer_auth(self.conn.api_key.as_deref().unwrap_or_default());
         if let Some(b) = body {
             rb = rb.json(&b);
         }
-        let resp = rb
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let resp = rb.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!(
-                "{}: {}",
-                status,
-                v.get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("request failed")
-            );
+            bail!("{}: {}", status, v.get("message").and_then(|m| m.as_str()).unwrap_or("request failed"));
         }
         Ok(v)
     }
@@ -300,33 +269,14 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     use reqwest::Method;
     match cli.cmd {
-        Cmd::Serve {
-            listen,
-            db,
-            server_url,
-            api_key,
-            base_domain,
-            keepalive,
-            ephemeral_timeout,
-        } => {
-            serve(
-                listen,
-                db,
-                server_url,
-                api_key,
-                base_domain,
-                keepalive,
-                ephemeral_timeout,
-            )
-            .await
+        Cmd::Serve { listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout } => {
+            serve(listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout).await
         }
         Cmd::Users { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
                     UsersCmd::Create { name } => {
-                        let v = c
-                            .call(Method::POST, "/api/v1/user", Some(json!({"name": name})))
-                            .await?;
+                        let v = c.call(Method::POST, "/api/v1/user", Some(json!({"name": name}))).await?;
                         if json {
                             println!("{}", v["user"])
                         } else {
@@ -340,106 +290,76 @@ async fn run(cli: Cli) -> Result<()> {
                         } else {
                             println!("{:<6} {:<24} {}", "ID", "NAME", "CREATED");
                             for u in v["users"].as_array().into_iter().flatten() {
-                                println!(
-                                    "{:<6} {:<24} {}",
-                                    s(u, "id"),
-                                    s(u, "name"),
-                                    s(u, "createdAt")
-                                );
+                                println!("{:<6} {:<24} {}", s(u, "id"), s(u, "name"), s(u, "createdAt"));
                             }
                         }
                     }
                     UsersCmd::Delete { name } => {
-                        c.call(Method::DELETE, &format!("/api/v1/user/{name}"), None)
-                            .await?;
+                        c.call(Method::DELETE, &format!("/api/v1/user/{name}"), None).await?;
                     }
                     UsersCmd::Rename { name, new_name } => {
-                        c.call(
-                            Method::POST,
-                            &format!("/api/v1/user/{name}/rename/{new_name}"),
-                            None,
-                        )
-                        .await?;
+                        c.call(Method::POST, &format!("/api/v1/user/{name}/rename/{new_name}"), None).await?;
                     }
                 }
                 Ok(())
             })
             .await
         }
-        Cmd::Preauthkeys { conn, cmd } => admin(conn, async |c, json| {
-            match cmd {
-                KeysCmd::Create {
-                    user,
-                    reusable,
-                    ephemeral,
-                    expiration,
-                    tags,
-                } => {
-                    let exp = chrono::Utc::now()
-                        + chrono::Duration::from_std(parse_duration(&expiration)?)?;
-                    let v = c
-                        .call(
-                            Method::POST,
-                            "/api/v1/preauthkey",
-                            Some(
-                                json!({"user": user, "reusable": reusable, "ephemeral": ephemeral,
-                                            "expiration": exp.to_rfc3339(), "aclTags": tags}),
-                            ),
-                        )
-                        .await?;
-                    if json {
-                        println!("{}", v["preAuthKey"])
-                    } else {
-                        println!("{}", s(&v["preAuthKey"], "key"))
-                    }
-                }
-                KeysCmd::List { user } => {
-                    let v = c
-                        .call(
-                            Method::GET,
-                            &format!("/api/v1/preauthkey?user={user}"),
-                            None,
-                        )
-                        .await?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&v["preAuthKeys"])?);
-                    } else {
-                        println!(
-                            "{:<6} {:<10} {:<10} {:<6} {}",
-                            "ID", "REUSABLE", "EPHEMERAL", "USED", "EXPIRATION"
-                        );
-                        for k in v["preAuthKeys"].as_array().into_iter().flatten() {
-                            println!(
-                                "{:<6} {:<10} {:<10} {:<6} {}",
-                                s(k, "id"),
-                                s(k, "reusable"),
-                                s(k, "ephemeral"),
-                                s(k, "used"),
-                                s(k, "expiration")
-                            );
+        Cmd::Preauthkeys { conn, cmd } => {
+            admin(conn, async |c, json| {
+                match cmd {
+                    KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
+                        let exp = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
+                        let v = c
+                            .call(
+                                Method::POST,
+                                "/api/v1/preauthkey",
+                                Some(json!({"user": user, "reusable": reusable, "ephemeral": ephemeral,
+                                            "expiration": exp.to_rfc3339(), "aclTags": tags})),
+                            )
+                            .await?;
+                        if json {
+                            println!("{}", v["preAuthKey"])
+                        } else {
+                            println!("{}", s(&v["preAuthKey"], "key"))
                         }
                     }
+                    KeysCmd::List { user } => {
+                        let v = c.call(Method::GET, &format!("/api/v1/preauthkey?user={user}"), None).await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v["preAuthKeys"])?);
+                        } else {
+                            println!(
+                                "{:<6} {:<10} {:<10} {:<6} {}",
+                                "ID", "REUSABLE", "EPHEMERAL", "USED", "EXPIRATION"
+                            );
+                            for k in v["preAuthKeys"].as_array().into_iter().flatten() {
+                                println!(
+                                    "{:<6} {:<10} {:<10} {:<6} {}",
+                                    s(k, "id"),
+                                    s(k, "reusable"),
+                                    s(k, "ephemeral"),
+                                    s(k, "used"),
+                                    s(k, "expiration")
+                                );
+                            }
+                        }
+                    }
+                    KeysCmd::Expire { user, key } => {
+                        c.call(Method::POST, "/api/v1/preauthkey/expire", Some(json!({"user": user, "key": key})))
+                            .await?;
+                    }
                 }
-                KeysCmd::Expire { user, key } => {
-                    c.call(
-                        Method::POST,
-                        "/api/v1/preauthkey/expire",
-                        Some(json!({"user": user, "key": key})),
-                    )
-                    .await?;
-                }
-            }
-            Ok(())
-        })
-        .await,
+                Ok(())
+            })
+            .await
+        }
         Cmd::Nodes { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
                     NodesCmd::List { user } => {
                         let q = user.map(|u| format!("?user={u}")).unwrap_or_default();
-                        let v = c
-                            .call(Method::GET, &format!("/api/v1/node{q}"), None)
-                            .await?;
+                        let v = c.call(Method::GET, &format!("/api/v1/node{q}"), None).await?;
                         if json {
                             println!("{}", serde_json::to_string_pretty(&v["nodes"])?);
                         } else {
@@ -472,29 +392,17 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                     }
                     NodesCmd::Delete { id } => {
-                        c.call(Method::DELETE, &format!("/api/v1/node/{id}"), None)
-                            .await?;
+                        c.call(Method::DELETE, &format!("/api/v1/node/{id}"), None).await?;
                     }
                     NodesCmd::Expire { id } => {
-                        c.call(Method::POST, &format!("/api/v1/node/{id}/expire"), None)
-                            .await?;
+                        c.call(Method::POST, &format!("/api/v1/node/{id}/expire"), None).await?;
                     }
                     NodesCmd::Rename { id, name } => {
-                        c.call(
-                            Method::POST,
-                            &format!("/api/v1/node/{id}/rename/{name}"),
-                            None,
-                        )
-                        .await?;
+                        c.call(Method::POST, &format!("/api/v1/node/{id}/rename/{name}"), None).await?;
                     }
                     NodesCmd::Register { user, key } => {
-                        let v = c
-                            .call(
-                                Method::POST,
-                                &format!("/api/v1/node/register?user={user}&key={key}"),
-                                None,
-                            )
-                            .await?;
+                        let v =
+                            c.call(Method::POST, &format!("/api/v1/node/register?user={user}&key={key}"), None).await?;
                         if json {
                             println!("{}", v["node"])
                         } else {
@@ -510,9 +418,7 @@ async fn run(cli: Cli) -> Result<()> {
             admin(conn, async |c, json| {
                 match cmd {
                     ApiKeysCmd::Create => {
-                        let v = c
-                            .call(Method::POST, "/api/v1/apikey", Some(json!({})))
-                            .await?;
+                        let v = c.call(Method::POST, "/api/v1/apikey", Some(json!({}))).await?;
                         println!("{}", s(&v, "apiKey"));
                     }
                     ApiKeysCmd::List => {
@@ -521,12 +427,7 @@ async fn run(cli: Cli) -> Result<()> {
                             println!("{}", v["apiKeys"])
                         } else {
                             for k in v["apiKeys"].as_array().into_iter().flatten() {
-                                println!(
-                                    "{:<5} {:<14} {}",
-                                    s(k, "id"),
-                                    s(k, "prefix"),
-                                    s(k, "expiration")
-                                );
+                                println!("{:<5} {:<14} {}", s(k, "id"), s(k, "prefix"), s(k, "expiration"));
                             }
                         }
                     }

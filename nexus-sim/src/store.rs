@@ -140,17 +140,8 @@ pub fn random_hex(n: usize) -> String {
 
 /// Turns a requested host name into a DNS label.
 pub fn sanitize_hostname(h: &str) -> String {
-    let mut s: String = h
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let mut s: String =
+        h.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     s = s.trim_matches('-').to_string();
     s.truncate(63);
     if s.is_empty() {
@@ -163,31 +154,29 @@ pub fn sanitize_hostname(h: &str) -> String {
 impl Store {
     /// An in-memory store, or one mirrored to the SQLite file at `db`.
     pub fn open(db: Option<&Path>) -> Result<Store, StoreError> {
-        let mut data = Data {
-            next_id: 1,
-            ..Default::default()
-        };
+        let mut data = Data { next_id: 1, ..Default::default() };
         let conn = match db {
             None => None,
             Some(p) => {
                 let c = rusqlite::Connection::open(p)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 for t in TABLES {
-                    c.execute(&format!("CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, json TEXT NOT NULL)"), [])?;
+                    c.execute(
+                        &format!("CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY, json TEXT NOT NULL)"),
+                        [],
+                    )?;
                 }
                 fn load<T: DeserializeOwned>(
                     c: &rusqlite::Connection,
                     t: &str,
                 ) -> Result<Vec<(String, T)>, StoreError> {
                     let mut st = c.prepare(&format!("SELECT id, json FROM {t}"))?;
-                    let rows =
-                        st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
                     let mut out = Vec::new();
                     for r in rows {
                         let (id, j) = r?;
-                        let v = serde_json::from_str(&j).map_err(|e| {
-                            StoreError::Invalid(format!("corrupt row {id} in {t}: {e}"))
-                        })?;
+                        let v = serde_json::from_str(&j)
+                            .map_err(|e| StoreError::Invalid(format!("corrupt row {id} in {t}: {e}")))?;
                         out.push((id, v));
                     }
                     Ok(out)
@@ -206,8 +195,7 @@ impl Store {
                 }
                 for (id, v) in load::<serde_json::Value>(&c, "meta")? {
                     if id == "allocations" {
-                        let a: Vec<(MachinePublic, u32)> =
-                            serde_json::from_value(v).unwrap_or_default();
+                        let a: Vec<(MachinePublic, u32)> = serde_json::from_value(v).unwrap_or_default();
                         data.allocations = a.into_iter().collect();
                     } else if id == "next_id" {
                         data.next_id = v.as_u64().unwrap_or(1);
@@ -227,12 +215,7 @@ impl Store {
                 .unwrap_or(0)
                 + 1,
         );
-        Ok(Store {
-            data: Arc::new(Mutex::new(data)),
-            db: conn,
-            orgs: Default::default(),
-            all: watch::channel(0).0,
-        })
+        Ok(Store { data: Arc::new(Mutex::new(data)), db: conn, orgs: Default::default(), all: watch::channel(0).0 })
     }
 
     fn put<T: Serialize>(&self, table: &str, id: &str, v: &T) {
@@ -249,11 +232,7 @@ impl Store {
 
     fn del(&self, table: &str, id: &str) {
         if let Some(db) = &self.db {
-            if let Err(e) = db
-                .lock()
-                .unwrap()
-                .execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id])
-            {
+            if let Err(e) = db.lock().unwrap().execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id]) {
                 tracing::error!("sqlite delete from {table} failed: {e}");
             }
         }
@@ -292,12 +271,7 @@ impl Store {
 
     /// Subscribes to changes of org `user_id`'s nodes.
     pub fn subscribe(&self, user_id: u64) -> watch::Receiver<u64> {
-        self.orgs
-            .lock()
-            .unwrap()
-            .entry(user_id)
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+        self.orgs.lock().unwrap().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
     /// Subscribes to every change of any node (interactive registration waits on this).
@@ -324,13 +298,7 @@ impl Store {
     }
 
     pub fn user_by_name(&self, name: &str) -> Option<User> {
-        self.data
-            .lock()
-            .unwrap()
-            .users
-            .values()
-            .find(|u| u.name == name)
-            .cloned()
+        self.data.lock().unwrap().users.values().find(|u| u.name == name).cloned()
     }
 
     pub fn create_user(&self, name: &str, display_name: &str) -> Result<User, StoreError> {
@@ -345,11 +313,7 @@ impl Store {
         let u = User {
             id: Self::next_id(&mut d),
             name: name.to_string(),
-            display_name: if display_name.is_empty() {
-                name.to_string()
-            } else {
-                display_name.to_string()
-            },
+            display_name: if display_name.is_empty() { name.to_string() } else { display_name.to_string() },
             created_at: Utc::now(),
         };
         d.users.insert(u.id, u.clone());
@@ -363,10 +327,7 @@ impl Store {
         if d.users.values().any(|u| u.name == new && u.id != id) {
             return Err(StoreError::Invalid(format!("user {new:?} already exists")));
         }
-        let u = d
-            .users
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::NotFound(format!("user {id}")))?;
+        let u = d.users.get_mut(&id).ok_or_else(|| StoreError::NotFound(format!("user {id}")))?;
         u.name = new.to_string();
         let u = u.clone();
         self.put("users", &id.to_string(), &u);
@@ -381,9 +342,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
         if d.nodes.values().any(|n| n.user_id == id) {
-            return Err(StoreError::Invalid(
-                "user still has nodes; delete them first".into(),
-            ));
+            return Err(StoreError::Invalid("user still has nodes; delete them first".into()));
         }
         d.users.remove(&id);
         self.del("users", &id.to_string());
@@ -405,9 +364,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         if let Some(t) = acl_tags.iter().find(|t| !t.starts_with("tag:")) {
-            return Err(StoreError::Invalid(format!(
-                "tag {t:?} must start with \"tag:\""
-            )));
+            return Err(StoreError::Invalid(format!("tag {t:?} must start with \"tag:\"")));
         }
         let k = PreAuthKey {
             id: Self::next_id(&mut d),
@@ -427,23 +384,13 @@ impl Store {
     }
 
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
-        self.data
-            .lock()
-            .unwrap()
-            .keys
-            .values()
-            .filter(|k| user_id.is_none_or(|u| k.user_id == u))
-            .cloned()
-            .collect()
+        self.data.lock().unwrap().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
 
     pub fn expire_key(&self, key: &str) -> Result<PreAuthKey, StoreError> {
         let mut d = self.data.lock().unwrap();
-        let k = d
-            .keys
-            .values_mut()
-            .find(|k| k.key == key)
-            .ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?;
+        let k =
+            d.keys.values_mut().find(|k| k.key == key).ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?;
         k.expiration = Some(Utc::now());
         let k = k.clone();
         self.put("preauthkeys", &k.id.to_string(), &k);
@@ -467,13 +414,7 @@ impl Store {
             return k.clone();
         }
         let prefix: String = full.chars().take(12).collect();
-        let k = ApiKey {
-            id: Self::next_id(&mut d),
-            prefix,
-            hash,
-            expiration,
-            created_at: Utc::now(),
-        };
+        let k = ApiKey { id: Self::next_id(&mut d), prefix, hash, expiration, created_at: Utc::now() };
         d.api_keys.insert(k.id, k.clone());
         self.put("apikeys", &k.id.to_string(), &k);
         self.save_meta(&d);
@@ -481,38 +422,20 @@ impl Store {
     }
 
     pub fn api_keys(&self) -> Vec<ApiKey> {
-        self.data
-            .lock()
-            .unwrap()
-            .api_keys
-            .values()
-            .cloned()
-            .collect()
+        self.data.lock().unwrap().api_keys.values().cloned().collect()
     }
 
     /// True when `full` is a known, unexpired API key.
     pub fn check_api_key(&self, full: &str) -> bool {
         let hash = sha256_hex(full);
         let now = Utc::now();
-        self.data
-            .lock()
-            .unwrap()
-            .api_keys
-            .values()
-            .any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
+        self.data.lock().unwrap().api_keys.values().any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
     }
 
     // ---- nodes
 
     pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.data
-            .lock()
-            .unwrap()
-            .nodes
-            .values()
-            .filter(|n| user_id.is_none_or(|u| n.user_id == u))
-            .cloned()
-            .collect()
+        self.data.lock().unwrap().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
     }
 
     pub fn node(&self, id: u64) -> Option<Node> {
@@ -521,24 +444,11 @@ impl Store {
 
     /// The node registered with this machine key and node key.
     pub fn node_by_keys(&self, mk: &MachinePublic, nk: &NodePublic) -> Option<Node> {
-        self.data
-            .lock()
-            .unwrap()
-            .nodes
-            .values()
-            .find(|n| n.machine_key == *mk && n.node_key == *nk)
-            .cloned()
+        self.data.lock().unwrap().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
     }
 
     pub fn is_online(&self, id: u64) -> bool {
-        self.data
-            .lock()
-            .unwrap()
-            .sessions
-            .get(&id)
-            .copied()
-            .unwrap_or(0)
-            > 0
+        self.data.lock().unwrap().sessions.get(&id).copied().unwrap_or(0) > 0
     }
 
     /// Validates and consumes a pre-auth key; the error text is what the client shows.
@@ -577,11 +487,7 @@ impl Store {
     ) -> Node {
         let mut d = self.data.lock().unwrap();
         let now = Utc::now();
-        let old_user = d
-            .nodes
-            .values()
-            .find(|n| n.machine_key == mk)
-            .map(|n| n.user_id);
+        let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
         let idx = match d.allocations.get(&mk) {
             Some(i) => *i,
             None => {
@@ -591,24 +497,13 @@ impl Store {
             }
         };
         let existing = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.id);
-        let want = sanitize_hostname(if hostinfo.hostname.is_empty() {
-            "node"
-        } else {
-            &hostinfo.hostname
-        });
+        let want = sanitize_hostname(if hostinfo.hostname.is_empty() { "node" } else { &hostinfo.hostname });
         let given = {
-            let taken = |name: &str| {
-                d.nodes
-                    .values()
-                    .any(|n| n.given_name == name && Some(n.id) != existing)
-            };
+            let taken = |name: &str| d.nodes.values().any(|n| n.given_name == name && Some(n.id) != existing);
             if !taken(&want) {
                 want.clone()
             } else {
-                (2..)
-                    .map(|i| format!("{want}-{i}"))
-                    .find(|c| !taken(c))
-                    .expect("unbounded")
+                (2..).map(|i| format!("{want}-{i}")).find(|c| !taken(c)).expect("unbounded")
             }
         };
         let node = match existing {
@@ -664,16 +559,9 @@ impl Store {
     }
 
     /// Applies `f` to node `id`, persists it and wakes its org when `f` reports a change.
-    pub fn update_node(
-        &self,
-        id: u64,
-        f: impl FnOnce(&mut Node) -> bool,
-    ) -> Result<Node, StoreError> {
+    pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
         let mut d = self.data.lock().unwrap();
-        let n = d
-            .nodes
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        let n = d.nodes.get_mut(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         let changed = f(n);
         let n = n.clone();
         drop(d);
@@ -686,10 +574,7 @@ impl Store {
 
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
         let mut d = self.data.lock().unwrap();
-        let n = d
-            .nodes
-            .remove(&id)
-            .ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         d.sessions.remove(&id);
         drop(d);
         self.del("nodes", &id.to_string());
@@ -699,14 +584,7 @@ impl Store {
 
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
-        if self
-            .data
-            .lock()
-            .unwrap()
-            .nodes
-            .values()
-            .any(|n| n.given_name == name && n.id != id)
-        {
+        if self.data.lock().unwrap().nodes.values().any(|n| n.given_name == name && n.id != id) {
             return Err(StoreError::Invalid(format!("name {name:?} is taken")));
         }
         self.update_node(id, |n| {
@@ -770,10 +648,7 @@ mod tests {
             MachinePublic([mk; 32]),
             NodePublic([mk; 32]),
             user,
-            Hostinfo {
-                hostname: "My Host".into(),
-                ..Default::default()
-            },
+            Hostinfo { hostname: "My Host".into(), ..Default::default() },
             false,
             vec![],
             None,
@@ -793,15 +668,7 @@ mod tests {
         let k = s.create_key(u.id, false, false, None, vec![]).unwrap();
         assert!(s.use_key(&k.key).is_ok());
         assert!(s.use_key(&k.key).unwrap_err().contains("already used"));
-        let e = s
-            .create_key(
-                u.id,
-                true,
-                false,
-                Some(Utc::now() - chrono::Duration::seconds(1)),
-                vec![],
-            )
-            .unwrap();
+        let e = s.create_key(u.id, true, false, Some(Utc::now() - chrono::Duration::seconds(1)), vec![]).unwrap();
         assert!(s.use_key(&e.key).unwrap_err().contains("expired"));
         assert!(s.use_key("nope").unwrap_err().contains("invalid"));
         let a = reg(&s, 1, u.id);

@@ -1,0 +1,167 @@
+//! Control plane end to end on loopback, in process: orgs are isolated, changes propagate,
+//! restarts reuse identity without a key, nexus-sim with `--db` survives a restart, and every
+//! bad input ends in a clear error.
+
+use citadel::mesh::{Config, ConnectError, Mesh};
+use citadel_e2e::{eventually, free_port, Nexus};
+use std::path::Path;
+use std::time::Duration;
+
+fn cfg(url: &str, key: Option<&str>, dir: &Path, host: &str) -> Config {
+    let mut c = Config::new(Some(url.to_string()), key.map(str::to_string), dir.to_path_buf());
+    c.hostname = Some(host.to_string());
+    c.timeout = Duration::from_secs(5);
+    c
+}
+
+fn peer_names(m: &Mesh) -> Vec<String> {
+    m.status().peers.into_iter().map(|p| p.name).collect()
+}
+
+#[tokio::test]
+async fn orgs_are_isolated_and_changes_reach_only_the_same_org() {
+    let nx = Nexus::start().await;
+    let acme = nx.key("acme", true);
+    let globex = nx.key("globex", false);
+    let t = tempfile::tempdir().unwrap();
+    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
+    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
+    let g1 = Mesh::connect(cfg(&nx.url(), Some(&globex), &t.path().join("g1"), "g1")).await.unwrap();
+
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    assert!(eventually(Duration::from_secs(5), || a1.status().peers[0].online == Some(true)).await);
+    assert_eq!(a1.status().org, "acme");
+    assert_eq!(g1.status().org, "globex");
+    assert!(peer_names(&g1).is_empty(), "globex must not see acme: {:?}", g1.status());
+
+    // The packet filter a node receives admits only its own org's addresses.
+    let g_ip = g1.status().ipv4.unwrap();
+    let filter = a1.netmap().borrow().packet_filter.clone();
+    let srcs: Vec<String> = filter.iter().flat_map(|r| r.src_ips.clone()).collect();
+    assert!(srcs.contains(&a2.status().ipv4.unwrap()));
+    assert!(!srcs.contains(&g_ip), "filter admits another org: {srcs:?}");
+
+    // A change in acme (a new node) reaches acme's streams and not globex's.
+    let mut g_map = g1.netmap();
+    g_map.mark_unchanged();
+    let a3 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a3"), "a3")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a1) == ["a2", "a3"]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!g_map.has_changed().unwrap(), "globex's map changed because of an acme join");
+
+    // Leaving: a3 logs out, acme's peers drop it, Nexus forgets it.
+    a3.logout().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    assert!(nx.running.shared.store.nodes(None).iter().all(|n| n.given_name != "a3"));
+    assert!(!t.path().join("a3").join("identity.json").exists(), "logout clears the state directory");
+
+    // Going offline is seen by peers.
+    drop(a2);
+    assert!(
+        eventually(Duration::from_secs(5), || a1.status().peers.first().and_then(|p| p.online) == Some(false)).await
+    );
+
+    // Expiry by the admin reaches the peers.
+    let id = nx.running.shared.store.nodes(None).iter().find(|n| n.given_name == "a2").unwrap().id;
+    nx.running.shared.store.expire_node(id).unwrap();
+    assert!(eventually(Duration::from_secs(5), || a1.netmap().borrow().peers.values().any(|p| p.expired)).await);
+}
+
+#[tokio::test]
+async fn restart_reuses_identity_and_ip_without_a_key() {
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", false); // single-use: a second registration would fail
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("n");
+    let m = Mesh::connect(cfg(&nx.url(), Some(&key), &dir, "n1")).await.unwrap();
+    let (ip, nk) = (m.status().ipv4, m.node_key());
+    drop(m);
+    let m = Mesh::connect(cfg(&nx.url(), None, &dir, "n1")).await.unwrap();
+    assert_eq!(m.status().ipv4, ip);
+    assert_eq!(m.node_key(), nk);
+    assert!(m.is_connected());
+    assert_eq!(nx.running.shared.store.nodes(None).len(), 1);
+    // State files are private.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["identity.json", "node.json", "netmap.json"] {
+        let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    // A second process (here: a second Mesh) cannot take the same identity.
+    let e = Mesh::connect(cfg(&nx.url(), None, &dir, "n1")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::State(citadel::state::StateError::Locked(_))), "{e}");
+}
+
+#[tokio::test]
+async fn bad_keys_unreachable_nexus_and_corrupt_state_are_clear_errors() {
+    let nx = Nexus::start().await;
+    let t = tempfile::tempdir().unwrap();
+    let e = Mesh::connect(cfg(&nx.url(), Some("nope"), &t.path().join("a"), "a")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::AuthRejected(ref m) if m.contains("invalid")), "{e}");
+
+    let once = nx.key("acme", false);
+    Mesh::connect(cfg(&nx.url(), Some(&once), &t.path().join("b"), "b")).await.unwrap();
+    let e = Mesh::connect(cfg(&nx.url(), Some(&once), &t.path().join("c"), "c")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::AuthRejected(ref m) if m.contains("already used")), "{e}");
+
+    let st = &nx.running.shared.store;
+    let u = st.user_by_name("acme").unwrap();
+    let expired =
+        st.create_key(u.id, true, false, Some(chrono::Utc::now() - chrono::Duration::seconds(5)), vec![]).unwrap();
+    let e = Mesh::connect(cfg(&nx.url(), Some(&expired.key), &t.path().join("d"), "d")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::AuthRejected(ref m) if m.contains("expired")), "{e}");
+
+    let e = Mesh::connect(cfg(&nx.url(), None, &t.path().join("e"), "e")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::NeedsAuth { .. }), "{e}");
+
+    // Nothing listens on this port: a bounded, clear failure.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let start = std::time::Instant::now();
+    let e = Mesh::connect(cfg(&dead, Some("k"), &t.path().join("f"), "f")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::Control(citadel::control::ControlError::Unreachable(..))), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(6));
+
+    std::fs::create_dir_all(t.path().join("g")).unwrap();
+    std::fs::write(t.path().join("g/identity.json"), "{\"machine_key\": 12").unwrap();
+    let e = Mesh::connect(cfg(&nx.url(), Some("k"), &t.path().join("g"), "g")).await.err().unwrap();
+    assert!(matches!(e, ConnectError::State(citadel::state::StateError::Corrupt { .. })), "{e}");
+}
+
+#[tokio::test]
+async fn nexus_restart_with_db_keeps_nodes_and_clients_reconnect_without_reauth() {
+    let t = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let ncfg = || nexus_sim::Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        db: Some(t.path().join("nexus.db")),
+        ..Default::default()
+    };
+    let nx = Nexus::start_with(ncfg()).await;
+    let key = nx.key("acme", true);
+    let a = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("a"), "a")).await.unwrap();
+    let ip = a.status().ipv4;
+    drop(nx);
+    assert!(eventually(Duration::from_secs(5), || !a.is_connected()).await, "drop of the server is noticed");
+    let nx = Nexus::start_with(ncfg()).await;
+    assert_eq!(nx.running.shared.store.nodes(None).len(), 1, "nodes survive the restart");
+    assert!(eventually(Duration::from_secs(20), || a.is_connected()).await, "client reconnects by itself");
+    assert_eq!(a.status().ipv4, ip);
+    // The pre-auth key survived too.
+    let b = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("b"), "b")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a) == ["b"] && peer_names(&b) == ["a"]).await);
+}
+
+#[tokio::test]
+async fn dropped_streams_reconnect_and_resume_updates() {
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("a"), "a")).await.unwrap();
+    let mut connected = a.connected();
+    nx.running.shared.faults.drop_streams();
+    assert!(tokio::time::timeout(Duration::from_secs(5), connected.wait_for(|c| !*c)).await.is_ok());
+    assert!(eventually(Duration::from_secs(10), || a.is_connected()).await);
+    let _b = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("b"), "b")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a) == ["b"]).await);
+    assert_eq!(nx.running.shared.store.nodes(None).len(), 2);
+}

