@@ -168,6 +168,7 @@ impl Inner {
     async fn dial(&self) -> Result<ControlConn, ControlError> {
         let url = self.nexus_url();
         let server = control::fetch_server_key(&url, self.cfg.timeout).await?;
+        tracing::debug!("server key fetched");
         ControlConn::dial(&url, &self.id.machine_key, &server, self.cfg.timeout).await
     }
 
@@ -182,7 +183,8 @@ impl Inner {
             ..Default::default()
         };
         let mut auth_url = None;
-        if self.info.lock().unwrap().registered {
+        let saved = self.info.lock().unwrap().registered;
+        if saved || self.cfg.auth_key.is_none() {
             let resp = conn.register(&req).await?;
             if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
                 return Ok(());
@@ -208,7 +210,9 @@ impl Inner {
         let mut info = self.info.lock().unwrap();
         info.registered = true;
         info.org = resp.user.login_name.clone();
-        self.state.write("node.json", &*info)?;
+        // Saved together with the addresses when the first map arrives (one fsync, not two).
+        // A crash in between is harmless: the server knows the node key, and a start without
+        // a key asks it first.
         Ok(())
     }
 
@@ -239,14 +243,15 @@ impl Inner {
             let mut info = self.info.lock().unwrap();
             let addrs = nm.self_node.addresses.clone();
             let org = nm.org();
-            if info.addresses != addrs || (!org.is_empty() && info.org != org) {
+            let on_disk: Option<NodeInfo> = self.state.read("node.json").ok().flatten();
+            if info.addresses != addrs || (!org.is_empty() && info.org != org) || on_disk.as_ref() != Some(&*info) {
                 info.addresses = addrs;
                 if !org.is_empty() {
                     info.org = org;
                 }
                 self.state.write("node.json", &*info)?;
             }
-            self.state.write("netmap.json", &nm)?;
+            self.state.write_cache("netmap.json", &nm)?;
         }
         Ok(())
     }
@@ -256,6 +261,7 @@ impl Mesh {
     /// Joins the mesh: registers if needed, waits for the first netmap, then keeps it current in
     /// the background. Errors are returned only for the first attempt; later drops reconnect.
     pub async fn connect(cfg: Config) -> Result<Mesh, ConnectError> {
+        tracing::debug!("connecting");
         let state = StateDir::open(&cfg.state_dir)?;
         let id = state.identity(&mut rand::thread_rng())?;
         let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
@@ -276,7 +282,9 @@ impl Mesh {
         if info.hostname.is_empty() {
             info.hostname = os_hostname();
         }
-        state.write("node.json", &info)?;
+        if state.read::<NodeInfo>("node.json")?.as_ref() != Some(&info) {
+            state.write("node.json", &info)?;
+        }
         let cached: NetMap = state.read("netmap.json").ok().flatten().unwrap_or_default();
         let inner = Arc::new(Inner {
             state,
@@ -289,8 +297,11 @@ impl Mesh {
             endpoints: Mutex::new(Vec::new()),
         });
         let mut conn = inner.dial().await?;
+        tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
+        tracing::debug!("registered");
         let mut stream = conn.map(&inner.map_request(true)).await?;
+        tracing::debug!("map stream open");
         let first = tokio::time::timeout(cfg.timeout, async {
             loop {
                 match stream.next().await? {
@@ -302,6 +313,7 @@ impl Mesh {
         })
         .await
         .map_err(|_| ConnectError::NoMap(cfg.timeout))??;
+        tracing::debug!("first netmap");
         inner.netmap.send_modify(|nm| nm.peers.clear());
         inner.apply(&first)?;
         inner.connected.send_replace(true);

@@ -134,7 +134,17 @@ impl StateDir {
             return Ok(());
         }
         let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
-        write_atomic(&self.path.join(name), &bytes)
+        write_atomic(&self.path.join(name), &bytes, true)
+    }
+
+    /// Writes a cache file atomically (rename) but without fsync: after a crash it may be
+    /// missing or stale, never half-written; readers treat it as optional.
+    pub fn write_cache<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        if !self.held() {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(value).expect("state serializes");
+        write_atomic(&self.path.join(name), &bytes, false)
     }
 
     /// Loads the identity, creating and saving fresh keys on first use.
@@ -163,7 +173,7 @@ impl StateDir {
 }
 
 /// Writes `path` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
@@ -173,11 +183,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let mut f =
         OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
     drop(f);
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

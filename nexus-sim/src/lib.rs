@@ -212,6 +212,11 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let shared = build(cfg)?;
     let app = router(shared.clone());
     let task = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        // Small control frames must not wait for Nagle + delayed ACK (40 ms stalls).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("server stopped: {e}");
         }

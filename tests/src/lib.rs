@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 /// Path of a workspace binary (`citadel`, `nexus-sim`) next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is not built; run `cargo build --workspace --bins` first", p.display());
-    p
+    // Tests run from target/<profile>/deps, bins from target/<profile>.
+    let here = exe.parent().expect("exe dir");
+    let cands = [here.join(name), here.parent().map(|d| d.join(name)).unwrap_or_default()];
+    let found = cands.iter().find(|p| p.is_file()).cloned();
+    found.unwrap_or_else(|| {
+        panic!("{name} is not built next to {}; run `cargo build --workspace --bins`", here.display())
+    })
 }
 
 /// Runs a command to completion within `limit`, killing it otherwise.
