@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn parses_every_reply_type() {
-        let input = b"*6\r\n+OK\r\n-ERR no\r\n:-7\r\n$3\r\na\r\nb\r\n$-1\r\n*-1\r\n";
+        let input = b"*6\r\n+OK\r\n-ERR no\r\n:-7\r\n$4\r\na\r\nb\r\n$-1\r\n*-1\r\n";
         let (v, used) = parse(input).unwrap().unwrap();
         assert_eq!(used, input.len());
         assert_eq!(
