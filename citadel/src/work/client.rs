@@ -11,6 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -275,6 +276,10 @@ pub struct RedisClient {
     connect_timeout: Duration,
     command_timeout: Duration,
     slot: Mutex<Option<Conn>>,
+    /// Server-side id (`CLIENT ID`) of the current connection, or -1. Kept outside `slot`
+    /// because it is needed exactly while `slot` is locked by a blocking read: another
+    /// connection uses it to `CLIENT UNBLOCK` that read.
+    conn_id: AtomicI64,
 }
 
 impl RedisClient {
@@ -290,6 +295,7 @@ impl RedisClient {
             connect_timeout,
             command_timeout: Duration::from_secs(10),
             slot: Mutex::new(None),
+            conn_id: AtomicI64::new(-1),
         }
     }
 
@@ -374,6 +380,11 @@ impl RedisClient {
         }
     }
 
+    /// Server-side id of the most recent connection (`CLIENT ID`), if known.
+    pub fn connection_id(&self) -> Option<i64> {
+        Some(self.conn_id.load(Ordering::Relaxed)).filter(|id| *id >= 0)
+    }
+
     /// Drops the current connection (if any) so the next command dials afresh.
     pub async fn reset(&self) {
         self.slot.lock().await.take();
@@ -407,12 +418,17 @@ impl RedisClient {
                     self.target.db.to_string().into_bytes(),
                 ]);
             }
-            if !setup.is_empty() {
-                for reply in conn
+            // Best effort: an ACL may forbid CLIENT; then blocking reads are simply dropped on
+            // shutdown instead of being woken.
+            setup.push(vec![b"CLIENT".to_vec(), b"ID".to_vec()]);
+            {
+                let replies = conn
                     .round_trip(&setup)
                     .await
-                    .map_err(|e| fail(e.to_string()))?
-                {
+                    .map_err(|e| fail(e.to_string()))?;
+                let id = replies.last().and_then(Value::as_int).unwrap_or(-1);
+                self.conn_id.store(id, Ordering::Relaxed);
+                for reply in &replies[..replies.len().saturating_sub(1)] {
                     if let Value::Error(e) = reply {
                         // The server's text (e.g. WRONGPASS) never echoes the password back.
                         return Err(fail(format!("login rejected: {e}")));

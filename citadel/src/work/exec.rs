@@ -73,6 +73,7 @@ struct GroupKill(Option<i32>);
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
+        #[cfg(unix)]
         if let Some(pgid) = self.0.take() {
             // SAFETY: plain syscall with integer arguments; a stale group id just yields ESRCH.
             unsafe {
@@ -107,9 +108,11 @@ async fn shell(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        // Own process group so the whole tree can be killed on timeout.
-        .process_group(0);
+        .kill_on_drop(true);
+    // Own process group so the whole tree can be killed on timeout. Elsewhere only the direct
+    // child is killed (kill_on_drop).
+    #[cfg(unix)]
+    cmd.process_group(0);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,11 @@ use super::exec::{self, Chunk, Limits, Report};
 use super::job::{self, Job};
 use super::resp::Value;
 use super::{MeshDialer, WorkConfig, WorkError, WorkSummary};
+
+/// Builds a command from string-ish and byte parts.
+macro_rules! cmd {
+    ($($a:expr),* $(,)?) => { vec![$(AsRef::<[u8]>::as_ref(&$a).to_vec()),*] };
+}
 
 /// One stream entry as delivered by XREADGROUP / XAUTOCLAIM.
 #[derive(Debug, Clone)]
@@ -119,11 +125,9 @@ pub async fn run(
 
         // Reclaim first: entries that have waited claim_idle are older than anything new.
         if Instant::now() >= next_claim {
-            let claim = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                r = reclaim(&ctx, &reader, &cursor, free) => r,
-            };
+            // Not raced against shutdown: a cancelled XAUTOCLAIM could have claimed entries we
+            // would then never run. It does not block, so this costs at most one round trip.
+            let claim = reclaim(&ctx, &reader, &cursor, free).await;
             match claim {
                 Ok((next_cursor, claimed)) => {
                     backoff.reset();
@@ -158,10 +162,15 @@ pub async fn run(
         // BLOCK 0 would mean "forever", so never ask for less than a millisecond.
         let until_claim = next_claim.saturating_duration_since(Instant::now());
         let block = ctx.cfg.block.min(until_claim).max(Duration::from_millis(1));
+        let read_fut = read_new(&ctx, &reader, free, block);
+        tokio::pin!(read_fut);
         let read = tokio::select! {
             biased;
-            _ = &mut shutdown => break,
-            r = read_new(&ctx, &reader, free, block) => r,
+            _ = &mut shutdown => {
+                stop_reading(&ctx, &reader, read_fut).await;
+                break;
+            }
+            r = &mut read_fut => r,
         };
         match read {
             Ok(entries) => {
@@ -188,6 +197,7 @@ pub async fn run(
     }
 
     // Drain: no new reads; give running jobs until the deadline.
+    let mut abandoned = Vec::new();
     let deadline = Instant::now() + ctx.cfg.drain_timeout;
     if !tasks.is_empty() {
         tracing::info!(in_flight = tasks.len(), drain_timeout = ?ctx.cfg.drain_timeout, "work: shutting down, draining jobs");
@@ -201,14 +211,74 @@ pub async fn run(
                     abandoned = tasks.len(),
                     "work: drain timeout; abandoning jobs (they stay pending and will be reclaimed)"
                 );
+                abandoned.extend(running.values().cloned());
                 tasks.abort_all();
                 while tasks.join_next().await.is_some() {}
                 break;
             }
         }
     }
+    // They did start, so they keep their attempt count; they only skip the idle wait.
+    release(&ctx, &abandoned, false).await;
     tracing::info!(?summary, "work: stopped");
     Ok(summary)
+}
+
+/// Ends a parked XREADGROUP on shutdown without losing what it may deliver.
+///
+/// Dropping the read would be simplest, but if Redis had already handed it entries those would
+/// sit in this consumer's pending list, unrun, until `claim_idle` passes. So the read is woken
+/// with `CLIENT UNBLOCK` (it then returns nothing), and anything it did return is released.
+async fn stop_reading(
+    ctx: &Ctx,
+    reader: &RedisClient,
+    read: Pin<&mut impl Future<Output = Result<Vec<Entry>, RedisError>>>,
+) {
+    let Some(id) = reader.connection_id() else {
+        return;
+    };
+    if let Err(e) = ctx.redis.cmd(&["CLIENT", "UNBLOCK", &id.to_string()]).await {
+        tracing::debug!(error = %e, "work: could not unblock the job read");
+        return;
+    }
+    // After UNBLOCK the reply is immediate; the bound only guards against a stuck link.
+    if let Ok(Ok(entries)) = tokio::time::timeout(Duration::from_secs(2), read).await {
+        let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+        release(ctx, &ids, true).await;
+    }
+}
+
+/// Hands pending entries of this consumer back to the group at once: their idle time is set so
+/// large that the next XAUTOCLAIM of any worker takes them, instead of after `claim_idle`.
+/// `never_started` entries also get their delivery count reset so the hand-back does not use
+/// up one of their attempts.
+async fn release(ctx: &Ctx, ids: &[String], never_started: bool) {
+    if ids.is_empty() {
+        return;
+    }
+    let c = &ctx.cfg;
+    // ~49 days: beyond any sensible claim_idle.
+    let idle = u32::MAX.to_string();
+    let cmds = ids
+        .iter()
+        .map(|id| {
+            let mut x = cmd!("XCLAIM", c.queue, c.group, c.consumer, "0", id, "IDLE", idle);
+            if never_started {
+                x.extend(cmd!("RETRYCOUNT", "0"));
+            }
+            x.extend(cmd!("JUSTID"));
+            x
+        })
+        .collect();
+    match ctx.redis.pipeline(cmds).await {
+        Ok(_) => tracing::info!(
+            entries = ids.len(),
+            "work: released pending jobs for immediate reclaim"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "work: could not release pending jobs; they will be reclaimed after claim_idle")
+        }
+    }
 }
 
 /// Books a finished job task into the summary and forgets which entry it was running.
@@ -461,11 +531,6 @@ fn spawn_job(
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Builds a command from string-ish and byte parts.
-macro_rules! cmd {
-    ($($a:expr),* $(,)?) => { vec![$(AsRef::<[u8]>::as_ref(&$a).to_vec()),*] };
 }
 
 /// The whole life of one delivery: parse, record running, execute with heartbeats and output
