@@ -40,7 +40,7 @@ fn redis_server_binary() -> Option<PathBuf> {
                 .map(|d| d.join("redis-server"))
                 .collect()
         })
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     std::iter::once(PathBuf::from("/usr/bin/redis-server"))
         .chain(candidates)
         .find(|p| p.is_file())
