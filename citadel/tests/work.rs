@@ -34,7 +34,7 @@ fn redis_server_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("REDIS_SERVER") {
         return Some(PathBuf::from(p));
     }
-    let candidates = std::env::var_os("PATH")
+    let candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("redis-server"))
