@@ -17,3 +17,4 @@ pub mod network;
 pub mod noise;
 pub mod state;
 pub mod tailcfg;
+pub mod work;

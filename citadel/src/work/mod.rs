@@ -1,0 +1,289 @@
+//! `citadel work`: a Redis Streams job worker that can reach Redis and HTTP targets over the
+//! userspace mesh.
+//!
+//! [`run`] joins a consumer group on one stream, runs up to `max_concurrency` jobs at a time
+//! (`SHELL_COMMAND`, `HTTP_FETCH`), records progress in Redis and acknowledges each job only
+//! after its result is written, so delivery is at-least-once:
+//!
+//! | key | what |
+//! | --- | --- |
+//! | `<queue>` | the job stream (consumer group `<group>`) |
+//! | `<queue>:job:<id>` | status hash: `state` (running/succeeded/failed/dead), `attempts`, `worker`, timestamps, `error`, `exit_code`/`http_status` |
+//! | `<queue>:job:<id>:events` | event stream: `type=status state=..` and `type=output stream=stdout/stderr/body data=..` |
+//! | `<queue>:dead` | dead-letter stream: the original fields plus `reason`, `attempts`, `original_message_id` |
+//!
+//! A failed job is left pending; after `claim_idle` any worker (this one included) reclaims it
+//! with `XAUTOCLAIM`, and the entry's delivery count is the attempt number. The same path picks
+//! up the jobs of a crashed worker. Running jobs refresh their pending entry so they are not
+//! reclaimed from under a live worker.
+
+mod client;
+mod exec;
+pub mod job;
+mod resp;
+mod worker;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use client::{redact_url, RedisClient, RedisError, RedisTarget, UrlError};
+pub use resp::Value;
+pub use worker::run;
+
+/// Default job stream.
+pub const DEFAULT_QUEUE: &str = "citadel:jobs";
+/// Default consumer group (the Go agent's default too, so both can share a group).
+pub const DEFAULT_GROUP: &str = "citadel-workers";
+
+/// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
+
+/// The future returned by [`MeshDialer::dial_tcp`].
+pub type DialFuture<'a> =
+    Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
+
+/// Opens TCP connections over the mesh. The worker asks [`MeshDialer::is_mesh_addr`] for every
+/// address it connects to (Redis, HTTP_FETCH targets) and dials through the mesh when it says
+/// yes, otherwise over the host's own network.
+pub trait MeshDialer: Send + Sync {
+    /// Whether `ip` must be reached through the mesh. Implementations over a live mesh
+    /// normally answer [`is_mesh_ip`].
+    fn is_mesh_addr(&self, ip: IpAddr) -> bool;
+    /// Opens a TCP connection to `addr` through the mesh.
+    fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_>;
+}
+
+/// A dialer for nodes without a userspace mesh: every address goes over the host network
+/// (which still reaches 100.64/10 if a system-wide Tailscale is running).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMesh;
+
+impl MeshDialer for NoMesh {
+    fn is_mesh_addr(&self, _ip: IpAddr) -> bool {
+        false
+    }
+    fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
+        Box::pin(async move {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("no mesh to dial {addr} through"),
+            ))
+        })
+    }
+}
+
+/// Whether `ip` is in the Tailscale address ranges: CGNAT 100.64.0.0/10 or the ULA
+/// fd7a:115c:a1e0::/48 (IPv4-mapped IPv6 forms included).
+pub fn is_mesh_ip(ip: IpAddr) -> bool {
+    fn v4(ip: Ipv4Addr) -> bool {
+        let o = ip.octets();
+        o[0] == 100 && (o[1] & 0xc0) == 64
+    }
+    fn v6(ip: Ipv6Addr) -> bool {
+        let s = ip.segments();
+        s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+    }
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(|| v6(a), v4),
+    }
+}
+
+/// Connects to `host:port`, through the mesh when the dialer claims the address. Returns the
+/// stream and whether it went over the mesh. Tries each resolved address in turn.
+pub(crate) async fn dial(
+    dialer: &dyn MeshDialer,
+    host: &str,
+    port: u16,
+) -> io::Result<(Box<dyn AsyncReadWrite>, bool)> {
+    let addrs = client::resolve(host, port).await?;
+    let mut last = None;
+    for addr in addrs {
+        let r: io::Result<(Box<dyn AsyncReadWrite>, bool)> = if dialer.is_mesh_addr(addr.ip()) {
+            dialer
+                .dial_tcp(addr)
+                .await
+                .map(|s| (s, true))
+                .map_err(|e| io::Error::new(e.kind(), format!("{addr} via mesh: {e}")))
+        } else {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => {
+                    // Requests are small and latency-bound; don't let Nagle batch them.
+                    let _ = s.set_nodelay(true);
+                    Ok((Box::new(s) as Box<dyn AsyncReadWrite>, false))
+                }
+                Err(e) => Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
+            }
+        };
+        match r {
+            Ok(x) => return Ok(x),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+/// Settings of one worker. Build with [`WorkConfig::new`] and adjust fields.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct WorkConfig {
+    /// `redis://[user[:password]@]host[:port][/db]`. Never logged with its password.
+    pub redis_url: String,
+    /// Job stream name.
+    pub queue: String,
+    /// Consumer group name.
+    pub group: String,
+    /// This worker's consumer name (unique per process).
+    pub consumer: String,
+    /// Attempts per job before it is dead-lettered (at least 1).
+    pub max_retries: u32,
+    /// Jobs run at once (at least 1).
+    pub max_concurrency: usize,
+    /// Default per-job timeout (a payload's `timeout_secs` overrides it).
+    pub job_timeout: Duration,
+    /// How long a pending entry must sit idle before XAUTOCLAIM takes it: the retry delay
+    /// after a failure, and how quickly a dead worker's jobs move on.
+    pub claim_idle: Duration,
+    /// On shutdown, how long in-flight jobs may take to finish before they are abandoned
+    /// (left pending for another worker).
+    pub drain_timeout: Duration,
+    /// Deadline for connecting to Redis (each attempt).
+    pub connect_timeout: Duration,
+    /// How long one XREADGROUP blocks waiting for new jobs.
+    pub block: Duration,
+    /// Output kept per job stream (stdout, stderr, HTTP body); the rest is counted, not stored.
+    pub max_output_bytes: usize,
+    /// Expiry of the status hash and event stream of finished jobs (`None`: keep forever).
+    pub result_ttl: Option<Duration>,
+}
+
+impl WorkConfig {
+    /// Defaults: queue `citadel:jobs`, group `citadel-workers`, consumer `<hostname>-<pid>`,
+    /// 3 attempts, 4 concurrent jobs, 5 min job timeout, 30 s claim idle, 30 s drain.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        WorkConfig {
+            redis_url: redis_url.into(),
+            queue: DEFAULT_QUEUE.into(),
+            group: DEFAULT_GROUP.into(),
+            consumer: default_consumer(),
+            max_retries: 3,
+            max_concurrency: 4,
+            job_timeout: Duration::from_secs(300),
+            claim_idle: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            block: Duration::from_secs(5),
+            max_output_bytes: 256 * 1024,
+            result_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+impl fmt::Debug for WorkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkConfig")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("queue", &self.queue)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("max_retries", &self.max_retries)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("job_timeout", &self.job_timeout)
+            .field("claim_idle", &self.claim_idle)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `<hostname>-<pid>`: unique per process on a host, and readable in `XINFO CONSUMERS`.
+pub fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "citadel".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What a worker did before it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkSummary {
+    /// Jobs that ran and succeeded (acknowledged).
+    pub succeeded: u64,
+    /// Attempts that failed and were left pending for a retry.
+    pub failed_attempts: u64,
+    /// Jobs moved to the dead-letter stream (acknowledged).
+    pub dead_lettered: u64,
+    /// Entries taken over from idle pending lists via XAUTOCLAIM.
+    pub reclaimed: u64,
+    /// In-flight jobs cut off by the drain timeout (still pending, will be reclaimed).
+    pub abandoned: u64,
+}
+
+/// Why [`run`] could not start (or had to stop).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkError {
+    /// A setting is unusable.
+    #[error("invalid work config: {0}")]
+    Config(String),
+    /// The Redis URL cannot be parsed (password redacted).
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// Redis did not answer within the connect timeout at startup.
+    #[error("redis unreachable at {target}: {reason}")]
+    RedisUnreachable {
+        /// The redacted target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// Redis answered but refused setup (e.g. the queue key holds a non-stream value).
+    #[error("redis setup failed: {0}")]
+    Setup(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_ranges() {
+        for yes in [
+            "100.64.0.0",
+            "100.127.255.255",
+            "100.100.100.100",
+            "fd7a:115c:a1e0::1",
+            "::ffff:100.64.0.1",
+        ] {
+            assert!(is_mesh_ip(yes.parse().unwrap()), "{yes}");
+        }
+        for no in [
+            "100.63.255.255",
+            "100.128.0.0",
+            "10.0.0.1",
+            "127.0.0.1",
+            "fd7a:115c:a1e1::1",
+            "::1",
+        ] {
+            assert!(!is_mesh_ip(no.parse().unwrap()), "{no}");
+        }
+    }
+
+    #[test]
+    fn config_debug_redacts_password() {
+        let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379");
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2") && d.contains("***"), "{d}");
+    }
+}
