@@ -168,6 +168,11 @@ fn failures_exit_non_zero_with_one_clear_line() {
     assert_eq!(o.status.code(), Some(6));
     assert!(stdout(&o).contains("not logged in"));
 
+    // `work` refuses unless the node is connected.
+    let o = env.citadel("w", &["work", "--redis-url", "redis://127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refusing to start the job loop"), "{}", stderr(&o));
+
     // Admin commands fail clearly without or with a wrong API key.
     let o = run_with_deadline(
         Command::new(bin("nexus-sim")).args(["users", "list"]).env("NEXUS_URL", &env.url).env("NEXUS_API_KEY", "bad"),

@@ -3,6 +3,7 @@
 use citadel::api::{self, Request, Response};
 use citadel::control::ControlError;
 use citadel::mesh::{Config, ConnectError, Mesh, Status};
+use citadel::state::StateError;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -69,6 +70,30 @@ enum Cmd {
     },
     /// Leave the mesh (Nexus removes the node) and clear the state directory
     Logout,
+    /// Run the job loop (Redis Streams consumer group); refuses unless the node is connected
+    Work {
+        /// Redis URL (redis://[:password@]host:port[/db]); a mesh address is reached through the mesh
+        #[arg(long, env = "CITADEL_REDIS_URL", hide_env_values = true)]
+        redis_url: String,
+        /// Job stream
+        #[arg(long, default_value = "citadel:jobs")]
+        queue: String,
+        /// Consumer group
+        #[arg(long, default_value = "citadel-workers")]
+        group: String,
+        /// Attempts before a job goes to the dead-letter stream
+        #[arg(long, default_value_t = 3)]
+        max_retries: u32,
+        /// Jobs run at once
+        #[arg(long, default_value_t = 4)]
+        max_concurrency: usize,
+        /// Seconds before an idle pending job of a crashed worker is reclaimed
+        #[arg(long, default_value_t = 30)]
+        claim_idle: u64,
+        /// Seconds SIGTERM waits for in-flight jobs
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+    },
 }
 
 fn exit_code(e: &ConnectError) -> u8 {
@@ -194,6 +219,59 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),
+            }
+        }
+        Cmd::Work { redis_url, queue, group, max_retries, max_concurrency, claim_idle, drain_timeout } => {
+            // The job loop runs only on a node that is in the mesh: bring it up from state.
+            let mesh = match Mesh::connect(cfg(None, None, None)).await {
+                Ok(m) if m.is_connected() => m,
+                Ok(_) => {
+                    eprintln!("citadel: not connected to the mesh; refusing to start the job loop");
+                    return ExitCode::from(6);
+                }
+                Err(ConnectError::State(StateError::Locked(_))) => {
+                    eprintln!("citadel: a node is already running on this state directory (`citadel up`); stop it first, `citadel work` runs the node itself");
+                    return ExitCode::from(5);
+                }
+                Err(e) => {
+                    eprintln!("citadel: not connected to the mesh ({e}); refusing to start the job loop");
+                    return ExitCode::from(match exit_code(&e) {
+                        3 => 3,
+                        5 => 5,
+                        _ => 6,
+                    });
+                }
+            };
+            let mut wc = citadel::work::WorkConfig::new(redis_url);
+            wc.queue = queue;
+            wc.group = group;
+            wc.max_retries = max_retries;
+            wc.max_concurrency = max_concurrency.max(1);
+            wc.claim_idle = Duration::from_secs(claim_idle.max(1));
+            wc.drain_timeout = Duration::from_secs(drain_timeout);
+            let s = mesh.status();
+            eprintln!("citadel: working as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
+            let shutdown = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            let dialer: Arc<dyn citadel::work::MeshDialer> = Arc::new(citadel::work::NoMesh);
+            match citadel::work::run(wc, dialer, shutdown).await {
+                Ok(sum) => {
+                    eprintln!(
+                        "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
+                        sum.succeeded, sum.failed_attempts, sum.dead_lettered, sum.reclaimed, sum.abandoned
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("citadel: {e}");
+                    ExitCode::from(4)
+                }
             }
         }
         Cmd::Logout => {

@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use citadel::work::{
-    is_mesh_ip, run, DialFuture, MeshDialer, NoMesh, RedisClient, Value, WorkConfig, WorkError,
-    WorkSummary,
+    is_mesh_ip, run, DialFuture, MeshDialer, NoMesh, RedisClient, Value, WorkConfig, WorkError, WorkSummary,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,15 +34,9 @@ fn redis_server_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("redis-server"))
-                .collect()
-        })
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect())
         .unwrap_or_default();
-    std::iter::once(PathBuf::from("/usr/bin/redis-server"))
-        .chain(candidates)
-        .find(|p| p.is_file())
+    std::iter::once(PathBuf::from("/usr/bin/redis-server")).chain(candidates).find(|p| p.is_file())
 }
 
 impl RedisServer {
@@ -55,10 +48,7 @@ impl RedisServer {
         };
         // The free-port probe can race with another test grabbing the same port; retry.
         for _ in 0..5 {
-            let port = StdListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("probe a free port")
-                .port();
+            let port = StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("probe a free port").port();
             let dir = tempfile::tempdir().expect("temp dir");
             let child = Command::new(&bin)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -69,11 +59,7 @@ impl RedisServer {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn redis-server");
-            let mut server = RedisServer {
-                child,
-                port,
-                _dir: dir,
-            };
+            let mut server = RedisServer { child, port, _dir: dir };
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = server.child.try_wait() {
@@ -133,9 +119,7 @@ fn ping_blocking(port: u16) -> bool {
 }
 
 async fn client(url: &str) -> RedisClient {
-    RedisClient::connect(url, Arc::new(NoMesh), Duration::from_secs(5))
-        .await
-        .expect("test client connects")
+    RedisClient::connect(url, Arc::new(NoMesh), Duration::from_secs(5)).await.expect("test client connects")
 }
 
 fn cfg(url: &str, consumer: &str) -> WorkConfig {
@@ -160,10 +144,7 @@ fn spawn_worker(cfg: WorkConfig, dialer: Arc<dyn MeshDialer>) -> Worker {
     let task = tokio::spawn(run(cfg, dialer, async move {
         let _ = rx.await;
     }));
-    Worker {
-        task,
-        stop: Some(tx),
-    }
+    Worker { task, stop: Some(tx) }
 }
 
 impl Worker {
@@ -171,10 +152,7 @@ impl Worker {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        self.task
-            .await
-            .expect("worker task")
-            .expect("worker result")
+        self.task.await.expect("worker task").expect("worker result")
     }
 
     /// Simulates a crash: the task (and with it every job task and child process) is dropped
@@ -187,10 +165,7 @@ impl Worker {
 
 /// Enqueues a job as one `job` field holding the whole JSON document.
 async fn enqueue(c: &RedisClient, queue: &str, doc: serde_json::Value) -> String {
-    let v = c
-        .cmd(&["XADD", queue, "*", "job", &doc.to_string()])
-        .await
-        .expect("XADD");
+    let v = c.cmd(&["XADD", queue, "*", "job", &doc.to_string()]).await.expect("XADD");
     v.as_str().expect("entry id").to_string()
 }
 
@@ -199,12 +174,7 @@ async fn hgetall(c: &RedisClient, key: &str) -> HashMap<String, String> {
     v.as_array()
         .unwrap_or_default()
         .chunks(2)
-        .map(|kv| {
-            (
-                kv[0].as_str().unwrap_or_default().to_string(),
-                kv[1].as_str().unwrap_or_default().to_string(),
-            )
-        })
+        .map(|kv| (kv[0].as_str().unwrap_or_default().to_string(), kv[1].as_str().unwrap_or_default().to_string()))
         .collect()
 }
 
@@ -233,18 +203,11 @@ async fn xrange(c: &RedisClient, key: &str) -> Vec<HashMap<String, String>> {
 
 async fn pending_count(c: &RedisClient, queue: &str, group: &str) -> i64 {
     let v = c.cmd(&["XPENDING", queue, group]).await.expect("XPENDING");
-    v.as_array()
-        .and_then(|a| a.first())
-        .and_then(Value::as_int)
-        .unwrap_or(-1)
+    v.as_array().and_then(|a| a.first()).and_then(Value::as_int).unwrap_or(-1)
 }
 
 async fn int(c: &RedisClient, args: &[&str]) -> i64 {
-    c.cmd(args)
-        .await
-        .expect("command")
-        .as_int()
-        .expect("integer reply")
+    c.cmd(args).await.expect("command").as_int().expect("integer reply")
 }
 
 /// Polls `check` every 25 ms until it holds or `within` passes.
@@ -266,9 +229,7 @@ async fn state_is(c: &RedisClient, key: &str, state: &str) -> bool {
 
 /// A one-response-per-connection HTTP server answering `body` to every GET.
 async fn http_server(body: &'static str) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind http");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let addr = l.local_addr().expect("http addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -281,10 +242,8 @@ async fn http_server(body: &'static str) -> SocketAddr {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                let resp =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
                 let _ = s.write_all(resp.as_bytes()).await;
             });
         }
@@ -294,9 +253,7 @@ async fn http_server(body: &'static str) -> SocketAddr {
 
 /// Runs a test body under an overall deadline so a hang fails instead of stalling CI.
 async fn bounded<F: Future<Output = ()>>(limit: Duration, f: F) {
-    tokio::time::timeout(limit, f)
-        .await
-        .expect("test exceeded its time bound");
+    tokio::time::timeout(limit, f).await.expect("test exceeded its time bound");
 }
 
 const Q: &str = "citadel:jobs";
@@ -348,18 +305,11 @@ async fn shell_and_http_jobs_succeed() {
         assert_eq!(sh["type"], "SHELL_COMMAND");
         let ev = xrange(&c, "citadel:jobs:job:sh-1:events").await;
         let output = |stream: &str| -> String {
-            ev.iter()
-                .filter(|e| e["type"] == "output" && e["stream"] == stream)
-                .map(|e| e["data"].clone())
-                .collect()
+            ev.iter().filter(|e| e["type"] == "output" && e["stream"] == stream).map(|e| e["data"].clone()).collect()
         };
         assert_eq!(output("stdout"), "out\n");
         assert_eq!(output("stderr"), "err\n");
-        let states: Vec<&str> = ev
-            .iter()
-            .filter(|e| e["type"] == "status")
-            .map(|e| e["state"].as_str())
-            .collect();
+        let states: Vec<&str> = ev.iter().filter(|e| e["type"] == "status").map(|e| e["state"].as_str()).collect();
         assert_eq!(states, ["running", "succeeded"]);
 
         let h = hgetall(&c, "citadel:jobs:job:http-1").await;
@@ -388,12 +338,7 @@ async fn killed_workers_job_is_reclaimed_and_completed() {
     bounded(Duration::from_secs(30), async {
         let c = client(&redis.url()).await;
         let w1 = spawn_worker(cfg(&redis.url(), "w1"), Arc::new(NoMesh));
-        enqueue(
-            &c,
-            Q,
-            serde_json::json!({"id":"slow","type":"SHELL_COMMAND","payload":{"argv":["sleep","1"]}}),
-        )
-        .await;
+        enqueue(&c, Q, serde_json::json!({"id":"slow","type":"SHELL_COMMAND","payload":{"argv":["sleep","1"]}})).await;
         wait_for("w1 to start the job", Duration::from_secs(10), || async {
             let h = hgetall(&c, "citadel:jobs:job:slow").await;
             h.get("state").map(String::as_str) == Some("running") && h["worker"] == "w1"
@@ -427,25 +372,10 @@ async fn poison_and_malformed_jobs_are_dead_lettered() {
         conf.max_retries = 3;
         conf.claim_idle = Duration::from_millis(200);
         let w = spawn_worker(conf, Arc::new(NoMesh));
-        enqueue(
-            &c,
-            Q,
-            serde_json::json!({"id":"poison","type":"SHELL_COMMAND","payload":{"argv":["false"]}}),
-        )
-        .await;
-        let broken = c
-            .cmd(&["XADD", Q, "*", "job", "{not json"])
-            .await
-            .expect("XADD")
-            .as_str()
-            .expect("id")
-            .to_string();
-        enqueue(
-            &c,
-            Q,
-            serde_json::json!({"id":"odd","type":"REFORMAT_DISK"}),
-        )
-        .await;
+        enqueue(&c, Q, serde_json::json!({"id":"poison","type":"SHELL_COMMAND","payload":{"argv":["false"]}})).await;
+        let broken =
+            c.cmd(&["XADD", Q, "*", "job", "{not json"]).await.expect("XADD").as_str().expect("id").to_string();
+        enqueue(&c, Q, serde_json::json!({"id":"odd","type":"REFORMAT_DISK"})).await;
 
         wait_for("three dead letters", Duration::from_secs(15), || async {
             int(&c, &["XLEN", "citadel:jobs:dead"]).await == 3
@@ -456,26 +386,13 @@ async fn poison_and_malformed_jobs_are_dead_lettered() {
 
         let p = by_id("poison");
         assert_eq!(p["attempts"], "3");
-        assert!(
-            p["reason"].contains("exited with status 1"),
-            "{}",
-            p["reason"]
-        );
-        assert!(
-            p.contains_key("job"),
-            "original fields are kept for re-queueing"
-        );
+        assert!(p["reason"].contains("exited with status 1"), "{}", p["reason"]);
+        assert!(p.contains_key("job"), "original fields are kept for re-queueing");
         let ev = xrange(&c, "citadel:jobs:job:poison:events").await;
-        let runs = ev
-            .iter()
-            .filter(|e| e["type"] == "status" && e["state"] == "running")
-            .count();
+        let runs = ev.iter().filter(|e| e["type"] == "status" && e["state"] == "running").count();
         assert_eq!(runs, 3, "ran exactly max_retries times");
         let h = hgetall(&c, "citadel:jobs:job:poison").await;
-        assert_eq!(
-            (h["state"].as_str(), h["exit_code"].as_str()),
-            ("dead", "1")
-        );
+        assert_eq!((h["state"].as_str(), h["exit_code"].as_str()), ("dead", "1"));
 
         let m = by_id(&broken);
         assert_eq!(m["attempts"], "1", "malformed jobs are not retried");
@@ -519,9 +436,8 @@ async fn no_job_lost_across_random_worker_kills() {
         };
         let started = Instant::now();
         let mut generation = 0;
-        let mut workers: Vec<Worker> = (0..2)
-            .map(|i| spawn_worker(conf(format!("w{i}-g0")), Arc::new(NoMesh)))
-            .collect();
+        let mut workers: Vec<Worker> =
+            (0..2).map(|i| spawn_worker(conf(format!("w{i}-g0")), Arc::new(NoMesh))).collect();
         let mut kills = 0;
         while !(lag(&c).await == Some(0) && pending_count(&c, Q, G).await == 0) {
             assert!(started.elapsed() < Duration::from_secs(60), "1000 jobs not done in 60 s");
@@ -542,19 +458,11 @@ async fn no_job_lost_across_random_worker_kills() {
         // Every job ran to success at least once, nothing is pending, nothing is dead.
         let mut pipe = Vec::new();
         for i in 0..N {
-            pipe.push(vec![
-                b"HGET".to_vec(),
-                format!("{Q}:job:j{i}").into_bytes(),
-                b"state".to_vec(),
-            ]);
+            pipe.push(vec![b"HGET".to_vec(), format!("{Q}:job:j{i}").into_bytes(), b"state".to_vec()]);
         }
         let states = c.pipeline(pipe).await.expect("HGET states");
-        let not_ok: Vec<usize> = states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_str() != Some("succeeded"))
-            .map(|(i, _)| i)
-            .collect();
+        let not_ok: Vec<usize> =
+            states.iter().enumerate().filter(|(_, s)| s.as_str() != Some("succeeded")).map(|(i, _)| i).collect();
         assert!(not_ok.is_empty(), "jobs not succeeded: {not_ok:?}");
         assert_eq!(int(&c, &["XLEN", "citadel:jobs:dead"]).await, 0);
         assert_eq!(pending_count(&c, Q, G).await, 0);
@@ -567,10 +475,7 @@ async fn no_job_lost_across_random_worker_kills() {
 async fn lag(c: &RedisClient) -> Option<i64> {
     let v = c.cmd(&["XINFO", "GROUPS", Q]).await.ok()?;
     let group = v.as_array()?.first()?.as_array()?;
-    group
-        .chunks(2)
-        .find(|kv| kv[0].as_str() == Some("lag"))
-        .and_then(|kv| kv[1].as_int())
+    group.chunks(2).find(|kv| kv[0].as_str() == Some("lag")).and_then(|kv| kv[1].as_int())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,8 +488,15 @@ async fn throughput_of_trivial_jobs() {
         let c = client(&redis.url()).await;
         let pipe = (0..N)
             .map(|i| {
-                let doc = serde_json::json!({"id": format!("t{i}"), "type":"SHELL_COMMAND","payload":{"argv":["true"]}});
-                vec![b"XADD".to_vec(), Q.as_bytes().to_vec(), b"*".to_vec(), b"job".to_vec(), doc.to_string().into_bytes()]
+                let doc =
+                    serde_json::json!({"id": format!("t{i}"), "type":"SHELL_COMMAND","payload":{"argv":["true"]}});
+                vec![
+                    b"XADD".to_vec(),
+                    Q.as_bytes().to_vec(),
+                    b"*".to_vec(),
+                    b"job".to_vec(),
+                    doc.to_string().into_bytes(),
+                ]
             })
             .collect();
         c.pipeline(pipe).await.expect("enqueue");
@@ -623,16 +535,11 @@ async fn shutdown_drains_in_flight_jobs_and_stops_reading() {
         };
         let w = spawn_worker(slow_claim("w1"), Arc::new(NoMesh));
         for id in ["d1", "d2"] {
-            enqueue(
-                &c,
-                Q,
-                serde_json::json!({"id":id,"type":"SHELL_COMMAND","payload":{"argv":["sleep","0.8"]}}),
-            )
-            .await;
+            enqueue(&c, Q, serde_json::json!({"id":id,"type":"SHELL_COMMAND","payload":{"argv":["sleep","0.8"]}}))
+                .await;
         }
         wait_for("both running", Duration::from_secs(10), || async {
-            state_is(&c, "citadel:jobs:job:d1", "running").await
-                && state_is(&c, "citadel:jobs:job:d2", "running").await
+            state_is(&c, "citadel:jobs:job:d1", "running").await && state_is(&c, "citadel:jobs:job:d2", "running").await
         })
         .await;
         let Worker { task, stop } = w;
@@ -640,12 +547,7 @@ async fn shutdown_drains_in_flight_jobs_and_stops_reading() {
         let _ = stop.expect("stop handle").send(());
         // Enqueued as shutdown begins: w1 must not run it (it may or may not have been
         // delivered to w1's parked read; if so it is handed back).
-        enqueue(
-            &c,
-            Q,
-            serde_json::json!({"id":"late","type":"SHELL_COMMAND","payload":{"argv":["true"]}}),
-        )
-        .await;
+        enqueue(&c, Q, serde_json::json!({"id":"late","type":"SHELL_COMMAND","payload":{"argv":["true"]}})).await;
         let s = task.await.expect("join").expect("run");
         let took = asked.elapsed();
         assert!(took < Duration::from_secs(5), "drained within drain_timeout ({took:?})");
@@ -664,12 +566,8 @@ async fn shutdown_drains_in_flight_jobs_and_stops_reading() {
         })
         .await;
         assert_eq!(hgetall(&c, "citadel:jobs:job:late").await["attempts"], "1", "hand-back costs no attempt");
-        enqueue(
-            &c,
-            Q,
-            serde_json::json!({"id":"long","type":"SHELL_COMMAND","payload":{"argv":["sleep","1.5"]}}),
-        )
-        .await;
+        enqueue(&c, Q, serde_json::json!({"id":"long","type":"SHELL_COMMAND","payload":{"argv":["sleep","1.5"]}}))
+            .await;
         wait_for("long job running", Duration::from_secs(10), || async {
             state_is(&c, "citadel:jobs:job:long", "running").await
         })
@@ -765,38 +663,25 @@ async fn mesh_addresses_are_dialed_through_the_mesh() {
 async fn startup_errors_are_clear_bounded_and_redacted() {
     bounded(Duration::from_secs(20), async {
         // A port with nothing listening.
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("probe")
-            .port();
+        let port = StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("probe").port();
         let started = Instant::now();
-        let err = run(
-            cfg(&format!("redis://:hunter2@127.0.0.1:{port}"), "w"),
-            Arc::new(NoMesh),
-            std::future::pending(),
-        )
-        .await
-        .expect_err("nothing listens there");
+        let err =
+            run(cfg(&format!("redis://:hunter2@127.0.0.1:{port}"), "w"), Arc::new(NoMesh), std::future::pending())
+                .await
+                .expect_err("nothing listens there");
         assert!(started.elapsed() < Duration::from_secs(10));
         let msg = err.to_string();
         assert!(matches!(err, WorkError::RedisUnreachable { .. }), "{msg}");
         assert!(!msg.contains("hunter2") && msg.contains("***"), "{msg}");
 
-        let err = run(
-            cfg("redis://:hunter2@host:badport", "w"),
-            Arc::new(NoMesh),
-            std::future::pending(),
-        )
-        .await
-        .expect_err("bad url");
+        let err = run(cfg("redis://:hunter2@host:badport", "w"), Arc::new(NoMesh), std::future::pending())
+            .await
+            .expect_err("bad url");
         assert!(!err.to_string().contains("hunter2"), "{err}");
 
         let mut bad = cfg("redis://127.0.0.1:1", "w");
         bad.max_concurrency = 0;
-        assert!(matches!(
-            run(bad, Arc::new(NoMesh), std::future::pending()).await,
-            Err(WorkError::Config(_))
-        ));
+        assert!(matches!(run(bad, Arc::new(NoMesh), std::future::pending()).await, Err(WorkError::Config(_))));
     })
     .await;
 }

@@ -49,10 +49,7 @@ pub struct UrlError {
 impl RedisTarget {
     /// Parses `redis://[user[:password]@]host[:port][/db]`.
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let err = |reason: &str| UrlError {
-            url: redact_url(url),
-            reason: reason.to_string(),
-        };
+        let err = |reason: &str| UrlError { url: redact_url(url), reason: reason.to_string() };
         let rest = if let Some(r) = url.strip_prefix("redis://") {
             r
         } else if url.starts_with("rediss://") {
@@ -79,9 +76,7 @@ impl RedisTarget {
                 };
                 let u = percent_decode(u).ok_or_else(|| err("bad percent-encoding in user"))?;
                 let p = match p {
-                    Some(p) => Some(
-                        percent_decode(p).ok_or_else(|| err("bad percent-encoding in password"))?,
-                    ),
+                    Some(p) => Some(percent_decode(p).ok_or_else(|| err("bad percent-encoding in password"))?),
                     None => None,
                 };
                 // `redis://:pass@host` is the classic password-only form; `redis://pass@host`
@@ -94,9 +89,7 @@ impl RedisTarget {
             }
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, tail) = v6
-                .split_once(']')
-                .ok_or_else(|| err("unterminated [ipv6] host"))?;
+            let (h, tail) = v6.split_once(']').ok_or_else(|| err("unterminated [ipv6] host"))?;
             (h.to_string(), tail.strip_prefix(':'))
         } else {
             match hostport.rsplit_once(':') {
@@ -113,18 +106,8 @@ impl RedisTarget {
         };
         let db_text = path.trim_start_matches('/');
         let db_text = db_text.split(['?', '#']).next().unwrap_or("");
-        let db = if db_text.is_empty() {
-            0
-        } else {
-            db_text.parse().map_err(|_| err("bad database number"))?
-        };
-        Ok(RedisTarget {
-            host,
-            port,
-            username,
-            password,
-            db,
-        })
+        let db = if db_text.is_empty() { 0 } else { db_text.parse().map_err(|_| err("bad database number"))? };
+        Ok(RedisTarget { host, port, username, password, db })
     }
 }
 
@@ -251,11 +234,7 @@ impl Conn {
                     let mut chunk = [0u8; 16 * 1024];
                     let n = self.io.read(&mut chunk).await?;
                     if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "redis closed the connection",
-                        )
-                        .into());
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "redis closed the connection").into());
                     }
                     self.buf.extend_from_slice(&chunk[..n]);
                 }
@@ -284,11 +263,7 @@ pub struct RedisClient {
 
 impl RedisClient {
     /// Creates a client; no connection is made until the first command (see [`Self::connect`]).
-    pub fn new(
-        target: RedisTarget,
-        dialer: Arc<dyn MeshDialer>,
-        connect_timeout: Duration,
-    ) -> Self {
+    pub fn new(target: RedisTarget, dialer: Arc<dyn MeshDialer>, connect_timeout: Duration) -> Self {
         RedisClient {
             target,
             dialer,
@@ -305,10 +280,8 @@ impl RedisClient {
         dialer: Arc<dyn MeshDialer>,
         connect_timeout: Duration,
     ) -> Result<Self, RedisError> {
-        let target = RedisTarget::parse(url).map_err(|e| RedisError::Connect {
-            target: e.url.clone(),
-            reason: e.reason,
-        })?;
+        let target =
+            RedisTarget::parse(url).map_err(|e| RedisError::Connect { target: e.url.clone(), reason: e.reason })?;
         let client = RedisClient::new(target, dialer, connect_timeout);
         client.ping().await?;
         Ok(client)
@@ -323,10 +296,7 @@ impl RedisClient {
     pub async fn ping(&self) -> Result<(), RedisError> {
         match self.cmd(&["PING"]).await? {
             Value::Simple(s) if s == "PONG" => Ok(()),
-            other => Err(RedisError::Unexpected {
-                cmd: "PING",
-                detail: format!("{other:?}"),
-            }),
+            other => Err(RedisError::Unexpected { cmd: "PING", detail: format!("{other:?}") }),
         }
     }
 
@@ -336,11 +306,7 @@ impl RedisClient {
     }
 
     /// [`Self::cmd`] with an explicit reply deadline (blocking reads need longer than usual).
-    pub async fn cmd_timeout<A: AsRef<[u8]>>(
-        &self,
-        args: &[A],
-        timeout: Duration,
-    ) -> Result<Value, RedisError> {
+    pub async fn cmd_timeout<A: AsRef<[u8]>>(&self, args: &[A], timeout: Duration) -> Result<Value, RedisError> {
         let cmd = args.iter().map(|a| a.as_ref().to_vec()).collect();
         let mut replies = self.pipeline_timeout(vec![cmd], timeout).await?;
         let v = replies.pop().unwrap_or(Value::Nil);
@@ -356,11 +322,7 @@ impl RedisClient {
         self.pipeline_timeout(cmds, self.command_timeout).await
     }
 
-    async fn pipeline_timeout(
-        &self,
-        cmds: Vec<Vec<Vec<u8>>>,
-        timeout: Duration,
-    ) -> Result<Vec<Value>, RedisError> {
+    async fn pipeline_timeout(&self, cmds: Vec<Vec<Vec<u8>>>, timeout: Duration) -> Result<Vec<Value>, RedisError> {
         let mut slot = self.slot.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
@@ -372,11 +334,7 @@ impl RedisClient {
                 Ok(replies)
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no reply within {timeout:?}"),
-            )
-            .into()),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no reply within {timeout:?}")).into()),
         }
     }
 
@@ -391,18 +349,11 @@ impl RedisClient {
     }
 
     async fn open(&self) -> Result<Conn, RedisError> {
-        let fail = |reason: String| RedisError::Connect {
-            target: self.target.to_string(),
-            reason,
-        };
+        let fail = |reason: String| RedisError::Connect { target: self.target.to_string(), reason };
         let fut = async {
-            let (io, _via_mesh) = dial(&*self.dialer, &self.target.host, self.target.port)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let mut conn = Conn {
-                io,
-                buf: Vec::new(),
-            };
+            let (io, _via_mesh) =
+                dial(&*self.dialer, &self.target.host, self.target.port).await.map_err(|e| fail(e.to_string()))?;
+            let mut conn = Conn { io, buf: Vec::new() };
             let mut setup = Vec::new();
             if let Some(pass) = &self.target.password {
                 let mut auth = vec![b"AUTH".to_vec()];
@@ -413,19 +364,13 @@ impl RedisClient {
                 setup.push(auth);
             }
             if self.target.db != 0 {
-                setup.push(vec![
-                    b"SELECT".to_vec(),
-                    self.target.db.to_string().into_bytes(),
-                ]);
+                setup.push(vec![b"SELECT".to_vec(), self.target.db.to_string().into_bytes()]);
             }
             // Best effort: an ACL may forbid CLIENT; then blocking reads are simply dropped on
             // shutdown instead of being woken.
             setup.push(vec![b"CLIENT".to_vec(), b"ID".to_vec()]);
             {
-                let replies = conn
-                    .round_trip(&setup)
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
+                let replies = conn.round_trip(&setup).await.map_err(|e| fail(e.to_string()))?;
                 let id = replies.last().and_then(Value::as_int).unwrap_or(-1);
                 self.conn_id.store(id, Ordering::Relaxed);
                 for reply in &replies[..replies.len().saturating_sub(1)] {
@@ -451,10 +396,7 @@ pub(crate) async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
     if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{host} resolved to no address"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} resolved to no address")));
     }
     Ok(addrs)
 }
@@ -466,25 +408,13 @@ mod tests {
     #[test]
     fn parses_common_url_shapes() {
         let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.db, t.password.is_none()),
-            ("127.0.0.1", 6380, 2, true)
-        );
+        assert_eq!((t.host.as_str(), t.port, t.db, t.password.is_none()), ("127.0.0.1", 6380, 2, true));
         let t = RedisTarget::parse("redis://:s3cr%40t@host").unwrap();
-        assert_eq!(
-            (t.username.as_deref(), t.password.as_deref(), t.port),
-            (None, Some("s3cr@t"), 6379)
-        );
+        assert_eq!((t.username.as_deref(), t.password.as_deref(), t.port), (None, Some("s3cr@t"), 6379));
         let t = RedisTarget::parse("redis://alice:pw@[fd7a:115c:a1e0::1]:7000").unwrap();
-        assert_eq!(
-            (t.username.as_deref(), t.host.as_str(), t.port),
-            (Some("alice"), "fd7a:115c:a1e0::1", 7000)
-        );
+        assert_eq!((t.username.as_deref(), t.host.as_str(), t.port), (Some("alice"), "fd7a:115c:a1e0::1", 7000));
         let t = RedisTarget::parse("redis://onlypass@h:1").unwrap();
-        assert_eq!(
-            (t.username, t.password.as_deref()),
-            (None, Some("onlypass"))
-        );
+        assert_eq!((t.username, t.password.as_deref()), (None, Some("onlypass")));
     }
 
     #[test]

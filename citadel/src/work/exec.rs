@@ -47,14 +47,9 @@ pub(crate) async fn run(
     match kind {
         JobKind::Shell { argv, env, cwd } => shell(argv, env, cwd.as_deref(), limits, out).await,
         JobKind::HttpFetch { url } => {
-            match tokio::time::timeout(limits.timeout, fetch(url, &*dialer, limits.max_output, out))
-                .await
-            {
+            match tokio::time::timeout(limits.timeout, fetch(url, &*dialer, limits.max_output, out)).await {
                 Ok(r) => r,
-                Err(_) => Report {
-                    error: Some(format!("timed out after {:?}", limits.timeout)),
-                    fields: vec![],
-                },
+                Err(_) => Report { error: Some(format!("timed out after {:?}", limits.timeout)), fields: vec![] },
             }
         }
     }
@@ -63,9 +58,7 @@ pub(crate) async fn run(
 /// Environment variables passed through from the agent to jobs. Everything else is dropped so
 /// the agent's own secrets (a Redis password in `CITADEL_REDIS_URL`, auth keys) never reach a
 /// job — the same allowlist idea as the Go agent's shell handler.
-const ENV_ALLOW: &[&str] = &[
-    "PATH", "HOME", "LANG", "TERM", "TZ", "USER", "SHELL", "TMPDIR",
-];
+const ENV_ALLOW: &[&str] = &["PATH", "HOME", "LANG", "TERM", "TZ", "USER", "SHELL", "TMPDIR"];
 
 /// Kills a job's whole process group when dropped unless disarmed, so a timeout, a shutdown
 /// that gives up, or an aborted worker task leaves no orphaned grandchildren behind.
@@ -90,20 +83,17 @@ async fn shell(
     limits: Limits,
     out: mpsc::Sender<Chunk>,
 ) -> Report {
-    let fail = |e: String| Report {
-        error: Some(e),
-        fields: vec![],
-    };
+    let fail = |e: String| Report { error: Some(e), fields: vec![] };
     let Some((prog, args)) = argv.split_first() else {
         return fail("empty argv".into());
     };
     let mut cmd = Command::new(prog);
     cmd.args(args)
         .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| {
-            k.to_str()
-                .is_some_and(|k| ENV_ALLOW.contains(&k) || k.starts_with("LC_"))
-        }))
+        .envs(
+            std::env::vars_os()
+                .filter(|(k, _)| k.to_str().is_some_and(|k| ENV_ALLOW.contains(&k) || k.starts_with("LC_"))),
+        )
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -134,10 +124,7 @@ async fn shell(
     };
     match tokio::time::timeout(limits.timeout, work).await {
         Err(_) => Report {
-            error: Some(format!(
-                "timed out after {:?}; process group killed",
-                limits.timeout
-            )),
+            error: Some(format!("timed out after {:?}; process group killed", limits.timeout)),
             fields: vec![],
         },
         Ok((o, e, status)) => {
@@ -150,29 +137,17 @@ async fn shell(
                 ("truncated", (o.truncated || e.truncated).to_string()),
             ];
             match status {
-                Err(err) => Report {
-                    error: Some(format!("waiting for {prog:?}: {err}")),
-                    fields,
-                },
+                Err(err) => Report { error: Some(format!("waiting for {prog:?}: {err}")), fields },
                 Ok(st) => match st.code() {
                     Some(0) => {
                         fields.push(("exit_code", "0".into()));
-                        Report {
-                            error: None,
-                            fields,
-                        }
+                        Report { error: None, fields }
                     }
                     Some(c) => {
                         fields.push(("exit_code", c.to_string()));
-                        Report {
-                            error: Some(format!("exited with status {c}")),
-                            fields,
-                        }
+                        Report { error: Some(format!("exited with status {c}")), fields }
                     }
-                    None => Report {
-                        error: Some(format!("killed by signal ({st})")),
-                        fields,
-                    },
+                    None => Report { error: Some(format!("killed by signal ({st})")), fields },
                 },
             }
         }
@@ -187,12 +162,7 @@ struct Pumped {
 
 /// Copies a pipe to `out` until EOF, forwarding at most `max` bytes and discarding (but still
 /// draining) the rest, so a chatty job can neither fill Redis nor block on a full pipe.
-async fn pump(
-    mut r: impl AsyncRead + Unpin,
-    stream: &'static str,
-    max: usize,
-    out: &mpsc::Sender<Chunk>,
-) -> Pumped {
+async fn pump(mut r: impl AsyncRead + Unpin, stream: &'static str, max: usize, out: &mpsc::Sender<Chunk>) -> Pumped {
     let mut p = Pumped::default();
     let mut sent = 0usize;
     let mut buf = vec![0u8; 16 * 1024];
@@ -209,12 +179,7 @@ async fn pump(
         if take > 0 {
             sent += take;
             // A closed receiver only means nobody records output any more; keep draining.
-            let _ = out
-                .send(Chunk {
-                    stream,
-                    data: Bytes::copy_from_slice(&buf[..take]),
-                })
-                .await;
+            let _ = out.send(Chunk { stream, data: Bytes::copy_from_slice(&buf[..take]) }).await;
         }
     }
 }
@@ -234,18 +199,18 @@ pub(crate) fn parse_http_url(url: &str) -> Result<HttpTarget, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => return Err("https is not supported (plain http only; mesh traffic is already encrypted by WireGuard)".into()),
+        Some("https") => {
+            return Err(
+                "https is not supported (plain http only; mesh traffic is already encrypted by WireGuard)".into()
+            )
+        }
         _ => return Err("URL must start with http://".into()),
     }
     let auth = uri.authority().ok_or("URL has no host")?;
     if auth.as_str().contains('@') {
         return Err("credentials in the URL are not supported".into());
     }
-    let host = auth
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
     if host.is_empty() {
         return Err("URL has no host".into());
     }
@@ -253,23 +218,12 @@ pub(crate) fn parse_http_url(url: &str) -> Result<HttpTarget, String> {
         host,
         port: auth.port_u16().unwrap_or(80),
         authority: auth.as_str().to_string(),
-        path_and_query: uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
+        path_and_query: uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
     })
 }
 
-async fn fetch(
-    url: &str,
-    dialer: &dyn MeshDialer,
-    max_body: usize,
-    out: mpsc::Sender<Chunk>,
-) -> Report {
-    let fail = |e: String, fields| Report {
-        error: Some(e),
-        fields,
-    };
+async fn fetch(url: &str, dialer: &dyn MeshDialer, max_body: usize, out: mpsc::Sender<Chunk>) -> Report {
+    let fail = |e: String, fields| Report { error: Some(e), fields };
     let t = match parse_http_url(url) {
         Ok(t) => t,
         Err(e) => return fail(e, vec![]),
@@ -289,10 +243,7 @@ async fn fetch(
     let _stop = AbortOnDrop(driver);
     let req = match http::Request::get(t.path_and_query.as_str())
         .header(http::header::HOST, &t.authority)
-        .header(
-            http::header::USER_AGENT,
-            concat!("citadel-work/", env!("CARGO_PKG_VERSION")),
-        )
+        .header(http::header::USER_AGENT, concat!("citadel-work/", env!("CARGO_PKG_VERSION")))
         .header(http::header::CONNECTION, "close")
         .body(http_body_util::Empty::<Bytes>::new())
     {
@@ -322,12 +273,7 @@ async fn fetch(
         let take = data.len().min(max_body - sent);
         if take > 0 {
             sent += take;
-            let _ = out
-                .send(Chunk {
-                    stream: "body",
-                    data: data.slice(..take),
-                })
-                .await;
+            let _ = out.send(Chunk { stream: "body", data: data.slice(..take) }).await;
         }
         if take < data.len() {
             // Stop reading: we will not record more, and the server may be streaming forever.
@@ -340,10 +286,7 @@ async fn fetch(
     if status.as_u16() >= 400 {
         return fail(format!("HTTP status {}", status.as_u16()), fields);
     }
-    Report {
-        error: None,
-        fields,
-    }
+    Report { error: None, fields }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -362,24 +305,12 @@ mod tests {
     fn http_urls_are_validated() {
         let t = parse_http_url("http://100.64.1.2:8080/a?b=1").unwrap();
         assert_eq!(
-            (
-                t.host.as_str(),
-                t.port,
-                t.path_and_query.as_str(),
-                t.authority.as_str()
-            ),
+            (t.host.as_str(), t.port, t.path_and_query.as_str(), t.authority.as_str()),
             ("100.64.1.2", 8080, "/a?b=1", "100.64.1.2:8080")
         );
         let t = parse_http_url("http://[fd7a:115c:a1e0::5]/").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("fd7a:115c:a1e0::5", 80));
-        for bad in [
-            "https://h/",
-            "ftp://h/",
-            "h/x",
-            "http://u:pw@h/",
-            "http:///x",
-            "",
-        ] {
+        for bad in ["https://h/", "ftp://h/", "h/x", "http://u:pw@h/", "http:///x", ""] {
             let e = parse_http_url(bad).unwrap_err();
             assert!(!e.contains("pw"), "{bad}: {e}");
         }

@@ -76,23 +76,17 @@ fn bad(s: impl Into<String>) -> Malformed {
 /// The job id to record for an entry, even if the rest of it is malformed. Used so a broken
 /// job still gets a status hash and a dead-letter entry that name it.
 pub fn best_effort_id(fields: &[(String, Vec<u8>)], entry_id: &str) -> String {
-    let from_fields = field(fields, "jobId")
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .map(str::to_string);
+    let from_fields = field(fields, "jobId").and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string);
     let from_doc = field(fields, "job")
         .and_then(|b| serde_json::from_slice::<Json>(b).ok())
         .and_then(|d| d.get("id").and_then(id_text));
-    from_fields
-        .or(from_doc)
-        .filter(|id| valid_id(id))
-        .unwrap_or_else(|| entry_id.to_string())
+    from_fields.or(from_doc).filter(|id| valid_id(id)).unwrap_or_else(|| entry_id.to_string())
 }
 
 /// Parses the field/value pairs of one stream entry.
 pub fn parse(fields: &[(String, Vec<u8>)], entry_id: &str) -> Result<Job, Malformed> {
     let (id, ty, payload) = if let Some(doc) = field(fields, "job") {
-        let doc: Json = serde_json::from_slice(doc)
-            .map_err(|e| bad(format!("`job` field is not valid JSON: {e}")))?;
+        let doc: Json = serde_json::from_slice(doc).map_err(|e| bad(format!("`job` field is not valid JSON: {e}")))?;
         let Json::Object(mut doc) = doc else {
             return Err(bad("`job` field must be a JSON object"));
         };
@@ -109,16 +103,13 @@ pub fn parse(fields: &[(String, Vec<u8>)], entry_id: &str) -> Result<Job, Malfor
     } else {
         let text = |name: &str| -> Result<Option<String>, Malformed> {
             field(fields, name)
-                .map(|b| {
-                    String::from_utf8(b.to_vec()).map_err(|_| bad(format!("`{name}` is not UTF-8")))
-                })
+                .map(|b| String::from_utf8(b.to_vec()).map_err(|_| bad(format!("`{name}` is not UTF-8"))))
                 .transpose()
         };
         let id = text("jobId")?;
         let ty = text("type")?;
         let payload = match field(fields, "payload") {
-            Some(p) => serde_json::from_slice(p)
-                .map_err(|e| bad(format!("`payload` field is not valid JSON: {e}")))?,
+            Some(p) => serde_json::from_slice(p).map_err(|e| bad(format!("`payload` field is not valid JSON: {e}")))?,
             None => Json::Null,
         };
         // The Go producer sometimes puts the type inside the payload only.
@@ -126,24 +117,23 @@ pub fn parse(fields: &[(String, Vec<u8>)], entry_id: &str) -> Result<Job, Malfor
             Some(t) => t,
             None => match payload.get("type") {
                 Some(Json::String(s)) => s.clone(),
-                _ => return Err(bad("missing `type` (expected a `type` field, or a `job` field holding {\"id\",\"type\",\"payload\"})")),
+                _ => return Err(bad(
+                    "missing `type` (expected a `type` field, or a `job` field holding {\"id\",\"type\",\"payload\"})",
+                )),
             },
         };
         (id, ty, payload)
     };
     let id = id.unwrap_or_else(|| entry_id.to_string());
     if !valid_id(&id) {
-        return Err(bad(format!(
-            "job id must be 1..={MAX_ID_LEN} printable characters"
-        )));
+        return Err(bad(format!("job id must be 1..={MAX_ID_LEN} printable characters")));
     }
     let payload = match payload {
         Json::Null => Json::Object(Default::default()),
         p @ Json::Object(_) => p,
         _ => return Err(bad("`payload` must be a JSON object")),
     };
-    let common: Common =
-        serde_json::from_value(payload.clone()).map_err(|e| bad(format!("bad payload: {e}")))?;
+    let common: Common = serde_json::from_value(payload.clone()).map_err(|e| bad(format!("bad payload: {e}")))?;
     let timeout = match common.timeout_secs {
         None => None,
         Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t).min(MAX_TIMEOUT)),
@@ -152,11 +142,7 @@ pub fn parse(fields: &[(String, Vec<u8>)], entry_id: &str) -> Result<Job, Malfor
     let kind = match ty.as_str() {
         SHELL_COMMAND => shell(payload)?,
         HTTP_FETCH => http(payload)?,
-        other => {
-            return Err(bad(format!(
-                "unsupported job type {other:?} (supported: {SHELL_COMMAND}, {HTTP_FETCH})"
-            )))
-        }
+        other => return Err(bad(format!("unsupported job type {other:?} (supported: {SHELL_COMMAND}, {HTTP_FETCH})"))),
     };
     Ok(Job { id, kind, timeout })
 }
@@ -180,41 +166,34 @@ struct ShellPayload {
 }
 
 fn shell(payload: Json) -> Result<JobKind, Malformed> {
-    let p: ShellPayload = serde_json::from_value(payload)
-        .map_err(|e| bad(format!("bad {SHELL_COMMAND} payload: {e}")))?;
-    let argv = match (p.argv, p.command) {
-        (Some(argv), _) => argv,
-        (None, Some(Json::Array(items))) => items
-            .into_iter()
-            .map(|v| match v {
-                Json::String(s) => Ok(s),
-                _ => Err(bad("`command` array must hold strings")),
-            })
-            .collect::<Result<_, _>>()?,
-        // The Go agent takes a shell string here; we refuse rather than guess at word
-        // splitting, because a silently different split is worse than a clear error.
-        (None, Some(Json::String(_))) => {
-            return Err(bad("`command` must be an argv array; shell strings are not run (wrap explicitly: [\"sh\",\"-c\",\"...\"])"))
-        }
-        (None, _) => return Err(bad(format!("{SHELL_COMMAND} needs `argv` (array of strings)"))),
-    };
+    let p: ShellPayload =
+        serde_json::from_value(payload).map_err(|e| bad(format!("bad {SHELL_COMMAND} payload: {e}")))?;
+    let argv =
+        match (p.argv, p.command) {
+            (Some(argv), _) => argv,
+            (None, Some(Json::Array(items))) => items
+                .into_iter()
+                .map(|v| match v {
+                    Json::String(s) => Ok(s),
+                    _ => Err(bad("`command` array must hold strings")),
+                })
+                .collect::<Result<_, _>>()?,
+            // The Go agent takes a shell string here; we refuse rather than guess at word
+            // splitting, because a silently different split is worse than a clear error.
+            (None, Some(Json::String(_))) => return Err(bad(
+                "`command` must be an argv array; shell strings are not run (wrap explicitly: [\"sh\",\"-c\",\"...\"])",
+            )),
+            (None, _) => return Err(bad(format!("{SHELL_COMMAND} needs `argv` (array of strings)"))),
+        };
     if argv.first().is_none_or(|p| p.is_empty()) {
         return Err(bad("`argv` must start with a non-empty program name"));
     }
     if argv.iter().any(|a| a.contains('\0'))
-        || p.env
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        || p.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
     {
-        return Err(bad(
-            "argv/env must not contain NUL bytes, and env names must be non-empty without '='",
-        ));
+        return Err(bad("argv/env must not contain NUL bytes, and env names must be non-empty without '='"));
     }
-    Ok(JobKind::Shell {
-        argv,
-        env: p.env,
-        cwd: p.cwd,
-    })
+    Ok(JobKind::Shell { argv, env: p.env, cwd: p.cwd })
 }
 
 #[derive(Deserialize)]
@@ -225,8 +204,7 @@ struct HttpPayload {
 }
 
 fn http(payload: Json) -> Result<JobKind, Malformed> {
-    let p: HttpPayload = serde_json::from_value(payload)
-        .map_err(|e| bad(format!("bad {HTTP_FETCH} payload: {e}")))?;
+    let p: HttpPayload = serde_json::from_value(payload).map_err(|e| bad(format!("bad {HTTP_FETCH} payload: {e}")))?;
     if let Some(m) = &p.method {
         if !m.eq_ignore_ascii_case("GET") {
             return Err(bad(format!("{HTTP_FETCH} supports only GET, not {m:?}")));
@@ -238,10 +216,7 @@ fn http(payload: Json) -> Result<JobKind, Malformed> {
 }
 
 fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    fields
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_slice())
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
 
 fn id_text(v: &Json) -> Option<String> {
@@ -261,10 +236,7 @@ mod tests {
     use super::*;
 
     fn f(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
     }
 
     #[test]
@@ -286,28 +258,13 @@ mod tests {
     #[test]
     fn parses_single_document_field() {
         let j = parse(
-            &f(&[(
-                "job",
-                r#"{"id":7,"type":"HTTP_FETCH","payload":{"url":"http://100.64.0.1:8080/x"}}"#,
-            )]),
+            &f(&[("job", r#"{"id":7,"type":"HTTP_FETCH","payload":{"url":"http://100.64.0.1:8080/x"}}"#)]),
             "1-0",
         )
         .unwrap();
         assert_eq!(j.id, "7");
-        assert_eq!(
-            j.kind,
-            JobKind::HttpFetch {
-                url: "http://100.64.0.1:8080/x".into()
-            }
-        );
-        let j = parse(
-            &f(&[(
-                "job",
-                r#"{"type":"SHELL_COMMAND","payload":{"command":["true"]}}"#,
-            )]),
-            "5-1",
-        )
-        .unwrap();
+        assert_eq!(j.kind, JobKind::HttpFetch { url: "http://100.64.0.1:8080/x".into() });
+        let j = parse(&f(&[("job", r#"{"type":"SHELL_COMMAND","payload":{"command":["true"]}}"#)]), "5-1").unwrap();
         assert_eq!(j.id, "5-1");
     }
 
@@ -318,26 +275,11 @@ mod tests {
             &[("job", "[]")],
             &[("job", r#"{"id":"x"}"#)],
             &[("job", r#"{"id":"x","type":"NOPE"}"#)],
-            &[(
-                "job",
-                r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":"rm -rf /"}}"#,
-            )],
-            &[(
-                "job",
-                r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":[]}}"#,
-            )],
-            &[(
-                "job",
-                r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":["a"],"timeout_secs":-1}}"#,
-            )],
-            &[(
-                "job",
-                r#"{"id":"x","type":"HTTP_FETCH","payload":{"url":"ftp://h/"}}"#,
-            )],
-            &[(
-                "job",
-                r#"{"id":"x","type":"HTTP_FETCH","payload":{"url":"http://h/","method":"POST"}}"#,
-            )],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":"rm -rf /"}}"#)],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":[]}}"#)],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":["a"],"timeout_secs":-1}}"#)],
+            &[("job", r#"{"id":"x","type":"HTTP_FETCH","payload":{"url":"ftp://h/"}}"#)],
+            &[("job", r#"{"id":"x","type":"HTTP_FETCH","payload":{"url":"http://h/","method":"POST"}}"#)],
             &[("type", "SHELL_COMMAND"), ("payload", "{bad")],
             &[("payload", "{}")],
             &[],

@@ -46,8 +46,7 @@ pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 
 /// The future returned by [`MeshDialer::dial_tcp`].
-pub type DialFuture<'a> =
-    Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
 
 /// Opens TCP connections over the mesh. The worker asks [`MeshDialer::is_mesh_addr`] for every
 /// address it connects to (Redis, HTTP_FETCH targets) and dials through the mesh when it says
@@ -70,12 +69,9 @@ impl MeshDialer for NoMesh {
         false
     }
     fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
-        Box::pin(async move {
-            Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("no mesh to dial {addr} through"),
-            ))
-        })
+        Box::pin(
+            async move { Err(io::Error::new(io::ErrorKind::Unsupported, format!("no mesh to dial {addr} through"))) },
+        )
     }
 }
 
@@ -259,23 +255,10 @@ mod tests {
 
     #[test]
     fn mesh_ranges() {
-        for yes in [
-            "100.64.0.0",
-            "100.127.255.255",
-            "100.100.100.100",
-            "fd7a:115c:a1e0::1",
-            "::ffff:100.64.0.1",
-        ] {
+        for yes in ["100.64.0.0", "100.127.255.255", "100.100.100.100", "fd7a:115c:a1e0::1", "::ffff:100.64.0.1"] {
             assert!(is_mesh_ip(yes.parse().unwrap()), "{yes}");
         }
-        for no in [
-            "100.63.255.255",
-            "100.128.0.0",
-            "10.0.0.1",
-            "127.0.0.1",
-            "fd7a:115c:a1e1::1",
-            "::1",
-        ] {
+        for no in ["100.63.255.255", "100.128.0.0", "10.0.0.1", "127.0.0.1", "fd7a:115c:a1e1::1", "::1"] {
             assert!(!is_mesh_ip(no.parse().unwrap()), "{no}");
         }
     }

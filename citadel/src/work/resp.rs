@@ -129,9 +129,7 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize
             }
             let n = usize::try_from(n).map_err(|_| ProtocolError("bad bulk length".into()))?;
             if n > MAX_BULK {
-                return Err(ProtocolError(format!(
-                    "bulk string of {n} bytes is too large"
-                )));
+                return Err(ProtocolError(format!("bulk string of {n} bytes is too large")));
             }
             let end = next + n;
             if buf.len() < end + 2 {
@@ -166,9 +164,7 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize
             }
             Ok(Some((Value::Array(items), at)))
         }
-        other => Err(ProtocolError(format!(
-            "unknown reply type byte 0x{other:02x}"
-        ))),
+        other => Err(ProtocolError(format!("unknown reply type byte 0x{other:02x}"))),
     }
 }
 
@@ -229,15 +225,9 @@ mod tests {
 
     #[test]
     fn hostile_input_is_an_error_not_a_panic() {
-        for bad in [
-            &b"?\r\n"[..],
-            b"\r\n",
-            b":x\r\n",
-            b"$99999999999\r\n",
-            b"*99999999999\r\n",
-            b"$2\r\nabXY",
-            b"$-5x\r\n",
-        ] {
+        for bad in
+            [&b"?\r\n"[..], b"\r\n", b":x\r\n", b"$99999999999\r\n", b"*99999999999\r\n", b"$2\r\nabXY", b"$-5x\r\n"]
+        {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         let deep = "*1\r\n".repeat(100);

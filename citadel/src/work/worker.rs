@@ -103,8 +103,7 @@ pub async fn run(
     // worker is already running, and a panicked task can still be accounted for.
     let mut running: HashMap<TaskId, String> = HashMap::new();
     let mut in_flight: HashSet<String> = HashSet::new();
-    let claim_every =
-        (ctx.cfg.claim_idle / 2).clamp(Duration::from_millis(20), Duration::from_secs(10));
+    let claim_every = (ctx.cfg.claim_idle / 2).clamp(Duration::from_millis(20), Duration::from_secs(10));
     let mut next_claim = Instant::now();
     let mut cursor = "0-0".to_string();
     let mut backoff = Backoff::default();
@@ -140,14 +139,7 @@ pub async fn run(
                             continue;
                         }
                         summary.reclaimed += 1;
-                        spawn_job(
-                            &ctx,
-                            &mut tasks,
-                            &mut running,
-                            &mut in_flight,
-                            entry,
-                            deliveries,
-                        );
+                        spawn_job(&ctx, &mut tasks, &mut running, &mut in_flight, entry, deliveries);
                     }
                 }
                 Err(e) => {
@@ -271,10 +263,7 @@ async fn release(ctx: &Ctx, ids: &[String], never_started: bool) {
         })
         .collect();
     match ctx.redis.pipeline(cmds).await {
-        Ok(_) => tracing::info!(
-            entries = ids.len(),
-            "work: released pending jobs for immediate reclaim"
-        ),
+        Ok(_) => tracing::info!(entries = ids.len(), "work: released pending jobs for immediate reclaim"),
         Err(e) => {
             tracing::warn!(error = %e, "work: could not release pending jobs; they will be reclaimed after claim_idle")
         }
@@ -319,11 +308,7 @@ fn validate(cfg: &WorkConfig) -> Result<(), WorkError> {
     if cfg.max_concurrency == 0 {
         return bad("max_concurrency must be at least 1");
     }
-    if cfg.claim_idle.is_zero()
-        || cfg.job_timeout.is_zero()
-        || cfg.connect_timeout.is_zero()
-        || cfg.block.is_zero()
-    {
+    if cfg.claim_idle.is_zero() || cfg.job_timeout.is_zero() || cfg.connect_timeout.is_zero() || cfg.block.is_zero() {
         return bad("claim_idle, job_timeout, connect_timeout and block must be non-zero");
     }
     Ok(())
@@ -331,60 +316,28 @@ fn validate(cfg: &WorkConfig) -> Result<(), WorkError> {
 
 /// Connects (bounded by `connect_timeout`) and makes sure the stream and group exist.
 async fn setup(ctx: &Ctx) -> Result<(), WorkError> {
-    let unreachable = |e: RedisError| WorkError::RedisUnreachable {
-        target: ctx.redis.target().to_string(),
-        reason: e.to_string(),
-    };
+    let unreachable =
+        |e: RedisError| WorkError::RedisUnreachable { target: ctx.redis.target().to_string(), reason: e.to_string() };
     ctx.redis.ping().await.map_err(unreachable)?;
     // Start at 0 so jobs enqueued before the first worker ever started are not skipped.
-    match ctx
-        .redis
-        .cmd(&[
-            "XGROUP",
-            "CREATE",
-            &ctx.cfg.queue,
-            &ctx.cfg.group,
-            "0",
-            "MKSTREAM",
-        ])
-        .await
-    {
+    match ctx.redis.cmd(&["XGROUP", "CREATE", &ctx.cfg.queue, &ctx.cfg.group, "0", "MKSTREAM"]).await {
         Ok(_) => Ok(()),
         Err(RedisError::Server(m)) if m.starts_with("BUSYGROUP") => Ok(()),
-        Err(RedisError::Server(m)) => Err(WorkError::Setup(format!(
-            "creating group {} on {}: {m}",
-            ctx.cfg.group, ctx.cfg.queue
-        ))),
+        Err(RedisError::Server(m)) => {
+            Err(WorkError::Setup(format!("creating group {} on {}: {m}", ctx.cfg.group, ctx.cfg.queue)))
+        }
         Err(e) => Err(unreachable(e)),
     }
 }
 
-async fn read_new(
-    ctx: &Ctx,
-    reader: &RedisClient,
-    count: usize,
-    block: Duration,
-) -> Result<Vec<Entry>, RedisError> {
+async fn read_new(ctx: &Ctx, reader: &RedisClient, count: usize, block: Duration) -> Result<Vec<Entry>, RedisError> {
     let c = &ctx.cfg;
     let count = count.to_string();
     let block_ms = block.as_millis().max(1).to_string();
-    let args = [
-        "XREADGROUP",
-        "GROUP",
-        &c.group,
-        &c.consumer,
-        "COUNT",
-        &count,
-        "BLOCK",
-        &block_ms,
-        "STREAMS",
-        &c.queue,
-        ">",
-    ];
+    let args =
+        ["XREADGROUP", "GROUP", &c.group, &c.consumer, "COUNT", &count, "BLOCK", &block_ms, "STREAMS", &c.queue, ">"];
     // The reply may legitimately take the whole block time; allow for slow links on top.
-    let reply = reader
-        .cmd_timeout(&args, block + Duration::from_secs(10))
-        .await?;
+    let reply = reader.cmd_timeout(&args, block + Duration::from_secs(10)).await?;
     let mut out = Vec::new();
     for stream in reply.as_array().unwrap_or_default() {
         let Some(entries) = stream.as_array().and_then(|a| a.get(1)) else {
@@ -413,23 +366,10 @@ async fn reclaim(
     let c = &ctx.cfg;
     let idle = c.claim_idle.as_millis().to_string();
     let count = count.to_string();
-    let reply = reader
-        .cmd(&[
-            "XAUTOCLAIM",
-            &c.queue,
-            &c.group,
-            &c.consumer,
-            &idle,
-            cursor,
-            "COUNT",
-            &count,
-        ])
-        .await?;
+    let reply = reader.cmd(&["XAUTOCLAIM", &c.queue, &c.group, &c.consumer, &idle, cursor, "COUNT", &count]).await?;
     let parts = reply.as_array().unwrap_or_default();
-    let (Some(next), Some(entries)) = (
-        parts.first().and_then(Value::as_str),
-        parts.get(1).and_then(Value::as_array),
-    ) else {
+    let (Some(next), Some(entries)) = (parts.first().and_then(Value::as_str), parts.get(1).and_then(Value::as_array))
+    else {
         return Err(unexpected("XAUTOCLAIM", &reply));
     };
     let mut claimed = Vec::new();
@@ -446,17 +386,10 @@ async fn reclaim(
     let cmds = claimed
         .iter()
         .map(|e| {
-            [
-                b"XPENDING".as_slice(),
-                c.queue.as_bytes(),
-                c.group.as_bytes(),
-                e.id.as_bytes(),
-                e.id.as_bytes(),
-                b"1",
-            ]
-            .iter()
-            .map(|a| a.to_vec())
-            .collect()
+            [b"XPENDING".as_slice(), c.queue.as_bytes(), c.group.as_bytes(), e.id.as_bytes(), e.id.as_bytes(), b"1"]
+                .iter()
+                .map(|a| a.to_vec())
+                .collect()
         })
         .collect();
     let counts = reader.pipeline(cmds).await?;
@@ -487,10 +420,7 @@ fn parse_entry(v: &Value) -> Option<Result<Entry, String>> {
         Value::Array(flat) => flat
             .chunks(2)
             .filter_map(|kv| match kv {
-                [k, v] => Some((
-                    String::from_utf8_lossy(k.as_bytes()?).into_owned(),
-                    v.as_bytes()?.to_vec(),
-                )),
+                [k, v] => Some((String::from_utf8_lossy(k.as_bytes()?).into_owned(), v.as_bytes()?.to_vec())),
                 _ => None,
             })
             .collect(),
@@ -500,11 +430,7 @@ fn parse_entry(v: &Value) -> Option<Result<Entry, String>> {
 }
 
 async fn ack_quietly(ctx: &Ctx, id: &str) {
-    if let Err(e) = ctx
-        .redis
-        .cmd(&["XACK", &ctx.cfg.queue, &ctx.cfg.group, id])
-        .await
-    {
+    if let Err(e) = ctx.redis.cmd(&["XACK", &ctx.cfg.queue, &ctx.cfg.group, id]).await {
         tracing::debug!(entry = id, error = %e, "work: ack of deleted entry failed");
     }
 }
@@ -549,9 +475,7 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
         // Only reachable when earlier deliveries never reported back (worker crash, or
         // Redis down at completion), because a finished failure at `max` is dead-lettered
         // right away.
-        let reason = format!(
-            "gave up after {max} attempts without a recorded result (worker lost mid-job?)"
-        );
+        let reason = format!("gave up after {max} attempts without a recorded result (worker lost mid-job?)");
         tracing::warn!(job = %job.id, deliveries, "work: {reason}");
         return dead_letter(&ctx, &entry, &job.id, deliveries, &reason).await;
     }
@@ -731,16 +655,12 @@ async fn atomically(ctx: &Ctx, cmds: Vec<Vec<Vec<u8>>>) -> Result<(), RedisError
         }
     }
     match replies.last() {
-        Some(Value::Array(results)) => match results.iter().find_map(|r| {
-            if let Value::Error(e) = r {
-                Some(e)
-            } else {
-                None
+        Some(Value::Array(results)) => {
+            match results.iter().find_map(|r| if let Value::Error(e) = r { Some(e) } else { None }) {
+                Some(e) => Err(RedisError::Server(e.clone())),
+                None => Ok(()),
             }
-        }) {
-            Some(e) => Err(RedisError::Server(e.clone())),
-            None => Ok(()),
-        },
+        }
         Some(v) => Err(unexpected("EXEC", v)),
         None => Err(unexpected("EXEC", &Value::Nil)),
     }
@@ -748,25 +668,12 @@ async fn atomically(ctx: &Ctx, cmds: Vec<Vec<Vec<u8>>>) -> Result<(), RedisError
 
 /// Moves the entry to `<queue>:dead` (original fields kept, so it can be re-queued by copying
 /// them back) and acks it, atomically.
-async fn dead_letter(
-    ctx: &Ctx,
-    entry: &Entry,
-    job_id: &str,
-    attempts: u64,
-    reason: &str,
-) -> Outcome {
+async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reason: &str) -> Outcome {
     let c = &ctx.cfg;
     let at = now();
     let attempts = attempts.to_string();
-    const META: [&str; 7] = [
-        "reason",
-        "attempts",
-        "original_message_id",
-        "original_queue",
-        "worker_id",
-        "moved_at",
-        "jobId",
-    ];
+    const META: [&str; 7] =
+        ["reason", "attempts", "original_message_id", "original_queue", "worker_id", "moved_at", "jobId"];
     let mut xadd = cmd!("XADD", ctx.dead_key, "*");
     for (k, v) in &entry.fields {
         if !META.contains(&k.as_str()) {
@@ -841,10 +748,7 @@ async fn dead_letter(
 /// Runs the job while (a) streaming its output into the event stream and (b) refreshing the
 /// pending entry's idle time, so XAUTOCLAIM elsewhere only takes it if this worker dies.
 async fn execute(ctx: &Arc<Ctx>, entry_id: &str, job: &Job, events: &str) -> Report {
-    let limits = Limits {
-        timeout: job.timeout.unwrap_or(ctx.cfg.job_timeout),
-        max_output: ctx.cfg.max_output_bytes,
-    };
+    let limits = Limits { timeout: job.timeout.unwrap_or(ctx.cfg.job_timeout), max_output: ctx.cfg.max_output_bytes };
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
     let run = exec::run(&job.kind, ctx.dialer.clone(), limits, tx);
     tokio::pin!(run);
@@ -886,20 +790,7 @@ async fn forward_output(ctx: &Ctx, events: &str, first: Chunk, rx: &mut mpsc::Re
     let cmds = batches
         .into_iter()
         .map(|(stream, data)| {
-            cmd!(
-                "XADD",
-                events,
-                "MAXLEN",
-                "~",
-                EVENTS_MAXLEN,
-                "*",
-                "type",
-                "output",
-                "stream",
-                stream,
-                "data",
-                data
-            )
+            cmd!("XADD", events, "MAXLEN", "~", EVENTS_MAXLEN, "*", "type", "output", "stream", stream, "data", data)
         })
         .collect();
     if let Err(e) = ctx.redis.pipeline(cmds).await {
