@@ -217,21 +217,36 @@ impl RawFrame<'_> {
 /// Splits one frame off the front of `buf` without interpreting its payload.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame, and an error as soon as the
-/// header announces more than [`MAX_FRAME_LEN`], so a driver never buffers an oversized frame.
+/// header announces more than [`max_payload_len`] allows for its type, so a driver never
+/// buffers an oversized frame.
 pub fn split_frame(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DerpError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
         return Ok(None);
     };
-    let ty = header[0];
+    let ty = FrameType(header[0]);
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     let len = usize::try_from(len).unwrap_or(usize::MAX);
-    if len > MAX_FRAME_LEN {
-        return Err(DerpError::FrameTooLarge { ty, len, max: MAX_FRAME_LEN });
+    let max = max_payload_len(ty);
+    if len > max {
+        return Err(DerpError::FrameTooLarge { ty: ty.0, len, max });
     }
     let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
-    Ok(Some(RawFrame { ty: FrameType(ty), payload }))
+    Ok(Some(RawFrame { ty, payload }))
+}
+
+/// The largest payload accepted for a frame type: relayed packets are bounded by
+/// [`MAX_PACKET_SIZE`] plus their keys, ClientInfo by [`MAX_CLIENT_INFO_LEN`], Ping/Pong by
+/// [`MAX_PING_LEN`], everything else by [`MAX_FRAME_LEN`].
+pub fn max_payload_len(ty: FrameType) -> usize {
+    match ty {
+        FrameType::SEND_PACKET | FrameType::RECV_PACKET => KEY_LEN + MAX_PACKET_SIZE,
+        FrameType::FORWARD_PACKET => 2 * KEY_LEN + MAX_PACKET_SIZE,
+        FrameType::CLIENT_INFO => MAX_CLIENT_INFO_LEN,
+        FrameType::PING | FrameType::PONG => MAX_PING_LEN,
+        _ => MAX_FRAME_LEN,
+    }
 }
 
 fn key_at(b: &[u8], at: usize) -> Option<NodePublic> {
@@ -904,7 +919,14 @@ mod tests {
         // A packet one byte over 64 KiB.
         let f = Frame::SendPacket { dst: key(1), packet: vec![0; MAX_PACKET_SIZE + 1] };
         assert!(matches!(f.validate(), Err(DerpError::PacketTooLarge { .. })));
-        assert!(matches!(Frame::decode(&f.to_vec()), Err(DerpError::PacketTooLarge { .. })));
+        assert!(matches!(Frame::decode(&f.to_vec()), Err(DerpError::FrameTooLarge { .. })));
+        assert!(matches!(
+            Frame::parse(FrameType::SEND_PACKET, &f.to_vec()[5..]),
+            Err(DerpError::PacketTooLarge { .. })
+        ));
+        // Packet frames are refused from the header alone, long before 1 MiB is buffered.
+        assert!(matches!(Frame::decode(&[0x04, 0, 1, 0, 0x21]), Err(DerpError::FrameTooLarge { .. })));
+        assert!(Frame::decode(&[0x04, 0, 1, 0, 0x20]).unwrap().is_none());
 
         assert!(matches!(Frame::parse(FrameType::RECV_PACKET, &[0; 31]), Err(DerpError::Short { .. })));
         assert!(matches!(Frame::parse(FrameType::FORWARD_PACKET, &[0; 63]), Err(DerpError::Short { .. })));
