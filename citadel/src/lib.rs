@@ -10,11 +10,14 @@
 
 pub mod api;
 pub mod control;
+pub mod derp;
+pub mod disco;
 pub mod keys;
 pub mod mesh;
 pub mod netmap;
 pub mod network;
 pub mod noise;
 pub mod state;
+pub mod stun;
 pub mod tailcfg;
 pub mod work;
