@@ -4,6 +4,7 @@
 //! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
 
 use crate::keys::{MachinePublic, PrivateKey};
+use crate::net::{AsyncReadWrite, Net};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
 use crate::tailcfg::{
     self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest,
@@ -16,7 +17,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Control-plane failures, sorted by what the user should do about them.
 #[derive(Debug, thiserror::Error)]
@@ -60,22 +60,19 @@ pub fn parse_url(url: &str) -> Result<(String, u16), ControlError> {
     Ok((host, uri.port_u16().unwrap_or(80)))
 }
 
-async fn tcp_connect(url: &str, timeout: Duration) -> Result<TcpStream, ControlError> {
+async fn tcp_connect(net: &dyn Net, url: &str, timeout: Duration) -> Result<Box<dyn AsyncReadWrite>, ControlError> {
     let (host, port) = parse_url(url)?;
-    match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
+    match tokio::time::timeout(timeout, net.connect_tcp(&host, port)).await {
+        Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(ControlError::Unreachable(url.to_string(), e.to_string())),
         Err(_) => Err(ControlError::Unreachable(url.to_string(), format!("timed out after {timeout:?}"))),
     }
 }
 
 /// Fetches the server's machine public key (`GET /key?v=N`).
-pub async fn fetch_server_key(url: &str, timeout: Duration) -> Result<MachinePublic, ControlError> {
+pub async fn fetch_server_key(net: &dyn Net, url: &str, timeout: Duration) -> Result<MachinePublic, ControlError> {
     let fut = async {
-        let tcp = tcp_connect(url, timeout).await?;
+        let tcp = tcp_connect(net, url, timeout).await?;
         let (host, port) = parse_url(url)?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
@@ -108,7 +105,7 @@ pub struct ControlConn {
 }
 
 /// Reads an HTTP/1.1 response head byte by byte (so nothing past it is consumed).
-async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, ControlError> {
+async fn read_head(tcp: &mut Box<dyn AsyncReadWrite>) -> Result<Vec<u8>, ControlError> {
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -126,13 +123,14 @@ async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, ControlError> {
 impl ControlConn {
     /// Dials `url`, performs the Noise handshake as `machine` and starts HTTP/2.
     pub async fn dial(
+        net: &dyn Net,
         url: &str,
         machine: &PrivateKey,
         server: &MachinePublic,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
         let fut = async {
-            let mut tcp = tcp_connect(url, timeout).await?;
+            let mut tcp = tcp_connect(net, url, timeout).await?;
             let (host, port) = parse_url(url)?;
             let init = noise::Initiator::new(machine, &server.0, tailcfg::CAPABILITY_VERSION)?;
             let hdr = base64::engine::general_purpose::STANDARD.encode(&init.init_frame);

@@ -14,6 +14,7 @@ pub mod derp;
 pub mod disco;
 pub mod keys;
 pub mod mesh;
+pub mod net;
 pub mod netmap;
 pub mod network;
 pub mod noise;

@@ -4,6 +4,7 @@
 
 use crate::control::{self, ControlConn, ControlError};
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use crate::net::{Net, TokioNet};
 use crate::netmap::{short_name, NetMap};
 use crate::state::{Identity, NodeInfo, StateDir, StateError};
 use crate::tailcfg::{self, Hostinfo, MapRequest, RegisterAuth, RegisterRequest};
@@ -28,12 +29,28 @@ pub struct Config {
     pub ephemeral: bool,
     /// Bound on each network step (connect, handshake, first map).
     pub timeout: Duration,
+    /// The host network (tokio in production, turmoil in the harness).
+    pub net: Arc<dyn Net>,
+}
+
+impl std::fmt::Debug for dyn Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Net")
+    }
 }
 
 impl Config {
     /// A config with defaults: state in the default directory, 10 s steps.
     pub fn new(nexus_url: Option<String>, auth_key: Option<String>, state_dir: PathBuf) -> Self {
-        Self { nexus_url, auth_key, state_dir, hostname: None, ephemeral: false, timeout: Duration::from_secs(10) }
+        Self {
+            nexus_url,
+            auth_key,
+            state_dir,
+            hostname: None,
+            ephemeral: false,
+            timeout: Duration::from_secs(10),
+            net: Arc::new(TokioNet),
+        }
     }
 }
 
@@ -167,9 +184,9 @@ impl Inner {
 
     async fn dial(&self) -> Result<ControlConn, ControlError> {
         let url = self.nexus_url();
-        let server = control::fetch_server_key(&url, self.cfg.timeout).await?;
+        let server = control::fetch_server_key(&*self.cfg.net, &url, self.cfg.timeout).await?;
         tracing::debug!("server key fetched");
-        ControlConn::dial(&url, &self.id.machine_key, &server, self.cfg.timeout).await
+        ControlConn::dial(&*self.cfg.net, &url, &self.id.machine_key, &server, self.cfg.timeout).await
     }
 
     /// Makes sure the server knows and authorizes our node key, using the auth key only if

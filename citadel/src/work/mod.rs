@@ -30,7 +30,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use client::{redact_url, RedisClient, RedisError, RedisTarget, UrlError};
 pub use resp::Value;
@@ -42,8 +41,7 @@ pub const DEFAULT_QUEUE: &str = "citadel:jobs";
 pub const DEFAULT_GROUP: &str = "citadel-workers";
 
 /// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
-pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
+pub use crate::net::AsyncReadWrite;
 
 /// The future returned by [`MeshDialer::dial_tcp`].
 pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
