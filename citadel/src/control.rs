@@ -71,26 +71,45 @@ async fn tcp_connect(net: &dyn Net, url: &str, timeout: Duration) -> Result<Box<
 
 /// Fetches the server's machine public key (`GET /key?v=N`).
 pub async fn fetch_server_key(net: &dyn Net, url: &str, timeout: Duration) -> Result<MachinePublic, ControlError> {
+    let path = format!("/key?v={}", tailcfg::CAPABILITY_VERSION);
+    let (status, body) = http1_request(net, url, http::Method::GET, &path, None, timeout).await?;
+    if !status.is_success() {
+        return Err(ControlError::Protocol(format!("/key answered {status}")));
+    }
+    let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
+        .map_err(|e| ControlError::Protocol(format!("/key answer is not the expected JSON: {e}")))?;
+    if k.public_key.is_zero() {
+        return Err(ControlError::Protocol("/key answer has no publicKey".into()));
+    }
+    Ok(k.public_key)
+}
+
+/// One plain HTTP/1.1 request to the Nexus (outside the Noise channel), bounded by `timeout`.
+/// A `form` body is sent as `application/x-www-form-urlencoded`.
+pub async fn http1_request(
+    net: &dyn Net,
+    url: &str,
+    method: http::Method,
+    path: &str,
+    form: Option<String>,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), ControlError> {
     let fut = async {
         let tcp = tcp_connect(net, url, timeout).await?;
         let (host, port) = parse_url(url)?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let req = http::Request::get(format!("/key?v={}", tailcfg::CAPABILITY_VERSION))
-            .header("host", format!("{host}:{port}"))
-            .body(Full::new(Bytes::new()))
+        let mut req = http::Request::builder().method(method).uri(path).header("host", format!("{host}:{port}"));
+        if form.is_some() {
+            req = req.header("content-type", "application/x-www-form-urlencoded");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(form.unwrap_or_default())))
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = send.send_request(req).await?;
-        if !resp.status().is_success() {
-            return Err(ControlError::Protocol(format!("/key answered {}", resp.status())));
-        }
+        let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
-        let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
-            .map_err(|e| ControlError::Protocol(format!("/key answer is not the expected JSON: {e}")))?;
-        if k.public_key.is_zero() {
-            return Err(ControlError::Protocol("/key answer has no publicKey".into()));
-        }
-        Ok(k.public_key)
+        Ok((status, body))
     };
     tokio::time::timeout(timeout, fut)
         .await

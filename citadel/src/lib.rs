@@ -13,6 +13,7 @@ pub mod control;
 pub mod derp;
 pub mod disco;
 pub mod keys;
+pub mod login;
 pub mod mesh;
 pub mod net;
 pub mod netmap;

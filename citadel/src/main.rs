@@ -50,6 +50,24 @@ enum Cmd {
         #[arg(long)]
         ephemeral: bool,
     },
+    /// Log in interactively (no key): device code, or an approval URL on Headscale
+    Login {
+        /// Nexus (Headscale) URL
+        #[arg(long, env = "CITADEL_NEXUS")]
+        nexus: String,
+        /// Host name to register
+        #[arg(long)]
+        hostname: Option<String>,
+        /// auto: device code if the server offers it, else Headscale's approval URL
+        #[arg(long, value_parser = ["auto", "device", "web"], default_value = "auto")]
+        flow: String,
+        /// Give up after this many seconds
+        #[arg(long, default_value_t = 600)]
+        login_timeout: u64,
+        /// Never draw the QR code
+        #[arg(long)]
+        no_qr: bool,
+    },
     /// Run the node in the foreground until SIGINT/SIGTERM
     Up {
         /// Pre-auth key, if not registered yet
@@ -67,6 +85,9 @@ enum Cmd {
         /// Machine-readable output (stable keys, see README)
         #[arg(long)]
         json: bool,
+        /// No colours (also off when stdout is not a terminal or NO_COLOR is set)
+        #[arg(long)]
+        no_color: bool,
     },
     /// Leave the mesh (Nexus removes the node) and clear the state directory
     Logout,
@@ -110,30 +131,79 @@ fn fail(e: &ConnectError) -> ExitCode {
     ExitCode::from(exit_code(e))
 }
 
-fn print_status(s: &Status, json: bool) {
+fn print_status(s: &Status, json: bool, color: bool) {
+    use owo_colors::OwoColorize;
     if json {
         println!("{}", serde_json::to_string_pretty(s).expect("serializes"));
         return;
     }
-    println!("Citadel    {}", if s.connected { "connected" } else { "disconnected" });
-    println!("Mesh IP    {} {}", s.ipv4.as_deref().unwrap_or("-"), s.ipv6.as_deref().unwrap_or(""));
-    println!("Hostname   {} ({})", s.hostname, s.fqdn);
-    println!("Org        {}", s.org);
-    println!("Nexus      {}", s.nexus_url);
-    println!();
-    println!("Peers ({})", s.peers.len());
-    if !s.peers.is_empty() {
-        let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
-        println!("  {:w$}  {:15}  {}", "NAME", "IPV4", "STATE");
-        for p in &s.peers {
-            let st = match p.online {
-                Some(true) => "online",
-                Some(false) => "offline",
-                None => "unknown",
-            };
-            println!("  {:w$}  {:15}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st);
+    let head = |t: &str| if color { t.bold().to_string() } else { t.to_string() };
+    let good = |t: &str| if color { t.green().to_string() } else { t.to_string() };
+    let bad = |t: &str| if color { t.red().to_string() } else { t.to_string() };
+    let dim = |t: &str| if color { t.dimmed().to_string() } else { t.to_string() };
+    println!("{}", head("Connection"));
+    println!("  State      {}", if s.connected { good("● connected") } else { bad("○ disconnected") });
+    println!("  Nexus      {}", s.nexus_url);
+    println!("{}", head("Node"));
+    println!("  Hostname   {} {}", s.hostname, dim(&format!("({})", s.fqdn)));
+    println!("  Org        {}", s.org);
+    println!("  Mesh IPv4  {}", s.ipv4.as_deref().unwrap_or("-"));
+    println!("  Mesh IPv6  {}", s.ipv6.as_deref().unwrap_or("-"));
+    println!("{}", head(&format!("Peers ({})", s.peers.len())));
+    if s.peers.is_empty() {
+        println!("  {}", dim("none"));
+        return;
+    }
+    let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
+    println!("  {}", dim(&format!("{:w$}  {:15}  {:8}", "NAME", "IPV4", "STATE")));
+    for p in &s.peers {
+        let st = match p.online {
+            Some(true) => good(&format!("{:8}", "online")),
+            Some(false) => bad(&format!("{:8}", "offline")),
+            None => dim(&format!("{:8}", "unknown")),
+        };
+        println!("  {:w$}  {:15}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st);
+    }
+}
+
+fn use_color(no_color: bool) -> bool {
+    use std::io::IsTerminal;
+    !no_color && std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+/// Shows a login code: URL, code and (on a terminal) a QR code of the complete URL.
+fn show_login(url: &str, code: Option<&str>, qr: bool) {
+    use std::io::IsTerminal;
+    eprintln!("\nTo log in, open:\n\n    {url}\n");
+    if let Some(c) = code {
+        eprintln!("and enter the code:  {c}\n");
+    }
+    if qr && std::io::stderr().is_terminal() {
+        if let Ok(q) = qrcode::QrCode::new(url.as_bytes()) {
+            eprintln!("{}", q.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build());
         }
     }
+}
+
+/// A spinner on stderr while `fut` runs (only on a terminal).
+async fn with_spinner<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return fut.await;
+    }
+    let what = what.to_string();
+    let spin = tokio::spawn(async move {
+        let frames = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
+        for i in 0.. {
+            eprint!("\r{} {what}", frames[i % frames.len()]);
+            let _ = std::io::stderr().flush();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let out = fut.await;
+    spin.abort();
+    eprint!("\r\x1b[2K");
+    out
 }
 
 #[tokio::main]
@@ -167,6 +237,47 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Cmd::Login { nexus, hostname, flow, login_timeout, no_qr } => {
+            let limit = Duration::from_secs(login_timeout.max(1));
+            let net = citadel::net::TokioNet;
+            let mut key = None;
+            if flow != "web" {
+                let r = citadel::login::device_login(&net, &nexus, limit, timeout, |c| {
+                    let full = if c.verification_uri_complete.is_empty() {
+                        &c.verification_uri
+                    } else {
+                        &c.verification_uri_complete
+                    };
+                    show_login(full, Some(&c.user_code), !no_qr);
+                });
+                match with_spinner("waiting for approval…", r).await {
+                    Ok(k) => key = Some(k),
+                    Err(citadel::login::LoginError::Unsupported) if flow == "auto" => {}
+                    Err(e @ citadel::login::LoginError::Control(_)) => {
+                        eprintln!("citadel: {e}");
+                        return ExitCode::from(4);
+                    }
+                    Err(e) => {
+                        eprintln!("citadel: {e}");
+                        return ExitCode::from(3);
+                    }
+                }
+            }
+            let mut c = cfg(Some(nexus), key.clone(), hostname);
+            if key.is_none() {
+                c.login_timeout = limit;
+                c.on_auth_url = Some(Arc::new(move |u: &str| show_login(u, None, !no_qr)));
+            }
+            match with_spinner("waiting for approval…", Mesh::connect(c)).await {
+                Ok(m) => {
+                    let s = m.status();
+                    println!("{}", s.ipv4.as_deref().unwrap_or_default());
+                    eprintln!("citadel: logged in as {} in org {}", s.hostname, s.org);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Cmd::Up { authkey, nexus, hostname } => {
             let mesh = match Mesh::connect(cfg(nexus, authkey, hostname)).await {
                 Ok(m) => m,
@@ -189,10 +300,10 @@ async fn main() -> ExitCode {
             drop(mesh.lock().await.take());
             ExitCode::SUCCESS
         }
-        Cmd::Status { json } => {
+        Cmd::Status { json, no_color } => {
             match api::call(&state_dir, &Request::Status).await {
                 Ok(Some(Response::Status(s))) => {
-                    print_status(&s, json);
+                    print_status(&s, json, use_color(no_color));
                     return if s.connected { ExitCode::SUCCESS } else { ExitCode::from(6) };
                 }
                 Ok(Some(Response::Error { message })) => {
@@ -215,7 +326,7 @@ async fn main() -> ExitCode {
             }
             match Mesh::connect(cfg(None, None, None)).await {
                 Ok(m) => {
-                    print_status(&m.status(), json);
+                    print_status(&m.status(), json, use_color(no_color));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// How to join.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Nexus URL; taken from the state directory when `None`.
     pub nexus_url: Option<String>,
@@ -31,11 +31,24 @@ pub struct Config {
     pub timeout: Duration,
     /// The host network (tokio in production, turmoil in the harness).
     pub net: Arc<dyn Net>,
+    /// Interactive login: when the server hands out an approval URL (Headscale's flow), this is
+    /// called with it and registration waits for the approval, up to `login_timeout`.
+    pub on_auth_url: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    /// Bound on waiting for an interactive approval.
+    pub login_timeout: Duration,
 }
 
-impl std::fmt::Debug for dyn Net {
+impl std::fmt::Debug for Config {
+    // By hand so the auth key can never be printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Net")
+        f.debug_struct("Config")
+            .field("nexus_url", &self.nexus_url)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("state_dir", &self.state_dir)
+            .field("hostname", &self.hostname)
+            .field("ephemeral", &self.ephemeral)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,6 +63,8 @@ impl Config {
             ephemeral: false,
             timeout: Duration::from_secs(10),
             net: Arc::new(TokioNet),
+            on_auth_url: None,
+            login_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -214,7 +229,10 @@ impl Inner {
             }
         }
         let Some(key) = self.cfg.auth_key.clone() else {
-            return Err(ConnectError::NeedsAuth { auth_url });
+            return match (auth_url, &self.cfg.on_auth_url) {
+                (Some(url), Some(show)) => self.wait_for_approval(conn, req, url, show.clone()).await,
+                (auth_url, _) => Err(ConnectError::NeedsAuth { auth_url }),
+            };
         };
         req.auth = Some(RegisterAuth { auth_key: key, ..Default::default() });
         let resp = conn.register(&req).await?;
@@ -231,6 +249,39 @@ impl Inner {
         // A crash in between is harmless: the server knows the node key, and a start without
         // a key asks it first.
         Ok(())
+    }
+
+    /// Headscale's interactive flow: show the URL, then repeat the register request with
+    /// `Followup` set; the server holds each one until an admin approves or it times out.
+    async fn wait_for_approval(
+        &self,
+        conn: &mut ControlConn,
+        mut req: RegisterRequest,
+        url: String,
+        show: Arc<dyn Fn(&str) + Send + Sync>,
+    ) -> Result<(), ConnectError> {
+        show(&url);
+        req.followup = url.clone();
+        let deadline = tokio::time::Instant::now() + self.cfg.login_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let resp = match tokio::time::timeout(left, conn.register(&req)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(ConnectError::NeedsAuth { auth_url: Some(url) }),
+            };
+            if !resp.error.is_empty() {
+                return Err(ConnectError::AuthRejected(resp.error));
+            }
+            if resp.machine_authorized {
+                let mut info = self.info.lock().unwrap();
+                info.registered = true;
+                info.org = resp.user.login_name.clone();
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ConnectError::NeedsAuth { auth_url: Some(url) });
+            }
+        }
     }
 
     fn map_request(&self, stream: bool) -> MapRequest {

@@ -242,6 +242,14 @@ async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, 
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
+/// Refuses an interactive registration (nexus-sim extension; the waiting client is told).
+async fn reject_registration(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    s.store
+        .take_pending(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no pending registration {id:?}")))?;
+    Ok(Json(json!({})))
+}
+
 async fn create_api_key(State(s): State<Shared>, body: Option<Json<Value>>) -> ApiResult {
     let exp = match body.as_ref().and_then(|b| b.get("expiration")) {
         Some(v) => parse_time(v)?,
@@ -269,5 +277,8 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
+        .route("/api/v1/device/approve", post(crate::device::approve))
+        .route("/api/v1/device/deny", post(crate::device::deny))
+        .route("/api/v1/node/register/{id}", delete(reject_registration))
         .route_layer(middleware::from_fn_with_state(s, auth))
 }

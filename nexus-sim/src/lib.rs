@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod control;
+pub mod device;
 pub mod store;
 
 use axum::extract::{Path, State};
@@ -47,6 +48,10 @@ pub struct Config {
     pub ipv6_base: Ipv6Addr,
     /// DERP map sent to clients.
     pub derp_map: DerpMap,
+    /// Lifetime of a device-authorization code.
+    pub device_code_ttl: Duration,
+    /// Minimum seconds between device-token polls.
+    pub device_poll_interval: u64,
 }
 
 impl Default for Config {
@@ -63,6 +68,8 @@ impl Default for Config {
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
             derp_map: DerpMap::default(),
+            device_code_ttl: Duration::from_secs(600),
+            device_poll_interval: 5,
         }
     }
 }
@@ -111,6 +118,7 @@ pub struct Inner {
     pub cfg: Config,
     pub derp_map: DerpMap,
     pub faults: Faults,
+    pub device: device::Flows,
 }
 
 /// Handle to the shared state.
@@ -148,6 +156,7 @@ pub fn build(cfg: Config) -> anyhow::Result<Shared> {
         derp_map: cfg.derp_map.clone(),
         cfg,
         faults: Faults::default(),
+        device: device::Flows::default(),
     }))
 }
 
@@ -174,6 +183,9 @@ pub fn router(s: Shared) -> Router {
         .route("/ts2021", post(control::upgrade))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }))
         .route("/register/{id}", get(register_page))
+        .route("/oauth/device/code", post(device::start))
+        .route("/oauth/token", post(device::token))
+        .route("/device", get(device::page))
         .merge(api::router(s.clone()))
         .with_state(s)
 }

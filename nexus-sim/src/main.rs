@@ -51,6 +51,9 @@ enum Cmd {
         /// Seconds an offline ephemeral node is kept
         #[arg(long, default_value_t = 120)]
         ephemeral_timeout: u64,
+        /// Minimum seconds between device-login polls
+        #[arg(long, default_value_t = 5)]
+        device_poll_interval: u64,
     },
     /// Manage users (orgs)
     Users {
@@ -72,6 +75,13 @@ enum Cmd {
         conn: Conn,
         #[command(subcommand)]
         cmd: NodesCmd,
+    },
+    /// Decide device-authorization requests (`citadel login`)
+    Device {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: DeviceCmd,
     },
     /// Manage API keys
     Apikeys {
@@ -144,6 +154,27 @@ enum NodesCmd {
         #[arg(long, short)]
         key: String,
     },
+    /// Refuse an interactive registration
+    Reject {
+        #[arg(long, short)]
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Approve a login code into an org
+    Approve {
+        #[arg(long)]
+        code: String,
+        #[arg(long, short)]
+        user: String,
+    },
+    /// Deny a login code
+    Deny {
+        #[arg(long)]
+        code: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,6 +242,7 @@ async fn admin(conn: Conn, f: impl AsyncFnOnce(&Client, bool) -> Result<()>) -> 
     f(&c, json).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     listen: SocketAddr,
     db: Option<PathBuf>,
@@ -219,6 +251,7 @@ async fn serve(
     base_domain: String,
     keepalive: u64,
     ephemeral_timeout: u64,
+    device_poll_interval: u64,
 ) -> Result<()> {
     let generated = api_key.is_none();
     let key = api_key.unwrap_or_else(|| format!("nsapi-{}", nexus_sim::store::random_hex(24)));
@@ -230,6 +263,7 @@ async fn serve(
         api_keys: vec![key.clone()],
         keepalive: Duration::from_secs(keepalive.max(1)),
         ephemeral_timeout: Duration::from_secs(ephemeral_timeout),
+        device_poll_interval,
         ..Default::default()
     };
     let running = nexus_sim::start(cfg).await?;
@@ -269,8 +303,18 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     use reqwest::Method;
     match cli.cmd {
-        Cmd::Serve { listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout } => {
-            serve(listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout).await
+        Cmd::Serve {
+            listen,
+            db,
+            server_url,
+            api_key,
+            base_domain,
+            keepalive,
+            ephemeral_timeout,
+            device_poll_interval,
+        } => {
+            serve(listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout, device_poll_interval)
+                .await
         }
         Cmd::Users { conn, cmd } => {
             admin(conn, async |c, json| {
@@ -400,6 +444,10 @@ async fn run(cli: Cli) -> Result<()> {
                     NodesCmd::Rename { id, name } => {
                         c.call(Method::POST, &format!("/api/v1/node/{id}/rename/{name}"), None).await?;
                     }
+                    NodesCmd::Reject { key } => {
+                        let id = key.rsplit('/').next().unwrap_or(&key).to_string();
+                        c.call(Method::DELETE, &format!("/api/v1/node/register/{id}"), None).await?;
+                    }
                     NodesCmd::Register { user, key } => {
                         let v =
                             c.call(Method::POST, &format!("/api/v1/node/register?user={user}&key={key}"), None).await?;
@@ -408,6 +456,21 @@ async fn run(cli: Cli) -> Result<()> {
                         } else {
                             println!("{}", s(&v["node"], "givenName"))
                         }
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Device { conn, cmd } => {
+            admin(conn, async |c, _json| {
+                match cmd {
+                    DeviceCmd::Approve { code, user } => {
+                        c.call(Method::POST, "/api/v1/device/approve", Some(json!({"code": code, "user": user})))
+                            .await?;
+                    }
+                    DeviceCmd::Deny { code } => {
+                        c.call(Method::POST, "/api/v1/device/deny", Some(json!({"code": code}))).await?;
                     }
                 }
                 Ok(())

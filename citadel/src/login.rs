@@ -1,0 +1,221 @@
+//! Interactive login without a key.
+//!
+//! Two flows: RFC 8628 device authorization (start → verification URL and user code → poll
+//! with `authorization_pending` / `slow_down` / `expired_token` / `access_denied` → an auth
+//! key), which nexus-sim serves; and Headscale's flow (the register response's AuthURL, which an
+//! admin approves), used when the server has no device endpoint. The polling logic is a pure
+//! state machine ([`DevicePoll`]) so it is tested without a network or a clock.
+
+use crate::control::{self, ControlError};
+use crate::net::Net;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What the device-code endpoint answers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct DeviceCode {
+    pub device_code: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    #[serde(default)]
+    pub verification_uri_complete: String,
+    pub expires_in: u64,
+    #[serde(default = "default_interval")]
+    pub interval: u64,
+}
+
+fn default_interval() -> u64 {
+    5
+}
+
+/// How a device login ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The server has no device-authorization endpoint.
+    #[error("Nexus does not offer device authorization")]
+    Unsupported,
+    /// The admin refused.
+    #[error("login was denied")]
+    Denied,
+    /// The code expired before anyone approved it.
+    #[error("login code expired before it was approved")]
+    Expired,
+    /// Gave up waiting.
+    #[error("no approval within {0:?}")]
+    TimedOut(Duration),
+    /// The server said something outside the protocol.
+    #[error("device authorization failed: {0}")]
+    Protocol(String),
+    /// Network failure.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// One token-endpoint answer, as the poller sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenAnswer {
+    /// Approved: the auth key.
+    Key(String),
+    /// An OAuth error code (`authorization_pending`, `slow_down`, …).
+    Error(String),
+}
+
+/// The polling state machine: feed it answers and elapsed time, it says what to do next.
+#[derive(Debug, Clone)]
+pub struct DevicePoll {
+    interval: Duration,
+    deadline: Duration,
+    elapsed: Duration,
+}
+
+/// What to do after an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Wait this long, then poll again.
+    Wait(Duration),
+    /// Done: log in with this key.
+    Done(String),
+}
+
+impl DevicePoll {
+    /// Starts polling at the server's interval, giving up at the earlier of the code's expiry
+    /// and `limit`.
+    pub fn new(code: &DeviceCode, limit: Duration) -> Self {
+        Self {
+            interval: Duration::from_secs(code.interval.max(1)),
+            deadline: Duration::from_secs(code.expires_in).min(limit),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Handles one answer received `elapsed` after the start.
+    pub fn on_answer(&mut self, answer: TokenAnswer, elapsed: Duration) -> Result<Next, LoginError> {
+        self.elapsed = elapsed;
+        match answer {
+            TokenAnswer::Key(k) => Ok(Next::Done(k)),
+            TokenAnswer::Error(e) => {
+                match e.as_str() {
+                    "authorization_pending" => {}
+                    // RFC 8628 §3.5: increase the interval by 5 seconds for this and later polls.
+                    "slow_down" => self.interval += Duration::from_secs(5),
+                    "access_denied" => return Err(LoginError::Denied),
+                    "expired_token" => return Err(LoginError::Expired),
+                    other => return Err(LoginError::Protocol(format!("token endpoint said {other:?}"))),
+                }
+                if self.elapsed + self.interval > self.deadline {
+                    return Err(LoginError::TimedOut(self.deadline));
+                }
+                Ok(Next::Wait(self.interval))
+            }
+        }
+    }
+}
+
+/// Starts a device flow; `Err(Unsupported)` when the server has no endpoint (real Headscale).
+pub async fn start_device(net: &dyn Net, url: &str, timeout: Duration) -> Result<DeviceCode, LoginError> {
+    let (status, body) = control::http1_request(
+        net,
+        url,
+        http::Method::POST,
+        "/oauth/device/code",
+        Some("client_id=citadel".into()),
+        timeout,
+    )
+    .await?;
+    if status == http::StatusCode::NOT_FOUND || status == http::StatusCode::METHOD_NOT_ALLOWED {
+        return Err(LoginError::Unsupported);
+    }
+    if !status.is_success() {
+        return Err(LoginError::Protocol(format!("device code request answered {status}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| LoginError::Protocol(format!("bad device code answer: {e}")))
+}
+
+/// Asks the token endpoint once.
+pub async fn poll_token(
+    net: &dyn Net,
+    url: &str,
+    code: &DeviceCode,
+    timeout: Duration,
+) -> Result<TokenAnswer, LoginError> {
+    let form = format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code&device_code={}&client_id=citadel",
+        code.device_code
+    );
+    let (status, body) =
+        control::http1_request(net, url, http::Method::POST, "/oauth/token", Some(form), timeout).await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| LoginError::Protocol(format!("bad token answer ({status}): {e}")))?;
+    if status.is_success() {
+        let key = v["access_token"].as_str().unwrap_or_default();
+        if key.is_empty() {
+            return Err(LoginError::Protocol("token answer has no access_token".into()));
+        }
+        return Ok(TokenAnswer::Key(key.to_string()));
+    }
+    Ok(TokenAnswer::Error(v["error"].as_str().unwrap_or("invalid_response").to_string()))
+}
+
+/// Runs the device flow to the end: `on_code` is called once with the code to show.
+pub async fn device_login(
+    net: &dyn Net,
+    url: &str,
+    limit: Duration,
+    timeout: Duration,
+    on_code: impl FnOnce(&DeviceCode),
+) -> Result<String, LoginError> {
+    let code = start_device(net, url, timeout).await?;
+    on_code(&code);
+    let mut poll = DevicePoll::new(&code, limit);
+    let start = tokio::time::Instant::now();
+    let mut wait = Duration::from_secs(code.interval.max(1));
+    loop {
+        tokio::time::sleep(wait).await;
+        let answer = poll_token(net, url, &code, timeout).await?;
+        match poll.on_answer(answer, start.elapsed())? {
+            Next::Done(k) => return Ok(k),
+            Next::Wait(d) => wait = d,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(interval: u64, expires: u64) -> DeviceCode {
+        DeviceCode {
+            device_code: "d".into(),
+            user_code: "ABCD-EFGH".into(),
+            verification_uri: "http://x/device".into(),
+            verification_uri_complete: String::new(),
+            expires_in: expires,
+            interval,
+        }
+    }
+
+    #[test]
+    fn pending_slow_down_and_success() {
+        let mut p = DevicePoll::new(&code(5, 600), Duration::from_secs(600));
+        let s = Duration::from_secs;
+        assert_eq!(p.on_answer(TokenAnswer::Error("authorization_pending".into()), s(5)).unwrap(), Next::Wait(s(5)));
+        assert_eq!(p.on_answer(TokenAnswer::Error("slow_down".into()), s(10)).unwrap(), Next::Wait(s(10)));
+        assert_eq!(p.on_answer(TokenAnswer::Error("authorization_pending".into()), s(20)).unwrap(), Next::Wait(s(10)));
+        assert_eq!(p.on_answer(TokenAnswer::Key("k".into()), s(30)).unwrap(), Next::Done("k".into()));
+    }
+
+    #[test]
+    fn denial_expiry_timeout_and_garbage_end_the_flow() {
+        let s = Duration::from_secs;
+        let mut p = DevicePoll::new(&code(5, 600), s(600));
+        assert!(matches!(p.on_answer(TokenAnswer::Error("access_denied".into()), s(5)), Err(LoginError::Denied)));
+        assert!(matches!(p.on_answer(TokenAnswer::Error("expired_token".into()), s(5)), Err(LoginError::Expired)));
+        assert!(matches!(p.on_answer(TokenAnswer::Error("what".into()), s(5)), Err(LoginError::Protocol(_))));
+        let mut p = DevicePoll::new(&code(5, 12), s(600));
+        assert!(p.on_answer(TokenAnswer::Error("authorization_pending".into()), s(5)).is_ok());
+        assert!(matches!(
+            p.on_answer(TokenAnswer::Error("authorization_pending".into()), s(10)),
+            Err(LoginError::TimedOut(_))
+        ));
+    }
+}
