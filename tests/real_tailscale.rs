@@ -58,6 +58,19 @@ fn real_tailscale_client_joins_and_is_seen_only_by_its_org() {
     let acme = admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
     let globex = admin(&["preauthkeys", "create", "--user", "globex"]);
 
+    // Coexistence: nothing here may touch the system Tailscale state, routes or DNS.
+    let routes = |ns: &Netns| {
+        let o = ns.cmd("ip").args(["route", "show", "table", "all"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let host_state = || {
+        (
+            std::fs::metadata("/var/lib/tailscale").and_then(|m| m.modified()).ok(),
+            std::fs::read("/etc/resolv.conf").ok(),
+        )
+    };
+    let (routes_before, host_before) = (routes(&ns), host_state());
+
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::create_dir_all(tmp.path().join("logs")).unwrap();
@@ -124,4 +137,10 @@ fn real_tailscale_client_joins_and_is_seen_only_by_its_org() {
     assert!(!peer["endpoints"].as_array().unwrap().is_empty());
     let g = status("g");
     assert!(g["peers"].as_array().unwrap().is_empty(), "another org sees the tsnet node: {g}");
+
+    // citadel ran beside the tsnet node: routes, DNS and /var/lib/tailscale are as they were,
+    // and citadel's state stayed in its own directory.
+    assert_eq!(routes(&ns), routes_before, "routing table changed");
+    assert_eq!(host_state(), host_before, "/var/lib/tailscale or /etc/resolv.conf changed");
+    assert!(tmp.path().join("a/identity.json").exists());
 }

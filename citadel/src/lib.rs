@@ -21,5 +21,6 @@ pub mod network;
 pub mod noise;
 pub mod state;
 pub mod stun;
+pub mod syspolicy;
 pub mod tailcfg;
 pub mod work;

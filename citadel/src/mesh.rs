@@ -119,6 +119,9 @@ pub struct PeerStatus {
     pub endpoints: Vec<String>,
     /// Home DERP region (0 = none).
     pub home_derp: i32,
+    /// The peer's key has expired (it cannot be reached until it re-authenticates).
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// A snapshot of the node's state. The JSON keys are stable (documented in the README).
@@ -329,6 +332,10 @@ impl Mesh {
     /// Joins the mesh: registers if needed, waits for the first netmap, then keeps it current in
     /// the background. Errors are returned only for the first attempt; later drops reconnect.
     pub async fn connect(cfg: Config) -> Result<Mesh, ConnectError> {
+        crate::syspolicy::with_restricted_locks(crate::syspolicy::platform(), Self::start(cfg)).await
+    }
+
+    async fn start(cfg: Config) -> Result<Mesh, ConnectError> {
         tracing::debug!("connecting");
         let state = StateDir::open(&cfg.state_dir)?;
         let id = state.identity(&mut rand::thread_rng())?;
@@ -412,6 +419,7 @@ impl Mesh {
                 node_key: p.key.to_string(),
                 endpoints: p.endpoints.clone(),
                 home_derp: p.home_region(),
+                expired: p.expired || p.key_expiry.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()),
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ipv4.cmp(&b.ipv4)));
