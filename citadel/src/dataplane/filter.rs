@@ -411,7 +411,7 @@ mod tests {
             payload: &[],
         };
         let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
-        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let mut buf = vec![0u8; ip.buffer_len()];
         let caps = ChecksumCapabilities::default();
         ip.emit(&mut buf[..], &caps);
         tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[ip.header_len()..]), &src, &dst, &caps);
@@ -422,7 +422,7 @@ mod tests {
         let dst6 = IpAddress::Ipv6("fd7a:115c:a1e0::1".parse().unwrap());
         let udp = UdpRepr { src_port: 53, dst_port: 5353 };
         let ip = IpRepr::new(src6, dst6, IpProtocol::Udp, 8 + 3, 64);
-        let mut buf = vec![0u8; ip.buffer_len() + 8 + 3];
+        let mut buf = vec![0u8; ip.buffer_len()];
         ip.emit(&mut buf[..], &caps);
         let hl = ip.header_len();
         udp.emit(&mut UdpPacket::new_unchecked(&mut buf[hl..]), &src6, &dst6, 3, |b| b.copy_from_slice(b"abc"), &caps);

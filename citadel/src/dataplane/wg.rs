@@ -461,7 +461,7 @@ mod tests {
         let (s, d) = (IpAddress::from(std::net::Ipv4Addr::from(src)), IpAddress::from(std::net::Ipv4Addr::from(dst)));
         let udp = UdpRepr { src_port: 1, dst_port: 2 };
         let ip = IpRepr::new(s, d, IpProtocol::Udp, 8 + payload.len(), 64);
-        let mut buf = vec![0u8; ip.buffer_len() + 8 + payload.len()];
+        let mut buf = vec![0u8; ip.buffer_len()];
         let caps = ChecksumCapabilities::default();
         ip.emit(&mut buf[..], &caps);
         let hl = ip.header_len();
