@@ -192,7 +192,8 @@ async fn tcp_echo_10mb_and_udp_round_trips() {
 
     let data = Arc::new(pattern(10 * 1024 * 1024, 1));
     let started = Instant::now();
-    let s = timeout(Duration::from_secs(10), a.dp.dial_tcp(b.ident.addr(7000))).await.expect("dial in time").expect("dial");
+    let s =
+        timeout(Duration::from_secs(10), a.dp.dial_tcp(b.ident.addr(7000))).await.expect("dial in time").expect("dial");
     assert_eq!(s.peer_addr(), b.ident.addr(7000));
     let back = timeout(Duration::from_secs(120), echo_roundtrip(s, Arc::clone(&data)))
         .await
@@ -220,7 +221,8 @@ async fn tcp_echo_10mb_and_udp_round_trips() {
     // Errors, not hangs: a destination no peer routes, a closed port.
     let e = a.dp.dial_tcp("100.64.9.9:1".parse().unwrap()).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::HostUnreachable);
-    let e = timeout(Duration::from_secs(5), a.dp.dial_tcp(b.ident.addr(7999))).await.expect("refused quickly").unwrap_err();
+    let e =
+        timeout(Duration::from_secs(5), a.dp.dial_tcp(b.ident.addr(7999))).await.expect("refused quickly").unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     assert_eq!(b.dp.listen_tcp(7000).unwrap_err().kind(), io::ErrorKind::AddrInUse);
 }
@@ -257,7 +259,8 @@ async fn traffic_survives_rehandshakes_and_peer_restart() {
     let b2_dp = {
         let mut tries = 0;
         loop {
-            let (tx, rx) = watch::channel(netmap(&b_ident, &[(&a.ident, a.dp.local_addr())], vec![allow_from(&[&a.ident])]));
+            let (tx, rx) =
+                watch::channel(netmap(&b_ident, &[(&a.ident, a.dp.local_addr())], vec![allow_from(&[&a.ident])]));
             let cfg = DataPlaneConfig { bind: b_addr, ..b_ident.config() };
             match DataPlane::start(cfg, rx) {
                 Ok(dp) => break (dp, tx),
@@ -313,7 +316,8 @@ async fn other_org_cannot_reach_node() {
     assert!(b.dp.counters().rx_filtered > 0, "{:?}", b.dp.counters());
     // A still gets through.
     let mut s = a.dp.dial_tcp(b.ident.addr(7000)).await.expect("A dials B");
-    let (mut t, from) = timeout(Duration::from_secs(5), listener.accept()).await.expect("accept in time").expect("accept");
+    let (mut t, from) =
+        timeout(Duration::from_secs(5), listener.accept()).await.expect("accept in time").expect("accept");
     assert_eq!(from.ip(), a.ident.ip4.parse::<IpAddr>().unwrap());
     s.write_all(b"hi").await.unwrap();
     let mut got = [0u8; 2];
@@ -400,7 +404,8 @@ async fn interop_with_wireguard_go() {
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false);
-    if !std::path::Path::new("/usr/bin/wireguard-go").exists() || !std::path::Path::new("/usr/bin/wg").exists() || !root {
+    if !std::path::Path::new("/usr/bin/wireguard-go").exists() || !std::path::Path::new("/usr/bin/wg").exists() || !root
+    {
         println!("skipping interop_with_wireguard_go: needs root, /usr/bin/wireguard-go and /usr/bin/wg");
         return;
     }
@@ -433,7 +438,11 @@ mod interop {
     fn sh(args: &[&str]) -> io::Result<()> {
         let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output()?;
         if !out.status.success() {
-            return Err(io::Error::other(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+            return Err(io::Error::other(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
         Ok(())
     }
@@ -545,20 +554,33 @@ c.close()
             endpoints: vec![format!("{}:51820", ns.ns_ip)],
             ..Default::default()
         };
-        let mut nm = netmap(&me, &[], vec![FilterRule {
-            src_ips: vec!["100.64.0.2".into()],
-            dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
-            ip_proto: vec![],
-        }]);
+        let mut nm = netmap(
+            &me,
+            &[],
+            vec![FilterRule {
+                src_ips: vec!["100.64.0.2".into()],
+                dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+                ip_proto: vec![],
+            }],
+        );
         nm.peers.insert(2, wg_peer);
         let (_tx, rx) = watch::channel(nm);
         let dp = DataPlane::start(cfg, rx).expect("start");
 
         ns.exec(&[
-            "wg", "set", "wg0", "listen-port", "51820", "private-key", key_file.to_str().unwrap(),
-            "peer", &b64.encode(me.key.public_bytes()),
-            "allowed-ips", "100.64.0.1/32",
-            "endpoint", &dp.local_addr().to_string(),
+            "wg",
+            "set",
+            "wg0",
+            "listen-port",
+            "51820",
+            "private-key",
+            key_file.to_str().unwrap(),
+            "peer",
+            &b64.encode(me.key.public_bytes()),
+            "allowed-ips",
+            "100.64.0.1/32",
+            "endpoint",
+            &dp.local_addr().to_string(),
         ])
         .expect("wg set");
         ns.exec(&["ip", "addr", "add", "100.64.0.2/32", "dev", "wg0"]).expect("addr");
@@ -609,7 +631,9 @@ c.close()
                     break;
                 }
                 // The python server may not be listening yet.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
                 Err(e) => panic!("dial into the namespace: {e}"),
             }
         }

@@ -427,7 +427,10 @@ mod tests {
         let hl = ip.header_len();
         udp.emit(&mut UdpPacket::new_unchecked(&mut buf[hl..]), &src6, &dst6, 3, |b| b.copy_from_slice(b"abc"), &caps);
         let p = PacketInfo::parse(&buf).unwrap();
-        assert_eq!((p.proto, p.src, p.src_port, p.dst_port), (PROTO_UDP, "fd7a:115c:a1e0::2".parse().unwrap(), 53, 5353));
+        assert_eq!(
+            (p.proto, p.src, p.src_port, p.dst_port),
+            (PROTO_UDP, "fd7a:115c:a1e0::2".parse().unwrap(), 53, 5353)
+        );
         // Truncations never panic and never parse.
         for n in 0..buf.len() {
             assert!(PacketInfo::parse(&buf[..n]).is_err(), "len {n}");

@@ -227,7 +227,9 @@ impl Stack {
             tcp::State::Closed | tcp::State::Listen | tcp::State::TimeWait => {
                 Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused")))
             }
-            _ => Poll::Ready(s.remote_endpoint().map(SocketAddr::from).ok_or_else(|| io::ErrorKind::NotConnected.into())),
+            _ => {
+                Poll::Ready(s.remote_endpoint().map(SocketAddr::from).ok_or_else(|| io::ErrorKind::NotConnected.into()))
+            }
         }
     }
 
@@ -243,7 +245,10 @@ impl Stack {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "listen needs a port"));
         }
         if self.listeners.contains_key(&port) {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("mesh TCP port {port} already has a listener")));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("mesh TCP port {port} already has a listener"),
+            ));
         }
         self.listeners.insert(port, Listener::default());
         Ok(())
