@@ -225,6 +225,16 @@ async fn tcp_echo_10mb_and_udp_round_trips() {
         timeout(Duration::from_secs(5), a.dp.dial_tcp(b.ident.addr(7999))).await.expect("refused quickly").unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     assert_eq!(b.dp.listen_tcp(7000).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+
+    // A dial right after a netmap update sees the new peer (no waiting for the driver).
+    let e = Plane::start(Ident::new(5));
+    e.set_peers(&[&a], vec![allow_from(&[&a.ident])]);
+    spawn_echo(&e.dp, 7000);
+    let peers = [(&b.ident, b.dp.local_addr()), (&e.ident, e.dp.local_addr())];
+    a.nm.send_replace(netmap(&a.ident, &peers, vec![allow_from(&[&b.ident, &e.ident])]));
+    let s = a.dp.dial_tcp(e.ident.addr(7000)).await.expect("dial the new peer at once");
+    let back = echo_roundtrip(s, Arc::new(b"fresh peer".to_vec())).await.expect("echo");
+    assert_eq!(back, b"fresh peer");
 }
 
 /// Proves that a stream survives WireGuard session changes: while 4 MiB are echoed, both sides

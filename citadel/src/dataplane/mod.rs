@@ -112,6 +112,10 @@ pub(crate) struct Shared {
     wake: Notify,
     /// Datagrams produced outside the driver (e.g. [`DataPlane::rehandshake`]).
     outbox: Mutex<Vec<Transmit>>,
+    /// Every netmap is applied under this lock, always the latest value, so the driver and an
+    /// API call racing to apply never regress to an older map.
+    netmap: Mutex<watch::Receiver<NetMap>>,
+    node_public: NodePublic,
 }
 
 impl Shared {
@@ -135,11 +139,25 @@ impl Shared {
     }
 
     /// Fails fast when no peer's AllowedIPs contain `ip`, instead of letting a dial time out.
+    /// A netmap sent but not yet applied by the driver is applied first, so a dial right after
+    /// a netmap update sees it.
     pub(crate) fn check_route(&self, ip: IpAddr) -> io::Result<()> {
         if self.lock_wg().routes_to(ip) {
-            Ok(())
-        } else {
-            Err(io::Error::new(io::ErrorKind::HostUnreachable, format!("no mesh peer routes {ip}")))
+            return Ok(());
+        }
+        self.sync_netmap();
+        if self.lock_wg().routes_to(ip) {
+            return Ok(());
+        }
+        Err(io::Error::new(io::ErrorKind::HostUnreachable, format!("no mesh peer routes {ip}")))
+    }
+
+    /// Applies the latest netmap if it has not been applied yet.
+    fn sync_netmap(&self) {
+        let mut rx = self.netmap.lock().unwrap_or_else(|e| e.into_inner());
+        if rx.borrow().has_changed() {
+            let nm = rx.borrow_and_update().clone();
+            apply_netmap(self, &nm, self.node_public);
         }
     }
 }
@@ -187,6 +205,7 @@ impl DataPlane {
         let udp = UdpSocket::from_std(std_sock)?;
         let local_addr = udp.local_addr()?;
         let counters = Arc::new(Counters::default());
+        let node_public = NodePublic(cfg.node_key.public_bytes());
         let shared = Arc::new(Shared {
             stack: Mutex::new(Stack::new()),
             wg: Mutex::new(WgRouter::new(&cfg.node_key, Arc::clone(&counters))),
@@ -194,10 +213,16 @@ impl DataPlane {
             counters,
             wake: Notify::new(),
             outbox: Mutex::new(Vec::new()),
+            netmap: Mutex::new(netmap.clone()),
+            node_public,
         });
-        let node_public = NodePublic(cfg.node_key.public_bytes());
-        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, node_public };
-        apply_netmap(&driver.shared, &driver.netmap.borrow(), node_public);
+        {
+            let mut rx = shared.netmap.lock().unwrap_or_else(|e| e.into_inner());
+            let nm = rx.borrow_and_update().clone();
+            apply_netmap(&shared, &nm, node_public);
+        }
+        let v4_only = local_addr.is_ipv4();
+        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, v4_only };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
         Ok(DataPlane { shared, task, local_addr, node_public, disco_public: DiscoPublic(cfg.disco_key.public_bytes()) })
@@ -227,6 +252,7 @@ impl DataPlane {
 
     /// The node's mesh addresses as the netstack holds them.
     pub fn mesh_addrs(&self) -> Vec<IpAddr> {
+        self.shared.sync_netmap();
         self.shared.lock_stack().local_addrs()
     }
 
@@ -282,6 +308,7 @@ impl DataPlane {
 
     /// Per-peer tunnel state, sorted by node key.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared.sync_netmap();
         self.shared.lock_wg().stats()
     }
 
@@ -381,8 +408,10 @@ fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
 struct Driver {
     shared: Arc<Shared>,
     udp: UdpSocket,
+    /// Only wakes the driver; the value is read through [`Shared::sync_netmap`].
     netmap: watch::Receiver<NetMap>,
-    node_public: NodePublic,
+    /// An IPv4 socket cannot reach IPv6 candidates.
+    v4_only: bool,
 }
 
 impl Driver {
@@ -394,7 +423,8 @@ impl Driver {
         let mut tick = tokio::time::interval(TIMER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut netmap_open = true;
-        let mut stack_delay = TIMER_TICK;
+        let stack_timer = tokio::time::sleep(TIMER_TICK);
+        tokio::pin!(stack_timer);
         loop {
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
@@ -403,24 +433,27 @@ impl Driver {
                 },
                 _ = self.shared.wake.notified() => {}
                 _ = tick.tick() => self.shared.lock_wg().tick(Instant::now(), &mut out),
-                r = self.netmap.changed(), if netmap_open => match r {
-                    Ok(()) => {
-                        let nm = self.netmap.borrow_and_update().clone();
-                        apply_netmap(&self.shared, &nm, self.node_public);
-                    }
-                    // The owner dropped the sender: keep running on the last netmap.
-                    Err(_) => netmap_open = false,
-                },
-                _ = tokio::time::sleep(stack_delay) => {}
+                r = self.netmap.changed(), if netmap_open => {
+                    self.netmap.borrow_and_update();
+                    self.shared.sync_netmap();
+                    // A closed channel means the owner dropped the sender: keep running on the
+                    // last netmap.
+                    netmap_open = r.is_ok();
+                }
+                _ = &mut stack_timer => {}
             }
             // Drain what else has arrived, so the stack sees a batch at once.
-            for _ in 0..RX_BATCH {
-                match self.udp.try_recv_from(&mut buf) {
-                    Ok((n, src)) => self.shared.lock_wg().handle_datagram(src, &buf[..n], &mut out, &mut delivered),
-                    Err(_) => break,
+            {
+                let mut wg = self.shared.lock_wg();
+                for _ in 0..RX_BATCH {
+                    match self.udp.try_recv_from(&mut buf) {
+                        Ok((n, src)) => wg.handle_datagram(src, &buf[..n], &mut out, &mut delivered),
+                        Err(_) => break,
+                    }
                 }
             }
-            stack_delay = self.run_stack(&mut delivered, &mut egress, &mut out);
+            let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
+            stack_timer.as_mut().reset(tokio::time::Instant::now() + delay);
             out.append(&mut self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));
             for t in out.drain(..) {
                 self.send(t).await;
@@ -487,18 +520,14 @@ impl Driver {
 
     async fn send(&self, t: Transmit) {
         let Path::Direct(dst) = t.path;
-        // An IPv4 socket cannot reach IPv6 candidates; skip rather than count them as errors.
-        if self.udp_is_v4() && dst.is_ipv6() {
+        // Skip rather than count as errors: the peer may list candidates of both families.
+        if self.v4_only && dst.is_ipv6() {
             return;
         }
         if let Err(e) = self.udp.send_to(&t.payload, dst).await {
             self.shared.counters.tx_socket_error.fetch_add(1, Relaxed);
             tracing::debug!(%dst, error = %e, "udp send failed");
         }
-    }
-
-    fn udp_is_v4(&self) -> bool {
-        self.udp.local_addr().map(|a| a.is_ipv4()).unwrap_or(false)
     }
 }
 
