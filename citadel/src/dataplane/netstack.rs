@@ -87,6 +87,8 @@ struct Listener {
     /// Sockets put into LISTEN for SYNs in the current batch (one per new connection, so a
     /// retransmitted SYN can never be taken by a second socket).
     listening: Vec<SocketHandle>,
+    /// The connections those sockets are for, so a SYN duplicated within one batch gets one.
+    claimed: HashSet<(IpEndpoint, IpEndpoint)>,
     /// Connections past their SYN, waiting for `accept`.
     pending: VecDeque<SocketHandle>,
     waker: Option<Waker>,
@@ -366,7 +368,7 @@ impl Stack {
             _ => false,
         });
         let Some(l) = self.listeners.get(&info.dst_port) else { return };
-        if owned || l.listening.len() + l.pending.len() >= LISTEN_BACKLOG {
+        if owned || l.claimed.contains(&(local, remote)) || l.listening.len() + l.pending.len() >= LISTEN_BACKLOG {
             return;
         }
         let mut s = Self::tcp_socket();
@@ -376,6 +378,7 @@ impl Stack {
         let h = self.sockets.add(s);
         if let Some(l) = self.listeners.get_mut(&info.dst_port) {
             l.listening.push(h);
+            l.claimed.insert((local, remote));
         }
     }
 
@@ -385,6 +388,7 @@ impl Stack {
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         for l in self.listeners.values_mut() {
+            l.claimed.clear();
             for h in l.listening.drain(..) {
                 if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
                     // Its SYN never reached it (dropped, or taken by an older socket).
@@ -446,5 +450,110 @@ impl Stack {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "the mesh data plane has stopped"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn stack(ip: [u8; 4]) -> Stack {
+        let mut s = Stack::new();
+        s.set_addresses(&[IpCidr::new(IpAddress::from(std::net::Ipv4Addr::from(ip)), 32)]);
+        s
+    }
+
+    /// Moves packets between two stacks until both are quiet.
+    fn shuttle(a: &mut Stack, b: &mut Stack, dup_syns: bool) {
+        for _ in 0..50 {
+            a.poll();
+            b.poll();
+            let (mut from_a, mut from_b) = (vec![], vec![]);
+            a.take_egress(&mut from_a);
+            b.take_egress(&mut from_b);
+            if from_a.is_empty() && from_b.is_empty() {
+                return;
+            }
+            for p in from_a {
+                let info = PacketInfo::parse(&p).unwrap();
+                if dup_syns && info.tcp_syn_only {
+                    b.ingress(&info, p.clone());
+                }
+                b.ingress(&info, p);
+            }
+            for p in from_b {
+                b_to_a(a, p);
+            }
+        }
+    }
+
+    fn b_to_a(a: &mut Stack, p: Vec<u8>) {
+        let info = PacketInfo::parse(&p).unwrap();
+        a.ingress(&info, p);
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn listener_takes_simultaneous_and_duplicated_syns_once_each() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        b.listen(80).unwrap();
+        assert_eq!(b.listen(80).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        let server: SocketAddr = "100.64.0.2:80".parse().unwrap();
+        let dials: Vec<_> = (0..3).map(|_| a.connect(server).unwrap()).collect();
+        shuttle(&mut a, &mut b, true);
+        for (h, _) in &dials {
+            assert!(matches!(a.poll_connected(*h, &mut cx()), Poll::Ready(Ok(p)) if p == server));
+        }
+        let mut accepted = vec![];
+        while let Poll::Ready(Ok((h, local, remote))) = b.poll_accept(80, &mut cx()) {
+            assert_eq!(local, server);
+            accepted.push((h, remote));
+        }
+        let mut want: Vec<SocketAddr> = dials.iter().map(|(_, l)| *l).collect();
+        let mut got: Vec<SocketAddr> = accepted.iter().map(|(_, r)| *r).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "one connection per dial, none duplicated");
+        // Only the accepted connections remain on B: no stray LISTEN sockets.
+        assert_eq!(b.sockets.iter().count(), 3);
+
+        // Data flows and a closed stream is reaped on both sides.
+        let (ha, hb) = (dials[0].0, accepted.iter().find(|(_, r)| *r == dials[0].1).unwrap().0);
+        assert_eq!(a.sockets.get_mut::<tcp::Socket>(ha).send_slice(b"ping").unwrap(), 4);
+        shuttle(&mut a, &mut b, false);
+        let mut buf = [0u8; 8];
+        assert_eq!(b.sockets.get_mut::<tcp::Socket>(hb).recv_slice(&mut buf).unwrap(), 4);
+        // A closes first and lingers in TIME-WAIT; B, the passive closer, is reaped at once.
+        a.release_tcp(ha);
+        shuttle(&mut a, &mut b, false);
+        b.release_tcp(hb);
+        shuttle(&mut a, &mut b, false);
+        assert_eq!(b.sockets.iter().count(), 2);
+        assert_eq!(a.sockets.get::<tcp::Socket>(ha).state(), tcp::State::TimeWait);
+    }
+
+    #[test]
+    fn refused_dial_and_stopped_stack() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        let (h, _) = a.connect("100.64.0.2:81".parse().unwrap()).unwrap();
+        shuttle(&mut a, &mut b, false);
+        assert!(
+            matches!(a.poll_connected(h, &mut cx()), Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused)
+        );
+        a.abort_tcp(h);
+        a.poll();
+        assert_eq!(a.sockets.iter().count(), 0);
+
+        let (u, port) = b.bind_udp(0).unwrap();
+        assert!(EPHEMERAL.contains(&port));
+        assert_eq!(b.bind_udp(port).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        b.release_udp(u, port);
+        b.stop();
+        assert_eq!(b.listen(80).unwrap_err().kind(), io::ErrorKind::NotConnected);
+        assert!(b.connect("100.64.0.1:1".parse().unwrap()).is_err());
     }
 }
