@@ -93,12 +93,49 @@ impl Plane {
 
     fn set_peers(&self, peers: &[&Plane], filter: Vec<FilterRule>) {
         let peers: Vec<(&Ident, SocketAddr)> = peers.iter().map(|p| (&p.ident, p.dp.local_addr())).collect();
-        self.nm.send_replace(netmap(&self.ident, &peers, filter));
+        self.set_netmap(netmap(&self.ident, &peers, filter));
     }
+
+    /// Sends a netmap and checks that the plane applied its peers (a netmap not yet applied
+    /// by the driver is applied by the next API call).
+    fn set_netmap(&self, nm: NetMap) {
+        let mut want: Vec<NodePublic> = nm.peers.values().map(|n| n.key).collect();
+        want.sort();
+        self.nm.send_replace(nm);
+        let have: Vec<NodePublic> = self.dp.peer_stats().iter().map(|p| p.node_key).collect();
+        assert_eq!(have, want);
+    }
+}
+
+/// Logs to the test output when RUST_LOG is set (e.g. `RUST_LOG=citadel=debug,boringtun=debug`).
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Counters and peer state of some planes, for failure messages.
+fn diag(planes: &[&Plane]) -> String {
+    planes
+        .iter()
+        .map(|p| {
+            format!(
+                "\n{}: {:?}\n  {:?}\n  {:#?}",
+                p.ident.ip4,
+                p.dp.counters(),
+                p.dp.peer_stats(),
+                p.dp.socket_summary()
+            )
+        })
+        .collect()
 }
 
 /// Two planes that list and allow each other.
 fn pair() -> (Plane, Plane) {
+    init_tracing();
     let a = Plane::start(Ident::new(1));
     let b = Plane::start(Ident::new(2));
     a.set_peers(&[&b], vec![allow_from(&[&b.ident])]);
@@ -159,6 +196,24 @@ async fn echo_roundtrip(s: MeshTcpStream, data: Arc<Vec<u8>>) -> io::Result<Vec<
     Ok(back)
 }
 
+/// Like [`echo_roundtrip`], but writes `chunk` bytes every `every`, so the stream lasts.
+async fn echo_paced(s: MeshTcpStream, data: Arc<Vec<u8>>, chunk: usize, every: Duration) -> io::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let d = Arc::clone(&data);
+    let writer = tokio::spawn(async move {
+        for c in d.chunks(chunk) {
+            w.write_all(c).await?;
+            tokio::time::sleep(every).await;
+        }
+        w.shutdown().await?;
+        io::Result::Ok(w)
+    });
+    let mut back = Vec::with_capacity(data.len());
+    r.read_to_end(&mut back).await?;
+    let _w = writer.await.map_err(io::Error::other)??;
+    Ok(back)
+}
+
 async fn udp_echo_rounds(client: &citadel::dataplane::MeshUdpSocket, server: SocketAddr, rounds: usize) {
     let mut buf = [0u8; 2048];
     for i in 0..rounds {
@@ -195,10 +250,10 @@ async fn tcp_echo_10mb_and_udp_round_trips() {
     let s =
         timeout(Duration::from_secs(10), a.dp.dial_tcp(b.ident.addr(7000))).await.expect("dial in time").expect("dial");
     assert_eq!(s.peer_addr(), b.ident.addr(7000));
-    let back = timeout(Duration::from_secs(120), echo_roundtrip(s, Arc::clone(&data)))
-        .await
-        .expect("echo in time")
-        .expect("echo");
+    let back = match timeout(Duration::from_secs(60), echo_roundtrip(s, Arc::clone(&data))).await {
+        Ok(r) => r.expect("echo"),
+        Err(_) => panic!("echo stalled: {}", diag(&[&a, &b])),
+    };
     assert_eq!(back.len(), data.len());
     assert!(back == *data, "echoed bytes differ");
     eprintln!("10 MiB echoed in {:?}", started.elapsed());
@@ -237,12 +292,42 @@ async fn tcp_echo_10mb_and_udp_round_trips() {
     assert_eq!(back, b"fresh peer");
 }
 
-/// Proves that a stream survives WireGuard session changes: while 4 MiB are echoed, both sides
-/// start new handshakes (the very call boringtun's REKEY_AFTER_TIME timer makes), and traffic
-/// moves to the new sessions without loss. Then it proves that the driver runs boringtun's
-/// timers: B restarts with the same key and port, so A holds a session B no longer knows; only
-/// A's own timer (no answer for KEEPALIVE + REKEY_TIMEOUT = 15 s) can start the handshake
-/// that lets traffic through again, which must happen within 30 s.
+/// A plane on a dual-stack `[::]` socket talks to a peer on an IPv4 socket (mapped addresses
+/// on the wire, plain IPv4 in its path and endpoints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_socket_reaches_ipv4_peer() {
+    init_tracing();
+    let a = Plane::start(Ident::new(1));
+    let ib = Ident::new(2);
+    let (b_nm, rx) = watch::channel(netmap(&ib, &[], vec![]));
+    let cfg = DataPlaneConfig { bind: "[::]:0".parse().unwrap(), ..ib.config() };
+    let b = match DataPlane::start(cfg, rx) {
+        Ok(dp) => Plane { ident: ib, dp, nm: b_nm },
+        Err(e) => {
+            println!("skipping dual_stack_socket_reaches_ipv4_peer: no IPv6 socket: {e}");
+            return;
+        }
+    };
+    let b_v4: SocketAddr = SocketAddr::from(([127, 0, 0, 1], b.dp.local_addr().port()));
+    a.set_netmap(netmap(&a.ident, &[(&b.ident, b_v4)], vec![allow_from(&[&b.ident])]));
+    b.set_peers(&[&a], vec![allow_from(&[&a.ident])]);
+    assert!(b.dp.local_endpoints().iter().all(|e| e.port() == b.dp.local_addr().port()));
+    spawn_echo(&a.dp, 7000);
+    // B initiates: its handshake goes to A's IPv4 endpoint through a mapped address.
+    let s = b.dp.dial_tcp(a.ident.addr(7000)).await.expect("dial from the dual-stack plane");
+    let back = echo_roundtrip(s, Arc::new(pattern(100_000, 9))).await.expect("echo");
+    assert_eq!(back, pattern(100_000, 9));
+    assert_eq!(a.dp.peer_stats()[0].path, Some(Path::Direct(b_v4)), "A sees B as plain IPv4");
+    assert_eq!(b.dp.peer_stats()[0].path, Some(Path::Direct(a.dp.local_addr())));
+}
+
+/// Proves that a stream survives WireGuard session changes: while a paced stream is echoed
+/// for about 3 s, both sides start new handshakes every 0.5 s (the very call boringtun's
+/// REKEY_AFTER_TIME timer makes), and traffic moves to the new sessions without loss. Then it
+/// proves that the driver runs boringtun's timers: B restarts with the same key and port, so A
+/// holds a session B no longer knows; only A's own timer (nothing heard for KEEPALIVE +
+/// REKEY_TIMEOUT = 15 s) can start the handshake that lets traffic through again, which must
+/// happen within 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_survives_rehandshakes_and_peer_restart() {
     let (a, b) = pair();
@@ -250,15 +335,19 @@ async fn traffic_survives_rehandshakes_and_peer_restart() {
     let s = a.dp.dial_tcp(b.ident.addr(7000)).await.expect("dial");
     let first = a.dp.peer_stats()[0].last_handshake.expect("handshake done");
 
-    let data = Arc::new(pattern(4 * 1024 * 1024, 2));
-    let echo = tokio::spawn(echo_roundtrip(s, Arc::clone(&data)));
-    for i in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let (who, peer) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+    let data = Arc::new(pattern(6 * 1024 * 1024, 2));
+    let echo = tokio::spawn(echo_paced(s, Arc::clone(&data), 32 * 1024, Duration::from_millis(15)));
+    let mut sessions = 0;
+    while !echo.is_finished() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (who, peer) = if sessions % 2 == 0 { (&a, &b) } else { (&b, &a) };
         assert!(who.dp.rehandshake(&peer.ident.public()));
+        sessions += 1;
     }
     let back = timeout(Duration::from_secs(60), echo).await.expect("echo in time").expect("join").expect("echo");
     assert!(back == *data, "echoed bytes differ after rehandshakes");
+    assert!(sessions >= 4, "only {sessions} rehandshakes happened during the stream");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let later = a.dp.peer_stats()[0].last_handshake.expect("handshake");
     assert!(later > first, "a new session was established ({first:?} -> {later:?})");
 
@@ -366,7 +455,7 @@ async fn malformed_and_replayed_packets_are_dropped() {
     let b = Plane::start(Ident::new(2));
     let t = tap(a.dp.local_addr(), b.dp.local_addr()).await;
     // A reaches B only through the tap.
-    a.nm.send_replace(netmap(&a.ident, &[(&b.ident, t.addr)], vec![allow_from(&[&b.ident])]));
+    a.set_netmap(netmap(&a.ident, &[(&b.ident, t.addr)], vec![allow_from(&[&b.ident])]));
     b.set_peers(&[&a], vec![allow_from(&[&a.ident])]);
     spawn_echo(&b.dp, 7000);
 

@@ -11,6 +11,7 @@
 //! packets between them. The app API mirrors Go's tsnet: [`DataPlane::dial_tcp`],
 //! [`DataPlane::listen_tcp`], [`DataPlane::bind_udp`].
 
+pub mod ackfix;
 pub mod filter;
 pub mod netstack;
 pub mod peers;
@@ -191,11 +192,11 @@ impl DataPlane {
     /// Binds the UDP socket and starts the driver task on the current tokio runtime.
     ///
     /// # Errors
-    /// The UDP socket cannot be bound.
-    ///
-    /// # Panics
-    /// Outside a tokio runtime (as `tokio::spawn` does).
+    /// The UDP socket cannot be bound, or there is no tokio runtime to run on.
     pub fn start(cfg: DataPlaneConfig, netmap: watch::Receiver<NetMap>) -> io::Result<DataPlane> {
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
+        let _enter = rt.enter();
         let std_sock = StdUdpSocket::bind(cfg.bind)?;
         std_sock.set_nonblocking(true)?;
         let sock2 = socket2::SockRef::from(&std_sock);
@@ -222,7 +223,7 @@ impl DataPlane {
             apply_netmap(&shared, &nm, node_public);
         }
         let v4_only = local_addr.is_ipv4();
-        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, v4_only };
+        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, v4_only, ackfix: ackfix::AckFix::default() };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
         Ok(DataPlane { shared, task, local_addr, node_public, disco_public: DiscoPublic(cfg.disco_key.public_bytes()) })
@@ -312,6 +313,11 @@ impl DataPlane {
         self.shared.lock_wg().stats()
     }
 
+    /// One line per netstack socket (TCP state, queue lengths, endpoints), for diagnostics.
+    pub fn socket_summary(&self) -> Vec<String> {
+        self.shared.lock_stack().describe()
+    }
+
     /// Drop counters.
     pub fn counters(&self) -> DataPlaneCounters {
         let c = &self.shared.counters;
@@ -373,26 +379,39 @@ fn endpoints_for(bound: SocketAddr, ifaces: io::Result<Vec<IpAddr>>) -> Vec<Sock
     out
 }
 
+/// The node's mesh addresses as netstack CIDRs: the first valid unicast IPv4 and IPv6 entries
+/// (the netstack holds two), skipping anything malformed, so a bad netmap cannot trip
+/// smoltcp's asserts.
+fn mesh_cidrs(addresses: &[String]) -> Vec<IpCidr> {
+    let mut out: Vec<IpCidr> = Vec::new();
+    for a in addresses {
+        let parsed = match a.split_once('/') {
+            Some((ip, len)) => ip.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok()),
+            None => a.parse::<IpAddr>().ok().map(|ip| (ip, if ip.is_ipv4() { 32 } else { 128 })),
+        };
+        let Some((ip, len)) = parsed else {
+            tracing::warn!(address = %a, "ignoring malformed mesh address");
+            continue;
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let addr = smoltcp::wire::IpAddress::from(ip);
+        if len > max || !addr.is_unicast() || ip.is_unspecified() || ip.is_loopback() {
+            tracing::warn!(address = %a, "ignoring unusable mesh address");
+            continue;
+        }
+        if out.iter().all(|c| c.address().version() != addr.version()) {
+            out.push(IpCidr::new(addr, len));
+        }
+    }
+    out
+}
+
 /// Pushes a netmap into the router, the filter and the netstack.
 fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
     if !nm.self_node.key.is_zero() && nm.self_node.key != me {
         tracing::warn!(netmap = %nm.self_node.key.short(), ours = %me.short(), "netmap is for another node key");
     }
-    let cidrs: Vec<IpCidr> = nm
-        .self_node
-        .addresses
-        .iter()
-        .filter_map(|a| {
-            let (ip, len) = match a.split_once('/') {
-                Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?),
-                None => {
-                    let ip = a.parse::<IpAddr>().ok()?;
-                    (ip, if ip.is_ipv4() { 32 } else { 128 })
-                }
-            };
-            Some(IpCidr::new(ip.into(), len))
-        })
-        .collect();
+    let cidrs = mesh_cidrs(&nm.self_node.addresses);
     let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
     shared.lock_wg().set_peers(peers::desired_peers(nm));
     {
@@ -412,6 +431,7 @@ struct Driver {
     netmap: watch::Receiver<NetMap>,
     /// An IPv4 socket cannot reach IPv6 candidates.
     v4_only: bool,
+    ackfix: ackfix::AckFix,
 }
 
 impl Driver {
@@ -428,7 +448,7 @@ impl Driver {
         loop {
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
-                    Ok((n, src)) => self.shared.lock_wg().handle_datagram(src, &buf[..n], &mut out, &mut delivered),
+                    Ok((n, src)) => self.shared.lock_wg().handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
                     Err(e) => tracing::debug!(error = %e, "udp receive failed"),
                 },
                 _ = self.shared.wake.notified() => {}
@@ -447,7 +467,7 @@ impl Driver {
                 let mut wg = self.shared.lock_wg();
                 for _ in 0..RX_BATCH {
                     match self.udp.try_recv_from(&mut buf) {
-                        Ok((n, src)) => wg.handle_datagram(src, &buf[..n], &mut out, &mut delivered),
+                        Ok((n, src)) => wg.handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
                         Err(_) => break,
                     }
                 }
@@ -463,7 +483,7 @@ impl Driver {
 
     /// Filters decrypted packets into the netstack, polls it, and encrypts what it sent.
     fn run_stack(
-        &self,
+        &mut self,
         delivered: &mut Vec<(NodePublic, Vec<u8>)>,
         egress: &mut Vec<Vec<u8>>,
         out: &mut Vec<Transmit>,
@@ -494,7 +514,10 @@ impl Driver {
         }
         let delay = {
             let mut st = self.shared.lock_stack();
-            for (info, packet) in accepted {
+            for (info, mut packet) in accepted {
+                if info.proto == filter::PROTO_TCP {
+                    self.ackfix.on_ingress(&mut packet);
+                }
                 st.ingress(&info, packet);
             }
             let delay = st.poll();
@@ -507,6 +530,9 @@ impl Driver {
                 for p in egress.iter() {
                     if let Ok(info) = PacketInfo::parse(p) {
                         f.record_outbound(&info, now);
+                        if info.proto == filter::PROTO_TCP {
+                            self.ackfix.on_egress(p);
+                        }
                     }
                 }
             }
@@ -520,10 +546,13 @@ impl Driver {
 
     async fn send(&self, t: Transmit) {
         let Path::Direct(dst) = t.path;
-        // Skip rather than count as errors: the peer may list candidates of both families.
-        if self.v4_only && dst.is_ipv6() {
-            return;
-        }
+        let dst = match dst {
+            // Skip rather than count as errors: the peer may list candidates of both families.
+            SocketAddr::V6(_) if self.v4_only => return,
+            // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
+            SocketAddr::V4(v4) if !self.v4_only => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+            _ => dst,
+        };
         if let Err(e) = self.udp.send_to(&t.payload, dst).await {
             self.shared.counters.tx_socket_error.fetch_add(1, Relaxed);
             tracing::debug!(%dst, error = %e, "udp send failed");
@@ -531,9 +560,33 @@ impl Driver {
     }
 }
 
+/// IPv4 peers reach a dual-stack socket as `::ffff:a.b.c.d`; keep them as IPv4 so they match
+/// the netmap's endpoints.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_cidrs_keep_one_valid_address_per_family() {
+        let v = |a: &[&str]| mesh_cidrs(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let got =
+            v(&["100.64.0.1/33", "224.0.0.1/32", "0.0.0.0/0", "x/1", "100.64.0.1/32", "100.64.0.9/32", "fd7a::1"]);
+        let want: Vec<IpCidr> = vec!["100.64.0.1/32".parse().unwrap(), "fd7a::1/128".parse().unwrap()];
+        assert_eq!(got, want);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mesh_cidrs_never_panic(a in proptest::collection::vec("[0-9a-f.:/]{0,45}", 0..5)) {
+            let cidrs = mesh_cidrs(&a);
+            let mut st = netstack::Stack::new();
+            st.set_addresses(&cidrs);
+        }
+    }
 
     #[test]
     fn endpoints_for_bound_and_wildcard_sockets() {

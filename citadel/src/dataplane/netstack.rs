@@ -419,6 +419,35 @@ impl Stack {
         self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
     }
 
+    /// One line per socket (state, queues, endpoints), for diagnostics.
+    pub(crate) fn describe(&self) -> Vec<String> {
+        self.sockets
+            .iter()
+            .map(|(h, s)| match s {
+                smoltcp::socket::Socket::Tcp(t) => format!(
+                    "{h} tcp {} {:?} -> {:?} send_queue={} recv_queue={} may_send={} can_recv={}",
+                    t.state(),
+                    t.local_endpoint(),
+                    t.remote_endpoint(),
+                    t.send_queue(),
+                    t.recv_queue(),
+                    t.may_send(),
+                    t.can_recv()
+                ),
+                smoltcp::socket::Socket::Udp(u) => {
+                    format!(
+                        "{h} udp port {} send_queue={} recv_queue={}",
+                        u.endpoint().port,
+                        u.send_queue(),
+                        u.recv_queue()
+                    )
+                }
+                #[allow(unreachable_patterns)]
+                _ => format!("{h} other"),
+            })
+            .collect()
+    }
+
     /// IP packets the stack sent since the last call.
     pub(crate) fn take_egress(&mut self, out: &mut Vec<Vec<u8>>) {
         out.extend(self.device.tx.drain(..));
