@@ -85,6 +85,8 @@ pub struct DataPlaneCounters {
     pub tx_error: u64,
     /// UDP sends the OS refused.
     pub tx_socket_error: u64,
+    /// Incoming TCP ACKs moved onto a full window's edge (see [`ackfix`]); not drops.
+    pub tcp_acks_moved: u64,
 }
 
 /// Drop counters shared by the driver and the protocol pieces.
@@ -102,6 +104,7 @@ pub(crate) struct Counters {
     pub tx_error: AtomicU64,
     pub tx_malformed: AtomicU64,
     pub tx_socket_error: AtomicU64,
+    pub tcp_acks_moved: AtomicU64,
 }
 
 /// State shared between the driver task and the app's socket handles.
@@ -335,6 +338,7 @@ impl DataPlane {
             tx_no_path: c.tx_no_path.load(Relaxed),
             tx_error: c.tx_error.load(Relaxed) + c.tx_malformed.load(Relaxed),
             tx_socket_error: c.tx_socket_error.load(Relaxed),
+            tcp_acks_moved: c.tcp_acks_moved.load(Relaxed),
         }
     }
 
@@ -515,8 +519,8 @@ impl Driver {
         let delay = {
             let mut st = self.shared.lock_stack();
             for (info, mut packet) in accepted {
-                if info.proto == filter::PROTO_TCP {
-                    self.ackfix.on_ingress(&mut packet);
+                if info.proto == filter::PROTO_TCP && self.ackfix.on_ingress(&mut packet) {
+                    c.tcp_acks_moved.fetch_add(1, Relaxed);
                 }
                 st.ingress(&info, packet);
             }
