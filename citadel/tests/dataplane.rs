@@ -503,9 +503,11 @@ async fn interop_with_wireguard_go() {
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false);
-    if !std::path::Path::new("/usr/bin/wireguard-go").exists() || !std::path::Path::new("/usr/bin/wg").exists() || !root
-    {
-        println!("skipping interop_with_wireguard_go: needs root, /usr/bin/wireguard-go and /usr/bin/wg");
+    let have = |p: &str| std::path::Path::new(p).exists();
+    if !root || !have("/usr/bin/wireguard-go") || !have("/usr/bin/wg") || !have("/usr/bin/python3") {
+        println!(
+            "skipping interop_with_wireguard_go: needs root, /usr/bin/wireguard-go, /usr/bin/wg and /usr/bin/python3"
+        );
         return;
     }
     let ns = match interop::Netns::create() {
