@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod control;
+pub mod dataplane;
 pub mod derp;
 pub mod disco;
 pub mod keys;

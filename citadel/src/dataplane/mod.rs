@@ -1,0 +1,615 @@
+//! The data plane: WireGuard over a userspace TCP/IP stack, on one UDP socket, with no root and
+//! no TUN device.
+//!
+//! Out: app socket → smoltcp ([`netstack`]) → IP packet → route by AllowedIPs → boringtun
+//! ([`wg`]) → UDP. In: UDP → boringtun → source check (the sender's AllowedIPs) → packet filter
+//! ([`filter`]) → smoltcp → app. The netmap (a `watch` channel) drives peers, routes, the
+//! filter and the node's mesh addresses.
+//!
+//! The protocol pieces ([`filter`], [`route`], [`peers`], [`wg`], [`netstack`]) open no
+//! sockets; the tokio driver in this module owns the UDP socket and one task that moves
+//! packets between them. The app API mirrors Go's tsnet: [`DataPlane::dial_tcp`],
+//! [`DataPlane::listen_tcp`], [`DataPlane::bind_udp`].
+
+pub mod ackfix;
+pub mod filter;
+pub mod netstack;
+pub mod peers;
+pub mod route;
+pub mod socket;
+pub mod wg;
+
+pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
+pub use wg::{Path, PeerStats};
+
+use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
+use crate::netmap::NetMap;
+use filter::{InboundFilter, PacketInfo};
+use netstack::Stack;
+use smoltcp::wire::IpCidr;
+use std::future::poll_fn;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::{watch, Notify};
+use wg::{Transmit, WgRouter};
+
+/// How long [`DataPlane::dial_tcp`] waits for the peer to answer.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often boringtun's timers run (its own device uses 250 ms).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Datagrams read per wakeup before the stack runs, so bulk traffic is processed in batches.
+const RX_BATCH: usize = 128;
+/// Kernel socket buffer asked for, so a window's worth of datagrams survives a scheduling
+/// hiccup (the kernel caps it at net.core.{r,w}mem_max).
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// How to start a data plane.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// The node key: the WireGuard static key.
+    pub node_key: PrivateKey,
+    /// The disco key (reported to control; discovery messages arrive with DERP/disco).
+    pub disco_key: PrivateKey,
+    /// Address for the one UDP socket, e.g. `0.0.0.0:0`.
+    pub bind: SocketAddr,
+}
+
+/// Packets dropped, by reason; all counters only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataPlaneCounters {
+    /// Datagrams that are not well-formed WireGuard messages.
+    pub rx_malformed: u64,
+    /// Data messages rejected by the replay window (duplicate or too old counter).
+    pub rx_replayed: u64,
+    /// Messages that failed authentication (bad MAC, AEAD tag, stale handshake, no session).
+    pub rx_rejected: u64,
+    /// Messages for an index or from a key that no peer in the netmap has.
+    pub rx_unknown_peer: u64,
+    /// Decrypted packets whose source is outside the sender's AllowedIPs.
+    pub rx_spoofed: u64,
+    /// Decrypted packets the packet filter refused (no rule, or not addressed to us).
+    pub rx_filtered: u64,
+    /// Decrypted packets that are not parseable IP (or are fragments).
+    pub rx_bad_ip: u64,
+    /// Packets dropped because the netstack's queue was full.
+    pub rx_overflow: u64,
+    /// Outbound packets for a destination no peer routes.
+    pub tx_no_route: u64,
+    /// Outbound packets for a peer with no known endpoint.
+    pub tx_no_path: u64,
+    /// Outbound packets that boringtun refused, or that were not IP.
+    pub tx_error: u64,
+    /// UDP sends the OS refused.
+    pub tx_socket_error: u64,
+    /// Incoming TCP ACKs moved onto a full window's edge (see [`ackfix`]); not drops.
+    pub tcp_acks_moved: u64,
+}
+
+/// Drop counters shared by the driver and the protocol pieces.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub rx_malformed: AtomicU64,
+    pub rx_replayed: AtomicU64,
+    pub rx_rejected: AtomicU64,
+    pub rx_unknown_peer: AtomicU64,
+    pub rx_spoofed: AtomicU64,
+    pub rx_filtered: AtomicU64,
+    pub rx_bad_ip: AtomicU64,
+    pub tx_no_route: AtomicU64,
+    pub tx_no_path: AtomicU64,
+    pub tx_error: AtomicU64,
+    pub tx_malformed: AtomicU64,
+    pub tx_socket_error: AtomicU64,
+    pub tcp_acks_moved: AtomicU64,
+}
+
+/// State shared between the driver task and the app's socket handles.
+pub(crate) struct Shared {
+    stack: Mutex<Stack>,
+    wg: Mutex<WgRouter>,
+    filter: Mutex<InboundFilter>,
+    counters: Arc<Counters>,
+    wake: Notify,
+    /// Datagrams produced outside the driver (e.g. [`DataPlane::rehandshake`]).
+    outbox: Mutex<Vec<Transmit>>,
+    /// Every netmap is applied under this lock, always the latest value, so the driver and an
+    /// API call racing to apply never regress to an older map.
+    netmap: Mutex<watch::Receiver<NetMap>>,
+    node_public: NodePublic,
+}
+
+impl Shared {
+    /// Locks the netstack. A panic elsewhere while holding the lock leaves smoltcp's state
+    /// consistent (it has no multi-step invariants across our calls), so poisoning is ignored.
+    pub(crate) fn lock_stack(&self) -> MutexGuard<'_, Stack> {
+        self.stack.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_wg(&self) -> MutexGuard<'_, WgRouter> {
+        self.wg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_filter(&self) -> MutexGuard<'_, InboundFilter> {
+        self.filter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the driver that a socket has something to send (or a window to reopen).
+    pub(crate) fn wake_driver(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Fails fast when no peer's AllowedIPs contain `ip`, instead of letting a dial time out.
+    /// A netmap sent but not yet applied by the driver is applied first, so a dial right after
+    /// a netmap update sees it.
+    pub(crate) fn check_route(&self, ip: IpAddr) -> io::Result<()> {
+        if self.lock_wg().routes_to(ip) {
+            return Ok(());
+        }
+        self.sync_netmap();
+        if self.lock_wg().routes_to(ip) {
+            return Ok(());
+        }
+        Err(io::Error::new(io::ErrorKind::HostUnreachable, format!("no mesh peer routes {ip}")))
+    }
+
+    /// Applies the latest netmap if it has not been applied yet.
+    fn sync_netmap(&self) {
+        let mut rx = self.netmap.lock().unwrap_or_else(|e| e.into_inner());
+        if rx.borrow().has_changed() {
+            let nm = rx.borrow_and_update().clone();
+            apply_netmap(self, &nm, self.node_public);
+        }
+    }
+}
+
+/// A running data plane. Dropping it stops the driver; sockets still held then fail.
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+    local_addr: SocketAddr,
+    node_public: NodePublic,
+    disco_public: DiscoPublic,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane")
+            .field("node", &self.node_public)
+            .field("udp", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.shared.lock_stack().stop();
+    }
+}
+
+impl DataPlane {
+    /// Binds the UDP socket and starts the driver task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// The UDP socket cannot be bound, or there is no tokio runtime to run on.
+    pub fn start(cfg: DataPlaneConfig, netmap: watch::Receiver<NetMap>) -> io::Result<DataPlane> {
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
+        let _enter = rt.enter();
+        let std_sock = StdUdpSocket::bind(cfg.bind)?;
+        std_sock.set_nonblocking(true)?;
+        let sock2 = socket2::SockRef::from(&std_sock);
+        // Best effort: a small buffer only costs throughput.
+        let _ = sock2.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+        let _ = sock2.set_send_buffer_size(UDP_SOCKET_BUFFER);
+        let udp = UdpSocket::from_std(std_sock)?;
+        let local_addr = udp.local_addr()?;
+        let counters = Arc::new(Counters::default());
+        let node_public = NodePublic(cfg.node_key.public_bytes());
+        let shared = Arc::new(Shared {
+            stack: Mutex::new(Stack::new()),
+            wg: Mutex::new(WgRouter::new(&cfg.node_key, Arc::clone(&counters))),
+            filter: Mutex::new(InboundFilter::default()),
+            counters,
+            wake: Notify::new(),
+            outbox: Mutex::new(Vec::new()),
+            netmap: Mutex::new(netmap.clone()),
+            node_public,
+        });
+        {
+            let mut rx = shared.netmap.lock().unwrap_or_else(|e| e.into_inner());
+            let nm = rx.borrow_and_update().clone();
+            apply_netmap(&shared, &nm, node_public);
+        }
+        let v4_only = local_addr.is_ipv4();
+        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, v4_only, ackfix: ackfix::AckFix::default() };
+        let task = tokio::spawn(driver.run());
+        tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
+        Ok(DataPlane { shared, task, local_addr, node_public, disco_public: DiscoPublic(cfg.disco_key.public_bytes()) })
+    }
+
+    /// This node's public node key.
+    pub fn node_public(&self) -> NodePublic {
+        self.node_public
+    }
+
+    /// This node's public disco key.
+    pub fn disco_public(&self) -> DiscoPublic {
+        self.disco_public
+    }
+
+    /// The bound address of the UDP socket.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The endpoints to report to the control server: the bound address if it is specific,
+    /// otherwise every non-loopback interface address of the socket's family with the bound
+    /// port.
+    pub fn local_endpoints(&self) -> Vec<SocketAddr> {
+        endpoints_for(self.local_addr, if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect()))
+    }
+
+    /// The node's mesh addresses as the netstack holds them.
+    pub fn mesh_addrs(&self) -> Vec<IpAddr> {
+        self.shared.sync_netmap();
+        self.shared.lock_stack().local_addrs()
+    }
+
+    /// Opens a TCP connection inside the mesh, waiting at most [`DEFAULT_DIAL_TIMEOUT`].
+    ///
+    /// # Errors
+    /// See [`DataPlane::dial_tcp_timeout`].
+    pub async fn dial_tcp(&self, addr: SocketAddr) -> io::Result<MeshTcpStream> {
+        self.dial_tcp_timeout(addr, DEFAULT_DIAL_TIMEOUT).await
+    }
+
+    /// Opens a TCP connection inside the mesh.
+    ///
+    /// # Errors
+    /// `HostUnreachable` when no peer routes `addr`, `TimedOut` when the peer does not answer
+    /// within `timeout` (no handshake, or its filter drops us), `ConnectionRefused` on a reset.
+    pub async fn dial_tcp_timeout(&self, addr: SocketAddr, timeout: Duration) -> io::Result<MeshTcpStream> {
+        self.shared.check_route(addr.ip())?;
+        let (h, local) = self.shared.lock_stack().connect(addr)?;
+        self.shared.wake_driver();
+        let connected = poll_fn(|cx| self.shared.lock_stack().poll_connected(h, cx));
+        match tokio::time::timeout(timeout, connected).await {
+            Ok(Ok(peer)) => Ok(MeshTcpStream::new(Arc::clone(&self.shared), h, local, peer)),
+            Ok(Err(e)) => {
+                self.shared.lock_stack().abort_tcp(h);
+                Err(io::Error::new(e.kind(), format!("dial {addr}: {e}")))
+            }
+            Err(_) => {
+                self.shared.lock_stack().abort_tcp(h);
+                self.shared.wake_driver();
+                Err(io::Error::new(io::ErrorKind::TimedOut, format!("dial {addr}: no answer within {timeout:?}")))
+            }
+        }
+    }
+
+    /// Listens for TCP connections on `port` of every mesh address.
+    ///
+    /// # Errors
+    /// `AddrInUse` when the port already has a listener; `InvalidInput` for port 0.
+    pub fn listen_tcp(&self, port: u16) -> io::Result<MeshTcpListener> {
+        self.shared.lock_stack().listen(port)?;
+        Ok(MeshTcpListener::new(Arc::clone(&self.shared), port))
+    }
+
+    /// Binds a UDP socket on `port` (0 = an ephemeral port) of every mesh address.
+    ///
+    /// # Errors
+    /// `AddrInUse` when the port is taken.
+    pub fn bind_udp(&self, port: u16) -> io::Result<MeshUdpSocket> {
+        let (h, port) = self.shared.lock_stack().bind_udp(port)?;
+        Ok(MeshUdpSocket::new(Arc::clone(&self.shared), h, port))
+    }
+
+    /// Per-peer tunnel state, sorted by node key.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared.sync_netmap();
+        self.shared.lock_wg().stats()
+    }
+
+    /// One line per netstack socket (TCP state, queue lengths, endpoints), for diagnostics.
+    pub fn socket_summary(&self) -> Vec<String> {
+        self.shared.lock_stack().describe()
+    }
+
+    /// Drop counters.
+    pub fn counters(&self) -> DataPlaneCounters {
+        let c = &self.shared.counters;
+        let rx_overflow = self.shared.lock_stack().rx_overflow;
+        DataPlaneCounters {
+            rx_malformed: c.rx_malformed.load(Relaxed),
+            rx_replayed: c.rx_replayed.load(Relaxed),
+            rx_rejected: c.rx_rejected.load(Relaxed),
+            rx_unknown_peer: c.rx_unknown_peer.load(Relaxed),
+            rx_spoofed: c.rx_spoofed.load(Relaxed),
+            rx_filtered: c.rx_filtered.load(Relaxed),
+            rx_bad_ip: c.rx_bad_ip.load(Relaxed),
+            rx_overflow,
+            tx_no_route: c.tx_no_route.load(Relaxed),
+            tx_no_path: c.tx_no_path.load(Relaxed),
+            tx_error: c.tx_error.load(Relaxed) + c.tx_malformed.load(Relaxed),
+            tx_socket_error: c.tx_socket_error.load(Relaxed),
+            tcp_acks_moved: c.tcp_acks_moved.load(Relaxed),
+        }
+    }
+
+    /// Starts a fresh WireGuard handshake with `peer` now, exactly as the 2-minute rekey timer
+    /// does; traffic moves to the new session when it completes. Useful after a path change.
+    /// Returns false when `peer` is not in the netmap.
+    pub fn rehandshake(&self, peer: &NodePublic) -> bool {
+        let mut out = Vec::new();
+        let known = self.shared.lock_wg().force_handshake(peer, &mut out);
+        // The driver owns the socket: hand it the initiation.
+        self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()).append(&mut out);
+        self.shared.wake_driver();
+        known
+    }
+}
+
+/// The endpoints for a socket bound to `bound`, given the host's interface addresses.
+fn endpoints_for(bound: SocketAddr, ifaces: io::Result<Vec<IpAddr>>) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let ifaces = match ifaces {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list interface addresses");
+            return Vec::new();
+        }
+    };
+    // A socket bound to 0.0.0.0 is IPv4-only; one bound to [::] also takes IPv4 on Linux.
+    let v6_socket = bound.is_ipv6();
+    let mut out: Vec<SocketAddr> = ifaces
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(v6) => v6_socket && !v6.is_unicast_link_local(),
+        })
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The node's mesh addresses as netstack CIDRs: the first valid unicast IPv4 and IPv6 entries
+/// (the netstack holds two), skipping anything malformed, so a bad netmap cannot trip
+/// smoltcp's asserts.
+fn mesh_cidrs(addresses: &[String]) -> Vec<IpCidr> {
+    let mut out: Vec<IpCidr> = Vec::new();
+    for a in addresses {
+        let parsed = match a.split_once('/') {
+            Some((ip, len)) => ip.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok()),
+            None => a.parse::<IpAddr>().ok().map(|ip| (ip, if ip.is_ipv4() { 32 } else { 128 })),
+        };
+        let Some((ip, len)) = parsed else {
+            tracing::warn!(address = %a, "ignoring malformed mesh address");
+            continue;
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let addr = smoltcp::wire::IpAddress::from(ip);
+        if len > max || !addr.is_unicast() || ip.is_unspecified() || ip.is_loopback() {
+            tracing::warn!(address = %a, "ignoring unusable mesh address");
+            continue;
+        }
+        if out.iter().all(|c| c.address().version() != addr.version()) {
+            out.push(IpCidr::new(addr, len));
+        }
+    }
+    out
+}
+
+/// Pushes a netmap into the router, the filter and the netstack.
+fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
+    if !nm.self_node.key.is_zero() && nm.self_node.key != me {
+        tracing::warn!(netmap = %nm.self_node.key.short(), ours = %me.short(), "netmap is for another node key");
+    }
+    let cidrs = mesh_cidrs(&nm.self_node.addresses);
+    let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
+    shared.lock_wg().set_peers(peers::desired_peers(nm));
+    {
+        let mut f = shared.lock_filter();
+        f.set_rules(&nm.packet_filter);
+        f.set_local_addrs(addrs);
+    }
+    shared.lock_stack().set_addresses(&cidrs);
+}
+
+/// The task that owns the UDP socket and moves packets between it, the WireGuard router and
+/// the netstack.
+struct Driver {
+    shared: Arc<Shared>,
+    udp: UdpSocket,
+    /// Only wakes the driver; the value is read through [`Shared::sync_netmap`].
+    netmap: watch::Receiver<NetMap>,
+    /// An IPv4 socket cannot reach IPv6 candidates.
+    v4_only: bool,
+    ackfix: ackfix::AckFix,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut buf = vec![0u8; 65536];
+        let mut out: Vec<Transmit> = Vec::new();
+        let mut delivered: Vec<(NodePublic, Vec<u8>)> = Vec::new();
+        let mut egress: Vec<Vec<u8>> = Vec::new();
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut netmap_open = true;
+        let stack_timer = tokio::time::sleep(TIMER_TICK);
+        tokio::pin!(stack_timer);
+        loop {
+            tokio::select! {
+                r = self.udp.recv_from(&mut buf) => match r {
+                    Ok((n, src)) => self.shared.lock_wg().handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
+                    Err(e) => tracing::debug!(error = %e, "udp receive failed"),
+                },
+                _ = self.shared.wake.notified() => {}
+                _ = tick.tick() => self.shared.lock_wg().tick(Instant::now(), &mut out),
+                r = self.netmap.changed(), if netmap_open => {
+                    self.netmap.borrow_and_update();
+                    self.shared.sync_netmap();
+                    // A closed channel means the owner dropped the sender: keep running on the
+                    // last netmap.
+                    netmap_open = r.is_ok();
+                }
+                _ = &mut stack_timer => {}
+            }
+            // Drain what else has arrived, so the stack sees a batch at once.
+            {
+                let mut wg = self.shared.lock_wg();
+                for _ in 0..RX_BATCH {
+                    match self.udp.try_recv_from(&mut buf) {
+                        Ok((n, src)) => wg.handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
+            stack_timer.as_mut().reset(tokio::time::Instant::now() + delay);
+            out.append(&mut self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));
+            for t in out.drain(..) {
+                self.send(t).await;
+            }
+        }
+    }
+
+    /// Filters decrypted packets into the netstack, polls it, and encrypts what it sent.
+    fn run_stack(
+        &mut self,
+        delivered: &mut Vec<(NodePublic, Vec<u8>)>,
+        egress: &mut Vec<Vec<u8>>,
+        out: &mut Vec<Transmit>,
+    ) -> Duration {
+        let now = Instant::now();
+        let c = &self.shared.counters;
+        let mut accepted = Vec::with_capacity(delivered.len());
+        if !delivered.is_empty() {
+            let mut f = self.shared.lock_filter();
+            for (peer, packet) in delivered.drain(..) {
+                let info = match PacketInfo::parse(&packet) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        c.rx_bad_ip.fetch_add(1, Relaxed);
+                        tracing::trace!(peer = %peer.short(), error = %e, "dropped inbound packet");
+                        continue;
+                    }
+                };
+                let verdict = f.check(&info, now);
+                if verdict.accepted() {
+                    accepted.push((info, packet));
+                } else {
+                    c.rx_filtered.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %peer.short(), src = %info.src, dst = %info.dst, proto = info.proto,
+                        port = info.dst_port, ?verdict, "packet filter dropped inbound packet");
+                }
+            }
+        }
+        let delay = {
+            let mut st = self.shared.lock_stack();
+            for (info, mut packet) in accepted {
+                if info.proto == filter::PROTO_TCP && self.ackfix.on_ingress(&mut packet) {
+                    c.tcp_acks_moved.fetch_add(1, Relaxed);
+                }
+                st.ingress(&info, packet);
+            }
+            let delay = st.poll();
+            st.take_egress(egress);
+            delay
+        };
+        if !egress.is_empty() {
+            {
+                let mut f = self.shared.lock_filter();
+                for p in egress.iter() {
+                    if let Ok(info) = PacketInfo::parse(p) {
+                        f.record_outbound(&info, now);
+                        if info.proto == filter::PROTO_TCP {
+                            self.ackfix.on_egress(p);
+                        }
+                    }
+                }
+            }
+            let mut wg = self.shared.lock_wg();
+            for p in egress.drain(..) {
+                wg.send_packet(&p, out);
+            }
+        }
+        delay.unwrap_or(TIMER_TICK).min(TIMER_TICK)
+    }
+
+    async fn send(&self, t: Transmit) {
+        let Path::Direct(dst) = t.path;
+        let dst = match dst {
+            // Skip rather than count as errors: the peer may list candidates of both families.
+            SocketAddr::V6(_) if self.v4_only => return,
+            // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
+            SocketAddr::V4(v4) if !self.v4_only => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+            _ => dst,
+        };
+        if let Err(e) = self.udp.send_to(&t.payload, dst).await {
+            self.shared.counters.tx_socket_error.fetch_add(1, Relaxed);
+            tracing::debug!(%dst, error = %e, "udp send failed");
+        }
+    }
+}
+
+/// IPv4 peers reach a dual-stack socket as `::ffff:a.b.c.d`; keep them as IPv4 so they match
+/// the netmap's endpoints.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_cidrs_keep_one_valid_address_per_family() {
+        let v = |a: &[&str]| mesh_cidrs(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let got =
+            v(&["100.64.0.1/33", "224.0.0.1/32", "0.0.0.0/0", "x/1", "100.64.0.1/32", "100.64.0.9/32", "fd7a::1"]);
+        let want: Vec<IpCidr> = vec!["100.64.0.1/32".parse().unwrap(), "fd7a::1/128".parse().unwrap()];
+        assert_eq!(got, want);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mesh_cidrs_never_panic(a in proptest::collection::vec("[0-9a-f.:/]{0,45}", 0..5)) {
+            let cidrs = mesh_cidrs(&a);
+            let mut st = netstack::Stack::new();
+            st.set_addresses(&cidrs);
+        }
+    }
+
+    #[test]
+    fn endpoints_for_bound_and_wildcard_sockets() {
+        let ifaces = || {
+            Ok(vec![
+                "127.0.0.1".parse().unwrap(),
+                "192.0.2.10".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+                "fe80::1".parse().unwrap(),
+            ])
+        };
+        let b: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(endpoints_for(b, ifaces()), vec![b]);
+        let v4: Vec<String> =
+            endpoints_for("0.0.0.0:4000".parse().unwrap(), ifaces()).iter().map(|a| a.to_string()).collect();
+        assert_eq!(v4, vec!["192.0.2.10:4000"]);
+        let v6: Vec<String> =
+            endpoints_for("[::]:4000".parse().unwrap(), ifaces()).iter().map(|a| a.to_string()).collect();
+        assert_eq!(v6, vec!["192.0.2.10:4000", "[2001:db8::1]:4000"]);
+        assert!(endpoints_for("0.0.0.0:1".parse().unwrap(), Err(io::ErrorKind::Other.into())).is_empty());
+    }
+}

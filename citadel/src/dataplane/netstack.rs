@@ -1,0 +1,588 @@
+//! The userspace TCP/IP stack: a smoltcp [`Interface`] holding the node's mesh addresses, a
+//! [`Device`] whose queues connect it to the WireGuard router, and the bookkeeping for the
+//! app's sockets (listeners with a backlog, ephemeral ports, lingering closes).
+//!
+//! [`Stack`] is sans-IO apart from reading the monotonic clock for smoltcp's timestamps; the
+//! driver feeds it decrypted packets ([`Stack::ingress`]), calls [`Stack::poll`] and drains
+//! [`Stack::take_egress`].
+
+use super::filter::{PacketInfo, PROTO_TCP};
+use rand::Rng;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Tailscale's TUN MTU: leaves room for WireGuard (32) + UDP (8) + IPv6 (40) within 1360,
+/// which fits every path the mesh uses.
+pub(crate) const MTU: usize = 1280;
+/// Per-direction TCP buffer. It bounds the window, and so throughput per round trip.
+pub(crate) const TCP_BUFFER: usize = 512 * 1024;
+const UDP_PACKETS: usize = 512;
+const UDP_BUFFER: usize = 256 * 1024;
+/// Decrypted packets waiting for the stack; past this they are dropped like a full NIC ring.
+const RX_QUEUE_MAX: usize = 4096;
+/// Connections a listener holds before `accept` takes them; further SYNs are refused.
+const LISTEN_BACKLOG: usize = 128;
+/// How long a closed-by-app socket may take to finish its FIN exchange before it is reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(60);
+/// Ephemeral port range (IANA dynamic ports).
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// smoltcp device whose "wire" is two packet queues.
+#[derive(Debug, Default)]
+pub(crate) struct MeshDevice {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+pub(crate) struct MeshRx(Vec<u8>);
+pub(crate) struct MeshTx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxToken for MeshRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for MeshTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for MeshDevice {
+    type RxToken<'a> = MeshRx;
+    type TxToken<'a> = MeshTx<'a>;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(MeshRx, MeshTx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((MeshRx(p), MeshTx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<MeshTx<'_>> {
+        Some(MeshTx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+/// A TCP listener's state inside the stack.
+#[derive(Debug, Default)]
+struct Listener {
+    /// Sockets put into LISTEN for SYNs in the current batch (one per new connection, so a
+    /// retransmitted SYN can never be taken by a second socket).
+    listening: Vec<SocketHandle>,
+    /// The connections those sockets are for, so a SYN duplicated within one batch gets one.
+    claimed: HashSet<(IpEndpoint, IpEndpoint)>,
+    /// Connections past their SYN, waiting for `accept`.
+    pending: VecDeque<SocketHandle>,
+    waker: Option<Waker>,
+}
+
+/// The netstack and the app's sockets.
+pub(crate) struct Stack {
+    iface: Interface,
+    pub(crate) sockets: SocketSet<'static>,
+    device: MeshDevice,
+    epoch: Instant,
+    listeners: HashMap<u16, Listener>,
+    closing: Vec<(SocketHandle, Instant)>,
+    udp_ports: HashSet<u16>,
+    /// Set when the data plane stops; every socket operation then fails.
+    pub(crate) stopped: bool,
+    pub(crate) rx_overflow: u64,
+    /// Tasks blocked on UDP sockets, woken by [`Stack::stop`] (smoltcp wakes them only on
+    /// traffic). Keyed by socket and direction (true = send).
+    parked: HashMap<(SocketHandle, bool), Waker>,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack").field("addrs", &self.iface.ip_addrs()).finish_non_exhaustive()
+    }
+}
+
+fn smol_now(epoch: Instant) -> SmolInstant {
+    SmolInstant::from_micros(i64::try_from(epoch.elapsed().as_micros()).unwrap_or(i64::MAX))
+}
+
+impl Stack {
+    pub(crate) fn new() -> Stack {
+        let mut device = MeshDevice::default();
+        let epoch = Instant::now();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = rand::random();
+        let iface = Interface::new(config, &mut device, smol_now(epoch));
+        Stack {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            device,
+            epoch,
+            listeners: HashMap::new(),
+            closing: Vec::new(),
+            udp_ports: HashSet::new(),
+            stopped: false,
+            rx_overflow: 0,
+            parked: HashMap::new(),
+        }
+    }
+
+    /// Replaces the interface's addresses (the node's mesh IPs). Every destination outside
+    /// them goes out of the device; the WireGuard router decides which peer gets it.
+    pub(crate) fn set_addresses(&mut self, addrs: &[IpCidr]) {
+        if self.iface.ip_addrs() == addrs {
+            return;
+        }
+        self.iface.update_ip_addrs(|v| {
+            v.clear();
+            for a in addrs {
+                if v.push(*a).is_err() {
+                    tracing::warn!(addr = %a, "netstack holds two addresses; ignoring the rest");
+                }
+            }
+        });
+        let routes = self.iface.routes_mut();
+        routes.remove_default_ipv4_route();
+        routes.remove_default_ipv6_route();
+        // With an IP-medium device the gateway is never resolved; any address of the right
+        // family makes smoltcp consider every destination reachable.
+        for a in addrs {
+            let res = match a.address() {
+                IpAddress::Ipv4(v4) => routes.add_default_ipv4_route(v4).map(|_| ()),
+                IpAddress::Ipv6(v6) => routes.add_default_ipv6_route(v6).map(|_| ()),
+            };
+            if res.is_err() {
+                tracing::warn!("netstack route table full");
+            }
+        }
+    }
+
+    pub(crate) fn local_addrs(&self) -> Vec<IpAddr> {
+        self.iface.ip_addrs().iter().map(|c| IpAddr::from(c.address())).collect()
+    }
+
+    fn now(&self) -> SmolInstant {
+        smol_now(self.epoch)
+    }
+
+    fn tcp_socket() -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+        );
+        // The app decides about batching; Nagle only adds latency to request/response.
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(Some(SmolDuration::from_millis(1)));
+        s
+    }
+
+    fn tcp_port_in_use(&self, port: u16) -> bool {
+        self.sockets.iter().any(|(_, s)| match s {
+            smoltcp::socket::Socket::Tcp(t) => {
+                t.local_endpoint().map(|e| e.port) == Some(port) || t.listen_endpoint().port == port
+            }
+            _ => false,
+        }) || self.listeners.contains_key(&port)
+    }
+
+    /// Starts connecting to `remote` from an ephemeral port.
+    pub(crate) fn connect(&mut self, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
+        self.check_running()?;
+        let port = (0..64)
+            .map(|_| rand::thread_rng().gen_range(EPHEMERAL))
+            .find(|p| !self.tcp_port_in_use(*p))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free ephemeral port"))?;
+        let mut s = Self::tcp_socket();
+        s.connect(self.iface.context(), remote, port).map_err(|e| {
+            io::Error::new(io::ErrorKind::AddrNotAvailable, format!("cannot connect to {remote} from the mesh: {e}"))
+        })?;
+        let local = s.local_endpoint().map(SocketAddr::from).unwrap_or_else(|| SocketAddr::new(remote.ip(), port));
+        Ok((self.sockets.add(s), local))
+    }
+
+    /// State of a connecting socket: `Ready(Ok)` once established.
+    pub(crate) fn poll_connected(&mut self, h: SocketHandle, cx: &mut Context<'_>) -> Poll<io::Result<SocketAddr>> {
+        if let Err(e) = self.check_running() {
+            return Poll::Ready(Err(e));
+        }
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        match s.state() {
+            tcp::State::SynSent | tcp::State::SynReceived => {
+                s.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            tcp::State::Closed | tcp::State::Listen | tcp::State::TimeWait => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused")))
+            }
+            _ => {
+                Poll::Ready(s.remote_endpoint().map(SocketAddr::from).ok_or_else(|| io::ErrorKind::NotConnected.into()))
+            }
+        }
+    }
+
+    /// Resets and forgets a socket (a dial that timed out).
+    pub(crate) fn abort_tcp(&mut self, h: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(h).abort();
+        self.closing.push((h, Instant::now()));
+    }
+
+    pub(crate) fn listen(&mut self, port: u16) -> io::Result<()> {
+        self.check_running()?;
+        if port == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "listen needs a port"));
+        }
+        if self.listeners.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("mesh TCP port {port} already has a listener"),
+            ));
+        }
+        self.listeners.insert(port, Listener::default());
+        Ok(())
+    }
+
+    pub(crate) fn unlisten(&mut self, port: u16) {
+        if let Some(l) = self.listeners.remove(&port) {
+            for h in l.listening.into_iter().chain(l.pending) {
+                self.sockets.get_mut::<tcp::Socket>(h).abort();
+                self.closing.push((h, Instant::now()));
+            }
+        }
+    }
+
+    /// The next established connection on `port`.
+    pub(crate) fn poll_accept(
+        &mut self,
+        port: u16,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(SocketHandle, SocketAddr, SocketAddr)>> {
+        if let Err(e) = self.check_running() {
+            return Poll::Ready(Err(e));
+        }
+        let Some(l) = self.listeners.get_mut(&port) else {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "listener closed")));
+        };
+        let mut i = 0;
+        while i < l.pending.len() {
+            let h = l.pending[i];
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            match s.state() {
+                tcp::State::SynReceived => i += 1,
+                // Reset during the handshake.
+                tcp::State::Closed | tcp::State::Listen => {
+                    l.pending.remove(i);
+                    self.sockets.remove(h);
+                }
+                _ => {
+                    let (Some(local), Some(remote)) = (s.local_endpoint(), s.remote_endpoint()) else {
+                        i += 1;
+                        continue;
+                    };
+                    l.pending.remove(i);
+                    return Poll::Ready(Ok((h, local.into(), remote.into())));
+                }
+            }
+        }
+        l.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub(crate) fn bind_udp(&mut self, port: u16) -> io::Result<(SocketHandle, u16)> {
+        self.check_running()?;
+        let port = if port == 0 {
+            (0..64)
+                .map(|_| rand::thread_rng().gen_range(EPHEMERAL))
+                .find(|p| !self.udp_ports.contains(p))
+                .ok_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free ephemeral port"))?
+        } else {
+            port
+        };
+        if self.udp_ports.contains(&port) {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("mesh UDP port {port} is in use")));
+        }
+        let buf = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0u8; UDP_BUFFER]);
+        let mut s = udp::Socket::new(buf(), buf());
+        s.bind(IpListenEndpoint { addr: None, port })
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bind mesh UDP port {port}: {e}")))?;
+        self.udp_ports.insert(port);
+        Ok((self.sockets.add(s), port))
+    }
+
+    /// The app dropped its stream: close gracefully (or reset, if it left data unread, as a
+    /// kernel does) and forget the socket once closed.
+    pub(crate) fn release_tcp(&mut self, h: SocketHandle) {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if s.recv_queue() > 0 {
+            s.abort();
+        } else {
+            s.close();
+        }
+        self.closing.push((h, Instant::now()));
+    }
+
+    /// Remembers a task blocked on a UDP socket so that [`Stack::stop`] can wake it.
+    pub(crate) fn park_udp(&mut self, h: SocketHandle, send: bool, waker: &Waker) {
+        self.parked.insert((h, send), waker.clone());
+    }
+
+    pub(crate) fn release_udp(&mut self, h: SocketHandle, port: u16) {
+        self.parked.remove(&(h, false));
+        self.parked.remove(&(h, true));
+        self.sockets.remove(h);
+        self.udp_ports.remove(&port);
+    }
+
+    /// Queues one decrypted, filtered packet. A SYN to a listened port gets a fresh LISTEN
+    /// socket first, unless a socket already owns that connection (a retransmitted SYN).
+    pub(crate) fn ingress(&mut self, info: &PacketInfo, packet: Vec<u8>) {
+        if self.device.rx.len() >= RX_QUEUE_MAX {
+            self.rx_overflow += 1;
+            return;
+        }
+        if info.proto == PROTO_TCP && info.tcp_syn_only && self.listeners.contains_key(&info.dst_port) {
+            self.prepare_listen_socket(info);
+        }
+        self.device.rx.push_back(packet);
+    }
+
+    fn prepare_listen_socket(&mut self, info: &PacketInfo) {
+        let local = IpEndpoint::from(SocketAddr::new(info.dst, info.dst_port));
+        let remote = IpEndpoint::from(SocketAddr::new(info.src, info.src_port));
+        let owned = self.sockets.iter().any(|(_, s)| match s {
+            smoltcp::socket::Socket::Tcp(t) => t.local_endpoint() == Some(local) && t.remote_endpoint() == Some(remote),
+            _ => false,
+        });
+        let Some(l) = self.listeners.get(&info.dst_port) else { return };
+        if owned || l.claimed.contains(&(local, remote)) || l.listening.len() + l.pending.len() >= LISTEN_BACKLOG {
+            return;
+        }
+        let mut s = Self::tcp_socket();
+        if s.listen(IpListenEndpoint { addr: Some(local.addr), port: local.port }).is_err() {
+            return;
+        }
+        let h = self.sockets.add(s);
+        if let Some(l) = self.listeners.get_mut(&info.dst_port) {
+            l.listening.push(h);
+            l.claimed.insert((local, remote));
+        }
+    }
+
+    /// Runs the stack: processes queued packets, sends what sockets have, moves new
+    /// connections to their listener, reaps closed sockets. Returns when it next wants to run.
+    pub(crate) fn poll(&mut self) -> Option<Duration> {
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        for l in self.listeners.values_mut() {
+            l.claimed.clear();
+            for h in l.listening.drain(..) {
+                if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
+                    // Its SYN never reached it (dropped, or taken by an older socket).
+                    self.sockets.remove(h);
+                } else {
+                    l.pending.push_back(h);
+                }
+            }
+            if !l.pending.is_empty() {
+                if let Some(w) = l.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        let wall = Instant::now();
+        let sockets = &mut self.sockets;
+        self.closing.retain(|(h, since)| {
+            let s = sockets.get_mut::<tcp::Socket>(*h);
+            if s.state() == tcp::State::Closed {
+                sockets.remove(*h);
+                return false;
+            }
+            if wall.duration_since(*since) > CLOSE_LINGER {
+                s.abort();
+            }
+            true
+        });
+        self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    /// One line per socket (state, queues, endpoints), for diagnostics.
+    pub(crate) fn describe(&self) -> Vec<String> {
+        self.sockets
+            .iter()
+            .map(|(h, s)| match s {
+                smoltcp::socket::Socket::Tcp(t) => format!(
+                    "{h} tcp {} {:?} -> {:?} send_queue={} recv_queue={} may_send={} can_recv={}",
+                    t.state(),
+                    t.local_endpoint(),
+                    t.remote_endpoint(),
+                    t.send_queue(),
+                    t.recv_queue(),
+                    t.may_send(),
+                    t.can_recv()
+                ),
+                smoltcp::socket::Socket::Udp(u) => {
+                    format!(
+                        "{h} udp port {} send_queue={} recv_queue={}",
+                        u.endpoint().port,
+                        u.send_queue(),
+                        u.recv_queue()
+                    )
+                }
+                #[allow(unreachable_patterns)]
+                _ => format!("{h} other"),
+            })
+            .collect()
+    }
+
+    /// IP packets the stack sent since the last call.
+    pub(crate) fn take_egress(&mut self, out: &mut Vec<Vec<u8>>) {
+        out.extend(self.device.tx.drain(..));
+    }
+
+    /// Stops every socket: pending reads, writes and accepts fail from now on.
+    pub(crate) fn stop(&mut self) {
+        self.stopped = true;
+        for (_, s) in self.sockets.iter_mut() {
+            match s {
+                smoltcp::socket::Socket::Tcp(t) => t.abort(),
+                smoltcp::socket::Socket::Udp(u) => u.close(),
+                #[allow(unreachable_patterns)]
+                _ => {}
+            }
+        }
+        for l in self.listeners.values_mut() {
+            if let Some(w) = l.waker.take() {
+                w.wake();
+            }
+        }
+        for (_, w) in self.parked.drain() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn check_running(&self) -> io::Result<()> {
+        if self.stopped {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "the mesh data plane has stopped"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn stack(ip: [u8; 4]) -> Stack {
+        let mut s = Stack::new();
+        s.set_addresses(&[IpCidr::new(IpAddress::from(std::net::Ipv4Addr::from(ip)), 32)]);
+        s
+    }
+
+    /// Moves packets between two stacks until both are quiet.
+    fn shuttle(a: &mut Stack, b: &mut Stack, dup_syns: bool) {
+        for _ in 0..50 {
+            a.poll();
+            b.poll();
+            let (mut from_a, mut from_b) = (vec![], vec![]);
+            a.take_egress(&mut from_a);
+            b.take_egress(&mut from_b);
+            if from_a.is_empty() && from_b.is_empty() {
+                return;
+            }
+            for p in from_a {
+                let info = PacketInfo::parse(&p).unwrap();
+                if dup_syns && info.tcp_syn_only {
+                    b.ingress(&info, p.clone());
+                }
+                b.ingress(&info, p);
+            }
+            for p in from_b {
+                b_to_a(a, p);
+            }
+        }
+    }
+
+    fn b_to_a(a: &mut Stack, p: Vec<u8>) {
+        let info = PacketInfo::parse(&p).unwrap();
+        a.ingress(&info, p);
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn listener_takes_simultaneous_and_duplicated_syns_once_each() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        b.listen(80).unwrap();
+        assert_eq!(b.listen(80).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        let server: SocketAddr = "100.64.0.2:80".parse().unwrap();
+        let dials: Vec<_> = (0..3).map(|_| a.connect(server).unwrap()).collect();
+        shuttle(&mut a, &mut b, true);
+        for (h, _) in &dials {
+            assert!(matches!(a.poll_connected(*h, &mut cx()), Poll::Ready(Ok(p)) if p == server));
+        }
+        let mut accepted = vec![];
+        while let Poll::Ready(Ok((h, local, remote))) = b.poll_accept(80, &mut cx()) {
+            assert_eq!(local, server);
+            accepted.push((h, remote));
+        }
+        let mut want: Vec<SocketAddr> = dials.iter().map(|(_, l)| *l).collect();
+        let mut got: Vec<SocketAddr> = accepted.iter().map(|(_, r)| *r).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "one connection per dial, none duplicated");
+        // Only the accepted connections remain on B: no stray LISTEN sockets.
+        assert_eq!(b.sockets.iter().count(), 3);
+
+        // Data flows and a closed stream is reaped on both sides.
+        let (ha, hb) = (dials[0].0, accepted.iter().find(|(_, r)| *r == dials[0].1).unwrap().0);
+        assert_eq!(a.sockets.get_mut::<tcp::Socket>(ha).send_slice(b"ping").unwrap(), 4);
+        shuttle(&mut a, &mut b, false);
+        let mut buf = [0u8; 8];
+        assert_eq!(b.sockets.get_mut::<tcp::Socket>(hb).recv_slice(&mut buf).unwrap(), 4);
+        // A closes first and lingers in TIME-WAIT; B, the passive closer, is reaped at once.
+        a.release_tcp(ha);
+        shuttle(&mut a, &mut b, false);
+        b.release_tcp(hb);
+        shuttle(&mut a, &mut b, false);
+        assert_eq!(b.sockets.iter().count(), 2);
+        assert_eq!(a.sockets.get::<tcp::Socket>(ha).state(), tcp::State::TimeWait);
+    }
+
+    #[test]
+    fn refused_dial_and_stopped_stack() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        let (h, _) = a.connect("100.64.0.2:81".parse().unwrap()).unwrap();
+        shuttle(&mut a, &mut b, false);
+        assert!(
+            matches!(a.poll_connected(h, &mut cx()), Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused)
+        );
+        a.abort_tcp(h);
+        a.poll();
+        assert_eq!(a.sockets.iter().count(), 0);
+
+        let (u, port) = b.bind_udp(0).unwrap();
+        assert!(EPHEMERAL.contains(&port));
+        assert_eq!(b.bind_udp(port).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        b.release_udp(u, port);
+        b.stop();
+        assert_eq!(b.listen(80).unwrap_err().kind(), io::ErrorKind::NotConnected);
+        assert!(b.connect("100.64.0.1:1".parse().unwrap()).is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! Routing by AllowedIPs: the peer whose longest prefix contains an address. Used both ways —
+//! outbound to pick the tunnel for a destination, inbound to check that a decrypted packet's
+//! source belongs to the peer that sent it (WireGuard's cryptokey routing).
+
+use super::peers::PeerConfig;
+use crate::keys::NodePublic;
+use ip_network_table::IpNetworkTable;
+use std::net::IpAddr;
+
+/// Longest-prefix-match table from AllowedIPs to peers.
+pub(crate) struct RouteTable {
+    table: IpNetworkTable<NodePublic>,
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.table.iter().map(|(n, k)| (n.to_string(), k.short()))).finish()
+    }
+}
+
+impl RouteTable {
+    /// Builds the table from the peers' AllowedIPs. When two peers claim the same prefix the
+    /// first (in key order) keeps it, so the outcome does not depend on map iteration order.
+    pub(crate) fn build<'a>(peers: impl IntoIterator<Item = &'a PeerConfig>) -> RouteTable {
+        let mut table: IpNetworkTable<NodePublic> = IpNetworkTable::new();
+        for p in peers {
+            for net in &p.allowed_ips {
+                if let Some(other) = table.exact_match(*net) {
+                    if *other != p.key {
+                        tracing::warn!(%net, kept = %other.short(), ignored = %p.key.short(), "two peers claim one prefix");
+                    }
+                    continue;
+                }
+                table.insert(*net, p.key);
+            }
+        }
+        RouteTable { table }
+    }
+
+    /// The peer that `ip` routes to.
+    pub(crate) fn lookup(&self, ip: IpAddr) -> Option<NodePublic> {
+        self.table.longest_match(ip).map(|(_, k)| *k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::filter::parse_prefix;
+
+    fn peer(k: u8, nets: &[&str]) -> PeerConfig {
+        PeerConfig {
+            key: NodePublic([k; 32]),
+            allowed_ips: nets.iter().map(|n| parse_prefix(n).unwrap()).collect(),
+            endpoints: vec![],
+            home_derp: 0,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let peers = [
+            peer(1, &["100.64.0.0/10", "fd7a:115c:a1e0::/48"]),
+            peer(2, &["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]),
+            peer(3, &["100.64.0.2/32"]),
+        ];
+        let t = RouteTable::build(peers.iter());
+        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(NodePublic([2; 32])));
+        assert_eq!(t.lookup("100.64.9.9".parse().unwrap()), Some(NodePublic([1; 32])));
+        assert_eq!(t.lookup("fd7a:115c:a1e0::2".parse().unwrap()), Some(NodePublic([2; 32])));
+        assert_eq!(t.lookup("fd7a:115c:a1e0::3".parse().unwrap()), Some(NodePublic([1; 32])));
+        assert_eq!(t.lookup("10.0.0.1".parse().unwrap()), None);
+        assert_eq!(t.lookup("::1".parse().unwrap()), None);
+    }
+}
