@@ -91,6 +91,32 @@ enum Cmd {
     },
     /// Leave the mesh (Nexus removes the node) and clear the state directory
     Logout,
+    /// Mesh-level ping: round trip through the tunnel and the path it took
+    Ping {
+        /// Peer name, FQDN or mesh IP
+        peer: String,
+        /// Number of pings
+        #[arg(short = 'c', long, default_value_t = 4)]
+        count: u32,
+        /// TCP port probed (a closed port answers with a reset, which is enough)
+        #[arg(long, default_value_t = 1)]
+        port: u16,
+        /// JSON lines
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pipe stdin/stdout to a TCP connection over the mesh (usable as ssh's ProxyCommand)
+    Connect {
+        /// PEER:PORT (peer name, FQDN or mesh IP)
+        target: String,
+    },
+    /// Listen on 127.0.0.1:LOCAL_PORT and forward each connection into the mesh
+    Proxy {
+        /// Loopback port to listen on
+        local_port: u16,
+        /// PEER:PORT
+        target: String,
+    },
     /// Run the job loop (Redis Streams consumer group); refuses unless the node is connected
     Work {
         /// Redis URL (redis://[:password@]host:port[/db]); a mesh address is reached through the mesh
@@ -155,14 +181,19 @@ fn print_status(s: &Status, json: bool, color: bool) {
         return;
     }
     let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
-    println!("  {}", dim(&format!("{:w$}  {:15}  {:8}", "NAME", "IPV4", "STATE")));
+    println!("  {}", dim(&format!("{:w$}  {:15}  {:8}  {}", "NAME", "IPV4", "STATE", "PATH")));
     for p in &s.peers {
         let st = match p.online {
             Some(true) => good(&format!("{:8}", "online")),
             Some(false) => bad(&format!("{:8}", "offline")),
             None => dim(&format!("{:8}", "unknown")),
         };
-        println!("  {:w$}  {:15}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st);
+        let path = match (&p.path, &p.last_handshake) {
+            (Some(path), Some(hs)) => format!("{path}, handshake {hs}"),
+            (Some(path), None) => path.clone(),
+            _ => dim("-"),
+        };
+        println!("  {:w$}  {:15}  {}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st, path);
     }
 }
 
@@ -204,6 +235,69 @@ async fn with_spinner<T>(what: &str, fut: impl std::future::Future<Output = T>) 
     spin.abort();
     eprint!("\r\x1b[2K");
     out
+}
+
+/// `host:port`, `[v6]:port` or `v6-literal:port` → (peer, port).
+fn split_target(t: &str) -> Option<(String, u16)> {
+    let (host, port) = t.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
+/// The node a command talks through: the running `citadel up` (through its socket), or one
+/// brought up in this process from the saved state.
+enum Node {
+    Running(PathBuf),
+    Own(Mesh),
+}
+
+impl Node {
+    async fn attach(state_dir: &std::path::Path, cfg: Config) -> Result<Node, ExitCode> {
+        if let Ok(Some(Response::Status(_))) = api::call(state_dir, &Request::Status).await {
+            return Ok(Node::Running(state_dir.to_path_buf()));
+        }
+        match Mesh::connect(cfg).await {
+            Ok(m) => Ok(Node::Own(m)),
+            Err(e) => Err(fail(&e)),
+        }
+    }
+
+    async fn ping(&self, peer: &str, port: u16, timeout: Duration) -> Result<citadel::mesh::Pong, String> {
+        match self {
+            Node::Running(dir) => {
+                let req = Request::Ping { peer: peer.to_string(), port, timeout_ms: timeout.as_millis() as u64 };
+                match api::call(dir, &req).await {
+                    Ok(Some(Response::Pong(p))) => Ok(p),
+                    Ok(Some(Response::Error { message })) => Err(message),
+                    Ok(_) => Err("the running node did not answer".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Node::Own(m) => {
+                let ip = m.resolve(peer).ok_or_else(|| format!("unknown peer {peer:?}"))?;
+                m.ping(ip, port, timeout).await.map_err(|e| format!("no reply from {peer}: {e}"))
+            }
+        }
+    }
+
+    async fn dial(&self, peer: &str, port: u16) -> Result<Box<dyn citadel::net::AsyncReadWrite>, String> {
+        match self {
+            Node::Running(dir) => match api::dial(dir, peer, port).await {
+                Ok(Some(Ok(s))) => Ok(Box::new(s)),
+                Ok(Some(Err(e))) => Err(e),
+                Ok(None) => Err("the running node went away".into()),
+                Err(e) => Err(e.to_string()),
+            },
+            Node::Own(m) => {
+                let ip = m.resolve(peer).ok_or_else(|| format!("unknown peer {peer:?}"))?;
+                m.dial_tcp(std::net::SocketAddr::new(ip, port))
+                    .await
+                    .map(|c| Box::new(c) as Box<dyn citadel::net::AsyncReadWrite>)
+                    .map_err(|e| format!("cannot connect to {peer}:{port}: {e}"))
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -285,7 +379,7 @@ async fn main() -> ExitCode {
             };
             let s = mesh.status();
             eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
-            let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
+            let mesh = Arc::new(tokio::sync::Mutex::new(Some(Arc::new(mesh))));
             let done = Arc::new(tokio::sync::Notify::new());
             let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&state_dir), done.clone()));
             let mut term =
@@ -370,7 +464,7 @@ async fn main() -> ExitCode {
                     _ = tokio::signal::ctrl_c() => {}
                 }
             };
-            let dialer: Arc<dyn citadel::work::MeshDialer> = Arc::new(citadel::work::NoMesh);
+            let dialer: Arc<dyn citadel::work::MeshDialer> = Arc::new(mesh);
             match citadel::work::run(wc, dialer, shutdown).await {
                 Ok(sum) => {
                     eprintln!(
@@ -383,6 +477,102 @@ async fn main() -> ExitCode {
                     eprintln!("citadel: {e}");
                     ExitCode::from(4)
                 }
+            }
+        }
+        Cmd::Ping { peer, count, port, json } => {
+            let node = match Node::attach(&state_dir, cfg(None, None, None)).await {
+                Ok(n) => n,
+                Err(code) => return code,
+            };
+            let mut lost = 0;
+            for i in 0..count.max(1) {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                match node.ping(&peer, port, timeout).await {
+                    Ok(p) if json => println!("{}", serde_json::to_string(&p).expect("serializes")),
+                    Ok(p) => println!(
+                        "pong from {} ({}) via {} in {:.2} ms",
+                        p.name,
+                        p.ip,
+                        p.path.as_deref().unwrap_or("unknown path"),
+                        p.rtt_ms
+                    ),
+                    Err(e) => {
+                        lost += 1;
+                        eprintln!("citadel: {e}");
+                    }
+                }
+            }
+            if lost == count.max(1) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Cmd::Connect { target } => {
+            let Some((peer, port)) = split_target(&target) else {
+                eprintln!("citadel: expected PEER:PORT, got {target:?}");
+                return ExitCode::from(2);
+            };
+            let node = match Node::attach(&state_dir, cfg(None, None, None)).await {
+                Ok(n) => n,
+                Err(code) => return code,
+            };
+            let mut conn = match node.dial(&peer, port).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("citadel: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+            match tokio::io::copy_bidirectional(&mut stdio, &mut conn).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("citadel: connection to {target} failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Proxy { local_port, target } => {
+            let Some((peer, port)) = split_target(&target) else {
+                eprintln!("citadel: expected PEER:PORT, got {target:?}");
+                return ExitCode::from(2);
+            };
+            let node = match Node::attach(&state_dir, cfg(None, None, None)).await {
+                Ok(n) => Arc::new(n),
+                Err(code) => return code,
+            };
+            let listener = match tokio::net::TcpListener::bind(("127.0.0.1", local_port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("citadel: cannot listen on 127.0.0.1:{local_port}: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            eprintln!(
+                "citadel: forwarding 127.0.0.1:{} to {target}",
+                listener.local_addr().map(|a| a.port()).unwrap_or(local_port)
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            loop {
+                let (mut local, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(e) => { eprintln!("citadel: accept: {e}"); continue; } },
+                    _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                    _ = term.recv() => return ExitCode::SUCCESS,
+                };
+                let node = node.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    match node.dial(&peer, port).await {
+                        Ok(mut remote) => {
+                            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                        }
+                        Err(e) => tracing::warn!("proxy: {e}"),
+                    }
+                });
             }
         }
         Cmd::Logout => {

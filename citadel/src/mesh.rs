@@ -3,6 +3,7 @@
 //! reports status. [`crate::network`] is the process-global facade over it.
 
 use crate::control::{self, ControlConn, ControlError};
+use crate::dataplane::{DataPlane, DataPlaneConfig, MeshTcpListener, MeshTcpStream, MeshUdpSocket, PeerStats};
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
 use crate::net::{Net, TokioNet};
 use crate::netmap::{short_name, NetMap};
@@ -36,6 +37,8 @@ pub struct Config {
     pub on_auth_url: Option<Arc<dyn Fn(&str) + Send + Sync>>,
     /// Bound on waiting for an interactive approval.
     pub login_timeout: Duration,
+    /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
+    pub udp_port: u16,
 }
 
 impl std::fmt::Debug for Config {
@@ -65,6 +68,7 @@ impl Config {
             net: Arc::new(TokioNet),
             on_auth_url: None,
             login_timeout: Duration::from_secs(600),
+            udp_port: 0,
         }
     }
 }
@@ -122,6 +126,30 @@ pub struct PeerStatus {
     /// The peer's key has expired (it cannot be reached until it re-authenticates).
     #[serde(default)]
     pub expired: bool,
+    /// Current path: `"direct <ip:port>"`, `"relay <region>"`, or `null` before any packet.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// When the current WireGuard session's handshake completed (RFC 3339).
+    #[serde(default)]
+    pub last_handshake: Option<String>,
+    /// WireGuard bytes received from / sent to the peer.
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+}
+
+/// One answer of [`Mesh::ping`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pong {
+    /// Peer's mesh IP.
+    pub ip: String,
+    /// Peer's short name.
+    pub name: String,
+    /// Round trip in milliseconds.
+    pub rtt_ms: f64,
+    /// Path the reply came over.
+    pub path: Option<String>,
 }
 
 /// A snapshot of the node's state. The JSON keys are stable (documented in the README).
@@ -162,6 +190,7 @@ struct Inner {
 pub struct Mesh {
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
+    dp: Arc<DataPlane>,
 }
 
 impl Drop for Mesh {
@@ -371,6 +400,18 @@ impl Mesh {
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
         });
+        // The data plane starts first: its endpoints and disco key go into the map request, and
+        // it serves cached peers from netmap.json while the control plane connects.
+        let dp = DataPlane::start(
+            DataPlaneConfig {
+                node_key: inner.id.node_key.clone(),
+                disco_key: inner.id.disco_key.clone(),
+                bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
+            },
+            inner.netmap.subscribe(),
+        )
+        .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
+        *inner.endpoints.lock().unwrap() = dp.local_endpoints().iter().map(|e| e.to_string()).collect();
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
@@ -393,7 +434,7 @@ impl Mesh {
         inner.apply(&first)?;
         inner.connected.send_replace(true);
         let task = tokio::spawn(run(inner.clone(), Some((conn, stream))));
-        Ok(Mesh { inner, task })
+        Ok(Mesh { inner, task, dp: Arc::new(dp) })
     }
 
     /// A snapshot of the node's state.
@@ -406,10 +447,18 @@ impl Mesh {
                 .map(|a| a.split('/').next().unwrap_or_default().to_string())
                 .find(|a| a.contains(':') == v6)
         };
+        let stats: std::collections::HashMap<NodePublic, PeerStats> =
+            self.dp.peer_stats().into_iter().map(|s| (s.node_key, s)).collect();
         let mut peers: Vec<PeerStatus> = nm
             .peers
             .values()
             .map(|p| PeerStatus {
+                path: stats.get(&p.key).and_then(|s| s.path.as_ref()).map(|p| p.to_string()),
+                last_handshake: stats.get(&p.key).and_then(|s| s.last_handshake).map(|t| {
+                    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                }),
+                rx_bytes: stats.get(&p.key).map(|s| s.rx_bytes).unwrap_or(0),
+                tx_bytes: stats.get(&p.key).map(|s| s.tx_bytes).unwrap_or(0),
                 name: short_name(p),
                 fqdn: p.name.trim_end_matches('.').to_string(),
                 ipv4: addr(p, false),
@@ -466,9 +515,67 @@ impl Mesh {
         self.inner.node_pub()
     }
 
-    /// Sets the direct endpoints reported to Nexus (the data plane calls this).
-    pub fn set_endpoints(&self, eps: Vec<String>) {
-        *self.inner.endpoints.lock().unwrap() = eps;
+    /// The data plane (WireGuard + userspace TCP/IP).
+    pub fn data_plane(&self) -> &Arc<DataPlane> {
+        &self.dp
+    }
+
+    /// Opens a TCP connection to a mesh address.
+    pub async fn dial_tcp(&self, addr: std::net::SocketAddr) -> std::io::Result<MeshTcpStream> {
+        self.dp.dial_tcp(addr).await
+    }
+
+    /// Listens for TCP connections on a port of the node's mesh addresses.
+    pub fn listen_tcp(&self, port: u16) -> std::io::Result<MeshTcpListener> {
+        self.dp.listen_tcp(port)
+    }
+
+    /// Binds a UDP socket on the node's mesh addresses (0 = any port).
+    pub fn bind_udp(&self, port: u16) -> std::io::Result<MeshUdpSocket> {
+        self.dp.bind_udp(port)
+    }
+
+    /// A mesh-level ping: one TCP connection attempt to `ip:port` through the tunnel; a reset
+    /// (closed port) or an accept both prove the round trip. The first ping of a session
+    /// includes the WireGuard handshake.
+    pub async fn ping(&self, ip: std::net::IpAddr, port: u16, timeout: Duration) -> std::io::Result<Pong> {
+        let start = tokio::time::Instant::now();
+        match self.dp.dial_tcp_timeout(std::net::SocketAddr::new(ip, port), timeout).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+        let rtt = start.elapsed();
+        let key = {
+            let nm = self.inner.netmap.borrow();
+            nm.peers
+                .values()
+                .find(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
+                .map(|p| (p.key, short_name(p)))
+        };
+        let (path, name) = match key {
+            Some((k, name)) => (
+                self.dp.peer_stats().into_iter().find(|s| s.node_key == k).and_then(|s| s.path).map(|p| p.to_string()),
+                name,
+            ),
+            None => (None, ip.to_string()),
+        };
+        Ok(Pong { ip: ip.to_string(), name, rtt_ms: rtt.as_secs_f64() * 1e3, path })
+    }
+
+    /// Resolves a peer given by short name, FQDN or mesh IP to its first matching mesh IP
+    /// (IPv4 preferred).
+    pub fn resolve(&self, peer: &str) -> Option<std::net::IpAddr> {
+        if let Ok(ip) = peer.parse::<std::net::IpAddr>() {
+            return Some(ip);
+        }
+        let nm = self.inner.netmap.borrow();
+        let want = peer.trim_end_matches('.');
+        let node = nm.peers.values().find(|p| short_name(p) == want || p.name.trim_end_matches('.') == want)?;
+        let mut ips: Vec<std::net::IpAddr> =
+            node.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
+        ips.sort_by_key(|ip| ip.is_ipv6());
+        ips.first().copied()
     }
 
     /// Leaves the mesh: tells Nexus (the node is removed), stops, and clears the state directory.
@@ -539,5 +646,19 @@ async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapSt
             }
             Err(e) => tracing::info!("reconnect failed: {e}"),
         }
+    }
+}
+
+/// The job loop reaches mesh addresses (Redis, HTTP_FETCH targets) through the mesh.
+impl crate::work::MeshDialer for Mesh {
+    fn is_mesh_addr(&self, ip: std::net::IpAddr) -> bool {
+        crate::work::is_mesh_ip(ip)
+    }
+
+    fn dial_tcp(&self, addr: std::net::SocketAddr) -> crate::work::DialFuture<'_> {
+        Box::pin(async move {
+            let s = self.dp.dial_tcp(addr).await?;
+            Ok(Box::new(s) as Box<dyn crate::net::AsyncReadWrite>)
+        })
     }
 }
