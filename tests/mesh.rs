@@ -38,7 +38,10 @@ async fn same_org_nodes_talk_and_other_orgs_cannot() {
     let a = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a"), "a")).await.unwrap();
     let b = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("b"), "b")).await.unwrap();
     let g = Mesh::connect(cfg(&nx.url(), Some(&globex), &t.path().join("g"), "g")).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || a.resolve("b").is_some() && !a.status().peers[0].endpoints.is_empty()).await);
+    assert!(
+        eventually(Duration::from_secs(5), || a.resolve("b").is_some() && !a.status().peers[0].endpoints.is_empty())
+            .await
+    );
     echo_server(&b, 7000).await;
 
     // 1 MiB echo by name, through the tunnel.
@@ -113,7 +116,12 @@ async fn cli_ping_connect_and_proxy() {
     })
     .await
     .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over the mesh\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello over the mesh\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // proxy: a loopback listener forwarding into the mesh.
     let port = free_port();

@@ -237,6 +237,27 @@ async fn with_spinner<T>(what: &str, fut: impl std::future::Future<Output = T>) 
     out
 }
 
+/// SIGTERM where there is one (Windows has only Ctrl-C, handled beside it).
+struct Terminate(#[cfg(unix)] tokio::signal::unix::Signal);
+
+impl Terminate {
+    fn new() -> Self {
+        #[cfg(unix)]
+        return Terminate(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler"),
+        );
+        #[cfg(not(unix))]
+        return Terminate();
+    }
+
+    async fn recv(&mut self) -> Option<()> {
+        #[cfg(unix)]
+        return self.0.recv().await;
+        #[cfg(not(unix))]
+        std::future::pending().await
+    }
+}
+
 /// `host:port`, `[v6]:port` or `v6-literal:port` → (peer, port).
 fn split_target(t: &str) -> Option<(String, u16)> {
     let (host, port) = t.rsplit_once(':')?;
@@ -382,8 +403,7 @@ async fn main() -> ExitCode {
             let mesh = Arc::new(tokio::sync::Mutex::new(Some(Arc::new(mesh))));
             let done = Arc::new(tokio::sync::Notify::new());
             let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&state_dir), done.clone()));
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            let mut term = Terminate::new();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -457,8 +477,7 @@ async fn main() -> ExitCode {
             let s = mesh.status();
             eprintln!("citadel: working as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
             let shutdown = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+                let mut term = Terminate::new();
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
@@ -555,8 +574,7 @@ async fn main() -> ExitCode {
                 "citadel: forwarding 127.0.0.1:{} to {target}",
                 listener.local_addr().map(|a| a.port()).unwrap_or(local_port)
             );
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            let mut term = Terminate::new();
             loop {
                 let (mut local, _) = tokio::select! {
                     r = listener.accept() => match r { Ok(c) => c, Err(e) => { eprintln!("citadel: accept: {e}"); continue; } },

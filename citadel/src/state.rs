@@ -9,6 +9,7 @@ use crate::keys::PrivateKey;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+#[cfg(unix)]
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -86,15 +87,13 @@ impl StateDir {
     /// Creates (0700) and locks the directory; fails at once if another process holds it.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         fs::create_dir_all(path).map_err(io_err(path))?;
+        // On Windows the profile directory's ACL already limits access to the user.
+        #[cfg(unix)]
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))?;
         let lock_path = path.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let mut opts = OpenOptions::new();
+        private(&mut opts);
+        let lock = opts.create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StateError::Locked(path.to_path_buf())),
@@ -172,6 +171,14 @@ impl StateDir {
     }
 }
 
+/// New files are 0600 (owner only) where the platform has modes.
+fn private(opts: &mut OpenOptions) {
+    #[cfg(unix)]
+    opts.mode(0o600);
+    #[cfg(not(unix))]
+    let _ = opts;
+}
+
 /// Writes `path` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -180,8 +187,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), Stat
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
-    let mut f =
-        OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
+    let mut f = {
+        let mut opts = OpenOptions::new();
+        private(&mut opts);
+        opts.create(true).truncate(true).write(true).open(&tmp).map_err(io_err(&tmp))?
+    };
     f.write_all(bytes).map_err(io_err(&tmp))?;
     if durable {
         f.sync_all().map_err(io_err(&tmp))?;
@@ -196,7 +206,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), Stat
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
