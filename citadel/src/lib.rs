@@ -11,6 +11,7 @@
 pub mod api;
 pub mod control;
 pub mod derp;
+pub mod derphttp;
 pub mod disco;
 pub mod keys;
 pub mod mesh;

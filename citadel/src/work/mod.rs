@@ -30,7 +30,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
-
 pub use client::{redact_url, RedisClient, RedisError, RedisTarget, UrlError};
 pub use resp::Value;
 pub use worker::run;
