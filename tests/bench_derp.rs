@@ -16,9 +16,11 @@ const SIZE: usize = 1280;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let depth: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(nexus_sim::derp::DEFAULT_QUEUE_DEPTH);
+    let depth: usize =
+        std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(nexus_sim::derp::DEFAULT_QUEUE_DEPTH);
     let running =
-        nexus_sim::start(nexus_sim::Config { derp_queue_depth: depth, stun_listen: None, ..Default::default() }).await?;
+        nexus_sim::start(nexus_sim::Config { derp_queue_depth: depth, stun_listen: None, ..Default::default() })
+            .await?;
     let ak = PrivateKey::generate(&mut rand::thread_rng());
     let bk = PrivateKey::generate(&mut rand::thread_rng());
     let t = Duration::from_secs(10);
@@ -57,7 +59,11 @@ async fn main() -> anyhow::Result<()> {
     let recv_time = if got < n { total.saturating_sub(Duration::from_secs(1)) } else { total };
     let mb = |count: usize, d: Duration| (count * SIZE) as f64 / d.as_secs_f64() / 1e6;
     println!("DERP relay, loopback, {SIZE}-byte packets, per-client queue {depth}");
-    println!("  sent      {n:>8} in {send_time:>10.3?}: {:>9.0} packets/s {:>8.1} MB/s", n as f64 / send_time.as_secs_f64(), mb(n, send_time));
+    println!(
+        "  sent      {n:>8} in {send_time:>10.3?}: {:>9.0} packets/s {:>8.1} MB/s",
+        n as f64 / send_time.as_secs_f64(),
+        mb(n, send_time)
+    );
     println!(
         "  delivered {got:>8} in {recv_time:>10.3?}: {:>9.0} packets/s {:>8.1} MB/s ({:.1}% dropped by the relay)",
         got as f64 / recv_time.as_secs_f64(),

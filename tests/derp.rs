@@ -7,7 +7,7 @@ use citadel::derp::{ClientInfo, Frame, PeerGoneReason};
 use citadel::derphttp::{self, DerpClient, DerpConn, DerpConnOptions, DerpTarget, Received};
 use citadel::keys::{MachinePublic, NodePublic, PrivateKey};
 use citadel::net::{Net, TokioNet};
-use citadel_e2e::{bin, caddy, can_netns, eventually, run_with_deadline, Nexus, Netns, Proc};
+use citadel_e2e::{bin, caddy, can_netns, eventually, run_with_deadline, Netns, Nexus, Proc};
 use nexus_sim::{Config, DerpMode};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -580,4 +580,12 @@ fn real_tailscale_client_homes_on_nexus_derp() {
         std::thread::sleep(Duration::from_millis(250));
     };
     println!("tsnet node homed on DERP region {} after {:?}: {connected}", node["homeDerp"], start.elapsed());
+    // Tailscale v1.90 dials DERP map nodes over HTTPS only (InsecureForTests accepts the
+    // self-signed certificate); plain HTTP would need the TS_DEBUG_USE_DERP_HTTP knob.
+    assert!(connected.contains("tls=true"), "real client's DERP connection was not TLS: {connected}");
+    // What tsnet itself said about DERP and its state, for whoever reads the test output.
+    let log = std::fs::read_to_string(&caddy_log).unwrap_or_default();
+    for l in log.lines().filter(|l| l.contains("derp") || l.contains("DERP") || l.contains("Running")).take(15) {
+        println!("  tsnet: {}", l.chars().take(300).collect::<String>());
+    }
 }

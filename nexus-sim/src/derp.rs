@@ -372,7 +372,8 @@ impl DerpServer {
     }
 
     /// Serves one upgraded connection: login, then relay until either side closes.
-    pub async fn serve_conn<S>(self: Arc<Self>, io: S, region: i32, remote: Option<SocketAddr>)
+    /// `tls` only labels the log line.
+    pub async fn serve_conn<S>(self: Arc<Self>, io: S, region: i32, remote: Option<SocketAddr>, tls: bool)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -435,7 +436,7 @@ impl DerpServer {
         });
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         // Public keys are not secret; logging the full key lets tests and operators find a node.
-        tracing::info!(key = %key, region, ?remote, app = %info.app_name, "DERP client connected");
+        tracing::info!(key = %key, region, ?remote, tls, app = %info.app_name, "DERP client connected");
         self.register(client.clone());
 
         let writer = tokio::spawn(write_loop(client.clone(), wr, self.opts.keepalive));
@@ -578,13 +579,17 @@ struct RegionState {
     region: i32,
 }
 
-/// The remote address of a connection accepted by [`DualListener`].
-#[derive(Debug, Clone, Copy)]
-pub struct RemoteAddr(pub SocketAddr);
+/// Who is on the other end of a connection accepted by [`DualListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteAddr {
+    pub addr: SocketAddr,
+    /// Whether the connection speaks TLS.
+    pub tls: bool,
+}
 
 impl Connected<axum::serve::IncomingStream<'_, DualListener>> for RemoteAddr {
     fn connect_info(stream: axum::serve::IncomingStream<'_, DualListener>) -> Self {
-        RemoteAddr(*stream.remote_addr())
+        *stream.remote_addr()
     }
 }
 
@@ -608,13 +613,15 @@ async fn upgrade_handler(State(st): State<RegionState>, mut req: Request) -> Res
         // from a server without the optimization.
         tracing::debug!("ignoring Derp-Fast-Start");
     }
-    let remote = req.extensions().get::<ConnectInfo<RemoteAddr>>().map(|c| c.0 .0);
+    let remote = req.extensions().get::<ConnectInfo<RemoteAddr>>().map(|c| c.0);
+    let tls = remote.is_some_and(|r| r.tls);
+    let remote = remote.map(|r| r.addr);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let server = st.server.clone();
     let region = st.region;
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(up) => server.serve_conn(TokioIo::new(up), region, remote).await,
+            Ok(up) => server.serve_conn(TokioIo::new(up), region, remote, tls).await,
             Err(e) => tracing::debug!("DERP upgrade failed: {e}"),
         }
     });
@@ -675,7 +682,7 @@ pub fn self_signed_tls(names: &[String]) -> anyhow::Result<Arc<tokio_rustls::rus
 /// record (0x16), else as plain HTTP. Handshakes run in their own tasks so a slow client
 /// never holds up `accept`.
 pub struct DualListener {
-    rx: mpsc::Receiver<(Box<dyn citadel::net::AsyncReadWrite>, SocketAddr)>,
+    rx: mpsc::Receiver<(Box<dyn citadel::net::AsyncReadWrite>, RemoteAddr)>,
     local: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
@@ -704,10 +711,10 @@ impl DualListener {
                 tokio::spawn(async move {
                     let mut first = [0u8; 1];
                     let sniff = tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut first)).await;
-                    let io: Box<dyn citadel::net::AsyncReadWrite> = match sniff {
+                    let (io, tls): (Box<dyn citadel::net::AsyncReadWrite>, bool) = match sniff {
                         Ok(Ok(1)) if first[0] == 0x16 => {
                             match tokio::time::timeout(SNIFF_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => Box::new(tls),
+                                Ok(Ok(tls)) => (Box::new(tls), true),
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, "TLS handshake failed: {e}");
                                     return;
@@ -715,10 +722,10 @@ impl DualListener {
                                 Err(_) => return,
                             }
                         }
-                        Ok(Ok(1)) => Box::new(tcp),
+                        Ok(Ok(1)) => (Box::new(tcp), false),
                         _ => return,
                     };
-                    let _ = tx.send((io, peer)).await;
+                    let _ = tx.send((io, RemoteAddr { addr: peer, tls })).await;
                 });
             }
         });
@@ -734,7 +741,7 @@ impl Drop for DualListener {
 
 impl axum::serve::Listener for DualListener {
     type Io = Box<dyn citadel::net::AsyncReadWrite>;
-    type Addr = SocketAddr;
+    type Addr = RemoteAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
@@ -744,8 +751,8 @@ impl axum::serve::Listener for DualListener {
         }
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local)
+    fn local_addr(&self) -> io::Result<RemoteAddr> {
+        Ok(RemoteAddr { addr: self.local, tls: false })
     }
 }
 
