@@ -592,11 +592,17 @@ async fn read_loop(
     pings: Arc<Mutex<HashMap<[u8; derp::PING_DATA_LEN], oneshot::Sender<()>>>>,
     closed: Arc<watch::Sender<Option<String>>>,
 ) {
+    // A failed writer also ends the reader, so `recv` reports the dead connection at once.
+    let mut writer_failed = closed.subscribe();
     let why = loop {
-        let f = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut rd, &mut buf)).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => break e.to_string(),
-            Err(_) => break format!("no frame from the server for {READ_TIMEOUT:?}"),
+        let read = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut rd, &mut buf));
+        let f = tokio::select! {
+            r = read => match r {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => break e.to_string(),
+                Err(_) => break format!("no frame from the server for {READ_TIMEOUT:?}"),
+            },
+            _ = writer_failed.wait_for(|c| c.is_some()) => break String::new(),
         };
         let msg = match f {
             Frame::RecvPacket { src, packet } => Received::Packet { src, packet },

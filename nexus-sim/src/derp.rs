@@ -98,7 +98,7 @@ pub struct DerpStats {
     pub packets_relayed: u64,
     /// Packets dropped (unknown destination or full queue).
     pub packets_dropped: u64,
-    /// Connections closed for a protocol error.
+    /// Logged-in connections closed for a malformed, truncated or forbidden frame.
     pub protocol_errors: u64,
     /// Clients connected now.
     pub clients: u64,
@@ -446,7 +446,11 @@ impl DerpServer {
             _ = closed_rx.wait_for(|c| *c) => Ok(()),
         };
         if let Err(e) = result {
-            self.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            // Decoding and permission failures are `Other`, a frame cut off by the end of the
+            // stream is `UnexpectedEof`; resets and the like are just the network.
+            if matches!(e.kind(), io::ErrorKind::Other | io::ErrorKind::UnexpectedEof) {
+                self.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(key = %key.short(), "DERP connection closed: {e}");
         }
         client.close();

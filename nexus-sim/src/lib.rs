@@ -397,3 +397,31 @@ pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: O
     }
     map
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_map_names_every_region_listener() {
+        let regions = [(1, "127.0.0.1:8080".parse().unwrap()), (2, "127.0.0.1:9000".parse().unwrap())];
+        let m = embedded_derp_map("127.0.0.1", &regions, Some(3478));
+        assert_eq!(m.regions.len(), 2);
+        let n = &m.regions[&2].nodes[0];
+        assert_eq!((n.region_id, n.derp_port, n.stun_port, n.ipv4.as_str()), (2, 9000, 3478, "127.0.0.1"));
+        assert!(n.insecure_for_tests && n.ipv6.is_empty());
+        let m = embedded_derp_map("::1", &regions[..1], None);
+        let n = &m.regions[&1].nodes[0];
+        assert_eq!((n.stun_port, n.ipv6.as_str(), n.ipv4.as_str()), (-1, "::1", ""));
+        let m = embedded_derp_map("derp.example", &regions[..1], None);
+        assert_eq!(m.regions[&1].nodes[0].host_name, "derp.example");
+        assert!(m.regions[&1].nodes[0].ipv4.is_empty());
+    }
+
+    #[test]
+    fn url_host_strips_ports_and_brackets() {
+        assert_eq!(url_host("http://127.0.0.1:8080").as_deref(), Some("127.0.0.1"));
+        assert_eq!(url_host("https://[::1]:443/x").as_deref(), Some("::1"));
+        assert_eq!(url_host("nonsense url"), None);
+    }
+}

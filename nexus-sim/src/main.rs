@@ -118,7 +118,8 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct StunArgs {
-    /// STUN listen address (default: the listen IP, port 3478, or a free port if 3478 is taken)
+    /// STUN listen address, e.g. 0.0.0.0:3478 (default: the listen IP and a free port; the DERP
+    /// map carries the port either way)
     #[arg(long)]
     stun_listen: Option<SocketAddr>,
     /// Serve no STUN
@@ -134,10 +135,9 @@ impl StunArgs {
         if let Some(a) = self.stun_listen {
             return Some(a);
         }
-        // The standard port when it is free (Tailscale clients assume it when STUNPort is 0),
-        // else any: the DERP map carries the real port either way.
-        let std_port = SocketAddr::new(listen.ip(), 3478);
-        Some(if std::net::UdpSocket::bind(std_port).is_ok() { std_port } else { SocketAddr::new(listen.ip(), 0) })
+        // Not 3478 by default: several servers run side by side in tests, and probing for a
+        // free 3478 would race between them. The DERP map names whatever port is bound.
+        Some(SocketAddr::new(listen.ip(), 0))
     }
 }
 
