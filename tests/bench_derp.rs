@@ -48,7 +48,7 @@ async fn run(url: &str, n: u64, window: Option<u64>) -> anyhow::Result<Outcome> 
                     Ok(Ok(Received::Packet { packet, .. })) if packet.len() == SIZE => {
                         got += 1;
                         last = Instant::now();
-                        if window.is_some() && got % ACK_EVERY == 0 {
+                        if window.is_some() && got.is_multiple_of(ACK_EVERY) {
                             let _ = b.send(apub, &got.to_be_bytes()).await;
                         }
                     }
