@@ -589,3 +589,36 @@ fn real_tailscale_client_homes_on_nexus_derp() {
         println!("  tsnet: {}", l.chars().take(300).collect::<String>());
     }
 }
+
+#[tokio::test]
+async fn keepalives_and_same_key_replacement() {
+    let nexus = Nexus::start_with(Config { derp_keepalive: Duration::from_millis(200), ..Config::default() }).await;
+    let ak = key();
+    // Keep-alives arrive on an idle connection.
+    let mut s = raw_login(nexus.running.addr, &ak).await;
+    let mut buf = Vec::new();
+    let ka = tokio::time::timeout(T, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Some((f, used))) = Frame::decode(&buf) {
+                buf.drain(..used);
+                if f == Frame::KeepAlive {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(ka.is_ok(), "no keep-alive");
+
+    // The same key logging in again replaces the first connection, which is closed.
+    let a2 = connect(nexus.url(), &ak).await;
+    assert!(closed_by_server(&mut s).await, "old connection of the key stays open");
+    let bk = key();
+    let b = connect(nexus.url(), &bk).await;
+    exchange(&a2, &ak, &b, &bk).await;
+    assert_eq!(nexus.running.derp.as_ref().unwrap().stats().clients, 2);
+}
