@@ -12,6 +12,7 @@ pub mod api;
 pub mod control;
 pub mod dataplane;
 pub mod derp;
+pub mod derphttp;
 pub mod disco;
 pub mod keys;
 pub mod login;

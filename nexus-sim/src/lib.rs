@@ -6,8 +6,10 @@
 
 pub mod api;
 pub mod control;
+pub mod derp;
 pub mod device;
 pub mod store;
+pub mod stun;
 
 use axum::extract::{Path, State};
 use axum::response::Html;
@@ -18,7 +20,7 @@ use citadel::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use store::Store;
 use tokio::sync::watch;
@@ -46,12 +48,46 @@ pub struct Config {
     pub ipv4_base: Ipv4Addr,
     /// IPv6 base.
     pub ipv6_base: Ipv6Addr,
-    /// DERP map sent to clients.
-    pub derp_map: DerpMap,
     /// Lifetime of a device-authorization code.
     pub device_code_ttl: Duration,
     /// Minimum seconds between device-token polls.
     pub device_poll_interval: u64,
+    /// Which DERP map nodes get, and whether nexus-sim relays itself.
+    pub derp: DerpMode,
+    /// Refuse DERP clients whose node key is not a node of this server (Headscale's embedded
+    /// DERP does not check; off by default).
+    pub derp_verify_clients: bool,
+    /// Mesh key (64 hex digits) that lets a DERP client watch connections and forward
+    /// packets, as a region mesh peer; none by default.
+    pub derp_mesh_key: Option<String>,
+    /// Packets queued per DERP client before the oldest is dropped.
+    pub derp_queue_depth: usize,
+    /// DERP keep-alive interval.
+    pub derp_keepalive: Duration,
+    /// STUN listener for the embedded DERP regions; an unspecified IP means the IP of
+    /// `listen`, port 0 picks a free port. `None`: no STUN (the map says `STUNPort: -1`).
+    pub stun_listen: Option<SocketAddr>,
+}
+
+/// The DERP part of the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DerpMode {
+    /// Relay in-process: `regions` regions with ids 1..=regions, region 1 on the server's own
+    /// port and every further region on a listener of its own (same IP, free port).
+    Embedded { regions: u16 },
+    /// Hand out this DERP map (tailcfg JSON, e.g. real `derper`s) and relay nothing.
+    External(DerpMap),
+    /// An empty DERP map and no relay.
+    Off,
+}
+
+impl DerpMode {
+    /// Reads an external map from a tailcfg `DERPMap` JSON file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<DerpMode> {
+        let text = std::fs::read_to_string(path)?;
+        let map: DerpMap = serde_json::from_str(&text)?;
+        Ok(DerpMode::External(map))
+    }
 }
 
 impl Default for Config {
@@ -67,9 +103,14 @@ impl Default for Config {
             followup_wait: Duration::from_secs(60),
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
-            derp_map: DerpMap::default(),
             device_code_ttl: Duration::from_secs(600),
             device_poll_interval: 5,
+            derp: DerpMode::Embedded { regions: 1 },
+            derp_verify_clients: false,
+            derp_mesh_key: None,
+            derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
+            derp_keepalive: citadel::derp::KEEP_ALIVE,
+            stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
         }
     }
 }
@@ -80,6 +121,7 @@ pub struct Faults {
     refuse: AtomicBool,
     drop_streams: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
+    derp: OnceLock<Arc<derp::DerpServer>>,
 }
 
 impl Faults {
@@ -102,6 +144,17 @@ impl Faults {
             _ = rx.changed() => {}
             _ = self.wait_shutdown() => {}
         }
+    }
+    /// Stops the embedded DERP relay (open DERP connections are closed, new ones refused
+    /// with 503) or resumes it. No effect without an embedded relay.
+    pub fn set_derp_stopped(&self, on: bool) {
+        if let Some(d) = self.derp.get() {
+            d.set_stopped(on);
+        }
+    }
+    /// True while the embedded DERP relay is stopped.
+    pub fn derp_stopped(&self) -> bool {
+        self.derp.get().is_some_and(|d| d.is_stopped())
     }
     /// Resolves once the server is shutting down.
     pub async fn wait_shutdown(&self) {
@@ -141,7 +194,17 @@ impl Inner {
 }
 
 /// Builds the shared state: opens the store and loads (or makes) the server's machine key.
+/// The DERP map is the external one, or empty (the embedded relay's map needs the bound
+/// addresses: [`start`] fills it).
 pub fn build(cfg: Config) -> anyhow::Result<Shared> {
+    let map = match &cfg.derp {
+        DerpMode::External(m) => m.clone(),
+        _ => DerpMap::default(),
+    };
+    build_with_map(cfg, map)
+}
+
+fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     let store = Store::open(cfg.db.as_deref())?;
     let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
     let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
@@ -153,7 +216,7 @@ pub fn build(cfg: Config) -> anyhow::Result<Shared> {
         store,
         server_key,
         challenge_pub: challenge.public_bytes(),
-        derp_map: cfg.derp_map.clone(),
+        derp_map,
         cfg,
         faults: Faults::default(),
         device: device::Flows::default(),
@@ -198,7 +261,15 @@ pub struct Running {
     pub url: String,
     /// Shared state (store, faults).
     pub shared: Shared,
+    /// The embedded DERP relay, if any (its map is `shared.derp_map`).
+    pub derp: Option<Arc<derp::DerpServer>>,
+    /// The embedded DERP regions' listeners, by region id (region 1 is `addr`).
+    pub derp_regions: Vec<(i32, SocketAddr)>,
+    /// The STUN listener, if any.
+    pub stun: Option<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
+    region_tasks: Vec<tokio::task::JoinHandle<()>>,
+    _stun: Option<stun::StunServer>,
 }
 
 impl Running {
@@ -209,11 +280,21 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.shared.faults.shutdown.send_replace(true);
+        if let Some(d) = &self.derp {
+            // Relayed connections outlive the accept loop; end them like a process exit would.
+            d.set_stopped(true);
+        }
         self.task.abort();
+        for t in &self.region_tasks {
+            t.abort();
+        }
     }
 }
 
 /// Starts the server on `cfg.listen` in the current tokio runtime.
+///
+/// Every listener answers plain HTTP and TLS (self-signed) on the same port; see
+/// [`derp`] for why real Tailscale clients need the latter for DERP.
 pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
@@ -221,17 +302,138 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         cfg.server_url = format!("http://{addr}");
     }
     let url = cfg.server_url.clone();
-    let shared = build(cfg)?;
-    let app = router(shared.clone());
-    let task = tokio::spawn(async move {
-        use axum::serve::ListenerExt;
-        // Small control frames must not wait for Nagle + delayed ACK (40 ms stalls).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("server stopped: {e}");
+    let host = url_host(&url).unwrap_or_else(|| addr.ip().to_string());
+    let tls = derp::self_signed_tls(std::slice::from_ref(&host))?;
+
+    let mut regions = vec![];
+    let mut extra = vec![];
+    let mut stun_srv = None;
+    let derp_map = match &cfg.derp {
+        DerpMode::External(m) => m.clone(),
+        DerpMode::Off => DerpMap::default(),
+        DerpMode::Embedded { regions: n } => {
+            regions.push((1, addr));
+            for id in 2..=i32::from((*n).max(1)) {
+                let l = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+                regions.push((id, l.local_addr()?));
+                extra.push((id, l));
+            }
+            if let Some(mut s) = cfg.stun_listen {
+                if s.ip().is_unspecified() && !addr.ip().is_unspecified() {
+                    s.set_ip(addr.ip());
+                }
+                stun_srv = Some(stun::StunServer::bind(s).await?);
+            }
+            embedded_derp_map(&host, &regions, stun_srv.as_ref().map(|s| s.addr.port()))
         }
+    };
+    let embedded = matches!(cfg.derp, DerpMode::Embedded { .. });
+    let shared = build_with_map(cfg, derp_map)?;
+    let derp_server = embedded.then(|| {
+        let store = shared.store.clone();
+        let verifier: Option<derp::Verifier> = shared.cfg.derp_verify_clients.then(|| {
+            Arc::new(move |k: &citadel::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
+                as derp::Verifier
+        });
+        let d = derp::DerpServer::new(derp::DerpOptions {
+            verifier,
+            mesh_key: shared.cfg.derp_mesh_key.clone(),
+            queue_depth: shared.cfg.derp_queue_depth,
+            keepalive: shared.cfg.derp_keepalive,
+            ..derp::DerpOptions::new()
+        });
+        let _ = shared.faults.derp.set(d.clone());
+        d
     });
-    Ok(Running { addr, url, shared, task })
+    let mut app = router(shared.clone());
+    if let Some(d) = &derp_server {
+        app = app.merge(d.router(1));
+    }
+    let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
+    let mut region_tasks = vec![];
+    if let Some(d) = &derp_server {
+        for (id, l) in extra {
+            region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
+        }
+    }
+    Ok(Running {
+        addr,
+        url,
+        shared,
+        derp: derp_server,
+        derp_regions: regions,
+        stun: stun_srv.as_ref().map(|s| s.addr),
+        task,
+        region_tasks,
+        _stun: stun_srv,
+    })
+}
+
+/// The host part of a URL (brackets of an IPv6 literal removed).
+fn url_host(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let h = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    (!h.is_empty()).then(|| h.to_string())
+}
+
+/// The DERP map of the embedded relay: one region per listener, one node each.
+///
+/// Nodes are marked `InsecureForTests` because the listeners' TLS certificate is self-signed;
+/// Tailscale clients dial DERP nodes over HTTPS on `DERPPort` (443 when 0) and accept it
+/// only with that flag. `STUNPort` 0 would mean 3478, so a disabled STUN is -1.
+pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: Option<u16>) -> DerpMap {
+    use citadel::tailcfg::{DerpNode, DerpRegion};
+    let ip: Option<std::net::IpAddr> = host.parse().ok();
+    let mut map = DerpMap { omit_default_regions: true, ..Default::default() };
+    for &(id, a) in regions {
+        let node = DerpNode {
+            name: format!("{id}a"),
+            region_id: id,
+            host_name: host.to_string(),
+            ipv4: ip.filter(|i| i.is_ipv4()).map(|i| i.to_string()).unwrap_or_default(),
+            ipv6: ip.filter(|i| i.is_ipv6()).map(|i| i.to_string()).unwrap_or_default(),
+            stun_port: stun_port.map_or(-1, i32::from),
+            derp_port: i32::from(a.port()),
+            insecure_for_tests: true,
+            ..Default::default()
+        };
+        map.regions.insert(
+            id,
+            DerpRegion {
+                region_id: id,
+                region_code: format!("nexus{id}"),
+                region_name: format!("nexus-sim region {id}"),
+                nodes: vec![node],
+            },
+        );
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_map_names_every_region_listener() {
+        let regions = [(1, "127.0.0.1:8080".parse().unwrap()), (2, "127.0.0.1:9000".parse().unwrap())];
+        let m = embedded_derp_map("127.0.0.1", &regions, Some(3478));
+        assert_eq!(m.regions.len(), 2);
+        let n = &m.regions[&2].nodes[0];
+        assert_eq!((n.region_id, n.derp_port, n.stun_port, n.ipv4.as_str()), (2, 9000, 3478, "127.0.0.1"));
+        assert!(n.insecure_for_tests && n.ipv6.is_empty());
+        let m = embedded_derp_map("::1", &regions[..1], None);
+        let n = &m.regions[&1].nodes[0];
+        assert_eq!((n.stun_port, n.ipv6.as_str(), n.ipv4.as_str()), (-1, "::1", ""));
+        let m = embedded_derp_map("derp.example", &regions[..1], None);
+        assert_eq!(m.regions[&1].nodes[0].host_name, "derp.example");
+        assert!(m.regions[&1].nodes[0].ipv4.is_empty());
+    }
+
+    #[test]
+    fn url_host_strips_ports_and_brackets() {
+        assert_eq!(url_host("http://127.0.0.1:8080").as_deref(), Some("127.0.0.1"));
+        assert_eq!(url_host("https://[::1]:443/x").as_deref(), Some("::1"));
+        assert_eq!(url_host("nonsense url"), None);
+    }
 }

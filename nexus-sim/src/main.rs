@@ -30,30 +30,20 @@ struct Conn {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server
-    Serve {
-        #[arg(long, default_value = "127.0.0.1:8080")]
+    Serve(ServeArgs),
+    /// Run only a DERP relay (one region) and STUN, without the control plane; prints the
+    /// region's DERP map as JSON on stdout
+    Derp {
+        #[arg(long, default_value = "127.0.0.1:3340")]
         listen: SocketAddr,
-        /// SQLite file (in memory when absent)
+        /// Host name put in the printed DERP map (default: the listen IP)
         #[arg(long)]
-        db: Option<PathBuf>,
-        /// URL clients use to reach this server
-        #[arg(long)]
-        server_url: Option<String>,
-        /// Accept this admin API key (else one is generated and printed)
-        #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Tailnet DNS suffix
-        #[arg(long, default_value = "nexus.sim")]
-        base_domain: String,
-        /// Map keep-alive interval in seconds
-        #[arg(long, default_value_t = 50)]
-        keepalive: u64,
-        /// Seconds an offline ephemeral node is kept
-        #[arg(long, default_value_t = 120)]
-        ephemeral_timeout: u64,
-        /// Minimum seconds between device-login polls
-        #[arg(long, default_value_t = 5)]
-        device_poll_interval: u64,
+        hostname: Option<String>,
+        #[command(flatten)]
+        stun: StunArgs,
+        /// Mesh key (64 hex digits) for trusted region peers
+        #[arg(long, env = "NEXUS_DERP_MESH_KEY", hide_env_values = true)]
+        mesh_key: Option<String>,
     },
     /// Manage users (orgs)
     Users {
@@ -90,6 +80,75 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ApiKeysCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// SQLite file (in memory when absent)
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// URL clients use to reach this server
+    #[arg(long)]
+    server_url: Option<String>,
+    /// Accept this admin API key (else one is generated and printed)
+    #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Tailnet DNS suffix
+    #[arg(long, default_value = "nexus.sim")]
+    base_domain: String,
+    /// Map keep-alive interval in seconds
+    #[arg(long, default_value_t = 50)]
+    keepalive: u64,
+    /// Seconds an offline ephemeral node is kept
+    #[arg(long, default_value_t = 120)]
+    ephemeral_timeout: u64,
+    /// Minimum seconds between device-login polls
+    #[arg(long, default_value_t = 5)]
+    device_poll_interval: u64,
+    /// Embedded DERP regions (region 1 on --listen's port, each further one on its own port)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    derp_regions: u16,
+    /// Hand out an empty DERP map and relay nothing
+    #[arg(long, conflicts_with_all = ["derp_map", "derp_regions"])]
+    no_derp: bool,
+    /// Hand out this DERP map (tailcfg DERPMap JSON) instead of the embedded relay's
+    #[arg(long, conflicts_with = "derp_regions")]
+    derp_map: Option<PathBuf>,
+    /// Refuse DERP clients whose node key is not a registered node
+    #[arg(long)]
+    derp_verify_clients: bool,
+    /// Mesh key (64 hex digits) for trusted DERP region peers
+    #[arg(long, env = "NEXUS_DERP_MESH_KEY", hide_env_values = true)]
+    derp_mesh_key: Option<String>,
+    #[command(flatten)]
+    stun: StunArgs,
+}
+
+#[derive(clap::Args)]
+struct StunArgs {
+    /// STUN listen address, e.g. 0.0.0.0:3478 (default: the listen IP and a free port; the DERP
+    /// map carries the port either way)
+    #[arg(long)]
+    stun_listen: Option<SocketAddr>,
+    /// Serve no STUN
+    #[arg(long, conflicts_with = "stun_listen")]
+    no_stun: bool,
+}
+
+impl StunArgs {
+    fn resolve(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        if self.no_stun {
+            return None;
+        }
+        if let Some(a) = self.stun_listen {
+            return Some(a);
+        }
+        // Not 3478 by default: several servers run side by side in tests, and probing for a
+        // free 3478 would race between them. The DERP map names whatever port is bound.
+        Some(SocketAddr::new(listen.ip(), 0))
+    }
 }
 
 #[derive(Subcommand)]
@@ -242,28 +301,38 @@ async fn admin(conn: Conn, f: impl AsyncFnOnce(&Client, bool) -> Result<()>) -> 
     f(&c, json).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    listen: SocketAddr,
-    db: Option<PathBuf>,
-    server_url: Option<String>,
-    api_key: Option<String>,
-    base_domain: String,
-    keepalive: u64,
-    ephemeral_timeout: u64,
-    device_poll_interval: u64,
-) -> Result<()> {
-    let generated = api_key.is_none();
-    let key = api_key.unwrap_or_else(|| format!("nsapi-{}", nexus_sim::store::random_hex(24)));
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let generated = a.api_key.is_none();
+    let key = a.api_key.unwrap_or_else(|| format!("nsapi-{}", nexus_sim::store::random_hex(24)));
+    let derp = if a.no_derp {
+        nexus_sim::DerpMode::Off
+    } else if let Some(f) = &a.derp_map {
+        nexus_sim::DerpMode::from_file(f).with_context(|| format!("reading DERP map {}", f.display()))?
+    } else {
+        nexus_sim::DerpMode::Embedded { regions: a.derp_regions }
+    };
     let cfg = nexus_sim::Config {
-        listen,
-        db,
-        server_url: server_url.unwrap_or_default(),
-        base_domain,
+        listen: a.listen,
+        db: a.db,
+        server_url: a.server_url.unwrap_or_default(),
+        base_domain: a.base_domain,
         api_keys: vec![key.clone()],
-        keepalive: Duration::from_secs(keepalive.max(1)),
-        ephemeral_timeout: Duration::from_secs(ephemeral_timeout),
-        device_poll_interval,
+        keepalive: Duration::from_secs(a.keepalive.max(1)),
+        ephemeral_timeout: Duration::from_secs(a.ephemeral_timeout),
+        device_poll_interval: a.device_poll_interval,
+        derp,
+        derp_verify_clients: a.derp_verify_clients,
+        derp_mesh_key: a.derp_mesh_key,
+        stun_listen: a.stun.resolve(a.listen),
         ..Default::default()
     };
     let running = nexus_sim::start(cfg).await?;
@@ -272,12 +341,38 @@ async fn serve(
         println!("NEXUS_API_KEY={key}");
     }
     tracing::info!("nexus-sim listening on {}", running.url);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    for (id, addr) in &running.derp_regions {
+        tracing::info!(region = id, %addr, "DERP region listening");
     }
+    wait_for_signal().await?;
     drop(running);
+    Ok(())
+}
+
+/// `nexus-sim derp`: a relay and STUN alone, for citadel tests against a bare relay.
+async fn derp_only(
+    listen: SocketAddr,
+    hostname: Option<String>,
+    stun: StunArgs,
+    mesh_key: Option<String>,
+) -> Result<()> {
+    use nexus_sim::derp::{DerpOptions, DerpServer, DualListener};
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let host = hostname.unwrap_or_else(|| addr.ip().to_string());
+    let stun_srv = match stun.resolve(addr) {
+        Some(a) => Some(nexus_sim::stun::StunServer::bind(a).await.with_context(|| format!("binding STUN {a}"))?),
+        None => None,
+    };
+    let server = DerpServer::new(DerpOptions { mesh_key, ..DerpOptions::new() });
+    let tls = nexus_sim::derp::self_signed_tls(std::slice::from_ref(&host))?;
+    let task = nexus_sim::derp::serve(DualListener::new(listener, tls)?, server.router(1));
+    let map = nexus_sim::embedded_derp_map(&host, &[(1, addr)], stun_srv.as_ref().map(|s| s.addr.port()));
+    println!("{}", serde_json::to_string(&map)?);
+    tracing::info!(%addr, key = %server.public_key(), "DERP relay listening");
+    wait_for_signal().await?;
+    server.set_stopped(true);
+    task.abort();
     Ok(())
 }
 
@@ -289,6 +384,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs redirected to files are read by tests and tools.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let r = run(Cli::parse()).await;
     match r {
@@ -303,19 +400,8 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     use reqwest::Method;
     match cli.cmd {
-        Cmd::Serve {
-            listen,
-            db,
-            server_url,
-            api_key,
-            base_domain,
-            keepalive,
-            ephemeral_timeout,
-            device_poll_interval,
-        } => {
-            serve(listen, db, server_url, api_key, base_domain, keepalive, ephemeral_timeout, device_poll_interval)
-                .await
-        }
+        Cmd::Serve(a) => serve(a).await,
+        Cmd::Derp { listen, hostname, stun, mesh_key } => derp_only(listen, hostname, stun, mesh_key).await,
         Cmd::Users { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
