@@ -165,3 +165,71 @@ async fn dropped_streams_reconnect_and_resume_updates() {
     assert!(eventually(Duration::from_secs(5), || peer_names(&a) == ["b"]).await);
     assert_eq!(nx.running.shared.store.nodes(None).len(), 2);
 }
+
+#[tokio::test]
+async fn process_global_facade_as_the_product_page_documents_it() {
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", false);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("global");
+    let dir = dir.to_str().unwrap();
+    assert!(!citadel::network::is_global_connected());
+    assert_eq!(citadel::network::global_ipv4(), "");
+    citadel::network::connect(&nx.url(), &key, dir).await.unwrap();
+    assert!(citadel::network::is_global_connected());
+    let ip = citadel::network::global_ipv4();
+    assert!(ip.starts_with("100."), "{ip}");
+    // Reconnecting with an empty key reuses the saved registration (the key was single-use).
+    citadel::network::connect(&nx.url(), "", dir).await.unwrap();
+    assert_eq!(citadel::network::global_ipv4(), ip);
+    citadel::network::logout().await.unwrap();
+    assert!(!citadel::network::is_global_connected());
+    assert_eq!(citadel::network::global_ipv4(), "");
+    assert!(nx.running.shared.store.nodes(None).is_empty(), "logout removed the node");
+}
+
+#[tokio::test]
+async fn endpoint_changes_reach_the_org_promptly() {
+    use citadel::control::{fetch_server_key, ControlConn};
+    use citadel::keys::{NodePublic, PrivateKey};
+    use citadel::net::TokioNet;
+    use citadel::tailcfg::{MapRequest, RegisterAuth, RegisterRequest, CAPABILITY_VERSION};
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("a"), "a")).await.unwrap();
+
+    // A second machine speaks the protocol by hand: register, then a lite endpoint update.
+    let to = Duration::from_secs(5);
+    let machine = PrivateKey::generate(&mut rand_core());
+    let node = PrivateKey::generate(&mut rand_core());
+    let server = fetch_server_key(&TokioNet, &nx.url(), to).await.unwrap();
+    let mut conn = ControlConn::dial(&TokioNet, &nx.url(), &machine, &server, to).await.unwrap();
+    let nk = NodePublic(node.public_bytes());
+    let r = conn
+        .register(&RegisterRequest {
+            version: CAPABILITY_VERSION,
+            node_key: nk,
+            auth: Some(RegisterAuth { auth_key: key.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.machine_authorized, "{r:?}");
+    let lite = |eps: Vec<&str>| MapRequest {
+        version: CAPABILITY_VERSION,
+        node_key: nk,
+        endpoints: eps.into_iter().map(str::to_string).collect(),
+        omit_peers: true,
+        ..Default::default()
+    };
+    conn.map(&lite(vec!["192.0.2.1:41641"])).await.unwrap();
+    let eps = |m: &Mesh| m.status().peers.first().map(|p| p.endpoints.clone()).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || eps(&a) == ["192.0.2.1:41641"]).await, "{:?}", a.status());
+    conn.map(&lite(vec!["198.51.100.7:1234", "192.0.2.1:41641"])).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || eps(&a).len() == 2).await, "{:?}", a.status());
+}
+
+fn rand_core() -> impl rand::RngCore {
+    rand::thread_rng()
+}
