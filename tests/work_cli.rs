@@ -57,11 +57,50 @@ async fn work_runs_a_job_from_redis_and_stops_on_sigterm() {
     let job = r#"{"id":"job-1","type":"SHELL_COMMAND","payload":{"argv":["echo","hello from a job"]}}"#;
     redis_cli(port, &["XADD", "citadel:jobs", "*", "job", job]);
 
+    // Without --allow-shell a shell job is refused into the dead-letter stream.
+    let d = dir.clone();
+    let refuse = tokio::task::spawn_blocking(move || {
+        let mut w = Command::new(bin("citadel"))
+            .arg("--state-dir")
+            .arg(&d)
+            .args(["work", "--redis-url", &format!("redis://127.0.0.1:{port}"), "--queue", "guarded"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        redis_cli(
+            port,
+            &["XADD", "guarded", "*", "job", r#"{"id":"g1","type":"SHELL_COMMAND","payload":{"argv":["true"]}}"#],
+        );
+        let start = Instant::now();
+        let mut dead = String::new();
+        while start.elapsed() < Duration::from_secs(20) {
+            dead = redis_cli(port, &["XRANGE", "guarded:dead", "-", "+"]);
+            if dead.contains("disabled") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = w.kill();
+        let _ = w.wait();
+        dead
+    })
+    .await
+    .unwrap();
+    assert!(refuse.contains("disabled"), "shell job was not refused: {refuse}");
+
     let mut worker = Proc(
         Command::new(bin("citadel"))
             .arg("--state-dir")
             .arg(&dir)
-            .args(["work", "--redis-url", &format!("redis://127.0.0.1:{port}"), "--drain-timeout", "5"])
+            .args([
+                "work",
+                "--allow-shell",
+                "--redis-url",
+                &format!("redis://127.0.0.1:{port}"),
+                "--drain-timeout",
+                "5",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

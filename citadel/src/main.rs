@@ -140,6 +140,9 @@ enum Cmd {
         /// Seconds SIGTERM waits for in-flight jobs
         #[arg(long, default_value_t = 30)]
         drain_timeout: u64,
+        /// Run SHELL_COMMAND jobs (off by default: whoever can write the queue could run any program)
+        #[arg(long)]
+        allow_shell: bool,
     },
 }
 
@@ -446,7 +449,7 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Cmd::Work { redis_url, queue, group, max_retries, max_concurrency, claim_idle, drain_timeout } => {
+        Cmd::Work { redis_url, queue, group, max_retries, max_concurrency, claim_idle, drain_timeout, allow_shell } => {
             // The job loop runs only on a node that is in the mesh: bring it up from state.
             let mesh = match Mesh::connect(cfg(None, None, None)).await {
                 Ok(m) if m.is_connected() => m,
@@ -474,6 +477,7 @@ async fn main() -> ExitCode {
             wc.max_concurrency = max_concurrency.max(1);
             wc.claim_idle = Duration::from_secs(claim_idle.max(1));
             wc.drain_timeout = Duration::from_secs(drain_timeout);
+            wc.allow_shell = allow_shell;
             let s = mesh.status();
             eprintln!("citadel: working as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
             let shutdown = async {

@@ -155,6 +155,10 @@ pub struct WorkConfig {
     pub max_output_bytes: usize,
     /// Expiry of the status hash and event stream of finished jobs (`None`: keep forever).
     pub result_ttl: Option<Duration>,
+    /// Run SHELL_COMMAND jobs. Anyone who can XADD to the queue could otherwise run any
+    /// program as this user, so the CLI leaves it off unless `--allow-shell` is given;
+    /// refused jobs go to the dead-letter stream with the reason.
+    pub allow_shell: bool,
 }
 
 impl WorkConfig {
@@ -175,6 +179,7 @@ impl WorkConfig {
             block: Duration::from_secs(5),
             max_output_bytes: 256 * 1024,
             result_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+            allow_shell: true,
         }
     }
 }

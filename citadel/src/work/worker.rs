@@ -471,6 +471,11 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
             return dead_letter(&ctx, &entry, &id, deliveries, &m.to_string()).await;
         }
     };
+    if matches!(job.kind, job::JobKind::Shell { .. }) && !ctx.cfg.allow_shell {
+        let reason = "SHELL_COMMAND jobs are disabled on this node (start `citadel work --allow-shell` to allow them)";
+        tracing::warn!(job = %job.id, "work: {reason}");
+        return dead_letter(&ctx, &entry, &job.id, deliveries, reason).await;
+    }
     if deliveries > max {
         // Only reachable when earlier deliveries never reported back (worker crash, or
         // Redis down at completion), because a finished failure at `max` is dead-lettered
