@@ -142,7 +142,7 @@ pub async fn punch_agent(
                         sock.send_to(format!("pong {name}").as_bytes(), from).await?;
                     }
                     "pong" => {
-                        let t = turmoil::elapsed();
+                        let t = turmoil::sim_elapsed().unwrap_or_default();
                         board.lock().unwrap().pongs.entry((name.clone(), arg.to_string())).or_insert(t);
                     }
                     _ => {}

@@ -96,7 +96,7 @@ struct NodeCtx {
 }
 
 fn event(board: &Mutex<Board>, name: &str, what: String) {
-    let t = turmoil::elapsed();
+    let t = turmoil::sim_elapsed().unwrap_or_default();
     tracing::debug!(node = name, "{what}");
     board.lock().unwrap().nodes.entry(name.to_string()).or_default().events.push((t, what));
 }
@@ -165,7 +165,7 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
             o.node_key = st.node_key.clone();
             o.peer_keys = st.peers.iter().map(|p| p.node_key.clone()).collect();
             if st.connected && !was {
-                o.connects.push(turmoil::elapsed());
+                o.connects.push(turmoil::sim_elapsed().unwrap_or_default());
             }
             was
         };
@@ -198,7 +198,7 @@ async fn reach_loop(ctx: Arc<NodeCtx>, probe: Arc<dyn probe::NodeProbe>) {
         for (to, ip) in targets {
             let Some(ip) = ip.and_then(|i| i.parse().ok()) else { continue };
             let r = probe.ping(ip, Duration::from_secs(2)).await;
-            let t = turmoil::elapsed();
+            let t = turmoil::sim_elapsed().unwrap_or_default();
             ctx.board.lock().unwrap().reach.entry((ctx.name.clone(), to)).or_default().push((t, r));
         }
     }
@@ -531,13 +531,19 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 }
                 FaultKind::Partition | FaultKind::Heal => {
                     let (a, bb) = (name(&f.a), name(&f.b));
-                    for x in expand(&a).into_iter().filter(|x| registered.contains(x)) {
-                        for y in expand(&bb).into_iter().filter(|y| registered.contains(y)) {
+                    // Rules on hosts not started yet apply when they start (configure_links).
+                    for x in expand(&a) {
+                        for y in expand(&bb) {
+                            let live = registered.contains(&x) && registered.contains(&y) && x != y;
                             if *f.kind.get_ref() == FaultKind::Partition {
-                                sim.partition(x.as_str(), y.as_str());
+                                if live {
+                                    sim.partition(x.as_str(), y.as_str());
+                                }
                                 partitions.insert(pair(&x, &y));
                             } else {
-                                sim.repair(x.as_str(), y.as_str());
+                                if live {
+                                    sim.repair(x.as_str(), y.as_str());
+                                }
                                 partitions.remove(&pair(&x, &y));
                             }
                         }
@@ -690,7 +696,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     for ((a, b2), t) in &pb.pongs {
         obs_all.push((*t, format!("{a}: first pong from {b2} (direct UDP)")));
     }
-    obs_all.sort();
+    obs_all.sort_by_key(|e| e.0);
     let nat_stats: Vec<(String, nat_host::NatStats)> =
         nat_boxes.iter().map(|(n, nb)| (n.clone(), nb.stats.lock().unwrap().clone())).collect();
     let visibility: BTreeMap<String, BTreeSet<String>> = last_vis;
@@ -739,10 +745,18 @@ fn configure_links(
                 set_latency(sim, name, h, reg.latency.0, sc.net.jitter.0);
             }
         }
-        if n.network == NetworkKind::Offline {
-            for h in ["nexus", "derp"] {
-                sim.partition(name, h);
-                partitions.insert(pair(name, h));
+        for (x, y) in partitions.iter() {
+            let other = if x == name { y } else if y == name { x } else { continue };
+            if registered.contains(other) && other != name {
+                sim.partition(name, other.as_str());
+            }
+        }
+        // An offline host reaches nobody, and nobody reaches it.
+        for other in registered.iter().filter(|o| o.as_str() != name) {
+            let offline = |x: &str| sc.node(x).is_some_and(|n| n.network == NetworkKind::Offline);
+            if offline(name) || offline(other) {
+                sim.partition(name, other.as_str());
+                partitions.insert(pair(name, other));
             }
         }
     }
