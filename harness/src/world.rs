@@ -321,8 +321,17 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             _ => {}
         }
     }
+    // Identities are made up front from the seed: node keys are deterministic, and a peer is
+    // known by its key even before its own join returns.
+    let mut key_rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x6b65_7973);
     for n in &sc.nodes {
-        board.lock().unwrap().nodes.entry(n.name.get_ref().clone()).or_default().org = n.org.get_ref().clone();
+        let name = n.name.get_ref();
+        let st = citadel::state::StateDir::open(&tmp.path().join(name))?;
+        let id = st.identity(&mut key_rng)?;
+        let key = citadel::keys::NodePublic(id.node_key.public_bytes()).to_string();
+        let mut bd = board.lock().unwrap();
+        bd.key_to_name.insert(key, name.clone());
+        bd.nodes.entry(name.clone()).or_default().org = n.org.get_ref().clone();
     }
 
     let stun = SocketAddr::new(ip["derp"], STUN_PORT);
