@@ -71,7 +71,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let out = world::run(&sc, &RunOptions { seed, ..Default::default() })?;
             println!("{}", out.report());
             let mut ok = out.passed();
-            let _ = (real, bin_dir, &mut ok);
+            if real {
+                let dir = bin_dir.unwrap_or_else(harness::real::default_bin_dir);
+                let r = harness::real::run(&sc, &dir)?;
+                println!("{}", r.report);
+                println!("{}", harness::real::compare(&out, &r));
+                ok &= r.passed;
+            }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Check { files } => {
