@@ -84,7 +84,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let mut ok = true;
             for f in files {
                 match Scenario::load(&f) {
-                    Ok(s) => println!("{}: ok ({} nodes, {} expectations)", f.display(), s.nodes.len(), s.expects.len()),
+                    Ok(s) => {
+                        println!("{}: ok ({} nodes, {} expectations)", f.display(), s.nodes.len(), s.expects.len())
+                    }
                     Err(e) => {
                         ok = false;
                         println!("{e}");
@@ -95,7 +97,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Cmd::Bench { nodes, secs, tick_ms } => {
             for n in nodes {
-                let r = harness::bench::measure(n, std::time::Duration::from_secs(secs), std::time::Duration::from_millis(tick_ms))?;
+                let r = harness::bench::measure(
+                    n,
+                    std::time::Duration::from_secs(secs),
+                    std::time::Duration::from_millis(tick_ms),
+                )?;
                 println!("{r}");
             }
             Ok(ExitCode::SUCCESS)

@@ -12,8 +12,8 @@
 //! Evaluated: `sees`, `never_sees`, `connected`, `reconnects`, `same_ip_after_restart` and org
 //! isolation, from `citadel status --json`. Everything else is reported as not evaluated.
 
-use crate::report::{fmt_t, Verdict};
 use crate::nat::Mapping;
+use crate::report::{fmt_t, Verdict};
 use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, BTreeSet};
@@ -233,7 +233,10 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             }
         };
         lab.veth(&ns, "out0", &up_ns, &format!("vt{j}"))?;
-        lab.sh(Some(&up_ns), &["ip", "link", "set", &format!("vt{j}"), "master", if up_ns == "inet" { "br0" } else { "lan" }])?;
+        lab.sh(
+            Some(&up_ns),
+            &["ip", "link", "set", &format!("vt{j}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+        )?;
         lab.sh(Some(&ns), &["ip", "addr", "add", &up_addr, "dev", "out0"])?;
         lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
         lab.sh(Some(&ns), &["ip", "link", "add", "lan", "type", "bridge"])?;
@@ -253,14 +256,19 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             continue;
         }
         let (up_ns, addr, gw) = match &n.nat {
-            None => ("inet".to_string(), format!("198.18.{}.{}/16", 2 + i / 250, 1 + i % 250), "198.18.0.1".to_string()),
+            None => {
+                ("inet".to_string(), format!("198.18.{}.{}/16", 2 + i / 250, 1 + i % 250), "198.18.0.1".to_string())
+            }
             Some(x) => {
                 let j = idx[x.get_ref()];
                 (format!("t{j}"), format!("{}/24", lan_addr(j)), format!("198.19.{j}.1"))
             }
         };
         lab.veth(&ns, "eth0", &up_ns, &format!("vn{i}"))?;
-        lab.sh(Some(&up_ns), &["ip", "link", "set", &format!("vn{i}"), "master", if up_ns == "inet" { "br0" } else { "lan" }])?;
+        lab.sh(
+            Some(&up_ns),
+            &["ip", "link", "set", &format!("vn{i}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+        )?;
         lab.sh(Some(&ns), &["ip", "addr", "add", &addr, "dev", "eth0"])?;
         lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
         if n.network == NetworkKind::UdpBlocked {
@@ -268,11 +276,12 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         }
     }
 
-    let nexus_args: Vec<String> = ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--db".to_string(), db.display().to_string()])
-        .collect();
+    let nexus_args: Vec<String> =
+        ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--db".to_string(), db.display().to_string()])
+            .collect();
     let mut nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
     wait_port(&lab, "inet", "198.18.0.1", 8080)?;
 
@@ -478,7 +487,12 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         };
         verdicts.push((desc, v));
     }
-    let mut report = format!("real run of {} ({} namespaces prefixed {}-):\n", sc.name, 1 + sc.nats.len() + sc.nodes.len(), lab.prefix);
+    let mut report = format!(
+        "real run of {} ({} namespaces prefixed {}-):\n",
+        sc.name,
+        1 + sc.nats.len() + sc.nodes.len(),
+        lab.prefix
+    );
     for (t, d) in &timeline {
         let _ = writeln!(report, "  {:>10}  fault: {d}", fmt_t(*t));
     }

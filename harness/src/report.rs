@@ -121,7 +121,9 @@ pub fn trace(t: &TraceInput<'_>) -> String {
     let orgs: Vec<String> = sc
         .orgs
         .iter()
-        .map(|o| format!("{}({})", o.name.get_ref(), sc.nodes.iter().filter(|n| n.org.get_ref() == o.name.get_ref()).count()))
+        .map(|o| {
+            format!("{}({})", o.name.get_ref(), sc.nodes.iter().filter(|n| n.org.get_ref() == o.name.get_ref()).count())
+        })
         .collect();
     let _ = writeln!(s, "orgs: {}", orgs.join(" "));
     for n in &sc.nats {
@@ -138,7 +140,8 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         );
     }
     let _ = writeln!(s, "\ntimeline (simulated time):");
-    let mut items: Vec<(Duration, u8, String)> = t.timeline.iter().map(|(d, e)| (*d, 1, format!("fault: {e}"))).collect();
+    let mut items: Vec<(Duration, u8, String)> =
+        t.timeline.iter().map(|(d, e)| (*d, 1, format!("fault: {e}"))).collect();
     for c in t.checkpoints {
         let mut body = String::from("checkpoint");
         for n in &c.nodes {

@@ -296,8 +296,7 @@ pub enum ExpectKind {
     SameIpAfterRestart,
     /// `node` reconnects to Nexus at some moment in `(after, by]`.
     Reconnects,
-    /// `node` is connected at every sample in `[after, by]` (e.g. keeps its netmap while
-    /// Nexus is down: use `sees`); here: the control stream state.
+    /// `node`'s control stream is up at every sample in `[after, by]`.
     Connected,
     /// The raw UDP hole punch between `a` and `b` (NAT layer) gives `path` by `by`.
     UdpPath,
@@ -401,8 +400,11 @@ impl Scenario {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ScenarioError { file: file.clone(), line: 0, msg: format!("cannot read: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: file.clone(),
+            line: 0,
+            msg: format!("cannot read: {e}"),
+        })?;
         let mut s = Scenario::parse(&file, &text)?;
         if s.name.is_empty() {
             s.name = path.file_stem().map(|x| x.to_string_lossy().to_string()).unwrap_or_default();

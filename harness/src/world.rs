@@ -316,7 +316,13 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 agents.insert(bn.get_ref().clone());
             }
             ExpectKind::Reaches => {
-                board.lock().unwrap().reach_targets.entry(a.get_ref().clone()).or_default().insert(bn.get_ref().clone());
+                board
+                    .lock()
+                    .unwrap()
+                    .reach_targets
+                    .entry(a.get_ref().clone())
+                    .or_default()
+                    .insert(bn.get_ref().clone());
             }
             _ => {}
         }
@@ -364,12 +370,14 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             vec![x.to_string()]
         }
     };
-    let mut registered: BTreeSet<String> =
-        ["nexus", "derp"].into_iter().map(String::from).chain(sc.nats.iter().map(|n| n.name.get_ref().clone())).collect();
+    let mut registered: BTreeSet<String> = ["nexus", "derp"]
+        .into_iter()
+        .map(String::from)
+        .chain(sc.nats.iter().map(|n| n.name.get_ref().clone()))
+        .collect();
     configure_links(&mut sim, sc, None, &registered, &mut partitions);
 
-    let mut pending: Vec<(Duration, String)> =
-        sc.nodes.iter().map(|n| (n.start.0, n.name.get_ref().clone())).collect();
+    let mut pending: Vec<(Duration, String)> = sc.nodes.iter().map(|n| (n.start.0, n.name.get_ref().clone())).collect();
     pending.sort();
     pending.reverse();
     let mut faults: Vec<_> = sc.faults.iter().collect();
@@ -460,7 +468,8 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     }
                     ExpectKind::NeverSees => {
                         let vis = visible(&bd, node);
-                        let bad: Vec<&String> = e.peers.iter().map(|p| p.get_ref()).filter(|p| vis.contains(*p)).collect();
+                        let bad: Vec<&String> =
+                            e.peers.iter().map(|p| p.get_ref()).filter(|p| vis.contains(*p)).collect();
                         if !bad.is_empty() && st.violated.is_none() {
                             st.violated = Some((now, format!("{node} listed {}", join(bad))));
                         }
@@ -472,7 +481,8 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                         }
                     }
                     ExpectKind::UdpPath if now >= by => {
-                        let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                        let (a, b2) =
+                            (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
                         let p = path_now(&punch.lock().unwrap(), a, b2, by, derp_up, &running, &partitions);
                         st.decided = Some(if Some(p) == e.path {
                             Verdict::Pass
@@ -557,7 +567,10 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                             }
                         }
                     }
-                    format!("{} {a} | {bb}", if *f.kind.get_ref() == FaultKind::Partition { "partition" } else { "heal" })
+                    format!(
+                        "{} {a} | {bb}",
+                        if *f.kind.get_ref() == FaultKind::Partition { "partition" } else { "heal" }
+                    )
                 }
                 FaultKind::Restart => {
                     let n = name(&f.node);
@@ -755,7 +768,13 @@ fn configure_links(
             }
         }
         for (x, y) in partitions.iter() {
-            let other = if x == name { y } else if y == name { x } else { continue };
+            let other = if x == name {
+                y
+            } else if y == name {
+                x
+            } else {
+                continue;
+            };
             if registered.contains(other) && other != name {
                 sim.partition(name, other.as_str());
             }
