@@ -234,6 +234,10 @@ pub enum FaultKind {
     Partition,
     /// Undo a partition of `a` and `b`.
     Heal,
+    /// Hold messages between `a` and `b` (queued, not lost) until `release`.
+    Hold,
+    /// Deliver what `hold` queued between `a` and `b`.
+    Release,
     /// Restart node `node` from its state directory.
     Restart,
     /// Stop node `node`.
@@ -542,9 +546,10 @@ impl Scenario {
                 FaultKind::Restart | FaultKind::Stop | FaultKind::Start => {
                     node_ref(&f.node, "node", k)?;
                 }
-                FaultKind::Partition | FaultKind::Heal => {
+                FaultKind::Partition | FaultKind::Heal | FaultKind::Hold | FaultKind::Release => {
                     for e in [&f.a, &f.b] {
-                        let e = e.as_ref().ok_or((Some(k), "partition/heal need `a` and `b`".to_string()))?;
+                        let e =
+                            e.as_ref().ok_or((Some(k), "partition/heal/hold/release need `a` and `b`".to_string()))?;
                         if !hosts.contains(e.get_ref()) && !orgs.contains(e.get_ref()) {
                             return Err(at(e, format!("unknown host or org {:?}", e.get_ref())));
                         }

@@ -572,6 +572,19 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                         if *f.kind.get_ref() == FaultKind::Partition { "partition" } else { "heal" }
                     )
                 }
+                FaultKind::Hold | FaultKind::Release => {
+                    let (a, bb) = (name(&f.a), name(&f.b));
+                    for x in expand(&a).into_iter().filter(|x| registered.contains(x)) {
+                        for y in expand(&bb).into_iter().filter(|y| registered.contains(y) && *y != x) {
+                            if *f.kind.get_ref() == FaultKind::Hold {
+                                sim.hold(x.as_str(), y.as_str());
+                            } else {
+                                sim.release(x.as_str(), y.as_str());
+                            }
+                        }
+                    }
+                    format!("{} {a} | {bb}", if *f.kind.get_ref() == FaultKind::Hold { "hold" } else { "release" })
+                }
                 FaultKind::Restart => {
                     let n = name(&f.node);
                     if running.contains(&n) {
