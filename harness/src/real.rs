@@ -365,8 +365,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     format!("stop node {}", sc.nodes[i].name.get_ref())
                 }
                 (FaultKind::Start, Some(i)) => {
-                    if !node_child.contains_key(&i) {
-                        node_child.insert(i, start_node(&mut lab, i, !ever.contains(&i))?);
+                    if let std::collections::btree_map::Entry::Vacant(slot) = node_child.entry(i) {
+                        slot.insert(start_node(&mut lab, i, !ever.contains(&i))?);
                         ever.insert(i);
                         pending.retain(|(_, p)| *p != i);
                     }
@@ -433,10 +433,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         violated[k] = Some(format!("listed a forbidden peer at {}", fmt_t(now)));
                     }
                 }
-                ExpectKind::Connected => {
-                    if in_window && violated[k].is_none() && !o.connected {
-                        violated[k] = Some(format!("not connected at {}", fmt_t(now)));
-                    }
+                ExpectKind::Connected if in_window && violated[k].is_none() && !o.connected => {
+                    violated[k] = Some(format!("not connected at {}", fmt_t(now)));
                 }
                 _ => {}
             }

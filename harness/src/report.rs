@@ -157,7 +157,7 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         }
         items.push((c.at, 0, body));
     }
-    items.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    items.sort_by_key(|a| (a.0, a.1));
     for (d, _, e) in items {
         let _ = writeln!(s, "  {:>10}  {e}", fmt_t(d));
     }

@@ -51,6 +51,8 @@ impl std::fmt::Display for Dur {
     }
 }
 
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+#[allow(clippy::manual_is_multiple_of)]
 fn fmt_dur(d: Duration, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     let ms = d.as_millis();
     if ms % 1000 == 0 {

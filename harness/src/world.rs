@@ -71,6 +71,9 @@ pub struct NodeObs {
     pub connects: Vec<Duration>,
 }
 
+/// One mesh ping: when it ended and which path answered.
+pub type PingResult = (Duration, Option<PathKind>);
+
 /// State shared between the simulated hosts and the driver.
 #[derive(Debug, Default)]
 pub struct Board {
@@ -81,7 +84,7 @@ pub struct Board {
     /// Which peers each node pings through the mesh.
     pub reach_targets: BTreeMap<String, BTreeSet<String>>,
     /// `(from, to)` → mesh ping results.
-    pub reach: BTreeMap<(String, String), Vec<(Duration, Option<PathKind>)>>,
+    pub reach: BTreeMap<(String, String), Vec<PingResult>>,
 }
 
 struct NodeCtx {
