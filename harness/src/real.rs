@@ -295,6 +295,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     pending.reverse();
     let mut node_child: BTreeMap<usize, usize> = BTreeMap::new();
     let mut ever: BTreeSet<usize> = BTreeSet::new();
+    let mut respawn: BTreeMap<usize, Duration> = BTreeMap::new();
     let mut obs: BTreeMap<String, Obs> = BTreeMap::new();
     let mut key_to_name: BTreeMap<String, String> = BTreeMap::new();
     let mut timeline: Vec<(Duration, String)> = Vec::new();
@@ -333,6 +334,25 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             ever.insert(i);
             node_child.insert(i, c);
         }
+        // A supervisor restarts `citadel up` 5 s after it exits (a failed first join exits),
+        // as the simulation's node host does.
+        for (&i, &c) in node_child.iter() {
+            if respawn.contains_key(&i) {
+                continue;
+            }
+            if let Ok(Some(code)) = lab.children[c].try_wait() {
+                timeline.push((now, format!("{} exited ({code}); restarting in 5s", sc.nodes[i].name.get_ref())));
+                respawn.insert(i, now + Duration::from_secs(5));
+            }
+        }
+        let due: Vec<usize> = respawn.iter().filter(|(_, t)| **t <= now).map(|(i, _)| *i).collect();
+        for i in due {
+            respawn.remove(&i);
+            if node_child.contains_key(&i) {
+                let joined = obs.get(sc.nodes[i].name.get_ref()).is_some_and(|o| !o.joins.is_empty());
+                node_child.insert(i, start_node(&mut lab, i, !joined)?);
+            }
+        }
         while faults.peek().is_some_and(|f| f.at.0 <= now) {
             let f = faults.next().expect("checked");
             let node_idx = f.node.as_ref().and_then(|n| sc.nodes.iter().position(|x| x.name.get_ref() == n.get_ref()));
@@ -351,6 +371,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     "nexus (re)started".into()
                 }
                 (FaultKind::Restart, Some(i)) => {
+                    respawn.remove(&i);
                     if let Some(c) = node_child.remove(&i) {
                         lab.stop(c);
                         node_child.insert(i, start_node(&mut lab, i, false)?);
@@ -358,6 +379,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     format!("restart node {}", sc.nodes[i].name.get_ref())
                 }
                 (FaultKind::Stop, Some(i)) => {
+                    respawn.remove(&i);
                     if let Some(c) = node_child.remove(&i) {
                         lab.stop(c);
                     }
@@ -457,7 +479,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             match e.kind.get_ref() {
                 ExpectKind::Sees => match met[k] {
                     Some(_) => Verdict::Pass,
-                    None => Verdict::Fail(format!("{node} saw {:?}", o.peers.len())),
+                    None => {
+                        let names: Vec<String> =
+                            o.peers.iter().map(|k| key_to_name.get(k).cloned().unwrap_or_else(|| "?".into())).collect();
+                        Verdict::Fail(format!("{node} saw {{{}}} at the end", names.join(", ")))
+                    }
                 },
                 ExpectKind::NeverSees | ExpectKind::Connected => match &violated[k] {
                     None => Verdict::Pass,
