@@ -399,7 +399,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     format!("{k:?} (not played in --real)")
                 }
             };
-            timeline.push((now, desc));
+            timeline.push((now, format!("fault: {desc}")));
         }
         // Sample every node's status.
         samples += 1;
@@ -518,7 +518,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         lab.prefix
     );
     for (t, d) in &timeline {
-        let _ = writeln!(report, "  {:>10}  fault: {d}", fmt_t(*t));
+        let _ = writeln!(report, "  {:>10}  {d}", fmt_t(*t));
     }
     for (d, v) in &verdicts {
         let _ = match v {
