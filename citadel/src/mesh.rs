@@ -39,6 +39,9 @@ pub struct Config {
     pub login_timeout: Duration,
     /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
     pub udp_port: u16,
+    /// Run the data plane. Off only for control-plane-only worlds (the harness on turmoil,
+    /// where the data plane's real UDP socket and clock cannot run yet).
+    pub data_plane: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -69,6 +72,7 @@ impl Config {
             on_auth_url: None,
             login_timeout: Duration::from_secs(600),
             udp_port: 0,
+            data_plane: true,
         }
     }
 }
@@ -190,7 +194,7 @@ struct Inner {
 pub struct Mesh {
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
-    dp: Arc<DataPlane>,
+    dp: Option<Arc<DataPlane>>,
 }
 
 impl Drop for Mesh {
@@ -402,16 +406,21 @@ impl Mesh {
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
-        let dp = DataPlane::start(
-            DataPlaneConfig {
-                node_key: inner.id.node_key.clone(),
-                disco_key: inner.id.disco_key.clone(),
-                bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
-            },
-            inner.netmap.subscribe(),
-        )
-        .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
-        *inner.endpoints.lock().unwrap() = dp.local_endpoints().iter().map(|e| e.to_string()).collect();
+        let dp = if cfg.data_plane {
+            let dp = DataPlane::start(
+                DataPlaneConfig {
+                    node_key: inner.id.node_key.clone(),
+                    disco_key: inner.id.disco_key.clone(),
+                    bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
+                },
+                inner.netmap.subscribe(),
+            )
+            .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
+            *inner.endpoints.lock().unwrap() = dp.local_endpoints().iter().map(|e| e.to_string()).collect();
+            Some(Arc::new(dp))
+        } else {
+            None
+        };
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
@@ -434,7 +443,7 @@ impl Mesh {
         inner.apply(&first)?;
         inner.connected.send_replace(true);
         let task = tokio::spawn(run(inner.clone(), Some((conn, stream))));
-        Ok(Mesh { inner, task, dp: Arc::new(dp) })
+        Ok(Mesh { inner, task, dp })
     }
 
     /// A snapshot of the node's state.
@@ -448,7 +457,7 @@ impl Mesh {
                 .find(|a| a.contains(':') == v6)
         };
         let stats: std::collections::HashMap<NodePublic, PeerStats> =
-            self.dp.peer_stats().into_iter().map(|s| (s.node_key, s)).collect();
+            self.dp.iter().flat_map(|d| d.peer_stats()).map(|s| (s.node_key, s)).collect();
         let mut peers: Vec<PeerStatus> = nm
             .peers
             .values()
@@ -515,24 +524,28 @@ impl Mesh {
         self.inner.node_pub()
     }
 
-    /// The data plane (WireGuard + userspace TCP/IP).
-    pub fn data_plane(&self) -> &Arc<DataPlane> {
-        &self.dp
+    /// The data plane (WireGuard + userspace TCP/IP); `None` when the config turned it off.
+    pub fn data_plane(&self) -> Option<&Arc<DataPlane>> {
+        self.dp.as_ref()
+    }
+
+    fn dp(&self) -> std::io::Result<&Arc<DataPlane>> {
+        self.dp.as_ref().ok_or_else(|| std::io::Error::other("this node runs without a data plane"))
     }
 
     /// Opens a TCP connection to a mesh address.
     pub async fn dial_tcp(&self, addr: std::net::SocketAddr) -> std::io::Result<MeshTcpStream> {
-        self.dp.dial_tcp(addr).await
+        self.dp()?.dial_tcp(addr).await
     }
 
     /// Listens for TCP connections on a port of the node's mesh addresses.
     pub fn listen_tcp(&self, port: u16) -> std::io::Result<MeshTcpListener> {
-        self.dp.listen_tcp(port)
+        self.dp()?.listen_tcp(port)
     }
 
     /// Binds a UDP socket on the node's mesh addresses (0 = any port).
     pub fn bind_udp(&self, port: u16) -> std::io::Result<MeshUdpSocket> {
-        self.dp.bind_udp(port)
+        self.dp()?.bind_udp(port)
     }
 
     /// A mesh-level ping: one TCP connection attempt to `ip:port` through the tunnel; a reset
@@ -540,7 +553,7 @@ impl Mesh {
     /// includes the WireGuard handshake.
     pub async fn ping(&self, ip: std::net::IpAddr, port: u16, timeout: Duration) -> std::io::Result<Pong> {
         let start = tokio::time::Instant::now();
-        match self.dp.dial_tcp_timeout(std::net::SocketAddr::new(ip, port), timeout).await {
+        match self.dp()?.dial_tcp_timeout(std::net::SocketAddr::new(ip, port), timeout).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => return Err(e),
@@ -555,7 +568,12 @@ impl Mesh {
         };
         let (path, name) = match key {
             Some((k, name)) => (
-                self.dp.peer_stats().into_iter().find(|s| s.node_key == k).and_then(|s| s.path).map(|p| p.to_string()),
+                self.dp
+                    .iter()
+                    .flat_map(|d| d.peer_stats())
+                    .find(|s| s.node_key == k)
+                    .and_then(|s| s.path)
+                    .map(|p| p.to_string()),
                 name,
             ),
             None => (None, ip.to_string()),
@@ -657,7 +675,7 @@ impl crate::work::MeshDialer for Mesh {
 
     fn dial_tcp(&self, addr: std::net::SocketAddr) -> crate::work::DialFuture<'_> {
         Box::pin(async move {
-            let s = self.dp.dial_tcp(addr).await?;
+            let s = self.dp()?.dial_tcp(addr).await?;
             Ok(Box::new(s) as Box<dyn crate::net::AsyncReadWrite>)
         })
     }

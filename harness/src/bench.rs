@@ -1,0 +1,101 @@
+//! World-size measurements: wall time per simulated minute and memory at N nodes.
+
+use crate::scenario::Scenario;
+use crate::world::{self, RunOptions};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// One measurement.
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    /// Nodes in the world.
+    pub nodes: usize,
+    /// Simulated time played.
+    pub simulated: Duration,
+    /// Wall time it took (world setup included).
+    pub wall: Duration,
+    /// Peak resident memory of the process so far, in MiB.
+    pub peak_rss_mib: f64,
+    /// Nodes that saw their whole org by the end.
+    pub converged: usize,
+}
+
+impl fmt::Display for BenchResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per_min = self.wall.as_secs_f64() * 60.0 / self.simulated.as_secs_f64();
+        write!(
+            f,
+            "{:>5} nodes: {:>7.2} s wall for {} s simulated = {:>7.2} s wall per simulated minute; peak RSS {:.0} MiB; {}/{} nodes converged",
+            self.nodes,
+            self.wall.as_secs_f64(),
+            self.simulated.as_secs(),
+            per_min,
+            self.peak_rss_mib,
+            self.converged,
+            self.nodes
+        )
+    }
+}
+
+/// The benchmark world: orgs of 10 nodes; a third public, a third behind home NATs (EIM),
+/// a third behind office NATs (symmetric), one NAT per 10 nodes; 20 ms links.
+pub fn world_toml(nodes: usize, secs: u64, tick: Duration) -> String {
+    let mut s = format!(
+        "name = \"bench-{nodes}\"\nduration = \"{secs}s\"\n[net]\nlatency = \"20ms\"\njitter = \"5ms\"\ntick = \"{}ms\"\n",
+        tick.as_millis()
+    );
+    let orgs = nodes.div_ceil(10);
+    for o in 0..orgs {
+        s += &format!("[[org]]\nname = \"org{o}\"\n");
+    }
+    for o in 0..orgs {
+        let m = if o % 2 == 0 { "endpoint_independent" } else { "address_and_port_dependent" };
+        s += &format!("[[nat]]\nname = \"nat{o}\"\nmapping = \"{m}\"\n");
+    }
+    for i in 0..nodes {
+        s += &format!("[[node]]\nname = \"n{i}\"\norg = \"org{}\"\n", i / 10);
+        if i % 3 != 0 {
+            s += &format!("nat = \"nat{}\"\n", i / 10);
+        }
+    }
+    s
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Plays the benchmark world with `nodes` nodes for `simulated` at `tick`.
+pub fn measure(nodes: usize, simulated: Duration, tick: Duration) -> anyhow::Result<BenchResult> {
+    let sc = Scenario::parse("bench", &world_toml(nodes, simulated.as_secs().max(1), tick))?;
+    let start = Instant::now();
+    let out = world::run(&sc, &RunOptions { sample: Duration::from_secs(1), ..Default::default() })?;
+    let wall = start.elapsed();
+    let converged = out
+        .visibility
+        .iter()
+        .filter(|(n, vis)| {
+            let org = &sc.node(n).expect("node").org;
+            let want = sc.nodes.iter().filter(|m| m.org.get_ref() == org.get_ref()).count() - 1;
+            vis.len() == want
+        })
+        .count();
+    Ok(BenchResult { nodes, simulated, wall, peak_rss_mib: peak_rss_mib(), converged })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_world_converges() {
+        let r = measure(10, Duration::from_secs(5), Duration::from_millis(10)).unwrap();
+        assert_eq!(r.converged, 10, "{r}");
+    }
+}

@@ -1,0 +1,24 @@
+//! harness: deterministic simulated networks for Citadel.
+//!
+//! A world is a turmoil simulation holding a Nexus (nexus-sim's router on a simulated TCP
+//! listener), a DERP/STUN host, NAT middleboxes ([`nat`] is the sans-IO table, [`nat_host`] the
+//! thin turmoil host) and citadel nodes running the real [`citadel::mesh::Mesh`] over
+//! [`net::TurmoilNet`]. [`scenario`] reads scenario files, [`world::run`] plays them on
+//! simulated time and [`report`] renders a deterministic trace. [`real`] plays the same files
+//! with the real binaries in Linux network namespaces.
+//!
+//! The data plane is reached through [`probe::NodeProbe`]; until the mesh implements it,
+//! "reaches" expectations are reported as not evaluated.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod bench;
+pub mod nat;
+pub mod nat_host;
+pub mod net;
+pub mod nexus;
+pub mod probe;
+pub mod real;
+pub mod report;
+pub mod scenario;
+pub mod world;

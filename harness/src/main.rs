@@ -1,0 +1,110 @@
+//! `harness`: play scenario files in simulation (or with the real binaries), and measure.
+
+use clap::{Parser, Subcommand};
+use harness::scenario::Scenario;
+use harness::world::{self, RunOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "harness", about = "Deterministic simulated networks for Citadel")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Plays a scenario file and prints the report.
+    Run {
+        /// The scenario (TOML).
+        file: PathBuf,
+        /// Overrides the file's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Also play it with the real binaries in network namespaces (root) and compare.
+        #[arg(long)]
+        real: bool,
+        /// Directory holding the `citadel` and `nexus-sim` binaries (for --real).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Checks scenario files without running them.
+    Check {
+        /// Files.
+        files: Vec<PathBuf>,
+    },
+    /// Measures wall time per simulated minute at several world sizes.
+    Bench {
+        /// Node counts.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        nodes: Vec<usize>,
+        /// Simulated time per size, in seconds.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Simulation tick in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        tick_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,turmoil=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().cmd {
+        Cmd::Run { file, seed, real, bin_dir } => {
+            let sc = Scenario::load(&file)?;
+            let out = world::run(&sc, &RunOptions { seed, ..Default::default() })?;
+            println!("{}", out.report());
+            let mut ok = out.passed();
+            if real {
+                let dir = bin_dir.unwrap_or_else(harness::real::default_bin_dir);
+                let r = harness::real::run(&sc, &dir)?;
+                println!("{}", r.report);
+                println!("{}", harness::real::compare(&out, &r));
+                ok &= r.passed;
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Check { files } => {
+            let mut ok = true;
+            for f in files {
+                match Scenario::load(&f) {
+                    Ok(s) => {
+                        println!("{}: ok ({} nodes, {} expectations)", f.display(), s.nodes.len(), s.expects.len())
+                    }
+                    Err(e) => {
+                        ok = false;
+                        println!("{e}");
+                    }
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Bench { nodes, secs, tick_ms } => {
+            for n in nodes {
+                let r = harness::bench::measure(
+                    n,
+                    std::time::Duration::from_secs(secs),
+                    std::time::Duration::from_millis(tick_ms),
+                )?;
+                println!("{r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

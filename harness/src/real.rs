@@ -1,0 +1,580 @@
+//! Plays a scenario with the real binaries (`nexus-sim serve`, `citadel up`) in Linux network
+//! namespaces with kernel NAT, on wall-clock time, and compares verdicts with the simulation.
+//!
+//! Topology: namespace `<prefix>-inet` holds the "internet" bridge (198.18.0.0/16) and Nexus at
+//! 198.18.0.1:8080; each NAT is a namespace with an outside leg on its upstream (the internet or,
+//! for CGNAT, the LAN of the NAT it is behind) and a LAN bridge 198.19.J.0/24 inside, translated
+//! by iptables MASQUERADE (`--random-fully` when the mapping is not endpoint-independent);
+//! each node is a namespace on its NAT's LAN or on the internet. Every namespace is deleted
+//! when the run ends, also on error and on Ctrl-C.
+//!
+//! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `restart`/`stop`/`start`.
+//! Evaluated: `sees`, `never_sees`, `connected`, `reconnects`, `same_ip_after_restart` and org
+//! isolation, from `citadel status --json`. Everything else is reported as not evaluated.
+
+use crate::nat::Mapping;
+use crate::report::{fmt_t, Verdict};
+use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
+use anyhow::{bail, Context};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// The directory of the running executable (where cargo puts `citadel` and `nexus-sim` too).
+pub fn default_bin_dir() -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| ".".into())
+}
+
+/// The result of a real run.
+#[derive(Debug, Clone)]
+pub struct RealOutcome {
+    /// Human-readable report.
+    pub report: String,
+    /// Verdicts in file order (same descriptions as the simulation's).
+    pub verdicts: Vec<(String, Verdict)>,
+    /// No failure and no org leak.
+    pub passed: bool,
+}
+
+/// Namespaces and processes of one run; dropping it removes everything.
+struct Lab {
+    prefix: String,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn sh(&self, ns: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
+        let mut c = match ns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &self.ns(n)]).args(args);
+                c
+            }
+            None => {
+                let mut c = Command::new(args[0]);
+                c.args(&args[1..]);
+                c
+            }
+        };
+        let o = c.output().with_context(|| format!("running {args:?}"))?;
+        if !o.status.success() {
+            bail!("{args:?} in {ns:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
+        self.sh(None, &["ip", "netns", "add", &self.ns(name)])?;
+        self.sh(Some(name), &["ip", "link", "set", "lo", "up"])
+    }
+
+    /// A veth from `a` (named `an`) to `b` (named `bn`).
+    fn veth(&self, a: &str, an: &str, b: &str, bn: &str) -> anyhow::Result<()> {
+        let (na, nb) = (self.ns(a), self.ns(b));
+        self.sh(None, &["ip", "link", "add", an, "netns", &na, "type", "veth", "peer", "name", bn, "netns", &nb])?;
+        self.sh(Some(a), &["ip", "link", "set", an, "up"])?;
+        self.sh(Some(b), &["ip", "link", "set", bn, "up"])
+    }
+
+    fn spawn(&mut self, ns: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<usize> {
+        let f = std::fs::File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .arg(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.children.push(child);
+        Ok(self.children.len() - 1)
+    }
+
+    fn stop(&mut self, idx: usize) {
+        let c = &mut self.children[idx];
+        // SIGTERM first: citadel and nexus-sim close their connections on it.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let list = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+        let mine = format!("{}-", self.prefix);
+        for line in String::from_utf8_lossy(&list).lines() {
+            let Some(name) = line.split_whitespace().next() else { continue };
+            if !name.starts_with(&mine) {
+                continue;
+            }
+            let pids = Command::new("ip").args(["netns", "pids", name]).output().map(|o| o.stdout).unwrap_or_default();
+            for pid in String::from_utf8_lossy(&pids).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Obs {
+    running: bool,
+    connected: bool,
+    ip: Option<String>,
+    key: String,
+    peers: BTreeSet<String>,
+    joins: Vec<String>,
+    connects: Vec<Duration>,
+}
+
+/// Plays `sc` with the binaries in `bin_dir`. Needs root, `ip` and `iptables`.
+pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("--real needs root (network namespaces and iptables)");
+    }
+    let citadel = bin_dir.join("citadel");
+    let nexus = bin_dir.join("nexus-sim");
+    for b in [&citadel, &nexus] {
+        if !b.is_file() {
+            bail!("{} not found; build it with `cargo build -p citadel -p nexus-sim` (or pass --bin-dir)", b.display());
+        }
+    }
+    for tool in ["ip", "iptables"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            bail!("`{tool}` is not installed");
+        }
+    }
+    if sc.nodes.len() > 200 || sc.nats.len() > 200 {
+        bail!("--real supports at most 200 nodes and 200 NATs");
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut lab = Lab { prefix: format!("hz{}", std::process::id() % 100_000), children: Vec::new() };
+    let url = "http://198.18.0.1:8080".to_string();
+
+    // Orgs and keys go into the database before the server starts.
+    let db = tmp.path().join("nexus.db");
+    let mut keys = BTreeMap::new();
+    {
+        let shared = nexus_sim::build(nexus_sim::Config { db: Some(db.clone()), ..Default::default() })?;
+        for o in &sc.orgs {
+            let u = shared.store.create_user(o.name.get_ref(), "").map_err(|e| anyhow::anyhow!("{e}"))?;
+            let k = shared.store.create_key(u.id, true, false, None, vec![]).map_err(|e| anyhow::anyhow!("{e}"))?;
+            keys.insert(o.name.get_ref().clone(), k.key);
+        }
+    }
+
+    lab.add_ns("inet")?;
+    lab.sh(Some("inet"), &["ip", "link", "add", "br0", "type", "bridge"])?;
+    lab.sh(Some("inet"), &["ip", "addr", "add", "198.18.0.1/16", "dev", "br0"])?;
+    lab.sh(Some("inet"), &["ip", "link", "set", "br0", "up"])?;
+
+    // NATs, upstream first.
+    let idx: BTreeMap<String, usize> = sc.nats.iter().enumerate().map(|(i, n)| (n.name.get_ref().clone(), i)).collect();
+    let depth = |n: &str| {
+        let (mut d, mut cur) = (0, n.to_string());
+        while let Some(b) = sc.nat(&cur).and_then(|x| x.behind.as_ref()) {
+            cur = b.get_ref().clone();
+            d += 1;
+        }
+        d
+    };
+    let mut order: Vec<&crate::scenario::NatSpec> = sc.nats.iter().collect();
+    order.sort_by_key(|n| depth(n.name.get_ref()));
+    let mut lan_next: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut lan_addr = |j: usize| {
+        let k = lan_next.entry(j).or_insert(10);
+        *k += 1;
+        format!("198.19.{j}.{}", *k - 1)
+    };
+    for n in order {
+        let j = idx[n.name.get_ref()];
+        let ns = format!("t{j}");
+        lab.add_ns(&ns)?;
+        lab.sh(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let (up_ns, up_addr, gw) = match &n.behind {
+            None => ("inet".to_string(), format!("198.18.1.{}/16", j + 1), "198.18.0.1".to_string()),
+            Some(b) => {
+                let u = idx[b.get_ref()];
+                (format!("t{u}"), format!("{}/24", lan_addr(u)), format!("198.19.{u}.1"))
+            }
+        };
+        lab.veth(&ns, "out0", &up_ns, &format!("vt{j}"))?;
+        lab.sh(
+            Some(&up_ns),
+            &["ip", "link", "set", &format!("vt{j}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+        )?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &up_addr, "dev", "out0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        lab.sh(Some(&ns), &["ip", "link", "add", "lan", "type", "bridge"])?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &format!("198.19.{j}.1/24"), "dev", "lan"])?;
+        lab.sh(Some(&ns), &["ip", "link", "set", "lan", "up"])?;
+        let mut rule = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "MASQUERADE"];
+        if n.mapping != Mapping::EndpointIndependent {
+            rule.push("--random-fully");
+        }
+        lab.sh(Some(&ns), &rule)?;
+    }
+
+    for (i, n) in sc.nodes.iter().enumerate() {
+        let ns = format!("n{i}");
+        lab.add_ns(&ns)?;
+        if n.network == NetworkKind::Offline {
+            continue;
+        }
+        let (up_ns, addr, gw) = match &n.nat {
+            None => {
+                ("inet".to_string(), format!("198.18.{}.{}/16", 2 + i / 250, 1 + i % 250), "198.18.0.1".to_string())
+            }
+            Some(x) => {
+                let j = idx[x.get_ref()];
+                (format!("t{j}"), format!("{}/24", lan_addr(j)), format!("198.19.{j}.1"))
+            }
+        };
+        lab.veth(&ns, "eth0", &up_ns, &format!("vn{i}"))?;
+        lab.sh(
+            Some(&up_ns),
+            &["ip", "link", "set", &format!("vn{i}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+        )?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &addr, "dev", "eth0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        if n.network == NetworkKind::UdpBlocked {
+            lab.sh(Some(&ns), &["iptables", "-A", "OUTPUT", "-p", "udp", "-j", "DROP"])?;
+        }
+    }
+
+    let nexus_args: Vec<String> =
+        ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--db".to_string(), db.display().to_string()])
+            .collect();
+    let mut nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
+    wait_port(&lab, "inet", "198.18.0.1", 8080)?;
+
+    let start = Instant::now();
+    let end = sc.duration.0;
+    let mut faults: Vec<_> = sc.faults.iter().collect();
+    faults.sort_by_key(|f| f.at);
+    let mut faults = faults.into_iter().peekable();
+    let mut pending: Vec<(Duration, usize)> = sc.nodes.iter().enumerate().map(|(i, n)| (n.start.0, i)).collect();
+    pending.sort();
+    pending.reverse();
+    let mut node_child: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut ever: BTreeSet<usize> = BTreeSet::new();
+    let mut respawn: BTreeMap<usize, Duration> = BTreeMap::new();
+    let mut obs: BTreeMap<String, Obs> = BTreeMap::new();
+    let mut key_to_name: BTreeMap<String, String> = BTreeMap::new();
+    let mut timeline: Vec<(Duration, String)> = Vec::new();
+    let mut unplayed: Option<Duration> = None;
+    let mut met: Vec<Option<Duration>> = vec![None; sc.expects.len()];
+    let mut violated: Vec<Option<String>> = vec![None; sc.expects.len()];
+    let mut leak: Option<String> = None;
+    let mut samples = 0u64;
+
+    let start_node = |lab: &mut Lab, i: usize, first: bool| -> anyhow::Result<usize> {
+        let n = &sc.nodes[i];
+        let name = n.name.get_ref();
+        let mut args = vec![
+            "--state-dir".to_string(),
+            tmp.path().join(name).display().to_string(),
+            "up".into(),
+            "--nexus".into(),
+            url.clone(),
+            "--hostname".into(),
+            name.clone(),
+        ];
+        if first {
+            args.extend(["--authkey".to_string(), keys[n.org.get_ref()].clone()]);
+        }
+        lab.spawn(&format!("n{i}"), &citadel, &args, &tmp.path().join(format!("{name}.log")))
+    };
+
+    loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("interrupted; namespaces removed");
+        }
+        let now = start.elapsed();
+        while pending.last().is_some_and(|(t, _)| *t <= now) {
+            let (_, i) = pending.pop().expect("checked");
+            let c = start_node(&mut lab, i, !ever.contains(&i))?;
+            ever.insert(i);
+            node_child.insert(i, c);
+        }
+        // A supervisor restarts `citadel up` 5 s after it exits (a failed first join exits),
+        // as the simulation's node host does.
+        for (&i, &c) in node_child.iter() {
+            if respawn.contains_key(&i) {
+                continue;
+            }
+            if let Ok(Some(code)) = lab.children[c].try_wait() {
+                timeline.push((now, format!("{} exited ({code}); restarting in 5s", sc.nodes[i].name.get_ref())));
+                respawn.insert(i, now + Duration::from_secs(5));
+            }
+        }
+        let due: Vec<usize> = respawn.iter().filter(|(_, t)| **t <= now).map(|(i, _)| *i).collect();
+        for i in due {
+            respawn.remove(&i);
+            if node_child.contains_key(&i) {
+                let joined = obs.get(sc.nodes[i].name.get_ref()).is_some_and(|o| !o.joins.is_empty());
+                node_child.insert(i, start_node(&mut lab, i, !joined)?);
+            }
+        }
+        while faults.peek().is_some_and(|f| f.at.0 <= now) {
+            let f = faults.next().expect("checked");
+            let node_idx = f.node.as_ref().and_then(|n| sc.nodes.iter().position(|x| x.name.get_ref() == n.get_ref()));
+            let desc = match (f.kind.get_ref(), node_idx) {
+                (FaultKind::NexusDown, _) => {
+                    if let Some(c) = nexus_child.take() {
+                        lab.stop(c);
+                    }
+                    "nexus down".to_string()
+                }
+                (FaultKind::NexusUp | FaultKind::NexusRestart, _) => {
+                    if let Some(c) = nexus_child.take() {
+                        lab.stop(c);
+                    }
+                    nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
+                    "nexus (re)started".into()
+                }
+                (FaultKind::Restart, Some(i)) => {
+                    respawn.remove(&i);
+                    if let Some(c) = node_child.remove(&i) {
+                        lab.stop(c);
+                        node_child.insert(i, start_node(&mut lab, i, false)?);
+                    }
+                    format!("restart node {}", sc.nodes[i].name.get_ref())
+                }
+                (FaultKind::Stop, Some(i)) => {
+                    respawn.remove(&i);
+                    if let Some(c) = node_child.remove(&i) {
+                        lab.stop(c);
+                    }
+                    obs.entry(sc.nodes[i].name.get_ref().clone()).or_default().running = false;
+                    format!("stop node {}", sc.nodes[i].name.get_ref())
+                }
+                (FaultKind::Start, Some(i)) => {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = node_child.entry(i) {
+                        slot.insert(start_node(&mut lab, i, !ever.contains(&i))?);
+                        ever.insert(i);
+                        pending.retain(|(_, p)| *p != i);
+                    }
+                    format!("start node {}", sc.nodes[i].name.get_ref())
+                }
+                (k, _) => {
+                    unplayed.get_or_insert(f.at.0);
+                    format!("{k:?} (not played in --real)")
+                }
+            };
+            timeline.push((now, format!("fault: {desc}")));
+        }
+        // Sample every node's status.
+        samples += 1;
+        for (i, n) in sc.nodes.iter().enumerate() {
+            let name = n.name.get_ref();
+            let o = obs.entry(name.clone()).or_default();
+            o.running = node_child.contains_key(&i);
+            let st = o.running.then(|| status(&citadel, &tmp.path().join(name))).flatten();
+            let connected = st.as_ref().is_some_and(|s| s.connected);
+            if connected && !o.connected {
+                o.connects.push(now);
+                if let Some(s) = &st {
+                    o.joins.push(s.ipv4.clone().unwrap_or_default());
+                }
+            }
+            o.connected = connected;
+            if let Some(s) = st {
+                o.ip = s.ipv4.clone();
+                o.key = s.node_key.clone();
+                key_to_name.insert(s.node_key.clone(), name.clone());
+                o.peers = s.peers.iter().map(|p| p.node_key.clone()).collect();
+            }
+        }
+        let vis = |o: &Obs| -> BTreeSet<String> {
+            o.peers.iter().map(|k| key_to_name.get(k).cloned().unwrap_or_else(|| format!("?{k}"))).collect()
+        };
+        for n in &sc.nodes {
+            let o = &obs[n.name.get_ref()];
+            for p in vis(o) {
+                let porg = sc.node(&p).map(|x| x.org.get_ref().as_str()).unwrap_or("?");
+                // Unknown keys are nodes whose own status was not read yet; they are judged later.
+                if porg != "?" && porg != n.org.get_ref() && leak.is_none() {
+                    leak = Some(format!("at {}: {} lists {p}", fmt_t(now), n.name.get_ref()));
+                }
+            }
+        }
+        for (k, e) in sc.expects.iter().enumerate() {
+            let by = e.by.map(|b| b.0).unwrap_or(end);
+            let in_window = now >= e.after.0 && now <= by;
+            let Some(node) = e.node.as_ref().map(|n| n.get_ref()) else { continue };
+            let o = &obs[node];
+            match e.kind.get_ref() {
+                ExpectKind::Sees => {
+                    let v = vis(o);
+                    let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
+                    if in_window && met[k].is_none() && (if e.exact { v == want } else { want.is_subset(&v) }) {
+                        met[k] = Some(now);
+                    }
+                }
+                ExpectKind::NeverSees => {
+                    let v = vis(o);
+                    if violated[k].is_none() && e.peers.iter().any(|p| v.contains(p.get_ref())) {
+                        violated[k] = Some(format!("listed a forbidden peer at {}", fmt_t(now)));
+                    }
+                }
+                ExpectKind::Connected if in_window && violated[k].is_none() && !o.connected => {
+                    violated[k] = Some(format!("not connected at {}", fmt_t(now)));
+                }
+                _ => {}
+            }
+        }
+        if now >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let mut verdicts = Vec::new();
+    for (k, e) in sc.expects.iter().enumerate() {
+        let by = e.by.map(|b| b.0).unwrap_or(end);
+        let desc = crate::report::describe(e, end);
+        let node = e.node.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
+        let o = obs.get(&node).cloned().unwrap_or_default();
+        let v = if unplayed.is_some_and(|u| u <= by) {
+            Verdict::NotEvaluated("a fault before its deadline is not played in --real".into())
+        } else {
+            match e.kind.get_ref() {
+                ExpectKind::Sees => match met[k] {
+                    Some(_) => Verdict::Pass,
+                    None => {
+                        let names: Vec<String> =
+                            o.peers.iter().map(|k| key_to_name.get(k).cloned().unwrap_or_else(|| "?".into())).collect();
+                        Verdict::Fail(format!("{node} saw {{{}}} at the end", names.join(", ")))
+                    }
+                },
+                ExpectKind::NeverSees | ExpectKind::Connected => match &violated[k] {
+                    None => Verdict::Pass,
+                    Some(w) => Verdict::Fail(w.clone()),
+                },
+                ExpectKind::Reconnects => {
+                    if o.connects.iter().any(|t| *t > e.after.0 && *t <= by) {
+                        Verdict::Pass
+                    } else {
+                        Verdict::Fail("no reconnect in the window".into())
+                    }
+                }
+                ExpectKind::SameIpAfterRestart => {
+                    let d: BTreeSet<_> = o.joins.iter().collect();
+                    if o.joins.len() >= 2 && d.len() == 1 {
+                        Verdict::Pass
+                    } else {
+                        Verdict::Fail(format!("joins: {:?}", o.joins))
+                    }
+                }
+                ExpectKind::UdpPath | ExpectKind::Reaches => {
+                    Verdict::NotEvaluated("paths are not measured in --real yet".into())
+                }
+            }
+        };
+        verdicts.push((desc, v));
+    }
+    let mut report = format!(
+        "real run of {} ({} namespaces prefixed {}-):\n",
+        sc.name,
+        1 + sc.nats.len() + sc.nodes.len(),
+        lab.prefix
+    );
+    for (t, d) in &timeline {
+        let _ = writeln!(report, "  {:>10}  {d}", fmt_t(*t));
+    }
+    for (d, v) in &verdicts {
+        let _ = match v {
+            Verdict::Pass => writeln!(report, "  PASS           {d}"),
+            Verdict::Fail(w) => writeln!(report, "  FAIL           {d}: {w}"),
+            Verdict::NotEvaluated(w) => writeln!(report, "  NOT EVALUATED  {d}: {w}"),
+        };
+    }
+    let _ = match &leak {
+        None => writeln!(report, "  PASS           no node ever listed a node of another org ({samples} samples)"),
+        Some(l) => writeln!(report, "  FAIL           org isolation: {l}"),
+    };
+    let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
+    drop(lab);
+    Ok(RealOutcome { report, verdicts, passed })
+}
+
+fn status(citadel: &Path, state_dir: &Path) -> Option<citadel::mesh::Status> {
+    let o = Command::new(citadel).arg("--state-dir").arg(state_dir).args(["status", "--json"]).output().ok()?;
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+fn wait_port(lab: &Lab, ns: &str, ip: &str, port: u16) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let probe = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        if lab.sh(Some(ns), &["bash", "-c", &probe]).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nexus-sim did not listen on {ip}:{port} within 10s")
+}
+
+/// Lines where the simulation and the real run disagree.
+pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
+    let mut s = String::from("sim vs real:\n");
+    let mut differ = 0;
+    for ((d, a), (_, b)) in sim.verdicts.iter().zip(&real.verdicts) {
+        let tag = |v: &Verdict| match v {
+            Verdict::Pass => "pass",
+            Verdict::Fail(_) => "fail",
+            Verdict::NotEvaluated(_) => "not evaluated",
+        };
+        if matches!(a, Verdict::NotEvaluated(_)) || matches!(b, Verdict::NotEvaluated(_)) {
+            continue;
+        }
+        if tag(a) != tag(b) {
+            differ += 1;
+            let _ = writeln!(s, "  DIFFERS  {d}: sim {}, real {}", tag(a), tag(b));
+        }
+    }
+    if sim.leak.is_some() != real.report.contains("FAIL           org isolation") {
+        differ += 1;
+        let _ = writeln!(s, "  DIFFERS  org isolation");
+    }
+    let _ = writeln!(s, "  {differ} difference(s) among verdicts evaluated on both sides");
+    s
+}

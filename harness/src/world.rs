@@ -1,0 +1,860 @@
+//! Builds a turmoil world from a [`Scenario`] and plays it: a Nexus, a DERP/STUN host, NAT
+//! middleboxes and citadel nodes running the real [`citadel::mesh::Mesh`], with timed faults,
+//! sampled observations and expectation verdicts.
+
+use crate::nat::Nat;
+use crate::nat_host::{self, NatBox};
+use crate::net::{TurmoilNet, Uplink};
+use crate::nexus::{self, NEXUS_PORT};
+use crate::probe::{self, PathKind, ProbeFactory, PunchBoard, AGENT_PORT, STUN_PORT};
+use crate::report::{self, Checkpoint, NodeLine, Verdict};
+use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
+use anyhow::Context;
+use citadel::mesh::{Config, Mesh};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// How to play a scenario.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Overrides the scenario's seed.
+    pub seed: Option<u64>,
+    /// The data-plane hook; "reaches" expectations are not evaluated without it.
+    pub probe: Option<ProbeFactory>,
+    /// How often node state is sampled (simulated time).
+    pub sample: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { seed: None, probe: None, sample: Duration::from_millis(100) }
+    }
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("seed", &self.seed)
+            .field("probe", &self.probe.is_some())
+            .field("sample", &self.sample)
+            .finish()
+    }
+}
+
+/// What a node published about itself (from inside its simulated host).
+#[derive(Debug, Default, Clone)]
+pub struct NodeObs {
+    /// Org it belongs to (from the scenario).
+    pub org: String,
+    /// Host software running.
+    pub running: bool,
+    /// Control stream up.
+    pub connected: bool,
+    /// Mesh IPv4.
+    pub ipv4: Option<String>,
+    /// Node key.
+    pub node_key: String,
+    /// Node keys of the peers in its netmap.
+    pub peer_keys: BTreeSet<String>,
+    /// Ever joined successfully (later starts use the state directory only).
+    pub ever_connected: bool,
+    /// Host starts.
+    pub starts: u32,
+    /// `(ip, node key)` after each successful join.
+    pub joins: Vec<(String, String)>,
+    /// Events with their simulated time.
+    pub events: Vec<(Duration, String)>,
+    /// Simulated times at which the control stream came up.
+    pub connects: Vec<Duration>,
+}
+
+/// One mesh ping: when it ended and which path answered.
+pub type PingResult = (Duration, Option<PathKind>);
+
+/// State shared between the simulated hosts and the driver.
+#[derive(Debug, Default)]
+pub struct Board {
+    /// Per node.
+    pub nodes: BTreeMap<String, NodeObs>,
+    /// Node key → node name.
+    pub key_to_name: BTreeMap<String, String>,
+    /// Which peers each node pings through the mesh.
+    pub reach_targets: BTreeMap<String, BTreeSet<String>>,
+    /// `(from, to)` → mesh ping results.
+    pub reach: BTreeMap<(String, String), Vec<PingResult>>,
+}
+
+struct NodeCtx {
+    name: String,
+    nexus_url: String,
+    auth_key: String,
+    state_dir: PathBuf,
+    net: TurmoilNet,
+    board: Arc<Mutex<Board>>,
+    agent: Option<(SocketAddr, SocketAddr, Arc<Mutex<PunchBoard>>)>,
+    probe: Option<ProbeFactory>,
+}
+
+fn event(board: &Mutex<Board>, name: &str, what: String) {
+    let t = turmoil::sim_elapsed().unwrap_or_default();
+    tracing::debug!(node = name, "{what}");
+    board.lock().unwrap().nodes.entry(name.to_string()).or_default().events.push((t, what));
+}
+
+async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
+    let name = &ctx.name;
+    let first = {
+        let mut b = ctx.board.lock().unwrap();
+        let o = b.nodes.entry(name.clone()).or_default();
+        o.starts += 1;
+        o.running = true;
+        o.connected = false;
+        !o.ever_connected
+    };
+    event(&ctx.board, name, "started".into());
+    if let Some((local, stun, pb)) = &ctx.agent {
+        let (n, net, pb) = (name.clone(), ctx.net.clone(), pb.clone());
+        let (local, stun) = (*local, *stun);
+        tokio::spawn(async move {
+            if let Err(e) = probe::punch_agent(n.clone(), local, net, stun, pb).await {
+                tracing::warn!(node = %n, "punch agent stopped: {e}");
+            }
+        });
+    }
+    // A restart joins from the state directory alone.
+    let mut cfg = Config::new(Some(ctx.nexus_url.clone()), first.then(|| ctx.auth_key.clone()), ctx.state_dir.clone());
+    cfg.hostname = Some(name.clone());
+    cfg.timeout = Duration::from_secs(10);
+    cfg.net = Arc::new(ctx.net.clone());
+    // The data plane binds a real UDP socket and reads the real clock; worlds are control
+    // plane (plus the raw UDP punch agents) until it runs on `Net`.
+    cfg.data_plane = false;
+    let mesh = loop {
+        match Mesh::connect(cfg.clone()).await {
+            Ok(m) => break Arc::new(m),
+            Err(e) => {
+                event(&ctx.board, name, format!("join failed: {e}"));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    {
+        let st = mesh.status();
+        let mut b = ctx.board.lock().unwrap();
+        b.key_to_name.insert(st.node_key.clone(), name.clone());
+        let o = b.nodes.entry(name.clone()).or_default();
+        o.ever_connected = true;
+        o.joins.push((st.ipv4.clone().unwrap_or_default(), st.node_key.clone()));
+    }
+    event(&ctx.board, name, format!("joined as {}", mesh.status().ipv4.unwrap_or_default()));
+    if let Some(f) = &ctx.probe {
+        tokio::spawn(reach_loop(ctx.clone(), f(mesh.clone())));
+    }
+    let mut nm = mesh.netmap();
+    let mut conn = mesh.connected();
+    loop {
+        let st = mesh.status();
+        let was = {
+            let mut b = ctx.board.lock().unwrap();
+            let o = b.nodes.entry(name.clone()).or_default();
+            let was = o.connected;
+            o.connected = st.connected;
+            o.ipv4 = st.ipv4.clone();
+            o.node_key = st.node_key.clone();
+            o.peer_keys = st.peers.iter().map(|p| p.node_key.clone()).collect();
+            if st.connected && !was {
+                o.connects.push(turmoil::sim_elapsed().unwrap_or_default());
+            }
+            was
+        };
+        if was != st.connected {
+            event(&ctx.board, name, if st.connected { "control up".into() } else { "control down".into() });
+        }
+        tokio::select! {
+            r = nm.changed() => if r.is_err() { break },
+            r = conn.changed() => if r.is_err() { break },
+        }
+    }
+    event(&ctx.board, name, "mesh stopped".into());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn reach_loop(ctx: Arc<NodeCtx>, probe: Arc<dyn probe::NodeProbe>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let targets: Vec<(String, Option<String>)> = {
+            let b = ctx.board.lock().unwrap();
+            b.reach_targets
+                .get(&ctx.name)
+                .into_iter()
+                .flatten()
+                .map(|t| (t.clone(), b.nodes.get(t).and_then(|o| o.ipv4.clone())))
+                .collect()
+        };
+        for (to, ip) in targets {
+            let Some(ip) = ip.and_then(|i| i.parse().ok()) else { continue };
+            let r = probe.ping(ip, Duration::from_secs(2)).await;
+            let t = turmoil::sim_elapsed().unwrap_or_default();
+            ctx.board.lock().unwrap().reach.entry((ctx.name.clone(), to)).or_default().push((t, r));
+        }
+    }
+}
+
+/// The result of playing a scenario.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The deterministic trace (snapshotted; same seed → same bytes).
+    pub trace: String,
+    /// Observed events with exact simulated times and NAT counters.
+    pub observed: String,
+    /// Verdicts in file order.
+    pub verdicts: Vec<(String, Verdict)>,
+    /// First org leak seen, if any.
+    pub leak: Option<String>,
+    /// Final visibility: node → names in its netmap.
+    pub visibility: BTreeMap<String, BTreeSet<String>>,
+    /// NAT-layer path per probed pair.
+    pub paths: BTreeMap<(String, String), PathKind>,
+}
+
+impl Outcome {
+    /// No expectation failed and no org leak was seen.
+    pub fn passed(&self) -> bool {
+        self.leak.is_none() && !self.verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)))
+    }
+
+    /// Trace followed by the observed log: what `harness run` prints.
+    pub fn report(&self) -> String {
+        format!("{}\n{}", self.trace, self.observed)
+    }
+}
+
+struct ExpState {
+    met: Option<Duration>,
+    violated: Option<(Duration, String)>,
+    decided: Option<Verdict>,
+}
+
+/// Plays `sc` in simulation.
+pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
+    let seed = opts.seed.unwrap_or(sc.seed);
+    let end = sc.duration.0;
+    let tmp = tempfile::tempdir().context("temporary state directory")?;
+    let nexus_url = format!("http://nexus:{NEXUS_PORT}");
+    let shared = nexus_sim::build(nexus_sim::Config { server_url: nexus_url.clone(), ..Default::default() })?;
+    let mut org_keys = BTreeMap::new();
+    for o in &sc.orgs {
+        let st = &shared.store;
+        let u = st.create_user(o.name.get_ref(), "").map_err(|e| anyhow::anyhow!("create org: {e}"))?;
+        let k = st.create_key(u.id, true, false, None, vec![]).map_err(|e| anyhow::anyhow!("create key: {e}"))?;
+        org_keys.insert(o.name.get_ref().clone(), k.key);
+    }
+
+    let mut b = turmoil::Builder::new();
+    let lat = sc.net.latency.0;
+    b.rng_seed(seed)
+        .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+        .simulation_duration(end + Duration::from_secs(3600))
+        .tick_duration(sc.net.tick.0)
+        .min_message_latency(lat)
+        .max_message_latency(lat + sc.net.jitter.0)
+        .fail_rate(sc.net.loss)
+        .tcp_capacity(4096)
+        .udp_capacity(4096);
+    let mut sim = b.build();
+
+    // Fix every address first (registration order decides them), so LANs can be described.
+    let mut ip: BTreeMap<String, IpAddr> = BTreeMap::new();
+    for h in ["nexus", "derp"] {
+        ip.insert(h.into(), sim.lookup(h));
+    }
+    for n in &sc.nats {
+        ip.insert(n.name.get_ref().clone(), sim.lookup(n.name.get_ref().as_str()));
+    }
+    for n in &sc.nodes {
+        ip.insert(n.name.get_ref().clone(), sim.lookup(n.name.get_ref().as_str()));
+    }
+    let lan_of = |nat: &str| -> Arc<BTreeSet<IpAddr>> {
+        let nodes = sc.nodes.iter().filter(|n| n.nat.as_ref().is_some_and(|x| x.get_ref() == nat)).map(|n| &n.name);
+        let nats = sc.nats.iter().filter(|n| n.behind.as_ref().is_some_and(|x| x.get_ref() == nat)).map(|n| &n.name);
+        Arc::new(nodes.chain(nats).map(|n| ip[n.get_ref()]).collect())
+    };
+
+    sim.host("nexus", {
+        let shared = shared.clone();
+        move || nexus::serve(shared.clone())
+    });
+    sim.host("derp", probe::stun_server);
+
+    let mut nat_boxes: BTreeMap<String, Arc<NatBox>> = BTreeMap::new();
+    for (i, n) in sc.nats.iter().enumerate() {
+        let name = n.name.get_ref().clone();
+        let uplink = match &n.behind {
+            Some(up) => Uplink::Nat { nat: ip[up.get_ref()], lan: lan_of(up.get_ref()) },
+            None => Uplink::Public,
+        };
+        let nat_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64 + 1);
+        let nb = NatBox::new(Nat::new(n.config(), ip[&name], nat_seed));
+        nat_boxes.insert(name.clone(), nb.clone());
+        let net = TurmoilNet { uplink };
+        sim.host(name.as_str(), move || nat_host::run(nb.clone(), net.clone()));
+    }
+
+    let punch = Arc::new(Mutex::new(PunchBoard::default()));
+    let mut agents = BTreeSet::new();
+    let board = Arc::new(Mutex::new(Board::default()));
+    for e in &sc.expects {
+        let (Some(a), Some(bn)) = (&e.a, &e.b) else { continue };
+        match e.kind.get_ref() {
+            ExpectKind::UdpPath => {
+                punch.lock().unwrap().add_pair(a.get_ref(), bn.get_ref());
+                agents.insert(a.get_ref().clone());
+                agents.insert(bn.get_ref().clone());
+            }
+            ExpectKind::Reaches => {
+                board
+                    .lock()
+                    .unwrap()
+                    .reach_targets
+                    .entry(a.get_ref().clone())
+                    .or_default()
+                    .insert(bn.get_ref().clone());
+            }
+            _ => {}
+        }
+    }
+    // Identities are made up front from the seed: node keys are deterministic, and a peer is
+    // known by its key even before its own join returns.
+    let mut key_rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x6b65_7973);
+    for n in &sc.nodes {
+        let name = n.name.get_ref();
+        let st = citadel::state::StateDir::open(&tmp.path().join(name))?;
+        let id = st.identity(&mut key_rng)?;
+        let key = citadel::keys::NodePublic(id.node_key.public_bytes()).to_string();
+        let mut bd = board.lock().unwrap();
+        bd.key_to_name.insert(key, name.clone());
+        bd.nodes.entry(name.clone()).or_default().org = n.org.get_ref().clone();
+    }
+
+    let stun = SocketAddr::new(ip["derp"], STUN_PORT);
+    let mut ctxs: BTreeMap<String, Arc<NodeCtx>> = BTreeMap::new();
+    for n in &sc.nodes {
+        let name = n.name.get_ref().clone();
+        let uplink = match (n.network, &n.nat) {
+            (NetworkKind::UdpBlocked, _) => Uplink::Blocked,
+            (_, Some(nat)) => Uplink::Nat { nat: ip[nat.get_ref()], lan: lan_of(nat.get_ref()) },
+            (_, None) => Uplink::Public,
+        };
+        let ctx = NodeCtx {
+            name: name.clone(),
+            nexus_url: nexus_url.clone(),
+            auth_key: org_keys[n.org.get_ref()].clone(),
+            state_dir: tmp.path().join(&name),
+            net: TurmoilNet { uplink },
+            board: board.clone(),
+            agent: agents.contains(&name).then(|| (SocketAddr::new(ip[&name], AGENT_PORT), stun, punch.clone())),
+            probe: opts.probe.clone(),
+        };
+        ctxs.insert(name, Arc::new(ctx));
+    }
+
+    let mut partitions: BTreeSet<(String, String)> = BTreeSet::new();
+    let expand = |x: &str| -> Vec<String> {
+        if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
+            sc.nodes.iter().filter(|n| n.org.get_ref() == x).map(|n| n.name.get_ref().clone()).collect()
+        } else {
+            vec![x.to_string()]
+        }
+    };
+    let mut registered: BTreeSet<String> = ["nexus", "derp"]
+        .into_iter()
+        .map(String::from)
+        .chain(sc.nats.iter().map(|n| n.name.get_ref().clone()))
+        .collect();
+    configure_links(&mut sim, sc, None, &registered, &mut partitions);
+
+    let mut pending: Vec<(Duration, String)> = sc.nodes.iter().map(|n| (n.start.0, n.name.get_ref().clone())).collect();
+    pending.sort();
+    pending.reverse();
+    let mut faults: Vec<_> = sc.faults.iter().collect();
+    faults.sort_by_key(|f| f.at);
+    let mut faults = faults.into_iter().peekable();
+    let mut checkpoints: BTreeSet<Duration> = sc.faults.iter().map(|f| f.at.0).collect();
+    checkpoints.extend(sc.expects.iter().filter_map(|e| e.by.map(|b| b.0)));
+    checkpoints.insert(end);
+    let mut timeline: Vec<(Duration, String)> = Vec::new();
+    let mut cps: Vec<Checkpoint> = Vec::new();
+    let mut exps: Vec<ExpState> =
+        sc.expects.iter().map(|_| ExpState { met: None, violated: None, decided: None }).collect();
+    let mut derp_up = true;
+    let mut leak: Option<String> = None;
+    let mut samples = 0u64;
+    let mut last_vis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut observed: Vec<(Duration, String)> = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let mut running: BTreeSet<String> = BTreeSet::new();
+
+    let visible = |b: &Board, name: &str| -> BTreeSet<String> {
+        b.nodes
+            .get(name)
+            .map(|o| {
+                o.peer_keys.iter().map(|k| b.key_to_name.get(k).cloned().unwrap_or_else(|| format!("?{k}"))).collect()
+            })
+            .unwrap_or_default()
+    };
+
+    loop {
+        let now = sim.elapsed();
+        // Start nodes that are due.
+        while pending.last().is_some_and(|(t, _)| *t <= now) {
+            let (_, name) = pending.pop().expect("checked");
+            let ctx = ctxs[&name].clone();
+            sim.host(name.as_str(), move || node_main(ctx.clone()));
+            registered.insert(name.clone());
+            configure_links(&mut sim, sc, Some(&name), &registered, &mut partitions);
+            running.insert(name.clone());
+            if now > Duration::ZERO {
+                timeline.push((now, format!("start node {name}")));
+            }
+        }
+        // Sample.
+        if now >= next_sample || checkpoints.first().is_some_and(|c| *c <= now) {
+            next_sample = now + opts.sample;
+            samples += 1;
+            let bd = board.lock().unwrap();
+            for n in &sc.nodes {
+                let name = n.name.get_ref();
+                let vis = visible(&bd, name);
+                let last = last_vis.entry(name.clone()).or_default();
+                for gone in last.difference(&vis) {
+                    observed.push((now, format!("{name} no longer sees {gone}")));
+                }
+                for new in vis.difference(last) {
+                    observed.push((now, format!("{name} sees {new}")));
+                }
+                *last = vis.clone();
+                if leak.is_none() {
+                    for p in &vis {
+                        let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
+                        if porg != n.org.get_ref() {
+                            leak = Some(format!(
+                                "at {}: {name} ({}) lists {p} ({porg})",
+                                report::fmt_t(now),
+                                n.org.get_ref()
+                            ));
+                        }
+                    }
+                }
+            }
+            for (e, st) in sc.expects.iter().zip(exps.iter_mut()) {
+                if st.decided.is_some() {
+                    continue;
+                }
+                let by = e.by.map(|b| b.0).unwrap_or(end);
+                let in_window = now >= e.after.0 && now <= by;
+                let node = e.node.as_ref().map(|n| n.get_ref().as_str()).unwrap_or_default();
+                match e.kind.get_ref() {
+                    ExpectKind::Sees => {
+                        let vis = visible(&bd, node);
+                        let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
+                        let ok = if e.exact { vis == want } else { want.is_subset(&vis) };
+                        if in_window && ok && st.met.is_none() {
+                            st.met = Some(now);
+                        }
+                    }
+                    ExpectKind::NeverSees => {
+                        let vis = visible(&bd, node);
+                        let bad: Vec<&String> =
+                            e.peers.iter().map(|p| p.get_ref()).filter(|p| vis.contains(*p)).collect();
+                        if !bad.is_empty() && st.violated.is_none() {
+                            st.violated = Some((now, format!("{node} listed {}", join(bad))));
+                        }
+                    }
+                    ExpectKind::Connected => {
+                        let c = bd.nodes.get(node).is_some_and(|o| o.connected && o.running);
+                        if in_window && !c && st.violated.is_none() {
+                            st.violated = Some((now, format!("{node} was not connected")));
+                        }
+                    }
+                    ExpectKind::UdpPath if now >= by => {
+                        let (a, b2) =
+                            (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                        let p = path_now(&punch.lock().unwrap(), a, b2, by, derp_up, &running, &partitions);
+                        st.decided = Some(if Some(p) == e.path {
+                            Verdict::Pass
+                        } else {
+                            Verdict::Fail(format!("path was {p}"))
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            drop(bd);
+        }
+        // Checkpoints, then faults due now.
+        while checkpoints.first().is_some_and(|c| *c <= now) {
+            let c = checkpoints.pop_first().expect("checked");
+            let bd = board.lock().unwrap();
+            let lines = sc
+                .nodes
+                .iter()
+                .map(|n| {
+                    let name = n.name.get_ref();
+                    let o = bd.nodes.get(name).cloned().unwrap_or_default();
+                    NodeLine {
+                        name: name.clone(),
+                        org: n.org.get_ref().clone(),
+                        ip: o.ipv4.clone(),
+                        state: if !running.contains(name) {
+                            "stopped"
+                        } else if o.connected {
+                            "up"
+                        } else {
+                            "down"
+                        },
+                        sees: visible(&bd, name).into_iter().collect(),
+                    }
+                })
+                .collect();
+            cps.push(Checkpoint { at: c, nodes: lines });
+        }
+        while faults.peek().is_some_and(|f| f.at.0 <= now) {
+            let f = faults.next().expect("checked");
+            let name = |s: &Option<toml::Spanned<String>>| s.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default();
+            let desc = match f.kind.get_ref() {
+                FaultKind::NexusDown => {
+                    sim.crash("nexus");
+                    "nexus down".to_string()
+                }
+                FaultKind::NexusUp => {
+                    sim.bounce("nexus");
+                    "nexus up".into()
+                }
+                FaultKind::NexusRestart => {
+                    sim.bounce("nexus");
+                    "nexus restart".into()
+                }
+                FaultKind::DerpDown => {
+                    sim.crash("derp");
+                    derp_up = false;
+                    "derp down".into()
+                }
+                FaultKind::DerpUp => {
+                    sim.bounce("derp");
+                    derp_up = true;
+                    "derp up".into()
+                }
+                FaultKind::Partition | FaultKind::Heal => {
+                    let (a, bb) = (name(&f.a), name(&f.b));
+                    // Rules on hosts not started yet apply when they start (configure_links).
+                    for x in expand(&a) {
+                        for y in expand(&bb) {
+                            let live = registered.contains(&x) && registered.contains(&y) && x != y;
+                            if *f.kind.get_ref() == FaultKind::Partition {
+                                if live {
+                                    sim.partition(x.as_str(), y.as_str());
+                                }
+                                partitions.insert(pair(&x, &y));
+                            } else {
+                                if live {
+                                    sim.repair(x.as_str(), y.as_str());
+                                }
+                                partitions.remove(&pair(&x, &y));
+                            }
+                        }
+                    }
+                    format!(
+                        "{} {a} | {bb}",
+                        if *f.kind.get_ref() == FaultKind::Partition { "partition" } else { "heal" }
+                    )
+                }
+                FaultKind::Hold | FaultKind::Release => {
+                    let (a, bb) = (name(&f.a), name(&f.b));
+                    for x in expand(&a).into_iter().filter(|x| registered.contains(x)) {
+                        for y in expand(&bb).into_iter().filter(|y| registered.contains(y) && *y != x) {
+                            if *f.kind.get_ref() == FaultKind::Hold {
+                                sim.hold(x.as_str(), y.as_str());
+                            } else {
+                                sim.release(x.as_str(), y.as_str());
+                            }
+                        }
+                    }
+                    format!("{} {a} | {bb}", if *f.kind.get_ref() == FaultKind::Hold { "hold" } else { "release" })
+                }
+                FaultKind::Restart => {
+                    let n = name(&f.node);
+                    if running.contains(&n) {
+                        sim.bounce(n.as_str());
+                    }
+                    mark_stopped(&board, &n);
+                    format!("restart node {n}")
+                }
+                FaultKind::Stop => {
+                    let n = name(&f.node);
+                    if running.remove(&n) {
+                        sim.crash(n.as_str());
+                    }
+                    mark_stopped(&board, &n);
+                    format!("stop node {n}")
+                }
+                FaultKind::Start => {
+                    let n = name(&f.node);
+                    if !running.contains(&n) {
+                        if registered.contains(&n) {
+                            sim.bounce(n.as_str());
+                        } else {
+                            let ctx = ctxs[&n].clone();
+                            sim.host(n.as_str(), move || node_main(ctx.clone()));
+                            registered.insert(n.clone());
+                            configure_links(&mut sim, sc, Some(&n), &registered, &mut partitions);
+                            pending.retain(|(_, p)| *p != n);
+                        }
+                        running.insert(n.clone());
+                    }
+                    format!("start node {n}")
+                }
+                FaultKind::NatChange => {
+                    let n = name(&f.nat);
+                    let nb = &nat_boxes[&n];
+                    let mut nat = nb.nat.lock().unwrap();
+                    let mut cfg = nat.config().clone();
+                    cfg.mapping = f.mapping.unwrap_or(cfg.mapping);
+                    cfg.filtering = f.filtering.unwrap_or(cfg.filtering);
+                    cfg.hairpin = f.hairpin.unwrap_or(cfg.hairpin);
+                    cfg.ports = f.ports.unwrap_or(cfg.ports);
+                    cfg.timeout = f.timeout.map(|t| t.0).unwrap_or(cfg.timeout);
+                    nat.reconfigure(cfg.clone());
+                    format!(
+                        "nat {n} now {} mapping, {} filtering, hairpin {}, {:?} ports",
+                        report::short_mapping(cfg.mapping),
+                        report::short_filtering(cfg.filtering),
+                        if cfg.hairpin { "on" } else { "off" },
+                        cfg.ports
+                    )
+                }
+                FaultKind::NatFlush => {
+                    let n = name(&f.nat);
+                    nat_boxes[&n].nat.lock().unwrap().flush();
+                    format!("nat {n} flushes its mappings")
+                }
+            };
+            tracing::info!(at = ?now, "fault: {desc}");
+            timeline.push((now, desc));
+        }
+        if now >= end {
+            break;
+        }
+        sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {}: {e}", report::fmt_t(now)))?;
+    }
+
+    // Decide what is left.
+    let bd = board.lock().unwrap();
+    let mut verdicts = Vec::new();
+    let mut paths = BTreeMap::new();
+    for (e, st) in sc.expects.iter().zip(exps) {
+        let by = e.by.map(|b| b.0).unwrap_or(end);
+        let node = e.node.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
+        let v = match (e.kind.get_ref(), st.decided) {
+            (_, Some(v)) => v,
+            (ExpectKind::Sees, None) => match st.met {
+                Some(_) => Verdict::Pass,
+                None => Verdict::Fail(format!("{node} saw {{{}}}", join(last_vis.get(&node).into_iter().flatten()))),
+            },
+            (ExpectKind::NeverSees | ExpectKind::Connected, None) => match st.violated {
+                None => Verdict::Pass,
+                Some((t, why)) => Verdict::Fail(format!("{why} at {}", report::fmt_t(t))),
+            },
+            (ExpectKind::SameIpAfterRestart, None) => {
+                let o = bd.nodes.get(&node).cloned().unwrap_or_default();
+                let distinct: BTreeSet<_> = o.joins.iter().collect();
+                if o.joins.len() < 2 {
+                    Verdict::Fail(format!("{node} joined {} time(s); a restart and a rejoin are needed", o.joins.len()))
+                } else if distinct.len() != 1 {
+                    Verdict::Fail(format!(
+                        "{node} joined as {}",
+                        join(o.joins.iter().map(|(ip, k)| format!("{ip} ({})", &k[..k.len().min(16)])))
+                    ))
+                } else {
+                    Verdict::Pass
+                }
+            }
+            (ExpectKind::Reconnects, None) => {
+                let o = bd.nodes.get(&node).cloned().unwrap_or_default();
+                if o.connects.iter().any(|t| *t > e.after.0 && *t <= by) {
+                    Verdict::Pass
+                } else {
+                    Verdict::Fail(format!("{node} did not reconnect in ({}, {}]", e.after, report::fmt_t(by)))
+                }
+            }
+            (ExpectKind::UdpPath, None) => Verdict::Fail("not decided".into()),
+            (ExpectKind::Reaches, None) => {
+                let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                if opts.probe.is_none() {
+                    Verdict::NotEvaluated("data plane not integrated (no NodeProbe)".into())
+                } else {
+                    let rs = bd.reach.get(&(a.clone(), b2.clone())).cloned().unwrap_or_default();
+                    let want = e.path.expect("validated");
+                    if rs.iter().any(|(t, p)| *t <= by && *p == Some(want)) {
+                        Verdict::Pass
+                    } else {
+                        let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);
+                        Verdict::Fail(format!(
+                            "{} ping(s) by {}, last answer {}",
+                            rs.iter().filter(|(t, _)| *t <= by).count(),
+                            report::fmt_t(by),
+                            match last {
+                                Some(Some(p)) => p.to_string(),
+                                Some(None) => "none".into(),
+                                None => "-".into(),
+                            }
+                        ))
+                    }
+                }
+            }
+        };
+        if *e.kind.get_ref() == ExpectKind::UdpPath {
+            let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+            let p = path_now(&punch.lock().unwrap(), a, b2, by, derp_up, &running, &partitions);
+            paths.insert((a.clone(), b2.clone()), p);
+        }
+        verdicts.push((report::describe(e, end), v));
+    }
+    let mut obs_all: Vec<(Duration, String)> = observed;
+    for (n, o) in &bd.nodes {
+        obs_all.extend(o.events.iter().map(|(t, e)| (*t, format!("{n}: {e}"))));
+    }
+    let pb = punch.lock().unwrap();
+    for ((a, b2), t) in &pb.pongs {
+        obs_all.push((*t, format!("{a}: first pong from {b2} (direct UDP)")));
+    }
+    obs_all.sort_by_key(|e| e.0);
+    let nat_stats: Vec<(String, nat_host::NatStats)> =
+        nat_boxes.iter().map(|(n, nb)| (n.clone(), nb.stats.lock().unwrap().clone())).collect();
+    let visibility: BTreeMap<String, BTreeSet<String>> = last_vis;
+    let ctx = report::TraceInput {
+        sc,
+        seed,
+        timeline: &timeline,
+        checkpoints: &cps,
+        verdicts: &verdicts,
+        leak: leak.as_deref(),
+        samples,
+        visibility: &visibility,
+        paths: &paths,
+    };
+    let trace = report::trace(&ctx);
+    let observed = report::observed(&obs_all, &nat_stats);
+    drop(pb);
+    drop(bd);
+    // The simulation's hosts hold state-directory locks; drop them before the directory.
+    drop(sim);
+    drop(tmp);
+    Ok(Outcome { trace, observed, verdicts, leak, visibility, paths })
+}
+
+/// Applies link settings once both ends exist (turmoil creates links at host registration):
+/// for `node` when it is registered, or for the links between non-node hosts with `None`.
+fn configure_links(
+    sim: &mut turmoil::Sim<'_>,
+    sc: &Scenario,
+    node: Option<&str>,
+    registered: &BTreeSet<String>,
+    partitions: &mut BTreeSet<(String, String)>,
+) {
+    let set_latency = |sim: &turmoil::Sim<'_>, a: &str, b: &str, l: Duration, jitter: Duration| {
+        sim.set_link_latency(a, b, l);
+        sim.set_link_max_message_latency(a, b, l + jitter);
+    };
+    if let Some(name) = node {
+        let n = sc.node(name).expect("validated");
+        if let Some(nat) = &n.nat {
+            set_latency(sim, name, nat.get_ref(), Duration::from_millis(1), Duration::ZERO);
+        }
+        if let Some(r) = &n.region {
+            let reg = sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()).expect("validated");
+            for h in ["nexus", "derp"] {
+                set_latency(sim, name, h, reg.latency.0, sc.net.jitter.0);
+            }
+        }
+        for (x, y) in partitions.iter() {
+            let other = if x == name {
+                y
+            } else if y == name {
+                x
+            } else {
+                continue;
+            };
+            if registered.contains(other) && other != name {
+                sim.partition(name, other.as_str());
+            }
+        }
+        // An offline host reaches nobody, and nobody reaches it.
+        for other in registered.iter().filter(|o| o.as_str() != name) {
+            let offline = |x: &str| sc.node(x).is_some_and(|n| n.network == NetworkKind::Offline);
+            if offline(name) || offline(other) {
+                sim.partition(name, other.as_str());
+                partitions.insert(pair(name, other));
+            }
+        }
+    }
+    for l in &sc.links {
+        let (a, b) = (l.a.get_ref().as_str(), l.b.get_ref().as_str());
+        let concerns = match node {
+            Some(n) => (a == n || b == n) && registered.contains(a) && registered.contains(b),
+            None => sc.node(a).is_none() && sc.node(b).is_none(),
+        };
+        if !concerns {
+            continue;
+        }
+        if let Some(lat) = l.latency {
+            set_latency(sim, a, b, lat.0, l.jitter.map(|j| j.0).unwrap_or(sc.net.jitter.0));
+        }
+        if let Some(loss) = l.loss {
+            sim.set_link_fail_rate(a, b, loss);
+        }
+    }
+}
+
+fn mark_stopped(board: &Mutex<Board>, n: &str) {
+    let mut b = board.lock().unwrap();
+    let o = b.nodes.entry(n.to_string()).or_default();
+    o.running = false;
+    o.connected = false;
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+fn path_now(
+    pb: &PunchBoard,
+    a: &str,
+    b: &str,
+    by: Duration,
+    derp_up: bool,
+    running: &BTreeSet<String>,
+    partitions: &BTreeSet<(String, String)>,
+) -> PathKind {
+    if pb.direct_since(a, b).is_some_and(|t| t <= by) {
+        return PathKind::Direct;
+    }
+    let can_relay = |n: &str| running.contains(n) && !partitions.contains(&pair(n, "derp"));
+    if derp_up && can_relay(a) && can_relay(b) {
+        PathKind::Relay
+    } else {
+        PathKind::None
+    }
+}
+
+fn join<T: std::fmt::Display>(it: impl IntoIterator<Item = T>) -> String {
+    it.into_iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}
