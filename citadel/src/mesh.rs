@@ -184,6 +184,8 @@ struct Inner {
     connected: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     endpoints: Mutex<Vec<String>>,
+    /// Home DERP region reported as `Hostinfo.NetInfo.PreferredDERP` (0 = not picked yet).
+    preferred_derp: Mutex<i32>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -221,8 +223,31 @@ impl Inner {
             ipn_version: format!("citadel-{}", env!("CARGO_PKG_VERSION")),
             os: std::env::consts::OS.to_string(),
             hostname: self.info.lock().unwrap().hostname.clone(),
-            rest: Default::default(),
+            rest: match *self.preferred_derp.lock().unwrap() {
+                0 => Default::default(),
+                r => [("NetInfo".to_string(), serde_json::json!({ "PreferredDERP": r }))].into_iter().collect(),
+            },
         }
+    }
+
+    /// Takes the data plane's endpoints and home region; true when they differ from what was
+    /// last reported.
+    fn take_net_info(&self, ni: &crate::dataplane::NetInfo) -> bool {
+        let eps: Vec<String> = ni.endpoints.iter().map(|e| e.to_string()).collect();
+        let mut cur = self.endpoints.lock().unwrap();
+        let mut home = self.preferred_derp.lock().unwrap();
+        let changed = *cur != eps || (ni.preferred_derp != 0 && *home != ni.preferred_derp);
+        *cur = eps;
+        if ni.preferred_derp != 0 {
+            *home = ni.preferred_derp;
+        }
+        changed
+    }
+
+    /// A "lite" map request: no stream, no peers; the server only records endpoints and
+    /// Hostinfo (and tells the peers).
+    fn lite_map_request(&self) -> MapRequest {
+        MapRequest { omit_peers: true, ..self.map_request(false) }
     }
 
     fn nexus_url(&self) -> String {
@@ -399,19 +424,22 @@ impl Mesh {
             connected: watch::channel(false).0,
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
+            preferred_derp: Mutex::new(0),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
-        let dp = DataPlane::start(
+        let dp = DataPlane::start_with_net(
             DataPlaneConfig {
                 node_key: inner.id.node_key.clone(),
                 disco_key: inner.id.disco_key.clone(),
                 bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
             },
             inner.netmap.subscribe(),
+            cfg.net.clone(),
         )
         .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
-        *inner.endpoints.lock().unwrap() = dp.local_endpoints().iter().map(|e| e.to_string()).collect();
+        let net_info = dp.net_info();
+        inner.take_net_info(&net_info.borrow());
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
@@ -433,7 +461,7 @@ impl Mesh {
         inner.netmap.send_modify(|nm| nm.peers.clear());
         inner.apply(&first)?;
         inner.connected.send_replace(true);
-        let task = tokio::spawn(run(inner.clone(), Some((conn, stream))));
+        let task = tokio::spawn(run(inner.clone(), Some((conn, stream)), net_info));
         Ok(Mesh { inner, task, dp: Arc::new(dp) })
     }
 
@@ -601,14 +629,35 @@ impl Mesh {
 /// The background control loop: read the map stream; on any failure reconnect with
 /// exponential backoff (250 ms doubling to 15 s, with jitter), re-confirming the registration
 /// with the saved node key only.
-async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapStream)>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut session: Option<(ControlConn, control::MapStream)>,
+    mut net_info: watch::Receiver<crate::dataplane::NetInfo>,
+) {
     let mut stop = inner.stop.subscribe();
     let mut backoff = Duration::from_millis(250);
+    // Whatever changed before the loop started still has to be reported.
+    net_info.mark_changed();
+    let mut net_info_open = true;
     loop {
-        if let Some((_conn, mut stream)) = session.take() {
+        if let Some((mut conn, mut stream)) = session.take() {
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
+                    r = net_info.changed(), if net_info_open => {
+                        if r.is_err() {
+                            net_info_open = false;
+                            continue;
+                        }
+                        let ni = net_info.borrow_and_update().clone();
+                        if inner.take_net_info(&ni) {
+                            tracing::debug!(endpoints = ?ni.endpoints, home = ni.preferred_derp, "reporting endpoints");
+                            if let Err(e) = conn.map(&inner.lite_map_request()).await {
+                                tracing::info!("endpoint update failed: {e}");
+                                break;
+                            }
+                        }
+                    }
                     m = stream.next() => match m {
                         Ok(Some(m)) => {
                             if let Err(e) = inner.apply(&m) {
@@ -635,6 +684,7 @@ async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapSt
         let attempt = async {
             let mut conn = inner.dial().await?;
             inner.ensure_registered(&mut conn).await?;
+            inner.take_net_info(&net_info.borrow());
             let stream = conn.map(&inner.map_request(true)).await?;
             Ok::<_, ConnectError>((conn, stream))
         };
