@@ -532,14 +532,18 @@ impl Driver {
         let dm = self.netmap.borrow_and_update().derp_map.clone();
         self.on_derp_map(&dm);
         loop {
-            let now = Instant::now();
-            self.shared.lock_wg().set_now(now);
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
-                    Ok((n, src)) => self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered),
+                    Ok((n, src)) => {
+                        let now = self.now();
+                        self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered)
+                    }
                     Err(e) => tracing::debug!(error = %e, "udp receive failed"),
                 },
-                Some(r) = self.relay_rx.recv() => self.on_relayed(r, &mut out, &mut delivered),
+                Some(r) = self.relay_rx.recv() => {
+                    self.now();
+                    self.on_relayed(r, &mut out, &mut delivered)
+                }
                 Some(l) = self.latency_rx.recv() => {
                     self.https_probe_running = false;
                     if self.report.as_ref().is_some_and(|r| r.region_latency.is_empty()) {
@@ -550,6 +554,7 @@ impl Driver {
                 }
                 _ = self.shared.wake.notified() => {}
                 _ = tick.tick() => {
+                    let now = self.now();
                     self.shared.lock_wg().tick(now, &mut out);
                     self.netcheck_timers(now).await;
                 }
@@ -564,6 +569,7 @@ impl Driver {
                 _ = &mut stack_timer => {}
             }
             // Drain what else has arrived, so the stack sees a batch at once.
+            let now = self.now();
             for _ in 0..RX_BATCH {
                 match self.udp.try_recv_from(&mut buf) {
                     Ok((n, src)) => self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered),
@@ -585,6 +591,14 @@ impl Driver {
                 self.send(t).await;
             }
         }
+    }
+
+    /// The current time, also handed to the router: the path logic takes time as input, and
+    /// round trips must be measured from when a packet arrived, not from before the wait.
+    fn now(&self) -> Instant {
+        let now = Instant::now();
+        self.shared.lock_wg().set_now(now);
+        now
     }
 
     /// Demultiplexes one datagram of the shared socket: disco (magic prefix), STUN (cookie),
