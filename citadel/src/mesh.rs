@@ -137,6 +137,9 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     #[serde(default)]
     pub tx_bytes: u64,
+    /// Round trip of the current path from disco pongs, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
 }
 
 /// One answer of [`Mesh::ping`].
@@ -460,6 +463,8 @@ impl Mesh {
         tracing::debug!("first netmap");
         inner.netmap.send_modify(|nm| nm.peers.clear());
         inner.apply(&first)?;
+        let mut net_info = net_info;
+        settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
         let task = tokio::spawn(run(inner.clone(), Some((conn, stream)), net_info));
         Ok(Mesh { inner, task, dp: Arc::new(dp) })
@@ -487,6 +492,7 @@ impl Mesh {
                 }),
                 rx_bytes: stats.get(&p.key).map(|s| s.rx_bytes).unwrap_or(0),
                 tx_bytes: stats.get(&p.key).map(|s| s.tx_bytes).unwrap_or(0),
+                latency_ms: stats.get(&p.key).and_then(|s| s.latency).map(|l| l.as_secs_f64() * 1e3),
                 name: short_name(p),
                 fqdn: p.name.trim_end_matches('.').to_string(),
                 ipv4: addr(p, false),
@@ -624,6 +630,50 @@ impl Mesh {
         self.inner.state.clear()?;
         Ok(())
     }
+}
+
+/// How long joining waits for the data plane's first STUN answer and home region, so the node
+/// is announced with them instead of changing its own map right after it joined. STUN usually
+/// answers in one round trip; with UDP blocked the wait is cut short here and the result is
+/// reported later.
+const NET_INFO_SETTLE: Duration = Duration::from_millis(400);
+
+/// Reports the data plane's endpoints and home region once they are known (bounded by
+/// [`NET_INFO_SETTLE`]) and waits, within the same bound, for Nexus to echo them in our own map.
+async fn settle_net_info(
+    inner: &Inner,
+    conn: &mut ControlConn,
+    stream: &mut control::MapStream,
+    net_info: &mut watch::Receiver<crate::dataplane::NetInfo>,
+) {
+    let deadline = tokio::time::Instant::now() + NET_INFO_SETTLE;
+    let ready = |ni: &crate::dataplane::NetInfo| ni.preferred_derp != 0 && ni.report.is_some();
+    if inner.netmap.borrow().derp_map.regions.is_empty() {
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, net_info.wait_for(ready)).await;
+    let ni = net_info.borrow_and_update().clone();
+    if !inner.take_net_info(&ni) {
+        return;
+    }
+    if let Err(e) = conn.map(&inner.lite_map_request()).await {
+        tracing::debug!("endpoint update failed: {e}");
+        return;
+    }
+    let want = inner.endpoints.lock().unwrap().clone();
+    let _ = tokio::time::timeout_at(deadline, async {
+        while inner.netmap.borrow().self_node.endpoints != want {
+            match stream.next().await {
+                Ok(Some(m)) => {
+                    if let Err(e) = inner.apply(&m) {
+                        tracing::warn!("saving state: {e}");
+                    }
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The background control loop: read the map stream; on any failure reconnect with

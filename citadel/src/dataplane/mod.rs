@@ -531,6 +531,7 @@ impl Driver {
         tokio::pin!(stack_timer);
         let dm = self.netmap.borrow_and_update().derp_map.clone();
         self.on_derp_map(&dm);
+        self.netcheck_timers(Instant::now()).await;
         loop {
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
@@ -562,6 +563,7 @@ impl Driver {
                     let dm = self.netmap.borrow_and_update().derp_map.clone();
                     self.shared.sync_netmap();
                     self.on_derp_map(&dm);
+                    self.netcheck_timers(self.now()).await;
                     // A closed channel means the owner dropped the sender: keep running on the
                     // last netmap.
                     netmap_open = r.is_ok();
@@ -660,6 +662,17 @@ impl Driver {
         if changed || self.relays.home() == 0 {
             self.last_probe = None;
         }
+        if self.probe.is_none() && self.last_probe.is_none() {
+            // Probe now rather than at the next tick: the mesh waits for this to announce the
+            // node.
+            self.start_probe(Instant::now());
+        }
+    }
+
+    fn start_probe(&mut self, now: Instant) {
+        let dm = self.netmap.borrow().derp_map.clone();
+        self.last_probe = Some(now);
+        self.probe = Some(netcheck::Probe::new(&netcheck::stun_targets(&dm), now));
     }
 
     /// Starts, advances and finishes STUN probes.
@@ -668,10 +681,7 @@ impl Driver {
             && self.relays.available()
             && self.last_probe.is_none_or(|t| now.saturating_duration_since(t) >= NETCHECK_INTERVAL)
         {
-            let dm = self.netmap.borrow().derp_map.clone();
-            let targets = netcheck::stun_targets(&dm);
-            self.last_probe = Some(now);
-            self.probe = Some(netcheck::Probe::new(&targets, now));
+            self.start_probe(now);
         }
         let Some(p) = self.probe.as_mut() else { return };
         let sends = p.poll(now);
