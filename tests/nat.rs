@@ -187,6 +187,23 @@ impl Node {
     }
 }
 
+/// `citadel netcheck --json` in `ns`, with the DERP map from a node's cached netmap and a
+/// second STUN server.
+fn netcheck(w: &World, ns: &str, state: &std::path::Path, stun2: &str) -> serde_json::Value {
+    let o = run_with_deadline(
+        Command::new("ip")
+            .args(["netns", "exec", &w.ns(ns)])
+            .arg(bin("citadel"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["netcheck", "--json", "--stun", stun2]),
+        Duration::from_secs(20),
+    );
+    assert!(o.status.success(), "netcheck: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("netcheck printed {:?}: {e}", String::from_utf8_lossy(&o.stdout)))
+}
+
 fn tail(p: &std::path::Path) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -272,6 +289,18 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    // A second STUN server at another address, so netcheck can compare mappings.
+    let stun2 = "172.31.72.1:3479";
+    let _stun2 = citadel_e2e::Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &w.ns("inet")])
+            .arg(bin("nexus-sim"))
+            .args(["derp", "--listen", "172.31.72.1:3340", "--stun-listen", stun2])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     admin(&["users", "create", "acme"]);
     let key = admin(&["preauthkeys", "create", "--user", "acme", "--reusable", "--ephemeral"]);
 
@@ -300,6 +329,10 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
         );
         let r = a.ask("get b1 8080");
         assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("direct"), "{r}");
+        let nc = netcheck(&w, "na", &tmp.path().join("a1"), stun2);
+        println!("netcheck behind MASQUERADE: {nc}");
+        let got = (nc["udp"].clone(), nc["mapping_varies_by_dest"].clone(), nc["preferred_derp"].clone());
+        assert_eq!(got, (true.into(), false.into(), 1.into()), "{nc}");
     }
 
     // 2. Both NATs --random-fully: no direct path, DERP carries the traffic.
@@ -317,6 +350,9 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
             r["ms"].as_f64().unwrap_or_default(),
             r["path"]
         );
+        let nc = netcheck(&w, "na", &tmp.path().join("a2"), stun2);
+        println!("netcheck behind --random-fully: {nc}");
+        assert_eq!((nc["udp"].clone(), nc["mapping_varies_by_dest"].clone()), (true.into(), true.into()), "{nc}");
     }
 
     // 3. UDP dropped on both routers: DERP over TCP.
@@ -331,6 +367,9 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
             tail(&b.log)
         );
         println!("UDP blocked: fetch over DERP/TCP {:.1} ms", r["ms"].as_f64().unwrap_or_default());
+        let nc = netcheck(&w, "na", &tmp.path().join("a3"), stun2);
+        println!("netcheck with UDP blocked: {nc}");
+        assert_eq!((nc["udp"].clone(), nc["preferred_derp"].clone()), (false.into(), 1.into()), "{nc}");
     }
     println!("nat test took {:?}", test_start.elapsed());
 }
