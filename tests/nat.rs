@@ -373,3 +373,93 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
     }
     println!("nat test took {:?}", test_start.elapsed());
 }
+
+/// Two data planes whose netmaps list only a dead endpoint for each other (a TEST-NET
+/// address): the first packets can only go over nexus-sim's DERP; call-me-maybe over DERP then
+/// tells each side the other's real address, pings confirm it, and the path upgrades to
+/// direct while a TCP echo runs. No root needed.
+#[tokio::test]
+async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
+    use citadel::dataplane::{DataPlane, DataPlaneConfig, Path};
+    use citadel::keys::{DiscoPublic, NodePublic, PrivateKey};
+    use citadel::netmap::NetMap;
+    use citadel::tailcfg::{FilterRule, NetPortRange, Node as TNode, PortRange};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let nx = citadel_e2e::Nexus::start().await;
+    let derp_map = nx.running.shared.derp_map.clone();
+    let mut rng = rand::thread_rng();
+    let keys: Vec<(PrivateKey, PrivateKey)> =
+        (0..2).map(|_| (PrivateKey::generate(&mut rng), PrivateKey::generate(&mut rng))).collect();
+    let node = |i: usize| {
+        let ip = format!("100.64.0.{}/32", i + 1);
+        TNode {
+            id: i as i64 + 1,
+            key: NodePublic(keys[i].0.public_bytes()),
+            disco_key: DiscoPublic(keys[i].1.public_bytes()),
+            addresses: vec![ip.clone()],
+            allowed_ips: vec![ip],
+            endpoints: vec!["192.0.2.1:9".into()],
+            home_derp: 1,
+            ..Default::default()
+        }
+    };
+    let rule = FilterRule {
+        src_ips: vec!["*".into()],
+        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+        ip_proto: vec![],
+    };
+    let nm = |me: usize| {
+        let mut nm = NetMap {
+            self_node: node(me),
+            packet_filter: vec![rule.clone()],
+            derp_map: derp_map.clone(),
+            ..Default::default()
+        };
+        nm.peers.insert(node(1 - me).id, node(1 - me));
+        nm
+    };
+    let start = |i: usize| {
+        let cfg = DataPlaneConfig {
+            node_key: keys[i].0.clone(),
+            disco_key: keys[i].1.clone(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+        };
+        let (tx, rx) = tokio::sync::watch::channel(nm(i));
+        (DataPlane::start(cfg, rx).unwrap(), tx)
+    };
+    let ((a, _ta), (b, _tb)) = (start(0), start(1));
+    let l = b.listen_tcp(7000).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let run = async {
+        let mut s = a.dial_tcp("100.64.0.2:7000".parse().unwrap()).await.unwrap();
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let d2 = data.clone();
+        let writer = async move {
+            w.write_all(&d2).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, n) = tokio::join!(writer, r.read_to_end(&mut got));
+        n.unwrap();
+        got
+    };
+    let got = tokio::time::timeout(Duration::from_secs(30), run).await.expect("echo over DERP in time");
+    assert!(got == data, "echo differs");
+    let st = a.peer_stats();
+    assert_eq!(st[0].path, Some(Path::Direct(b.local_addr())), "{st:?}");
+    assert!(st[0].candidates.contains(&b.local_addr()), "learned from call-me-maybe: {st:?}");
+    assert_eq!(b.peer_stats()[0].path, Some(Path::Direct(a.local_addr())));
+    assert_eq!(a.net_info().borrow().preferred_derp, 1);
+    // The handshake and the call-me-maybes went through the relay.
+    let stats = nx.running.derp.as_ref().expect("embedded DERP").stats();
+    assert!(stats.packets_relayed >= 3, "{stats:?}");
+}
