@@ -529,7 +529,9 @@ impl Driver {
         let mut netmap_open = true;
         let stack_timer = tokio::time::sleep(TIMER_TICK);
         tokio::pin!(stack_timer);
+        // A netmap sent before this task first ran is marked seen here, so apply it here too.
         let dm = self.netmap.borrow_and_update().derp_map.clone();
+        self.shared.sync_netmap();
         self.on_derp_map(&dm);
         self.netcheck_timers(Instant::now()).await;
         loop {
