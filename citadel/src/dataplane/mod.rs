@@ -627,6 +627,7 @@ impl Driver {
     }
 
     fn on_relayed(&mut self, r: relay::Relayed, out: &mut Vec<Transmit>, delivered: &mut Vec<(NodePublic, Vec<u8>)>) {
+        tracing::trace!(region = r.region, peer = %r.src.short(), len = r.packet.len(), "received over DERP");
         let src = Source::Derp { region: r.region, key: r.src };
         let mut wg = self.shared.lock_wg();
         if crate::disco::looks_like_disco(&r.packet) {
@@ -814,6 +815,7 @@ impl Driver {
         let dst = match t.path {
             Path::Direct(a) => a,
             Path::Derp(region) => {
+                tracing::trace!(region, peer = %t.peer.short(), len = t.payload.len(), "send over DERP");
                 if !self.relays.send(region, t.peer, t.payload) {
                     self.shared.counters.tx_no_path.fetch_add(1, Relaxed);
                 }
