@@ -853,6 +853,91 @@ mod tests {
         assert!(b.wg.counters.rx_unknown_peer.load(Relaxed) >= 1);
     }
 
+    /// Two routers with disco keys and a home region: the first packet goes over DERP, pings
+    /// and call-me-maybe go out, a pong confirms the direct path, and hostile disco input is
+    /// dropped without effect.
+    #[test]
+    fn disco_upgrades_derp_to_direct_and_drops_hostile_input() {
+        let (mut a, mut b) = (node(1, 1001), node(2, 1002));
+        let (da, db) = (PrivateKey::from_bytes([11; 32]), PrivateKey::from_bytes([12; 32]));
+        a.wg.set_disco_key(&da);
+        b.wg.set_disco_key(&db);
+        let with = |of: &Node, d: &PrivateKey, ip: &str| PeerConfig {
+            disco: DiscoPublic(d.public_bytes()),
+            home_derp: 1,
+            ..cfg(of, ip)
+        };
+        let (ca, cb) = (with(&b, &db, "100.64.0.2/32"), with(&a, &da, "100.64.0.1/32"));
+        a.wg.set_peers([(ca.key, ca)].into());
+        b.wg.set_peers([(cb.key, cb)].into());
+        for n in [&mut a, &mut b] {
+            n.wg.set_derp_ok(true);
+            let addr = n.addr;
+            n.wg.set_my_endpoints(vec![addr]);
+        }
+        let ka = NodePublic(a.key.public_bytes());
+
+        // The first packet (a handshake) goes over DERP only: nothing is confirmed yet.
+        let mut out = vec![];
+        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
+        assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), vec![Path::Derp(1)]);
+        // Discovery: a ping to each candidate, a DERP ping and a call-me-maybe.
+        let mut probes = vec![];
+        a.wg.poll_disco(&mut probes);
+        assert!(probes.iter().any(|t| t.path == Path::Direct(b.addr)));
+        assert_eq!(probes.iter().filter(|t| t.path == Path::Derp(1)).count(), 2);
+
+        // B answers the UDP ping with a pong to its source; A takes it and goes direct.
+        let ping = probes.iter().find(|t| t.path == Path::Direct(b.addr)).unwrap();
+        let mut back = vec![];
+        b.wg.handle_disco(Source::Udp(a.addr), &ping.payload, &mut back);
+        let pong = back.iter().find(|t| t.path == Path::Direct(a.addr)).expect("pong to the ping's source");
+        // ...and pings back at once (completing the punch from its side).
+        assert_eq!(back.iter().filter(|t| t.path == Path::Direct(a.addr)).count(), 2, "{back:?}");
+        a.wg.handle_disco(Source::Udp(b.addr), &pong.payload, &mut vec![]);
+        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
+        let mut out = vec![];
+        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
+        assert!(out.iter().all(|t| t.path == Path::Direct(b.addr)), "{out:?}");
+
+        // Hostile input: garbage with the magic, a ping relayed by DERP under another node key,
+        // a pong from an address the ping did not go to, a replayed pong.
+        let before = b.wg.stats();
+        let mut junk = disco::MAGIC.to_vec();
+        junk.extend_from_slice(&[0u8; 100]);
+        let mut o = vec![];
+        b.wg.handle_disco(Source::Udp(a.addr), &junk, &mut o);
+        b.wg.handle_disco(Source::Derp { region: 1, key: NodePublic([9; 32]) }, &ping.payload, &mut o);
+        assert!(o.is_empty(), "{o:?}");
+        let stranger: SocketAddr = "192.0.2.66:1".parse().unwrap();
+        let mut c = PeerPaths::new(&[]);
+        assert!(!c.on_pong_udp([0; 12], stranger, Instant::now()));
+        a.wg.handle_disco(Source::Udp(stranger), &pong.payload, &mut o);
+        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
+        assert_eq!(b.wg.stats(), before);
+
+        // A call-me-maybe over DERP makes B ping the listed endpoints at once.
+        let cmm = probes.iter().filter(|t| t.path == Path::Derp(1)).find_map(|t| {
+            let (_, m) = disco::open(&db, &t.payload).ok()?;
+            matches!(m, disco::Message::CallMeMaybe(_)).then(|| t.payload.clone())
+        });
+        let mut o = vec![];
+        // (after the per-address ping gap, or the ping back above already covers it)
+        b.wg.set_now(Instant::now() + Duration::from_secs(1));
+        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &cmm.expect("call-me-maybe"), &mut o);
+        assert!(o.iter().any(|t| t.path == Path::Direct(a.addr)), "{o:?}");
+        // The pong B sends over DERP to a DERP ping names the region as its source.
+        let dping = probes
+            .iter()
+            .filter(|t| t.path == Path::Derp(1))
+            .find(|t| matches!(disco::open(&db, &t.payload), Ok((_, disco::Message::Ping(_)))));
+        let mut o = vec![];
+        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &dping.unwrap().payload, &mut o);
+        let (_, m) = disco::open(&da, &o[0].payload).unwrap();
+        assert!(matches!(m, disco::Message::Pong(p) if p.src == SocketAddr::from((DERP_MAGIC_IP, 1))));
+        assert_eq!((o[0].path, o[0].peer), (Path::Derp(1), ka));
+    }
+
     #[test]
     fn no_route_and_peer_removal() {
         let (mut a, mut b) = (node(1, 1001), node(2, 1002));
