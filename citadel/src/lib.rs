@@ -18,6 +18,7 @@ pub mod keys;
 pub mod login;
 pub mod mesh;
 pub mod net;
+pub mod netcheck;
 pub mod netmap;
 pub mod network;
 pub mod noise;

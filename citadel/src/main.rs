@@ -91,6 +91,22 @@ enum Cmd {
     },
     /// Leave the mesh (Nexus removes the node) and clear the state directory
     Logout,
+    /// Check the network: UDP, public endpoint, NAT mapping, DERP region latencies
+    Netcheck {
+        /// DERP map (JSON, Tailscale's DERPMap) [default: the one in the cached netmap]
+        #[arg(long)]
+        derp_map: Option<PathBuf>,
+        /// Extra STUN server (IP:PORT), repeatable; two servers tell whether the NAT maps
+        /// differently per destination
+        #[arg(long)]
+        stun: Vec<std::net::SocketAddr>,
+        /// Local UDP port to probe from (0 = any)
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
     /// Mesh-level ping: round trip through the tunnel and the path it took
     Ping {
         /// Peer name, FQDN or mesh IP
@@ -184,16 +200,17 @@ fn print_status(s: &Status, json: bool, color: bool) {
         return;
     }
     let w = s.peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
-    println!("  {}", dim(&format!("{:w$}  {:15}  {:8}  {}", "NAME", "IPV4", "STATE", "PATH")));
+    println!("  {}", dim(&format!("{:w$}  {:15}  {:8}  {}", "NAME", "IPV4", "STATE", "PATH (LATENCY)")));
     for p in &s.peers {
         let st = match p.online {
             Some(true) => good(&format!("{:8}", "online")),
             Some(false) => bad(&format!("{:8}", "offline")),
             None => dim(&format!("{:8}", "unknown")),
         };
+        let lat = p.latency_ms.map(|l| format!(" ({l:.1} ms)")).unwrap_or_default();
         let path = match (&p.path, &p.last_handshake) {
-            (Some(path), Some(hs)) => format!("{path}, handshake {hs}"),
-            (Some(path), None) => path.clone(),
+            (Some(path), Some(hs)) => format!("{path}{lat}, handshake {hs}"),
+            (Some(path), None) => format!("{path}{lat}"),
             _ => dim("-"),
         };
         println!("  {:w$}  {:15}  {}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st, path);
@@ -597,6 +614,7 @@ async fn main() -> ExitCode {
                 });
             }
         }
+        Cmd::Netcheck { derp_map, stun, port, json } => netcheck(&state_dir, derp_map, stun, port, json, timeout).await,
         Cmd::Logout => {
             match api::call(&state_dir, &Request::Logout).await {
                 Ok(Some(Response::Ok)) => {
@@ -631,4 +649,108 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `citadel netcheck`: STUN to every region of the DERP map (and `extra` servers) from one UDP
+/// socket, like the data plane does, plus HTTPS latency to each region.
+async fn netcheck(
+    state_dir: &std::path::Path,
+    derp_map: Option<PathBuf>,
+    extra: Vec<std::net::SocketAddr>,
+    port: u16,
+    json: bool,
+    timeout: Duration,
+) -> ExitCode {
+    use citadel::netcheck::{stun_targets, Probe, StunTarget};
+    use citadel::tailcfg::DerpMap;
+    let map: DerpMap = match &derp_map {
+        Some(f) => match std::fs::read(f)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("citadel: cannot read DERP map {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => std::fs::read(state_dir.join("netmap.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<citadel::netmap::NetMap>(&b).ok())
+            .map(|nm| nm.derp_map)
+            .unwrap_or_default(),
+    };
+    let mut targets = stun_targets(&map);
+    targets.extend(extra.iter().map(|a| StunTarget { region: 0, addr: *a }));
+    if targets.is_empty() && map.regions.is_empty() {
+        eprintln!("citadel: no DERP map (run `citadel up` once, or pass --derp-map FILE) and no --stun server");
+        return ExitCode::from(2);
+    }
+    let sock = match tokio::net::UdpSocket::bind(("0.0.0.0", port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("citadel: cannot bind UDP port {port}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut probe = Probe::new(&targets, start);
+    let mut buf = [0u8; 1500];
+    loop {
+        let now = std::time::Instant::now();
+        for (dst, payload) in probe.poll(now) {
+            let _ = sock.send_to(&payload, dst).await;
+        }
+        if probe.done(now) {
+            break;
+        }
+        let wait = probe.next_deadline().saturating_duration_since(now).max(Duration::from_millis(1));
+        if let Ok(Ok((n, from))) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+            probe.on_packet(from, &buf[..n], std::time::Instant::now());
+        }
+    }
+    let report = probe.report();
+    let https =
+        citadel::derphttp::measure_regions(Arc::new(citadel::net::TokioNet), &map, timeout.min(Duration::from_secs(5)))
+            .await;
+    let preferred = report.fastest_region().filter(|r| *r != 0).or_else(|| citadel::derphttp::pick_home_region(&https));
+    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    if json {
+        let v = serde_json::json!({
+            "udp": report.udp,
+            "mapped": report.mapped.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "mapping_varies_by_dest": report.mapping_varies_by_dest,
+            "preferred_derp": preferred.unwrap_or(0),
+            "stun_latency_ms": report.region_latency.iter().map(|(r, l)| (r.to_string(), serde_json::json!(ms(*l)))).collect::<serde_json::Map<_, _>>(),
+            "https_latency_ms": https.iter().filter_map(|r| r.latency.map(|l| (r.region_id.to_string(), serde_json::json!(ms(l))))).collect::<serde_json::Map<_, _>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        println!("Report:");
+        println!("  UDP                      {}", report.udp);
+        println!(
+            "  Public endpoint(s)       {}",
+            if report.mapped.is_empty() {
+                "-".to_string()
+            } else {
+                report.mapped.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            }
+        );
+        println!(
+            "  Mapping varies by dest   {}",
+            report.mapping_varies_by_dest.map_or("unknown (needs two STUN servers)".to_string(), |v| v.to_string())
+        );
+        println!("  Preferred DERP           {}", preferred.map_or("-".to_string(), |r| r.to_string()));
+        println!("  DERP latency");
+        for (id, region) in &map.regions {
+            let stun = report.region_latency.get(id).map_or("-".to_string(), |l| format!("{:.1} ms", ms(*l)));
+            let web = https
+                .iter()
+                .find(|r| r.region_id == *id)
+                .and_then(|r| r.latency)
+                .map_or("-".to_string(), |l| format!("{:.1} ms", ms(l)));
+            println!("    {id:>3} {:12} stun {stun:>10}   https {web:>10}", region.region_code);
+        }
+    }
+    ExitCode::SUCCESS
 }

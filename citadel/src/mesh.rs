@@ -141,6 +141,9 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     #[serde(default)]
     pub tx_bytes: u64,
+    /// Round trip of the current path from disco pongs, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
 }
 
 /// One answer of [`Mesh::ping`].
@@ -188,6 +191,8 @@ struct Inner {
     connected: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     endpoints: Mutex<Vec<String>>,
+    /// Home DERP region reported as `Hostinfo.NetInfo.PreferredDERP` (0 = not picked yet).
+    preferred_derp: Mutex<i32>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -225,8 +230,31 @@ impl Inner {
             ipn_version: format!("citadel-{}", env!("CARGO_PKG_VERSION")),
             os: std::env::consts::OS.to_string(),
             hostname: self.info.lock().unwrap().hostname.clone(),
-            rest: Default::default(),
+            rest: match *self.preferred_derp.lock().unwrap() {
+                0 => Default::default(),
+                r => [("NetInfo".to_string(), serde_json::json!({ "PreferredDERP": r }))].into_iter().collect(),
+            },
         }
+    }
+
+    /// Takes the data plane's endpoints and home region; true when they differ from what was
+    /// last reported.
+    fn take_net_info(&self, ni: &crate::dataplane::NetInfo) -> bool {
+        let eps: Vec<String> = ni.endpoints.iter().map(|e| e.to_string()).collect();
+        let mut cur = self.endpoints.lock().unwrap();
+        let mut home = self.preferred_derp.lock().unwrap();
+        let changed = *cur != eps || (ni.preferred_derp != 0 && *home != ni.preferred_derp);
+        *cur = eps;
+        if ni.preferred_derp != 0 {
+            *home = ni.preferred_derp;
+        }
+        changed
+    }
+
+    /// A "lite" map request: no stream, no peers; the server only records endpoints and
+    /// Hostinfo (and tells the peers).
+    fn lite_map_request(&self) -> MapRequest {
+        MapRequest { omit_peers: true, ..self.map_request(false) }
     }
 
     fn nexus_url(&self) -> String {
@@ -403,23 +431,27 @@ impl Mesh {
             connected: watch::channel(false).0,
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
+            preferred_derp: Mutex::new(0),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
-        let dp = if cfg.data_plane {
-            let dp = DataPlane::start(
+        let (dp, net_info) = if cfg.data_plane {
+            let dp = DataPlane::start_with_net(
                 DataPlaneConfig {
                     node_key: inner.id.node_key.clone(),
                     disco_key: inner.id.disco_key.clone(),
                     bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
                 },
                 inner.netmap.subscribe(),
+                cfg.net.clone(),
             )
             .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
-            *inner.endpoints.lock().unwrap() = dp.local_endpoints().iter().map(|e| e.to_string()).collect();
-            Some(Arc::new(dp))
+            let net_info = dp.net_info();
+            inner.take_net_info(&net_info.borrow());
+            (Some(Arc::new(dp)), net_info)
         } else {
-            None
+            // No data plane: nothing to report; the closed channel tells the loops so.
+            (None, watch::channel(crate::dataplane::NetInfo::default()).1)
         };
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
@@ -441,8 +473,10 @@ impl Mesh {
         tracing::debug!("first netmap");
         inner.netmap.send_modify(|nm| nm.peers.clear());
         inner.apply(&first)?;
+        let mut net_info = net_info;
+        settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
-        let task = tokio::spawn(run(inner.clone(), Some((conn, stream))));
+        let task = tokio::spawn(run(inner.clone(), Some((conn, stream)), net_info));
         Ok(Mesh { inner, task, dp })
     }
 
@@ -468,6 +502,7 @@ impl Mesh {
                 }),
                 rx_bytes: stats.get(&p.key).map(|s| s.rx_bytes).unwrap_or(0),
                 tx_bytes: stats.get(&p.key).map(|s| s.tx_bytes).unwrap_or(0),
+                latency_ms: stats.get(&p.key).and_then(|s| s.latency).map(|l| l.as_secs_f64() * 1e3),
                 name: short_name(p),
                 fqdn: p.name.trim_end_matches('.').to_string(),
                 ipv4: addr(p, false),
@@ -616,17 +651,82 @@ impl Mesh {
     }
 }
 
+/// How long joining waits for the data plane's first STUN answer and home region, so the node
+/// is announced with them instead of changing its own map right after it joined. STUN usually
+/// answers in one round trip; with UDP blocked the wait is cut short here and the result is
+/// reported later.
+const NET_INFO_SETTLE: Duration = Duration::from_millis(400);
+
+/// Reports the data plane's endpoints and home region once they are known (bounded by
+/// [`NET_INFO_SETTLE`]) and waits, within the same bound, for Nexus to echo them in our own map.
+async fn settle_net_info(
+    inner: &Inner,
+    conn: &mut ControlConn,
+    stream: &mut control::MapStream,
+    net_info: &mut watch::Receiver<crate::dataplane::NetInfo>,
+) {
+    let deadline = tokio::time::Instant::now() + NET_INFO_SETTLE;
+    let ready = |ni: &crate::dataplane::NetInfo| ni.preferred_derp != 0 && ni.report.is_some();
+    if inner.netmap.borrow().derp_map.regions.is_empty() {
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, net_info.wait_for(ready)).await;
+    let ni = net_info.borrow_and_update().clone();
+    if !inner.take_net_info(&ni) {
+        return;
+    }
+    if let Err(e) = conn.map(&inner.lite_map_request()).await {
+        tracing::debug!("endpoint update failed: {e}");
+        return;
+    }
+    let want = inner.endpoints.lock().unwrap().clone();
+    let _ = tokio::time::timeout_at(deadline, async {
+        while inner.netmap.borrow().self_node.endpoints != want {
+            match stream.next().await {
+                Ok(Some(m)) => {
+                    if let Err(e) = inner.apply(&m) {
+                        tracing::warn!("saving state: {e}");
+                    }
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
+}
+
 /// The background control loop: read the map stream; on any failure reconnect with
 /// exponential backoff (250 ms doubling to 15 s, with jitter), re-confirming the registration
 /// with the saved node key only.
-async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapStream)>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut session: Option<(ControlConn, control::MapStream)>,
+    mut net_info: watch::Receiver<crate::dataplane::NetInfo>,
+) {
     let mut stop = inner.stop.subscribe();
     let mut backoff = Duration::from_millis(250);
+    // Whatever changed before the loop started still has to be reported.
+    net_info.mark_changed();
+    let mut net_info_open = true;
     loop {
-        if let Some((_conn, mut stream)) = session.take() {
+        if let Some((mut conn, mut stream)) = session.take() {
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
+                    r = net_info.changed(), if net_info_open => {
+                        if r.is_err() {
+                            net_info_open = false;
+                            continue;
+                        }
+                        let ni = net_info.borrow_and_update().clone();
+                        if inner.take_net_info(&ni) {
+                            tracing::debug!(endpoints = ?ni.endpoints, home = ni.preferred_derp, "reporting endpoints");
+                            if let Err(e) = conn.map(&inner.lite_map_request()).await {
+                                tracing::info!("endpoint update failed: {e}");
+                                break;
+                            }
+                        }
+                    }
                     m = stream.next() => match m {
                         Ok(Some(m)) => {
                             if let Err(e) = inner.apply(&m) {
@@ -653,6 +753,7 @@ async fn run(inner: Arc<Inner>, mut session: Option<(ControlConn, control::MapSt
         let attempt = async {
             let mut conn = inner.dial().await?;
             inner.ensure_registered(&mut conn).await?;
+            inner.take_net_info(&net_info.borrow());
             let stream = conn.map(&inner.map_request(true)).await?;
             Ok::<_, ConnectError>((conn, stream))
         };

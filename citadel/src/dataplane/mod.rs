@@ -13,8 +13,10 @@
 
 pub mod ackfix;
 pub mod filter;
+pub mod magicsock;
 pub mod netstack;
 pub mod peers;
+mod relay;
 pub mod route;
 pub mod socket;
 pub mod wg;
@@ -23,7 +25,10 @@ pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
+use crate::net::{Net, TokioNet};
+use crate::netcheck;
 use crate::netmap::NetMap;
+use crate::tailcfg::DerpMap;
 use filter::{InboundFilter, PacketInfo};
 use netstack::Stack;
 use smoltcp::wire::IpCidr;
@@ -34,8 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
-use tokio::sync::{watch, Notify};
-use wg::{Transmit, WgRouter};
+use tokio::sync::{mpsc, watch, Notify};
+use wg::{Source, Transmit, WgRouter};
 
 /// How long [`DataPlane::dial_tcp`] waits for the peer to answer.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +51,24 @@ const RX_BATCH: usize = 128;
 /// Kernel socket buffer asked for, so a window's worth of datagrams survives a scheduling
 /// hiccup (the kernel caps it at net.core.{r,w}mem_max).
 const UDP_SOCKET_BUFFER: usize = 4 << 20;
+/// How often STUN runs again: keeps the NAT mapping fresh and notices a new public address.
+const NETCHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Relayed packets buffered between the DERP readers and the driver.
+const RELAY_INBOX: usize = 1024;
+
+/// What the data plane learned about its own network, for the control server: the endpoints
+/// peers may reach it at, and its home DERP region (`Hostinfo.NetInfo.PreferredDERP`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetInfo {
+    /// Local interface endpoints, then STUN-mapped public ones.
+    pub endpoints: Vec<SocketAddr>,
+    /// Home DERP region; 0 until one is picked.
+    pub preferred_derp: i32,
+    /// The last STUN probe's findings.
+    pub report: Option<netcheck::Report>,
+    /// Regions with a live DERP connection.
+    pub derp_connected: Vec<i32>,
+}
 
 /// How to start a data plane.
 #[derive(Debug, Clone)]
@@ -120,6 +143,7 @@ pub(crate) struct Shared {
     /// API call racing to apply never regress to an older map.
     netmap: Mutex<watch::Receiver<NetMap>>,
     node_public: NodePublic,
+    net_info: watch::Sender<NetInfo>,
 }
 
 impl Shared {
@@ -197,6 +221,18 @@ impl DataPlane {
     /// # Errors
     /// The UDP socket cannot be bound, or there is no tokio runtime to run on.
     pub fn start(cfg: DataPlaneConfig, netmap: watch::Receiver<NetMap>) -> io::Result<DataPlane> {
+        Self::start_with_net(cfg, netmap, Arc::new(TokioNet))
+    }
+
+    /// Like [`DataPlane::start`], dialing DERP servers through `net`.
+    ///
+    /// # Errors
+    /// See [`DataPlane::start`].
+    pub fn start_with_net(
+        cfg: DataPlaneConfig,
+        netmap: watch::Receiver<NetMap>,
+        net: Arc<dyn Net>,
+    ) -> io::Result<DataPlane> {
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
         let _enter = rt.enter();
@@ -210,15 +246,20 @@ impl DataPlane {
         let local_addr = udp.local_addr()?;
         let counters = Arc::new(Counters::default());
         let node_public = NodePublic(cfg.node_key.public_bytes());
+        let mut router = WgRouter::new(&cfg.node_key, Arc::clone(&counters));
+        router.set_disco_key(&cfg.disco_key);
+        let local = endpoints_for(local_addr, interface_ips());
+        router.set_my_endpoints(local.clone());
         let shared = Arc::new(Shared {
             stack: Mutex::new(Stack::new()),
-            wg: Mutex::new(WgRouter::new(&cfg.node_key, Arc::clone(&counters))),
+            wg: Mutex::new(router),
             filter: Mutex::new(InboundFilter::default()),
             counters,
             wake: Notify::new(),
             outbox: Mutex::new(Vec::new()),
             netmap: Mutex::new(netmap.clone()),
             node_public,
+            net_info: watch::channel(NetInfo { endpoints: local, ..Default::default() }).0,
         });
         {
             let mut rx = shared.netmap.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +267,25 @@ impl DataPlane {
             apply_netmap(&shared, &nm, node_public);
         }
         let v4_only = local_addr.is_ipv4();
-        let driver = Driver { shared: Arc::clone(&shared), udp, netmap, v4_only, ackfix: ackfix::AckFix::default() };
+        let (relay_tx, relay_rx) = mpsc::channel(RELAY_INBOX);
+        let (latency_tx, latency_rx) = mpsc::channel(1);
+        let driver = Driver {
+            shared: Arc::clone(&shared),
+            udp,
+            netmap,
+            v4_only,
+            ackfix: ackfix::AckFix::default(),
+            relays: relay::Relays::new(Arc::clone(&net), cfg.node_key.clone(), relay_tx),
+            relay_rx,
+            net,
+            local_addr,
+            probe: None,
+            last_probe: None,
+            report: None,
+            latency_tx,
+            latency_rx,
+            https_probe_running: false,
+        };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
         Ok(DataPlane { shared, task, local_addr, node_public, disco_public: DiscoPublic(cfg.disco_key.public_bytes()) })
@@ -251,7 +310,12 @@ impl DataPlane {
     /// otherwise every non-loopback interface address of the socket's family with the bound
     /// port.
     pub fn local_endpoints(&self) -> Vec<SocketAddr> {
-        endpoints_for(self.local_addr, if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect()))
+        endpoints_for(self.local_addr, interface_ips())
+    }
+
+    /// Endpoints (local and STUN-mapped) and the home DERP region, as they change.
+    pub fn net_info(&self) -> watch::Receiver<NetInfo> {
+        self.shared.net_info.subscribe()
     }
 
     /// The node's mesh addresses as the netstack holds them.
@@ -355,6 +419,10 @@ impl DataPlane {
     }
 }
 
+fn interface_ips() -> io::Result<Vec<IpAddr>> {
+    if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect())
+}
+
 /// The endpoints for a socket bound to `bound`, given the host's interface addresses.
 fn endpoints_for(bound: SocketAddr, ifaces: io::Result<Vec<IpAddr>>) -> Vec<SocketAddr> {
     if !bound.ip().is_unspecified() {
@@ -426,8 +494,8 @@ fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
     shared.lock_stack().set_addresses(&cidrs);
 }
 
-/// The task that owns the UDP socket and moves packets between it, the WireGuard router and
-/// the netstack.
+/// The task that owns the UDP socket and the DERP connections, and moves packets between them,
+/// the WireGuard router and the netstack.
 struct Driver {
     shared: Arc<Shared>,
     udp: UdpSocket,
@@ -436,6 +504,18 @@ struct Driver {
     /// An IPv4 socket cannot reach IPv6 candidates.
     v4_only: bool,
     ackfix: ackfix::AckFix,
+    relays: relay::Relays,
+    relay_rx: mpsc::Receiver<relay::Relayed>,
+    net: Arc<dyn Net>,
+    local_addr: SocketAddr,
+    /// The STUN probe in flight, if any.
+    probe: Option<netcheck::Probe>,
+    last_probe: Option<Instant>,
+    report: Option<netcheck::Report>,
+    /// Results of the HTTPS latency fallback (when STUN gets no answer).
+    latency_tx: mpsc::Sender<Vec<crate::derphttp::RegionLatency>>,
+    latency_rx: mpsc::Receiver<Vec<crate::derphttp::RegionLatency>>,
+    https_probe_running: bool,
 }
 
 impl Driver {
@@ -449,17 +529,43 @@ impl Driver {
         let mut netmap_open = true;
         let stack_timer = tokio::time::sleep(TIMER_TICK);
         tokio::pin!(stack_timer);
+        // A netmap sent before this task first ran is marked seen here, so apply it here too.
+        let dm = self.netmap.borrow_and_update().derp_map.clone();
+        self.shared.sync_netmap();
+        self.on_derp_map(&dm);
+        self.netcheck_timers(Instant::now()).await;
         loop {
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
-                    Ok((n, src)) => self.shared.lock_wg().handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
+                    Ok((n, src)) => {
+                        let now = self.now();
+                        self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered)
+                    }
                     Err(e) => tracing::debug!(error = %e, "udp receive failed"),
                 },
+                Some(r) = self.relay_rx.recv() => {
+                    self.now();
+                    self.on_relayed(r, &mut out, &mut delivered)
+                }
+                Some(l) = self.latency_rx.recv() => {
+                    self.https_probe_running = false;
+                    if self.report.as_ref().is_some_and(|r| r.region_latency.is_empty()) {
+                        if let Some(home) = crate::derphttp::pick_home_region(&l) {
+                            self.set_home(home);
+                        }
+                    }
+                }
                 _ = self.shared.wake.notified() => {}
-                _ = tick.tick() => self.shared.lock_wg().tick(Instant::now(), &mut out),
+                _ = tick.tick() => {
+                    let now = self.now();
+                    self.shared.lock_wg().tick(now, &mut out);
+                    self.netcheck_timers(now).await;
+                }
                 r = self.netmap.changed(), if netmap_open => {
-                    self.netmap.borrow_and_update();
+                    let dm = self.netmap.borrow_and_update().derp_map.clone();
                     self.shared.sync_netmap();
+                    self.on_derp_map(&dm);
+                    self.netcheck_timers(self.now()).await;
                     // A closed channel means the owner dropped the sender: keep running on the
                     // last netmap.
                     netmap_open = r.is_ok();
@@ -467,22 +573,179 @@ impl Driver {
                 _ = &mut stack_timer => {}
             }
             // Drain what else has arrived, so the stack sees a batch at once.
-            {
-                let mut wg = self.shared.lock_wg();
-                for _ in 0..RX_BATCH {
-                    match self.udp.try_recv_from(&mut buf) {
-                        Ok((n, src)) => wg.handle_datagram(canonical(src), &buf[..n], &mut out, &mut delivered),
-                        Err(_) => break,
-                    }
+            let now = self.now();
+            for _ in 0..RX_BATCH {
+                match self.udp.try_recv_from(&mut buf) {
+                    Ok((n, src)) => self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..RX_BATCH {
+                match self.relay_rx.try_recv() {
+                    Ok(r) => self.on_relayed(r, &mut out, &mut delivered),
+                    Err(_) => break,
                 }
             }
             let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
+            // Discovery starts as soon as traffic to a peer does, not at the next tick.
+            self.shared.lock_wg().poll_disco(&mut out);
             stack_timer.as_mut().reset(tokio::time::Instant::now() + delay);
             out.append(&mut self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));
             for t in out.drain(..) {
                 self.send(t).await;
             }
         }
+    }
+
+    /// The current time, also handed to the router: the path logic takes time as input, and
+    /// round trips must be measured from when a packet arrived, not from before the wait.
+    fn now(&self) -> Instant {
+        let now = Instant::now();
+        self.shared.lock_wg().set_now(now);
+        now
+    }
+
+    /// Demultiplexes one datagram of the shared socket: disco (magic prefix), STUN (cookie),
+    /// else WireGuard.
+    fn on_udp(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        out: &mut Vec<Transmit>,
+        delivered: &mut Vec<(NodePublic, Vec<u8>)>,
+    ) {
+        if crate::disco::looks_like_disco(data) {
+            self.shared.lock_wg().handle_disco(Source::Udp(src), data, out);
+        } else if crate::stun::is_stun(data) {
+            if !self.probe.as_mut().is_some_and(|p| p.on_packet(src, data, now)) {
+                tracing::trace!(%src, "unexpected STUN packet");
+            }
+        } else {
+            self.shared.lock_wg().handle_wg(Source::Udp(src), data, out, delivered);
+        }
+    }
+
+    fn on_relayed(&mut self, r: relay::Relayed, out: &mut Vec<Transmit>, delivered: &mut Vec<(NodePublic, Vec<u8>)>) {
+        tracing::trace!(region = r.region, peer = %r.src.short(), len = r.packet.len(), "received over DERP");
+        let src = Source::Derp { region: r.region, key: r.src };
+        let mut wg = self.shared.lock_wg();
+        if crate::disco::looks_like_disco(&r.packet) {
+            wg.handle_disco(src, &r.packet, out);
+        } else {
+            wg.handle_wg(src, &r.packet, out, delivered);
+        }
+    }
+
+    /// A (possibly) new DERP map: reconnect what changed, connect to the peers' regions ahead
+    /// of their first packet, and probe STUN again.
+    fn on_derp_map(&mut self, dm: &DerpMap) {
+        let changed = {
+            let before = self.relays.available();
+            self.relays.set_map(dm);
+            before != self.relays.available() || self.probe.is_none() && self.last_probe.is_none()
+        };
+        let regions = {
+            let mut wg = self.shared.lock_wg();
+            wg.set_derp_ok(self.relays.available());
+            wg.peer_regions()
+        };
+        if !self.relays.available() {
+            return;
+        }
+        for r in regions {
+            self.relays.ensure(r);
+        }
+        if dm.regions.len() == 1 {
+            // One region: nothing to choose, so no need to wait for probes.
+            if let Some(id) = dm.regions.keys().next() {
+                self.set_home(*id);
+            }
+        }
+        if changed || self.relays.home() == 0 {
+            self.last_probe = None;
+        }
+        if self.probe.is_none() && self.last_probe.is_none() {
+            // Probe now rather than at the next tick: the mesh waits for this to announce the
+            // node.
+            self.start_probe(Instant::now());
+        }
+    }
+
+    fn start_probe(&mut self, now: Instant) {
+        let dm = self.netmap.borrow().derp_map.clone();
+        self.last_probe = Some(now);
+        self.probe = Some(netcheck::Probe::new(&netcheck::stun_targets(&dm), now));
+    }
+
+    /// Starts, advances and finishes STUN probes.
+    async fn netcheck_timers(&mut self, now: Instant) {
+        if self.probe.is_none()
+            && self.relays.available()
+            && self.last_probe.is_none_or(|t| now.saturating_duration_since(t) >= NETCHECK_INTERVAL)
+        {
+            self.start_probe(now);
+        }
+        let Some(p) = self.probe.as_mut() else { return };
+        let sends = p.poll(now);
+        let done = p.done(now);
+        for (dst, payload) in sends {
+            self.send(Transmit::udp(dst, payload)).await;
+        }
+        if done {
+            if let Some(p) = self.probe.take() {
+                self.finish_probe(p.report());
+            }
+        }
+    }
+
+    fn finish_probe(&mut self, report: netcheck::Report) {
+        tracing::debug!(udp = report.udp, mapped = ?report.mapped, varies = ?report.mapping_varies_by_dest,
+            latency = ?report.region_latency, "netcheck");
+        let dm = self.netmap.borrow().derp_map.clone();
+        if let Some(home) = report.preferred_region(self.relays.home()) {
+            self.set_home(home);
+        } else if dm.regions.len() > 1 && !self.https_probe_running {
+            // No UDP answer (UDP blocked?): rank regions over HTTPS, as Tailscale's netcheck
+            // falls back to.
+            self.https_probe_running = true;
+            let (net, tx) = (Arc::clone(&self.net), self.latency_tx.clone());
+            tokio::spawn(async move {
+                let l = crate::derphttp::measure_regions(net, &dm, Duration::from_secs(3)).await;
+                let _ = tx.send(l).await;
+            });
+        }
+        self.report = Some(report);
+        self.publish();
+    }
+
+    fn set_home(&mut self, region: i32) {
+        if self.relays.home() != region {
+            self.relays.set_home(region);
+            self.publish();
+        }
+    }
+
+    /// Publishes endpoints and home region (the mesh reports them to the control server).
+    fn publish(&mut self) {
+        let mut endpoints = endpoints_for(self.local_addr, interface_ips());
+        for m in self.report.iter().flat_map(|r| r.mapped.iter()) {
+            if !endpoints.contains(m) && !(self.v4_only && m.is_ipv6()) {
+                endpoints.push(*m);
+            }
+        }
+        self.shared.lock_wg().set_my_endpoints(endpoints.clone());
+        let info = NetInfo {
+            endpoints,
+            preferred_derp: self.relays.home(),
+            report: self.report.clone(),
+            derp_connected: self.relays.connected(),
+        };
+        self.shared.net_info.send_if_modified(|cur| {
+            let changed = *cur != info;
+            *cur = info;
+            changed
+        });
     }
 
     /// Filters decrypted packets into the netstack, polls it, and encrypts what it sent.
@@ -548,8 +811,17 @@ impl Driver {
         delay.unwrap_or(TIMER_TICK).min(TIMER_TICK)
     }
 
-    async fn send(&self, t: Transmit) {
-        let Path::Direct(dst) = t.path;
+    async fn send(&mut self, t: Transmit) {
+        let dst = match t.path {
+            Path::Direct(a) => a,
+            Path::Derp(region) => {
+                tracing::trace!(region, peer = %t.peer.short(), len = t.payload.len(), "send over DERP");
+                if !self.relays.send(region, t.peer, t.payload) {
+                    self.shared.counters.tx_no_path.fetch_add(1, Relaxed);
+                }
+                return;
+            }
+        };
         let dst = match dst {
             // Skip rather than count as errors: the peer may list candidates of both families.
             SocketAddr::V6(_) if self.v4_only => return,

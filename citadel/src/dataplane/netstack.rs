@@ -188,6 +188,10 @@ impl Stack {
         // The app decides about batching; Nagle only adds latency to request/response.
         s.set_nagle_enabled(false);
         s.set_ack_delay(Some(SmolDuration::from_millis(1)));
+        // Without congestion control smoltcp sends its whole window at once; a DERP relay
+        // queues only a few dozen packets per client and drops the rest, and retransmitting
+        // the same burst after every timeout stalls a relayed stream. Reno backs off on loss.
+        s.set_congestion_control(tcp::CongestionControl::Reno);
         s
     }
 

@@ -3,7 +3,7 @@
 //! drop its session and force a new handshake).
 
 use super::filter::parse_prefix;
-use crate::keys::NodePublic;
+use crate::keys::{DiscoPublic, NodePublic};
 use crate::netmap::NetMap;
 use ip_network::IpNetwork;
 use std::collections::BTreeMap;
@@ -18,8 +18,10 @@ pub(crate) struct PeerConfig {
     pub allowed_ips: Vec<IpNetwork>,
     /// Direct UDP endpoint candidates the peer reported.
     pub endpoints: Vec<SocketAddr>,
-    /// Home DERP region (0 = none); kept for the relay path.
+    /// Home DERP region (0 = none): where to relay to it.
     pub home_derp: i32,
+    /// Disco key (zero for plain WireGuard peers, which get no path discovery).
+    pub disco: DiscoPublic,
 }
 
 /// One change to apply to the tunnel set.
@@ -45,7 +47,7 @@ pub(crate) fn desired_peers(nm: &NetMap) -> BTreeMap<NodePublic, PeerConfig> {
         let allowed_ips: Vec<IpNetwork> = n.allowed_ips.iter().filter_map(|s| parse_prefix(s)).collect();
         let mut endpoints: Vec<SocketAddr> = n.endpoints.iter().filter_map(|e| e.parse().ok()).collect();
         endpoints.dedup();
-        let cfg = PeerConfig { key: n.key, allowed_ips, endpoints, home_derp: n.home_region() };
+        let cfg = PeerConfig { key: n.key, allowed_ips, endpoints, home_derp: n.home_region(), disco: n.disco_key };
         if out.insert(n.key, cfg).is_some() {
             tracing::warn!(peer = %n.key.short(), "netmap lists the same node key twice; keeping the last");
         }

@@ -54,6 +54,7 @@ mod tests {
             allowed_ips: nets.iter().map(|n| parse_prefix(n).unwrap()).collect(),
             endpoints: vec![],
             home_derp: 0,
+            disco: crate::keys::DiscoPublic([0; 32]),
         }
     }
 

@@ -12,10 +12,12 @@
 //! initiator's static key. A peer's endpoint follows the source of its last authenticated
 //! packet (roaming).
 
+use super::magicsock::{PeerPaths, Probe};
 use super::peers::{diff, PeerChange, PeerConfig};
 use super::route::RouteTable;
 use super::Counters;
-use crate::keys::{NodePublic, PrivateKey};
+use crate::disco::{self, SharedKey};
+use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -32,35 +34,60 @@ use std::time::{Duration, Instant, SystemTime};
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Room for the largest UDP datagram plus WireGuard's overhead.
 const BUF_LEN: usize = 65536 + 64;
-/// A peer can list many endpoints; a handshake is sprayed to at most this many.
-const MAX_CANDIDATES: usize = 16;
+/// Tailscale's stand-in address for "via DERP region N": `127.3.3.40:N` (a pong sent over
+/// DERP reports it as the ping's source).
+pub const DERP_MAGIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 3, 3, 40);
 
 /// WireGuard message types (first byte, little-endian u32).
-const MSG_HANDSHAKE_INIT: u8 = 1;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
 
-/// How a peer is reached. The relay path (`Derp { region }`) is added with DERP support.
+/// How a peer is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Path {
     /// Straight over UDP to this address.
     Direct(SocketAddr),
+    /// Relayed by the DERP server of this region.
+    Derp(i32),
 }
 
 impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Path::Direct(a) => write!(f, "direct {a}"),
+            Path::Derp(r) => write!(f, "relay {r}"),
         }
     }
 }
 
-/// One datagram for the driver to send.
+/// One datagram for the driver to send: over UDP, or over DERP to `peer`'s node key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Transmit {
     pub path: Path,
+    /// The recipient's node key (what DERP routes by); zero when unknown (UDP-only replies).
+    pub peer: NodePublic,
     pub payload: Vec<u8>,
+}
+
+impl Transmit {
+    pub(crate) fn udp(addr: SocketAddr, payload: Vec<u8>) -> Self {
+        Transmit { path: Path::Direct(addr), peer: NodePublic([0; 32]), payload }
+    }
+
+    pub(crate) fn derp(region: i32, peer: NodePublic, payload: Vec<u8>) -> Self {
+        Transmit { path: Path::Derp(region), peer, payload }
+    }
+}
+
+/// Where an incoming packet came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The UDP socket, from this address.
+    Udp(SocketAddr),
+    /// A DERP connection to `region`, sent by the holder of node key `key` (the DERP server
+    /// vouches for the key: it checked the client's login box).
+    Derp { region: i32, key: NodePublic },
 }
 
 /// A snapshot of one peer's tunnel.
@@ -80,16 +107,26 @@ pub struct PeerStats {
     pub tx_bytes: u64,
     /// The peer's home DERP region (0 = none).
     pub home_derp: i32,
+    /// Round trip of the current path from disco pongs (direct, or DERP while relayed).
+    pub latency: Option<Duration>,
 }
 
 struct Peer {
     tunn: Box<Tunn>,
     index: u32,
-    endpoint: Option<SocketAddr>,
-    candidates: Vec<SocketAddr>,
+    paths: PeerPaths,
+    /// Box key for disco with this peer; `None` for plain WireGuard peers (no disco key).
+    disco: Option<SharedKey>,
     home_derp: i32,
     rx_bytes: u64,
     tx_bytes: u64,
+}
+
+impl Peer {
+    /// DERP region to relay through, when the peer has one and we have DERP at all.
+    fn derp_region(&self, derp_ok: bool) -> Option<i32> {
+        (derp_ok && self.home_derp > 0).then_some(self.home_derp)
+    }
 }
 
 /// All tunnels and the routing table.
@@ -105,6 +142,14 @@ pub(crate) struct WgRouter {
     buf: Box<[u8]>,
     counters: Arc<Counters>,
     last_rate_reset: Option<Instant>,
+    /// The time the current batch runs at (set by the driver; the path logic is sans-IO).
+    now: Instant,
+    disco_key: Option<PrivateKey>,
+    by_disco: HashMap<DiscoPublic, NodePublic>,
+    /// Our endpoints, sent in call-me-maybe.
+    my_endpoints: Vec<SocketAddr>,
+    /// Whether a DERP map is known (else peers are reached over UDP only).
+    derp_ok: bool,
 }
 
 impl std::fmt::Debug for WgRouter {
@@ -130,6 +175,46 @@ impl WgRouter {
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             counters,
             last_rate_reset: None,
+            now: Instant::now(),
+            disco_key: None,
+            by_disco: HashMap::new(),
+            my_endpoints: Vec::new(),
+            derp_ok: false,
+        }
+    }
+
+    /// Enables disco with this key (peers with a disco key get path discovery).
+    pub(crate) fn set_disco_key(&mut self, key: &PrivateKey) {
+        self.disco_key = Some(key.clone());
+    }
+
+    /// Sets the time for the following calls.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Our endpoints, as advertised in call-me-maybe.
+    pub(crate) fn set_my_endpoints(&mut self, eps: Vec<SocketAddr>) {
+        self.my_endpoints = eps;
+    }
+
+    /// Whether DERP can carry packets.
+    pub(crate) fn set_derp_ok(&mut self, ok: bool) {
+        self.derp_ok = ok;
+    }
+
+    /// DERP regions the peers live in (to connect to ahead of the first packet).
+    pub(crate) fn peer_regions(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.peers.values().map(|p| p.home_derp).filter(|r| *r > 0).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn disco_for(&self, cfg: &PeerConfig) -> Option<SharedKey> {
+        match (&self.disco_key, cfg.disco.is_zero()) {
+            (Some(k), false) => Some(SharedKey::new(k, &cfg.disco)),
+            _ => None,
         }
     }
 
@@ -141,6 +226,9 @@ impl WgRouter {
                 PeerChange::Remove(k) => {
                     if let Some(p) = self.peers.remove(&k) {
                         self.by_index.remove(&p.index);
+                        if let Some(d) = &p.disco {
+                            self.by_disco.remove(&d.peer());
+                        }
                     }
                     tracing::debug!(peer = %k.short(), "peer removed");
                 }
@@ -155,13 +243,17 @@ impl WgRouter {
                         Some(Arc::clone(&self.rate_limiter)),
                     );
                     self.by_index.insert(index, cfg.key);
+                    let disco = self.disco_for(&cfg);
+                    if let Some(d) = &disco {
+                        self.by_disco.insert(d.peer(), cfg.key);
+                    }
                     self.peers.insert(
                         cfg.key,
                         Peer {
                             tunn: Box::new(tunn),
                             index,
-                            endpoint: None,
-                            candidates: cfg.endpoints.iter().copied().take(MAX_CANDIDATES).collect(),
+                            paths: PeerPaths::new(&cfg.endpoints),
+                            disco,
                             home_derp: cfg.home_derp,
                             rx_bytes: 0,
                             tx_bytes: 0,
@@ -170,9 +262,23 @@ impl WgRouter {
                     tracing::debug!(peer = %cfg.key.short(), endpoints = ?cfg.endpoints, "peer added");
                 }
                 PeerChange::Update(cfg) => {
+                    let disco = self.disco_for(&cfg);
                     if let Some(p) = self.peers.get_mut(&cfg.key) {
-                        p.candidates = cfg.endpoints.iter().copied().take(MAX_CANDIDATES).collect();
+                        if self.configs.get(&cfg.key).is_none_or(|c| c.endpoints != cfg.endpoints) {
+                            p.paths.set_candidates(&cfg.endpoints);
+                        }
                         p.home_derp = cfg.home_derp;
+                        if p.disco.as_ref().map(|d| d.peer()) != disco.as_ref().map(|d| d.peer()) {
+                            // A new disco key means a restarted peer: start its paths afresh.
+                            if let Some(old) = &p.disco {
+                                self.by_disco.remove(&old.peer());
+                            }
+                            if let Some(d) = &disco {
+                                self.by_disco.insert(d.peer(), cfg.key);
+                            }
+                            p.disco = disco;
+                            p.paths = PeerPaths::new(&cfg.endpoints);
+                        }
                     }
                 }
             }
@@ -196,9 +302,8 @@ impl WgRouter {
         self.routes.lookup(ip).is_some()
     }
 
-    /// Handles one UDP datagram from `src`. Decrypted IP packets whose source address belongs
-    /// to the sending peer are appended to `deliver`; replies (handshake responses,
-    /// keepalives, queued data, cookies) to `out`. Anything else is dropped and counted.
+    /// Handles one UDP datagram from `src` (see [`WgRouter::handle_wg`]).
+    #[cfg(test)]
     pub(crate) fn handle_datagram(
         &mut self,
         src: SocketAddr,
@@ -206,9 +311,30 @@ impl WgRouter {
         out: &mut Vec<Transmit>,
         deliver: &mut Vec<(NodePublic, Vec<u8>)>,
     ) {
+        self.handle_wg(Source::Udp(src), data, out, deliver)
+    }
+
+    /// Handles one WireGuard message from `src`. Decrypted IP packets whose source address
+    /// belongs to the sending peer are appended to `deliver`; replies (handshake responses,
+    /// keepalives, queued data, cookies) to `out`. Anything else is dropped and counted.
+    pub(crate) fn handle_wg(
+        &mut self,
+        src: Source,
+        data: &[u8],
+        out: &mut Vec<Transmit>,
+        deliver: &mut Vec<(NodePublic, Vec<u8>)>,
+    ) {
         let c = &self.counters;
+        let now = self.now;
+        let derp_ok = self.derp_ok;
+        let src_ip = match src {
+            Source::Udp(a) => Some(a.ip()),
+            // Cookies are bound to an address; a relayed packet has none (boringtun then
+            // refuses handshakes only while under load).
+            Source::Derp { .. } => None,
+        };
         let mut cookie = [0u8; 64];
-        let key = match self.rate_limiter.verify_packet(Some(src.ip()), data, &mut cookie) {
+        let key = match self.rate_limiter.verify_packet(src_ip, data, &mut cookie) {
             Ok(Packet::HandshakeInit(p)) => match parse_handshake_anon(&self.secret, &self.public, &p) {
                 Ok(half) => NodePublic(half.peer_static_public),
                 Err(_) => {
@@ -239,7 +365,9 @@ impl WgRouter {
             },
             Err(TunnResult::WriteToNetwork(reply)) => {
                 // Under load: answer with a cookie instead of doing the handshake's DH.
-                out.push(Transmit { path: Path::Direct(src), payload: reply.to_vec() });
+                if let Source::Udp(a) = src {
+                    out.push(Transmit::udp(a, reply.to_vec()));
+                }
                 return;
             }
             Err(_) => {
@@ -249,27 +377,37 @@ impl WgRouter {
         };
         let Some(peer) = self.peers.get_mut(&key) else {
             c.rx_unknown_peer.fetch_add(1, Relaxed);
-            tracing::trace!(peer = %key.short(), %src, "handshake from a key not in the netmap");
+            tracing::trace!(peer = %key.short(), ?src, "handshake from a key not in the netmap");
             return;
         };
+        // Replies go back the way the message came: over UDP to its source, or over DERP to
+        // the peer's home region (where it surely listens), else the region it came through.
+        let reply_to = |payload: &[u8], peer: &Peer| match src {
+            Source::Udp(a) => Transmit::udp(a, payload.to_vec()),
+            Source::Derp { region, .. } => {
+                Transmit::derp(peer.derp_region(derp_ok).unwrap_or(region), key, payload.to_vec())
+            }
+        };
         let is_data = data.first() == Some(&MSG_DATA);
-        let authenticated = match peer.tunn.decapsulate(Some(src.ip()), data, &mut self.buf) {
+        let authenticated = match peer.tunn.decapsulate(src_ip, data, &mut self.buf) {
             TunnResult::Done => is_data,
             TunnResult::Err(e) => {
                 count_error(c, &e);
-                tracing::trace!(peer = %key.short(), %src, error = ?e, "dropped datagram");
+                tracing::trace!(peer = %key.short(), ?src, error = ?e, "dropped datagram");
                 false
             }
             TunnResult::WriteToNetwork(reply) => {
                 // A cookie reply answers an unverified handshake; anything else (handshake
                 // response, keepalive) proves the datagram came from the peer.
                 let authed = reply.first() != Some(&MSG_COOKIE_REPLY);
-                out.push(Transmit { path: Path::Direct(src), payload: reply.to_vec() });
-                peer.tx_bytes += reply.len() as u64;
+                let t = reply_to(reply, peer);
+                peer.tx_bytes += t.payload.len() as u64;
+                out.push(t);
                 // A completed handshake releases the packets queued while it was pending.
                 while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
-                    peer.tx_bytes += p.len() as u64;
-                    out.push(Transmit { path: Path::Direct(src), payload: p.to_vec() });
+                    let t = reply_to(p, peer);
+                    peer.tx_bytes += t.payload.len() as u64;
+                    out.push(t);
                 }
                 authed
             }
@@ -284,10 +422,80 @@ impl WgRouter {
         };
         if authenticated {
             peer.rx_bytes += data.len() as u64;
-            if peer.endpoint != Some(src) {
-                tracing::debug!(peer = %key.short(), old = ?peer.endpoint, new = %src, "peer path changed");
-                peer.endpoint = Some(src);
+            peer.paths.note_active(now);
+            if let Source::Udp(a) = src {
+                if peer.paths.direct(now) != Some(a) {
+                    tracing::debug!(peer = %key.short(), old = ?peer.paths.last_direct(), new = %a, "peer path changed");
+                }
+                peer.paths.on_authenticated_udp(a, now);
             }
+        }
+    }
+
+    /// Handles one disco packet (already recognised by [`disco::looks_like_disco`]) from `src`.
+    /// Packets from disco keys not in the netmap, that fail to open, or that do not make sense
+    /// on the path they came over are dropped.
+    pub(crate) fn handle_disco(&mut self, src: Source, packet: &[u8], out: &mut Vec<Transmit>) {
+        let now = self.now;
+        let derp_ok = self.derp_ok;
+        let me = NodePublic(self.public.to_bytes());
+        let Some(sender) = disco::sender(packet) else { return };
+        let Some(key) = self.by_disco.get(&sender).copied() else {
+            self.counters.rx_unknown_peer.fetch_add(1, Relaxed);
+            tracing::trace!(?src, "disco from a key not in the netmap");
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        if let Source::Derp { key: via, .. } = src {
+            // DERP authenticates the sender's node key: it must be the disco key's owner.
+            if via != key {
+                self.counters.rx_rejected.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        let Some(shared) = &peer.disco else { return };
+        let msg = match shared.open(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.rx_rejected.fetch_add(1, Relaxed);
+                tracing::trace!(peer = %key.short(), ?src, error = %e, "dropped disco packet");
+                return;
+            }
+        };
+        let seal = |shared: &SharedKey, m: &disco::Message| shared.seal(rand::random(), m);
+        match (msg, src) {
+            (disco::Message::Ping(p), Source::Udp(addr)) => {
+                if !p.node_key.is_zero() && p.node_key != key {
+                    self.counters.rx_rejected.fetch_add(1, Relaxed);
+                    return;
+                }
+                let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src: addr });
+                out.push(Transmit::udp(addr, seal(shared, &pong)));
+                tracing::trace!(peer = %key.short(), %addr, "disco ping over UDP");
+                if let Some(probe) = peer.paths.on_ping_from(addr, now) {
+                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
+                }
+            }
+            (disco::Message::Ping(p), Source::Derp { region, .. }) => {
+                let src = SocketAddr::from((DERP_MAGIC_IP, u16::try_from(region).unwrap_or(0)));
+                let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src });
+                let r = peer.derp_region(derp_ok).unwrap_or(region);
+                out.push(Transmit::derp(r, key, seal(shared, &pong)));
+            }
+            (disco::Message::Pong(p), Source::Udp(addr)) => {
+                if peer.paths.on_pong_udp(p.tx_id, addr, now) {
+                    tracing::debug!(peer = %key.short(), %addr, latency = ?peer.paths.direct_latency(), "direct path confirmed");
+                }
+            }
+            (disco::Message::Pong(p), Source::Derp { .. }) => peer.paths.on_pong_derp(p.tx_id, now),
+            (disco::Message::CallMeMaybe(cmm), Source::Derp { .. }) => {
+                tracing::debug!(peer = %key.short(), endpoints = ?cmm.endpoints, "call-me-maybe");
+                for probe in peer.paths.on_call_me_maybe(&cmm.endpoints, now) {
+                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
+                }
+            }
+            // Call-me-maybe is only meaningful over DERP (Tailscale ignores it over UDP).
+            (disco::Message::CallMeMaybe(_), Source::Udp(_)) => {}
         }
     }
 
@@ -299,12 +507,16 @@ impl WgRouter {
             c.tx_malformed.fetch_add(1, Relaxed);
             return;
         };
-        let Some(peer) = self.routes.lookup(dst).and_then(|k| self.peers.get_mut(&k)) else {
+        let Some(key) = self.routes.lookup(dst) else {
+            c.tx_no_route.fetch_add(1, Relaxed);
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
             c.tx_no_route.fetch_add(1, Relaxed);
             return;
         };
         match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(p) => emit(peer, p, out, c),
+            TunnResult::WriteToNetwork(p) => emit(peer, key, p, out, c, self.now, self.derp_ok),
             TunnResult::Err(e) => {
                 c.tx_error.fetch_add(1, Relaxed);
                 tracing::debug!(error = ?e, "encapsulate failed");
@@ -314,8 +526,10 @@ impl WgRouter {
     }
 
     /// Drives boringtun's timers (handshake retries, rekey every 2 minutes, keepalives,
-    /// session expiry). Call a few times per second.
+    /// session expiry) and the disco timers (heartbeats, discovery). Call a few times per
+    /// second.
     pub(crate) fn tick(&mut self, now: Instant, out: &mut Vec<Transmit>) {
+        self.now = now;
         // The shared limiter counts handshakes per period; boringtun's device resets it every
         // second.
         if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
@@ -324,12 +538,33 @@ impl WgRouter {
         }
         for (key, peer) in &mut self.peers {
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(p) => emit(peer, p, out, &self.counters),
+                TunnResult::WriteToNetwork(p) => emit(peer, *key, p, out, &self.counters, now, self.derp_ok),
                 // Expired means "idle with no session": not an error for an idle peer.
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
                 TunnResult::Err(e) => tracing::debug!(peer = %key.short(), error = ?e, "timer error"),
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
+        }
+        self.poll_disco(out);
+    }
+
+    /// Runs the disco timers of all peers now (cheap when nothing is due).
+    pub(crate) fn poll_disco(&mut self, out: &mut Vec<Transmit>) {
+        let me = NodePublic(self.public.to_bytes());
+        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.probe(k, me, out);
+        }
+    }
+
+    fn probe(&mut self, key: NodePublic, me: NodePublic, out: &mut Vec<Transmit>) {
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        if peer.disco.is_none() {
+            return;
+        }
+        let can_derp = peer.derp_region(self.derp_ok).is_some();
+        for probe in peer.paths.poll(self.now, can_derp) {
+            out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, self.derp_ok));
         }
     }
 
@@ -340,26 +575,35 @@ impl WgRouter {
             return false;
         };
         if let TunnResult::WriteToNetwork(p) = peer.tunn.format_handshake_initiation(&mut self.buf, true) {
-            emit(peer, p, out, &self.counters);
+            emit(peer, *key, p, out, &self.counters, self.now, self.derp_ok);
         }
         true
     }
 
     pub(crate) fn stats(&self) -> Vec<PeerStats> {
         let now = SystemTime::now();
+        let mono = Instant::now().max(self.now);
         let mut v: Vec<PeerStats> = self
             .peers
             .iter()
             .map(|(k, p)| {
                 let (since, ..) = p.tunn.stats();
+                let used = p.tx_bytes > 0 || p.rx_bytes > 0;
+                let (path, latency) = match (p.paths.direct(mono), p.derp_region(self.derp_ok)) {
+                    (Some(a), _) => (Some(Path::Direct(a)), p.paths.direct_latency()),
+                    (None, Some(r)) if used => (Some(Path::Derp(r)), p.paths.derp_latency()),
+                    // Plain WireGuard peers: the address their last packet came from.
+                    (None, _) => (p.paths.last_direct().map(Path::Direct), None),
+                };
                 PeerStats {
                     node_key: *k,
-                    path: p.endpoint.map(Path::Direct),
-                    candidates: p.candidates.clone(),
+                    path,
+                    candidates: p.paths.all_candidates(),
                     last_handshake: since.and_then(|d| now.checked_sub(d)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     home_derp: p.home_derp,
+                    latency,
                 }
             })
             .collect();
@@ -368,30 +612,73 @@ impl WgRouter {
     }
 }
 
-/// Sends a WireGuard message to the peer: to its confirmed endpoint, or, for handshake
-/// initiations and while no endpoint is confirmed, to every candidate (a confirmed path can go
-/// stale; duplicates are harmless, as the receiver's replay checks drop them).
-fn emit(peer: &mut Peer, payload: &[u8], out: &mut Vec<Transmit>, c: &Counters) {
-    let is_init = payload.first() == Some(&MSG_HANDSHAKE_INIT);
-    if let (Some(ep), false) = (peer.endpoint, is_init) {
-        out.push(Transmit { path: Path::Direct(ep), payload: payload.to_vec() });
-        peer.tx_bytes += payload.len() as u64;
+/// Seals one disco probe for `peer`. `None` when it needs DERP and there is none.
+fn probe_transmit(
+    peer: &Peer,
+    key: NodePublic,
+    probe: &Probe,
+    me: NodePublic,
+    my_endpoints: &[SocketAddr],
+    derp_ok: bool,
+) -> Option<Transmit> {
+    let shared = peer.disco.as_ref()?;
+    let nonce: [u8; disco::NONCE_LEN] = rand::random();
+    match probe {
+        Probe::PingUdp { addr, tx_id } => {
+            let m = disco::Message::Ping(disco::Ping { tx_id: *tx_id, node_key: me, padding: 0 });
+            Some(Transmit::udp(*addr, shared.seal(nonce, &m)))
+        }
+        Probe::PingDerp { tx_id } => {
+            let m = disco::Message::Ping(disco::Ping { tx_id: *tx_id, node_key: me, padding: 0 });
+            Some(Transmit::derp(peer.derp_region(derp_ok)?, key, shared.seal(nonce, &m)))
+        }
+        Probe::CallMeMaybe => {
+            let m = disco::Message::CallMeMaybe(disco::CallMeMaybe { endpoints: my_endpoints.to_vec() });
+            Some(Transmit::derp(peer.derp_region(derp_ok)?, key, shared.seal(nonce, &m)))
+        }
+    }
+}
+
+/// Sends a WireGuard message to the peer: over its trusted direct path when there is one;
+/// otherwise over DERP (plus the last direct address, which may still work) when the peer has
+/// a home region; otherwise, for plain WireGuard peers, to every candidate (duplicates are
+/// harmless, the receiver's replay checks drop them).
+fn emit(
+    peer: &mut Peer,
+    key: NodePublic,
+    payload: &[u8],
+    out: &mut Vec<Transmit>,
+    c: &Counters,
+    now: Instant,
+    derp_ok: bool,
+) {
+    peer.paths.note_active(now);
+    peer.tx_bytes += payload.len() as u64;
+    if let Some(a) = peer.paths.direct(now) {
+        out.push(Transmit::udp(a, payload.to_vec()));
         return;
     }
-    let mut targets: Vec<SocketAddr> = peer.endpoint.into_iter().collect();
-    for a in &peer.candidates {
-        if !targets.contains(a) {
-            targets.push(*a);
+    if let Some(region) = peer.derp_region(derp_ok) {
+        out.push(Transmit::derp(region, key, payload.to_vec()));
+        if let Some(a) = peer.paths.last_direct() {
+            out.push(Transmit::udp(a, payload.to_vec()));
+        }
+        return;
+    }
+    let mut targets: Vec<SocketAddr> = peer.paths.last_direct().into_iter().collect();
+    for a in peer.paths.all_candidates() {
+        if !targets.contains(&a) {
+            targets.push(a);
         }
     }
     if targets.is_empty() {
         c.tx_no_path.fetch_add(1, Relaxed);
+        peer.tx_bytes -= payload.len() as u64;
         return;
     }
     for t in targets {
-        out.push(Transmit { path: Path::Direct(t), payload: payload.to_vec() });
+        out.push(Transmit::udp(t, payload.to_vec()));
     }
-    peer.tx_bytes += payload.len() as u64;
 }
 
 /// Anti-spoofing: a peer may only send from addresses in its own AllowedIPs.
@@ -448,6 +735,7 @@ mod tests {
             allowed_ips: vec![parse_prefix(ip).unwrap()],
             endpoints: vec![of.addr],
             home_derp: 0,
+            disco: DiscoPublic([0; 32]),
         }
     }
 
@@ -486,7 +774,7 @@ mod tests {
             }
             let mut next = vec![];
             for (from, t) in wire.drain(..) {
-                let Path::Direct(to) = t.path;
+                let Path::Direct(to) = t.path else { continue };
                 let (n, got) = if to == a.addr { (&mut *a, &mut got_a) } else { (&mut *b, &mut got_b) };
                 let (mut out, mut del) = (vec![], vec![]);
                 n.wg.handle_datagram(from, &t.payload, &mut out, &mut del);
@@ -563,6 +851,91 @@ mod tests {
         }
         assert!(o.is_empty() && d.is_empty());
         assert!(b.wg.counters.rx_unknown_peer.load(Relaxed) >= 1);
+    }
+
+    /// Two routers with disco keys and a home region: the first packet goes over DERP, pings
+    /// and call-me-maybe go out, a pong confirms the direct path, and hostile disco input is
+    /// dropped without effect.
+    #[test]
+    fn disco_upgrades_derp_to_direct_and_drops_hostile_input() {
+        let (mut a, mut b) = (node(1, 1001), node(2, 1002));
+        let (da, db) = (PrivateKey::from_bytes([11; 32]), PrivateKey::from_bytes([12; 32]));
+        a.wg.set_disco_key(&da);
+        b.wg.set_disco_key(&db);
+        let with = |of: &Node, d: &PrivateKey, ip: &str| PeerConfig {
+            disco: DiscoPublic(d.public_bytes()),
+            home_derp: 1,
+            ..cfg(of, ip)
+        };
+        let (ca, cb) = (with(&b, &db, "100.64.0.2/32"), with(&a, &da, "100.64.0.1/32"));
+        a.wg.set_peers([(ca.key, ca)].into());
+        b.wg.set_peers([(cb.key, cb)].into());
+        for n in [&mut a, &mut b] {
+            n.wg.set_derp_ok(true);
+            let addr = n.addr;
+            n.wg.set_my_endpoints(vec![addr]);
+        }
+        let ka = NodePublic(a.key.public_bytes());
+
+        // The first packet (a handshake) goes over DERP only: nothing is confirmed yet.
+        let mut out = vec![];
+        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
+        assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), vec![Path::Derp(1)]);
+        // Discovery: a ping to each candidate, a DERP ping and a call-me-maybe.
+        let mut probes = vec![];
+        a.wg.poll_disco(&mut probes);
+        assert!(probes.iter().any(|t| t.path == Path::Direct(b.addr)));
+        assert_eq!(probes.iter().filter(|t| t.path == Path::Derp(1)).count(), 2);
+
+        // B answers the UDP ping with a pong to its source; A takes it and goes direct.
+        let ping = probes.iter().find(|t| t.path == Path::Direct(b.addr)).unwrap();
+        let mut back = vec![];
+        b.wg.handle_disco(Source::Udp(a.addr), &ping.payload, &mut back);
+        let pong = back.iter().find(|t| t.path == Path::Direct(a.addr)).expect("pong to the ping's source");
+        // ...and pings back at once (completing the punch from its side).
+        assert_eq!(back.iter().filter(|t| t.path == Path::Direct(a.addr)).count(), 2, "{back:?}");
+        a.wg.handle_disco(Source::Udp(b.addr), &pong.payload, &mut vec![]);
+        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
+        let mut out = vec![];
+        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
+        assert!(out.iter().all(|t| t.path == Path::Direct(b.addr)), "{out:?}");
+
+        // Hostile input: garbage with the magic, a ping relayed by DERP under another node key,
+        // a pong from an address the ping did not go to, a replayed pong.
+        let before = b.wg.stats();
+        let mut junk = disco::MAGIC.to_vec();
+        junk.extend_from_slice(&[0u8; 100]);
+        let mut o = vec![];
+        b.wg.handle_disco(Source::Udp(a.addr), &junk, &mut o);
+        b.wg.handle_disco(Source::Derp { region: 1, key: NodePublic([9; 32]) }, &ping.payload, &mut o);
+        assert!(o.is_empty(), "{o:?}");
+        let stranger: SocketAddr = "192.0.2.66:1".parse().unwrap();
+        let mut c = PeerPaths::new(&[]);
+        assert!(!c.on_pong_udp([0; 12], stranger, Instant::now()));
+        a.wg.handle_disco(Source::Udp(stranger), &pong.payload, &mut o);
+        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
+        assert_eq!(b.wg.stats(), before);
+
+        // A call-me-maybe over DERP makes B ping the listed endpoints at once.
+        let cmm = probes.iter().filter(|t| t.path == Path::Derp(1)).find_map(|t| {
+            let (_, m) = disco::open(&db, &t.payload).ok()?;
+            matches!(m, disco::Message::CallMeMaybe(_)).then(|| t.payload.clone())
+        });
+        let mut o = vec![];
+        // (after the per-address ping gap, or the ping back above already covers it)
+        b.wg.set_now(Instant::now() + Duration::from_secs(1));
+        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &cmm.expect("call-me-maybe"), &mut o);
+        assert!(o.iter().any(|t| t.path == Path::Direct(a.addr)), "{o:?}");
+        // The pong B sends over DERP to a DERP ping names the region as its source.
+        let dping = probes
+            .iter()
+            .filter(|t| t.path == Path::Derp(1))
+            .find(|t| matches!(disco::open(&db, &t.payload), Ok((_, disco::Message::Ping(_)))));
+        let mut o = vec![];
+        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &dping.unwrap().payload, &mut o);
+        let (_, m) = disco::open(&da, &o[0].payload).unwrap();
+        assert!(matches!(m, disco::Message::Pong(p) if p.src == SocketAddr::from((DERP_MAGIC_IP, 1))));
+        assert_eq!((o[0].path, o[0].peer), (Path::Derp(1), ka));
     }
 
     #[test]

