@@ -18,6 +18,8 @@ pub mod nat_host;
 pub mod net;
 pub mod nexus;
 pub mod probe;
+/// Linux network namespaces and iptables: Unix only.
+#[cfg(unix)]
 pub mod real;
 pub mod report;
 pub mod scenario;
