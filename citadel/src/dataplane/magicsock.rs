@@ -27,6 +27,10 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Minimum gap between two pings to the same address (avoids ping storms when pings answer
 /// pings).
 pub const MIN_PING_GAP: Duration = Duration::from_millis(500);
+/// Minimum gap for a ping answering a ping: short, because the ping that punched our own NAT
+/// usually left just before (a longer gap would delay the path by a heartbeat), yet a peer
+/// flooding pings gets at most this many pings back.
+pub const MIN_PING_BACK_GAP: Duration = Duration::from_millis(20);
 /// Candidates kept per peer; extras (from a hostile call-me-maybe, say) are ignored.
 pub const MAX_CANDIDATES: usize = 16;
 /// Pending pings kept per peer.
@@ -151,16 +155,24 @@ impl PeerPaths {
         }
     }
 
-    /// An authenticated WireGuard packet arrived from `addr` over UDP: the peer can reach us
-    /// there, and the NAT mapping back to it is open. This follows roaming and NAT rebinding.
-    pub fn on_authenticated_udp(&mut self, addr: SocketAddr, now: Instant) {
+    /// An authenticated WireGuard packet arrived from `addr` over UDP. For a plain WireGuard
+    /// peer (`proves_path`, no disco) that is the only evidence there is, and the path follows
+    /// it (roaming). For a disco peer it only shows that the peer reaches us from there, not that
+    /// our packets reach it (a NAT may filter the way back), so the address is pinged instead and
+    /// the pong decides. Returns the ping to send, if any.
+    pub fn on_authenticated_udp(&mut self, addr: SocketAddr, now: Instant, proves_path: bool) -> Option<Probe> {
         self.learn(addr);
-        match &mut self.best {
-            Some(b) if b.addr == addr => b.trusted_until = now + TRUST_DURATION,
-            // A different address while the current one is trusted: the peer moved (its
-            // packets now come from elsewhere). Follow it; the heartbeat measures it.
-            _ => self.best = Some(Best { addr, latency: None, trusted_until: now + TRUST_DURATION }),
+        if proves_path {
+            match &mut self.best {
+                Some(b) if b.addr == addr => b.trusted_until = now + TRUST_DURATION,
+                _ => self.best = Some(Best { addr, latency: None, trusted_until: now + TRUST_DURATION }),
+            }
+            return None;
         }
+        if self.direct(now) == Some(addr) {
+            return None;
+        }
+        self.ping(addr, now)
     }
 
     /// A disco ping came from `addr` over UDP. Returns the probe to send back when we have no
@@ -171,7 +183,7 @@ impl PeerPaths {
         if self.direct(now) == Some(addr) {
             return None;
         }
-        self.ping(addr, now)
+        self.ping_within(addr, now, MIN_PING_BACK_GAP)
     }
 
     /// The peer asked us to ping `endpoints` (call-me-maybe, over DERP): ping them all now.
@@ -180,7 +192,7 @@ impl PeerPaths {
             self.learn(*e);
         }
         self.note_active(now);
-        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping(*e, now)).collect()
+        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping_within(*e, now, MIN_PING_BACK_GAP)).collect()
     }
 
     /// A pong over UDP from `from` answering `tx_id`. Only a pong from the address the ping
@@ -218,7 +230,11 @@ impl PeerPaths {
     }
 
     fn ping(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
-        if self.last_ping.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < MIN_PING_GAP) {
+        self.ping_within(addr, now, MIN_PING_GAP)
+    }
+
+    fn ping_within(&mut self, addr: SocketAddr, now: Instant, gap: Duration) -> Option<Probe> {
+        if self.last_ping.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < gap) {
             return None;
         }
         self.last_ping.insert(addr, now);
@@ -341,12 +357,22 @@ mod tests {
         assert!(q.on_pong_udp(other.1, other.0, stale + Duration::from_millis(30)));
         assert_eq!(q.direct(stale + Duration::from_millis(30)), Some(ps[1].0));
 
-        // Roaming: authenticated traffic from a new address moves the path there.
+        // Roaming, plain WireGuard peer: authenticated traffic from a new address moves the path.
         let t1 = t0 + Duration::from_secs(1);
         let moved = a("192.0.2.1:5555");
-        q.on_authenticated_udp(moved, t1);
-        assert_eq!(q.direct(t1), Some(moved));
+        let mut plain = q.clone();
+        assert_eq!(plain.on_authenticated_udp(moved, t1, true), None);
+        assert_eq!(plain.direct(t1), Some(moved));
+        // Disco peer: the new address is pinged, and only its pong moves the path (the way
+        // back may be filtered).
+        let Some(Probe::PingUdp { addr, tx_id }) = q.on_authenticated_udp(moved, t1, false) else {
+            panic!("expected a ping to the new address")
+        };
+        assert_eq!(addr, moved);
+        assert_eq!(q.direct(t1), Some(ps[1].0), "not moved before the pong");
         assert!(q.all_candidates().contains(&moved));
+        let t2 = t1 + Duration::from_millis(5);
+        assert!(q.on_pong_udp(tx_id, moved, t2) || q.direct(t2) == Some(ps[1].0));
     }
 
     #[test]
@@ -359,6 +385,11 @@ mod tests {
         assert_eq!(addr, from);
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_millis(10)), None, "rate limited");
         assert!(p.on_pong_udp(tx_id, from, t0 + Duration::from_millis(20)));
+        // A discovery ping that just left does not hold back the ping answering the peer's.
+        let mut q = PeerPaths::new(&[from]);
+        q.note_active(t0);
+        assert_eq!(pings(&q.poll(t0, false)).len(), 1);
+        assert!(q.on_ping_from(from, t0 + MIN_PING_BACK_GAP).is_some());
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_secs(1)), None, "already trusted");
     }
 
