@@ -27,10 +27,6 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Minimum gap between two pings to the same address (avoids ping storms when pings answer
 /// pings).
 pub const MIN_PING_GAP: Duration = Duration::from_millis(500);
-/// Minimum gap for a ping answering a ping: short, because the ping that punched our own NAT
-/// usually left just before (a longer gap would delay the path by a heartbeat), yet a peer
-/// flooding pings gets at most this many pings back.
-pub const MIN_PING_BACK_GAP: Duration = Duration::from_millis(20);
 /// Candidates kept per peer; extras (from a hostile call-me-maybe, say) are ignored.
 pub const MAX_CANDIDATES: usize = 16;
 /// Pending pings kept per peer.
@@ -68,6 +64,10 @@ pub struct PeerPaths {
     /// tx id → (address, sent at); `None` address for a DERP ping.
     pending: HashMap<[u8; 12], (Option<SocketAddr>, Instant)>,
     last_ping: HashMap<SocketAddr, Instant>,
+    /// Pings sent in answer to the peer (its ping, its call-me-maybe), limited on their own:
+    /// the discovery ping that punched our NAT usually left just before, and must not hold
+    /// back the answer that completes the punch (that would cost a heartbeat, 3 s).
+    last_ping_back: HashMap<SocketAddr, Instant>,
     last_discovery: Option<Instant>,
     last_heartbeat: Option<Instant>,
     last_active: Option<Instant>,
@@ -83,6 +83,7 @@ impl PeerPaths {
             best: None,
             pending: HashMap::new(),
             last_ping: HashMap::new(),
+            last_ping_back: HashMap::new(),
             last_discovery: None,
             last_heartbeat: None,
             last_active: None,
@@ -183,7 +184,7 @@ impl PeerPaths {
         if self.direct(now) == Some(addr) {
             return None;
         }
-        self.ping_within(addr, now, MIN_PING_BACK_GAP)
+        self.ping_back(addr, now)
     }
 
     /// The peer asked us to ping `endpoints` (call-me-maybe, over DERP): ping them all now.
@@ -192,7 +193,7 @@ impl PeerPaths {
             self.learn(*e);
         }
         self.note_active(now);
-        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping_within(*e, now, MIN_PING_BACK_GAP)).collect()
+        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping_back(*e, now)).collect()
     }
 
     /// A pong over UDP from `from` answering `tx_id`. Only a pong from the address the ping
@@ -229,12 +230,21 @@ impl PeerPaths {
         }
     }
 
-    fn ping(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
-        self.ping_within(addr, now, MIN_PING_GAP)
+    fn ping_back(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
+        if self.last_ping_back.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < MIN_PING_GAP) {
+            return None;
+        }
+        if self.last_ping_back.len() >= 2 * MAX_CANDIDATES {
+            self.last_ping_back.clear();
+        }
+        self.last_ping_back.insert(addr, now);
+        self.last_ping.insert(addr, now);
+        let tx_id = self.new_tx(Some(addr), now);
+        Some(Probe::PingUdp { addr, tx_id })
     }
 
-    fn ping_within(&mut self, addr: SocketAddr, now: Instant, gap: Duration) -> Option<Probe> {
-        if self.last_ping.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < gap) {
+    fn ping(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
+        if self.last_ping.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < MIN_PING_GAP) {
             return None;
         }
         self.last_ping.insert(addr, now);
@@ -260,6 +270,7 @@ impl PeerPaths {
     pub fn poll(&mut self, now: Instant, can_derp: bool) -> Vec<Probe> {
         self.pending.retain(|_, (_, t)| now.saturating_duration_since(*t) < PING_TIMEOUT);
         self.last_ping.retain(|_, t| now.saturating_duration_since(*t) < PING_TIMEOUT);
+        self.last_ping_back.retain(|_, t| now.saturating_duration_since(*t) < PING_TIMEOUT);
         let mut out = Vec::new();
         if !self.is_active(now) {
             return out;
@@ -389,7 +400,7 @@ mod tests {
         let mut q = PeerPaths::new(&[from]);
         q.note_active(t0);
         assert_eq!(pings(&q.poll(t0, false)).len(), 1);
-        assert!(q.on_ping_from(from, t0 + MIN_PING_BACK_GAP).is_some());
+        assert!(q.on_ping_from(from, t0 + Duration::from_millis(1)).is_some());
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_secs(1)), None, "already trusted");
     }
 
