@@ -329,6 +329,38 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
         );
         let r = a.ask("get b1 8080");
         assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("direct"), "{r}");
+        // NAT rebinding: A's packets start to come from a new public port. B must follow.
+        let before = b.peer("a1")["path"].as_str().unwrap_or_default().to_string();
+        let na = w.ns("na");
+        // The old address stays (A's TCP connections to Nexus and DERP keep it); new UDP
+        // packets leave from the new one, which router A maps to a new public port because the
+        // old public port is still taken by the old mapping.
+        in_ns(&na, &["ip", "addr", "add", "10.71.1.3/24", "dev", "eth0"]);
+        in_ns(&na, &["ip", "route", "replace", "default", "via", "10.71.1.1", "src", "10.71.1.3"]);
+        // B's NAT filters A's new port until B sends to it, so traffic first falls back to
+        // DERP (within the trust window), then A's next STUN round reports the new port, and
+        // call-me-maybe plus pings from both sides open the new direct path.
+        let t1 = Instant::now();
+        let mut fell_back = None;
+        let moved = loop {
+            let r = a.ask("get b1 8080");
+            let p = b.peer("a1")["path"].as_str().unwrap_or_default().to_string();
+            if r["ok"] == true && fell_back.is_none() && r["path"] == "relay 1" {
+                fell_back = Some(t1.elapsed());
+            }
+            if r["ok"] == true && p.starts_with("direct 172.31.71.2:") && p != before {
+                break p;
+            }
+            assert!(
+                t1.elapsed() < Duration::from_secs(60),
+                "B never followed A: {r} {p} (was {before})\n--- a ---\n{}\n--- b ---\n{}",
+                tail(&a.log),
+                tail(&b.log)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        println!("NAT rebinding: traffic over DERP after {fell_back:?}");
+        println!("NAT rebinding: B followed A from {before} to {moved} in {:?}", t1.elapsed());
         let nc = netcheck(&w, "na", &tmp.path().join("a1"), stun2);
         println!("netcheck behind MASQUERADE: {nc}");
         let got = (nc["udp"].clone(), nc["mapping_varies_by_dest"].clone(), nc["preferred_derp"].clone());

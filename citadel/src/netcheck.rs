@@ -205,7 +205,7 @@ impl Probe {
         if answered >= 2 {
             r.mapping_varies_by_dest = Some(counts.len() > 1);
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         r.mapped = counts.into_iter().map(|(a, _)| a).collect();
         r
     }

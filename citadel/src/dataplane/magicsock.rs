@@ -64,6 +64,10 @@ pub struct PeerPaths {
     /// tx id → (address, sent at); `None` address for a DERP ping.
     pending: HashMap<[u8; 12], (Option<SocketAddr>, Instant)>,
     last_ping: HashMap<SocketAddr, Instant>,
+    /// Pings sent in answer to the peer (its ping, its call-me-maybe), limited on their own:
+    /// the discovery ping that punched our NAT usually left just before, and must not hold
+    /// back the answer that completes the punch (that would cost a heartbeat, 3 s).
+    last_ping_back: HashMap<SocketAddr, Instant>,
     last_discovery: Option<Instant>,
     last_heartbeat: Option<Instant>,
     last_active: Option<Instant>,
@@ -79,6 +83,7 @@ impl PeerPaths {
             best: None,
             pending: HashMap::new(),
             last_ping: HashMap::new(),
+            last_ping_back: HashMap::new(),
             last_discovery: None,
             last_heartbeat: None,
             last_active: None,
@@ -151,16 +156,24 @@ impl PeerPaths {
         }
     }
 
-    /// An authenticated WireGuard packet arrived from `addr` over UDP: the peer can reach us
-    /// there, and the NAT mapping back to it is open. This follows roaming and NAT rebinding.
-    pub fn on_authenticated_udp(&mut self, addr: SocketAddr, now: Instant) {
+    /// An authenticated WireGuard packet arrived from `addr` over UDP. For a plain WireGuard
+    /// peer (`proves_path`, no disco) that is the only evidence there is, and the path follows
+    /// it (roaming). For a disco peer it only shows that the peer reaches us from there, not that
+    /// our packets reach it (a NAT may filter the way back), so the address is pinged instead and
+    /// the pong decides. Returns the ping to send, if any.
+    pub fn on_authenticated_udp(&mut self, addr: SocketAddr, now: Instant, proves_path: bool) -> Option<Probe> {
         self.learn(addr);
-        match &mut self.best {
-            Some(b) if b.addr == addr => b.trusted_until = now + TRUST_DURATION,
-            // A different address while the current one is trusted: the peer moved (its
-            // packets now come from elsewhere). Follow it; the heartbeat measures it.
-            _ => self.best = Some(Best { addr, latency: None, trusted_until: now + TRUST_DURATION }),
+        if proves_path {
+            match &mut self.best {
+                Some(b) if b.addr == addr => b.trusted_until = now + TRUST_DURATION,
+                _ => self.best = Some(Best { addr, latency: None, trusted_until: now + TRUST_DURATION }),
+            }
+            return None;
         }
+        if self.direct(now) == Some(addr) {
+            return None;
+        }
+        self.ping(addr, now)
     }
 
     /// A disco ping came from `addr` over UDP. Returns the probe to send back when we have no
@@ -171,7 +184,7 @@ impl PeerPaths {
         if self.direct(now) == Some(addr) {
             return None;
         }
-        self.ping(addr, now)
+        self.ping_back(addr, now)
     }
 
     /// The peer asked us to ping `endpoints` (call-me-maybe, over DERP): ping them all now.
@@ -180,7 +193,7 @@ impl PeerPaths {
             self.learn(*e);
         }
         self.note_active(now);
-        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping(*e, now)).collect()
+        endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping_back(*e, now)).collect()
     }
 
     /// A pong over UDP from `from` answering `tx_id`. Only a pong from the address the ping
@@ -217,6 +230,19 @@ impl PeerPaths {
         }
     }
 
+    fn ping_back(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
+        if self.last_ping_back.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < MIN_PING_GAP) {
+            return None;
+        }
+        if self.last_ping_back.len() >= 2 * MAX_CANDIDATES {
+            self.last_ping_back.clear();
+        }
+        self.last_ping_back.insert(addr, now);
+        self.last_ping.insert(addr, now);
+        let tx_id = self.new_tx(Some(addr), now);
+        Some(Probe::PingUdp { addr, tx_id })
+    }
+
     fn ping(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
         if self.last_ping.get(&addr).is_some_and(|t| now.saturating_duration_since(*t) < MIN_PING_GAP) {
             return None;
@@ -244,6 +270,7 @@ impl PeerPaths {
     pub fn poll(&mut self, now: Instant, can_derp: bool) -> Vec<Probe> {
         self.pending.retain(|_, (_, t)| now.saturating_duration_since(*t) < PING_TIMEOUT);
         self.last_ping.retain(|_, t| now.saturating_duration_since(*t) < PING_TIMEOUT);
+        self.last_ping_back.retain(|_, t| now.saturating_duration_since(*t) < PING_TIMEOUT);
         let mut out = Vec::new();
         if !self.is_active(now) {
             return out;
@@ -341,12 +368,22 @@ mod tests {
         assert!(q.on_pong_udp(other.1, other.0, stale + Duration::from_millis(30)));
         assert_eq!(q.direct(stale + Duration::from_millis(30)), Some(ps[1].0));
 
-        // Roaming: authenticated traffic from a new address moves the path there.
+        // Roaming, plain WireGuard peer: authenticated traffic from a new address moves the path.
         let t1 = t0 + Duration::from_secs(1);
         let moved = a("192.0.2.1:5555");
-        q.on_authenticated_udp(moved, t1);
-        assert_eq!(q.direct(t1), Some(moved));
+        let mut plain = q.clone();
+        assert_eq!(plain.on_authenticated_udp(moved, t1, true), None);
+        assert_eq!(plain.direct(t1), Some(moved));
+        // Disco peer: the new address is pinged, and only its pong moves the path (the way
+        // back may be filtered).
+        let Some(Probe::PingUdp { addr, tx_id }) = q.on_authenticated_udp(moved, t1, false) else {
+            panic!("expected a ping to the new address")
+        };
+        assert_eq!(addr, moved);
+        assert_eq!(q.direct(t1), Some(ps[1].0), "not moved before the pong");
         assert!(q.all_candidates().contains(&moved));
+        let t2 = t1 + Duration::from_millis(5);
+        assert!(q.on_pong_udp(tx_id, moved, t2) || q.direct(t2) == Some(ps[1].0));
     }
 
     #[test]
@@ -359,6 +396,11 @@ mod tests {
         assert_eq!(addr, from);
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_millis(10)), None, "rate limited");
         assert!(p.on_pong_udp(tx_id, from, t0 + Duration::from_millis(20)));
+        // A discovery ping that just left does not hold back the ping answering the peer's.
+        let mut q = PeerPaths::new(&[from]);
+        q.note_active(t0);
+        assert_eq!(pings(&q.poll(t0, false)).len(), 1);
+        assert!(q.on_ping_from(from, t0 + Duration::from_millis(1)).is_some());
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_secs(1)), None, "already trusted");
     }
 

@@ -730,7 +730,7 @@ impl Driver {
     fn publish(&mut self) {
         let mut endpoints = endpoints_for(self.local_addr, interface_ips());
         for m in self.report.iter().flat_map(|r| r.mapped.iter()) {
-            if !endpoints.contains(m) && !(self.v4_only && m.is_ipv6()) {
+            if !(endpoints.contains(m) || self.v4_only && m.is_ipv6()) {
                 endpoints.push(*m);
             }
         }

@@ -425,9 +425,13 @@ impl WgRouter {
             peer.paths.note_active(now);
             if let Source::Udp(a) = src {
                 if peer.paths.direct(now) != Some(a) {
-                    tracing::debug!(peer = %key.short(), old = ?peer.paths.last_direct(), new = %a, "peer path changed");
+                    tracing::debug!(peer = %key.short(), old = ?peer.paths.last_direct(), new = %a, "peer seen at a new address");
                 }
-                peer.paths.on_authenticated_udp(a, now);
+                let proves_path = peer.disco.is_none();
+                if let Some(probe) = peer.paths.on_authenticated_udp(a, now, proves_path) {
+                    let me = NodePublic(self.public.to_bytes());
+                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
+                }
             }
         }
     }
