@@ -68,6 +68,8 @@ pub struct PeerPaths {
     /// the discovery ping that punched our NAT usually left just before, and must not hold
     /// back the answer that completes the punch (that would cost a heartbeat, 3 s).
     last_ping_back: HashMap<SocketAddr, Instant>,
+    /// Where the peer's authenticated packets last came from, and when.
+    seen_from: Option<(SocketAddr, Instant)>,
     last_discovery: Option<Instant>,
     last_heartbeat: Option<Instant>,
     last_active: Option<Instant>,
@@ -84,6 +86,7 @@ impl PeerPaths {
             pending: HashMap::new(),
             last_ping: HashMap::new(),
             last_ping_back: HashMap::new(),
+            seen_from: None,
             last_discovery: None,
             last_heartbeat: None,
             last_active: None,
@@ -163,6 +166,7 @@ impl PeerPaths {
     /// the pong decides. Returns the ping to send, if any.
     pub fn on_authenticated_udp(&mut self, addr: SocketAddr, now: Instant, proves_path: bool) -> Option<Probe> {
         self.learn(addr);
+        self.seen_from = Some((addr, now));
         if proves_path {
             match &mut self.best {
                 Some(b) if b.addr == addr => b.trusted_until = now + TRUST_DURATION,
@@ -180,6 +184,9 @@ impl PeerPaths {
     /// trusted path there yet: pinging back completes the hole punch from our side.
     pub fn on_ping_from(&mut self, addr: SocketAddr, now: Instant) -> Option<Probe> {
         self.learn(addr);
+        // The ping is sealed by the peer, so it sends from here now. A replay from elsewhere
+        // gains nothing: only a pong sealed by the peer moves the path.
+        self.seen_from = Some((addr, now));
         self.note_active(now);
         if self.direct(now) == Some(addr) {
             return None;
@@ -213,6 +220,15 @@ impl PeerPaths {
                 b.latency = Some(rtt);
                 b.trusted_until = trusted_until;
                 false
+            }
+            // The peer sends from `from` now (it restarted on a new port, or its NAT rebound)
+            // and answers there: follow it even if the old path looked as good.
+            _ if self
+                .seen_from
+                .is_some_and(|(a, t)| a == from && now.saturating_duration_since(t) < TRUST_DURATION) =>
+            {
+                self.best = Some(Best { addr: from, latency: Some(rtt), trusted_until });
+                true
             }
             Some(b) if now < b.trusted_until && b.latency.is_some_and(|l| l <= rtt + BETTER_BY) => false,
             _ => {
@@ -382,8 +398,10 @@ mod tests {
         assert_eq!(addr, moved);
         assert_eq!(q.direct(t1), Some(ps[1].0), "not moved before the pong");
         assert!(q.all_candidates().contains(&moved));
-        let t2 = t1 + Duration::from_millis(5);
-        assert!(q.on_pong_udp(tx_id, moved, t2) || q.direct(t2) == Some(ps[1].0));
+        // The pong from where the peer now sends moves the path, though the old one was as fast.
+        let t2 = t1 + Duration::from_millis(50);
+        assert!(q.on_pong_udp(tx_id, moved, t2));
+        assert_eq!(q.direct(t2), Some(moved));
     }
 
     #[test]

@@ -489,6 +489,16 @@ impl WgRouter {
             (disco::Message::Pong(p), Source::Udp(addr)) => {
                 if peer.paths.on_pong_udp(p.tx_id, addr, now) {
                     tracing::debug!(peer = %key.short(), %addr, latency = ?peer.paths.direct_latency(), "direct path confirmed");
+                    // The peer is alive and reachable now. If our handshake is still pending,
+                    // its initiation was probably lost (e.g. relayed before the peer was ready):
+                    // resend it over the new path instead of waiting for the 5 s retry.
+                    if peer.tunn.stats().0.is_none() {
+                        if let TunnResult::WriteToNetwork(hs) =
+                            peer.tunn.format_handshake_initiation(&mut self.buf, true)
+                        {
+                            out.push(Transmit::udp(addr, hs.to_vec()));
+                        }
+                    }
                 }
             }
             (disco::Message::Pong(p), Source::Derp { .. }) => peer.paths.on_pong_derp(p.tx_id, now),
