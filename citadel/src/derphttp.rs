@@ -19,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -534,7 +534,7 @@ impl DerpClient {
         rand::thread_rng().fill_bytes(&mut data);
         let (tx, rx) = oneshot::channel();
         self.pings.lock().unwrap_or_else(|e| e.into_inner()).insert(data, tx);
-        let start = Instant::now();
+        let start = crate::clock::now();
         let r = async {
             self.send_frame(&Frame::Ping { data }).await?;
             rx.await.map_err(|_| self.closed_error())
@@ -542,7 +542,7 @@ impl DerpClient {
         let res = tokio::time::timeout(timeout, r).await;
         self.pings.lock().unwrap_or_else(|e| e.into_inner()).remove(&data);
         match res {
-            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Ok(())) => Ok(crate::clock::now().saturating_duration_since(start)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DerpClientError::Timeout),
         }
@@ -714,7 +714,7 @@ impl DerpConn {
                             }
                             logins.fetch_add(1, Ordering::Relaxed);
                             cur_tx.send_replace(Some(c.clone()));
-                            let up = Instant::now();
+                            let up = crate::clock::now();
                             loop {
                                 match c.recv().await {
                                     Ok(r) => {
@@ -733,7 +733,7 @@ impl DerpConn {
                             }
                             cur_tx.send_replace(None);
                             // A connection that lived a while was a success: start over.
-                            if up.elapsed() > Duration::from_secs(10) {
+                            if crate::clock::now().saturating_duration_since(up) > Duration::from_secs(10) {
                                 backoff = opts.min_backoff;
                             }
                         }
@@ -816,11 +816,11 @@ pub async fn latency_check(
         let mut buf = Vec::new();
         let mut best: Option<Duration> = None;
         for _ in 0..samples.max(1) {
-            let start = Instant::now();
+            let start = crate::clock::now();
             s.write_all(req.as_bytes()).await?;
             s.flush().await?;
             let head = read_head(&mut s, &mut buf).await?;
-            let rtt = start.elapsed();
+            let rtt = crate::clock::now().saturating_duration_since(start);
             if !(200..300).contains(&head.status) {
                 return Err(DerpClientError::Http(format!("latency check status {}", head.status)));
             }

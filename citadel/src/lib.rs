@@ -9,6 +9,7 @@
 #![allow(missing_docs)] // field-level docs on wire structs would restate Go's names
 
 pub mod api;
+pub mod clock;
 pub mod control;
 pub mod dataplane;
 pub mod derp;

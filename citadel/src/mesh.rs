@@ -399,7 +399,11 @@ impl Mesh {
     async fn start(cfg: Config) -> Result<Mesh, ConnectError> {
         tracing::debug!("connecting");
         let state = StateDir::open(&cfg.state_dir)?;
-        let id = state.identity(&mut rand::thread_rng())?;
+        let mut id = state.identity(&mut rand::thread_rng())?;
+        // Like Tailscale's, the disco key is new each start (the stored one is not used): a
+        // changed disco key is how peers learn that this node restarted and reset its paths
+        // and WireGuard state.
+        id.disco_key = crate::keys::PrivateKey::generate(&mut rand::thread_rng());
         let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
         if let Some(u) = &cfg.nexus_url {
             if !info.nexus_url.is_empty() && &info.nexus_url != u {
@@ -445,6 +449,7 @@ impl Mesh {
                 inner.netmap.subscribe(),
                 cfg.net.clone(),
             )
+            .await
             .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
             let net_info = dp.net_info();
             inner.take_net_info(&net_info.borrow());

@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn probe_retries_measures_and_detects_varying_mappings() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut p = Probe::new(&stun_targets(&map()), t0);
         let first = p.poll(t0);
         assert_eq!(first.len(), 2);
@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn silence_means_no_udp_and_home_is_sticky() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::now();
         let mut p = Probe::new(&stun_targets(&map()), t0);
         let _ = p.poll(t0);
         assert!(p.done(t0 + PROBE_TIMEOUT));

@@ -36,6 +36,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 pub struct Identity {
     pub machine_key: PrivateKey,
     pub node_key: PrivateKey,
+    /// Stored for compatibility; [`crate::mesh::Mesh`] makes a fresh disco key each start.
     pub disco_key: PrivateKey,
 }
 

@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn return_traffic_and_locality() {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut f = InboundFilter::default();
         f.set_local_addrs(vec!["100.64.0.1".parse().unwrap()]);
         // Nothing is allowed by rules; a SYN is dropped, an established segment is not.
@@ -382,7 +382,7 @@ mod tests {
 
     #[test]
     fn flow_table_is_bounded() {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut f = InboundFilter::default();
         for i in 0..(MAX_FLOWS as u16 + 100) {
             let mut p = info(PROTO_UDP, "100.64.0.1", "100.64.0.2", i);

@@ -25,7 +25,7 @@ pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
-use crate::net::{Net, TokioNet};
+use crate::net::{Datagram, Net, TokioNet};
 use crate::netcheck;
 use crate::netmap::NetMap;
 use crate::tailcfg::DerpMap;
@@ -34,11 +34,10 @@ use netstack::Stack;
 use smoltcp::wire::IpCidr;
 use std::future::poll_fn;
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch, Notify};
 use wg::{Source, Transmit, WgRouter};
 
@@ -48,9 +47,6 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Datagrams read per wakeup before the stack runs, so bulk traffic is processed in batches.
 const RX_BATCH: usize = 128;
-/// Kernel socket buffer asked for, so a window's worth of datagrams survives a scheduling
-/// hiccup (the kernel caps it at net.core.{r,w}mem_max).
-const UDP_SOCKET_BUFFER: usize = 4 << 20;
 /// How often STUN runs again: keeps the NAT mapping fresh and notices a new public address.
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Relayed packets buffered between the DERP readers and the driver.
@@ -197,6 +193,7 @@ pub struct DataPlane {
     local_addr: SocketAddr,
     node_public: NodePublic,
     disco_public: DiscoPublic,
+    net: Arc<dyn Net>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -221,34 +218,39 @@ impl DataPlane {
     /// # Errors
     /// The UDP socket cannot be bound, or there is no tokio runtime to run on.
     pub fn start(cfg: DataPlaneConfig, netmap: watch::Receiver<NetMap>) -> io::Result<DataPlane> {
-        Self::start_with_net(cfg, netmap, Arc::new(TokioNet))
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
+        let _enter = rt.enter();
+        let udp = crate::net::bind_tokio_udp(cfg.bind)?;
+        Self::start_on(cfg, netmap, Arc::new(TokioNet), Box::new(udp))
     }
 
-    /// Like [`DataPlane::start`], dialing DERP servers through `net`.
+    /// Like [`DataPlane::start`], with the UDP socket bound through `net` and DERP servers
+    /// dialed through it (so the data plane runs on turmoil as well as on tokio).
     ///
     /// # Errors
     /// See [`DataPlane::start`].
-    pub fn start_with_net(
+    pub async fn start_with_net(
         cfg: DataPlaneConfig,
         netmap: watch::Receiver<NetMap>,
         net: Arc<dyn Net>,
     ) -> io::Result<DataPlane> {
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
-        let _enter = rt.enter();
-        let std_sock = StdUdpSocket::bind(cfg.bind)?;
-        std_sock.set_nonblocking(true)?;
-        let sock2 = socket2::SockRef::from(&std_sock);
-        // Best effort: a small buffer only costs throughput.
-        let _ = sock2.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-        let _ = sock2.set_send_buffer_size(UDP_SOCKET_BUFFER);
-        let udp = UdpSocket::from_std(std_sock)?;
+        let udp = net.bind_udp(cfg.bind).await?;
+        Self::start_on(cfg, netmap, net, udp)
+    }
+
+    fn start_on(
+        cfg: DataPlaneConfig,
+        netmap: watch::Receiver<NetMap>,
+        net: Arc<dyn Net>,
+        udp: Box<dyn Datagram>,
+    ) -> io::Result<DataPlane> {
         let local_addr = udp.local_addr()?;
         let counters = Arc::new(Counters::default());
         let node_public = NodePublic(cfg.node_key.public_bytes());
         let mut router = WgRouter::new(&cfg.node_key, Arc::clone(&counters));
         router.set_disco_key(&cfg.disco_key);
-        let local = endpoints_for(local_addr, interface_ips());
+        let local = endpoints_for(local_addr, net.interface_ips());
         router.set_my_endpoints(local.clone());
         let shared = Arc::new(Shared {
             stack: Mutex::new(Stack::new()),
@@ -267,6 +269,7 @@ impl DataPlane {
             apply_netmap(&shared, &nm, node_public);
         }
         let v4_only = local_addr.is_ipv4();
+        let dp_net = Arc::clone(&net);
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_INBOX);
         let (latency_tx, latency_rx) = mpsc::channel(1);
         let driver = Driver {
@@ -288,7 +291,8 @@ impl DataPlane {
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
-        Ok(DataPlane { shared, task, local_addr, node_public, disco_public: DiscoPublic(cfg.disco_key.public_bytes()) })
+        let disco_public = DiscoPublic(cfg.disco_key.public_bytes());
+        Ok(DataPlane { shared, task, local_addr, node_public, disco_public, net: dp_net })
     }
 
     /// This node's public node key.
@@ -310,7 +314,7 @@ impl DataPlane {
     /// otherwise every non-loopback interface address of the socket's family with the bound
     /// port.
     pub fn local_endpoints(&self) -> Vec<SocketAddr> {
-        endpoints_for(self.local_addr, interface_ips())
+        endpoints_for(self.local_addr, self.net.interface_ips())
     }
 
     /// Endpoints (local and STUN-mapped) and the home DERP region, as they change.
@@ -419,10 +423,6 @@ impl DataPlane {
     }
 }
 
-fn interface_ips() -> io::Result<Vec<IpAddr>> {
-    if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect())
-}
-
 /// The endpoints for a socket bound to `bound`, given the host's interface addresses.
 fn endpoints_for(bound: SocketAddr, ifaces: io::Result<Vec<IpAddr>>) -> Vec<SocketAddr> {
     if !bound.ip().is_unspecified() {
@@ -498,7 +498,7 @@ fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
 /// the WireGuard router and the netstack.
 struct Driver {
     shared: Arc<Shared>,
-    udp: UdpSocket,
+    udp: Box<dyn Datagram>,
     /// Only wakes the driver; the value is read through [`Shared::sync_netmap`].
     netmap: watch::Receiver<NetMap>,
     /// An IPv4 socket cannot reach IPv6 candidates.
@@ -533,7 +533,7 @@ impl Driver {
         let dm = self.netmap.borrow_and_update().derp_map.clone();
         self.shared.sync_netmap();
         self.on_derp_map(&dm);
-        self.netcheck_timers(Instant::now()).await;
+        self.netcheck_timers(crate::clock::now()).await;
         loop {
             tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
@@ -600,7 +600,7 @@ impl Driver {
     /// The current time, also handed to the router: the path logic takes time as input, and
     /// round trips must be measured from when a packet arrived, not from before the wait.
     fn now(&self) -> Instant {
-        let now = Instant::now();
+        let now = crate::clock::now();
         self.shared.lock_wg().set_now(now);
         now
     }
@@ -668,7 +668,7 @@ impl Driver {
         if self.probe.is_none() && self.last_probe.is_none() {
             // Probe now rather than at the next tick: the mesh waits for this to announce the
             // node.
-            self.start_probe(Instant::now());
+            self.start_probe(crate::clock::now());
         }
     }
 
@@ -728,7 +728,7 @@ impl Driver {
 
     /// Publishes endpoints and home region (the mesh reports them to the control server).
     fn publish(&mut self) {
-        let mut endpoints = endpoints_for(self.local_addr, interface_ips());
+        let mut endpoints = endpoints_for(self.local_addr, self.net.interface_ips());
         for m in self.report.iter().flat_map(|r| r.mapped.iter()) {
             if !(endpoints.contains(m) || self.v4_only && m.is_ipv6()) {
                 endpoints.push(*m);
@@ -755,7 +755,7 @@ impl Driver {
         egress: &mut Vec<Vec<u8>>,
         out: &mut Vec<Transmit>,
     ) -> Duration {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let c = &self.shared.counters;
         let mut accepted = Vec::with_capacity(delivered.len());
         if !delivered.is_empty() {

@@ -118,13 +118,15 @@ impl std::fmt::Debug for Stack {
 }
 
 fn smol_now(epoch: Instant) -> SmolInstant {
-    SmolInstant::from_micros(i64::try_from(epoch.elapsed().as_micros()).unwrap_or(i64::MAX))
+    SmolInstant::from_micros(
+        i64::try_from(crate::clock::now().saturating_duration_since(epoch).as_micros()).unwrap_or(i64::MAX),
+    )
 }
 
 impl Stack {
     pub(crate) fn new() -> Stack {
         let mut device = MeshDevice::default();
-        let epoch = Instant::now();
+        let epoch = crate::clock::now();
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand::random();
         let iface = Interface::new(config, &mut device, smol_now(epoch));
@@ -242,7 +244,7 @@ impl Stack {
     /// Resets and forgets a socket (a dial that timed out).
     pub(crate) fn abort_tcp(&mut self, h: SocketHandle) {
         self.sockets.get_mut::<tcp::Socket>(h).abort();
-        self.closing.push((h, Instant::now()));
+        self.closing.push((h, crate::clock::now()));
     }
 
     pub(crate) fn listen(&mut self, port: u16) -> io::Result<()> {
@@ -264,7 +266,7 @@ impl Stack {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.listening.into_iter().chain(l.pending) {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
-                self.closing.push((h, Instant::now()));
+                self.closing.push((h, crate::clock::now()));
             }
         }
     }
@@ -336,7 +338,7 @@ impl Stack {
         } else {
             s.close();
         }
-        self.closing.push((h, Instant::now()));
+        self.closing.push((h, crate::clock::now()));
     }
 
     /// Remembers a task blocked on a UDP socket so that [`Stack::stop`] can wake it.
@@ -407,7 +409,7 @@ impl Stack {
                 }
             }
         }
-        let wall = Instant::now();
+        let wall = crate::clock::now();
         let sockets = &mut self.sockets;
         self.closing.retain(|(h, since)| {
             let s = sockets.get_mut::<tcp::Socket>(*h);

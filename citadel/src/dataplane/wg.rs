@@ -144,6 +144,8 @@ pub(crate) struct WgRouter {
     last_rate_reset: Option<Instant>,
     /// The time the current batch runs at (set by the driver; the path logic is sans-IO).
     now: Instant,
+    /// When this router was made: boringtun's clock reads `now - epoch` (see [`Self::sync_clock`]).
+    epoch: Instant,
     disco_key: Option<PrivateKey>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     /// Our endpoints, sent in call-me-maybe.
@@ -162,6 +164,8 @@ impl WgRouter {
     pub(crate) fn new(key: &PrivateKey, counters: Arc<Counters>) -> WgRouter {
         let secret = StaticSecret::from(key.to_bytes());
         let public = PublicKey::from(&secret);
+        let now = crate::clock::now();
+        set_boringtun_clock(now, now);
         WgRouter {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
@@ -175,7 +179,8 @@ impl WgRouter {
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             counters,
             last_rate_reset: None,
-            now: Instant::now(),
+            now,
+            epoch: now,
             disco_key: None,
             by_disco: HashMap::new(),
             my_endpoints: Vec::new(),
@@ -188,9 +193,15 @@ impl WgRouter {
         self.disco_key = Some(key.clone());
     }
 
-    /// Sets the time for the following calls.
+    /// Sets the time for the following calls (never backwards).
     pub(crate) fn set_now(&mut self, now: Instant) {
-        self.now = now;
+        self.now = self.now.max(now);
+    }
+
+    /// Points boringtun's clock at this router's time. Every method that calls into a
+    /// [`Tunn`] or the rate limiter calls this first.
+    fn sync_clock(&self) {
+        set_boringtun_clock(self.epoch, self.now);
     }
 
     /// Our endpoints, as advertised in call-me-maybe.
@@ -221,6 +232,7 @@ impl WgRouter {
     /// Reconciles the tunnels with the netmap's peers: new peers get a tunnel, gone peers lose
     /// theirs, changed endpoints or routes keep the tunnel (and its session).
     pub(crate) fn set_peers(&mut self, desired: BTreeMap<NodePublic, PeerConfig>) {
+        self.sync_clock();
         for change in diff(&self.configs, &desired) {
             match change {
                 PeerChange::Remove(k) => {
@@ -234,14 +246,7 @@ impl WgRouter {
                 }
                 PeerChange::Add(cfg) => {
                     let index = self.alloc_index();
-                    let tunn = Tunn::new(
-                        self.secret.clone(),
-                        PublicKey::from(cfg.key.0),
-                        None,
-                        None,
-                        index,
-                        Some(Arc::clone(&self.rate_limiter)),
-                    );
+                    let tunn = self.new_tunn(&cfg.key, index);
                     self.by_index.insert(index, cfg.key);
                     let disco = self.disco_for(&cfg);
                     if let Some(d) = &disco {
@@ -263,6 +268,7 @@ impl WgRouter {
                 }
                 PeerChange::Update(cfg) => {
                     let disco = self.disco_for(&cfg);
+                    let mut restarted = false;
                     if let Some(p) = self.peers.get_mut(&cfg.key) {
                         if self.configs.get(&cfg.key).is_none_or(|c| c.endpoints != cfg.endpoints) {
                             p.paths.set_candidates(&cfg.endpoints);
@@ -276,15 +282,40 @@ impl WgRouter {
                             if let Some(d) = &disco {
                                 self.by_disco.insert(d.peer(), cfg.key);
                             }
+                            restarted = p.disco.is_some();
                             p.disco = disco;
                             p.paths = PeerPaths::new(&cfg.endpoints);
                         }
+                    }
+                    if restarted {
+                        // Its WireGuard state too: a restarted peer's handshake timestamps
+                        // start again from its clock, which the old tunnel could take for
+                        // replays until that clock passed the last one it saw (Tailscale
+                        // removes and re-adds such a peer in wireguard-go for the same reason).
+                        self.reset_tunnel(&cfg.key);
                     }
                 }
             }
         }
         self.routes = RouteTable::build(desired.values());
         self.configs = desired;
+    }
+
+    /// Replaces `key`'s tunnel with a fresh one (new index, no sessions, no replay memory).
+    fn reset_tunnel(&mut self, key: &NodePublic) {
+        let index = self.alloc_index();
+        let tunn = self.new_tunn(key, index);
+        if let Some(p) = self.peers.get_mut(key) {
+            self.by_index.remove(&p.index);
+            self.by_index.insert(index, *key);
+            p.index = index;
+            p.tunn = Box::new(tunn);
+            tracing::debug!(peer = %key.short(), "peer restarted: tunnel reset");
+        }
+    }
+
+    fn new_tunn(&self, key: &NodePublic, index: u32) -> Tunn {
+        Tunn::new(self.secret.clone(), PublicKey::from(key.0), None, None, index, Some(Arc::clone(&self.rate_limiter)))
     }
 
     fn alloc_index(&mut self) -> u32 {
@@ -324,6 +355,7 @@ impl WgRouter {
         out: &mut Vec<Transmit>,
         deliver: &mut Vec<(NodePublic, Vec<u8>)>,
     ) {
+        self.sync_clock();
         let c = &self.counters;
         let now = self.now;
         let derp_ok = self.derp_ok;
@@ -440,6 +472,7 @@ impl WgRouter {
     /// Packets from disco keys not in the netmap, that fail to open, or that do not make sense
     /// on the path they came over are dropped.
     pub(crate) fn handle_disco(&mut self, src: Source, packet: &[u8], out: &mut Vec<Transmit>) {
+        self.sync_clock();
         let now = self.now;
         let derp_ok = self.derp_ok;
         let me = NodePublic(self.public.to_bytes());
@@ -516,6 +549,7 @@ impl WgRouter {
     /// Encrypts one IP packet from the netstack for the peer that its destination routes to.
     /// Without a session the packet is queued in the tunnel and a handshake goes out.
     pub(crate) fn send_packet(&mut self, packet: &[u8], out: &mut Vec<Transmit>) {
+        self.sync_clock();
         let c = &self.counters;
         let Some(dst) = Tunn::dst_address(packet) else {
             c.tx_malformed.fetch_add(1, Relaxed);
@@ -543,7 +577,9 @@ impl WgRouter {
     /// session expiry) and the disco timers (heartbeats, discovery). Call a few times per
     /// second.
     pub(crate) fn tick(&mut self, now: Instant, out: &mut Vec<Transmit>) {
-        self.now = now;
+        self.set_now(now);
+        let now = self.now;
+        self.sync_clock();
         // The shared limiter counts handshakes per period; boringtun's device resets it every
         // second.
         if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
@@ -585,6 +621,7 @@ impl WgRouter {
     /// Starts a new handshake with `key` now, as the rekey timer would. False when the peer is
     /// unknown.
     pub(crate) fn force_handshake(&mut self, key: &NodePublic, out: &mut Vec<Transmit>) -> bool {
+        self.sync_clock();
         let Some(peer) = self.peers.get_mut(key) else {
             return false;
         };
@@ -595,8 +632,9 @@ impl WgRouter {
     }
 
     pub(crate) fn stats(&self) -> Vec<PeerStats> {
+        self.sync_clock();
         let now = SystemTime::now();
-        let mono = Instant::now().max(self.now);
+        let mono = crate::clock::now().max(self.now);
         let mut v: Vec<PeerStats> = self
             .peers
             .iter()
@@ -624,6 +662,16 @@ impl WgRouter {
         v.sort_by_key(|s| s.node_key);
         v
     }
+}
+
+/// Sets the thread-local clock boringtun reads (its `mock-instant` feature) to `now - epoch`.
+///
+/// boringtun reads `Instant::now()` for its timers, cookies and handshake timestamps; built
+/// this way, the same code keeps WireGuard time on tokio's clock in production and on the
+/// simulated clock under turmoil. The clock is per thread and set right before each call, so
+/// routers on one thread (several nodes in one process) never see each other's time.
+fn set_boringtun_clock(epoch: Instant, now: Instant) {
+    mock_instant::MockClock::set_time(now.saturating_duration_since(epoch));
 }
 
 /// Seals one disco probe for `peer`. `None` when it needs DERP and there is none.
@@ -925,7 +973,7 @@ mod tests {
         assert!(o.is_empty(), "{o:?}");
         let stranger: SocketAddr = "192.0.2.66:1".parse().unwrap();
         let mut c = PeerPaths::new(&[]);
-        assert!(!c.on_pong_udp([0; 12], stranger, Instant::now()));
+        assert!(!c.on_pong_udp([0; 12], stranger, crate::clock::now()));
         a.wg.handle_disco(Source::Udp(stranger), &pong.payload, &mut o);
         assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
         assert_eq!(b.wg.stats(), before);
@@ -937,7 +985,7 @@ mod tests {
         });
         let mut o = vec![];
         // (after the per-address ping gap, or the ping back above already covers it)
-        b.wg.set_now(Instant::now() + Duration::from_secs(1));
+        b.wg.set_now(crate::clock::now() + Duration::from_secs(1));
         b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &cmm.expect("call-me-maybe"), &mut o);
         assert!(o.iter().any(|t| t.path == Path::Direct(a.addr)), "{o:?}");
         // The pong B sends over DERP to a DERP ping names the region as its source.
