@@ -88,12 +88,14 @@ pub enum Uplink {
 pub struct TurmoilNet {
     /// Where UDP goes.
     pub uplink: Uplink,
+    /// The host's own address (its one interface), when known.
+    pub ip: Option<IpAddr>,
 }
 
 impl TurmoilNet {
     /// A host on the public internet.
     pub fn public() -> Self {
-        TurmoilNet { uplink: Uplink::Public }
+        TurmoilNet { uplink: Uplink::Public, ip: None }
     }
 }
 
@@ -113,6 +115,10 @@ impl Net for TurmoilNet {
             Ok(Box::new(SimDatagram { sock, uplink: self.uplink.clone() }) as Box<dyn Datagram>)
         })
     }
+
+    fn interface_ips(&self) -> io::Result<Vec<IpAddr>> {
+        Ok(self.ip.into_iter().collect())
+    }
 }
 
 /// A UDP socket on a simulated host, honouring its [`Uplink`].
@@ -122,34 +128,51 @@ pub struct SimDatagram {
     uplink: Uplink,
 }
 
+impl SimDatagram {
+    /// What the host's software sees of a datagram that arrived from `from`: NAT-delivered
+    /// packets unwrapped, LAN traffic as is, anything else (the outside world reaching a
+    /// private address) nothing.
+    fn admit(&self, pkt: &[u8], from: SocketAddr, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        let (src, payload) = match &self.uplink {
+            Uplink::Public => (from, pkt),
+            Uplink::Blocked => return None,
+            Uplink::Nat { nat, lan } => {
+                if from == SocketAddr::new(*nat, NAT_INSIDE_PORT) {
+                    encap::unwrap(pkt)?
+                } else if lan.contains(&from.ip()) {
+                    (from, pkt)
+                } else {
+                    return None;
+                }
+            }
+        };
+        let len = payload.len().min(buf.len());
+        buf[..len].copy_from_slice(&payload[..len]);
+        Some((len, src))
+    }
+}
+
 impl Datagram for SimDatagram {
     fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
         Box::pin(async move {
             let mut tmp = vec![0u8; buf.len() + 32];
             loop {
                 let (n, from) = self.sock.recv_from(&mut tmp).await?;
-                match &self.uplink {
-                    Uplink::Public => {
-                        buf[..n].copy_from_slice(&tmp[..n]);
-                        return Ok((n, from));
-                    }
-                    Uplink::Blocked => continue,
-                    Uplink::Nat { nat, lan } => {
-                        if from == SocketAddr::new(*nat, NAT_INSIDE_PORT) {
-                            let Some((src, payload)) = encap::unwrap(&tmp[..n]) else { continue };
-                            let len = payload.len().min(buf.len());
-                            buf[..len].copy_from_slice(&payload[..len]);
-                            return Ok((len, src));
-                        }
-                        if lan.contains(&from.ip()) {
-                            buf[..n].copy_from_slice(&tmp[..n]);
-                            return Ok((n, from));
-                        }
-                        // Not from our LAN nor our NAT: the private network never sees it.
-                    }
+                if let Some(r) = self.admit(&tmp[..n], from, buf) {
+                    return Ok(r);
                 }
             }
         })
+    }
+
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let mut tmp = vec![0u8; buf.len() + 32];
+        loop {
+            let (n, from) = self.sock.try_recv_from(&mut tmp)?;
+            if let Some(r) = self.admit(&tmp[..n], from, buf) {
+                return Ok(r);
+            }
+        }
     }
 
     fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>> {

@@ -1,18 +1,20 @@
 //! Builds a turmoil world from a [`Scenario`] and plays it: a Nexus, a DERP/STUN host, NAT
-//! middleboxes and citadel nodes running the real [`citadel::mesh::Mesh`], with timed faults,
-//! sampled observations and expectation verdicts.
+//! middleboxes and citadel nodes running the real [`citadel::mesh::Mesh`] (control plane and
+//! data plane: WireGuard, disco, STUN, DERP), with timed faults, sampled observations and
+//! expectation verdicts.
 
+use crate::derp_host;
 use crate::nat::Nat;
 use crate::nat_host::{self, NatBox};
 use crate::net::{TurmoilNet, Uplink};
 use crate::nexus::{self, NEXUS_PORT};
-use crate::probe::{self, PathKind, ProbeFactory, PunchBoard, AGENT_PORT, STUN_PORT};
+use crate::probe::{self, PathKind, ProbeFactory};
 use crate::report::{self, Checkpoint, NodeLine, Verdict};
 use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
 use anyhow::Context;
 use citadel::mesh::{Config, Mesh};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,7 +24,7 @@ use std::time::{Duration, SystemTime};
 pub struct RunOptions {
     /// Overrides the scenario's seed.
     pub seed: Option<u64>,
-    /// The data-plane hook; "reaches" expectations are not evaluated without it.
+    /// Replaces the mesh probe ([`probe::MeshProbe`]) that answers `reaches` and `udp_path`.
     pub probe: Option<ProbeFactory>,
     /// How often node state is sampled (simulated time).
     pub sample: Duration,
@@ -94,9 +96,12 @@ struct NodeCtx {
     state_dir: PathBuf,
     net: TurmoilNet,
     board: Arc<Mutex<Board>>,
-    agent: Option<(SocketAddr, SocketAddr, Arc<Mutex<PunchBoard>>)>,
-    probe: Option<ProbeFactory>,
+    probe: ProbeFactory,
 }
+
+/// UDP port of every node's one socket (Tailscale's default), so traces do not depend on
+/// ephemeral port numbers.
+pub const NODE_UDP_PORT: u16 = 41641;
 
 fn event(board: &Mutex<Board>, name: &str, what: String) {
     let t = turmoil::sim_elapsed().unwrap_or_default();
@@ -115,23 +120,12 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
         !o.ever_connected
     };
     event(&ctx.board, name, "started".into());
-    if let Some((local, stun, pb)) = &ctx.agent {
-        let (n, net, pb) = (name.clone(), ctx.net.clone(), pb.clone());
-        let (local, stun) = (*local, *stun);
-        tokio::spawn(async move {
-            if let Err(e) = probe::punch_agent(n.clone(), local, net, stun, pb).await {
-                tracing::warn!(node = %n, "punch agent stopped: {e}");
-            }
-        });
-    }
     // A restart joins from the state directory alone.
     let mut cfg = Config::new(Some(ctx.nexus_url.clone()), first.then(|| ctx.auth_key.clone()), ctx.state_dir.clone());
     cfg.hostname = Some(name.clone());
     cfg.timeout = Duration::from_secs(10);
     cfg.net = Arc::new(ctx.net.clone());
-    // The data plane binds a real UDP socket and reads the real clock; worlds are control
-    // plane (plus the raw UDP punch agents) until it runs on `Net`.
-    cfg.data_plane = false;
+    cfg.udp_port = NODE_UDP_PORT;
     let mesh = loop {
         match Mesh::connect(cfg.clone()).await {
             Ok(m) => break Arc::new(m),
@@ -150,8 +144,13 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
         o.joins.push((st.ipv4.clone().unwrap_or_default(), st.node_key.clone()));
     }
     event(&ctx.board, name, format!("joined as {}", mesh.status().ipv4.unwrap_or_default()));
-    if let Some(f) = &ctx.probe {
-        tokio::spawn(reach_loop(ctx.clone(), f(mesh.clone())));
+    let targets: Vec<String> =
+        ctx.board.lock().unwrap().reach_targets.get(name).into_iter().flatten().cloned().collect();
+    if !targets.is_empty() {
+        let probe = (ctx.probe)(mesh.clone());
+        for to in targets {
+            tokio::spawn(reach_loop(ctx.clone(), probe.clone(), to));
+        }
     }
     let mut nm = mesh.netmap();
     let mut conn = mesh.connected();
@@ -183,25 +182,18 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     Ok(())
 }
 
-async fn reach_loop(ctx: Arc<NodeCtx>, probe: Arc<dyn probe::NodeProbe>) {
+/// Pings `to` through the mesh every second (once its address is known) and records which
+/// path answered.
+async fn reach_loop(ctx: Arc<NodeCtx>, probe: Arc<dyn probe::NodeProbe>, to: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let targets: Vec<(String, Option<String>)> = {
-            let b = ctx.board.lock().unwrap();
-            b.reach_targets
-                .get(&ctx.name)
-                .into_iter()
-                .flatten()
-                .map(|t| (t.clone(), b.nodes.get(t).and_then(|o| o.ipv4.clone())))
-                .collect()
-        };
-        for (to, ip) in targets {
-            let Some(ip) = ip.and_then(|i| i.parse().ok()) else { continue };
-            let r = probe.ping(ip, Duration::from_secs(2)).await;
-            let t = turmoil::sim_elapsed().unwrap_or_default();
-            ctx.board.lock().unwrap().reach.entry((ctx.name.clone(), to)).or_default().push((t, r));
-        }
+        let ip = ctx.board.lock().unwrap().nodes.get(&to).and_then(|o| o.ipv4.clone());
+        let Some(ip) = ip.and_then(|i| i.parse().ok()) else { continue };
+        let r = probe.ping(ip, Duration::from_secs(2)).await;
+        let t = turmoil::sim_elapsed().unwrap_or_default();
+        ctx.board.lock().unwrap().reach.entry((ctx.name.clone(), to.clone())).or_default().push((t, r));
     }
 }
 
@@ -218,7 +210,7 @@ pub struct Outcome {
     pub leak: Option<String>,
     /// Final visibility: node → names in its netmap.
     pub visibility: BTreeMap<String, BTreeSet<String>>,
-    /// NAT-layer path per probed pair.
+    /// Mesh path per probed pair at its expectation's deadline.
     pub paths: BTreeMap<(String, String), PathKind>,
 }
 
@@ -246,14 +238,6 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     let end = sc.duration.0;
     let tmp = tempfile::tempdir().context("temporary state directory")?;
     let nexus_url = format!("http://nexus:{NEXUS_PORT}");
-    let shared = nexus_sim::build(nexus_sim::Config { server_url: nexus_url.clone(), ..Default::default() })?;
-    let mut org_keys = BTreeMap::new();
-    for o in &sc.orgs {
-        let st = &shared.store;
-        let u = st.create_user(o.name.get_ref(), "").map_err(|e| anyhow::anyhow!("create org: {e}"))?;
-        let k = st.create_key(u.id, true, false, None, vec![]).map_err(|e| anyhow::anyhow!("create key: {e}"))?;
-        org_keys.insert(o.name.get_ref().clone(), k.key);
-    }
 
     let mut b = turmoil::Builder::new();
     let lat = sc.net.latency.0;
@@ -279,6 +263,18 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     for n in &sc.nodes {
         ip.insert(n.name.get_ref().clone(), sim.lookup(n.name.get_ref().as_str()));
     }
+    let shared = nexus_sim::build(nexus_sim::Config {
+        server_url: nexus_url.clone(),
+        derp: nexus_sim::DerpMode::External(derp_host::derp_map(ip["derp"])),
+        ..Default::default()
+    })?;
+    let mut org_keys = BTreeMap::new();
+    for o in &sc.orgs {
+        let st = &shared.store;
+        let u = st.create_user(o.name.get_ref(), "").map_err(|e| anyhow::anyhow!("create org: {e}"))?;
+        let k = st.create_key(u.id, true, false, None, vec![]).map_err(|e| anyhow::anyhow!("create key: {e}"))?;
+        org_keys.insert(o.name.get_ref().clone(), k.key);
+    }
     let lan_of = |nat: &str| -> Arc<BTreeSet<IpAddr>> {
         let nodes = sc.nodes.iter().filter(|n| n.nat.as_ref().is_some_and(|x| x.get_ref() == nat)).map(|n| &n.name);
         let nats = sc.nats.iter().filter(|n| n.behind.as_ref().is_some_and(|x| x.get_ref() == nat)).map(|n| &n.name);
@@ -289,7 +285,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         let shared = shared.clone();
         move || nexus::serve(shared.clone())
     });
-    sim.host("derp", probe::stun_server);
+    sim.host("derp", derp_host::run);
 
     let mut nat_boxes: BTreeMap<String, Arc<NatBox>> = BTreeMap::new();
     for (i, n) in sc.nats.iter().enumerate() {
@@ -301,31 +297,15 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         let nat_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64 + 1);
         let nb = NatBox::new(Nat::new(n.config(), ip[&name], nat_seed));
         nat_boxes.insert(name.clone(), nb.clone());
-        let net = TurmoilNet { uplink };
+        let net = TurmoilNet { uplink, ip: Some(ip[&name]) };
         sim.host(name.as_str(), move || nat_host::run(nb.clone(), net.clone()));
     }
 
-    let punch = Arc::new(Mutex::new(PunchBoard::default()));
-    let mut agents = BTreeSet::new();
     let board = Arc::new(Mutex::new(Board::default()));
     for e in &sc.expects {
         let (Some(a), Some(bn)) = (&e.a, &e.b) else { continue };
-        match e.kind.get_ref() {
-            ExpectKind::UdpPath => {
-                punch.lock().unwrap().add_pair(a.get_ref(), bn.get_ref());
-                agents.insert(a.get_ref().clone());
-                agents.insert(bn.get_ref().clone());
-            }
-            ExpectKind::Reaches => {
-                board
-                    .lock()
-                    .unwrap()
-                    .reach_targets
-                    .entry(a.get_ref().clone())
-                    .or_default()
-                    .insert(bn.get_ref().clone());
-            }
-            _ => {}
+        if matches!(e.kind.get_ref(), ExpectKind::UdpPath | ExpectKind::Reaches) {
+            board.lock().unwrap().reach_targets.entry(a.get_ref().clone()).or_default().insert(bn.get_ref().clone());
         }
     }
     // Identities are made up front from the seed: node keys are deterministic, and a peer is
@@ -341,7 +321,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         bd.nodes.entry(name.clone()).or_default().org = n.org.get_ref().clone();
     }
 
-    let stun = SocketAddr::new(ip["derp"], STUN_PORT);
+    let probe_factory = opts.probe.clone().unwrap_or_else(probe::mesh_probe);
     let mut ctxs: BTreeMap<String, Arc<NodeCtx>> = BTreeMap::new();
     for n in &sc.nodes {
         let name = n.name.get_ref().clone();
@@ -355,10 +335,9 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             nexus_url: nexus_url.clone(),
             auth_key: org_keys[n.org.get_ref()].clone(),
             state_dir: tmp.path().join(&name),
-            net: TurmoilNet { uplink },
+            net: TurmoilNet { uplink, ip: Some(ip[&name]) },
             board: board.clone(),
-            agent: agents.contains(&name).then(|| (SocketAddr::new(ip[&name], AGENT_PORT), stun, punch.clone())),
-            probe: opts.probe.clone(),
+            probe: probe_factory.clone(),
         };
         ctxs.insert(name, Arc::new(ctx));
     }
@@ -391,7 +370,6 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     let mut cps: Vec<Checkpoint> = Vec::new();
     let mut exps: Vec<ExpState> =
         sc.expects.iter().map(|_| ExpState { met: None, violated: None, decided: None }).collect();
-    let mut derp_up = true;
     let mut leak: Option<String> = None;
     let mut samples = 0u64;
     let mut last_vis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -481,16 +459,6 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                             st.violated = Some((now, format!("{node} was not connected")));
                         }
                     }
-                    ExpectKind::UdpPath if now >= by => {
-                        let (a, b2) =
-                            (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
-                        let p = path_now(&punch.lock().unwrap(), a, b2, by, derp_up, &running, &partitions);
-                        st.decided = Some(if Some(p) == e.path {
-                            Verdict::Pass
-                        } else {
-                            Verdict::Fail(format!("path was {p}"))
-                        });
-                    }
                     _ => {}
                 }
             }
@@ -541,12 +509,10 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 }
                 FaultKind::DerpDown => {
                     sim.crash("derp");
-                    derp_up = false;
                     "derp down".into()
                 }
                 FaultKind::DerpUp => {
                     sim.bounce("derp");
-                    derp_up = true;
                     "derp up".into()
                 }
                 FaultKind::Partition | FaultKind::Heal => {
@@ -691,46 +657,54 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     Verdict::Fail(format!("{node} did not reconnect in ({}, {}]", e.after, report::fmt_t(by)))
                 }
             }
-            (ExpectKind::UdpPath, None) => Verdict::Fail("not decided".into()),
+            (ExpectKind::UdpPath, None) => {
+                let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                let rs = bd.reach.get(&(a.clone(), b2.clone())).map(Vec::as_slice).unwrap_or_default();
+                let p = path_at(rs, by);
+                paths.insert((a.clone(), b2.clone()), p);
+                if Some(p) == e.path {
+                    Verdict::Pass
+                } else {
+                    Verdict::Fail(format!("path was {p}"))
+                }
+            }
             (ExpectKind::Reaches, None) => {
                 let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
-                if opts.probe.is_none() {
-                    Verdict::NotEvaluated("data plane not integrated (no NodeProbe)".into())
+                let rs = bd.reach.get(&(a.clone(), b2.clone())).cloned().unwrap_or_default();
+                let want = e.path.expect("validated");
+                let hit = |p: &Option<PathKind>| *p == Some(want) || (want == PathKind::None && p.is_none());
+                if rs.iter().any(|(t, p)| *t >= e.after.0 && *t <= by && hit(p)) {
+                    Verdict::Pass
                 } else {
-                    let rs = bd.reach.get(&(a.clone(), b2.clone())).cloned().unwrap_or_default();
-                    let want = e.path.expect("validated");
-                    if rs.iter().any(|(t, p)| *t <= by && *p == Some(want)) {
-                        Verdict::Pass
-                    } else {
-                        let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);
-                        Verdict::Fail(format!(
-                            "{} ping(s) by {}, last answer {}",
-                            rs.iter().filter(|(t, _)| *t <= by).count(),
-                            report::fmt_t(by),
-                            match last {
-                                Some(Some(p)) => p.to_string(),
-                                Some(None) => "none".into(),
-                                None => "-".into(),
-                            }
-                        ))
-                    }
+                    let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);
+                    Verdict::Fail(format!(
+                        "{} ping(s) by {}, last answer {}",
+                        rs.iter().filter(|(t, _)| *t <= by).count(),
+                        report::fmt_t(by),
+                        match last {
+                            Some(Some(p)) => p.to_string(),
+                            Some(None) => "none".into(),
+                            None => "-".into(),
+                        }
+                    ))
                 }
             }
         };
-        if *e.kind.get_ref() == ExpectKind::UdpPath {
-            let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
-            let p = path_now(&punch.lock().unwrap(), a, b2, by, derp_up, &running, &partitions);
-            paths.insert((a.clone(), b2.clone()), p);
-        }
         verdicts.push((report::describe(e, end), v));
     }
     let mut obs_all: Vec<(Duration, String)> = observed;
     for (n, o) in &bd.nodes {
         obs_all.extend(o.events.iter().map(|(t, e)| (*t, format!("{n}: {e}"))));
     }
-    let pb = punch.lock().unwrap();
-    for ((a, b2), t) in &pb.pongs {
-        obs_all.push((*t, format!("{a}: first pong from {b2} (direct UDP)")));
+    // Path changes seen by the mesh pings.
+    for ((a, b2), rs) in &bd.reach {
+        let mut last: Option<Option<PathKind>> = None;
+        for (t, p) in rs {
+            if last != Some(*p) {
+                obs_all.push((*t, format!("{a} -> {b2}: {}", p.map_or("no answer".to_string(), |p| p.to_string()))));
+                last = Some(*p);
+            }
+        }
     }
     obs_all.sort_by_key(|e| e.0);
     let nat_stats: Vec<(String, nat_host::NatStats)> =
@@ -749,7 +723,6 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     };
     let trace = report::trace(&ctx);
     let observed = report::observed(&obs_all, &nat_stats);
-    drop(pb);
     drop(bd);
     // The simulation's hosts hold state-directory locks; drop them before the directory.
     drop(sim);
@@ -835,24 +808,10 @@ fn pair(a: &str, b: &str) -> (String, String) {
     }
 }
 
-fn path_now(
-    pb: &PunchBoard,
-    a: &str,
-    b: &str,
-    by: Duration,
-    derp_up: bool,
-    running: &BTreeSet<String>,
-    partitions: &BTreeSet<(String, String)>,
-) -> PathKind {
-    if pb.direct_since(a, b).is_some_and(|t| t <= by) {
-        return PathKind::Direct;
-    }
-    let can_relay = |n: &str| running.contains(n) && !partitions.contains(&pair(n, "derp"));
-    if derp_up && can_relay(a) && can_relay(b) {
-        PathKind::Relay
-    } else {
-        PathKind::None
-    }
+/// The path of the last mesh ping that ended by `by` (`none` if it got no answer or there
+/// was none).
+fn path_at(rs: &[PingResult], by: Duration) -> PathKind {
+    rs.iter().rev().find(|(t, _)| *t <= by).and_then(|(_, p)| *p).unwrap_or(PathKind::None)
 }
 
 fn join<T: std::fmt::Display>(it: impl IntoIterator<Item = T>) -> String {

@@ -32,7 +32,7 @@ async fn observer(port: u16) -> turmoil::Result {
 fn add_nat(sim: &mut turmoil::Sim<'static>, name: &str, cfg: NatConfig, uplink: Uplink) -> Arc<NatBox> {
     let ip = sim.lookup(name);
     let nb = NatBox::new(Nat::new(cfg, ip, 9));
-    let (n2, net) = (nb.clone(), TurmoilNet { uplink });
+    let (n2, net) = (nb.clone(), TurmoilNet { uplink, ip: None });
     sim.host(name, move || nat_host::run(n2.clone(), net.clone()));
     nb
 }
@@ -61,7 +61,7 @@ fn mapping_as_seen_from_outside() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         sim.client("inner", async move {
-            let net = TurmoilNet { uplink: Uplink::Nat { nat: nat_ip, lan: lan(&[inner_ip]) } };
+            let net = TurmoilNet { uplink: Uplink::Nat { nat: nat_ip, lan: lan(&[inner_ip]) }, ip: None };
             let s = net.bind_udp("0.0.0.0:5000".parse()?).await?;
             let mut buf = [0u8; 100];
             for (host, port) in [("obs1", 1000), ("obs1", 2000), ("obs2", 1000)] {
@@ -134,7 +134,7 @@ fn filtering_admits_as_configured_and_mappings_expire() {
         let end_at: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
         let e2 = end_at.clone();
         sim.client("inner", async move {
-            let net = TurmoilNet { uplink: Uplink::Nat { nat: nat_ip, lan: lan(&[inner_ip]) } };
+            let net = TurmoilNet { uplink: Uplink::Nat { nat: nat_ip, lan: lan(&[inner_ip]) }, ip: None };
             let s = net.bind_udp("0.0.0.0:5000".parse()?).await?;
             s.send_to(b"hi", SocketAddr::new(turmoil::lookup("obs1"), 1000)).await?;
             let mut buf = [0u8; 100];
@@ -189,7 +189,7 @@ fn cgnat_chain_and_hairpinning() {
         for (id, home, me) in [(1u8, h1, n1), (2u8, h2, n2)] {
             let (eps, got) = (eps.clone(), got.clone());
             sim.client(if id == 1 { "n1" } else { "n2" }, async move {
-                let net = TurmoilNet { uplink: Uplink::Nat { nat: home, lan: lan(&[me]) } };
+                let net = TurmoilNet { uplink: Uplink::Nat { nat: home, lan: lan(&[me]) }, ip: None };
                 let s = net.bind_udp("0.0.0.0:41641".parse()?).await?;
                 let stun = SocketAddr::new(turmoil::lookup("stun"), 3478);
                 s.send_to(b"?", stun).await?;

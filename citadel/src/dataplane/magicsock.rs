@@ -203,36 +203,37 @@ impl PeerPaths {
         endpoints.iter().take(MAX_CANDIDATES).filter_map(|e| self.ping_back(*e, now)).collect()
     }
 
-    /// A pong over UDP from `from` answering `tx_id`. Only a pong from the address the ping
-    /// went to counts. Returns true when the best path changed.
+    /// A pong over UDP from `from` answering `tx_id`: the address the ping went to is a
+    /// working path. The pong may come back from another address (the peer's NAT maps each
+    /// destination to its own port) and still counts: it is sealed by the peer's disco key and
+    /// echoes a transaction id only that ping carried, so the ping reached the peer, and
+    /// WireGuard replies are taken from any address once authenticated (Tailscale does the
+    /// same). Returns true when the best path changed.
     pub fn on_pong_udp(&mut self, tx_id: [u8; 12], from: SocketAddr, now: Instant) -> bool {
         let Some((Some(to), sent)) = self.pending.get(&tx_id).copied() else {
             return false;
         };
         if to != from {
-            return false;
+            tracing::trace!(%to, %from, "pong from another address than the ping went to");
         }
         self.pending.remove(&tx_id);
         let rtt = now.saturating_duration_since(sent);
         let trusted_until = now + TRUST_DURATION;
         match &mut self.best {
-            Some(b) if b.addr == from => {
+            Some(b) if b.addr == to => {
                 b.latency = Some(rtt);
                 b.trusted_until = trusted_until;
                 false
             }
-            // The peer sends from `from` now (it restarted on a new port, or its NAT rebound)
+            // The peer sends from `to` now (it restarted on a new port, or its NAT rebound)
             // and answers there: follow it even if the old path looked as good.
-            _ if self
-                .seen_from
-                .is_some_and(|(a, t)| a == from && now.saturating_duration_since(t) < TRUST_DURATION) =>
-            {
-                self.best = Some(Best { addr: from, latency: Some(rtt), trusted_until });
+            _ if self.seen_from.is_some_and(|(a, t)| a == to && now.saturating_duration_since(t) < TRUST_DURATION) => {
+                self.best = Some(Best { addr: to, latency: Some(rtt), trusted_until });
                 true
             }
             Some(b) if now < b.trusted_until && b.latency.is_some_and(|l| l <= rtt + BETTER_BY) => false,
             _ => {
-                self.best = Some(Best { addr: from, latency: Some(rtt), trusted_until });
+                self.best = Some(Best { addr: to, latency: Some(rtt), trusted_until });
                 true
             }
         }
@@ -344,8 +345,8 @@ mod tests {
         assert!(out.contains(&Probe::CallMeMaybe));
         assert!(out.iter().any(|p| matches!(p, Probe::PingDerp { .. })));
 
-        // A pong from an address the ping did not go to is ignored.
-        assert!(!p.on_pong_udp(ps[0].1, a("203.0.113.9:9"), t0));
+        // A pong for a transaction never sent is ignored.
+        assert!(!p.on_pong_udp([7; 12], ps[0].0, t0));
         // The slow path answers first, then the fast one: the fast one wins.
         let t1 = t0 + Duration::from_millis(50);
         assert!(p.on_pong_udp(ps[1].1, ps[1].0, t1));
@@ -364,6 +365,21 @@ mod tests {
         p.note_active(late);
         let out = p.poll(late + DISCOVERY_INTERVAL, true);
         assert!(out.contains(&Probe::CallMeMaybe));
+    }
+
+    #[test]
+    fn a_pong_from_another_port_confirms_where_the_ping_went() {
+        // The peer's NAT maps each destination to its own port: its pong leaves from a port we
+        // never pinged, yet the ping reached it, so the pinged address is the path.
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(&[a("192.0.2.1:41641")]);
+        p.note_active(t0);
+        let ps = pings(&p.poll(t0, false));
+        assert!(p.on_pong_udp(ps[0].1, a("192.0.2.1:50000"), t0 + Duration::from_millis(20)));
+        assert_eq!(p.direct(t0 + Duration::from_millis(20)), Some(a("192.0.2.1:41641")));
+        // The same pong again (a replay, from anywhere) changes nothing.
+        assert!(!p.on_pong_udp(ps[0].1, a("203.0.113.9:9"), t0 + Duration::from_millis(30)));
+        assert_eq!(p.direct(t0 + Duration::from_millis(30)), Some(a("192.0.2.1:41641")));
     }
 
     #[test]

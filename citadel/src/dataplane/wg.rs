@@ -963,7 +963,7 @@ mod tests {
         assert!(out.iter().all(|t| t.path == Path::Direct(b.addr)), "{out:?}");
 
         // Hostile input: garbage with the magic, a ping relayed by DERP under another node key,
-        // a pong from an address the ping did not go to, a replayed pong.
+        // a pong for no ping, a replayed pong from another address.
         let before = b.wg.stats();
         let mut junk = disco::MAGIC.to_vec();
         junk.extend_from_slice(&[0u8; 100]);
