@@ -108,7 +108,8 @@ pub fn describe(e: &ExpectSpec, end: Duration) -> String {
         ExpectKind::SameIpAfterRestart => format!("{node} keeps its IP and key across restarts"),
         ExpectKind::Reconnects => format!("{node} reconnects {}", window.replace('[', "(")),
         ExpectKind::Connected => format!("{node} stays connected throughout [{}, {by}]", e.after),
-        ExpectKind::UdpPath => format!("udp {a} <-> {b} is {path} {window} (NAT layer)"),
+        ExpectKind::UdpPath => format!("path {a} -> {b} is {path} at {by} (mesh)"),
+        ExpectKind::Reaches if path == "none" => format!("{a} never reaches {b} {window} (mesh)"),
         ExpectKind::Reaches => format!("{a} reaches {b} via {path} {window} (mesh)"),
     }
 }
@@ -198,7 +199,7 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         }
     }
     if !t.paths.is_empty() {
-        let _ = writeln!(s, "\npaths (NAT layer: raw UDP hole punch, relay if DERP is reachable):");
+        let _ = writeln!(s, "\npaths (the mesh's, from the last ping by each deadline):");
         for ((a, b), p) in t.paths {
             let _ = writeln!(s, "  {a} <-> {b}: {p}");
         }

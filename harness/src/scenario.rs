@@ -304,9 +304,11 @@ pub enum ExpectKind {
     Reconnects,
     /// `node`'s control stream is up at every sample in `[after, by]`.
     Connected,
-    /// The raw UDP hole punch between `a` and `b` (NAT layer) gives `path` by `by`.
+    /// The last mesh ping from `a` to `b` that ended by `by` answered over `path` (`none`: it
+    /// got no answer).
     UdpPath,
-    /// `a` reaches `b` through the mesh over `path` by `by` (data plane, via `NodeProbe`).
+    /// Some mesh ping from `a` to `b` in `[after, by]` answered over `path`; with `none`, no
+    /// ping in the window was answered (and at least one was made).
     Reaches,
 }
 

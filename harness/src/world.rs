@@ -672,8 +672,18 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
                 let rs = bd.reach.get(&(a.clone(), b2.clone())).cloned().unwrap_or_default();
                 let want = e.path.expect("validated");
-                let hit = |p: &Option<PathKind>| *p == Some(want) || (want == PathKind::None && p.is_none());
-                if rs.iter().any(|(t, p)| *t >= e.after.0 && *t <= by && hit(p)) {
+                let window: Vec<&PingResult> = rs.iter().filter(|(t, _)| *t >= e.after.0 && *t <= by).collect();
+                if want == PathKind::None {
+                    match window.iter().find(|(_, p)| p.is_some()) {
+                        _ if window.is_empty() => Verdict::Fail("no ping was made in the window".into()),
+                        None => Verdict::Pass,
+                        Some((t, p)) => Verdict::Fail(format!(
+                            "answered over {} at {}",
+                            p.map(|p| p.to_string()).unwrap_or_default(),
+                            report::fmt_t(*t)
+                        )),
+                    }
+                } else if window.iter().any(|(_, p)| *p == Some(want)) {
                     Verdict::Pass
                 } else {
                     let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);

@@ -27,7 +27,7 @@ use citadel::derp::{self as codec, ClientInfo, Frame, PeerGoneReason, PeerPresen
 use citadel::keys::{NodePublic, PrivateKey};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -179,12 +179,12 @@ impl Client {
 
 #[derive(Default)]
 struct Table {
-    by_key: HashMap<NodePublic, Arc<Client>>,
+    by_key: BTreeMap<NodePublic, Arc<Client>>,
     /// For each source key, the keys that received packets from it: they get a PeerGone when
     /// the source disconnects, so they can drop their routes through this relay.
-    heard_from: HashMap<NodePublic, HashSet<NodePublic>>,
+    heard_from: BTreeMap<NodePublic, BTreeSet<NodePublic>>,
     /// Mesh peers that sent WatchConns, by connection id.
-    watchers: HashMap<u64, Arc<Client>>,
+    watchers: BTreeMap<u64, Arc<Client>>,
 }
 
 /// The relay: routing table, login, per-client queues, fault switch.

@@ -10,7 +10,7 @@
 //! (traffic falls back to DERP) within [`TRUST_DURATION`]. Roaming: an authenticated packet
 //! from a new address (WireGuard data or a disco ping) makes that address the path.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -62,12 +62,12 @@ pub struct PeerPaths {
     learned: Vec<SocketAddr>,
     best: Option<Best>,
     /// tx id → (address, sent at); `None` address for a DERP ping.
-    pending: HashMap<[u8; 12], (Option<SocketAddr>, Instant)>,
-    last_ping: HashMap<SocketAddr, Instant>,
+    pending: BTreeMap<[u8; 12], (Option<SocketAddr>, Instant)>,
+    last_ping: BTreeMap<SocketAddr, Instant>,
     /// Pings sent in answer to the peer (its ping, its call-me-maybe), limited on their own:
     /// the discovery ping that punched our NAT usually left just before, and must not hold
     /// back the answer that completes the punch (that would cost a heartbeat, 3 s).
-    last_ping_back: HashMap<SocketAddr, Instant>,
+    last_ping_back: BTreeMap<SocketAddr, Instant>,
     /// Where the peer's authenticated packets last came from, and when.
     seen_from: Option<(SocketAddr, Instant)>,
     last_discovery: Option<Instant>,
@@ -83,9 +83,9 @@ impl PeerPaths {
             candidates: Vec::new(),
             learned: Vec::new(),
             best: None,
-            pending: HashMap::new(),
-            last_ping: HashMap::new(),
-            last_ping_back: HashMap::new(),
+            pending: BTreeMap::new(),
+            last_ping: BTreeMap::new(),
+            last_ping_back: BTreeMap::new(),
             seen_from: None,
             last_discovery: None,
             last_heartbeat: None,

@@ -13,7 +13,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll, Waker};
@@ -88,7 +88,7 @@ struct Listener {
     /// retransmitted SYN can never be taken by a second socket).
     listening: Vec<SocketHandle>,
     /// The connections those sockets are for, so a SYN duplicated within one batch gets one.
-    claimed: HashSet<(IpEndpoint, IpEndpoint)>,
+    claimed: BTreeSet<(IpEndpoint, IpEndpoint)>,
     /// Connections past their SYN, waiting for `accept`.
     pending: VecDeque<SocketHandle>,
     waker: Option<Waker>,
@@ -100,15 +100,15 @@ pub(crate) struct Stack {
     pub(crate) sockets: SocketSet<'static>,
     device: MeshDevice,
     epoch: Instant,
-    listeners: HashMap<u16, Listener>,
+    listeners: BTreeMap<u16, Listener>,
     closing: Vec<(SocketHandle, Instant)>,
-    udp_ports: HashSet<u16>,
+    udp_ports: BTreeSet<u16>,
     /// Set when the data plane stops; every socket operation then fails.
     pub(crate) stopped: bool,
     pub(crate) rx_overflow: u64,
     /// Tasks blocked on UDP sockets, woken by [`Stack::stop`] (smoltcp wakes them only on
     /// traffic). Keyed by socket and direction (true = send).
-    parked: HashMap<(SocketHandle, bool), Waker>,
+    parked: BTreeMap<(SocketHandle, bool), Waker>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -135,12 +135,12 @@ impl Stack {
             sockets: SocketSet::new(Vec::new()),
             device,
             epoch,
-            listeners: HashMap::new(),
+            listeners: BTreeMap::new(),
             closing: Vec::new(),
-            udp_ports: HashSet::new(),
+            udp_ports: BTreeSet::new(),
             stopped: false,
             rx_overflow: 0,
-            parked: HashMap::new(),
+            parked: BTreeMap::new(),
         }
     }
 
@@ -475,7 +475,7 @@ impl Stack {
                 w.wake();
             }
         }
-        for (_, w) in self.parked.drain() {
+        for (_, w) in std::mem::take(&mut self.parked) {
             w.wake();
         }
     }

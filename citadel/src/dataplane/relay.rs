@@ -7,7 +7,7 @@ use crate::derphttp::{DerpConn, DerpConnOptions, Received};
 use crate::keys::{NodePublic, PrivateKey};
 use crate::net::Net;
 use crate::tailcfg::{DerpMap, DerpNode};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -47,13 +47,13 @@ pub(crate) struct Relays {
     key: PrivateKey,
     map: DerpMap,
     home: i32,
-    regions: HashMap<i32, Region>,
+    regions: BTreeMap<i32, Region>,
     inbox: mpsc::Sender<Relayed>,
 }
 
 impl Relays {
     pub(crate) fn new(net: Arc<dyn Net>, key: PrivateKey, inbox: mpsc::Sender<Relayed>) -> Self {
-        Relays { net, key, map: DerpMap::default(), home: 0, regions: HashMap::new(), inbox }
+        Relays { net, key, map: DerpMap::default(), home: 0, regions: BTreeMap::new(), inbox }
     }
 
     /// Whether any region is known.

@@ -23,7 +23,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -134,9 +134,9 @@ pub(crate) struct WgRouter {
     secret: StaticSecret,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
-    peers: HashMap<NodePublic, Peer>,
+    peers: BTreeMap<NodePublic, Peer>,
     configs: BTreeMap<NodePublic, PeerConfig>,
-    by_index: HashMap<u32, NodePublic>,
+    by_index: BTreeMap<u32, NodePublic>,
     routes: RouteTable,
     next_index: u32,
     buf: Box<[u8]>,
@@ -147,7 +147,7 @@ pub(crate) struct WgRouter {
     /// When this router was made: boringtun's clock reads `now - epoch` (see [`Self::sync_clock`]).
     epoch: Instant,
     disco_key: Option<PrivateKey>,
-    by_disco: HashMap<DiscoPublic, NodePublic>,
+    by_disco: BTreeMap<DiscoPublic, NodePublic>,
     /// Our endpoints, sent in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
     /// Whether a DERP map is known (else peers are reached over UDP only).
@@ -170,9 +170,9 @@ impl WgRouter {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
             public,
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             configs: BTreeMap::new(),
-            by_index: HashMap::new(),
+            by_index: BTreeMap::new(),
             routes: RouteTable::build([]),
             // Indices only need to be unique locally; a random start keeps restarts apart.
             next_index: rand::random::<u32>() & 0x00ff_ffff,
@@ -182,7 +182,7 @@ impl WgRouter {
             now,
             epoch: now,
             disco_key: None,
-            by_disco: HashMap::new(),
+            by_disco: BTreeMap::new(),
             my_endpoints: Vec::new(),
             derp_ok: false,
         }
