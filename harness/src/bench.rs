@@ -18,6 +18,8 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     /// Nodes that saw their whole org by the end.
     pub converged: usize,
+    /// Pinged pairs whose last ping was answered (direct or relayed), of all pinged pairs.
+    pub reached: (usize, usize),
 }
 
 impl fmt::Display for BenchResult {
@@ -25,14 +27,16 @@ impl fmt::Display for BenchResult {
         let per_min = self.wall.as_secs_f64() * 60.0 / self.simulated.as_secs_f64();
         write!(
             f,
-            "{:>5} nodes: {:>7.2} s wall for {} s simulated = {:>7.2} s wall per simulated minute; peak RSS {:.0} MiB; {}/{} nodes converged",
+            "{:>5} nodes: {:>7.2} s wall for {} s simulated = {:>7.2} s wall per simulated minute; peak RSS {:.0} MiB; {}/{} nodes converged; {}/{} mesh pings answered",
             self.nodes,
             self.wall.as_secs_f64(),
             self.simulated.as_secs(),
             per_min,
             self.peak_rss_mib,
             self.converged,
-            self.nodes
+            self.nodes,
+            self.reached.0,
+            self.reached.1
         )
     }
 }
@@ -56,6 +60,14 @@ pub fn world_toml(nodes: usize, secs: u64, tick: Duration) -> String {
         s += &format!("[[node]]\nname = \"n{i}\"\norg = \"org{}\"\n", i / 10);
         if i % 3 != 0 {
             s += &format!("nat = \"nat{}\"\n", i / 10);
+        }
+    }
+    // Every node pings the next one of its org through the mesh each second (data-plane load;
+    // the path is only counted, not judged).
+    for i in 0..nodes {
+        let next = if (i + 1) % 10 == 0 || i + 1 == nodes { i - i % 10 } else { i + 1 };
+        if next != i {
+            s += &format!("[[expect]]\nkind = \"udp_path\"\na = \"n{i}\"\nb = \"n{next}\"\npath = \"direct\"\n");
         }
     }
     s
@@ -86,7 +98,8 @@ pub fn measure(nodes: usize, simulated: Duration, tick: Duration) -> anyhow::Res
             vis.len() == want
         })
         .count();
-    Ok(BenchResult { nodes, simulated, wall, peak_rss_mib: peak_rss_mib(), converged })
+    let reached = (out.paths.values().filter(|p| **p != crate::probe::PathKind::None).count(), out.paths.len());
+    Ok(BenchResult { nodes, simulated, wall, peak_rss_mib: peak_rss_mib(), converged, reached })
 }
 
 #[cfg(test)]

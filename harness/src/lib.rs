@@ -7,8 +7,8 @@
 //! simulated time and [`report`] renders a deterministic trace. [`real`] plays the same files
 //! with the real binaries in Linux network namespaces.
 //!
-//! The data plane is reached through [`probe::NodeProbe`]; until the mesh implements it,
-//! "reaches" expectations are reported as not evaluated.
+//! Nodes run the data plane too (WireGuard, disco, STUN, DERP via [`derp_host`]) on simulated
+//! time; [`probe::MeshProbe`] pings through it to judge `reaches` and `udp_path`.
 
 #![warn(missing_docs, unreachable_pub)]
 

@@ -21,6 +21,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -287,6 +288,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
 
     let start = Instant::now();
     let end = sc.duration.0;
+    let mut pingers = Pingers::start(sc, &citadel, tmp.path(), start);
     let mut faults: Vec<_> = sc.faults.iter().collect();
     faults.sort_by_key(|f| f.at);
     let mut faults = faults.into_iter().peekable();
@@ -403,6 +405,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         }
         // Sample every node's status.
         samples += 1;
+        pingers.publish(&obs, &node_child, sc);
         for (i, n) in sc.nodes.iter().enumerate() {
             let name = n.name.get_ref();
             let o = obs.entry(name.clone()).or_default();
@@ -467,6 +470,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    pingers.stop();
     let mut verdicts = Vec::new();
     for (k, e) in sc.expects.iter().enumerate() {
         let by = e.by.map(|b| b.0).unwrap_or(end);
@@ -505,7 +509,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     }
                 }
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
-                    Verdict::NotEvaluated("paths are not measured in --real yet".into())
+                    let (a, b) =
+                        (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                    crate::world::judge_pings(e, &pingers.results(a, b), by)
                 }
             }
         };
@@ -577,4 +583,93 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     }
     let _ = writeln!(s, "  {differ} difference(s) among verdicts evaluated on both sides");
     s
+}
+
+/// Mesh pings in `--real`: one thread per `udp_path`/`reaches` pair runs `citadel ping` once a
+/// second against the pinging node's running `up` (through its local API socket, so from the
+/// root namespace) and records which path answered, as the simulation's mesh probe does.
+struct Pingers {
+    /// Node → (its `up` runs, its mesh IPv4), refreshed by the sampling loop.
+    nodes: Arc<Mutex<BTreeMap<String, (bool, Option<String>)>>>,
+    results: Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pingers {
+    fn start(sc: &Scenario, citadel: &Path, state_root: &Path, t0: Instant) -> Pingers {
+        let nodes = Arc::new(Mutex::new(BTreeMap::new()));
+        let results: Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pairs: BTreeSet<(String, String)> = sc
+            .expects
+            .iter()
+            .filter(|e| matches!(e.kind.get_ref(), ExpectKind::UdpPath | ExpectKind::Reaches))
+            .filter_map(|e| Some((e.a.as_ref()?.get_ref().clone(), e.b.as_ref()?.get_ref().clone())))
+            .collect();
+        let threads = pairs
+            .into_iter()
+            .map(|(a, b)| {
+                let (nodes, results, stop) = (nodes.clone(), results.clone(), stop.clone());
+                let (citadel, dir) = (citadel.to_path_buf(), state_root.join(&a));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
+                        let tick = Instant::now();
+                        let target = {
+                            let n: &BTreeMap<String, (bool, Option<String>)> = &nodes.lock().unwrap();
+                            n.get(&a).is_some_and(|x| x.0).then(|| n.get(&b).and_then(|x| x.1.clone())).flatten()
+                        };
+                        if let Some(ip) = target {
+                            let r = ping_once(&citadel, &dir, &ip);
+                            results.lock().unwrap().entry((a.clone(), b.clone())).or_default().push((t0.elapsed(), r));
+                        }
+                        std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
+                    }
+                })
+            })
+            .collect();
+        Pingers { nodes, results, stop, threads }
+    }
+
+    /// Hands the pingers what the last sample saw.
+    fn publish(&self, obs: &BTreeMap<String, Obs>, running: &BTreeMap<usize, usize>, sc: &Scenario) {
+        let mut n = self.nodes.lock().unwrap();
+        for (i, node) in sc.nodes.iter().enumerate() {
+            let name = node.name.get_ref();
+            let ip = obs.get(name).and_then(|o| o.ip.clone());
+            n.insert(name.clone(), (running.contains_key(&i), ip));
+        }
+    }
+
+    fn results(&self, a: &str, b: &str) -> Vec<crate::world::PingResult> {
+        self.results.lock().unwrap().get(&(a.to_string(), b.to_string())).cloned().unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pingers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One `citadel ping -c 1 --json` (2 s bound, as in simulation): the path that answered.
+fn ping_once(citadel: &Path, state_dir: &Path, ip: &str) -> Option<crate::probe::PathKind> {
+    let out = Command::new(citadel)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--timeout", "2", "ping", ip, "--count", "1", "--port", "9", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let pong: citadel::mesh::Pong = serde_json::from_str(line.lines().next()?).ok()?;
+    Some(crate::probe::path_kind(pong.path.as_deref()))
 }

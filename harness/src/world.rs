@@ -657,47 +657,13 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     Verdict::Fail(format!("{node} did not reconnect in ({}, {}]", e.after, report::fmt_t(by)))
                 }
             }
-            (ExpectKind::UdpPath, None) => {
+            (ExpectKind::UdpPath | ExpectKind::Reaches, None) => {
                 let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
                 let rs = bd.reach.get(&(a.clone(), b2.clone())).map(Vec::as_slice).unwrap_or_default();
-                let p = path_at(rs, by);
-                paths.insert((a.clone(), b2.clone()), p);
-                if Some(p) == e.path {
-                    Verdict::Pass
-                } else {
-                    Verdict::Fail(format!("path was {p}"))
+                if *e.kind.get_ref() == ExpectKind::UdpPath {
+                    paths.insert((a.clone(), b2.clone()), path_at(rs, by));
                 }
-            }
-            (ExpectKind::Reaches, None) => {
-                let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
-                let rs = bd.reach.get(&(a.clone(), b2.clone())).cloned().unwrap_or_default();
-                let want = e.path.expect("validated");
-                let window: Vec<&PingResult> = rs.iter().filter(|(t, _)| *t >= e.after.0 && *t <= by).collect();
-                if want == PathKind::None {
-                    match window.iter().find(|(_, p)| p.is_some()) {
-                        _ if window.is_empty() => Verdict::Fail("no ping was made in the window".into()),
-                        None => Verdict::Pass,
-                        Some((t, p)) => Verdict::Fail(format!(
-                            "answered over {} at {}",
-                            p.map(|p| p.to_string()).unwrap_or_default(),
-                            report::fmt_t(*t)
-                        )),
-                    }
-                } else if window.iter().any(|(_, p)| *p == Some(want)) {
-                    Verdict::Pass
-                } else {
-                    let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);
-                    Verdict::Fail(format!(
-                        "{} ping(s) by {}, last answer {}",
-                        rs.iter().filter(|(t, _)| *t <= by).count(),
-                        report::fmt_t(by),
-                        match last {
-                            Some(Some(p)) => p.to_string(),
-                            Some(None) => "none".into(),
-                            None => "-".into(),
-                        }
-                    ))
-                }
+                judge_pings(e, rs, by)
             }
         };
         verdicts.push((report::describe(e, end), v));
@@ -816,6 +782,42 @@ fn pair(a: &str, b: &str) -> (String, String) {
     } else {
         (b.to_string(), a.to_string())
     }
+}
+
+/// Judges a `udp_path` or `reaches` expectation from the mesh pings `rs` of its pair (the same
+/// rule in simulation and in `--real`).
+pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by: Duration) -> Verdict {
+    let want = e.path.expect("validated");
+    if *e.kind.get_ref() == ExpectKind::UdpPath {
+        let p = path_at(rs, by);
+        return if p == want { Verdict::Pass } else { Verdict::Fail(format!("path was {p}")) };
+    }
+    let window: Vec<&PingResult> = rs.iter().filter(|(t, _)| *t >= e.after.0 && *t <= by).collect();
+    if want == PathKind::None {
+        return match window.iter().find(|(_, p)| p.is_some()) {
+            _ if window.is_empty() => Verdict::Fail("no ping was made in the window".into()),
+            None => Verdict::Pass,
+            Some((t, p)) => Verdict::Fail(format!(
+                "answered over {} at {}",
+                p.map(|p| p.to_string()).unwrap_or_default(),
+                report::fmt_t(*t)
+            )),
+        };
+    }
+    if window.iter().any(|(_, p)| *p == Some(want)) {
+        return Verdict::Pass;
+    }
+    let last = rs.iter().rev().find(|(t, _)| *t <= by).map(|(_, p)| *p);
+    Verdict::Fail(format!(
+        "{} ping(s) by {}, last answer {}",
+        rs.iter().filter(|(t, _)| *t <= by).count(),
+        report::fmt_t(by),
+        match last {
+            Some(Some(p)) => p.to_string(),
+            Some(None) => "none".into(),
+            None => "-".into(),
+        }
+    ))
 }
 
 /// The path of the last mesh ping that ended by `by` (`none` if it got no answer or there
