@@ -344,7 +344,9 @@ impl Node {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.cmd, Cmd::Up { .. }) { "info" } else { "warn" };
+    // boringtun warns on every handshake retry to an unreachable peer (every 5 s); the data
+    // plane's own status and logs say it better.
+    let default_level = if matches!(cli.cmd, Cmd::Up { .. }) { "info,boringtun=error" } else { "warn,boringtun=error" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CITADEL_LOG")

@@ -223,6 +223,12 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
                 return register_ok(s, &n);
             }
             if s.store.pending(&id).is_none() {
+                // An approval takes the request, then registers the node: give it a moment,
+                // so an approval seen half-done is not answered as a denial.
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                if let Some(n) = s.store.node_by_keys(&sess.machine, &req.node_key) {
+                    return register_ok(s, &n);
+                }
                 return RegisterResponse {
                     error: "registration request expired or was denied".into(),
                     ..Default::default()
