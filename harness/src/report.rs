@@ -65,6 +65,8 @@ pub struct TraceInput<'a> {
     pub visibility: &'a BTreeMap<String, BTreeSet<String>>,
     /// NAT-layer paths.
     pub paths: &'a BTreeMap<(String, String), PathKind>,
+    /// Mesh pings per pinged pair: when each ended and which path answered.
+    pub pings: &'a BTreeMap<(String, String), Vec<(Duration, Option<PathKind>)>>,
 }
 
 /// Simulated time as `12.345s`.
@@ -202,6 +204,23 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         let _ = writeln!(s, "\npaths (the mesh's, from the last ping by each deadline):");
         for ((a, b), p) in t.paths {
             let _ = writeln!(s, "  {a} <-> {b}: {p}");
+        }
+    }
+    if !t.pings.is_empty() {
+        let _ = writeln!(s, "\nreachability (mesh pings once a second; the paths that answered, in order):");
+        for ((a, b), rs) in t.pings {
+            let mut seq: Vec<&str> = Vec::new();
+            for (_, p) in rs {
+                let w = match p {
+                    Some(PathKind::Direct) => "direct",
+                    Some(PathKind::Relay) => "relay",
+                    Some(PathKind::None) | None => "no answer",
+                };
+                if seq.last() != Some(&w) {
+                    seq.push(w);
+                }
+            }
+            let _ = writeln!(s, "  {a} -> {b}: {}", seq.join(", "));
         }
     }
     let (pass, fail, ne) = t.verdicts.iter().fold((0, 0, 0), |(p, f, n), (_, v)| match v {

@@ -696,6 +696,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         samples,
         visibility: &visibility,
         paths: &paths,
+        pings: &bd.reach,
     };
     let trace = report::trace(&ctx);
     let observed = report::observed(&obs_all, &nat_stats);
