@@ -1,4 +1,5 @@
-//! Random worlds (orgs, NATs, faults) never leak a node into another org's netmap.
+//! Random worlds (orgs, NATs, faults) never leak a node into another org's netmap, and no mesh
+//! ping across orgs is ever answered.
 
 use harness::scenario::Scenario;
 use harness::world::{self, RunOptions};
@@ -23,6 +24,12 @@ fn world_toml(orgs: usize, nodes: &[(usize, usize)], faults: &[(u8, u64, usize)]
         }
         if i % 3 == 2 {
             s += &format!("start = \"{}s\"\n", 5 + i);
+        }
+    }
+    // Every node pings a node of another org through the mesh all along.
+    for (i, (org, _)) in nodes.iter().enumerate() {
+        if let Some(j) = nodes.iter().position(|(o, _)| o % orgs != org % orgs) {
+            s += &format!("[[expect]]\nkind = \"reaches\"\na = \"n{i}\"\nb = \"n{j}\"\npath = \"none\"\n");
         }
     }
     for (kind, at, who) in faults {
@@ -53,6 +60,12 @@ proptest! {
         let sc = Scenario::parse("prop.toml", &text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         let out = world::run(&sc, &RunOptions::default()).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
         prop_assert!(out.leak.is_none(), "{}\n{}", text, out.report());
+        // No cross-org ping was ever answered (a pinger that never got going is not a leak).
+        for (d, v) in &out.verdicts {
+            if let harness::report::Verdict::Fail(why) = v {
+                prop_assert!(!why.contains("answered"), "{d}: {why}\n{text}\n{}", out.report());
+            }
+        }
         // The check is live: every node that saw anyone saw only its own org.
         for (n, vis) in &out.visibility {
             let org = &sc.node(n).unwrap().org;
