@@ -288,7 +288,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
 
     let start = Instant::now();
     let end = sc.duration.0;
-    let mut pingers = Pingers::start(sc, &citadel, tmp.path(), start);
+    let mut pingers = Pingers::start(sc, tmp.path(), start);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut faults: Vec<_> = sc.faults.iter().collect();
     faults.sort_by_key(|f| f.at);
     let mut faults = faults.into_iter().peekable();
@@ -410,7 +411,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let name = n.name.get_ref();
             let o = obs.entry(name.clone()).or_default();
             o.running = node_child.contains_key(&i);
-            let st = o.running.then(|| status(&citadel, &tmp.path().join(name))).flatten();
+            let st = o.running.then(|| status(&rt, &tmp.path().join(name))).flatten();
             let connected = st.as_ref().is_some_and(|s| s.connected);
             if connected && !o.connected {
                 o.connects.push(now);
@@ -542,9 +543,18 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     Ok(RealOutcome { report, verdicts, passed })
 }
 
-fn status(citadel: &Path, state_dir: &Path) -> Option<citadel::mesh::Status> {
-    let o = Command::new(citadel).arg("--state-dir").arg(state_dir).args(["status", "--json"]).output().ok()?;
-    serde_json::from_slice(&o.stdout).ok()
+/// The running `up`'s status over its local API socket; `None` when none answers. (`citadel
+/// status` is not used: with no `up` listening it would join by itself and hold the state lock
+/// just when a restarted `up` needs it.)
+fn status(rt: &tokio::runtime::Runtime, state_dir: &Path) -> Option<citadel::mesh::Status> {
+    let r = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), citadel::api::call(state_dir, &citadel::api::Request::Status))
+            .await
+    });
+    match r {
+        Ok(Ok(Some(citadel::api::Response::Status(s)))) => Some(s),
+        _ => None,
+    }
 }
 
 fn wait_port(lab: &Lab, ns: &str, ip: &str, port: u16) -> anyhow::Result<()> {
@@ -585,9 +595,9 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     s
 }
 
-/// Mesh pings in `--real`: one thread per `udp_path`/`reaches` pair runs `citadel ping` once a
-/// second against the pinging node's running `up` (through its local API socket, so from the
-/// root namespace) and records which path answered, as the simulation's mesh probe does.
+/// Mesh pings in `--real`: one thread per `udp_path`/`reaches` pair asks the pinging node's
+/// running `up` to ping once a second (through its local API socket, so from the root
+/// namespace) and records which path answered, as the simulation's mesh probe does.
 struct Pingers {
     /// Node → (its `up` runs, its mesh IPv4), refreshed by the sampling loop.
     nodes: Arc<Mutex<BTreeMap<String, (bool, Option<String>)>>>,
@@ -597,7 +607,7 @@ struct Pingers {
 }
 
 impl Pingers {
-    fn start(sc: &Scenario, citadel: &Path, state_root: &Path, t0: Instant) -> Pingers {
+    fn start(sc: &Scenario, state_root: &Path, t0: Instant) -> Pingers {
         let nodes = Arc::new(Mutex::new(BTreeMap::new()));
         let results: Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -611,8 +621,9 @@ impl Pingers {
             .into_iter()
             .map(|(a, b)| {
                 let (nodes, results, stop) = (nodes.clone(), results.clone(), stop.clone());
-                let (citadel, dir) = (citadel.to_path_buf(), state_root.join(&a));
+                let dir = state_root.join(&a);
                 std::thread::spawn(move || {
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
                     while !stop.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
                         let tick = Instant::now();
                         let target = {
@@ -620,7 +631,7 @@ impl Pingers {
                             n.get(&a).is_some_and(|x| x.0).then(|| n.get(&b).and_then(|x| x.1.clone())).flatten()
                         };
                         if let Some(ip) = target {
-                            let r = ping_once(&citadel, &dir, &ip);
+                            let r = ping_once(&rt, &dir, &ip);
                             results.lock().unwrap().entry((a.clone(), b.clone())).or_default().push((t0.elapsed(), r));
                         }
                         std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
@@ -659,17 +670,15 @@ impl Drop for Pingers {
     }
 }
 
-/// One `citadel ping -c 1 --json` (2 s bound, as in simulation): the path that answered.
-fn ping_once(citadel: &Path, state_dir: &Path, ip: &str) -> Option<crate::probe::PathKind> {
-    let out = Command::new(citadel)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .args(["--timeout", "2", "ping", ip, "--count", "1", "--port", "9", "--json"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let line = String::from_utf8_lossy(&out.stdout);
-    let pong: citadel::mesh::Pong = serde_json::from_str(line.lines().next()?).ok()?;
-    Some(crate::probe::path_kind(pong.path.as_deref()))
+/// One ping through the node's running `up`, over its local API socket (2 s bound, as in
+/// simulation): the path that answered. `citadel ping` is not used: with no `up` listening it
+/// would start a node of its own on the state directory and hold its lock.
+fn ping_once(rt: &tokio::runtime::Runtime, state_dir: &Path, ip: &str) -> Option<crate::probe::PathKind> {
+    let req = citadel::api::Request::Ping { peer: ip.to_string(), port: crate::probe::PING_PORT, timeout_ms: 2000 };
+    let r =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), citadel::api::call(state_dir, &req)).await });
+    match r {
+        Ok(Ok(Some(citadel::api::Response::Pong(p)))) => Some(crate::probe::path_kind(p.path.as_deref())),
+        _ => None,
+    }
 }
