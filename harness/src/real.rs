@@ -9,8 +9,9 @@
 //! when the run ends, also on error and on Ctrl-C.
 //!
 //! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `restart`/`stop`/`start`.
-//! Evaluated: `sees`, `never_sees`, `connected`, `reconnects`, `same_ip_after_restart` and org
-//! isolation, from `citadel status --json`. Everything else is reported as not evaluated.
+//! Evaluated: everything, from each running `up`'s status and mesh pings over its local API
+//! socket; expectations whose deadline follows a fault that is not played are reported as not
+//! evaluated.
 
 use crate::nat::Mapping;
 use crate::report::{fmt_t, Verdict};
