@@ -194,6 +194,9 @@ fn print_status(s: &Status, json: bool, color: bool) {
     println!("  Org        {}", s.org);
     println!("  Mesh IPv4  {}", s.ipv4.as_deref().unwrap_or("-"));
     println!("  Mesh IPv6  {}", s.ipv6.as_deref().unwrap_or("-"));
+    if s.home_derp > 0 {
+        println!("  Relay      DERP region {}", s.home_derp);
+    }
     println!("{}", head(&format!("Peers ({})", s.peers.len())));
     if s.peers.is_empty() {
         println!("  {}", dim("none"));

@@ -180,6 +180,9 @@ pub struct Status {
     pub node_key: String,
     /// Peers in the same org, sorted by name.
     pub peers: Vec<PeerStatus>,
+    /// This node's home DERP region (the relay peers reach it through; 0 = none picked yet).
+    #[serde(default)]
+    pub home_derp: i32,
 }
 
 struct Inner {
@@ -531,6 +534,7 @@ impl Mesh {
             nexus_url: info.nexus_url.clone(),
             node_key: self.inner.node_pub().to_string(),
             peers,
+            home_derp: *self.inner.preferred_derp.lock().unwrap(),
         }
     }
 

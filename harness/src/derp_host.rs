@@ -1,4 +1,4 @@
-//! The `derp` host: nexus-sim's DERP server behind TLS on port 443 and its STUN answers on UDP
+//! A DERP host (`derp`, and `derp-<region>` for regions with their own): nexus-sim's DERP server behind TLS on port 443 and its STUN answers on UDP
 //! 3478, both on turmoil. Nodes find it through the DERP map Nexus hands out, and reach it the
 //! way they reach a real region: STUN over their (possibly NATed) UDP socket, DERP over TLS.
 
@@ -13,17 +13,21 @@ use tokio::sync::mpsc;
 pub const DERP_PORT: u16 = 443;
 /// UDP port of the STUN server.
 pub const STUN_PORT: u16 = 3478;
-/// The DERP region the host serves.
-pub const REGION: i32 = 1;
-
-/// The DERP map Nexus hands out: one region, this host, self-signed (`InsecureForTests`).
-pub fn derp_map(ip: IpAddr) -> citadel::tailcfg::DerpMap {
-    nexus_sim::embedded_derp_map(&ip.to_string(), &[(REGION, SocketAddr::new(ip, DERP_PORT))], Some(STUN_PORT))
+/// The DERP map Nexus hands out: one region per `(id, host address)`, self-signed
+/// (`InsecureForTests`).
+pub fn derp_map(regions: &[(i32, IpAddr)]) -> citadel::tailcfg::DerpMap {
+    let mut map = citadel::tailcfg::DerpMap { omit_default_regions: true, ..Default::default() };
+    for &(id, ip) in regions {
+        let one =
+            nexus_sim::embedded_derp_map(&ip.to_string(), &[(id, SocketAddr::new(ip, DERP_PORT))], Some(STUN_PORT));
+        map.regions.extend(one.regions);
+    }
+    map
 }
 
 /// The host's software; a crash drops every connection and a bounce starts a fresh server
 /// (no client survives a relay restart, as with a real `derper`).
-pub async fn run() -> turmoil::Result {
+pub async fn run(region: i32) -> turmoil::Result {
     tokio::spawn(async {
         if let Err(e) = stun_server().await {
             tracing::warn!("stun server stopped: {e}");
@@ -32,7 +36,7 @@ pub async fn run() -> turmoil::Result {
     let server = DerpServer::new(DerpOptions::new());
     let tls = self_signed_tls(&["derp".to_string()]).map_err(|e| io::Error::other(e.to_string()))?;
     let listener = turmoil::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DERP_PORT)).await?;
-    axum::serve(TlsListener::new(listener, tls), server.router(REGION)).await?;
+    axum::serve(TlsListener::new(listener, tls), server.router(region)).await?;
     Ok(())
 }
 

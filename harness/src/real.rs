@@ -157,6 +157,8 @@ struct Obs {
     peers: BTreeSet<String>,
     joins: Vec<String>,
     connects: Vec<Duration>,
+    /// `(when, home DERP region)` at each sample.
+    homes: Vec<(Duration, i32)>,
 }
 
 /// Plays `sc` with the binaries in `bin_dir`. Needs root, `ip` and `iptables`.
@@ -426,6 +428,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 o.key = s.node_key.clone();
                 key_to_name.insert(s.node_key.clone(), name.clone());
                 o.peers = s.peers.iter().map(|p| p.node_key.clone()).collect();
+                o.homes.push((now, s.home_derp));
             }
         }
         let vis = |o: &Obs| -> BTreeSet<String> {
@@ -510,6 +513,14 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         Verdict::Fail(format!("joins: {:?}", o.joins))
                     }
                 }
+                ExpectKind::HomeDerp => match e.region.as_ref().map(|r| r.get_ref().as_str()) {
+                    Some("default") => match o.homes.iter().rev().find(|(t, _)| *t <= by) {
+                        Some((_, 1)) => Verdict::Pass,
+                        Some((_, h)) => Verdict::Fail(format!("home was region {h}")),
+                        None => Verdict::Fail("no home region seen".into()),
+                    },
+                    _ => Verdict::NotEvaluated("--real has nexus-sim's one DERP region only".into()),
+                },
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
                     let (a, b) =
                         (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());

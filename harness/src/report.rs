@@ -110,6 +110,10 @@ pub fn describe(e: &ExpectSpec, end: Duration) -> String {
         ExpectKind::SameIpAfterRestart => format!("{node} keeps its IP and key across restarts"),
         ExpectKind::Reconnects => format!("{node} reconnects {}", window.replace('[', "(")),
         ExpectKind::Connected => format!("{node} stays connected throughout [{}, {by}]", e.after),
+        ExpectKind::HomeDerp => format!(
+            "{node} homes on DERP region {} at {by}",
+            e.region.as_ref().map(|r| r.get_ref().as_str()).unwrap_or_default()
+        ),
         ExpectKind::UdpPath => format!("path {a} -> {b} is {path} at {by} (mesh)"),
         ExpectKind::Reaches if path == "none" => format!("{a} never reaches {b} {window} (mesh)"),
         ExpectKind::Reaches => format!("{a} reaches {b} via {path} {window} (mesh)"),

@@ -110,6 +110,10 @@ pub struct RegionSpec {
     pub name: Spanned<String>,
     /// Latency to the Nexus and DERP hosts.
     pub latency: Dur,
+    /// The region runs a DERP server of its own: host `derp-<name>`, 2 ms from the region's
+    /// hosts and `latency` plus the other region's latency from other regions' hosts.
+    #[serde(default)]
+    pub derp: bool,
 }
 
 /// A NAT middlebox.
@@ -136,6 +140,10 @@ pub struct NatSpec {
     /// The NAT this one sits behind (a CGNAT chain).
     #[serde(default)]
     pub behind: Option<Spanned<String>>,
+    /// Region the NAT's uplink is in (its inside hosts' traffic then has that region's
+    /// latencies; see [`RegionSpec`]).
+    #[serde(default)]
+    pub region: Option<Spanned<String>>,
 }
 
 fn eim() -> Mapping {
@@ -287,6 +295,9 @@ pub struct FaultSpec {
     /// New timeout for nat_change.
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// derp_down/derp_up: the region whose DERP host (default: the world's `derp` host).
+    #[serde(default)]
+    pub region: Option<Spanned<String>>,
 }
 
 /// Expectation kinds.
@@ -310,6 +321,8 @@ pub enum ExpectKind {
     /// Some mesh ping from `a` to `b` in `[after, by]` answered over `path`; with `none`, no
     /// ping in the window was answered (and at least one was made).
     Reaches,
+    /// `node`'s home DERP region (what it reports to Nexus) is `region` at `by`.
+    HomeDerp,
 }
 
 /// An expectation.
@@ -327,6 +340,10 @@ pub struct ExpectSpec {
     /// With `sees`: the netmap lists exactly `peers`.
     #[serde(default)]
     pub exact: bool,
+    /// DERP region (home_derp): a region with `derp = true`, or `default` for the world's
+    /// `derp` host.
+    #[serde(default)]
+    pub region: Option<Spanned<String>>,
     /// Pair ends (udp_path/reaches).
     #[serde(default)]
     pub a: Option<Spanned<String>>,
@@ -439,6 +456,22 @@ impl Scenario {
         self.nodes.iter().map(|n| n.name.get_ref().clone()).collect()
     }
 
+    /// The DERP regions of the world: `(region id, region name, host name)`, the world's
+    /// `derp` host first (id 1, name `default`), then each region with `derp = true`.
+    pub fn derp_regions(&self) -> Vec<(i32, String, String)> {
+        let mut v = vec![(1, "default".to_string(), "derp".to_string())];
+        for r in self.regions.iter().filter(|r| r.derp) {
+            let id = i32::try_from(v.len()).unwrap_or(i32::MAX).saturating_add(1);
+            v.push((id, r.name.get_ref().clone(), format!("derp-{}", r.name.get_ref())));
+        }
+        v
+    }
+
+    /// The id of DERP region `name` (`default` or a region with `derp = true`).
+    pub fn derp_region_id(&self, name: &str) -> Option<i32> {
+        self.derp_regions().into_iter().find(|(_, n, _)| n == name).map(|(id, ..)| id)
+    }
+
     /// The node called `name`.
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.name.get_ref() == name)
@@ -461,8 +494,12 @@ impl Scenario {
         }
         let mut regions = BTreeSet::new();
         for r in &self.regions {
-            if !regions.insert(r.name.get_ref().clone()) {
-                return Err(at(&r.name, format!("region {:?} defined twice", r.name.get_ref())));
+            if !regions.insert(r.name.get_ref().clone()) || r.name.get_ref() == "default" {
+                return Err(at(&r.name, format!("region {:?} is reserved or defined twice", r.name.get_ref())));
+            }
+            if r.derp {
+                // Its DERP host's name is taken like any other host's.
+                hosts.insert(format!("derp-{}", r.name.get_ref()));
             }
         }
         let valid_name = |n: &str| {
@@ -477,6 +514,11 @@ impl Scenario {
             }
             if !hosts.insert(n.get_ref().clone()) {
                 return Err(at(n, format!("name {:?} is reserved or used twice", n.get_ref())));
+            }
+        }
+        for r in self.nats.iter().filter_map(|n| n.region.as_ref()) {
+            if !regions.contains(r.get_ref()) {
+                return Err(at(r, format!("unknown region {:?}", r.get_ref())));
             }
         }
         let nats: BTreeSet<&String> = self.nats.iter().map(|n| n.name.get_ref()).collect();
@@ -565,11 +607,13 @@ impl Scenario {
                         return Err(at(n, format!("unknown nat {:?}", n.get_ref())));
                     }
                 }
-                FaultKind::NexusDown
-                | FaultKind::NexusUp
-                | FaultKind::NexusRestart
-                | FaultKind::DerpDown
-                | FaultKind::DerpUp => {}
+                FaultKind::DerpDown | FaultKind::DerpUp => {
+                    if let Some(r) = &f.region {
+                        self.derp_region_id(r.get_ref())
+                            .ok_or_else(|| at(r, format!("{:?} is not a region with `derp = true`", r.get_ref())))?;
+                    }
+                }
+                FaultKind::NexusDown | FaultKind::NexusUp | FaultKind::NexusRestart => {}
             }
         }
         for e in &self.expects {
@@ -592,6 +636,13 @@ impl Scenario {
                 }
                 ExpectKind::SameIpAfterRestart | ExpectKind::Reconnects | ExpectKind::Connected => {
                     node_ref(&e.node, "node", k)?;
+                }
+                ExpectKind::HomeDerp => {
+                    node_ref(&e.node, "node", k)?;
+                    let r = e.region.as_ref().ok_or((Some(k), "`region` is required".to_string()))?;
+                    self.derp_region_id(r.get_ref()).ok_or_else(|| {
+                        at(r, format!("{:?} is neither `default` nor a region with `derp = true`", r.get_ref()))
+                    })?;
                 }
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
                     let a = node_ref(&e.a, "a", k)?;
@@ -670,6 +721,22 @@ by = "10s"
         assert!(e.msg.contains("loop"), "{e}");
         let e = err("duration = \"5s\"\n[[org]]\nname=\"o\"\n[[node]]\nname=\"nexus\"\norg=\"o\"\n");
         assert!(e.msg.contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn derp_regions_are_numbered_and_checked() {
+        let with = |extra: &str| format!("{OK}[[region]]\nname = \"eu\"\nlatency = \"30ms\"\nderp = true\n{extra}");
+        let s = Scenario::parse("t.toml", &with("")).unwrap();
+        assert_eq!(s.derp_region_id("default"), Some(1));
+        assert_eq!(s.derp_region_id("eu"), Some(2));
+        assert_eq!(s.derp_regions()[1].2, "derp-eu");
+        let home = |r: &str| format!("[[expect]]\nkind = \"home_derp\"\nnode = \"a1\"\nregion = \"{r}\"\n");
+        assert!(Scenario::parse("t.toml", &with(&home("eu"))).is_ok());
+        assert!(err(&with(&home("us"))).msg.contains("neither `default` nor a region"));
+        let down = "[[fault]]\nat = \"5s\"\nkind = \"derp_down\"\nregion = \"mars\"\n";
+        assert!(err(&with(down)).msg.contains("not a region with `derp = true`"));
+        // The regional DERP host's name is taken.
+        assert!(err(&with("[[nat]]\nname = \"derp-eu\"\n")).msg.contains("reserved or used twice"));
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct NodeObs {
     pub events: Vec<(Duration, String)>,
     /// Simulated times at which the control stream came up.
     pub connects: Vec<Duration>,
+    /// Home DERP region it reports (0: none yet).
+    pub home_derp: i32,
 }
 
 /// One mesh ping: when it ended and which path answered.
@@ -154,6 +156,8 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     }
     let mut nm = mesh.netmap();
     let mut conn = mesh.connected();
+    // The home DERP region changes without a netmap change: look every half second too.
+    let mut look = tokio::time::interval(Duration::from_millis(500));
     loop {
         let st = mesh.status();
         let was = {
@@ -164,6 +168,11 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
             o.ipv4 = st.ipv4.clone();
             o.node_key = st.node_key.clone();
             o.peer_keys = st.peers.iter().map(|p| p.node_key.clone()).collect();
+            if o.home_derp != st.home_derp {
+                o.events
+                    .push((turmoil::sim_elapsed().unwrap_or_default(), format!("home DERP region {}", st.home_derp)));
+                o.home_derp = st.home_derp;
+            }
             if st.connected && !was {
                 o.connects.push(turmoil::sim_elapsed().unwrap_or_default());
             }
@@ -175,6 +184,7 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
         tokio::select! {
             r = nm.changed() => if r.is_err() { break },
             r = conn.changed() => if r.is_err() { break },
+            _ = look.tick() => {}
         }
     }
     event(&ctx.board, name, "mesh stopped".into());
@@ -254,8 +264,10 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
 
     // Fix every address first (registration order decides them), so LANs can be described.
     let mut ip: BTreeMap<String, IpAddr> = BTreeMap::new();
-    for h in ["nexus", "derp"] {
-        ip.insert(h.into(), sim.lookup(h));
+    let derps = sc.derp_regions();
+    ip.insert("nexus".into(), sim.lookup("nexus"));
+    for (_, _, h) in &derps {
+        ip.insert(h.clone(), sim.lookup(h.as_str()));
     }
     for n in &sc.nats {
         ip.insert(n.name.get_ref().clone(), sim.lookup(n.name.get_ref().as_str()));
@@ -265,7 +277,9 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     }
     let shared = nexus_sim::build(nexus_sim::Config {
         server_url: nexus_url.clone(),
-        derp: nexus_sim::DerpMode::External(derp_host::derp_map(ip["derp"])),
+        derp: nexus_sim::DerpMode::External(derp_host::derp_map(
+            &derps.iter().map(|(id, _, h)| (*id, ip[h])).collect::<Vec<_>>(),
+        )),
         ..Default::default()
     })?;
     let mut org_keys = BTreeMap::new();
@@ -285,7 +299,10 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         let shared = shared.clone();
         move || nexus::serve(shared.clone())
     });
-    sim.host("derp", derp_host::run);
+    for (id, _, h) in &derps {
+        let id = *id;
+        sim.host(h.as_str(), move || derp_host::run(id));
+    }
 
     let mut nat_boxes: BTreeMap<String, Arc<NatBox>> = BTreeMap::new();
     for (i, n) in sc.nats.iter().enumerate() {
@@ -350,9 +367,8 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             vec![x.to_string()]
         }
     };
-    let mut registered: BTreeSet<String> = ["nexus", "derp"]
-        .into_iter()
-        .map(String::from)
+    let mut registered: BTreeSet<String> = std::iter::once("nexus".to_string())
+        .chain(derps.iter().map(|(_, _, h)| h.clone()))
         .chain(sc.nats.iter().map(|n| n.name.get_ref().clone()))
         .collect();
     configure_links(&mut sim, sc, None, &registered, &mut partitions);
@@ -453,6 +469,15 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                             st.violated = Some((now, format!("{node} listed {}", join(bad))));
                         }
                     }
+                    ExpectKind::HomeDerp if now >= by => {
+                        let want = e.region.as_ref().and_then(|r| sc.derp_region_id(r.get_ref())).unwrap_or(1);
+                        let home = bd.nodes.get(node).map(|o| o.home_derp).unwrap_or(0);
+                        st.decided = Some(if home == want {
+                            Verdict::Pass
+                        } else {
+                            Verdict::Fail(format!("home was region {home}"))
+                        });
+                    }
                     ExpectKind::Connected => {
                         let c = bd.nodes.get(node).is_some_and(|o| o.connected && o.running);
                         if in_window && !c && st.violated.is_none() {
@@ -508,11 +533,13 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     "nexus restart".into()
                 }
                 FaultKind::DerpDown => {
-                    sim.crash("derp");
+                    let h = derp_host_of(sc, &f.region);
+                    sim.crash(h.as_str());
                     "derp down".into()
                 }
                 FaultKind::DerpUp => {
-                    sim.bounce("derp");
+                    let h = derp_host_of(sc, &f.region);
+                    sim.bounce(h.as_str());
                     "derp up".into()
                 }
                 FaultKind::Partition | FaultKind::Heal => {
@@ -657,6 +684,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     Verdict::Fail(format!("{node} did not reconnect in ({}, {}]", e.after, report::fmt_t(by)))
                 }
             }
+            (ExpectKind::HomeDerp, None) => Verdict::Fail("not decided".into()),
             (ExpectKind::UdpPath | ExpectKind::Reaches, None) => {
                 let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
                 let rs = bd.reach.get(&(a.clone(), b2.clone())).map(Vec::as_slice).unwrap_or_default();
@@ -725,12 +753,7 @@ fn configure_links(
         if let Some(nat) = &n.nat {
             set_latency(sim, name, nat.get_ref(), Duration::from_millis(1), Duration::ZERO);
         }
-        if let Some(r) = &n.region {
-            let reg = sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()).expect("validated");
-            for h in ["nexus", "derp"] {
-                set_latency(sim, name, h, reg.latency.0, sc.net.jitter.0);
-            }
-        }
+        region_links(sim, sc, name, n.region.as_ref());
         for (x, y) in partitions.iter() {
             let other = if x == name {
                 y
@@ -752,6 +775,12 @@ fn configure_links(
             }
         }
     }
+    if node.is_none() {
+        // A NAT in a region carries its inside hosts' traffic at that region's distances.
+        for n in sc.nats.iter().filter(|n| n.region.is_some()) {
+            region_links(sim, sc, n.name.get_ref(), n.region.as_ref());
+        }
+    }
     for l in &sc.links {
         let (a, b) = (l.a.get_ref().as_str(), l.b.get_ref().as_str());
         let concerns = match node {
@@ -768,6 +797,37 @@ fn configure_links(
             sim.set_link_fail_rate(a, b, loss);
         }
     }
+}
+
+/// Latencies of `host` in `region` (or in none): the region's latency to Nexus and the world's
+/// `derp` host; 2 ms to its own regional DERP host and, across the "centre", the sum of both
+/// regions' latencies to the others (a host in no region: the other region's latency).
+fn region_links(sim: &turmoil::Sim<'_>, sc: &Scenario, host: &str, region: Option<&toml::Spanned<String>>) {
+    let set_latency = |a: &str, b: &str, l: Duration| {
+        sim.set_link_latency(a, b, l);
+        sim.set_link_max_message_latency(a, b, l + sc.net.jitter.0);
+    };
+    let reg = region.map(|r| sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()).expect("validated"));
+    if let Some(reg) = reg {
+        for h in ["nexus", "derp"] {
+            set_latency(host, h, reg.latency.0);
+        }
+    }
+    for other in sc.regions.iter().filter(|r| r.derp) {
+        let l = match reg {
+            Some(mine) if mine.name.get_ref() == other.name.get_ref() => Duration::from_millis(2),
+            Some(mine) => mine.latency.0 + other.latency.0,
+            None => other.latency.0,
+        };
+        set_latency(host, &format!("derp-{}", other.name.get_ref()), l);
+    }
+}
+
+/// The host of the DERP region a derp_down/derp_up fault names (the world's `derp` host by
+/// default).
+fn derp_host_of(sc: &Scenario, region: &Option<toml::Spanned<String>>) -> String {
+    let name = region.as_ref().map(|r| r.get_ref().as_str()).unwrap_or("default");
+    sc.derp_regions().into_iter().find(|(_, n, _)| n == name).map(|(.., h)| h).unwrap_or_else(|| "derp".into())
 }
 
 fn mark_stopped(board: &Mutex<Board>, n: &str) {

@@ -49,6 +49,10 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const RX_BATCH: usize = 128;
 /// How often STUN runs again: keeps the NAT mapping fresh and notices a new public address.
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// When the home DERP connection has been down this long, netcheck runs at once (not at the
+/// next interval) so the node re-homes on a relay that answers: until it does, peers that can
+/// only relay cannot reach it.
+const HOME_DOWN_RECHECK: Duration = Duration::from_secs(3);
 /// Relayed packets buffered between the DERP readers and the driver.
 const RELAY_INBOX: usize = 1024;
 
@@ -284,6 +288,7 @@ impl DataPlane {
             local_addr,
             probe: None,
             last_probe: None,
+            home_down_since: None,
             report: None,
             latency_tx,
             latency_rx,
@@ -511,6 +516,8 @@ struct Driver {
     /// The STUN probe in flight, if any.
     probe: Option<netcheck::Probe>,
     last_probe: Option<Instant>,
+    /// Since when the home region's DERP connection has been down (None: up, or no home).
+    home_down_since: Option<Instant>,
     report: Option<netcheck::Report>,
     /// Results of the HTTPS latency fallback (when STUN gets no answer).
     latency_tx: mpsc::Sender<Vec<crate::derphttp::RegionLatency>>,
@@ -680,10 +687,23 @@ impl Driver {
 
     /// Starts, advances and finishes STUN probes.
     async fn netcheck_timers(&mut self, now: Instant) {
+        let home = self.relays.home();
+        let home_down = home > 0 && !self.relays.connected().contains(&home);
+        self.home_down_since = match (home_down, self.home_down_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, since) => since,
+        };
+        let since_probe = |t: Instant| now.saturating_duration_since(t);
+        let home_lost = self.home_down_since.is_some_and(|t| now.saturating_duration_since(t) >= HOME_DOWN_RECHECK)
+            && self.last_probe.is_none_or(|t| since_probe(t) >= HOME_DOWN_RECHECK);
         if self.probe.is_none()
             && self.relays.available()
-            && self.last_probe.is_none_or(|t| now.saturating_duration_since(t) >= NETCHECK_INTERVAL)
+            && (home_lost || self.last_probe.is_none_or(|t| since_probe(t) >= NETCHECK_INTERVAL))
         {
+            if home_lost {
+                tracing::debug!(region = home, "home DERP unreachable: netcheck now");
+            }
             self.start_probe(now);
         }
         let Some(p) = self.probe.as_mut() else { return };
