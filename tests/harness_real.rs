@@ -1,9 +1,9 @@
 //! Scenario files played on real kernel NAT: `harness run FILE --real` starts the real
 //! `nexus-sim` and `citadel up` binaries in network namespaces (iptables MASQUERADE) and judges
-//! the same expectations as the simulation, mesh paths included. For these files the two agree
-//! on every verdict; `cgnat.toml` and `nat_matrix.toml` are left out because Linux conntrack
-//! filters by address and port and does not hairpin, which the README lists as known
-//! differences.
+//! the same expectations as the simulation, mesh paths included, with the same faults (Nexus
+//! and DERP outages, restarts, partitions, holds). For these files the two agree on every
+//! verdict; `cgnat.toml` and `nat_matrix.toml` are left out because Linux conntrack filters by
+//! address and port and does not hairpin, which the README lists as known differences.
 
 use citadel_e2e::{bin, can_netns};
 use std::process::{Command, Stdio};
@@ -78,4 +78,18 @@ fn nexus_down_on_kernel_nat_agrees_with_the_simulation() {
     let Some(real) = play_real("nexus_down.toml", Duration::from_secs(420)) else { return };
     assert!(real.contains("PASS           path a1 -> a2 is direct at 75s"), "{real}");
     assert!(real.contains("PASS           a3 reaches a1 via direct"), "{real}");
+}
+
+#[test]
+fn partition_heal_on_kernel_nat_agrees_with_the_simulation() {
+    let Some(real) = play_real("partition_heal.toml", Duration::from_secs(400)) else { return };
+    assert!(real.contains("PASS           path a1 -> a2 is relay at 60s"), "{real}");
+    assert!(real.contains("PASS           g1 sees exactly {g2} in [60s, 110s]"), "{real}");
+}
+
+#[test]
+fn derp_down_on_kernel_nat_agrees_with_the_simulation() {
+    let Some(real) = play_real("derp_down.toml", Duration::from_secs(300)) else { return };
+    assert!(real.contains("PASS           e1 reaches p1 via direct in [50s, 60s]"), "{real}");
+    assert!(real.contains("PASS           h1 never reaches h2 in [30s, 60s]"), "{real}");
 }

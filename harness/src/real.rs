@@ -8,7 +8,13 @@
 //! each node is a namespace on its NAT's LAN or on the internet. Every namespace is deleted
 //! when the run ends, also on error and on Ctrl-C.
 //!
-//! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `restart`/`stop`/`start`.
+//! The DERP relay (`nexus-sim derp`, with STUN) is its own process at 198.18.0.2, named in the
+//! DERP map Nexus hands out, as the simulation's `derp` host is.
+//!
+//! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `derp_down`/`derp_up`
+//! (the world's relay), `restart`/`stop`/`start`, and `partition`/`heal`/`hold`/`release`
+//! between nodes and `nexus` or `derp`, or between public nodes (iptables DROP in the node's
+//! namespace; a hold is a blackhole that TCP rides out by retransmitting).
 //! Evaluated: everything, from each running `up`'s status and mesh pings over its local API
 //! socket; expectations whose deadline follows a fault that is not played are reported as not
 //! evaluated.
@@ -204,6 +210,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     lab.add_ns("inet")?;
     lab.sh(Some("inet"), &["ip", "link", "add", "br0", "type", "bridge"])?;
     lab.sh(Some("inet"), &["ip", "addr", "add", "198.18.0.1/16", "dev", "br0"])?;
+    // The relay is a host of its own, as in simulation: `derp_down` stops it alone and a
+    // partition from Nexus leaves it reachable.
+    lab.sh(Some("inet"), &["ip", "addr", "add", "198.18.0.2/16", "dev", "br0"])?;
     lab.sh(Some("inet"), &["ip", "link", "set", "br0", "up"])?;
 
     // NATs, upstream first.
@@ -280,11 +289,27 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         }
     }
 
+    let derp_args: Vec<String> = ["derp", "--listen", "198.18.0.2:443", "--stun-listen", "198.18.0.2:3478"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let derp_map = tmp.path().join("derpmap.json");
+    std::fs::write(
+        &derp_map,
+        serde_json::to_vec(&nexus_sim::embedded_derp_map(
+            "198.18.0.2",
+            &[(1, "198.18.0.2:443".parse().expect("literal"))],
+            Some(3478),
+        ))?,
+    )?;
+    let mut derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
+    wait_port(&lab, "inet", "198.18.0.2", 443)?;
     let nexus_args: Vec<String> =
         ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
             .iter()
             .map(|s| s.to_string())
             .chain(["--db".to_string(), db.display().to_string()])
+            .chain(["--derp-map".to_string(), derp_map.display().to_string()])
             .collect();
     let mut nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
     wait_port(&lab, "inet", "198.18.0.1", 8080)?;
@@ -363,6 +388,46 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let f = faults.next().expect("checked");
             let node_idx = f.node.as_ref().and_then(|n| sc.nodes.iter().position(|x| x.name.get_ref() == n.get_ref()));
             let desc = match (f.kind.get_ref(), node_idx) {
+                (FaultKind::DerpDown, _) if f.region.is_none() => {
+                    if let Some(c) = derp_child.take() {
+                        lab.stop(c);
+                    }
+                    "derp down".to_string()
+                }
+                (FaultKind::DerpUp, _) if f.region.is_none() => {
+                    if derp_child.is_none() {
+                        derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
+                    }
+                    "derp up".to_string()
+                }
+                (kind @ (FaultKind::Partition | FaultKind::Heal | FaultKind::Hold | FaultKind::Release), _) => {
+                    let (a, b) = (
+                        f.a.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default(),
+                        f.b.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default(),
+                    );
+                    let cut = matches!(kind, FaultKind::Partition | FaultKind::Hold);
+                    match cut_rules(sc, &a, &b) {
+                        Some(rules) => {
+                            for (ns, peer) in rules {
+                                let op = if cut { "-I" } else { "-D" };
+                                for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+                                    // Healing what was never cut fails harmlessly.
+                                    let r = lab.sh(Some(&ns), &["iptables", op, chain, dir, &peer, "-j", "DROP"]);
+                                    if cut {
+                                        r?;
+                                    }
+                                }
+                            }
+                            // A hold is a blackhole that TCP rides out by retransmitting: the
+                            // kernel's analogue of turmoil queueing the messages.
+                            format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
+                        }
+                        None => {
+                            unplayed.get_or_insert(f.at.0);
+                            format!("{kind:?} {a} | {b} (not played in --real: only nodes against nexus, derp or public nodes)")
+                        }
+                    }
+                }
                 (FaultKind::NexusDown, _) => {
                     if let Some(c) = nexus_child.take() {
                         lab.stop(c);
@@ -607,13 +672,16 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     s
 }
 
+/// Mesh ping results by `(from, to)`.
+type PingLog = Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>;
+
 /// Mesh pings in `--real`: one thread per `udp_path`/`reaches` pair asks the pinging node's
 /// running `up` to ping once a second (through its local API socket, so from the root
 /// namespace) and records which path answered, as the simulation's mesh probe does.
 struct Pingers {
     /// Node → (its `up` runs, its mesh IPv4), refreshed by the sampling loop.
     nodes: Arc<Mutex<BTreeMap<String, (bool, Option<String>)>>>,
-    results: Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>,
+    results: PingLog,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -621,7 +689,7 @@ struct Pingers {
 impl Pingers {
     fn start(sc: &Scenario, state_root: &Path, t0: Instant) -> Pingers {
         let nodes = Arc::new(Mutex::new(BTreeMap::new()));
-        let results: Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>> = Arc::default();
+        let results: PingLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let pairs: BTreeSet<(String, String)> = sc
             .expects
@@ -693,4 +761,46 @@ fn ping_once(rt: &tokio::runtime::Runtime, state_dir: &Path, ip: &str) -> Option
         Ok(Ok(Some(citadel::api::Response::Pong(p)))) => Some(crate::probe::path_kind(p.path.as_deref())),
         _ => None,
     }
+}
+
+/// The iptables cuts that separate `a` from `b` (hosts or orgs), as `(node namespace, address
+/// to drop)`: a node against `nexus` (198.18.0.1), `derp` (198.18.0.2) or a node on the
+/// public network. `None` when the pair involves something else (a NAT host, a NATed node's
+/// public side), which the real topology cannot cut the way the simulation does.
+fn cut_rules(sc: &Scenario, a: &str, b: &str) -> Option<Vec<(String, String)>> {
+    let expand = |x: &str| -> Vec<String> {
+        if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
+            sc.nodes.iter().filter(|n| n.org.get_ref() == x).map(|n| n.name.get_ref().clone()).collect()
+        } else {
+            vec![x.to_string()]
+        }
+    };
+    let node_ns = |n: &str| sc.nodes.iter().position(|x| x.name.get_ref() == n).map(|i| format!("n{i}"));
+    let public_addr = |n: &str| {
+        let i = sc.nodes.iter().position(|x| x.name.get_ref() == n)?;
+        sc.nodes[i].nat.is_none().then(|| format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250))
+    };
+    let fixed = |x: &str| match x {
+        "nexus" => Some("198.18.0.1".to_string()),
+        "derp" => Some("198.18.0.2".to_string()),
+        _ => None,
+    };
+    let mut rules = Vec::new();
+    for x in expand(a) {
+        for y in expand(b) {
+            if x == y {
+                continue;
+            }
+            match (node_ns(&x), node_ns(&y)) {
+                (Some(ns), None) => rules.push((ns, fixed(&y)?)),
+                (None, Some(ns)) => rules.push((ns, fixed(&x)?)),
+                (Some(nx), Some(ny)) => {
+                    rules.push((nx, public_addr(&y)?));
+                    rules.push((ny, public_addr(&x)?));
+                }
+                (None, None) => return None,
+            }
+        }
+    }
+    Some(rules)
 }

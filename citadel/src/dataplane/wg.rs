@@ -309,7 +309,7 @@ impl WgRouter {
             self.by_index.remove(&p.index);
             self.by_index.insert(index, *key);
             p.index = index;
-            p.tunn = Box::new(tunn);
+            *p.tunn = tunn;
             tracing::debug!(peer = %key.short(), "peer restarted: tunnel reset");
         }
     }
