@@ -379,9 +379,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         let due: Vec<usize> = respawn.iter().filter(|(_, t)| **t <= now).map(|(i, _)| *i).collect();
         for i in due {
             respawn.remove(&i);
-            if node_child.contains_key(&i) {
+            if let Some(slot) = node_child.get_mut(&i) {
                 let joined = obs.get(sc.nodes[i].name.get_ref()).is_some_and(|o| !o.joins.is_empty());
-                node_child.insert(i, start_node(&mut lab, i, !joined)?);
+                *slot = start_node(&mut lab, i, !joined)?;
             }
         }
         while faults.peek().is_some_and(|f| f.at.0 <= now) {
@@ -672,6 +672,9 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     s
 }
 
+/// Node → (its `up` runs, its mesh IPv4).
+type NodeAddrs = BTreeMap<String, (bool, Option<String>)>;
+
 /// Mesh ping results by `(from, to)`.
 type PingLog = Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>;
 
@@ -680,7 +683,7 @@ type PingLog = Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult
 /// namespace) and records which path answered, as the simulation's mesh probe does.
 struct Pingers {
     /// Node → (its `up` runs, its mesh IPv4), refreshed by the sampling loop.
-    nodes: Arc<Mutex<BTreeMap<String, (bool, Option<String>)>>>,
+    nodes: Arc<Mutex<NodeAddrs>>,
     results: PingLog,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -707,7 +710,7 @@ impl Pingers {
                     while !stop.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
                         let tick = Instant::now();
                         let target = {
-                            let n: &BTreeMap<String, (bool, Option<String>)> = &nodes.lock().unwrap();
+                            let n: &NodeAddrs = &nodes.lock().unwrap();
                             n.get(&a).is_some_and(|x| x.0).then(|| n.get(&b).and_then(|x| x.1.clone())).flatten()
                         };
                         if let Some(ip) = target {

@@ -63,11 +63,14 @@ pub struct TraceInput<'a> {
     pub samples: u64,
     /// Final visibility.
     pub visibility: &'a BTreeMap<String, BTreeSet<String>>,
-    /// NAT-layer paths.
+    /// Mesh paths at each `udp_path` deadline.
     pub paths: &'a BTreeMap<(String, String), PathKind>,
     /// Mesh pings per pinged pair: when each ended and which path answered.
-    pub pings: &'a BTreeMap<(String, String), Vec<(Duration, Option<PathKind>)>>,
+    pub pings: &'a BTreeMap<(String, String), Vec<PingResult>>,
 }
+
+/// One mesh ping: when it ended and which path answered (`None`: no answer).
+pub type PingResult = (Duration, Option<PathKind>);
 
 /// Simulated time as `12.345s`.
 pub fn fmt_t(d: Duration) -> String {

@@ -75,8 +75,7 @@ pub struct NodeObs {
     pub home_derp: i32,
 }
 
-/// One mesh ping: when it ended and which path answered.
-pub type PingResult = (Duration, Option<PathKind>);
+pub use crate::report::PingResult;
 
 /// State shared between the simulated hosts and the driver.
 #[derive(Debug, Default)]
