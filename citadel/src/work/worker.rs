@@ -523,24 +523,7 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
             "updated_at",
             started
         ),
-        cmd!(
-            "XADD",
-            events,
-            "MAXLEN",
-            "~",
-            EVENTS_MAXLEN,
-            "*",
-            "type",
-            "status",
-            "state",
-            "running",
-            "attempt",
-            attempts,
-            "worker",
-            c.consumer,
-            "at",
-            started
-        ),
+        status_event(&events, "running", &[("attempt", &attempts), ("worker", &c.consumer)], &started),
     ];
     start.extend(expire_cmds(&ctx, &key, &events));
     if let Err(e) = ctx.redis.pipeline(start).await {
@@ -559,25 +542,7 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
     match report.error {
         None => {
             hset.extend(cmd!("state", "succeeded"));
-            let mut tx = vec![
-                hset,
-                cmd!(
-                    "XADD",
-                    events,
-                    "MAXLEN",
-                    "~",
-                    EVENTS_MAXLEN,
-                    "*",
-                    "type",
-                    "status",
-                    "state",
-                    "succeeded",
-                    "attempt",
-                    attempts,
-                    "at",
-                    finished
-                ),
-            ];
+            let mut tx = vec![hset, status_event(&events, "succeeded", &[("attempt", &attempts)], &finished)];
             tx.extend(expire_cmds(&ctx, &key, &events));
             // Ack in the same transaction as the result, so "acked" implies "result recorded".
             tx.push(cmd!("XACK", c.queue, c.group, entry.id));
@@ -606,25 +571,11 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
             let retry_in = format!("{}", c.claim_idle.as_millis());
             let mut cmds = vec![
                 hset,
-                cmd!(
-                    "XADD",
-                    events,
-                    "MAXLEN",
-                    "~",
-                    EVENTS_MAXLEN,
-                    "*",
-                    "type",
-                    "status",
-                    "state",
+                status_event(
+                    &events,
                     "failed",
-                    "attempt",
-                    attempts,
-                    "error",
-                    err,
-                    "retry_in_ms",
-                    retry_in,
-                    "at",
-                    finished
+                    &[("attempt", &attempts), ("error", &err), ("retry_in_ms", &retry_in)],
+                    &finished,
                 ),
             ];
             cmds.extend(expire_cmds(&ctx, &key, &events));
@@ -634,6 +585,16 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
             Outcome::Retry
         }
     }
+}
+
+/// XADD of one `status` event to a job's events stream: `state`, then `fields`, then `at`.
+fn status_event(events: &str, state: &str, fields: &[(&str, &str)], at: &str) -> Vec<Vec<u8>> {
+    let mut x = cmd!("XADD", events, "MAXLEN", "~", EVENTS_MAXLEN, "*", "type", "status", "state", state);
+    for (k, v) in fields {
+        x.extend(cmd!(k, v));
+    }
+    x.extend(cmd!("at", at));
+    x
 }
 
 fn expire_cmds(ctx: &Ctx, key: &str, events: &str) -> Vec<Vec<Vec<u8>>> {
@@ -722,22 +683,7 @@ async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reas
             "updated_at",
             at
         ),
-        cmd!(
-            "XADD",
-            events,
-            "MAXLEN",
-            "~",
-            EVENTS_MAXLEN,
-            "*",
-            "type",
-            "status",
-            "state",
-            "dead",
-            "error",
-            reason,
-            "at",
-            at
-        ),
+        status_event(&events, "dead", &[("error", reason)], &at),
     ];
     tx.extend(expire_cmds(ctx, &key, &events));
     tx.push(cmd!("XACK", c.queue, c.group, entry.id));
