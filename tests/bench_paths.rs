@@ -116,29 +116,8 @@ async fn run(map: &DerpMap, relay: bool, dur: Duration) -> anyhow::Result<(f64, 
     let rtt = rtts[rtts.len() / 2];
 
     // Throughput: one stream A -> B for `dur`.
-    let l = b.listen_tcp(9000)?;
-    let sink = tokio::spawn(async move {
-        let (mut s, _) = l.accept().await?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        let start = Instant::now();
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        anyhow::Ok((total, start.elapsed()))
-    });
-    let mut s = a.dial_tcp("100.64.0.2:9000".parse()?).await?;
-    let chunk = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    while start.elapsed() < dur {
-        s.write_all(&chunk).await?;
-    }
-    s.shutdown().await?;
-    let (total, took) = tokio::time::timeout(dur + Duration::from_secs(30), sink).await???;
+    let (total, took) =
+        tokio::time::timeout(dur + Duration::from_secs(30), a.bulk_send(&b, "100.64.0.2:9000".parse()?, dur)).await??;
     let path = a.peer_stats().first().and_then(|p| p.path).map(|p| p.to_string()).unwrap_or_default();
     Ok((total as f64 / MB / took.as_secs_f64(), rtt, path))
 }

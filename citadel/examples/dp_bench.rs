@@ -15,7 +15,6 @@ use citadel::netmap::NetMap;
 use citadel::tailcfg::{FilterRule, NetPortRange, Node, PortRange};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// Inner packet size: the mesh MTU.
@@ -79,29 +78,7 @@ async fn mesh_tcp(dur: Duration) -> anyhow::Result<f64> {
     tb.send_replace(netmap(&nb, &na));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let l = b.listen_tcp(9000)?;
-    let sink = tokio::spawn(async move {
-        let (mut s, _) = l.accept().await?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        let start = Instant::now();
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        anyhow::Ok((total, start.elapsed()))
-    });
-    let mut s = a.dial_tcp("100.64.0.2:9000".parse()?).await?;
-    let chunk = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    while start.elapsed() < dur {
-        s.write_all(&chunk).await?;
-    }
-    s.shutdown().await?;
-    let (total, took) = sink.await??;
+    let (total, took) = a.bulk_send(&b, "100.64.0.2:9000".parse()?, dur).await?;
     Ok(total as f64 / MB / took.as_secs_f64())
 }
 

@@ -374,6 +374,38 @@ impl DataPlane {
         Ok(MeshTcpListener::new(Arc::clone(&self.shared), port))
     }
 
+    /// Sends as much as it can for `dur` over one TCP stream from this node to `to`, whose data
+    /// plane `receiver` accepts it on `to`'s port; returns the bytes received and how long the
+    /// receiver took. A self-test of the whole path (netstack, WireGuard, UDP or DERP), used by
+    /// the throughput benchmarks.
+    ///
+    /// # Errors
+    /// The port cannot be bound on `receiver`, the dial fails, or the stream breaks.
+    pub async fn bulk_send(&self, receiver: &DataPlane, to: SocketAddr, dur: Duration) -> io::Result<(u64, Duration)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const CHUNK: usize = 256 * 1024;
+        let l = receiver.listen_tcp(to.port())?;
+        let sink = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await?;
+            let mut buf = vec![0u8; CHUNK];
+            let (mut total, start) = (0u64, crate::clock::now());
+            loop {
+                match s.read(&mut buf).await? {
+                    0 => return io::Result::Ok((total, crate::clock::now().saturating_duration_since(start))),
+                    n => total += n as u64,
+                }
+            }
+        });
+        let mut s = self.dial_tcp(to).await?;
+        let chunk = vec![0x5au8; CHUNK];
+        let start = crate::clock::now();
+        while crate::clock::now().saturating_duration_since(start) < dur {
+            s.write_all(&chunk).await?;
+        }
+        s.shutdown().await?;
+        sink.await.map_err(io::Error::other)?
+    }
+
     /// Binds a UDP socket on `port` (0 = an ephemeral port) of every mesh address.
     ///
     /// # Errors
