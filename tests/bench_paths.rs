@@ -8,9 +8,9 @@
 //! ```
 
 use citadel::dataplane::{DataPlane, DataPlaneConfig};
-use citadel::keys::{DiscoPublic, NodePublic, PrivateKey};
+use citadel::keys::PrivateKey;
 use citadel::netmap::NetMap;
-use citadel::tailcfg::{DerpMap, FilterRule, NetPortRange, Node, PortRange};
+use citadel::tailcfg::DerpMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,36 +53,11 @@ async fn run(map: &DerpMap, relay: bool, dur: Duration) -> anyhow::Result<(f64, 
     let (ta, ra) = tokio::sync::watch::channel(NetMap::default());
     let (tb, rb) = tokio::sync::watch::channel(NetMap::default());
     let planes = [DataPlane::start(cfg(0), ra)?, DataPlane::start(cfg(1), rb)?];
-    let node = |i: usize| {
-        let ip = format!("100.64.0.{}/32", i + 1);
-        Node {
-            id: i as i64 + 1,
-            key: NodePublic(keys[i].0.public_bytes()),
-            disco_key: if relay { DiscoPublic([0; 32]) } else { DiscoPublic(keys[i].1.public_bytes()) },
-            addresses: vec![ip.clone()],
-            allowed_ips: vec![ip],
-            endpoints: vec![if relay { "192.0.2.1:9".to_string() } else { planes[i].local_addr().to_string() }],
-            home_derp: 1,
-            ..Default::default()
-        }
-    };
-    let rule = FilterRule {
-        src_ips: vec!["*".into()],
-        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
-        ip_proto: vec![],
-    };
-    let nm = |me: usize| {
-        let mut nm = NetMap {
-            self_node: node(me),
-            packet_filter: vec![rule.clone()],
-            derp_map: map.clone(),
-            ..Default::default()
-        };
-        nm.peers.insert(node(1 - me).id, node(1 - me));
-        nm
-    };
-    ta.send_replace(nm(0));
-    tb.send_replace(nm(1));
+    // Relayed: no disco and an endpoint nobody answers, so packets can only go over DERP.
+    let eps = |i: usize| if relay { "192.0.2.1:9".to_string() } else { planes[i].local_addr().to_string() };
+    let [n0, n1] = citadel_e2e::two_node_netmaps(&keys, [eps(0), eps(1)], !relay, map);
+    ta.send_replace(n0);
+    tb.send_replace(n1);
     let (a, b) = (&planes[0], &planes[1]);
 
     // Round trip: 1-byte echo.

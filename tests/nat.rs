@@ -413,9 +413,7 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
 #[tokio::test]
 async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
     use citadel::dataplane::{DataPlane, DataPlaneConfig, Path};
-    use citadel::keys::{DiscoPublic, NodePublic, PrivateKey};
-    use citadel::netmap::NetMap;
-    use citadel::tailcfg::{FilterRule, NetPortRange, Node as TNode, PortRange};
+    use citadel::keys::PrivateKey;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let nx = citadel_e2e::Nexus::start().await;
@@ -423,41 +421,14 @@ async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
     let mut rng = rand::thread_rng();
     let keys: Vec<(PrivateKey, PrivateKey)> =
         (0..2).map(|_| (PrivateKey::generate(&mut rng), PrivateKey::generate(&mut rng))).collect();
-    let node = |i: usize| {
-        let ip = format!("100.64.0.{}/32", i + 1);
-        TNode {
-            id: i as i64 + 1,
-            key: NodePublic(keys[i].0.public_bytes()),
-            disco_key: DiscoPublic(keys[i].1.public_bytes()),
-            addresses: vec![ip.clone()],
-            allowed_ips: vec![ip],
-            endpoints: vec!["192.0.2.1:9".into()],
-            home_derp: 1,
-            ..Default::default()
-        }
-    };
-    let rule = FilterRule {
-        src_ips: vec!["*".into()],
-        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
-        ip_proto: vec![],
-    };
-    let nm = |me: usize| {
-        let mut nm = NetMap {
-            self_node: node(me),
-            packet_filter: vec![rule.clone()],
-            derp_map: derp_map.clone(),
-            ..Default::default()
-        };
-        nm.peers.insert(node(1 - me).id, node(1 - me));
-        nm
-    };
+    let nms = citadel_e2e::two_node_netmaps(&keys, ["192.0.2.1:9".into(), "192.0.2.1:9".into()], true, &derp_map);
     let start = |i: usize| {
         let cfg = DataPlaneConfig {
             node_key: keys[i].0.clone(),
             disco_key: keys[i].1.clone(),
             bind: "127.0.0.1:0".parse().unwrap(),
         };
-        let (tx, rx) = tokio::sync::watch::channel(nm(i));
+        let (tx, rx) = tokio::sync::watch::channel(nms[i].clone());
         (DataPlane::start(cfg, rx).unwrap(), tx)
     };
     let ((a, _ta), (b, _tb)) = (start(0), start(1));

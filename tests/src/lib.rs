@@ -266,3 +266,45 @@ pub fn start_caddy(
             .expect("spawn caddy"),
     )
 }
+
+/// The netmaps of two nodes that know each other without a control server: mesh IPs
+/// 100.64.0.1 and .2, every port open, home DERP region 1 of `derp_map`. `keys[i]` is node
+/// `i`'s (node key, disco key); `endpoints[i]` what the other is told about it. Without
+/// `disco` the nodes are plain WireGuard peers to each other (no path discovery).
+pub fn two_node_netmaps(
+    keys: &[(citadel::keys::PrivateKey, citadel::keys::PrivateKey)],
+    endpoints: [String; 2],
+    disco: bool,
+    derp_map: &citadel::tailcfg::DerpMap,
+) -> [citadel::netmap::NetMap; 2] {
+    use citadel::keys::{DiscoPublic, NodePublic};
+    use citadel::tailcfg::{FilterRule, NetPortRange, Node, PortRange};
+    let node = |i: usize| {
+        let ip = format!("100.64.0.{}/32", i + 1);
+        Node {
+            id: i as i64 + 1,
+            key: NodePublic(keys[i].0.public_bytes()),
+            disco_key: if disco { DiscoPublic(keys[i].1.public_bytes()) } else { DiscoPublic([0; 32]) },
+            addresses: vec![ip.clone()],
+            allowed_ips: vec![ip],
+            endpoints: vec![endpoints[i].clone()],
+            home_derp: 1,
+            ..Default::default()
+        }
+    };
+    let rule = FilterRule {
+        src_ips: vec!["*".into()],
+        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+        ip_proto: vec![],
+    };
+    [0, 1].map(|me| {
+        let mut nm = citadel::netmap::NetMap {
+            self_node: node(me),
+            packet_filter: vec![rule.clone()],
+            derp_map: derp_map.clone(),
+            ..Default::default()
+        };
+        nm.peers.insert(node(1 - me).id, node(1 - me));
+        nm
+    })
+}
