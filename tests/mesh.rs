@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn cfg(url: &str, key: Option<&str>, dir: &Path, host: &str) -> Config {
     let mut c = Config::new(Some(url.to_string()), key.map(str::to_string), dir.to_path_buf());
@@ -48,16 +47,8 @@ async fn same_org_nodes_talk_and_other_orgs_cannot() {
     let ip = a.resolve("b").unwrap();
     let mut s = tokio::time::timeout(Duration::from_secs(10), a.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
-    let (mut r, mut w) = tokio::io::split(&mut s);
-    let d2 = data.clone();
-    let writer = async move {
-        w.write_all(&d2).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut got = Vec::new();
-    let reader = r.read_to_end(&mut got);
-    let (_, n) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(writer, reader) }).await.unwrap();
-    n.unwrap();
+    let got =
+        tokio::time::timeout(Duration::from_secs(30), citadel_e2e::echo_through(&mut s, &data)).await.unwrap().unwrap();
     assert!(got == data, "echo differs");
 
     // Ping reports a direct path.

@@ -414,7 +414,6 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
 async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
     use citadel::dataplane::{DataPlane, DataPlaneConfig, Path};
     use citadel::keys::PrivateKey;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let nx = citadel_e2e::Nexus::start().await;
     let derp_map = nx.running.shared.derp_map.clone();
@@ -444,16 +443,7 @@ async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
     let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let run = async {
         let mut s = a.dial_tcp("100.64.0.2:7000".parse().unwrap()).await.unwrap();
-        let (mut r, mut w) = tokio::io::split(&mut s);
-        let d2 = data.clone();
-        let writer = async move {
-            w.write_all(&d2).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let mut got = Vec::new();
-        let (_, n) = tokio::join!(writer, r.read_to_end(&mut got));
-        n.unwrap();
-        got
+        citadel_e2e::echo_through(&mut s, &data).await.unwrap()
     };
     let got = tokio::time::timeout(Duration::from_secs(30), run).await.expect("echo over DERP in time");
     assert!(got == data, "echo differs");

@@ -308,3 +308,22 @@ pub fn two_node_netmaps(
         nm
     })
 }
+
+/// Writes `data` into a connection to an echo server while reading what comes back, closes
+/// the write side when done, and returns everything echoed.
+pub async fn echo_through<S>(s: &mut S, data: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = async move {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut got = Vec::new();
+    let (wr, rd) = tokio::join!(writer, r.read_to_end(&mut got));
+    wr?;
+    rd?;
+    Ok(got)
+}
