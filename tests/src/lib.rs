@@ -327,3 +327,5 @@ where
     rd?;
     Ok(got)
 }
+
+pub mod bench;
