@@ -328,10 +328,10 @@ pub async fn throughput(w: &mut World, secs: f64) -> anyhow::Result<Vec<Figure>>
     let _ta = w.caddy("tp-ts-a", Some(""), &sites_a)?;
     let (_, na) = w.online("tp-ts-a", Duration::from_secs(60)).await?;
     let sites_b = format!(
-        ":{ts_to_ts} {{\n\tbind 127.0.0.1\n\treverse_proxy http://{}:80 {{\n\t\ttransport tailscale tp-ts-b\n\t}}\n}}",
+        ":80 {{\n\tbind tailscale/tp-ts-b\n\trespond \"b\"\n}}\n:{ts_to_ts} {{\n\tbind 127.0.0.1\n\treverse_proxy http://{}:80 {{\n\t\ttransport tailscale tp-ts-b\n\t}}\n}}",
         na.ipv4
     );
-    let _tb = w.caddy("tp-ts-b", Some("\t\ttp-ts-b {\n\t\t}"), &sites_b)?;
+    let _tb = w.caddy("tp-ts-b", Some(""), &sites_b)?;
     w.online("tp-ts-b", Duration::from_secs(60)).await?;
     let _ = cb.ask("wait-direct tp-cit-a 10").await?;
     let _ = cb.ask("wait-direct tp-ts-a 10").await?;
@@ -392,22 +392,42 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
 pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
+    if !matches!(what, "all" | "join" | "throughput" | "memory") {
+        bail!("unknown figure {what:?} (all, join, throughput, memory)");
+    }
     let (ns, rt) = enter()?;
     rt.block_on(async {
         let mut w = World::start(ns).await?;
-        let mut figs = Vec::new();
-        if matches!(what, "all" | "join") {
-            figs.extend(join(&mut w, plan.join_runs).await?);
-        }
-        if matches!(what, "all" | "throughput") {
-            figs.extend(throughput(&mut w, plan.secs).await?);
-        }
-        if matches!(what, "all" | "memory") {
-            figs.extend(memory(&mut w, plan.idle).await?);
-        }
-        if figs.is_empty() {
-            bail!("unknown figure {what:?} (all, join, throughput, memory)");
-        }
-        Ok(figs)
+        let figs = measure(&mut w, what, plan).await;
+        figs.map_err(|e| anyhow!("{e:#}\n{}", caddy_logs(w.dir.path())))
     })
+}
+
+/// The last lines of every Caddy log under `dir`, to explain a failed run.
+fn caddy_logs(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(log) = std::fs::read_to_string(e.path().join("caddy.log")) else { continue };
+        let lines: Vec<&str> = log.lines().collect();
+        let _ = writeln!(out, "--- {} ---", e.path().display());
+        for l in &lines[lines.len().saturating_sub(5)..] {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    out
+}
+
+/// Measures the figures `what` names.
+async fn measure(w: &mut World, what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
+    let mut figs = Vec::new();
+    if matches!(what, "all" | "join") {
+        figs.extend(join(w, plan.join_runs).await?);
+    }
+    if matches!(what, "all" | "throughput") {
+        figs.extend(throughput(w, plan.secs).await?);
+    }
+    if matches!(what, "all" | "memory") {
+        figs.extend(memory(w, plan.idle).await?);
+    }
+    Ok(figs)
 }
