@@ -234,13 +234,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Join: start → online as nexus-sim sees it, for `citadel init` and for Caddy's tsnet node,
 /// runs interleaved (citadel, tsnet, citadel, …) after one discarded warm-up of each. Both
-/// include their process start-up. Also returns citadel's start → exit (the CLI's own view).
+/// include their process start-up. Also returns citadel's start → exit, when `citadel init`
+/// prints the mesh IP (the CLI's own view), against the same tsnet figure. `BENCH_CITADEL`
+/// names another `citadel` binary to time instead.
 pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
     let (mut cit, mut ts, mut cit_exit) = (Vec::new(), Vec::new(), Vec::new());
+    // Another citadel build to compare with (say, the last release), same run, same server.
+    let citadel = std::env::var_os("BENCH_CITADEL").map(PathBuf::from).unwrap_or_else(|| bin("citadel"));
     for i in 0..=runs {
         let name = format!("join-c{i}");
         let start = Instant::now();
-        let mut child = Command::new(bin("citadel"))
+        let mut child = Command::new(&citadel)
             .arg("--state-dir")
             .arg(w.dir.path().join(&name))
             .args(["init", "--authkey", &w.key, "--nexus", &w.nexus.url(), "--hostname", &name])
@@ -280,10 +284,10 @@ pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
             tsnet: Some(median(ts)),
         },
         Figure {
-            name: "join: citadel init start -> exit (median)",
+            name: "join: citadel init exit (mesh IP) vs tsnet online",
             unit: "ms",
             citadel: median(cit_exit),
-            tsnet: None,
+            tsnet: Some(median(ts)),
         },
     ])
 }
