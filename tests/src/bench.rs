@@ -227,7 +227,8 @@ impl MeshNode {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -280,14 +281,14 @@ pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
         Figure {
             name: "join: start -> online at nexus-sim (median)",
             unit: "ms",
-            citadel: median(cit),
-            tsnet: Some(median(ts)),
+            citadel: median(&cit),
+            tsnet: Some(median(&ts)),
         },
         Figure {
             name: "join: citadel init exit (mesh IP) vs tsnet online",
             unit: "ms",
-            citadel: median(cit_exit),
-            tsnet: Some(median(ts)),
+            citadel: median(&cit_exit),
+            tsnet: Some(median(&ts)),
         },
     ])
 }
