@@ -279,13 +279,13 @@ pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
     eprintln!("join runs (ms): citadel {cit:.1?}; tsnet {ts:.1?}; citadel start -> exit {cit_exit:.1?}");
     Ok(vec![
         Figure {
-            name: "join: start -> online at nexus-sim (median)",
+            name: "join: start -> online at nexus-sim",
             unit: "ms",
             citadel: median(&cit),
             tsnet: Some(median(&ts)),
         },
         Figure {
-            name: "join: citadel init exit (mesh IP) vs tsnet online",
+            name: "join: init exit (mesh IP) vs tsnet online",
             unit: "ms",
             citadel: median(&cit_exit),
             tsnet: Some(median(&ts)),
