@@ -625,19 +625,15 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            // A probe is finished as soon as its last answer arrives and re-sent on its own
-            // schedule, not at the next tick: the mesh waits for its report to announce the node.
-            if self.probe.as_ref().is_some_and(|p| p.done(now) || p.next_deadline() <= now) {
+            // A probe is finished as soon as its last answer arrives, not at the next tick:
+            // the mesh waits for its report to announce the node.
+            if self.probe.as_ref().is_some_and(|p| p.done(now)) {
                 self.netcheck_timers(now).await;
             }
             let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
             // Discovery starts as soon as traffic to a peer does, not at the next tick.
             self.shared.lock_wg().poll_disco(&mut out);
-            let mut wake = tokio::time::Instant::now() + delay;
-            if let Some(p) = &self.probe {
-                wake = wake.min(tokio::time::Instant::from_std(p.next_deadline()));
-            }
-            stack_timer.as_mut().reset(wake);
+            stack_timer.as_mut().reset(tokio::time::Instant::now() + delay);
             out.append(&mut self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));
             for t in out.drain(..) {
                 self.send(t).await;
