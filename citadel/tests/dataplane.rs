@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+
+mod common;
 use tokio::time::timeout;
 
 /// One test node: its keys and mesh addresses.
@@ -505,15 +507,16 @@ async fn interop_with_wireguard_go() {
         .unwrap_or(false);
     let have = |p: &str| std::path::Path::new(p).exists();
     if !root || !have("/usr/bin/wireguard-go") || !have("/usr/bin/wg") || !have("/usr/bin/python3") {
-        println!(
-            "skipping interop_with_wireguard_go: needs root, /usr/bin/wireguard-go, /usr/bin/wg and /usr/bin/python3"
+        common::require_or_skip(
+            "interop_with_wireguard_go",
+            "needs root, /usr/bin/wireguard-go, /usr/bin/wg and /usr/bin/python3",
         );
         return;
     }
     let ns = match interop::Netns::create() {
         Ok(ns) => ns,
         Err(e) => {
-            println!("skipping interop_with_wireguard_go: cannot create a network namespace: {e}");
+            common::require_or_skip("interop_with_wireguard_go", &format!("cannot create a network namespace: {e}"));
             return;
         }
     };

@@ -1,4 +1,5 @@
-//! `citadel::work` against a real redis-server (skipped, with one line, when none is installed).
+//! `citadel::work` against a real redis-server (skipped, with one line, when none is installed;
+//! failed instead under `CITADEL_REQUIRE_REAL`).
 //!
 //! Each test starts its own throwaway server on a free loopback port, so tests run in
 //! parallel without sharing state, and every test is bounded by a timeout.
@@ -19,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod common;
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
@@ -31,7 +34,7 @@ struct RedisServer {
 
 fn redis_server_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("REDIS_SERVER") {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect())
@@ -43,7 +46,7 @@ impl RedisServer {
     /// Starts a server, or returns `None` (after printing why) when redis-server is absent.
     fn start() -> Option<RedisServer> {
         let Some(bin) = redis_server_binary() else {
-            eprintln!("redis-server not found; skipping citadel::work integration test");
+            common::require_or_skip("citadel::work integration test", "redis-server not found");
             return None;
         };
         // The free-port probe can race with another test grabbing the same port; retry.

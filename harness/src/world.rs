@@ -453,11 +453,25 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 let node = e.node.as_ref().map(|n| n.get_ref().as_str()).unwrap_or_default();
                 match e.kind.get_ref() {
                     ExpectKind::Sees => {
-                        let vis = visible(&bd, node);
-                        let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
-                        let ok = if e.exact { vis == want } else { want.is_subset(&vis) };
-                        if in_window && ok && st.met.is_none() {
+                        let o = bd.nodes.get(node);
+                        // A node that is not up has no netmap to judge: "sees exactly {}" must
+                        // not hold before it joined.
+                        let live = o.is_some_and(|o| o.running && (o.connected || !e.exact));
+                        if in_window && live && st.met.is_none() && lists(e, &visible(&bd, node)) {
                             st.met = Some(now);
+                        }
+                    }
+                    ExpectKind::Throughout if in_window => {
+                        st.met.get_or_insert(now);
+                        let running = bd.nodes.get(node).is_some_and(|o| o.running);
+                        let vis = visible(&bd, node);
+                        if st.violated.is_none() && !(running && lists(e, &vis)) {
+                            let why = if running {
+                                format!("{node} saw {{{}}}", join(&vis))
+                            } else {
+                                format!("{node} was not running")
+                            };
+                            st.violated = Some((now, why));
                         }
                     }
                     ExpectKind::NeverSees => {
@@ -657,6 +671,11 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 Some(_) => Verdict::Pass,
                 None => Verdict::Fail(format!("{node} saw {{{}}}", join(last_vis.get(&node).into_iter().flatten()))),
             },
+            (ExpectKind::Throughout, None) => match (st.met, st.violated) {
+                (None, _) => Verdict::Fail("no sample in the window".into()),
+                (Some(_), None) => Verdict::Pass,
+                (Some(_), Some((t, why))) => Verdict::Fail(format!("{why} at {}", report::fmt_t(t))),
+            },
             (ExpectKind::NeverSees | ExpectKind::Connected, None) => match st.violated {
                 None => Verdict::Pass,
                 Some((t, why)) => Verdict::Fail(format!("{why} at {}", report::fmt_t(t))),
@@ -849,6 +868,10 @@ fn pair(a: &str, b: &str) -> (String, String) {
 pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by: Duration) -> Verdict {
     let want = e.path.expect("validated");
     if *e.kind.get_ref() == ExpectKind::UdpPath {
+        // "none" means a ping was made and got no answer, not that nobody tried.
+        if want == PathKind::None && !rs.iter().any(|(t, _)| *t <= by) {
+            return Verdict::Fail(format!("no ping was made by {}", report::fmt_t(by)));
+        }
         let p = path_at(rs, by);
         return if p == want { Verdict::Pass } else { Verdict::Fail(format!("path was {p}")) };
     }
@@ -884,6 +907,16 @@ pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by
 /// was none).
 fn path_at(rs: &[PingResult], by: Duration) -> PathKind {
     rs.iter().rev().find(|(t, _)| *t <= by).and_then(|(_, p)| *p).unwrap_or(PathKind::None)
+}
+
+/// Whether the netmap `vis` lists `e.peers` (exactly them with `exact`).
+pub(crate) fn lists(e: &crate::scenario::ExpectSpec, vis: &BTreeSet<String>) -> bool {
+    let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
+    if e.exact {
+        *vis == want
+    } else {
+        want.is_subset(vis)
+    }
 }
 
 fn join<T: std::fmt::Display>(it: impl IntoIterator<Item = T>) -> String {
