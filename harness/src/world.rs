@@ -28,11 +28,18 @@ pub struct RunOptions {
     pub probe: Option<ProbeFactory>,
     /// How often node state is sampled (simulated time).
     pub sample: Duration,
+    /// `(receiver, leaked)` node names: Nexus's fault hook lists the leaked node in every map
+    /// it builds for the receiver (see [`nexus_sim::Faults::leak_peer`]). The leak detector
+    /// judges these entries like any other.
+    pub leaks: Vec<(String, String)>,
+    /// Extra `(from, to)` pairs the mesh probe pings once a second, besides those of the
+    /// scenario's `udp_path`/`reaches` expectations.
+    pub pings: Vec<(String, String)>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { seed: None, probe: None, sample: Duration::from_millis(100) }
+        RunOptions { seed: None, probe: None, sample: Duration::from_millis(100), leaks: vec![], pings: vec![] }
     }
 }
 
@@ -42,6 +49,8 @@ impl std::fmt::Debug for RunOptions {
             .field("seed", &self.seed)
             .field("probe", &self.probe.is_some())
             .field("sample", &self.sample)
+            .field("leaks", &self.leaks)
+            .field("pings", &self.pings)
             .finish()
     }
 }
@@ -217,6 +226,10 @@ pub struct Outcome {
     pub verdicts: Vec<(String, Verdict)>,
     /// First org leak seen, if any.
     pub leak: Option<String>,
+    /// Every `(node, listed node)` pair across orgs that some sample saw.
+    pub leaked_pairs: BTreeSet<(String, String)>,
+    /// Every mesh ping by `(from, to)`: when it ended and which path answered.
+    pub pings: BTreeMap<(String, String), Vec<PingResult>>,
     /// Final visibility: node → names in its netmap.
     pub visibility: BTreeMap<String, BTreeSet<String>>,
     /// Mesh path per probed pair at its expectation's deadline.
@@ -336,6 +349,20 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         bd.key_to_name.insert(key, name.clone());
         bd.nodes.entry(name.clone()).or_default().org = n.org.get_ref().clone();
     }
+    for (a, bn) in &opts.pings {
+        board.lock().unwrap().reach_targets.entry(a.clone()).or_default().insert(bn.clone());
+    }
+    for (into, peer) in &opts.leaks {
+        let bd = board.lock().unwrap();
+        let key = |n: &str| -> anyhow::Result<citadel::keys::NodePublic> {
+            let k = bd.key_to_name.iter().find(|(_, v)| *v == n).map(|(k, _)| k);
+            let k = k.ok_or_else(|| anyhow::anyhow!("leak names {n:?}, which is no node of the scenario"))?;
+            k.parse().map_err(|e| anyhow::anyhow!("node key of {n}: {e:?}"))
+        };
+        if !shared.faults.leak_peer(key(into)?, key(peer)?) {
+            anyhow::bail!("too many injected leaks");
+        }
+    }
 
     let probe_factory = opts.probe.clone().unwrap_or_else(probe::mesh_probe);
     let mut ctxs: BTreeMap<String, Arc<NodeCtx>> = BTreeMap::new();
@@ -386,6 +413,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     let mut exps: Vec<ExpState> =
         sc.expects.iter().map(|_| ExpState { met: None, violated: None, decided: None }).collect();
     let mut leak: Option<String> = None;
+    let mut leaked_pairs: BTreeSet<(String, String)> = BTreeSet::new();
     let mut samples = 0u64;
     let mut last_vis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut observed: Vec<(Duration, String)> = Vec::new();
@@ -431,16 +459,13 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     observed.push((now, format!("{name} sees {new}")));
                 }
                 *last = vis.clone();
-                if leak.is_none() {
-                    for p in &vis {
-                        let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
-                        if porg != n.org.get_ref() {
-                            leak = Some(format!(
-                                "at {}: {name} ({}) lists {p} ({porg})",
-                                report::fmt_t(now),
-                                n.org.get_ref()
-                            ));
-                        }
+                for p in &vis {
+                    let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
+                    if porg != n.org.get_ref() {
+                        leaked_pairs.insert((name.clone(), p.clone()));
+                        leak.get_or_insert_with(|| {
+                            format!("at {}: {name} ({}) lists {p} ({porg})", report::fmt_t(now), n.org.get_ref())
+                        });
                     }
                 }
             }
@@ -744,13 +769,14 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         paths: &paths,
         pings: &bd.reach,
     };
+    let pings = bd.reach.clone();
     let trace = report::trace(&ctx);
     let observed = report::observed(&obs_all, &nat_stats);
     drop(bd);
     // The simulation's hosts hold state-directory locks; drop them before the directory.
     drop(sim);
     drop(tmp);
-    Ok(Outcome { trace, observed, verdicts, leak, visibility, paths })
+    Ok(Outcome { trace, observed, verdicts, leak, leaked_pairs, visibility, paths, pings })
 }
 
 /// Applies link settings once both ends exist (turmoil creates links at host registration):

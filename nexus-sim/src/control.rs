@@ -356,7 +356,7 @@ async fn map(
         return StatusCode::OK.into_response();
     }
     if !req.stream {
-        return Response::new(Body::from(encode_map_frame(&build_map(&s, &node), zstd)));
+        return Response::new(Body::from(encode_map_frame(&s.faults.with_leaks(&s, &node, build_map), zstd)));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
     let keepalive = s.cfg.keepalive;
@@ -373,7 +373,7 @@ async fn map(
             if me.user_id != user_id {
                 break; // moved to another org: the client must reconnect
             }
-            let m = build_map(&s, &me);
+            let m = s.faults.with_leaks(&s, &me, build_map);
             if last.as_ref() != Some(&m) {
                 let mut out = m.clone();
                 out.control_time = Some(Utc::now());

@@ -122,7 +122,12 @@ pub struct Faults {
     drop_streams: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     derp: OnceLock<Arc<derp::DerpServer>>,
+    /// `(receiver, leaked)` node keys: the leaked node is added to the receiver's map.
+    leaks: std::sync::Mutex<Vec<(citadel::keys::NodePublic, citadel::keys::NodePublic)>>,
 }
+
+/// Bound on [`Faults::leak_peer`] entries (a test switch, but still not unbounded).
+const MAX_LEAKS: usize = 64;
 
 impl Faults {
     /// While set, new control connections are refused with 503.
@@ -156,6 +161,46 @@ impl Faults {
     pub fn derp_stopped(&self) -> bool {
         self.derp.get().is_some_and(|d| d.is_stopped())
     }
+    /// Breaks org isolation on purpose, for tests of what the data plane does with a netmap
+    /// that lists a node of another org: every map built for the node with key `into` from now
+    /// on also lists the node with key `peer` (once it is registered), whatever its org.
+    /// Maps already sent are not updated. Returns false (and does nothing) past 64 entries.
+    pub fn leak_peer(&self, into: citadel::keys::NodePublic, peer: citadel::keys::NodePublic) -> bool {
+        let mut l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= MAX_LEAKS {
+            return false;
+        }
+        l.push((into, peer));
+        true
+    }
+
+    /// `build(s, me)` plus the peers [`Faults::leak_peer`] leaks into `me`'s map; each leaked
+    /// node is described as its own map (built by `build`) describes it.
+    pub(crate) fn with_leaks(
+        &self,
+        s: &Shared,
+        me: &store::Node,
+        build: fn(&Shared, &store::Node) -> citadel::tailcfg::MapResponse,
+    ) -> citadel::tailcfg::MapResponse {
+        let mut m = build(s, me);
+        let leaked: Vec<citadel::keys::NodePublic> = {
+            let l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
+            l.iter().filter(|(into, _)| *into == me.node_key).map(|(_, p)| *p).collect()
+        };
+        if leaked.is_empty() {
+            return m;
+        }
+        let peers = m.peers.get_or_insert_with(Vec::new);
+        for n in s.store.nodes(None).iter().filter(|n| leaked.contains(&n.node_key) && n.id != me.id) {
+            if let Some(node) = build(s, n).node {
+                if !peers.iter().any(|p| p.key == node.key) {
+                    peers.push(node);
+                }
+            }
+        }
+        m
+    }
+
     /// Resolves once the server is shutting down.
     pub async fn wait_shutdown(&self) {
         let mut rx = self.shutdown.subscribe();
