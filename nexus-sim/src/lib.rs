@@ -294,8 +294,35 @@ pub fn router(s: Shared) -> Router {
         .route("/oauth/device/code", post(device::start))
         .route("/oauth/token", post(device::token))
         .route("/device", get(device::page))
+        .route("/debug/derp", get(derp_stats))
         .merge(api::router(s.clone()))
         .with_state(s)
+}
+
+/// The embedded DERP relay's counters as JSON (admin API key required; 404 without a relay),
+/// so tests of a nexus-sim process can tell relayed traffic from direct traffic.
+async fn derp_stats(State(s): State<Shared>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let authorized = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| s.store.check_api_key(k.trim()));
+    if !authorized {
+        return (axum::http::StatusCode::UNAUTHORIZED, "api key required").into_response();
+    }
+    let Some(d) = s.faults.derp.get() else {
+        return (axum::http::StatusCode::NOT_FOUND, "no embedded DERP relay").into_response();
+    };
+    let st = d.stats();
+    axum::Json(serde_json::json!({
+        "accepted": st.accepted,
+        "refused": st.refused,
+        "packets_relayed": st.packets_relayed,
+        "packets_dropped": st.packets_dropped,
+        "clients": st.clients,
+    }))
+    .into_response()
 }
 
 /// A running in-process server.
