@@ -15,8 +15,8 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
-use citadel::keys::PrivateKey;
-use citadel::tailcfg::DerpMap;
+use citadel_proto::keys::PrivateKey;
+use citadel_proto::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,7 +109,7 @@ impl Default for Config {
             derp_verify_clients: false,
             derp_mesh_key: None,
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
-            derp_keepalive: citadel::derp::KEEP_ALIVE,
+            derp_keepalive: citadel_proto::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
         }
     }
@@ -123,7 +123,7 @@ pub struct Faults {
     shutdown: watch::Sender<bool>,
     derp: OnceLock<Arc<derp::DerpServer>>,
     /// `(receiver, leaked)` node keys: the leaked node is added to the receiver's map.
-    leaks: std::sync::Mutex<Vec<(citadel::keys::NodePublic, citadel::keys::NodePublic)>>,
+    leaks: std::sync::Mutex<Vec<(citadel_proto::keys::NodePublic, citadel_proto::keys::NodePublic)>>,
 }
 
 /// Bound on [`Faults::leak_peer`] entries (a test switch, but still not unbounded).
@@ -165,7 +165,7 @@ impl Faults {
     /// that lists a node of another org: every map built for the node with key `into` from now
     /// on also lists the node with key `peer` (once it is registered), whatever its org.
     /// Maps already sent are not updated. Returns false (and does nothing) past 64 entries.
-    pub fn leak_peer(&self, into: citadel::keys::NodePublic, peer: citadel::keys::NodePublic) -> bool {
+    pub fn leak_peer(&self, into: citadel_proto::keys::NodePublic, peer: citadel_proto::keys::NodePublic) -> bool {
         let mut l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
         if l.len() >= MAX_LEAKS {
             return false;
@@ -180,10 +180,10 @@ impl Faults {
         &self,
         s: &Shared,
         me: &store::Node,
-        build: fn(&Shared, &store::Node) -> citadel::tailcfg::MapResponse,
-    ) -> citadel::tailcfg::MapResponse {
+        build: fn(&Shared, &store::Node) -> citadel_proto::tailcfg::MapResponse,
+    ) -> citadel_proto::tailcfg::MapResponse {
         let mut m = build(s, me);
-        let leaked: Vec<citadel::keys::NodePublic> = {
+        let leaked: Vec<citadel_proto::keys::NodePublic> = {
             let l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
             l.iter().filter(|(into, _)| *into == me.node_key).map(|(_, p)| *p).collect()
         };
@@ -404,7 +404,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let derp_server = embedded.then(|| {
         let store = shared.store.clone();
         let verifier: Option<derp::Verifier> = shared.cfg.derp_verify_clients.then(|| {
-            Arc::new(move |k: &citadel::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
+            Arc::new(move |k: &citadel_proto::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
                 as derp::Verifier
         });
         let d = derp::DerpServer::new(derp::DerpOptions {
@@ -454,7 +454,7 @@ fn url_host(url: &str) -> Option<String> {
 /// Tailscale clients dial DERP nodes over HTTPS on `DERPPort` (443 when 0) and accept it
 /// only with that flag. `STUNPort` 0 would mean 3478, so a disabled STUN is -1.
 pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: Option<u16>) -> DerpMap {
-    use citadel::tailcfg::{DerpNode, DerpRegion};
+    use citadel_proto::tailcfg::{DerpNode, DerpRegion};
     let ip: Option<std::net::IpAddr> = host.parse().ok();
     let mut map = DerpMap { omit_default_regions: true, ..Default::default() };
     for &(id, a) in regions {

@@ -1,5 +1,6 @@
-//! `citadel work`: a Redis Streams job worker that can reach Redis and HTTP targets over the
-//! userspace mesh.
+//! The Redis Streams job worker behind `citadel work`. It reaches Redis and HTTP targets
+//! through a [`MeshDialer`] the caller provides (the CLI adapts a running node to it); this
+//! crate knows nothing of the mesh itself.
 //!
 //! [`run`] joins a consumer group on one stream, runs up to `max_concurrency` jobs at a time
 //! (`SHELL_COMMAND`, `HTTP_FETCH`), records progress in Redis and acknowledges each job only
@@ -26,7 +27,7 @@ mod worker;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -40,7 +41,8 @@ pub const DEFAULT_QUEUE: &str = "citadel:jobs";
 pub const DEFAULT_GROUP: &str = "citadel-workers";
 
 /// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
-pub use crate::net::AsyncReadWrite;
+pub trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 
 /// The future returned by [`MeshDialer::dial_tcp`].
 pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
@@ -50,7 +52,7 @@ pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncRe
 /// yes, otherwise over the host's own network.
 pub trait MeshDialer: Send + Sync {
     /// Whether `ip` must be reached through the mesh. Implementations over a live mesh
-    /// normally answer [`is_mesh_ip`].
+    /// normally answer `citadel::addr::is_mesh_ip`.
     fn is_mesh_addr(&self, ip: IpAddr) -> bool;
     /// Opens a TCP connection to `addr` through the mesh.
     fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_>;
@@ -69,23 +71,6 @@ impl MeshDialer for NoMesh {
         Box::pin(
             async move { Err(io::Error::new(io::ErrorKind::Unsupported, format!("no mesh to dial {addr} through"))) },
         )
-    }
-}
-
-/// Whether `ip` is in the Tailscale address ranges: CGNAT 100.64.0.0/10 or the ULA
-/// fd7a:115c:a1e0::/48 (IPv4-mapped IPv6 forms included).
-pub fn is_mesh_ip(ip: IpAddr) -> bool {
-    fn v4(ip: Ipv4Addr) -> bool {
-        let o = ip.octets();
-        o[0] == 100 && (o[1] & 0xc0) == 64
-    }
-    fn v6(ip: Ipv6Addr) -> bool {
-        let s = ip.segments();
-        s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
-    }
-    match ip {
-        IpAddr::V4(a) => v4(a),
-        IpAddr::V6(a) => a.to_ipv4_mapped().map_or_else(|| v6(a), v4),
     }
 }
 
@@ -254,16 +239,6 @@ pub enum WorkError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mesh_ranges() {
-        for yes in ["100.64.0.0", "100.127.255.255", "100.100.100.100", "fd7a:115c:a1e0::1", "::ffff:100.64.0.1"] {
-            assert!(is_mesh_ip(yes.parse().unwrap()), "{yes}");
-        }
-        for no in ["100.63.255.255", "100.128.0.0", "10.0.0.1", "127.0.0.1", "fd7a:115c:a1e1::1", "::1"] {
-            assert!(!is_mesh_ip(no.parse().unwrap()), "{no}");
-        }
-    }
 
     #[test]
     fn config_debug_redacts_password() {
