@@ -157,6 +157,8 @@ impl Drop for Lab {
 #[derive(Debug, Default, Clone)]
 struct Obs {
     running: bool,
+    /// Its `up` answered the last status request on its local API socket.
+    api: bool,
     connected: bool,
     ip: Option<String>,
     key: String,
@@ -489,6 +491,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             o.running = node_child.contains_key(&i);
             let st = o.running.then(|| status(&rt, &tmp.path().join(name))).flatten();
             let connected = st.as_ref().is_some_and(|s| s.connected);
+            o.api = st.is_some();
             if connected && !o.connected {
                 o.connects.push(now);
                 if let Some(s) = &st {
@@ -702,8 +705,9 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     s
 }
 
-/// Node → (its `up` runs, its mesh IPv4).
-type NodeAddrs = BTreeMap<String, (bool, Option<String>)>;
+/// Node → (the process id of its `up` while that answers on its local API socket, its mesh
+/// IPv4).
+type NodeAddrs = BTreeMap<String, (Option<usize>, Option<String>)>;
 
 /// Mesh ping results by `(from, to)`.
 type PingLog = Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>;
@@ -725,7 +729,7 @@ struct Pingers {
 
 impl Pingers {
     fn start(sc: &Scenario, state_root: &Path, t0: Instant) -> Pingers {
-        let nodes = Arc::new(Mutex::new(BTreeMap::new()));
+        let nodes: Arc<Mutex<NodeAddrs>> = Arc::new(Mutex::new(BTreeMap::new()));
         let results: PingLog = Arc::default();
         let failures: FailLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -744,14 +748,14 @@ impl Pingers {
                     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
                     while !stop.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
                         let tick = Instant::now();
-                        let target = {
-                            let n: &NodeAddrs = &nodes.lock().unwrap();
-                            n.get(&a).is_some_and(|x| x.0).then(|| n.get(&b).and_then(|x| x.1.clone())).flatten()
-                        };
-                        if let Some(ip) = target {
+                        let up_of = |a: &str| nodes.lock().unwrap().get(a).and_then(|x| x.0);
+                        let target = up_of(&a).zip(nodes.lock().unwrap().get(&b).and_then(|x| x.1.clone()));
+                        if let Some((up, ip)) = target {
                             let key = (a.clone(), b.clone());
                             match ping_once(&rt, &dir, &ip) {
                                 Ok(r) => results.lock().unwrap().entry(key).or_default().push((t0.elapsed(), r)),
+                                // The harness stopped or restarted that `up` meanwhile: no ping.
+                                Err(_) if up_of(&a) != Some(up) => {}
                                 Err(why) => failures.lock().unwrap().entry(key).or_default().push((t0.elapsed(), why)),
                             }
                         }
@@ -768,8 +772,10 @@ impl Pingers {
         let mut n = self.nodes.lock().unwrap();
         for (i, node) in sc.nodes.iter().enumerate() {
             let name = node.name.get_ref();
-            let ip = obs.get(name).and_then(|o| o.ip.clone());
-            n.insert(name.clone(), (running.contains_key(&i), ip));
+            let o = obs.get(name);
+            let ip = o.and_then(|o| o.ip.clone());
+            let up = running.get(&i).copied().filter(|_| o.is_some_and(|o| o.api));
+            n.insert(name.clone(), (up, ip));
         }
     }
 
@@ -796,8 +802,9 @@ impl Drop for Pingers {
 }
 
 /// One ping through the node's running `up`, over its local API socket (2 s bound, as in
-/// simulation): `Ok(path)` when it answered, `Ok(None)` when the ping timed out in the mesh,
-/// `Err` when the local API could not make it (no socket, node stopping, unknown peer, ...).
+/// simulation): `Ok(path)` when it answered, `Ok(None)` when the mesh timed it out or has no
+/// route to the peer, `Err` when the local API could not make it (no socket, node stopping,
+/// unknown peer, ...).
 /// `citadel ping` is not used: with no `up` listening it would start a node of its own on the
 /// state directory and hold its lock.
 fn ping_once(
@@ -810,8 +817,13 @@ fn ping_once(
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), citadel::api::call(state_dir, &req)).await });
     match r {
         Ok(Ok(Some(citadel::api::Response::Pong(p)))) => Ok(Some(crate::probe::path_kind(p.path.as_deref()))),
-        // The data plane's dial timeout: the ping went out and nothing came back.
-        Ok(Ok(Some(citadel::api::Response::Error { message }))) if message.contains(PING_TIMED_OUT) => Ok(None),
+        // The data plane's own answers: the ping went out and nothing came back, or the
+        // node has no route to that address (not in its netmap), as the simulation counts them.
+        Ok(Ok(Some(citadel::api::Response::Error { message })))
+            if message.contains(PING_TIMED_OUT) || message.contains(PING_NO_ROUTE) =>
+        {
+            Ok(None)
+        }
         Ok(Ok(Some(citadel::api::Response::Error { message }))) => Err(message),
         Ok(Ok(Some(other))) => Err(format!("unexpected answer {other:?}")),
         Ok(Ok(None)) => Err("no `up` answers on the local API socket".into()),
@@ -822,6 +834,8 @@ fn ping_once(
 
 /// What [`citadel::dataplane::DataPlane::dial_tcp_timeout`] says when no answer came in time.
 const PING_TIMED_OUT: &str = "no answer within";
+/// What it says when no peer in the node's netmap routes the address.
+const PING_NO_ROUTE: &str = "no mesh peer routes";
 
 /// The iptables cuts that separate `a` from `b` (hosts or orgs), as `(node namespace, address
 /// to drop)`: a node against `nexus` (198.18.0.1), `derp` (198.18.0.2) or a node on the
