@@ -1,5 +1,6 @@
 //! The `citadel` command line: argument parsing, one module per subcommand in [`cmd`], and the
 //! exit codes in [`exit`].
+#![warn(missing_docs)]
 
 pub mod cmd;
 mod dialer;
