@@ -27,4 +27,5 @@ pub mod state;
 pub mod stun;
 pub mod syspolicy;
 pub mod tailcfg;
+pub mod tls;
 pub mod work;

@@ -29,6 +29,14 @@ struct Cli {
     /// Bound on each network step, in seconds
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
+    /// Also trust the CA certificates in this PEM file for https Nexus URLs and DERP
+    /// (repeatable; SSL_CERT_FILE and SSL_CERT_DIR are honoured too)
+    #[arg(long, global = true)]
+    ca_file: Vec<PathBuf>,
+    /// Forget the Nexus server key pinned at registration and trust the one it presents now
+    /// (only after the operator confirms the key was replaced)
+    #[arg(long, global = true)]
+    retrust_server_key: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -359,10 +367,18 @@ async fn main() -> ExitCode {
         .init();
     let state_dir = cli.state_dir.clone().unwrap_or_else(citadel::state::default_dir);
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    for f in &cli.ca_file {
+        if let Err(e) = citadel::tls::add_ca_file(f) {
+            eprintln!("citadel: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let retrust = cli.retrust_server_key;
     let cfg = |nexus: Option<String>, authkey: Option<String>, hostname: Option<String>| {
         let mut c = Config::new(nexus, authkey, state_dir.clone());
         c.hostname = hostname;
         c.timeout = timeout;
+        c.retrust_server_key = retrust;
         c
     };
     match cli.cmd {
