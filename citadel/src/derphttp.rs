@@ -899,6 +899,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_restart_hint_is_clamped() {
+        let o = DerpConnOptions::default();
+        assert_eq!(clamp_restart_hint(Duration::from_secs(86_400 * 365), &o), o.max_backoff);
+        assert_eq!(clamp_restart_hint(Duration::ZERO, &o), o.min_backoff);
+        assert_eq!(clamp_restart_hint(Duration::from_secs(2), &o), Duration::from_secs(2));
+    }
+
+    #[test]
     fn endpoints_follow_go_rules() {
         let e = endpoint(&"http://127.0.0.1:8080".into(), derp::upgrade::PATH).unwrap();
         assert_eq!((e.dial_host.as_str(), e.port, e.tls, e.path.as_str()), ("127.0.0.1", 8080, false, "/derp"));

@@ -682,7 +682,7 @@ async fn netcheck(
     json: bool,
     timeout: Duration,
 ) -> ExitCode {
-    use citadel::netcheck::{stun_targets, Probe, StunTarget};
+    use citadel::netcheck::{resolve_hosts, stun_hostnames, stun_targets_with, Probe, StunTarget};
     use citadel::tailcfg::DerpMap;
     let map: DerpMap = match &derp_map {
         Some(f) => match std::fs::read(f)
@@ -701,7 +701,8 @@ async fn netcheck(
             .map(|nm| nm.derp_map)
             .unwrap_or_default(),
     };
-    let mut targets = stun_targets(&map);
+    let resolved = resolve_hosts(stun_hostnames(&map), timeout.min(Duration::from_secs(5))).await;
+    let mut targets = stun_targets_with(&map, &resolved);
     targets.extend(extra.iter().map(|a| StunTarget { region: 0, addr: *a }));
     if targets.is_empty() && map.regions.is_empty() {
         eprintln!("citadel: no DERP map (run `citadel up` once, or pass --derp-map FILE) and no --stun server");
