@@ -280,3 +280,128 @@ async fn derp_with_a_bad_certificate_is_refused_unless_opted_in() {
     let (ok, out) = probe(strict, true).await.unwrap();
     assert!(!ok && out.contains("not trusted"), "{out}");
 }
+
+/// A `mesh-node` child answering one JSON line per command.
+struct MeshNode {
+    _proc: citadel_e2e::Proc,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl MeshNode {
+    fn ask(&mut self, cmd: &str) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        if !cmd.is_empty() {
+            writeln!(self.stdin, "{cmd}").unwrap();
+            self.stdin.flush().unwrap();
+        }
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("mesh-node output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("mesh-node said {line:?}: {e}"))
+    }
+}
+
+fn log_tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// The real Tailscale client (Caddy with tsnet) and a citadel node join an https nexus-sim
+/// whose certificate comes from a test CA that both trust through `SSL_CERT_FILE` alone (no
+/// InsecureForTests anywhere, DERP opt-in removed): direct fetch, then with UDP between them
+/// dropped, a fetch relayed over DERP with verified TLS.
+#[test]
+fn real_tsnet_and_citadel_over_https_direct_and_relayed() {
+    let Some(caddy) = citadel_e2e::real_peers("real tsnet over https") else { return };
+    const CADDY_UDP: u16 = 41651;
+    const CITADEL_UDP: u16 = 41710;
+    let ns = citadel_e2e::Netns::new(&format!("cit-tls-{}", std::process::id()), "10.206.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let (pki_dir, _pki) = mint(&["localhost", "127.0.0.1"]);
+    let ca = pki_dir.path().join("ca.pem");
+    let port = 18390;
+    let url = format!("https://localhost:{port}");
+    let nexus_log = tmp.path().join("nexus.log");
+    let cert = pki_dir.path().join("cert.pem").display().to_string();
+    let key = pki_dir.path().join("key.pem").display().to_string();
+    let nx = citadel_e2e::NsNexus::start(
+        &ns,
+        port,
+        &["--tls-cert", &cert, "--tls-key", &key, "--server-url", &url],
+        Some(&nexus_log),
+    );
+    nx.admin(&["users", "create", "acme"]);
+    let authkey = nx.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+
+    let node_log = tmp.path().join("citadel.log");
+    let mut child = ns
+        .cmd(bin("mesh-node"))
+        .arg(&url)
+        .arg(&authkey)
+        .arg(tmp.path().join("citadel-state"))
+        .args(["citadel-node", &CITADEL_UDP.to_string(), "8080"])
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("CITADEL_DERP_INSECURE")
+        .env("CITADEL_LOG", "citadel=debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&node_log).unwrap())
+        .spawn()
+        .expect("spawn mesh-node");
+    let stdin = child.stdin.take().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut node = MeshNode { _proc: citadel_e2e::Proc(child), stdin, stdout };
+    let up = node.ask("");
+    assert!(up["ipv4"].is_string(), "citadel did not join over https: {up}\n{}", log_tail(&node_log));
+
+    let options = format!("\t\ttls-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}");
+    let caddy_dir = tmp.path().join("caddy");
+    let _caddy = citadel_e2e::start_caddy_env(
+        &ns,
+        &caddy,
+        &caddy_dir,
+        &url,
+        &authkey,
+        "tls-caddy",
+        &options,
+        "",
+        &[("SSL_CERT_FILE", ca.as_os_str())],
+    );
+    let fail = |what: &str, r: &serde_json::Value| -> ! {
+        panic!(
+            "{what}: {r}\n--- citadel ---\n{}\n--- caddy ---\n{}\n--- nexus-sim ---\n{}",
+            log_tail(&node_log),
+            log_tail(&caddy_dir.join("caddy.log")),
+            log_tail(&nexus_log)
+        )
+    };
+    let get_until = |node: &mut MeshNode, want: &str, limit: Duration| {
+        let start = Instant::now();
+        loop {
+            let r = node.ask("get tls-caddy 80");
+            if r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with(want) {
+                return Ok(r);
+            }
+            if start.elapsed() > limit {
+                return Err(r);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let r = get_until(&mut node, "", Duration::from_secs(90)).unwrap_or_else(|r| fail("no fetch from tsnet", &r));
+    assert!(r["body"].as_str().unwrap_or_default().contains("real tsnet"), "{r}");
+    println!("fetch over https-registered mesh: {r}");
+
+    for (s, d) in [(CADDY_UDP, CITADEL_UDP), (CITADEL_UDP, CADDY_UDP)] {
+        let o = ns
+            .cmd("iptables")
+            .args(["-A", "OUTPUT", "-p", "udp", "--sport", &s.to_string(), "--dport", &d.to_string(), "-j", "DROP"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "iptables: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let r = get_until(&mut node, "relay", Duration::from_secs(60))
+        .unwrap_or_else(|r| fail("no fetch over verified DERP with UDP blocked", &r));
+    println!("relayed over verified DERP: {r}");
+}
