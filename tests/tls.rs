@@ -405,3 +405,38 @@ fn real_tsnet_and_citadel_over_https_direct_and_relayed() {
         .unwrap_or_else(|r| fail("no fetch over verified DERP with UDP blocked", &r));
     println!("relayed over verified DERP: {r}");
 }
+
+/// `citadel init` wall time (process start to exit, fresh state each run) over https with a
+/// test CA and over plain http, same run, median of 7 each, interleaved. Prints the figures;
+/// `cargo test -p citadel-e2e --test tls init_time -- --nocapture` shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_time_over_https_vs_http() {
+    // An IP-literal URL, as the http server has, so both DERP maps (and so the STUN probes
+    // `init` waits for) are alike and only the transport differs.
+    let (ca_dir, pki) = mint(&["127.0.0.1"]);
+    let ca = ca_dir.path().join("ca.pem").display().to_string();
+    let port = free_port();
+    let https = tls_nexus(&pki, port, "127.0.0.1").await;
+    let http = Nexus::start().await;
+    let (hk, pk) = (https.key("bench", true), http.key("bench", true));
+    let t = tempfile::tempdir().unwrap();
+    let (mut ts, mut ps) = (vec![], vec![]);
+    for i in 0..7 {
+        let (o, d) =
+            citadel(init_args(&t.path().join(format!("s{i}")), &https.url(), Some(&hk), &["--ca-file", &ca])).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        ts.push(d);
+        let (o, d) = citadel(init_args(&t.path().join(format!("p{i}")), &http.url(), Some(&pk), &[])).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        ps.push(d);
+    }
+    ts.sort();
+    ps.sort();
+    let (s, p) = (ts[3], ps[3]);
+    println!(
+        "citadel init median of 7: https {:.1} ms, http {:.1} ms, ratio https/http {:.2}",
+        s.as_secs_f64() * 1e3,
+        p.as_secs_f64() * 1e3,
+        s.as_secs_f64() / p.as_secs_f64()
+    );
+}
