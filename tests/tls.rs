@@ -440,3 +440,115 @@ async fn init_time_over_https_vs_http() {
         s.as_secs_f64() / p.as_secs_f64()
     );
 }
+
+/// Control and DERP reach an https nexus-sim only through a real HTTP CONNECT proxy
+/// (tinyproxy): inside a namespace, root's direct TCP to the server is rejected by iptables and
+/// only tinyproxy's user may connect. `HTTPS_PROXY` makes `citadel init` and a DERP login work;
+/// without it they fail.
+#[test]
+fn control_and_derp_through_an_https_proxy() {
+    if !citadel_e2e::can_netns() || Command::new("tinyproxy").arg("-v").output().is_err() {
+        assert!(std::env::var_os("CITADEL_REQUIRE_REAL").is_none(), "root and tinyproxy are required");
+        println!("skipping: needs root and tinyproxy (apt-get install tinyproxy)");
+        return;
+    }
+    let ns = citadel_e2e::Netns::new(&format!("cit-px-{}", std::process::id()), "10.207.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let (pki_dir, _pki) = mint(&["10.207.0.1"]);
+    let ca = pki_dir.path().join("ca.pem");
+    let port: u16 = 18490;
+    let url = format!("https://10.207.0.1:{port}");
+    let _nexus = citadel_e2e::Proc(
+        ns.cmd(bin("nexus-sim"))
+            .args(["serve", "--listen", &format!("10.207.0.1:{port}"), "--api-key", "px-admin", "--tls-cert"])
+            .arg(pki_dir.path().join("cert.pem"))
+            .arg("--tls-key")
+            .arg(pki_dir.path().join("key.pem"))
+            .env("NEXUS_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let admin = |args: &[&str]| -> String {
+        let start = Instant::now();
+        loop {
+            let mut c = ns.cmd(bin("nexus-sim"));
+            c.args(args).env("NEXUS_URL", &url).env("NEXUS_API_KEY", "px-admin").env("SSL_CERT_FILE", &ca);
+            let o = run_with_deadline(&mut c, T);
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).trim().to_string();
+            }
+            assert!(start.elapsed() < T, "{args:?}: {}", stderr(&o));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    admin(&["users", "create", "acme"]);
+    let key = admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+
+    let conf = tmp.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort 18888\nListen 127.0.0.1\nTimeout 30\nMaxClients 20\nAllow 127.0.0.1\nConnectPort {port}\n"
+        ),
+    )
+    .unwrap();
+    let _proxy = citadel_e2e::Proc(
+        ns.cmd("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Only the proxy's user may reach the server.
+    let o = ns
+        .cmd("iptables")
+        .args(["-A", "OUTPUT", "-p", "tcp", "-d", "10.207.0.1", "--dport", &port.to_string()])
+        .args(["-m", "owner", "--uid-owner", "0", "-j", "REJECT", "--reject-with", "tcp-reset"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "iptables: {}", String::from_utf8_lossy(&o.stderr));
+
+    let run = |args: Vec<String>, proxy: bool, program: &str| {
+        let mut c = ns.cmd(bin(program));
+        c.args(&args).env("SSL_CERT_FILE", &ca).env_remove("CITADEL_DERP_INSECURE");
+        for v in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"] {
+            c.env_remove(v);
+        }
+        if proxy {
+            c.env("HTTPS_PROXY", "http://127.0.0.1:18888");
+        }
+        run_with_deadline(&mut c, Duration::from_secs(30))
+    };
+    let state = tmp.path().join("node");
+    let o = run(init_args(&state, &url, Some(&key), &[]), false, "citadel");
+    assert_eq!(o.status.code(), Some(4), "direct access should be blocked: {}", stderr(&o));
+    let start = Instant::now();
+    let o = loop {
+        // tinyproxy may still be starting.
+        let o = run(init_args(&state, &url, Some(&key), &[]), true, "citadel");
+        if o.status.success() || start.elapsed() > T {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(o.status.success(), "init through the proxy: {}", stderr(&o));
+
+    let node = citadel::tailcfg::DerpNode {
+        name: "1a".into(),
+        region_id: 1,
+        host_name: "10.207.0.1".into(),
+        ipv4: "10.207.0.1".into(),
+        derp_port: i32::from(port),
+        ..Default::default()
+    };
+    let json = serde_json::to_string(&node).unwrap();
+    let o = run(vec![json.clone()], false, "derp-probe");
+    assert!(!o.status.success(), "DERP reached the server without the proxy");
+    let o = run(vec![json], true, "derp-probe");
+    assert!(o.status.success(), "DERP through the proxy: {}", String::from_utf8_lossy(&o.stdout));
+}

@@ -112,8 +112,7 @@ async fn connect(
 ) -> Result<(Box<dyn AsyncReadWrite>, NexusUrl), ControlError> {
     let u = parse_url(url)?;
     let fut = async {
-        let tcp = net
-            .connect_tcp(&u.host, u.port)
+        let tcp = crate::proxy::connect(net, u.tls, &u.host, u.port)
             .await
             .map_err(|e| ControlError::Unreachable(url.to_string(), e.to_string()))?;
         if !u.tls {

@@ -261,7 +261,7 @@ mod tls {
 
 /// Opens the byte stream (TCP, then TLS when the endpoint asks for it).
 async fn dial(net: &dyn Net, ep: &Endpoint) -> Result<Box<dyn AsyncReadWrite>> {
-    let tcp = net.connect_tcp(&ep.dial_host, ep.port).await?;
+    let tcp = crate::proxy::connect(net, ep.tls, &ep.dial_host, ep.port).await?;
     if !ep.tls {
         return Ok(tcp);
     }

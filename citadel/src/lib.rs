@@ -23,6 +23,7 @@ pub mod netcheck;
 pub mod netmap;
 pub mod network;
 pub mod noise;
+pub mod proxy;
 pub mod state;
 pub mod stun;
 pub mod syspolicy;
