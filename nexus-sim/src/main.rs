@@ -286,9 +286,7 @@ impl Client {
         if conn.api_key.is_none() {
             bail!("no API key: pass --api-key or set NEXUS_API_KEY");
         }
-        // citadel's trust (webpki and platform roots, SSL_CERT_FILE, SSL_CERT_DIR), so one
-        // variable serves the node and the admin tool.
-        let tls = (*citadel::tls::client_config()?).clone();
+        let tls = nexus_sim::tls::client_config()?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).use_preconfigured_tls(tls).build()?;
         Ok(Client { http, conn })
     }

@@ -110,6 +110,22 @@ fn server_config_from_pem(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(cfg))
 }
 
+/// The admin subcommands' client trust, as citadel's: the webpki roots and the platform's
+/// (replaced by `SSL_CERT_FILE` / `SSL_CERT_DIR` when set), so one variable serves both.
+pub fn client_config() -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!("loading platform CA certificates: {e}");
+    }
+    roots.add_parsable_certificates(native.certs);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Loads a PEM certificate chain and private key (`serve --tls-cert FILE --tls-key FILE`).
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
