@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const MAX_HEAD: usize = 16 << 10;
 
 /// A proxy to tunnel through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Proxy {
     /// Proxy host.
     pub host: String,
@@ -22,6 +22,17 @@ pub struct Proxy {
     pub port: u16,
     /// `user:password` for `Proxy-Authorization: Basic`, if the URL had one.
     auth: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    // By hand so proxy credentials are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn var(get: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
@@ -146,7 +157,7 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
             if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h << 4 | l);
+                out.push((h << 4) | l);
                 i += 3;
                 continue;
             }
@@ -183,6 +194,7 @@ mod tests {
         let p = proxy_from(&e, true, "x.example").unwrap();
         assert_eq!((p.host.as_str(), p.port, p.auth.as_deref()), ("proxy", 8080, Some("user:p%40ss")));
         assert_eq!(percent_decode("user:p%40ss"), "user:p@ss");
+        assert!(!format!("{p:?}").contains("p%40ss"));
         assert_eq!(proxy_from(env(&[("HTTPS_PROXY", "socks5://p:1080")]), true, "x.example"), None);
     }
 

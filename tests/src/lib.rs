@@ -228,6 +228,7 @@ impl NsNexus {
 /// Starts Caddy's tsnet node `name` in `ns` joining `url` with `authkey`, serving
 /// "hello from a real tsnet node" on port 80 of its mesh address; `extra` is appended to the
 /// Caddyfile (more sites) and `options` to its `tailscale { }` block. Files go under `dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn start_caddy(
     ns: &Netns,
     caddy: &std::path::Path,
