@@ -23,6 +23,5 @@ pub mod proxy;
 pub mod state;
 pub mod syspolicy;
 pub mod tls;
-pub mod work;
 
 pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};
