@@ -25,8 +25,9 @@ use std::time::Duration;
 use store::Store;
 use tokio::sync::watch;
 
-/// Server configuration.
-#[derive(Debug, Clone)]
+/// Server configuration. `Debug` shows how many API keys there are and whether a mesh key is
+/// set, never the keys.
+#[derive(Clone)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -67,6 +68,51 @@ pub struct Config {
     /// STUN listener for the embedded DERP regions; an unspecified IP means the IP of
     /// `listen`, port 0 picks a free port. `None`: no STUN (the map says `STUNPort: -1`).
     pub stun_listen: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            listen,
+            db,
+            server_url,
+            base_domain,
+            api_keys,
+            keepalive,
+            ephemeral_timeout,
+            followup_wait,
+            ipv4_base,
+            ipv6_base,
+            device_code_ttl,
+            device_poll_interval,
+            derp,
+            derp_verify_clients,
+            derp_mesh_key,
+            derp_queue_depth,
+            derp_keepalive,
+            stun_listen,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("db", db)
+            .field("server_url", server_url)
+            .field("base_domain", base_domain)
+            .field("api_keys", &format_args!("<{} redacted>", api_keys.len()))
+            .field("keepalive", keepalive)
+            .field("ephemeral_timeout", ephemeral_timeout)
+            .field("followup_wait", followup_wait)
+            .field("ipv4_base", ipv4_base)
+            .field("ipv6_base", ipv6_base)
+            .field("device_code_ttl", device_code_ttl)
+            .field("device_poll_interval", device_poll_interval)
+            .field("derp", derp)
+            .field("derp_verify_clients", derp_verify_clients)
+            .field("derp_mesh_key", &derp_mesh_key.as_ref().map(|_| "<redacted>"))
+            .field("derp_queue_depth", derp_queue_depth)
+            .field("derp_keepalive", derp_keepalive)
+            .field("stun_listen", stun_listen)
+            .finish()
+    }
 }
 
 /// The DERP part of the configuration.
@@ -413,6 +459,18 @@ pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_debug_hides_api_and_mesh_keys() {
+        let cfg = Config {
+            api_keys: vec!["adminSECRETkey1".into()],
+            derp_mesh_key: Some("ab".repeat(32)),
+            ..Config::default()
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("adminSECRETkey1") && !text.contains(&"ab".repeat(32)), "{text}");
+        assert!(text.contains("api_keys") && text.contains("base_domain"), "{text}");
+    }
 
     #[test]
     fn embedded_map_names_every_region_listener() {
