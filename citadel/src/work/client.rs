@@ -57,15 +57,16 @@ impl RedisTarget {
         } else {
             return Err(err("must start with redis://"));
         };
-        let (authority, path) = match rest.find(['/', '?', '#']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
+        // The password may itself contain '@', '/', '?' or '#' if the user forgot to
+        // percent-encode it (a database number never holds '@'), so the host is whatever
+        // follows the *last* '@'.
+        let (userinfo, after_user) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
         };
-        // The password may itself contain '@' if the user forgot to percent-encode it, so the
-        // host is whatever follows the *last* '@'.
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
+        let (hostport, path) = match after_user.find(['/', '?', '#']) {
+            Some(i) => (&after_user[..i], &after_user[i..]),
+            None => (after_user, ""),
         };
         let (username, password) = match userinfo {
             None => (None, None),
@@ -146,12 +147,12 @@ pub fn redact_url(url: &str) -> String {
         return "***".to_string();
     };
     let after = &url[scheme_end + 3..];
-    let auth_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-    let authority = &after[..auth_end];
-    match authority.rfind('@') {
+    // Like `RedisTarget::parse`: an unencoded password may hold '/', '?' or '#', so the
+    // userinfo ends at the last '@' anywhere (over-redacting a path with '@' is harmless).
+    match after.rfind('@') {
         None => url.to_string(),
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &after[..at];
             let user = match userinfo.split_once(':') {
                 Some((u, _)) => format!("{u}:***"),
                 // A lone userinfo token is treated as a password by `RedisTarget::parse`.
@@ -441,5 +442,13 @@ mod tests {
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
         assert_eq!(redact_url("hunter2"), "***");
         assert_eq!(redact_url("redis://a:p@ss@h"), "redis://a:***@h");
+        for url in ["redis://:pa/ss@h:1", "redis://u:pa?ss@h:1/2", "redis://u:pa#ss@h", "redis://pa/ss@h:1"] {
+            assert!(!redact_url(url).contains("ss@"), "{url} -> {}", redact_url(url));
+            assert!(!redact_url(url).contains("pa"), "{url} -> {}", redact_url(url));
+            match RedisTarget::parse(url) {
+                Ok(t) => assert!(!format!("{t} {t:?}").contains("pa"), "{t}"),
+                Err(e) => assert!(!e.to_string().contains("pa"), "{e}"),
+            }
+        }
     }
 }
