@@ -24,6 +24,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::Invalid(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
             StoreError::Db(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            StoreError::Exhausted(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 }
@@ -238,7 +239,7 @@ async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, 
         "cli",
         s.cfg.ipv4_base,
         s.cfg.ipv6_base,
-    );
+    )?;
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 

@@ -204,6 +204,13 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
             s.cfg.ipv4_base,
             s.cfg.ipv6_base,
         );
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("registration refused: {e}");
+                return RegisterResponse { error: e.to_string(), ..Default::default() };
+            }
+        };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
         return register_ok(s, &n);
     }

@@ -12,10 +12,10 @@ use axum::extract::{Form, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Grant type of the token request.
@@ -59,11 +59,11 @@ fn normalize(code: &str) -> String {
 impl Flows {
     fn find_by_user_code(&self, code: &str) -> Option<String> {
         let want = normalize(code);
-        self.flows.lock().unwrap().iter().find(|(_, f)| normalize(&f.user_code) == want).map(|(d, _)| d.clone())
+        self.flows.lock().iter().find(|(_, f)| normalize(&f.user_code) == want).map(|(d, _)| d.clone())
     }
 
     fn set(&self, device: &str, v: Verdict) -> bool {
-        match self.flows.lock().unwrap().get_mut(device) {
+        match self.flows.lock().get_mut(device) {
             Some(f) if f.verdict == Verdict::Pending && f.expires > Instant::now() => {
                 f.verdict = v;
                 true
@@ -79,7 +79,7 @@ pub async fn start(State(s): State<Shared>) -> Json<serde_json::Value> {
     let code = user_code();
     let ttl = s.cfg.device_code_ttl;
     let interval = Duration::from_secs(s.cfg.device_poll_interval.max(1));
-    s.device.flows.lock().unwrap().insert(
+    s.device.flows.lock().insert(
         device.clone(),
         Flow {
             user_code: code.clone(),
@@ -115,7 +115,7 @@ pub async fn token(State(s): State<Shared>, Form(req): Form<TokenReq>) -> Respon
     if req.grant_type != GRANT {
         return oauth_error("unsupported_grant_type");
     }
-    let mut flows = s.device.flows.lock().unwrap();
+    let mut flows = s.device.flows.lock();
     let Some(f) = flows.get_mut(&req.device_code) else {
         return oauth_error("expired_token");
     };

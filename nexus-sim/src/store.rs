@@ -6,11 +6,12 @@
 use chrono::{DateTime, Utc};
 use citadel::keys::{DiscoPublic, MachinePublic, NodePublic};
 use citadel::tailcfg::Hostinfo;
+use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// An org (Headscale user).
@@ -99,6 +100,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// No address is left in the configured range.
+    #[error("address range exhausted: {0}")]
+    Exhausted(String),
 }
 
 #[derive(Default)]
@@ -221,7 +225,7 @@ impl Store {
     fn put<T: Serialize>(&self, table: &str, id: &str, v: &T) {
         if let Some(db) = &self.db {
             let j = serde_json::to_string(v).expect("serializes");
-            if let Err(e) = db.lock().unwrap().execute(
+            if let Err(e) = db.lock().execute(
                 &format!("INSERT OR REPLACE INTO {table} (id, json) VALUES (?1, ?2)"),
                 rusqlite::params![id, j],
             ) {
@@ -232,7 +236,7 @@ impl Store {
 
     fn del(&self, table: &str, id: &str) {
         if let Some(db) = &self.db {
-            if let Err(e) = db.lock().unwrap().execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id]) {
+            if let Err(e) = db.lock().execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id]) {
                 tracing::error!("sqlite delete from {table} failed: {e}");
             }
         }
@@ -249,7 +253,6 @@ impl Store {
         if let Some(db) = &self.db {
             let got: Option<String> = db
                 .lock()
-                .unwrap()
                 .query_row("SELECT json FROM meta WHERE id = ?1", [name], |r| r.get(0))
                 .ok()
                 .and_then(|j: String| serde_json::from_str(&j).ok());
@@ -271,7 +274,7 @@ impl Store {
 
     /// Subscribes to changes of org `user_id`'s nodes.
     pub fn subscribe(&self, user_id: u64) -> watch::Receiver<u64> {
-        self.orgs.lock().unwrap().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
+        self.orgs.lock().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
     /// Subscribes to every change of any node (interactive registration waits on this).
@@ -282,7 +285,7 @@ impl Store {
     /// Wakes every stream of org `user_id`.
     pub fn notify(&self, user_id: u64) {
         self.all.send_modify(|g| *g += 1);
-        if let Some(tx) = self.orgs.lock().unwrap().get(&user_id) {
+        if let Some(tx) = self.orgs.lock().get(&user_id) {
             tx.send_modify(|g| *g += 1);
         }
     }
@@ -290,15 +293,15 @@ impl Store {
     // ---- users
 
     pub fn users(&self) -> Vec<User> {
-        self.data.lock().unwrap().users.values().cloned().collect()
+        self.data.lock().users.values().cloned().collect()
     }
 
     pub fn user(&self, id: u64) -> Option<User> {
-        self.data.lock().unwrap().users.get(&id).cloned()
+        self.data.lock().users.get(&id).cloned()
     }
 
     pub fn user_by_name(&self, name: &str) -> Option<User> {
-        self.data.lock().unwrap().users.values().find(|u| u.name == name).cloned()
+        self.data.lock().users.values().find(|u| u.name == name).cloned()
     }
 
     pub fn create_user(&self, name: &str, display_name: &str) -> Result<User, StoreError> {
@@ -306,7 +309,7 @@ impl Store {
         if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_whitespace()) {
             return Err(StoreError::Invalid(format!("invalid user name {name:?}")));
         }
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == name) {
             return Err(StoreError::Invalid(format!("user {name:?} already exists")));
         }
@@ -323,7 +326,7 @@ impl Store {
     }
 
     pub fn rename_user(&self, id: u64, new: &str) -> Result<User, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == new && u.id != id) {
             return Err(StoreError::Invalid(format!("user {new:?} already exists")));
         }
@@ -337,7 +340,7 @@ impl Store {
     }
 
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if !d.users.contains_key(&id) {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
@@ -359,7 +362,7 @@ impl Store {
         expiration: Option<DateTime<Utc>>,
         acl_tags: Vec<String>,
     ) -> Result<PreAuthKey, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if !d.users.contains_key(&user_id) {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
@@ -384,11 +387,11 @@ impl Store {
     }
 
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
-        self.data.lock().unwrap().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
+        self.data.lock().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
 
     pub fn expire_key(&self, key: &str) -> Result<PreAuthKey, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let k =
             d.keys.values_mut().find(|k| k.key == key).ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?;
         k.expiration = Some(Utc::now());
@@ -408,7 +411,7 @@ impl Store {
 
     /// Registers a given API key (the one `serve --api-key` was started with).
     pub fn insert_api_key(&self, full: &str, expiration: Option<DateTime<Utc>>) -> ApiKey {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let hash = sha256_hex(full);
         if let Some(k) = d.api_keys.values().find(|k| k.hash == hash) {
             return k.clone();
@@ -422,38 +425,38 @@ impl Store {
     }
 
     pub fn api_keys(&self) -> Vec<ApiKey> {
-        self.data.lock().unwrap().api_keys.values().cloned().collect()
+        self.data.lock().api_keys.values().cloned().collect()
     }
 
     /// True when `full` is a known, unexpired API key.
     pub fn check_api_key(&self, full: &str) -> bool {
         let hash = sha256_hex(full);
         let now = Utc::now();
-        self.data.lock().unwrap().api_keys.values().any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
+        self.data.lock().api_keys.values().any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
     }
 
     // ---- nodes
 
     pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.data.lock().unwrap().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
+        self.data.lock().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
     }
 
     pub fn node(&self, id: u64) -> Option<Node> {
-        self.data.lock().unwrap().nodes.get(&id).cloned()
+        self.data.lock().nodes.get(&id).cloned()
     }
 
     /// The node registered with this machine key and node key.
     pub fn node_by_keys(&self, mk: &MachinePublic, nk: &NodePublic) -> Option<Node> {
-        self.data.lock().unwrap().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
+        self.data.lock().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
     }
 
     pub fn is_online(&self, id: u64) -> bool {
-        self.data.lock().unwrap().sessions.get(&id).copied().unwrap_or(0) > 0
+        self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
     }
 
     /// Validates and consumes a pre-auth key; the error text is what the client shows.
     pub fn use_key(&self, key: &str) -> Result<PreAuthKey, String> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let now = Utc::now();
         let Some(k) = d.keys.values_mut().find(|k| k.key == key) else {
             return Err("invalid auth key: not known to this server".into());
@@ -484,14 +487,20 @@ impl Store {
         method: &str,
         ipv4_base: Ipv4Addr,
         ipv6_base: Ipv6Addr,
-    ) -> Node {
-        let mut d = self.data.lock().unwrap();
+    ) -> Result<Node, StoreError> {
+        let mut d = self.data.lock();
         let now = Utc::now();
         let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
         let idx = match d.allocations.get(&mk) {
             Some(i) => *i,
             None => {
-                let i = d.allocations.values().max().map(|m| m + 1).unwrap_or(1);
+                // Indexes are never reused (a machine keeps its address), so the next is max + 1
+                // and the range ends where the IPv4 address would wrap.
+                let last = u32::MAX - u32::from(ipv4_base);
+                let i = d.allocations.values().max().map_or(Some(1), |m| m.checked_add(1)).filter(|i| *i <= last);
+                let i = i.ok_or_else(|| {
+                    StoreError::Exhausted(format!("no IPv4 address left after {ipv4_base} ({last} allocated)"))
+                })?;
                 d.allocations.insert(mk, i);
                 i
             }
@@ -521,8 +530,8 @@ impl Store {
             }
             None => {
                 let id = Self::next_id(&mut d);
-                let v4 = u32::from(ipv4_base) + idx;
-                let v6 = u128::from(ipv6_base) + idx as u128;
+                let v4 = u32::from(ipv4_base).saturating_add(idx);
+                let v6 = u128::from(ipv6_base).saturating_add(u128::from(idx));
                 let n = Node {
                     id,
                     machine_key: mk,
@@ -555,12 +564,12 @@ impl Store {
         if let Some(u) = old_user.filter(|u| *u != user_id) {
             self.notify(u);
         }
-        node
+        Ok(node)
     }
 
     /// Applies `f` to node `id`, persists it and wakes its org when `f` reports a change.
     pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let n = d.nodes.get_mut(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         let changed = f(n);
         let n = n.clone();
@@ -573,7 +582,7 @@ impl Store {
     }
 
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         d.sessions.remove(&id);
         drop(d);
@@ -584,7 +593,7 @@ impl Store {
 
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
-        if self.data.lock().unwrap().nodes.values().any(|n| n.given_name == name && n.id != id) {
+        if self.data.lock().nodes.values().any(|n| n.given_name == name && n.id != id) {
             return Err(StoreError::Invalid(format!("name {name:?} is taken")));
         }
         self.update_node(id, |n| {
@@ -602,7 +611,7 @@ impl Store {
 
     /// A map stream of node `id` opened (`+1`) or closed (`-1`); online state follows.
     pub fn session(&self, id: u64, open: bool) {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let c = d.sessions.entry(id).or_insert(0);
         let was = *c > 0;
         if open {
@@ -624,18 +633,18 @@ impl Store {
 
     pub fn add_pending(&self, p: Pending) -> String {
         let id = random_hex(12);
-        self.data.lock().unwrap().pending.insert(id.clone(), p);
+        self.data.lock().pending.insert(id.clone(), p);
         id
     }
 
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
-        let p = self.data.lock().unwrap().pending.remove(id);
+        let p = self.data.lock().pending.remove(id);
         self.all.send_modify(|g| *g += 1);
         p
     }
 
     pub fn pending(&self, id: &str) -> Option<Pending> {
-        self.data.lock().unwrap().pending.get(id).cloned()
+        self.data.lock().pending.get(id).cloned()
     }
 }
 
@@ -656,6 +665,64 @@ mod tests {
             Ipv4Addr::new(100, 64, 0, 0),
             "fd7a:115c:a1e0::".parse().unwrap(),
         )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_panic_inside_an_update_leaves_the_store_usable() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = s.update_node(a.id, |_| panic!("a bug in an update closure"));
+        }));
+        assert!(r.is_err());
+        assert_eq!(s.nodes(None).len(), 1);
+        assert_eq!(s.user(u.id).unwrap().name, "acme");
+    }
+
+    #[test]
+    fn address_exhaustion_is_a_clear_error() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let base = Ipv4Addr::new(255, 255, 255, 253);
+        let got: Vec<_> = (1..=4u8)
+            .map(|mk| {
+                s.register(
+                    MachinePublic([mk; 32]),
+                    NodePublic([mk; 32]),
+                    u.id,
+                    Hostinfo::default(),
+                    false,
+                    vec![],
+                    None,
+                    "authkey",
+                    base,
+                    "fd7a:115c:a1e0::".parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got[0].as_ref().unwrap().ipv4, Ipv4Addr::new(255, 255, 255, 254));
+        assert_eq!(got[1].as_ref().unwrap().ipv4, Ipv4Addr::BROADCAST);
+        for r in &got[2..] {
+            let e = r.as_ref().unwrap_err();
+            assert!(matches!(e, StoreError::Exhausted(_)) && e.to_string().contains("address range exhausted"), "{e}");
+        }
+        // Machines that have an address keep it.
+        assert!(s
+            .register(
+                MachinePublic([1; 32]),
+                NodePublic([1; 32]),
+                u.id,
+                Hostinfo::default(),
+                false,
+                vec![],
+                None,
+                "authkey",
+                base,
+                "fd7a:115c:a1e0::".parse().unwrap()
+            )
+            .is_ok());
     }
 
     #[test]
