@@ -488,7 +488,13 @@ impl Store {
         ipv4_base: Ipv4Addr,
         ipv6_base: Ipv6Addr,
     ) -> Result<Node, StoreError> {
+        if nk.is_zero() {
+            return Err(StoreError::Invalid("empty node key".into()));
+        }
         let mut d = self.data.lock();
+        if d.nodes.values().any(|n| n.node_key == nk && n.machine_key != mk) {
+            return Err(StoreError::Invalid(format!("node key {nk} is registered to another machine")));
+        }
         let now = Utc::now();
         let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
         let idx = match d.allocations.get(&mk) {
@@ -679,6 +685,31 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(s.nodes(None).len(), 1);
         assert_eq!(s.user(u.id).unwrap().name, "acme");
+    }
+
+    #[test]
+    fn registering_another_machines_node_key_fails() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let r = s.register(
+            MachinePublic([2; 32]),
+            a.node_key,
+            u.id,
+            Hostinfo::default(),
+            false,
+            vec![],
+            None,
+            "authkey",
+            Ipv4Addr::new(100, 64, 0, 0),
+            "fd7a:115c:a1e0::".parse().unwrap(),
+        );
+        let e = r.expect_err("a second machine took over a node key");
+        assert!(e.to_string().contains("another machine"), "{e}");
+        assert_eq!(s.nodes(None).len(), 1);
+        assert_eq!(s.node(a.id).unwrap().machine_key, MachinePublic([1; 32]));
+        // The owner may re-register its own key.
+        assert_eq!(reg(&s, 1, u.id).id, a.id);
     }
 
     #[test]
