@@ -180,29 +180,44 @@ fn private(opts: &mut OpenOptions) {
     let _ = opts;
 }
 
-/// Writes `path` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
+/// Writes `path` atomically: a fresh 0600 temp file in the same directory (created
+/// exclusively, never through a symlink), fsync, rename, fsync of the directory. On any error
+/// the temp file is removed and the error returned.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, durable, |f| f.write_all(bytes))
+}
+
+fn write_atomic_with(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StateError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}-{:016x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u64>()
     ));
     let mut f = {
         let mut opts = OpenOptions::new();
         private(&mut opts);
-        opts.create(true).truncate(true).write(true).open(&tmp).map_err(io_err(&tmp))?
+        #[cfg(unix)]
+        opts.custom_flags(libc::O_NOFOLLOW);
+        opts.create_new(true).write(true).open(&tmp).map_err(io_err(&tmp))?
     };
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    if durable {
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
+    let written = fill(&mut f).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Err(e) = written.map_err(io_err(&tmp)).and_then(|()| fs::rename(&tmp, path).map_err(io_err(path))) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if durable {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // Without the directory fsync the rename may not survive a crash: report it.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     }
     Ok(())
 }
@@ -226,6 +241,51 @@ mod tests {
         let s = StateDir::open(&p).unwrap();
         s.clear().unwrap();
         assert!(s.read::<Identity>("identity.json").unwrap().is_none());
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn failed_atomic_write_leaves_no_temp_file() {
+        let t = tempfile::tempdir().unwrap();
+        // The rename fails: the target is a (non-empty) directory.
+        let target = t.path().join("identity.json");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), b"x").unwrap();
+        assert!(write_atomic(&target, b"secret key bytes", true).is_err());
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn failed_write_returns_the_error_and_leaves_no_temp_file() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("identity.json");
+        let r = write_atomic_with(&target, true, |f| {
+            f.write_all(b"half of a key")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(r.unwrap_err().to_string().contains("disk full"));
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_not_a_symlink_target() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("node.json");
+        let elsewhere = t.path().join("elsewhere");
+        fs::write(&elsewhere, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+        write_atomic(&target, b"{}", true).unwrap();
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"untouched");
+        assert!(!fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
+        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
