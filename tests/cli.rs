@@ -181,3 +181,18 @@ fn failures_exit_non_zero_with_one_clear_line() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
 }
+
+#[test]
+fn logout_clears_a_corrupt_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("n");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("identity.json"), b"{\"machine_key\": 7").unwrap();
+    std::fs::write(state.join("node.json"), b"{}").unwrap();
+    let o = run_with_deadline(
+        Command::new(bin("citadel")).arg("--state-dir").arg(&state).args(["logout", "--timeout=5"]),
+        T,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!state.join("identity.json").exists() && !state.join("node.json").exists());
+}

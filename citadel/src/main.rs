@@ -640,8 +640,10 @@ async fn main() -> ExitCode {
                     }
                     Err(e) => fail(&e),
                 },
-                Err(ConnectError::NeedsAuth { .. }) | Err(ConnectError::NoNexusUrl) => {
-                    // Not registered anywhere: just clear local state.
+                Err(ConnectError::NeedsAuth { .. })
+                | Err(ConnectError::NoNexusUrl)
+                | Err(ConnectError::State(StateError::Corrupt { .. })) => {
+                    // Not registered anywhere, or the state cannot say where: clear local state.
                     match citadel::state::StateDir::open(&state_dir).and_then(|s| s.clear()) {
                         Ok(()) => {
                             println!("logged out");

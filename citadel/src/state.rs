@@ -13,6 +13,20 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// The file that marks a directory as citadel's state directory.
+pub const MARKER: &str = ".citadel-state";
+
+/// Every file citadel keeps in a state directory; logout removes these (and temp files) only.
+const KNOWN_FILES: [&str; 5] = ["identity.json", "node.json", "netmap.json", "lock", "citadel.sock"];
+
+fn is_citadel_file(name: &str) -> bool {
+    name == MARKER
+        || KNOWN_FILES.contains(&name)
+        || KNOWN_FILES
+            .iter()
+            .any(|k| name.strip_prefix('.').and_then(|n| n.strip_prefix(k)).is_some_and(|t| t.starts_with(".tmp")))
+}
+
 /// State directory errors, each one a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -22,6 +36,11 @@ pub enum StateError {
     /// A file exists but cannot be parsed.
     #[error("state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over")]
     Corrupt { path: PathBuf, reason: String },
+    /// The directory holds files that are not citadel's and no citadel marker.
+    #[error(
+        "{0} is not a citadel state directory (it holds other files and no {MARKER}); choose a new or empty directory"
+    )]
+    NotOurs(PathBuf),
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -86,8 +105,21 @@ pub struct StateDir {
 
 impl StateDir {
     /// Creates (0700) and locks the directory; fails at once if another process holds it.
+    ///
+    /// An existing directory must carry the citadel marker or hold nothing but citadel's
+    /// files (then it gets the marker); anything else is refused before it is touched, so a
+    /// mistaken `--state-dir ~` never has its mode changed or its files removed.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         fs::create_dir_all(path).map_err(io_err(path))?;
+        let marker = path.join(MARKER);
+        if !marker.exists() {
+            for entry in fs::read_dir(path).map_err(io_err(path))? {
+                let name = entry.map_err(io_err(path))?.file_name();
+                if !name.to_str().is_some_and(is_citadel_file) {
+                    return Err(StateError::NotOurs(path.to_path_buf()));
+                }
+            }
+        }
         // On Windows the profile directory's ACL already limits access to the user.
         #[cfg(unix)]
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))?;
@@ -99,6 +131,9 @@ impl StateDir {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StateError::Locked(path.to_path_buf())),
             Err(fs::TryLockError::Error(e)) => return Err(StateError::Io { path: lock_path, source: e }),
+        }
+        if !marker.exists() {
+            write_atomic(&marker, b"citadel state directory\n", true)?;
         }
         Ok(Self { path: path.to_path_buf(), lock: std::sync::Mutex::new(Some(lock)) })
     }
@@ -157,16 +192,21 @@ impl StateDir {
         Ok(id)
     }
 
-    /// Removes everything in the directory but the lock (logout).
+    /// Removes citadel's files but the lock and the marker (logout); anything else stays.
     pub fn clear(&self) -> Result<(), StateError> {
         for entry in fs::read_dir(&self.path).map_err(io_err(&self.path))? {
             let entry = entry.map_err(io_err(&self.path))?;
-            if entry.file_name() == "lock" {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name == "lock" || name == MARKER || !is_citadel_file(name) {
                 continue;
             }
             let p = entry.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            r.map_err(io_err(&p))?;
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::Io { path: p, source: e }),
+            }
         }
         Ok(())
     }
@@ -286,6 +326,42 @@ mod tests {
         assert_eq!(fs::read(&elsewhere).unwrap(), b"untouched");
         assert!(!fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
         assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn open_refuses_a_directory_that_is_not_citadels() {
+        let t = tempfile::tempdir().unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(t.path().join("foo.txt"), b"my notes").unwrap();
+        let e = StateDir::open(t.path()).unwrap_err();
+        assert!(e.to_string().contains("not a citadel state directory"), "{e}");
+        assert_eq!(fs::read(t.path().join("foo.txt")).unwrap(), b"my notes");
+        assert_eq!(fs::metadata(t.path()).unwrap().permissions().mode() & 0o777, 0o755);
+    }
+
+    #[test]
+    fn clear_removes_only_citadels_files() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("net");
+        let s = StateDir::open(&p).unwrap();
+        s.identity(&mut rand::thread_rng()).unwrap();
+        s.write_cache("netmap.json", &serde_json::json!({})).unwrap();
+        fs::write(p.join("foo.txt"), b"my notes").unwrap();
+        s.clear().unwrap();
+        assert!(!p.join("identity.json").exists() && !p.join("netmap.json").exists());
+        assert_eq!(fs::read(p.join("foo.txt")).unwrap(), b"my notes");
+        drop(s);
+        // Still citadel's (the marker stays), so it opens again.
+        StateDir::open(&p).unwrap();
+    }
+
+    #[test]
+    fn a_directory_holding_only_citadel_files_is_adopted() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("identity.json"), b"{}").unwrap();
+        fs::write(t.path().join("lock"), b"").unwrap();
+        StateDir::open(t.path()).unwrap();
+        assert!(t.path().join(MARKER).exists());
     }
 
     #[test]
