@@ -57,7 +57,8 @@ pub fn user_json(u: &User) -> Value {
 }
 
 fn key_json(s: &Shared, k: &PreAuthKey) -> Value {
-    json!({"user": s.store.user(k.user_id).map(|u| user_json(&u)), "id": k.id.to_string(), "key": k.key,
+    json!({"user": s.store.user(k.user_id).map(|u| user_json(&u)), "id": k.id.to_string(),
+           "key": if k.key.is_empty() { k.masked() } else { k.key.clone() },
            "reusable": k.reusable, "ephemeral": k.ephemeral, "used": k.used,
            "expiration": k.expiration.as_ref().map(ts), "createdAt": ts(&k.created_at), "aclTags": k.acl_tags})
 }

@@ -23,11 +23,21 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-/// A pre-auth key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A pre-auth key. Only its prefix and hash are kept (as Headscale does); `key` holds the full
+/// text only in the value [`Store::create_key`] returns, to be shown once.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct PreAuthKey {
     pub id: u64,
+    /// The full key, right after creation; empty otherwise. Never written to the database
+    /// (read only to migrate rows from before keys were hashed).
+    #[serde(default, skip_serializing)]
     pub key: String,
+    /// The public part of the key (`nskey-auth-<prefix>-…`), for listing and lookup.
+    #[serde(default)]
+    pub prefix: String,
+    /// SHA-256 of the full key, hex.
+    #[serde(default)]
+    pub hash: String,
     pub user_id: u64,
     pub reusable: bool,
     pub ephemeral: bool,
@@ -35,6 +45,42 @@ pub struct PreAuthKey {
     pub expiration: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub acl_tags: Vec<String>,
+}
+
+impl std::fmt::Debug for PreAuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuthKey")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .field("user_id", &self.user_id)
+            .field("reusable", &self.reusable)
+            .field("ephemeral", &self.ephemeral)
+            .field("used", &self.used)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreAuthKey {
+    /// How listings show the key: its prefix, the secret masked.
+    pub fn masked(&self) -> String {
+        format!("{PREAUTH_PREFIX}{}-***", self.prefix)
+    }
+}
+
+const PREAUTH_PREFIX: &str = "nskey-auth-";
+const PREAUTH_PREFIX_LEN: usize = 12;
+
+/// The lookup prefix of a presented pre-auth key (also right for keys made before hashing,
+/// `nskey-auth-<48 hex>`, whose first 12 hex digits became their prefix).
+fn preauth_prefix(full: &str) -> Option<&str> {
+    full.strip_prefix(PREAUTH_PREFIX)?.get(..PREAUTH_PREFIX_LEN)
+}
+
+/// Constant-time equality of two hex digests.
+fn same_hash(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// A registered node.
@@ -135,6 +181,23 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
+/// Creates the SQLite file 0600 (its -wal and -shm files inherit the mode) and tightens the
+/// mode of files left by an older run.
+fn make_private(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Invalid(format!("database file {}: {e}", db.display()));
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(db).map_err(io)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Random lowercase hex of `n` bytes.
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
@@ -162,6 +225,7 @@ impl Store {
         let conn = match db {
             None => None,
             Some(p) => {
+                make_private(p)?;
                 let c = rusqlite::Connection::open(p)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 for t in TABLES {
@@ -188,7 +252,18 @@ impl Store {
                 for (_, u) in load::<User>(&c, "users")? {
                     data.users.insert(u.id, u);
                 }
-                for (_, k) in load::<PreAuthKey>(&c, "preauthkeys")? {
+                for (_, mut k) in load::<PreAuthKey>(&c, "preauthkeys")? {
+                    if !k.key.is_empty() {
+                        // A row from before keys were hashed: keep only prefix and hash.
+                        k.prefix = preauth_prefix(&k.key).unwrap_or_default().to_string();
+                        k.hash = sha256_hex(&k.key);
+                        k.key.clear();
+                        let j = serde_json::to_string(&k).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                        c.execute(
+                            "INSERT OR REPLACE INTO preauthkeys (id, json) VALUES (?1, ?2)",
+                            rusqlite::params![k.id.to_string(), j],
+                        )?;
+                    }
                     data.keys.insert(k.id, k);
                 }
                 for (_, n) in load::<Node>(&c, "nodes")? {
@@ -369,9 +444,13 @@ impl Store {
         if let Some(t) = acl_tags.iter().find(|t| !t.starts_with("tag:")) {
             return Err(StoreError::Invalid(format!("tag {t:?} must start with \"tag:\"")));
         }
+        let prefix = random_hex(PREAUTH_PREFIX_LEN / 2);
+        let full = format!("{PREAUTH_PREFIX}{prefix}-{}", random_hex(24));
         let k = PreAuthKey {
             id: Self::next_id(&mut d),
-            key: format!("nskey-auth-{}", random_hex(24)),
+            key: String::new(),
+            prefix,
+            hash: sha256_hex(&full),
             user_id,
             reusable,
             ephemeral,
@@ -383,17 +462,24 @@ impl Store {
         d.keys.insert(k.id, k.clone());
         self.put("preauthkeys", &k.id.to_string(), &k);
         self.save_meta(&d);
-        Ok(k)
+        Ok(PreAuthKey { key: full, ..k })
     }
 
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
         self.data.lock().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
 
+    /// Expires the key given in full or as its listed (masked) form.
     pub fn expire_key(&self, key: &str) -> Result<PreAuthKey, StoreError> {
         let mut d = self.data.lock();
-        let k =
-            d.keys.values_mut().find(|k| k.key == key).ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?;
+        let k = match Self::find_key(&mut d, key) {
+            Some(k) => k,
+            None => d
+                .keys
+                .values_mut()
+                .find(|k| k.masked() == key)
+                .ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?,
+        };
         k.expiration = Some(Utc::now());
         let k = k.clone();
         self.put("preauthkeys", &k.id.to_string(), &k);
@@ -454,11 +540,19 @@ impl Store {
         self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
     }
 
+    /// The key whose prefix and hash match `full`.
+    fn find_key<'a>(d: &'a mut Data, full: &str) -> Option<&'a mut PreAuthKey> {
+        // SHA-256 (not a slow hash) is enough: the secret part is 192 random bits.
+        let prefix = preauth_prefix(full)?;
+        let hash = sha256_hex(full);
+        d.keys.values_mut().find(|k| k.prefix == prefix && same_hash(&k.hash, &hash))
+    }
+
     /// Validates and consumes a pre-auth key; the error text is what the client shows.
     pub fn use_key(&self, key: &str) -> Result<PreAuthKey, String> {
         let mut d = self.data.lock();
         let now = Utc::now();
-        let Some(k) = d.keys.values_mut().find(|k| k.key == key) else {
+        let Some(k) = Self::find_key(&mut d, key) else {
             return Err("invalid auth key: not known to this server".into());
         };
         if k.expiration.is_some_and(|e| e <= now) {
@@ -754,6 +848,35 @@ mod tests {
                 "fd7a:115c:a1e0::".parse().unwrap()
             )
             .is_ok());
+    }
+
+    #[test]
+    fn db_holds_no_pre_auth_key_text_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let k = s.create_key(u.id, true, false, None, vec![]).unwrap();
+        let secret = k.key.rsplit('-').next().unwrap().to_string();
+        assert!(secret.len() >= 32, "{}", k.key);
+        // Listing never shows the key either.
+        assert!(s.keys(None).iter().all(|l| !format!("{l:?}").contains(&secret)));
+        assert!(s.use_key(&k.key).is_ok());
+        assert!(s.use_key(&format!("{}0", &k.key[..k.key.len() - 1])).is_err());
+        let mut files = 0;
+        for e in std::fs::read_dir(t.path()).unwrap() {
+            let p = e.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} holds the key", p.display());
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+            files += 1;
+        }
+        assert!(files >= 2, "expected the db and its WAL");
+        drop(s);
+        // After a restart the key still works (by its hash).
+        let s = Store::open(Some(&db)).unwrap();
+        assert!(s.use_key(&k.key).is_ok());
     }
 
     #[test]
