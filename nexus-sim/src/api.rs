@@ -261,6 +261,22 @@ async fn create_api_key(State(s): State<Shared>, body: Option<Json<Value>>) -> A
     Ok(Json(json!({"apiKey": full})))
 }
 
+fn prefix_of(b: &Value) -> Result<String, ApiError> {
+    b.get("prefix").and_then(|p| p.as_str()).map(str::to_string).ok_or_else(|| bad("prefix is required"))
+}
+
+/// `POST /api/v1/apikey/expire {"prefix"}`.
+async fn expire_api_key(State(s): State<Shared>, Json(b): Json<Value>) -> ApiResult {
+    s.store.expire_api_key(&prefix_of(&b)?)?;
+    Ok(Json(json!({})))
+}
+
+/// `DELETE /api/v1/apikey/{prefix}`.
+async fn delete_api_key(State(s): State<Shared>, Path(prefix): Path<String>) -> ApiResult {
+    s.store.delete_api_key(&prefix)?;
+    Ok(Json(json!({})))
+}
+
 async fn list_api_keys(State(s): State<Shared>) -> ApiResult {
     Ok(Json(json!({"apiKeys": s.store.api_keys().iter().map(api_key_json).collect::<Vec<_>>()})))
 }
@@ -279,6 +295,8 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
+        .route("/api/v1/apikey/expire", post(expire_api_key))
+        .route("/api/v1/apikey/{prefix}", delete(delete_api_key))
         .route("/api/v1/device/approve", post(crate::device::approve))
         .route("/api/v1/device/deny", post(crate::device::deny))
         .route("/api/v1/node/register/{id}", delete(reject_registration))

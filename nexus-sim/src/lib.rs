@@ -254,9 +254,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     let store = Store::open(cfg.db.as_deref())?;
     let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
     let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
-    for k in &cfg.api_keys {
-        store.insert_api_key(k, None);
-    }
+    store.set_config_api_keys(&cfg.api_keys);
     let challenge = PrivateKey::generate(&mut rand::thread_rng());
     Ok(Arc::new(Inner {
         store,
@@ -459,6 +457,24 @@ pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn supplied_admin_keys_live_only_as_long_as_the_process() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = |k: &str| Config { db: Some(t.path().join("n.db")), api_keys: vec![k.into()], ..Config::default() };
+        let first = "first-SUPPLIED-key-0123456789";
+        let second = "second-SUPPLIED-key-9876543210";
+        let s = build(cfg(first)).unwrap();
+        assert!(s.store.check_api_key(first));
+        drop(s);
+        let s = build(cfg(second)).unwrap();
+        assert!(s.store.check_api_key(second));
+        assert!(!s.store.check_api_key(first), "a key from an earlier run still authenticates");
+        let listed = format!("{:?}", s.store.api_keys());
+        for k in [first, second] {
+            assert!(!listed.contains(&k[..6]), "{listed}");
+        }
+    }
 
     #[test]
     fn config_debug_hides_api_and_mesh_keys() {

@@ -163,6 +163,8 @@ struct Data {
     /// Open map streams per node (online while > 0).
     sessions: HashMap<u64, u32>,
     pending: HashMap<String, Pending>,
+    /// SHA-256 of the admin keys this process was started with (never persisted or listed).
+    config_api_keys: Vec<String>,
 }
 
 /// The shared store.
@@ -488,37 +490,69 @@ impl Store {
 
     // ---- API keys
 
-    /// Creates an API key; returns the full key (shown once) and its record.
+    /// Creates an API key `nsapi-<prefix>.<secret>`; returns the full key (shown once) and its
+    /// record, which holds only the random prefix and the hash.
     pub fn create_api_key(&self, expiration: Option<DateTime<Utc>>) -> (String, ApiKey) {
         let prefix = random_hex(5);
         let full = format!("nsapi-{prefix}.{}", random_hex(24));
-        (full.clone(), self.insert_api_key(&full, expiration))
-    }
-
-    /// Registers a given API key (the one `serve --api-key` was started with).
-    pub fn insert_api_key(&self, full: &str, expiration: Option<DateTime<Utc>>) -> ApiKey {
         let mut d = self.data.lock();
-        let hash = sha256_hex(full);
-        if let Some(k) = d.api_keys.values().find(|k| k.hash == hash) {
-            return k.clone();
-        }
-        let prefix: String = full.chars().take(12).collect();
-        let k = ApiKey { id: Self::next_id(&mut d), prefix, hash, expiration, created_at: Utc::now() };
+        let k =
+            ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
         d.api_keys.insert(k.id, k.clone());
         self.put("apikeys", &k.id.to_string(), &k);
         self.save_meta(&d);
-        k
+        (full, k)
+    }
+
+    /// Accepts `keys` (those `serve --api-key` was started with) for this process only: they
+    /// are not written to the database and not listed.
+    pub fn set_config_api_keys(&self, keys: &[String]) {
+        self.data.lock().config_api_keys = keys.iter().map(|k| sha256_hex(k)).collect();
     }
 
     pub fn api_keys(&self) -> Vec<ApiKey> {
         self.data.lock().api_keys.values().cloned().collect()
     }
 
-    /// True when `full` is a known, unexpired API key.
+    /// Expires the API key with this prefix now.
+    pub fn expire_api_key(&self, prefix: &str) -> Result<ApiKey, StoreError> {
+        let mut d = self.data.lock();
+        let k = d
+            .api_keys
+            .values_mut()
+            .find(|k| k.prefix == prefix)
+            .ok_or_else(|| StoreError::NotFound(format!("API key {prefix:?}")))?;
+        k.expiration = Some(Utc::now());
+        let k = k.clone();
+        self.put("apikeys", &k.id.to_string(), &k);
+        Ok(k)
+    }
+
+    /// Deletes the API key with this prefix.
+    pub fn delete_api_key(&self, prefix: &str) -> Result<(), StoreError> {
+        let mut d = self.data.lock();
+        let id = d
+            .api_keys
+            .values()
+            .find(|k| k.prefix == prefix)
+            .map(|k| k.id)
+            .ok_or_else(|| StoreError::NotFound(format!("API key {prefix:?}")))?;
+        d.api_keys.remove(&id);
+        self.del("apikeys", &id.to_string());
+        Ok(())
+    }
+
+    /// True when `full` is a key this process was started with, or a stored unexpired one.
     pub fn check_api_key(&self, full: &str) -> bool {
         let hash = sha256_hex(full);
         let now = Utc::now();
-        self.data.lock().api_keys.values().any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
+        let d = self.data.lock();
+        let configured = d.config_api_keys.iter().fold(false, |ok, h| ok | same_hash(h, &hash));
+        let stored = d
+            .api_keys
+            .values()
+            .fold(false, |ok, k| ok | (same_hash(&k.hash, &hash) && k.expiration.is_none_or(|e| e > now)));
+        configured || stored
     }
 
     // ---- nodes
