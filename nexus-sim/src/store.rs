@@ -319,10 +319,31 @@ impl Store {
         }
     }
 
-    fn save_meta(&self, d: &Data) {
+    /// Writes one row (if any) and the allocation metadata in a single transaction, so a
+    /// crash never leaves a node without its address allocation or the other way round.
+    fn put_with_meta<T: Serialize>(&self, d: &Data, row: Option<(&str, &str, &T)>) {
+        let Some(db) = &self.db else { return };
         let a: Vec<(MachinePublic, u32)> = d.allocations.iter().map(|(k, v)| (*k, *v)).collect();
-        self.put("meta", "allocations", &a);
-        self.put("meta", "next_id", &d.next_id);
+        let mut rows = vec![
+            ("meta", "allocations".to_string(), serde_json::to_string(&a).expect("serializes")),
+            ("meta", "next_id".to_string(), d.next_id.to_string()),
+        ];
+        if let Some((table, id, v)) = row {
+            rows.push((table, id.to_string(), serde_json::to_string(v).expect("serializes")));
+        }
+        let mut c = db.lock();
+        let r = c.transaction().and_then(|tx| {
+            for (table, id, j) in &rows {
+                tx.execute(
+                    &format!("INSERT OR REPLACE INTO {table} (id, json) VALUES (?1, ?2)"),
+                    rusqlite::params![id, j],
+                )?;
+            }
+            tx.commit()
+        });
+        if let Err(e) = r {
+            tracing::error!("sqlite write failed: {e}");
+        }
     }
 
     /// A persistent value in the meta table (e.g. the server's private key), created on first use.
@@ -397,8 +418,7 @@ impl Store {
             created_at: Utc::now(),
         };
         d.users.insert(u.id, u.clone());
-        self.put("users", &u.id.to_string(), &u);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("users", &u.id.to_string(), &u)));
         Ok(u)
     }
 
@@ -462,8 +482,7 @@ impl Store {
             acl_tags,
         };
         d.keys.insert(k.id, k.clone());
-        self.put("preauthkeys", &k.id.to_string(), &k);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("preauthkeys", &k.id.to_string(), &k)));
         Ok(PreAuthKey { key: full, ..k })
     }
 
@@ -499,8 +518,7 @@ impl Store {
         let k =
             ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
         d.api_keys.insert(k.id, k.clone());
-        self.put("apikeys", &k.id.to_string(), &k);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("apikeys", &k.id.to_string(), &k)));
         (full, k)
     }
 
@@ -625,6 +643,15 @@ impl Store {
         }
         let now = Utc::now();
         let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
+        // Nodes whose allocation was lost (a database written before registrations were one
+        // transaction) keep their address: rebuild the allocation from it.
+        let orphans: Vec<(MachinePublic, u32)> = d
+            .nodes
+            .values()
+            .filter(|n| !d.allocations.contains_key(&n.machine_key))
+            .filter_map(|n| u32::from(n.ipv4).checked_sub(u32::from(ipv4_base)).map(|i| (n.machine_key, i)))
+            .collect();
+        d.allocations.extend(orphans);
         let idx = match d.allocations.get(&mk) {
             Some(i) => *i,
             None => {
@@ -691,8 +718,7 @@ impl Store {
                 n
             }
         };
-        self.put("nodes", &node.id.to_string(), &node);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("nodes", &node.id.to_string(), &node)));
         drop(d);
         self.notify(user_id);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
@@ -911,6 +937,33 @@ mod tests {
         // After a restart the key still works (by its hash).
         let s = Store::open(Some(&db)).unwrap();
         assert!(s.use_key(&k.key).is_ok());
+    }
+
+    #[test]
+    fn a_node_row_without_its_allocation_does_not_lose_its_address() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        drop(s);
+        // A crash after the node row was written and before the allocation was.
+        let mut b = a.clone();
+        b.id = 99;
+        b.machine_key = MachinePublic([2; 32]);
+        b.node_key = NodePublic([2; 32]);
+        b.given_name = "b".into();
+        b.ipv4 = Ipv4Addr::new(100, 64, 0, 2);
+        b.ipv6 = "fd7a:115c:a1e0::2".parse().unwrap();
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute("INSERT INTO nodes (id, json) VALUES ('99', ?1)", [serde_json::to_string(&b).unwrap()]).unwrap();
+        drop(c);
+        let s = Store::open(Some(&db)).unwrap();
+        let n = reg(&s, 3, u.id);
+        assert!(n.ipv4 != b.ipv4 && n.ipv4 != a.ipv4, "{} reused", n.ipv4);
+        assert!(n.ipv6 != b.ipv6 && n.ipv6 != a.ipv6, "{} reused", n.ipv6);
+        // B keeps its address when it registers again.
+        assert_eq!(reg(&s, 2, u.id).ipv4, b.ipv4);
     }
 
     #[test]
