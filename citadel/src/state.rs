@@ -202,7 +202,9 @@ impl StateDir {
                 continue;
             }
             let p = entry.path();
-            match fs::remove_file(&p) {
+            // A temp directory left by a crash while binding the API socket.
+            let r = if p.is_dir() && name.contains(".tmp") { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StateError::Io { path: p, source: e }),
