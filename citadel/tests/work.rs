@@ -331,6 +331,74 @@ async fn shell_and_http_jobs_succeed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_and_array_commands_run_only_with_allow_shell() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(30), async {
+        let c = client(&redis.url()).await;
+        // As the Go platform enqueues it: `command` is one string.
+        c.cmd(&[
+            "XADD",
+            Q,
+            "*",
+            "jobId",
+            "str-1",
+            "type",
+            "SHELL_COMMAND",
+            "payload",
+            r#"{"command":"echo  a;b   $HOME"}"#,
+        ])
+        .await
+        .expect("XADD");
+        enqueue(&c, Q, serde_json::json!({"id":"arr-1","type":"SHELL_COMMAND","payload":{"command":["echo","x y"]}}))
+            .await;
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.allow_shell = true;
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("both commands to succeed", Duration::from_secs(15), || async {
+            state_is(&c, "citadel:jobs:job:str-1", "succeeded").await
+                && state_is(&c, "citadel:jobs:job:arr-1", "succeeded").await
+        })
+        .await;
+        let out = |id: &'static str| {
+            let c = &c;
+            async move {
+                xrange(c, &format!("citadel:jobs:job:{id}:events"))
+                    .await
+                    .iter()
+                    .filter(|e| e["type"] == "output")
+                    .map(|e| e["data"].clone())
+                    .collect::<String>()
+            }
+        };
+        // Split on whitespace, no shell: `;` and `$HOME` reach echo as they are.
+        assert_eq!(out("str-1").await, "a;b $HOME\n");
+        assert_eq!(out("arr-1").await, "x y\n");
+        w.stop().await;
+
+        // Without --allow-shell neither form runs.
+        c.cmd(&["XADD", Q, "*", "jobId", "str-2", "type", "SHELL_COMMAND", "payload", r#"{"command":"touch /tmp/x"}"#])
+            .await
+            .expect("XADD");
+        enqueue(&c, Q, serde_json::json!({"id":"arr-2","type":"SHELL_COMMAND","payload":{"command":["true"]}})).await;
+        let mut conf = cfg(&redis.url(), "w2");
+        conf.allow_shell = false;
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("two dead letters", Duration::from_secs(15), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 2
+        })
+        .await;
+        for d in xrange(&c, "citadel:jobs:dead").await {
+            assert!(d["reason"].contains("--allow-shell"), "{}", d["reason"]);
+        }
+        let s = w.stop().await;
+        assert_eq!((s.succeeded, s.dead_lettered), (0, 2));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_workers_job_is_reclaimed_and_completed() {
     let Some(redis) = RedisServer::start() else {
         return;
