@@ -291,7 +291,9 @@ async fn shell_and_http_jobs_succeed() {
         )
         .await;
 
-        let w = spawn_worker(cfg(&redis.url(), "w1"), Arc::new(NoMesh));
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.allow_fetch = vec!["127.0.0.0/8".parse().expect("cidr")];
+        let w = spawn_worker(conf, Arc::new(NoMesh));
         wait_for("both jobs to succeed", Duration::from_secs(15), || async {
             state_is(&c, "citadel:jobs:job:sh-1", "succeeded").await
                 && state_is(&c, "citadel:jobs:job:http-1", "succeeded").await
@@ -679,6 +681,44 @@ impl MeshDialer for RecordingDialer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_fetch_outside_the_mesh_is_refused_after_resolution() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(30), async {
+        let c = client(&redis.url()).await;
+        // A listener the refused jobs point at: it must never see a connection.
+        let trap = StdListener::bind("127.0.0.1:0").expect("bind");
+        trap.set_nonblocking(true).expect("nonblocking");
+        let p = trap.local_addr().expect("addr").port();
+        for (id, url) in [
+            ("lo", format!("http://127.0.0.1:{p}/")),
+            ("mapped", format!("http://[::ffff:127.0.0.1]:{p}/")),
+            ("name", format!("http://localhost:{p}/")),
+        ] {
+            enqueue(&c, Q, serde_json::json!({"id": id, "type": "HTTP_FETCH", "payload": {"url": url}})).await;
+        }
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.max_retries = 1;
+        conf.job_timeout = Duration::from_secs(3);
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("three dead letters", Duration::from_secs(15), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 3
+        })
+        .await;
+        for d in xrange(&c, "citadel:jobs:dead").await {
+            assert!(d["reason"].contains("--allow-fetch"), "{}: {}", d["jobId"], d["reason"]);
+        }
+        assert!(
+            matches!(trap.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a refused fetch connected"
+        );
+        w.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_addresses_are_dialed_through_the_mesh() {
     let Some(redis) = RedisServer::start() else {
         return;
@@ -701,7 +741,9 @@ async fn mesh_addresses_are_dialed_through_the_mesh() {
             serde_json::json!({"id":"d","type":"HTTP_FETCH","payload":{"url":format!("http://127.0.0.1:{}/d", http.port())}}),
         )
         .await;
-        let w = spawn_worker(cfg(&mesh_redis, "w1"), dialer.clone());
+        let mut conf = cfg(&mesh_redis, "w1");
+        conf.allow_fetch = vec!["127.0.0.1/32".parse().expect("cidr")];
+        let w = spawn_worker(conf, dialer.clone());
         wait_for("both fetches", Duration::from_secs(15), || async {
             state_is(&c, "citadel:jobs:job:m", "succeeded").await
                 && state_is(&c, "citadel:jobs:job:d", "succeeded").await

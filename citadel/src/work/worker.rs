@@ -701,7 +701,7 @@ async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reas
 async fn execute(ctx: &Arc<Ctx>, entry_id: &str, job: &Job, events: &str) -> Report {
     let limits = Limits { timeout: job.timeout.unwrap_or(ctx.cfg.job_timeout), max_output: ctx.cfg.max_output_bytes };
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
-    let run = exec::run(&job.kind, ctx.dialer.clone(), limits, tx);
+    let run = exec::run(&job.kind, ctx.dialer.clone(), limits, &ctx.cfg.allow_fetch, tx);
     tokio::pin!(run);
     let beat = (ctx.cfg.claim_idle / 3).max(Duration::from_millis(10));
     let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
