@@ -130,6 +130,7 @@ fn cfg(url: &str, consumer: &str) -> WorkConfig {
     c.drain_timeout = Duration::from_secs(5);
     c.job_timeout = Duration::from_secs(10);
     c.connect_timeout = Duration::from_secs(3);
+    c.allow_shell = true;
     c
 }
 
@@ -713,6 +714,38 @@ async fn http_fetch_outside_the_mesh_is_refused_after_resolution() {
             matches!(trap.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
             "a refused fetch connected"
         );
+        w.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_entry_is_dead_lettered_quickly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(60), async {
+        let c = client(&redis.url()).await;
+        const FIELDS: usize = 200_000;
+        let mut args: Vec<String> = vec!["XADD".into(), Q.into(), "*".into(), "jobId".into(), "huge".into()];
+        for i in 0..FIELDS {
+            args.push(format!("f{i}"));
+            args.push("v".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.cmd(&args).await.expect("XADD");
+        let started = Instant::now();
+        let w = spawn_worker(cfg(&redis.url(), "w1"), Arc::new(NoMesh));
+        wait_for("the dead letter", Duration::from_secs(20), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 1
+        })
+        .await;
+        let took = started.elapsed();
+        let dead = xrange(&c, "citadel:jobs:dead").await;
+        assert_eq!(dead[0]["jobId"], "huge");
+        assert!(dead[0]["reason"].contains("too large"), "{}", dead[0]["reason"]);
+        assert!(dead[0].len() < 20, "the dead letter copied {} fields", dead[0].len());
+        assert!(took < Duration::from_secs(2), "took {took:?}");
         w.stop().await;
     })
     .await;

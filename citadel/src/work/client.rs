@@ -214,6 +214,8 @@ pub enum RedisError {
 struct Conn {
     io: Box<dyn AsyncReadWrite>,
     buf: Vec<u8>,
+    /// Progress through the reply being received in `buf`.
+    scanner: resp::Scanner,
 }
 
 impl Conn {
@@ -226,9 +228,12 @@ impl Conn {
         self.io.flush().await?;
         let mut replies = Vec::with_capacity(cmds.len());
         while replies.len() < cmds.len() {
-            match resp::parse(&self.buf)? {
-                Some((v, used)) => {
+            match self.scanner.scan(&self.buf)? {
+                Some(end) => {
+                    let (v, used) = resp::parse(&self.buf[..end])?
+                        .ok_or_else(|| resp::ProtocolError("reply scanned complete but did not parse".into()))?;
                     self.buf.drain(..used);
+                    self.scanner.reset();
                     replies.push(v);
                 }
                 None => {
@@ -354,7 +359,7 @@ impl RedisClient {
         let fut = async {
             let (io, _via_mesh) =
                 dial(&*self.dialer, &self.target.host, self.target.port).await.map_err(|e| fail(e.to_string()))?;
-            let mut conn = Conn { io, buf: Vec::new() };
+            let mut conn = Conn { io, buf: Vec::new(), scanner: resp::Scanner::default() };
             let mut setup = Vec::new();
             if let Some(pass) = &self.target.password {
                 let mut auth = vec![b"AUTH".to_vec()];

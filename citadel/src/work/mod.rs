@@ -209,7 +209,7 @@ impl WorkConfig {
             block: Duration::from_secs(5),
             max_output_bytes: 256 * 1024,
             result_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
-            allow_shell: true,
+            allow_shell: false,
             allow_fetch: Vec::new(),
         }
     }
@@ -347,5 +347,10 @@ mod fetch_policy_tests {
         assert!(!fetch_allowed(ip("127.0.0.1"), &NoMesh, &allow));
         assert_eq!(parse_network("127.0.0.1").unwrap(), "127.0.0.1/32".parse::<IpNetwork>().unwrap());
         assert!(parse_network("10.0.0.1/8").is_err() && parse_network("nope").is_err());
+    }
+
+    #[test]
+    fn shell_jobs_are_off_by_default() {
+        assert!(!WorkConfig::new("redis://h").allow_shell);
     }
 }
