@@ -37,10 +37,30 @@ struct Flow {
     verdict: Verdict,
 }
 
+/// Most device flows open at once; the endpoint that starts them is unauthenticated.
+pub const MAX_FLOWS: usize = 1024;
+
 /// Open device flows, by device code.
 #[derive(Default)]
 pub struct Flows {
     flows: Mutex<HashMap<String, Flow>>,
+}
+
+impl Flows {
+    /// Drops flows whose code has expired.
+    pub fn prune(&self, now: Instant) {
+        self.flows.lock().retain(|_, f| f.expires > now);
+    }
+
+    /// How many flows are open.
+    pub fn len(&self) -> usize {
+        self.flows.lock().len()
+    }
+
+    /// True when no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// User codes are 8 letters from an alphabet without look-alikes, shown as XXXX-XXXX.
@@ -74,21 +94,24 @@ impl Flows {
 }
 
 /// `POST /oauth/device/code`.
-pub async fn start(State(s): State<Shared>) -> Json<serde_json::Value> {
+pub async fn start(State(s): State<Shared>) -> Response {
     let device = crate::store::random_hex(24);
     let code = user_code();
     let ttl = s.cfg.device_code_ttl;
     let interval = Duration::from_secs(s.cfg.device_poll_interval.max(1));
-    s.device.flows.lock().insert(
-        device.clone(),
-        Flow {
-            user_code: code.clone(),
-            expires: Instant::now() + ttl,
-            interval,
-            last_poll: None,
-            verdict: Verdict::Pending,
-        },
-    );
+    {
+        let now = Instant::now();
+        let mut flows = s.device.flows.lock();
+        flows.retain(|_, f| f.expires > now);
+        if flows.len() >= MAX_FLOWS {
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "too many logins in progress; try later"})))
+                .into_response();
+        }
+        flows.insert(
+            device.clone(),
+            Flow { user_code: code.clone(), expires: now + ttl, interval, last_poll: None, verdict: Verdict::Pending },
+        );
+    }
     let base = s.cfg.server_url.trim_end_matches('/').to_string();
     Json(json!({
         "device_code": device,
@@ -98,6 +121,7 @@ pub async fn start(State(s): State<Shared>) -> Json<serde_json::Value> {
         "expires_in": ttl.as_secs(),
         "interval": interval.as_secs(),
     }))
+    .into_response()
 }
 
 #[derive(Deserialize)]

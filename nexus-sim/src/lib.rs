@@ -49,6 +49,8 @@ pub struct Config {
     pub ipv4_base: Ipv4Addr,
     /// IPv6 base.
     pub ipv6_base: Ipv6Addr,
+    /// How long an interactive registration waits for approval before it is dropped.
+    pub pending_ttl: Duration,
     /// Lifetime of a device-authorization code.
     pub device_code_ttl: Duration,
     /// Minimum seconds between device-token polls.
@@ -81,6 +83,7 @@ impl std::fmt::Debug for Config {
             keepalive,
             ephemeral_timeout,
             followup_wait,
+            pending_ttl,
             ipv4_base,
             ipv6_base,
             device_code_ttl,
@@ -101,6 +104,7 @@ impl std::fmt::Debug for Config {
             .field("keepalive", keepalive)
             .field("ephemeral_timeout", ephemeral_timeout)
             .field("followup_wait", followup_wait)
+            .field("pending_ttl", pending_ttl)
             .field("ipv4_base", ipv4_base)
             .field("ipv6_base", ipv6_base)
             .field("device_code_ttl", device_code_ttl)
@@ -147,6 +151,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(50),
             ephemeral_timeout: Duration::from_secs(120),
             followup_wait: Duration::from_secs(60),
+            pending_ttl: Duration::from_secs(15 * 60),
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
             device_code_ttl: Duration::from_secs(600),
@@ -395,6 +400,20 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     }
     let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
     let mut region_tasks = vec![];
+    // Expired registrations and device codes are dropped on a timer, so a stranger's requests
+    // never outlive their TTL even if nobody asks about them again.
+    region_tasks.push({
+        let s = shared.clone();
+        let period = (s.cfg.pending_ttl.min(s.cfg.device_code_ttl) / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                s.store.prune_pending(chrono::Utc::now(), s.cfg.pending_ttl);
+                s.device.prune(std::time::Instant::now());
+            }
+        })
+    });
     if let Some(d) = &derp_server {
         for (id, l) in extra {
             region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
@@ -474,6 +493,50 @@ mod tests {
         for k in [first, second] {
             assert!(!listed.contains(&k[..6]), "{listed}");
         }
+    }
+
+    #[tokio::test]
+    async fn strangers_cannot_grow_pending_registrations_or_device_flows() {
+        use citadel_proto::keys::{MachinePublic, NodePublic};
+        use citadel_proto::tailcfg::{Hostinfo, RegisterRequest};
+        let ttl = Duration::from_millis(400);
+        let r = start(Config {
+            pending_ttl: ttl,
+            device_code_ttl: ttl,
+            derp: DerpMode::Off,
+            stun_listen: None,
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let s = r.shared.clone();
+        let key = |i: u32| {
+            let mut k = [7u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        let hostinfo = Some(Hostinfo { hostname: "stranger".into(), ..Default::default() });
+        for i in 0..10_000u32 {
+            let req =
+                RegisterRequest { node_key: NodePublic(key(i)), hostinfo: hostinfo.clone(), ..Default::default() };
+            let sess = control::Session { machine: MachinePublic(key(i)), version: 130 };
+            let _ = control::handle_register(&s, sess, req).await;
+        }
+        assert_eq!(s.store.pending_count(), store::MAX_PENDING);
+        for _ in 0..3000 {
+            let _ = device::start(State(s.clone())).await;
+        }
+        assert_eq!(s.device.len(), device::MAX_FLOWS);
+        tokio::time::sleep(ttl * 3).await;
+        assert_eq!((s.store.pending_count(), s.device.len()), (0, 0), "expired entries were kept");
+
+        let mut big = Hostinfo::default();
+        big.rest.insert("Padding".into(), serde_json::Value::String("x".repeat(2 << 20)));
+        let req = RegisterRequest { node_key: NodePublic(key(1)), hostinfo: Some(big), ..Default::default() };
+        let sess = control::Session { machine: MachinePublic(key(1)), version: 130 };
+        let resp = control::handle_register(&s, sess, req).await;
+        assert!(resp.error.contains("Hostinfo larger"), "{resp:?}");
+        assert_eq!(s.store.pending_count(), 0);
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub struct Pending {
     pub created: DateTime<Utc>,
 }
 
+/// Most interactive registrations waiting for approval at once.
+pub const MAX_PENDING: usize = 1024;
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -791,10 +794,34 @@ impl Store {
 
     // ---- interactive registration
 
-    pub fn add_pending(&self, p: Pending) -> String {
+    /// Records a registration waiting for approval. Expired ones are dropped first; when
+    /// [`MAX_PENDING`] are still waiting the request is refused (strangers cannot grow it).
+    pub fn add_pending(&self, p: Pending, ttl: std::time::Duration) -> Result<String, StoreError> {
+        let mut d = self.data.lock();
+        Self::prune_pending_locked(&mut d, p.created, ttl);
+        if d.pending.len() >= MAX_PENDING {
+            return Err(StoreError::Exhausted(format!(
+                "{MAX_PENDING} registrations are already waiting for approval; try again later"
+            )));
+        }
         let id = random_hex(12);
-        self.data.lock().pending.insert(id.clone(), p);
-        id
+        d.pending.insert(id.clone(), p);
+        Ok(id)
+    }
+
+    fn prune_pending_locked(d: &mut Data, now: DateTime<Utc>, ttl: std::time::Duration) {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        d.pending.retain(|_, p| p.created + ttl > now);
+    }
+
+    /// Drops pending registrations older than `ttl`.
+    pub fn prune_pending(&self, now: DateTime<Utc>, ttl: std::time::Duration) {
+        Self::prune_pending_locked(&mut self.data.lock(), now, ttl);
+    }
+
+    /// How many registrations wait for approval.
+    pub fn pending_count(&self) -> usize {
+        self.data.lock().pending.len()
     }
 
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
