@@ -99,17 +99,45 @@ type Result<T> = std::result::Result<T, DerpClientError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
     /// A relayed packet from `src`.
-    Packet { src: NodePublic, packet: Vec<u8> },
+    Packet {
+        /// Sender.
+        src: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// `peer` is no longer reachable through this server.
-    PeerGone { peer: NodePublic, reason: PeerGoneReason },
+    PeerGone {
+        /// The peer.
+        peer: NodePublic,
+        /// Why it left.
+        reason: PeerGoneReason,
+    },
     /// `peer` connected (only to watchers holding the mesh key).
-    PeerPresent { peer: NodePublic, endpoint: Option<SocketAddr>, flags: PeerPresentFlags },
+    PeerPresent {
+        /// The peer.
+        peer: NodePublic,
+        /// Its address as the server sees it, if sent.
+        endpoint: Option<SocketAddr>,
+        /// What is known about it.
+        flags: PeerPresentFlags,
+    },
     /// A pong that answers no [`DerpClient::ping`] of this client.
-    Pong { data: [u8; derp::PING_DATA_LEN] },
+    Pong {
+        /// The echoed payload.
+        data: [u8; derp::PING_DATA_LEN],
+    },
     /// The server's health problem for this connection; empty means healthy.
-    Health { problem: String },
+    Health {
+        /// The problem (empty: healthy again).
+        problem: String,
+    },
     /// The server is restarting: reconnect after `reconnect_in`, keep trying for `try_for`.
-    Restarting { reconnect_in: Duration, try_for: Duration },
+    Restarting {
+        /// Wait this long before reconnecting.
+        reconnect_in: Duration,
+        /// Keep trying this long.
+        try_for: Duration,
+    },
 }
 
 /// Where and how to dial, resolved from a [`DerpTarget`].
@@ -839,7 +867,9 @@ pub async fn latency_check(
 /// The latency to one region, `None` when no node of it answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionLatency {
+    /// DERP region ID.
     pub region_id: i32,
+    /// HTTPS round trip, if it answered.
     pub latency: Option<Duration>,
 }
 

@@ -39,8 +39,8 @@ pub struct Config {
     pub login_timeout: Duration,
     /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
     pub udp_port: u16,
-    /// Run the data plane. Off only for control-plane-only worlds (the harness on turmoil,
-    /// where the data plane's real UDP socket and clock cannot run yet).
+    /// Run the data plane (on by default). Off gives a control-plane-only node: registration
+    /// and the netmap, but no UDP socket, no peers reachable and no DERP.
     pub data_plane: bool,
 }
 
@@ -142,6 +142,7 @@ pub struct PeerStatus {
     /// WireGuard bytes received from / sent to the peer.
     #[serde(default)]
     pub rx_bytes: u64,
+    /// Bytes sent to this peer.
     #[serde(default)]
     pub tx_bytes: u64,
     /// Round trip of the current path from disco pongs, in milliseconds.
@@ -777,19 +778,5 @@ async fn run(
             }
             Err(e) => tracing::info!("reconnect failed: {e}"),
         }
-    }
-}
-
-/// The job loop reaches mesh addresses (Redis, HTTP_FETCH targets) through the mesh.
-impl crate::work::MeshDialer for Mesh {
-    fn is_mesh_addr(&self, ip: std::net::IpAddr) -> bool {
-        crate::work::is_mesh_ip(ip)
-    }
-
-    fn dial_tcp(&self, addr: std::net::SocketAddr) -> crate::work::DialFuture<'_> {
-        Box::pin(async move {
-            let s = self.dp()?.dial_tcp(addr).await?;
-            Ok(Box::new(s) as Box<dyn crate::net::AsyncReadWrite>)
-        })
     }
 }

@@ -26,7 +26,9 @@ const HOME_SWITCH_RATIO: f64 = 2.0 / 3.0;
 /// One STUN server of one region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StunTarget {
+    /// DERP region (0: an extra server).
     pub region: i32,
+    /// STUN server address.
     pub addr: SocketAddr,
 }
 

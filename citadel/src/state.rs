@@ -35,7 +35,12 @@ pub enum StateError {
     Locked(PathBuf),
     /// A file exists but cannot be parsed.
     #[error("state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        reason: String,
+    },
     /// The directory holds files that are not citadel's and no citadel marker.
     #[error(
         "{0} is not a citadel state directory (it holds other files and no {MARKER}); choose a new or empty directory"
@@ -43,7 +48,12 @@ pub enum StateError {
     NotOurs(PathBuf),
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -53,7 +63,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 /// The node's three private keys.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Identity {
+    /// Machine key (control channel).
     pub machine_key: PrivateKey,
+    /// Node key (WireGuard).
     pub node_key: PrivateKey,
     /// Stored for compatibility; [`crate::mesh::Mesh`] makes a fresh disco key each start.
     pub disco_key: PrivateKey,

@@ -1,7 +1,9 @@
 //! The `citadel` command line: argument parsing, one module per subcommand in [`cmd`], and the
 //! exit codes in [`exit`].
+#![warn(missing_docs)]
 
 pub mod cmd;
+mod dialer;
 pub mod exit;
 mod node;
 mod term;

@@ -1,5 +1,6 @@
 //! `citadel work`: the Redis Streams job loop on a node brought up from its state.
 
+use crate::dialer::NodeDialer;
 use crate::term::Terminate;
 use crate::{CliError, Ctx};
 use citadel::mesh::Mesh;
@@ -35,8 +36,8 @@ pub struct Args {
     allow_shell: bool,
     /// Let HTTP_FETCH reach this network outside the mesh (CIDR or address; repeatable).
     /// Without it only mesh addresses are fetched; names are checked after DNS resolution
-    #[arg(long, value_name = "CIDR", value_parser = citadel::work::parse_network)]
-    allow_fetch: Vec<citadel::work::IpNetwork>,
+    #[arg(long, value_name = "CIDR", value_parser = citadel_work::parse_network)]
+    allow_fetch: Vec<citadel_work::IpNetwork>,
 }
 
 /// Runs `citadel work` until a signal.
@@ -46,7 +47,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     if !mesh.is_connected() {
         return Err(CliError::NotConnected("not connected to the mesh; refusing to start the job loop".into()));
     }
-    let mut wc = citadel::work::WorkConfig::new(a.redis_url);
+    let mut wc = citadel_work::WorkConfig::new(a.redis_url);
     wc.queue = a.queue;
     wc.group = a.group;
     wc.max_retries = a.max_retries;
@@ -64,8 +65,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let dialer: Arc<dyn citadel::work::MeshDialer> = Arc::new(mesh);
-    let sum = citadel::work::run(wc, dialer, shutdown).await?;
+    let dialer: Arc<dyn citadel_work::MeshDialer> = Arc::new(NodeDialer(mesh));
+    let sum = citadel_work::run(wc, dialer, shutdown).await?;
     eprintln!(
         "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
         sum.succeeded, sum.failed_attempts, sum.dead_lettered, sum.reclaimed, sum.abandoned

@@ -1,5 +1,6 @@
-//! `citadel work`: a Redis Streams job worker that can reach Redis and HTTP targets over the
-//! userspace mesh.
+//! The Redis Streams job worker behind `citadel work`. It reaches Redis and HTTP targets
+//! through a [`MeshDialer`] the caller provides (the CLI adapts a running node to it); this
+//! crate knows nothing of the mesh itself.
 //!
 //! [`run`] joins a consumer group on one stream, runs up to `max_concurrency` jobs at a time
 //! (`SHELL_COMMAND`, `HTTP_FETCH`), records progress in Redis and acknowledges each job only
@@ -16,6 +17,8 @@
 //! with `XAUTOCLAIM`, and the entry's delivery count is the attempt number. The same path picks
 //! up the jobs of a crashed worker. Running jobs refresh their pending entry so they are not
 //! reclaimed from under a live worker.
+
+#![warn(missing_docs)]
 
 mod client;
 mod exec;
@@ -40,7 +43,8 @@ pub const DEFAULT_QUEUE: &str = "citadel:jobs";
 pub const DEFAULT_GROUP: &str = "citadel-workers";
 
 /// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
-pub use crate::net::AsyncReadWrite;
+pub trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 
 /// The future returned by [`MeshDialer::dial_tcp`].
 pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
@@ -50,7 +54,7 @@ pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncRe
 /// yes, otherwise over the host's own network.
 pub trait MeshDialer: Send + Sync {
     /// Whether `ip` must be reached through the mesh. Implementations over a live mesh
-    /// normally answer [`is_mesh_ip`].
+    /// normally answer `citadel::addr::is_mesh_ip`.
     fn is_mesh_addr(&self, ip: IpAddr) -> bool;
     /// Opens a TCP connection to `addr` through the mesh.
     fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_>;
@@ -72,8 +76,6 @@ impl MeshDialer for NoMesh {
     }
 }
 
-pub use crate::addr::is_mesh_ip;
-
 pub use ip_network::IpNetwork;
 
 /// Parses an `--allow-fetch` value: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address.
@@ -86,8 +88,8 @@ pub fn parse_network(s: &str) -> Result<IpNetwork, String> {
     }
 }
 
-/// Whether an HTTP_FETCH may connect to `ip`: mesh addresses (those the dialer claims, and
-/// the tailnet ranges) and the `--allow-fetch` networks; everything else (loopback, link-local
+/// Whether an HTTP_FETCH may connect to `ip`: mesh addresses (those the dialer claims) and
+/// the `--allow-fetch` networks; everything else (loopback, link-local
 /// such as the cloud metadata address, private and public ranges) is refused, so whoever can
 /// enqueue a job cannot read services this host reaches. IPv4-mapped IPv6 counts as IPv4.
 pub fn fetch_allowed(ip: IpAddr, dialer: &dyn MeshDialer, allow: &[ip_network::IpNetwork]) -> bool {
@@ -95,7 +97,7 @@ pub fn fetch_allowed(ip: IpAddr, dialer: &dyn MeshDialer, allow: &[ip_network::I
         IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
         v4 => v4,
     };
-    dialer.is_mesh_addr(ip) || is_mesh_ip(ip) || allow.iter().any(|n| n.contains(ip))
+    dialer.is_mesh_addr(ip) || allow.iter().any(|n| n.contains(ip))
 }
 
 /// Connects to `host:port`, through the mesh when the dialer claims the address. Returns the
@@ -335,9 +337,10 @@ mod fetch_policy_tests {
         for a in refused {
             assert!(!fetch_allowed(ip(a), &NoMesh, &[]), "{a} allowed by default");
         }
-        for a in ["100.64.0.5", "100.127.255.254", "fd7a:115c:a1e0::5", "::ffff:100.64.0.5"] {
-            assert!(fetch_allowed(ip(a), &NoMesh, &[]), "mesh address {a} refused");
-        }
+        // Without a mesh even tailnet addresses need --allow-fetch.
+        assert!(!fetch_allowed(ip("100.64.0.5"), &NoMesh, &[]));
+        let peer = OnePeer(ip("100.64.0.5"));
+        assert!(fetch_allowed(ip("100.64.0.5"), &peer, &[]) && fetch_allowed(ip("::ffff:100.64.0.5"), &peer, &[]));
         assert!(fetch_allowed(ip("192.0.2.7"), &OnePeer(ip("192.0.2.7")), &[]));
         let allow: Vec<ip_network::IpNetwork> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
         assert!(fetch_allowed(ip("10.1.2.3"), &NoMesh, &allow));
