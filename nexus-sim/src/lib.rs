@@ -99,6 +99,7 @@ impl std::fmt::Debug for Config {
             derp_queue_depth,
             derp_keepalive,
             stun_listen,
+            tls,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -120,6 +121,7 @@ impl std::fmt::Debug for Config {
             .field("derp_queue_depth", derp_queue_depth)
             .field("derp_keepalive", derp_keepalive)
             .field("stun_listen", stun_listen)
+            .field("tls", &tls.as_ref().map(|_| "<server identity>"))
             .finish()
     }
 }
