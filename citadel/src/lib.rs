@@ -21,4 +21,4 @@ pub mod network;
 pub mod state;
 pub mod syspolicy;
 
-pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};
+pub use citadel_proto::{addr, backoff, derp, disco, keys, noise, stun, tailcfg};
