@@ -18,7 +18,9 @@ pub mod net;
 pub mod netcheck;
 pub mod netmap;
 pub mod network;
+pub mod proxy;
 pub mod state;
 pub mod syspolicy;
+pub mod tls;
 
 pub use citadel_proto::{addr, backoff, derp, disco, keys, noise, stun, tailcfg};

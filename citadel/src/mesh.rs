@@ -40,6 +40,9 @@ pub struct Config {
     pub login_timeout: Duration,
     /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
     pub udp_port: u16,
+    /// Forget the pinned server key and trust the one the Nexus presents now (the operator
+    /// replaced it deliberately).
+    pub retrust_server_key: bool,
     /// Run the data plane (on by default). Off gives a control-plane-only node: registration
     /// and the netmap, but no UDP socket, no peers reachable and no DERP.
     pub data_plane: bool,
@@ -73,6 +76,7 @@ impl Config {
             on_auth_url: None,
             login_timeout: Duration::from_secs(600),
             udp_port: 0,
+            retrust_server_key: false,
             data_plane: true,
         }
     }
@@ -201,6 +205,8 @@ struct Inner {
     endpoints: Mutex<Vec<String>>,
     /// Home DERP region reported as `Hostinfo.NetInfo.PreferredDERP` (0 = not picked yet).
     preferred_derp: Mutex<i32>,
+    /// The pre-auth key until it has been used: once registered, reconnects never send it.
+    auth_key: Mutex<Option<String>>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -269,16 +275,34 @@ impl Inner {
         self.info.lock().unwrap().nexus_url.clone()
     }
 
+    /// Opens a control session. A server key other than the pinned one is refused before
+    /// anything but `GET /key` is sent.
     async fn dial(&self) -> Result<ControlConn, ControlError> {
         let url = self.nexus_url();
         let server = control::fetch_server_key(&*self.cfg.net, &url, self.cfg.timeout).await?;
         tracing::debug!("server key fetched");
+        let pinned = self.info.lock().unwrap().server_key;
+        if let Some(pinned) = pinned.filter(|p| *p != server) {
+            return Err(ControlError::ServerKeyChanged { url, pinned, got: server });
+        }
         ControlConn::dial(&*self.cfg.net, &url, &self.id.machine_key, &server, self.cfg.timeout).await
+    }
+
+    /// Pins the session's server key if none is pinned yet (first registration, or state from
+    /// before pinning), writing it at once.
+    fn pin_server_key(&self, conn: &ControlConn) -> Result<(), StateError> {
+        let mut info = self.info.lock().unwrap();
+        if info.server_key.is_none() {
+            info.server_key = Some(conn.server_key);
+            self.state.write("node.json", &*info)?;
+            tracing::info!(key = %conn.server_key, "pinned the Nexus server key");
+        }
+        Ok(())
     }
 
     /// A register request for our node key; the auth key only when the session asks for it.
     fn register_request(&self, with_auth_key: bool, followup: Option<String>) -> RegisterRequest {
-        let auth = with_auth_key.then(|| self.cfg.auth_key.clone()).flatten();
+        let auth = with_auth_key.then(|| self.auth_key.lock().unwrap().clone()).flatten();
         RegisterRequest {
             version: tailcfg::CAPABILITY_VERSION,
             node_key: self.node_pub(),
@@ -359,6 +383,13 @@ impl Inner {
                         session.handle_error(now(), ControlError::Closed.into());
                         continue;
                     };
+                    // Registered: the server accepted the node, so the auth key is never needed
+                    // again in this process (the session stops asking for it too).
+                    self.auth_key.lock().unwrap().take();
+                    if let Err(e) = self.pin_server_key(&c) {
+                        session.handle_error(now(), e.into());
+                        continue;
+                    }
                     self.take_net_info(&net_info.borrow());
                     match c.map(&self.map_request(true)).await {
                         Ok(stream) => {
@@ -435,9 +466,10 @@ impl Mesh {
         id.disco_key = crate::keys::PrivateKey::generate(&mut rand::thread_rng());
         let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
         if let Some(u) = &cfg.nexus_url {
-            if !info.nexus_url.is_empty() && &info.nexus_url != u {
-                // A different server: the old registration means nothing there.
+            if !info.nexus_url.is_empty() && info.nexus_url != u.trim_end_matches('/') {
+                // A different server: the old registration and pinned key mean nothing there.
                 info.registered = false;
+                info.server_key = None;
             }
             info.nexus_url = u.trim_end_matches('/').to_string();
         }
@@ -445,6 +477,9 @@ impl Mesh {
             return Err(ConnectError::NoNexusUrl);
         }
         control::parse_url(&info.nexus_url)?;
+        if cfg.retrust_server_key && info.server_key.take().is_some() {
+            tracing::warn!("forgetting the pinned Nexus server key; the next one presented is trusted");
+        }
         if let Some(h) = &cfg.hostname {
             info.hostname = h.clone();
         }
@@ -465,6 +500,7 @@ impl Mesh {
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
             preferred_derp: Mutex::new(0),
+            auth_key: Mutex::new(cfg.auth_key.clone()),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.

@@ -78,6 +78,9 @@ pub struct NodeInfo {
     /// Mesh addresses last assigned.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The Nexus's Noise key, pinned at first registration (trust on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<crate::keys::MachinePublic>,
 }
 
 /// The default state directory: `$CITADEL_STATE_DIR`, else `~/.citadel-node/network`.

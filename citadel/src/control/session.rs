@@ -20,7 +20,8 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(15);
 pub struct SessionConfig {
     /// The state directory holds a registration the server accepted before.
     pub registered: bool,
-    /// An auth key is at hand (only ever sent when the registration is not valid).
+    /// An auth key is at hand (only ever sent when the registration is not valid, and dropped
+    /// once the server accepts the node).
     pub has_auth_key: bool,
     /// Someone shows approval URLs, so the interactive flow may wait for an admin.
     pub interactive: bool,
@@ -93,7 +94,8 @@ enum Phase {
 /// Until the first map stream opens a failure ends the session with [`Action::GiveUp`]; after
 /// that every failure is retried with backoff ([`Action::Failed`] plus a deadline). The auth key
 /// is sent only when the state holds no registration, or the server refused or expired the
-/// saved one.
+/// saved one, and at most until the server first accepts the node: from then on it is
+/// forgotten (the driver drops it on [`Action::StartMap`]).
 #[derive(Debug)]
 pub struct Session {
     cfg: SessionConfig,
@@ -175,6 +177,7 @@ impl Session {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Probing => {
                 if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
+                    self.cfg.has_auth_key = false;
                     self.open_map();
                 } else if resp.node_key_expired && !self.cfg.has_auth_key {
                     self.fail(now, ConnectError::Expired);
@@ -255,6 +258,7 @@ impl Session {
 
     fn accept(&mut self, resp: &RegisterResponse) {
         self.cfg.registered = true;
+        self.cfg.has_auth_key = false;
         self.actions.push_back(Action::Registered { org: resp.user.login_name.clone() });
         self.open_map();
     }
@@ -424,6 +428,25 @@ mod tests {
         s.handle_register(t0, &ok());
         let acts = drain(&mut s);
         assert!(matches!(acts.as_slice(), [Action::Registered { .. }, Action::StartMap]), "{acts:?}");
+    }
+
+    #[test]
+    fn once_accepted_the_auth_key_is_never_used_again_even_after_expiry() {
+        let t0 = Instant::now();
+        for registered in [false, true] {
+            let mut s = Session::new(cfg(registered, true), 5);
+            connect(&mut s, t0, &ok());
+            s.handle_map_message(t0);
+            s.handle_stream_ended(t0);
+            let now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            drain(&mut s);
+            s.handle_dialed(now);
+            assert_eq!(auth_keys(&drain(&mut s)), [false]);
+            s.handle_register(now, &RegisterResponse { node_key_expired: true, ..Default::default() });
+            let acts = drain(&mut s);
+            assert!(matches!(acts.as_slice(), [Action::Failed(ConnectError::Expired)]), "{acts:?}");
+        }
     }
 
     #[test]
