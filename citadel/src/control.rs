@@ -3,6 +3,8 @@
 //!
 //! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
 
+pub mod session;
+
 use crate::keys::{MachinePublic, PrivateKey};
 use crate::net::{AsyncReadWrite, Net};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
