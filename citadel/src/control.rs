@@ -54,7 +54,14 @@ pub enum ControlError {
          operator really replaced the server key, re-trust it deliberately with \
          `citadel up --retrust-server-key` (or `citadel init --retrust-server-key ...`)"
     )]
-    ServerKeyChanged { url: String, pinned: MachinePublic, got: MachinePublic },
+    ServerKeyChanged {
+        /// The Nexus URL dialled.
+        url: String,
+        /// The key pinned at registration.
+        pinned: MachinePublic,
+        /// The key the server presents now.
+        got: MachinePublic,
+    },
 }
 
 impl From<hyper::Error> for ControlError {
