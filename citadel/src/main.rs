@@ -6,6 +6,8 @@ use citadel::mesh::{Config, ConnectError, Mesh, Status};
 use citadel::state::StateError;
 
 use clap::{Parser, Subcommand};
+
+mod cli_programs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -79,6 +81,19 @@ enum Cmd {
         /// Host name to register
         #[arg(long)]
         hostname: Option<String>,
+        #[command(flatten)]
+        programs: cli_programs::UpFlags,
+    },
+    /// Change what the running node exposes on its mesh ports
+    #[command(subcommand)]
+    Expose(cli_programs::ExposeCmd),
+    /// Who is behind a mesh address: name, FQDN, org, tags, node key, OS
+    Whois {
+        /// IP[:PORT]
+        addr: String,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
     /// Show connection, mesh IPs, org and peers
     Status {
@@ -196,6 +211,12 @@ fn print_status(s: &Status, json: bool, color: bool) {
     println!("  Mesh IPv6  {}", s.ipv6.as_deref().unwrap_or("-"));
     if s.home_derp > 0 {
         println!("  Relay      DERP region {}", s.home_derp);
+    }
+    for e in &s.exposes {
+        println!("  Expose     {} mesh port {} -> {} ({} accepted)", e.proto, e.mesh_port, e.target, e.accepted);
+    }
+    for l in &s.listeners {
+        println!("  Listener   {} on {}{}", l.kind, l.addr, if l.auth { " (auth)" } else { "" });
     }
     println!("{}", head(&format!("Peers ({})", s.peers.len())));
     if s.peers.is_empty() {
@@ -418,14 +439,23 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Cmd::Up { authkey, nexus, hostname } => {
+        Cmd::Expose(cmd) => ExitCode::from(cli_programs::run_expose(&state_dir, cmd).await),
+        Cmd::Whois { addr, json } => {
+            ExitCode::from(cli_programs::run_whois(&state_dir, cfg(None, None, None), &addr, json).await)
+        }
+        Cmd::Up { authkey, nexus, hostname, programs } => {
             let mesh = match Mesh::connect(cfg(nexus, authkey, hostname)).await {
                 Ok(m) => m,
                 Err(e) => return fail(&e),
             };
             let s = mesh.status();
             eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
-            let mesh = Arc::new(tokio::sync::Mutex::new(Some(Arc::new(mesh))));
+            let mesh = Arc::new(mesh);
+            if let Err(e) = programs.start(&mesh).await {
+                eprintln!("citadel: {e}");
+                return ExitCode::from(2);
+            }
+            let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
             let done = Arc::new(tokio::sync::Notify::new());
             let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&state_dir), done.clone()));
             let mut term = Terminate::new();

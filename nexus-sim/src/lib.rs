@@ -8,6 +8,7 @@ pub mod api;
 pub mod control;
 pub mod derp;
 pub mod device;
+pub mod metrics;
 pub mod store;
 pub mod stun;
 
@@ -152,6 +153,10 @@ impl Faults {
             d.set_stopped(on);
         }
     }
+    /// The embedded DERP relay's counters, if it runs.
+    pub fn derp_stats(&self) -> Option<derp::DerpStats> {
+        self.derp.get().map(|d| d.stats())
+    }
     /// True while the embedded DERP relay is stopped.
     pub fn derp_stopped(&self) -> bool {
         self.derp.get().is_some_and(|d| d.is_stopped())
@@ -172,6 +177,7 @@ pub struct Inner {
     pub derp_map: DerpMap,
     pub faults: Faults,
     pub device: device::Flows,
+    pub metrics: metrics::Metrics,
 }
 
 /// Handle to the shared state.
@@ -220,6 +226,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         cfg,
         faults: Faults::default(),
         device: device::Flows::default(),
+        metrics: metrics::Metrics::default(),
     }))
 }
 
@@ -249,6 +256,7 @@ pub fn router(s: Shared) -> Router {
         .route("/oauth/device/code", post(device::start))
         .route("/oauth/token", post(device::token))
         .route("/device", get(device::page))
+        .route("/metrics", get(metrics::handler))
         .merge(api::router(s.clone()))
         .with_state(s)
 }
