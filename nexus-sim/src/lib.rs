@@ -16,8 +16,8 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
-use citadel::keys::PrivateKey;
-use citadel::tailcfg::DerpMap;
+use citadel_proto::keys::PrivateKey;
+use citadel_proto::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,7 +110,7 @@ impl Default for Config {
             derp_verify_clients: false,
             derp_mesh_key: None,
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
-            derp_keepalive: citadel::derp::KEEP_ALIVE,
+            derp_keepalive: citadel_proto::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
         }
     }
@@ -340,7 +340,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let derp_server = embedded.then(|| {
         let store = shared.store.clone();
         let verifier: Option<derp::Verifier> = shared.cfg.derp_verify_clients.then(|| {
-            Arc::new(move |k: &citadel::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
+            Arc::new(move |k: &citadel_proto::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
                 as derp::Verifier
         });
         let d = derp::DerpServer::new(derp::DerpOptions {
@@ -390,7 +390,7 @@ fn url_host(url: &str) -> Option<String> {
 /// Tailscale clients dial DERP nodes over HTTPS on `DERPPort` (443 when 0) and accept it
 /// only with that flag. `STUNPort` 0 would mean 3478, so a disabled STUN is -1.
 pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: Option<u16>) -> DerpMap {
-    use citadel::tailcfg::{DerpNode, DerpRegion};
+    use citadel_proto::tailcfg::{DerpNode, DerpRegion};
     let ip: Option<std::net::IpAddr> = host.parse().ok();
     let mut map = DerpMap { omit_default_regions: true, ..Default::default() };
     for &(id, a) in regions {

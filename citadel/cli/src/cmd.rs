@@ -1,0 +1,14 @@
+//! One module per subcommand; each has its `Args` and a `run`.
+
+pub mod connect;
+pub mod expose;
+pub mod init;
+pub mod login;
+pub mod logout;
+pub mod netcheck;
+pub mod ping;
+pub mod proxy;
+pub mod status;
+pub mod up;
+pub mod whois;
+pub mod work;
