@@ -26,6 +26,5 @@ pub mod proxy;
 pub mod state;
 pub mod syspolicy;
 pub mod whois;
-pub mod work;
 
 pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};

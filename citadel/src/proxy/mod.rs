@@ -398,7 +398,7 @@ impl Backend for MeshBackend {
 
     fn is_mesh_ip(&self, ip: IpAddr) -> bool {
         let nm = self.netmap.borrow();
-        crate::work::is_mesh_ip(ip)
+        crate::addr::is_mesh_ip(ip)
             || nm.peers.values().any(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
     }
 
