@@ -85,6 +85,10 @@ pub trait Backend: Send + Sync + 'static {
     fn is_mesh_ip(&self, ip: IpAddr) -> bool;
     /// Opens a TCP connection through the mesh.
     fn dial_mesh(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn AsyncReadWrite>>>;
+    /// Binds a UDP socket on the node's mesh addresses (for SOCKS5 UDP ASSOCIATE).
+    fn bind_mesh_udp(&self) -> io::Result<Box<dyn crate::net::Datagram>> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "no mesh UDP"))
+    }
     /// Opens a TCP connection over the host network (used only with direct egress allowed).
     fn dial_direct<'a>(&'a self, host: &'a Host, port: u16) -> BoxFuture<'a, io::Result<Box<dyn AsyncReadWrite>>> {
         Box::pin(async move {
@@ -336,7 +340,10 @@ async fn accept_loop(l: tokio::net::TcpListener, kind: ProxyKind, cfg: Arc<Proxy
         tokio::spawn(async move {
             let _permit = permit;
             let r = match kind {
-                ProxyKind::Socks5 => socks5::serve(s, &*backend, &cfg).await,
+                ProxyKind::Socks5 => {
+                    let ends = s.local_addr().ok().map(|local| socks5::Ends { local, peer: from });
+                    socks5::serve_with(s, ends, &*backend, &cfg).await
+                }
                 ProxyKind::HttpProxy => http::serve(s, &*backend, &cfg).await,
             };
             if let Err(e) = r {
@@ -408,6 +415,25 @@ impl Backend for MeshBackend {
             Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
         })
     }
+
+    fn bind_mesh_udp(&self) -> io::Result<Box<dyn crate::net::Datagram>> {
+        Ok(Box::new(MeshDatagram(self.dp.bind_udp(0)?)))
+    }
+}
+
+/// A mesh UDP socket behind the [`crate::net::Datagram`] trait.
+struct MeshDatagram(crate::dataplane::MeshUdpSocket);
+
+impl crate::net::Datagram for MeshDatagram {
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(self.0.recv_from(buf))
+    }
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>> {
+        Box::pin(self.0.send_to(buf, to))
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([0, 0, 0, 0], self.0.port())))
+    }
 }
 
 #[cfg(test)]
@@ -438,6 +464,11 @@ pub(crate) mod testing {
                 let s = tokio::net::TcpStream::connect(addr).await?;
                 Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
             })
+        }
+        fn bind_mesh_udp(&self) -> io::Result<Box<dyn crate::net::Datagram>> {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.set_nonblocking(true)?;
+            Ok(Box::new(tokio::net::UdpSocket::from_std(s)?))
         }
         fn dial_direct<'a>(&'a self, host: &'a Host, port: u16) -> BoxFuture<'a, io::Result<Box<dyn AsyncReadWrite>>> {
             self.direct_dials.lock().unwrap().push(format!("{host}:{port}"));

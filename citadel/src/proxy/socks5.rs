@@ -1,4 +1,5 @@
-//! SOCKS5 (RFC 1928) with user/password auth (RFC 1929): CONNECT into the mesh.
+//! SOCKS5 (RFC 1928) with user/password auth (RFC 1929): CONNECT and UDP ASSOCIATE into the
+//! mesh.
 //!
 //! The codec is hand-written and sans-IO: the SOCKS crates either bring their own resolver
 //! and dialer or no server side, and the server here must resolve against the netmap and
@@ -182,6 +183,29 @@ pub fn parse_request(b: &[u8]) -> Parsed<Request> {
     Ok(parse_addr(&b[3..], "request address")?.map(|((host, port), n)| (Request { cmd, host, port }, 3 + n)))
 }
 
+/// Parses the header of a UDP ASSOCIATE datagram (RSV, FRAG, address); returns the
+/// destination and where the payload starts. Fragments (FRAG != 0) are refused, as most
+/// servers do.
+pub fn parse_udp_header(b: &[u8]) -> Result<(Host, u16, usize), Malformed> {
+    if b.len() < 4 || b[0] != 0 || b[1] != 0 {
+        return Err(Malformed { what: "UDP header" });
+    }
+    if b[2] != 0 {
+        return Err(Malformed { what: "UDP fragment" });
+    }
+    match parse_addr(&b[3..], "UDP address")? {
+        Some(((host, port), n)) => Ok((host, port, 3 + n)),
+        None => Err(Malformed { what: "UDP header" }),
+    }
+}
+
+/// The header for a datagram from `src` sent back to a UDP ASSOCIATE client.
+pub fn udp_header(src: SocketAddr) -> Vec<u8> {
+    let mut h = encode_reply(Reply::Succeeded, src);
+    h[0] = 0;
+    h
+}
+
 /// Encodes a reply with a bound address.
 pub fn encode_reply(rep: Reply, bound: SocketAddr) -> Vec<u8> {
     let mut out = vec![VERSION, rep as u8, 0];
@@ -261,11 +285,33 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Serves one SOCKS5 client: handshake (bounded by [`ProxyConfig::handshake_timeout`]), then CONNECT.
+/// The two ends of a client's TCP connection (UDP ASSOCIATE binds beside `local` and takes
+/// datagrams only from `peer`'s IP).
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    /// The proxy's address the client connected to.
+    pub local: SocketAddr,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// Serves one SOCKS5 client with CONNECT only (UDP ASSOCIATE needs [`serve_with`]).
+///
+/// # Errors
+/// See [`serve_with`].
+pub async fn serve<S>(s: S, backend: &dyn Backend, cfg: &ProxyConfig) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    serve_with(s, None, backend, cfg).await
+}
+
+/// Serves one SOCKS5 client: handshake (bounded by [`ProxyConfig::handshake_timeout`]), then
+/// CONNECT, or UDP ASSOCIATE when the connection's `ends` are known.
 ///
 /// # Errors
 /// The client sent something malformed or went away; the connection is closed either way.
-pub async fn serve<S>(mut s: S, backend: &dyn Backend, cfg: &ProxyConfig) -> io::Result<()>
+pub async fn serve_with<S>(mut s: S, ends: Option<Ends>, backend: &dyn Backend, cfg: &ProxyConfig) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -273,6 +319,9 @@ where
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "SOCKS5 handshake timed out"))??;
     let Some((req, early)) = hs else { return Ok(()) };
+    if let (Command::UdpAssociate, Some(ends)) = (req.cmd, ends) {
+        return udp_associate(s, ends, backend).await;
+    }
     if req.cmd != Command::Connect {
         s.write_all(&encode_reply(Reply::CommandNotSupported, unspecified())).await?;
         return Ok(());
@@ -299,6 +348,70 @@ where
     };
     s.write_all(&encode_reply(Reply::Succeeded, bound)).await?;
     splice(&mut s, &mut *dest, &early).await
+}
+
+/// Largest UDP payload relayed.
+const MAX_DATAGRAM: usize = 65535;
+
+/// UDP ASSOCIATE: a UDP socket beside the TCP listener relays the client's datagrams to mesh
+/// destinations and their answers back, until the client closes the TCP connection.
+async fn udp_associate<S>(mut s: S, ends: Ends, backend: &dyn Backend) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let relay = match tokio::net::UdpSocket::bind(SocketAddr::new(ends.local.ip(), 0)).await {
+        Ok(r) => r,
+        Err(e) => {
+            s.write_all(&encode_reply(Reply::GeneralFailure, unspecified())).await?;
+            return Err(e);
+        }
+    };
+    let mesh = match backend.bind_mesh_udp() {
+        Ok(m) => m,
+        Err(e) => {
+            s.write_all(&encode_reply(Reply::for_error(&e), unspecified())).await?;
+            return Ok(());
+        }
+    };
+    s.write_all(&encode_reply(Reply::Succeeded, relay.local_addr()?)).await?;
+    let mut client_udp: Option<SocketAddr> = None;
+    let (mut from_client, mut from_mesh) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
+    let mut tcp = [0u8; 64];
+    loop {
+        tokio::select! {
+            // The association ends with the TCP connection (EOF, error or stray bytes alike).
+            _ = s.read(&mut tcp) => return Ok(()),
+            r = relay.recv_from(&mut from_client) => {
+                let (n, src) = r?;
+                if src.ip() != ends.peer.ip() || client_udp.is_some_and(|c| c != src) {
+                    continue;
+                }
+                let Ok((host, port, at)) = parse_udp_header(&from_client[..n]) else { continue };
+                // UDP has no refusal message: datagrams to destinations outside the mesh are dropped.
+                match route(backend, &host, port, false) {
+                    Ok(Route::Mesh(dst)) => {
+                        client_udp = Some(src);
+                        if let Err(e) = mesh.send_to(&from_client[at..n], dst).await {
+                            tracing::debug!("SOCKS5 UDP to {dst}: {e}");
+                        }
+                    }
+                    _ => tracing::debug!("SOCKS5 UDP to {host}:{port} dropped: not in the mesh"),
+                }
+            }
+            r = mesh.recv_from(&mut from_mesh) => {
+                let (n, src) = match r {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => continue,
+                    Err(e) => return Err(e),
+                };
+                if let Some(c) = client_udp {
+                    let mut d = udp_header(src);
+                    d.extend_from_slice(&from_mesh[..n]);
+                    let _ = relay.send_to(&d, c).await;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -474,6 +587,60 @@ mod tests {
                 .expect("server hung on garbage")
                 .unwrap();
             let _ = task.await.expect("server panicked");
+        }
+    }
+
+    #[test]
+    fn udp_headers_round_trip_and_refuse_fragments() {
+        let src: SocketAddr = "100.64.0.2:53".parse().unwrap();
+        let mut d = udp_header(src);
+        d.extend_from_slice(b"payload");
+        let (host, port, at) = parse_udp_header(&d).unwrap();
+        assert_eq!((host, port, &d[at..]), (Host::Ip(src.ip()), 53, &b"payload"[..]));
+        d[2] = 1;
+        assert!(parse_udp_header(&d).is_err());
+        assert!(parse_udp_header(&[0, 0, 0]).is_err());
+        assert!(parse_udp_header(&[0, 0, 0, 3, 9, b'a']).is_err());
+    }
+
+    #[tokio::test]
+    async fn udp_associate_relays_datagrams_to_mesh_names_and_back() {
+        // A UDP echo "in the mesh" (the fake mesh is loopback).
+        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut b = [0u8; 2048];
+            while let Ok((n, from)) = echo.recv_from(&mut b).await {
+                let _ = echo.send_to(&b[..n], from).await;
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, peer) = l.accept().await.unwrap();
+            let ends = Ends { local: s.local_addr().unwrap(), peer };
+            serve_with(s, Some(ends), &mesh_with("bravo"), &ProxyConfig::new(proxy)).await
+        });
+        let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        c.write_all(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+        let mut r = [0u8; 12];
+        c.read_exact(&mut r).await.unwrap();
+        assert_eq!(&r[..4], &[5, 0, 5, 0]);
+        let relay = SocketAddr::from(([r[6], r[7], r[8], r[9]], u16::from_be_bytes([r[10], r[11]])));
+        let u = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for (name, answered) in [("bravo", true), ("example.com", false)] {
+            let mut d = vec![0, 0, 0, 3, name.len() as u8];
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&echo_port.to_be_bytes());
+            d.extend_from_slice(b"over udp");
+            u.send_to(&d, relay).await.unwrap();
+            let mut b = [0u8; 2048];
+            let got = tokio::time::timeout(std::time::Duration::from_millis(500), u.recv_from(&mut b)).await;
+            assert_eq!(got.is_ok(), answered, "{name}");
+            if let Ok(Ok((n, _))) = got {
+                let (host, port, at) = parse_udp_header(&b[..n]).unwrap();
+                assert_eq!((host, port, &b[at..n]), (Host::Ip([127, 0, 0, 1].into()), echo_port, &b"over udp"[..]));
+            }
         }
     }
 
