@@ -647,3 +647,70 @@ fn programs_bench_rss() {
     assert_eq!(active, 100, "{st}");
     drop(conns);
 }
+
+/// The library side: `Mesh::listen` hands each inbound connection over with the identity
+/// `whois` gives, and a UDP expose forwards datagrams to a local UDP service and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_accept_names_the_peer_and_udp_expose_round_trips() {
+    use citadel::mesh::{Config, Mesh};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nx = citadel_e2e::Nexus::start().await;
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let cfg = |name: &str| {
+        let mut c = Config::new(Some(nx.url()), Some(key.clone()), t.path().join(name));
+        c.hostname = Some(name.to_string());
+        c.timeout = Duration::from_secs(5);
+        c
+    };
+    let a = Mesh::connect(cfg("alpha")).await.unwrap();
+    let b = Mesh::connect(cfg("bravo")).await.unwrap();
+    assert!(
+        citadel_e2e::eventually(Duration::from_secs(10), || a.resolve("bravo").is_some()
+            && b.resolve("alpha").is_some())
+        .await
+    );
+    let bravo = a.resolve("bravo").unwrap();
+
+    let l = b.listen(7100).unwrap();
+    let accept = tokio::spawn(async move {
+        let mut c = l.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        c.stream.read_exact(&mut buf).await.unwrap();
+        (c.who, c.remote)
+    });
+    let mut s = tokio::time::timeout(Duration::from_secs(10), a.dial_tcp((bravo, 7100).into())).await.unwrap().unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let (who, remote) = tokio::time::timeout(Duration::from_secs(10), accept).await.unwrap().unwrap();
+    let who = who.expect("the peer is in bravo's netmap");
+    assert_eq!((who.name.as_str(), who.org.as_str(), who.is_self), ("alpha", "acme", false));
+    assert_eq!(who.node_key, a.node_key().to_string());
+    assert_eq!(b.whois(remote.ip()), Some(who));
+
+    // UDP: bravo exposes a loopback UDP echo on mesh port 5300.
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let mut out = b"echo:".to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = echo.send_to(&out, from).await;
+        }
+    });
+    b.expose(format!("udp:5300={echo_port}").parse().unwrap()).unwrap();
+    let u = a.bind_udp(0).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut answered = None;
+    for _ in 0..20 {
+        u.send_to(b"ping", (bravo, 5300).into()).await.unwrap();
+        if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_millis(500), u.recv_from(&mut buf)).await {
+            answered = Some((buf[..n].to_vec(), from));
+            break;
+        }
+    }
+    let (got, from) = answered.expect("no answer through the UDP expose");
+    assert_eq!((got.as_slice(), from), (&b"echo:ping"[..], std::net::SocketAddr::from((bravo, 5300))));
+    let list = b.exposes();
+    assert_eq!((list[0].accepted, list[0].active), (1, 1), "{list:?}");
+}
