@@ -482,17 +482,24 @@ async fn blast<S: tokio::io::AsyncWrite + Unpin>(
 
 /// Opens a SOCKS5 CONNECT to `host:port` through the proxy at `proxy`.
 async fn socks_connect(proxy: std::net::SocketAddr, host: &str, port: u16) -> tokio::net::TcpStream {
+    try_socks_connect(proxy, host, port).await.unwrap()
+}
+
+/// Like [`socks_connect`], with the failure (including the SOCKS reply code) as an error.
+async fn try_socks_connect(proxy: std::net::SocketAddr, host: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.set_nodelay(true).unwrap();
+    let mut s = tokio::net::TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
     let mut req = vec![5, 1, 0, 5, 1, 0, 3, host.len() as u8];
     req.extend_from_slice(host.as_bytes());
     req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
+    s.write_all(&req).await?;
     let mut reply = [0u8; 12];
-    s.read_exact(&mut reply).await.unwrap();
-    assert_eq!((reply[0], reply[1], reply[2], reply[3]), (5, 0, 5, 0), "SOCKS5 handshake");
-    s
+    s.read_exact(&mut reply).await?;
+    if (reply[0], reply[1], reply[2], reply[3]) != (5, 0, 5, 0) {
+        return Err(std::io::Error::other(format!("SOCKS5 reply {reply:?}")));
+    }
+    Ok(s)
 }
 
 fn bench_secs() -> Duration {
@@ -555,6 +562,7 @@ async fn programs_bench_throughput() {
     let proxy = a.start_proxy(ProxyKind::Socks5, ProxyConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let mut s = socks_connect(proxy, "bravo", 7001).await;
     let socks = blast(&mut s, dur, &mut sink_rx).await;
+    println!("throughput over {dur:?} each (MB/s): in-process API {api:.1}, --expose {expose:.1} ({:.2} of API), SOCKS5+expose {socks:.1} ({:.2} of API)", expose / api, socks / api);
 
     // Connections per second: SOCKS5 CONNECT to an exposed one-byte echo, 8 at a time.
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -574,24 +582,35 @@ async fn programs_bench_throughput() {
     let mut workers = Vec::new();
     for _ in 0..8 {
         workers.push(tokio::spawn(async move {
-            let mut n = 0u64;
+            let (mut n, mut failed) = (0u64, 0u64);
             while start.elapsed() < dur {
-                let mut s = socks_connect(proxy, "bravo", 7002).await;
-                s.write_all(b"x").await.unwrap();
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).await.unwrap();
-                n += 1;
+                let one = async {
+                    let mut s = try_socks_connect(proxy, "bravo", 7002).await?;
+                    s.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await
+                };
+                match one.await {
+                    Ok(_) => n += 1,
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            println!("first failed connection: {e}");
+                        }
+                    }
+                }
             }
-            n
+            (n, failed)
         }));
     }
-    let mut conns = 0;
+    let (mut conns, mut failed) = (0, 0);
     for w in workers {
-        conns += w.await.unwrap();
+        let (n, f) = w.await.unwrap();
+        conns += n;
+        failed += f;
     }
     let cps = conns as f64 / start.elapsed().as_secs_f64();
-    println!("throughput over {dur:?} each (MB/s): in-process API {api:.1}, --expose {expose:.1} ({:.2} of API), SOCKS5+expose {socks:.1} ({:.2} of API)", expose / api, socks / api);
-    println!("SOCKS5 connections/s (8 concurrent, CONNECT + 1-byte echo through --expose): {cps:.0}");
+    println!("SOCKS5 connections/s (8 concurrent, CONNECT + 1-byte echo through --expose): {cps:.0} ({conns} ok, {failed} failed)");
     assert!(api > 0.0 && expose > 0.0 && socks > 0.0 && conns > 0);
 }
 
