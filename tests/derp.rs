@@ -388,7 +388,8 @@ async fn derp_modes_verify_and_mesh_watchers() {
             "authkey",
             n.running.shared.cfg.ipv4_base,
             n.running.shared.cfg.ipv6_base,
-        );
+        )
+        .unwrap();
     }
     let a = connect(n.url(), &ak).await;
 
@@ -406,7 +407,8 @@ async fn derp_modes_verify_and_mesh_watchers() {
         "authkey",
         n.running.shared.cfg.ipv4_base,
         n.running.shared.cfg.ipv6_base,
-    );
+    )
+    .unwrap();
     let info = ClientInfo { mesh_key: Some(mesh_key), ..ClientInfo::citadel() };
     let w = DerpClient::connect_with_info(&TokioNet, n.url().as_str(), &wk, info, T).await.unwrap();
     w.send_frame(&Frame::WatchConns).await.unwrap();

@@ -486,7 +486,11 @@ async fn socks_connect(proxy: std::net::SocketAddr, host: &str, port: u16) -> to
 }
 
 /// Like [`socks_connect`], with the failure (including the SOCKS reply code) as an error.
-async fn try_socks_connect(proxy: std::net::SocketAddr, host: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+async fn try_socks_connect(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
@@ -513,7 +517,7 @@ fn bench_secs() -> Duration {
 #[ignore = "bench"]
 async fn programs_bench_throughput() {
     use citadel::mesh::{Config, Mesh};
-    use citadel::proxy::{ProxyConfig, ProxyKind};
+    use citadel::proxy_server::{ProxyConfig, ProxyKind};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let nx = citadel_e2e::Nexus::start().await;
     let key = nx.key("acme", true);

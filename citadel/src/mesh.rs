@@ -39,8 +39,11 @@ pub struct Config {
     pub login_timeout: Duration,
     /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
     pub udp_port: u16,
-    /// Run the data plane. Off only for control-plane-only worlds (the harness on turmoil,
-    /// where the data plane's real UDP socket and clock cannot run yet).
+    /// Forget the pinned server key and trust the one the Nexus presents now (the operator
+    /// replaced it deliberately).
+    pub retrust_server_key: bool,
+    /// Run the data plane (on by default). Off gives a control-plane-only node: registration
+    /// and the netmap, but no UDP socket, no peers reachable and no DERP.
     pub data_plane: bool,
 }
 
@@ -72,6 +75,7 @@ impl Config {
             on_auth_url: None,
             login_timeout: Duration::from_secs(600),
             udp_port: 0,
+            retrust_server_key: false,
             data_plane: true,
         }
     }
@@ -142,6 +146,7 @@ pub struct PeerStatus {
     /// WireGuard bytes received from / sent to the peer.
     #[serde(default)]
     pub rx_bytes: u64,
+    /// Bytes sent to this peer.
     #[serde(default)]
     pub tx_bytes: u64,
     /// Round trip of the current path from disco pongs, in milliseconds.
@@ -191,7 +196,7 @@ pub struct Status {
     pub exposes: Vec<crate::expose::ExposeInfo>,
     /// Local proxy listeners (`--socks5`, `--http-proxy`).
     #[serde(default)]
-    pub listeners: Vec<crate::proxy::ListenerInfo>,
+    pub listeners: Vec<crate::proxy_server::ListenerInfo>,
 }
 
 struct Inner {
@@ -207,6 +212,8 @@ struct Inner {
     preferred_derp: Mutex<i32>,
     /// Control connections re-established after a failure.
     control_reconnects: std::sync::atomic::AtomicU64,
+    /// The pre-auth key until it has been used: once registered, reconnects never send it.
+    auth_key: Mutex<Option<String>>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -216,8 +223,8 @@ pub struct Mesh {
     dp: Option<Arc<DataPlane>>,
     /// Exposed local services (see [`crate::expose`]); `None` without a data plane.
     pub(crate) exposer: Option<crate::expose::Exposer>,
-    /// Running proxy listeners (see [`crate::proxy`]).
-    pub(crate) proxies: Mutex<Vec<crate::proxy::ProxyListener>>,
+    /// Running proxy listeners (see [`crate::proxy_server`]).
+    pub(crate) proxies: Mutex<Vec<crate::proxy_server::ProxyListener>>,
 }
 
 impl Drop for Mesh {
@@ -279,11 +286,29 @@ impl Inner {
         self.info.lock().unwrap().nexus_url.clone()
     }
 
+    /// Opens a control session. A server key other than the pinned one is refused before
+    /// anything but `GET /key` is sent.
     async fn dial(&self) -> Result<ControlConn, ControlError> {
         let url = self.nexus_url();
         let server = control::fetch_server_key(&*self.cfg.net, &url, self.cfg.timeout).await?;
         tracing::debug!("server key fetched");
+        let pinned = self.info.lock().unwrap().server_key;
+        if let Some(pinned) = pinned.filter(|p| *p != server) {
+            return Err(ControlError::ServerKeyChanged { url, pinned, got: server });
+        }
         ControlConn::dial(&*self.cfg.net, &url, &self.id.machine_key, &server, self.cfg.timeout).await
+    }
+
+    /// Pins the session's server key if none is pinned yet (first registration, or state from
+    /// before pinning), writing it at once.
+    fn pin_server_key(&self, conn: &ControlConn) -> Result<(), StateError> {
+        let mut info = self.info.lock().unwrap();
+        if info.server_key.is_none() {
+            info.server_key = Some(conn.server_key);
+            self.state.write("node.json", &*info)?;
+            tracing::info!(key = %conn.server_key, "pinned the Nexus server key");
+        }
+        Ok(())
     }
 
     /// Makes sure the server knows and authorizes our node key, using the auth key only if
@@ -298,19 +323,21 @@ impl Inner {
         };
         let mut auth_url = None;
         let saved = self.info.lock().unwrap().registered;
-        if saved || self.cfg.auth_key.is_none() {
+        let auth_key = self.auth_key.lock().unwrap().clone();
+        if saved || auth_key.is_none() {
             let resp = conn.register(&req).await?;
             if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
+                self.auth_key.lock().unwrap().take();
                 return Ok(());
             }
-            if resp.node_key_expired && self.cfg.auth_key.is_none() {
+            if resp.node_key_expired && auth_key.is_none() {
                 return Err(ConnectError::Expired);
             }
             if !resp.auth_url.is_empty() {
                 auth_url = Some(resp.auth_url);
             }
         }
-        let Some(key) = self.cfg.auth_key.clone() else {
+        let Some(key) = auth_key else {
             return match (auth_url, &self.cfg.on_auth_url) {
                 (Some(url), Some(show)) => self.wait_for_approval(conn, req, url, show.clone()).await,
                 (auth_url, _) => Err(ConnectError::NeedsAuth { auth_url }),
@@ -324,6 +351,7 @@ impl Inner {
         if !resp.machine_authorized {
             return Err(ConnectError::NeedsAuth { auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()) });
         }
+        self.auth_key.lock().unwrap().take();
         let mut info = self.info.lock().unwrap();
         info.registered = true;
         info.org = resp.user.login_name.clone();
@@ -424,9 +452,10 @@ impl Mesh {
         id.disco_key = crate::keys::PrivateKey::generate(&mut rand::thread_rng());
         let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
         if let Some(u) = &cfg.nexus_url {
-            if !info.nexus_url.is_empty() && &info.nexus_url != u {
-                // A different server: the old registration means nothing there.
+            if !info.nexus_url.is_empty() && info.nexus_url != u.trim_end_matches('/') {
+                // A different server: the old registration and pinned key mean nothing there.
                 info.registered = false;
+                info.server_key = None;
             }
             info.nexus_url = u.trim_end_matches('/').to_string();
         }
@@ -434,6 +463,9 @@ impl Mesh {
             return Err(ConnectError::NoNexusUrl);
         }
         control::parse_url(&info.nexus_url)?;
+        if cfg.retrust_server_key && info.server_key.take().is_some() {
+            tracing::warn!("forgetting the pinned Nexus server key; the next one presented is trusted");
+        }
         if let Some(h) = &cfg.hostname {
             info.hostname = h.clone();
         }
@@ -455,6 +487,7 @@ impl Mesh {
             endpoints: Mutex::new(Vec::new()),
             preferred_derp: Mutex::new(0),
             control_reconnects: Default::default(),
+            auth_key: Mutex::new(cfg.auth_key.clone()),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
@@ -480,6 +513,7 @@ impl Mesh {
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
+        inner.pin_server_key(&conn)?;
         tracing::debug!("registered");
         let mut stream = conn.map(&inner.map_request(true)).await?;
         tracing::debug!("map stream open");
@@ -786,6 +820,7 @@ async fn run(
         let attempt = async {
             let mut conn = inner.dial().await?;
             inner.ensure_registered(&mut conn).await?;
+            inner.pin_server_key(&conn)?;
             inner.take_net_info(&net_info.borrow());
             let stream = conn.map(&inner.map_request(true)).await?;
             Ok::<_, ConnectError>((conn, stream))

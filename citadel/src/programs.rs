@@ -1,10 +1,10 @@
 //! What a [`Mesh`] offers the programs around it: exposed services, proxy listeners and
-//! identity lookups (the pieces live in [`crate::expose`], [`crate::proxy`] and
+//! identity lookups (the pieces live in [`crate::expose`], [`crate::proxy_server`] and
 //! [`crate::whois`]).
 
 use crate::expose::{ExposeError, ExposeInfo, ExposeSpec, Proto};
 use crate::mesh::Mesh;
-use crate::proxy::{MeshBackend, ProxyConfig, ProxyError, ProxyKind, ProxyListener};
+use crate::proxy_server::{MeshBackend, ProxyConfig, ProxyError, ProxyKind, ProxyListener};
 use crate::whois::{Listener, WhoIs};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ impl Mesh {
     /// Returns the bound address.
     ///
     /// # Errors
-    /// The bind rule ([`crate::proxy::check_listen`]) or the OS refused the address.
+    /// The bind rule ([`crate::proxy_server::check_listen`]) or the OS refused the address.
     pub async fn start_proxy(&self, kind: ProxyKind, cfg: ProxyConfig) -> Result<SocketAddr, ProxyError> {
         let dp = self.data_plane().ok_or(ProxyError::NoDataPlane)?.clone();
         let backend = Arc::new(MeshBackend::new(dp, self.netmap()));

@@ -45,6 +45,17 @@ enum Cmd {
         #[arg(long, env = "NEXUS_DERP_MESH_KEY", hide_env_values = true)]
         mesh_key: Option<String>,
     },
+    /// Mint a test CA and a server certificate for NAMEs (DNS names or IPs) into DIR
+    /// (ca.pem, cert.pem, key.pem), for `serve --tls-cert DIR/cert.pem --tls-key DIR/key.pem`
+    /// and clients' SSL_CERT_FILE=DIR/ca.pem
+    Cert {
+        /// Output directory
+        #[arg(long)]
+        out: PathBuf,
+        /// Names the certificate is valid for
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Manage users (orgs)
     Users {
         #[command(flatten)]
@@ -124,6 +135,13 @@ struct ServeArgs {
     derp_mesh_key: Option<String>,
     #[command(flatten)]
     stun: StunArgs,
+    /// Serve TLS with this PEM certificate chain (control, REST API, DERP, device flow);
+    /// the default server URL becomes https://
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -239,9 +257,25 @@ enum DeviceCmd {
 #[derive(Subcommand)]
 enum ApiKeysCmd {
     /// Create an API key; prints only the key
-    Create,
+    Create {
+        /// Lifetime (e.g. 90d); never expires when omitted
+        #[arg(long)]
+        expiration: Option<String>,
+    },
     /// List API keys
     List,
+    /// Expire an API key now
+    Expire {
+        /// The key's prefix, as `apikeys list` shows it
+        #[arg(long)]
+        prefix: String,
+    },
+    /// Delete an API key
+    Delete {
+        /// The key's prefix, as `apikeys list` shows it
+        #[arg(long)]
+        prefix: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -268,7 +302,9 @@ impl Client {
         if conn.api_key.is_none() {
             bail!("no API key: pass --api-key or set NEXUS_API_KEY");
         }
-        Ok(Client { http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?, conn })
+        let tls = nexus_sim::tls::client_config()?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).use_preconfigured_tls(tls).build()?;
+        Ok(Client { http, conn })
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
@@ -277,7 +313,16 @@ impl Client {
         if let Some(b) = body {
             rb = rb.json(&b);
         }
-        let resp = rb.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let resp = rb.send().await.map_err(|e| {
+            // reqwest hides the certificate error several sources deep.
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = s.to_string();
+                src = s.source();
+            }
+            anyhow::anyhow!("cannot reach {}: {why}", self.conn.url)
+        })?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -338,6 +383,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         derp_verify_clients: a.derp_verify_clients,
         derp_mesh_key: a.derp_mesh_key,
         stun_listen: a.stun.resolve(a.listen),
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(nexus_sim::tls::load(c, k)?),
+            _ => None,
+        },
         ..Default::default()
     };
     let running = nexus_sim::start(cfg).await?;
@@ -407,6 +456,11 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::Derp { listen, hostname, stun, mesh_key } => derp_only(listen, hostname, stun, mesh_key).await,
+        Cmd::Cert { out, names } => {
+            nexus_sim::tls::mint(&names)?.write(&out)?;
+            println!("{}", out.join("ca.pem").display());
+            Ok(())
+        }
         Cmd::Users { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
@@ -571,9 +625,22 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Apikeys { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
-                    ApiKeysCmd::Create => {
-                        let v = c.call(Method::POST, "/api/v1/apikey", Some(json!({}))).await?;
+                    ApiKeysCmd::Create { expiration } => {
+                        let body = match expiration {
+                            Some(e) => {
+                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
+                                json!({"expiration": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
+                            }
+                            None => json!({}),
+                        };
+                        let v = c.call(Method::POST, "/api/v1/apikey", Some(body)).await?;
                         println!("{}", s(&v, "apiKey"));
+                    }
+                    ApiKeysCmd::Expire { prefix } => {
+                        c.call(Method::POST, "/api/v1/apikey/expire", Some(json!({"prefix": prefix}))).await?;
+                    }
+                    ApiKeysCmd::Delete { prefix } => {
+                        c.call(Method::DELETE, &format!("/api/v1/apikey/{prefix}"), None).await?;
                     }
                     ApiKeysCmd::List => {
                         let v = c.call(Method::GET, "/api/v1/apikey", None).await?;

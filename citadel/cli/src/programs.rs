@@ -4,7 +4,7 @@
 use crate::CliError;
 use citadel::expose::ExposeSpec;
 use citadel::mesh::Mesh;
-use citadel::proxy::{Credentials, ProxyConfig, ProxyKind};
+use citadel::proxy_server::{Credentials, ProxyConfig, ProxyKind};
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -129,43 +129,108 @@ impl PeerPresentFlags {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// The server's greeting: [`MAGIC`] and its public key.
-    ServerKey { key: NodePublic },
+    ServerKey {
+        /// The server's public key.
+        key: NodePublic,
+    },
     /// The client's login: its public key and `nonce · box(ClientInfo JSON)` sealed to the
     /// server key (see [`ClientInfo::seal`]).
-    ClientInfo { key: NodePublic, sealed: Vec<u8> },
+    ClientInfo {
+        /// The client's public key.
+        key: NodePublic,
+        /// Sealed JSON client info.
+        sealed: Vec<u8>,
+    },
     /// The server's answer: `nonce · box(ServerInfo JSON)` sealed to the client key.
-    ServerInfo { sealed: Vec<u8> },
+    ServerInfo {
+        /// Sealed JSON server info.
+        sealed: Vec<u8>,
+    },
     /// A packet for `dst`.
-    SendPacket { dst: NodePublic, packet: Vec<u8> },
+    SendPacket {
+        /// Recipient.
+        dst: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// A packet from `src`.
-    RecvPacket { src: NodePublic, packet: Vec<u8> },
+    RecvPacket {
+        /// Sender.
+        src: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// No-op from the server.
     KeepAlive,
     /// Whether this server is the client's preferred (home) one; stats only.
-    NotePreferred { preferred: bool },
+    NotePreferred {
+        /// Whether this server is the client's home.
+        preferred: bool,
+    },
     /// `peer` is no longer reachable through this server.
-    PeerGone { peer: NodePublic, reason: PeerGoneReason },
+    PeerGone {
+        /// The peer.
+        peer: NodePublic,
+        /// Why it left.
+        reason: PeerGoneReason,
+    },
     /// `peer` is connected; `endpoint` is its remote address as the server sees it. `flags` are
     /// only carried on the wire together with an endpoint.
-    PeerPresent { peer: NodePublic, endpoint: Option<SocketAddr>, flags: PeerPresentFlags },
+    PeerPresent {
+        /// The peer.
+        peer: NodePublic,
+        /// Its address as the server sees it, if sent.
+        endpoint: Option<SocketAddr>,
+        /// What is known about it.
+        flags: PeerPresentFlags,
+    },
     /// A packet relayed between servers of one region.
-    ForwardPacket { src: NodePublic, dst: NodePublic, packet: Vec<u8> },
+    ForwardPacket {
+        /// Original sender.
+        src: NodePublic,
+        /// Recipient.
+        dst: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// Subscribe to the server's connection list (mesh key required).
     WatchConns,
     /// Close `peer`'s connection (mesh key required).
-    ClosePeer { peer: NodePublic },
+    ClosePeer {
+        /// The peer to disconnect.
+        peer: NodePublic,
+    },
     /// Asks the other side to echo the data in a Pong.
-    Ping { data: [u8; PING_DATA_LEN] },
+    Ping {
+        /// Payload to echo.
+        data: [u8; PING_DATA_LEN],
+    },
     /// Echoes a Ping's data.
-    Pong { data: [u8; PING_DATA_LEN] },
+    Pong {
+        /// The echoed payload.
+        data: [u8; PING_DATA_LEN],
+    },
     /// The connection's health problem; empty means healthy again.
-    Health { problem: String },
+    Health {
+        /// The problem (empty: healthy again).
+        problem: String,
+    },
     /// The server is restarting: reconnect after `reconnect_in`, keep trying for `try_for`
     /// (both whole milliseconds on the wire).
-    Restarting { reconnect_in: Duration, try_for: Duration },
+    Restarting {
+        /// Wait this long before reconnecting.
+        reconnect_in: Duration,
+        /// Keep trying this long.
+        try_for: Duration,
+    },
     /// A frame type this codec does not know. Both Tailscale peers skip these, so callers
     /// should too.
-    Unknown { ty: u8, payload: Vec<u8> },
+    Unknown {
+        /// Frame type byte.
+        ty: u8,
+        /// Raw payload.
+        payload: Vec<u8>,
+    },
 }
 
 /// Errors decoding DERP frames or opening their sealed login messages.
@@ -174,16 +239,36 @@ pub enum Frame {
 pub enum DerpError {
     /// The header announces more than [`MAX_FRAME_LEN`] (or the type's own limit).
     #[error("frame type {ty:#04x} of {len} bytes exceeds the {max}-byte limit")]
-    FrameTooLarge { ty: u8, len: usize, max: usize },
+    FrameTooLarge {
+        /// Frame type byte.
+        ty: u8,
+        /// Declared length.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
     /// The payload is shorter than the frame type requires.
     #[error("frame type {ty:#04x} too short ({len} bytes)")]
-    Short { ty: u8, len: usize },
+    Short {
+        /// Frame type byte.
+        ty: u8,
+        /// Payload length.
+        len: usize,
+    },
     /// The payload length is not the exact length the frame type requires.
     #[error("frame type {ty:#04x} has wrong length {len}")]
-    WrongLength { ty: u8, len: usize },
+    WrongLength {
+        /// Frame type byte.
+        ty: u8,
+        /// Payload length.
+        len: usize,
+    },
     /// A relayed packet is larger than [`MAX_PACKET_SIZE`].
     #[error("packet of {len} bytes exceeds 64 KiB")]
-    PacketTooLarge { len: usize },
+    PacketTooLarge {
+        /// Packet length.
+        len: usize,
+    },
     /// The ServerKey frame does not start with [`MAGIC`].
     #[error("bad server greeting magic")]
     BadMagic,
@@ -531,19 +616,27 @@ impl Frame {
 
 /// Seals `plaintext` from `ours` to `theirs` as Go's `NodePrivate.SealTo` does:
 /// `nonce (24) · Poly1305 tag (16) · XSalsa20 ciphertext` (NaCl `crypto_box`).
+/// Towards a low-order key the result is the bare nonce, which never opens.
 pub fn seal_box(ours: &PrivateKey, theirs: &[u8; 32], nonce: [u8; NONCE_LEN], plaintext: &[u8]) -> Vec<u8> {
-    seal_with(&salsa_box(ours, theirs), nonce, plaintext)
+    match salsa_box(ours, theirs) {
+        Some(b) => seal_with(&b, nonce, plaintext),
+        None => nonce.to_vec(),
+    }
 }
 
 /// Opens a box made by [`seal_box`] (or Go's `SealTo`) from `theirs` to `ours`; `None` if it is
-/// truncated, tampered with or from another key.
+/// truncated, tampered with, from another key or from a low-order key.
 pub fn open_box(ours: &PrivateKey, theirs: &[u8; 32], sealed: &[u8]) -> Option<Vec<u8>> {
-    open_with(&salsa_box(ours, theirs), sealed)
+    open_with(&salsa_box(ours, theirs)?, sealed)
 }
 
-/// The precomputed NaCl box key between two parties (HSalsa20 of the X25519 secret).
-pub(crate) fn salsa_box(ours: &PrivateKey, theirs: &[u8; 32]) -> SalsaBox {
-    SalsaBox::new(&PublicKey::from(*theirs), &SecretKey::from(ours.to_bytes()))
+/// The precomputed NaCl box key between two parties (HSalsa20 of the X25519 secret); `None`
+/// when `theirs` is a low-order point (the X25519 secret would be all zero, known to anyone).
+pub(crate) fn salsa_box(ours: &PrivateKey, theirs: &[u8; 32]) -> Option<SalsaBox> {
+    if ours.dh(theirs).iter().fold(0u8, |acc, b| acc | b) == 0 {
+        return None;
+    }
+    Some(SalsaBox::new(&PublicKey::from(*theirs), &SecretKey::from(ours.to_bytes())))
 }
 
 pub(crate) fn seal_with(b: &SalsaBox, nonce: [u8; NONCE_LEN], plaintext: &[u8]) -> Vec<u8> {
@@ -1007,6 +1100,18 @@ mod tests {
 
     fn hex32(s: &str) -> [u8; 32] {
         hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn boxes_from_or_to_low_order_keys_are_refused() {
+        let server = PrivateKey::from_bytes([2; 32]);
+        let attacker = PrivateKey::from_bytes([3; 32]);
+        for low in crate::keys::LOW_ORDER_POINTS {
+            // With a low-order key the shared secret is all zero, so anyone can forge this box.
+            let forged = seal_box(&attacker, &low, [4; 24], br#"{"version":2}"#);
+            assert_eq!(open_box(&server, &low, &forged), None, "{}", hex::encode(low));
+            assert!(ClientInfo::open(&server, &NodePublic(low), &forged).is_err());
+        }
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //!
 //! [`WgRouter`] opens no socket: datagrams come in through [`WgRouter::handle_datagram`],
 //! IP packets from the netstack through [`WgRouter::send_packet`], and timers through
-//! [`WgRouter::tick`]; each appends [`Transmit`]s for the driver to send. boringtun reads the
-//! OS clock itself, so only the rate limiter's reset period takes `now`.
+//! [`WgRouter::tick`]; each appends [`Transmit`]s for the driver to send. Time comes from the
+//! driver ([`WgRouter::set_now`], `tick(now)`); boringtun reads a mock clock, which the router
+//! points at that time before every call into a [`Tunn`] or the rate limiter. Disco messages
+//! (ping, pong, call-me-maybe) arrive on the same socket and are handled here too, feeding the
+//! per-peer path state in `magicsock`.
 //!
 //! Incoming datagrams are demultiplexed the way boringtun's own device does it: data,
 //! handshake responses and cookie replies carry our receiver index (`index << 8 | session`),
@@ -529,10 +532,15 @@ impl WgRouter {
                     self.counters.rx_rejected.fetch_add(1, Relaxed);
                     return;
                 }
+                let Ok(probe) = peer.paths.on_ping(p.tx_id, addr, now) else {
+                    // A replay (maybe from a spoofed address): no pong, nothing learned.
+                    self.counters.rx_rejected.fetch_add(1, Relaxed);
+                    return;
+                };
                 let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src: addr });
                 out.push(Transmit::udp(addr, seal(shared, &pong)));
                 tracing::trace!(peer = %key.short(), %addr, "disco ping over UDP");
-                if let Some(probe) = peer.paths.on_ping_from(addr, now) {
+                if let Some(probe) = probe {
                     out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
                 }
             }
