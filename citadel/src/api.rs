@@ -34,6 +34,25 @@ pub enum Request {
         /// TCP port.
         port: u16,
     },
+    /// Expose a local service (`[udp:]MESH_PORT[=HOST:PORT]`); answers the new list.
+    ExposeAdd {
+        /// The expose spec.
+        spec: String,
+    },
+    /// Stop exposing a mesh port; answers the new list.
+    ExposeRemove {
+        /// Transport.
+        proto: crate::expose::Proto,
+        /// Mesh port.
+        port: u16,
+    },
+    /// List exposed services.
+    ExposeList,
+    /// Who is behind a mesh address (`IP[:PORT]`).
+    Whois {
+        /// `IP[:PORT]`.
+        addr: String,
+    },
 }
 
 /// The running node's answer.
@@ -44,6 +63,13 @@ pub enum Response {
     Status(Status),
     /// Ping answer.
     Pong(Pong),
+    /// Exposed services.
+    Exposes {
+        /// By protocol, then port.
+        exposes: Vec<crate::expose::ExposeInfo>,
+    },
+    /// Identity behind an address.
+    Whois(crate::whois::WhoIs),
     /// Done.
     Ok,
     /// Failed, with a message.
@@ -177,6 +203,34 @@ mod imp {
                                 Err(e) => Response::Error { message: format!("no reply from {peer}: {e}") },
                             },
                             None => Response::Error { message: format!("unknown peer {peer:?}") },
+                        },
+                        None => Response::Error { message: "node is stopping".into() },
+                    },
+                    Ok(Request::ExposeAdd { spec }) => match current(&mesh).await {
+                        Some(m) => match spec.parse().and_then(|s| m.expose(s)) {
+                            Ok(()) => Response::Exposes { exposes: m.exposes() },
+                            Err(e) => Response::Error { message: e.to_string() },
+                        },
+                        None => Response::Error { message: "node is stopping".into() },
+                    },
+                    Ok(Request::ExposeRemove { proto, port }) => match current(&mesh).await {
+                        Some(m) => match m.unexpose(proto, port) {
+                            Ok(()) => Response::Exposes { exposes: m.exposes() },
+                            Err(e) => Response::Error { message: e.to_string() },
+                        },
+                        None => Response::Error { message: "node is stopping".into() },
+                    },
+                    Ok(Request::ExposeList) => match current(&mesh).await {
+                        Some(m) => Response::Exposes { exposes: m.exposes() },
+                        None => Response::Error { message: "node is stopping".into() },
+                    },
+                    Ok(Request::Whois { addr }) => match current(&mesh).await {
+                        Some(m) => match crate::whois::parse_addr(&addr) {
+                            Some(ip) => match m.whois(ip) {
+                                Some(w) => Response::Whois(w),
+                                None => Response::Error { message: format!("no mesh node has address {ip}") },
+                            },
+                            None => Response::Error { message: format!("{addr:?} is not IP[:PORT]") },
                         },
                         None => Response::Error { message: "node is stopping".into() },
                     },

@@ -192,6 +192,12 @@ pub struct Status {
     /// This node's home DERP region (the relay peers reach it through; 0 = none picked yet).
     #[serde(default)]
     pub home_derp: i32,
+    /// Local services exposed on mesh ports (`--expose`).
+    #[serde(default)]
+    pub exposes: Vec<crate::expose::ExposeInfo>,
+    /// Local proxy listeners (`--socks5`, `--http-proxy`).
+    #[serde(default)]
+    pub listeners: Vec<crate::proxy_server::ListenerInfo>,
 }
 
 struct Inner {
@@ -205,6 +211,8 @@ struct Inner {
     endpoints: Mutex<Vec<String>>,
     /// Home DERP region reported as `Hostinfo.NetInfo.PreferredDERP` (0 = not picked yet).
     preferred_derp: Mutex<i32>,
+    /// Control connections re-established after a failure.
+    control_reconnects: std::sync::atomic::AtomicU64,
     /// The pre-auth key until it has been used: once registered, reconnects never send it.
     auth_key: Mutex<Option<String>>,
 }
@@ -214,6 +222,10 @@ pub struct Mesh {
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
     dp: Option<Arc<DataPlane>>,
+    /// Exposed local services (see [`crate::expose`]); `None` without a data plane.
+    pub(crate) exposer: Option<crate::expose::Exposer>,
+    /// Running proxy listeners (see [`crate::proxy_server`]).
+    pub(crate) proxies: Mutex<Vec<crate::proxy_server::ProxyListener>>,
 }
 
 impl Drop for Mesh {
@@ -500,6 +512,7 @@ impl Mesh {
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
             preferred_derp: Mutex::new(0),
+            control_reconnects: Default::default(),
             auth_key: Mutex::new(cfg.auth_key.clone()),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
@@ -552,7 +565,8 @@ impl Mesh {
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
         let task = tokio::spawn(run(inner.clone(), session, Some((conn, stream)), net_info));
-        Ok(Mesh { inner, task, dp })
+        let exposer = dp.clone().map(crate::expose::Exposer::new);
+        Ok(Mesh { inner, task, dp, exposer, proxies: Mutex::new(Vec::new()) })
     }
 
     /// A snapshot of the node's state.
@@ -602,7 +616,14 @@ impl Mesh {
             node_key: self.inner.node_pub().to_string(),
             peers,
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
+            exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),
+            listeners: self.proxies.lock().unwrap().iter().map(|p| p.info().clone()).collect(),
         }
+    }
+
+    /// Control connections re-established after a failure, since start.
+    pub fn control_reconnects(&self) -> u64 {
+        self.inner.control_reconnects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True while the control stream is up.
@@ -825,6 +846,7 @@ async fn run(
             r = inner.establish(&mut session, &net_info) => match r {
                 Ok(s) => {
                     tracing::info!("reconnected to Nexus");
+                    inner.control_reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     inner.connected.send_replace(true);
                     live = Some(s);
                 }

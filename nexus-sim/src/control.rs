@@ -168,7 +168,9 @@ async fn register(State(s): State<Shared>, Extension(sess): Extension<Session>, 
         Ok(r) => r,
         Err(e) => return bad_json(e),
     };
-    Json(handle_register(&s, sess, req).await).into_response()
+    let resp = handle_register(&s, sess, req).await;
+    s.metrics.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Json(resp).into_response()
 }
 
 /// Largest Hostinfo (as JSON) a node may register or report.
@@ -409,6 +411,7 @@ async fn map(
                 if tx.send(Ok(Bytes::from(encode_map_frame(&out, zstd)))).await.is_err() {
                     break;
                 }
+                s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 last = Some(m);
             }
             tokio::select! {
@@ -416,6 +419,7 @@ async fn map(
                 _ = ticker.tick() => {
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
                     if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }
+                    s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = tx.closed() => break,
                 _ = s.faults.wait_drop_streams() => break,

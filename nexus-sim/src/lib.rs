@@ -8,6 +8,7 @@ pub mod api;
 pub mod control;
 pub mod derp;
 pub mod device;
+pub mod metrics;
 pub mod store;
 pub mod stun;
 pub mod tls;
@@ -217,6 +218,10 @@ impl Faults {
             d.set_stopped(on);
         }
     }
+    /// The embedded DERP relay's counters, if it runs.
+    pub fn derp_stats(&self) -> Option<derp::DerpStats> {
+        self.derp.get().map(|d| d.stats())
+    }
     /// True while the embedded DERP relay is stopped.
     pub fn derp_stopped(&self) -> bool {
         self.derp.get().is_some_and(|d| d.is_stopped())
@@ -285,6 +290,7 @@ pub struct Inner {
     pub derp_map: DerpMap,
     pub faults: Faults,
     pub device: device::Flows,
+    pub metrics: metrics::Metrics,
 }
 
 /// Handle to the shared state.
@@ -331,6 +337,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         cfg,
         faults: Faults::default(),
         device: device::Flows::default(),
+        metrics: metrics::Metrics::default(),
     }))
 }
 
@@ -360,6 +367,7 @@ pub fn router(s: Shared) -> Router {
         .route("/oauth/device/code", post(device::start))
         .route("/oauth/token", post(device::token))
         .route("/device", get(device::page))
+        .route("/metrics", get(metrics::handler))
         .route("/debug/derp", get(derp_stats))
         .merge(api::router(s.clone()))
         .with_state(s)

@@ -1,6 +1,7 @@
 //! One module per subcommand; each has its `Args` and a `run`.
 
 pub mod connect;
+pub mod expose;
 pub mod init;
 pub mod login;
 pub mod logout;
@@ -9,4 +10,5 @@ pub mod ping;
 pub mod proxy;
 pub mod status;
 pub mod up;
+pub mod whois;
 pub mod work;

@@ -6,6 +6,7 @@ pub mod cmd;
 mod dialer;
 pub mod exit;
 mod node;
+pub mod programs;
 mod term;
 
 pub use exit::{exit_code, CliError, Exit};
@@ -59,6 +60,11 @@ enum Cmd {
     Proxy(cmd::proxy::Args),
     /// Run the job loop (Redis Streams consumer group); refuses unless the node is connected
     Work(cmd::work::Args),
+    /// Change what the running node exposes on its mesh ports
+    #[command(subcommand)]
+    Expose(cmd::expose::Args),
+    /// Who is behind a mesh address: name, FQDN, org, tags, node key, OS
+    Whois(cmd::whois::Args),
 }
 
 impl Cli {
@@ -110,5 +116,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Connect(a) => cmd::connect::run(&ctx, a).await,
         Cmd::Proxy(a) => cmd::proxy::run(&ctx, a).await,
         Cmd::Work(a) => cmd::work::run(&ctx, a).await,
+        Cmd::Expose(a) => cmd::expose::run(&ctx, a).await,
+        Cmd::Whois(a) => cmd::whois::run(&ctx, a).await,
     }
 }

@@ -111,6 +111,14 @@ pub struct DataPlaneCounters {
     pub tx_socket_error: u64,
     /// Incoming TCP ACKs moved onto a full window's edge (see [`ackfix`]); not drops.
     pub tcp_acks_moved: u64,
+    /// WireGuard handshakes completed (as initiator or responder).
+    pub handshakes: u64,
+    /// Disco pings received from peers.
+    pub disco_pings_rx: u64,
+    /// Disco pongs received from peers.
+    pub disco_pongs_rx: u64,
+    /// DERP logins beyond the first per region (reconnects).
+    pub derp_reconnects: u64,
 }
 
 /// Drop counters shared by the driver and the protocol pieces.
@@ -129,6 +137,10 @@ pub(crate) struct Counters {
     pub tx_malformed: AtomicU64,
     pub tx_socket_error: AtomicU64,
     pub tcp_acks_moved: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub disco_pings_rx: AtomicU64,
+    pub disco_pongs_rx: AtomicU64,
+    pub derp_reconnects: AtomicU64,
 }
 
 /// State shared between the driver task and the app's socket handles.
@@ -450,6 +462,10 @@ impl DataPlane {
             tx_error: c.tx_error.load(Relaxed) + c.tx_malformed.load(Relaxed),
             tx_socket_error: c.tx_socket_error.load(Relaxed),
             tcp_acks_moved: c.tcp_acks_moved.load(Relaxed),
+            handshakes: c.handshakes.load(Relaxed),
+            disco_pings_rx: c.disco_pings_rx.load(Relaxed),
+            disco_pongs_rx: c.disco_pongs_rx.load(Relaxed),
+            derp_reconnects: c.derp_reconnects.load(Relaxed),
         }
     }
 
@@ -618,6 +634,7 @@ impl Driver {
                 _ = tick.tick() => {
                     let now = self.now();
                     self.shared.lock_wg().tick(now, &mut out);
+                    self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
                     self.netcheck_timers(now).await;
                 }
                 r = self.netmap.changed(), if netmap_open => {

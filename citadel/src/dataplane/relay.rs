@@ -166,6 +166,11 @@ impl Relays {
         }
     }
 
+    /// DERP logins beyond each connection's first, over the connections open now.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.regions.values().map(|r| r.conn.logins().saturating_sub(1)).sum()
+    }
+
     /// Regions with a live connection.
     pub(crate) fn connected(&self) -> Vec<i32> {
         let mut v: Vec<i32> = self.regions.iter().filter(|(_, r)| r.conn.is_connected()).map(|(id, _)| *id).collect();

@@ -42,6 +42,7 @@ const BUF_LEN: usize = 65536 + 64;
 pub const DERP_MAGIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 3, 3, 40);
 
 /// WireGuard message types (first byte, little-endian u32).
+const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
 
@@ -108,6 +109,10 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     /// WireGuard bytes sent to the peer (UDP payload, counted once per datagram).
     pub tx_bytes: u64,
+    /// Authenticated WireGuard messages received from the peer.
+    pub rx_packets: u64,
+    /// WireGuard messages sent to the peer.
+    pub tx_packets: u64,
     /// The peer's home DERP region (0 = none).
     pub home_derp: i32,
     /// Round trip of the current path from disco pongs (direct, or DERP while relayed).
@@ -123,6 +128,8 @@ struct Peer {
     home_derp: i32,
     rx_bytes: u64,
     tx_bytes: u64,
+    rx_packets: u64,
+    tx_packets: u64,
 }
 
 impl Peer {
@@ -265,6 +272,8 @@ impl WgRouter {
                             home_derp: cfg.home_derp,
                             rx_bytes: 0,
                             tx_bytes: 0,
+                            rx_packets: 0,
+                            tx_packets: 0,
                         },
                     );
                     tracing::debug!(peer = %cfg.key.short(), endpoints = ?cfg.endpoints, "peer added");
@@ -435,13 +444,18 @@ impl WgRouter {
                 // A cookie reply answers an unverified handshake; anything else (handshake
                 // response, keepalive) proves the datagram came from the peer.
                 let authed = reply.first() != Some(&MSG_COOKIE_REPLY);
+                if reply.first() == Some(&MSG_HANDSHAKE_RESPONSE) {
+                    c.handshakes.fetch_add(1, Relaxed);
+                }
                 let t = reply_to(reply, peer);
                 peer.tx_bytes += t.payload.len() as u64;
+                peer.tx_packets += 1;
                 out.push(t);
                 // A completed handshake releases the packets queued while it was pending.
                 while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
                     let t = reply_to(p, peer);
                     peer.tx_bytes += t.payload.len() as u64;
+                    peer.tx_packets += 1;
                     out.push(t);
                 }
                 authed
@@ -457,6 +471,10 @@ impl WgRouter {
         };
         if authenticated {
             peer.rx_bytes += data.len() as u64;
+            peer.rx_packets += 1;
+            if data.first() == Some(&MSG_HANDSHAKE_RESPONSE) {
+                c.handshakes.fetch_add(1, Relaxed);
+            }
             peer.paths.note_active(now);
             if let Source::Udp(a) = src {
                 if peer.paths.direct(now) != Some(a) {
@@ -503,6 +521,11 @@ impl WgRouter {
             }
         };
         let seal = |shared: &SharedKey, m: &disco::Message| shared.seal(rand::random(), m);
+        match &msg {
+            disco::Message::Ping(_) => self.counters.disco_pings_rx.fetch_add(1, Relaxed),
+            disco::Message::Pong(_) => self.counters.disco_pongs_rx.fetch_add(1, Relaxed),
+            disco::Message::CallMeMaybe(_) => 0,
+        };
         match (msg, src) {
             (disco::Message::Ping(p), Source::Udp(addr)) => {
                 if !p.node_key.is_zero() && p.node_key != key {
@@ -662,6 +685,8 @@ impl WgRouter {
                     last_handshake: since.and_then(|d| now.checked_sub(d)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
+                    rx_packets: p.rx_packets,
+                    tx_packets: p.tx_packets,
                     home_derp: p.home_derp,
                     latency,
                 }
@@ -724,6 +749,7 @@ fn emit(
 ) {
     peer.paths.note_active(now);
     peer.tx_bytes += payload.len() as u64;
+    peer.tx_packets += 1;
     if let Some(a) = peer.paths.direct(now) {
         out.push(Transmit::udp(a, payload.to_vec()));
         return;
@@ -744,6 +770,7 @@ fn emit(
     if targets.is_empty() {
         c.tx_no_path.fetch_add(1, Relaxed);
         peer.tx_bytes -= payload.len() as u64;
+        peer.tx_packets -= 1;
         return;
     }
     for t in targets {

@@ -65,6 +65,12 @@ fn print_status(s: &Status, json: bool, color: bool) {
     if s.home_derp > 0 {
         println!("  Relay      DERP region {}", s.home_derp);
     }
+    for e in &s.exposes {
+        println!("  Expose     {} mesh port {} -> {} ({} accepted)", e.proto, e.mesh_port, e.target, e.accepted);
+    }
+    for l in &s.listeners {
+        println!("  Listener   {} on {}{}", l.kind, l.addr, if l.auth { " (auth)" } else { "" });
+    }
     println!("{}", head(&format!("Peers ({})", s.peers.len())));
     if s.peers.is_empty() {
         println!("  {}", dim("none"));

@@ -18,6 +18,8 @@ pub struct Args {
     /// Host name to register
     #[arg(long)]
     hostname: Option<String>,
+    #[command(flatten)]
+    programs: crate::programs::UpFlags,
 }
 
 /// Runs `citadel up`.
@@ -25,7 +27,9 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let mesh = Mesh::connect(ctx.config(a.nexus, a.authkey, a.hostname)).await?;
     let s = mesh.status();
     eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
-    let mesh = Arc::new(tokio::sync::Mutex::new(Some(Arc::new(mesh))));
+    let mesh = Arc::new(mesh);
+    a.programs.start(&mesh).await?;
+    let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
     let done = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&ctx.state_dir), done.clone()));
     let mut term = Terminate::new();

@@ -1,0 +1,403 @@
+//! An HTTP proxy into the mesh: `CONNECT host:port` tunnels, and absolute-URI requests
+//! (`GET http://bravo:8080/file`) forwarded in origin form. One request per client
+//! connection for the latter (the forwarded request carries `Connection: close`), which every
+//! HTTP client handles by opening a new connection.
+
+use super::{dial, route, splice, Backend, Host, ProxyConfig};
+use base64::Engine;
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bound on the request head.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Bound on the number of request headers.
+const MAX_HEADERS: usize = 64;
+
+/// What the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `CONNECT host:port`: a raw tunnel.
+    Connect {
+        /// Destination host.
+        host: Host,
+        /// Destination port.
+        port: u16,
+    },
+    /// An absolute-URI request, rewritten to origin form.
+    Forward {
+        /// Destination host.
+        host: Host,
+        /// Destination port.
+        port: u16,
+        /// The head to send to the origin server.
+        head: Vec<u8>,
+    },
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Where it goes.
+    pub target: Target,
+    /// The `Proxy-Authorization` credentials, if any (user, password).
+    pub proxy_auth: Option<(Vec<u8>, Vec<u8>)>,
+    /// Length of the head in the buffer (body bytes follow).
+    pub len: usize,
+}
+
+/// Why a request head was refused, with the status to answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {why}")]
+pub struct BadRequest {
+    /// HTTP status code.
+    pub status: u16,
+    /// What is wrong.
+    pub why: &'static str,
+}
+
+fn bad(status: u16, why: &'static str) -> BadRequest {
+    BadRequest { status, why }
+}
+
+/// Splits an authority `host[:port]`, with `default` when the port is absent.
+fn authority(a: &str, default: Option<u16>) -> Option<(Host, u16)> {
+    let (host, port) = if a.starts_with('[') {
+        let end = a.find(']')?;
+        let port = match &a[end + 1..] {
+            "" => default?,
+            p => p.strip_prefix(':')?.parse().ok()?,
+        };
+        (&a[..=end], port)
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (a, default?),
+        }
+    };
+    let ok = !host.is_empty() && port != 0 && host.bytes().all(|c| c.is_ascii_graphic() && c != b'@' && c != b'/');
+    ok.then(|| (Host::parse(host), port))
+}
+
+/// Headers a proxy must not forward (RFC 9110 section 7.6.1) plus the proxy's own.
+fn hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+    const FIXED: [&str; 8] = [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    let n = name.to_ascii_lowercase();
+    FIXED.contains(&n.as_str()) || connection_tokens.contains(&n)
+}
+
+fn basic_credentials(value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, b64) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let colon = raw.iter().position(|&c| c == b':')?;
+    Some((raw[..colon].to_vec(), raw[colon + 1..].to_vec()))
+}
+
+/// Parses a request head from the bytes read so far: `Ok(None)` means "read more".
+///
+/// # Errors
+/// [`BadRequest`] with the status to answer (400 malformed, 431 too large, 501 unsupported).
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, BadRequest> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(bad(431, "request head too large")),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(bad(431, "too many headers")),
+        Err(_) => return Err(bad(400, "malformed request")),
+    };
+    if len > MAX_HEAD {
+        return Err(bad(431, "request head too large"));
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else { return Err(bad(400, "malformed request")) };
+    let proxy_auth = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+        .map(|h| basic_credentials(h.value).unwrap_or_default());
+    if method.eq_ignore_ascii_case("CONNECT") {
+        let (host, port) = authority(path, None).ok_or(bad(400, "CONNECT needs host:port"))?;
+        return Ok(Some(Head { target: Target::Connect { host, port }, proxy_auth, len }));
+    }
+    let rest = match path.get(..7) {
+        Some(s) if s.eq_ignore_ascii_case("http://") => &path[7..],
+        _ if path.starts_with('/') => return Err(bad(400, "not a proxy request (origin-form target)")),
+        _ => return Err(bad(501, "only http:// URIs are forwarded; use CONNECT for TLS")),
+    };
+    let (auth, origin_path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
+    };
+    let (host, port) = authority(auth, Some(80)).ok_or(bad(400, "bad host in URI"))?;
+    let connection_tokens: Vec<String> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| {
+            String::from_utf8_lossy(h.value).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>()
+        })
+        .collect();
+    let mut head = format!("{method} {origin_path} HTTP/1.1\r\n").into_bytes();
+    let mut has_host = false;
+    for h in req.headers.iter() {
+        if hop_by_hop(h.name, &connection_tokens) {
+            continue;
+        }
+        has_host |= h.name.eq_ignore_ascii_case("host");
+        head.extend_from_slice(h.name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        head.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"Connection: close\r\n\r\n");
+    Ok(Some(Head { target: Target::Forward { host, port, head }, proxy_auth, len }))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// An error response that closes the connection.
+pub fn error_response(status: u16, message: &str) -> Vec<u8> {
+    let body = format!("{message}\n");
+    let extra = if status == 407 { "Proxy-Authenticate: Basic realm=\"citadel\"\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {status} {}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<Result<Head, BadRequest>> {
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        match parse_head(buf) {
+            Ok(Some(h)) => return Ok(Ok(h)),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+        let room = (MAX_HEAD + 1).saturating_sub(buf.len()).min(chunk.len());
+        let n = s.read(&mut chunk[..room]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Serves one HTTP proxy client: the head (bounded by [`ProxyConfig::handshake_timeout`] and
+/// [`MAX_HEAD`]), then a tunnel or one forwarded request.
+///
+/// # Errors
+/// The client went away or timed out; the connection is closed either way.
+pub async fn serve<S>(mut s: S, backend: &dyn Backend, cfg: &ProxyConfig) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    let head = match tokio::time::timeout(cfg.handshake_timeout, read_head(&mut s, &mut buf)).await {
+        Err(_) => {
+            let _ = s.write_all(&error_response(408, "request head timed out")).await;
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP proxy request timed out"));
+        }
+        Ok(r) => r?,
+    };
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => {
+            s.write_all(&error_response(e.status, e.why)).await?;
+            return Ok(());
+        }
+    };
+    if let Some(creds) = &cfg.auth {
+        let ok = head.proxy_auth.as_ref().is_some_and(|(u, p)| creds.matches(u, p));
+        if !ok {
+            s.write_all(&error_response(407, "proxy credentials required")).await?;
+            return Ok(());
+        }
+    }
+    let (host, port) = match &head.target {
+        Target::Connect { host, port } | Target::Forward { host, port, .. } => (host, *port),
+    };
+    let r = match route(backend, host, port, cfg.allow_direct) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!("HTTP proxy: {e}");
+            s.write_all(&error_response(403, &e.to_string())).await?;
+            return Ok(());
+        }
+    };
+    let mut dest = match dial(backend, &r).await {
+        Ok(d) => d,
+        Err(e) => {
+            let status = if e.kind() == io::ErrorKind::TimedOut { 504 } else { 502 };
+            s.write_all(&error_response(status, &format!("cannot reach {host}:{port}: {e}"))).await?;
+            return Ok(());
+        }
+    };
+    let early = buf.split_off(head.len);
+    match head.target {
+        Target::Connect { .. } => {
+            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
+        }
+        Target::Forward { head, .. } => dest.write_all(&head).await?,
+    }
+    splice(&mut s, &mut *dest, &early).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::Credentials;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_connect_and_absolute_uris() {
+        let h = parse_head(b"CONNECT bravo:22 HTTP/1.1\r\nHost: bravo:22\r\n\r\nSSH-").unwrap().unwrap();
+        assert_eq!(h.target, Target::Connect { host: Host::Name("bravo".into()), port: 22 });
+        assert_eq!(h.len, 45);
+        let h = parse_head(b"CONNECT [fd7a:115c:a1e0::1]:443 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.target, Target::Connect { host: Host::Ip("fd7a:115c:a1e0::1".parse().unwrap()), port: 443 });
+        let raw = b"GET http://bravo.acme.mesh:8080/f?x=1 HTTP/1.1\r\nHost: bravo.acme.mesh:8080\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nAccept: */*\r\nProxy-Authorization: Basic YTpi\r\n\r\n";
+        let h = parse_head(raw).unwrap().unwrap();
+        let Target::Forward { host, port, head } = h.target else { panic!() };
+        assert_eq!((host, port), (Host::Name("bravo.acme.mesh".into()), 8080));
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET /f?x=1 HTTP/1.1\r\nHost: bravo.acme.mesh:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(h.proxy_auth, Some((b"a".to_vec(), b"b".to_vec())));
+        let h = parse_head(b"GET http://bravo HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        let Target::Forward { port, head, .. } = h.target else { panic!() };
+        assert_eq!(port, 80);
+        assert!(String::from_utf8(head).unwrap().starts_with("GET / HTTP/1.1\r\nHost: bravo\r\n"));
+        assert_eq!(parse_head(b"GET http://bravo/ HTTP/1.1\r\nHost: b"), Ok(None));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_forward() {
+        let status = |raw: &[u8]| parse_head(raw).unwrap_err().status;
+        assert_eq!(status(b"GET /local HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status(b"GET https://bravo/ HTTP/1.1\r\n\r\n"), 501);
+        assert_eq!(status(b"CONNECT bravo HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status(b"CONNECT bravo:0 HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status(b"GET http://user@bravo/ HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status(b"\x00\x01garbage\r\n\r\n"), 400);
+        let many = format!("GET http://b/ HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(100));
+        assert_eq!(status(many.as_bytes()), 431);
+        assert_eq!(status(&vec![b'a'; MAX_HEAD + 10]), 431);
+        let long = format!("GET http://b/{} HTTP/1.1\r\n", "x".repeat(MAX_HEAD));
+        assert_eq!(status(long.as_bytes()), 431);
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(b in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(Some(h)) = parse_head(&b) { prop_assert!(h.len <= b.len()); }
+        }
+
+        #[test]
+        fn parser_never_panics_on_near_valid_heads(m in "(GET|CONNECT|POST) ", u in "[ -~]{0,60}", h in "([ -~]{0,20}: [ -~]{0,20}\r\n){0,4}") {
+            let raw = format!("{m}{u} HTTP/1.1\r\n{h}\r\n");
+            let _ = parse_head(raw.as_bytes());
+        }
+    }
+
+    async fn talk(backend: FakeMesh, cfg: ProxyConfig, send: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(async move { serve(server, &backend, &cfg).await });
+        client.write_all(send).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.read_to_end(&mut got))
+            .await
+            .expect("the proxy closed the connection")
+            .unwrap();
+        drop(client);
+        let _ = task.await.unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connect_tunnels_and_forward_rewrites() {
+        let server = line_server(b"echo: ").await;
+        let cfg = ProxyConfig::new(server);
+        let got = talk(
+            mesh_with("bravo"),
+            cfg.clone(),
+            format!("CONNECT bravo:{} HTTP/1.1\r\n\r\nhi\n", server.port()).as_bytes(),
+        )
+        .await;
+        assert_eq!(got, "HTTP/1.1 200 Connection established\r\n\r\necho: hi\n");
+        let got = talk(
+            mesh_with("bravo"),
+            cfg,
+            format!("GET http://bravo:{}/x HTTP/1.1\r\nHost: bravo\r\n\r\n", server.port()).as_bytes(),
+        )
+        .await;
+        assert_eq!(got, "echo: GET /x HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn outside_destinations_are_forbidden_and_auth_is_enforced() {
+        let m = mesh_with("bravo");
+        let cfg = ProxyConfig::new(([127, 0, 0, 1], 1).into());
+        for req in ["CONNECT example.com:443 HTTP/1.1\r\n\r\n", "GET http://192.0.2.1/ HTTP/1.1\r\n\r\n"] {
+            let got = talk(mesh_with("bravo"), cfg.clone(), req.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 403 "), "{got}");
+        }
+        assert!(m.direct_dials.lock().unwrap().is_empty());
+        let mut cfg = cfg;
+        cfg.auth = Credentials::parse("alice:pw");
+        let got = talk(mesh_with("bravo"), cfg.clone(), b"CONNECT bravo:1 HTTP/1.1\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 407 ") && got.contains("Proxy-Authenticate: Basic"), "{got}");
+        let got = talk(
+            mesh_with("bravo"),
+            cfg.clone(),
+            b"CONNECT bravo:1 HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHg=\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 407 "), "{got}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let req = format!("CONNECT bravo:{closed} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n");
+        let got = talk(mesh_with("bravo"), cfg, req.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 502 "), "authorized, then the closed port: {got}");
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_an_error_and_a_close() {
+        let cfg = ProxyConfig::new(([127, 0, 0, 1], 1).into());
+        for junk in [&b"\xff\xfe\r\n\r\n"[..], b"GET\r\n\r\n", b"HELLO WORLD\r\n\r\n", &[b'x'; MAX_HEAD + 100]] {
+            let got = talk(mesh_with("b"), cfg.clone(), junk).await;
+            assert!(got.starts_with("HTTP/1.1 4"), "{got}");
+        }
+    }
+}
