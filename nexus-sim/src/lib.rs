@@ -8,6 +8,7 @@ pub mod api;
 pub mod control;
 pub mod derp;
 pub mod device;
+pub mod policy;
 pub mod store;
 pub mod stun;
 
