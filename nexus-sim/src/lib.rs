@@ -55,12 +55,14 @@ pub struct Config {
     pub device_poll_interval: u64,
     /// Which DERP map nodes get, and whether nexus-sim relays itself.
     pub derp: DerpMode,
-    /// Refuse DERP clients whose node key is not a node of this server (Headscale's embedded
-    /// DERP does not check; off by default).
+    /// Refuse DERP clients whose node key is not a live (registered, unexpired) node of this
+    /// server; on by default.
     pub derp_verify_clients: bool,
     /// Mesh key (64 hex digits) that lets a DERP client watch connections and forward
     /// packets, as a region mesh peer; none by default.
     pub derp_mesh_key: Option<String>,
+    /// ACL policy text (Headscale v2 HuJSON); `None` means [`policy::ORG_ISOLATION`].
+    pub policy: Option<String>,
     /// Packets queued per DERP client before the oldest is dropped.
     pub derp_queue_depth: usize,
     /// DERP keep-alive interval.
@@ -107,8 +109,9 @@ impl Default for Config {
             device_code_ttl: Duration::from_secs(600),
             device_poll_interval: 5,
             derp: DerpMode::Embedded { regions: 1 },
-            derp_verify_clients: false,
+            derp_verify_clients: true,
             derp_mesh_key: None,
+            policy: None,
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
             derp_keepalive: citadel::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
@@ -173,6 +176,7 @@ pub struct Inner {
     pub derp_map: DerpMap,
     pub faults: Faults,
     pub device: device::Flows,
+    pub policy: policy::PolicyState,
 }
 
 /// Handle to the shared state.
@@ -212,6 +216,8 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     for k in &cfg.api_keys {
         store.insert_api_key(k, None);
     }
+    let pol = policy::Policy::parse(cfg.policy.as_deref().unwrap_or(policy::ORG_ISOLATION))
+        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     let challenge = PrivateKey::generate(&mut rand::thread_rng());
     Ok(Arc::new(Inner {
         store,
@@ -221,6 +227,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         cfg,
         faults: Faults::default(),
         device: device::Flows::default(),
+        policy: policy::PolicyState::new(pol),
     }))
 }
 
@@ -331,13 +338,24 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let embedded = matches!(cfg.derp, DerpMode::Embedded { .. });
     let shared = build_with_map(cfg, derp_map)?;
     let derp_server = embedded.then(|| {
-        let store = shared.store.clone();
-        let verifier: Option<derp::Verifier> = shared.cfg.derp_verify_clients.then(|| {
-            Arc::new(move |k: &citadel::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
-                as derp::Verifier
+        let verify = shared.cfg.derp_verify_clients;
+        let verifier: Option<derp::Verifier> = verify.then(|| {
+            let s = shared.clone();
+            Arc::new(move |k: &citadel::keys::NodePublic| live_node(&s, k).is_some()) as derp::Verifier
+        });
+        // Only verified clients have an identity the policy can speak about.
+        let relay_policy: Option<derp::RelayPolicy> = verify.then(|| {
+            let s = shared.clone();
+            Arc::new(move |a: &citadel::keys::NodePublic, b: &citadel::keys::NodePublic| {
+                match (live_node(&s, a), live_node(&s, b)) {
+                    (Some(x), Some(y)) => s.policy.compiled(&s.store).may_talk(x, y),
+                    _ => false,
+                }
+            }) as derp::RelayPolicy
         });
         let d = derp::DerpServer::new(derp::DerpOptions {
             verifier,
+            relay_policy,
             mesh_key: shared.cfg.derp_mesh_key.clone(),
             queue_depth: shared.cfg.derp_queue_depth,
             keepalive: shared.cfg.derp_keepalive,
@@ -352,6 +370,9 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     }
     let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
     let mut region_tasks = vec![];
+    if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
+        region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
+    }
     if let Some(d) = &derp_server {
         for (id, l) in extra {
             region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
@@ -368,6 +389,30 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         region_tasks,
         _stun: stun_srv,
     })
+}
+
+/// Id of the registered, unexpired node holding node key `k`.
+fn live_node(s: &Shared, k: &citadel::keys::NodePublic) -> Option<u64> {
+    let now = chrono::Utc::now();
+    s.store.nodes(None).into_iter().find(|n| n.node_key == *k && !n.is_expired(now)).map(|n| n.id)
+}
+
+/// Closes the DERP connections of nodes deleted or expired: at once on a store change, and
+/// within half a second of an expiry time passing.
+async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
+    let mut changed = s.store.subscribe_all();
+    loop {
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for c in d.clients() {
+            if live_node(&s, &c.key).is_none() {
+                tracing::info!(key = %c.key, "closing DERP connection of a deleted or expired node");
+                d.close_client(&c.key);
+            }
+        }
+    }
 }
 
 /// The host part of a URL (brackets of an IPv6 literal removed).

@@ -19,6 +19,9 @@
 
 mod hujson;
 pub mod ipset;
+pub mod state;
+
+pub use state::PolicyState;
 
 use citadel::tailcfg::{FilterRule, NetPortRange, PortRange};
 use ipset::{IpSet, Prefix};
