@@ -104,6 +104,9 @@ pub enum ConnectError {
     /// Nexus accepted the node but sent no map in time.
     #[error("no network map from Nexus within {0:?}")]
     NoMap(Duration),
+    /// The data plane's UDP socket could not be opened (port in use, no permission).
+    #[error("cannot open the local UDP socket: {0}")]
+    LocalUdp(std::io::Error),
 }
 
 /// One peer in [`Status`].
@@ -453,7 +456,7 @@ impl Mesh {
                 cfg.net.clone(),
             )
             .await
-            .map_err(|e| ControlError::Unreachable("local UDP socket".into(), e.to_string()))?;
+            .map_err(ConnectError::LocalUdp)?;
             let net_info = dp.net_info();
             inner.take_net_info(&net_info.borrow());
             (Some(Arc::new(dp)), net_info)
