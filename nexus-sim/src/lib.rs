@@ -16,12 +16,13 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
+use citadel::keys::NodePublic;
 use citadel::keys::PrivateKey;
 use citadel::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use store::Store;
 use tokio::sync::watch;
@@ -346,11 +347,20 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         // Only verified clients have an identity the policy can speak about.
         let relay_policy: Option<derp::RelayPolicy> = verify.then(|| {
             let s = shared.clone();
-            Arc::new(move |a: &citadel::keys::NodePublic, b: &citadel::keys::NodePublic| {
-                match (live_node(&s, a), live_node(&s, b)) {
+            // Decisions per key pair, valid until the store or the policy changes (expiry by
+            // time alone is caught by `close_dead_derp_clients` within half a second).
+            type Decisions = ((u64, u64), std::collections::HashMap<(NodePublic, NodePublic), bool>);
+            let cache: Mutex<Decisions> = Mutex::default();
+            Arc::new(move |a: &NodePublic, b: &NodePublic| {
+                let generation = (*s.store.subscribe_all().borrow(), *s.policy.subscribe().borrow());
+                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                if c.0 != generation || c.1.len() > 65_536 {
+                    *c = (generation, Default::default());
+                }
+                *c.1.entry((*a, *b)).or_insert_with(|| match (live_node(&s, a), live_node(&s, b)) {
                     (Some(x), Some(y)) => s.policy.compiled(&s.store).may_talk(x, y),
                     _ => false,
-                }
+                })
             }) as derp::RelayPolicy
         });
         let d = derp::DerpServer::new(derp::DerpOptions {
