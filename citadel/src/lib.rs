@@ -3,8 +3,8 @@
 //!
 //! [`mesh::Mesh`] is the embeddable handle; [`network`] is the process-global facade
 //! (`connect`, `logout`, `is_global_connected`, `global_ipv4`). The wire modules
-//! ([`keys`], [`noise`], [`tailcfg`]) are shared with nexus-sim so there is one definition of
-//! every byte on the wire.
+//! ([`keys`], [`noise`], [`tailcfg`], [`derp`], [`disco`], [`stun`], [`addr`]) live in
+//! `citadel-proto`, shared with nexus-sim, and are re-exported here.
 #![warn(missing_docs)]
 #![allow(missing_docs)] // field-level docs on wire structs would restate Go's names
 
@@ -12,19 +12,15 @@ pub mod api;
 pub mod clock;
 pub mod control;
 pub mod dataplane;
-pub mod derp;
 pub mod derphttp;
-pub mod disco;
-pub mod keys;
 pub mod login;
 pub mod mesh;
 pub mod net;
 pub mod netcheck;
 pub mod netmap;
 pub mod network;
-pub mod noise;
 pub mod state;
-pub mod stun;
 pub mod syspolicy;
-pub mod tailcfg;
 pub mod work;
+
+pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};

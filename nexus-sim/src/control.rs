@@ -12,9 +12,9 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use bytes::Bytes;
 use chrono::Utc;
-use citadel::keys::{MachinePublic, NodePublic};
-use citadel::noise::{self, NoiseStream};
-use citadel::tailcfg::{
+use citadel_proto::keys::{MachinePublic, NodePublic};
+use citadel_proto::noise::{self, NoiseStream};
+use citadel_proto::tailcfg::{
     self, encode_map_frame, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse,
     UserProfile,
 };

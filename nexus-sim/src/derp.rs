@@ -23,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::{Buf, BytesMut};
-use citadel::derp::{self as codec, ClientInfo, Frame, PeerGoneReason, PeerPresentFlags, ServerInfo};
-use citadel::keys::{NodePublic, PrivateKey};
+use citadel_proto::derp::{self as codec, ClientInfo, Frame, PeerGoneReason, PeerPresentFlags, ServerInfo};
+use citadel_proto::keys::{NodePublic, PrivateKey};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -378,7 +378,7 @@ impl DerpServer {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 // Like Tailscale's server, only disco traffic earns a "not here" answer: it
                 // is rare, and it is what the sender uses to stop trying this path.
-                if citadel::disco::looks_like_disco(&packet) {
+                if citadel_proto::disco::looks_like_disco(&packet) {
                     from.push_control(Frame::PeerGone { peer: dst, reason: PeerGoneReason::NOT_HERE });
                 }
             }
@@ -696,11 +696,15 @@ pub fn self_signed_tls(names: &[String]) -> anyhow::Result<Arc<tokio_rustls::rus
     Ok(Arc::new(cfg))
 }
 
+/// A byte stream the relay serves: a plain TCP socket or a TLS session over one.
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
+
 /// Accepts TCP connections and serves each as TLS when its first byte is a TLS handshake
 /// record (0x16), else as plain HTTP. Handshakes run in their own tasks so a slow client
 /// never holds up `accept`.
 pub struct DualListener {
-    rx: mpsc::Receiver<(Box<dyn citadel::net::AsyncReadWrite>, RemoteAddr)>,
+    rx: mpsc::Receiver<(Box<dyn AsyncReadWrite>, RemoteAddr)>,
     local: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
@@ -729,7 +733,7 @@ impl DualListener {
                 tokio::spawn(async move {
                     let mut first = [0u8; 1];
                     let sniff = tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut first)).await;
-                    let (io, tls): (Box<dyn citadel::net::AsyncReadWrite>, bool) = match sniff {
+                    let (io, tls): (Box<dyn AsyncReadWrite>, bool) = match sniff {
                         Ok(Ok(1)) if first[0] == 0x16 => {
                             match tokio::time::timeout(SNIFF_TIMEOUT, acceptor.accept(tcp)).await {
                                 Ok(Ok(tls)) => (Box::new(tls), true),
@@ -758,7 +762,7 @@ impl Drop for DualListener {
 }
 
 impl axum::serve::Listener for DualListener {
-    type Io = Box<dyn citadel::net::AsyncReadWrite>;
+    type Io = Box<dyn AsyncReadWrite>;
     type Addr = RemoteAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

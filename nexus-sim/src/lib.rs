@@ -16,9 +16,9 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
-use citadel::keys::NodePublic;
-use citadel::keys::PrivateKey;
-use citadel::tailcfg::DerpMap;
+use citadel_proto::keys::NodePublic;
+use citadel_proto::keys::PrivateKey;
+use citadel_proto::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +114,7 @@ impl Default for Config {
             derp_mesh_key: None,
             policy: None,
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
-            derp_keepalive: citadel::derp::KEEP_ALIVE,
+            derp_keepalive: citadel_proto::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
         }
     }
@@ -342,7 +342,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         let verify = shared.cfg.derp_verify_clients;
         let verifier: Option<derp::Verifier> = verify.then(|| {
             let s = shared.clone();
-            Arc::new(move |k: &citadel::keys::NodePublic| live_node(&s, k).is_some()) as derp::Verifier
+            Arc::new(move |k: &NodePublic| live_node(&s, k).is_some()) as derp::Verifier
         });
         // Only verified clients have an identity the policy can speak about.
         let relay_policy: Option<derp::RelayPolicy> = verify.then(|| {
@@ -402,7 +402,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
 }
 
 /// Id of the registered, unexpired node holding node key `k`.
-fn live_node(s: &Shared, k: &citadel::keys::NodePublic) -> Option<u64> {
+fn live_node(s: &Shared, k: &NodePublic) -> Option<u64> {
     let now = chrono::Utc::now();
     s.store.nodes(None).into_iter().find(|n| n.node_key == *k && !n.is_expired(now)).map(|n| n.id)
 }
@@ -438,7 +438,7 @@ fn url_host(url: &str) -> Option<String> {
 /// Tailscale clients dial DERP nodes over HTTPS on `DERPPort` (443 when 0) and accept it
 /// only with that flag. `STUNPort` 0 would mean 3478, so a disabled STUN is -1.
 pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: Option<u16>) -> DerpMap {
-    use citadel::tailcfg::{DerpNode, DerpRegion};
+    use citadel_proto::tailcfg::{DerpNode, DerpRegion};
     let ip: Option<std::net::IpAddr> = host.parse().ok();
     let mut map = DerpMap { omit_default_regions: true, ..Default::default() };
     for &(id, a) in regions {

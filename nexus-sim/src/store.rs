@@ -4,8 +4,8 @@
 //! map only ever depends on its own org, so only that org's streams wake.
 
 use chrono::{DateTime, Utc};
-use citadel::keys::{DiscoPublic, MachinePublic, NodePublic};
-use citadel::tailcfg::Hostinfo;
+use citadel_proto::keys::{DiscoPublic, MachinePublic, NodePublic};
+use citadel_proto::tailcfg::Hostinfo;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};

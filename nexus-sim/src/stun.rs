@@ -5,7 +5,7 @@
 //! Unlike Tailscale's `derper`, any well-formed binding request is answered, not only those
 //! carrying SOFTWARE `tailnode`: the answer reveals nothing but the sender's own address.
 
-use citadel::stun;
+use citadel_proto::stun;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

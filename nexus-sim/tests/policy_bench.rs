@@ -2,7 +2,7 @@
 //! Run: `cargo test -p nexus-sim --test policy_bench -- --ignored --nocapture`
 //! (add `--release` for optimised figures).
 
-use citadel::keys::{MachinePublic, NodePublic};
+use citadel_proto::keys::{MachinePublic, NodePublic};
 use nexus_sim::control::build_map;
 use std::time::Instant;
 

@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use citadel::noise::take_frame;
+use citadel_proto::noise::take_frame;
 use libfuzzer_sys::fuzz_target;
 
 fn drain(buf: &mut BytesMut) -> Vec<(u8, Vec<u8>)> {

@@ -2,7 +2,7 @@
 //! that every frame it accepts re-encodes to bytes that decode to the same frame.
 #![no_main]
 
-use citadel::derp::{split_frame, Frame};
+use citadel_proto::derp::{split_frame, Frame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,8 +2,8 @@
 //! fixed keys (so the fuzzer also reaches the message parser through a box that opens).
 #![no_main]
 
-use citadel::disco::{self, Message};
-use citadel::keys::{DiscoPublic, PrivateKey};
+use citadel_proto::disco::{self, Message};
+use citadel_proto::keys::{DiscoPublic, PrivateKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! Decodes arbitrary bytes as map-stream frames; the first byte picks plain or zstd bodies.
 #![no_main]
 
-use citadel::tailcfg::decode_map_frame;
+use citadel_proto::tailcfg::decode_map_frame;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

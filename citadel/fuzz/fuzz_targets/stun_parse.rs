@@ -2,7 +2,7 @@
 //! something that parses the same.
 #![no_main]
 
-use citadel::stun::{self, BindingRequest};
+use citadel_proto::stun::{self, BindingRequest};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

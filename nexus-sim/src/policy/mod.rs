@@ -23,7 +23,7 @@ pub mod state;
 
 pub use state::PolicyState;
 
-use citadel::tailcfg::{FilterRule, NetPortRange, PortRange};
+use citadel_proto::tailcfg::{FilterRule, NetPortRange, PortRange};
 use ipset::{IpSet, Prefix};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
