@@ -19,7 +19,8 @@ impl Prefix {
     pub fn parse(s: &str) -> Option<Prefix> {
         let (a, len) = match s.split_once('/') {
             Some((a, l)) => {
-                if l.is_empty() || l.len() > 3 || !l.bytes().all(|b| b.is_ascii_digit()) {
+                let leading_zero = l.len() > 1 && l.starts_with('0');
+                if l.is_empty() || l.len() > 3 || leading_zero || !l.bytes().all(|b| b.is_ascii_digit()) {
                     return None;
                 }
                 (a, Some(l.parse::<u8>().ok()?))
@@ -281,7 +282,7 @@ mod tests {
     fn prefixes_are_masked_and_parse_rejects_junk() {
         assert_eq!(Prefix::parse("100.100.101.100/24").unwrap().to_string(), "100.100.101.0/24");
         assert_eq!(Prefix::parse("fd7a::1").unwrap().to_string(), "fd7a::1/128");
-        for bad in ["", "1.2.3.4/33", "1.2.3/8", "x", "1.2.3.4/", "::/129", "1.2.3.4/-1"] {
+        for bad in ["", "1.2.3.4/33", "1.2.3/8", "x", "1.2.3.4/", "::/129", "1.2.3.4/-1", "1.2.3.4/08"] {
             assert!(Prefix::parse(bad).is_none(), "{bad}");
         }
         assert!(parse_ip_set("10.0.0.1/8").is_none(), "host bits set");
