@@ -21,6 +21,5 @@ pub mod netmap;
 pub mod network;
 pub mod state;
 pub mod syspolicy;
-pub mod work;
 
 pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};

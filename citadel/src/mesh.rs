@@ -779,17 +779,3 @@ async fn run(
         }
     }
 }
-
-/// The job loop reaches mesh addresses (Redis, HTTP_FETCH targets) through the mesh.
-impl crate::work::MeshDialer for Mesh {
-    fn is_mesh_addr(&self, ip: std::net::IpAddr) -> bool {
-        crate::work::is_mesh_ip(ip)
-    }
-
-    fn dial_tcp(&self, addr: std::net::SocketAddr) -> crate::work::DialFuture<'_> {
-        Box::pin(async move {
-            let s = self.dp()?.dial_tcp(addr).await?;
-            Ok(Box::new(s) as Box<dyn crate::net::AsyncReadWrite>)
-        })
-    }
-}

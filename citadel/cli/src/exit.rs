@@ -71,7 +71,7 @@ pub enum CliError {
     NotConnected(String),
     /// The job loop stopped with an error.
     #[error(transparent)]
-    Work(#[from] citadel::work::WorkError),
+    Work(#[from] citadel_work::WorkError),
     /// The command line is unusable.
     #[error("{0}")]
     Usage(String),

@@ -2,6 +2,7 @@
 //! exit codes in [`exit`].
 
 pub mod cmd;
+mod dialer;
 pub mod exit;
 mod node;
 mod term;

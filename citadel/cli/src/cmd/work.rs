@@ -1,5 +1,6 @@
 //! `citadel work`: the Redis Streams job loop on a node brought up from its state.
 
+use crate::dialer::NodeDialer;
 use crate::term::Terminate;
 use crate::{CliError, Ctx};
 use citadel::mesh::Mesh;
@@ -42,7 +43,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     if !mesh.is_connected() {
         return Err(CliError::NotConnected("not connected to the mesh; refusing to start the job loop".into()));
     }
-    let mut wc = citadel::work::WorkConfig::new(a.redis_url);
+    let mut wc = citadel_work::WorkConfig::new(a.redis_url);
     wc.queue = a.queue;
     wc.group = a.group;
     wc.max_retries = a.max_retries;
@@ -59,8 +60,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let dialer: Arc<dyn citadel::work::MeshDialer> = Arc::new(mesh);
-    let sum = citadel::work::run(wc, dialer, shutdown).await?;
+    let dialer: Arc<dyn citadel_work::MeshDialer> = Arc::new(NodeDialer(mesh));
+    let sum = citadel_work::run(wc, dialer, shutdown).await?;
     eprintln!(
         "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
         sum.succeeded, sum.failed_attempts, sum.dead_lettered, sum.reclaimed, sum.abandoned

@@ -1,5 +1,6 @@
-//! `citadel work`: a Redis Streams job worker that can reach Redis and HTTP targets over the
-//! userspace mesh.
+//! The Redis Streams job worker behind `citadel work`. It reaches Redis and HTTP targets
+//! through a [`MeshDialer`] the caller provides (the CLI adapts a running node to it); this
+//! crate knows nothing of the mesh itself.
 //!
 //! [`run`] joins a consumer group on one stream, runs up to `max_concurrency` jobs at a time
 //! (`SHELL_COMMAND`, `HTTP_FETCH`), records progress in Redis and acknowledges each job only
@@ -40,7 +41,8 @@ pub const DEFAULT_QUEUE: &str = "citadel:jobs";
 pub const DEFAULT_GROUP: &str = "citadel-workers";
 
 /// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
-pub use crate::net::AsyncReadWrite;
+pub trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 
 /// The future returned by [`MeshDialer::dial_tcp`].
 pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
@@ -50,7 +52,7 @@ pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncRe
 /// yes, otherwise over the host's own network.
 pub trait MeshDialer: Send + Sync {
     /// Whether `ip` must be reached through the mesh. Implementations over a live mesh
-    /// normally answer [`is_mesh_ip`].
+    /// normally answer `citadel::addr::is_mesh_ip`.
     fn is_mesh_addr(&self, ip: IpAddr) -> bool;
     /// Opens a TCP connection to `addr` through the mesh.
     fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_>;
@@ -71,8 +73,6 @@ impl MeshDialer for NoMesh {
         )
     }
 }
-
-pub use crate::addr::is_mesh_ip;
 
 /// Connects to `host:port`, through the mesh when the dialer claims the address. Returns the
 /// stream and whether it went over the mesh. Tries each resolved address in turn.

@@ -1,4 +1,4 @@
-//! `citadel::work` against a real redis-server (skipped, with one line, when none is installed).
+//! `citadel_work` against a real redis-server (skipped, with one line, when none is installed).
 //!
 //! Each test starts its own throwaway server on a free loopback port, so tests run in
 //! parallel without sharing state, and every test is bounded by a timeout.
@@ -11,9 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use citadel::work::{
-    is_mesh_ip, run, DialFuture, MeshDialer, NoMesh, RedisClient, Value, WorkConfig, WorkError, WorkSummary,
-};
+use citadel_proto::addr::is_mesh_ip;
+use citadel_work::{run, DialFuture, MeshDialer, NoMesh, RedisClient, Value, WorkConfig, WorkError, WorkSummary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -43,7 +42,7 @@ impl RedisServer {
     /// Starts a server, or returns `None` (after printing why) when redis-server is absent.
     fn start() -> Option<RedisServer> {
         let Some(bin) = redis_server_binary() else {
-            eprintln!("redis-server not found; skipping citadel::work integration test");
+            eprintln!("redis-server not found; skipping citadel_work integration test");
             return None;
         };
         // The free-port probe can race with another test grabbing the same port; retry.
@@ -605,7 +604,7 @@ impl MeshDialer for RecordingDialer {
         self.dialed.lock().expect("lock").push(addr);
         Box::pin(async move {
             let s = TcpStream::connect(("127.0.0.1", addr.port())).await?;
-            Ok(Box::new(s) as Box<dyn citadel::work::AsyncReadWrite>)
+            Ok(Box::new(s) as Box<dyn citadel_work::AsyncReadWrite>)
         })
     }
 }
