@@ -3,7 +3,7 @@
 # joins two citadel nodes and shows them seeing (and, with the data plane, talking to) each other.
 set -euo pipefail
 cd "$(dirname "$0")"
-cargo build -q --release -p citadel -p nexus-sim
+cargo build -q --release -p citadel-cli -p nexus-sim
 B=target/release
 WORK=$(mktemp -d)
 PORT=${NEXUS_PORT:-18480}

@@ -19,9 +19,21 @@ pub enum Request {
     /// Leave the mesh and stop.
     Logout,
     /// Ping a peer (name or mesh IP) once.
-    Ping { peer: String, port: u16, timeout_ms: u64 },
+    Ping {
+        /// Peer name, FQDN or mesh IP.
+        peer: String,
+        /// TCP port probed.
+        port: u16,
+        /// Give up after this many milliseconds.
+        timeout_ms: u64,
+    },
     /// Open a TCP connection to `peer:port`; on success the socket carries its bytes.
-    Dial { peer: String, port: u16 },
+    Dial {
+        /// Peer name, FQDN or mesh IP.
+        peer: String,
+        /// TCP port.
+        port: u16,
+    },
 }
 
 /// The running node's answer.
@@ -35,7 +47,10 @@ pub enum Response {
     /// Done.
     Ok,
     /// Failed, with a message.
-    Error { message: String },
+    Error {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Path of the socket for a state directory.

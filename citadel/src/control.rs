@@ -39,6 +39,20 @@ pub enum ControlError {
     /// The connection closed.
     #[error("connection to Nexus closed")]
     Closed,
+    /// TLS to the Nexus failed (untrusted certificate, wrong host name, ...).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A response body passed its size limit.
+    #[error("Nexus sent a response larger than {0} bytes")]
+    TooLarge(usize),
+    /// The server's Noise key differs from the one pinned at registration.
+    #[error(
+        "server key changed: {url} now presents {got}, but this node pinned {pinned} when it \
+         registered. Someone may be impersonating the Nexus; nothing was sent to it. If the Nexus \
+         operator really replaced the server key, re-trust it deliberately with \
+         `citadel up --retrust-server-key` (or `citadel init --retrust-server-key ...`)"
+    )]
+    ServerKeyChanged { url: String, pinned: MachinePublic, got: MachinePublic },
 }
 
 impl From<hyper::Error> for ControlError {
@@ -47,25 +61,83 @@ impl From<hyper::Error> for ControlError {
     }
 }
 
-/// Host and port of an `http://host[:port]` URL.
-pub fn parse_url(url: &str) -> Result<(String, u16), ControlError> {
-    let bad = |why: &str| ControlError::BadUrl(url.to_string(), why.to_string());
-    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad("https is not supported yet; use http:// (ts2021 is encrypted end to end)")),
-        _ => return Err(bad("expected http://host:port")),
-    }
-    let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_string();
-    Ok((host, uri.port_u16().unwrap_or(80)))
+/// Largest HTTP/1 response body read outside the Noise channel (`/key`, device login) and
+/// largest register response: all are small JSON documents.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// A parsed Nexus URL: `http://host[:port]` or `https://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NexusUrl {
+    /// TLS (`https`) or not.
+    pub tls: bool,
+    /// Host name or IP literal (no brackets).
+    pub host: String,
+    /// Port (80 or 443 when the URL gives none).
+    pub port: u16,
 }
 
-async fn tcp_connect(net: &dyn Net, url: &str, timeout: Duration) -> Result<Box<dyn AsyncReadWrite>, ControlError> {
-    let (host, port) = parse_url(url)?;
-    match tokio::time::timeout(timeout, net.connect_tcp(&host, port)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(ControlError::Unreachable(url.to_string(), e.to_string())),
+impl NexusUrl {
+    /// The `Host` header value.
+    fn authority(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        format!("{host}:{}", self.port)
+    }
+}
+
+/// Parses a Nexus URL.
+pub fn parse_url(url: &str) -> Result<NexusUrl, ControlError> {
+    let bad = |why: &str| ControlError::BadUrl(url.to_string(), why.to_string());
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(bad("expected http://host[:port] or https://host[:port]")),
+    };
+    let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_string();
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if tls {
+        crate::tls::server_name(&host).map_err(|_| bad("the host is not a valid TLS server name"))?;
+    }
+    Ok(NexusUrl { tls, host, port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }) })
+}
+
+/// Opens the byte stream to the Nexus: TCP, then TLS for an `https` URL (certificate checked
+/// against the URL's host with [`crate::tls`]'s trust).
+async fn connect(
+    net: &dyn Net,
+    url: &str,
+    timeout: Duration,
+) -> Result<(Box<dyn AsyncReadWrite>, NexusUrl), ControlError> {
+    let u = parse_url(url)?;
+    let fut = async {
+        let tcp = crate::proxy::connect(net, u.tls, &u.host, u.port)
+            .await
+            .map_err(|e| ControlError::Unreachable(url.to_string(), e.to_string()))?;
+        if !u.tls {
+            return Ok(tcp);
+        }
+        let s = crate::tls::connect(tcp, &u.host).await?;
+        Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(s)) => Ok((s, u)),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(ControlError::Unreachable(url.to_string(), format!("timed out after {timeout:?}"))),
+    }
+}
+
+/// Collects a response body, failing once it passes `limit` bytes.
+async fn collect_limited<B>(body: B, limit: usize) -> Result<Bytes, ControlError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ControlError::TooLarge(limit)),
+        Err(e) => Err(ControlError::Protocol(e.to_string())),
     }
 }
 
@@ -95,11 +167,10 @@ pub async fn http1_request(
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), ControlError> {
     let fut = async {
-        let tcp = tcp_connect(net, url, timeout).await?;
-        let (host, port) = parse_url(url)?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        let (io, u) = connect(net, url, timeout).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
-        let mut req = http::Request::builder().method(method).uri(path).header("host", format!("{host}:{port}"));
+        let mut req = http::Request::builder().method(method).uri(path).header("host", u.authority());
         if form.is_some() {
             req = req.header("content-type", "application/x-www-form-urlencoded");
         }
@@ -108,7 +179,7 @@ pub async fn http1_request(
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = send.send_request(req).await?;
         let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let body = collect_limited(resp.into_body(), MAX_BODY).await?;
         Ok((status, body))
     };
     tokio::time::timeout(timeout, fut)
@@ -121,6 +192,8 @@ pub struct ControlConn {
     send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     /// The early payload, if the server sent one.
     pub early: Option<EarlyNoise>,
+    /// The server's Noise key this session was authenticated with.
+    pub server_key: MachinePublic,
 }
 
 /// Reads an HTTP/1.1 response head byte by byte (so nothing past it is consumed).
@@ -149,12 +222,12 @@ impl ControlConn {
         timeout: Duration,
     ) -> Result<Self, ControlError> {
         let fut = async {
-            let mut tcp = tcp_connect(net, url, timeout).await?;
-            let (host, port) = parse_url(url)?;
+            let (mut tcp, u) = connect(net, url, timeout).await?;
+            let host = u.authority();
             let init = noise::Initiator::new(machine, &server.0, tailcfg::CAPABILITY_VERSION)?;
             let hdr = base64::engine::general_purpose::STANDARD.encode(&init.init_frame);
             let req = format!(
-                "POST /ts2021 HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {hdr}\r\nContent-Length: 0\r\n\r\n"
+                "POST /ts2021 HTTP/1.1\r\nHost: {host}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {hdr}\r\nContent-Length: 0\r\n\r\n"
             );
             tcp.write_all(req.as_bytes()).await.map_err(|_| ControlError::Closed)?;
             let head = read_head(&mut tcp).await?;
@@ -193,7 +266,7 @@ impl ControlConn {
                     tracing::debug!("control connection ended: {e}");
                 }
             });
-            Ok(ControlConn { send, early })
+            Ok(ControlConn { send, early, server_key: *server })
         };
         tokio::time::timeout(timeout, fut)
             .await
@@ -213,7 +286,7 @@ impl ControlConn {
     pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse, ControlError> {
         let resp = self.post("/machine/register", serde_json::to_vec(req).expect("serializes")).await?;
         let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let body = collect_limited(resp.into_body(), MAX_BODY).await?;
         if !status.is_success() {
             return Err(ControlError::Protocol(format!(
                 "register answered {status}: {}",
@@ -228,7 +301,7 @@ impl ControlConn {
         let resp = self.post("/machine/map", serde_json::to_vec(req).expect("serializes")).await?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = collect_limited(resp.into_body(), MAX_BODY).await.unwrap_or_default();
             return Err(ControlError::Protocol(format!(
                 "map answered {status}: {}",
                 String::from_utf8_lossy(&body).trim()
@@ -287,5 +360,50 @@ impl MapStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::TokioNet;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn urls_pick_scheme_and_default_port() {
+        let u = parse_url("https://nexus.example").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "nexus.example", 443));
+        let u = parse_url("http://[::1]:8080").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port, u.authority()), (false, "::1", 8080, "[::1]:8080".to_string()));
+        assert!(matches!(parse_url("ftp://x"), Err(ControlError::BadUrl(..))));
+    }
+
+    /// A server announcing (and streaming) a 100 MB body: the client gives up at the cap
+    /// instead of buffering it all.
+    #[tokio::test]
+    async fn a_huge_http1_body_is_cut_off_at_the_cap() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n";
+            s.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b' '; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < 100_000_000 {
+                if s.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        });
+        let url = format!("http://{addr}");
+        let r = fetch_server_key(&TokioNet, &url, Duration::from_secs(10)).await;
+        assert!(matches!(r, Err(ControlError::TooLarge(MAX_BODY))), "{r:?}");
+        let sent = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        assert!(sent < 100_000_000, "the client read the whole body ({sent} bytes)");
     }
 }

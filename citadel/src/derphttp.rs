@@ -73,9 +73,12 @@ pub enum DerpClientError {
     /// Network failure.
     #[error("DERP i/o: {0}")]
     Io(#[from] io::Error),
-    /// TLS setup or handshake failure.
+    /// TLS setup failure.
     #[error("DERP TLS: {0}")]
     Tls(String),
+    /// The relay's certificate was refused (untrusted, wrong name) or the handshake failed.
+    #[error("DERP relay: {0}")]
+    Cert(#[from] crate::tls::TlsError),
     /// The deadline passed.
     #[error("DERP timed out")]
     Timeout,
@@ -99,17 +102,45 @@ type Result<T> = std::result::Result<T, DerpClientError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
     /// A relayed packet from `src`.
-    Packet { src: NodePublic, packet: Vec<u8> },
+    Packet {
+        /// Sender.
+        src: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// `peer` is no longer reachable through this server.
-    PeerGone { peer: NodePublic, reason: PeerGoneReason },
+    PeerGone {
+        /// The peer.
+        peer: NodePublic,
+        /// Why it left.
+        reason: PeerGoneReason,
+    },
     /// `peer` connected (only to watchers holding the mesh key).
-    PeerPresent { peer: NodePublic, endpoint: Option<SocketAddr>, flags: PeerPresentFlags },
+    PeerPresent {
+        /// The peer.
+        peer: NodePublic,
+        /// Its address as the server sees it, if sent.
+        endpoint: Option<SocketAddr>,
+        /// What is known about it.
+        flags: PeerPresentFlags,
+    },
     /// A pong that answers no [`DerpClient::ping`] of this client.
-    Pong { data: [u8; derp::PING_DATA_LEN] },
+    Pong {
+        /// The echoed payload.
+        data: [u8; derp::PING_DATA_LEN],
+    },
     /// The server's health problem for this connection; empty means healthy.
-    Health { problem: String },
+    Health {
+        /// The problem (empty: healthy again).
+        problem: String,
+    },
     /// The server is restarting: reconnect after `reconnect_in`, keep trying for `try_for`.
-    Restarting { reconnect_in: Duration, try_for: Duration },
+    Restarting {
+        /// Wait this long before reconnecting.
+        reconnect_in: Duration,
+        /// Keep trying this long.
+        try_for: Duration,
+    },
 }
 
 /// Where and how to dial, resolved from a [`DerpTarget`].
@@ -172,6 +203,15 @@ fn endpoint(t: &DerpTarget, path: &str) -> Result<Endpoint> {
     }
 }
 
+/// Environment variable that lets DERP nodes marked `InsecureForTests` skip certificate
+/// checks; without it they are verified like any other node.
+pub const DERP_INSECURE_ENV: &str = "CITADEL_DERP_INSECURE";
+
+/// True when the user opted in to unverified `InsecureForTests` DERP nodes.
+fn insecure_allowed() -> bool {
+    std::env::var(DERP_INSECURE_ENV).is_ok_and(|v| v == "1")
+}
+
 mod tls {
     use super::DerpClientError;
     use std::sync::{Arc, OnceLock};
@@ -180,7 +220,8 @@ mod tls {
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use tokio_rustls::rustls::{DigitallySignedStruct, SignatureScheme};
 
-    /// Accepts any certificate: only for DERP nodes marked `InsecureForTests`.
+    /// Accepts any certificate: only for DERP nodes marked `InsecureForTests`, and only when
+    /// the user opted in.
     #[derive(Debug)]
     struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
 
@@ -216,43 +257,43 @@ mod tls {
         }
     }
 
-    fn build(insecure: bool) -> Result<Arc<rustls::ClientConfig>, DerpClientError> {
+    fn insecure() -> Result<Arc<rustls::ClientConfig>, DerpClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| DerpClientError::Tls(e.to_string()))?;
-        let cfg = if insecure {
-            b.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
-        } else {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            b.with_root_certificates(roots).with_no_client_auth()
-        };
+            .map_err(|e| DerpClientError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth();
         Ok(Arc::new(cfg))
     }
 
-    /// The shared client configuration (building one loads the root store).
-    pub fn config(insecure: bool) -> Result<Arc<rustls::ClientConfig>, DerpClientError> {
-        static SECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    /// The client configuration: citadel's shared trust, or (for an `InsecureForTests` node
+    /// with [`super::DERP_INSECURE_ENV`] set) none at all.
+    pub fn config(insecure_node: bool) -> Result<Arc<rustls::ClientConfig>, DerpClientError> {
         static INSECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-        let cell = if insecure { &INSECURE } else { &SECURE };
-        if let Some(c) = cell.get() {
+        if !(insecure_node && super::insecure_allowed()) {
+            return Ok(crate::tls::client_config()?);
+        }
+        if let Some(c) = INSECURE.get() {
             return Ok(c.clone());
         }
-        let c = build(insecure)?;
-        Ok(cell.get_or_init(|| c).clone())
+        tracing::warn!(
+            "{}=1: DERP nodes marked InsecureForTests are used WITHOUT certificate checks",
+            super::DERP_INSECURE_ENV
+        );
+        let c = insecure()?;
+        Ok(INSECURE.get_or_init(|| c).clone())
     }
 }
 
 /// Opens the byte stream (TCP, then TLS when the endpoint asks for it).
 async fn dial(net: &dyn Net, ep: &Endpoint) -> Result<Box<dyn AsyncReadWrite>> {
-    let tcp = net.connect_tcp(&ep.dial_host, ep.port).await?;
+    let tcp = crate::proxy::connect(net, ep.tls, &ep.dial_host, ep.port).await?;
     if !ep.tls {
         return Ok(tcp);
     }
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(ep.server_name.clone())
-        .map_err(|e| DerpClientError::Tls(format!("server name {:?}: {e}", ep.server_name)))?;
-    let conn = tokio_rustls::TlsConnector::from(tls::config(ep.insecure)?);
-    let s = conn.connect(name, tcp).await.map_err(|e| DerpClientError::Tls(e.to_string()))?;
+    let s = crate::tls::connect_with(tls::config(ep.insecure)?, tcp, &ep.server_name).await?;
     Ok(Box::new(s))
 }
 
@@ -665,6 +706,12 @@ impl Default for DerpConnOptions {
     }
 }
 
+/// The wait a server's `Restarting` frame asks for, bounded so a hostile or broken server
+/// cannot park the client: never above `max_backoff`, never below `min_backoff`.
+fn clamp_restart_hint(reconnect_in: Duration, opts: &DerpConnOptions) -> Duration {
+    reconnect_in.clamp(opts.min_backoff, opts.max_backoff.max(opts.min_backoff))
+}
+
 /// A DERP connection that reconnects with exponential backoff (with jitter) whenever the
 /// connection fails, so it survives server restarts. Sends while disconnected fail with
 /// [`DerpClientError::NotConnected`]; relayed packets are datagrams, and the caller decides
@@ -719,7 +766,7 @@ impl DerpConn {
                                 match c.recv().await {
                                     Ok(r) => {
                                         if let Received::Restarting { reconnect_in, .. } = r {
-                                            hint = Some(reconnect_in);
+                                            hint = Some(clamp_restart_hint(reconnect_in, &opts));
                                         }
                                         if in_tx.send(r).await.is_err() {
                                             return;
@@ -839,7 +886,9 @@ pub async fn latency_check(
 /// The latency to one region, `None` when no node of it answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionLatency {
+    /// DERP region ID.
     pub region_id: i32,
+    /// HTTPS round trip, if it answered.
     pub latency: Option<Duration>,
 }
 
@@ -878,6 +927,14 @@ pub fn pick_home_region(latencies: &[RegionLatency]) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restart_hint_is_clamped() {
+        let o = DerpConnOptions::default();
+        assert_eq!(clamp_restart_hint(Duration::from_secs(86_400 * 365), &o), o.max_backoff);
+        assert_eq!(clamp_restart_hint(Duration::ZERO, &o), o.min_backoff);
+        assert_eq!(clamp_restart_hint(Duration::from_secs(2), &o), Duration::from_secs(2));
+    }
 
     #[test]
     fn endpoints_follow_go_rules() {

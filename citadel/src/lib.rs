@@ -6,7 +6,6 @@
 //! ([`keys`], [`noise`], [`tailcfg`], [`derp`], [`disco`], [`stun`], [`addr`]) live in
 //! `citadel-proto`, shared with nexus-sim, and are re-exported here.
 #![warn(missing_docs)]
-#![allow(missing_docs)] // field-level docs on wire structs would restate Go's names
 
 pub mod api;
 pub mod clock;
@@ -19,7 +18,9 @@ pub mod net;
 pub mod netcheck;
 pub mod netmap;
 pub mod network;
+pub mod proxy;
 pub mod state;
 pub mod syspolicy;
+pub mod tls;
 
 pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};

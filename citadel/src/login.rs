@@ -14,12 +14,18 @@ use std::time::Duration;
 /// What the device-code endpoint answers.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct DeviceCode {
+    /// Code the client polls with.
     pub device_code: String,
+    /// Code the user types.
     pub user_code: String,
+    /// Where the user goes.
     pub verification_uri: String,
+    /// Same, with the code filled in.
     #[serde(default)]
     pub verification_uri_complete: String,
+    /// Seconds until the code expires.
     pub expires_in: u64,
+    /// Seconds between polls.
     #[serde(default = "default_interval")]
     pub interval: u64,
 }

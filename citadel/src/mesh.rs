@@ -39,8 +39,11 @@ pub struct Config {
     pub login_timeout: Duration,
     /// UDP port of the node's one socket (WireGuard, disco); 0 picks a free one.
     pub udp_port: u16,
-    /// Run the data plane. Off only for control-plane-only worlds (the harness on turmoil,
-    /// where the data plane's real UDP socket and clock cannot run yet).
+    /// Forget the pinned server key and trust the one the Nexus presents now (the operator
+    /// replaced it deliberately).
+    pub retrust_server_key: bool,
+    /// Run the data plane (on by default). Off gives a control-plane-only node: registration
+    /// and the netmap, but no UDP socket, no peers reachable and no DERP.
     pub data_plane: bool,
 }
 
@@ -72,6 +75,7 @@ impl Config {
             on_auth_url: None,
             login_timeout: Duration::from_secs(600),
             udp_port: 0,
+            retrust_server_key: false,
             data_plane: true,
         }
     }
@@ -142,6 +146,7 @@ pub struct PeerStatus {
     /// WireGuard bytes received from / sent to the peer.
     #[serde(default)]
     pub rx_bytes: u64,
+    /// Bytes sent to this peer.
     #[serde(default)]
     pub tx_bytes: u64,
     /// Round trip of the current path from disco pongs, in milliseconds.
@@ -199,6 +204,8 @@ struct Inner {
     endpoints: Mutex<Vec<String>>,
     /// Home DERP region reported as `Hostinfo.NetInfo.PreferredDERP` (0 = not picked yet).
     preferred_derp: Mutex<i32>,
+    /// The pre-auth key until it has been used: once registered, reconnects never send it.
+    auth_key: Mutex<Option<String>>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -267,11 +274,29 @@ impl Inner {
         self.info.lock().unwrap().nexus_url.clone()
     }
 
+    /// Opens a control session. A server key other than the pinned one is refused before
+    /// anything but `GET /key` is sent.
     async fn dial(&self) -> Result<ControlConn, ControlError> {
         let url = self.nexus_url();
         let server = control::fetch_server_key(&*self.cfg.net, &url, self.cfg.timeout).await?;
         tracing::debug!("server key fetched");
+        let pinned = self.info.lock().unwrap().server_key;
+        if let Some(pinned) = pinned.filter(|p| *p != server) {
+            return Err(ControlError::ServerKeyChanged { url, pinned, got: server });
+        }
         ControlConn::dial(&*self.cfg.net, &url, &self.id.machine_key, &server, self.cfg.timeout).await
+    }
+
+    /// Pins the session's server key if none is pinned yet (first registration, or state from
+    /// before pinning), writing it at once.
+    fn pin_server_key(&self, conn: &ControlConn) -> Result<(), StateError> {
+        let mut info = self.info.lock().unwrap();
+        if info.server_key.is_none() {
+            info.server_key = Some(conn.server_key);
+            self.state.write("node.json", &*info)?;
+            tracing::info!(key = %conn.server_key, "pinned the Nexus server key");
+        }
+        Ok(())
     }
 
     /// Makes sure the server knows and authorizes our node key, using the auth key only if
@@ -286,19 +311,21 @@ impl Inner {
         };
         let mut auth_url = None;
         let saved = self.info.lock().unwrap().registered;
-        if saved || self.cfg.auth_key.is_none() {
+        let auth_key = self.auth_key.lock().unwrap().clone();
+        if saved || auth_key.is_none() {
             let resp = conn.register(&req).await?;
             if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
+                self.auth_key.lock().unwrap().take();
                 return Ok(());
             }
-            if resp.node_key_expired && self.cfg.auth_key.is_none() {
+            if resp.node_key_expired && auth_key.is_none() {
                 return Err(ConnectError::Expired);
             }
             if !resp.auth_url.is_empty() {
                 auth_url = Some(resp.auth_url);
             }
         }
-        let Some(key) = self.cfg.auth_key.clone() else {
+        let Some(key) = auth_key else {
             return match (auth_url, &self.cfg.on_auth_url) {
                 (Some(url), Some(show)) => self.wait_for_approval(conn, req, url, show.clone()).await,
                 (auth_url, _) => Err(ConnectError::NeedsAuth { auth_url }),
@@ -312,6 +339,7 @@ impl Inner {
         if !resp.machine_authorized {
             return Err(ConnectError::NeedsAuth { auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()) });
         }
+        self.auth_key.lock().unwrap().take();
         let mut info = self.info.lock().unwrap();
         info.registered = true;
         info.org = resp.user.login_name.clone();
@@ -412,9 +440,10 @@ impl Mesh {
         id.disco_key = crate::keys::PrivateKey::generate(&mut rand::thread_rng());
         let mut info: NodeInfo = state.read("node.json")?.unwrap_or_default();
         if let Some(u) = &cfg.nexus_url {
-            if !info.nexus_url.is_empty() && &info.nexus_url != u {
-                // A different server: the old registration means nothing there.
+            if !info.nexus_url.is_empty() && info.nexus_url != u.trim_end_matches('/') {
+                // A different server: the old registration and pinned key mean nothing there.
                 info.registered = false;
+                info.server_key = None;
             }
             info.nexus_url = u.trim_end_matches('/').to_string();
         }
@@ -422,6 +451,9 @@ impl Mesh {
             return Err(ConnectError::NoNexusUrl);
         }
         control::parse_url(&info.nexus_url)?;
+        if cfg.retrust_server_key && info.server_key.take().is_some() {
+            tracing::warn!("forgetting the pinned Nexus server key; the next one presented is trusted");
+        }
         if let Some(h) = &cfg.hostname {
             info.hostname = h.clone();
         }
@@ -442,6 +474,7 @@ impl Mesh {
             stop: watch::channel(false).0,
             endpoints: Mutex::new(Vec::new()),
             preferred_derp: Mutex::new(0),
+            auth_key: Mutex::new(cfg.auth_key.clone()),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
@@ -467,6 +500,7 @@ impl Mesh {
         let mut conn = inner.dial().await?;
         tracing::debug!("control channel up");
         inner.ensure_registered(&mut conn).await?;
+        inner.pin_server_key(&conn)?;
         tracing::debug!("registered");
         let mut stream = conn.map(&inner.map_request(true)).await?;
         tracing::debug!("map stream open");
@@ -765,6 +799,7 @@ async fn run(
         let attempt = async {
             let mut conn = inner.dial().await?;
             inner.ensure_registered(&mut conn).await?;
+            inner.pin_server_key(&conn)?;
             inner.take_net_info(&net_info.borrow());
             let stream = conn.map(&inner.map_request(true)).await?;
             Ok::<_, ConnectError>((conn, stream))

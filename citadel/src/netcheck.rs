@@ -26,34 +26,78 @@ const HOME_SWITCH_RATIO: f64 = 2.0 / 3.0;
 /// One STUN server of one region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StunTarget {
+    /// DERP region (0: an extra server).
     pub region: i32,
+    /// STUN server address.
     pub addr: SocketAddr,
 }
 
+fn stun_port(n: &crate::tailcfg::DerpNode) -> Option<u16> {
+    match n.stun_port {
+        p if p < 0 => None,
+        0 => Some(DEFAULT_STUN_PORT),
+        p => u16::try_from(p).ok().filter(|p| *p != 0),
+    }
+}
+
+fn literal_ip(n: &crate::tailcfg::DerpNode) -> Option<IpAddr> {
+    [&n.ipv4, &n.ipv6, &n.host_name]
+        .into_iter()
+        .filter(|s| !s.is_empty() && s.as_str() != "none")
+        .find_map(|s| s.parse::<IpAddr>().ok())
+}
+
 /// The STUN servers of a DERP map: per region, each node with STUN enabled (port ≥ 0) and a
-/// literal address (`IPv4`, else `IPv6`, else an IP-literal `HostName`; names are not resolved
-/// here, so the probe never blocks on DNS).
+/// literal address (`IPv4`, else `IPv6`, else an IP-literal `HostName`). Names are not
+/// resolved here, so the probe never blocks on DNS; see [`stun_targets_with`].
 pub fn stun_targets(map: &DerpMap) -> Vec<StunTarget> {
+    stun_targets_with(map, &HashMap::new())
+}
+
+/// Like [`stun_targets`], plus nodes known only by a `HostName` that `resolved` has an
+/// address for (from [`resolve_hosts`] over [`stun_hostnames`]).
+pub fn stun_targets_with(map: &DerpMap, resolved: &HashMap<String, IpAddr>) -> Vec<StunTarget> {
     let mut out = Vec::new();
     for (id, region) in &map.regions {
         for n in &region.nodes {
-            if n.stun_port < 0 {
-                continue;
-            }
-            let port = if n.stun_port == 0 { DEFAULT_STUN_PORT } else { u16::try_from(n.stun_port).unwrap_or(0) };
-            if port == 0 {
-                continue;
-            }
-            let ip = [&n.ipv4, &n.ipv6, &n.host_name]
-                .into_iter()
-                .filter(|s| !s.is_empty() && s.as_str() != "none")
-                .find_map(|s| s.parse::<IpAddr>().ok());
-            if let Some(ip) = ip {
+            let Some(port) = stun_port(n) else { continue };
+            if let Some(ip) = literal_ip(n).or_else(|| resolved.get(&n.host_name).copied()) {
                 let t = StunTarget { region: *id, addr: SocketAddr::new(ip, port) };
                 if !out.contains(&t) {
                     out.push(t);
                 }
             }
+        }
+    }
+    out
+}
+
+/// Host names of the STUN servers that have no literal address (to resolve before probing).
+pub fn stun_hostnames(map: &DerpMap) -> Vec<String> {
+    let mut out: Vec<String> = map
+        .regions
+        .values()
+        .flat_map(|r| &r.nodes)
+        .filter(|n| stun_port(n).is_some() && literal_ip(n).is_none() && !n.host_name.is_empty())
+        .map(|n| n.host_name.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Resolves `names` (IPv4 preferred, as the node's socket is usually IPv4), each bounded by
+/// `timeout`; names that fail are left out.
+pub async fn resolve_hosts(names: Vec<String>, timeout: Duration) -> HashMap<String, IpAddr> {
+    let mut out = HashMap::new();
+    for name in names {
+        let Ok(Ok(addrs)) = tokio::time::timeout(timeout, tokio::net::lookup_host((name.as_str(), 0))).await else {
+            tracing::debug!(host = %name, "STUN host name did not resolve");
+            continue;
+        };
+        let addrs: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+        if let Some(ip) = addrs.iter().find(|i| i.is_ipv4()).or(addrs.first()) {
+            out.insert(name, *ip);
         }
     }
     out
@@ -234,6 +278,18 @@ mod tests {
             m.regions.insert(r, DerpRegion { region_id: r, nodes: vec![node(r, ip, port)], ..Default::default() });
         }
         m
+    }
+
+    #[tokio::test]
+    async fn stun_host_names_are_resolved_when_asked() {
+        let mut m = map();
+        let names = stun_hostnames(&m);
+        assert_eq!(names, vec!["derp.example".to_string()], "only region 4 lacks a literal");
+        m.regions.get_mut(&4).unwrap().nodes[0].host_name = "localhost".into();
+        let resolved = resolve_hosts(stun_hostnames(&m), Duration::from_secs(5)).await;
+        let t = stun_targets_with(&m, &resolved);
+        assert!(t.iter().any(|t| t.region == 4 && t.addr.ip().is_loopback() && t.addr.port() == 3478), "{t:?}");
+        assert_eq!(stun_targets(&m).len(), 2);
     }
 
     #[test]

@@ -21,10 +21,20 @@ pub enum StateError {
     Locked(PathBuf),
     /// A file exists but cannot be parsed.
     #[error("state file {path} is corrupt ({reason}); remove it or run `citadel logout` to start over")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        reason: String,
+    },
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -34,7 +44,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 /// The node's three private keys.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Identity {
+    /// Machine key (control channel).
     pub machine_key: PrivateKey,
+    /// Node key (WireGuard).
     pub node_key: PrivateKey,
     /// Stored for compatibility; [`crate::mesh::Mesh`] makes a fresh disco key each start.
     pub disco_key: PrivateKey,
@@ -66,6 +78,9 @@ pub struct NodeInfo {
     /// Mesh addresses last assigned.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The Nexus's Noise key, pinned at first registration (trust on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<crate::keys::MachinePublic>,
 }
 
 /// The default state directory: `$CITADEL_STATE_DIR`, else `~/.citadel-node/network`.

@@ -176,7 +176,10 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let nexus = bin_dir.join("nexus-sim");
     for b in [&citadel, &nexus] {
         if !b.is_file() {
-            bail!("{} not found; build it with `cargo build -p citadel -p nexus-sim` (or pass --bin-dir)", b.display());
+            bail!(
+                "{} not found; build it with `cargo build -p citadel-cli -p nexus-sim` (or pass --bin-dir)",
+                b.display()
+            );
         }
     }
     for tool in ["ip", "iptables"] {

@@ -163,6 +163,7 @@ fn register_ok(s: &Shared, n: &StoreNode) -> RegisterResponse {
 }
 
 async fn register(State(s): State<Shared>, Extension(sess): Extension<Session>, body: Bytes) -> Response {
+    s.faults.note_register_request();
     let req: RegisterRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_json(e),

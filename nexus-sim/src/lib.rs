@@ -11,6 +11,7 @@ pub mod device;
 pub mod policy;
 pub mod store;
 pub mod stun;
+pub mod tls;
 
 use axum::extract::{Path, State};
 use axum::response::Html;
@@ -71,6 +72,10 @@ pub struct Config {
     /// STUN listener for the embedded DERP regions; an unspecified IP means the IP of
     /// `listen`, port 0 picks a free port. `None`: no STUN (the map says `STUNPort: -1`).
     pub stun_listen: Option<SocketAddr>,
+    /// The operator's TLS identity. With one, `server_url` defaults to `https://`, every
+    /// listener presents it, and the embedded DERP map drops `InsecureForTests`; without one,
+    /// TLS connections get a self-signed certificate.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// The DERP part of the configuration.
@@ -116,6 +121,7 @@ impl Default for Config {
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
             derp_keepalive: citadel_proto::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+            tls: None,
         }
     }
 }
@@ -127,6 +133,7 @@ pub struct Faults {
     drop_streams: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     derp: OnceLock<Arc<derp::DerpServer>>,
+    register_requests: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -160,6 +167,14 @@ impl Faults {
     /// True while the embedded DERP relay is stopped.
     pub fn derp_stopped(&self) -> bool {
         self.derp.get().is_some_and(|d| d.is_stopped())
+    }
+    /// Counts one `/machine/register` request (whatever its body).
+    pub fn note_register_request(&self) {
+        self.register_requests.fetch_add(1, Ordering::SeqCst);
+    }
+    /// How many `/machine/register` requests reached this server.
+    pub fn register_requests(&self) -> u64 {
+        self.register_requests.load(Ordering::SeqCst)
     }
     /// Resolves once the server is shutting down.
     pub async fn wait_shutdown(&self) {
@@ -308,11 +323,16 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     if cfg.server_url.is_empty() {
-        cfg.server_url = format!("http://{addr}");
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        cfg.server_url = format!("{scheme}://{addr}");
     }
     let url = cfg.server_url.clone();
     let host = url_host(&url).unwrap_or_else(|| addr.ip().to_string());
-    let tls = derp::self_signed_tls(std::slice::from_ref(&host))?;
+    let verified = cfg.tls.is_some();
+    let tls = match &cfg.tls {
+        Some(t) => t.clone(),
+        None => derp::self_signed_tls(std::slice::from_ref(&host))?,
+    };
 
     let mut regions = vec![];
     let mut extra = vec![];
@@ -333,7 +353,14 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
                 }
                 stun_srv = Some(stun::StunServer::bind(s).await?);
             }
-            embedded_derp_map(&host, &regions, stun_srv.as_ref().map(|s| s.addr.port()))
+            let mut m = embedded_derp_map(&host, &regions, stun_srv.as_ref().map(|s| s.addr.port()));
+            if verified {
+                // The operator's certificate names `host`: clients verify it like any relay's.
+                for n in m.regions.values_mut().flat_map(|r| r.nodes.iter_mut()) {
+                    n.insecure_for_tests = false;
+                }
+            }
+            m
         }
     };
     let embedded = matches!(cfg.derp, DerpMode::Embedded { .. });

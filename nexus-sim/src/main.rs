@@ -45,6 +45,17 @@ enum Cmd {
         #[arg(long, env = "NEXUS_DERP_MESH_KEY", hide_env_values = true)]
         mesh_key: Option<String>,
     },
+    /// Mint a test CA and a server certificate for NAMEs (DNS names or IPs) into DIR
+    /// (ca.pem, cert.pem, key.pem), for `serve --tls-cert DIR/cert.pem --tls-key DIR/key.pem`
+    /// and clients' SSL_CERT_FILE=DIR/ca.pem
+    Cert {
+        /// Output directory
+        #[arg(long)]
+        out: PathBuf,
+        /// Names the certificate is valid for
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Manage users (orgs)
     Users {
         #[command(flatten)]
@@ -158,6 +169,13 @@ struct ServeArgs {
     derp_mesh_key: Option<String>,
     #[command(flatten)]
     stun: StunArgs,
+    /// Serve TLS with this PEM certificate chain (control, REST API, DERP, device flow);
+    /// the default server URL becomes https://
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -302,7 +320,9 @@ impl Client {
         if conn.api_key.is_none() {
             bail!("no API key: pass --api-key or set NEXUS_API_KEY");
         }
-        Ok(Client { http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?, conn })
+        let tls = nexus_sim::tls::client_config()?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).use_preconfigured_tls(tls).build()?;
+        Ok(Client { http, conn })
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
@@ -311,7 +331,16 @@ impl Client {
         if let Some(b) = body {
             rb = rb.json(&b);
         }
-        let resp = rb.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let resp = rb.send().await.map_err(|e| {
+            // reqwest hides the certificate error several sources deep.
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = s.to_string();
+                src = s.source();
+            }
+            anyhow::anyhow!("cannot reach {}: {why}", self.conn.url)
+        })?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -378,6 +407,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         policy,
         derp_mesh_key: a.derp_mesh_key,
         stun_listen: a.stun.resolve(a.listen),
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(nexus_sim::tls::load(c, k)?),
+            _ => None,
+        },
         ..Default::default()
     };
     let running = nexus_sim::start(cfg).await?;
@@ -480,6 +513,11 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             })
             .await
+        }
+        Cmd::Cert { out, names } => {
+            nexus_sim::tls::mint(&names)?.write(&out)?;
+            println!("{}", out.join("ca.pem").display());
+            Ok(())
         }
         Cmd::Users { conn, cmd } => {
             admin(conn, async |c, json| {

@@ -228,6 +228,7 @@ impl NsNexus {
 /// Starts Caddy's tsnet node `name` in `ns` joining `url` with `authkey`, serving
 /// "hello from a real tsnet node" on port 80 of its mesh address; `extra` is appended to the
 /// Caddyfile (more sites) and `options` to its `tailscale { }` block. Files go under `dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn start_caddy(
     ns: &Netns,
     caddy: &std::path::Path,
@@ -237,6 +238,22 @@ pub fn start_caddy(
     name: &str,
     options: &str,
     extra: &str,
+) -> Proc {
+    start_caddy_env(ns, caddy, dir, url, authkey, name, options, extra, &[])
+}
+
+/// [`start_caddy`] with extra environment variables (e.g. `SSL_CERT_FILE` for an https Nexus).
+#[allow(clippy::too_many_arguments)]
+pub fn start_caddy_env(
+    ns: &Netns,
+    caddy: &std::path::Path,
+    dir: &std::path::Path,
+    url: &str,
+    authkey: &str,
+    name: &str,
+    options: &str,
+    extra: &str,
+    env: &[(&str, &std::ffi::OsStr)],
 ) -> Proc {
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -260,6 +277,7 @@ pub fn start_caddy(
             .env("XDG_DATA_HOME", &home)
             .env("TS_NO_LOGS_NO_SUPPORT", "true")
             .env("TS_LOGS_DIR", dir.join("logs"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(dir.join("caddy.log")).unwrap()))
             .spawn()

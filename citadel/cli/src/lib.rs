@@ -1,5 +1,6 @@
 //! The `citadel` command line: argument parsing, one module per subcommand in [`cmd`], and the
 //! exit codes in [`exit`].
+#![warn(missing_docs)]
 
 pub mod cmd;
 mod dialer;
@@ -24,6 +25,14 @@ pub struct Cli {
     /// Bound on each network step, in seconds
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
+    /// Also trust the CA certificates in this PEM file for https Nexus URLs and DERP
+    /// (repeatable; SSL_CERT_FILE and SSL_CERT_DIR are honoured too)
+    #[arg(long, global = true)]
+    ca_file: Vec<PathBuf>,
+    /// Forget the Nexus server key pinned at registration and trust the one it presents now
+    /// (only after the operator confirms the key was replaced)
+    #[arg(long, global = true)]
+    retrust_server_key: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -65,6 +74,8 @@ pub struct Ctx {
     pub state_dir: PathBuf,
     /// Bound on each network step.
     pub timeout: Duration,
+    /// Trust whatever server key the Nexus presents now (`--retrust-server-key`).
+    pub retrust_server_key: bool,
 }
 
 impl Ctx {
@@ -73,6 +84,7 @@ impl Ctx {
         let mut c = Config::new(nexus, authkey, self.state_dir.clone());
         c.hostname = hostname;
         c.timeout = self.timeout;
+        c.retrust_server_key = self.retrust_server_key;
         c
     }
 }
@@ -82,7 +94,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let ctx = Ctx {
         state_dir: cli.state_dir.clone().unwrap_or_else(citadel::state::default_dir),
         timeout: Duration::from_secs(cli.timeout.max(1)),
+        retrust_server_key: cli.retrust_server_key,
     };
+    for f in &cli.ca_file {
+        citadel::tls::add_ca_file(f).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
     match cli.cmd {
         Cmd::Init(a) => cmd::init::run(&ctx, a).await,
         Cmd::Login(a) => cmd::login::run(&ctx, a).await,

@@ -129,43 +129,108 @@ impl PeerPresentFlags {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// The server's greeting: [`MAGIC`] and its public key.
-    ServerKey { key: NodePublic },
+    ServerKey {
+        /// The server's public key.
+        key: NodePublic,
+    },
     /// The client's login: its public key and `nonce · box(ClientInfo JSON)` sealed to the
     /// server key (see [`ClientInfo::seal`]).
-    ClientInfo { key: NodePublic, sealed: Vec<u8> },
+    ClientInfo {
+        /// The client's public key.
+        key: NodePublic,
+        /// Sealed JSON client info.
+        sealed: Vec<u8>,
+    },
     /// The server's answer: `nonce · box(ServerInfo JSON)` sealed to the client key.
-    ServerInfo { sealed: Vec<u8> },
+    ServerInfo {
+        /// Sealed JSON server info.
+        sealed: Vec<u8>,
+    },
     /// A packet for `dst`.
-    SendPacket { dst: NodePublic, packet: Vec<u8> },
+    SendPacket {
+        /// Recipient.
+        dst: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// A packet from `src`.
-    RecvPacket { src: NodePublic, packet: Vec<u8> },
+    RecvPacket {
+        /// Sender.
+        src: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// No-op from the server.
     KeepAlive,
     /// Whether this server is the client's preferred (home) one; stats only.
-    NotePreferred { preferred: bool },
+    NotePreferred {
+        /// Whether this server is the client's home.
+        preferred: bool,
+    },
     /// `peer` is no longer reachable through this server.
-    PeerGone { peer: NodePublic, reason: PeerGoneReason },
+    PeerGone {
+        /// The peer.
+        peer: NodePublic,
+        /// Why it left.
+        reason: PeerGoneReason,
+    },
     /// `peer` is connected; `endpoint` is its remote address as the server sees it. `flags` are
     /// only carried on the wire together with an endpoint.
-    PeerPresent { peer: NodePublic, endpoint: Option<SocketAddr>, flags: PeerPresentFlags },
+    PeerPresent {
+        /// The peer.
+        peer: NodePublic,
+        /// Its address as the server sees it, if sent.
+        endpoint: Option<SocketAddr>,
+        /// What is known about it.
+        flags: PeerPresentFlags,
+    },
     /// A packet relayed between servers of one region.
-    ForwardPacket { src: NodePublic, dst: NodePublic, packet: Vec<u8> },
+    ForwardPacket {
+        /// Original sender.
+        src: NodePublic,
+        /// Recipient.
+        dst: NodePublic,
+        /// The packet.
+        packet: Vec<u8>,
+    },
     /// Subscribe to the server's connection list (mesh key required).
     WatchConns,
     /// Close `peer`'s connection (mesh key required).
-    ClosePeer { peer: NodePublic },
+    ClosePeer {
+        /// The peer to disconnect.
+        peer: NodePublic,
+    },
     /// Asks the other side to echo the data in a Pong.
-    Ping { data: [u8; PING_DATA_LEN] },
+    Ping {
+        /// Payload to echo.
+        data: [u8; PING_DATA_LEN],
+    },
     /// Echoes a Ping's data.
-    Pong { data: [u8; PING_DATA_LEN] },
+    Pong {
+        /// The echoed payload.
+        data: [u8; PING_DATA_LEN],
+    },
     /// The connection's health problem; empty means healthy again.
-    Health { problem: String },
+    Health {
+        /// The problem (empty: healthy again).
+        problem: String,
+    },
     /// The server is restarting: reconnect after `reconnect_in`, keep trying for `try_for`
     /// (both whole milliseconds on the wire).
-    Restarting { reconnect_in: Duration, try_for: Duration },
+    Restarting {
+        /// Wait this long before reconnecting.
+        reconnect_in: Duration,
+        /// Keep trying this long.
+        try_for: Duration,
+    },
     /// A frame type this codec does not know. Both Tailscale peers skip these, so callers
     /// should too.
-    Unknown { ty: u8, payload: Vec<u8> },
+    Unknown {
+        /// Frame type byte.
+        ty: u8,
+        /// Raw payload.
+        payload: Vec<u8>,
+    },
 }
 
 /// Errors decoding DERP frames or opening their sealed login messages.
@@ -174,16 +239,36 @@ pub enum Frame {
 pub enum DerpError {
     /// The header announces more than [`MAX_FRAME_LEN`] (or the type's own limit).
     #[error("frame type {ty:#04x} of {len} bytes exceeds the {max}-byte limit")]
-    FrameTooLarge { ty: u8, len: usize, max: usize },
+    FrameTooLarge {
+        /// Frame type byte.
+        ty: u8,
+        /// Declared length.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
     /// The payload is shorter than the frame type requires.
     #[error("frame type {ty:#04x} too short ({len} bytes)")]
-    Short { ty: u8, len: usize },
+    Short {
+        /// Frame type byte.
+        ty: u8,
+        /// Payload length.
+        len: usize,
+    },
     /// The payload length is not the exact length the frame type requires.
     #[error("frame type {ty:#04x} has wrong length {len}")]
-    WrongLength { ty: u8, len: usize },
+    WrongLength {
+        /// Frame type byte.
+        ty: u8,
+        /// Payload length.
+        len: usize,
+    },
     /// A relayed packet is larger than [`MAX_PACKET_SIZE`].
     #[error("packet of {len} bytes exceeds 64 KiB")]
-    PacketTooLarge { len: usize },
+    PacketTooLarge {
+        /// Packet length.
+        len: usize,
+    },
     /// The ServerKey frame does not start with [`MAGIC`].
     #[error("bad server greeting magic")]
     BadMagic,

@@ -14,7 +14,12 @@ use x25519_dalek::{PublicKey, StaticSecret};
 pub enum KeyError {
     /// The prefix is not the one this key type uses.
     #[error("key has prefix {found:?}, expected {expected:?}")]
-    WrongPrefix { expected: &'static str, found: String },
+    WrongPrefix {
+        /// The prefix this key type uses.
+        expected: &'static str,
+        /// What the text started with.
+        found: String,
+    },
     /// The hex part is not 64 hex digits.
     #[error("key is not 64 hex digits")]
     BadHex,

@@ -5,7 +5,6 @@
 //! time and randomness come from the caller. No sockets, no runtime, no WireGuard or TCP/IP
 //! stack; the one async item, [`noise::NoiseStream`], is generic over tokio's I/O traits.
 #![warn(missing_docs)]
-#![allow(missing_docs)] // field-level docs on wire structs would restate Go's names
 
 pub mod addr;
 pub mod derp;

@@ -34,12 +34,16 @@ fn is_zero_i32(v: &i32) -> bool {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Hostinfo {
+    /// Client version (`IPNVersion`).
     #[serde(rename = "IPNVersion", skip_serializing_if = "String::is_empty")]
     pub ipn_version: String,
+    /// Operating system name (`OS`).
     #[serde(rename = "OS", skip_serializing_if = "String::is_empty")]
     pub os: String,
+    /// The host name the node asks for.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub hostname: String,
+    /// Fields citadel does not interpret, kept so they round-trip.
     #[serde(flatten)]
     pub rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -48,10 +52,13 @@ pub struct Hostinfo {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct RegisterAuth {
+    /// Login provider (unused with auth keys).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub provider: String,
+    /// Login name (unused with auth keys).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub login_name: String,
+    /// The pre-auth key.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub auth_key: String,
 }
@@ -60,17 +67,25 @@ pub struct RegisterAuth {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct RegisterRequest {
+    /// Capability version of the client.
     pub version: u16,
+    /// The node key being registered.
     pub node_key: NodePublic,
+    /// The node key this one replaces (zero when none).
     pub old_node_key: NodePublic,
+    /// Tailnet-lock key (not used by citadel).
     #[serde(rename = "NLKey", skip_serializing_if = "String::is_empty")]
     pub nl_key: String,
+    /// Credentials, when registering with an auth key.
     pub auth: Option<RegisterAuth>,
     /// A time in the past asks the server to log the node out.
     pub expiry: Option<DateTime<Utc>>,
+    /// The auth URL being waited on, for the interactive flow.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub followup: String,
+    /// What the node says about itself.
     pub hostinfo: Option<Hostinfo>,
+    /// Remove the node when it goes offline.
     #[serde(skip_serializing_if = "is_false")]
     pub ephemeral: bool,
 }
@@ -79,10 +94,14 @@ pub struct RegisterRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct User {
+    /// Numeric user ID.
     #[serde(rename = "ID")]
     pub id: i64,
+    /// Login name.
     pub login_name: String,
+    /// Human-readable name.
     pub display_name: String,
+    /// Avatar URL.
     #[serde(rename = "ProfilePicURL")]
     pub profile_pic_url: String,
 }
@@ -91,10 +110,14 @@ pub struct User {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Login {
+    /// Numeric login ID.
     #[serde(rename = "ID")]
     pub id: i64,
+    /// Identity provider.
     pub provider: String,
+    /// Login name.
     pub login_name: String,
+    /// Human-readable name.
     pub display_name: String,
 }
 
@@ -102,12 +125,18 @@ pub struct Login {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct RegisterResponse {
+    /// The user the node belongs to.
     pub user: User,
+    /// The login that registered it.
     pub login: Login,
+    /// The node key has expired and must be re-registered.
     pub node_key_expired: bool,
+    /// An admin (or the auth key) approved the machine.
     pub machine_authorized: bool,
+    /// Where to approve the node, when approval is still needed.
     #[serde(rename = "AuthURL")]
     pub auth_url: String,
+    /// Why registration failed (empty on success).
     pub error: String,
 }
 
@@ -115,17 +144,28 @@ pub struct RegisterResponse {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct MapRequest {
+    /// Capability version of the client.
     pub version: u16,
+    /// `zstd` to ask for compressed map frames.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub compress: String,
+    /// Ask for keep-alive messages on a streaming map.
     pub keep_alive: bool,
+    /// The requesting node's key.
     pub node_key: NodePublic,
+    /// The requesting node's disco key.
     pub disco_key: DiscoPublic,
+    /// The node's UDP endpoints (`ip:port`).
     pub endpoints: Vec<String>,
+    /// Kind of each endpoint (local, STUN, ...), parallel to `endpoints`.
     pub endpoint_types: Vec<i32>,
+    /// Keep the response open and stream updates.
     pub stream: bool,
+    /// What the node says about itself.
     pub hostinfo: Option<Hostinfo>,
+    /// Update the server's view only; send no peers back.
     pub omit_peers: bool,
+    /// Do not change the server's view of the node.
     pub read_only: bool,
 }
 
@@ -133,7 +173,9 @@ pub struct MapRequest {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct PortRange {
+    /// First port, inclusive.
     pub first: u16,
+    /// Last port, inclusive.
     pub last: u16,
 }
 
@@ -141,8 +183,10 @@ pub struct PortRange {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct NetPortRange {
+    /// Destination address, prefix or `*`.
     #[serde(rename = "IP")]
     pub ip: String,
+    /// Destination ports.
     pub ports: PortRange,
 }
 
@@ -150,9 +194,12 @@ pub struct NetPortRange {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct FilterRule {
+    /// Source addresses or prefixes (`*` for any).
     #[serde(rename = "SrcIPs")]
     pub src_ips: Vec<String>,
+    /// Destinations the sources may reach.
     pub dst_ports: Vec<NetPortRange>,
+    /// IP protocol numbers allowed (empty: TCP, UDP and ICMP).
     #[serde(rename = "IPProto", skip_serializing_if = "Vec::is_empty")]
     pub ip_proto: Vec<i32>,
 }
@@ -161,33 +208,52 @@ pub struct FilterRule {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Node {
+    /// Numeric node ID.
     #[serde(rename = "ID")]
     pub id: i64,
+    /// ID that survives re-registration.
     #[serde(rename = "StableID")]
     pub stable_id: String,
+    /// Fully qualified MagicDNS name.
     pub name: String,
+    /// Owning user's ID.
     pub user: i64,
+    /// WireGuard node key.
     pub key: NodePublic,
+    /// When the node key expires.
     pub key_expiry: Option<DateTime<Utc>>,
+    /// Machine key.
     pub machine: MachinePublic,
+    /// Disco key, for path discovery.
     pub disco_key: DiscoPublic,
+    /// The node's own mesh addresses (prefixes).
     pub addresses: Vec<String>,
+    /// Addresses routed to this node.
     #[serde(rename = "AllowedIPs")]
     pub allowed_ips: Vec<String>,
+    /// UDP endpoints (`ip:port`) to try for a direct path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
     /// Legacy home DERP form `127.3.3.40:<region>`.
     #[serde(rename = "DERP", skip_serializing_if = "String::is_empty")]
     pub derp: String,
+    /// Home DERP region ID (0: none).
     #[serde(rename = "HomeDERP", skip_serializing_if = "is_zero_i32")]
     pub home_derp: i32,
+    /// What the node said about itself.
     pub hostinfo: Hostinfo,
+    /// When the node registered.
     pub created: Option<DateTime<Utc>>,
+    /// ACL tags.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// When the server last heard from it.
     pub last_seen: Option<DateTime<Utc>>,
+    /// Whether it is connected to the server, if known.
     pub online: Option<bool>,
+    /// Whether the machine is approved.
     pub machine_authorized: bool,
+    /// Whether its key has expired.
     #[serde(skip_serializing_if = "is_false")]
     pub expired: bool,
 }
@@ -206,22 +272,32 @@ impl Node {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct DerpNode {
+    /// Unique node name within the map.
     pub name: String,
+    /// Region the server belongs to.
     #[serde(rename = "RegionID")]
     pub region_id: i32,
+    /// TLS host name (and DNS name when no address is given).
     pub host_name: String,
+    /// IPv4 address to use instead of resolving `host_name`.
     #[serde(rename = "IPv4", skip_serializing_if = "String::is_empty")]
     pub ipv4: String,
+    /// IPv6 address to use instead of resolving `host_name`.
     #[serde(rename = "IPv6", skip_serializing_if = "String::is_empty")]
     pub ipv6: String,
+    /// STUN port (0: 3478, negative: no STUN).
     #[serde(rename = "STUNPort", skip_serializing_if = "is_zero_i32")]
     pub stun_port: i32,
+    /// Serves STUN only, no DERP.
     #[serde(rename = "STUNOnly", skip_serializing_if = "is_false")]
     pub stun_only: bool,
+    /// HTTPS port for DERP (0: 443).
     #[serde(rename = "DERPPort", skip_serializing_if = "is_zero_i32")]
     pub derp_port: i32,
+    /// Skip TLS verification (tests only).
     #[serde(skip_serializing_if = "is_false")]
     pub insecure_for_tests: bool,
+    /// Also reachable on port 80.
     #[serde(rename = "CanPort80", skip_serializing_if = "is_false")]
     pub can_port80: bool,
 }
@@ -230,10 +306,14 @@ pub struct DerpNode {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct DerpRegion {
+    /// Region ID.
     #[serde(rename = "RegionID")]
     pub region_id: i32,
+    /// Short code, such as `nyc`.
     pub region_code: String,
+    /// Long name.
     pub region_name: String,
+    /// Servers of the region, in order of preference.
     pub nodes: Vec<DerpNode>,
 }
 
@@ -241,7 +321,9 @@ pub struct DerpRegion {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct DerpMap {
+    /// Regions by ID.
     pub regions: BTreeMap<i32, DerpRegion>,
+    /// Do not add Tailscale's default regions.
     #[serde(skip_serializing_if = "is_false")]
     pub omit_default_regions: bool,
 }
@@ -250,10 +332,14 @@ pub struct DerpMap {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct UserProfile {
+    /// Numeric user ID.
     #[serde(rename = "ID")]
     pub id: i64,
+    /// Login name.
     pub login_name: String,
+    /// Human-readable name.
     pub display_name: String,
+    /// Avatar URL.
     #[serde(rename = "ProfilePicURL")]
     pub profile_pic_url: String,
 }
@@ -262,29 +348,40 @@ pub struct UserProfile {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct MapResponse {
+    /// A keep-alive message with no content.
     #[serde(skip_serializing_if = "is_false")]
     pub keep_alive: bool,
+    /// The node's own entry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<Node>,
+    /// The DERP map, when it changed.
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<DerpMap>,
     /// A full peer list when present (an empty list means "no peers").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<Vec<Node>>,
+    /// Peers added or changed since the last message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers_changed: Option<Vec<Node>>,
+    /// IDs of peers gone since the last message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers_removed: Option<Vec<i64>>,
+    /// DNS settings (kept as raw JSON).
     #[serde(rename = "DNSConfig", skip_serializing_if = "Option::is_none")]
     pub dns_config: Option<serde_json::Value>,
+    /// The tailnet's domain.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub domain: String,
+    /// The packet filter, when it changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet_filter: Option<Vec<FilterRule>>,
+    /// Profiles of users the node can see.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_profiles: Vec<UserProfile>,
+    /// The server's clock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_time: Option<DateTime<Utc>>,
+    /// Sequence number of the message.
     #[serde(skip_serializing_if = "is_zero_i64")]
     pub seq: i64,
     /// Small per-peer changes (Headscale sends these).
@@ -299,14 +396,21 @@ pub struct MapResponse {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct PeerChange {
+    /// The peer this change is about.
     #[serde(rename = "NodeID")]
     pub node_id: i64,
+    /// New home DERP region.
     #[serde(rename = "DERPRegion")]
     pub derp_region: Option<i32>,
+    /// New UDP endpoints.
     pub endpoints: Option<Vec<String>>,
+    /// New node key.
     pub key: Option<NodePublic>,
+    /// New disco key.
     pub disco_key: Option<DiscoPublic>,
+    /// New online state.
     pub online: Option<bool>,
+    /// New key expiry.
     pub key_expiry: Option<DateTime<Utc>>,
 }
 
@@ -314,6 +418,7 @@ pub struct PeerChange {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EarlyNoise {
+    /// Challenge the client signs with its node key.
     #[serde(rename = "nodeKeyChallenge")]
     pub node_key_challenge: String,
 }
@@ -322,8 +427,10 @@ pub struct EarlyNoise {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct OverTlsPublicKeyResponse {
+    /// Pre-ts2021 key (unused).
     #[serde(rename = "legacyPublicKey")]
     pub legacy_public_key: String,
+    /// The server's Noise key.
     #[serde(rename = "publicKey")]
     pub public_key: MachinePublic,
 }

@@ -38,9 +38,17 @@ const BETTER_BY: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
     /// A disco ping with this tx id to a direct address.
-    PingUdp { addr: SocketAddr, tx_id: [u8; 12] },
+    PingUdp {
+        /// The endpoint pinged.
+        addr: SocketAddr,
+        /// Transaction ID of the ping.
+        tx_id: [u8; 12],
+    },
     /// A disco ping over DERP (measures the relay; keeps the peer's DERP route warm).
-    PingDerp { tx_id: [u8; 12] },
+    PingDerp {
+        /// Transaction ID of the ping.
+        tx_id: [u8; 12],
+    },
     /// Our endpoints over DERP, so the peer pings us too (hole punching).
     CallMeMaybe,
 }

@@ -32,6 +32,7 @@ use crate::tailcfg::DerpMap;
 use filter::{InboundFilter, PacketInfo};
 use netstack::Stack;
 use smoltcp::wire::IpCidr;
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -276,6 +277,7 @@ impl DataPlane {
         let dp_net = Arc::clone(&net);
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_INBOX);
         let (latency_tx, latency_rx) = mpsc::channel(1);
+        let (resolve_tx, resolve_rx) = mpsc::channel(1);
         let driver = Driver {
             shared: Arc::clone(&shared),
             udp,
@@ -293,6 +295,10 @@ impl DataPlane {
             latency_tx,
             latency_rx,
             https_probe_running: false,
+            stun_hosts: HashMap::new(),
+            resolve_tx,
+            resolve_rx,
+            resolving: false,
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
@@ -555,6 +561,11 @@ struct Driver {
     latency_tx: mpsc::Sender<Vec<crate::derphttp::RegionLatency>>,
     latency_rx: mpsc::Receiver<Vec<crate::derphttp::RegionLatency>>,
     https_probe_running: bool,
+    /// Addresses of STUN servers the DERP map names only by host name.
+    stun_hosts: HashMap<String, IpAddr>,
+    resolve_tx: mpsc::Sender<HashMap<String, IpAddr>>,
+    resolve_rx: mpsc::Receiver<HashMap<String, IpAddr>>,
+    resolving: bool,
 }
 
 impl Driver {
@@ -585,6 +596,15 @@ impl Driver {
                 Some(r) = self.relay_rx.recv() => {
                     self.now();
                     self.on_relayed(r, &mut out, &mut delivered)
+                }
+                Some(r) = self.resolve_rx.recv() => {
+                    self.resolving = false;
+                    if !r.is_empty() {
+                        self.stun_hosts.extend(r);
+                        if self.probe.is_none() {
+                            self.start_probe(crate::clock::now());
+                        }
+                    }
                 }
                 Some(l) = self.latency_rx.recv() => {
                     self.https_probe_running = false;
@@ -704,6 +724,16 @@ impl Driver {
         if changed || self.relays.home() == 0 {
             self.last_probe = None;
         }
+        let names = netcheck::stun_hostnames(dm);
+        self.stun_hosts.retain(|h, _| names.contains(h));
+        let missing: Vec<String> = names.into_iter().filter(|h| !self.stun_hosts.contains_key(h)).collect();
+        if !missing.is_empty() && !self.resolving {
+            self.resolving = true;
+            let tx = self.resolve_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(netcheck::resolve_hosts(missing, Duration::from_secs(3)).await).await;
+            });
+        }
         if self.probe.is_none() && self.last_probe.is_none() {
             // Probe now rather than at the next tick: the mesh waits for this to announce the
             // node.
@@ -714,7 +744,7 @@ impl Driver {
     fn start_probe(&mut self, now: Instant) {
         let dm = self.netmap.borrow().derp_map.clone();
         self.last_probe = Some(now);
-        self.probe = Some(netcheck::Probe::new(&netcheck::stun_targets(&dm), now));
+        self.probe = Some(netcheck::Probe::new(&netcheck::stun_targets_with(&dm, &self.stun_hosts), now));
     }
 
     /// Starts, advances and finishes STUN probes.

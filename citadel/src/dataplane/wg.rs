@@ -2,8 +2,11 @@
 //!
 //! [`WgRouter`] opens no socket: datagrams come in through [`WgRouter::handle_datagram`],
 //! IP packets from the netstack through [`WgRouter::send_packet`], and timers through
-//! [`WgRouter::tick`]; each appends [`Transmit`]s for the driver to send. boringtun reads the
-//! OS clock itself, so only the rate limiter's reset period takes `now`.
+//! [`WgRouter::tick`]; each appends [`Transmit`]s for the driver to send. Time comes from the
+//! driver ([`WgRouter::set_now`], `tick(now)`); boringtun reads a mock clock, which the router
+//! points at that time before every call into a [`Tunn`] or the rate limiter. Disco messages
+//! (ping, pong, call-me-maybe) arrive on the same socket and are handled here too, feeding the
+//! per-peer path state in `magicsock`.
 //!
 //! Incoming datagrams are demultiplexed the way boringtun's own device does it: data,
 //! handshake responses and cookie replies carry our receiver index (`index << 8 | session`),

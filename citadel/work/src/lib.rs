@@ -18,6 +18,8 @@
 //! up the jobs of a crashed worker. Running jobs refresh their pending entry so they are not
 //! reclaimed from under a live worker.
 
+#![warn(missing_docs)]
+
 mod client;
 mod exec;
 pub mod job;

@@ -28,7 +28,7 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let Args { derp_map, stun: extra, port, json } = a;
     let (state_dir, timeout) = (&ctx.state_dir, ctx.timeout);
-    use citadel::netcheck::{stun_targets, Probe, StunTarget};
+    use citadel::netcheck::{resolve_hosts, stun_hostnames, stun_targets_with, Probe, StunTarget};
     use citadel::tailcfg::DerpMap;
     let map: DerpMap = match &derp_map {
         Some(f) => match std::fs::read(f)
@@ -44,7 +44,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
             .map(|nm| nm.derp_map)
             .unwrap_or_default(),
     };
-    let mut targets = stun_targets(&map);
+    let resolved = resolve_hosts(stun_hostnames(&map), timeout.min(std::time::Duration::from_secs(5))).await;
+    let mut targets = stun_targets_with(&map, &resolved);
     targets.extend(extra.iter().map(|a| StunTarget { region: 0, addr: *a }));
     if targets.is_empty() && map.regions.is_empty() {
         return Err(CliError::Usage(
