@@ -20,8 +20,14 @@ async fn start(policy: Option<&str>) -> nexus_sim::Running {
     .expect("nexus-sim starts")
 }
 
+/// An HTTP client with nexus-sim's TLS settings (reqwest needs an explicit rustls config).
+fn client() -> reqwest::Client {
+    let tls = nexus_sim::tls::client_config().expect("TLS client config");
+    reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client")
+}
+
 async fn call(url: &str, method: reqwest::Method, body: Option<Value>) -> (u16, Value) {
-    let c = reqwest::Client::new();
+    let c = client();
     let mut rb = c.request(method, format!("{url}/api/v1/policy")).bearer_auth(KEY);
     if let Some(b) = body {
         rb = rb.json(&b);
@@ -41,7 +47,7 @@ async fn rest_get_and_put_follow_headscale_shapes_and_refuse_bad_policies() {
     assert!(chrono::DateTime::parse_from_rfc3339(&first).is_ok(), "{first}");
 
     // No API key: refused.
-    let r = reqwest::Client::new().get(format!("{}/api/v1/policy", n.url)).send().await.unwrap();
+    let r = client().get(format!("{}/api/v1/policy", n.url)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
 
     let bad =
