@@ -181,3 +181,41 @@ fn failures_exit_non_zero_with_one_clear_line() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
 }
+
+#[test]
+fn logout_clears_a_corrupt_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("n");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("identity.json"), b"{\"machine_key\": 7").unwrap();
+    std::fs::write(state.join("node.json"), b"{}").unwrap();
+    let o = run_with_deadline(
+        Command::new(bin("citadel")).arg("--state-dir").arg(&state).args(["logout", "--timeout=5"]),
+        T,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!state.join("identity.json").exists() && !state.join("node.json").exists());
+}
+
+#[test]
+fn api_keys_expire_and_delete_through_the_cli() {
+    let env = Env::start();
+    let with_key = |key: &str| {
+        run_with_deadline(
+            Command::new(bin("nexus-sim")).args(["users", "list"]).env("NEXUS_URL", &env.url).env("NEXUS_API_KEY", key),
+            T,
+        )
+    };
+    let key = env.admin(&["apikeys", "create"]);
+    assert!(with_key(&key).status.success());
+    let prefix = key.strip_prefix("nsapi-").and_then(|k| k.split('.').next()).unwrap().to_string();
+    let list = env.admin(&["apikeys", "list"]);
+    assert!(list.contains(&prefix), "{list}");
+    assert!(!list.contains("test-admin") && !list.contains(key.rsplit('.').next().unwrap()), "{list}");
+
+    env.admin(&["apikeys", "expire", "--prefix", &prefix]);
+    let o = with_key(&key);
+    assert!(!o.status.success() && stderr(&o).contains("Unauthorized"), "{}", stderr(&o));
+    env.admin(&["apikeys", "delete", "--prefix", &prefix]);
+    assert!(!env.admin(&["apikeys", "list"]).contains(&prefix));
+}

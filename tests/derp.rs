@@ -394,7 +394,8 @@ async fn derp_modes_verify_and_mesh_watchers() {
             "authkey",
             n.running.shared.cfg.ipv4_base,
             n.running.shared.cfg.ipv6_base,
-        );
+        )
+        .unwrap();
     }
     let a = connect(n.url(), &ak).await;
 
@@ -412,7 +413,8 @@ async fn derp_modes_verify_and_mesh_watchers() {
         "authkey",
         n.running.shared.cfg.ipv4_base,
         n.running.shared.cfg.ipv6_base,
-    );
+    )
+    .unwrap();
     let info = ClientInfo { mesh_key: Some(mesh_key), ..ClientInfo::citadel() };
     let w = DerpClient::connect_with_info(&TokioNet, n.url().as_str(), &wk, info, T).await.unwrap();
     w.send_frame(&Frame::WatchConns).await.unwrap();
@@ -583,6 +585,7 @@ fn register_node(n: &Nexus, org: &str, k: &PrivateKey, machine: u8) -> u64 {
         cfg.ipv4_base,
         cfg.ipv6_base,
     )
+    .expect("register")
     .id
 }
 

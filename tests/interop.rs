@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 const CADDY_UDP: u16 = 41641;
 const CITADEL_UDP: u16 = 41700;
+/// Fetches per path whose relay traffic is counted.
+const FETCHES: u64 = 5;
 
 fn real_available() -> Option<std::path::PathBuf> {
     let required = std::env::var_os("CITADEL_REQUIRE_REAL").is_some();
@@ -139,9 +141,15 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
         fail("no direct path to the tsnet node", &d);
     }
     println!("direct path: {d}");
-    let r = node.get_until_ok("iop-caddy", 80, Duration::from_secs(10));
-    println!("direct fetch: {r}");
-    assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("direct"), "{r}");
+    // The path label is what citadel reports; the relay's counter says where the bytes went.
+    let relayed_before = nx.derp_packets_relayed();
+    for _ in 0..FETCHES {
+        let r = node.get_until_ok("iop-caddy", 80, Duration::from_secs(10));
+        assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("direct"), "{r}");
+    }
+    let direct_delta = nx.derp_packets_relayed() - relayed_before;
+    println!("{FETCHES} direct fetches: the relay handed on {direct_delta} packets");
+    assert!(direct_delta < FETCHES, "direct fetches went through the relay: {direct_delta} packets relayed");
 
     // (c) Caddy's tsnet node dials the citadel node's own service.
     let r = node.get_until_ok("iop-caddy", 8081, Duration::from_secs(20));
@@ -170,6 +178,15 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
         std::thread::sleep(Duration::from_millis(300));
     };
     println!("relayed fetch after {:?} of blocked UDP: {relayed}", start.elapsed());
+    let relayed_before = nx.derp_packets_relayed();
+    for _ in 0..FETCHES {
+        let r = node.get_until_ok("iop-caddy", 80, Duration::from_secs(10));
+        assert!(r["ok"] == true && r["path"].as_str().unwrap_or_default().starts_with("relay"), "{r}");
+    }
+    let relay_delta = nx.derp_packets_relayed() - relayed_before;
+    println!("{FETCHES} relayed fetches: the relay handed on {relay_delta} packets");
+    // A fetch is at least a TCP handshake, a request and a response each way.
+    assert!(relay_delta >= 4 * FETCHES, "relayed fetches did not go through the relay: {relay_delta} packets");
     let r = node.get_until_ok("iop-caddy", 8081, Duration::from_secs(20));
     if r["ok"] != true {
         fail("Caddy could not reach citadel over DERP", &r);

@@ -359,6 +359,11 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
             );
             std::thread::sleep(Duration::from_millis(250));
         };
+        // B's NAT drops A's new port until B follows, so some fetch in between must have gone
+        // over DERP: a rebinding that never fell back would mean B accepted an unconfirmed path.
+        let fell_back = fell_back.unwrap_or_else(|| {
+            panic!("no fetch went over DERP during the rebinding (B followed A to {moved} at once)")
+        });
         println!("NAT rebinding: traffic over DERP after {fell_back:?}");
         println!("NAT rebinding: B followed A from {before} to {moved} in {:?}", t1.elapsed());
         let nc = netcheck(&w, "na", &tmp.path().join("a1"), stun2);

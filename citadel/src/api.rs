@@ -67,7 +67,7 @@ mod imp {
     use crate::mesh::Mesh;
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{UnixListener, UnixStream};
     use tokio::sync::Notify;
 
@@ -77,24 +77,79 @@ mod imp {
         mesh.lock().await.clone()
     }
 
-    /// Serves the API until `logout` is requested (then `done` is notified).
+    /// Longest request line accepted; longer ones close the connection.
+    pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+    /// Binds the socket so that it is 0600 before anyone can reach it: bound inside a fresh
+    /// 0700 directory, chmodded there, then renamed into place. (Narrowing the umask around the
+    /// bind would do too, but the umask is process-wide and other threads create directories.)
+    fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or(SOCKET);
+        let private = dir.join(format!(".{name}.tmp{:016x}", rand::random::<u64>()));
+        std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+        let inner = private.join("s");
+        let r = UnixListener::bind(&inner).and_then(|l| {
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&inner, path)?;
+            Ok(l)
+        });
+        let _ = std::fs::remove_file(&inner);
+        let _ = std::fs::remove_dir(&private);
+        r
+    }
+
+    /// Reads one `\n`-terminated line of at most `max` bytes; `Ok(None)` at end of stream.
+    async fn read_line_bounded<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        let mut line = Vec::new();
+        loop {
+            let buf = r.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i, true),
+                None => (buf.len(), false),
+            };
+            if line.len() + take > max {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "request line too long"));
+            }
+            line.extend_from_slice(&buf[..take]);
+            r.consume(if done { take + 1 } else { take });
+            if done {
+                return Ok(Some(line));
+            }
+        }
+    }
+
+    /// Serves the API until `logout` is requested (then `done` is notified). Only processes of
+    /// this process's effective uid are answered (checked with `SO_PEERCRED`).
     pub async fn serve(mesh: Shared, path: PathBuf, done: Arc<Notify>) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_private(&path)?;
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let owner = unsafe { libc::geteuid() };
         loop {
             let (s, _) = listener.accept().await?;
             let mesh = mesh.clone();
             let done = done.clone();
             tokio::spawn(async move {
+                let peer_uid = s.peer_cred().map(|c| c.uid());
                 let (r, mut w) = s.into_split();
-                let mut reader = BufReader::new(r);
-                let mut line = String::new();
-                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                if peer_uid.as_ref().ok() != Some(&owner) {
+                    let who = peer_uid.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
+                    tracing::warn!(uid = %who, "local API connection from another user refused");
+                    let message = format!("uid {who} is not allowed to use this node's API");
+                    let _ = send(&mut w, &Response::Error { message }).await;
                     return;
                 }
-                let req = serde_json::from_str::<Request>(&line);
+                let mut reader = BufReader::new(r);
+                let line = match read_line_bounded(&mut reader, MAX_REQUEST_LINE).await {
+                    Ok(Some(l)) => l,
+                    Ok(None) | Err(_) => return,
+                };
+                let req = serde_json::from_slice::<Request>(&line);
                 let resp = match req {
                     Err(e) => Response::Error { message: format!("bad request: {e}") },
                     Ok(Request::Status) => match current(&mesh).await {
@@ -244,3 +299,90 @@ mod fallback {
 
 #[cfg(not(unix))]
 pub use fallback::*;
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(dir: &Path) -> (PathBuf, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let path = socket_path(dir);
+        let mesh = Arc::new(tokio::sync::Mutex::new(None));
+        let task = tokio::spawn(serve(mesh, path.clone(), Arc::new(tokio::sync::Notify::new())));
+        for _ in 0..200 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (path, task)
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_answers_its_owner() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, task) = start(t.path()).await;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SOCKET)]);
+        let r = tokio::time::timeout(Duration::from_secs(5), call(t.path(), &Request::Status)).await.unwrap();
+        assert!(matches!(r, Ok(Some(Response::Error { ref message })) if message.contains("stopping")), "{r:?}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_huge_request_line_closes_the_connection() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, task) = start(t.path()).await;
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            for _ in 0..10 {
+                if s.write_all(&chunk).await.is_err() {
+                    return "closed while writing";
+                }
+            }
+            let mut b = [0u8; 64];
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => "closed",
+                Ok(_) => "answered",
+            }
+        })
+        .await;
+        assert!(matches!(outcome, Ok("closed" | "closed while writing")), "{outcome:?}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn another_uid_is_refused() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: needs root to connect as another uid");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (path, task) = start(t.path()).await;
+        // Open the socket itself to everyone, so only the peer-uid check can refuse.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let script = "import socket,sys\n\
+            s=socket.socket(socket.AF_UNIX)\n\
+            s.connect(sys.argv[1])\n\
+            s.sendall(b'{\"op\":\"status\"}\\n')\n\
+            print(s.recv(4096).decode(errors='replace'))\n";
+        let p = path.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new("python3").arg("-c").arg(script).arg(&p).uid(65534).gid(65534).output()
+        })
+        .await
+        .unwrap()
+        .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("stopping"), "another uid was served: {text}");
+        assert!(text.contains("not allowed") || text.trim().is_empty(), "{text}");
+        task.abort();
+    }
+}

@@ -13,6 +13,20 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// The file that marks a directory as citadel's state directory.
+pub const MARKER: &str = ".citadel-state";
+
+/// Every file citadel keeps in a state directory; logout removes these (and temp files) only.
+const KNOWN_FILES: [&str; 5] = ["identity.json", "node.json", "netmap.json", "lock", "citadel.sock"];
+
+fn is_citadel_file(name: &str) -> bool {
+    name == MARKER
+        || KNOWN_FILES.contains(&name)
+        || KNOWN_FILES
+            .iter()
+            .any(|k| name.strip_prefix('.').and_then(|n| n.strip_prefix(k)).is_some_and(|t| t.starts_with(".tmp")))
+}
+
 /// State directory errors, each one a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -27,6 +41,11 @@ pub enum StateError {
         /// Why it could not be read.
         reason: String,
     },
+    /// The directory holds files that are not citadel's and no citadel marker.
+    #[error(
+        "{0} is not a citadel state directory (it holds other files and no {MARKER}); choose a new or empty directory"
+    )]
+    NotOurs(PathBuf),
     /// Plain I/O failure.
     #[error("state directory {path}: {source}")]
     Io {
@@ -101,8 +120,21 @@ pub struct StateDir {
 
 impl StateDir {
     /// Creates (0700) and locks the directory; fails at once if another process holds it.
+    ///
+    /// An existing directory must carry the citadel marker or hold nothing but citadel's
+    /// files (then it gets the marker); anything else is refused before it is touched, so a
+    /// mistaken `--state-dir ~` never has its mode changed or its files removed.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         fs::create_dir_all(path).map_err(io_err(path))?;
+        let marker = path.join(MARKER);
+        if !marker.exists() {
+            for entry in fs::read_dir(path).map_err(io_err(path))? {
+                let name = entry.map_err(io_err(path))?.file_name();
+                if !name.to_str().is_some_and(is_citadel_file) {
+                    return Err(StateError::NotOurs(path.to_path_buf()));
+                }
+            }
+        }
         // On Windows the profile directory's ACL already limits access to the user.
         #[cfg(unix)]
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))?;
@@ -114,6 +146,9 @@ impl StateDir {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StateError::Locked(path.to_path_buf())),
             Err(fs::TryLockError::Error(e)) => return Err(StateError::Io { path: lock_path, source: e }),
+        }
+        if !marker.exists() {
+            write_atomic(&marker, b"citadel state directory\n", true)?;
         }
         Ok(Self { path: path.to_path_buf(), lock: std::sync::Mutex::new(Some(lock)) })
     }
@@ -172,16 +207,23 @@ impl StateDir {
         Ok(id)
     }
 
-    /// Removes everything in the directory but the lock (logout).
+    /// Removes citadel's files but the lock and the marker (logout); anything else stays.
     pub fn clear(&self) -> Result<(), StateError> {
         for entry in fs::read_dir(&self.path).map_err(io_err(&self.path))? {
             let entry = entry.map_err(io_err(&self.path))?;
-            if entry.file_name() == "lock" {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name == "lock" || name == MARKER || !is_citadel_file(name) {
                 continue;
             }
             let p = entry.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            r.map_err(io_err(&p))?;
+            // A temp directory left by a crash while binding the API socket.
+            let r = if p.is_dir() && name.contains(".tmp") { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::Io { path: p, source: e }),
+            }
         }
         Ok(())
     }
@@ -195,29 +237,44 @@ fn private(opts: &mut OpenOptions) {
     let _ = opts;
 }
 
-/// Writes `path` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
+/// Writes `path` atomically: a fresh 0600 temp file in the same directory (created
+/// exclusively, never through a symlink), fsync, rename, fsync of the directory. On any error
+/// the temp file is removed and the error returned.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, durable, |f| f.write_all(bytes))
+}
+
+fn write_atomic_with(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StateError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}-{:016x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u64>()
     ));
     let mut f = {
         let mut opts = OpenOptions::new();
         private(&mut opts);
-        opts.create(true).truncate(true).write(true).open(&tmp).map_err(io_err(&tmp))?
+        #[cfg(unix)]
+        opts.custom_flags(libc::O_NOFOLLOW);
+        opts.create_new(true).write(true).open(&tmp).map_err(io_err(&tmp))?
     };
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    if durable {
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
+    let written = fill(&mut f).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Err(e) = written.map_err(io_err(&tmp)).and_then(|()| fs::rename(&tmp, path).map_err(io_err(path))) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if durable {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // Without the directory fsync the rename may not survive a crash: report it.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     }
     Ok(())
 }
@@ -241,6 +298,87 @@ mod tests {
         let s = StateDir::open(&p).unwrap();
         s.clear().unwrap();
         assert!(s.read::<Identity>("identity.json").unwrap().is_none());
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn failed_atomic_write_leaves_no_temp_file() {
+        let t = tempfile::tempdir().unwrap();
+        // The rename fails: the target is a (non-empty) directory.
+        let target = t.path().join("identity.json");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), b"x").unwrap();
+        assert!(write_atomic(&target, b"secret key bytes", true).is_err());
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn failed_write_returns_the_error_and_leaves_no_temp_file() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("identity.json");
+        let r = write_atomic_with(&target, true, |f| {
+            f.write_all(b"half of a key")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(r.unwrap_err().to_string().contains("disk full"));
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_not_a_symlink_target() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("node.json");
+        let elsewhere = t.path().join("elsewhere");
+        fs::write(&elsewhere, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+        write_atomic(&target, b"{}", true).unwrap();
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"untouched");
+        assert!(!fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
+        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn open_refuses_a_directory_that_is_not_citadels() {
+        let t = tempfile::tempdir().unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(t.path().join("foo.txt"), b"my notes").unwrap();
+        let e = StateDir::open(t.path()).unwrap_err();
+        assert!(e.to_string().contains("not a citadel state directory"), "{e}");
+        assert_eq!(fs::read(t.path().join("foo.txt")).unwrap(), b"my notes");
+        assert_eq!(fs::metadata(t.path()).unwrap().permissions().mode() & 0o777, 0o755);
+    }
+
+    #[test]
+    fn clear_removes_only_citadels_files() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("net");
+        let s = StateDir::open(&p).unwrap();
+        s.identity(&mut rand::thread_rng()).unwrap();
+        s.write_cache("netmap.json", &serde_json::json!({})).unwrap();
+        fs::write(p.join("foo.txt"), b"my notes").unwrap();
+        s.clear().unwrap();
+        assert!(!p.join("identity.json").exists() && !p.join("netmap.json").exists());
+        assert_eq!(fs::read(p.join("foo.txt")).unwrap(), b"my notes");
+        drop(s);
+        // Still citadel's (the marker stays), so it opens again.
+        StateDir::open(&p).unwrap();
+    }
+
+    #[test]
+    fn a_directory_holding_only_citadel_files_is_adopted() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("identity.json"), b"{}").unwrap();
+        fs::write(t.path().join("lock"), b"").unwrap();
+        StateDir::open(t.path()).unwrap();
+        assert!(t.path().join(MARKER).exists());
     }
 
     #[test]

@@ -157,6 +157,8 @@ impl Drop for Lab {
 #[derive(Debug, Default, Clone)]
 struct Obs {
     running: bool,
+    /// Its `up` answered the last status request on its local API socket.
+    api: bool,
     connected: bool,
     ip: Option<String>,
     key: String,
@@ -349,7 +351,15 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let mut ever: BTreeSet<usize> = BTreeSet::new();
     let mut respawn: BTreeMap<usize, Duration> = BTreeMap::new();
     let mut obs: BTreeMap<String, Obs> = BTreeMap::new();
+    // Identities are made up front, as in simulation, so every key a netmap lists is known:
+    // a key of no scenario node counts as a leak instead of waiting to be identified.
     let mut key_to_name: BTreeMap<String, String> = BTreeMap::new();
+    for n in &sc.nodes {
+        let name = n.name.get_ref();
+        let st = citadel::state::StateDir::open(&tmp.path().join(name))?;
+        let id = st.identity(&mut rand::rngs::OsRng)?;
+        key_to_name.insert(citadel::keys::NodePublic(id.node_key.public_bytes()).to_string(), name.clone());
+    }
     let mut timeline: Vec<(Duration, String)> = Vec::new();
     let mut unplayed: Option<Duration> = None;
     let mut met: Vec<Option<Duration>> = vec![None; sc.expects.len()];
@@ -503,6 +513,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             o.running = node_child.contains_key(&i);
             let st = o.running.then(|| status(&rt, &tmp.path().join(name))).flatten();
             let connected = st.as_ref().is_some_and(|s| s.connected);
+            o.api = st.is_some();
             if connected && !o.connected {
                 o.connects.push(now);
                 if let Some(s) = &st {
@@ -525,9 +536,13 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let o = &obs[n.name.get_ref()];
             for p in vis(o) {
                 let porg = sc.node(&p).map(|x| x.org.get_ref().as_str()).unwrap_or("?");
-                // Unknown keys are nodes whose own status was not read yet; they are judged later.
-                if porg != "?" && porg != n.org.get_ref() && leak.is_none() && sc.policy.is_none() {
-                    leak = Some(format!("at {}: {} lists {p}", fmt_t(now), n.name.get_ref()));
+                if porg != n.org.get_ref() && leak.is_none() && sc.policy.is_none() {
+                    leak = Some(format!(
+                        "at {}: {} ({}) lists {p} ({porg})",
+                        fmt_t(now),
+                        n.name.get_ref(),
+                        n.org.get_ref()
+                    ));
                 }
             }
         }
@@ -538,10 +553,19 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let o = &obs[node];
             match e.kind.get_ref() {
                 ExpectKind::Sees => {
-                    let v = vis(o);
-                    let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
-                    if in_window && met[k].is_none() && (if e.exact { v == want } else { want.is_subset(&v) }) {
+                    let live = o.running && (o.connected || !e.exact);
+                    if in_window && live && met[k].is_none() && crate::world::lists(e, &vis(o)) {
                         met[k] = Some(now);
+                    }
+                }
+                ExpectKind::Throughout if in_window => {
+                    met[k].get_or_insert(now);
+                    if violated[k].is_none() && !(o.running && crate::world::lists(e, &vis(o))) {
+                        violated[k] = Some(format!(
+                            "{node} saw {{{}}} at {}",
+                            vis(o).into_iter().collect::<Vec<_>>().join(", "),
+                            fmt_t(now)
+                        ));
                     }
                 }
                 ExpectKind::NeverSees => {
@@ -581,6 +605,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         Verdict::Fail(format!("{node} saw {{{}}} at the end", names.join(", ")))
                     }
                 },
+                ExpectKind::Throughout => match (met[k], &violated[k]) {
+                    (None, _) => Verdict::Fail("no sample in the window".into()),
+                    (Some(_), None) => Verdict::Pass,
+                    (Some(_), Some(w)) => Verdict::Fail(w.clone()),
+                },
                 ExpectKind::NeverSees | ExpectKind::Connected => match &violated[k] {
                     None => Verdict::Pass,
                     Some(w) => Verdict::Fail(w.clone()),
@@ -610,7 +639,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 },
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
                     let (a, b) = (e.a.as_ref().expect("validated").get_ref(), e.ping_target().expect("validated"));
-                    crate::world::judge_pings(e, &pingers.results(a, &b), by)
+                    // A ping the local API could not make proves nothing either way.
+                    match pingers.failures(a, &b).into_iter().find(|(t, _)| *t >= e.after.0 && *t <= by) {
+                        Some((t, why)) => Verdict::Fail(format!("ping not measured at {}: {why}", fmt_t(t))),
+                        None => crate::world::judge_pings(e, &pingers.results(a, &b), by),
+                    }
                 }
             }
         };
@@ -696,11 +729,15 @@ pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
     s
 }
 
-/// Node → (its `up` runs, its mesh IPv4).
-type NodeAddrs = BTreeMap<String, (bool, Option<String>)>;
+/// Node → (the process id of its `up` while that answers on its local API socket, its mesh
+/// IPv4).
+type NodeAddrs = BTreeMap<String, (Option<usize>, Option<String>)>;
 
 /// Mesh ping results by `(from, to)`.
 type PingLog = Arc<Mutex<BTreeMap<(String, String), Vec<crate::world::PingResult>>>>;
+
+/// Pings the local API could not make, by `(from, to)`: when, and its error.
+type FailLog = Arc<Mutex<BTreeMap<(String, String), Vec<(Duration, String)>>>>;
 
 /// Mesh pings in `--real`: one thread per `udp_path`/`reaches` pair asks the pinging node's
 /// running `up` to ping once a second (through its local API socket, so from the root
@@ -709,14 +746,16 @@ struct Pingers {
     /// Node → (its `up` runs, its mesh IPv4), refreshed by the sampling loop.
     nodes: Arc<Mutex<NodeAddrs>>,
     results: PingLog,
+    failures: FailLog,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Pingers {
     fn start(sc: &Scenario, state_root: &Path, t0: Instant) -> Pingers {
-        let nodes = Arc::new(Mutex::new(BTreeMap::new()));
+        let nodes: Arc<Mutex<NodeAddrs>> = Arc::new(Mutex::new(BTreeMap::new()));
         let results: PingLog = Arc::default();
+        let failures: FailLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let pairs: BTreeSet<(String, String)> = sc
             .expects
@@ -727,7 +766,7 @@ impl Pingers {
         let threads = pairs
             .into_iter()
             .map(|(a, b)| {
-                let (nodes, results, stop) = (nodes.clone(), results.clone(), stop.clone());
+                let (nodes, results, failures, stop) = (nodes.clone(), results.clone(), failures.clone(), stop.clone());
                 let dir = state_root.join(&a);
                 std::thread::spawn(move || {
                     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
@@ -738,20 +777,23 @@ impl Pingers {
                             Some((n, p)) => (n, p.parse().unwrap_or(crate::probe::PING_PORT)),
                             None => (b.as_str(), crate::probe::PING_PORT),
                         };
-                        let target = {
-                            let n: &NodeAddrs = &nodes.lock().unwrap();
-                            n.get(&a).is_some_and(|x| x.0).then(|| n.get(bn).and_then(|x| x.1.clone())).flatten()
-                        };
-                        if let Some(ip) = target {
-                            let r = ping_once(&rt, &dir, &ip, port);
-                            results.lock().unwrap().entry((a.clone(), b.clone())).or_default().push((t0.elapsed(), r));
+                        let up_of = |a: &str| nodes.lock().unwrap().get(a).and_then(|x| x.0);
+                        let target = up_of(&a).zip(nodes.lock().unwrap().get(bn).and_then(|x| x.1.clone()));
+                        if let Some((up, ip)) = target {
+                            let key = (a.clone(), b.clone());
+                            match ping_once(&rt, &dir, &ip, port) {
+                                Ok(r) => results.lock().unwrap().entry(key).or_default().push((t0.elapsed(), r)),
+                                // The harness stopped or restarted that `up` meanwhile: no ping.
+                                Err(_) if up_of(&a) != Some(up) => {}
+                                Err(why) => failures.lock().unwrap().entry(key).or_default().push((t0.elapsed(), why)),
+                            }
                         }
                         std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
                     }
                 })
             })
             .collect();
-        Pingers { nodes, results, stop, threads }
+        Pingers { nodes, results, failures, stop, threads }
     }
 
     /// Hands the pingers what the last sample saw.
@@ -759,13 +801,19 @@ impl Pingers {
         let mut n = self.nodes.lock().unwrap();
         for (i, node) in sc.nodes.iter().enumerate() {
             let name = node.name.get_ref();
-            let ip = obs.get(name).and_then(|o| o.ip.clone());
-            n.insert(name.clone(), (running.contains_key(&i), ip));
+            let o = obs.get(name);
+            let ip = o.and_then(|o| o.ip.clone());
+            let up = running.get(&i).copied().filter(|_| o.is_some_and(|o| o.api));
+            n.insert(name.clone(), (up, ip));
         }
     }
 
     fn results(&self, a: &str, b: &str) -> Vec<crate::world::PingResult> {
         self.results.lock().unwrap().get(&(a.to_string(), b.to_string())).cloned().unwrap_or_default()
+    }
+
+    fn failures(&self, a: &str, b: &str) -> Vec<(Duration, String)> {
+        self.failures.lock().unwrap().get(&(a.to_string(), b.to_string())).cloned().unwrap_or_default()
     }
 
     fn stop(&mut self) {
@@ -783,17 +831,41 @@ impl Drop for Pingers {
 }
 
 /// One ping through the node's running `up`, over its local API socket (2 s bound, as in
-/// simulation): the path that answered. `citadel ping` is not used: with no `up` listening it
-/// would start a node of its own on the state directory and hold its lock.
-fn ping_once(rt: &tokio::runtime::Runtime, state_dir: &Path, ip: &str, port: u16) -> Option<crate::probe::PathKind> {
+/// simulation): `Ok(path)` when it answered, `Ok(None)` when the mesh timed it out or has no
+/// route to the peer, `Err` when the local API could not make it (no socket, node stopping,
+/// unknown peer, ...).
+/// `citadel ping` is not used: with no `up` listening it would start a node of its own on the
+/// state directory and hold its lock.
+fn ping_once(
+    rt: &tokio::runtime::Runtime,
+    state_dir: &Path,
+    ip: &str,
+    port: u16,
+) -> Result<Option<crate::probe::PathKind>, String> {
     let req = citadel::api::Request::Ping { peer: ip.to_string(), port, timeout_ms: 2000 };
     let r =
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), citadel::api::call(state_dir, &req)).await });
     match r {
-        Ok(Ok(Some(citadel::api::Response::Pong(p)))) => Some(crate::probe::path_kind(p.path.as_deref())),
-        _ => None,
+        Ok(Ok(Some(citadel::api::Response::Pong(p)))) => Ok(Some(crate::probe::path_kind(p.path.as_deref()))),
+        // The data plane's own answers: the ping went out and nothing came back, or the
+        // node has no route to that address (not in its netmap), as the simulation counts them.
+        Ok(Ok(Some(citadel::api::Response::Error { message })))
+            if message.contains(PING_TIMED_OUT) || message.contains(PING_NO_ROUTE) =>
+        {
+            Ok(None)
+        }
+        Ok(Ok(Some(citadel::api::Response::Error { message }))) => Err(message),
+        Ok(Ok(Some(other))) => Err(format!("unexpected answer {other:?}")),
+        Ok(Ok(None)) => Err("no `up` answers on the local API socket".into()),
+        Ok(Err(e)) => Err(format!("local API: {e}")),
+        Err(_) => Err("the local API did not answer within 4s".into()),
     }
 }
+
+/// What [`citadel::dataplane::DataPlane::dial_tcp_timeout`] says when no answer came in time.
+const PING_TIMED_OUT: &str = "no answer within";
+/// What it says when no peer in the node's netmap routes the address.
+const PING_NO_ROUTE: &str = "no mesh peer routes";
 
 /// The iptables cuts that separate `a` from `b` (hosts or orgs), as `(node namespace, address
 /// to drop)`: a node against `nexus` (198.18.0.1), `derp` (198.18.0.2) or a node on the

@@ -110,6 +110,10 @@ pub fn describe(e: &ExpectSpec, end: Duration) -> String {
         ExpectKind::Sees if e.exact => format!("{node} sees exactly {{{peers}}} {window}"),
         ExpectKind::Sees => format!("{node} sees {{{peers}}} {window}"),
         ExpectKind::NeverSees => format!("{node} never sees {{{peers}}}"),
+        ExpectKind::Throughout if e.exact => {
+            format!("{node} sees exactly {{{peers}}} throughout [{}, {by}]", e.after)
+        }
+        ExpectKind::Throughout => format!("{node} sees {{{peers}}} throughout [{}, {by}]", e.after),
         ExpectKind::SameIpAfterRestart => format!("{node} keeps its IP and key across restarts"),
         ExpectKind::Reconnects => format!("{node} reconnects {}", window.replace('[', "(")),
         ExpectKind::Connected => format!("{node} stays connected throughout [{}, {by}]", e.after),

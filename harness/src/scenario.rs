@@ -308,8 +308,11 @@ pub struct FaultSpec {
 #[serde(rename_all = "snake_case")]
 pub enum ExpectKind {
     /// `node`'s netmap lists every one of `peers` (exactly them with `exact`) at some moment
-    /// in `[after, by]`.
+    /// in `[after, by]` while the node runs (with `exact`: while its control stream is up).
     Sees,
+    /// `node` runs and its netmap lists every one of `peers` (exactly them with `exact`) at
+    /// every sample in `[after, by]`, whether or not its control stream is up.
+    Throughout,
     /// `node`'s netmap never lists any of `peers`.
     NeverSees,
     /// `node` keeps its mesh IP and node key across restarts (and restarted at least once).
@@ -337,10 +340,10 @@ pub struct ExpectSpec {
     /// The node observed.
     #[serde(default)]
     pub node: Option<Spanned<String>>,
-    /// Peers (sees/never_sees).
+    /// Peers (sees/never_sees/throughout).
     #[serde(default)]
     pub peers: Vec<Spanned<String>>,
-    /// With `sees`: the netmap lists exactly `peers`.
+    /// With `sees`/`throughout`: the netmap lists exactly `peers`.
     #[serde(default)]
     pub exact: bool,
     /// DERP region (home_derp): a region with `derp = true`, or `default` for the world's
@@ -656,9 +659,10 @@ impl Scenario {
                 return Err((Some(k), "`by` is before `after`".into()));
             }
             match e.kind.get_ref() {
-                ExpectKind::Sees | ExpectKind::NeverSees => {
+                ExpectKind::Sees | ExpectKind::NeverSees | ExpectKind::Throughout => {
                     node_ref(&e.node, "node", k)?;
-                    if e.peers.is_empty() && !(e.exact && *e.kind.get_ref() == ExpectKind::Sees) {
+                    let may_be_empty = e.exact && *e.kind.get_ref() != ExpectKind::NeverSees;
+                    if e.peers.is_empty() && !may_be_empty {
                         return Err((Some(k), "`peers` is required (or `exact = true` with none)".into()));
                     }
                     for p in &e.peers {

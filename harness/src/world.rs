@@ -28,11 +28,18 @@ pub struct RunOptions {
     pub probe: Option<ProbeFactory>,
     /// How often node state is sampled (simulated time).
     pub sample: Duration,
+    /// `(receiver, leaked)` node names: Nexus's fault hook lists the leaked node in every map
+    /// it builds for the receiver (see [`nexus_sim::Faults::leak_peer`]). The leak detector
+    /// judges these entries like any other.
+    pub leaks: Vec<(String, String)>,
+    /// Extra `(from, to)` pairs the mesh probe pings once a second, besides those of the
+    /// scenario's `udp_path`/`reaches` expectations.
+    pub pings: Vec<(String, String)>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { seed: None, probe: None, sample: Duration::from_millis(100) }
+        RunOptions { seed: None, probe: None, sample: Duration::from_millis(100), leaks: vec![], pings: vec![] }
     }
 }
 
@@ -42,6 +49,8 @@ impl std::fmt::Debug for RunOptions {
             .field("seed", &self.seed)
             .field("probe", &self.probe.is_some())
             .field("sample", &self.sample)
+            .field("leaks", &self.leaks)
+            .field("pings", &self.pings)
             .finish()
     }
 }
@@ -222,6 +231,10 @@ pub struct Outcome {
     pub verdicts: Vec<(String, Verdict)>,
     /// First org leak seen, if any.
     pub leak: Option<String>,
+    /// Every `(node, listed node)` pair across orgs that some sample saw.
+    pub leaked_pairs: BTreeSet<(String, String)>,
+    /// Every mesh ping by `(from, to)`: when it ended and which path answered.
+    pub pings: BTreeMap<(String, String), Vec<PingResult>>,
     /// Final visibility: node → names in its netmap.
     pub visibility: BTreeMap<String, BTreeSet<String>>,
     /// Mesh path per probed pair at its expectation's deadline.
@@ -342,6 +355,20 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         bd.key_to_name.insert(key, name.clone());
         bd.nodes.entry(name.clone()).or_default().org = n.org.get_ref().clone();
     }
+    for (a, bn) in &opts.pings {
+        board.lock().unwrap().reach_targets.entry(a.clone()).or_default().insert(bn.clone());
+    }
+    for (into, peer) in &opts.leaks {
+        let bd = board.lock().unwrap();
+        let key = |n: &str| -> anyhow::Result<citadel::keys::NodePublic> {
+            let k = bd.key_to_name.iter().find(|(_, v)| *v == n).map(|(k, _)| k);
+            let k = k.ok_or_else(|| anyhow::anyhow!("leak names {n:?}, which is no node of the scenario"))?;
+            k.parse().map_err(|e| anyhow::anyhow!("node key of {n}: {e:?}"))
+        };
+        if !shared.faults.leak_peer(key(into)?, key(peer)?) {
+            anyhow::bail!("too many injected leaks");
+        }
+    }
 
     let probe_factory = opts.probe.clone().unwrap_or_else(probe::mesh_probe);
     let mut ctxs: BTreeMap<String, Arc<NodeCtx>> = BTreeMap::new();
@@ -400,6 +427,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     let mut exps: Vec<ExpState> =
         sc.expects.iter().map(|_| ExpState { met: None, violated: None, decided: None }).collect();
     let mut leak: Option<String> = None;
+    let mut leaked_pairs: BTreeSet<(String, String)> = BTreeSet::new();
     let mut samples = 0u64;
     let mut last_vis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut observed: Vec<(Duration, String)> = Vec::new();
@@ -446,16 +474,13 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 }
                 *last = vis.clone();
                 // A scenario with its own policy says who sees whom in its expectations.
-                if leak.is_none() && sc.policy.is_none() {
-                    for p in &vis {
-                        let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
-                        if porg != n.org.get_ref() {
-                            leak = Some(format!(
-                                "at {}: {name} ({}) lists {p} ({porg})",
-                                report::fmt_t(now),
-                                n.org.get_ref()
-                            ));
-                        }
+                for p in vis.iter().filter(|_| sc.policy.is_none()) {
+                    let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
+                    if porg != n.org.get_ref() {
+                        leaked_pairs.insert((name.clone(), p.clone()));
+                        leak.get_or_insert_with(|| {
+                            format!("at {}: {name} ({}) lists {p} ({porg})", report::fmt_t(now), n.org.get_ref())
+                        });
                     }
                 }
             }
@@ -468,11 +493,25 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 let node = e.node.as_ref().map(|n| n.get_ref().as_str()).unwrap_or_default();
                 match e.kind.get_ref() {
                     ExpectKind::Sees => {
-                        let vis = visible(&bd, node);
-                        let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
-                        let ok = if e.exact { vis == want } else { want.is_subset(&vis) };
-                        if in_window && ok && st.met.is_none() {
+                        let o = bd.nodes.get(node);
+                        // A node that is not up has no netmap to judge: "sees exactly {}" must
+                        // not hold before it joined.
+                        let live = o.is_some_and(|o| o.running && (o.connected || !e.exact));
+                        if in_window && live && st.met.is_none() && lists(e, &visible(&bd, node)) {
                             st.met = Some(now);
+                        }
+                    }
+                    ExpectKind::Throughout if in_window => {
+                        st.met.get_or_insert(now);
+                        let running = bd.nodes.get(node).is_some_and(|o| o.running);
+                        let vis = visible(&bd, node);
+                        if st.violated.is_none() && !(running && lists(e, &vis)) {
+                            let why = if running {
+                                format!("{node} saw {{{}}}", join(&vis))
+                            } else {
+                                format!("{node} was not running")
+                            };
+                            st.violated = Some((now, why));
                         }
                     }
                     ExpectKind::NeverSees => {
@@ -672,6 +711,11 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 Some(_) => Verdict::Pass,
                 None => Verdict::Fail(format!("{node} saw {{{}}}", join(last_vis.get(&node).into_iter().flatten()))),
             },
+            (ExpectKind::Throughout, None) => match (st.met, st.violated) {
+                (None, _) => Verdict::Fail("no sample in the window".into()),
+                (Some(_), None) => Verdict::Pass,
+                (Some(_), Some((t, why))) => Verdict::Fail(format!("{why} at {}", report::fmt_t(t))),
+            },
             (ExpectKind::NeverSees | ExpectKind::Connected, None) => match st.violated {
                 None => Verdict::Pass,
                 Some((t, why)) => Verdict::Fail(format!("{why} at {}", report::fmt_t(t))),
@@ -740,13 +784,14 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         paths: &paths,
         pings: &bd.reach,
     };
+    let pings = bd.reach.clone();
     let trace = report::trace(&ctx);
     let observed = report::observed(&obs_all, &nat_stats);
     drop(bd);
     // The simulation's hosts hold state-directory locks; drop them before the directory.
     drop(sim);
     drop(tmp);
-    Ok(Outcome { trace, observed, verdicts, leak, visibility, paths })
+    Ok(Outcome { trace, observed, verdicts, leak, leaked_pairs, visibility, paths, pings })
 }
 
 /// Applies link settings once both ends exist (turmoil creates links at host registration):
@@ -864,6 +909,10 @@ fn pair(a: &str, b: &str) -> (String, String) {
 pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by: Duration) -> Verdict {
     let want = e.path.expect("validated");
     if *e.kind.get_ref() == ExpectKind::UdpPath {
+        // "none" means a ping was made and got no answer, not that nobody tried.
+        if want == PathKind::None && !rs.iter().any(|(t, _)| *t <= by) {
+            return Verdict::Fail(format!("no ping was made by {}", report::fmt_t(by)));
+        }
         let p = path_at(rs, by);
         return if p == want { Verdict::Pass } else { Verdict::Fail(format!("path was {p}")) };
     }
@@ -899,6 +948,16 @@ pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by
 /// was none).
 fn path_at(rs: &[PingResult], by: Duration) -> PathKind {
     rs.iter().rev().find(|(t, _)| *t <= by).and_then(|(_, p)| *p).unwrap_or(PathKind::None)
+}
+
+/// Whether the netmap `vis` lists `e.peers` (exactly them with `exact`).
+pub(crate) fn lists(e: &crate::scenario::ExpectSpec, vis: &BTreeSet<String>) -> bool {
+    let want: BTreeSet<String> = e.peers.iter().map(|p| p.get_ref().clone()).collect();
+    if e.exact {
+        *vis == want
+    } else {
+        want.is_subset(vis)
+    }
 }
 
 fn join<T: std::fmt::Display>(it: impl IntoIterator<Item = T>) -> String {

@@ -161,3 +161,59 @@ by = "10s"
     assert!(!asked.lock().unwrap().is_empty());
     assert!(asked.lock().unwrap().iter().all(|ip| ip.octets()[0] == 100), "mesh IPs are pinged");
 }
+
+#[test]
+fn vacuous_expectations_fail() {
+    // `late` starts after every deadline: at the early samples it runs nothing and pings nobody.
+    let out = run(
+        r#"
+[[node]]
+name = "late"
+org = "acme"
+start = "15s"
+[[expect]]
+kind = "sees"
+node = "late"
+peers = []
+exact = true
+by = "10s"
+[[expect]]
+kind = "udp_path"
+a = "late"
+b = "a1"
+path = "none"
+by = "10s"
+[[expect]]
+kind = "throughout"
+node = "a1"
+peers = ["a2", "late"]
+exact = true
+after = "0s"
+by = "20s"
+[[expect]]
+kind = "throughout"
+node = "a1"
+peers = ["a2"]
+after = "8s"
+by = "14s"
+[[expect]]
+kind = "throughout"
+node = "late"
+peers = []
+exact = true
+after = "0s"
+by = "10s"
+"#,
+        &RunOptions::default(),
+    );
+    let v: Vec<&Verdict> = out.verdicts.iter().map(|(_, v)| v).collect();
+    assert!(matches!(v[0], Verdict::Fail(_)), "sees exactly {{}} before joining:\n{}", out.report());
+    assert!(
+        matches!(v[1], Verdict::Fail(w) if w.contains("no ping")),
+        "udp_path none without pings:\n{}",
+        out.report()
+    );
+    assert!(matches!(v[2], Verdict::Fail(_)), "throughout must hold at t=0 too:\n{}", out.report());
+    assert_eq!(v[3], &Verdict::Pass, "{}", out.report());
+    assert!(matches!(v[4], Verdict::Fail(w) if w.contains("not running")), "{}", out.report());
+}

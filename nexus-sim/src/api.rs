@@ -24,6 +24,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::Invalid(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
             StoreError::Db(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            StoreError::Exhausted(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 }
@@ -56,7 +57,8 @@ pub fn user_json(u: &User) -> Value {
 }
 
 fn key_json(s: &Shared, k: &PreAuthKey) -> Value {
-    json!({"user": s.store.user(k.user_id).map(|u| user_json(&u)), "id": k.id.to_string(), "key": k.key,
+    json!({"user": s.store.user(k.user_id).map(|u| user_json(&u)), "id": k.id.to_string(),
+           "key": if k.key.is_empty() { k.masked() } else { k.key.clone() },
            "reusable": k.reusable, "ephemeral": k.ephemeral, "used": k.used,
            "expiration": k.expiration.as_ref().map(ts), "createdAt": ts(&k.created_at), "aclTags": k.acl_tags})
 }
@@ -238,7 +240,7 @@ async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, 
         "cli",
         s.cfg.ipv4_base,
         s.cfg.ipv6_base,
-    );
+    )?;
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -257,6 +259,22 @@ async fn create_api_key(State(s): State<Shared>, body: Option<Json<Value>>) -> A
     };
     let (full, _) = s.store.create_api_key(exp);
     Ok(Json(json!({"apiKey": full})))
+}
+
+fn prefix_of(b: &Value) -> Result<String, ApiError> {
+    b.get("prefix").and_then(|p| p.as_str()).map(str::to_string).ok_or_else(|| bad("prefix is required"))
+}
+
+/// `POST /api/v1/apikey/expire {"prefix"}`.
+async fn expire_api_key(State(s): State<Shared>, Json(b): Json<Value>) -> ApiResult {
+    s.store.expire_api_key(&prefix_of(&b)?)?;
+    Ok(Json(json!({})))
+}
+
+/// `DELETE /api/v1/apikey/{prefix}`.
+async fn delete_api_key(State(s): State<Shared>, Path(prefix): Path<String>) -> ApiResult {
+    s.store.delete_api_key(&prefix)?;
+    Ok(Json(json!({})))
 }
 
 async fn list_api_keys(State(s): State<Shared>) -> ApiResult {
@@ -278,6 +296,8 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
         .route("/api/v1/policy", get(crate::policy::state::get_policy).put(crate::policy::state::set_policy))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
+        .route("/api/v1/apikey/expire", post(expire_api_key))
+        .route("/api/v1/apikey/{prefix}", delete(delete_api_key))
         .route("/api/v1/device/approve", post(crate::device::approve))
         .route("/api/v1/device/deny", post(crate::device::deny))
         .route("/api/v1/node/register/{id}", delete(reject_registration))

@@ -171,8 +171,21 @@ async fn register(State(s): State<Shared>, Extension(sess): Extension<Session>, 
     Json(handle_register(&s, sess, req).await).into_response()
 }
 
-async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> RegisterResponse {
+/// Largest Hostinfo (as JSON) a node may register or report.
+pub const MAX_HOSTINFO: usize = 16 * 1024;
+
+fn hostinfo_too_large(h: Option<&tailcfg::Hostinfo>) -> bool {
+    h.is_some_and(|h| serde_json::to_vec(h).map_or(true, |j| j.len() > MAX_HOSTINFO))
+}
+
+pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> RegisterResponse {
     let now = Utc::now();
+    if hostinfo_too_large(req.hostinfo.as_ref()) {
+        return RegisterResponse {
+            error: format!("Hostinfo larger than {MAX_HOSTINFO} bytes refused"),
+            ..Default::default()
+        };
+    }
     let existing = s.store.node_by_keys(&sess.machine, &req.node_key).or_else(|| {
         (!req.old_node_key.is_zero()).then(|| s.store.node_by_keys(&sess.machine, &req.old_node_key)).flatten()
     });
@@ -205,6 +218,13 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
             s.cfg.ipv4_base,
             s.cfg.ipv6_base,
         );
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("registration refused: {e}");
+                return RegisterResponse { error: e.to_string(), ..Default::default() };
+            }
+        };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
         return register_ok(s, &n);
     }
@@ -240,13 +260,17 @@ async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> Reg
             }
         }
     }
-    let id = s.store.add_pending(Pending {
+    let pending = Pending {
         machine_key: sess.machine,
         node_key: req.node_key,
         hostinfo: req.hostinfo.clone().unwrap_or_default(),
         ephemeral: req.ephemeral,
         created: now,
-    });
+    };
+    let id = match s.store.add_pending(pending, s.cfg.pending_ttl) {
+        Ok(id) => id,
+        Err(e) => return RegisterResponse { error: e.to_string(), ..Default::default() },
+    };
     RegisterResponse {
         auth_url: format!("{}/register/{id}", s.cfg.server_url.trim_end_matches('/')),
         ..Default::default()
@@ -322,6 +346,10 @@ async fn map(
     let _ = nk;
     let ep = req.endpoints.clone();
     let disco = req.disco_key;
+    if hostinfo_too_large(req.hostinfo.as_ref()) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, format!("Hostinfo larger than {MAX_HOSTINFO} bytes refused"))
+            .into_response();
+    }
     let hi = req.hostinfo.clone();
     let node = match s.store.update_node(node.id, |n| {
         let mut changed = false;
@@ -359,7 +387,7 @@ async fn map(
         return StatusCode::OK.into_response();
     }
     if !req.stream {
-        return Response::new(Body::from(encode_map_frame(&build_map(&s, &node), zstd)));
+        return Response::new(Body::from(encode_map_frame(&s.faults.with_leaks(&s, &node, build_map), zstd)));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
     let keepalive = s.cfg.keepalive;
@@ -383,7 +411,7 @@ async fn map(
             }
             let until_expiry =
                 me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
-            let m = build_map(&s, &me);
+            let m = s.faults.with_leaks(&s, &me, build_map);
             if last.as_ref() != Some(&m) {
                 let mut out = m.clone();
                 out.control_time = Some(Utc::now());

@@ -12,10 +12,10 @@ use axum::extract::{Form, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Grant type of the token request.
@@ -37,10 +37,30 @@ struct Flow {
     verdict: Verdict,
 }
 
+/// Most device flows open at once; the endpoint that starts them is unauthenticated.
+pub const MAX_FLOWS: usize = 1024;
+
 /// Open device flows, by device code.
 #[derive(Default)]
 pub struct Flows {
     flows: Mutex<HashMap<String, Flow>>,
+}
+
+impl Flows {
+    /// Drops flows whose code has expired.
+    pub fn prune(&self, now: Instant) {
+        self.flows.lock().retain(|_, f| f.expires > now);
+    }
+
+    /// How many flows are open.
+    pub fn len(&self) -> usize {
+        self.flows.lock().len()
+    }
+
+    /// True when no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// User codes are 8 letters from an alphabet without look-alikes, shown as XXXX-XXXX.
@@ -59,11 +79,11 @@ fn normalize(code: &str) -> String {
 impl Flows {
     fn find_by_user_code(&self, code: &str) -> Option<String> {
         let want = normalize(code);
-        self.flows.lock().unwrap().iter().find(|(_, f)| normalize(&f.user_code) == want).map(|(d, _)| d.clone())
+        self.flows.lock().iter().find(|(_, f)| normalize(&f.user_code) == want).map(|(d, _)| d.clone())
     }
 
     fn set(&self, device: &str, v: Verdict) -> bool {
-        match self.flows.lock().unwrap().get_mut(device) {
+        match self.flows.lock().get_mut(device) {
             Some(f) if f.verdict == Verdict::Pending && f.expires > Instant::now() => {
                 f.verdict = v;
                 true
@@ -74,21 +94,24 @@ impl Flows {
 }
 
 /// `POST /oauth/device/code`.
-pub async fn start(State(s): State<Shared>) -> Json<serde_json::Value> {
+pub async fn start(State(s): State<Shared>) -> Response {
     let device = crate::store::random_hex(24);
     let code = user_code();
     let ttl = s.cfg.device_code_ttl;
     let interval = Duration::from_secs(s.cfg.device_poll_interval.max(1));
-    s.device.flows.lock().unwrap().insert(
-        device.clone(),
-        Flow {
-            user_code: code.clone(),
-            expires: Instant::now() + ttl,
-            interval,
-            last_poll: None,
-            verdict: Verdict::Pending,
-        },
-    );
+    {
+        let now = Instant::now();
+        let mut flows = s.device.flows.lock();
+        flows.retain(|_, f| f.expires > now);
+        if flows.len() >= MAX_FLOWS {
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "too many logins in progress; try later"})))
+                .into_response();
+        }
+        flows.insert(
+            device.clone(),
+            Flow { user_code: code.clone(), expires: now + ttl, interval, last_poll: None, verdict: Verdict::Pending },
+        );
+    }
     let base = s.cfg.server_url.trim_end_matches('/').to_string();
     Json(json!({
         "device_code": device,
@@ -98,6 +121,7 @@ pub async fn start(State(s): State<Shared>) -> Json<serde_json::Value> {
         "expires_in": ttl.as_secs(),
         "interval": interval.as_secs(),
     }))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -115,7 +139,7 @@ pub async fn token(State(s): State<Shared>, Form(req): Form<TokenReq>) -> Respon
     if req.grant_type != GRANT {
         return oauth_error("unsupported_grant_type");
     }
-    let mut flows = s.device.flows.lock().unwrap();
+    let mut flows = s.device.flows.lock();
     let Some(f) = flows.get_mut(&req.device_code) else {
         return oauth_error("expired_token");
     };

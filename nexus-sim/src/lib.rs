@@ -28,8 +28,9 @@ use std::time::Duration;
 use store::Store;
 use tokio::sync::watch;
 
-/// Server configuration.
-#[derive(Debug, Clone)]
+/// Server configuration. `Debug` shows how many API keys there are and whether a mesh key is
+/// set, never the keys.
+#[derive(Clone)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -51,6 +52,8 @@ pub struct Config {
     pub ipv4_base: Ipv4Addr,
     /// IPv6 base.
     pub ipv6_base: Ipv6Addr,
+    /// How long an interactive registration waits for approval before it is dropped.
+    pub pending_ttl: Duration,
     /// Lifetime of a device-authorization code.
     pub device_code_ttl: Duration,
     /// Minimum seconds between device-token polls.
@@ -76,6 +79,57 @@ pub struct Config {
     /// listener presents it, and the embedded DERP map drops `InsecureForTests`; without one,
     /// TLS connections get a self-signed certificate.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            listen,
+            db,
+            server_url,
+            base_domain,
+            api_keys,
+            keepalive,
+            ephemeral_timeout,
+            followup_wait,
+            pending_ttl,
+            ipv4_base,
+            ipv6_base,
+            device_code_ttl,
+            device_poll_interval,
+            derp,
+            derp_verify_clients,
+            derp_mesh_key,
+            policy,
+            derp_queue_depth,
+            derp_keepalive,
+            stun_listen,
+            tls,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("db", db)
+            .field("server_url", server_url)
+            .field("base_domain", base_domain)
+            .field("api_keys", &format_args!("<{} redacted>", api_keys.len()))
+            .field("keepalive", keepalive)
+            .field("ephemeral_timeout", ephemeral_timeout)
+            .field("followup_wait", followup_wait)
+            .field("pending_ttl", pending_ttl)
+            .field("ipv4_base", ipv4_base)
+            .field("ipv6_base", ipv6_base)
+            .field("device_code_ttl", device_code_ttl)
+            .field("device_poll_interval", device_poll_interval)
+            .field("derp", derp)
+            .field("derp_verify_clients", derp_verify_clients)
+            .field("derp_mesh_key", &derp_mesh_key.as_ref().map(|_| "<redacted>"))
+            .field("policy", &policy.as_ref().map(|p| format!("<{} bytes>", p.len())))
+            .field("derp_queue_depth", derp_queue_depth)
+            .field("derp_keepalive", derp_keepalive)
+            .field("stun_listen", stun_listen)
+            .field("tls", &tls.as_ref().map(|_| "<server identity>"))
+            .finish()
+    }
 }
 
 /// The DERP part of the configuration.
@@ -110,6 +164,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(50),
             ephemeral_timeout: Duration::from_secs(120),
             followup_wait: Duration::from_secs(60),
+            pending_ttl: Duration::from_secs(15 * 60),
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
             device_code_ttl: Duration::from_secs(600),
@@ -133,8 +188,13 @@ pub struct Faults {
     drop_streams: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     derp: OnceLock<Arc<derp::DerpServer>>,
+    /// `(receiver, leaked)` node keys: the leaked node is added to the receiver's map.
+    leaks: std::sync::Mutex<Vec<(citadel_proto::keys::NodePublic, citadel_proto::keys::NodePublic)>>,
     register_requests: std::sync::atomic::AtomicU64,
 }
+
+/// Bound on [`Faults::leak_peer`] entries (a test switch, but still not unbounded).
+const MAX_LEAKS: usize = 64;
 
 impl Faults {
     /// While set, new control connections are refused with 503.
@@ -168,6 +228,46 @@ impl Faults {
     pub fn derp_stopped(&self) -> bool {
         self.derp.get().is_some_and(|d| d.is_stopped())
     }
+    /// Breaks org isolation on purpose, for tests of what the data plane does with a netmap
+    /// that lists a node of another org: every map built for the node with key `into` from now
+    /// on also lists the node with key `peer` (once it is registered), whatever its org.
+    /// Maps already sent are not updated. Returns false (and does nothing) past 64 entries.
+    pub fn leak_peer(&self, into: citadel_proto::keys::NodePublic, peer: citadel_proto::keys::NodePublic) -> bool {
+        let mut l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= MAX_LEAKS {
+            return false;
+        }
+        l.push((into, peer));
+        true
+    }
+
+    /// `build(s, me)` plus the peers [`Faults::leak_peer`] leaks into `me`'s map; each leaked
+    /// node is described as its own map (built by `build`) describes it.
+    pub(crate) fn with_leaks(
+        &self,
+        s: &Shared,
+        me: &store::Node,
+        build: fn(&Shared, &store::Node) -> citadel_proto::tailcfg::MapResponse,
+    ) -> citadel_proto::tailcfg::MapResponse {
+        let mut m = build(s, me);
+        let leaked: Vec<citadel_proto::keys::NodePublic> = {
+            let l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
+            l.iter().filter(|(into, _)| *into == me.node_key).map(|(_, p)| *p).collect()
+        };
+        if leaked.is_empty() {
+            return m;
+        }
+        let peers = m.peers.get_or_insert_with(Vec::new);
+        for n in s.store.nodes(None).iter().filter(|n| leaked.contains(&n.node_key) && n.id != me.id) {
+            if let Some(node) = build(s, n).node {
+                if !peers.iter().any(|p| p.key == node.key) {
+                    peers.push(node);
+                }
+            }
+        }
+        m
+    }
+
     /// Counts one `/machine/register` request (whatever its body).
     pub fn note_register_request(&self) {
         self.register_requests.fetch_add(1, Ordering::SeqCst);
@@ -229,9 +329,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     let store = Store::open(cfg.db.as_deref())?;
     let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
     let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
-    for k in &cfg.api_keys {
-        store.insert_api_key(k, None);
-    }
+    store.set_config_api_keys(&cfg.api_keys);
     let pol = policy::Policy::parse(cfg.policy.as_deref().unwrap_or(policy::ORG_ISOLATION))
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     let challenge = PrivateKey::generate(&mut rand::thread_rng());
@@ -273,8 +371,35 @@ pub fn router(s: Shared) -> Router {
         .route("/oauth/device/code", post(device::start))
         .route("/oauth/token", post(device::token))
         .route("/device", get(device::page))
+        .route("/debug/derp", get(derp_stats))
         .merge(api::router(s.clone()))
         .with_state(s)
+}
+
+/// The embedded DERP relay's counters as JSON (admin API key required; 404 without a relay),
+/// so tests of a nexus-sim process can tell relayed traffic from direct traffic.
+async fn derp_stats(State(s): State<Shared>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let authorized = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| s.store.check_api_key(k.trim()));
+    if !authorized {
+        return (axum::http::StatusCode::UNAUTHORIZED, "api key required").into_response();
+    }
+    let Some(d) = s.faults.derp.get() else {
+        return (axum::http::StatusCode::NOT_FOUND, "no embedded DERP relay").into_response();
+    };
+    let st = d.stats();
+    axum::Json(serde_json::json!({
+        "accepted": st.accepted,
+        "refused": st.refused,
+        "packets_relayed": st.packets_relayed,
+        "packets_dropped": st.packets_dropped,
+        "clients": st.clients,
+    }))
+    .into_response()
 }
 
 /// A running in-process server.
@@ -410,6 +535,20 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
         region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
     }
+    // Expired registrations and device codes are dropped on a timer, so a stranger's requests
+    // never outlive their TTL even if nobody asks about them again.
+    region_tasks.push({
+        let s = shared.clone();
+        let period = (s.cfg.pending_ttl.min(s.cfg.device_code_ttl) / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                s.store.prune_pending(chrono::Utc::now(), s.cfg.pending_ttl);
+                s.device.prune(std::time::Instant::now());
+            }
+        })
+    });
     if let Some(d) = &derp_server {
         for (id, l) in extra {
             region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
@@ -496,6 +635,87 @@ pub fn embedded_derp_map(host: &str, regions: &[(i32, SocketAddr)], stun_port: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn supplied_admin_keys_live_only_as_long_as_the_process() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = |k: &str| Config { db: Some(t.path().join("n.db")), api_keys: vec![k.into()], ..Config::default() };
+        let first = "first-SUPPLIED-key-0123456789";
+        let second = "second-SUPPLIED-key-9876543210";
+        let s = build(cfg(first)).unwrap();
+        assert!(s.store.check_api_key(first));
+        drop(s);
+        let s = build(cfg(second)).unwrap();
+        assert!(s.store.check_api_key(second));
+        assert!(!s.store.check_api_key(first), "a key from an earlier run still authenticates");
+        let listed = format!("{:?}", s.store.api_keys());
+        for k in [first, second] {
+            assert!(!listed.contains(&k[..6]), "{listed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn strangers_cannot_grow_pending_registrations_or_device_flows() {
+        use citadel_proto::keys::{MachinePublic, NodePublic};
+        use citadel_proto::tailcfg::{Hostinfo, RegisterRequest};
+        let ttl = Duration::from_secs(2);
+        let r = start(Config {
+            pending_ttl: ttl,
+            device_code_ttl: ttl,
+            derp: DerpMode::Off,
+            stun_listen: None,
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let s = r.shared.clone();
+        let key = |i: u32| {
+            let mut k = [7u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        let hostinfo = Some(Hostinfo { hostname: "stranger".into(), ..Default::default() });
+        let mut refused = 0;
+        for i in 0..10_000u32 {
+            let req =
+                RegisterRequest { node_key: NodePublic(key(i)), hostinfo: hostinfo.clone(), ..Default::default() };
+            let sess = control::Session { machine: MachinePublic(key(i)), version: 130 };
+            let resp = control::handle_register(&s, sess, req).await;
+            refused += usize::from(resp.error.contains("waiting for approval"));
+            assert!(s.store.pending_count() <= store::MAX_PENDING);
+        }
+        assert!(refused > 0 && s.store.pending_count() > 0);
+        for _ in 0..3000 {
+            let _ = device::start(State(s.clone())).await;
+            assert!(s.device.len() <= device::MAX_FLOWS);
+        }
+        // Nobody asks again: the sweeper alone empties both within a few TTLs.
+        let deadline = std::time::Instant::now() + ttl * 5;
+        while (s.store.pending_count(), s.device.len()) != (0, 0) {
+            assert!(std::time::Instant::now() < deadline, "expired entries were kept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let mut big = Hostinfo::default();
+        big.rest.insert("Padding".into(), serde_json::Value::String("x".repeat(2 << 20)));
+        let req = RegisterRequest { node_key: NodePublic(key(1)), hostinfo: Some(big), ..Default::default() };
+        let sess = control::Session { machine: MachinePublic(key(1)), version: 130 };
+        let resp = control::handle_register(&s, sess, req).await;
+        assert!(resp.error.contains("Hostinfo larger"), "{resp:?}");
+        assert_eq!(s.store.pending_count(), 0);
+    }
+
+    #[test]
+    fn config_debug_hides_api_and_mesh_keys() {
+        let cfg = Config {
+            api_keys: vec!["adminSECRETkey1".into()],
+            derp_mesh_key: Some("ab".repeat(32)),
+            ..Config::default()
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("adminSECRETkey1") && !text.contains(&"ab".repeat(32)), "{text}");
+        assert!(text.contains("api_keys") && text.contains("base_domain"), "{text}");
+    }
 
     #[test]
     fn embedded_map_names_every_region_listener() {

@@ -291,9 +291,25 @@ enum DeviceCmd {
 #[derive(Subcommand)]
 enum ApiKeysCmd {
     /// Create an API key; prints only the key
-    Create,
+    Create {
+        /// Lifetime (e.g. 90d); never expires when omitted
+        #[arg(long)]
+        expiration: Option<String>,
+    },
     /// List API keys
     List,
+    /// Expire an API key now
+    Expire {
+        /// The key's prefix, as `apikeys list` shows it
+        #[arg(long)]
+        prefix: String,
+    },
+    /// Delete an API key
+    Delete {
+        /// The key's prefix, as `apikeys list` shows it
+        #[arg(long)]
+        prefix: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -683,9 +699,22 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Apikeys { conn, cmd } => {
             admin(conn, async |c, json| {
                 match cmd {
-                    ApiKeysCmd::Create => {
-                        let v = c.call(Method::POST, "/api/v1/apikey", Some(json!({}))).await?;
+                    ApiKeysCmd::Create { expiration } => {
+                        let body = match expiration {
+                            Some(e) => {
+                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
+                                json!({"expiration": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
+                            }
+                            None => json!({}),
+                        };
+                        let v = c.call(Method::POST, "/api/v1/apikey", Some(body)).await?;
                         println!("{}", s(&v, "apiKey"));
+                    }
+                    ApiKeysCmd::Expire { prefix } => {
+                        c.call(Method::POST, "/api/v1/apikey/expire", Some(json!({"prefix": prefix}))).await?;
+                    }
+                    ApiKeysCmd::Delete { prefix } => {
+                        c.call(Method::DELETE, &format!("/api/v1/apikey/{prefix}"), None).await?;
                     }
                     ApiKeysCmd::List => {
                         let v = c.call(Method::GET, "/api/v1/apikey", None).await?;

@@ -6,11 +6,12 @@
 use chrono::{DateTime, Utc};
 use citadel_proto::keys::{DiscoPublic, MachinePublic, NodePublic};
 use citadel_proto::tailcfg::Hostinfo;
+use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// An org (Headscale user).
@@ -22,11 +23,21 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-/// A pre-auth key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A pre-auth key. Only its prefix and hash are kept (as Headscale does); `key` holds the full
+/// text only in the value [`Store::create_key`] returns, to be shown once.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct PreAuthKey {
     pub id: u64,
+    /// The full key, right after creation; empty otherwise. Never written to the database
+    /// (read only to migrate rows from before keys were hashed).
+    #[serde(default, skip_serializing)]
     pub key: String,
+    /// The public part of the key (`nskey-auth-<prefix>-…`), for listing and lookup.
+    #[serde(default)]
+    pub prefix: String,
+    /// SHA-256 of the full key, hex.
+    #[serde(default)]
+    pub hash: String,
     pub user_id: u64,
     pub reusable: bool,
     pub ephemeral: bool,
@@ -34,6 +45,42 @@ pub struct PreAuthKey {
     pub expiration: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub acl_tags: Vec<String>,
+}
+
+impl std::fmt::Debug for PreAuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuthKey")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .field("user_id", &self.user_id)
+            .field("reusable", &self.reusable)
+            .field("ephemeral", &self.ephemeral)
+            .field("used", &self.used)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreAuthKey {
+    /// How listings show the key: its prefix, the secret masked.
+    pub fn masked(&self) -> String {
+        format!("{PREAUTH_PREFIX}{}-***", self.prefix)
+    }
+}
+
+const PREAUTH_PREFIX: &str = "nskey-auth-";
+const PREAUTH_PREFIX_LEN: usize = 12;
+
+/// The lookup prefix of a presented pre-auth key (also right for keys made before hashing,
+/// `nskey-auth-<48 hex>`, whose first 12 hex digits became their prefix).
+fn preauth_prefix(full: &str) -> Option<&str> {
+    full.strip_prefix(PREAUTH_PREFIX)?.get(..PREAUTH_PREFIX_LEN)
+}
+
+/// Constant-time equality of two hex digests.
+fn same_hash(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// A registered node.
@@ -90,6 +137,9 @@ pub struct Pending {
     pub created: DateTime<Utc>,
 }
 
+/// Most interactive registrations waiting for approval at once.
+pub const MAX_PENDING: usize = 1024;
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,6 +149,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// No address is left in the configured range.
+    #[error("address range exhausted: {0}")]
+    Exhausted(String),
 }
 
 #[derive(Default)]
@@ -113,6 +166,8 @@ struct Data {
     /// Open map streams per node (online while > 0).
     sessions: HashMap<u64, u32>,
     pending: HashMap<String, Pending>,
+    /// SHA-256 of the admin keys this process was started with (never persisted or listed).
+    config_api_keys: Vec<String>,
 }
 
 /// The shared store.
@@ -129,6 +184,23 @@ const TABLES: [&str; 5] = ["users", "preauthkeys", "nodes", "apikeys", "meta"];
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// Creates the SQLite file 0600 (its -wal and -shm files inherit the mode) and tightens the
+/// mode of files left by an older run.
+fn make_private(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Invalid(format!("database file {}: {e}", db.display()));
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(db).map_err(io)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Random lowercase hex of `n` bytes.
@@ -158,6 +230,7 @@ impl Store {
         let conn = match db {
             None => None,
             Some(p) => {
+                make_private(p)?;
                 let c = rusqlite::Connection::open(p)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 for t in TABLES {
@@ -184,7 +257,18 @@ impl Store {
                 for (_, u) in load::<User>(&c, "users")? {
                     data.users.insert(u.id, u);
                 }
-                for (_, k) in load::<PreAuthKey>(&c, "preauthkeys")? {
+                for (_, mut k) in load::<PreAuthKey>(&c, "preauthkeys")? {
+                    if !k.key.is_empty() {
+                        // A row from before keys were hashed: keep only prefix and hash.
+                        k.prefix = preauth_prefix(&k.key).unwrap_or_default().to_string();
+                        k.hash = sha256_hex(&k.key);
+                        k.key.clear();
+                        let j = serde_json::to_string(&k).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                        c.execute(
+                            "INSERT OR REPLACE INTO preauthkeys (id, json) VALUES (?1, ?2)",
+                            rusqlite::params![k.id.to_string(), j],
+                        )?;
+                    }
                     data.keys.insert(k.id, k);
                 }
                 for (_, n) in load::<Node>(&c, "nodes")? {
@@ -221,7 +305,7 @@ impl Store {
     fn put<T: Serialize>(&self, table: &str, id: &str, v: &T) {
         if let Some(db) = &self.db {
             let j = serde_json::to_string(v).expect("serializes");
-            if let Err(e) = db.lock().unwrap().execute(
+            if let Err(e) = db.lock().execute(
                 &format!("INSERT OR REPLACE INTO {table} (id, json) VALUES (?1, ?2)"),
                 rusqlite::params![id, j],
             ) {
@@ -232,16 +316,37 @@ impl Store {
 
     fn del(&self, table: &str, id: &str) {
         if let Some(db) = &self.db {
-            if let Err(e) = db.lock().unwrap().execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id]) {
+            if let Err(e) = db.lock().execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id]) {
                 tracing::error!("sqlite delete from {table} failed: {e}");
             }
         }
     }
 
-    fn save_meta(&self, d: &Data) {
+    /// Writes one row (if any) and the allocation metadata in a single transaction, so a
+    /// crash never leaves a node without its address allocation or the other way round.
+    fn put_with_meta<T: Serialize>(&self, d: &Data, row: Option<(&str, &str, &T)>) {
+        let Some(db) = &self.db else { return };
         let a: Vec<(MachinePublic, u32)> = d.allocations.iter().map(|(k, v)| (*k, *v)).collect();
-        self.put("meta", "allocations", &a);
-        self.put("meta", "next_id", &d.next_id);
+        let mut rows = vec![
+            ("meta", "allocations".to_string(), serde_json::to_string(&a).expect("serializes")),
+            ("meta", "next_id".to_string(), d.next_id.to_string()),
+        ];
+        if let Some((table, id, v)) = row {
+            rows.push((table, id.to_string(), serde_json::to_string(v).expect("serializes")));
+        }
+        let mut c = db.lock();
+        let r = c.transaction().and_then(|tx| {
+            for (table, id, j) in &rows {
+                tx.execute(
+                    &format!("INSERT OR REPLACE INTO {table} (id, json) VALUES (?1, ?2)"),
+                    rusqlite::params![id, j],
+                )?;
+            }
+            tx.commit()
+        });
+        if let Err(e) = r {
+            tracing::error!("sqlite write failed: {e}");
+        }
     }
 
     /// A persistent value in the meta table (e.g. the server's private key), created on first use.
@@ -249,7 +354,6 @@ impl Store {
         if let Some(db) = &self.db {
             let got: Option<String> = db
                 .lock()
-                .unwrap()
                 .query_row("SELECT json FROM meta WHERE id = ?1", [name], |r| r.get(0))
                 .ok()
                 .and_then(|j: String| serde_json::from_str(&j).ok());
@@ -271,7 +375,7 @@ impl Store {
 
     /// Subscribes to changes of org `user_id`'s nodes.
     pub fn subscribe(&self, user_id: u64) -> watch::Receiver<u64> {
-        self.orgs.lock().unwrap().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
+        self.orgs.lock().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
     /// Subscribes to every change of any node (interactive registration waits on this).
@@ -282,7 +386,7 @@ impl Store {
     /// Wakes every stream of org `user_id`.
     pub fn notify(&self, user_id: u64) {
         self.all.send_modify(|g| *g += 1);
-        if let Some(tx) = self.orgs.lock().unwrap().get(&user_id) {
+        if let Some(tx) = self.orgs.lock().get(&user_id) {
             tx.send_modify(|g| *g += 1);
         }
     }
@@ -290,15 +394,15 @@ impl Store {
     // ---- users
 
     pub fn users(&self) -> Vec<User> {
-        self.data.lock().unwrap().users.values().cloned().collect()
+        self.data.lock().users.values().cloned().collect()
     }
 
     pub fn user(&self, id: u64) -> Option<User> {
-        self.data.lock().unwrap().users.get(&id).cloned()
+        self.data.lock().users.get(&id).cloned()
     }
 
     pub fn user_by_name(&self, name: &str) -> Option<User> {
-        self.data.lock().unwrap().users.values().find(|u| u.name == name).cloned()
+        self.data.lock().users.values().find(|u| u.name == name).cloned()
     }
 
     pub fn create_user(&self, name: &str, display_name: &str) -> Result<User, StoreError> {
@@ -306,7 +410,7 @@ impl Store {
         if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_whitespace()) {
             return Err(StoreError::Invalid(format!("invalid user name {name:?}")));
         }
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == name) {
             return Err(StoreError::Invalid(format!("user {name:?} already exists")));
         }
@@ -317,13 +421,12 @@ impl Store {
             created_at: Utc::now(),
         };
         d.users.insert(u.id, u.clone());
-        self.put("users", &u.id.to_string(), &u);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("users", &u.id.to_string(), &u)));
         Ok(u)
     }
 
     pub fn rename_user(&self, id: u64, new: &str) -> Result<User, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == new && u.id != id) {
             return Err(StoreError::Invalid(format!("user {new:?} already exists")));
         }
@@ -337,7 +440,7 @@ impl Store {
     }
 
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if !d.users.contains_key(&id) {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
@@ -359,16 +462,20 @@ impl Store {
         expiration: Option<DateTime<Utc>>,
         acl_tags: Vec<String>,
     ) -> Result<PreAuthKey, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         if !d.users.contains_key(&user_id) {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         if let Some(t) = acl_tags.iter().find(|t| !t.starts_with("tag:")) {
             return Err(StoreError::Invalid(format!("tag {t:?} must start with \"tag:\"")));
         }
+        let prefix = random_hex(PREAUTH_PREFIX_LEN / 2);
+        let full = format!("{PREAUTH_PREFIX}{prefix}-{}", random_hex(24));
         let k = PreAuthKey {
             id: Self::next_id(&mut d),
-            key: format!("nskey-auth-{}", random_hex(24)),
+            key: String::new(),
+            prefix,
+            hash: sha256_hex(&full),
             user_id,
             reusable,
             ephemeral,
@@ -378,19 +485,25 @@ impl Store {
             acl_tags,
         };
         d.keys.insert(k.id, k.clone());
-        self.put("preauthkeys", &k.id.to_string(), &k);
-        self.save_meta(&d);
-        Ok(k)
+        self.put_with_meta(&d, Some(("preauthkeys", &k.id.to_string(), &k)));
+        Ok(PreAuthKey { key: full, ..k })
     }
 
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
-        self.data.lock().unwrap().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
+        self.data.lock().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
 
+    /// Expires the key given in full or as its listed (masked) form.
     pub fn expire_key(&self, key: &str) -> Result<PreAuthKey, StoreError> {
-        let mut d = self.data.lock().unwrap();
-        let k =
-            d.keys.values_mut().find(|k| k.key == key).ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?;
+        let mut d = self.data.lock();
+        let k = match Self::find_key(&mut d, key) {
+            Some(k) => k,
+            None => d
+                .keys
+                .values_mut()
+                .find(|k| k.masked() == key)
+                .ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?,
+        };
         k.expiration = Some(Utc::now());
         let k = k.clone();
         self.put("preauthkeys", &k.id.to_string(), &k);
@@ -399,63 +512,102 @@ impl Store {
 
     // ---- API keys
 
-    /// Creates an API key; returns the full key (shown once) and its record.
+    /// Creates an API key `nsapi-<prefix>.<secret>`; returns the full key (shown once) and its
+    /// record, which holds only the random prefix and the hash.
     pub fn create_api_key(&self, expiration: Option<DateTime<Utc>>) -> (String, ApiKey) {
         let prefix = random_hex(5);
         let full = format!("nsapi-{prefix}.{}", random_hex(24));
-        (full.clone(), self.insert_api_key(&full, expiration))
+        let mut d = self.data.lock();
+        let k =
+            ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
+        d.api_keys.insert(k.id, k.clone());
+        self.put_with_meta(&d, Some(("apikeys", &k.id.to_string(), &k)));
+        (full, k)
     }
 
-    /// Registers a given API key (the one `serve --api-key` was started with).
-    pub fn insert_api_key(&self, full: &str, expiration: Option<DateTime<Utc>>) -> ApiKey {
-        let mut d = self.data.lock().unwrap();
-        let hash = sha256_hex(full);
-        if let Some(k) = d.api_keys.values().find(|k| k.hash == hash) {
-            return k.clone();
-        }
-        let prefix: String = full.chars().take(12).collect();
-        let k = ApiKey { id: Self::next_id(&mut d), prefix, hash, expiration, created_at: Utc::now() };
-        d.api_keys.insert(k.id, k.clone());
-        self.put("apikeys", &k.id.to_string(), &k);
-        self.save_meta(&d);
-        k
+    /// Accepts `keys` (those `serve --api-key` was started with) for this process only: they
+    /// are not written to the database and not listed.
+    pub fn set_config_api_keys(&self, keys: &[String]) {
+        self.data.lock().config_api_keys = keys.iter().map(|k| sha256_hex(k)).collect();
     }
 
     pub fn api_keys(&self) -> Vec<ApiKey> {
-        self.data.lock().unwrap().api_keys.values().cloned().collect()
+        self.data.lock().api_keys.values().cloned().collect()
     }
 
-    /// True when `full` is a known, unexpired API key.
+    /// Expires the API key with this prefix now.
+    pub fn expire_api_key(&self, prefix: &str) -> Result<ApiKey, StoreError> {
+        let mut d = self.data.lock();
+        let k = d
+            .api_keys
+            .values_mut()
+            .find(|k| k.prefix == prefix)
+            .ok_or_else(|| StoreError::NotFound(format!("API key {prefix:?}")))?;
+        k.expiration = Some(Utc::now());
+        let k = k.clone();
+        self.put("apikeys", &k.id.to_string(), &k);
+        Ok(k)
+    }
+
+    /// Deletes the API key with this prefix.
+    pub fn delete_api_key(&self, prefix: &str) -> Result<(), StoreError> {
+        let mut d = self.data.lock();
+        let id = d
+            .api_keys
+            .values()
+            .find(|k| k.prefix == prefix)
+            .map(|k| k.id)
+            .ok_or_else(|| StoreError::NotFound(format!("API key {prefix:?}")))?;
+        d.api_keys.remove(&id);
+        self.del("apikeys", &id.to_string());
+        Ok(())
+    }
+
+    /// True when `full` is a key this process was started with, or a stored unexpired one.
     pub fn check_api_key(&self, full: &str) -> bool {
         let hash = sha256_hex(full);
         let now = Utc::now();
-        self.data.lock().unwrap().api_keys.values().any(|k| k.hash == hash && k.expiration.is_none_or(|e| e > now))
+        let d = self.data.lock();
+        let configured = d.config_api_keys.iter().fold(false, |ok, h| ok | same_hash(h, &hash));
+        let stored = d
+            .api_keys
+            .values()
+            .fold(false, |ok, k| ok | (same_hash(&k.hash, &hash) && k.expiration.is_none_or(|e| e > now)));
+        configured || stored
     }
 
     // ---- nodes
 
     pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.data.lock().unwrap().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
+        self.data.lock().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
     }
 
     pub fn node(&self, id: u64) -> Option<Node> {
-        self.data.lock().unwrap().nodes.get(&id).cloned()
+        self.data.lock().nodes.get(&id).cloned()
     }
 
     /// The node registered with this machine key and node key.
     pub fn node_by_keys(&self, mk: &MachinePublic, nk: &NodePublic) -> Option<Node> {
-        self.data.lock().unwrap().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
+        self.data.lock().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
     }
 
     pub fn is_online(&self, id: u64) -> bool {
-        self.data.lock().unwrap().sessions.get(&id).copied().unwrap_or(0) > 0
+        self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
+    }
+
+    /// The key whose prefix and hash match `full`.
+    fn find_key<'a>(d: &'a mut Data, full: &str) -> Option<&'a mut PreAuthKey> {
+        // SHA-256 (not a slow hash) is enough: the secret part is 192 random bits.
+        let prefix = preauth_prefix(full)?;
+        let hash = sha256_hex(full);
+        d.keys.values_mut().find(|k| k.prefix == prefix && same_hash(&k.hash, &hash))
     }
 
     /// Validates and consumes a pre-auth key; the error text is what the client shows.
     pub fn use_key(&self, key: &str) -> Result<PreAuthKey, String> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let now = Utc::now();
-        let Some(k) = d.keys.values_mut().find(|k| k.key == key) else {
+        let Some(k) = Self::find_key(&mut d, key) else {
             return Err("invalid auth key: not known to this server".into());
         };
         if k.expiration.is_some_and(|e| e <= now) {
@@ -484,14 +636,35 @@ impl Store {
         method: &str,
         ipv4_base: Ipv4Addr,
         ipv6_base: Ipv6Addr,
-    ) -> Node {
-        let mut d = self.data.lock().unwrap();
+    ) -> Result<Node, StoreError> {
+        if nk.is_zero() {
+            return Err(StoreError::Invalid("empty node key".into()));
+        }
+        let mut d = self.data.lock();
+        if d.nodes.values().any(|n| n.node_key == nk && n.machine_key != mk) {
+            return Err(StoreError::Invalid(format!("node key {nk} is registered to another machine")));
+        }
         let now = Utc::now();
         let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
+        // Nodes whose allocation was lost (a database written before registrations were one
+        // transaction) keep their address: rebuild the allocation from it.
+        let orphans: Vec<(MachinePublic, u32)> = d
+            .nodes
+            .values()
+            .filter(|n| !d.allocations.contains_key(&n.machine_key))
+            .filter_map(|n| u32::from(n.ipv4).checked_sub(u32::from(ipv4_base)).map(|i| (n.machine_key, i)))
+            .collect();
+        d.allocations.extend(orphans);
         let idx = match d.allocations.get(&mk) {
             Some(i) => *i,
             None => {
-                let i = d.allocations.values().max().map(|m| m + 1).unwrap_or(1);
+                // Indexes are never reused (a machine keeps its address), so the next is max + 1
+                // and the range ends where the IPv4 address would wrap.
+                let last = u32::MAX - u32::from(ipv4_base);
+                let i = d.allocations.values().max().map_or(Some(1), |m| m.checked_add(1)).filter(|i| *i <= last);
+                let i = i.ok_or_else(|| {
+                    StoreError::Exhausted(format!("no IPv4 address left after {ipv4_base} ({last} allocated)"))
+                })?;
                 d.allocations.insert(mk, i);
                 i
             }
@@ -521,8 +694,8 @@ impl Store {
             }
             None => {
                 let id = Self::next_id(&mut d);
-                let v4 = u32::from(ipv4_base) + idx;
-                let v6 = u128::from(ipv6_base) + idx as u128;
+                let v4 = u32::from(ipv4_base).saturating_add(idx);
+                let v6 = u128::from(ipv6_base).saturating_add(u128::from(idx));
                 let n = Node {
                     id,
                     machine_key: mk,
@@ -548,19 +721,18 @@ impl Store {
                 n
             }
         };
-        self.put("nodes", &node.id.to_string(), &node);
-        self.save_meta(&d);
+        self.put_with_meta(&d, Some(("nodes", &node.id.to_string(), &node)));
         drop(d);
         self.notify(user_id);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
             self.notify(u);
         }
-        node
+        Ok(node)
     }
 
     /// Applies `f` to node `id`, persists it and wakes its org when `f` reports a change.
     pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let n = d.nodes.get_mut(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         let changed = f(n);
         let n = n.clone();
@@ -573,7 +745,7 @@ impl Store {
     }
 
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
         d.sessions.remove(&id);
         drop(d);
@@ -584,7 +756,7 @@ impl Store {
 
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
-        if self.data.lock().unwrap().nodes.values().any(|n| n.given_name == name && n.id != id) {
+        if self.data.lock().nodes.values().any(|n| n.given_name == name && n.id != id) {
             return Err(StoreError::Invalid(format!("name {name:?} is taken")));
         }
         self.update_node(id, |n| {
@@ -602,7 +774,7 @@ impl Store {
 
     /// A map stream of node `id` opened (`+1`) or closed (`-1`); online state follows.
     pub fn session(&self, id: u64, open: bool) {
-        let mut d = self.data.lock().unwrap();
+        let mut d = self.data.lock();
         let c = d.sessions.entry(id).or_insert(0);
         let was = *c > 0;
         if open {
@@ -622,20 +794,44 @@ impl Store {
 
     // ---- interactive registration
 
-    pub fn add_pending(&self, p: Pending) -> String {
+    /// Records a registration waiting for approval. Expired ones are dropped first; when
+    /// [`MAX_PENDING`] are still waiting the request is refused (strangers cannot grow it).
+    pub fn add_pending(&self, p: Pending, ttl: std::time::Duration) -> Result<String, StoreError> {
+        let mut d = self.data.lock();
+        Self::prune_pending_locked(&mut d, p.created, ttl);
+        if d.pending.len() >= MAX_PENDING {
+            return Err(StoreError::Exhausted(format!(
+                "{MAX_PENDING} registrations are already waiting for approval; try again later"
+            )));
+        }
         let id = random_hex(12);
-        self.data.lock().unwrap().pending.insert(id.clone(), p);
-        id
+        d.pending.insert(id.clone(), p);
+        Ok(id)
+    }
+
+    fn prune_pending_locked(d: &mut Data, now: DateTime<Utc>, ttl: std::time::Duration) {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        d.pending.retain(|_, p| p.created + ttl > now);
+    }
+
+    /// Drops pending registrations older than `ttl`.
+    pub fn prune_pending(&self, now: DateTime<Utc>, ttl: std::time::Duration) {
+        Self::prune_pending_locked(&mut self.data.lock(), now, ttl);
+    }
+
+    /// How many registrations wait for approval.
+    pub fn pending_count(&self) -> usize {
+        self.data.lock().pending.len()
     }
 
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
-        let p = self.data.lock().unwrap().pending.remove(id);
+        let p = self.data.lock().pending.remove(id);
         self.all.send_modify(|g| *g += 1);
         p
     }
 
     pub fn pending(&self, id: &str) -> Option<Pending> {
-        self.data.lock().unwrap().pending.get(id).cloned()
+        self.data.lock().pending.get(id).cloned()
     }
 }
 
@@ -656,6 +852,145 @@ mod tests {
             Ipv4Addr::new(100, 64, 0, 0),
             "fd7a:115c:a1e0::".parse().unwrap(),
         )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_panic_inside_an_update_leaves_the_store_usable() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = s.update_node(a.id, |_| panic!("a bug in an update closure"));
+        }));
+        assert!(r.is_err());
+        assert_eq!(s.nodes(None).len(), 1);
+        assert_eq!(s.user(u.id).unwrap().name, "acme");
+    }
+
+    #[test]
+    fn registering_another_machines_node_key_fails() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let r = s.register(
+            MachinePublic([2; 32]),
+            a.node_key,
+            u.id,
+            Hostinfo::default(),
+            false,
+            vec![],
+            None,
+            "authkey",
+            Ipv4Addr::new(100, 64, 0, 0),
+            "fd7a:115c:a1e0::".parse().unwrap(),
+        );
+        let e = r.expect_err("a second machine took over a node key");
+        assert!(e.to_string().contains("another machine"), "{e}");
+        assert_eq!(s.nodes(None).len(), 1);
+        assert_eq!(s.node(a.id).unwrap().machine_key, MachinePublic([1; 32]));
+        // The owner may re-register its own key.
+        assert_eq!(reg(&s, 1, u.id).id, a.id);
+    }
+
+    #[test]
+    fn address_exhaustion_is_a_clear_error() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let base = Ipv4Addr::new(255, 255, 255, 253);
+        let got: Vec<_> = (1..=4u8)
+            .map(|mk| {
+                s.register(
+                    MachinePublic([mk; 32]),
+                    NodePublic([mk; 32]),
+                    u.id,
+                    Hostinfo::default(),
+                    false,
+                    vec![],
+                    None,
+                    "authkey",
+                    base,
+                    "fd7a:115c:a1e0::".parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got[0].as_ref().unwrap().ipv4, Ipv4Addr::new(255, 255, 255, 254));
+        assert_eq!(got[1].as_ref().unwrap().ipv4, Ipv4Addr::BROADCAST);
+        for r in &got[2..] {
+            let e = r.as_ref().unwrap_err();
+            assert!(matches!(e, StoreError::Exhausted(_)) && e.to_string().contains("address range exhausted"), "{e}");
+        }
+        // Machines that have an address keep it.
+        assert!(s
+            .register(
+                MachinePublic([1; 32]),
+                NodePublic([1; 32]),
+                u.id,
+                Hostinfo::default(),
+                false,
+                vec![],
+                None,
+                "authkey",
+                base,
+                "fd7a:115c:a1e0::".parse().unwrap()
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn db_holds_no_pre_auth_key_text_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let k = s.create_key(u.id, true, false, None, vec![]).unwrap();
+        let secret = k.key.rsplit('-').next().unwrap().to_string();
+        assert!(secret.len() >= 32, "{}", k.key);
+        // Listing never shows the key either.
+        assert!(s.keys(None).iter().all(|l| !format!("{l:?}").contains(&secret)));
+        assert!(s.use_key(&k.key).is_ok());
+        assert!(s.use_key(&format!("{}0", &k.key[..k.key.len() - 1])).is_err());
+        let mut files = 0;
+        for e in std::fs::read_dir(t.path()).unwrap() {
+            let p = e.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{} holds the key", p.display());
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+            files += 1;
+        }
+        assert!(files >= 2, "expected the db and its WAL");
+        drop(s);
+        // After a restart the key still works (by its hash).
+        let s = Store::open(Some(&db)).unwrap();
+        assert!(s.use_key(&k.key).is_ok());
+    }
+
+    #[test]
+    fn a_node_row_without_its_allocation_does_not_lose_its_address() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        drop(s);
+        // A crash after the node row was written and before the allocation was.
+        let mut b = a.clone();
+        b.id = 99;
+        b.machine_key = MachinePublic([2; 32]);
+        b.node_key = NodePublic([2; 32]);
+        b.given_name = "b".into();
+        b.ipv4 = Ipv4Addr::new(100, 64, 0, 2);
+        b.ipv6 = "fd7a:115c:a1e0::2".parse().unwrap();
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute("INSERT INTO nodes (id, json) VALUES ('99', ?1)", [serde_json::to_string(&b).unwrap()]).unwrap();
+        drop(c);
+        let s = Store::open(Some(&db)).unwrap();
+        let n = reg(&s, 3, u.id);
+        assert!(n.ipv4 != b.ipv4 && n.ipv4 != a.ipv4, "{} reused", n.ipv4);
+        assert!(n.ipv6 != b.ipv6 && n.ipv6 != a.ipv6, "{} reused", n.ipv6);
+        // B keeps its address when it registers again.
+        assert_eq!(reg(&s, 2, u.id).ipv4, b.ipv4);
     }
 
     #[test]

@@ -61,7 +61,8 @@ fn compile_time_and_map_size_for_1000_nodes_100_rules() {
             "authkey",
             shared.cfg.ipv4_base,
             shared.cfg.ipv6_base,
-        );
+        )
+        .expect("register");
     }
     let text = policy();
     let t = Instant::now();

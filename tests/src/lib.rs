@@ -218,6 +218,18 @@ impl NsNexus {
         }
     }
 
+    /// Packets the embedded DERP relay has handed on so far (`GET /debug/derp`).
+    pub fn derp_packets_relayed(&self) -> u64 {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns_name, "curl", "-sf", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.api_key))
+            .arg(format!("{}/debug/derp", self.url));
+        let o = run_with_deadline(&mut c, Duration::from_secs(10));
+        assert!(o.status.success(), "GET /debug/derp: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("DERP stats JSON");
+        v["packets_relayed"].as_u64().expect("packets_relayed")
+    }
+
     /// The node list as JSON.
     pub fn nodes(&self) -> Vec<serde_json::Value> {
         let v: serde_json::Value = serde_json::from_str(&self.admin(&["nodes", "list", "-o", "json"])).unwrap();

@@ -616,19 +616,27 @@ impl Frame {
 
 /// Seals `plaintext` from `ours` to `theirs` as Go's `NodePrivate.SealTo` does:
 /// `nonce (24) · Poly1305 tag (16) · XSalsa20 ciphertext` (NaCl `crypto_box`).
+/// Towards a low-order key the result is the bare nonce, which never opens.
 pub fn seal_box(ours: &PrivateKey, theirs: &[u8; 32], nonce: [u8; NONCE_LEN], plaintext: &[u8]) -> Vec<u8> {
-    seal_with(&salsa_box(ours, theirs), nonce, plaintext)
+    match salsa_box(ours, theirs) {
+        Some(b) => seal_with(&b, nonce, plaintext),
+        None => nonce.to_vec(),
+    }
 }
 
 /// Opens a box made by [`seal_box`] (or Go's `SealTo`) from `theirs` to `ours`; `None` if it is
-/// truncated, tampered with or from another key.
+/// truncated, tampered with, from another key or from a low-order key.
 pub fn open_box(ours: &PrivateKey, theirs: &[u8; 32], sealed: &[u8]) -> Option<Vec<u8>> {
-    open_with(&salsa_box(ours, theirs), sealed)
+    open_with(&salsa_box(ours, theirs)?, sealed)
 }
 
-/// The precomputed NaCl box key between two parties (HSalsa20 of the X25519 secret).
-pub(crate) fn salsa_box(ours: &PrivateKey, theirs: &[u8; 32]) -> SalsaBox {
-    SalsaBox::new(&PublicKey::from(*theirs), &SecretKey::from(ours.to_bytes()))
+/// The precomputed NaCl box key between two parties (HSalsa20 of the X25519 secret); `None`
+/// when `theirs` is a low-order point (the X25519 secret would be all zero, known to anyone).
+pub(crate) fn salsa_box(ours: &PrivateKey, theirs: &[u8; 32]) -> Option<SalsaBox> {
+    if ours.dh(theirs).iter().fold(0u8, |acc, b| acc | b) == 0 {
+        return None;
+    }
+    Some(SalsaBox::new(&PublicKey::from(*theirs), &SecretKey::from(ours.to_bytes())))
 }
 
 pub(crate) fn seal_with(b: &SalsaBox, nonce: [u8; NONCE_LEN], plaintext: &[u8]) -> Vec<u8> {
@@ -1092,6 +1100,18 @@ mod tests {
 
     fn hex32(s: &str) -> [u8; 32] {
         hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn boxes_from_or_to_low_order_keys_are_refused() {
+        let server = PrivateKey::from_bytes([2; 32]);
+        let attacker = PrivateKey::from_bytes([3; 32]);
+        for low in crate::keys::LOW_ORDER_POINTS {
+            // With a low-order key the shared secret is all zero, so anyone can forge this box.
+            let forged = seal_box(&attacker, &low, [4; 24], br#"{"version":2}"#);
+            assert_eq!(open_box(&server, &low, &forged), None, "{}", hex::encode(low));
+            assert!(ClientInfo::open(&server, &NodePublic(low), &forged).is_err());
+        }
     }
 
     #[test]

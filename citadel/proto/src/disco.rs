@@ -211,7 +211,8 @@ pub fn sender(packet: &[u8]) -> Option<DiscoPublic> {
 pub struct SharedKey {
     ours: DiscoPublic,
     theirs: DiscoPublic,
-    cipher: SalsaBox,
+    /// `None` for a low-order peer key: nothing seals or opens.
+    cipher: Option<SalsaBox>,
 }
 
 impl std::fmt::Debug for SharedKey {
@@ -236,7 +237,10 @@ impl SharedKey {
         let mut out = Vec::with_capacity(MAGIC.len() + KEY_LEN);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.ours.0);
-        out.extend_from_slice(&seal_with(&self.cipher, nonce, &msg.to_vec()));
+        match &self.cipher {
+            Some(c) => out.extend_from_slice(&seal_with(c, nonce, &msg.to_vec())),
+            None => out.extend_from_slice(&nonce),
+        }
         out
     }
 
@@ -249,7 +253,8 @@ impl SharedKey {
         if sender(packet) != Some(self.theirs) {
             return Err(DiscoError::NotDisco);
         }
-        let plain = open_with(&self.cipher, &packet[MAGIC.len() + KEY_LEN..]).ok_or(DiscoError::Open)?;
+        let cipher = self.cipher.as_ref().ok_or(DiscoError::Open)?;
+        let plain = open_with(cipher, &packet[MAGIC.len() + KEY_LEN..]).ok_or(DiscoError::Open)?;
         Message::decode(&plain)
     }
 }

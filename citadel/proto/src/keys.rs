@@ -97,6 +97,35 @@ public_key!(MachinePublic, "mkey:", "A machine's public key (control-plane ident
 public_key!(NodePublic, "nodekey:", "A node's public key (its WireGuard static key).");
 public_key!(DiscoPublic, "discokey:", "A node's disco public key.");
 
+/// Curve25519 points of small order (and their non-canonical encodings): a Diffie-Hellman
+/// with any of them yields the all-zero secret, which anyone can compute.
+pub const LOW_ORDER_POINTS: [[u8; 32]; 7] = [
+    [0; 32],
+    [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    hex_literal(b"e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    hex_literal(b"5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    hex_literal(b"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex_literal(b"edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex_literal(b"eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+];
+
+const fn hex_literal(h: &[u8; 64]) -> [u8; 32] {
+    const fn nib(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not a lowercase hex digit"),
+        }
+    }
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = nib(h[2 * i]) << 4 | nib(h[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+
 /// A Curve25519 private key. Its bytes are only reachable through [`PrivateKey::to_bytes`].
 #[derive(Clone)]
 pub struct PrivateKey(StaticSecret);

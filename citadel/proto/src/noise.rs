@@ -78,6 +78,64 @@ fn params() -> snow::params::NoiseParams {
     PROTOCOL_NAME.parse().expect("constant protocol name parses")
 }
 
+/// A handshake builder whose Diffie-Hellman refuses all-zero results (a low-order static or
+/// ephemeral key from the peer); `snow`'s default X25519 does not check.
+fn builder<'a>() -> snow::Builder<'a> {
+    snow::Builder::with_resolver(params(), Box::new(ContributoryResolver))
+}
+
+struct ContributoryResolver;
+
+impl snow::resolvers::CryptoResolver for ContributoryResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+        snow::resolvers::DefaultResolver.resolve_rng()
+    }
+    fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+        let inner = snow::resolvers::DefaultResolver.resolve_dh(choice)?;
+        Some(Box::new(ContributoryDh(inner)))
+    }
+    fn resolve_hash(&self, choice: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
+        snow::resolvers::DefaultResolver.resolve_hash(choice)
+    }
+    fn resolve_cipher(&self, choice: &snow::params::CipherChoice) -> Option<Box<dyn snow::types::Cipher>> {
+        snow::resolvers::DefaultResolver.resolve_cipher(choice)
+    }
+}
+
+struct ContributoryDh(Box<dyn snow::types::Dh>);
+
+impl snow::types::Dh for ContributoryDh {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn pub_len(&self) -> usize {
+        self.0.pub_len()
+    }
+    fn priv_len(&self) -> usize {
+        self.0.priv_len()
+    }
+    fn set(&mut self, privkey: &[u8]) {
+        self.0.set(privkey)
+    }
+    fn generate(&mut self, rng: &mut dyn snow::types::Random) {
+        self.0.generate(rng)
+    }
+    fn pubkey(&self) -> &[u8] {
+        self.0.pubkey()
+    }
+    fn privkey(&self) -> &[u8] {
+        self.0.privkey()
+    }
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        self.0.dh(pubkey, out)?;
+        let len = self.0.pub_len().min(out.len());
+        if out[..len].iter().fold(0u8, |acc, b| acc | b) == 0 {
+            return Err(snow::Error::Dh);
+        }
+        Ok(())
+    }
+}
+
 /// One direction of the transport: a key and a big-endian counter nonce.
 pub struct Cipher {
     aead: ChaCha20Poly1305,
@@ -159,7 +217,7 @@ pub struct Initiator {
 impl Initiator {
     /// Starts a handshake as `machine` towards the server's machine public key.
     pub fn new(machine: &PrivateKey, server: &[u8; 32], version: u16) -> Result<Self, NoiseError> {
-        let mut hs = snow::Builder::new(params())
+        let mut hs = builder()
             .local_private_key(&machine.to_bytes())
             .remote_public_key(server)
             .prologue(&prologue(version))
@@ -220,7 +278,7 @@ pub fn accept(server_key: &PrivateKey, init_frame: &[u8]) -> Result<Accepted, No
     if init_frame[2] != MSG_INITIATION || u16::from_be_bytes([init_frame[3], init_frame[4]]) as usize != INIT_LEN {
         return Err(NoiseError::Malformed("bad initiation header"));
     }
-    let mut hs = snow::Builder::new(params())
+    let mut hs = builder()
         .local_private_key(&server_key.to_bytes())
         .prologue(&prologue(version))
         .build_responder()
@@ -369,6 +427,95 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn initiator_refuses_a_low_order_server_key() {
+        let client = PrivateKey::generate(&mut rand::thread_rng());
+        for low in crate::keys::LOW_ORDER_POINTS {
+            assert!(Initiator::new(&client, &low, 130).is_err(), "{}", hex::encode(low));
+        }
+    }
+
+    /// A Dh whose static public key is a chosen low-order point; the DH results an attacker
+    /// would compute with it are all zero. Ephemeral keys stay honest.
+    struct LowOrderStatic {
+        inner: Box<dyn snow::types::Dh>,
+        fake: Option<[u8; 32]>,
+    }
+
+    const FAKE_MARKER: [u8; 32] = [0xaa; 32];
+
+    impl snow::types::Dh for LowOrderStatic {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn pub_len(&self) -> usize {
+            32
+        }
+        fn priv_len(&self) -> usize {
+            32
+        }
+        fn set(&mut self, privkey: &[u8]) {
+            self.inner.set(privkey);
+        }
+        fn generate(&mut self, rng: &mut dyn snow::types::Random) {
+            self.inner.generate(rng)
+        }
+        fn pubkey(&self) -> &[u8] {
+            if self.inner.privkey() == FAKE_MARKER {
+                self.fake.as_ref().map_or(self.inner.pubkey(), |f| &f[..])
+            } else {
+                self.inner.pubkey()
+            }
+        }
+        fn privkey(&self) -> &[u8] {
+            self.inner.privkey()
+        }
+        fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+            if self.inner.privkey() == FAKE_MARKER {
+                out[..32].fill(0);
+                return Ok(());
+            }
+            self.inner.dh(pubkey, out)
+        }
+    }
+
+    struct FakeResolver([u8; 32]);
+
+    impl snow::resolvers::CryptoResolver for FakeResolver {
+        fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+            snow::resolvers::DefaultResolver.resolve_rng()
+        }
+        fn resolve_dh(&self, c: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+            let inner = snow::resolvers::DefaultResolver.resolve_dh(c)?;
+            Some(Box::new(LowOrderStatic { inner, fake: Some(self.0) }))
+        }
+        fn resolve_hash(&self, c: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
+            snow::resolvers::DefaultResolver.resolve_hash(c)
+        }
+        fn resolve_cipher(&self, c: &snow::params::CipherChoice) -> Option<Box<dyn snow::types::Cipher>> {
+            snow::resolvers::DefaultResolver.resolve_cipher(c)
+        }
+    }
+
+    #[test]
+    fn responder_refuses_a_low_order_client_static_key() {
+        let server = PrivateKey::generate(&mut rand::thread_rng());
+        for low in crate::keys::LOW_ORDER_POINTS {
+            let mut hs = snow::Builder::with_resolver(params(), Box::new(FakeResolver(low)))
+                .local_private_key(&FAKE_MARKER)
+                .remote_public_key(&server.public_bytes())
+                .prologue(&prologue(130))
+                .build_initiator()
+                .unwrap();
+            let mut msg = [0u8; INIT_LEN];
+            hs.write_message(&[], &mut msg).unwrap();
+            let mut frame = vec![0, 130, MSG_INITIATION, 0, INIT_LEN as u8];
+            frame.extend_from_slice(&msg);
+            let r = accept(&server, &frame);
+            assert!(r.is_err(), "accepted low-order client key {}", hex::encode(low));
+        }
+    }
 
     fn pair() -> ((Cipher, Cipher), Accepted) {
         let mut rng = rand::thread_rng();

@@ -185,11 +185,30 @@ mod tests {
 
     #[test]
     fn garbage_is_ignored() {
+        // One connection whose window edge is 5000: the whole `ack` below would be moved.
         let mut f = AckFix::default();
-        for n in 0..80 {
-            let mut p: Vec<u8> = (0..n).map(|i| (i * 37) as u8 | 0x40).collect();
-            f.on_egress(&p);
-            f.on_ingress(&mut p);
+        f.on_egress(&segment("100.64.0.1", "100.64.0.2", 100, 5000, 0, &[], TcpControl::None));
+        let ack = segment("100.64.0.2", "100.64.0.1", 5008, 101, 100, &[], TcpControl::None);
+        // Byte soup and every truncation of that ACK, both ways: nothing learned, nothing moved.
+        let mut garbage: Vec<Vec<u8>> = (0..80).map(|n| (0..n).map(|i| (i * 37) as u8 | 0x40).collect()).collect();
+        garbage.extend((0..ack.len()).map(|n| ack[..n].to_vec()));
+        for g in &garbage {
+            f.on_egress(g);
+            let mut p = g.clone();
+            assert!(!f.on_ingress(&mut p), "{g:?}");
+            assert_eq!(&p, g, "a packet the shim does not move must leave it byte for byte");
         }
+        assert_eq!(f.flows.len(), 1, "garbage taught it connections: {:?}", f.flows);
+        // Well-formed segments it must not touch: data, and a pure ACK of an unknown connection.
+        for g in [
+            segment("100.64.0.2", "100.64.0.1", 5008, 101, 100, b"data", TcpControl::None),
+            segment("100.64.0.9", "100.64.0.1", 5008, 101, 100, &[], TcpControl::None),
+        ] {
+            let mut p = g.clone();
+            assert!(!f.on_ingress(&mut p));
+            assert_eq!(p, g);
+        }
+        let mut p = ack.clone();
+        assert!(f.on_ingress(&mut p), "the shim is live for the whole ACK");
     }
 }

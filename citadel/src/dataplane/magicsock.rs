@@ -10,7 +10,7 @@
 //! (traffic falls back to DERP) within [`TRUST_DURATION`]. Roaming: an authenticated packet
 //! from a new address (WireGuard data or a disco ping) makes that address the path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,16 @@ pub struct PeerPaths {
     last_heartbeat: Option<Instant>,
     last_active: Option<Instant>,
     derp_latency: Option<Duration>,
+    /// Transaction ids of the peer's recent pings: a ping seen again is a replay.
+    seen_pings: VecDeque<[u8; 12]>,
 }
+
+/// How many of a peer's ping ids are remembered to refuse replays.
+const PING_REPLAY_WINDOW: usize = 256;
+
+/// A disco ping whose transaction id was already seen: a replay, ignored entirely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayedPing;
 
 impl PeerPaths {
     /// Paths to a peer with these netmap endpoints.
@@ -99,6 +108,7 @@ impl PeerPaths {
             last_heartbeat: None,
             last_active: None,
             derp_latency: None,
+            seen_pings: VecDeque::new(),
         };
         p.set_candidates(candidates);
         p
@@ -200,6 +210,20 @@ impl PeerPaths {
             return None;
         }
         self.ping_back(addr, now)
+    }
+
+    /// A disco ping with transaction id `tx_id` came from `addr` over UDP. A replayed ping
+    /// (seen before, from anywhere) is refused before it can teach an address, evict a learned
+    /// one or trigger a ping back; otherwise as [`Self::on_ping_from`].
+    pub fn on_ping(&mut self, tx_id: [u8; 12], addr: SocketAddr, now: Instant) -> Result<Option<Probe>, ReplayedPing> {
+        if self.seen_pings.contains(&tx_id) {
+            return Err(ReplayedPing);
+        }
+        if self.seen_pings.len() >= PING_REPLAY_WINDOW {
+            self.seen_pings.pop_front();
+        }
+        self.seen_pings.push_back(tx_id);
+        Ok(self.on_ping_from(addr, now))
     }
 
     /// The peer asked us to ping `endpoints` (call-me-maybe, over DERP): ping them all now.
@@ -444,6 +468,25 @@ mod tests {
         assert_eq!(pings(&q.poll(t0, false)).len(), 1);
         assert!(q.on_ping_from(from, t0 + Duration::from_millis(1)).is_some());
         assert_eq!(p.on_ping_from(from, t0 + Duration::from_secs(1)), None, "already trusted");
+    }
+
+    #[test]
+    fn a_replayed_ping_from_a_new_address_changes_nothing() {
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(&[]);
+        for i in 0..MAX_CANDIDATES as u16 {
+            let mut tx = [0u8; 12];
+            tx[..2].copy_from_slice(&i.to_be_bytes());
+            p.on_ping(tx, SocketAddr::from(([198, 51, 100, 1], 1000 + i)), t0).unwrap();
+        }
+        let (learned, seen) = (p.learned.clone(), p.seen_from);
+        assert_eq!(learned.len(), MAX_CANDIDATES);
+        let spoofed = a("203.0.113.66:9999");
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(p.on_ping([0; 12], spoofed, t1), Err(ReplayedPing));
+        assert_eq!(p.learned, learned, "a replay evicted a learned endpoint");
+        assert_eq!(p.seen_from, seen);
+        assert!(p.on_ping([9; 12], spoofed, t1).is_ok(), "a fresh ping is still accepted");
     }
 
     #[test]

@@ -509,10 +509,15 @@ impl WgRouter {
                     self.counters.rx_rejected.fetch_add(1, Relaxed);
                     return;
                 }
+                let Ok(probe) = peer.paths.on_ping(p.tx_id, addr, now) else {
+                    // A replay (maybe from a spoofed address): no pong, nothing learned.
+                    self.counters.rx_rejected.fetch_add(1, Relaxed);
+                    return;
+                };
                 let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src: addr });
                 out.push(Transmit::udp(addr, seal(shared, &pong)));
                 tracing::trace!(peer = %key.short(), %addr, "disco ping over UDP");
-                if let Some(probe) = peer.paths.on_ping_from(addr, now) {
+                if let Some(probe) = probe {
                     out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
                 }
             }

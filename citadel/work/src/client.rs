@@ -57,15 +57,16 @@ impl RedisTarget {
         } else {
             return Err(err("must start with redis://"));
         };
-        let (authority, path) = match rest.find(['/', '?', '#']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
+        // The password may itself contain '@', '/', '?' or '#' if the user forgot to
+        // percent-encode it (a database number never holds '@'), so the host is whatever
+        // follows the *last* '@'.
+        let (userinfo, after_user) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
         };
-        // The password may itself contain '@' if the user forgot to percent-encode it, so the
-        // host is whatever follows the *last* '@'.
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
+        let (hostport, path) = match after_user.find(['/', '?', '#']) {
+            Some(i) => (&after_user[..i], &after_user[i..]),
+            None => (after_user, ""),
         };
         let (username, password) = match userinfo {
             None => (None, None),
@@ -146,12 +147,12 @@ pub fn redact_url(url: &str) -> String {
         return "***".to_string();
     };
     let after = &url[scheme_end + 3..];
-    let auth_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-    let authority = &after[..auth_end];
-    match authority.rfind('@') {
+    // Like `RedisTarget::parse`: an unencoded password may hold '/', '?' or '#', so the
+    // userinfo ends at the last '@' anywhere (over-redacting a path with '@' is harmless).
+    match after.rfind('@') {
         None => url.to_string(),
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &after[..at];
             let user = match userinfo.split_once(':') {
                 Some((u, _)) => format!("{u}:***"),
                 // A lone userinfo token is treated as a password by `RedisTarget::parse`.
@@ -213,6 +214,8 @@ pub enum RedisError {
 struct Conn {
     io: Box<dyn AsyncReadWrite>,
     buf: Vec<u8>,
+    /// Progress through the reply being received in `buf`.
+    scanner: resp::Scanner,
 }
 
 impl Conn {
@@ -225,9 +228,12 @@ impl Conn {
         self.io.flush().await?;
         let mut replies = Vec::with_capacity(cmds.len());
         while replies.len() < cmds.len() {
-            match resp::parse(&self.buf)? {
-                Some((v, used)) => {
+            match self.scanner.scan(&self.buf)? {
+                Some(end) => {
+                    let (v, used) = resp::parse(&self.buf[..end])?
+                        .ok_or_else(|| resp::ProtocolError("reply scanned complete but did not parse".into()))?;
                     self.buf.drain(..used);
+                    self.scanner.reset();
                     replies.push(v);
                 }
                 None => {
@@ -353,7 +359,7 @@ impl RedisClient {
         let fut = async {
             let (io, _via_mesh) =
                 dial(&*self.dialer, &self.target.host, self.target.port).await.map_err(|e| fail(e.to_string()))?;
-            let mut conn = Conn { io, buf: Vec::new() };
+            let mut conn = Conn { io, buf: Vec::new(), scanner: resp::Scanner::default() };
             let mut setup = Vec::new();
             if let Some(pass) = &self.target.password {
                 let mut auth = vec![b"AUTH".to_vec()];
@@ -441,5 +447,13 @@ mod tests {
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
         assert_eq!(redact_url("hunter2"), "***");
         assert_eq!(redact_url("redis://a:p@ss@h"), "redis://a:***@h");
+        for url in ["redis://:pa/ss@h:1", "redis://u:pa?ss@h:1/2", "redis://u:pa#ss@h", "redis://pa/ss@h:1"] {
+            assert!(!redact_url(url).contains("ss@"), "{url} -> {}", redact_url(url));
+            assert!(!redact_url(url).contains("pa"), "{url} -> {}", redact_url(url));
+            match RedisTarget::parse(url) {
+                Ok(t) => assert!(!format!("{t} {t:?}").contains("pa"), "{t}"),
+                Err(e) => assert!(!e.to_string().contains("pa"), "{e}"),
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::job::JobKind;
-use super::{dial, MeshDialer};
+use super::{dial_filtered, fetch_allowed, MeshDialer};
 
 /// A piece of job output: which stream it came from (`stdout`, `stderr`, `body`) and bytes.
 #[derive(Debug)]
@@ -42,12 +42,14 @@ pub(crate) async fn run(
     kind: &JobKind,
     dialer: Arc<dyn MeshDialer>,
     limits: Limits,
+    allow_fetch: &[ip_network::IpNetwork],
     out: mpsc::Sender<Chunk>,
 ) -> Report {
     match kind {
         JobKind::Shell { argv, env, cwd } => shell(argv, env, cwd.as_deref(), limits, out).await,
         JobKind::HttpFetch { url } => {
-            match tokio::time::timeout(limits.timeout, fetch(url, &*dialer, limits.max_output, out)).await {
+            let f = fetch(url, &*dialer, allow_fetch, limits.max_output, out);
+            match tokio::time::timeout(limits.timeout, f).await {
                 Ok(r) => r,
                 Err(_) => Report { error: Some(format!("timed out after {:?}", limits.timeout)), fields: vec![] },
             }
@@ -222,13 +224,19 @@ pub(crate) fn parse_http_url(url: &str) -> Result<HttpTarget, String> {
     })
 }
 
-async fn fetch(url: &str, dialer: &dyn MeshDialer, max_body: usize, out: mpsc::Sender<Chunk>) -> Report {
+async fn fetch(
+    url: &str,
+    dialer: &dyn MeshDialer,
+    allow: &[ip_network::IpNetwork],
+    max_body: usize,
+    out: mpsc::Sender<Chunk>,
+) -> Report {
     let fail = |e: String, fields| Report { error: Some(e), fields };
     let t = match parse_http_url(url) {
         Ok(t) => t,
         Err(e) => return fail(e, vec![]),
     };
-    let (io, via_mesh) = match dial(dialer, &t.host, t.port).await {
+    let (io, via_mesh) = match dial_filtered(dialer, &t.host, t.port, |ip| fetch_allowed(ip, dialer, allow)).await {
         Ok(x) => x,
         Err(e) => return fail(format!("connect {}:{}: {e}", t.host, t.port), vec![]),
     };

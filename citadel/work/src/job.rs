@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-/// Job type that runs a program (argv, no shell).
+/// Job type that runs a program (argv, or a string split on whitespace; never a shell).
 pub const SHELL_COMMAND: &str = "SHELL_COMMAND";
 /// Job type that performs an HTTP GET.
 pub const HTTP_FETCH: &str = "HTTP_FETCH";
@@ -168,23 +168,27 @@ struct ShellPayload {
 fn shell(payload: Json) -> Result<JobKind, Malformed> {
     let p: ShellPayload =
         serde_json::from_value(payload).map_err(|e| bad(format!("bad {SHELL_COMMAND} payload: {e}")))?;
-    let argv =
-        match (p.argv, p.command) {
-            (Some(argv), _) => argv,
-            (None, Some(Json::Array(items))) => items
-                .into_iter()
-                .map(|v| match v {
-                    Json::String(s) => Ok(s),
-                    _ => Err(bad("`command` array must hold strings")),
-                })
-                .collect::<Result<_, _>>()?,
-            // The Go agent takes a shell string here; we refuse rather than guess at word
-            // splitting, because a silently different split is worse than a clear error.
-            (None, Some(Json::String(_))) => return Err(bad(
-                "`command` must be an argv array; shell strings are not run (wrap explicitly: [\"sh\",\"-c\",\"...\"])",
-            )),
-            (None, _) => return Err(bad(format!("{SHELL_COMMAND} needs `argv` (array of strings)"))),
-        };
+    let argv = match (p.argv, p.command) {
+        (Some(argv), _) => argv,
+        (None, Some(Json::Array(items))) => items
+            .into_iter()
+            .map(|v| match v {
+                Json::String(s) => Ok(s),
+                _ => Err(bad("`command` array must hold strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        // As the Go worker does (`strings.Fields`): split on Unicode whitespace, no quoting,
+        // no shell; `["sh","-c","..."]` remains the way to ask for a shell.
+        (None, Some(Json::String(cmd))) => {
+            let argv: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+            if argv.is_empty() {
+                return Err(bad("`command` is empty"));
+            }
+            argv
+        }
+        (None, Some(_)) => return Err(bad("`command` must be a string or an array of strings")),
+        (None, _) => return Err(bad(format!("{SHELL_COMMAND} needs `argv` (array of strings)"))),
+    };
     if argv.first().is_none_or(|p| p.is_empty()) {
         return Err(bad("`argv` must start with a non-empty program name"));
     }
@@ -269,13 +273,30 @@ mod tests {
     }
 
     #[test]
+    fn string_command_is_split_on_whitespace_like_the_go_worker() {
+        let argv = |cmd: &str| {
+            let doc = serde_json::json!({"type": "SHELL_COMMAND", "payload": {"command": cmd}}).to_string();
+            match parse(&f(&[("job", &doc)]), "1-0").unwrap().kind {
+                JobKind::Shell { argv, .. } => argv,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(argv("echo  hello\tworld\n"), ["echo", "hello", "world"]);
+        // No shell: quotes, variables and separators are plain characters of the words.
+        assert_eq!(argv("echo '$HOME; rm' x"), ["echo", "'$HOME;", "rm'", "x"]);
+        assert_eq!(argv("\u{a0}ls\u{2003}-l"), ["ls", "-l"]);
+    }
+
+    #[test]
     fn malformed_jobs_are_reasons_not_panics() {
         let cases: &[&[(&str, &str)]] = &[
             &[("job", "{not json")],
             &[("job", "[]")],
             &[("job", r#"{"id":"x"}"#)],
             &[("job", r#"{"id":"x","type":"NOPE"}"#)],
-            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":"rm -rf /"}}"#)],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":" \t\n"}}"#)],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":""}}"#)],
+            &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"command":7}}"#)],
             &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":[]}}"#)],
             &[("job", r#"{"id":"x","type":"SHELL_COMMAND","payload":{"argv":["a"],"timeout_secs":-1}}"#)],
             &[("job", r#"{"id":"x","type":"HTTP_FETCH","payload":{"url":"ftp://h/"}}"#)],

@@ -76,6 +76,30 @@ impl MeshDialer for NoMesh {
     }
 }
 
+pub use ip_network::IpNetwork;
+
+/// Parses an `--allow-fetch` value: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address.
+pub fn parse_network(s: &str) -> Result<IpNetwork, String> {
+    let s = s.trim();
+    if s.contains('/') {
+        s.parse().map_err(|e| format!("{s:?} is not a CIDR network ({e}); the host bits must be zero"))
+    } else {
+        s.parse::<IpAddr>().map(IpNetwork::from).map_err(|e| format!("{s:?} is not an IP address or CIDR: {e}"))
+    }
+}
+
+/// Whether an HTTP_FETCH may connect to `ip`: mesh addresses (those the dialer claims) and
+/// the `--allow-fetch` networks; everything else (loopback, link-local
+/// such as the cloud metadata address, private and public ranges) is refused, so whoever can
+/// enqueue a job cannot read services this host reaches. IPv4-mapped IPv6 counts as IPv4.
+pub fn fetch_allowed(ip: IpAddr, dialer: &dyn MeshDialer, allow: &[ip_network::IpNetwork]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        v4 => v4,
+    };
+    dialer.is_mesh_addr(ip) || allow.iter().any(|n| n.contains(ip))
+}
+
 /// Connects to `host:port`, through the mesh when the dialer claims the address. Returns the
 /// stream and whether it went over the mesh. Tries each resolved address in turn.
 pub(crate) async fn dial(
@@ -83,7 +107,26 @@ pub(crate) async fn dial(
     host: &str,
     port: u16,
 ) -> io::Result<(Box<dyn AsyncReadWrite>, bool)> {
-    let addrs = client::resolve(host, port).await?;
+    dial_filtered(dialer, host, port, |_| true).await
+}
+
+/// [`dial`] restricted to the resolved addresses `allowed` accepts (checked after DNS
+/// resolution, and the checked address is the one connected to).
+pub(crate) async fn dial_filtered(
+    dialer: &dyn MeshDialer,
+    host: &str,
+    port: u16,
+    allowed: impl Fn(IpAddr) -> bool,
+) -> io::Result<(Box<dyn AsyncReadWrite>, bool)> {
+    let (addrs, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        client::resolve(host, port).await?.into_iter().partition(|a| allowed(a.ip()));
+    if addrs.is_empty() && !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{host} is outside the mesh ({}); allow it on this node with --allow-fetch CIDR", list.join(", ")),
+        ));
+    }
     let mut last = None;
     for addr in addrs {
         let r: io::Result<(Box<dyn AsyncReadWrite>, bool)> = if dialer.is_mesh_addr(addr.ip()) {
@@ -146,6 +189,8 @@ pub struct WorkConfig {
     /// program as this user, so the CLI leaves it off unless `--allow-shell` is given;
     /// refused jobs go to the dead-letter stream with the reason.
     pub allow_shell: bool,
+    /// Networks outside the mesh that HTTP_FETCH may reach (`--allow-fetch`); none by default.
+    pub allow_fetch: Vec<ip_network::IpNetwork>,
 }
 
 impl WorkConfig {
@@ -166,7 +211,8 @@ impl WorkConfig {
             block: Duration::from_secs(5),
             max_output_bytes: 256 * 1024,
             result_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
-            allow_shell: true,
+            allow_shell: false,
+            allow_fetch: Vec::new(),
         }
     }
 }
@@ -183,6 +229,8 @@ impl fmt::Debug for WorkConfig {
             .field("job_timeout", &self.job_timeout)
             .field("claim_idle", &self.claim_idle)
             .field("drain_timeout", &self.drain_timeout)
+            .field("allow_shell", &self.allow_shell)
+            .field("allow_fetch", &self.allow_fetch)
             .finish_non_exhaustive()
     }
 }
@@ -247,5 +295,65 @@ mod tests {
         let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379");
         let d = format!("{c:?}");
         assert!(!d.contains("hunter2") && d.contains("***"), "{d}");
+    }
+}
+
+#[cfg(test)]
+mod fetch_policy_tests {
+    use super::*;
+
+    /// Claims one mesh address, like a live mesh would for its peers.
+    struct OnePeer(IpAddr);
+
+    impl MeshDialer for OnePeer {
+        fn is_mesh_addr(&self, ip: IpAddr) -> bool {
+            ip == self.0
+        }
+        fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
+            NoMesh.dial_tcp(addr)
+        }
+    }
+
+    #[test]
+    fn only_mesh_and_allowed_networks_may_be_fetched() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let refused = [
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "fe80::1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "::ffff:192.168.1.1",
+            "fc00::1",
+            "0.0.0.0",
+            "::",
+            "8.8.8.8",
+            "2001:4860:4860::8888",
+            "100.128.0.1",
+        ];
+        for a in refused {
+            assert!(!fetch_allowed(ip(a), &NoMesh, &[]), "{a} allowed by default");
+        }
+        // Without a mesh even tailnet addresses need --allow-fetch.
+        assert!(!fetch_allowed(ip("100.64.0.5"), &NoMesh, &[]));
+        let peer = OnePeer(ip("100.64.0.5"));
+        assert!(fetch_allowed(ip("100.64.0.5"), &peer, &[]) && fetch_allowed(ip("::ffff:100.64.0.5"), &peer, &[]));
+        assert!(fetch_allowed(ip("192.0.2.7"), &OnePeer(ip("192.0.2.7")), &[]));
+        let allow: Vec<ip_network::IpNetwork> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert!(fetch_allowed(ip("10.1.2.3"), &NoMesh, &allow));
+        assert!(fetch_allowed(ip("::ffff:10.1.2.3"), &NoMesh, &allow));
+        assert!(fetch_allowed(ip("fd00::1"), &NoMesh, &allow));
+        assert!(!fetch_allowed(ip("169.254.169.254"), &NoMesh, &allow));
+        assert!(!fetch_allowed(ip("127.0.0.1"), &NoMesh, &allow));
+        assert_eq!(parse_network("127.0.0.1").unwrap(), "127.0.0.1/32".parse::<IpNetwork>().unwrap());
+        assert!(parse_network("10.0.0.1/8").is_err() && parse_network("nope").is_err());
+    }
+
+    #[test]
+    fn shell_jobs_are_off_by_default() {
+        assert!(!WorkConfig::new("redis://h").allow_shell);
     }
 }

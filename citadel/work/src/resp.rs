@@ -169,6 +169,91 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize
 }
 
 /// The CRLF-terminated line starting at `pos` (without CRLF) and the offset after it.
+/// Finds where the next complete reply in a growing buffer ends, resuming where the previous
+/// call stopped, so reading a large reply in many chunks costs time linear in its size (a
+/// plain [`parse`] per chunk would re-parse the whole prefix every time). Call [`Scanner::scan`]
+/// after each read with the whole buffer; once it returns the end, [`parse`] that prefix once
+/// and [`Scanner::reset`] before the next reply.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    /// Start of the first element not yet known to be complete.
+    pos: usize,
+    /// Elements still missing in each open array, innermost last.
+    open: Vec<usize>,
+}
+
+impl Scanner {
+    /// Forgets all progress (after a reply was taken off the buffer).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.open.clear();
+    }
+
+    /// `Ok(Some(end))` when `buf[..end]` holds one complete reply, `Ok(None)` when more bytes
+    /// are needed, an error when the bytes cannot be RESP.
+    pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        loop {
+            let Some((line, next)) = line_at(buf, self.pos)? else {
+                return Ok(None);
+            };
+            let Some((&tag, rest)) = line.split_first() else {
+                return Err(ProtocolError("empty reply line".into()));
+            };
+            match tag {
+                b'+' | b'-' => self.pos = next,
+                b':' => {
+                    int(rest)?;
+                    self.pos = next;
+                }
+                b'$' => {
+                    let n = int(rest)?;
+                    if n < 0 {
+                        self.pos = next;
+                    } else {
+                        let n = usize::try_from(n).map_err(|_| ProtocolError("bad bulk length".into()))?;
+                        if n > MAX_BULK {
+                            return Err(ProtocolError(format!("bulk string of {n} bytes is too large")));
+                        }
+                        if buf.len() < next + n + 2 {
+                            return Ok(None);
+                        }
+                        self.pos = next + n + 2;
+                    }
+                }
+                b'*' => {
+                    let n = int(rest)?;
+                    self.pos = next;
+                    if n > 0 {
+                        let n = usize::try_from(n).map_err(|_| ProtocolError("bad array length".into()))?;
+                        if n > MAX_ARRAY {
+                            return Err(ProtocolError(format!("array of {n} elements is too large")));
+                        }
+                        if self.open.len() >= MAX_DEPTH {
+                            return Err(ProtocolError("reply nested too deeply".into()));
+                        }
+                        self.open.push(n);
+                        continue;
+                    }
+                }
+                other => return Err(ProtocolError(format!("unknown reply type byte 0x{other:02x}"))),
+            }
+            // One element finished: close every array it completes.
+            loop {
+                match self.open.last_mut() {
+                    None => return Ok(Some(self.pos)),
+                    Some(left) => {
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        self.open.pop();
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn line_at(buf: &[u8], pos: usize) -> Result<Option<(&[u8], usize)>, ProtocolError> {
     let hay = &buf[pos.min(buf.len())..];
     match hay.windows(2).position(|w| w == b"\r\n") {
@@ -188,6 +273,44 @@ fn int(b: &[u8]) -> Result<i64, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `wire` in `chunk`-byte reads the way the client does and returns the reply.
+    fn scan_in_chunks(wire: &[u8], chunk: usize) -> Value {
+        let mut sc = Scanner::default();
+        let mut buf = Vec::new();
+        for piece in wire.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            if let Some(end) = sc.scan(&buf).unwrap() {
+                assert_eq!(end, wire.len());
+                return parse(&buf[..end]).unwrap().unwrap().0;
+            }
+        }
+        panic!("never complete");
+    }
+
+    #[test]
+    fn scanner_agrees_with_parse_at_every_split() {
+        let wire = b"*3\r\n$3\r\nabc\r\n*2\r\n:5\r\n*0\r\n$-1\r\n";
+        let whole = parse(wire).unwrap().unwrap().0;
+        for chunk in 1..wire.len() {
+            assert_eq!(scan_in_chunks(wire, chunk), whole, "chunk {chunk}");
+        }
+        assert!(Scanner::default().scan(b"?x\r\n").is_err());
+        assert_eq!(Scanner::default().scan(b"+OK\r\n+N").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn a_large_reply_in_small_reads_is_linear() {
+        let n = 1_000_000;
+        let mut wire = format!("*{n}\r\n").into_bytes();
+        for _ in 0..n {
+            wire.extend_from_slice(b"$1\r\nv\r\n");
+        }
+        let t = std::time::Instant::now();
+        let v = scan_in_chunks(&wire, 16 * 1024);
+        assert_eq!(v.as_array().map(<[Value]>::len), Some(n));
+        assert!(t.elapsed() < std::time::Duration::from_secs(3), "took {:?}", t.elapsed());
+    }
 
     #[test]
     fn encodes_commands_as_bulk_arrays() {

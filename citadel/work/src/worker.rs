@@ -26,7 +26,15 @@ macro_rules! cmd {
 struct Entry {
     id: String,
     fields: Vec<(String, Vec<u8>)>,
+    /// Why the entry is refused unread (it exceeds the entry limits); its fields then hold
+    /// only a short `jobId`, so the dead letter does not copy the bulk.
+    too_large: Option<String>,
 }
+
+/// Most fields one job entry may have; real jobs use a handful.
+const MAX_ENTRY_FIELDS: usize = 64;
+/// Most bytes (names and values) one job entry may hold.
+const MAX_ENTRY_BYTES: usize = 1024 * 1024;
 
 /// How one delivery of a job ended, as seen by the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,16 +425,31 @@ fn parse_entry(v: &Value) -> Option<Result<Entry, String>> {
     let id = a.first()?.as_str()?.to_string();
     let fields = match a.get(1)? {
         Value::Nil => return Some(Err(id)),
-        Value::Array(flat) => flat
-            .chunks(2)
-            .filter_map(|kv| match kv {
-                [k, v] => Some((String::from_utf8_lossy(k.as_bytes()?).into_owned(), v.as_bytes()?.to_vec())),
-                _ => None,
-            })
-            .collect(),
+        Value::Array(flat) => {
+            let bytes: usize = flat.iter().map(|v| v.as_bytes().map_or(0, <[u8]>::len)).sum();
+            if flat.len() / 2 > MAX_ENTRY_FIELDS || bytes > MAX_ENTRY_BYTES {
+                let reason = format!(
+                    "entry too large ({} fields, {bytes} bytes; limits {MAX_ENTRY_FIELDS} fields, {MAX_ENTRY_BYTES} bytes)",
+                    flat.len() / 2
+                );
+                let job_id = flat
+                    .chunks(2)
+                    .find(|kv| kv[0].as_bytes() == Some(b"jobId"))
+                    .and_then(|kv| kv.get(1)?.as_bytes())
+                    .filter(|v| v.len() <= 200)
+                    .map(|v| ("jobId".to_string(), v.to_vec()));
+                return Some(Ok(Entry { id, fields: job_id.into_iter().collect(), too_large: Some(reason) }));
+            }
+            flat.chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, v] => Some((String::from_utf8_lossy(k.as_bytes()?).into_owned(), v.as_bytes()?.to_vec())),
+                    _ => None,
+                })
+                .collect()
+        }
         _ => return None,
     };
-    Some(Ok(Entry { id, fields }))
+    Some(Ok(Entry { id, fields, too_large: None }))
 }
 
 async fn ack_quietly(ctx: &Ctx, id: &str) {
@@ -463,6 +486,11 @@ fn now() -> String {
 /// streaming, record the result, then ack / leave pending / dead-letter.
 async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
     let max = u64::from(ctx.cfg.max_retries);
+    if let Some(reason) = &entry.too_large {
+        let id = job::best_effort_id(&entry.fields, &entry.id);
+        tracing::warn!(entry = %entry.id, job = %id, "work: {reason}, dead-lettering");
+        return dead_letter(&ctx, &entry, &id, deliveries, reason).await;
+    }
     let job = match job::parse(&entry.fields, &entry.id) {
         Ok(j) => j,
         Err(m) => {
@@ -701,7 +729,7 @@ async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reas
 async fn execute(ctx: &Arc<Ctx>, entry_id: &str, job: &Job, events: &str) -> Report {
     let limits = Limits { timeout: job.timeout.unwrap_or(ctx.cfg.job_timeout), max_output: ctx.cfg.max_output_bytes };
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
-    let run = exec::run(&job.kind, ctx.dialer.clone(), limits, tx);
+    let run = exec::run(&job.kind, ctx.dialer.clone(), limits, &ctx.cfg.allow_fetch, tx);
     tokio::pin!(run);
     let beat = (ctx.cfg.claim_idle / 3).max(Duration::from_millis(10));
     let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);

@@ -1,4 +1,5 @@
-//! `citadel_work` against a real redis-server (skipped, with one line, when none is installed).
+//! `citadel_work` against a real redis-server (skipped, with one line, when none is installed;
+//! failed instead under `CITADEL_REQUIRE_REAL`).
 //!
 //! Each test starts its own throwaway server on a free loopback port, so tests run in
 //! parallel without sharing state, and every test is bounded by a timeout.
@@ -18,6 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
@@ -30,7 +34,7 @@ struct RedisServer {
 
 fn redis_server_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("REDIS_SERVER") {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect())
@@ -42,7 +46,7 @@ impl RedisServer {
     /// Starts a server, or returns `None` (after printing why) when redis-server is absent.
     fn start() -> Option<RedisServer> {
         let Some(bin) = redis_server_binary() else {
-            eprintln!("redis-server not found; skipping citadel_work integration test");
+            common::require_or_skip("citadel_work integration test", "redis-server not found");
             return None;
         };
         // The free-port probe can race with another test grabbing the same port; retry.
@@ -129,6 +133,7 @@ fn cfg(url: &str, consumer: &str) -> WorkConfig {
     c.drain_timeout = Duration::from_secs(5);
     c.job_timeout = Duration::from_secs(10);
     c.connect_timeout = Duration::from_secs(3);
+    c.allow_shell = true;
     c
 }
 
@@ -290,7 +295,9 @@ async fn shell_and_http_jobs_succeed() {
         )
         .await;
 
-        let w = spawn_worker(cfg(&redis.url(), "w1"), Arc::new(NoMesh));
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.allow_fetch = vec!["127.0.0.0/8".parse().expect("cidr")];
+        let w = spawn_worker(conf, Arc::new(NoMesh));
         wait_for("both jobs to succeed", Duration::from_secs(15), || async {
             state_is(&c, "citadel:jobs:job:sh-1", "succeeded").await
                 && state_is(&c, "citadel:jobs:job:http-1", "succeeded").await
@@ -325,6 +332,74 @@ async fn shell_and_http_jobs_succeed() {
         assert!(int(&c, &["TTL", "citadel:jobs:job:sh-1"]).await > 0, "results expire");
         let s = w.stop().await;
         assert_eq!((s.succeeded, s.dead_lettered), (2, 0));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_and_array_commands_run_only_with_allow_shell() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(30), async {
+        let c = client(&redis.url()).await;
+        // As the Go platform enqueues it: `command` is one string.
+        c.cmd(&[
+            "XADD",
+            Q,
+            "*",
+            "jobId",
+            "str-1",
+            "type",
+            "SHELL_COMMAND",
+            "payload",
+            r#"{"command":"echo  a;b   $HOME"}"#,
+        ])
+        .await
+        .expect("XADD");
+        enqueue(&c, Q, serde_json::json!({"id":"arr-1","type":"SHELL_COMMAND","payload":{"command":["echo","x y"]}}))
+            .await;
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.allow_shell = true;
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("both commands to succeed", Duration::from_secs(15), || async {
+            state_is(&c, "citadel:jobs:job:str-1", "succeeded").await
+                && state_is(&c, "citadel:jobs:job:arr-1", "succeeded").await
+        })
+        .await;
+        let out = |id: &'static str| {
+            let c = &c;
+            async move {
+                xrange(c, &format!("citadel:jobs:job:{id}:events"))
+                    .await
+                    .iter()
+                    .filter(|e| e["type"] == "output")
+                    .map(|e| e["data"].clone())
+                    .collect::<String>()
+            }
+        };
+        // Split on whitespace, no shell: `;` and `$HOME` reach echo as they are.
+        assert_eq!(out("str-1").await, "a;b $HOME\n");
+        assert_eq!(out("arr-1").await, "x y\n");
+        w.stop().await;
+
+        // Without --allow-shell neither form runs.
+        c.cmd(&["XADD", Q, "*", "jobId", "str-2", "type", "SHELL_COMMAND", "payload", r#"{"command":"touch /tmp/x"}"#])
+            .await
+            .expect("XADD");
+        enqueue(&c, Q, serde_json::json!({"id":"arr-2","type":"SHELL_COMMAND","payload":{"command":["true"]}})).await;
+        let mut conf = cfg(&redis.url(), "w2");
+        conf.allow_shell = false;
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("two dead letters", Duration::from_secs(15), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 2
+        })
+        .await;
+        for d in xrange(&c, "citadel:jobs:dead").await {
+            assert!(d["reason"].contains("--allow-shell"), "{}", d["reason"]);
+        }
+        let s = w.stop().await;
+        assert_eq!((s.succeeded, s.dead_lettered), (0, 2));
     })
     .await;
 }
@@ -610,6 +685,76 @@ impl MeshDialer for RecordingDialer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_fetch_outside_the_mesh_is_refused_after_resolution() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(30), async {
+        let c = client(&redis.url()).await;
+        // A listener the refused jobs point at: it must never see a connection.
+        let trap = StdListener::bind("127.0.0.1:0").expect("bind");
+        trap.set_nonblocking(true).expect("nonblocking");
+        let p = trap.local_addr().expect("addr").port();
+        for (id, url) in [
+            ("lo", format!("http://127.0.0.1:{p}/")),
+            ("mapped", format!("http://[::ffff:127.0.0.1]:{p}/")),
+            ("name", format!("http://localhost:{p}/")),
+        ] {
+            enqueue(&c, Q, serde_json::json!({"id": id, "type": "HTTP_FETCH", "payload": {"url": url}})).await;
+        }
+        let mut conf = cfg(&redis.url(), "w1");
+        conf.max_retries = 1;
+        conf.job_timeout = Duration::from_secs(3);
+        let w = spawn_worker(conf, Arc::new(NoMesh));
+        wait_for("three dead letters", Duration::from_secs(15), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 3
+        })
+        .await;
+        for d in xrange(&c, "citadel:jobs:dead").await {
+            assert!(d["reason"].contains("--allow-fetch"), "{}: {}", d["jobId"], d["reason"]);
+        }
+        assert!(
+            matches!(trap.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a refused fetch connected"
+        );
+        w.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_entry_is_dead_lettered_quickly() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(60), async {
+        let c = client(&redis.url()).await;
+        const FIELDS: usize = 200_000;
+        let mut args: Vec<String> = vec!["XADD".into(), Q.into(), "*".into(), "jobId".into(), "huge".into()];
+        for i in 0..FIELDS {
+            args.push(format!("f{i}"));
+            args.push("v".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.cmd(&args).await.expect("XADD");
+        let started = Instant::now();
+        let w = spawn_worker(cfg(&redis.url(), "w1"), Arc::new(NoMesh));
+        wait_for("the dead letter", Duration::from_secs(20), || async {
+            int(&c, &["XLEN", "citadel:jobs:dead"]).await == 1
+        })
+        .await;
+        let took = started.elapsed();
+        let dead = xrange(&c, "citadel:jobs:dead").await;
+        assert_eq!(dead[0]["jobId"], "huge");
+        assert!(dead[0]["reason"].contains("too large"), "{}", dead[0]["reason"]);
+        assert!(dead[0].len() < 20, "the dead letter copied {} fields", dead[0].len());
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        w.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_addresses_are_dialed_through_the_mesh() {
     let Some(redis) = RedisServer::start() else {
         return;
@@ -632,7 +777,9 @@ async fn mesh_addresses_are_dialed_through_the_mesh() {
             serde_json::json!({"id":"d","type":"HTTP_FETCH","payload":{"url":format!("http://127.0.0.1:{}/d", http.port())}}),
         )
         .await;
-        let w = spawn_worker(cfg(&mesh_redis, "w1"), dialer.clone());
+        let mut conf = cfg(&mesh_redis, "w1");
+        conf.allow_fetch = vec!["127.0.0.1/32".parse().expect("cidr")];
+        let w = spawn_worker(conf, dialer.clone());
         wait_for("both fetches", Duration::from_secs(15), || async {
             state_is(&c, "citadel:jobs:job:m", "succeeded").await
                 && state_is(&c, "citadel:jobs:job:d", "succeeded").await

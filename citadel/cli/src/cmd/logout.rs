@@ -16,8 +16,10 @@ pub async fn run(ctx: &Ctx) -> Result<(), CliError> {
     }
     match Mesh::connect(ctx.config(None, None, None)).await {
         Ok(m) => m.logout().await?,
-        Err(ConnectError::NeedsAuth { .. }) | Err(ConnectError::NoNexusUrl) => {
-            // Not registered anywhere: just clear local state.
+        Err(ConnectError::NeedsAuth { .. })
+        | Err(ConnectError::NoNexusUrl)
+        | Err(ConnectError::State(citadel::state::StateError::Corrupt { .. })) => {
+            // Not registered anywhere, or the state cannot say where: clear local state.
             citadel::state::StateDir::open(&ctx.state_dir).and_then(|s| s.clear()).map_err(ConnectError::State)?
         }
         Err(e) => return Err(e.into()),

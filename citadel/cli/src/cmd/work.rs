@@ -34,6 +34,10 @@ pub struct Args {
     /// Run SHELL_COMMAND jobs (off by default: whoever can write the queue could run any program)
     #[arg(long)]
     allow_shell: bool,
+    /// Let HTTP_FETCH reach this network outside the mesh (CIDR or address; repeatable).
+    /// Without it only mesh addresses are fetched; names are checked after DNS resolution
+    #[arg(long, value_name = "CIDR", value_parser = citadel_work::parse_network)]
+    allow_fetch: Vec<citadel_work::IpNetwork>,
 }
 
 /// Runs `citadel work` until a signal.
@@ -51,6 +55,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     wc.claim_idle = Duration::from_secs(a.claim_idle.max(1));
     wc.drain_timeout = Duration::from_secs(a.drain_timeout);
     wc.allow_shell = a.allow_shell;
+    wc.allow_fetch = a.allow_fetch;
     let s = mesh.status();
     eprintln!("citadel: working as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
     let shutdown = async {
