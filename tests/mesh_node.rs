@@ -6,6 +6,9 @@
 //! - `get PEER PORT` — HTTP GET / through the mesh; answers the body, the time and the path.
 //! - `status` — the node's status (peers with path and latency).
 //! - `wait-direct PEER SECS` — polls until the path to PEER is direct; answers the wait.
+//! - `fetch PEER PORT SECS` — HTTP GET /bulk through the mesh, read for SECS; answers MB/s.
+//!
+//! `GET /bulk` on the served port streams zeros until the client closes (the bench's sender).
 //!
 //! Usage: `mesh-node NEXUS_URL AUTHKEY STATE_DIR HOSTNAME UDP_PORT SERVE_PORT`
 
@@ -42,6 +45,15 @@ async fn main() {
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
+                if got.starts_with(b"GET /bulk ") {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n";
+                    let chunk = vec![0u8; 256 * 1024];
+                    let mut r = s.write_all(head.as_bytes()).await;
+                    while r.is_ok() {
+                        r = s.write_all(&chunk).await;
+                    }
+                    return;
+                }
                 let body = format!("hello from citadel {name} to {from}\n");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
@@ -66,6 +78,9 @@ async fn main() {
         let w: Vec<&str> = line.split_whitespace().collect();
         let answer = match w.as_slice() {
             ["get", peer, port] => get(&mesh, peer, port.parse().unwrap_or(80)).await,
+            ["fetch", peer, port, secs] => {
+                fetch(&mesh, peer, port.parse().unwrap_or(80), secs.parse().unwrap_or(1.0)).await
+            }
             ["status"] => serde_json::to_value(mesh.status()).unwrap_or_default(),
             ["wait-direct", peer, secs] => {
                 let start = Instant::now();
@@ -105,6 +120,39 @@ async fn get(mesh: &Mesh, peer: &str, port: u16) -> serde_json::Value {
             "body": resp.split("\r\n\r\n").nth(1).unwrap_or_default(),
             "ok": resp.starts_with("HTTP/1.1 200"),
             "ms": start.elapsed().as_secs_f64() * 1e3,
+            "path": path_of(mesh, peer),
+        }),
+        Ok(Err(e)) => serde_json::json!({"error": e.to_string(), "path": path_of(mesh, peer)}),
+        Err(_) => serde_json::json!({"error": "timed out", "path": path_of(mesh, peer)}),
+    }
+}
+
+/// Reads `GET /bulk` from `peer`:`port` for `secs` seconds (bytes after the first read).
+async fn fetch(mesh: &Mesh, peer: &str, port: u16, secs: f64) -> serde_json::Value {
+    let Some(ip) = mesh.resolve(peer) else {
+        return serde_json::json!({"error": format!("no peer {peer}")});
+    };
+    let run = async {
+        let mut s = mesh.dial_tcp((ip, port).into()).await?;
+        s.write_all(format!("GET /bulk HTTP/1.1\r\nHost: {peer}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let first = s.read(&mut buf).await?;
+        if !buf[..first].starts_with(b"HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!("answer {:?}", String::from_utf8_lossy(&buf[..first.min(200)]))));
+        }
+        let (mut total, start, dur) = (0u64, Instant::now(), Duration::from_secs_f64(secs));
+        while start.elapsed() < dur {
+            match s.read(&mut buf).await? {
+                0 => return Err(std::io::Error::other(format!("closed after {total} bytes"))),
+                n => total += n as u64,
+            }
+        }
+        Ok((total, start.elapsed()))
+    };
+    match tokio::time::timeout(Duration::from_secs_f64(secs + 15.0), run).await {
+        Ok(Ok((total, took))) => serde_json::json!({
+            "mbps": total as f64 / 1e6 / took.as_secs_f64(),
+            "bytes": total,
             "path": path_of(mesh, peer),
         }),
         Ok(Err(e)) => serde_json::json!({"error": e.to_string(), "path": path_of(mesh, peer)}),

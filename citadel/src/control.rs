@@ -3,6 +3,8 @@
 //!
 //! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
 
+pub mod session;
+
 use crate::keys::{MachinePublic, PrivateKey};
 use crate::net::{AsyncReadWrite, Net};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
@@ -52,7 +54,14 @@ pub enum ControlError {
          operator really replaced the server key, re-trust it deliberately with \
          `citadel up --retrust-server-key` (or `citadel init --retrust-server-key ...`)"
     )]
-    ServerKeyChanged { url: String, pinned: MachinePublic, got: MachinePublic },
+    ServerKeyChanged {
+        /// The Nexus URL dialled.
+        url: String,
+        /// The key pinned at registration.
+        pinned: MachinePublic,
+        /// The key the server presents now.
+        got: MachinePublic,
+    },
 }
 
 impl From<hyper::Error> for ControlError {

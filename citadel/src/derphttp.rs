@@ -8,12 +8,13 @@
 //! always dialed with TLS as Tailscale v1.90 does (port `DERPPort`, 443 when 0; certificate
 //! checks skipped only for `InsecureForTests` nodes).
 
+use crate::backoff::Backoff;
 use crate::derp::{self, ClientInfo, Frame, FrameType, PeerGoneReason, PeerPresentFlags, ServerInfo};
 use crate::keys::{NodePublic, PrivateKey};
 use crate::net::{AsyncReadWrite, Net};
 use crate::tailcfg::{DerpMap, DerpNode};
 use bytes::{Buf, BytesMut};
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -742,7 +743,8 @@ impl DerpConn {
             let preferred = preferred.clone();
             let logins = logins.clone();
             tokio::spawn(async move {
-                let mut backoff = opts.min_backoff;
+                // Jitter keeps a fleet of clients from reconnecting in lockstep.
+                let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff).jitter(0.5, 1.0, rand::random());
                 loop {
                     let attempt = DerpClient::connect_with_info(
                         net.as_ref(),
@@ -781,15 +783,13 @@ impl DerpConn {
                             cur_tx.send_replace(None);
                             // A connection that lived a while was a success: start over.
                             if crate::clock::now().saturating_duration_since(up) > Duration::from_secs(10) {
-                                backoff = opts.min_backoff;
+                                backoff.reset();
                             }
                         }
                         Err(e) => tracing::debug!("DERP connect failed: {e}"),
                     }
-                    // Jitter keeps a fleet of clients from reconnecting in lockstep.
-                    let wait = hint.unwrap_or_else(|| backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0)));
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(opts.max_backoff);
+                    let delay = backoff.next_delay();
+                    tokio::time::sleep(hint.unwrap_or(delay)).await;
                 }
             })
         };

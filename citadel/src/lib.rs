@@ -23,4 +23,4 @@ pub mod state;
 pub mod syspolicy;
 pub mod tls;
 
-pub use citadel_proto::{addr, derp, disco, keys, noise, stun, tailcfg};
+pub use citadel_proto::{addr, backoff, derp, disco, keys, noise, stun, tailcfg};

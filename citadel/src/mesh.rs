@@ -2,6 +2,7 @@
 //! current (reconnecting with backoff, never re-authenticating while the state is valid) and
 //! reports status. [`crate::network`] is the process-global facade over it.
 
+use crate::control::session::{Action, Session, SessionConfig};
 use crate::control::{self, ControlConn, ControlError};
 use crate::dataplane::{DataPlane, DataPlaneConfig, MeshTcpListener, MeshTcpStream, MeshUdpSocket, PeerStats};
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
@@ -299,85 +300,110 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes sure the server knows and authorizes our node key, using the auth key only if
-    /// the saved registration is not accepted.
-    async fn ensure_registered(&self, conn: &mut ControlConn) -> Result<(), ConnectError> {
-        let mut req = RegisterRequest {
+    /// A register request for our node key; the auth key only when the session asks for it.
+    fn register_request(&self, with_auth_key: bool, followup: Option<String>) -> RegisterRequest {
+        let auth = with_auth_key.then(|| self.auth_key.lock().unwrap().clone()).flatten();
+        RegisterRequest {
             version: tailcfg::CAPABILITY_VERSION,
             node_key: self.node_pub(),
             hostinfo: Some(self.hostinfo()),
             ephemeral: self.cfg.ephemeral,
+            auth: auth.map(|auth_key| RegisterAuth { auth_key, ..Default::default() }),
+            followup: followup.unwrap_or_default(),
             ..Default::default()
-        };
-        let mut auth_url = None;
-        let saved = self.info.lock().unwrap().registered;
-        let auth_key = self.auth_key.lock().unwrap().clone();
-        if saved || auth_key.is_none() {
-            let resp = conn.register(&req).await?;
-            if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
-                self.auth_key.lock().unwrap().take();
-                return Ok(());
-            }
-            if resp.node_key_expired && auth_key.is_none() {
-                return Err(ConnectError::Expired);
-            }
-            if !resp.auth_url.is_empty() {
-                auth_url = Some(resp.auth_url);
-            }
         }
-        let Some(key) = auth_key else {
-            return match (auth_url, &self.cfg.on_auth_url) {
-                (Some(url), Some(show)) => self.wait_for_approval(conn, req, url, show.clone()).await,
-                (auth_url, _) => Err(ConnectError::NeedsAuth { auth_url }),
-            };
-        };
-        req.auth = Some(RegisterAuth { auth_key: key, ..Default::default() });
-        let resp = conn.register(&req).await?;
-        if !resp.error.is_empty() {
-            return Err(ConnectError::AuthRejected(resp.error));
-        }
-        if !resp.machine_authorized {
-            return Err(ConnectError::NeedsAuth { auth_url: Some(resp.auth_url).filter(|u| !u.is_empty()) });
-        }
-        self.auth_key.lock().unwrap().take();
-        let mut info = self.info.lock().unwrap();
-        info.registered = true;
-        info.org = resp.user.login_name.clone();
-        // Saved together with the addresses when the first map arrives (one fsync, not two).
-        // A crash in between is harmless: the server knows the node key, and a start without
-        // a key asks it first.
-        Ok(())
     }
 
-    /// Headscale's interactive flow: show the URL, then repeat the register request with
-    /// `Followup` set; the server holds each one until an admin approves or it times out.
-    async fn wait_for_approval(
+    /// Performs the session's actions (dial, register, open the map stream) until the map
+    /// stream is open, or returns the error the session gave up with. Registration state goes
+    /// into `node.json` together with the addresses when the first map arrives (one fsync, not
+    /// two); a crash in between is harmless, as a start without a key asks the server first.
+    async fn establish(
         &self,
-        conn: &mut ControlConn,
-        mut req: RegisterRequest,
-        url: String,
-        show: Arc<dyn Fn(&str) + Send + Sync>,
-    ) -> Result<(), ConnectError> {
-        show(&url);
-        req.followup = url.clone();
-        let deadline = tokio::time::Instant::now() + self.cfg.login_timeout;
+        session: &mut Session,
+        net_info: &watch::Receiver<crate::dataplane::NetInfo>,
+    ) -> Result<(ControlConn, control::MapStream), ConnectError> {
+        let now = crate::clock::now;
+        let mut conn: Option<ControlConn> = None;
         loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let resp = match tokio::time::timeout(left, conn.register(&req)).await {
-                Ok(r) => r?,
-                Err(_) => return Err(ConnectError::NeedsAuth { auth_url: Some(url) }),
+            let Some(action) = session.poll_action() else {
+                let Some(at) = session.poll_timeout() else {
+                    return Err(ControlError::Protocol("control session stalled".into()).into());
+                };
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                session.handle_timeout(now());
+                continue;
             };
-            if !resp.error.is_empty() {
-                return Err(ConnectError::AuthRejected(resp.error));
-            }
-            if resp.machine_authorized {
-                let mut info = self.info.lock().unwrap();
-                info.registered = true;
-                info.org = resp.user.login_name.clone();
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ConnectError::NeedsAuth { auth_url: Some(url) });
+            match action {
+                Action::Dial => match self.dial().await {
+                    Ok(c) => {
+                        tracing::debug!("control channel up");
+                        conn = Some(c);
+                        session.handle_dialed(now());
+                    }
+                    Err(e) => session.handle_error(now(), e.into()),
+                },
+                Action::Register { with_auth_key, followup } => {
+                    let Some(c) = conn.as_mut() else {
+                        session.handle_error(now(), ControlError::Closed.into());
+                        continue;
+                    };
+                    let req = self.register_request(with_auth_key, followup);
+                    // Only an approval wait has a deadline: the server holds those requests.
+                    let resp = match session.poll_timeout() {
+                        Some(at) => {
+                            match tokio::time::timeout_at(tokio::time::Instant::from_std(at), c.register(&req)).await {
+                                Ok(r) => r,
+                                Err(_) => {
+                                    session.handle_timeout(now());
+                                    continue;
+                                }
+                            }
+                        }
+                        None => c.register(&req).await,
+                    };
+                    match resp {
+                        Ok(r) => session.handle_register(now(), &r),
+                        Err(e) => session.handle_error(now(), e.into()),
+                    }
+                }
+                Action::ShowAuthUrl(url) => {
+                    if let Some(show) = &self.cfg.on_auth_url {
+                        show(&url);
+                    }
+                }
+                Action::Registered { org } => {
+                    tracing::debug!("registered");
+                    let mut info = self.info.lock().unwrap();
+                    info.registered = true;
+                    info.org = org;
+                }
+                Action::StartMap => {
+                    let Some(mut c) = conn.take() else {
+                        session.handle_error(now(), ControlError::Closed.into());
+                        continue;
+                    };
+                    // Registered: the server accepted the node, so the auth key is never needed
+                    // again in this process (the session stops asking for it too).
+                    self.auth_key.lock().unwrap().take();
+                    if let Err(e) = self.pin_server_key(&c) {
+                        session.handle_error(now(), e.into());
+                        continue;
+                    }
+                    self.take_net_info(&net_info.borrow());
+                    match c.map(&self.map_request(true)).await {
+                        Ok(stream) => {
+                            session.handle_map_started(now());
+                            return Ok((c, stream));
+                        }
+                        Err(e) => session.handle_error(now(), e.into()),
+                    }
+                }
+                Action::Failed(e) => {
+                    tracing::info!("reconnect failed: {e}");
+                    conn = None;
+                }
+                Action::GiveUp(e) => return Err(e),
             }
         }
     }
@@ -497,12 +523,16 @@ impl Mesh {
             // No data plane: nothing to report; the closed channel tells the loops so.
             (None, watch::channel(crate::dataplane::NetInfo::default()).1)
         };
-        let mut conn = inner.dial().await?;
-        tracing::debug!("control channel up");
-        inner.ensure_registered(&mut conn).await?;
-        inner.pin_server_key(&conn)?;
-        tracing::debug!("registered");
-        let mut stream = conn.map(&inner.map_request(true)).await?;
+        let mut session = Session::new(
+            SessionConfig {
+                registered: inner.info.lock().unwrap().registered,
+                has_auth_key: cfg.auth_key.is_some(),
+                interactive: cfg.on_auth_url.is_some(),
+                login_timeout: cfg.login_timeout,
+            },
+            rand::random(),
+        );
+        let (mut conn, mut stream) = inner.establish(&mut session, &net_info).await?;
         tracing::debug!("map stream open");
         let first = tokio::time::timeout(cfg.timeout, async {
             loop {
@@ -521,7 +551,7 @@ impl Mesh {
         let mut net_info = net_info;
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
-        let task = tokio::spawn(run(inner.clone(), Some((conn, stream)), net_info));
+        let task = tokio::spawn(run(inner.clone(), session, Some((conn, stream)), net_info));
         Ok(Mesh { inner, task, dp })
     }
 
@@ -741,21 +771,20 @@ async fn settle_net_info(
     .await;
 }
 
-/// The background control loop: read the map stream; on any failure reconnect with
-/// exponential backoff (250 ms doubling to 15 s, with jitter), re-confirming the registration
-/// with the saved node key only.
+/// The background control loop: read the map stream; when it ends, let the control session
+/// reconnect (with its backoff, re-confirming the registration with the saved node key only).
 async fn run(
     inner: Arc<Inner>,
-    mut session: Option<(ControlConn, control::MapStream)>,
+    mut session: Session,
+    mut live: Option<(ControlConn, control::MapStream)>,
     mut net_info: watch::Receiver<crate::dataplane::NetInfo>,
 ) {
     let mut stop = inner.stop.subscribe();
-    let mut backoff = Duration::from_millis(250);
     // Whatever changed before the loop started still has to be reported.
     net_info.mark_changed();
     let mut net_info_open = true;
     loop {
-        if let Some((mut conn, mut stream)) = session.take() {
+        if let Some((mut conn, mut stream)) = live.take() {
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
@@ -778,7 +807,7 @@ async fn run(
                             if let Err(e) = inner.apply(&m) {
                                 tracing::warn!("saving state: {e}");
                             }
-                            backoff = Duration::from_millis(250);
+                            session.handle_map_message(crate::clock::now());
                         }
                         Ok(None) => { tracing::info!("map stream ended"); break; }
                         Err(e) => { tracing::info!("map stream failed: {e}"); break; }
@@ -786,31 +815,25 @@ async fn run(
                 }
             }
             inner.connected.send_replace(false);
+            session.handle_stream_ended(crate::clock::now());
         }
         if *stop.borrow() {
             return;
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(backoff + jitter) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(15));
-        let attempt = async {
-            let mut conn = inner.dial().await?;
-            inner.ensure_registered(&mut conn).await?;
-            inner.pin_server_key(&conn)?;
-            inner.take_net_info(&net_info.borrow());
-            let stream = conn.map(&inner.map_request(true)).await?;
-            Ok::<_, ConnectError>((conn, stream))
-        };
-        match attempt.await {
-            Ok(s) => {
-                tracing::info!("reconnected to Nexus");
-                inner.connected.send_replace(true);
-                session = Some(s);
+            r = inner.establish(&mut session, &net_info) => match r {
+                Ok(s) => {
+                    tracing::info!("reconnected to Nexus");
+                    inner.connected.send_replace(true);
+                    live = Some(s);
+                }
+                // Past the first map the session retries every failure; this is a bug guard.
+                Err(e) => {
+                    tracing::error!("control loop stopped: {e}");
+                    return;
+                }
             }
-            Err(e) => tracing::info!("reconnect failed: {e}"),
         }
     }
 }

@@ -18,22 +18,42 @@ use tokio_rustls::rustls::{self, CertificateError, ClientConfig, RootCertStore};
 pub enum TlsError {
     /// A CA file given with `--ca-file` cannot be used.
     #[error("CA file {path}: {reason}")]
-    CaFile { path: PathBuf, reason: String },
+    CaFile {
+        /// The file given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The server's certificate chain does not lead to a trusted root.
     #[error(
         "the TLS certificate of {host} is not trusted ({detail}); if it is issued by your own CA, \
          pass --ca-file CA.pem or set SSL_CERT_FILE=CA.pem"
     )]
-    Untrusted { host: String, detail: String },
+    Untrusted {
+        /// The host name dialled.
+        host: String,
+        /// What the TLS library reported.
+        detail: String,
+    },
     /// The certificate is valid, but for another name.
     #[error(
         "the TLS certificate of {host} is not valid for the name {host:?} ({detail}); use the host \
          name the certificate was issued for"
     )]
-    WrongHost { host: String, detail: String },
+    WrongHost {
+        /// The host name dialled.
+        host: String,
+        /// What the TLS library reported.
+        detail: String,
+    },
     /// Any other handshake failure (protocol mismatch, connection dropped).
     #[error("TLS handshake with {host} failed: {detail}")]
-    Handshake { host: String, detail: String },
+    Handshake {
+        /// The host name dialled.
+        host: String,
+        /// What the TLS library reported.
+        detail: String,
+    },
     /// The host is neither a DNS name nor an IP address.
     #[error("{0:?} is not a valid TLS server name")]
     BadName(String),

@@ -357,3 +357,5 @@ where
     rd?;
     Ok(got)
 }
+
+pub mod bench;

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod backoff;
 pub mod derp;
 pub mod disco;
 pub mod keys;

