@@ -16,6 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(10);
 
+/// Defaults with client verification off: these tests log in with fresh keys that are no
+/// registered nodes.
+fn open_relay() -> Config {
+    Config { derp_verify_clients: false, ..Config::default() }
+}
+
 fn key() -> PrivateKey {
     PrivateKey::generate(&mut rand::thread_rng())
 }
@@ -54,7 +60,7 @@ fn region_node(n: &Nexus, region: i32) -> citadel::tailcfg::DerpNode {
 
 #[tokio::test]
 async fn two_clients_exchange_packets_in_one_region() {
-    let nexus = Nexus::start().await;
+    let nexus = Nexus::start_with(open_relay()).await;
     let map = &nexus.running.shared.derp_map;
     assert_eq!(map.regions.len(), 1, "default config serves one region");
     let node = region_node(&nexus, 1);
@@ -100,7 +106,7 @@ async fn two_clients_exchange_packets_in_one_region() {
 
 #[tokio::test]
 async fn packets_cross_regions_and_latency_picks_a_home() {
-    let nexus = Nexus::start_with(Config { derp: DerpMode::Embedded { regions: 3 }, ..Config::default() }).await;
+    let nexus = Nexus::start_with(Config { derp: DerpMode::Embedded { regions: 3 }, ..open_relay() }).await;
     let map = nexus.running.shared.derp_map.clone();
     assert_eq!(map.regions.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     let ports: std::collections::HashSet<i32> = map.regions.values().map(|r| r.nodes[0].derp_port).collect();
@@ -125,7 +131,7 @@ async fn packets_cross_regions_and_latency_picks_a_home() {
 
 #[tokio::test]
 async fn derp_conn_survives_outage_and_restart() {
-    let nexus = Nexus::start().await;
+    let nexus = Nexus::start_with(open_relay()).await;
     let url = nexus.url();
     let addr = nexus.running.addr;
     let opts = DerpConnOptions { max_backoff: Duration::from_millis(500), preferred: true, ..Default::default() };
@@ -171,7 +177,7 @@ async fn derp_conn_survives_outage_and_restart() {
     let logins = a.logins();
     drop(nexus);
     assert!(eventually(T, || !a.is_connected()).await);
-    let nexus2 = Nexus::start_with(Config { listen: addr, ..Config::default() }).await;
+    let nexus2 = Nexus::start_with(Config { listen: addr, ..open_relay() }).await;
     assert!(eventually(T, || a.logins() > logins && a.is_connected() && b.is_connected()).await, "reconnected");
     roundtrip(&a, &b, &bk, b"after restart").await;
     assert_eq!(a.client().unwrap().server_key(), nexus2.running.derp.as_ref().unwrap().public_key());
@@ -222,7 +228,7 @@ async fn closed_by_server(s: &mut tokio::net::TcpStream) -> bool {
 
 #[tokio::test]
 async fn hostile_frames_close_only_their_connection() {
-    let nexus = Nexus::start().await;
+    let nexus = Nexus::start_with(open_relay()).await;
     let addr = nexus.running.addr;
     let (ak, bk) = (key(), key());
     let a = connect(nexus.url(), &ak).await;
@@ -310,7 +316,7 @@ async fn hostile_frames_close_only_their_connection() {
 
 #[tokio::test]
 async fn slow_reader_drops_instead_of_blocking() {
-    let nexus = Nexus::start().await;
+    let nexus = Nexus::start_with(open_relay()).await;
     let (ak, bk, ck) = (key(), key(), key());
     let a = connect(nexus.url(), &ak).await;
     let c = connect(nexus.url(), &ck).await;
@@ -329,7 +335,7 @@ async fn slow_reader_drops_instead_of_blocking() {
 
 #[tokio::test]
 async fn stun_answers_with_the_senders_address() {
-    let nexus = Nexus::start().await;
+    let nexus = Nexus::start_with(open_relay()).await;
     let stun = nexus.running.stun.expect("STUN on by default");
     assert_eq!(stun.ip(), nexus.running.addr.ip(), "STUN follows the listen IP");
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -346,7 +352,7 @@ async fn stun_answers_with_the_senders_address() {
 #[tokio::test]
 async fn derp_modes_verify_and_mesh_watchers() {
     // No DERP: empty map, no relay, no STUN.
-    let off = Nexus::start_with(Config { derp: DerpMode::Off, ..Config::default() }).await;
+    let off = Nexus::start_with(Config { derp: DerpMode::Off, ..open_relay() }).await;
     assert!(off.running.shared.derp_map.regions.is_empty());
     assert!(off.running.derp.is_none() && off.running.stun.is_none());
     assert!(DerpClient::connect(&TokioNet, off.url().as_str(), &key(), T).await.is_err());
@@ -359,7 +365,7 @@ async fn derp_modes_verify_and_mesh_watchers() {
         r#"{"Regions":{"900":{"RegionID":900,"RegionCode":"ext","RegionName":"External","Nodes":[{"Name":"900a","RegionID":900,"HostName":"derp.example","DERPPort":443}]}}}"#,
     )
     .unwrap();
-    let ext = Nexus::start_with(Config { derp: DerpMode::from_file(&file).unwrap(), ..Config::default() }).await;
+    let ext = Nexus::start_with(Config { derp: DerpMode::from_file(&file).unwrap(), ..open_relay() }).await;
     assert_eq!(ext.running.shared.derp_map.regions[&900].nodes[0].host_name, "derp.example");
     assert!(ext.running.derp.is_none());
 
@@ -529,7 +535,7 @@ fn real_tailscale_client_homes_on_nexus_derp() {
 
 #[tokio::test]
 async fn keepalives_and_same_key_replacement() {
-    let nexus = Nexus::start_with(Config { derp_keepalive: Duration::from_millis(200), ..Config::default() }).await;
+    let nexus = Nexus::start_with(Config { derp_keepalive: Duration::from_millis(200), ..open_relay() }).await;
     let ak = key();
     // Keep-alives arrive on an idle connection.
     let mut s = raw_login(nexus.running.addr, &ak).await;
@@ -558,4 +564,117 @@ async fn keepalives_and_same_key_replacement() {
     let b = connect(nexus.url(), &bk).await;
     exchange(&a2, &ak, &b, &bk).await;
     assert_eq!(nexus.running.derp.as_ref().unwrap().stats().clients, 2);
+}
+
+// The relay under the policy (verification on, the default).
+
+/// Registers `k` as a node of org `org` directly in the store; returns its id.
+fn register_node(n: &Nexus, org: &str, k: &PrivateKey, machine: u8) -> u64 {
+    let st = &n.running.shared.store;
+    let user = st.user_by_name(org).unwrap_or_else(|| st.create_user(org, "").unwrap());
+    let cfg = &n.running.shared.cfg;
+    st.register(
+        MachinePublic([machine; 32]),
+        public(k),
+        user.id,
+        Default::default(),
+        false,
+        vec![],
+        None,
+        "authkey",
+        cfg.ipv4_base,
+        cfg.ipv6_base,
+    )
+    .expect("register")
+    .id
+}
+
+/// A packet disco would send: the only kind an absent destination answers with PeerGone.
+fn disco_like() -> Vec<u8> {
+    let mut p = citadel::disco::MAGIC.to_vec();
+    p.resize(citadel::disco::HEADER_LEN + 16, 7);
+    p
+}
+
+/// Everything `c` receives within `d` (packets and PeerGone frames), as strings.
+async fn heard(c: &DerpClient, d: Duration) -> Vec<String> {
+    let mut out = vec![];
+    let _ = tokio::time::timeout(d, async {
+        loop {
+            match c.recv().await {
+                Ok(Received::Packet { src, .. }) => out.push(format!("packet from {}", src.short())),
+                Ok(Received::PeerGone { peer, .. }) => out.push(format!("gone {}", peer.short())),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    out
+}
+
+#[tokio::test]
+async fn relay_carries_only_what_the_policy_allows_and_answers_no_stranger() {
+    let n = Nexus::start().await;
+    let (a1, a2, a3, b1) = (key(), key(), key(), key());
+    register_node(&n, "acme", &a1, 1);
+    register_node(&n, "acme", &a2, 2);
+    register_node(&n, "acme", &a3, 3); // registered, never connects
+    register_node(&n, "globex", &b1, 4);
+    let (c1, c2, cb) = (connect(n.url(), &a1).await, connect(n.url(), &a2).await, connect(n.url(), &b1).await);
+    exchange(&c1, &a1, &c2, &a2).await;
+
+    // Across orgs: nothing is delivered either way, and an offline acme key earns globex no
+    // PeerGone (no presence oracle), while acme itself is told its peer is not here.
+    cb.send(public(&a1), b"from globex").await.unwrap();
+    c1.send(public(&b1), b"from acme").await.unwrap();
+    cb.send(public(&a3), &disco_like()).await.unwrap();
+    c1.send(public(&a3), &disco_like()).await.unwrap();
+    assert_eq!(heard(&cb, Duration::from_millis(800)).await, Vec::<String>::new(), "globex heard something");
+    assert_eq!(heard(&c1, Duration::from_millis(200)).await, [format!("gone {}", public(&a3).short())]);
+    assert_eq!(n.running.derp.as_ref().unwrap().stats().packets_dropped, 4, "refused and undeliverable packets");
+
+    // Under --headscale-default the same pair may talk.
+    let open =
+        Nexus::start_with(Config { policy: Some(nexus_sim::policy::HEADSCALE_DEFAULT.into()), ..Config::default() })
+            .await;
+    register_node(&open, "acme", &a1, 1);
+    register_node(&open, "globex", &b1, 4);
+    let (o1, ob) = (connect(open.url(), &a1).await, connect(open.url(), &b1).await);
+    exchange(&o1, &a1, &ob, &b1).await;
+}
+
+#[tokio::test]
+async fn unregistered_keys_are_refused_by_default() {
+    let n = Nexus::start().await;
+    assert!(DerpClient::connect(&TokioNet, n.url().as_str(), &key(), T).await.is_err());
+    assert_eq!(n.running.derp.as_ref().unwrap().stats().refused, 1);
+}
+
+#[tokio::test]
+async fn deleted_or_expired_nodes_lose_their_relay_within_a_second() {
+    let n = Nexus::start().await;
+    let (a, b, c) = (key(), key(), key());
+    let ida = register_node(&n, "acme", &a, 1);
+    let idb = register_node(&n, "acme", &b, 2);
+    register_node(&n, "acme", &c, 3);
+    let (ca, cb, cc) = (connect(n.url(), &a).await, connect(n.url(), &b).await, connect(n.url(), &c).await);
+    let derp = n.running.derp.clone().unwrap();
+    assert!(eventually(T, || derp.clients().len() == 3).await);
+
+    let st = &n.running.shared.store;
+    let t0 = Instant::now();
+    st.delete_node(ida).unwrap();
+    assert!(eventually(Duration::from_secs(1), || !derp.is_connected(&public(&a))).await, "deleted node kept DERP");
+    st.expire_node(idb).unwrap();
+    assert!(eventually(Duration::from_secs(1), || !derp.is_connected(&public(&b))).await, "expired node kept DERP");
+    println!("both closed after {:?}", t0.elapsed());
+    // Their clients see the end; the live node stays.
+    assert!(tokio::time::timeout(T, async { while ca.recv().await.is_ok() {} }).await.is_ok());
+    assert!(tokio::time::timeout(T, async { while cb.recv().await.is_ok() {} }).await.is_ok());
+    assert!(derp.is_connected(&public(&c)));
+    // And they cannot come back.
+    assert!(DerpClient::connect(&TokioNet, n.url().as_str(), &a, T).await.is_err());
+    assert!(DerpClient::connect(&TokioNet, n.url().as_str(), &b, T).await.is_err());
+    drop(cc);
 }

@@ -93,3 +93,23 @@ fn derp_down_on_kernel_nat_agrees_with_the_simulation() {
     assert!(real.contains("PASS           e1 reaches p1 via direct in [50s, 60s]"), "{real}");
     assert!(real.contains("PASS           h1 never reaches h2 in [30s, 60s]"), "{real}");
 }
+
+#[test]
+fn policy_ports_on_kernel_nat_agrees_with_the_simulation() {
+    let Some(real) = play_real("policy_ports.toml", Duration::from_secs(200)) else { return };
+    assert!(real.contains("PASS           a1 reaches a2:22 via direct"), "{real}");
+    assert!(real.contains("PASS           a1 never reaches a2:80"), "{real}");
+}
+
+#[test]
+fn policy_tagged_server_on_kernel_nat_agrees_with_the_simulation() {
+    let Some(real) = play_real("policy_tagged_server.toml", Duration::from_secs(200)) else { return };
+    assert!(real.contains("PASS           srv sees exactly {a1}"), "{real}");
+    assert!(real.contains("PASS           g1 never reaches srv"), "{real}");
+}
+
+#[test]
+fn headscale_default_on_kernel_nat_agrees_with_the_simulation() {
+    let Some(real) = play_real("headscale_default.toml", Duration::from_secs(200)) else { return };
+    assert!(real.contains("PASS           a1 sees exactly {g1}"), "{real}");
+}

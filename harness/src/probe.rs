@@ -38,6 +38,12 @@ impl std::fmt::Display for PathKind {
 pub trait NodeProbe: Send + Sync {
     /// Pings `peer` once.
     fn ping(&self, peer: Ipv4Addr, timeout: Duration) -> BoxFuture<'_, Option<PathKind>>;
+
+    /// Pings `peer` once on TCP `port`; probes that cannot choose a port ping as [`NodeProbe::ping`].
+    fn ping_port(&self, peer: Ipv4Addr, port: u16, timeout: Duration) -> BoxFuture<'_, Option<PathKind>> {
+        let _ = port;
+        self.ping(peer, timeout)
+    }
 }
 
 /// Makes a [`NodeProbe`] for a node once its mesh is up.
@@ -59,8 +65,12 @@ impl std::fmt::Debug for MeshProbe {
 
 impl NodeProbe for MeshProbe {
     fn ping(&self, peer: Ipv4Addr, timeout: Duration) -> BoxFuture<'_, Option<PathKind>> {
+        self.ping_port(peer, PING_PORT, timeout)
+    }
+
+    fn ping_port(&self, peer: Ipv4Addr, port: u16, timeout: Duration) -> BoxFuture<'_, Option<PathKind>> {
         Box::pin(async move {
-            let pong = self.0.ping(peer.into(), PING_PORT, timeout).await.ok()?;
+            let pong = self.0.ping(peer.into(), port, timeout).await.ok()?;
             Some(path_kind(pong.path.as_deref()))
         })
     }

@@ -210,6 +210,17 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let k = shared.store.create_key(u.id, true, false, None, vec![]).map_err(|e| anyhow::anyhow!("{e}"))?;
             keys.insert(o.name.get_ref().clone(), k.key);
         }
+        // A tagged node joins with a key of its own carrying its tags (keyed by node name).
+        for n in sc.nodes.iter().filter(|n| !n.tags.is_empty()) {
+            let u = shared.store.user_by_name(n.org.get_ref()).ok_or_else(|| anyhow::anyhow!("unknown org"))?;
+            let k =
+                shared.store.create_key(u.id, true, false, None, n.tags.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            keys.insert(n.name.get_ref().clone(), k.key);
+        }
+    }
+    let policy_file = tmp.path().join("policy.hujson");
+    if let Some(p) = &sc.policy {
+        std::fs::write(&policy_file, crate::scenario::policy_text(p.get_ref()))?;
     }
 
     lab.add_ns("inet")?;
@@ -315,6 +326,13 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             .map(|s| s.to_string())
             .chain(["--db".to_string(), db.display().to_string()])
             .chain(["--derp-map".to_string(), derp_map.display().to_string()])
+            .chain(
+                sc.policy
+                    .as_ref()
+                    .map(|_| ["--policy".to_string(), policy_file.display().to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .collect();
     let mut nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
     wait_port(&lab, "inet", "198.18.0.1", 8080)?;
@@ -362,7 +380,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             name.clone(),
         ];
         if first {
-            args.extend(["--authkey".to_string(), keys[n.org.get_ref()].clone()]);
+            let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
+            args.extend(["--authkey".to_string(), key.clone()]);
         }
         lab.spawn(&format!("n{i}"), &citadel, &args, &tmp.path().join(format!("{name}.log")))
     };
@@ -517,7 +536,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let o = &obs[n.name.get_ref()];
             for p in vis(o) {
                 let porg = sc.node(&p).map(|x| x.org.get_ref().as_str()).unwrap_or("?");
-                if porg != n.org.get_ref() && leak.is_none() {
+                if porg != n.org.get_ref() && leak.is_none() && sc.policy.is_none() {
                     leak = Some(format!(
                         "at {}: {} ({}) lists {p} ({porg})",
                         fmt_t(now),
@@ -619,12 +638,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     _ => Verdict::NotEvaluated("--real has nexus-sim's one DERP region only".into()),
                 },
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
-                    let (a, b) =
-                        (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                    let (a, b) = (e.a.as_ref().expect("validated").get_ref(), e.ping_target().expect("validated"));
                     // A ping the local API could not make proves nothing either way.
-                    match pingers.failures(a, b).into_iter().find(|(t, _)| *t >= e.after.0 && *t <= by) {
+                    match pingers.failures(a, &b).into_iter().find(|(t, _)| *t >= e.after.0 && *t <= by) {
                         Some((t, why)) => Verdict::Fail(format!("ping not measured at {}: {why}", fmt_t(t))),
-                        None => crate::world::judge_pings(e, &pingers.results(a, b), by),
+                        None => crate::world::judge_pings(e, &pingers.results(a, &b), by),
                     }
                 }
             }
@@ -648,6 +666,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         };
     }
     let _ = match &leak {
+        None if sc.policy.is_some() => {
+            writeln!(report, "  (org isolation not checked: the scenario sets its own policy)")
+        }
         None => writeln!(report, "  PASS           no node ever listed a node of another org ({samples} samples)"),
         Some(l) => writeln!(report, "  FAIL           org isolation: {l}"),
     };
@@ -740,7 +761,7 @@ impl Pingers {
             .expects
             .iter()
             .filter(|e| matches!(e.kind.get_ref(), ExpectKind::UdpPath | ExpectKind::Reaches))
-            .filter_map(|e| Some((e.a.as_ref()?.get_ref().clone(), e.b.as_ref()?.get_ref().clone())))
+            .filter_map(|e| Some((e.a.as_ref()?.get_ref().clone(), e.ping_target()?)))
             .collect();
         let threads = pairs
             .into_iter()
@@ -751,11 +772,16 @@ impl Pingers {
                     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
                     while !stop.load(Ordering::SeqCst) && !INTERRUPTED.load(Ordering::SeqCst) {
                         let tick = Instant::now();
+                        // `b` is a node name, or `name:port` for a ping on another port.
+                        let (bn, port) = match b.split_once(':') {
+                            Some((n, p)) => (n, p.parse().unwrap_or(crate::probe::PING_PORT)),
+                            None => (b.as_str(), crate::probe::PING_PORT),
+                        };
                         let up_of = |a: &str| nodes.lock().unwrap().get(a).and_then(|x| x.0);
-                        let target = up_of(&a).zip(nodes.lock().unwrap().get(&b).and_then(|x| x.1.clone()));
+                        let target = up_of(&a).zip(nodes.lock().unwrap().get(bn).and_then(|x| x.1.clone()));
                         if let Some((up, ip)) = target {
                             let key = (a.clone(), b.clone());
-                            match ping_once(&rt, &dir, &ip) {
+                            match ping_once(&rt, &dir, &ip, port) {
                                 Ok(r) => results.lock().unwrap().entry(key).or_default().push((t0.elapsed(), r)),
                                 // The harness stopped or restarted that `up` meanwhile: no ping.
                                 Err(_) if up_of(&a) != Some(up) => {}
@@ -814,8 +840,9 @@ fn ping_once(
     rt: &tokio::runtime::Runtime,
     state_dir: &Path,
     ip: &str,
+    port: u16,
 ) -> Result<Option<crate::probe::PathKind>, String> {
-    let req = citadel::api::Request::Ping { peer: ip.to_string(), port: crate::probe::PING_PORT, timeout_ms: 2000 };
+    let req = citadel::api::Request::Ping { peer: ip.to_string(), port, timeout_ms: 2000 };
     let r =
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), citadel::api::call(state_dir, &req)).await });
     match r {

@@ -101,10 +101,10 @@ pub fn describe(e: &ExpectSpec, end: Duration) -> String {
     let node = e.node.as_ref().map(|n| n.get_ref().as_str()).unwrap_or_default();
     let peers = e.peers.iter().map(|p| p.get_ref().as_str()).collect::<Vec<_>>().join(", ");
     let window = if e.after.0.is_zero() { format!("by {by}") } else { format!("in [{}, {by}]", e.after) };
-    let (a, b) = (
-        e.a.as_ref().map(|x| x.get_ref().as_str()).unwrap_or_default(),
-        e.b.as_ref().map(|x| x.get_ref().as_str()).unwrap_or_default(),
-    );
+    let a = e.a.as_ref().map(|x| x.get_ref().as_str()).unwrap_or_default();
+    // `b`, or `b:port` for a ping on another port.
+    let b_target = e.ping_target().unwrap_or_default();
+    let b = b_target.as_str();
     let path = e.path.map(|p| p.to_string()).unwrap_or_default();
     match e.kind.get_ref() {
         ExpectKind::Sees if e.exact => format!("{node} sees exactly {{{peers}}} {window}"),
@@ -184,6 +184,7 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         };
     }
     let _ = match t.leak {
+        None if t.sc.policy.is_some() => writeln!(s, "  (org isolation not checked: the scenario sets its own policy)"),
         None => writeln!(s, "  PASS           no node ever listed a node of another org ({} samples)", t.samples),
         Some(l) => writeln!(s, "  FAIL           org isolation: {l}"),
     };
@@ -240,7 +241,7 @@ pub fn trace(t: &TraceInput<'_>) -> String {
         Verdict::NotEvaluated(_) => (p, f, n + 1),
     });
     let fail = fail + usize::from(t.leak.is_some());
-    let pass = pass + usize::from(t.leak.is_none());
+    let pass = pass + usize::from(t.leak.is_none() && t.sc.policy.is_none());
     let _ = writeln!(
         s,
         "\nresult: {} ({pass} passed, {fail} failed, {ne} not evaluated)",

@@ -205,6 +205,9 @@ pub struct NodeSpec {
     /// When the node first starts.
     #[serde(default)]
     pub start: Dur,
+    /// ACL tags (`tag:…`) it joins with (through a pre-auth key of its own carrying them).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// A link override between two named hosts.
@@ -356,6 +359,9 @@ pub struct ExpectSpec {
     /// Expected path.
     #[serde(default)]
     pub path: Option<PathKind>,
+    /// TCP port the mesh ping of `reaches`/`udp_path` dials (default [`crate::probe::PING_PORT`]).
+    #[serde(default)]
+    pub port: Option<u16>,
     /// Start of the window (default 0).
     #[serde(default)]
     pub after: Dur,
@@ -403,6 +409,11 @@ pub struct Scenario {
     /// Expectations.
     #[serde(default, rename = "expect")]
     pub expects: Vec<ExpectSpec>,
+    /// Nexus's ACL policy (Headscale HuJSON), or `headscale-default` for Headscale's
+    /// allow-all; absent: nexus-sim's built-in org isolation. With a policy the harness does
+    /// not check org isolation by itself: the expectations say who sees whom.
+    #[serde(default)]
+    pub policy: Option<Spanned<String>>,
 }
 
 fn one() -> u64 {
@@ -423,6 +434,26 @@ pub struct ScenarioError {
 
 /// Host names the harness itself uses.
 pub const RESERVED: [&str; 2] = ["nexus", "derp"];
+
+impl ExpectSpec {
+    /// The ping target of a `reaches`/`udp_path`: `b`, or `b:port` for another port.
+    pub fn ping_target(&self) -> Option<String> {
+        let b = self.b.as_ref()?.get_ref();
+        Some(match self.port {
+            Some(p) if p != crate::probe::PING_PORT => format!("{b}:{p}"),
+            _ => b.clone(),
+        })
+    }
+}
+
+/// The policy text nexus-sim gets for a scenario's `policy` value.
+pub fn policy_text(p: &str) -> String {
+    if p.trim() == "headscale-default" {
+        nexus_sim::policy::HEADSCALE_DEFAULT.to_string()
+    } else {
+        p.to_string()
+    }
+}
 
 impl Scenario {
     /// Reads and validates a file.

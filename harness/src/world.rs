@@ -207,9 +207,14 @@ async fn reach_loop(ctx: Arc<NodeCtx>, probe: Arc<dyn probe::NodeProbe>, to: Str
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ip = ctx.board.lock().unwrap().nodes.get(&to).and_then(|o| o.ipv4.clone());
+        // `to` is a node name, or `name:port` for a ping on another port.
+        let (name, port) = match to.split_once(':') {
+            Some((n, p)) => (n, p.parse().unwrap_or(probe::PING_PORT)),
+            None => (to.as_str(), probe::PING_PORT),
+        };
+        let ip = ctx.board.lock().unwrap().nodes.get(name).and_then(|o| o.ipv4.clone());
         let Some(ip) = ip.and_then(|i| i.parse().ok()) else { continue };
-        let r = probe.ping(ip, Duration::from_secs(2)).await;
+        let r = probe.ping_port(ip, port, Duration::from_secs(2)).await;
         let t = turmoil::sim_elapsed().unwrap_or_default();
         ctx.board.lock().unwrap().reach.entry((ctx.name.clone(), to.clone())).or_default().push((t, r));
     }
@@ -288,6 +293,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         ip.insert(n.name.get_ref().clone(), sim.lookup(n.name.get_ref().as_str()));
     }
     let shared = nexus_sim::build(nexus_sim::Config {
+        policy: sc.policy.as_ref().map(|p| crate::scenario::policy_text(p.get_ref())),
         server_url: nexus_url.clone(),
         derp: nexus_sim::DerpMode::External(derp_host::derp_map(
             &derps.iter().map(|(id, _, h)| (*id, ip[h])).collect::<Vec<_>>(),
@@ -332,9 +338,9 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
 
     let board = Arc::new(Mutex::new(Board::default()));
     for e in &sc.expects {
-        let (Some(a), Some(bn)) = (&e.a, &e.b) else { continue };
+        let (Some(a), Some(bn)) = (&e.a, e.ping_target()) else { continue };
         if matches!(e.kind.get_ref(), ExpectKind::UdpPath | ExpectKind::Reaches) {
-            board.lock().unwrap().reach_targets.entry(a.get_ref().clone()).or_default().insert(bn.get_ref().clone());
+            board.lock().unwrap().reach_targets.entry(a.get_ref().clone()).or_default().insert(bn);
         }
     }
     // Identities are made up front from the seed: node keys are deterministic, and a peer is
@@ -376,7 +382,15 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         let ctx = NodeCtx {
             name: name.clone(),
             nexus_url: nexus_url.clone(),
-            auth_key: org_keys[n.org.get_ref()].clone(),
+            auth_key: if n.tags.is_empty() {
+                org_keys[n.org.get_ref()].clone()
+            } else {
+                let st = &shared.store;
+                let u = st.user_by_name(n.org.get_ref()).ok_or_else(|| anyhow::anyhow!("org of {name}"))?;
+                st.create_key(u.id, true, false, None, n.tags.clone())
+                    .map_err(|e| anyhow::anyhow!("create tagged key: {e}"))?
+                    .key
+            },
             state_dir: tmp.path().join(&name),
             net: TurmoilNet { uplink, ip: Some(ip[&name]) },
             board: board.clone(),
@@ -459,7 +473,8 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     observed.push((now, format!("{name} sees {new}")));
                 }
                 *last = vis.clone();
-                for p in &vis {
+                // A scenario with its own policy says who sees whom in its expectations.
+                for p in vis.iter().filter(|_| sc.policy.is_none()) {
                     let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
                     if porg != n.org.get_ref() {
                         leaked_pairs.insert((name.clone(), p.clone()));
@@ -729,7 +744,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             }
             (ExpectKind::HomeDerp, None) => Verdict::Fail("not decided".into()),
             (ExpectKind::UdpPath | ExpectKind::Reaches, None) => {
-                let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), e.b.as_ref().expect("validated").get_ref());
+                let (a, b2) = (e.a.as_ref().expect("validated").get_ref(), &e.ping_target().expect("validated"));
                 let rs = bd.reach.get(&(a.clone(), b2.clone())).map(Vec::as_slice).unwrap_or_default();
                 if *e.kind.get_ref() == ExpectKind::UdpPath {
                     paths.insert((a.clone(), b2.clone()), path_at(rs, by));

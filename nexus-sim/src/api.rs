@@ -294,6 +294,7 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}", get(get_node).delete(delete_node))
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
+        .route("/api/v1/policy", get(crate::policy::state::get_policy).put(crate::policy::state::set_policy))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
         .route("/api/v1/apikey/expire", post(expire_api_key))
         .route("/api/v1/apikey/{prefix}", delete(delete_api_key))

@@ -15,8 +15,8 @@ use chrono::Utc;
 use citadel_proto::keys::{MachinePublic, NodePublic};
 use citadel_proto::noise::{self, NoiseStream};
 use citadel_proto::tailcfg::{
-    self, encode_map_frame, FilterRule, MapRequest, MapResponse, NetPortRange, OverTlsPublicKeyResponse, PortRange,
-    RegisterRequest, RegisterResponse, UserProfile,
+    self, encode_map_frame, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse,
+    UserProfile,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -279,11 +279,12 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
     }
 }
 
-/// The map a node sees: itself, its own org's other nodes, the DERP map and a filter that
-/// only admits its own org's addresses.
+/// The map a node sees: itself, the peers the policy lets talk to it in either direction,
+/// the DERP map and its packet filter (the policy's rules reduced to its own addresses).
 pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
     let now = Utc::now();
-    let org = s.store.nodes(Some(me.user_id));
+    let compiled = s.policy.compiled(&s.store);
+    let all: std::collections::HashMap<u64, StoreNode> = s.store.nodes(None).into_iter().map(|n| (n.id, n)).collect();
     let to_tail = |n: &StoreNode| {
         let addrs = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
         tailcfg::Node {
@@ -309,21 +310,19 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
             expired: n.is_expired(now),
         }
     };
-    let mut peers: Vec<tailcfg::Node> = org.iter().filter(|n| n.id != me.id).map(to_tail).collect();
-    peers.sort_by_key(|p| p.id);
-    let src: Vec<String> = org.iter().flat_map(|n| [n.ipv4.to_string(), n.ipv6.to_string()]).collect();
+    let peer_nodes: Vec<&StoreNode> = compiled.peers_of(me.id).iter().filter_map(|id| all.get(id)).collect();
+    let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(n)).collect();
+    let mut users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).chain([me.user_id]).collect();
+    users.sort_unstable();
+    users.dedup();
     MapResponse {
         node: Some(to_tail(me)),
         derp_map: Some(s.derp_map.clone()),
         peers: Some(peers),
         domain: s.cfg.base_domain.clone(),
         dns_config: Some(serde_json::json!({"Domains": [s.cfg.base_domain]})),
-        packet_filter: Some(vec![FilterRule {
-            src_ips: src,
-            dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
-            ip_proto: vec![],
-        }]),
-        user_profiles: vec![user_profile(s, me.user_id)],
+        packet_filter: Some(compiled.filter_for(me.id)),
+        user_profiles: users.into_iter().map(|u| user_profile(s, u)).collect(),
         ..Default::default()
     }
 }
@@ -342,6 +341,9 @@ async fn map(
     let Some(node) = s.store.node_by_keys(&sess.machine, &req.node_key) else {
         return (StatusCode::UNAUTHORIZED, "node not registered").into_response();
     };
+    if node.is_expired(Utc::now()) {
+        return (StatusCode::UNAUTHORIZED, "node key expired").into_response();
+    }
     let nk: NodePublic = req.node_key;
     let _ = nk;
     let ep = req.endpoints.clone();
@@ -395,7 +397,9 @@ async fn map(
     let user_id = node.user_id;
     let store = s.store.clone();
     tokio::spawn(async move {
-        let mut org = store.subscribe(user_id);
+        // Any node or policy change may change this node's peers or filter.
+        let mut nodes_changed = store.subscribe_all();
+        let mut policy_changed = s.policy.subscribe();
         store.session(node_id, true);
         let mut last: Option<MapResponse> = None;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
@@ -404,6 +408,11 @@ async fn map(
             if me.user_id != user_id {
                 break; // moved to another org: the client must reconnect
             }
+            if me.is_expired(Utc::now()) {
+                break; // an expired node gets no map; its reconnect is refused
+            }
+            let until_expiry =
+                me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
             let m = s.faults.with_leaks(&s, &me, build_map);
             if last.as_ref() != Some(&m) {
                 let mut out = m.clone();
@@ -415,7 +424,9 @@ async fn map(
                 last = Some(m);
             }
             tokio::select! {
-                r = org.changed() => if r.is_err() { break },
+                r = nodes_changed.changed() => if r.is_err() { break },
+                r = policy_changed.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep(until_expiry) => {}
                 _ = ticker.tick() => {
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
                     if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }

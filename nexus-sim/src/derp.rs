@@ -52,6 +52,10 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// Decides whether a node key may use the relay (`--derp-verify-clients`).
 pub type Verifier = Arc<dyn Fn(&NodePublic) -> bool + Send + Sync>;
 
+/// Decides whether a packet from the first key may be relayed to the second; a refused
+/// packet is dropped silently (no `PeerGone`, so the relay tells a stranger nothing).
+pub type RelayPolicy = Arc<dyn Fn(&NodePublic, &NodePublic) -> bool + Send + Sync>;
+
 /// How a [`DerpServer`] behaves.
 #[derive(Clone)]
 pub struct DerpOptions {
@@ -59,6 +63,8 @@ pub struct DerpOptions {
     pub key: PrivateKey,
     /// When set, only keys it accepts may log in.
     pub verifier: Option<Verifier>,
+    /// When set, only packets it allows are relayed.
+    pub relay_policy: Option<RelayPolicy>,
     /// Clients presenting this mesh key (64 hex digits) may watch connections, close peers
     /// and forward packets, as other DERP servers of a region mesh do.
     pub mesh_key: Option<String>,
@@ -74,6 +80,7 @@ impl DerpOptions {
         DerpOptions {
             key: PrivateKey::generate(&mut rand::thread_rng()),
             verifier: None,
+            relay_policy: None,
             mesh_key: None,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             keepalive: codec::KEEP_ALIVE,
@@ -343,6 +350,13 @@ impl DerpServer {
 
     /// Routes one packet from `src` to `dst`'s queue.
     fn relay(&self, from: &Client, src: NodePublic, dst: NodePublic, packet: Vec<u8>) {
+        if let Some(allowed) = &self.opts.relay_policy {
+            if !allowed(&src, &dst) {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(src = %src.short(), dst = %dst.short(), "DERP packet refused by policy");
+                return;
+            }
+        }
         let target = {
             let mut t = self.table();
             let target = t.by_key.get(&dst).cloned();

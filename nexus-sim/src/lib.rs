@@ -9,6 +9,7 @@ pub mod control;
 pub mod derp;
 pub mod device;
 pub mod metrics;
+pub mod policy;
 pub mod store;
 pub mod stun;
 pub mod tls;
@@ -17,12 +18,13 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
+use citadel_proto::keys::NodePublic;
 use citadel_proto::keys::PrivateKey;
 use citadel_proto::tailcfg::DerpMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use store::Store;
 use tokio::sync::watch;
@@ -59,12 +61,14 @@ pub struct Config {
     pub device_poll_interval: u64,
     /// Which DERP map nodes get, and whether nexus-sim relays itself.
     pub derp: DerpMode,
-    /// Refuse DERP clients whose node key is not a node of this server (Headscale's embedded
-    /// DERP does not check; off by default).
+    /// Refuse DERP clients whose node key is not a live (registered, unexpired) node of this
+    /// server; on by default.
     pub derp_verify_clients: bool,
     /// Mesh key (64 hex digits) that lets a DERP client watch connections and forward
     /// packets, as a region mesh peer; none by default.
     pub derp_mesh_key: Option<String>,
+    /// ACL policy text (Headscale v2 HuJSON); `None` means [`policy::ORG_ISOLATION`].
+    pub policy: Option<String>,
     /// Packets queued per DERP client before the oldest is dropped.
     pub derp_queue_depth: usize,
     /// DERP keep-alive interval.
@@ -97,6 +101,7 @@ impl std::fmt::Debug for Config {
             derp,
             derp_verify_clients,
             derp_mesh_key,
+            policy,
             derp_queue_depth,
             derp_keepalive,
             stun_listen,
@@ -119,6 +124,7 @@ impl std::fmt::Debug for Config {
             .field("derp", derp)
             .field("derp_verify_clients", derp_verify_clients)
             .field("derp_mesh_key", &derp_mesh_key.as_ref().map(|_| "<redacted>"))
+            .field("policy", &policy.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("derp_queue_depth", derp_queue_depth)
             .field("derp_keepalive", derp_keepalive)
             .field("stun_listen", stun_listen)
@@ -165,8 +171,9 @@ impl Default for Config {
             device_code_ttl: Duration::from_secs(600),
             device_poll_interval: 5,
             derp: DerpMode::Embedded { regions: 1 },
-            derp_verify_clients: false,
+            derp_verify_clients: true,
             derp_mesh_key: None,
+            policy: None,
             derp_queue_depth: derp::DEFAULT_QUEUE_DEPTH,
             derp_keepalive: citadel_proto::derp::KEEP_ALIVE,
             stun_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
@@ -291,6 +298,7 @@ pub struct Inner {
     pub faults: Faults,
     pub device: device::Flows,
     pub metrics: metrics::Metrics,
+    pub policy: policy::PolicyState,
 }
 
 /// Handle to the shared state.
@@ -328,6 +336,8 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
     let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
     store.set_config_api_keys(&cfg.api_keys);
+    let pol = policy::Policy::parse(cfg.policy.as_deref().unwrap_or(policy::ORG_ISOLATION))
+        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     let challenge = PrivateKey::generate(&mut rand::thread_rng());
     Ok(Arc::new(Inner {
         store,
@@ -338,6 +348,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         faults: Faults::default(),
         device: device::Flows::default(),
         metrics: metrics::Metrics::default(),
+        policy: policy::PolicyState::new(pol),
     }))
 }
 
@@ -488,13 +499,33 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let embedded = matches!(cfg.derp, DerpMode::Embedded { .. });
     let shared = build_with_map(cfg, derp_map)?;
     let derp_server = embedded.then(|| {
-        let store = shared.store.clone();
-        let verifier: Option<derp::Verifier> = shared.cfg.derp_verify_clients.then(|| {
-            Arc::new(move |k: &citadel_proto::keys::NodePublic| store.nodes(None).iter().any(|n| n.node_key == *k))
-                as derp::Verifier
+        let verify = shared.cfg.derp_verify_clients;
+        let verifier: Option<derp::Verifier> = verify.then(|| {
+            let s = shared.clone();
+            Arc::new(move |k: &NodePublic| live_node(&s, k).is_some()) as derp::Verifier
+        });
+        // Only verified clients have an identity the policy can speak about.
+        let relay_policy: Option<derp::RelayPolicy> = verify.then(|| {
+            let s = shared.clone();
+            // Decisions per key pair, valid until the store or the policy changes (expiry by
+            // time alone is caught by `close_dead_derp_clients` within half a second).
+            type Decisions = ((u64, u64), std::collections::HashMap<(NodePublic, NodePublic), bool>);
+            let cache: Mutex<Decisions> = Mutex::default();
+            Arc::new(move |a: &NodePublic, b: &NodePublic| {
+                let generation = (*s.store.subscribe_all().borrow(), *s.policy.subscribe().borrow());
+                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                if c.0 != generation || c.1.len() > 65_536 {
+                    *c = (generation, Default::default());
+                }
+                *c.1.entry((*a, *b)).or_insert_with(|| match (live_node(&s, a), live_node(&s, b)) {
+                    (Some(x), Some(y)) => s.policy.compiled(&s.store).may_talk(x, y),
+                    _ => false,
+                })
+            }) as derp::RelayPolicy
         });
         let d = derp::DerpServer::new(derp::DerpOptions {
             verifier,
+            relay_policy,
             mesh_key: shared.cfg.derp_mesh_key.clone(),
             queue_depth: shared.cfg.derp_queue_depth,
             keepalive: shared.cfg.derp_keepalive,
@@ -509,6 +540,9 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     }
     let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
     let mut region_tasks = vec![];
+    if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
+        region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
+    }
     // Expired registrations and device codes are dropped on a timer, so a stranger's requests
     // never outlive their TTL even if nobody asks about them again.
     region_tasks.push({
@@ -539,6 +573,30 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         region_tasks,
         _stun: stun_srv,
     })
+}
+
+/// Id of the registered, unexpired node holding node key `k`.
+fn live_node(s: &Shared, k: &NodePublic) -> Option<u64> {
+    let now = chrono::Utc::now();
+    s.store.nodes(None).into_iter().find(|n| n.node_key == *k && !n.is_expired(now)).map(|n| n.id)
+}
+
+/// Closes the DERP connections of nodes deleted or expired: at once on a store change, and
+/// within half a second of an expiry time passing.
+async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
+    let mut changed = s.store.subscribe_all();
+    loop {
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for c in d.clients() {
+            if live_node(&s, &c.key).is_none() {
+                tracing::info!(key = %c.key, "closing DERP connection of a deleted or expired node");
+                d.close_client(&c.key);
+            }
+        }
+    }
 }
 
 /// The host part of a URL (brackets of an IPv6 literal removed).

@@ -91,6 +91,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ApiKeysCmd,
     },
+    /// Show, replace or check the ACL policy
+    Policy {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Print the active policy
+    Get,
+    /// Replace the active policy with a file's (refused, leaving the old one, if invalid)
+    Set {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
+    /// Check a policy file locally; prints every problem with its line
+    Check {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -127,9 +150,20 @@ struct ServeArgs {
     /// Hand out this DERP map (tailcfg DERPMap JSON) instead of the embedded relay's
     #[arg(long, conflicts_with = "derp_regions")]
     derp_map: Option<PathBuf>,
-    /// Refuse DERP clients whose node key is not a registered node
-    #[arg(long)]
+    /// Refuse DERP clients whose node key is not a registered node (the default; kept for
+    /// compatibility)
+    #[arg(long, conflicts_with = "no_derp_verify_clients")]
     derp_verify_clients: bool,
+    /// Let any key use the embedded DERP relay and relay between any keys, as Headscale's
+    /// embedded DERP does (the policy then does not apply to relayed packets)
+    #[arg(long)]
+    no_derp_verify_clients: bool,
+    /// ACL policy file (Headscale v2 HuJSON); default: the built-in org isolation policy
+    #[arg(long, conflicts_with = "headscale_default")]
+    policy: Option<PathBuf>,
+    /// No policy, as Headscale without one: every node may reach every other
+    #[arg(long)]
+    headscale_default: bool,
     /// Mesh key (64 hex digits) for trusted DERP region peers
     #[arg(long, env = "NEXUS_DERP_MESH_KEY", hide_env_values = true)]
     derp_mesh_key: Option<String>,
@@ -370,6 +404,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
     } else {
         nexus_sim::DerpMode::Embedded { regions: a.derp_regions }
     };
+    let policy = match (&a.policy, a.headscale_default) {
+        (Some(f), _) => Some(std::fs::read_to_string(f).with_context(|| format!("reading policy {}", f.display()))?),
+        (None, true) => Some(nexus_sim::policy::HEADSCALE_DEFAULT.to_string()),
+        (None, false) => None,
+    };
     let cfg = nexus_sim::Config {
         listen: a.listen,
         db: a.db,
@@ -380,7 +419,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         ephemeral_timeout: Duration::from_secs(a.ephemeral_timeout),
         device_poll_interval: a.device_poll_interval,
         derp,
-        derp_verify_clients: a.derp_verify_clients,
+        derp_verify_clients: !a.no_derp_verify_clients,
+        policy,
         derp_mesh_key: a.derp_mesh_key,
         stun_listen: a.stun.resolve(a.listen),
         tls: match (&a.tls_cert, &a.tls_key) {
@@ -456,6 +496,40 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::Derp { listen, hostname, stun, mesh_key } => derp_only(listen, hostname, stun, mesh_key).await,
+        Cmd::Policy { cmd: PolicyCmd::Check { file }, .. } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            nexus_sim::policy::Policy::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid policy:\n{e}", file.display()))?;
+            println!("policy is valid");
+            Ok(())
+        }
+        Cmd::Policy { conn, cmd } => {
+            admin(conn, async |c, json| {
+                match cmd {
+                    PolicyCmd::Get => {
+                        let v = c.call(Method::GET, "/api/v1/policy", None).await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v)?);
+                        } else {
+                            print!("{}", v["policy"].as_str().unwrap_or_default());
+                        }
+                    }
+                    PolicyCmd::Set { file } => {
+                        let text =
+                            std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                        let v = c.call(Method::PUT, "/api/v1/policy", Some(json!({"policy": text}))).await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v)?);
+                        } else {
+                            println!("policy updated at {}", s(&v, "updatedAt"));
+                        }
+                    }
+                    PolicyCmd::Check { .. } => unreachable!("handled without a connection"),
+                }
+                Ok(())
+            })
+            .await
+        }
         Cmd::Cert { out, names } => {
             nexus_sim::tls::mint(&names)?.write(&out)?;
             println!("{}", out.join("ca.pem").display());

@@ -1,0 +1,1035 @@
+//! Headscale's ACL policy (the v2 format of Headscale 0.26/0.27): parsing HuJSON, validating
+//! with Headscale's rules and messages (plus line numbers), and compiling to each node's
+//! packet filter and peer list the way Headscale's `hscontrol/policy/v2` does.
+//!
+//! Facts followed (Headscale v0.27.1 unless noted):
+//! - no policy, or a policy without an `acls` key, allows everything (`FilterAllowAll`);
+//!   `"acls": []` allows nothing;
+//! - a rule's sources resolve to a set of addresses printed as its minimal prefix cover; each
+//!   destination alias is printed prefix by prefix, times its port ranges, in rule order;
+//! - an empty `proto` means TCP and UDP (`[6, 17]`), `icmp` means `[1, 58]`;
+//! - users (`name@`) and groups resolve to their untagged nodes; tags to nodes carrying the
+//!   tag; a host or single address that is a node's address adds all of that node's addresses;
+//! - a node's filter keeps the destinations that contain one of its addresses;
+//! - with `autogroup:self` anywhere, rules compile per node, the sources of a self
+//!   destination narrowed to the node owner's untagged nodes, destinations as bare addresses;
+//! - a node's map lists a peer when either may open a connection to the other (per-node
+//!   rules of both are consulted with `autogroup:self`, as Headscale's main branch does;
+//!   0.27.1 consulted only one direction there, which hid clients from a tagged server).
+
+mod hujson;
+pub mod ipset;
+pub mod state;
+
+pub use state::PolicyState;
+
+use citadel_proto::tailcfg::{FilterRule, NetPortRange, PortRange};
+use ipset::{IpSet, Prefix};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Largest policy accepted, in bytes.
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
+
+/// The built-in policy with no `--policy`: every org (user) reaches only its own nodes.
+pub const ORG_ISOLATION: &str = r#"// nexus-sim's built-in policy: each org (user) sees and reaches only its own devices.
+{
+  "acls": [
+    // TCP and UDP, every port, between devices of the same org.
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+    // ICMP too (an empty proto means TCP and UDP only).
+    {"action": "accept", "proto": "icmp", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+  ],
+}
+"#;
+
+/// Headscale's behaviour without a policy (`--headscale-default`): everyone reaches everyone.
+pub const HEADSCALE_DEFAULT: &str = r#"// Headscale's default with no policy: every node may reach every other (FilterAllowAll).
+{}
+"#;
+
+/// One problem found in a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// 1-based line in the policy text, when one can be named.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Why a policy was refused: every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .issues.iter().map(Issue::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct PolicyError {
+    pub issues: Vec<Issue>,
+}
+
+impl PolicyError {
+    fn one(line: Option<usize>, message: impl Into<String>) -> PolicyError {
+        PolicyError { issues: vec![Issue { line, message: message.into() }] }
+    }
+}
+
+/// An alias in `src`/`dst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Alias {
+    Wildcard,
+    User(String),
+    Group(String),
+    Tag(String),
+    Host(String),
+    Prefix(Prefix),
+    Auto(AutoGroup),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AutoGroup {
+    Internet,
+    Member,
+    NonRoot,
+    Tagged,
+    SelfDevices,
+}
+
+const AUTOGROUPS: [(&str, AutoGroup); 5] = [
+    ("autogroup:internet", AutoGroup::Internet),
+    ("autogroup:member", AutoGroup::Member),
+    ("autogroup:nonroot", AutoGroup::NonRoot),
+    ("autogroup:tagged", AutoGroup::Tagged),
+    ("autogroup:self", AutoGroup::SelfDevices),
+];
+
+#[derive(Debug, Clone)]
+struct Acl {
+    src: Vec<Alias>,
+    /// The `src` and `dst` strings as written, for locating errors.
+    raw: (Vec<String>, Vec<String>),
+    dst: Vec<(Alias, Vec<PortRange>)>,
+    proto: Vec<i32>,
+}
+
+/// A parsed, validated policy and the text it came from.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    text: String,
+    groups: BTreeMap<String, Vec<String>>,
+    hosts: BTreeMap<String, Prefix>,
+    acls: Option<Vec<Acl>>,
+}
+
+/// A user (org) as the compiler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyUser {
+    pub id: u64,
+    pub name: String,
+    pub email: String,
+}
+
+/// A node as the compiler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyNode {
+    pub id: u64,
+    pub user_id: u64,
+    /// Its addresses, IPv4 first.
+    pub ips: Vec<IpAddr>,
+    pub tags: Vec<String>,
+}
+
+impl PolicyNode {
+    /// A node with one IPv4 and one IPv6 address.
+    pub fn new(id: u64, user_id: u64, ipv4: Ipv4Addr, ipv6: Ipv6Addr, tags: Vec<String>) -> PolicyNode {
+        PolicyNode { id, user_id, ips: vec![IpAddr::V4(ipv4), IpAddr::V6(ipv6)], tags }
+    }
+    fn ips(&self) -> Vec<IpAddr> {
+        self.ips.clone()
+    }
+    fn tagged(&self) -> bool {
+        !self.tags.is_empty()
+    }
+    fn in_set(&self, s: &IpSet) -> bool {
+        self.ips.iter().any(|ip| s.contains(*ip))
+    }
+    fn add_to(&self, s: &mut IpSet) {
+        for ip in &self.ips {
+            s.add_ip(*ip);
+        }
+    }
+}
+
+/// `FilterAllowAll`: any source, any destination, any port, default protocols.
+pub fn filter_allow_all() -> Vec<FilterRule> {
+    vec![FilterRule {
+        src_ips: vec!["*".into()],
+        dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+        ip_proto: vec![],
+    }]
+}
+
+// ---------------------------------------------------------------- parsing
+
+struct Ctx<'a> {
+    /// The text with comments blanked (same offsets), for locating tokens.
+    std: &'a str,
+    issues: Vec<Issue>,
+}
+
+impl Ctx<'_> {
+    /// Line of the first occurrence of `token` as a JSON string.
+    fn line_of(&self, token: &str) -> Option<usize> {
+        let quoted = serde_json::to_string(token).ok()?;
+        self.std.find(&quoted).map(|at| hujson::line_at(self.std, at))
+    }
+    fn err(&mut self, token: &str, message: impl Into<String>) {
+        let line = self.line_of(token);
+        self.issues.push(Issue { line, message: message.into() });
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn strings(ctx: &mut Ctx, key: &str, v: &Value) -> Option<Vec<String>> {
+    let Some(arr) = v.as_array() else {
+        ctx.err(key, format!("{key:?} must be an array of strings, got {}", type_name(v)));
+        return None;
+    };
+    let mut out = vec![];
+    for item in arr {
+        match item.as_str() {
+            Some(s) => out.push(s.to_string()),
+            None => {
+                ctx.err(key, format!("{key:?} must hold strings, got {}", type_name(item)));
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+fn parse_alias(s: &str) -> Result<Alias, String> {
+    if let Some(p) = Prefix::parse(s) {
+        return Ok(Alias::Prefix(p));
+    }
+    if s == "*" {
+        return Ok(Alias::Wildcard);
+    }
+    if s.contains('@') {
+        return Ok(Alias::User(s.to_string()));
+    }
+    if s.starts_with("group:") {
+        return Ok(Alias::Group(s.to_string()));
+    }
+    if s.starts_with("tag:") {
+        return Ok(Alias::Tag(s.to_string()));
+    }
+    if s.starts_with("autogroup:") {
+        return AUTOGROUPS.iter().find(|(n, _)| *n == s).map(|(_, a)| Alias::Auto(*a)).ok_or_else(|| {
+            let names: Vec<&str> = AUTOGROUPS.iter().map(|(n, _)| *n).collect();
+            format!("AutoGroup is invalid, got: {s:?}, must be one of [{}]", names.join(" "))
+        });
+    }
+    if !s.contains(':') {
+        return Ok(Alias::Host(s.to_string()));
+    }
+    Err(format!(
+        "Invalid alias {s:?}. An alias must be one of the following types: wildcard (*), user (containing an \"@\"), \
+         group (starting with \"group:\"), tag (starting with \"tag:\"), autogroup (starting with \"autogroup:\"), \
+         host, or an IP address or prefix"
+    ))
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    let n: i64 = s.parse().map_err(|_| "invalid port number".to_string())?;
+    u16::try_from(n).map_err(|_| "port number out of range".to_string())
+}
+
+fn parse_ports(def: &str) -> Result<Vec<PortRange>, String> {
+    if def == "*" {
+        return Ok(vec![PortRange { first: 0, last: 65535 }]);
+    }
+    let mut out = vec![];
+    for part in def.split(',') {
+        if part.contains('-') {
+            let r: Vec<&str> = part.split('-').filter(|e| !e.is_empty()).collect();
+            if r.len() != 2 {
+                return Err("invalid port range format".into());
+            }
+            let (first, last) = (parse_port(r[0])?, parse_port(r[1])?);
+            if first > last {
+                return Err("invalid port range: first port is greater than last port".into());
+            }
+            out.push(PortRange { first, last });
+        } else {
+            let p = parse_port(part)?;
+            if p < 1 {
+                return Err("first port must be >0, or use '*' for wildcard".into());
+            }
+            out.push(PortRange { first: p, last: p });
+        }
+    }
+    Ok(out)
+}
+
+fn parse_dst(s: &str) -> Result<(Alias, Vec<PortRange>), String> {
+    let Some(at) = s.rfind(':') else { return Err(r#"hostport must contain a colon (":")"#.into()) };
+    if at == 0 {
+        return Err("input cannot start with a colon character".into());
+    }
+    if at == s.len() - 1 {
+        return Err("input cannot end with a colon character".into());
+    }
+    let ports = parse_ports(&s[at + 1..])?;
+    Ok((parse_alias(&s[..at])?, ports))
+}
+
+/// IANA numbers of `proto` (already lower-cased), or Headscale's refusal.
+fn parse_proto(p: &str) -> Result<Vec<i32>, String> {
+    Ok(match p {
+        "" => vec![6, 17],
+        "icmp" => vec![1, 58],
+        "igmp" => vec![2],
+        "ipv4" | "ip-in-ip" => vec![4],
+        "tcp" => vec![6],
+        "egp" => vec![8],
+        "igp" => vec![9],
+        "udp" => vec![17],
+        "gre" => vec![47],
+        "esp" => vec![50],
+        "ah" => vec![51],
+        "sctp" => vec![132],
+        "*" => {
+            return Err(
+                r#"proto name "*" not known; use protocol number 0-255 or protocol name (icmp, tcp, udp, etc.)"#.into(),
+            )
+        }
+        n => {
+            if n == "0" || (n.len() > 1 && n.starts_with('0')) {
+                return Err(format!("leading 0 not permitted in protocol number {n:?}"));
+            }
+            let num: i64 = n.parse().map_err(|_| {
+                format!("invalid protocol {n:?}: must be a known protocol name or valid protocol number 0-255")
+            })?;
+            if !(0..=255).contains(&num) {
+                return Err(format!("protocol number {num} out of range (0-255)"));
+            }
+            vec![num as i32]
+        }
+    })
+}
+
+impl Policy {
+    /// Parses and validates a HuJSON policy. Every problem found is reported, with its line.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        if text.len() > MAX_POLICY_BYTES {
+            return Err(PolicyError::one(None, format!("policy is larger than {MAX_POLICY_BYTES} bytes")));
+        }
+        if text.trim().is_empty() {
+            return Err(PolicyError::one(None, "policy is empty"));
+        }
+        let std = hujson::standardize(text).map_err(|e| PolicyError::one(Some(e.line), "unterminated /* comment"))?;
+        let root: Value = serde_json::from_str(&std).map_err(|e| {
+            let msg = e.to_string();
+            let what = msg.split(" at line ").next().unwrap_or(&msg);
+            PolicyError::one(Some(e.line()), format!("parsing HuJSON: {what} (column {})", e.column()))
+        })?;
+        let Value::Object(root) = root else {
+            return Err(PolicyError::one(Some(1), "a policy must be a JSON object"));
+        };
+        let mut ctx = Ctx { std: &std, issues: vec![] };
+        let mut groups = BTreeMap::new();
+        let mut hosts = BTreeMap::new();
+        let mut tag_owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut acls = None;
+        for (key, v) in &root {
+            match key.to_ascii_lowercase().as_str() {
+                "groups" => parse_groups(&mut ctx, v, &mut groups),
+                "hosts" => parse_hosts(&mut ctx, v, &mut hosts),
+                "tagowners" => parse_tag_owners(&mut ctx, v, &mut tag_owners),
+                "acls" => acls = parse_acls(&mut ctx, v),
+                // Route approval and SSH are not served by nexus-sim; their shape is still checked.
+                "autoapprovers" if v.is_object() => {}
+                "ssh" if v.is_array() => {}
+                "autoapprovers" | "ssh" => {
+                    ctx.err(key, format!("{key:?} has the wrong type {}", type_name(v)));
+                }
+                _ => ctx.err(key, format!("unknown field {key:?}")),
+            }
+        }
+        let pol = Policy { text: text.to_string(), groups, hosts, acls };
+        pol.validate(&mut ctx, &tag_owners);
+        if ctx.issues.is_empty() {
+            Ok(pol)
+        } else {
+            Err(PolicyError { issues: ctx.issues })
+        }
+    }
+
+    /// The text the policy was parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// True when some rule names `autogroup:self` (rules then compile per node).
+    pub fn uses_autogroup_self(&self) -> bool {
+        self.acls.iter().flatten().any(|a| {
+            a.src.contains(&Alias::Auto(AutoGroup::SelfDevices))
+                || a.dst.iter().any(|(d, _)| *d == Alias::Auto(AutoGroup::SelfDevices))
+        })
+    }
+
+    fn validate(&self, ctx: &mut Ctx, tag_owners: &BTreeMap<String, Vec<String>>) {
+        let undefined = |kind: &str, name: &str| {
+            format!("{kind} {name:?} is not defined in the Policy, please define or remove the reference to it")
+        };
+        let check = |ctx: &mut Ctx, a: &Alias, is_src: bool, raw: &str| match a {
+            Alias::Host(h) if !self.hosts.contains_key(h) => ctx.err(raw, undefined("Host", h)),
+            Alias::Group(g) if !self.groups.contains_key(g) => ctx.err(raw, undefined("Group", g)),
+            Alias::Tag(t) if !tag_owners.contains_key(t) => ctx.err(raw, undefined("Tag", t)),
+            Alias::Auto(ag) => {
+                let name = AUTOGROUPS.iter().find(|(_, x)| x == ag).map(|(n, _)| *n).unwrap_or_default();
+                let msg = match (is_src, ag) {
+                    (true, AutoGroup::Internet | AutoGroup::SelfDevices) => {
+                        Some(format!("{name:?} used in source, it can only be used in ACL destinations"))
+                    }
+                    (true, AutoGroup::NonRoot) => Some(format!(
+                        "autogroup {name:?} is not supported for ACL sources, can be [autogroup:member autogroup:tagged]"
+                    )),
+                    (false, AutoGroup::NonRoot) => Some(format!(
+                        "autogroup {name:?} is not supported for ACL destinations, can be [autogroup:internet \
+                         autogroup:member autogroup:tagged autogroup:self]"
+                    )),
+                    _ => None,
+                };
+                if let Some(m) = msg {
+                    ctx.err(raw, m);
+                }
+            }
+            _ => {}
+        };
+        for acl in self.acls.iter().flatten() {
+            for (s, raw) in acl.src.iter().zip(&acl.raw.0) {
+                check(ctx, s, true, raw);
+            }
+            for ((d, _), raw) in acl.dst.iter().zip(&acl.raw.1) {
+                check(ctx, d, false, raw);
+            }
+        }
+        for (tag, owners) in tag_owners {
+            for o in owners {
+                if o.starts_with("group:") && !self.groups.contains_key(o) {
+                    ctx.err(o, format!("{} (tagOwners of {tag:?})", undefined("Group", o)));
+                }
+            }
+        }
+    }
+}
+
+fn parse_groups(ctx: &mut Ctx, v: &Value, out: &mut BTreeMap<String, Vec<String>>) {
+    let Some(m) = v.as_object() else {
+        ctx.err("groups", format!("\"groups\" must be an object, got {}", type_name(v)));
+        return;
+    };
+    for (name, members) in m {
+        if !name.starts_with("group:") {
+            ctx.err(name, format!("Group has to start with \"group:\", got: {name:?}"));
+            continue;
+        }
+        let Some(list) = members.as_array() else {
+            let msg = match members.as_str() {
+                Some(s) => format!("Group {name:?} value must be an array of users, got string: {s:?}"),
+                None => format!("Group {name:?} value must be an array of users, got {}", type_name(members)),
+            };
+            ctx.err(name, msg);
+            continue;
+        };
+        let mut users = vec![];
+        for u in list {
+            let Some(u) = u.as_str() else {
+                ctx.err(
+                    name,
+                    format!("Group {name:?} contains invalid member type, expected string but got {}", type_name(u)),
+                );
+                continue;
+            };
+            if !u.contains('@') {
+                let msg = if u.starts_with("group:") {
+                    format!("Nested groups are not allowed, found {u:?} inside {name:?}")
+                } else {
+                    format!("Username has to contain @, got: {u:?}")
+                };
+                ctx.err(u, msg);
+                continue;
+            }
+            users.push(u.to_string());
+        }
+        out.insert(name.clone(), users);
+    }
+}
+
+fn parse_hosts(ctx: &mut Ctx, v: &Value, out: &mut BTreeMap<String, Prefix>) {
+    let Some(m) = v.as_object() else {
+        ctx.err("hosts", format!("\"hosts\" must be an object, got {}", type_name(v)));
+        return;
+    };
+    for (name, addr) in m {
+        if name.contains('@') || name.contains(':') {
+            ctx.err(name, format!("Hostname {name:?} is invalid"));
+            continue;
+        }
+        match addr.as_str().and_then(Prefix::parse) {
+            Some(p) => {
+                out.insert(name.clone(), p);
+            }
+            None => ctx.err(
+                name,
+                format!("Hostname {name:?} contains an invalid IP address: {:?}", addr.as_str().unwrap_or_default()),
+            ),
+        }
+    }
+}
+
+fn parse_tag_owners(ctx: &mut Ctx, v: &Value, out: &mut BTreeMap<String, Vec<String>>) {
+    let Some(m) = v.as_object() else {
+        ctx.err("tagOwners", format!("\"tagOwners\" must be an object, got {}", type_name(v)));
+        return;
+    };
+    for (tag, owners) in m {
+        if !tag.starts_with("tag:") {
+            ctx.err(tag, format!("tag has to start with \"tag:\", got: {tag:?}"));
+            continue;
+        }
+        let Some(list) = strings(ctx, tag, owners) else { continue };
+        for o in &list {
+            if !(o.contains('@') || o.starts_with("group:")) {
+                ctx.err(
+                    o,
+                    format!("Invalid Owner {o:?}. An owner must be a user (containing an \"@\") or a group (starting with \"group:\")"),
+                );
+            }
+        }
+        out.insert(tag.clone(), list);
+    }
+}
+
+fn parse_acls(ctx: &mut Ctx, v: &Value) -> Option<Vec<Acl>> {
+    let Some(list) = v.as_array() else {
+        ctx.err("acls", format!("\"acls\" must be an array, got {}", type_name(v)));
+        return Some(vec![]);
+    };
+    let mut out = vec![];
+    for item in list {
+        let Some(obj) = item.as_object() else {
+            ctx.err("acls", format!("an ACL must be an object, got {}", type_name(item)));
+            continue;
+        };
+        let (mut action, mut proto, mut src, mut dst) = (None, String::new(), vec![], vec![]);
+        let mut raw = (vec![], vec![]);
+        let mut ok = true;
+        for (k, val) in obj {
+            if k.starts_with('#') {
+                continue; // headscale-admin keeps metadata in '#' fields
+            }
+            match k.to_ascii_lowercase().as_str() {
+                "action" => action = Some(val.as_str().unwrap_or_default().to_string()),
+                "proto" => match val.as_str() {
+                    Some(p) => proto = p.to_ascii_lowercase(),
+                    None => {
+                        ctx.err(k, format!("\"proto\" must be a string, got {}", type_name(val)));
+                        ok = false;
+                    }
+                },
+                "src" => match strings(ctx, k, val) {
+                    Some(list) => {
+                        for s in list {
+                            match parse_alias(&s) {
+                                Ok(a) => {
+                                    src.push(a);
+                                    raw.0.push(s);
+                                }
+                                Err(e) => {
+                                    ctx.err(&s, e);
+                                    ok = false;
+                                }
+                            }
+                        }
+                    }
+                    None => ok = false,
+                },
+                "dst" => match strings(ctx, k, val) {
+                    Some(list) => {
+                        for s in list {
+                            match parse_dst(&s) {
+                                Ok(d) => {
+                                    dst.push(d);
+                                    raw.1.push(s);
+                                }
+                                Err(e) => {
+                                    ctx.err(&s, format!("{e} (in {s:?})"));
+                                    ok = false;
+                                }
+                            }
+                        }
+                    }
+                    None => ok = false,
+                },
+                _ => {
+                    ctx.err(k, format!("unknown field {k:?}"));
+                    ok = false;
+                }
+            }
+        }
+        let action = action.unwrap_or_default();
+        if action != "accept" {
+            ctx.err(&action, format!("invalid action {action:?}, must be \"accept\""));
+            ok = false;
+        }
+        let protos = match parse_proto(&proto) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.err(&proto, e);
+                ok = false;
+                vec![]
+            }
+        };
+        if !matches!(proto.as_str(), "tcp" | "udp" | "sctp" | "")
+            && dst.iter().any(|(_, ports)| ports.iter().any(|p| !(p.first == 0 && p.last == 65535)))
+        {
+            ctx.err(&proto, format!("protocol {proto:?} does not support specific ports; only \"*\" is allowed"));
+            ok = false;
+        }
+        if ok {
+            out.push(Acl { src, raw, dst, proto: protos });
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------- compiling
+
+/// One rule with its destinations already parsed (for reduction and matching).
+#[derive(Debug, Clone)]
+struct Rule {
+    rule: FilterRule,
+    dst_sets: Vec<Option<IpSet>>,
+}
+
+impl Rule {
+    fn new(rule: FilterRule) -> Rule {
+        let dst_sets = rule.dst_ports.iter().map(|d| ipset::parse_ip_set(&d.ip)).collect();
+        Rule { rule, dst_sets }
+    }
+}
+
+/// Sources and destinations of one rule, ports ignored (Headscale's `matcher.Match`).
+#[derive(Debug, Clone)]
+struct Matcher {
+    srcs: IpSet,
+    dsts: IpSet,
+}
+
+fn matchers(rules: &[Rule]) -> Vec<Matcher> {
+    rules
+        .iter()
+        .map(|r| {
+            let mut srcs = IpSet::default();
+            for s in &r.rule.src_ips {
+                if let Some(set) = ipset::parse_ip_set(s) {
+                    srcs.add_set(&set);
+                }
+            }
+            let mut dsts = IpSet::default();
+            for set in r.dst_sets.iter().flatten() {
+                dsts.add_set(set);
+            }
+            Matcher { srcs, dsts }
+        })
+        .collect()
+}
+
+/// The policy compiled against a set of users and nodes: each node's filter and peers.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    nodes: Vec<PolicyNode>,
+    index: HashMap<u64, usize>,
+    /// Rules per node before reduction (one shared list unless `autogroup:self` is used).
+    rules: RulesBy,
+    /// Peers of each node, by index, as a bitset.
+    peers: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Clone)]
+enum RulesBy {
+    Global(Vec<Rule>),
+    PerNode(Vec<Vec<Rule>>),
+}
+
+struct Resolver<'a> {
+    pol: &'a Policy,
+    users: &'a [PolicyUser],
+    nodes: &'a [PolicyNode],
+}
+
+impl Resolver<'_> {
+    fn user_id(&self, token: &str) -> Option<u64> {
+        let t = token.strip_suffix('@').unwrap_or(token);
+        let mut found = self.users.iter().filter(|u| u.name == t || (!u.email.is_empty() && u.email == t));
+        match (found.next(), found.next()) {
+            (Some(u), None) => Some(u.id),
+            _ => None,
+        }
+    }
+
+    fn user_set(&self, token: &str) -> (IpSet, bool) {
+        let mut s = IpSet::default();
+        let Some(id) = self.user_id(token) else { return (s, false) };
+        for n in self.nodes.iter().filter(|n| !n.tagged() && n.user_id == id) {
+            n.add_to(&mut s);
+        }
+        (s, true)
+    }
+
+    /// Adds every address of the nodes holding `p`'s address when `p` is one address or a
+    /// Tailscale address (Headscale's `appendIfNodeHasIP`).
+    fn add_node_of(&self, s: &mut IpSet, p: &Prefix) {
+        if !p.is_single() && !ipset::is_tailscale_ip(p.addr) {
+            return;
+        }
+        for n in self.nodes.iter().filter(|n| n.ips.contains(&p.addr)) {
+            n.add_to(s);
+        }
+    }
+
+    /// The addresses of an alias; `None` when it cannot be resolved here (`autogroup:self`),
+    /// and `ok = false` when resolution reported an error (an unknown user).
+    fn resolve(&self, a: &Alias) -> (Option<IpSet>, bool) {
+        let mut s = IpSet::default();
+        let mut ok = true;
+        match a {
+            Alias::Wildcard => s = IpSet::all(),
+            Alias::User(u) => (s, ok) = self.user_set(u),
+            Alias::Group(g) => {
+                for u in self.pol.groups.get(g).into_iter().flatten() {
+                    let (us, uok) = self.user_set(u);
+                    s.add_set(&us);
+                    ok &= uok;
+                }
+            }
+            Alias::Tag(t) => {
+                for n in self.nodes.iter().filter(|n| n.tags.iter().any(|x| x == t)) {
+                    n.add_to(&mut s);
+                }
+            }
+            Alias::Host(h) => {
+                let Some(p) = self.pol.hosts.get(h) else { return (None, false) };
+                s.add_prefix(*p);
+                self.add_node_of(&mut s, p);
+                let snapshot = s.clone();
+                for n in self.nodes.iter().filter(|n| n.in_set(&snapshot)) {
+                    n.add_to(&mut s);
+                }
+            }
+            Alias::Prefix(p) => {
+                s.add_prefix(*p);
+                self.add_node_of(&mut s, p);
+            }
+            Alias::Auto(AutoGroup::Internet) => s = ipset::the_internet(),
+            Alias::Auto(AutoGroup::Member) => {
+                for n in self.nodes.iter().filter(|n| !n.tagged()) {
+                    n.add_to(&mut s);
+                }
+            }
+            Alias::Auto(AutoGroup::Tagged) => {
+                for n in self.nodes.iter().filter(|n| n.tagged()) {
+                    n.add_to(&mut s);
+                }
+            }
+            Alias::Auto(AutoGroup::SelfDevices | AutoGroup::NonRoot) => return (None, false),
+        }
+        (Some(s), ok)
+    }
+
+    fn dst_ports(&self, dsts: &[&(Alias, Vec<PortRange>)]) -> Vec<NetPortRange> {
+        let mut out = vec![];
+        for (alias, ports) in dsts {
+            let (Some(set), _) = self.resolve(alias) else { continue };
+            for p in set.prefixes() {
+                for r in ports {
+                    out.push(NetPortRange { ip: p.to_string(), ports: *r });
+                }
+            }
+        }
+        out
+    }
+
+    /// `compileFilterRules`: one list for the whole tailnet.
+    fn global(&self) -> Vec<FilterRule> {
+        let Some(acls) = &self.pol.acls else { return filter_allow_all() };
+        let mut rules = vec![];
+        for acl in acls {
+            let mut src = IpSet::default();
+            for a in &acl.src {
+                if let (Some(s), _) = self.resolve(a) {
+                    src.add_set(&s);
+                }
+            }
+            if src.is_empty() {
+                continue;
+            }
+            let dst = self.dst_ports(&acl.dst.iter().collect::<Vec<_>>());
+            if dst.is_empty() {
+                continue;
+            }
+            rules.push(FilterRule { src_ips: src.prefix_strings(), dst_ports: dst, ip_proto: acl.proto.clone() });
+        }
+        rules
+    }
+
+    /// `compileFilterRulesForNode`: rules as `node` sees them, `autogroup:self` expanded.
+    fn for_node(&self, node: &PolicyNode) -> Vec<FilterRule> {
+        let mut rules = vec![];
+        for acl in self.pol.acls.iter().flatten() {
+            let is_self = |d: &&(Alias, Vec<PortRange>)| d.0 == Alias::Auto(AutoGroup::SelfDevices);
+            let self_dsts: Vec<_> = acl.dst.iter().filter(is_self).collect();
+            let other_dsts: Vec<_> = acl.dst.iter().filter(|d| !is_self(d)).collect();
+            // A source whose resolution reports an error is skipped here (not in `global`).
+            let srcs: Vec<IpSet> = acl
+                .src
+                .iter()
+                .filter_map(|a| match self.resolve(a) {
+                    (Some(s), true) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            if srcs.is_empty() {
+                continue;
+            }
+            if !self_dsts.is_empty() {
+                let same: Vec<&PolicyNode> =
+                    self.nodes.iter().filter(|n| n.user_id == node.user_id && !n.tagged()).collect();
+                let mut src = IpSet::default();
+                for n in &same {
+                    if srcs.iter().any(|s| n.in_set(s)) {
+                        n.add_to(&mut src);
+                    }
+                }
+                if !src.is_empty() {
+                    let mut dst = vec![];
+                    for (_, ports) in &self_dsts {
+                        for n in &same {
+                            for r in ports {
+                                for ip in n.ips() {
+                                    dst.push(NetPortRange { ip: ip.to_string(), ports: *r });
+                                }
+                            }
+                        }
+                    }
+                    if !dst.is_empty() {
+                        rules.push(FilterRule {
+                            src_ips: src.prefix_strings(),
+                            dst_ports: dst,
+                            ip_proto: acl.proto.clone(),
+                        });
+                    }
+                }
+            }
+            if !other_dsts.is_empty() {
+                let mut src = IpSet::default();
+                for s in &srcs {
+                    src.add_set(s);
+                }
+                if !src.is_empty() {
+                    let dst = self.dst_ports(&other_dsts);
+                    if !dst.is_empty() {
+                        rules.push(FilterRule {
+                            src_ips: src.prefix_strings(),
+                            dst_ports: dst,
+                            ip_proto: acl.proto.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        rules
+    }
+}
+
+/// Node indices a node "touches" under `ms`: those it may open connections to and those that
+/// may open connections to it.
+fn touches(me: &PolicyNode, nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<u64> {
+    let words = nodes.len().div_ceil(64);
+    let mut out = vec![0u64; words];
+    let in_set = |s: &IpSet| -> Vec<u64> {
+        let mut b = vec![0u64; words];
+        for (i, n) in nodes.iter().enumerate() {
+            if n.in_set(s) {
+                b[i / 64] |= 1 << (i % 64);
+            }
+        }
+        b
+    };
+    for m in ms {
+        let (src, dst) = (me.in_set(&m.srcs), me.in_set(&m.dsts));
+        if src {
+            for (o, w) in out.iter_mut().zip(in_set(&m.dsts)) {
+                *o |= w;
+            }
+        }
+        if dst {
+            for (o, w) in out.iter_mut().zip(in_set(&m.srcs)) {
+                *o |= w;
+            }
+        }
+    }
+    out
+}
+
+impl Policy {
+    /// Compiles the policy for these users and nodes.
+    pub fn compile(&self, users: &[PolicyUser], nodes: &[PolicyNode]) -> Compiled {
+        let r = Resolver { pol: self, users, nodes };
+        let n = nodes.len();
+        let index = nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
+        let (rules, touch) = if self.uses_autogroup_self() {
+            let per: Vec<Vec<Rule>> =
+                nodes.iter().map(|x| r.for_node(x).into_iter().map(Rule::new).collect()).collect();
+            let touch: Vec<Vec<u64>> = nodes.iter().zip(&per).map(|(x, rs)| touches(x, nodes, &matchers(rs))).collect();
+            (RulesBy::PerNode(per), touch)
+        } else {
+            let global: Vec<Rule> = r.global().into_iter().map(Rule::new).collect();
+            let ms = matchers(&global);
+            let touch = precompute_global_touch(nodes, &ms);
+            (RulesBy::Global(global), touch)
+        };
+        // Symmetric closure: a peer when either side's rules connect the two.
+        let words = n.div_ceil(64);
+        let mut peers = touch.clone();
+        for (i, row) in touch.iter().enumerate() {
+            for j in 0..n {
+                if row[j / 64] >> (j % 64) & 1 == 1 {
+                    peers[j][i / 64] |= 1 << (i % 64);
+                }
+            }
+            peers[i][i / 64] &= !(1 << (i % 64));
+        }
+        debug_assert!(peers.iter().all(|p| p.len() == words));
+        Compiled { nodes: nodes.to_vec(), index, rules, peers }
+    }
+}
+
+/// [`touches`] for every node under one shared rule list, sharing the per-matcher bitsets.
+fn precompute_global_touch(nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<Vec<u64>> {
+    let words = nodes.len().div_ceil(64);
+    let bits = |s: &IpSet| -> Vec<u64> {
+        let mut b = vec![0u64; words];
+        for (i, n) in nodes.iter().enumerate() {
+            if n.in_set(s) {
+                b[i / 64] |= 1 << (i % 64);
+            }
+        }
+        b
+    };
+    let sets: Vec<(Vec<u64>, Vec<u64>)> = ms.iter().map(|m| (bits(&m.srcs), bits(&m.dsts))).collect();
+    (0..nodes.len())
+        .map(|i| {
+            let mut out = vec![0u64; words];
+            for (s, d) in &sets {
+                let (in_s, in_d) = (s[i / 64] >> (i % 64) & 1 == 1, d[i / 64] >> (i % 64) & 1 == 1);
+                if in_s {
+                    for (o, w) in out.iter_mut().zip(d) {
+                        *o |= w;
+                    }
+                }
+                if in_d {
+                    for (o, w) in out.iter_mut().zip(s) {
+                        *o |= w;
+                    }
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+impl Compiled {
+    /// The unreduced rules node `id` was compiled with (the tailnet's list without
+    /// `autogroup:self`).
+    pub fn rules_for(&self, id: u64) -> Vec<FilterRule> {
+        let rules = match &self.rules {
+            RulesBy::Global(g) => g,
+            RulesBy::PerNode(p) => match self.index.get(&id) {
+                Some(&i) => &p[i],
+                None => return vec![],
+            },
+        };
+        rules.iter().map(|r| r.rule.clone()).collect()
+    }
+
+    /// Node `id`'s packet filter: the rules with only the destinations holding one of its
+    /// addresses (`ReduceFilterRules`). Empty for an unknown node.
+    pub fn filter_for(&self, id: u64) -> Vec<FilterRule> {
+        let Some(&i) = self.index.get(&id) else { return vec![] };
+        let node = &self.nodes[i];
+        let rules = match &self.rules {
+            RulesBy::Global(g) => g,
+            RulesBy::PerNode(p) => &p[i],
+        };
+        let mut out = vec![];
+        for r in rules {
+            let dst: Vec<NetPortRange> = r
+                .rule
+                .dst_ports
+                .iter()
+                .zip(&r.dst_sets)
+                .filter(|(_, set)| set.as_ref().is_some_and(|s| node.in_set(s)))
+                .map(|(d, _)| d.clone())
+                .collect();
+            if !dst.is_empty() {
+                out.push(FilterRule {
+                    src_ips: r.rule.src_ips.clone(),
+                    dst_ports: dst,
+                    ip_proto: r.rule.ip_proto.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Ids of the nodes in node `id`'s map (ascending).
+    pub fn peers_of(&self, id: u64) -> Vec<u64> {
+        let Some(&i) = self.index.get(&id) else { return vec![] };
+        let mut out: Vec<u64> = (0..self.nodes.len())
+            .filter(|&j| self.peers[i][j / 64] >> (j % 64) & 1 == 1)
+            .map(|j| self.nodes[j].id)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// True when `a` and `b` are in each other's maps (they may talk in some direction).
+    pub fn may_talk(&self, a: u64, b: u64) -> bool {
+        match (self.index.get(&a), self.index.get(&b)) {
+            (Some(&i), Some(&j)) => i != j && self.peers[i][j / 64] >> (j % 64) & 1 == 1,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+//! The server's current policy: replaced only by a policy that parses, compiled once per
+//! change of policy or of the nodes it resolves, and watched by every map stream.
+
+use super::{Compiled, Policy, PolicyError, PolicyNode, PolicyUser};
+use crate::store::Store;
+use crate::Shared;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+
+struct Cache {
+    generation: u64,
+    users: Vec<PolicyUser>,
+    nodes: Vec<PolicyNode>,
+    compiled: Arc<Compiled>,
+}
+
+/// The active policy, when it was set, and its compiled form.
+pub struct PolicyState {
+    current: RwLock<(Arc<Policy>, DateTime<Utc>)>,
+    changed: watch::Sender<u64>,
+    cache: Mutex<Option<Cache>>,
+}
+
+impl PolicyState {
+    /// Starts with `policy`.
+    pub fn new(policy: Policy) -> PolicyState {
+        PolicyState {
+            current: RwLock::new((Arc::new(policy), Utc::now())),
+            changed: watch::channel(0).0,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The active policy and when it was set.
+    pub fn get(&self) -> (Arc<Policy>, DateTime<Utc>) {
+        self.current.read().unwrap().clone()
+    }
+
+    /// Parses `text` and, only if it is valid, makes it the active policy and wakes every
+    /// map stream.
+    pub fn set(&self, text: &str) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
+        let p = Arc::new(Policy::parse(text)?);
+        let now = Utc::now();
+        *self.current.write().unwrap() = (p.clone(), now);
+        self.changed.send_modify(|g| *g += 1);
+        tracing::info!(bytes = text.len(), "policy replaced");
+        Ok((p, now))
+    }
+
+    /// Changes whenever the policy is replaced.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The policy compiled against the store's current users and nodes (cached until either
+    /// changes).
+    pub fn compiled(&self, store: &Store) -> Arc<Compiled> {
+        let (users, nodes) = inputs(store);
+        let generation = *self.changed.borrow();
+        let mut cache = self.cache.lock().unwrap();
+        if let Some(c) = cache.as_ref() {
+            if c.generation == generation && c.users == users && c.nodes == nodes {
+                return c.compiled.clone();
+            }
+        }
+        let compiled = Arc::new(self.get().0.compile(&users, &nodes));
+        *cache = Some(Cache { generation, users, nodes, compiled: compiled.clone() });
+        compiled
+    }
+}
+
+/// The users and nodes of `store` as the compiler sees them (nodes by ascending id).
+pub fn inputs(store: &Store) -> (Vec<PolicyUser>, Vec<PolicyNode>) {
+    let users =
+        store.users().into_iter().map(|u| PolicyUser { id: u.id, name: u.name, email: String::new() }).collect();
+    let mut nodes: Vec<PolicyNode> =
+        store.nodes(None).into_iter().map(|n| PolicyNode::new(n.id, n.user_id, n.ipv4, n.ipv6, n.tags)).collect();
+    nodes.sort_by_key(|n| n.id);
+    (users, nodes)
+}
+
+fn policy_json(p: &Policy, at: &DateTime<Utc>) -> Value {
+    json!({"policy": p.text(), "updatedAt": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)})
+}
+
+fn api_error(status: StatusCode, msg: String) -> Response {
+    let code = if status == StatusCode::BAD_REQUEST { 3 } else { 13 };
+    (status, Json(json!({"code": code, "message": msg, "details": []}))).into_response()
+}
+
+/// `GET /api/v1/policy`.
+pub async fn get_policy(State(s): State<Shared>) -> Response {
+    let (p, at) = s.policy.get();
+    Json(policy_json(&p, &at)).into_response()
+}
+
+/// `PUT /api/v1/policy` with `{"policy": "<HuJSON>"}`; a policy that does not parse leaves
+/// the active one in place and answers 400 with every problem found.
+pub async fn set_policy(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return api_error(StatusCode::BAD_REQUEST, "body must be JSON: {\"policy\": \"...\"}".into());
+    };
+    let Some(text) = v.get("policy").and_then(Value::as_str) else {
+        return api_error(StatusCode::BAD_REQUEST, "missing string field \"policy\"".into());
+    };
+    match s.policy.set(text) {
+        Ok((p, at)) => Json(policy_json(&p, &at)).into_response(),
+        Err(e) => api_error(StatusCode::BAD_REQUEST, format!("setting policy: {e}")),
+    }
+}
