@@ -32,6 +32,9 @@ async fn tls_nexus(pki: &TestPki, port: u16, host: &str) -> Nexus {
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             server_url: format!("https://{host}:{port}"),
             tls: Some(pki.server_config().unwrap()),
+            // The relay checks below log in with fresh keys: this file tests TLS, not the
+            // relay's client verification (tests/derp.rs does).
+            derp_verify_clients: false,
             ..Default::default()
         };
         match nexus_sim::start(cfg).await {
@@ -252,8 +255,9 @@ async fn untrusted_certificates_and_wrong_host_names_fail_fast_and_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn derp_with_a_bad_certificate_is_refused_unless_opted_in() {
-    // nexus-sim without --tls-cert: self-signed DERP, nodes marked InsecureForTests.
-    let nx = Nexus::start().await;
+    // nexus-sim without --tls-cert: self-signed DERP, nodes marked InsecureForTests. The probe
+    // logs in with a fresh key, so the relay does not verify clients here.
+    let nx = Nexus::start_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
     let node = nx.running.shared.derp_map.regions[&1].nodes[0].clone();
     assert!(node.insecure_for_tests);
     let probe = |node: citadel::tailcfg::DerpNode, opt_in: bool| {
@@ -460,7 +464,15 @@ fn control_and_derp_through_an_https_proxy() {
     let url = format!("https://10.207.0.1:{port}");
     let _nexus = citadel_e2e::Proc(
         ns.cmd(bin("nexus-sim"))
-            .args(["serve", "--listen", &format!("10.207.0.1:{port}"), "--api-key", "px-admin", "--tls-cert"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("10.207.0.1:{port}"),
+                "--api-key",
+                "px-admin",
+                "--no-derp-verify-clients",
+            ])
+            .arg("--tls-cert")
             .arg(pki_dir.path().join("cert.pem"))
             .arg("--tls-key")
             .arg(pki_dir.path().join("key.pem"))

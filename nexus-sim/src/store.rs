@@ -898,33 +898,10 @@ mod tests {
         let s = Store::open(None).unwrap();
         let u = s.create_user("acme", "").unwrap();
         let base = Ipv4Addr::new(255, 255, 255, 253);
-        let got: Vec<_> = (1..=4u8)
-            .map(|mk| {
-                s.register(
-                    MachinePublic([mk; 32]),
-                    NodePublic([mk; 32]),
-                    u.id,
-                    Hostinfo::default(),
-                    false,
-                    vec![],
-                    None,
-                    "authkey",
-                    base,
-                    "fd7a:115c:a1e0::".parse().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(got[0].as_ref().unwrap().ipv4, Ipv4Addr::new(255, 255, 255, 254));
-        assert_eq!(got[1].as_ref().unwrap().ipv4, Ipv4Addr::BROADCAST);
-        for r in &got[2..] {
-            let e = r.as_ref().unwrap_err();
-            assert!(matches!(e, StoreError::Exhausted(_)) && e.to_string().contains("address range exhausted"), "{e}");
-        }
-        // Machines that have an address keep it.
-        assert!(s
-            .register(
-                MachinePublic([1; 32]),
-                NodePublic([1; 32]),
+        let register = |mk: u8| {
+            s.register(
+                MachinePublic([mk; 32]),
+                NodePublic([mk; 32]),
                 u.id,
                 Hostinfo::default(),
                 false,
@@ -932,9 +909,18 @@ mod tests {
                 None,
                 "authkey",
                 base,
-                "fd7a:115c:a1e0::".parse().unwrap()
+                "fd7a:115c:a1e0::".parse().unwrap(),
             )
-            .is_ok());
+        };
+        let got: Vec<_> = (1..=4u8).map(register).collect();
+        assert_eq!(got[0].as_ref().unwrap().ipv4, Ipv4Addr::new(255, 255, 255, 254));
+        assert_eq!(got[1].as_ref().unwrap().ipv4, Ipv4Addr::BROADCAST);
+        for r in &got[2..] {
+            let e = r.as_ref().unwrap_err();
+            assert!(matches!(e, StoreError::Exhausted(_)) && e.to_string().contains("address range exhausted"), "{e}");
+        }
+        // Machines that have an address keep it.
+        assert!(register(1).is_ok());
     }
 
     #[test]
