@@ -187,7 +187,8 @@ fn sha256_hex(s: &str) -> String {
 }
 
 /// Creates the SQLite file 0600 (its -wal and -shm files inherit the mode) and tightens the
-/// mode of files left by an older run.
+/// mode of files left by an older run. Elsewhere than Unix the file system's ACLs decide.
+#[cfg(unix)]
 fn make_private(db: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |e: std::io::Error| StoreError::Invalid(format!("database file {}: {e}", db.display()));
@@ -200,6 +201,11 @@ fn make_private(db: &Path) -> Result<(), StoreError> {
             _ => {}
         }
     }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_private(_db: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 

@@ -11,7 +11,6 @@ use crate::{bin, caddy, can_netns, Netns};
 use anyhow::{anyhow, bail, Context};
 use nexus_sim::store::Store;
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -109,13 +108,27 @@ pub fn enter() -> anyhow::Result<(Netns, tokio::runtime::Runtime)> {
         bail!("the bench needs root and `ip netns`");
     }
     let ns = Netns::new(&format!("cit-bench-{}", std::process::id()), "10.202.0.1/24").context("netns")?;
+    join_netns(&ns)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    Ok((ns, rt))
+}
+
+/// Moves the calling thread into `ns`.
+#[cfg(target_os = "linux")]
+fn join_netns(ns: &Netns) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/var/run/netns/{}", ns.name)).context("open the namespace")?;
     // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setns");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    Ok((ns, rt))
+    Ok(())
+}
+
+/// Network namespaces exist only on Linux.
+#[cfg(not(target_os = "linux"))]
+fn join_netns(_ns: &Netns) -> anyhow::Result<()> {
+    bail!("the bench needs Linux network namespaces")
 }
 
 impl World {
