@@ -13,6 +13,35 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// Starts redis-server on a free loopback port and waits for its PONG. A port found free can be
+/// taken by another process before redis binds it (redis then exits): try another port.
+fn start_redis(dir: &std::path::Path) -> (Proc, u16) {
+    for _ in 0..3 {
+        let port = free_port();
+        let mut redis = Proc(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if redis_cli(port, &["PING"]) == "PONG" {
+                return (redis, port);
+            }
+            if let Ok(Some(_)) = redis.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("redis-server did not start on any of 3 ports");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_runs_a_job_from_redis_and_stops_on_sigterm() {
     if Command::new("redis-server").arg("--version").output().is_err() {
@@ -23,17 +52,6 @@ async fn work_runs_a_job_from_redis_and_stops_on_sigterm() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _redis = Proc(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(t.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let nx = Nexus::start().await;
     let key = nx.key("acme", true);
     let dir = t.path().join("node");
@@ -49,11 +67,8 @@ async fn work_runs_a_job_from_redis_and_stops_on_sigterm() {
     .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let start = Instant::now();
-    while redis_cli(port, &["PING"]) != "PONG" {
-        assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let redis_dir = t.path().to_path_buf();
+    let (_redis, port) = tokio::task::spawn_blocking(move || start_redis(&redis_dir)).await.unwrap();
     let job = r#"{"id":"job-1","type":"SHELL_COMMAND","payload":{"argv":["echo","hello from a job"]}}"#;
     redis_cli(port, &["XADD", "citadel:jobs", "*", "job", job]);
 
