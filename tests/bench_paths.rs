@@ -21,6 +21,9 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(f) = std::env::var("CITADEL_LOG") {
         tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
     }
+    // The bench's own nexus-sim serves DERP with a self-signed certificate (InsecureForTests):
+    // opt in here, so the relayed figure does not depend on being started through cargo.
+    std::env::set_var(citadel::derphttp::DERP_INSECURE_ENV, "1");
     let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let nx =
         citadel_e2e::Nexus::start_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
