@@ -685,15 +685,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         };
         verdicts.push((desc, v));
     }
-    for l in &sc.leaks {
-        let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
-        let v = if injected_seen.contains(&(into.clone(), peer.clone())) {
-            Verdict::Pass
-        } else {
-            Verdict::Fail("the entry never appeared in the netmap".into())
-        };
-        verdicts.push((format!("injected: {into}'s netmap lists {peer} (another org's node)"), v));
-    }
+    verdicts.extend(crate::world::injected_verdicts(sc, &injected_seen));
     let mut report = format!(
         "real run of {} ({} namespaces prefixed {}-):\n",
         sc.name,
@@ -722,21 +714,13 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     Ok(RealOutcome { report, verdicts, passed })
 }
 
-/// As the simulation judges it: when Nexus leaked `b` into `a`'s map, `a` really sent
-/// WireGuard bytes to `b` and `b` received and dropped packets.
+/// [`crate::world::receiver_verdict`] from the sampled counters.
 fn judge_at_receiver(obs: &BTreeMap<String, Obs>, a: &str, b: &str) -> Verdict {
-    let (Some(oa), Some(ob)) = (obs.get(a), obs.get(b)) else {
-        return Verdict::Fail(format!("{a} or {b} never ran"));
+    let counts = match (obs.get(a), obs.get(b)) {
+        (Some(oa), Some(ob)) => Some((oa.tx.get(&ob.key).map_or(0, |c| c.0 + c.1), ob.dropped.0 + ob.dropped.1)),
+        _ => None,
     };
-    let sent = oa.tx.get(&ob.key).map_or(0, |c| c.0 + c.1);
-    let dropped = ob.dropped.0 + ob.dropped.1;
-    if sent == 0 {
-        Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised"))
-    } else if dropped == 0 {
-        Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing"))
-    } else {
-        Verdict::Pass
-    }
+    crate::world::receiver_verdict(a, b, counts)
 }
 
 /// The running `up`'s status over its local API socket; `None` when none answers. (`citadel
