@@ -705,6 +705,12 @@ impl Mesh {
         self.dp.as_ref().ok_or_else(|| std::io::Error::other("this node runs without a data plane"))
     }
 
+    /// True when `ip` goes through the mesh: a peer's address, an accepted subnet route, or
+    /// any address once an exit node is chosen (`--exit-node`).
+    pub fn routes_to(&self, ip: std::net::IpAddr) -> bool {
+        self.dp.as_ref().is_some_and(|d| d.routes_to(ip))
+    }
+
     /// Opens a TCP connection to a mesh address.
     pub async fn dial_tcp(&self, addr: std::net::SocketAddr) -> std::io::Result<MeshTcpStream> {
         self.dp()?.dial_tcp(addr).await

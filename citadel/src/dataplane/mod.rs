@@ -451,6 +451,12 @@ impl DataPlane {
         apply_netmap(&self.shared, &nm, self.node_public);
     }
 
+    /// True when some peer takes traffic for `ip`: a mesh address, an accepted subnet route,
+    /// or anything once an exit node is chosen.
+    pub fn routes_to(&self, ip: IpAddr) -> bool {
+        self.shared.check_route(ip).is_ok()
+    }
+
     /// How peers' routes are taken now.
     pub fn route_prefs(&self) -> RoutePrefs {
         self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()).clone()
