@@ -227,6 +227,9 @@ pub struct Status {
     /// The `--exit-node` chosen, if any.
     #[serde(default)]
     pub exit_node: Option<String>,
+    /// The data plane's counters (drops by reason, handshakes, disco); `null` without one.
+    #[serde(default)]
+    pub counters: Option<crate::dataplane::DataPlaneCounters>,
 }
 
 struct Inner {
@@ -658,6 +661,7 @@ impl Mesh {
             org_guard: !prefs.allow_cross_org,
             org_guard_dropped: self.dp.as_ref().map(|d| d.counters().rx_cross_org).unwrap_or(0),
             exit_node: prefs.exit_node.clone(),
+            counters: self.dp.as_ref().map(|d| d.counters()),
         }
     }
 
