@@ -397,6 +397,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             "--hostname".into(),
             name.clone(),
         ];
+        if n.allow_cross_org {
+            args.push("--allow-cross-org".into());
+        }
         if first {
             let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
             args.extend(["--authkey".to_string(), key.clone()]);

@@ -208,6 +208,10 @@ pub struct NodeSpec {
     /// ACL tags (`tag:…`) it joins with (through a pre-auth key of its own carrying them).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Turns the node's org guard off (`citadel up --allow-cross-org`), for policies that
+    /// share nodes across orgs on purpose.
+    #[serde(default)]
+    pub allow_cross_org: bool,
 }
 
 /// A link override between two named hosts.

@@ -130,6 +130,7 @@ struct NodeCtx {
     net: TurmoilNet,
     board: Arc<Mutex<Board>>,
     probe: ProbeFactory,
+    allow_cross_org: bool,
 }
 
 /// UDP port of every node's one socket (Tailscale's default), so traces do not depend on
@@ -159,6 +160,7 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     cfg.timeout = Duration::from_secs(10);
     cfg.net = Arc::new(ctx.net.clone());
     cfg.udp_port = NODE_UDP_PORT;
+    cfg.routes.allow_cross_org = ctx.allow_cross_org;
     let mesh = loop {
         match Mesh::connect(cfg.clone()).await {
             Ok(m) => break Arc::new(m),
@@ -431,6 +433,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             net: TurmoilNet { uplink, ip: Some(ip[&name]) },
             board: board.clone(),
             probe: probe_factory.clone(),
+            allow_cross_org: n.allow_cross_org,
         };
         ctxs.insert(name, Arc::new(ctx));
     }

@@ -10,6 +10,7 @@ pub mod derp;
 pub mod device;
 pub mod metrics;
 pub mod policy;
+pub mod routes;
 pub mod store;
 pub mod stun;
 pub mod tls;

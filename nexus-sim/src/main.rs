@@ -270,6 +270,15 @@ enum NodesCmd {
     Expire { id: u64 },
     /// Rename a node
     Rename { id: u64, name: String },
+    /// Set a node's approved routes (replaces them; no --routes approves none)
+    ApproveRoutes {
+        /// Node id
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        /// Comma-separated prefixes, e.g. 10.0.0.0/8,0.0.0.0/0
+        #[arg(long, short, value_delimiter = ',')]
+        routes: Vec<String>,
+    },
     /// Approve an interactive registration (the id from /register/{id})
     Register {
         #[arg(long, short)]
@@ -680,6 +689,17 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                     NodesCmd::Rename { id, name } => {
                         c.call(Method::POST, &format!("/api/v1/node/{id}/rename/{name}"), None).await?;
+                    }
+                    NodesCmd::ApproveRoutes { identifier, routes } => {
+                        let body = serde_json::json!({"routes": routes});
+                        let v = c
+                            .call(Method::POST, &format!("/api/v1/node/{identifier}/approve_routes"), Some(body))
+                            .await?;
+                        if json {
+                            println!("{}", v["node"])
+                        } else {
+                            println!("approved routes: {}", v["node"]["approvedRoutes"])
+                        }
                     }
                     NodesCmd::Reject { key } => {
                         let id = key.rsplit('/').next().unwrap_or(&key).to_string();

@@ -404,9 +404,12 @@ impl Backend for MeshBackend {
     }
 
     fn is_mesh_ip(&self, ip: IpAddr) -> bool {
+        // Before borrowing the netmap: the data plane may apply a newer one from it.
+        if crate::addr::is_mesh_ip(ip) || self.dp.routes_to(ip) {
+            return true;
+        }
         let nm = self.netmap.borrow();
-        crate::addr::is_mesh_ip(ip)
-            || nm.peers.values().any(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
+        nm.peers.values().any(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
     }
 
     fn dial_mesh(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn AsyncReadWrite>>> {
