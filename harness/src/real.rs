@@ -51,6 +51,8 @@ pub struct RealOutcome {
     pub verdicts: Vec<(String, Verdict)>,
     /// No failure and no org leak.
     pub passed: bool,
+    /// First org leak seen, if any.
+    pub leak: Option<String>,
 }
 
 /// Namespaces and processes of one run; dropping it removes everything.
@@ -673,8 +675,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         Some(l) => writeln!(report, "  FAIL           org isolation: {l}"),
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
+    let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
     drop(lab);
-    Ok(RealOutcome { report, verdicts, passed })
+    Ok(RealOutcome { report, verdicts, passed, leak })
 }
 
 /// The running `up`'s status over its local API socket; `None` when none answers. (`citadel
@@ -703,31 +706,67 @@ fn wait_port(lab: &Lab, ns: &str, ip: &str, port: u16) -> anyhow::Result<()> {
     bail!("nexus-sim did not listen on {ip}:{port} within 10s")
 }
 
-/// Lines where the simulation and the real run disagree.
-pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
-    let mut s = String::from("sim vs real:\n");
-    let mut differ = 0;
-    for ((d, a), (_, b)) in sim.verdicts.iter().zip(&real.verdicts) {
-        let tag = |v: &Verdict| match v {
-            Verdict::Pass => "pass",
-            Verdict::Fail(_) => "fail",
-            Verdict::NotEvaluated(_) => "not evaluated",
-        };
-        if matches!(a, Verdict::NotEvaluated(_)) || matches!(b, Verdict::NotEvaluated(_)) {
-            continue;
-        }
-        if tag(a) != tag(b) {
-            differ += 1;
-            let _ = writeln!(s, "  DIFFERS  {d}: sim {}, real {}", tag(a), tag(b));
-        }
-    }
-    if sim.leak.is_some() != real.report.contains("FAIL           org isolation") {
-        differ += 1;
-        let _ = writeln!(s, "  DIFFERS  org isolation");
-    }
-    let _ = writeln!(s, "  {differ} difference(s) among verdicts evaluated on both sides");
-    s
+/// The sim-vs-real comparison of one file, checked against its `[real] expect_differ` list.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// One line per expectation (both verdicts), then the summary.
+    pub report: String,
+    /// Every difference is listed with a reason, and every listed one still differs.
+    pub agrees: bool,
 }
+
+/// Compares verdicts expectation by expectation. A difference listed in `[real] expect_differ`
+/// is accepted; an unlisted difference, a listed one that no longer differs, or a listed name
+/// that matches no expectation makes the comparison fail.
+pub fn compare(sc: &Scenario, sim: &crate::world::Outcome, real: &RealOutcome) -> Comparison {
+    let tag = |v: &Verdict| match v {
+        Verdict::Pass => "pass",
+        Verdict::Fail(_) => "fail",
+        Verdict::NotEvaluated(_) => "not evaluated",
+    };
+    let listed = |d: &str| sc.real.expect_differ.iter().find(|x| x.expectation == d);
+    let mut s = String::from("sim vs real:\n");
+    let (mut expected, mut unlisted, mut stale) = (0, 0, 0);
+    let mut line = |d: &str, a: &str, b: &str| {
+        let _ = match (a == b, listed(d)) {
+            (true, None) => writeln!(s, "  same           {d}: {a}"),
+            (true, Some(_)) => {
+                stale += 1;
+                writeln!(s, "  STALE          {d}: {a} on both sides, but [real] expect_differ lists it")
+            }
+            (false, Some(x)) => {
+                expected += 1;
+                writeln!(s, "  differs (ok)   {d}: sim {a}, real {b} ({})", x.reason)
+            }
+            (false, None) => {
+                unlisted += 1;
+                writeln!(s, "  DIFFERS        {d}: sim {a}, real {b} (not listed in [real] expect_differ)")
+            }
+        };
+    };
+    for ((d, a), (_, b)) in sim.verdicts.iter().zip(&real.verdicts) {
+        line(d, tag(a), tag(b));
+    }
+    if sc.policy.is_none() {
+        let side = |leak: bool| if leak { "fail" } else { "pass" };
+        line(ORG_ISOLATION, side(sim.leak.is_some()), side(real.leak.is_some()));
+    }
+    let mut unknown = 0;
+    for x in &sc.real.expect_differ {
+        if x.expectation != ORG_ISOLATION && !sim.verdicts.iter().any(|(d, _)| *d == x.expectation) {
+            unknown += 1;
+            let _ = writeln!(s, "  UNKNOWN        [real] expect_differ names no expectation: {:?}", x.expectation);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  {expected} expected difference(s), {unlisted} unlisted difference(s), {stale} stale and {unknown} unknown entr(ies) in [real] expect_differ"
+    );
+    Comparison { report: s, agrees: unlisted + stale + unknown == 0 }
+}
+
+/// The name `[real] expect_differ` gives the always-checked org isolation.
+pub const ORG_ISOLATION: &str = "org isolation";
 
 /// Node → (the process id of its `up` while that answers on its local API socket, its mesh
 /// IPv4).

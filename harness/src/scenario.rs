@@ -414,6 +414,30 @@ pub struct Scenario {
     /// not check org isolation by itself: the expectations say who sees whom.
     #[serde(default)]
     pub policy: Option<Spanned<String>>,
+    /// How the file plays on kernel NAT (`harness run --real`).
+    #[serde(default)]
+    pub real: RealSpec,
+}
+
+/// `[real]`: what is known to differ when the file is played on kernel NAT.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealSpec {
+    /// Expectations whose verdict differs on kernel NAT, each with the reason; the runner fails
+    /// when a listed one agrees after all, or an unlisted one differs.
+    #[serde(default)]
+    pub expect_differ: Vec<ExpectDiffer>,
+}
+
+/// One expected sim-vs-real difference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectDiffer {
+    /// The expectation as the report describes it (`path c1 -> c3 is direct at 20s (mesh)`),
+    /// or `org isolation`.
+    pub expectation: String,
+    /// Why Linux behaves differently.
+    pub reason: String,
 }
 
 fn one() -> u64 {
