@@ -19,7 +19,6 @@
 //! socket; expectations whose deadline follows a fault that is not played are reported as not
 //! evaluated.
 
-use crate::nat::Mapping;
 use crate::report::{fmt_t, Verdict};
 use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
 use anyhow::{bail, Context};
@@ -105,6 +104,8 @@ impl Lab {
             .args(["netns", "exec", &self.ns(ns)])
             .arg(bin)
             .args(args)
+            // The lab's relays serve a self-signed certificate (InsecureForTests in the map).
+            .env("CITADEL_DERP_INSECURE", "1")
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -233,7 +234,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     lab.sh(Some("inet"), &["ip", "addr", "add", "198.18.0.2/16", "dev", "br0"])?;
     lab.sh(Some("inet"), &["ip", "link", "set", "br0", "up"])?;
 
-    // NATs, upstream first.
+    // Addresses first (NATs upstream first, then nodes), so each NAT knows its inside hosts.
     let idx: BTreeMap<String, usize> = sc.nats.iter().enumerate().map(|(i, n)| (n.name.get_ref().clone(), i)).collect();
     let depth = |n: &str| {
         let (mut d, mut cur) = (0, n.to_string());
@@ -251,33 +252,61 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         *k += 1;
         format!("198.19.{j}.{}", *k - 1)
     };
-    for n in order {
+    let mut plan = Plan::default();
+    for n in &order {
         let j = idx[n.name.get_ref()];
-        let ns = format!("t{j}");
-        lab.add_ns(&ns)?;
-        lab.sh(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        let (up_ns, up_addr, gw) = match &n.behind {
-            None => ("inet".to_string(), format!("198.18.1.{}/16", j + 1), "198.18.0.1".to_string()),
+        let up = match &n.behind {
+            None => {
+                Leg { up_ns: "inet".into(), ip: format!("198.18.1.{}", j + 1), prefix: 16, gw: "198.18.0.1".into() }
+            }
             Some(b) => {
                 let u = idx[b.get_ref()];
-                (format!("t{u}"), format!("{}/24", lan_addr(u)), format!("198.19.{u}.1"))
+                Leg { up_ns: format!("t{u}"), ip: lan_addr(u), prefix: 24, gw: format!("198.19.{u}.1") }
             }
         };
-        lab.veth(&ns, "out0", &up_ns, &format!("vt{j}"))?;
+        plan.nat_up.insert(j, up);
+    }
+    for (i, n) in sc.nodes.iter().enumerate() {
+        let leg = match &n.nat {
+            None => Leg {
+                up_ns: "inet".into(),
+                ip: format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250),
+                prefix: 16,
+                gw: "198.18.0.1".into(),
+            },
+            Some(x) => {
+                let j = idx[x.get_ref()];
+                Leg { up_ns: format!("t{j}"), ip: lan_addr(j), prefix: 24, gw: format!("198.19.{j}.1") }
+            }
+        };
+        plan.node.insert(i, leg);
+    }
+    let inside = |j: usize| -> Vec<std::net::Ipv4Addr> {
+        let lan = format!("t{j}");
+        plan.nat_up
+            .values()
+            .chain(plan.node.values())
+            .filter(|l| l.up_ns == lan)
+            .filter_map(|l| l.ip.parse().ok())
+            .collect()
+    };
+
+    for n in &order {
+        let j = idx[n.name.get_ref()];
+        let ns = format!("t{j}");
+        let up = &plan.nat_up[&j];
+        lab.add_ns(&ns)?;
+        lab.sh(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        lab.veth(&ns, "out0", &up.up_ns, &format!("vt{j}"))?;
         lab.sh(
-            Some(&up_ns),
-            &["ip", "link", "set", &format!("vt{j}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+            Some(&up.up_ns),
+            &["ip", "link", "set", &format!("vt{j}"), "master", if up.up_ns == "inet" { "br0" } else { "lan" }],
         )?;
-        lab.sh(Some(&ns), &["ip", "addr", "add", &up_addr, "dev", "out0"])?;
-        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &format!("{}/{}", up.ip, up.prefix), "dev", "out0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &up.gw])?;
         lab.sh(Some(&ns), &["ip", "link", "add", "lan", "type", "bridge"])?;
         lab.sh(Some(&ns), &["ip", "addr", "add", &format!("198.19.{j}.1/24"), "dev", "lan"])?;
         lab.sh(Some(&ns), &["ip", "link", "set", "lan", "up"])?;
-        let mut rule = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "MASQUERADE"];
-        if n.mapping != Mapping::EndpointIndependent {
-            rule.push("--random-fully");
-        }
-        lab.sh(Some(&ns), &rule)?;
     }
 
     for (i, n) in sc.nodes.iter().enumerate() {
@@ -286,42 +315,154 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         if n.network == NetworkKind::Offline {
             continue;
         }
-        let (up_ns, addr, gw) = match &n.nat {
-            None => {
-                ("inet".to_string(), format!("198.18.{}.{}/16", 2 + i / 250, 1 + i % 250), "198.18.0.1".to_string())
-            }
-            Some(x) => {
-                let j = idx[x.get_ref()];
-                (format!("t{j}"), format!("{}/24", lan_addr(j)), format!("198.19.{j}.1"))
-            }
-        };
-        lab.veth(&ns, "eth0", &up_ns, &format!("vn{i}"))?;
+        let leg = &plan.node[&i];
+        lab.veth(&ns, "eth0", &leg.up_ns, &format!("vn{i}"))?;
         lab.sh(
-            Some(&up_ns),
-            &["ip", "link", "set", &format!("vn{i}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+            Some(&leg.up_ns),
+            &["ip", "link", "set", &format!("vn{i}"), "master", if leg.up_ns == "inet" { "br0" } else { "lan" }],
         )?;
-        lab.sh(Some(&ns), &["ip", "addr", "add", &addr, "dev", "eth0"])?;
-        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &format!("{}/{}", leg.ip, leg.prefix), "dev", "eth0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &leg.gw])?;
         if n.network == NetworkKind::UdpBlocked {
             lab.sh(Some(&ns), &["iptables", "-A", "OUTPUT", "-p", "udp", "-j", "DROP"])?;
         }
     }
 
-    let derp_args: Vec<String> = ["derp", "--listen", "198.18.0.2:443", "--stun-listen", "198.18.0.2:3478"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // Kernel NAT: one nftables table per NAT namespace (see `nat::kernel_nat`).
+    let mut nat_cfg: BTreeMap<usize, (crate::nat::NatConfig, u64)> =
+        sc.nats.iter().enumerate().map(|(j, n)| (j, (n.config(), 0))).collect();
+    let mut approximations: BTreeSet<String> = BTreeSet::new();
+    let apply_nat =
+        |lab: &Lab, j: usize, cfg: &crate::nat::NatConfig, generation: u64| -> anyhow::Result<Vec<&'static str>> {
+            let addrs = crate::nat::KernelNatAddrs {
+                public_ip: plan.nat_up[&j].ip.parse().context("NAT address")?,
+                lan: format!("198.19.{j}.0/24"),
+                inside: inside(j),
+            };
+            let k = crate::nat::kernel_nat(cfg, &addrs, sc.seed.wrapping_add(j as u64), generation);
+            let file = tmp.path().join(format!("nat{j}.nft"));
+            std::fs::write(&file, &k.ruleset)?;
+            let ns = format!("t{j}");
+            let _ = lab.sh(Some(&ns), &["nft", "delete", "table", "ip", "hz"]);
+            lab.sh(Some(&ns), &["nft", "-f", &file.display().to_string()])?;
+            for s in &k.sysctls {
+                lab.sh(Some(&ns), &["sysctl", "-qw", s])?;
+            }
+            Ok(k.approximations)
+        };
+    for (&j, (cfg, g)) in &nat_cfg {
+        for a in apply_nat(&lab, j, cfg, *g)? {
+            approximations.insert(format!("nat {}: {a}", sc.nats[j].name.get_ref()));
+        }
+    }
+
+    // Link overrides and region latencies as `tc netem` on the node's (or NAT's) uplink.
+    let mut shaped: BTreeMap<(String, String), Vec<Shape>> = BTreeMap::new();
+    let mut unshaped: Vec<String> = Vec::new();
+    let region_of =
+        |r: Option<&toml::Spanned<String>>| r.and_then(|r| sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()));
+    let derp_hosts = derp_hosts(sc);
+    let region_shapes = |region: Option<&crate::scenario::RegionSpec>| -> Vec<Shape> {
+        let mut v = Vec::new();
+        if let Some(r) = region {
+            for ip in ["198.18.0.1", "198.18.0.2"] {
+                v.push(Shape { dst: Some(ip.into()), delay: r.latency.0 * 2, jitter: Duration::ZERO, loss: 0.0 });
+            }
+        }
+        for (name, ip, _) in derp_hosts.iter().skip(1) {
+            let other = sc.regions.iter().find(|x| format!("derp-{}", x.name.get_ref()) == *name).expect("derp region");
+            let one_way = match region {
+                Some(r) if r.name.get_ref() == other.name.get_ref() => Duration::from_millis(2),
+                Some(r) => r.latency.0 + other.latency.0,
+                None => other.latency.0,
+            };
+            v.push(Shape { dst: Some(ip.clone()), delay: one_way * 2, jitter: Duration::ZERO, loss: 0.0 });
+        }
+        v
+    };
+    if sc.regions.iter().any(|r| r.derp) || !sc.regions.is_empty() {
+        for (i, n) in sc.nodes.iter().enumerate() {
+            if n.network != NetworkKind::Offline {
+                let reg = region_of(n.region.as_ref());
+                shaped.entry((format!("n{i}"), "eth0".into())).or_default().extend(region_shapes(reg));
+            }
+        }
+        for (j, n) in sc.nats.iter().enumerate().filter(|(_, n)| n.region.is_some()) {
+            shaped
+                .entry((format!("t{j}"), "out0".into()))
+                .or_default()
+                .extend(region_shapes(region_of(n.region.as_ref())));
+        }
+    }
+    for l in &sc.links {
+        let (a, b) = (l.a.get_ref(), l.b.get_ref());
+        let shape = |dst: Option<String>| Shape {
+            dst,
+            delay: l.latency.map(|d| d.0).unwrap_or(Duration::ZERO),
+            jitter: l.jitter.map(|d| d.0).unwrap_or(Duration::ZERO),
+            loss: l.loss.unwrap_or(0.0),
+        };
+        let node_i = |x: &str| sc.nodes.iter().position(|n| n.name.get_ref() == x);
+        let on_its_nat =
+            |x: &str, y: &str| node_i(x).filter(|&i| sc.nodes[i].nat.as_ref().is_some_and(|t| t.get_ref() == y));
+        if let Some(i) = on_its_nat(a, b).or_else(|| on_its_nat(b, a)) {
+            // The access link: both directions of the whole veth.
+            let j = idx[sc.nodes[i].nat.as_ref().expect("checked").get_ref()];
+            shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(None));
+            shaped.entry((format!("t{j}"), format!("vn{i}"))).or_default().push(shape(None));
+        } else if let (Some(i), Some(ip)) =
+            (node_i(a).or(node_i(b)), host_ip(sc, &plan, &derp_hosts, if node_i(a).is_some() { b } else { a }))
+        {
+            if sc.nodes[i].nat.is_none() {
+                shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(Some(ip)));
+            } else {
+                unshaped.push(format!("{a} <-> {b}"));
+            }
+        } else {
+            unshaped.push(format!("{a} <-> {b}"));
+        }
+    }
+    for ((ns, dev), shapes) in &shaped {
+        netem(&lab, ns, dev, shapes)?;
+    }
+    for u in &unshaped {
+        approximations.insert(format!("link {u}: not shaped (only a node's own links are)"));
+    }
+    if !sc.net.latency.0.is_zero() || !sc.net.jitter.0.is_zero() || sc.net.loss > 0.0 {
+        approximations.insert("[net] defaults are not applied: namespace links have no added latency".into());
+    }
+
+    let derp_args = |ip: &str| -> Vec<String> {
+        ["derp", "--listen", &format!("{ip}:443"), "--stun-listen", &format!("{ip}:3478")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
     let derp_map = tmp.path().join("derpmap.json");
-    std::fs::write(
-        &derp_map,
-        serde_json::to_vec(&nexus_sim::embedded_derp_map(
-            "198.18.0.2",
-            &[(1, "198.18.0.2:443".parse().expect("literal"))],
+    let mut map =
+        nexus_sim::embedded_derp_map("198.18.0.2", &[(1, "198.18.0.2:443".parse().expect("literal"))], Some(3478));
+    for (_, ip, id) in derp_hosts.iter().skip(1) {
+        let r = nexus_sim::embedded_derp_map(
+            ip,
+            &[(*id, format!("{ip}:443").parse().context("derp address")?)],
             Some(3478),
-        ))?,
-    )?;
-    let mut derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
-    wait_port(&lab, "inet", "198.18.0.2", 443)?;
+        );
+        map.regions.extend(r.regions);
+    }
+    std::fs::write(&derp_map, serde_json::to_vec(&map)?)?;
+    // Each relay is a host of its own, as in simulation: `derp_down` stops it alone and a
+    // partition from Nexus leaves it reachable.
+    let mut derp_child: BTreeMap<String, Option<usize>> = BTreeMap::new();
+    for (name, ip, _) in &derp_hosts {
+        if name != "derp" {
+            lab.sh(Some("inet"), &["ip", "addr", "add", &format!("{ip}/16"), "dev", "br0"])?;
+        }
+        derp_child.insert(
+            name.clone(),
+            Some(lab.spawn("inet", &nexus, &derp_args(ip), &tmp.path().join(format!("{name}.log")))?),
+        );
+        wait_port(&lab, "inet", ip, 443)?;
+    }
     let nexus_args: Vec<String> =
         ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
             .iter()
@@ -422,17 +563,45 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let f = faults.next().expect("checked");
             let node_idx = f.node.as_ref().and_then(|n| sc.nodes.iter().position(|x| x.name.get_ref() == n.get_ref()));
             let desc = match (f.kind.get_ref(), node_idx) {
-                (FaultKind::DerpDown, _) if f.region.is_none() => {
-                    if let Some(c) = derp_child.take() {
+                (FaultKind::DerpDown, _) => {
+                    let h = derp_host_name(&f.region);
+                    if let Some(c) = derp_child.get_mut(&h).and_then(Option::take) {
                         lab.stop(c);
                     }
-                    "derp down".to_string()
+                    format!("{h} down")
                 }
-                (FaultKind::DerpUp, _) if f.region.is_none() => {
-                    if derp_child.is_none() {
-                        derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
+                (FaultKind::DerpUp, _) => {
+                    let h = derp_host_name(&f.region);
+                    let ip = derp_hosts.iter().find(|(n, ..)| *n == h).map(|(_, ip, _)| ip.clone()).unwrap_or_default();
+                    if derp_child.get(&h).is_some_and(Option::is_none) {
+                        let c = lab.spawn("inet", &nexus, &derp_args(&ip), &tmp.path().join(format!("{h}.log")))?;
+                        derp_child.insert(h.clone(), Some(c));
                     }
-                    "derp up".to_string()
+                    format!("{h} up")
+                }
+                (FaultKind::NatFlush | FaultKind::NatChange, _) => {
+                    let n = f.nat.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default();
+                    let j = idx[&n];
+                    let (cfg, g) = nat_cfg.get_mut(&j).expect("every NAT has a config");
+                    if *f.kind.get_ref() == FaultKind::NatChange {
+                        cfg.mapping = f.mapping.unwrap_or(cfg.mapping);
+                        cfg.filtering = f.filtering.unwrap_or(cfg.filtering);
+                        cfg.hairpin = f.hairpin.unwrap_or(cfg.hairpin);
+                        cfg.ports = f.ports.unwrap_or(cfg.ports);
+                        cfg.timeout = f.timeout.map(|t| t.0).unwrap_or(cfg.timeout);
+                    }
+                    *g += 1;
+                    // New rules (and, with random ports, new ports), then every mapping goes.
+                    for a in apply_nat(&lab, j, cfg, *g)? {
+                        approximations.insert(format!("nat {n}: {a}"));
+                    }
+                    lab.sh(Some(&format!("t{j}")), &["conntrack", "-F"])
+                        .context("conntrack -F (Debian package `conntrack`)")?;
+                    let _ = lab.sh(Some(&format!("t{j}")), &["conntrack", "-F", "expect"]);
+                    format!(
+                        "nat {n} {} (nft rules replaced, conntrack flushed)",
+                        if *f.kind.get_ref() == FaultKind::NatChange { "changed" } else { "flushed" }
+                    )
                 }
                 (kind @ (FaultKind::Partition | FaultKind::Heal | FaultKind::Hold | FaultKind::Release), _) => {
                     let (a, b) = (
@@ -440,27 +609,20 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         f.b.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default(),
                     );
                     let cut = matches!(kind, FaultKind::Partition | FaultKind::Hold);
-                    match cut_rules(sc, &a, &b) {
-                        Some(rules) => {
-                            for (ns, peer) in rules {
-                                let op = if cut { "-I" } else { "-D" };
-                                for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
-                                    // Healing what was never cut fails harmlessly.
-                                    let r = lab.sh(Some(&ns), &["iptables", op, chain, dir, &peer, "-j", "DROP"]);
-                                    if cut {
-                                        r?;
-                                    }
-                                }
-                            }
-                            // A hold is a blackhole that TCP rides out by retransmitting: the
-                            // kernel's analogue of turmoil queueing the messages.
-                            format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
-                        }
-                        None => {
-                            unplayed.get_or_insert(f.at.0);
-                            format!("{kind:?} {a} | {b} (not played in --real: only nodes against nexus, derp or public nodes)")
+                    for (ns, chain, m) in cut_rules(sc, &plan, &derp_hosts, &a, &b) {
+                        let op = if cut { "-I" } else { "-D" };
+                        let mut args = vec!["iptables", op, chain];
+                        args.extend(m.iter().map(String::as_str));
+                        args.extend(["-j", "DROP"]);
+                        // Healing what was never cut fails harmlessly.
+                        let res = lab.sh(Some(&ns), &args);
+                        if cut {
+                            res?;
                         }
                     }
+                    // A hold is a blackhole that TCP rides out by retransmitting: the kernel's
+                    // analogue of turmoil queueing the messages.
+                    format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
                 }
                 (FaultKind::NexusDown, _) => {
                     if let Some(c) = nexus_child.take() {
@@ -631,14 +793,14 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         Verdict::Fail(format!("joins: {:?}", o.joins))
                     }
                 }
-                ExpectKind::HomeDerp => match e.region.as_ref().map(|r| r.get_ref().as_str()) {
-                    Some("default") => match o.homes.iter().rev().find(|(t, _)| *t <= by) {
-                        Some((_, 1)) => Verdict::Pass,
+                ExpectKind::HomeDerp => {
+                    let want = e.region.as_ref().and_then(|r| sc.derp_region_id(r.get_ref())).unwrap_or(1);
+                    match o.homes.iter().rev().find(|(t, _)| *t <= by) {
+                        Some((_, h)) if *h == want => Verdict::Pass,
                         Some((_, h)) => Verdict::Fail(format!("home was region {h}")),
                         None => Verdict::Fail("no home region seen".into()),
-                    },
-                    _ => Verdict::NotEvaluated("--real has nexus-sim's one DERP region only".into()),
-                },
+                    }
+                }
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
                     let (a, b) = (e.a.as_ref().expect("validated").get_ref(), e.ping_target().expect("validated"));
                     // A ping the local API could not make proves nothing either way.
@@ -657,6 +819,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         1 + sc.nats.len() + sc.nodes.len(),
         lab.prefix
     );
+    for a in &approximations {
+        let _ = writeln!(report, "  kernel NAT approximation: {a}");
+    }
     for (t, d) in &timeline {
         let _ = writeln!(report, "  {:>10}  {d}", fmt_t(*t));
     }
@@ -906,11 +1071,154 @@ const PING_TIMED_OUT: &str = "no answer within";
 /// What it says when no peer in the node's netmap routes the address.
 const PING_NO_ROUTE: &str = "no mesh peer routes";
 
-/// The iptables cuts that separate `a` from `b` (hosts or orgs), as `(node namespace, address
-/// to drop)`: a node against `nexus` (198.18.0.1), `derp` (198.18.0.2) or a node on the
-/// public network. `None` when the pair involves something else (a NAT host, a NATed node's
-/// public side), which the real topology cannot cut the way the simulation does.
-fn cut_rules(sc: &Scenario, a: &str, b: &str) -> Option<Vec<(String, String)>> {
+/// Where a host sits in the real topology.
+#[derive(Debug, Default)]
+struct Plan {
+    /// NAT index → its outside leg.
+    nat_up: BTreeMap<usize, Leg>,
+    /// Node index → its leg (unused for offline nodes).
+    node: BTreeMap<usize, Leg>,
+}
+
+/// One interface's address, the namespace of the bridge it hangs on and its gateway.
+#[derive(Debug, Clone)]
+struct Leg {
+    up_ns: String,
+    ip: String,
+    prefix: u8,
+    gw: String,
+}
+
+/// One `tc netem` class: for packets to `dst` (every packet when `None`).
+#[derive(Debug, Clone)]
+struct Shape {
+    dst: Option<String>,
+    delay: Duration,
+    jitter: Duration,
+    loss: f64,
+}
+
+/// The relays as `(host name, address, DERP region id)`: `derp` first, then one per region
+/// with `derp = true`, in file order (as [`Scenario::derp_regions`]).
+fn derp_hosts(sc: &Scenario) -> Vec<(String, String, i32)> {
+    sc.derp_regions()
+        .into_iter()
+        .enumerate()
+        .map(|(k, (id, _, host))| (host, format!("198.18.0.{}", 2 + k), id))
+        .collect()
+}
+
+/// The relay host a derp_down/derp_up fault names.
+fn derp_host_name(region: &Option<toml::Spanned<String>>) -> String {
+    match region.as_ref().map(|r| r.get_ref().as_str()) {
+        None | Some("default") => "derp".into(),
+        Some(r) => format!("derp-{r}"),
+    }
+}
+
+/// The internet address of a host other traffic can be matched by (nodes on the public
+/// network, NATs, Nexus, relays).
+fn host_ip(sc: &Scenario, plan: &Plan, derps: &[(String, String, i32)], h: &str) -> Option<String> {
+    if h == "nexus" {
+        return Some("198.18.0.1".into());
+    }
+    if let Some((_, ip, _)) = derps.iter().find(|(n, ..)| n == h) {
+        return Some(ip.clone());
+    }
+    if let Some(j) = sc.nats.iter().position(|n| n.name.get_ref() == h) {
+        return plan.nat_up.get(&j).map(|l| l.ip.clone());
+    }
+    let i = sc.nodes.iter().position(|n| n.name.get_ref() == h)?;
+    sc.nodes[i].nat.is_none().then(|| plan.node.get(&i).map(|l| l.ip.clone())).flatten()
+}
+
+/// Shapes `dev` in namespace `ns`: one netem for everything, or a prio qdisc whose bands hold
+/// one netem per destination (the first band is the unshaped default).
+fn netem(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape]) -> anyhow::Result<()> {
+    let params = |s: &Shape| -> Vec<String> {
+        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", s.delay.as_micros())];
+        if !s.jitter.is_zero() {
+            v.push(format!("{}us", s.jitter.as_micros()));
+        }
+        if s.loss > 0.0 {
+            v.extend(["loss".into(), format!("{}%", s.loss * 100.0)]);
+        }
+        v
+    };
+    let run = |args: Vec<String>| {
+        let r: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.sh(Some(ns), &r)
+    };
+    let base = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    let default = shapes.iter().rev().find(|s| s.dst.is_none());
+    let by_dst: Vec<&Shape> = shapes.iter().filter(|s| s.dst.is_some()).collect();
+    if by_dst.is_empty() {
+        if let Some(d) = default {
+            let mut a = base(&["tc", "qdisc", "add", "dev", dev, "root"]);
+            a.extend(params(d));
+            run(a)?;
+        }
+        return Ok(());
+    }
+    if by_dst.len() > 14 {
+        bail!("at most 14 shaped destinations per interface");
+    }
+    let bands = (by_dst.len() + 1).max(3);
+    let mut a = base(&[
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "root",
+        "handle",
+        "1:",
+        "prio",
+        "bands",
+        &bands.to_string(),
+        "priomap",
+    ]);
+    a.extend(std::iter::repeat_n("0".to_string(), 16));
+    run(a)?;
+    if let Some(d) = default {
+        let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:"]);
+        a.extend(params(d));
+        run(a)?;
+    }
+    for (k, s) in by_dst.iter().enumerate() {
+        let band = format!("1:{}", k + 2);
+        let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", &band, "handle", &format!("{}:", k + 11)]);
+        // Loss and jitter of an access link apply on top of the per-destination delay.
+        let mut eff = (*s).clone();
+        if let Some(d) = default {
+            eff.delay += d.delay;
+            eff.jitter += d.jitter;
+            eff.loss = eff.loss.max(d.loss);
+        }
+        a.extend(params(&eff));
+        run(a)?;
+        let dst = format!("{}/32", s.dst.as_deref().expect("filtered"));
+        run(base(&[
+            "tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+            "dst", &dst, "flowid", &band,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// The iptables rules (`namespace`, chain, match) that cut what the simulation's link between
+/// hosts (or orgs) `a` and `b` carries: a public node's traffic with that host; a NATed node's
+/// TCP (its UDP travels through its NAT); a NAT's UDP (its inside hosts' datagrams), Nexus's
+/// TCP, a relay's TCP and STUN. A node and its own NAT (or a NAT and the carrier NAT it sits
+/// behind) share the access link: all its UDP beyond its LAN. Pairs with no link between them
+/// in simulation (two NATed nodes, a NAT and Nexus) get no rule, as nothing travels there.
+fn cut_rules(
+    sc: &Scenario,
+    plan: &Plan,
+    derps: &[(String, String, i32)],
+    a: &str,
+    b: &str,
+) -> Vec<(String, &'static str, Vec<String>)> {
     let expand = |x: &str| -> Vec<String> {
         if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
             sc.nodes.iter().filter(|n| n.org.get_ref() == x).map(|n| n.name.get_ref().clone()).collect()
@@ -918,32 +1226,83 @@ fn cut_rules(sc: &Scenario, a: &str, b: &str) -> Option<Vec<(String, String)>> {
             vec![x.to_string()]
         }
     };
-    let node_ns = |n: &str| sc.nodes.iter().position(|x| x.name.get_ref() == n).map(|i| format!("n{i}"));
-    let public_addr = |n: &str| {
-        let i = sc.nodes.iter().position(|x| x.name.get_ref() == n)?;
-        sc.nodes[i].nat.is_none().then(|| format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250))
+    // (namespace, protocol its link traffic is limited to, is a NAT)
+    let side = |h: &str| -> Option<(String, Option<&'static str>, bool)> {
+        if let Some(i) = sc.nodes.iter().position(|n| n.name.get_ref() == h) {
+            return Some((format!("n{i}"), sc.nodes[i].nat.as_ref().map(|_| "tcp"), false));
+        }
+        let j = sc.nats.iter().position(|n| n.name.get_ref() == h)?;
+        Some((format!("t{j}"), Some("udp"), true))
     };
-    let fixed = |x: &str| match x {
-        "nexus" => Some("198.18.0.1".to_string()),
-        "derp" => Some("198.18.0.2".to_string()),
-        _ => None,
+    let proto_of = |h: &str| -> Option<&'static str> {
+        if h == "nexus" {
+            Some("tcp")
+        } else if sc.nats.iter().any(|n| n.name.get_ref() == h) {
+            Some("udp")
+        } else {
+            None
+        }
     };
+    // `x` sits directly behind NAT `y`: the namespace, its uplink and its LAN to spare.
+    let uplink = |x: &str, y: &str| -> Option<(String, &'static str, Option<String>)> {
+        let j = sc.nats.iter().position(|n| n.name.get_ref() == y)?;
+        if let Some(i) =
+            sc.nodes.iter().position(|n| n.name.get_ref() == x && n.nat.as_ref().is_some_and(|t| t.get_ref() == y))
+        {
+            return Some((format!("n{i}"), "eth0", Some(format!("198.19.{j}.0/24"))));
+        }
+        let k = sc
+            .nats
+            .iter()
+            .position(|n| n.name.get_ref() == x && n.behind.as_ref().is_some_and(|t| t.get_ref() == y))?;
+        Some((format!("t{k}"), "out0", None))
+    };
+    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
     let mut rules = Vec::new();
     for x in expand(a) {
         for y in expand(b) {
             if x == y {
                 continue;
             }
-            match (node_ns(&x), node_ns(&y)) {
-                (Some(ns), None) => rules.push((ns, fixed(&y)?)),
-                (None, Some(ns)) => rules.push((ns, fixed(&x)?)),
-                (Some(nx), Some(ny)) => {
-                    rules.push((nx, public_addr(&y)?));
-                    rules.push((ny, public_addr(&x)?));
+            if let Some((ns, dev, lan)) = uplink(&x, &y).or_else(|| uplink(&y, &x)) {
+                let spare = |flag: &str| {
+                    lan.as_ref().map(|l| vec!["!".to_string(), flag.to_string(), l.clone()]).unwrap_or_default()
+                };
+                let mut out = s(&["-o", dev, "-p", "udp"]);
+                out.extend(spare("-d"));
+                let mut inp = s(&["-i", dev, "-p", "udp"]);
+                inp.extend(spare("-s"));
+                rules.push((ns.clone(), "OUTPUT", out.clone()));
+                rules.push((ns.clone(), "INPUT", inp.clone()));
+                if ns.starts_with('t') {
+                    rules.push((ns.clone(), "FORWARD", out));
+                    rules.push((ns, "FORWARD", inp));
                 }
-                (None, None) => return None,
+                continue;
+            }
+            for (me, other) in [(&x, &y), (&y, &x)] {
+                let (Some((ns, mine, is_nat)), Some(ip)) = (side(me), host_ip(sc, plan, derps, other)) else {
+                    continue;
+                };
+                let proto = match (mine, proto_of(other)) {
+                    (Some(p), Some(q)) if p != q => continue,
+                    (p, q) => p.or(q),
+                };
+                let with = |dir: &str| {
+                    let mut v = vec![dir.to_string(), ip.clone()];
+                    if let Some(p) = proto {
+                        v.extend(["-p".to_string(), p.to_string()]);
+                    }
+                    v
+                };
+                rules.push((ns.clone(), "INPUT", with("-s")));
+                rules.push((ns.clone(), "OUTPUT", with("-d")));
+                if is_nat {
+                    rules.push((ns.clone(), "FORWARD", with("-s")));
+                    rules.push((ns.clone(), "FORWARD", with("-d")));
+                }
             }
         }
     }
-    Some(rules)
+    rules
 }

@@ -137,6 +137,10 @@ pub struct NatSpec {
     /// Port allocation.
     #[serde(default = "preserve")]
     pub ports: PortAlloc,
+    /// Unsolicited inbound UDP: `drop` (a router firewall rule) or `remap` (plain Linux
+    /// conntrack: the router keeps a flow for the sender, moving the inside host's mapping).
+    #[serde(default)]
+    pub unsolicited: crate::nat::Unsolicited,
     /// The NAT this one sits behind (a CGNAT chain).
     #[serde(default)]
     pub behind: Option<Spanned<String>>,
@@ -168,6 +172,7 @@ impl NatSpec {
             hairpin: self.hairpin,
             timeout: self.timeout.0,
             ports: self.ports,
+            unsolicited: self.unsolicited,
         }
     }
 }
