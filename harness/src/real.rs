@@ -366,7 +366,13 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         let mut v = Vec::new();
         if let Some(r) = region {
             for ip in ["198.18.0.1", "198.18.0.2"] {
-                v.push(Shape { dst: Some(ip.into()), delay: r.latency.0 * 2, jitter: Duration::ZERO, loss: 0.0 });
+                v.push(Shape {
+                    dst: Some(ip.into()),
+                    udp_only: false,
+                    delay: r.latency.0 * 2,
+                    jitter: Duration::ZERO,
+                    loss: 0.0,
+                });
             }
         }
         for (name, ip, _) in derp_hosts.iter().skip(1) {
@@ -376,7 +382,13 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 Some(r) => r.latency.0 + other.latency.0,
                 None => other.latency.0,
             };
-            v.push(Shape { dst: Some(ip.clone()), delay: one_way * 2, jitter: Duration::ZERO, loss: 0.0 });
+            v.push(Shape {
+                dst: Some(ip.clone()),
+                udp_only: false,
+                delay: one_way * 2,
+                jitter: Duration::ZERO,
+                loss: 0.0,
+            });
         }
         v
     };
@@ -397,6 +409,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     for l in &sc.links {
         let (a, b) = (l.a.get_ref(), l.b.get_ref());
         let shape = |dst: Option<String>| Shape {
+            udp_only: dst.is_none(),
             dst,
             delay: l.latency.map(|d| d.0).unwrap_or(Duration::ZERO),
             jitter: l.jitter.map(|d| d.0).unwrap_or(Duration::ZERO),
@@ -408,8 +421,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         if let Some(i) = on_its_nat(a, b).or_else(|| on_its_nat(b, a)) {
             // The access link: both directions of the whole veth.
             let j = idx[sc.nodes[i].nat.as_ref().expect("checked").get_ref()];
+            let _ = j;
             shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(None));
-            shaped.entry((format!("t{j}"), format!("vn{i}"))).or_default().push(shape(None));
         } else if let (Some(i), Some(ip)) =
             (node_i(a).or(node_i(b)), host_ip(sc, &plan, &derp_hosts, if node_i(a).is_some() { b } else { a }))
         {
@@ -422,8 +435,15 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             unshaped.push(format!("{a} <-> {b}"));
         }
     }
+    let netem_ok = shaped.values().flatten().all(|s| s.delay.is_zero() && s.jitter.is_zero()) || has_netem(&lab);
     for ((ns, dev), shapes) in &shaped {
-        netem(&lab, ns, dev, shapes)?;
+        if !shape(&lab, ns, dev, shapes, netem_ok)? {
+            let latency_matters = !sc.regions.is_empty();
+            if latency_matters {
+                bail!("{NO_NETEM}: the file's region latencies decide where nodes home and cannot be played");
+            }
+            approximations.insert(format!("{ns}/{dev}: latency and jitter not applied ({NO_NETEM}); loss is"));
+        }
     }
     for u in &unshaped {
         approximations.insert(format!("link {u}: not shaped (only a node's own links are)"));
@@ -930,6 +950,9 @@ pub fn compare(sc: &Scenario, sim: &crate::world::Outcome, real: &RealOutcome) -
     Comparison { report: s, agrees: unlisted + stale + unknown == 0 }
 }
 
+/// What `--real` says when shaping needs `tc netem` and the kernel has none.
+pub const NO_NETEM: &str = "this kernel has no tc netem (sch_netem)";
+
 /// The name `[real] expect_differ` gives the always-checked org isolation.
 pub const ORG_ISOLATION: &str = "org isolation";
 
@@ -1093,6 +1116,8 @@ struct Leg {
 #[derive(Debug, Clone)]
 struct Shape {
     dst: Option<String>,
+    /// Only UDP (a NATed node's access link: its TCP goes to Nexus directly in simulation).
+    udp_only: bool,
     delay: Duration,
     jitter: Duration,
     loss: f64,
@@ -1132,16 +1157,51 @@ fn host_ip(sc: &Scenario, plan: &Plan, derps: &[(String, String, i32)], h: &str)
     sc.nodes[i].nat.is_none().then(|| plan.node.get(&i).map(|l| l.ip.clone())).flatten()
 }
 
-/// Shapes `dev` in namespace `ns`: one netem for everything, or a prio qdisc whose bands hold
-/// one netem per destination (the first band is the unshaped default).
-fn netem(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape]) -> anyhow::Result<()> {
+/// Whether the kernel has `sch_netem` (`tc netem`); some minimal kernels lack it.
+fn has_netem(lab: &Lab) -> bool {
+    let ok = lab.sh(Some("inet"), &["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]).is_ok();
+    let _ = lab.sh(Some("inet"), &["tc", "qdisc", "del", "dev", "lo", "root"]);
+    ok
+}
+
+/// Shapes `dev` in namespace `ns`. Loss is an nftables rule on both directions of the
+/// interface (portable); delay and jitter are `tc netem` on its egress (twice the one-way
+/// delay, so round trips match the simulation), one netem for everything or an HTB whose
+/// classes hold one netem per destination. Without netem only loss is applied and `false` is
+/// returned when some delay or jitter was asked for.
+fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> anyhow::Result<bool> {
+    let mut nft = String::from("table ip hzshape {\n");
+    for (hook, dirk, addr) in [("postrouting", "oifname", "daddr"), ("prerouting", "iifname", "saddr")] {
+        nft += &format!("  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n");
+        for s in shapes.iter().filter(|s| s.loss > 0.0) {
+            let per_mille = (s.loss * 1000.0).round() as u32;
+            let mut m = s.dst.as_ref().map(|d| format!("ip {addr} {d} ")).unwrap_or_default();
+            if s.udp_only {
+                m += "meta l4proto udp ";
+            }
+            nft += &format!("    {dirk} \"{dev}\" {m}numgen random mod 1000 < {per_mille} drop\n");
+        }
+        nft += "  }\n";
+    }
+    nft += "}\n";
+    if shapes.iter().any(|s| s.loss > 0.0) {
+        let file = std::env::temp_dir().join(format!("{}-{ns}-{dev}.nft", lab.prefix));
+        std::fs::write(&file, nft)?;
+        let r = lab.sh(Some(ns), &["nft", "-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        r?;
+    }
+    let timed: Vec<&Shape> = shapes.iter().filter(|s| !s.delay.is_zero() || !s.jitter.is_zero()).collect();
+    if timed.is_empty() {
+        return Ok(true);
+    }
+    if !netem_ok {
+        return Ok(false);
+    }
     let params = |s: &Shape| -> Vec<String> {
-        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", s.delay.as_micros())];
+        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", (s.delay * 2).as_micros())];
         if !s.jitter.is_zero() {
             v.push(format!("{}us", s.jitter.as_micros()));
-        }
-        if s.loss > 0.0 {
-            v.extend(["loss".into(), format!("{}%", s.loss * 100.0)]);
         }
         v
     };
@@ -1150,60 +1210,45 @@ fn netem(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape]) -> anyhow::Result<()>
         lab.sh(Some(ns), &r)
     };
     let base = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
-    let default = shapes.iter().rev().find(|s| s.dst.is_none());
-    let by_dst: Vec<&Shape> = shapes.iter().filter(|s| s.dst.is_some()).collect();
+    let default = timed.iter().rev().find(|s| s.dst.is_none());
+    let by_dst: Vec<&&Shape> = timed.iter().filter(|s| s.dst.is_some()).collect();
     if by_dst.is_empty() {
         if let Some(d) = default {
             let mut a = base(&["tc", "qdisc", "add", "dev", dev, "root"]);
             a.extend(params(d));
             run(a)?;
         }
-        return Ok(());
+        return Ok(true);
     }
-    if by_dst.len() > 14 {
-        bail!("at most 14 shaped destinations per interface");
-    }
-    let bands = (by_dst.len() + 1).max(3);
-    let mut a = base(&[
-        "tc",
-        "qdisc",
-        "add",
-        "dev",
-        dev,
-        "root",
-        "handle",
-        "1:",
-        "prio",
-        "bands",
-        &bands.to_string(),
-        "priomap",
-    ]);
-    a.extend(std::iter::repeat_n("0".to_string(), 16));
-    run(a)?;
-    if let Some(d) = default {
-        let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:"]);
-        a.extend(params(d));
-        run(a)?;
-    }
-    for (k, s) in by_dst.iter().enumerate() {
-        let band = format!("1:{}", k + 2);
-        let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", &band, "handle", &format!("{}:", k + 11)]);
-        // Loss and jitter of an access link apply on top of the per-destination delay.
-        let mut eff = (*s).clone();
-        if let Some(d) = default {
+    run(base(&["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"]))?;
+    for (k, s) in std::iter::once(default.copied()).chain(by_dst.iter().map(|s| Some(**s))).enumerate() {
+        let class = format!("1:{}", k + 1);
+        run(base(&["tc", "class", "add", "dev", dev, "parent", "1:", "classid", &class, "htb", "rate", "10gbit"]))?;
+        let mut eff = s.cloned().unwrap_or(Shape {
+            dst: None,
+            udp_only: false,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+        });
+        if let (Some(d), Some(_)) = (default, &eff.dst) {
             eff.delay += d.delay;
             eff.jitter += d.jitter;
-            eff.loss = eff.loss.max(d.loss);
         }
-        a.extend(params(&eff));
-        run(a)?;
-        let dst = format!("{}/32", s.dst.as_deref().expect("filtered"));
-        run(base(&[
-            "tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
-            "dst", &dst, "flowid", &band,
-        ]))?;
+        if !eff.delay.is_zero() || !eff.jitter.is_zero() {
+            let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", &class, "handle", &format!("{}:", k + 10)]);
+            a.extend(params(&eff));
+            run(a)?;
+        }
+        if let Some(d) = &eff.dst {
+            let dst = format!("{d}/32");
+            run(base(&[
+                "tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                "dst", &dst, "flowid", &class,
+            ]))?;
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The iptables rules (`namespace`, chain, match) that cut what the simulation's link between
