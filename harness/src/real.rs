@@ -1485,3 +1485,65 @@ fn cut_rules(
     }
     rules
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(real: &str) -> Scenario {
+        let text = format!(
+            "duration = \"10s\"\n[[org]]\nname = \"acme\"\n[[node]]\nname = \"a\"\norg = \"acme\"\n\
+             [[node]]\nname = \"b\"\norg = \"acme\"\n[[expect]]\nkind = \"udp_path\"\na = \"a\"\nb = \"b\"\n\
+             path = \"direct\"\n{real}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, text).unwrap();
+        Scenario::load(&f).unwrap()
+    }
+
+    fn outcomes(sim: Verdict, real: Verdict) -> (crate::world::Outcome, RealOutcome) {
+        let d = "path a -> b is direct at 10s (mesh)".to_string();
+        let sim = crate::world::Outcome {
+            trace: String::new(),
+            observed: String::new(),
+            verdicts: vec![(d.clone(), sim)],
+            leak: None,
+            leaked_pairs: Default::default(),
+            pings: Default::default(),
+            visibility: Default::default(),
+            paths: Default::default(),
+        };
+        let real = RealOutcome { report: String::new(), verdicts: vec![(d, real)], passed: true, leak: None };
+        (sim, real)
+    }
+
+    #[test]
+    fn only_listed_differences_that_still_differ_agree() {
+        let listed =
+            "[real]\nexpect_differ = [{ expectation = \"path a -> b is direct at 10s (mesh)\", reason = \"r\" }]\n";
+        let fail = || Verdict::Fail("relay".into());
+        // Same verdicts, nothing listed: agrees.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        assert!(compare(&scenario(""), &s, &r).agrees);
+        // An unlisted difference fails.
+        let (s, r) = outcomes(Verdict::Pass, fail());
+        let c = compare(&scenario(""), &s, &r);
+        assert!(!c.agrees && c.report.contains("DIFFERS"), "{}", c.report);
+        // A listed difference is accepted and its reason printed.
+        let c = compare(&scenario(listed), &s, &r);
+        assert!(c.agrees && c.report.contains("differs (ok)"), "{}", c.report);
+        // A listed difference that no longer differs is stale.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        let c = compare(&scenario(listed), &s, &r);
+        assert!(!c.agrees && c.report.contains("STALE"), "{}", c.report);
+        // A real expectation that could not be evaluated is a difference too.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::NotEvaluated("x".into()));
+        assert!(!compare(&scenario(""), &s, &r).agrees);
+        // A listed name that matches no expectation fails.
+        let typo = "[real]\nexpect_differ = [{ expectation = \"path a -> b is relay\", reason = \"r\" }]\n";
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        let c = compare(&scenario(typo), &s, &r);
+        assert!(!c.agrees && c.report.contains("UNKNOWN"), "{}", c.report);
+    }
+}
