@@ -258,3 +258,140 @@ async fn aceteam_token_endpoint_slows_down_a_hasty_client() {
     assert_eq!((grant.org_name.as_str(), grant.nexus_url.as_str()), ("acme", s.url.as_str()));
     assert!(!grant.authkey.is_empty() && !format!("{grant:?}").contains(&grant.authkey), "Debug hides the key");
 }
+
+/// The `name=value` of the `name` cookie a response sets, with its attributes.
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<(String, String)> {
+    r.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        let (pair, attrs) = v.split_once(';').unwrap_or((v, ""));
+        pair.strip_prefix(&format!("{name}=")).map(|val| (format!("{name}={val}"), attrs.to_string()))
+    })
+}
+
+/// The value of the first hidden `csrf` field of a page.
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn approval_page_signs_in_refuses_forged_posts_and_escapes_host_names() {
+    let s =
+        nexus_sim::start(nexus_sim::Config { api_keys: vec!["admin-key".into()], ..Default::default() }).await.unwrap();
+    s.shared.store.create_user("acme", "acme").unwrap();
+    s.shared.store.create_user("other", "other").unwrap();
+    let net = citadel::net::TokioNet;
+    let t = Duration::from_secs(5);
+    let hostile = "<script>alert(1)</script>\"'&";
+    let code = citadel::login::start_fabric(&net, &s.url, hostile, t).await.unwrap();
+    // reqwest is built with rustls and no default crypto provider; plain http still needs one.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let page_url = format!("{}/device?code={}", s.url, code.user_code);
+
+    // Signed out: a sign-in form with a double-submit token, and nothing about the device.
+    let r = http.get(&page_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (pre, attrs) = set_cookie(&r, "nexus_signin").expect("sign-in cookie");
+    assert!(attrs.contains("SameSite=Strict") && attrs.contains("HttpOnly"), "{attrs}");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("alert"), "the host name is shown only to a signed-in admin");
+    let token = csrf_of(&body);
+    let signin = format!("{}/device/signin", s.url);
+    let form = |csrf: &str, key: &str| {
+        vec![("csrf", csrf.to_string()), ("code", code.user_code.clone()), ("credential", key.to_string())]
+    };
+
+    // Forged sign-ins: no cookie, or a token that is not the cookie's.
+    let r = http.post(&signin).form(&form(&token, "admin-key")).send().await.unwrap();
+    assert_eq!(r.status(), 403, "no cookie");
+    let r = http.post(&signin).header("cookie", &pre).form(&form("00", "admin-key")).send().await.unwrap();
+    assert_eq!(r.status(), 403, "wrong token");
+    // A wrong credential is refused.
+    let r = http.post(&signin).header("cookie", &pre).form(&form(&token, "guess")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(set_cookie(&r, "nexus_session").is_none());
+    // The right one opens a session and goes back to the device.
+    let r = http.post(&signin).header("cookie", &pre).form(&form(&token, "admin-key")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("/device?code={}", code.user_code).as_str());
+    let (session, attrs) = set_cookie(&r, "nexus_session").expect("session cookie");
+    assert!(attrs.contains("SameSite=Strict") && attrs.contains("HttpOnly"), "{attrs}");
+
+    // Signed in: the device's code and its host name, escaped; the orgs to pick from.
+    let r = http.get(&page_url).header("cookie", &session).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"), "{body}");
+    assert!(!body.contains("<script>"), "no markup from the device reaches the page");
+    assert!(body.contains(&code.user_code) && body.contains(">acme</option>") && body.contains(">other</option>"));
+    let csrf = csrf_of(&body);
+    let acme = s.shared.store.user_by_name("acme").unwrap().id.to_string();
+    let decide = format!("{}/device/decide", s.url);
+    let choice = |csrf: &str| {
+        vec![
+            ("csrf", csrf.to_string()),
+            ("code", code.user_code.clone()),
+            ("org", acme.clone()),
+            ("action", "approve".to_string()),
+        ]
+    };
+
+    // Forged decisions: no token, another session's token, no session, GET, an oversized body.
+    let r = http.post(&decide).header("cookie", &session).form(&choice("")).send().await.unwrap();
+    assert_eq!(r.status(), 403, "no token");
+    let r = http.post(&signin).header("cookie", &pre).form(&form(&token, "admin-key")).send().await.unwrap();
+    let (session2, _) = set_cookie(&r, "nexus_session").unwrap();
+    let body2 = http.get(&page_url).header("cookie", &session2).send().await.unwrap().text().await.unwrap();
+    let csrf2 = csrf_of(&body2);
+    assert_ne!(csrf, csrf2);
+    let r = http.post(&decide).header("cookie", &session).form(&choice(&csrf2)).send().await.unwrap();
+    assert_eq!(r.status(), 403, "another session's token");
+    let r = http.post(&decide).form(&choice(&csrf)).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no session");
+    let r = http
+        .get(format!("{decide}?csrf={csrf}&code={}&org={acme}&action=approve", code.user_code))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405, "decisions are POST only");
+    let mut big = choice(&csrf);
+    big.push(("pad", "x".repeat(64 * 1024)));
+    let r = http.post(&decide).header("cookie", &session).form(&big).send().await.unwrap();
+    assert_eq!(r.status(), 413, "bounded body");
+    assert_eq!(
+        citadel::login::poll_fabric(&net, &s.url, &code, t).await.unwrap(),
+        citadel::login::TokenAnswer::Error("authorization_pending".into()),
+        "nothing forged was decided"
+    );
+
+    // The real decision.
+    let r = http.post(&decide).header("cookie", &session).form(&choice(&csrf)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("Approved") && body.contains("org <b>acme</b>") && !body.contains("<script>"), "{body}");
+    tokio::time::sleep(Duration::from_secs(code.interval)).await;
+    let grant = citadel::login::poll_fabric(&net, &s.url, &code, t).await.unwrap();
+    let citadel::login::TokenAnswer::Key(grant) = grant else { panic!("not approved: {grant:?}") };
+    assert_eq!(grant.org_name, "acme");
+    // A decided code cannot be decided again.
+    let r = http.post(&decide).header("cookie", &session).form(&choice(&csrf)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Deny through the page too.
+    let code = citadel::login::start_fabric(&net, &s.url, "h2", t).await.unwrap();
+    let deny = vec![
+        ("csrf", csrf.clone()),
+        ("code", code.user_code.clone()),
+        ("org", acme.clone()),
+        ("action", "deny".into()),
+    ];
+    let r = http.post(&decide).header("cookie", &session).form(&deny).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Denied"));
+    assert_eq!(
+        citadel::login::poll_fabric(&net, &s.url, &code, t).await.unwrap(),
+        citadel::login::TokenAnswer::Error("access_denied".into())
+    );
+}
