@@ -290,7 +290,8 @@ pub async fn poll_fabric(
         if g.authkey.is_empty() {
             return Err(LoginError::Protocol("the platform's token answer has no authkey".into()));
         }
-        if !g.nexus_url.is_empty() && !(g.nexus_url.starts_with("https://") || g.nexus_url.starts_with("http://")) {
+        let usable = g.nexus_url.starts_with("https://") || g.nexus_url.starts_with("http://");
+        if !g.nexus_url.is_empty() && !usable {
             return Err(LoginError::Protocol(format!("the platform named an unusable Nexus URL {:?}", g.nexus_url)));
         }
         return Ok(TokenAnswer::Key(g));
