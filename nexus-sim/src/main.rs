@@ -141,6 +141,9 @@ struct ServeArgs {
     /// Minimum seconds between device-login polls
     #[arg(long, default_value_t = 5)]
     device_poll_interval: u64,
+    /// Seconds a device-login code stays valid
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    device_code_ttl: u64,
     /// Embedded DERP regions (region 1 on --listen's port, each further one on its own port)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
     derp_regions: u16,
@@ -439,6 +442,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         keepalive: Duration::from_secs(a.keepalive.max(1)),
         ephemeral_timeout: Duration::from_secs(a.ephemeral_timeout),
         device_poll_interval: a.device_poll_interval,
+        device_code_ttl: Duration::from_secs(a.device_code_ttl),
         derp,
         derp_verify_clients: !a.no_derp_verify_clients,
         policy,
