@@ -55,6 +55,8 @@ pub struct Config {
     pub ipv6_base: Ipv6Addr,
     /// How long an interactive registration waits for approval before it is dropped.
     pub pending_ttl: Duration,
+    /// Lifetime of a node key from its registration or renewal; `None`: keys never expire.
+    pub node_key_expiry: Option<Duration>,
     /// Lifetime of a device-authorization code.
     pub device_code_ttl: Duration,
     /// Minimum seconds between device-token polls.
@@ -94,6 +96,7 @@ impl std::fmt::Debug for Config {
             ephemeral_timeout,
             followup_wait,
             pending_ttl,
+            node_key_expiry,
             ipv4_base,
             ipv6_base,
             device_code_ttl,
@@ -117,6 +120,7 @@ impl std::fmt::Debug for Config {
             .field("ephemeral_timeout", ephemeral_timeout)
             .field("followup_wait", followup_wait)
             .field("pending_ttl", pending_ttl)
+            .field("node_key_expiry", node_key_expiry)
             .field("ipv4_base", ipv4_base)
             .field("ipv6_base", ipv6_base)
             .field("device_code_ttl", device_code_ttl)
@@ -166,6 +170,7 @@ impl Default for Config {
             ephemeral_timeout: Duration::from_secs(120),
             followup_wait: Duration::from_secs(60),
             pending_ttl: Duration::from_secs(15 * 60),
+            node_key_expiry: None,
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
             device_code_ttl: Duration::from_secs(600),
