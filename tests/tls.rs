@@ -26,9 +26,15 @@ fn mint(names: &[&str]) -> (tempfile::TempDir, TestPki) {
 /// Retries the bind for a moment: a server just dropped on the same port lets go of its
 /// listener asynchronously.
 async fn tls_nexus(pki: &TestPki, port: u16, host: &str) -> Nexus {
+    tls_nexus_with(pki, port, host, None).await
+}
+
+/// [`tls_nexus`] whose node keys expire `node_key_expiry` after registration or renewal.
+async fn tls_nexus_with(pki: &TestPki, port: u16, host: &str, node_key_expiry: Option<Duration>) -> Nexus {
     let start = Instant::now();
     loop {
         let cfg = nexus_sim::Config {
+            node_key_expiry,
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             server_url: format!("https://{host}:{port}"),
             tls: Some(pki.server_config().unwrap()),
@@ -563,4 +569,87 @@ fn control_and_derp_through_an_https_proxy() {
     assert!(!o.status.success(), "DERP reached the server without the proxy");
     let o = run(vec![json], true, "derp-probe");
     assert!(o.status.success(), "DERP through the proxy: {}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Writes `data` on a connection to an echo server and reads the same number of bytes back,
+/// leaving the connection open.
+async fn echo_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    data: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(data).await?;
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got).await?;
+    Ok(got)
+}
+
+/// Renewal as a user sees it: with 6-second node keys, both nodes renew theirs while online,
+/// again and again; a TCP connection opened before keeps working across the renewals, the mesh
+/// IPs stay, the peer learns the new key, and the server never sees a key expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_key_near_expiry_is_renewed_online_keeping_ip_and_connections() {
+    let (ca_dir, pki) = mint(&["localhost"]);
+    citadel::tls::add_ca_file(&ca_dir.path().join("ca.pem")).unwrap();
+    let port = free_port();
+    let nx = tls_nexus_with(&pki, port, "localhost", Some(Duration::from_secs(6))).await;
+    let url = format!("https://localhost:{port}");
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a = Mesh::connect(node_cfg(&url, &key, t.path().join("a"), "a")).await.expect("a joins");
+    let b = Mesh::connect(node_cfg(&url, &key, t.path().join("b"), "b")).await.expect("b joins");
+    assert!(eventually(T, || a.resolve("b").is_some() && b.resolve("a").is_some()).await);
+    let (a0, b0) = (a.status(), b.status());
+    assert!(a0.key_expiry.is_some(), "status shows the expiry: {a0:?}");
+    assert_eq!(a0.key_renewals, 0);
+
+    let l = b.listen_tcp(7000).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let ip = a.resolve("b").unwrap();
+    let mut s = tokio::time::timeout(T, a.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
+    let got = tokio::time::timeout(T, echo_line(&mut s, b"before")).await.unwrap().unwrap();
+    assert_eq!(got, b"before");
+
+    // Keys are renewed from halfway through their 6 s: two renewals each within 15 s.
+    let mut echoes = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && (a.status().key_renewals < 2 || b.status().key_renewals < 2) {
+        let msg = format!("during {echoes}");
+        let got = tokio::time::timeout(T, echo_line(&mut s, msg.as_bytes())).await;
+        assert_eq!(got.expect("echo within 10 s across a renewal").unwrap(), msg.as_bytes());
+        echoes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (a1, b1) = (a.status(), b.status());
+    assert!(a1.key_renewals >= 2 && b1.key_renewals >= 2, "renewals: a {} b {}", a1.key_renewals, b1.key_renewals);
+    assert_ne!(a1.node_key, a0.node_key, "a has a new node key");
+    assert_ne!(b1.node_key, b0.node_key);
+    assert_eq!((a1.ipv4.clone(), b1.ipv4.clone()), (a0.ipv4.clone(), b0.ipv4.clone()), "mesh IPs unchanged");
+    assert!(a1.key_expiry > a0.key_expiry, "{:?} -> {:?}", a0.key_expiry, a1.key_expiry);
+    assert!(a1.connected && b1.connected);
+    // The peer knows the new key (its map follows the server's record).
+    assert!(
+        eventually(T, || b.status().peers.iter().any(|p| p.name == "a" && p.node_key == a.status().node_key)).await,
+        "b never learned a's new key"
+    );
+    // The server holds the renewed keys, unexpired, on the same node records.
+    let nodes = nx.running.shared.store.nodes(None);
+    assert_eq!(nodes.len(), 2);
+    for n in &nodes {
+        assert!(!n.is_expired(chrono::Utc::now()), "node {} expired on the server", n.given_name);
+    }
+    // The connection opened before the renewals still carries data both ways.
+    let got = tokio::time::timeout(T, echo_line(&mut s, b"after")).await.unwrap().unwrap();
+    assert_eq!(got, b"after");
+    // The renewed key is what a restart uses: the state holds it, unconfirmed pair cleared.
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("a/identity.json")).unwrap()).unwrap();
+    assert!(id.get("old_node_key").is_none(), "{id}");
 }
