@@ -31,10 +31,11 @@ struct World {
 impl World {
     fn start() -> World {
         let nexus_port = free_port();
-        let url = format!("http://127.0.0.1:{nexus_port}");
+        let url = format!("https://127.0.0.1:{nexus_port}");
         let nexus = Proc(
             Command::new(bin("nexus-sim"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{nexus_port}"), "--api-key", "programs-admin"])
+                .args(citadel_e2e::test_ca().serve_args())
                 .env("NEXUS_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

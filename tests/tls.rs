@@ -162,7 +162,7 @@ async fn nodes_over_https_with_a_test_ca_register_map_relay_and_reach_each_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_still_works_and_pins_the_server_key() {
-    let nx = Nexus::start().await;
+    let nx = Nexus::start_plain_with(nexus_sim::Config::default()).await;
     assert!(nx.url().starts_with("http://"));
     let key = nx.key("acme", false);
     let t = tempfile::tempdir().unwrap();
@@ -263,7 +263,7 @@ async fn untrusted_certificates_and_wrong_host_names_fail_fast_and_clearly() {
 async fn derp_with_a_bad_certificate_is_refused_unless_opted_in() {
     // nexus-sim without --tls-cert: self-signed DERP, nodes marked InsecureForTests. The probe
     // logs in with a fresh key, so the relay does not verify clients here.
-    let nx = Nexus::start_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
+    let nx = Nexus::start_plain_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
     let node = nx.running.shared.derp_map.regions[&1].nodes[0].clone();
     assert!(node.insecure_for_tests);
     let probe = |node: citadel::tailcfg::DerpNode, opt_in: bool| {
@@ -327,19 +327,12 @@ fn real_tsnet_and_citadel_over_https_direct_and_relayed() {
     const CITADEL_UDP: u16 = 41710;
     let ns = citadel_e2e::Netns::new(&format!("cit-tls-{}", std::process::id()), "10.206.0.1/24").expect("netns");
     let tmp = tempfile::tempdir().unwrap();
-    let (pki_dir, _pki) = mint(&["localhost", "127.0.0.1"]);
-    let ca = pki_dir.path().join("ca.pem");
+    // The suite's test CA, which names localhost.
+    let ca = citadel_e2e::test_ca().ca_file();
     let port = 18390;
     let url = format!("https://localhost:{port}");
     let nexus_log = tmp.path().join("nexus.log");
-    let cert = pki_dir.path().join("cert.pem").display().to_string();
-    let key = pki_dir.path().join("key.pem").display().to_string();
-    let nx = citadel_e2e::NsNexus::start(
-        &ns,
-        port,
-        &["--tls-cert", &cert, "--tls-key", &key, "--server-url", &url],
-        Some(&nexus_log),
-    );
+    let nx = citadel_e2e::NsNexus::start(&ns, port, &["--server-url", &url], Some(&nexus_log));
     nx.admin(&["users", "create", "acme"]);
     let authkey = nx.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
 
@@ -427,7 +420,7 @@ async fn init_time_over_https_vs_http() {
     let ca = ca_dir.path().join("ca.pem").display().to_string();
     let port = free_port();
     let https = tls_nexus(&pki, port, "127.0.0.1").await;
-    let http = Nexus::start().await;
+    let http = Nexus::start_plain_with(nexus_sim::Config::default()).await;
     let (hk, pk) = (https.key("bench", true), http.key("bench", true));
     let t = tempfile::tempdir().unwrap();
     let (mut ts, mut ps) = (vec![], vec![]);
@@ -652,4 +645,27 @@ async fn a_node_key_near_expiry_is_renewed_online_keeping_ip_and_connections() {
     let id: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.path().join("a/identity.json")).unwrap()).unwrap();
     assert!(id.get("old_node_key").is_none(), "{id}");
+}
+
+/// With its own certificate nexus-sim speaks TLS only: a plain-HTTP request on the same port
+/// gets a 400 that says to use https, and the connection closes; https on the port works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_refuses_plain_http_on_its_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_ca_dir, pki) = mint(&["localhost"]);
+    let port = free_port();
+    let _nx = tls_nexus(&pki, port, "localhost").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /key?v=88 HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut got)).await.expect("the server closes").unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400") && got.contains("https only"), "{got}");
+    assert!(!got.contains("publicKey"), "the server key went out in the clear: {got}");
+
+    // A plain-http Nexus URL pointed at it fails instead of registering in the clear.
+    let t = tempfile::tempdir().unwrap();
+    let (o, _) = citadel(init_args(t.path(), &format!("http://localhost:{port}"), Some("k"), &[])).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("https only") || stderr(&o).contains("400"), "{}", stderr(&o));
 }

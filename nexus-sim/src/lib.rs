@@ -543,7 +543,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     if let Some(d) = &derp_server {
         app = app.merge(d.router(1));
     }
-    let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
+    // With the operator's certificate, TLS only: a client in the clear is told to use https.
+    let task = derp::serve(derp::DualListener::with_plain_http(listener, tls.clone(), !verified)?, app);
     let mut region_tasks = vec![];
     if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
         region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
@@ -564,7 +565,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     });
     if let Some(d) = &derp_server {
         for (id, l) in extra {
-            region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
+            region_tasks
+                .push(derp::serve(derp::DualListener::with_plain_http(l, tls.clone(), !verified)?, d.router(id)));
         }
     }
     Ok(Running {
