@@ -643,9 +643,11 @@ async fn relay_carries_only_what_the_policy_allows_and_answers_no_stranger() {
     assert_eq!(n.running.derp.as_ref().unwrap().stats().packets_dropped, 4, "refused and undeliverable packets");
 
     // Under --headscale-default the same pair may talk.
-    let open =
-        Nexus::start_plain_with(Config { policy: Some(nexus_sim::policy::HEADSCALE_DEFAULT.into()), ..Config::default() })
-            .await;
+    let open = Nexus::start_plain_with(Config {
+        policy: Some(nexus_sim::policy::HEADSCALE_DEFAULT.into()),
+        ..Config::default()
+    })
+    .await;
     register_node(&open, "acme", &a1, 1);
     register_node(&open, "globex", &b1, 4);
     let (o1, ob) = (connect(open.url(), &a1).await, connect(open.url(), &b1).await);

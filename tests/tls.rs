@@ -669,3 +669,79 @@ async fn a_tls_server_refuses_plain_http_on_its_port() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("https only") || stderr(&o).contains("400"), "{}", stderr(&o));
 }
+
+/// The join time a user waits, three ways in one namespace and one run: `citadel init` against
+/// nexus-sim over https (test CA) and over plain http, and the real Tailscale client's
+/// equivalent (`caddy tailscale-auth`, tsnet v1.90.9: logs in, waits for its IPs, exits) over
+/// the same https server, trusting the CA through `SSL_CERT_FILE`. Fresh state every run, 5 runs
+/// each, interleaved; prints medians and ratios (`cargo test -p citadel-e2e --test tls
+/// init_time_three_ways -- --nocapture`).
+#[test]
+fn init_time_three_ways_https_http_and_tsnet() {
+    let Some(caddy) = citadel_e2e::real_peers("init time vs tsnet") else { return };
+    let ns = citadel_e2e::Netns::new(&format!("cit-it-{}", std::process::id()), "10.208.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let https = citadel_e2e::NsNexus::start(&ns, 18590, &[], None);
+    let plain = citadel_e2e::NsNexus::start_plain(&ns, 18591, &[], None);
+    for n in [&https, &plain] {
+        n.admin(&["users", "create", "bench"]);
+    }
+    let hk = https.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"]);
+    let pk = plain.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"]);
+    let ca = citadel_e2e::test_ca().ca_file();
+    let timed = |c: &mut Command| {
+        let start = Instant::now();
+        let o = run_with_deadline(c, Duration::from_secs(60));
+        (o, start.elapsed())
+    };
+    let (mut s, mut p, mut g) = (vec![], vec![], vec![]);
+    for i in 0..5 {
+        let (o, d) = timed(
+            ns.cmd(bin("citadel"))
+                .args(init_args(&tmp.path().join(format!("s{i}")), &https.url, Some(&hk), &[]))
+                .env("SSL_CERT_FILE", &ca)
+                .env("CITADEL_LOG", "warn"),
+        );
+        assert!(o.status.success(), "https init: {}", stderr(&o));
+        s.push(d);
+        let (o, d) = timed(
+            ns.cmd(bin("citadel"))
+                .args(init_args(&tmp.path().join(format!("p{i}")), &plain.url, Some(&pk), &[]))
+                .env("CITADEL_LOG", "warn"),
+        );
+        assert!(o.status.success(), "http init: {}", stderr(&o));
+        p.push(d);
+        let home = tmp.path().join(format!("g{i}"));
+        std::fs::create_dir_all(home.join("logs")).unwrap();
+        let (o, d) = timed(
+            ns.cmd(&caddy)
+                .args(["tailscale-auth", "--control-url", &https.url, "--auth-key", &hk, "--hostname"])
+                .arg(format!("ts{i}"))
+                .arg("--state-dir")
+                .arg(home.join("state"))
+                .env("SSL_CERT_FILE", &ca)
+                .env("HOME", &home)
+                .env("XDG_CONFIG_HOME", &home)
+                .env("XDG_DATA_HOME", &home)
+                .env("TS_NO_LOGS_NO_SUPPORT", "true")
+                .env("TS_LOGS_DIR", home.join("logs")),
+        );
+        assert!(o.status.success(), "tsnet login: {}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        assert!(said.contains("100.64."), "no mesh IP printed: {said}");
+        g.push(d);
+    }
+    // Every join really registered: 5 citadel and 5 tsnet nodes on the https server.
+    assert_eq!(https.nodes().len(), 10);
+    assert_eq!(plain.nodes().len(), 5);
+    let med = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (s, p, g) = (med(&mut s), med(&mut p), med(&mut g));
+    println!(
+        "join time, median of 5: citadel init https {s:.1} ms, citadel init http {p:.1} ms, tsnet (caddy tailscale-auth) https {g:.1} ms; ratios https/http {:.2}, tsnet/citadel (https) {:.2}",
+        s / p,
+        g / s
+    );
+}

@@ -242,6 +242,15 @@ impl NsNexus {
     /// Starts `nexus-sim serve` on 127.0.0.1:`port` in `ns` over https with the [`test_ca`];
     /// `log` receives its stderr.
     pub fn start(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>) -> NsNexus {
+        Self::spawn(ns, port, extra, log, true)
+    }
+
+    /// Like [`NsNexus::start`] over plain http (DERP self-signed, marked `InsecureForTests`).
+    pub fn start_plain(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>) -> NsNexus {
+        Self::spawn(ns, port, extra, log, false)
+    }
+
+    fn spawn(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>, tls: bool) -> NsNexus {
         let api_key = format!("admin-{}", std::process::id());
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
@@ -250,7 +259,7 @@ impl NsNexus {
         let proc = Proc(
             ns.cmd(bin("nexus-sim"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", &api_key])
-                .args(if extra.contains(&"--tls-cert") { vec![] } else { test_ca().serve_args() })
+                .args(if !tls || extra.contains(&"--tls-cert") { vec![] } else { test_ca().serve_args() })
                 .args(extra)
                 .env("NEXUS_LOG", if log.is_some() { "info" } else { "warn" })
                 .stdout(Stdio::null())
@@ -258,7 +267,8 @@ impl NsNexus {
                 .spawn()
                 .expect("spawn nexus-sim"),
         );
-        NsNexus { url: format!("https://127.0.0.1:{port}"), api_key, ns_name: ns.name.clone(), _proc: proc }
+        let scheme = if tls { "https" } else { "http" };
+        NsNexus { url: format!("{scheme}://127.0.0.1:{port}"), api_key, ns_name: ns.name.clone(), _proc: proc }
     }
 
     /// Runs an admin subcommand (retrying while the server starts) and returns its stdout.
