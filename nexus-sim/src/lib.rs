@@ -720,6 +720,58 @@ mod tests {
         assert_eq!(s.store.pending_count(), 0);
     }
 
+    #[tokio::test]
+    async fn node_key_renewal_keeps_the_node_and_only_its_machine_may_do_it_before_expiry() {
+        use citadel_proto::keys::{MachinePublic, NodePublic};
+        use citadel_proto::tailcfg::{RegisterAuth, RegisterRequest};
+        let s = build(Config {
+            node_key_expiry: Some(Duration::from_secs(60)),
+            derp: DerpMode::Off,
+            stun_listen: None,
+            ..Config::default()
+        })
+        .unwrap();
+        let u = s.store.create_user("acme", "").unwrap();
+        let authkey = s.store.create_key(u.id, true, false, None, vec![]).unwrap().key;
+        let (m1, m2) = (MachinePublic([1; 32]), MachinePublic([2; 32]));
+        let (k1, k2, k3) = (NodePublic([11; 32]), NodePublic([12; 32]), NodePublic([13; 32]));
+        let sess = |m| control::Session { machine: m, version: 130 };
+        let auth = Some(RegisterAuth { auth_key: authkey, ..Default::default() });
+        let r =
+            control::handle_register(&s, sess(m1), RegisterRequest { node_key: k1, auth, ..Default::default() }).await;
+        assert!(r.machine_authorized, "{r:?}");
+        let before = s.store.nodes(None)[0].clone();
+        let left = before.expiry.unwrap() - chrono::Utc::now();
+        assert!(left > chrono::Duration::seconds(55) && left <= chrono::Duration::seconds(60), "{left:?}");
+
+        // Another machine naming k1 as its old key gets nothing of it.
+        let steal = RegisterRequest { node_key: k3, old_node_key: k1, ..Default::default() };
+        let r = control::handle_register(&s, sess(m2), steal).await;
+        assert!(!r.machine_authorized);
+        assert_eq!(s.store.nodes(None)[0].node_key, k1);
+
+        // The owner renews: same node record and addresses, the new key, a new lifetime.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let renew = RegisterRequest { node_key: k2, old_node_key: k1, ..Default::default() };
+        let r = control::handle_register(&s, sess(m1), renew.clone()).await;
+        assert!(r.machine_authorized && r.error.is_empty(), "{r:?}");
+        let after = s.store.nodes(None)[0].clone();
+        assert_eq!((after.id, after.ipv4, after.ipv6), (before.id, before.ipv4, before.ipv6));
+        assert_eq!(after.node_key, k2);
+        assert!(after.expiry > before.expiry);
+        // Repeating it (an answer lost on the way) is accepted and changes nothing.
+        let r = control::handle_register(&s, sess(m1), renew).await;
+        assert!(r.machine_authorized);
+        assert_eq!(s.store.nodes(None)[0].node_key, k2);
+
+        // Once expired, the key cannot be renewed: that takes a new authentication.
+        s.store.expire_node(after.id).unwrap();
+        let late = RegisterRequest { node_key: k3, old_node_key: k2, ..Default::default() };
+        let r = control::handle_register(&s, sess(m1), late).await;
+        assert!(r.node_key_expired && !r.machine_authorized, "{r:?}");
+        assert_eq!(s.store.nodes(None)[0].node_key, k2);
+    }
+
     #[test]
     fn config_debug_hides_api_and_mesh_keys() {
         let cfg = Config {
