@@ -17,11 +17,12 @@ struct Env {
 impl Env {
     fn start() -> Env {
         let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("https://127.0.0.1:{port}");
         let dir = tempfile::tempdir().unwrap();
         let nexus = Proc(
             Command::new(bin("nexus-sim"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", "test-admin-key"])
+                .args(citadel_e2e::test_ca().serve_args())
                 .env("NEXUS_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

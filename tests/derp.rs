@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const T: Duration = Duration::from_secs(10);
 
 /// Defaults with client verification off: these tests log in with fresh keys that are no
-/// registered nodes.
+/// registered nodes (on a plain-http server: see [`opt_in_unverified_relays`]).
 fn open_relay() -> Config {
     Config { derp_verify_clients: false, ..Config::default() }
 }
@@ -30,7 +30,15 @@ fn public(k: &PrivateKey) -> NodePublic {
     NodePublic(k.public_bytes())
 }
 
+/// This file tests the relay protocol, over plain HTTP and over the self-signed TLS of a server
+/// without a certificate (map nodes marked `InsecureForTests`), so it opts in to those explicitly;
+/// certificate checks are tests/tls.rs's subject.
+fn opt_in_unverified_relays() {
+    std::env::set_var(citadel::derphttp::DERP_INSECURE_ENV, "1");
+}
+
 async fn connect(target: impl Into<DerpTarget>, k: &PrivateKey) -> DerpClient {
+    opt_in_unverified_relays();
     DerpClient::connect(&TokioNet, target, k, T).await.expect("DERP login")
 }
 
@@ -60,7 +68,7 @@ fn region_node(n: &Nexus, region: i32) -> citadel::tailcfg::DerpNode {
 
 #[tokio::test]
 async fn two_clients_exchange_packets_in_one_region() {
-    let nexus = Nexus::start_with(open_relay()).await;
+    let nexus = Nexus::start_plain_with(open_relay()).await;
     let map = &nexus.running.shared.derp_map;
     assert_eq!(map.regions.len(), 1, "default config serves one region");
     let node = region_node(&nexus, 1);
@@ -106,7 +114,7 @@ async fn two_clients_exchange_packets_in_one_region() {
 
 #[tokio::test]
 async fn packets_cross_regions_and_latency_picks_a_home() {
-    let nexus = Nexus::start_with(Config { derp: DerpMode::Embedded { regions: 3 }, ..open_relay() }).await;
+    let nexus = Nexus::start_plain_with(Config { derp: DerpMode::Embedded { regions: 3 }, ..open_relay() }).await;
     let map = nexus.running.shared.derp_map.clone();
     assert_eq!(map.regions.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     let ports: std::collections::HashSet<i32> = map.regions.values().map(|r| r.nodes[0].derp_port).collect();
@@ -131,7 +139,7 @@ async fn packets_cross_regions_and_latency_picks_a_home() {
 
 #[tokio::test]
 async fn derp_conn_survives_outage_and_restart() {
-    let nexus = Nexus::start_with(open_relay()).await;
+    let nexus = Nexus::start_plain_with(open_relay()).await;
     let url = nexus.url();
     let addr = nexus.running.addr;
     let opts = DerpConnOptions { max_backoff: Duration::from_millis(500), preferred: true, ..Default::default() };
@@ -177,7 +185,7 @@ async fn derp_conn_survives_outage_and_restart() {
     let logins = a.logins();
     drop(nexus);
     assert!(eventually(T, || !a.is_connected()).await);
-    let nexus2 = Nexus::start_with(Config { listen: addr, ..open_relay() }).await;
+    let nexus2 = Nexus::start_plain_with(Config { listen: addr, ..open_relay() }).await;
     assert!(eventually(T, || a.logins() > logins && a.is_connected() && b.is_connected()).await, "reconnected");
     roundtrip(&a, &b, &bk, b"after restart").await;
     assert_eq!(a.client().unwrap().server_key(), nexus2.running.derp.as_ref().unwrap().public_key());
@@ -228,7 +236,7 @@ async fn closed_by_server(s: &mut tokio::net::TcpStream) -> bool {
 
 #[tokio::test]
 async fn hostile_frames_close_only_their_connection() {
-    let nexus = Nexus::start_with(open_relay()).await;
+    let nexus = Nexus::start_plain_with(open_relay()).await;
     let addr = nexus.running.addr;
     let (ak, bk) = (key(), key());
     let a = connect(nexus.url(), &ak).await;
@@ -316,7 +324,7 @@ async fn hostile_frames_close_only_their_connection() {
 
 #[tokio::test]
 async fn slow_reader_drops_instead_of_blocking() {
-    let nexus = Nexus::start_with(open_relay()).await;
+    let nexus = Nexus::start_plain_with(open_relay()).await;
     let (ak, bk, ck) = (key(), key(), key());
     let a = connect(nexus.url(), &ak).await;
     let c = connect(nexus.url(), &ck).await;
@@ -335,7 +343,7 @@ async fn slow_reader_drops_instead_of_blocking() {
 
 #[tokio::test]
 async fn stun_answers_with_the_senders_address() {
-    let nexus = Nexus::start_with(open_relay()).await;
+    let nexus = Nexus::start_plain_with(open_relay()).await;
     let stun = nexus.running.stun.expect("STUN on by default");
     assert_eq!(stun.ip(), nexus.running.addr.ip(), "STUN follows the listen IP");
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -352,7 +360,7 @@ async fn stun_answers_with_the_senders_address() {
 #[tokio::test]
 async fn derp_modes_verify_and_mesh_watchers() {
     // No DERP: empty map, no relay, no STUN.
-    let off = Nexus::start_with(Config { derp: DerpMode::Off, ..open_relay() }).await;
+    let off = Nexus::start_plain_with(Config { derp: DerpMode::Off, ..open_relay() }).await;
     assert!(off.running.shared.derp_map.regions.is_empty());
     assert!(off.running.derp.is_none() && off.running.stun.is_none());
     assert!(DerpClient::connect(&TokioNet, off.url().as_str(), &key(), T).await.is_err());
@@ -365,13 +373,13 @@ async fn derp_modes_verify_and_mesh_watchers() {
         r#"{"Regions":{"900":{"RegionID":900,"RegionCode":"ext","RegionName":"External","Nodes":[{"Name":"900a","RegionID":900,"HostName":"derp.example","DERPPort":443}]}}}"#,
     )
     .unwrap();
-    let ext = Nexus::start_with(Config { derp: DerpMode::from_file(&file).unwrap(), ..open_relay() }).await;
+    let ext = Nexus::start_plain_with(Config { derp: DerpMode::from_file(&file).unwrap(), ..open_relay() }).await;
     assert_eq!(ext.running.shared.derp_map.regions[&900].nodes[0].host_name, "derp.example");
     assert!(ext.running.derp.is_none());
 
     // --derp-verify-clients: only registered node keys may log in.
     let mesh_key = "ab".repeat(32);
-    let n = Nexus::start_with(Config {
+    let n = Nexus::start_plain_with(Config {
         derp_verify_clients: true,
         derp_mesh_key: Some(mesh_key.clone()),
         ..Config::default()
@@ -535,7 +543,7 @@ fn real_tailscale_client_homes_on_nexus_derp() {
 
 #[tokio::test]
 async fn keepalives_and_same_key_replacement() {
-    let nexus = Nexus::start_with(Config { derp_keepalive: Duration::from_millis(200), ..open_relay() }).await;
+    let nexus = Nexus::start_plain_with(Config { derp_keepalive: Duration::from_millis(200), ..open_relay() }).await;
     let ak = key();
     // Keep-alives arrive on an idle connection.
     let mut s = raw_login(nexus.running.addr, &ak).await;
@@ -635,9 +643,11 @@ async fn relay_carries_only_what_the_policy_allows_and_answers_no_stranger() {
     assert_eq!(n.running.derp.as_ref().unwrap().stats().packets_dropped, 4, "refused and undeliverable packets");
 
     // Under --headscale-default the same pair may talk.
-    let open =
-        Nexus::start_with(Config { policy: Some(nexus_sim::policy::HEADSCALE_DEFAULT.into()), ..Config::default() })
-            .await;
+    let open = Nexus::start_plain_with(Config {
+        policy: Some(nexus_sim::policy::HEADSCALE_DEFAULT.into()),
+        ..Config::default()
+    })
+    .await;
     register_node(&open, "acme", &a1, 1);
     register_node(&open, "globex", &b1, 4);
     let (o1, ob) = (connect(open.url(), &a1).await, connect(open.url(), &b1).await);

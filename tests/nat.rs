@@ -257,13 +257,14 @@ fn nat_traversal_direct_then_relay_for_hard_nat_and_blocked_udp() {
     let w = World::build();
     let tmp = tempfile::tempdir().unwrap();
     let port = 18390;
-    let url = format!("http://172.31.71.1:{port}");
+    let url = format!("https://172.31.71.1:{port}");
     let nexus_log = tmp.path().join("nexus.log");
     let _nexus = citadel_e2e::Proc(
         Command::new("ip")
             .args(["netns", "exec", &w.ns("inet")])
             .arg(bin("nexus-sim"))
             .args(["serve", "--listen", &format!("172.31.71.1:{port}"), "--api-key", "nat-admin"])
+            .args(citadel_e2e::test_ca().serve_args())
             .env("NEXUS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&nexus_log).unwrap())

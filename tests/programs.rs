@@ -31,10 +31,11 @@ struct World {
 impl World {
     fn start() -> World {
         let nexus_port = free_port();
-        let url = format!("http://127.0.0.1:{nexus_port}");
+        let url = format!("https://127.0.0.1:{nexus_port}");
         let nexus = Proc(
             Command::new(bin("nexus-sim"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{nexus_port}"), "--api-key", "programs-admin"])
+                .args(citadel_e2e::test_ca().serve_args())
                 .env("NEXUS_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -142,6 +143,18 @@ fn sample(s: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>)
             _ => f64::NAN,
         })
         .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
+}
+
+/// `/metrics` of the https nexus-sim (test CA), through curl.
+fn scrape_https(port: u16) -> prometheus_parse::Scrape {
+    let mut c = Command::new("curl");
+    c.args(["-sf", "--max-time", "10", "--cacert"])
+        .arg(citadel_e2e::test_ca().ca_file())
+        .arg(format!("https://127.0.0.1:{port}/metrics"));
+    let o = run_with_deadline(&mut c, T);
+    assert!(o.status.success(), "GET /metrics: {}", String::from_utf8_lossy(&o.stderr));
+    let body = String::from_utf8_lossy(&o.stdout).to_string();
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("metrics parse as Prometheus text")
 }
 
 /// sshd on a loopback port with a fresh host key, accepting one client key for root.
@@ -423,7 +436,7 @@ fn real_programs_reach_exposed_services_through_proxies_and_ssh() {
     assert!(sample(&after, "citadel_peers", Some(("path", "direct"))) >= 1.0);
     let b = scrape(m_bravo);
     assert!(sample(&b, "citadel_expose_connections_total", Some(("port", "8080"))) >= 4.0);
-    let nexus = scrape(w.nexus_port);
+    let nexus = scrape_https(w.nexus_port);
     assert_eq!(sample(&nexus, "nexus_nodes_online", None), 2.0);
     assert!(sample(&nexus, "nexus_map_sends_total", None) >= 2.0);
     assert!(sample(&nexus, "nexus_registrations_total", None) >= 2.0);

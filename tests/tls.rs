@@ -26,9 +26,15 @@ fn mint(names: &[&str]) -> (tempfile::TempDir, TestPki) {
 /// Retries the bind for a moment: a server just dropped on the same port lets go of its
 /// listener asynchronously.
 async fn tls_nexus(pki: &TestPki, port: u16, host: &str) -> Nexus {
+    tls_nexus_with(pki, port, host, None).await
+}
+
+/// [`tls_nexus`] whose node keys expire `node_key_expiry` after registration or renewal.
+async fn tls_nexus_with(pki: &TestPki, port: u16, host: &str, node_key_expiry: Option<Duration>) -> Nexus {
     let start = Instant::now();
     loop {
         let cfg = nexus_sim::Config {
+            node_key_expiry,
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             server_url: format!("https://{host}:{port}"),
             tls: Some(pki.server_config().unwrap()),
@@ -156,7 +162,7 @@ async fn nodes_over_https_with_a_test_ca_register_map_relay_and_reach_each_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_still_works_and_pins_the_server_key() {
-    let nx = Nexus::start().await;
+    let nx = Nexus::start_plain_with(nexus_sim::Config::default()).await;
     assert!(nx.url().starts_with("http://"));
     let key = nx.key("acme", false);
     let t = tempfile::tempdir().unwrap();
@@ -257,7 +263,7 @@ async fn untrusted_certificates_and_wrong_host_names_fail_fast_and_clearly() {
 async fn derp_with_a_bad_certificate_is_refused_unless_opted_in() {
     // nexus-sim without --tls-cert: self-signed DERP, nodes marked InsecureForTests. The probe
     // logs in with a fresh key, so the relay does not verify clients here.
-    let nx = Nexus::start_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
+    let nx = Nexus::start_plain_with(nexus_sim::Config { derp_verify_clients: false, ..Default::default() }).await;
     let node = nx.running.shared.derp_map.regions[&1].nodes[0].clone();
     assert!(node.insecure_for_tests);
     let probe = |node: citadel::tailcfg::DerpNode, opt_in: bool| {
@@ -321,19 +327,12 @@ fn real_tsnet_and_citadel_over_https_direct_and_relayed() {
     const CITADEL_UDP: u16 = 41710;
     let ns = citadel_e2e::Netns::new(&format!("cit-tls-{}", std::process::id()), "10.206.0.1/24").expect("netns");
     let tmp = tempfile::tempdir().unwrap();
-    let (pki_dir, _pki) = mint(&["localhost", "127.0.0.1"]);
-    let ca = pki_dir.path().join("ca.pem");
+    // The suite's test CA, which names localhost.
+    let ca = citadel_e2e::test_ca().ca_file();
     let port = 18390;
     let url = format!("https://localhost:{port}");
     let nexus_log = tmp.path().join("nexus.log");
-    let cert = pki_dir.path().join("cert.pem").display().to_string();
-    let key = pki_dir.path().join("key.pem").display().to_string();
-    let nx = citadel_e2e::NsNexus::start(
-        &ns,
-        port,
-        &["--tls-cert", &cert, "--tls-key", &key, "--server-url", &url],
-        Some(&nexus_log),
-    );
+    let nx = citadel_e2e::NsNexus::start(&ns, port, &["--server-url", &url], Some(&nexus_log));
     nx.admin(&["users", "create", "acme"]);
     let authkey = nx.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
 
@@ -421,7 +420,7 @@ async fn init_time_over_https_vs_http() {
     let ca = ca_dir.path().join("ca.pem").display().to_string();
     let port = free_port();
     let https = tls_nexus(&pki, port, "127.0.0.1").await;
-    let http = Nexus::start().await;
+    let http = Nexus::start_plain_with(nexus_sim::Config::default()).await;
     let (hk, pk) = (https.key("bench", true), http.key("bench", true));
     let t = tempfile::tempdir().unwrap();
     let (mut ts, mut ps) = (vec![], vec![]);
@@ -563,4 +562,186 @@ fn control_and_derp_through_an_https_proxy() {
     assert!(!o.status.success(), "DERP reached the server without the proxy");
     let o = run(vec![json], true, "derp-probe");
     assert!(o.status.success(), "DERP through the proxy: {}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Writes `data` on a connection to an echo server and reads the same number of bytes back,
+/// leaving the connection open.
+async fn echo_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    data: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(data).await?;
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got).await?;
+    Ok(got)
+}
+
+/// Renewal as a user sees it: with 6-second node keys, both nodes renew theirs while online,
+/// again and again; a TCP connection opened before keeps working across the renewals, the mesh
+/// IPs stay, the peer learns the new key, and the server never sees a key expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_key_near_expiry_is_renewed_online_keeping_ip_and_connections() {
+    let (ca_dir, pki) = mint(&["localhost"]);
+    citadel::tls::add_ca_file(&ca_dir.path().join("ca.pem")).unwrap();
+    let port = free_port();
+    let nx = tls_nexus_with(&pki, port, "localhost", Some(Duration::from_secs(6))).await;
+    let url = format!("https://localhost:{port}");
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a = Mesh::connect(node_cfg(&url, &key, t.path().join("a"), "a")).await.expect("a joins");
+    let b = Mesh::connect(node_cfg(&url, &key, t.path().join("b"), "b")).await.expect("b joins");
+    assert!(eventually(T, || a.resolve("b").is_some() && b.resolve("a").is_some()).await);
+    let (a0, b0) = (a.status(), b.status());
+    assert!(a0.key_expiry.is_some(), "status shows the expiry: {a0:?}");
+    assert_eq!(a0.key_renewals, 0);
+
+    let l = b.listen_tcp(7000).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let ip = a.resolve("b").unwrap();
+    let mut s = tokio::time::timeout(T, a.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
+    let got = tokio::time::timeout(T, echo_line(&mut s, b"before")).await.unwrap().unwrap();
+    assert_eq!(got, b"before");
+
+    // Keys are renewed from halfway through their 6 s: two renewals each within 15 s.
+    let mut echoes = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && (a.status().key_renewals < 2 || b.status().key_renewals < 2) {
+        let msg = format!("during {echoes}");
+        let got = tokio::time::timeout(T, echo_line(&mut s, msg.as_bytes())).await;
+        assert_eq!(got.expect("echo within 10 s across a renewal").unwrap(), msg.as_bytes());
+        echoes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (a1, b1) = (a.status(), b.status());
+    assert!(a1.key_renewals >= 2 && b1.key_renewals >= 2, "renewals: a {} b {}", a1.key_renewals, b1.key_renewals);
+    assert_ne!(a1.node_key, a0.node_key, "a has a new node key");
+    assert_ne!(b1.node_key, b0.node_key);
+    assert_eq!((a1.ipv4.clone(), b1.ipv4.clone()), (a0.ipv4.clone(), b0.ipv4.clone()), "mesh IPs unchanged");
+    assert!(a1.key_expiry > a0.key_expiry, "{:?} -> {:?}", a0.key_expiry, a1.key_expiry);
+    assert!(a1.connected && b1.connected);
+    // The peer knows the new key (its map follows the server's record).
+    assert!(
+        eventually(T, || b.status().peers.iter().any(|p| p.name == "a" && p.node_key == a.status().node_key)).await,
+        "b never learned a's new key"
+    );
+    // The server holds the renewed keys, unexpired, on the same node records.
+    let nodes = nx.running.shared.store.nodes(None);
+    assert_eq!(nodes.len(), 2);
+    for n in &nodes {
+        assert!(!n.is_expired(chrono::Utc::now()), "node {} expired on the server", n.given_name);
+    }
+    // The connection opened before the renewals still carries data both ways.
+    let got = tokio::time::timeout(T, echo_line(&mut s, b"after")).await.unwrap().unwrap();
+    assert_eq!(got, b"after");
+    // The renewed key is what a restart uses: the state holds it, unconfirmed pair cleared.
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("a/identity.json")).unwrap()).unwrap();
+    assert!(id.get("old_node_key").is_none(), "{id}");
+}
+
+/// With its own certificate nexus-sim speaks TLS only: a plain-HTTP request on the same port
+/// gets a 400 that says to use https, and the connection closes; https on the port works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_refuses_plain_http_on_its_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_ca_dir, pki) = mint(&["localhost"]);
+    let port = free_port();
+    let _nx = tls_nexus(&pki, port, "localhost").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /key?v=88 HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut got)).await.expect("the server closes").unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400") && got.contains("https only"), "{got}");
+    assert!(!got.contains("publicKey"), "the server key went out in the clear: {got}");
+
+    // A plain-http Nexus URL pointed at it fails instead of registering in the clear.
+    let t = tempfile::tempdir().unwrap();
+    let (o, _) = citadel(init_args(t.path(), &format!("http://localhost:{port}"), Some("k"), &[])).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("https only") || stderr(&o).contains("400"), "{}", stderr(&o));
+}
+
+/// The join time a user waits, three ways in one namespace and one run: `citadel init` against
+/// nexus-sim over https (test CA) and over plain http, and the real Tailscale client's
+/// equivalent (`caddy tailscale-auth`, tsnet v1.90.9: logs in, waits for its IPs, exits) over
+/// the same https server, trusting the CA through `SSL_CERT_FILE`. Fresh state every run, 5 runs
+/// each, interleaved; prints medians and ratios (`cargo test -p citadel-e2e --test tls
+/// init_time_three_ways -- --nocapture`).
+#[test]
+fn init_time_three_ways_https_http_and_tsnet() {
+    let Some(caddy) = citadel_e2e::real_peers("init time vs tsnet") else { return };
+    let ns = citadel_e2e::Netns::new(&format!("cit-it-{}", std::process::id()), "10.208.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let https = citadel_e2e::NsNexus::start(&ns, 18590, &[], None);
+    let plain = citadel_e2e::NsNexus::start_plain(&ns, 18591, &[], None);
+    for n in [&https, &plain] {
+        n.admin(&["users", "create", "bench"]);
+    }
+    let hk = https.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"]);
+    let pk = plain.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"]);
+    let ca = citadel_e2e::test_ca().ca_file();
+    let timed = |c: &mut Command| {
+        let start = Instant::now();
+        let o = run_with_deadline(c, Duration::from_secs(60));
+        (o, start.elapsed())
+    };
+    let (mut s, mut p, mut g) = (vec![], vec![], vec![]);
+    for i in 0..5 {
+        let (o, d) = timed(
+            ns.cmd(bin("citadel"))
+                .args(init_args(&tmp.path().join(format!("s{i}")), &https.url, Some(&hk), &[]))
+                .env("SSL_CERT_FILE", &ca)
+                .env("CITADEL_LOG", "warn"),
+        );
+        assert!(o.status.success(), "https init: {}", stderr(&o));
+        s.push(d);
+        let (o, d) = timed(
+            ns.cmd(bin("citadel"))
+                .args(init_args(&tmp.path().join(format!("p{i}")), &plain.url, Some(&pk), &[]))
+                .env("CITADEL_LOG", "warn"),
+        );
+        assert!(o.status.success(), "http init: {}", stderr(&o));
+        p.push(d);
+        let home = tmp.path().join(format!("g{i}"));
+        std::fs::create_dir_all(home.join("logs")).unwrap();
+        let (o, d) = timed(
+            ns.cmd(&caddy)
+                .args(["tailscale-auth", "--control-url", &https.url, "--auth-key", &hk, "--hostname"])
+                .arg(format!("ts{i}"))
+                .arg("--state-dir")
+                .arg(home.join("state"))
+                .env("SSL_CERT_FILE", &ca)
+                .env("HOME", &home)
+                .env("XDG_CONFIG_HOME", &home)
+                .env("XDG_DATA_HOME", &home)
+                .env("TS_NO_LOGS_NO_SUPPORT", "true")
+                .env("TS_LOGS_DIR", home.join("logs")),
+        );
+        assert!(o.status.success(), "tsnet login: {}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        assert!(said.contains("100.64."), "no mesh IP printed: {said}");
+        g.push(d);
+    }
+    // Every join really registered: 5 citadel and 5 tsnet nodes on the https server.
+    assert_eq!(https.nodes().len(), 10);
+    assert_eq!(plain.nodes().len(), 5);
+    let med = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (s, p, g) = (med(&mut s), med(&mut p), med(&mut g));
+    println!(
+        "join time, median of 5: citadel init https {s:.1} ms, citadel init http {p:.1} ms, tsnet (caddy tailscale-auth) https {g:.1} ms; ratios https/http {:.2}, tsnet/citadel (https) {:.2}",
+        s / p,
+        g / s
+    );
 }

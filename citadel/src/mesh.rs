@@ -5,7 +5,7 @@
 use crate::control::session::{Action, Session, SessionConfig};
 use crate::control::{self, ControlConn, ControlError};
 use crate::dataplane::{DataPlane, DataPlaneConfig, MeshTcpListener, MeshTcpStream, MeshUdpSocket, PeerStats};
-use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use crate::keys::{DiscoPublic, MachinePublic, NodePublic, PrivateKey};
 use crate::net::{Net, TokioNet};
 use crate::netmap::{short_name, NetMap};
 use crate::state::{Identity, NodeInfo, StateDir, StateError};
@@ -207,6 +207,12 @@ pub struct Status {
     pub nexus_url: String,
     /// This node's public node key.
     pub node_key: String,
+    /// When the node key expires (RFC 3339); `None` when it does not. Renewed ahead of time.
+    #[serde(default)]
+    pub key_expiry: Option<String>,
+    /// Node-key renewals this process completed.
+    #[serde(default)]
+    pub key_renewals: u64,
     /// Peers in the same org, sorted by name.
     pub peers: Vec<PeerStatus>,
     /// This node's home DERP region (the relay peers reach it through; 0 = none picked yet).
@@ -247,6 +253,11 @@ struct Inner {
     control_reconnects: std::sync::atomic::AtomicU64,
     /// The pre-auth key until it has been used: once registered, reconnects never send it.
     auth_key: Mutex<Option<String>>,
+    /// The current node key (renewed in place) and, until the server confirms it, the key it
+    /// replaced.
+    node_key: Mutex<(PrivateKey, Option<NodePublic>)>,
+    /// Node-key renewals completed since start.
+    key_renewals: std::sync::atomic::AtomicU64,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -280,7 +291,40 @@ fn os_hostname() -> String {
 
 impl Inner {
     fn node_pub(&self) -> NodePublic {
-        NodePublic(self.id.node_key.public_bytes())
+        NodePublic(self.node_key.lock().unwrap().0.public_bytes())
+    }
+
+    /// Saves the identity with `node_key` (and the key it replaces, if not yet confirmed).
+    fn save_node_key(&self, node_key: &PrivateKey, old: Option<NodePublic>) -> Result<(), StateError> {
+        let id = Identity { node_key: node_key.clone(), old_node_key: old, ..self.id.clone() };
+        self.state.write("identity.json", &id)
+    }
+
+    /// Asks the server to replace the node key by a fresh one on the open connection. The new
+    /// key is saved (with the old one) before the request goes out, so a restart before the
+    /// answer repeats the same replacement, which the server accepts again.
+    async fn renew_key(&self, conn: &mut ControlConn) -> Result<(PrivateKey, tailcfg::RegisterResponse), ConnectError> {
+        let new = PrivateKey::generate(&mut rand::thread_rng());
+        let old = self.node_pub();
+        self.save_node_key(&new, Some(old))?;
+        let req = RegisterRequest {
+            node_key: NodePublic(new.public_bytes()),
+            old_node_key: old,
+            ..self.register_request(false, None)
+        };
+        Ok((new, conn.register(&req).await?))
+    }
+
+    /// Switches the node to the renewed key: state, then control requests and the data plane.
+    /// The server holds the new key from now on, so the switch happens even when saving fails
+    /// (the saved pair then repeats the renewal at the next start).
+    fn commit_key(&self, new: PrivateKey, dp: Option<&Arc<DataPlane>>) -> Result<(), StateError> {
+        *self.node_key.lock().unwrap() = (new.clone(), None);
+        if let Some(dp) = dp {
+            dp.set_node_key(new.clone());
+        }
+        self.key_renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.save_node_key(&new, None)
     }
 
     fn hostinfo(&self) -> Hostinfo {
@@ -354,6 +398,7 @@ impl Inner {
             ephemeral: self.cfg.ephemeral,
             auth: auth.map(|auth_key| RegisterAuth { auth_key, ..Default::default() }),
             followup: followup.unwrap_or_default(),
+            old_node_key: self.node_key.lock().unwrap().1.unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -430,6 +475,17 @@ impl Inner {
                     // Registered: the server accepted the node, so the auth key is never needed
                     // again in this process (the session stops asking for it too).
                     self.auth_key.lock().unwrap().take();
+                    // The server accepted the node key, so a renewal left unconfirmed is done.
+                    let unconfirmed = {
+                        let mut k = self.node_key.lock().unwrap();
+                        k.1.take().map(|_| k.0.clone())
+                    };
+                    if let Some(k) = unconfirmed {
+                        if let Err(e) = self.save_node_key(&k, None) {
+                            session.handle_error(now(), e.into());
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.pin_server_key(&c) {
                         session.handle_error(now(), e.into());
                         continue;
@@ -448,6 +504,8 @@ impl Inner {
                     conn = None;
                 }
                 Action::GiveUp(e) => return Err(e),
+                // Renewal happens only on an open stream, in `run`.
+                Action::RenewKey | Action::KeyRenewed => {}
             }
         }
     }
@@ -534,6 +592,7 @@ impl Mesh {
             state.write("node.json", &info)?;
         }
         let cached: NetMap = state.read("netmap.json").ok().flatten().unwrap_or_default();
+        let node_key = (id.node_key.clone(), id.old_node_key);
         let inner = Arc::new(Inner {
             state,
             id,
@@ -546,13 +605,15 @@ impl Mesh {
             preferred_derp: Mutex::new(0),
             control_reconnects: Default::default(),
             auth_key: Mutex::new(cfg.auth_key.clone()),
+            node_key: Mutex::new(node_key),
+            key_renewals: Default::default(),
         });
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
         let (dp, net_info) = if cfg.data_plane {
             let dp = DataPlane::start_with_net(
                 DataPlaneConfig {
-                    node_key: inner.id.node_key.clone(),
+                    node_key: inner.node_key.lock().unwrap().0.clone(),
                     disco_key: inner.id.disco_key.clone(),
                     bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
                 },
@@ -597,7 +658,7 @@ impl Mesh {
         let mut net_info = net_info;
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
-        let task = tokio::spawn(run(inner.clone(), session, Some((conn, stream)), net_info));
+        let task = tokio::spawn(run(inner.clone(), session, Some((conn, stream)), net_info, dp.clone()));
         let exposer = dp.clone().map(crate::expose::Exposer::new);
         Ok(Mesh { inner, task, dp, exposer, proxies: Mutex::new(Vec::new()) })
     }
@@ -654,6 +715,12 @@ impl Mesh {
             org: if nm.org().is_empty() { info.org.clone() } else { nm.org() },
             nexus_url: info.nexus_url.clone(),
             node_key: self.inner.node_pub().to_string(),
+            key_expiry: nm
+                .self_node
+                .key_expiry
+                .filter(|e| *e > tailcfg::zero_time())
+                .map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            key_renewals: self.inner.key_renewals.load(std::sync::atomic::Ordering::Relaxed),
             peers,
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
             exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),
@@ -842,6 +909,60 @@ async fn settle_net_info(
     .await;
 }
 
+/// This node's key expiry from its netmap, on the monotonic clock (`None`: no expiry).
+fn self_key_expiry(inner: &Inner) -> Option<std::time::Instant> {
+    let e = inner.netmap.borrow().self_node.key_expiry.filter(|e| *e > tailcfg::zero_time())?;
+    let now = crate::clock::now();
+    match (e - chrono::Utc::now()).to_std() {
+        Ok(ahead) => Some(now + ahead),
+        Err(_) => Some(now.checked_sub((chrono::Utc::now() - e).to_std().unwrap_or_default()).unwrap_or(now)),
+    }
+}
+
+/// Performs the session's renewal actions on the open connection; false when the connection
+/// failed (the caller drops it and reconnects).
+async fn renewal_actions(
+    inner: &Inner,
+    session: &mut Session,
+    conn: &mut ControlConn,
+    dp: Option<&Arc<DataPlane>>,
+) -> bool {
+    let mut pending: Option<PrivateKey> = None;
+    while let Some(action) = session.poll_action() {
+        match action {
+            Action::RenewKey => {
+                tracing::info!(health = ?session.key_health(crate::clock::now()), "renewing the node key");
+                match inner.renew_key(conn).await {
+                    Ok((key, resp)) => {
+                        if !resp.error.is_empty() || resp.node_key_expired {
+                            tracing::warn!(error = %resp.error, expired = resp.node_key_expired, "Nexus refused the node-key renewal");
+                        }
+                        pending = Some(key);
+                        session.handle_renewed(crate::clock::now(), &resp);
+                    }
+                    Err(e) => {
+                        tracing::warn!("node-key renewal failed: {e}");
+                        session.handle_renew_error(crate::clock::now());
+                        if matches!(e, ConnectError::Control(_)) {
+                            return false;
+                        }
+                    }
+                }
+            }
+            Action::KeyRenewed => {
+                if let Some(key) = pending.take() {
+                    match inner.commit_key(key, dp) {
+                        Ok(()) => tracing::info!(key = %inner.node_pub().short(), "node key renewed"),
+                        Err(e) => tracing::warn!("saving the renewed node key: {e}"),
+                    }
+                }
+            }
+            other => tracing::debug!(?other, "control action ignored while streaming"),
+        }
+    }
+    true
+}
+
 /// The background control loop: read the map stream; when it ends, let the control session
 /// reconnect (with its backoff, re-confirming the registration with the saved node key only).
 async fn run(
@@ -849,6 +970,7 @@ async fn run(
     mut session: Session,
     mut live: Option<(ControlConn, control::MapStream)>,
     mut net_info: watch::Receiver<crate::dataplane::NetInfo>,
+    dp: Option<Arc<DataPlane>>,
 ) {
     let mut stop = inner.stop.subscribe();
     // Whatever changed before the loop started still has to be reported.
@@ -856,9 +978,17 @@ async fn run(
     let mut net_info_open = true;
     loop {
         if let Some((mut conn, mut stream)) = live.take() {
+            session.handle_key_expiry(crate::clock::now(), self_key_expiry(&inner));
             loop {
+                let renew_at = session.poll_timeout().map(tokio::time::Instant::from_std);
                 tokio::select! {
                     _ = stop.changed() => return,
+                    _ = tokio::time::sleep_until(renew_at.unwrap_or_else(tokio::time::Instant::now)), if renew_at.is_some() => {
+                        session.handle_timeout(crate::clock::now());
+                        if !renewal_actions(&inner, &mut session, &mut conn, dp.as_ref()).await {
+                            break;
+                        }
+                    }
                     r = net_info.changed(), if net_info_open => {
                         if r.is_err() {
                             net_info_open = false;
@@ -879,6 +1009,7 @@ async fn run(
                                 tracing::warn!("saving state: {e}");
                             }
                             session.handle_map_message(crate::clock::now());
+                            session.handle_key_expiry(crate::clock::now(), self_key_expiry(&inner));
                         }
                         Ok(None) => { tracing::info!("map stream ended"); break; }
                         Err(e) => { tracing::info!("map stream failed: {e}"); break; }

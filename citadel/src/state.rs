@@ -69,6 +69,9 @@ pub struct Identity {
     pub node_key: PrivateKey,
     /// Stored for compatibility; [`crate::mesh::Mesh`] makes a fresh disco key each start.
     pub disco_key: PrivateKey,
+    /// The node key `node_key` replaces while a renewal is not yet confirmed by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_node_key: Option<crate::keys::NodePublic>,
 }
 
 impl Identity {
@@ -78,6 +81,7 @@ impl Identity {
             machine_key: PrivateKey::generate(rng),
             node_key: PrivateKey::generate(rng),
             disco_key: PrivateKey::generate(rng),
+            old_node_key: None,
         }
     }
 }

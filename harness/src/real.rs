@@ -195,6 +195,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("--real needs root (network namespaces and iptables)");
     }
+    crate::world::opt_in_unverified_harness_relays();
     let citadel = bin_dir.join("citadel");
     let nexus = bin_dir.join("nexus-sim");
     for b in [&citadel, &nexus] {

@@ -296,8 +296,19 @@ struct ExpState {
     decided: Option<Verdict>,
 }
 
+/// Lets citadel use the harness's DERP relays unverified. They serve a self-signed certificate
+/// and are marked `InsecureForTests`, which citadel honours only with this opt-in: the harness
+/// studies paths, timing and faults, not certificate checks (tests/tls.rs covers those), and its
+/// simulated hosts have no CA to verify a relay against. Set here, in code, for the harness
+/// alone (the `citadel up` processes of `--real` runs inherit it); nothing else turns it on.
+pub fn opt_in_unverified_harness_relays() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var(citadel::derphttp::DERP_INSECURE_ENV, "1"));
+}
+
 /// Plays `sc` in simulation.
 pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
+    opt_in_unverified_harness_relays();
     let seed = opts.seed.unwrap_or(sc.seed);
     let end = sc.duration.0;
     let tmp = tempfile::tempdir().context("temporary state directory")?;

@@ -173,6 +173,15 @@ async fn register(State(s): State<Shared>, Extension(sess): Extension<Session>, 
     Json(resp).into_response()
 }
 
+/// Starts a new key lifetime for `n` when the server gives keys one; true when it did.
+fn set_key_expiry(s: &Shared, n: &mut StoreNode, now: chrono::DateTime<Utc>) -> bool {
+    let Some(life) = s.cfg.node_key_expiry.and_then(|d| chrono::Duration::from_std(d).ok()) else {
+        return false;
+    };
+    n.expiry = Some(now + life);
+    true
+}
+
 /// Largest Hostinfo (as JSON) a node may register or report.
 pub const MAX_HOSTINFO: usize = 16 * 1024;
 
@@ -228,11 +237,31 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
+        let n = s.store.update_node(n.id, |n| set_key_expiry(s, n, now)).unwrap_or(n);
         return register_ok(s, &n);
     }
     if let Some(n) = existing {
         if n.is_expired(now) {
             return RegisterResponse { node_key_expired: true, ..Default::default() };
+        }
+        // Node-key renewal (Headscale's "node key refresh"): the machine, authenticated by the
+        // Noise channel, replaces the node key it holds now, before that key expires. The node
+        // keeps its record and so its addresses.
+        if !req.old_node_key.is_zero() && n.node_key == req.old_node_key && req.node_key != req.old_node_key {
+            if req.node_key.is_zero() || s.store.nodes(None).iter().any(|o| o.node_key == req.node_key) {
+                return RegisterResponse { error: "the new node key is already in use".into(), ..Default::default() };
+            }
+            let new_key = req.node_key;
+            let n = match s.store.update_node(n.id, |n| {
+                n.node_key = new_key;
+                set_key_expiry(s, n, now);
+                true
+            }) {
+                Ok(n) => n,
+                Err(e) => return RegisterResponse { error: e.to_string(), ..Default::default() },
+            };
+            tracing::info!(node = n.id, "node key renewed");
+            return register_ok(s, &n);
         }
         return register_ok(s, &n);
     }

@@ -709,9 +709,23 @@ pub struct DualListener {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a TLS-only listener answers a plain-HTTP request with before closing.
+const HTTPS_ONLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 52\r\n\r\nthis server speaks https only: use an https:// URL\r\n";
+
 impl DualListener {
     /// Wraps `listener`; TLS connections use `tls`.
     pub fn new(listener: tokio::net::TcpListener, tls: Arc<tokio_rustls::rustls::ServerConfig>) -> io::Result<Self> {
+        Self::with_plain_http(listener, tls, true)
+    }
+
+    /// Like [`DualListener::new`]; without `plain_http` a connection that does not start a TLS
+    /// handshake gets a 400 naming https and is closed (an operator's certificate means clients
+    /// must use it, never the clear).
+    pub fn with_plain_http(
+        listener: tokio::net::TcpListener,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        plain_http: bool,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -731,6 +745,7 @@ impl DualListener {
                 let tx = tx.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let mut tcp = tcp;
                     let mut first = [0u8; 1];
                     let sniff = tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut first)).await;
                     let (io, tls): (Box<dyn AsyncReadWrite>, bool) = match sniff {
@@ -744,7 +759,17 @@ impl DualListener {
                                 Err(_) => return,
                             }
                         }
-                        Ok(Ok(1)) => (Box::new(tcp), false),
+                        Ok(Ok(1)) if plain_http => (Box::new(tcp), false),
+                        Ok(Ok(1)) => {
+                            use tokio::io::AsyncWriteExt;
+                            tracing::debug!(%peer, "plain HTTP on a TLS-only listener refused");
+                            let _ = tokio::time::timeout(SNIFF_TIMEOUT, async {
+                                tcp.write_all(HTTPS_ONLY).await?;
+                                tcp.shutdown().await
+                            })
+                            .await;
+                            return;
+                        }
                         _ => return,
                     };
                     let _ = tx.send((io, RemoteAddr { addr: peer, tls })).await;

@@ -57,6 +57,8 @@ pub struct Config {
     pub ipv6_base: Ipv6Addr,
     /// How long an interactive registration waits for approval before it is dropped.
     pub pending_ttl: Duration,
+    /// Lifetime of a node key from its registration or renewal; `None`: keys never expire.
+    pub node_key_expiry: Option<Duration>,
     /// Lifetime of a device-authorization code.
     pub device_code_ttl: Duration,
     /// Minimum seconds between device-token polls.
@@ -96,6 +98,7 @@ impl std::fmt::Debug for Config {
             ephemeral_timeout,
             followup_wait,
             pending_ttl,
+            node_key_expiry,
             ipv4_base,
             ipv6_base,
             device_code_ttl,
@@ -119,6 +122,7 @@ impl std::fmt::Debug for Config {
             .field("ephemeral_timeout", ephemeral_timeout)
             .field("followup_wait", followup_wait)
             .field("pending_ttl", pending_ttl)
+            .field("node_key_expiry", node_key_expiry)
             .field("ipv4_base", ipv4_base)
             .field("ipv6_base", ipv6_base)
             .field("device_code_ttl", device_code_ttl)
@@ -168,6 +172,7 @@ impl Default for Config {
             ephemeral_timeout: Duration::from_secs(120),
             followup_wait: Duration::from_secs(60),
             pending_ttl: Duration::from_secs(15 * 60),
+            node_key_expiry: None,
             ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
             ipv6_base: "fd7a:115c:a1e0::".parse().expect("constant"),
             device_code_ttl: Duration::from_secs(600),
@@ -556,7 +561,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     if let Some(d) = &derp_server {
         app = app.merge(d.router(1));
     }
-    let task = derp::serve(derp::DualListener::new(listener, tls.clone())?, app);
+    // With the operator's certificate, TLS only: a client in the clear is told to use https.
+    let task = derp::serve(derp::DualListener::with_plain_http(listener, tls.clone(), !verified)?, app);
     let mut region_tasks = vec![];
     if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
         region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
@@ -577,7 +583,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     });
     if let Some(d) = &derp_server {
         for (id, l) in extra {
-            region_tasks.push(derp::serve(derp::DualListener::new(l, tls.clone())?, d.router(id)));
+            region_tasks
+                .push(derp::serve(derp::DualListener::with_plain_http(l, tls.clone(), !verified)?, d.router(id)));
         }
     }
     Ok(Running {
@@ -729,6 +736,58 @@ mod tests {
         let resp = control::handle_register(&s, sess, req).await;
         assert!(resp.error.contains("Hostinfo larger"), "{resp:?}");
         assert_eq!(s.store.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn node_key_renewal_keeps_the_node_and_only_its_machine_may_do_it_before_expiry() {
+        use citadel_proto::keys::{MachinePublic, NodePublic};
+        use citadel_proto::tailcfg::{RegisterAuth, RegisterRequest};
+        let s = build(Config {
+            node_key_expiry: Some(Duration::from_secs(60)),
+            derp: DerpMode::Off,
+            stun_listen: None,
+            ..Config::default()
+        })
+        .unwrap();
+        let u = s.store.create_user("acme", "").unwrap();
+        let authkey = s.store.create_key(u.id, true, false, None, vec![]).unwrap().key;
+        let (m1, m2) = (MachinePublic([1; 32]), MachinePublic([2; 32]));
+        let (k1, k2, k3) = (NodePublic([11; 32]), NodePublic([12; 32]), NodePublic([13; 32]));
+        let sess = |m| control::Session { machine: m, version: 130 };
+        let auth = Some(RegisterAuth { auth_key: authkey, ..Default::default() });
+        let r =
+            control::handle_register(&s, sess(m1), RegisterRequest { node_key: k1, auth, ..Default::default() }).await;
+        assert!(r.machine_authorized, "{r:?}");
+        let before = s.store.nodes(None)[0].clone();
+        let left = before.expiry.unwrap() - chrono::Utc::now();
+        assert!(left > chrono::Duration::seconds(55) && left <= chrono::Duration::seconds(60), "{left:?}");
+
+        // Another machine naming k1 as its old key gets nothing of it.
+        let steal = RegisterRequest { node_key: k3, old_node_key: k1, ..Default::default() };
+        let r = control::handle_register(&s, sess(m2), steal).await;
+        assert!(!r.machine_authorized);
+        assert_eq!(s.store.nodes(None)[0].node_key, k1);
+
+        // The owner renews: same node record and addresses, the new key, a new lifetime.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let renew = RegisterRequest { node_key: k2, old_node_key: k1, ..Default::default() };
+        let r = control::handle_register(&s, sess(m1), renew.clone()).await;
+        assert!(r.machine_authorized && r.error.is_empty(), "{r:?}");
+        let after = s.store.nodes(None)[0].clone();
+        assert_eq!((after.id, after.ipv4, after.ipv6), (before.id, before.ipv4, before.ipv6));
+        assert_eq!(after.node_key, k2);
+        assert!(after.expiry > before.expiry);
+        // Repeating it (an answer lost on the way) is accepted and changes nothing.
+        let r = control::handle_register(&s, sess(m1), renew).await;
+        assert!(r.machine_authorized);
+        assert_eq!(s.store.nodes(None)[0].node_key, k2);
+
+        // Once expired, the key cannot be renewed: that takes a new authentication.
+        s.store.expire_node(after.id).unwrap();
+        let late = RegisterRequest { node_key: k3, old_node_key: k2, ..Default::default() };
+        let r = control::handle_register(&s, sess(m1), late).await;
+        assert!(r.node_key_expired && !r.machine_authorized, "{r:?}");
+        assert_eq!(s.store.nodes(None)[0].node_key, k2);
     }
 
     #[test]

@@ -179,6 +179,9 @@ struct ServeArgs {
     /// Private key (PEM) of --tls-cert
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Node keys expire this many seconds after registration or renewal (default: never)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    node_key_expiry: Option<u64>,
     /// Fault injection for test labs, never for a real deployment: breaks org isolation on
     /// purpose by listing host PEER in every map built for host INTO, whatever their orgs
     /// (repeatable, at most 64)
@@ -448,6 +451,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         policy,
         derp_mesh_key: a.derp_mesh_key,
         stun_listen: a.stun.resolve(a.listen),
+        node_key_expiry: a.node_key_expiry.map(Duration::from_secs),
         tls: match (&a.tls_cert, &a.tls_key) {
             (Some(c), Some(k)) => Some(nexus_sim::tls::load(c, k)?),
             _ => None,

@@ -112,19 +112,79 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The suite's test CA: one CA and a server certificate for `localhost` and loopback,
+/// minted once per test process. The suite's nexus-sim worlds serve control and DERP with it,
+/// so every node verifies certificates as in production.
+pub struct TestCa {
+    /// Directory holding `ca.pem`, `cert.pem` and `key.pem`.
+    pub dir: PathBuf,
+    /// The minted material.
+    pub pki: nexus_sim::tls::TestPki,
+}
+
+impl TestCa {
+    /// The CA certificate file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `serve` flags presenting the test certificate.
+    pub fn serve_args(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec!["--tls-cert".into(), p("cert.pem"), "--tls-key".into(), p("key.pem")]
+    }
+}
+
+/// The process's [`TestCa`]. On first use it is trusted everywhere a test reaches: by the
+/// in-process citadel (`citadel::tls::add_ca_file`) and, through `SSL_CERT_FILE` in this
+/// process's environment, by every child (citadel, the nexus-sim admin CLI, Caddy's tsnet).
+pub fn test_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let root = std::env::temp_dir().join("citadel-test-ca");
+        // Directories of test processes that are gone (each process writes its own).
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
+                if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = root.join(std::process::id().to_string());
+        // 172.31.71.1 is the "internet" address tests/nat.rs serves nexus-sim on.
+        let names = ["localhost", "127.0.0.1", "::1", "172.31.71.1"].map(String::from);
+        let pki = nexus_sim::tls::mint(&names).expect("mint the test CA");
+        pki.write(&dir).expect("write the test CA");
+        let ca = TestCa { dir, pki };
+        citadel::tls::add_ca_file(&ca.ca_file()).expect("trust the test CA");
+        std::env::set_var("SSL_CERT_FILE", ca.ca_file());
+        ca
+    })
+}
+
 /// An in-process nexus-sim with an API key and helpers to make orgs and keys.
 pub struct Nexus {
     pub running: nexus_sim::Running,
 }
 
 impl Nexus {
-    /// Starts one on a random loopback port.
+    /// Starts one on a random loopback port, over https with the [`test_ca`].
     pub async fn start() -> Nexus {
         Self::start_with(nexus_sim::Config::default()).await
     }
 
-    /// Starts one with `cfg`.
-    pub async fn start_with(cfg: nexus_sim::Config) -> Nexus {
+    /// Starts one with `cfg`; over https with the [`test_ca`] unless `cfg` brings its own TLS.
+    pub async fn start_with(mut cfg: nexus_sim::Config) -> Nexus {
+        if cfg.tls.is_none() {
+            cfg.tls = Some(test_ca().pki.server_config().expect("test CA server config"));
+        }
+        Nexus { running: nexus_sim::start(cfg).await.expect("nexus-sim starts") }
+    }
+
+    /// Starts one with `cfg` over plain http (control in the clear, DERP self-signed and
+    /// marked `InsecureForTests`), to keep that configuration tested.
+    pub async fn start_plain_with(cfg: nexus_sim::Config) -> Nexus {
         Nexus { running: nexus_sim::start(cfg).await.expect("nexus-sim starts") }
     }
 
@@ -179,8 +239,18 @@ pub struct NsNexus {
 }
 
 impl NsNexus {
-    /// Starts `nexus-sim serve` on 127.0.0.1:`port` in `ns`; `log` receives its stderr.
+    /// Starts `nexus-sim serve` on 127.0.0.1:`port` in `ns` over https with the [`test_ca`];
+    /// `log` receives its stderr.
     pub fn start(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>) -> NsNexus {
+        Self::spawn(ns, port, extra, log, true)
+    }
+
+    /// Like [`NsNexus::start`] over plain http (DERP self-signed, marked `InsecureForTests`).
+    pub fn start_plain(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>) -> NsNexus {
+        Self::spawn(ns, port, extra, log, false)
+    }
+
+    fn spawn(ns: &Netns, port: u16, extra: &[&str], log: Option<&std::path::Path>, tls: bool) -> NsNexus {
         let api_key = format!("admin-{}", std::process::id());
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
@@ -189,6 +259,7 @@ impl NsNexus {
         let proc = Proc(
             ns.cmd(bin("nexus-sim"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--api-key", &api_key])
+                .args(if !tls || extra.contains(&"--tls-cert") { vec![] } else { test_ca().serve_args() })
                 .args(extra)
                 .env("NEXUS_LOG", if log.is_some() { "info" } else { "warn" })
                 .stdout(Stdio::null())
@@ -196,7 +267,8 @@ impl NsNexus {
                 .spawn()
                 .expect("spawn nexus-sim"),
         );
-        NsNexus { url: format!("http://127.0.0.1:{port}"), api_key, ns_name: ns.name.clone(), _proc: proc }
+        let scheme = if tls { "https" } else { "http" };
+        NsNexus { url: format!("{scheme}://127.0.0.1:{port}"), api_key, ns_name: ns.name.clone(), _proc: proc }
     }
 
     /// Runs an admin subcommand (retrying while the server starts) and returns its stdout.
@@ -221,7 +293,9 @@ impl NsNexus {
     /// Packets the embedded DERP relay has handed on so far (`GET /debug/derp`).
     pub fn derp_packets_relayed(&self) -> u64 {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns_name, "curl", "-sf", "-H"])
+        c.args(["netns", "exec", &self.ns_name, "curl", "-sf", "--cacert"])
+            .arg(test_ca().ca_file())
+            .arg("-H")
             .arg(format!("Authorization: Bearer {}", self.api_key))
             .arg(format!("{}/debug/derp", self.url));
         let o = run_with_deadline(&mut c, Duration::from_secs(10));

@@ -1,5 +1,6 @@
 //! The control session as a sans-IO state machine: when to dial, whether to register and with
-//! which credentials, when to open the map stream, and how long to back off after a failure.
+//! which credentials, when to open the map stream, how long to back off after a failure, and
+//! when to renew the node key before it expires.
 //!
 //! The I/O (the ts2021 connection, the register and map calls) lives in [`crate::mesh`], which
 //! performs the [`Action`]s this emits and feeds back what happened.
@@ -14,6 +15,64 @@ use std::time::{Duration, Instant};
 pub const RECONNECT_MIN: Duration = Duration::from_millis(250);
 /// Largest reconnect delay.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(15);
+
+/// How far ahead of its expiry a node key is renewed, at most: the upstream CLI's margin, which
+/// leaves a node that is briefly offline around then time to renew on its next connection.
+pub const RENEW_AHEAD: Duration = Duration::from_secs(24 * 3600);
+/// First retry delay after a failed renewal; doubles per failure.
+pub const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Largest retry delay after a failed renewal.
+pub const RENEW_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// A node key's health relative to its expiry, as the upstream CLI classifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHealth {
+    /// The key does not expire: nothing to renew.
+    NoExpiry,
+    /// The expiry is further away than the renewal margin.
+    Healthy,
+    /// Within the renewal margin: renew now, while online.
+    RenewSoon,
+    /// Already expired.
+    Expired,
+}
+
+/// The renewal margin for a key valid from `seen` until `expiry`: [`RENEW_AHEAD`], or half the
+/// lifetime when that is shorter (so a short-lived key is not renewed the moment it arrives).
+pub fn renew_margin(seen: Instant, expiry: Instant) -> Duration {
+    RENEW_AHEAD.min(expiry.saturating_duration_since(seen) / 2)
+}
+
+/// Classifies a key valid from `seen` until `expiry` (`None`: no expiry) at `now`.
+pub fn key_health(expiry: Option<Instant>, seen: Instant, now: Instant) -> KeyHealth {
+    match expiry {
+        None => KeyHealth::NoExpiry,
+        Some(e) if now >= e => KeyHealth::Expired,
+        Some(e) if e - now <= renew_margin(seen, e) => KeyHealth::RenewSoon,
+        Some(_) => KeyHealth::Healthy,
+    }
+}
+
+/// What the session knows about the current node key's expiry.
+#[derive(Debug, Clone, Copy)]
+struct KeyLife {
+    expiry: Instant,
+    /// When this expiry was first reported (the start of the lifetime as far as we know).
+    seen: Instant,
+}
+
+/// Where a renewal of the node key stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    /// None running; one starts when the key is due.
+    Idle,
+    /// A renewal request is out.
+    InFlight,
+    /// The last one failed; the next may start at this time.
+    RetryAt(Instant),
+    /// The server said the key has expired: renewing cannot help any more.
+    Refused,
+}
 
 /// What the session starts from.
 #[derive(Debug, Clone)]
@@ -58,6 +117,12 @@ pub enum Action {
     Failed(ConnectError),
     /// The first attempt failed: report this to the caller; the session is over.
     GiveUp(ConnectError),
+    /// The node key is due for renewal: send a register request for a fresh node key with the
+    /// current one as the old key, on the open connection; answer with
+    /// [`Session::handle_renewed`] or [`Session::handle_renew_error`].
+    RenewKey,
+    /// The server accepted the fresh node key: switch the node (state, data plane) to it.
+    KeyRenewed,
 }
 
 #[derive(Debug)]
@@ -104,6 +169,11 @@ pub struct Session {
     joining: bool,
     backoff: Backoff,
     actions: VecDeque<Action>,
+    key: Option<KeyLife>,
+    /// The expiry of the key just replaced: a map sent before the renewal still carries it.
+    replaced: Option<Instant>,
+    renewal: Renewal,
+    renew_backoff: Backoff,
 }
 
 impl Session {
@@ -111,7 +181,18 @@ impl Session {
     pub fn new(cfg: SessionConfig, seed: u64) -> Self {
         // Up to a quarter on top of each delay keeps a fleet from reconnecting in lockstep.
         let backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX).jitter(1.0, 1.25, seed);
-        Session { cfg, phase: Phase::Dialing, joining: true, backoff, actions: VecDeque::from([Action::Dial]) }
+        let renew_backoff = Backoff::new(RENEW_RETRY_MIN, RENEW_RETRY_MAX).jitter(1.0, 1.25, seed ^ 0x5eed);
+        Session {
+            cfg,
+            phase: Phase::Dialing,
+            joining: true,
+            backoff,
+            actions: VecDeque::from([Action::Dial]),
+            key: None,
+            replaced: None,
+            renewal: Renewal::Idle,
+            renew_backoff,
+        }
     }
 
     /// The next thing to do, if any.
@@ -119,12 +200,79 @@ impl Session {
         self.actions.pop_front()
     }
 
-    /// When [`Session::handle_timeout`] is due: the end of a backoff wait or of the approval wait.
+    /// When [`Session::handle_timeout`] is due: the end of a backoff wait or of the approval
+    /// wait, or (while streaming) when the node key is due for renewal.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Waiting { until } => Some(*until),
             Phase::AwaitingApproval { deadline, .. } => Some(*deadline),
+            Phase::Streaming => self.renew_due(),
             _ => None,
+        }
+    }
+
+    /// When the next renewal may start: the renewal margin before the expiry, or the retry
+    /// time after a failure; `None` without an expiry or while one is out.
+    pub fn renew_due(&self) -> Option<Instant> {
+        let k = self.key?;
+        let due = k.expiry - renew_margin(k.seen, k.expiry);
+        match self.renewal {
+            Renewal::Idle => Some(due),
+            Renewal::RetryAt(t) => Some(t.max(due)),
+            Renewal::InFlight | Renewal::Refused => None,
+        }
+    }
+
+    /// The node key's health at `now`.
+    pub fn key_health(&self, now: Instant) -> KeyHealth {
+        match self.key {
+            None => KeyHealth::NoExpiry,
+            Some(k) => key_health(Some(k.expiry), k.seen, now),
+        }
+    }
+
+    /// The server reported the node key's expiry (`None`: it does not expire), e.g. in a map.
+    pub fn handle_key_expiry(&mut self, now: Instant, expiry: Option<Instant>) {
+        if let (Some(old), Some(e)) = (self.replaced, expiry) {
+            if e <= old + Duration::from_secs(1) {
+                return;
+            }
+        }
+        match (self.key, expiry) {
+            (_, None) => self.key = None,
+            // Map times are converted from wall-clock time, so the same expiry may arrive a few
+            // milliseconds apart; only a real change starts a new lifetime.
+            (Some(k), Some(e)) if k.expiry.max(e) - k.expiry.min(e) < Duration::from_secs(1) => return,
+            (_, Some(e)) => self.key = Some(KeyLife { expiry: e, seen: now }),
+        }
+        if self.renewal != Renewal::InFlight {
+            self.renewal = Renewal::Idle;
+            self.renew_backoff.reset();
+        }
+    }
+
+    /// The server answered the renewal request.
+    pub fn handle_renewed(&mut self, now: Instant, resp: &RegisterResponse) {
+        if self.renewal != Renewal::InFlight {
+            return;
+        }
+        if resp.machine_authorized && resp.error.is_empty() && !resp.node_key_expired {
+            self.renewal = Renewal::Idle;
+            self.renew_backoff.reset();
+            // The new key's expiry comes with the next map; until then there is nothing to time.
+            self.replaced = self.key.take().map(|k| k.expiry);
+            self.actions.push_back(Action::KeyRenewed);
+        } else if resp.node_key_expired {
+            self.renewal = Renewal::Refused;
+        } else {
+            self.renewal = Renewal::RetryAt(now + self.renew_backoff.next_delay());
+        }
+    }
+
+    /// The renewal request failed in transit; it is retried with backoff.
+    pub fn handle_renew_error(&mut self, now: Instant) {
+        if self.renewal == Renewal::InFlight {
+            self.renewal = Renewal::RetryAt(now + self.renew_backoff.next_delay());
         }
     }
 
@@ -153,6 +301,10 @@ impl Session {
             Phase::AwaitingApproval { url, deadline } if now >= *deadline => {
                 let auth_url = Some(url.clone());
                 self.fail(now, ConnectError::NeedsAuth { auth_url });
+            }
+            Phase::Streaming if self.renew_due().is_some_and(|t| now >= t) => {
+                self.renewal = Renewal::InFlight;
+                self.actions.push_back(Action::RenewKey);
             }
             _ => {}
         }
@@ -238,6 +390,10 @@ impl Session {
 
     /// The map stream ended or failed; a reconnect is scheduled.
     pub fn handle_stream_ended(&mut self, now: Instant) {
+        if self.renewal == Renewal::InFlight {
+            // The request went down with the connection; the next connection tries again.
+            self.renewal = Renewal::Idle;
+        }
         if matches!(self.phase, Phase::Streaming) {
             self.phase = Phase::Waiting { until: now + self.backoff.next_delay() };
         }
@@ -557,5 +713,118 @@ mod tests {
         s.handle_register(t0, &ok());
         s.handle_timeout(t0 + Duration::from_secs(3600));
         assert!(drain(&mut s).is_empty());
+    }
+
+    const H: Duration = Duration::from_secs(3600);
+
+    fn renew_actions(s: &mut Session) -> Vec<&'static str> {
+        drain(s)
+            .into_iter()
+            .map(|a| match a {
+                Action::RenewKey => "renew",
+                Action::KeyRenewed => "renewed",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn key_health_follows_the_upstream_classes_with_a_margin_capped_by_the_lifetime() {
+        let t0 = Instant::now();
+        assert_eq!(key_health(None, t0, t0), KeyHealth::NoExpiry);
+        // A 90-day key: renewed in its last 24 hours.
+        let e = t0 + 90 * 24 * H;
+        assert_eq!(key_health(Some(e), t0, e - 25 * H), KeyHealth::Healthy);
+        assert_eq!(key_health(Some(e), t0, e - 24 * H), KeyHealth::RenewSoon);
+        assert_eq!(key_health(Some(e), t0, e), KeyHealth::Expired);
+        // A 10-second key: renewed in its second half, not the moment it arrives.
+        let e = t0 + Duration::from_secs(10);
+        assert_eq!(key_health(Some(e), t0, t0), KeyHealth::Healthy);
+        assert_eq!(key_health(Some(e), t0, t0 + Duration::from_secs(4)), KeyHealth::Healthy);
+        assert_eq!(key_health(Some(e), t0, t0 + Duration::from_secs(5)), KeyHealth::RenewSoon);
+        assert_eq!(renew_margin(t0, t0 + 90 * 24 * H), RENEW_AHEAD);
+    }
+
+    #[test]
+    fn a_streaming_node_renews_its_key_once_when_due_and_starts_over_on_the_new_expiry() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        assert_eq!(s.poll_timeout(), None, "no expiry, nothing to renew");
+        let e1 = t0 + 48 * H;
+        s.handle_key_expiry(t0, Some(e1));
+        assert_eq!(s.poll_timeout(), Some(e1 - 24 * H));
+        assert_eq!(s.key_health(t0), KeyHealth::Healthy);
+        s.handle_timeout(e1 - 24 * H - MS);
+        assert!(drain(&mut s).is_empty());
+        // The same expiry reported again (a keep-alive, a few ms of clock conversion) changes nothing.
+        s.handle_key_expiry(t0 + H, Some(e1 + MS * 3));
+        assert_eq!(s.poll_timeout(), Some(e1 - 24 * H));
+        let due = e1 - 24 * H;
+        s.handle_timeout(due);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
+        assert_eq!(s.poll_timeout(), None, "one renewal at a time");
+        s.handle_timeout(due + H);
+        assert!(drain(&mut s).is_empty());
+        s.handle_renewed(due, &ok());
+        assert_eq!(renew_actions(&mut s), ["renewed"]);
+        // A map sent before the renewal still carries the old expiry: ignored.
+        s.handle_key_expiry(due, Some(e1));
+        assert_eq!(s.poll_timeout(), None);
+        let e2 = due + 48 * H;
+        s.handle_key_expiry(due, Some(e2));
+        assert_eq!(s.poll_timeout(), Some(e2 - 24 * H));
+        assert!(s.is_streaming(), "renewal never leaves the stream");
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_with_backoff_and_an_expired_key_is_not() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        let e = t0 + Duration::from_secs(600);
+        s.handle_key_expiry(t0, Some(e));
+        let due = s.poll_timeout().unwrap();
+        assert_eq!(due, t0 + Duration::from_secs(300));
+        s.handle_timeout(due);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
+        s.handle_renew_error(due);
+        let r1 = s.poll_timeout().unwrap();
+        assert!(r1 >= due + RENEW_RETRY_MIN && r1 <= due + RENEW_RETRY_MIN * 5 / 4, "{:?}", r1 - due);
+        s.handle_timeout(r1);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
+        s.handle_renewed(r1, &RegisterResponse { error: "busy".into(), ..Default::default() });
+        let r2 = s.poll_timeout().unwrap();
+        assert!(r2 - r1 >= 2 * RENEW_RETRY_MIN, "the retry delay grows: {:?}", r2 - r1);
+        s.handle_timeout(r2);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
+        s.handle_renewed(r2, &RegisterResponse { node_key_expired: true, ..Default::default() });
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.poll_timeout(), None, "an expired key cannot be renewed; re-auth is the user's call");
+    }
+
+    #[test]
+    fn renewal_waits_for_a_connection_and_a_lost_request_is_sent_again() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        let e = t0 + Duration::from_secs(100);
+        s.handle_key_expiry(t0, Some(e));
+        let due = s.poll_timeout().unwrap();
+        s.handle_timeout(due);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
+        // The connection drops with the request out: no renewal while offline, only the dial.
+        s.handle_stream_ended(due);
+        let until = s.poll_timeout().unwrap();
+        assert!(until - due <= RECONNECT_MIN * 5 / 4, "the reconnect wait, not a renewal time");
+        s.handle_renewed(due, &ok());
+        assert!(drain(&mut s).is_empty(), "a late answer for a dropped connection is ignored");
+        s.handle_timeout(until);
+        assert!(matches!(drain(&mut s).as_slice(), [Action::Dial]));
+        s.handle_dialed(until);
+        assert_eq!(auth_keys(&drain(&mut s)), [false]);
+        s.handle_register(until, &ok());
+        assert!(matches!(drain(&mut s).as_slice(), [Action::StartMap]));
+        s.handle_map_started(until);
+        assert_eq!(s.poll_timeout(), Some(due), "already due: renew as soon as the stream is up");
+        s.handle_timeout(until);
+        assert_eq!(renew_actions(&mut s), ["renew"]);
     }
 }

@@ -164,7 +164,9 @@ pub(crate) struct Shared {
     /// Every netmap is applied under this lock, always the latest value, so the driver and an
     /// API call racing to apply never regress to an older map.
     netmap: Mutex<watch::Receiver<NetMap>>,
-    node_public: NodePublic,
+    node_public: Mutex<NodePublic>,
+    /// A renewed node key the driver has yet to give its DERP connections.
+    rekey: Mutex<Option<PrivateKey>>,
     net_info: watch::Sender<NetInfo>,
 }
 
@@ -207,7 +209,8 @@ impl Shared {
         let mut rx = self.netmap.lock().unwrap_or_else(|e| e.into_inner());
         if rx.borrow().has_changed() {
             let nm = rx.borrow_and_update().clone();
-            apply_netmap(self, &nm, self.node_public);
+            let me = *self.node_public.lock().unwrap_or_else(|e| e.into_inner());
+            apply_netmap(self, &nm, me);
         }
     }
 }
@@ -217,7 +220,6 @@ pub struct DataPlane {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
     local_addr: SocketAddr,
-    node_public: NodePublic,
     disco_public: DiscoPublic,
     net: Arc<dyn Net>,
 }
@@ -225,7 +227,7 @@ pub struct DataPlane {
 impl std::fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DataPlane")
-            .field("node", &self.node_public)
+            .field("node", &self.node_public())
             .field("udp", &self.local_addr)
             .finish_non_exhaustive()
     }
@@ -288,7 +290,8 @@ impl DataPlane {
             wake: Notify::new(),
             outbox: Mutex::new(Vec::new()),
             netmap: Mutex::new(netmap.clone()),
-            node_public,
+            node_public: Mutex::new(node_public),
+            rekey: Mutex::new(None),
             net_info: watch::channel(NetInfo { endpoints: local, ..Default::default() }).0,
         });
         {
@@ -326,12 +329,22 @@ impl DataPlane {
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
         let disco_public = DiscoPublic(cfg.disco_key.public_bytes());
-        Ok(DataPlane { shared, task, local_addr, node_public, disco_public, net: dp_net })
+        Ok(DataPlane { shared, task, local_addr, disco_public, net: dp_net })
     }
 
     /// This node's public node key.
     pub fn node_public(&self) -> NodePublic {
-        self.node_public
+        *self.shared.node_public.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Switches to a renewed node key without dropping anything above WireGuard: the mesh
+    /// addresses, the netstack and its connections stay; tunnels handshake again with the new
+    /// key and DERP connections log in again.
+    pub fn set_node_key(&self, key: PrivateKey) {
+        *self.shared.node_public.lock().unwrap_or_else(|e| e.into_inner()) = NodePublic(key.public_bytes());
+        self.shared.lock_wg().set_static_key(&key);
+        *self.shared.rekey.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.shared.wake_driver();
     }
 
     /// This node's public disco key.
@@ -686,6 +699,9 @@ impl Driver {
                     netmap_open = r.is_ok();
                 }
                 _ = &mut stack_timer => {}
+            }
+            if let Some(key) = self.shared.rekey.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                self.relays.set_key(key);
             }
             // Drain what else has arrived, so the stack sees a batch at once.
             let now = self.now();

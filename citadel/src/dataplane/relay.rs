@@ -56,6 +56,16 @@ impl Relays {
         Relays { net, key, map: DerpMap::default(), home: 0, regions: BTreeMap::new(), inbox }
     }
 
+    /// A renewed node key: every open DERP connection logs in again with it.
+    pub(crate) fn set_key(&mut self, key: PrivateKey) {
+        self.key = key;
+        let open: Vec<i32> = self.regions.keys().copied().collect();
+        self.regions.clear();
+        for id in open {
+            self.ensure(id);
+        }
+    }
+
     /// Whether any region is known.
     pub(crate) fn available(&self) -> bool {
         !self.map.regions.is_empty()

@@ -313,6 +313,19 @@ impl WgRouter {
         self.configs = desired;
     }
 
+    /// Switches to a new static key (a renewed node key): every peer's tunnel starts over, as
+    /// sessions made with the old key mean nothing to peers that now know the new one.
+    pub(crate) fn set_static_key(&mut self, key: &PrivateKey) {
+        self.sync_clock();
+        self.secret = StaticSecret::from(key.to_bytes());
+        self.public = PublicKey::from(&self.secret);
+        self.rate_limiter = Arc::new(RateLimiter::new(&self.public, HANDSHAKE_RATE_LIMIT));
+        let peers: Vec<NodePublic> = self.peers.keys().copied().collect();
+        for k in peers {
+            self.reset_tunnel(&k);
+        }
+    }
+
     /// Replaces `key`'s tunnel with a fresh one (new index, no sessions, no replay memory).
     fn reset_tunnel(&mut self, key: &NodePublic) {
         let index = self.alloc_index();

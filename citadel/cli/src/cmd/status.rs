@@ -62,6 +62,14 @@ fn print_status(s: &Status, json: bool, color: bool) {
     println!("  Org        {}", s.org);
     println!("  Mesh IPv4  {}", s.ipv4.as_deref().unwrap_or("-"));
     println!("  Mesh IPv6  {}", s.ipv6.as_deref().unwrap_or("-"));
+    println!(
+        "  Key expiry {}",
+        match &s.key_expiry {
+            Some(e) if s.key_renewals > 0 => format!("{e} (renewed {}x)", s.key_renewals),
+            Some(e) => format!("{e} (renewed automatically before then)"),
+            None => "never".to_string(),
+        }
+    );
     if s.home_derp > 0 {
         println!("  Relay      DERP region {}", s.home_derp);
     }
