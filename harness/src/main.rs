@@ -49,11 +49,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // The harness's worlds serve DERP with a self-signed certificate and mark their map nodes
-    // InsecureForTests, which citadel honours only with this opt-in (set before any thread).
-    if std::env::var_os("CITADEL_DERP_INSECURE").is_none() {
-        std::env::set_var("CITADEL_DERP_INSECURE", "1");
-    }
+    // Before any thread: `world::run` and `real::run` opt in too, but only once they start.
+    harness::world::opt_in_unverified_harness_relays();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -462,7 +462,7 @@ impl DataPlane {
     pub fn set_route_prefs(&self, prefs: RoutePrefs) {
         *self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()) = prefs;
         let nm = self.shared.netmap.lock().unwrap_or_else(|e| e.into_inner()).borrow_and_update().clone();
-        apply_netmap(&self.shared, &nm, self.node_public);
+        apply_netmap(&self.shared, &nm, self.node_public());
     }
 
     /// True when some peer takes traffic for `ip`: a mesh address, an accepted subnet route,
