@@ -3,7 +3,8 @@
 # sanitizer: the code under test is safe Rust), runs them one after another at low priority,
 # then minimises each corpus into corpus/<target> (what .ci/run replays).
 #   citadel/fuzz/campaign.sh SECONDS [TARGET...]     (default: all targets)
-# FUZZ_FEATURES picks the target groups to build (Cargo.toml [features]; default all).
+# FUZZ_FEATURES picks the target groups to build (Cargo.toml [features]; default all);
+# FUZZ_SKIP_BUILD=1 runs what is built already.
 # Each target stops at 10 million executions or SECONDS, whichever comes first; the last line
 # of its log (fuzz-logs/<target>.log, not committed) has libFuzzer's final statistics.
 set -euo pipefail
@@ -16,7 +17,7 @@ if [ ${#targets[@]} -eq 0 ]; then
            map_frame tailcfg_json noise_handshake policy_hujson scenario_toml rest_api)
 fi
 tdir=${FUZZ_TARGET_DIR:-../../target/fuzz-nightly}
-(cd .. && RUSTFLAGS="--cfg tokio_unstable" CARGO_INCREMENTAL=0 \
+[ -n "${FUZZ_SKIP_BUILD:-}" ] || (cd .. && RUSTFLAGS="--cfg tokio_unstable" CARGO_INCREMENTAL=0 \
   cargo +nightly fuzz build -s none -a --codegen-units 16 --target-dir "$tdir" \
     --features "${FUZZ_FEATURES:-work node server scenario}")
 bin=$(cd .. && cd "$tdir" && pwd)/x86_64-unknown-linux-gnu/release
