@@ -16,11 +16,12 @@ if [ ${#targets[@]} -eq 0 ]; then
   targets=(stun_parse control_noise_frame socks5_request http_proxy_head resp_reply derp_frame disco_open
            map_frame tailcfg_json noise_handshake policy_hujson scenario_toml rest_api)
 fi
-tdir=${FUZZ_TARGET_DIR:-../../target/fuzz-nightly}
+mkdir -p "${FUZZ_TARGET_DIR:-../../target/fuzz-nightly}"
+tdir=$(cd "${FUZZ_TARGET_DIR:-../../target/fuzz-nightly}" && pwd)
 [ -n "${FUZZ_SKIP_BUILD:-}" ] || (cd .. && RUSTFLAGS="--cfg tokio_unstable" CARGO_INCREMENTAL=0 \
   cargo +nightly fuzz build -s none -a --codegen-units 16 --target-dir "$tdir" \
     --features "${FUZZ_FEATURES:-work node server scenario}")
-bin=$(cd .. && cd "$tdir" && pwd)/x86_64-unknown-linux-gnu/release
+bin=$tdir/x86_64-unknown-linux-gnu/release
 mkdir -p fuzz-logs artifacts
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "fuzz-logs/work-$t"
