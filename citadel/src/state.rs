@@ -212,21 +212,37 @@ impl StateDir {
     }
 
     /// Removes citadel's files but the lock and the marker (logout); anything else stays.
+    /// `node.json` goes first and `identity.json` last, so a process killed half-way leaves
+    /// keys without a registration (the next `init` registers them again), never a
+    /// registration whose keys are gone.
     pub fn clear(&self) -> Result<(), StateError> {
+        let mut names = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(io_err(&self.path))? {
             let entry = entry.map_err(io_err(&self.path))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name == "lock" || name == MARKER || !is_citadel_file(name) {
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if name == "lock" || name == MARKER || !is_citadel_file(&name) {
                 continue;
             }
-            let p = entry.path();
+            names.push(name);
+        }
+        names.sort_by_key(|n| match n.as_str() {
+            "node.json" => 0,
+            "identity.json" => 2,
+            _ => 1,
+        });
+        for name in names {
+            let p = self.path.join(&name);
             // A temp directory left by a crash while binding the API socket.
             let r = if p.is_dir() && name.contains(".tmp") { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
             match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StateError::Io { path: p, source: e }),
+            }
+            #[cfg(unix)]
+            if name == "node.json" {
+                // On disk before any key goes, so a power loss cannot reorder the two either.
+                File::open(&self.path).and_then(|d| d.sync_all()).map_err(io_err(&self.path))?;
             }
         }
         Ok(())

@@ -12,8 +12,9 @@
 //! tests may use either.
 //!
 //! Frames from peers are untrusted: a malformed frame closes that one connection, never the
-//! server; per-client send queues are bounded and drop the oldest packet when full so a slow
-//! reader never blocks the relay.
+//! server; per-client send queues are bounded so a slow reader never blocks the relay. A full
+//! queue drops the oldest packet of the source holding the most of it, so one flooding sender
+//! cannot crowd the others out of a shared destination.
 
 use axum::body::Body;
 use axum::extract::connect_info::Connected;
@@ -132,8 +133,50 @@ pub struct ClientSummary {
 }
 
 struct Queues {
-    packets: VecDeque<(NodePublic, Vec<u8>)>,
+    packets: PacketQueue,
     control: VecDeque<Frame>,
+}
+
+/// One destination's relayed packets, oldest first, with how many each source holds.
+#[derive(Default)]
+struct PacketQueue {
+    packets: VecDeque<(NodePublic, Vec<u8>)>,
+    per_source: BTreeMap<NodePublic, usize>,
+}
+
+impl PacketQueue {
+    /// Appends a packet; when `depth` are queued already, first drops the oldest packet of the
+    /// source with the most queued (the newcomer's own if it is that source). Returns false
+    /// when a packet was dropped.
+    fn push(&mut self, src: NodePublic, packet: Vec<u8>, depth: usize) -> bool {
+        let mut kept = true;
+        while self.packets.len() >= depth.max(1) {
+            kept = false;
+            let heaviest = self.per_source.iter().max_by_key(|(_, n)| **n).map(|(k, _)| *k);
+            let at = heaviest.and_then(|h| self.packets.iter().position(|(s, _)| *s == h)).unwrap_or(0);
+            if let Some((s, _)) = self.packets.remove(at) {
+                self.forget(&s);
+            }
+        }
+        *self.per_source.entry(src).or_default() += 1;
+        self.packets.push_back((src, packet));
+        kept
+    }
+
+    fn forget(&mut self, src: &NodePublic) {
+        if let Some(n) = self.per_source.get_mut(src) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(src);
+            }
+        }
+    }
+
+    /// Takes every queued packet, oldest first.
+    fn take(&mut self) -> VecDeque<(NodePublic, Vec<u8>)> {
+        self.per_source.clear();
+        std::mem::take(&mut self.packets)
+    }
 }
 
 struct Client {
@@ -159,16 +202,11 @@ impl Client {
         *self.closed.borrow()
     }
 
-    /// Queues a relayed packet, dropping the oldest one when the queue is full (fresher
+    /// Queues a relayed packet; a full queue drops an old one of its heaviest source (fresher
     /// packets matter more to a tunnel than stale ones). Returns false when one was dropped.
     fn push_packet(&self, src: NodePublic, packet: Vec<u8>, depth: usize) -> bool {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let mut kept = true;
-        while q.packets.len() >= depth.max(1) {
-            q.packets.pop_front();
-            kept = false;
-        }
-        q.packets.push_back((src, packet));
+        let kept = q.packets.push(src, packet, depth);
         drop(q);
         self.wake.notify_one();
         kept
@@ -444,7 +482,7 @@ impl DerpServer {
             remote,
             can_mesh,
             preferred: AtomicBool::new(false),
-            queues: Mutex::new(Queues { packets: VecDeque::new(), control: VecDeque::new() }),
+            queues: Mutex::new(Queues { packets: PacketQueue::default(), control: VecDeque::new() }),
             wake: Notify::new(),
             closed,
         });
@@ -557,7 +595,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(c: Arc<Client>, mut wr: W, keepalive:
         }
         let (control, packets) = {
             let mut q = c.queues.lock().unwrap_or_else(|e| e.into_inner());
-            (std::mem::take(&mut q.control), std::mem::take(&mut q.packets))
+            (std::mem::take(&mut q.control), q.packets.take())
         };
         for f in control {
             f.encode(&mut out);
@@ -822,6 +860,51 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_flooding_source_cannot_push_another_out_of_a_full_queue() {
+        let (flood, quiet, third) = (NodePublic([1; 32]), NodePublic([2; 32]), NodePublic([3; 32]));
+        let mut q = PacketQueue::default();
+        let mut quiet_sent = 0u32;
+        for i in 0..10_000u32 {
+            q.push(flood, i.to_be_bytes().to_vec(), 32);
+            if i % 1000 == 0 {
+                q.push(quiet, quiet_sent.to_be_bytes().to_vec(), 32);
+                quiet_sent += 1;
+            }
+        }
+        q.push(third, b"x".to_vec(), 32);
+        let got = q.take();
+        assert_eq!(got.len(), 32);
+        let quiet_kept: Vec<u32> = got
+            .iter()
+            .filter(|(s, _)| *s == quiet)
+            .map(|(_, p)| u32::from_be_bytes(p[..4].try_into().unwrap()))
+            .collect();
+        // Never dropped: the flooder always holds more of the queue.
+        assert_eq!(quiet_kept, (0..quiet_sent).collect::<Vec<_>>());
+        assert!(got.iter().any(|(s, _)| *s == third));
+        // The flooder keeps its newest packets, in order.
+        let flood_kept: Vec<u32> = got
+            .iter()
+            .filter(|(s, _)| *s == flood)
+            .map(|(_, p)| u32::from_be_bytes(p[..4].try_into().unwrap()))
+            .collect();
+        assert!(flood_kept.windows(2).all(|w| w[0] < w[1]) && *flood_kept.last().unwrap() == 9_999);
+        // Emptied by take: the next push starts a fresh count.
+        assert!(q.push(quiet, vec![], 1));
+        assert!(!q.push(flood, vec![], 1));
+        assert_eq!(q.take().into_iter().map(|(s, _)| s).collect::<Vec<_>>(), vec![flood]);
+    }
+
+    #[test]
+    fn a_lone_source_keeps_its_newest_packets() {
+        let src = NodePublic([9; 32]);
+        let mut q = PacketQueue::default();
+        let kept: Vec<bool> = (0..5u8).map(|i| q.push(src, vec![i], 3)).collect();
+        assert_eq!(kept, [true, true, true, false, false]);
+        assert_eq!(q.take().into_iter().map(|(_, p)| p[0]).collect::<Vec<_>>(), [2, 3, 4]);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@
 mod client;
 mod exec;
 pub mod job;
-mod resp;
+pub mod resp;
 mod worker;
 
 use std::fmt;
