@@ -246,6 +246,11 @@ impl Faults {
         true
     }
 
+    /// True once any [`Faults::leak_peer`] entry exists.
+    pub(crate) fn leaks_any(&self) -> bool {
+        !self.leaks.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     /// `build(s, me)` plus the peers [`Faults::leak_peer`] leaks into `me`'s map; each leaked
     /// node is described as its own map (built by `build`) describes it.
     pub(crate) fn with_leaks(
