@@ -112,6 +112,8 @@ struct Board {
     seen: AtomicUsize,
     messages: AtomicU64,
     joined: AtomicUsize,
+    /// Set once the figures are printed (streams ending then are expected).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// What a client knows of the probe node (all a client keeps without `--apply`).
@@ -290,7 +292,8 @@ fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool) -> Spawn
     let (ftx, frx) = tokio::sync::oneshot::channel();
     let b = board.clone();
     tokio::spawn(async move {
-        if let Err(e) = member(c, org, b, apply, rx, ftx).await {
+        let r = member(c, org, b.clone(), apply, rx, ftx).await;
+        if let Err(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
             eprintln!("member ended: {e}");
         }
     });
@@ -421,6 +424,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
     );
     println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
+    board.stopping.store(true, Ordering::Relaxed);
     drop(cmds);
     Ok(())
 }

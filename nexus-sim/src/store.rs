@@ -769,6 +769,17 @@ impl Store {
         d.by_key.get(nk).and_then(|id| d.nodes.get(id)).filter(|n| n.machine_key == *mk).cloned()
     }
 
+    /// Ids of every node.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.data.lock().nodes.keys().copied().collect()
+    }
+
+    /// The node holding node key `nk`.
+    pub fn node_by_node_key(&self, nk: &NodePublic) -> Option<Node> {
+        let d = self.data.lock();
+        d.by_key.get(nk).and_then(|id| d.nodes.get(id)).cloned()
+    }
+
     pub fn is_online(&self, id: u64) -> bool {
         self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
     }
