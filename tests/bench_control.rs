@@ -293,7 +293,7 @@ fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool) -> Spawn
     let b = board.clone();
     tokio::spawn(async move {
         let r = member(c, org, b.clone(), apply, rx, ftx).await;
-        if let Err(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
+        if let Some(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
             eprintln!("member ended: {e}");
         }
     });
