@@ -115,9 +115,14 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
     let (mut node, up) = Node::start(cmd, &node_log);
     let citadel_ip = up["ipv4"].as_str().expect("citadel mesh IPv4").to_string();
 
+    // A second citadel node joins only after Caddy has its first map; addresses are handed
+    // out in order, so it will get the one after Caddy's (checked when it joins).
+    let late_ip: std::net::Ipv4Addr = citadel_ip.parse::<std::net::Ipv4Addr>().expect("IPv4");
+    let late_ip = std::net::Ipv4Addr::from(u32::from(late_ip) + 2);
     let options = format!("\t\tiop-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}");
     let proxy_site = format!(
-        ":8081 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{citadel_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}"
+        ":8081 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{citadel_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}\n\
+         :8082 {{\n\tbind tailscale/iop-caddy\n\treverse_proxy http://{late_ip}:8080 {{\n\t\ttransport tailscale iop-caddy\n\t}}\n}}"
     );
     let _caddy = start_caddy(&ns, &caddy, tmp.path(), &url, &authkey, "iop-caddy", &options, &proxy_site);
     let caddy_log = tmp.path().join("caddy.log");
@@ -157,6 +162,27 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
         fail("Caddy could not reach the service on the citadel node", &r);
     }
     println!("caddy -> citadel: {r}");
+
+    // (d) A node that joins after Caddy's first map reaches Caddy only as a delta
+    // (`PeersChanged`, then endpoint patches): Caddy's tsnet node must dial it.
+    let late_log = tmp.path().join("citadel-late.log");
+    let mut cmd = ns.cmd(bin("mesh-node"));
+    cmd.arg(&url).arg(&authkey).arg(tmp.path().join("citadel-late-state")).args([
+        "citadel-late",
+        &(CITADEL_UDP + 1).to_string(),
+        "8080",
+    ]);
+    let (_late, up) = Node::start(cmd, &late_log);
+    assert_eq!(up["ipv4"].as_str(), Some(late_ip.to_string().as_str()), "the late node got another address");
+    let r = node.get_until_ok("iop-caddy", 8082, Duration::from_secs(30));
+    if r["ok"] != true || !r["body"].as_str().unwrap_or_default().contains("hello from citadel citadel-late") {
+        panic!(
+            "Caddy could not reach the node that joined after it: {r}\n--- late ---\n{}\n--- caddy ---\n{}",
+            tail(&late_log),
+            tail(&caddy_log)
+        );
+    }
+    println!("caddy -> late citadel node: {r}");
 
     // (b) Drop UDP between the two nodes' sockets: both fall back to DERP.
     for (s, d) in [(CADDY_UDP, CITADEL_UDP), (CITADEL_UDP, CADDY_UDP)] {

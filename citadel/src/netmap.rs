@@ -41,40 +41,47 @@ impl NetMap {
         if !r.domain.is_empty() {
             self.domain = r.domain.clone();
         }
+        // As Tailscale's client: a full peer list replaces the peers and precludes deltas;
+        // otherwise removals, then changed entries, then online changes, then patches.
+        // Removals and patches of peers this node does not know are ignored.
         if let Some(peers) = &r.peers {
             self.peers = peers.iter().map(|p| (p.id, p.clone())).collect();
-        }
-        for p in r.peers_changed.iter().flatten() {
-            self.peers.insert(p.id, p.clone());
+            return *self != before;
         }
         for id in r.peers_removed.iter().flatten() {
             self.peers.remove(id);
         }
-        for c in r.peers_changed_patch.iter().flatten() {
-            if let Some(p) = self.peers.get_mut(&c.node_id) {
-                if let Some(r) = c.derp_region {
-                    p.home_derp = r;
-                }
-                if let Some(e) = &c.endpoints {
-                    p.endpoints = e.clone();
-                }
-                if let Some(k) = c.key {
-                    p.key = k;
-                }
-                if let Some(k) = c.disco_key {
-                    p.disco_key = k;
-                }
-                if let Some(o) = c.online {
-                    p.online = Some(o);
-                }
-                if let Some(k) = c.key_expiry {
-                    p.key_expiry = Some(k);
-                }
-            }
+        for p in r.peers_changed.iter().flatten() {
+            self.peers.insert(p.id, p.clone());
         }
         for (id, online) in r.online_change.iter().flatten() {
             if let Some(p) = self.peers.get_mut(id) {
                 p.online = Some(*online);
+            }
+        }
+        for c in r.peers_changed_patch.iter().flatten() {
+            let Some(p) = self.peers.get_mut(&c.node_id) else { continue };
+            if let Some(r) = c.derp_region {
+                p.home_derp = r;
+                p.derp = if r > 0 { format!("127.3.3.40:{r}") } else { String::new() };
+            }
+            if let Some(e) = &c.endpoints {
+                p.endpoints.clone_from(e);
+            }
+            if let Some(k) = c.key {
+                p.key = k;
+            }
+            if let Some(k) = c.disco_key {
+                p.disco_key = k;
+            }
+            if let Some(o) = c.online {
+                p.online = Some(o);
+            }
+            if let Some(k) = c.key_expiry {
+                p.key_expiry = Some(k);
+            }
+            if let Some(t) = c.last_seen {
+                p.last_seen = Some(t);
             }
         }
         *self != before
@@ -138,5 +145,90 @@ mod tests {
         assert!(!m.apply(&MapResponse { keep_alive: true, ..Default::default() }));
         assert!(m.apply(&MapResponse { peers: Some(vec![]), ..Default::default() }));
         assert!(m.peers.is_empty());
+    }
+
+    fn with_peers(ids: &[i64]) -> NetMap {
+        let mut m = NetMap::default();
+        m.apply(&MapResponse {
+            node: Some(node(1)),
+            peers: Some(ids.iter().map(|i| node(*i)).collect()),
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn peers_changed_adds_and_replaces_whole_entries() {
+        let mut m = with_peers(&[2]);
+        let mut n2 = node(2);
+        n2.endpoints = vec!["127.0.0.1:1".into()];
+        assert!(m.apply(&MapResponse { peers_changed: Some(vec![n2.clone(), node(3)]), ..Default::default() }));
+        assert_eq!(m.peers[&2], n2);
+        assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        // The same entry again is no visible change.
+        assert!(!m.apply(&MapResponse { peers_changed: Some(vec![n2]), ..Default::default() }));
+    }
+
+    #[test]
+    fn removals_of_unknown_peers_are_ignored() {
+        let mut m = with_peers(&[2, 3]);
+        assert!(!m.apply(&MapResponse { peers_removed: Some(vec![7, 8]), ..Default::default() }));
+        assert!(m.apply(&MapResponse { peers_removed: Some(vec![3, 9]), ..Default::default() }));
+        assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn removal_applies_before_change_in_one_message() {
+        // A node removed and re-added in one message stays (Tailscale's order).
+        let mut m = with_peers(&[2]);
+        let mut again = node(2);
+        again.key_expiry = Some(crate::tailcfg::zero_time());
+        m.apply(&MapResponse {
+            peers_removed: Some(vec![2]),
+            peers_changed: Some(vec![again.clone()]),
+            ..Default::default()
+        });
+        assert_eq!(m.peers.get(&2), Some(&again));
+    }
+
+    #[test]
+    fn patches_change_only_their_fields_and_skip_unknown_peers() {
+        let mut m = with_peers(&[2, 3]);
+        let before3 = m.peers[&3].clone();
+        let seen = chrono::Utc::now();
+        assert!(m.apply(&MapResponse {
+            peers_changed_patch: Some(vec![
+                PeerChange {
+                    node_id: 2,
+                    endpoints: Some(vec!["127.0.0.1:41641".into()]),
+                    derp_region: Some(3),
+                    online: Some(true),
+                    last_seen: Some(seen),
+                    ..Default::default()
+                },
+                PeerChange { node_id: 99, online: Some(true), ..Default::default() },
+            ]),
+            ..Default::default()
+        }));
+        let p = &m.peers[&2];
+        assert_eq!(p.endpoints, vec!["127.0.0.1:41641".to_string()]);
+        assert_eq!((p.home_derp, p.home_region(), p.online, p.last_seen), (3, 3, Some(true), Some(seen)));
+        assert_eq!(p.name, "n2.mesh.");
+        assert_eq!(m.peers[&3], before3);
+        assert!(!m.peers.contains_key(&99));
+        // Patches apply after changed entries of the same message.
+        m.apply(&MapResponse {
+            peers_changed: Some(vec![node(4)]),
+            peers_changed_patch: Some(vec![PeerChange { node_id: 4, online: Some(false), ..Default::default() }]),
+            ..Default::default()
+        });
+        assert_eq!(m.peers[&4].online, Some(false));
+    }
+
+    #[test]
+    fn a_full_peer_list_precludes_deltas_in_the_same_message() {
+        let mut m = with_peers(&[2]);
+        m.apply(&MapResponse { peers: Some(vec![node(5)]), peers_removed: Some(vec![5]), ..Default::default() });
+        assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), vec![5]);
     }
 }

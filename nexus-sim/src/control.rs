@@ -12,7 +12,7 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use bytes::Bytes;
 use chrono::Utc;
-use citadel_proto::keys::{MachinePublic, NodePublic};
+use citadel_proto::keys::MachinePublic;
 use citadel_proto::noise::{self, NoiseStream};
 use citadel_proto::tailcfg::{
     self, encode_map_frame, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse,
@@ -308,58 +308,436 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
     }
 }
 
+/// A store node as map messages describe it (the same for every viewer).
+fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::Node {
+    let addrs = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
+    let own: Vec<crate::policy::ipset::Prefix> =
+        addrs.iter().filter_map(|a| crate::policy::ipset::Prefix::parse(a)).collect();
+    // Which node is primary for a subnet depends on every node serving it; only a node that
+    // serves routes pays for the scan.
+    let primaries = if crate::routes::served(n).is_empty() {
+        Default::default()
+    } else {
+        crate::routes::primaries(s.store.nodes(None).iter(), |id| s.store.is_online(id))
+    };
+    let (allowed_ips, primary_routes) =
+        crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
+    tailcfg::Node {
+        id: n.id as i64,
+        stable_id: n.id.to_string(),
+        name: format!("{}.{}.", n.given_name, s.cfg.base_domain),
+        user: n.user_id as i64,
+        key: n.node_key,
+        key_expiry: n.expiry,
+        machine: n.machine_key,
+        disco_key: n.disco_key,
+        addresses: addrs,
+        allowed_ips,
+        primary_routes,
+        endpoints: n.endpoints.clone(),
+        derp: if n.home_derp > 0 { format!("127.3.3.40:{}", n.home_derp) } else { String::new() },
+        home_derp: n.home_derp,
+        hostinfo: n.hostinfo.clone(),
+        created: Some(n.created_at),
+        tags: n.tags.clone(),
+        last_seen: n.last_seen,
+        online: Some(s.store.is_online(n.id)),
+        machine_authorized: true,
+        expired: n.is_expired(now),
+    }
+}
+
 /// The map a node sees: itself, the peers the policy lets talk to it in either direction,
 /// the DERP map and its packet filter (the policy's rules reduced to its own addresses).
 pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
+    match OrgTemplate::current(s) {
+        Some(t) => t.build_map(s, me),
+        None => build_map_compiled(s, me),
+    }
+}
+
+/// [`build_map`] from the policy compiled over every node.
+fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
     let now = Utc::now();
     let compiled = s.policy.compiled(&s.store);
     let all: std::collections::HashMap<u64, StoreNode> = s.store.nodes(None).into_iter().map(|n| (n.id, n)).collect();
-    let primaries = crate::routes::primaries(all.values(), |id| s.store.is_online(id));
-    let to_tail = |n: &StoreNode| {
-        let addrs = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
-        let own: Vec<crate::policy::ipset::Prefix> =
-            addrs.iter().filter_map(|a| crate::policy::ipset::Prefix::parse(a)).collect();
-        let (allowed_ips, primary_routes) =
-            crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
-        tailcfg::Node {
-            id: n.id as i64,
-            stable_id: n.id.to_string(),
-            name: format!("{}.{}.", n.given_name, s.cfg.base_domain),
-            user: n.user_id as i64,
-            key: n.node_key,
-            key_expiry: n.expiry,
-            machine: n.machine_key,
-            disco_key: n.disco_key,
-            addresses: addrs,
-            allowed_ips,
-            primary_routes,
-            endpoints: n.endpoints.clone(),
-            derp: if n.home_derp > 0 { format!("127.3.3.40:{}", n.home_derp) } else { String::new() },
-            home_derp: n.home_derp,
-            hostinfo: n.hostinfo.clone(),
-            created: Some(n.created_at),
-            tags: n.tags.clone(),
-            last_seen: n.last_seen,
-            online: Some(s.store.is_online(n.id)),
-            machine_authorized: true,
-            expired: n.is_expired(now),
-        }
-    };
     let peer_nodes: Vec<&StoreNode> = compiled.peers_of(me.id).iter().filter_map(|id| all.get(id)).collect();
-    let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(n)).collect();
-    let mut users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).chain([me.user_id]).collect();
+    let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
+    let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
+    map_of(s, me, peers, compiled.filter_for(me.id), users, now)
+}
+
+fn map_of(
+    s: &Shared,
+    me: &StoreNode,
+    peers: Vec<tailcfg::Node>,
+    filter: Vec<tailcfg::FilterRule>,
+    mut users: Vec<u64>,
+    now: chrono::DateTime<Utc>,
+) -> MapResponse {
+    users.push(me.user_id);
     users.sort_unstable();
     users.dedup();
     MapResponse {
-        node: Some(to_tail(me)),
+        node: Some(to_tail(s, me, now)),
         derp_map: Some(s.derp_map.clone()),
         peers: Some(peers),
         domain: s.cfg.base_domain.clone(),
         dns_config: Some(serde_json::json!({"Domains": [s.cfg.base_domain]})),
-        packet_filter: Some(compiled.filter_for(me.id)),
+        packet_filter: Some(filter),
         user_profiles: users.into_iter().map(|u| user_profile(s, u)).collect(),
         ..Default::default()
     }
+}
+
+/// The built-in org-isolation policy in a form that needs no global compile: a node's map
+/// depends on its own org only (untagged members see each other; tagged nodes see nobody),
+/// so maps are built from the org's nodes and changes reach only the org's streams.
+///
+/// The filter is the policy's own output for a one-node org, with that node's addresses
+/// replaced: the compiler decides ports and protocols (tests check the result equals the
+/// full compile's).
+struct OrgTemplate {
+    rules: Vec<tailcfg::FilterRule>,
+}
+
+const TEMPLATE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 64, 0, 1);
+const TEMPLATE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 1);
+
+impl OrgTemplate {
+    /// The template when the active policy is the built-in one and no test fault leaks peers.
+    fn current(s: &Shared) -> Option<OrgTemplate> {
+        let (p, _) = s.policy.get();
+        if p.text() != crate::policy::ORG_ISOLATION || s.faults.leaks_any() {
+            return None;
+        }
+        let users = [crate::policy::PolicyUser { id: 1, name: "template".into(), email: String::new() }];
+        let nodes = [crate::policy::PolicyNode::new(1, 1, TEMPLATE_V4, TEMPLATE_V6, vec![])];
+        Some(OrgTemplate { rules: p.compile(&users, &nodes).filter_for(1) })
+    }
+
+    fn visible(me: &StoreNode, other: &StoreNode) -> bool {
+        me.id != other.id && me.user_id == other.user_id && me.tags.is_empty() && other.tags.is_empty()
+    }
+
+    /// `me`'s packet filter given its org's untagged addresses.
+    fn filter(&self, me: &StoreNode, sources: &[String]) -> Vec<tailcfg::FilterRule> {
+        if !me.tags.is_empty() {
+            return vec![];
+        }
+        let (t4, t6) = (TEMPLATE_V4.to_string(), TEMPLATE_V6.to_string());
+        self.rules
+            .iter()
+            .map(|r| tailcfg::FilterRule {
+                src_ips: sources.to_vec(),
+                dst_ports: r
+                    .dst_ports
+                    .iter()
+                    .map(|d| tailcfg::NetPortRange {
+                        ip: if d.ip == t4 {
+                            me.ipv4.to_string()
+                        } else if d.ip == t6 {
+                            me.ipv6.to_string()
+                        } else {
+                            d.ip.clone()
+                        },
+                        ports: d.ports,
+                    })
+                    .collect(),
+                ip_proto: r.ip_proto.clone(),
+            })
+            .collect()
+    }
+
+    fn build_map(&self, s: &Shared, me: &StoreNode) -> MapResponse {
+        let now = Utc::now();
+        let peers: Vec<tailcfg::Node> = if me.tags.is_empty() {
+            s.store.org_nodes(me.user_id).iter().filter(|n| Self::visible(me, n)).map(|n| to_tail(s, n, now)).collect()
+        } else {
+            vec![]
+        };
+        let filter = self.filter(me, &s.store.org_member_sources(me.user_id));
+        map_of(s, me, peers, filter, vec![], now)
+    }
+}
+
+/// True when nodes `a` and `b` are in each other's maps (the DERP relay's policy check);
+/// under the built-in policy without compiling it over every node.
+pub fn may_talk(s: &Shared, a: u64, b: u64) -> bool {
+    if OrgTemplate::current(s).is_some() {
+        return match (s.store.node(a), s.store.node(b)) {
+            (Some(x), Some(y)) => OrgTemplate::visible(&x, &y),
+            _ => false,
+        };
+    }
+    s.policy.compiled(&s.store).may_talk(a, b)
+}
+
+/// A fingerprint of a value, to tell whether it changed without keeping it.
+fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+/// The delta turning map `old` into map `new` (`None` when nothing changed). Peers are
+/// compared by id: new or changed ones go in `PeersChanged`, missing ones in `PeersRemoved`.
+pub fn diff_maps(old: &MapResponse, new: &MapResponse) -> Option<MapResponse> {
+    let mut d = MapResponse::default();
+    if old.node != new.node {
+        d.node.clone_from(&new.node);
+    }
+    if old.derp_map != new.derp_map {
+        d.derp_map.clone_from(&new.derp_map);
+    }
+    if old.dns_config != new.dns_config {
+        d.dns_config.clone_from(&new.dns_config);
+    }
+    if old.domain != new.domain {
+        d.domain.clone_from(&new.domain);
+    }
+    if old.packet_filter != new.packet_filter {
+        d.packet_filter = Some(new.packet_filter.clone().unwrap_or_default());
+    }
+    if old.user_profiles != new.user_profiles {
+        d.user_profiles.clone_from(&new.user_profiles);
+    }
+    let before: std::collections::HashMap<i64, &tailcfg::Node> =
+        old.peers.iter().flatten().map(|p| (p.id, p)).collect();
+    let after: std::collections::HashSet<i64> = new.peers.iter().flatten().map(|p| p.id).collect();
+    let changed: Vec<tailcfg::Node> =
+        new.peers.iter().flatten().filter(|p| before.get(&p.id) != Some(p)).cloned().collect();
+    let mut removed: Vec<i64> = before.keys().filter(|id| !after.contains(id)).copied().collect();
+    removed.sort_unstable();
+    if !changed.is_empty() {
+        d.peers_changed = Some(changed);
+    }
+    if !removed.is_empty() {
+        d.peers_removed = Some(removed);
+    }
+    (d != MapResponse::default()).then_some(d)
+}
+
+/// Turns a full map into a message that replaces whatever the client holds. Tailscale clients
+/// read an empty `Peers` as "no change", so a map without peers instead removes every node
+/// the client may know.
+fn replacing(s: &Shared, mut m: MapResponse, me: u64) -> MapResponse {
+    if m.peers.as_ref().is_some_and(|p| p.is_empty()) {
+        m.peers = None;
+        let ids: Vec<i64> = s.store.node_ids().into_iter().filter(|id| *id != me).map(|id| id as i64).collect();
+        m.peers_removed = (!ids.is_empty()).then_some(ids);
+    }
+    m
+}
+
+fn patch_of(id: u64, p: &crate::store::NodePatch) -> tailcfg::PeerChange {
+    tailcfg::PeerChange {
+        node_id: id as i64,
+        derp_region: p.home_derp,
+        endpoints: p.endpoints.clone(),
+        disco_key: p.disco_key,
+        online: p.online,
+        last_seen: p.last_seen,
+        ..Default::default()
+    }
+}
+
+/// How a stream keeps its client's map current.
+enum Mode {
+    /// Built-in policy: follows the org's change log.
+    Org { tmpl: OrgTemplate, cursor: u64, filter: u64, tagged: bool },
+    /// Any other policy: rebuilds the whole map on every change and sends the difference.
+    Global { last: MapResponse },
+}
+
+/// One map stream's state between messages.
+struct Streamer {
+    s: Shared,
+    node_id: u64,
+    user_id: u64,
+    mode: Mode,
+}
+
+/// What a stream does after a wake.
+enum Step {
+    Send(MapResponse),
+    Nothing,
+    /// The client must reconnect (moved org, expired, deleted, or its own visibility changed).
+    End,
+}
+
+impl Streamer {
+    /// The first message (a full map) and the stream state after it.
+    fn start(s: &Shared, me: &StoreNode) -> (Streamer, MapResponse) {
+        let mut st = Streamer {
+            s: s.clone(),
+            node_id: me.id,
+            user_id: me.user_id,
+            mode: Mode::Global { last: MapResponse::default() },
+        };
+        let m = st.reset(me);
+        (st, m)
+    }
+
+    /// Switches to the mode the current policy allows and returns a full map.
+    fn reset(&mut self, me: &StoreNode) -> MapResponse {
+        let s = &self.s;
+        match OrgTemplate::current(s) {
+            Some(tmpl) => {
+                // The cursor is taken before the map is built: changes in between are sent
+                // again, which is harmless (each delta carries current state).
+                let cursor = *s.store.subscribe(me.user_id).borrow();
+                let m = tmpl.build_map(s, me);
+                let filter = fingerprint(&m.packet_filter);
+                self.mode = Mode::Org { tmpl, cursor, filter, tagged: !me.tags.is_empty() };
+                m
+            }
+            None => {
+                let m = s.faults.with_leaks(s, me, build_map);
+                self.mode = Mode::Global { last: m.clone() };
+                m
+            }
+        }
+    }
+
+    fn current(&self) -> Option<StoreNode> {
+        let me = self.s.store.node(self.node_id)?;
+        (me.user_id == self.user_id && !me.is_expired(Utc::now())).then_some(me)
+    }
+
+    /// After a policy change: a full map for the new policy.
+    fn policy_changed(&mut self) -> Step {
+        let Some(me) = self.current() else { return Step::End };
+        let old = match &self.mode {
+            Mode::Global { last } => Some(last.clone()),
+            Mode::Org { .. } => None,
+        };
+        let m = self.reset(&me);
+        match old {
+            Some(old) => diff_maps(&old, &m).map_or(Step::Nothing, Step::Send),
+            None => Step::Send(replacing(&self.s, m, self.node_id)),
+        }
+    }
+
+    /// After a store change: the delta since the last message.
+    fn store_changed(&mut self) -> Step {
+        let Some(me) = self.current() else { return Step::End };
+        let s = self.s.clone();
+        match &mut self.mode {
+            Mode::Global { last } => {
+                let m = s.faults.with_leaks(&s, &me, build_map);
+                let d = diff_maps(last, &m);
+                *last = m;
+                d.map_or(Step::Nothing, Step::Send)
+            }
+            Mode::Org { tmpl, cursor, filter, tagged } => {
+                if *tagged != !me.tags.is_empty() {
+                    return Step::End;
+                }
+                if s.faults.leaks_any() {
+                    // A test fault leaks peers across orgs: only the global path shows them.
+                    let m = self.reset(&me);
+                    return Step::Send(replacing(&s, m, self.node_id));
+                }
+                let (now, since) = s.store.org_changes(self.user_id, *cursor);
+                *cursor = now;
+                let changes = match since {
+                    crate::store::Since::Changes(c) => c,
+                    crate::store::Since::Lagged => {
+                        let m = self.reset(&me);
+                        return Step::Send(replacing(&s, m, self.node_id));
+                    }
+                };
+                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, Step::Send)
+            }
+        }
+    }
+}
+
+/// Folds an org's changes into one delta for `me`: whole entries for upserted peers, removals,
+/// merged patches, `me` itself when it changed, the filter when membership changed it.
+fn org_delta(
+    s: &Shared,
+    tmpl: &OrgTemplate,
+    me: &StoreNode,
+    changes: &[std::sync::Arc<crate::store::Change>],
+    filter_fp: &mut u64,
+) -> Option<MapResponse> {
+    use crate::store::{Change, NodePatch};
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut upserted = BTreeSet::new();
+    let mut removed = BTreeSet::new();
+    let mut patches: BTreeMap<u64, NodePatch> = BTreeMap::new();
+    let mut members_changed = false;
+    let mut self_changed = false;
+    let mut resync = false;
+    for c in changes {
+        match &**c {
+            Change::Upsert(id) => {
+                members_changed = true;
+                removed.remove(id);
+                patches.remove(id);
+                upserted.insert(*id);
+            }
+            Change::Removed(id) => {
+                members_changed = true;
+                upserted.remove(id);
+                patches.remove(id);
+                removed.insert(*id);
+            }
+            Change::Patch(id, p) => {
+                if !upserted.contains(id) && !removed.contains(id) {
+                    patches.entry(*id).or_default().merge(p);
+                }
+            }
+            Change::Resync => resync = true,
+        }
+    }
+    let now = Utc::now();
+    let mut d = MapResponse::default();
+    if resync {
+        d.user_profiles = vec![user_profile(s, me.user_id)];
+        d.domain.clone_from(&s.cfg.base_domain);
+    }
+    if upserted.remove(&me.id) | patches.remove(&me.id).is_some() | removed.remove(&me.id) {
+        self_changed = true;
+    }
+    if self_changed {
+        d.node = Some(to_tail(s, me, now));
+    }
+    let mut changed = vec![];
+    for id in upserted {
+        match s.store.node(id) {
+            Some(n) if OrgTemplate::visible(me, &n) => changed.push(to_tail(s, &n, now)),
+            _ => {
+                removed.insert(id);
+            }
+        }
+    }
+    let patched: Vec<tailcfg::PeerChange> = patches
+        .iter()
+        .filter(|(id, _)| s.store.node(**id).is_some_and(|n| OrgTemplate::visible(me, &n)))
+        .map(|(id, p)| patch_of(*id, p))
+        .collect();
+    if !changed.is_empty() {
+        d.peers_changed = Some(changed);
+    }
+    if !removed.is_empty() {
+        d.peers_removed = Some(removed.into_iter().map(|id| id as i64).collect());
+    }
+    if !patched.is_empty() {
+        d.peers_changed_patch = Some(patched);
+    }
+    if members_changed || self_changed || resync {
+        let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
+        let fp = fingerprint(&f);
+        if fp != *filter_fp {
+            *filter_fp = fp;
+            d.packet_filter = Some(f);
+        }
+    }
+    (d != MapResponse::default()).then_some(d)
 }
 
 async fn map(
@@ -379,8 +757,6 @@ async fn map(
     if node.is_expired(Utc::now()) {
         return (StatusCode::UNAUTHORIZED, "node key expired").into_response();
     }
-    let nk: NodePublic = req.node_key;
-    let _ = nk;
     let ep = req.endpoints.clone();
     let disco = req.disco_key;
     if hostinfo_too_large(req.hostinfo.as_ref()) {
@@ -429,46 +805,46 @@ async fn map(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
     let keepalive = s.cfg.keepalive;
     let node_id = node.id;
-    let user_id = node.user_id;
     let store = s.store.clone();
     tokio::spawn(async move {
-        // Any node or policy change may change this node's peers or filter.
-        let mut nodes_changed = store.subscribe_all();
+        // Watch the org first, so no change between the first map and the loop is missed.
+        let mut org_changed = store.subscribe(node.user_id);
+        let mut any_changed = store.subscribe_all();
         let mut policy_changed = s.policy.subscribe();
         store.session(node_id, true);
-        let mut last: Option<MapResponse> = None;
+        let (mut st, first) = Streamer::start(&s, &node);
+        let mut next = Some(first);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         loop {
-            let Some(me) = store.node(node_id) else { break };
-            if me.user_id != user_id {
-                break; // moved to another org: the client must reconnect
-            }
-            if me.is_expired(Utc::now()) {
-                break; // an expired node gets no map; its reconnect is refused
-            }
-            let until_expiry =
-                me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
-            let m = s.faults.with_leaks(&s, &me, build_map);
-            if last.as_ref() != Some(&m) {
-                let mut out = m.clone();
+            if let Some(mut out) = next.take() {
                 out.control_time = Some(Utc::now());
                 if tx.send(Ok(Bytes::from(encode_map_frame(&out, zstd)))).await.is_err() {
                     break;
                 }
                 s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                last = Some(m);
             }
-            tokio::select! {
-                r = nodes_changed.changed() => if r.is_err() { break },
-                r = policy_changed.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(until_expiry) => {}
+            let Some(me) = st.current() else { break };
+            let until_expiry =
+                me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+            let global = matches!(st.mode, Mode::Global { .. });
+            let step = tokio::select! {
+                r = org_changed.changed(), if !global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
+                r = any_changed.changed(), if global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
+                r = policy_changed.changed() => match r { Ok(()) => st.policy_changed(), Err(_) => Step::End },
+                _ = tokio::time::sleep(until_expiry) => Step::Nothing,
                 _ = ticker.tick() => {
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
                     if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }
                     s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Step::Nothing
                 }
-                _ = tx.closed() => break,
-                _ = s.faults.wait_drop_streams() => break,
+                _ = tx.closed() => Step::End,
+                _ = s.faults.wait_drop_streams() => Step::End,
+            };
+            match step {
+                Step::Send(m) => next = Some(m),
+                Step::Nothing => {}
+                Step::End => break,
             }
         }
         store.session(node_id, false);
@@ -479,4 +855,179 @@ async fn map(
         .header("content-type", "application/octet-stream")
         .body(Body::from_stream(ReceiverStream::new(rx)))
         .expect("static response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Change;
+    use citadel_proto::keys::{MachinePublic, NodePublic};
+    use citadel_proto::tailcfg::Hostinfo;
+
+    fn shared() -> Shared {
+        crate::build(crate::Config { derp: crate::DerpMode::Off, stun_listen: None, ..Default::default() }).unwrap()
+    }
+
+    fn reg(s: &Shared, k: u32, user: u64, tags: Vec<String>) -> StoreNode {
+        let mut key = [9u8; 32];
+        key[..4].copy_from_slice(&k.to_le_bytes());
+        let hi = Hostinfo { hostname: format!("h{k}"), ..Default::default() };
+        s.store
+            .register(
+                MachinePublic(key),
+                NodePublic(key),
+                user,
+                hi,
+                false,
+                tags,
+                None,
+                "authkey",
+                s.cfg.ipv4_base,
+                s.cfg.ipv6_base,
+            )
+            .unwrap()
+    }
+
+    /// The org fast path builds exactly the map the full policy compile builds, for tagged
+    /// and untagged nodes of several orgs with interleaved addresses.
+    #[test]
+    fn org_maps_equal_the_compiled_policy_maps() {
+        let s = shared();
+        let users: Vec<u64> = (0..3).map(|i| s.store.create_user(&format!("org{i}"), "").unwrap().id).collect();
+        let mut rng = 0x2545f4914f6cdd1du64;
+        for k in 0..40u32 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let tags = if rng % 5 == 0 { vec!["tag:server".to_string()] } else { vec![] };
+            reg(&s, k, users[(rng % 3) as usize], tags);
+        }
+        let t = OrgTemplate::current(&s).expect("built-in policy takes the org path");
+        let mut seen_peers = 0;
+        for n in s.store.nodes(None) {
+            let fast = t.build_map(&s, &n);
+            let full = build_map_compiled(&s, &n);
+            assert_eq!(fast.node, full.node, "node {}", n.id);
+            assert_eq!(fast.peers, full.peers, "peers of node {}", n.id);
+            assert_eq!(fast.packet_filter, full.packet_filter, "filter of node {}", n.id);
+            assert_eq!(fast.user_profiles, full.user_profiles, "profiles of node {}", n.id);
+            seen_peers += fast.peers.as_ref().map_or(0, Vec::len);
+        }
+        let compiled = s.policy.compiled(&s.store);
+        for a in s.store.nodes(None) {
+            for b in s.store.nodes(None) {
+                assert_eq!(may_talk(&s, a.id, b.id), compiled.may_talk(a.id, b.id), "{} {}", a.id, b.id);
+            }
+        }
+        assert!(seen_peers > 0);
+        // Any other policy takes the compiled path.
+        s.policy.set(crate::policy::HEADSCALE_DEFAULT).unwrap();
+        assert!(OrgTemplate::current(&s).is_none());
+    }
+
+    #[test]
+    fn org_streams_get_deltas_and_only_for_their_org() {
+        let s = shared();
+        let a_org = s.store.create_user("a", "").unwrap().id;
+        let b_org = s.store.create_user("b", "").unwrap().id;
+        let a1 = reg(&s, 1, a_org, vec![]);
+        let (mut st, first) = Streamer::start(&s, &a1);
+        assert_eq!(first.peers, Some(vec![]));
+        assert!(matches!(st.store_changed(), Step::Nothing));
+
+        let b_seq = *s.store.subscribe(b_org).borrow();
+        let a2 = reg(&s, 2, a_org, vec![]);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta for a join") };
+        assert_eq!(d.peers_changed.as_ref().map(|p| p[0].id), Some(a2.id as i64));
+        assert!(d.peers.is_none() && d.peers_removed.is_none());
+        let f = d.packet_filter.expect("the filter names the new member");
+        assert!(f[0].src_ips.iter().any(|p| p.starts_with(&a2.ipv4.to_string())), "{f:?}");
+        assert_eq!(*s.store.subscribe(b_org).borrow(), b_seq, "another org's join woke org b");
+
+        // Another org's node: no message.
+        reg(&s, 3, b_org, vec![]);
+        assert!(matches!(st.store_changed(), Step::Nothing));
+
+        // Endpoints, DERP home and online state: a patch, no filter.
+        s.store
+            .update_node(a2.id, |n| {
+                n.endpoints = vec!["127.0.0.1:41641".into()];
+                n.home_derp = 2;
+                true
+            })
+            .unwrap();
+        s.store.session(a2.id, true);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta for a patch") };
+        let p = d.peers_changed_patch.expect("patch");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].endpoints.as_deref(), Some(&["127.0.0.1:41641".to_string()][..]));
+        assert_eq!((p[0].derp_region, p[0].online), (Some(2), Some(true)));
+        assert!(d.peers_changed.is_none() && d.packet_filter.is_none() && d.node.is_none());
+
+        // Tagging a peer removes it (the built-in policy shows tagged nodes to nobody).
+        s.store
+            .update_node(a2.id, |n| {
+                n.tags = vec!["tag:x".into()];
+                true
+            })
+            .unwrap();
+        let Step::Send(d) = st.store_changed() else { panic!("no delta for a tag") };
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
+        s.store.delete_node(a2.id).unwrap();
+        let Step::Send(d) = st.store_changed() else { panic!("no delta for a delete") };
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
+
+        // A stream that fell behind the log gets a full map.
+        for _ in 0..crate::store::ORG_LOG_LEN + 1 {
+            s.store.notify(a_org);
+        }
+        let Step::Send(d) = st.store_changed() else { panic!("no resync") };
+        assert!(d.node.is_some() && d.packet_filter.is_some() && d.peers_removed.is_some(), "{d:?}");
+
+        // Its own deletion ends the stream.
+        s.store.delete_node(a1.id).unwrap();
+        assert!(matches!(st.store_changed(), Step::End));
+    }
+
+    #[test]
+    fn a_lagging_cursor_is_reported_and_logs_are_bounded() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let n = reg(&s, 1, org, vec![]);
+        let (c0, _) = s.store.org_changes(org, 0);
+        s.store.delete_node(n.id).unwrap();
+        let (c1, since) = s.store.org_changes(org, c0);
+        assert_eq!(c1, c0 + 1);
+        assert!(matches!(since, crate::store::Since::Changes(c) if *c[0] == Change::Removed(n.id)));
+        for _ in 0..crate::store::ORG_LOG_LEN {
+            s.store.notify(org);
+        }
+        assert!(matches!(s.store.org_changes(org, c0).1, crate::store::Since::Lagged));
+        assert!(
+            matches!(s.store.org_changes(org, c1).1, crate::store::Since::Changes(c) if c.len() == crate::store::ORG_LOG_LEN)
+        );
+    }
+
+    #[test]
+    fn global_policy_streams_send_differences() {
+        let s = shared();
+        s.policy.set(crate::policy::HEADSCALE_DEFAULT).unwrap();
+        let a = s.store.create_user("a", "").unwrap().id;
+        let b = s.store.create_user("b", "").unwrap().id;
+        let a1 = reg(&s, 1, a, vec![]);
+        let (mut st, _) = Streamer::start(&s, &a1);
+        let b1 = reg(&s, 2, b, vec![]);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        assert_eq!(d.peers_changed.map(|p| p.iter().map(|n| n.id).collect::<Vec<_>>()), Some(vec![b1.id as i64]));
+        assert!(d.peers.is_none());
+        s.store.delete_node(b1.id).unwrap();
+        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        assert_eq!(d.peers_removed, Some(vec![b1.id as i64]));
+        // Back to the built-in policy: the org-b node would be gone, a full map replaces.
+        reg(&s, 3, b, vec![]);
+        let _ = st.store_changed();
+        s.policy.set(crate::policy::ORG_ISOLATION).unwrap();
+        let Step::Send(d) = st.policy_changed() else { panic!("no map after a policy change") };
+        assert!(d.peers_removed.is_some() && d.peers.is_none(), "{d:?}");
+    }
 }

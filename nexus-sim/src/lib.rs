@@ -255,6 +255,12 @@ impl Faults {
         true
     }
 
+    /// True once any [`Faults::leak_peer`] or [`Faults::leak_peer_by_hostname`] entry exists.
+    pub(crate) fn leaks_any(&self) -> bool {
+        !self.leaks.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+            || !self.host_leaks.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     /// [`Faults::leak_peer`] by host name (as the nodes report it), for a server a test
     /// starts as a process (`serve --fault-leak-peer INTO=PEER`). Same bound.
     pub fn leak_peer_by_hostname(&self, into: &str, peer: &str) -> bool {
@@ -541,7 +547,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
                     *c = (generation, Default::default());
                 }
                 *c.1.entry((*a, *b)).or_insert_with(|| match (live_node(&s, a), live_node(&s, b)) {
-                    (Some(x), Some(y)) => s.policy.compiled(&s.store).may_talk(x, y),
+                    (Some(x), Some(y)) => control::may_talk(&s, x, y),
                     _ => false,
                 })
             }) as derp::RelayPolicy
@@ -602,8 +608,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
 
 /// Id of the registered, unexpired node holding node key `k`.
 fn live_node(s: &Shared, k: &NodePublic) -> Option<u64> {
-    let now = chrono::Utc::now();
-    s.store.nodes(None).into_iter().find(|n| n.node_key == *k && !n.is_expired(now)).map(|n| n.id)
+    s.store.node_by_node_key(k).filter(|n| !n.is_expired(chrono::Utc::now())).map(|n| n.id)
 }
 
 /// Closes the DERP connections of nodes deleted or expired: at once on a store change, and

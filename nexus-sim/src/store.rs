@@ -1,14 +1,15 @@
 //! nexus-sim's data: users (orgs), pre-auth keys, nodes, API keys and stable address
 //! allocations. In memory, optionally mirrored to SQLite (one table per kind, a JSON column per
-//! row) so a restart with `--db` keeps everything. Change notification is per org: a node's
-//! map only ever depends on its own org, so only that org's streams wake.
+//! row) so a restart with `--db` keeps everything. Change notification is per org: every
+//! change of a node is appended to its org's bounded change log ([`Change`]), and only that
+//! org's watchers wake; map streams turn the log into delta messages.
 
 use chrono::{DateTime, Utc};
 use citadel_proto::keys::{DiscoPublic, MachinePublic, NodePublic};
 use citadel_proto::tailcfg::Hostinfo;
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Arc;
@@ -171,6 +172,113 @@ struct Data {
     pending: HashMap<String, Pending>,
     /// SHA-256 of the admin keys this process was started with (never persisted or listed).
     config_api_keys: Vec<String>,
+    /// Node ids per org.
+    by_org: HashMap<u64, BTreeSet<u64>>,
+    /// Node id per node key.
+    by_key: HashMap<NodePublic, u64>,
+}
+
+impl Data {
+    fn index(&mut self, n: &Node) {
+        self.by_org.entry(n.user_id).or_default().insert(n.id);
+        self.by_key.insert(n.node_key, n.id);
+    }
+
+    fn unindex(&mut self, n: &Node) {
+        if let Some(set) = self.by_org.get_mut(&n.user_id) {
+            set.remove(&n.id);
+            if set.is_empty() {
+                self.by_org.remove(&n.user_id);
+            }
+        }
+        if self.by_key.get(&n.node_key) == Some(&n.id) {
+            self.by_key.remove(&n.node_key);
+        }
+    }
+}
+
+/// Fields of a node whose change map streams send as a patch (Tailscale's `PeerChange`)
+/// instead of the whole node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodePatch {
+    pub endpoints: Option<Vec<String>>,
+    pub home_derp: Option<i32>,
+    pub disco_key: Option<DiscoPublic>,
+    pub online: Option<bool>,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl NodePatch {
+    /// The patch turning `old` into `new`, or `None` when something outside the patchable
+    /// fields changed too (then the whole node must be sent).
+    fn between(old: &Node, new: &Node) -> Option<NodePatch> {
+        let mut rest = old.clone();
+        rest.endpoints = new.endpoints.clone();
+        rest.home_derp = new.home_derp;
+        rest.disco_key = new.disco_key;
+        rest.last_seen = new.last_seen;
+        if rest != *new {
+            return None;
+        }
+        Some(NodePatch {
+            endpoints: (old.endpoints != new.endpoints).then(|| new.endpoints.clone()),
+            home_derp: (old.home_derp != new.home_derp).then_some(new.home_derp),
+            disco_key: (old.disco_key != new.disco_key).then_some(new.disco_key),
+            online: None,
+            last_seen: (old.last_seen != new.last_seen).then_some(new.last_seen).flatten(),
+        })
+    }
+
+    /// Folds a later patch into this one.
+    pub fn merge(&mut self, later: &NodePatch) {
+        if later.endpoints.is_some() {
+            self.endpoints.clone_from(&later.endpoints);
+        }
+        self.home_derp = later.home_derp.or(self.home_derp);
+        self.disco_key = later.disco_key.or(self.disco_key);
+        self.online = later.online.or(self.online);
+        self.last_seen = later.last_seen.or(self.last_seen);
+    }
+}
+
+/// One entry of an org's change log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Node added, or changed beyond what a patch carries: send its whole entry.
+    Upsert(u64),
+    /// Node deleted or moved to another org.
+    Removed(u64),
+    /// Only the patch's fields of the node changed.
+    Patch(u64, NodePatch),
+    /// Something every map of the org shows changed (the org's own profile).
+    Resync,
+}
+
+/// Changes kept per org; a stream further behind than this gets a full map instead.
+pub const ORG_LOG_LEN: usize = 4096;
+
+/// What [`Store::org_changes`] found after a cursor.
+#[derive(Debug)]
+pub enum Since {
+    /// The changes after the cursor, oldest first.
+    Changes(Vec<Arc<Change>>),
+    /// The log no longer reaches back to the cursor.
+    Lagged,
+}
+
+struct OrgLog {
+    seq: watch::Sender<u64>,
+    log: VecDeque<(u64, Arc<Change>)>,
+    /// Sequence number of the last change that can alter membership (not a patch).
+    member_gen: u64,
+    /// The org's untagged members' addresses as a minimal prefix list, for `member_gen`.
+    sources: Option<(u64, Arc<Vec<String>>)>,
+}
+
+impl Default for OrgLog {
+    fn default() -> Self {
+        OrgLog { seq: watch::channel(0).0, log: VecDeque::new(), member_gen: 0, sources: None }
+    }
 }
 
 /// The shared store.
@@ -178,7 +286,7 @@ struct Data {
 pub struct Store {
     data: Arc<Mutex<Data>>,
     db: Option<Arc<Mutex<rusqlite::Connection>>>,
-    orgs: Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>,
+    orgs: Arc<Mutex<HashMap<u64, OrgLog>>>,
     all: watch::Sender<u64>,
 }
 
@@ -281,6 +389,7 @@ impl Store {
                     data.keys.insert(k.id, k);
                 }
                 for (_, n) in load::<Node>(&c, "nodes")? {
+                    data.index(&n);
                     data.nodes.insert(n.id, n);
                 }
                 for (_, k) in load::<ApiKey>(&c, "apikeys")? {
@@ -382,9 +491,10 @@ impl Store {
         id
     }
 
-    /// Subscribes to changes of org `user_id`'s nodes.
+    /// Subscribes to changes of org `user_id`'s nodes; the value is the sequence number of the
+    /// org's last change (read the changes with [`Store::org_changes`]).
     pub fn subscribe(&self, user_id: u64) -> watch::Receiver<u64> {
-        self.orgs.lock().entry(user_id).or_insert_with(|| watch::channel(0).0).subscribe()
+        self.orgs.lock().entry(user_id).or_default().seq.subscribe()
     }
 
     /// Subscribes to every change of any node (interactive registration waits on this).
@@ -392,12 +502,73 @@ impl Store {
         self.all.subscribe()
     }
 
-    /// Wakes every stream of org `user_id`.
+    /// Wakes every stream of org `user_id` with a [`Change::Resync`].
     pub fn notify(&self, user_id: u64) {
+        self.emit(user_id, Change::Resync);
+    }
+
+    /// Appends `c` to org `user_id`'s log and wakes its watchers (and those of every change).
+    fn emit(&self, user_id: u64, c: Change) {
         self.all.send_modify(|g| *g += 1);
-        if let Some(tx) = self.orgs.lock().get(&user_id) {
-            tx.send_modify(|g| *g += 1);
+        let mut orgs = self.orgs.lock();
+        let org = orgs.entry(user_id).or_default();
+        let seq = *org.seq.borrow() + 1;
+        if !matches!(c, Change::Patch(..)) {
+            org.member_gen = seq;
         }
+        org.log.push_back((seq, Arc::new(c)));
+        while org.log.len() > ORG_LOG_LEN {
+            org.log.pop_front();
+        }
+        org.seq.send_replace(seq);
+    }
+
+    /// The current sequence number of org `user_id` and its changes after `cursor`.
+    pub fn org_changes(&self, user_id: u64, cursor: u64) -> (u64, Since) {
+        let orgs = self.orgs.lock();
+        let Some(org) = orgs.get(&user_id) else { return (cursor, Since::Changes(vec![])) };
+        let now = *org.seq.borrow();
+        if now <= cursor {
+            return (now, Since::Changes(vec![]));
+        }
+        // The log holds consecutive sequence numbers ending at `now`.
+        let held = org.log.len() as u64;
+        if now - cursor > held {
+            return (now, Since::Lagged);
+        }
+        let skip = (held - (now - cursor)) as usize;
+        (now, Since::Changes(org.log.iter().skip(skip).map(|(_, c)| c.clone()).collect()))
+    }
+
+    /// The nodes of org `user_id` (by ascending id), without scanning other orgs.
+    pub fn org_nodes(&self, user_id: u64) -> Vec<Node> {
+        let d = self.data.lock();
+        d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.nodes.get(id).cloned()).collect()
+    }
+
+    /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the
+    /// built-in policy puts in each member's filter), cached until the membership changes.
+    pub fn org_member_sources(&self, user_id: u64) -> Arc<Vec<String>> {
+        let mut orgs = self.orgs.lock();
+        let org = orgs.entry(user_id).or_default();
+        if let Some((g, v)) = &org.sources {
+            if *g == org.member_gen {
+                return v.clone();
+            }
+        }
+        let mut set = crate::policy::ipset::IpSet::default();
+        {
+            let d = self.data.lock();
+            for n in d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.nodes.get(id)) {
+                if n.tags.is_empty() {
+                    set.add_ip(n.ipv4.into());
+                    set.add_ip(n.ipv6.into());
+                }
+            }
+        }
+        let v = Arc::new(set.prefix_strings());
+        org.sources = Some((org.member_gen, v.clone()));
+        v
     }
 
     // ---- users
@@ -597,7 +768,19 @@ impl Store {
 
     /// The node registered with this machine key and node key.
     pub fn node_by_keys(&self, mk: &MachinePublic, nk: &NodePublic) -> Option<Node> {
-        self.data.lock().nodes.values().find(|n| n.machine_key == *mk && n.node_key == *nk).cloned()
+        let d = self.data.lock();
+        d.by_key.get(nk).and_then(|id| d.nodes.get(id)).filter(|n| n.machine_key == *mk).cloned()
+    }
+
+    /// Ids of every node.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.data.lock().nodes.keys().copied().collect()
+    }
+
+    /// The node holding node key `nk`.
+    pub fn node_by_node_key(&self, nk: &NodePublic) -> Option<Node> {
+        let d = self.data.lock();
+        d.by_key.get(nk).and_then(|id| d.nodes.get(id)).cloned()
     }
 
     pub fn is_online(&self, id: u64) -> bool {
@@ -650,7 +833,7 @@ impl Store {
             return Err(StoreError::Invalid("empty node key".into()));
         }
         let mut d = self.data.lock();
-        if d.nodes.values().any(|n| n.node_key == nk && n.machine_key != mk) {
+        if d.by_key.get(&nk).and_then(|id| d.nodes.get(id)).is_some_and(|n| n.machine_key != mk) {
             return Err(StoreError::Invalid(format!("node key {nk} is registered to another machine")));
         }
         let now = Utc::now();
@@ -690,6 +873,8 @@ impl Store {
         };
         let node = match existing {
             Some(id) => {
+                let old = d.nodes.get(&id).expect("exists").clone();
+                d.unindex(&old);
                 let n = d.nodes.get_mut(&id).expect("exists");
                 n.node_key = nk;
                 n.user_id = user_id;
@@ -699,7 +884,9 @@ impl Store {
                 n.ephemeral = ephemeral;
                 n.tags = tags;
                 n.auth_key_id = auth_key_id.or(n.auth_key_id);
-                n.clone()
+                let n = n.clone();
+                d.index(&n);
+                n
             }
             None => {
                 let id = Self::next_id(&mut d);
@@ -727,29 +914,43 @@ impl Store {
                     home_derp: 0,
                     approved_routes: vec![],
                 };
+                d.index(&n);
                 d.nodes.insert(id, n.clone());
                 n
             }
         };
         self.put_with_meta(&d, Some(("nodes", &node.id.to_string(), &node)));
         drop(d);
-        self.notify(user_id);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
-            self.notify(u);
+            self.emit(u, Change::Removed(node.id));
         }
+        self.emit(user_id, Change::Upsert(node.id));
         Ok(node)
     }
 
     /// Applies `f` to node `id`, persists it and wakes its org when `f` reports a change.
     pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
-        let n = d.nodes.get_mut(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        let old = d.nodes.get(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?.clone();
+        let n = d.nodes.get_mut(&id).expect("present");
         let changed = f(n);
         let n = n.clone();
+        if changed {
+            d.unindex(&old);
+            d.index(&n);
+        }
         drop(d);
         if changed {
             self.put("nodes", &id.to_string(), &n);
-            self.notify(n.user_id);
+            if old.user_id != n.user_id {
+                self.emit(old.user_id, Change::Removed(id));
+            }
+            match NodePatch::between(&old, &n) {
+                _ if old.user_id != n.user_id => self.emit(n.user_id, Change::Upsert(id)),
+                Some(p) if p == NodePatch::default() => self.all.send_modify(|g| *g += 1),
+                Some(p) => self.emit(n.user_id, Change::Patch(id, p)),
+                None => self.emit(n.user_id, Change::Upsert(id)),
+            }
         }
         Ok(n)
     }
@@ -757,10 +958,11 @@ impl Store {
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        d.unindex(&n);
         d.sessions.remove(&id);
         drop(d);
         self.del("nodes", &id.to_string());
-        self.notify(n.user_id);
+        self.emit(n.user_id, Change::Removed(id));
         Ok(n)
     }
 
@@ -802,13 +1004,16 @@ impl Store {
             *c = c.saturating_sub(1);
         }
         let now_online = *c > 0;
-        drop(d);
-        if was != now_online {
-            let _ = self.update_node(id, |n| {
-                n.last_seen = Some(Utc::now());
-                true
-            });
+        if was == now_online {
+            return;
         }
+        let Some(n) = d.nodes.get_mut(&id) else { return };
+        n.last_seen = Some(Utc::now());
+        let n = n.clone();
+        drop(d);
+        self.put("nodes", &id.to_string(), &n);
+        let p = NodePatch { online: Some(now_online), last_seen: n.last_seen, ..Default::default() };
+        self.emit(n.user_id, Change::Patch(id, p));
     }
 
     // ---- interactive registration

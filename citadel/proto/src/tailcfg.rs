@@ -414,18 +414,26 @@ pub struct PeerChange {
     #[serde(rename = "NodeID")]
     pub node_id: i64,
     /// New home DERP region.
-    #[serde(rename = "DERPRegion")]
+    #[serde(rename = "DERPRegion", skip_serializing_if = "Option::is_none")]
     pub derp_region: Option<i32>,
     /// New UDP endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Vec<String>>,
     /// New node key.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<NodePublic>,
     /// New disco key.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disco_key: Option<DiscoPublic>,
     /// New online state.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub online: Option<bool>,
     /// New key expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_expiry: Option<DateTime<Utc>>,
+    /// When the peer was last online.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<DateTime<Utc>>,
 }
 
 /// Early payload the server sends before HTTP/2 starts.

@@ -1,0 +1,457 @@
+//! Bench: nexus-sim's control plane under many lightweight control clients.
+//!
+//! Each client is citadel's ts2021 control client (`citadel::control`: Noise, HTTP/2,
+//! `/machine/register`, the streaming `/machine/map`) with no data plane, all in this process;
+//! nexus-sim runs in a child process (this binary with `serve`) so its memory and CPU are
+//! its own. After `--nodes` clients have joined `--orgs` orgs, it times `--probes` rounds of:
+//! a new node joins org 0 → every other member's map holds it; that node changes endpoints →
+//! every other member's map shows them. Prints p50/p99 of both, nexus-sim RSS per node and
+//! nexus-sim CPU per change.
+//!
+//!   cargo run --release -p citadel-e2e --bin bench-control -- --nodes 1000 [--orgs 1] [--probes 20]
+//!
+//! `--apply` makes every client keep a full `citadel::netmap::NetMap` (the real delta apply;
+//! memory grows with nodes × org size); without it a client tracks only the probe node.
+
+use citadel::control::{fetch_server_key, ControlConn};
+use citadel::keys::{NodePublic, PrivateKey};
+use citadel::net::TokioNet;
+use citadel::netmap::NetMap;
+use citadel::tailcfg::{self, Hostinfo, MapRequest, MapResponse, RegisterAuth, RegisterRequest};
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct Opts {
+    nodes: usize,
+    orgs: usize,
+    probes: usize,
+    apply: bool,
+    concurrency: usize,
+}
+
+fn parse() -> anyhow::Result<Opts> {
+    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32 };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> anyhow::Result<usize> {
+            args.next().and_then(|v| v.parse().ok()).ok_or_else(|| anyhow::anyhow!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--nodes" => o.nodes = num("--nodes")?,
+            "--orgs" => o.orgs = num("--orgs")?.max(1),
+            "--probes" => o.probes = num("--probes")?.max(1),
+            "--concurrency" => o.concurrency = num("--concurrency")?.max(1),
+            "--apply" => o.apply = true,
+            "--short" => (o.nodes, o.probes) = (100, 5),
+            other => anyhow::bail!("unknown argument {other:?} (see the file's doc comment)"),
+        }
+    }
+    Ok(o)
+}
+
+/// Raises the open-file limit to its hard maximum (every client is one socket here and one
+/// in nexus-sim).
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// `serve ORGS`: nexus-sim for the bench; prints `{"url", "keys"}` and runs until stdin closes.
+fn serve(orgs: usize) -> anyhow::Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let r = nexus_sim::start(nexus_sim::Config {
+            derp: nexus_sim::DerpMode::Off,
+            stun_listen: None,
+            keepalive: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await?;
+        let mut keys = vec![];
+        for i in 0..orgs {
+            let u = r.shared.store.create_user(&format!("org{i}"), "")?;
+            keys.push(r.shared.store.create_key(u.id, true, false, None, vec![])?.key);
+        }
+        println!("{}", serde_json::json!({"url": r.url, "keys": keys}));
+        std::io::stdout().flush()?;
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        })
+        .await?;
+        drop(r);
+        anyhow::Ok(())
+    })
+}
+
+/// The node whose arrival or change is being timed.
+#[derive(Clone)]
+struct Probe {
+    round: u64,
+    org: usize,
+    key: NodePublic,
+    /// Endpoints the members must show; `None`: presence is enough.
+    endpoints: Option<Vec<String>>,
+}
+
+#[derive(Default)]
+struct Board {
+    probe: RwLock<Option<Probe>>,
+    seen: AtomicUsize,
+    messages: AtomicU64,
+    joined: AtomicUsize,
+    /// Set once the figures are printed (streams ending then are expected).
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// What a client knows of the probe node (all a client keeps without `--apply`).
+#[derive(Default)]
+struct ProbeView {
+    key: NodePublic,
+    id: Option<i64>,
+    endpoints: Vec<String>,
+}
+
+impl ProbeView {
+    fn apply(&mut self, m: &MapResponse) {
+        if let Some(peers) = &m.peers {
+            self.id = None;
+            for p in peers.iter().filter(|p| p.key == self.key) {
+                (self.id, self.endpoints) = (Some(p.id), p.endpoints.clone());
+            }
+            return;
+        }
+        if self.id.is_some_and(|id| m.peers_removed.iter().flatten().any(|r| *r == id)) {
+            self.id = None;
+        }
+        for p in m.peers_changed.iter().flatten().filter(|p| p.key == self.key) {
+            (self.id, self.endpoints) = (Some(p.id), p.endpoints.clone());
+        }
+        for c in m.peers_changed_patch.iter().flatten() {
+            if Some(c.node_id) == self.id {
+                if let Some(e) = &c.endpoints {
+                    self.endpoints.clone_from(e);
+                }
+            }
+        }
+    }
+}
+
+enum View {
+    Probe(ProbeView),
+    Full(Box<NetMap>),
+}
+
+impl View {
+    fn apply(&mut self, m: &MapResponse) {
+        match self {
+            View::Probe(v) => v.apply(m),
+            View::Full(nm) => {
+                nm.apply(m);
+            }
+        }
+    }
+    fn holds(&mut self, p: &Probe) -> bool {
+        let (present, eps) = match self {
+            View::Probe(v) => (v.key == p.key && v.id.is_some(), v.endpoints.clone()),
+            View::Full(nm) => match nm.peers.values().find(|n| n.key == p.key) {
+                Some(n) => (true, n.endpoints.clone()),
+                None => (false, vec![]),
+            },
+        };
+        present && p.endpoints.as_ref().is_none_or(|e| *e == eps)
+    }
+}
+
+struct Client {
+    conn: ControlConn,
+    node: PrivateKey,
+}
+
+async fn join(
+    url: &str,
+    server: &citadel::keys::MachinePublic,
+    authkey: &str,
+    name: &str,
+    node: PrivateKey,
+) -> anyhow::Result<Client> {
+    let machine = PrivateKey::generate(&mut rand::thread_rng());
+    let mut conn = ControlConn::dial(&TokioNet, url, &machine, server, TIMEOUT).await?;
+    let r = conn
+        .register(&RegisterRequest {
+            version: tailcfg::CAPABILITY_VERSION,
+            node_key: NodePublic(node.public_bytes()),
+            hostinfo: Some(Hostinfo { hostname: name.to_string(), ..Default::default() }),
+            auth: Some(RegisterAuth { auth_key: authkey.to_string(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await?;
+    anyhow::ensure!(r.error.is_empty() && r.machine_authorized, "register refused: {}", r.error);
+    Ok(Client { conn, node })
+}
+
+fn map_request(node: &PrivateKey, endpoints: Vec<String>, stream: bool) -> MapRequest {
+    MapRequest {
+        version: tailcfg::CAPABILITY_VERSION,
+        keep_alive: stream,
+        stream,
+        omit_peers: !stream,
+        node_key: NodePublic(node.public_bytes()),
+        endpoints,
+        compress: "zstd".into(),
+        ..Default::default()
+    }
+}
+
+/// Runs one member: streams its map and reports when it holds the current probe. Endpoint
+/// changes for this node arrive on `cmds`.
+async fn member(
+    mut c: Client,
+    org: usize,
+    board: Arc<Board>,
+    apply: bool,
+    mut cmds: tokio::sync::mpsc::Receiver<Vec<String>>,
+    first_map: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    let me = NodePublic(c.node.public_bytes());
+    let eps = vec![format!("127.0.0.1:{}", 10000 + (me.0[0] as u16) * 100 + me.0[1] as u16 % 100)];
+    let mut stream = c.conn.map(&map_request(&c.node, eps, true)).await?;
+    let mut view = if apply { View::Full(Box::default()) } else { View::Probe(ProbeView::default()) };
+    let mut done_round = 0u64;
+    let mut first = Some(first_map);
+    loop {
+        tokio::select! {
+            m = stream.next() => {
+                let Some(m) = m? else { anyhow::bail!("map stream ended") };
+                board.messages.fetch_add(1, Ordering::Relaxed);
+                if let (View::Probe(v), Some(p)) = (&mut view, &*board.probe.read().unwrap()) {
+                    if v.key != p.key {
+                        // A new probe node: nothing seen of it yet.
+                        *v = ProbeView { key: p.key, ..Default::default() };
+                    }
+                }
+                view.apply(&m);
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
+            }
+            e = cmds.recv() => {
+                let Some(e) = e else { return Ok(()) };
+                c.conn.map(&map_request(&c.node, e, false)).await?;
+                continue;
+            }
+        }
+        let p = board.probe.read().unwrap().clone();
+        if let Some(p) = p.filter(|p| p.org == org && p.key != me && p.round != done_round) {
+            if view.holds(&p) {
+                done_round = p.round;
+                board.seen.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// nexus-sim's resident memory (bytes) and CPU time (user + system).
+fn proc_stats(pid: u32) -> (u64, Duration) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    (rss_kb * 1024, Duration::from_millis(ticks * 1000 / hz))
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+type Spawned = (tokio::sync::mpsc::Sender<Vec<String>>, tokio::sync::oneshot::Receiver<()>);
+
+fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool) -> Spawned {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (ftx, frx) = tokio::sync::oneshot::channel();
+    let b = board.clone();
+    tokio::spawn(async move {
+        let r = member(c, org, b.clone(), apply, rx, ftx).await;
+        if let Some(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
+            eprintln!("member ended: {e}");
+        }
+    });
+    (tx, frx)
+}
+
+/// Waits until `want` members saw the probe or the timeout passes.
+async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while board.seen.load(Ordering::Acquire) < want {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {}/{want} members saw the probe",
+            board.seen.load(Ordering::Acquire)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyhow::Result<()> {
+    let server = fetch_server_key(&TokioNet, &url, TIMEOUT).await?;
+    let board = Arc::new(Board::default());
+    let (rss0, _) = proc_stats(server_pid);
+    let per_org = o.nodes / o.orgs;
+    println!("joining {} nodes in {} orgs ({per_org} per org) ...", o.nodes, o.orgs);
+    let t0 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency));
+    let mut tasks = vec![];
+    for i in 0..o.nodes {
+        let (url, key, board, sem) = (url.clone(), keys[i % o.orgs].clone(), board.clone(), sem.clone());
+        let org = i % o.orgs;
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let node = PrivateKey::generate(&mut rand::thread_rng());
+            let c = join(&url, &server, &key, &format!("n{i}"), node).await?;
+            let (tx, first) = spawn_member(c, org, &board, o.apply);
+            first.await.map_err(|_| anyhow::anyhow!("no first map"))?;
+            board.joined.fetch_add(1, Ordering::Relaxed);
+            anyhow::Ok(tx)
+        }));
+    }
+    let mut cmds = vec![];
+    for t in tasks {
+        cmds.push(t.await??);
+    }
+    let join_all = t0.elapsed();
+    // Let the join wave's deltas drain.
+    let mut last = board.messages.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = board.messages.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let (rss1, cpu1) = proc_stats(server_pid);
+    println!(
+        "{} nodes joined and settled in {:.1?} (all first maps in {join_all:.1?}); nexus-sim RSS {} MB",
+        o.nodes,
+        t0.elapsed(),
+        rss1 / 1_000_000
+    );
+
+    let mut join_lat = vec![];
+    let mut ep_lat = vec![];
+    let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
+    let mut probes = vec![];
+    for round in 0..o.probes as u64 {
+        let node = PrivateKey::generate(&mut rand::thread_rng());
+        let key = NodePublic(node.public_bytes());
+        // Join: from the register request to every other member of org 0 holding the node.
+        board.seen.store(0, Ordering::Release);
+        *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
+        let members = per_org + probes.len();
+        let (_, c0) = proc_stats(server_pid);
+        let start = Instant::now();
+        let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
+        let (tx, _first) = spawn_member(c, 0, &board, o.apply);
+        wait_seen(&board, members).await?;
+        join_lat.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        join_cpu += proc_stats(server_pid).1 - c0;
+
+        // Endpoint change of that node.
+        let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
+        board.seen.store(0, Ordering::Release);
+        *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
+        let (_, c0) = proc_stats(server_pid);
+        let start = Instant::now();
+        tx.send(eps).await?;
+        wait_seen(&board, members).await?;
+        ep_lat.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ep_cpu += proc_stats(server_pid).1 - c0;
+        probes.push(tx);
+    }
+    let n = o.probes as u32;
+    let total = o.nodes + o.probes;
+    println!(
+        "\nnodes {} orgs {} (org 0: {} members at the end), clients {}",
+        total,
+        o.orgs,
+        per_org + o.probes,
+        if o.apply { "full NetMap apply" } else { "probe tracking only" }
+    );
+    println!(
+        "join -> every member's map holds it   p50 {:>8.1?}  p99 {:>8.1?}",
+        pct(&mut join_lat, 0.5),
+        pct(&mut join_lat, 0.99)
+    );
+    println!(
+        "endpoint change -> every member       p50 {:>8.1?}  p99 {:>8.1?}",
+        pct(&mut ep_lat, 0.5),
+        pct(&mut ep_lat, 0.99)
+    );
+    println!(
+        "nexus-sim RSS {:.1} MB ({:.1} KB per node over the empty server)",
+        rss1 as f64 / 1e6,
+        rss1.saturating_sub(rss0) as f64 / 1e3 / o.nodes as f64
+    );
+    println!(
+        "nexus-sim CPU per join {:.1?}, per endpoint change {:.1?} (whole org's deltas; {} clock ticks/s)",
+        join_cpu / n,
+        ep_cpu / n,
+        // SAFETY: sysconf reads a constant.
+        unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+    );
+    println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
+    board.stopping.store(true, Ordering::Relaxed);
+    drop(cmds);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("serve") {
+        return serve(args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1));
+    }
+    let o = parse()?;
+    raise_nofile();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", &o.orgs.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .env("NEXUS_LOG", "warn")
+        .spawn()?;
+    let pid = child.id();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    let url = v["url"].as_str().unwrap_or_default().to_string();
+    let keys: Vec<String> =
+        v["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(String::from)).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(bench(o, url, keys, pid));
+    drop(child.stdin.take());
+    let _ = child.wait();
+    r
+}
