@@ -6,7 +6,7 @@ use crate::{config, TRACING_TARGET};
 use indexmap::IndexMap;
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, Exp};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{Error, ErrorKind, Result};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -18,6 +18,20 @@ pub(crate) struct Topology {
 
     /// Specific configuration overrides between specific hosts.
     links: IndexMap<Pair, Link>,
+
+    /// Links (by index in `links`) that may hold sent messages not yet
+    /// deliverable. Only these are looked at when the network ticks, so a step
+    /// costs O(links with traffic) instead of O(hosts²). Entries may be stale
+    /// (the link emptied since); ticking drops them.
+    in_flight: BTreeSet<usize>,
+
+    /// Per destination host, the links (by index in `links`) holding messages
+    /// that are ready for it. Ordered by index, so delivery follows link
+    /// registration order exactly as a scan of `links` would.
+    ready: HashMap<IpAddr, BTreeSet<usize>>,
+
+    /// The current network time, moved forward with [`Topology::tick_by`].
+    now: Instant,
 
     /// We don't use a Rt for async. Right now, we just use it to tick time
     /// forward in the same way we do it elsewhere. We'd like to represent
@@ -46,6 +60,7 @@ impl Pair {
 /// An iterator for the network topology, providing access to all active links
 /// in the simulated network.
 pub struct LinksIter<'a> {
+    now: Instant,
     iter: indexmap::map::IterMut<'a, Pair, Link>,
 }
 
@@ -110,7 +125,7 @@ impl<'a> Iterator for LinksIter<'a> {
         Some(LinkIter {
             a: pair.0,
             b: pair.1,
-            now: link.now,
+            now: self.now,
             iter: link.sent.iter_mut(),
         })
     }
@@ -151,9 +166,6 @@ struct Link {
 
     /// Messages that are ready to be delivered.
     deliverable: IndexMap<IpAddr, VecDeque<Envelope>>,
-
-    /// The current network time, moved forward with [`Link::tick`].
-    now: Instant,
 }
 
 /// States that a link between two nodes can be in.
@@ -174,17 +186,35 @@ enum State {
 
 impl Topology {
     pub(crate) fn new(config: config::Link) -> Topology {
+        let rt = Rt::no_software();
         Topology {
             config,
             links: IndexMap::new(),
-            rt: Rt::no_software(),
+            in_flight: BTreeSet::new(),
+            ready: HashMap::new(),
+            now: rt.now(),
+            rt,
         }
     }
 
     /// Register a link between two hosts
     pub(crate) fn register(&mut self, a: IpAddr, b: IpAddr) {
         let pair = Pair::new(a, b);
-        assert!(self.links.insert(pair, Link::new(self.rt.now())).is_none());
+        assert!(self.links.insert(pair, Link::new()).is_none());
+    }
+
+    /// Records in the indexes what link `index` now holds: sent messages
+    /// (`in_flight`) and messages ready for either end (`ready`).
+    fn index(&mut self, index: usize) {
+        let (_, link) = self.links.get_index(index).expect("link index");
+        if !link.sent.is_empty() {
+            self.in_flight.insert(index);
+        }
+        for (dst, queue) in &link.deliverable {
+            if !queue.is_empty() {
+                self.ready.entry(*dst).or_default().insert(index);
+            }
+        }
     }
 
     pub(crate) fn set_max_message_latency(&mut self, value: Duration) {
@@ -238,8 +268,11 @@ impl Topology {
         dst: SocketAddr,
         message: Protocol,
     ) -> Result<()> {
-        if let Some(link) = self.links.get_mut(&Pair::new(src.ip(), dst.ip())) {
-            link.enqueue_message(&self.config, rand, src, dst, message)
+        let now = self.now;
+        if let Some((index, _, link)) = self.links.get_full_mut(&Pair::new(src.ip(), dst.ip())) {
+            let result = link.enqueue_message(&self.config, rand, now, src, dst, message);
+            self.index(index);
+            result
         } else {
             Err(Error::new(
                 ErrorKind::ConnectionRefused,
@@ -249,11 +282,20 @@ impl Topology {
     }
 
     // Move messages from any network links to the `dst` host.
+    //
+    // Only links indexed as holding messages for `dst` are visited, in link
+    // order. Messages a link makes ready for `dst` while this runs (a bounced
+    // message re-enqueued with no delay) wait for the next call, as they would
+    // in a scan of every link.
     pub(crate) fn deliver_messages(&mut self, rand: &mut dyn RngCore, dst: &mut Host) {
-        for (pair, link) in &mut self.links {
-            if pair.0 == dst.addr || pair.1 == dst.addr {
-                link.deliver_messages(&self.config, rand, dst);
-            }
+        let Some(ready) = self.ready.get_mut(&dst.addr) else {
+            return;
+        };
+        let now = self.now;
+        for index in std::mem::take(ready) {
+            let (_, link) = self.links.get_index_mut(index).expect("link index");
+            link.deliver_messages(&self.config, rand, now, dst);
+            self.index(index);
         }
     }
 
@@ -262,7 +304,8 @@ impl Topology {
     }
 
     pub(crate) fn release(&mut self, a: IpAddr, b: IpAddr) {
-        self.get_link_mut(&Pair::new(a, b)).release();
+        let now = self.now;
+        self.get_link_mut(&Pair::new(a, b)).release(now);
     }
 
     pub(crate) fn partition(&mut self, a: IpAddr, b: IpAddr) {
@@ -285,13 +328,19 @@ impl Topology {
 
     pub(crate) fn tick_by(&mut self, duration: Duration) {
         let _ = self.rt.tick(duration);
-        for link in self.links.values_mut() {
-            link.tick(self.rt.now());
+        self.now = self.rt.now();
+        let now = self.now;
+        // Links without sent messages have nothing to move.
+        for index in std::mem::take(&mut self.in_flight) {
+            let (_, link) = self.links.get_index_mut(index).expect("link index");
+            link.tick(now);
+            self.index(index);
         }
     }
 
     pub(crate) fn iter_mut(&mut self) -> LinksIter<'_> {
         LinksIter {
+            now: self.now,
             iter: self.links.iter_mut(),
         }
     }
@@ -324,14 +373,13 @@ enum DeliveryStatus {
 }
 
 impl Link {
-    fn new(now: Instant) -> Link {
+    fn new() -> Link {
         Link {
             state_a_b: State::Healthy,
             state_b_a: State::Healthy,
             config: config::Link::default(),
             sent: VecDeque::new(),
             deliverable: IndexMap::new(),
-            now,
         }
     }
 
@@ -339,15 +387,16 @@ impl Link {
         &mut self,
         global_config: &config::Link,
         rand: &mut dyn RngCore,
+        now: Instant,
         src: SocketAddr,
         dst: SocketAddr,
         message: Protocol,
     ) -> Result<()> {
         tracing::trace!(target: TRACING_TARGET, ?src, ?dst, protocol = %message, "Send");
 
-        self.rand_partition_or_repair(global_config, rand);
-        let result = self.enqueue(global_config, rand, src, dst, message);
-        self.process_deliverables();
+        self.rand_partition_or_repair(global_config, rand, now);
+        let result = self.enqueue(global_config, rand, now, src, dst, message);
+        self.process_deliverables(now);
         result
     }
 
@@ -375,6 +424,7 @@ impl Link {
         &mut self,
         global_config: &config::Link,
         rand: &mut dyn RngCore,
+        now: Instant,
         src: SocketAddr,
         dst: SocketAddr,
         message: Protocol,
@@ -383,7 +433,7 @@ impl Link {
         let status = match state {
             State::Healthy => {
                 let delay = self.delay(global_config.latency(), rand);
-                DeliveryStatus::DeliverAfter(self.now + delay)
+                DeliveryStatus::DeliverAfter(now + delay)
             }
             // Only A->B is blocked, so B can send, so we can send if src is B
             State::Hold => {
@@ -408,11 +458,10 @@ impl Link {
     }
 
     fn tick(&mut self, now: Instant) {
-        self.now = now;
-        self.process_deliverables();
+        self.process_deliverables(now);
     }
 
-    fn process_deliverables(&mut self) {
+    fn process_deliverables(&mut self, now: Instant) {
         // TODO: `drain_filter` is not yet stable, and so we have a low quality
         // implementation here that avoids clones.
         let mut deliverable = 0;
@@ -420,7 +469,7 @@ impl Link {
             let index = i - deliverable;
             let sent = &self.sent[index];
             if let DeliveryStatus::DeliverAfter(time) = sent.status {
-                if time <= self.now {
+                if time <= now {
                     let sent = self.sent.remove(index).unwrap();
                     let envelope = Envelope {
                         src: sent.src,
@@ -444,6 +493,7 @@ impl Link {
         &mut self,
         global_config: &config::Link,
         rand: &mut dyn RngCore,
+        now: Instant,
         host: &mut Host,
     ) {
         let deliverable = self
@@ -456,13 +506,18 @@ impl Link {
         for message in deliverable {
             let (src, dst) = (message.src, message.dst);
             if let Err(message) = host.receive_from_network(message) {
-                let _ = self.enqueue_message(global_config, rand, dst, src, message);
+                let _ = self.enqueue_message(global_config, rand, now, dst, src, message);
             }
         }
     }
 
     // Randomly break or repair this link.
-    fn rand_partition_or_repair(&mut self, global_config: &config::Link, rand: &mut dyn RngCore) {
+    fn rand_partition_or_repair(
+        &mut self,
+        global_config: &config::Link,
+        rand: &mut dyn RngCore,
+        now: Instant,
+    ) {
         let do_rand = self.rand_partition(global_config.message_loss(), rand);
         match (self.state_a_b, self.state_b_a) {
             (State::Healthy, _) | (_, State::Healthy) if do_rand => {
@@ -474,7 +529,7 @@ impl Link {
             (State::RandPartition, _) | (_, State::RandPartition)
                 if self.rand_repair(global_config.message_loss(), rand) =>
             {
-                self.release();
+                self.release(now);
             }
             _ => {}
         }
@@ -490,12 +545,12 @@ impl Link {
     }
 
     // This link becomes healthy, and any held messages are scheduled for delivery.
-    fn release(&mut self) {
+    fn release(&mut self, now: Instant) {
         self.state_a_b = State::Healthy;
         self.state_b_a = State::Healthy;
         for sent in &mut self.sent {
             if let DeliveryStatus::Hold = sent.status {
-                sent.deliver(self.now);
+                sent.deliver(now);
             }
         }
     }
