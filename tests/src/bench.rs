@@ -450,7 +450,12 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     eprintln!(
         "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB, Caddy+tsnet {t:.1} MB, Caddy alone {p:.1} MB"
     );
-    Ok(vec![Figure { name: "idle RSS, 100 peers: citadel up vs tsnet part", unit: "MB", citadel: c, tsnet: Some(t - p) }])
+    Ok(vec![Figure {
+        name: "idle RSS, 100 peers: citadel up vs tsnet part",
+        unit: "MB",
+        citadel: c,
+        tsnet: Some(t - p),
+    }])
 }
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
