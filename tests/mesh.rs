@@ -46,7 +46,10 @@ async fn same_org_nodes_talk_and_other_orgs_cannot() {
     // Nexus's fault hook lists b in g's map although g is in another org, so g has b's key
     // and endpoints and really sends: isolation must then hold at the receiver.
     assert!(nx.running.shared.faults.leak_peer_by_hostname("g", "b"));
-    let g = Mesh::connect(cfg(&nx.url(), Some(&globex), &t.path().join("g"), "g")).await.unwrap();
+    // g's own org guard is off, so it really sends to b (with it on, g would route nothing).
+    let mut gc = cfg(&nx.url(), Some(&globex), &t.path().join("g"), "g");
+    gc.routes.allow_cross_org = true;
+    let g = Mesh::connect(gc).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || a.resolve("b").is_some() && !a.status().peers[0].endpoints.is_empty())
             .await

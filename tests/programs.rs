@@ -324,6 +324,26 @@ fn real_programs_reach_exposed_services_through_proxies_and_ssh() {
         assert_eq!(sha(&out), want, "{args:?}: download differs");
     }
 
+    // Two URLs in one curl run: the HTTP proxy keeps the client's connection open between them.
+    let o = run_with_deadline(
+        Command::new("curl").args([
+            "-sv",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "--proxy",
+            &format!("http://127.0.0.1:{http}"),
+            "http://bravo:8080/file.bin",
+            "http://bravo:8080/file.bin",
+        ]),
+        T,
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "two fetches through the HTTP proxy: {log}");
+    assert!(log.contains("Re-using existing connection"), "curl opened a second connection: {log}");
+
     // Refusals answer at once with the right codes: a name outside the mesh (never resolved,
     // nothing leaves loopback) and a closed mesh port.
     let refused = |args: &[&str]| {

@@ -175,16 +175,39 @@ pub async fn http1_request(
     form: Option<String>,
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), ControlError> {
+    let body = form.map(|f| ("application/x-www-form-urlencoded", f));
+    http1_request_typed(net, url, method, path, body, timeout).await
+}
+
+/// Like [`http1_request`] with a JSON body.
+pub async fn http1_json(
+    net: &dyn Net,
+    url: &str,
+    path: &str,
+    json: String,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), ControlError> {
+    http1_request_typed(net, url, http::Method::POST, path, Some(("application/json", json)), timeout).await
+}
+
+async fn http1_request_typed(
+    net: &dyn Net,
+    url: &str,
+    method: http::Method,
+    path: &str,
+    body: Option<(&'static str, String)>,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), ControlError> {
     let fut = async {
         let (io, u) = connect(net, url, timeout).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
         let mut req = http::Request::builder().method(method).uri(path).header("host", u.authority());
-        if form.is_some() {
-            req = req.header("content-type", "application/x-www-form-urlencoded");
+        if let Some((ty, _)) = &body {
+            req = req.header("content-type", *ty);
         }
         let req = req
-            .body(Full::new(Bytes::from(form.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body.map(|(_, b)| b).unwrap_or_default())))
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = send.send_request(req).await?;
         let status = resp.status();

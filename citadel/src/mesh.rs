@@ -46,6 +46,9 @@ pub struct Config {
     /// Run the data plane (on by default). Off gives a control-plane-only node: registration
     /// and the netmap, but no UDP socket, no peers reachable and no DERP.
     pub data_plane: bool,
+    /// How peers' routes are taken (`--accept-routes`, `--exit-node`) and whether the org
+    /// guard is off (`--allow-cross-org`); the default takes own addresses only, guard on.
+    pub routes: crate::dataplane::RoutePrefs,
 }
 
 impl std::fmt::Debug for Config {
@@ -78,6 +81,7 @@ impl Config {
             udp_port: 0,
             retrust_server_key: false,
             data_plane: true,
+            routes: crate::dataplane::RoutePrefs::default(),
         }
     }
 }
@@ -153,6 +157,22 @@ pub struct PeerStatus {
     /// Round trip of the current path from disco pongs, in milliseconds.
     #[serde(default)]
     pub latency_ms: Option<f64>,
+    /// ACL tags the peer carries.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Prefixes routed to the peer: its own addresses, plus subnet routes with
+    /// `--accept-routes` and exit routes when it is the `--exit-node`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Prefixes the peer offers that this node does not take.
+    #[serde(default)]
+    pub routes_skipped: Vec<String>,
+    /// The peer is this node's exit node.
+    #[serde(default)]
+    pub exit_node: bool,
+    /// The peer belongs to another org: the org guard drops its packets.
+    #[serde(default)]
+    pub org_blocked: bool,
 }
 
 /// One answer of [`Mesh::ping`].
@@ -198,6 +218,15 @@ pub struct Status {
     /// Local proxy listeners (`--socks5`, `--http-proxy`).
     #[serde(default)]
     pub listeners: Vec<crate::proxy_server::ListenerInfo>,
+    /// Whether the org guard is on (off with `--allow-cross-org`).
+    #[serde(default)]
+    pub org_guard: bool,
+    /// Packets and disco from peers of another org that the org guard dropped.
+    #[serde(default)]
+    pub org_guard_dropped: u64,
+    /// The `--exit-node` chosen, if any.
+    #[serde(default)]
+    pub exit_node: Option<String>,
     /// The data plane's counters (drops by reason, handshakes, disco); `null` without one.
     #[serde(default)]
     pub counters: Option<crate::dataplane::DataPlaneCounters>,
@@ -569,6 +598,7 @@ impl Mesh {
             )
             .await
             .map_err(ConnectError::LocalUdp)?;
+            dp.set_route_prefs(cfg.routes.clone());
             let net_info = dp.net_info();
             (Some(Arc::new(dp)), net_info)
         } else {
@@ -622,10 +652,17 @@ impl Mesh {
         };
         let stats: std::collections::HashMap<NodePublic, PeerStats> =
             self.dp.iter().flat_map(|d| d.peer_stats()).map(|s| (s.node_key, s)).collect();
+        let prefs = self.inner.cfg.routes.clone();
+        let routes = crate::dataplane::peers::peer_routes(&nm, &prefs);
         let mut peers: Vec<PeerStatus> = nm
             .peers
             .values()
             .map(|p| PeerStatus {
+                tags: p.tags.clone(),
+                routes: routes.get(&p.key).map(|r| r.taken.clone()).unwrap_or_default(),
+                routes_skipped: routes.get(&p.key).map(|r| r.skipped.clone()).unwrap_or_default(),
+                exit_node: routes.get(&p.key).is_some_and(|r| r.exit_node),
+                org_blocked: routes.get(&p.key).is_some_and(|r| r.org_blocked),
                 path: stats.get(&p.key).and_then(|s| s.path.as_ref()).map(|p| p.to_string()),
                 last_handshake: stats.get(&p.key).and_then(|s| s.last_handshake).map(|t| {
                     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -659,6 +696,9 @@ impl Mesh {
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
             exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),
             listeners: self.proxies.lock().unwrap().iter().map(|p| p.info().clone()).collect(),
+            org_guard: !prefs.allow_cross_org,
+            org_guard_dropped: self.dp.as_ref().map(|d| d.counters().rx_cross_org).unwrap_or(0),
+            exit_node: prefs.exit_node.clone(),
             counters: self.dp.as_ref().map(|d| d.counters()),
         }
     }
@@ -705,6 +745,12 @@ impl Mesh {
 
     fn dp(&self) -> std::io::Result<&Arc<DataPlane>> {
         self.dp.as_ref().ok_or_else(|| std::io::Error::other("this node runs without a data plane"))
+    }
+
+    /// True when `ip` goes through the mesh: a peer's address, an accepted subnet route, or
+    /// any address once an exit node is chosen (`--exit-node`).
+    pub fn routes_to(&self, ip: std::net::IpAddr) -> bool {
+        self.dp.as_ref().is_some_and(|d| d.routes_to(ip))
     }
 
     /// Opens a TCP connection to a mesh address.

@@ -89,6 +89,7 @@ pub fn render(s: &Snapshot, nm: &NetMap) -> String {
         ("rx_unknown_peer", c.rx_unknown_peer),
         ("rx_spoofed", c.rx_spoofed),
         ("rx_filtered", c.rx_filtered),
+        ("rx_cross_org", c.rx_cross_org),
         ("rx_bad_ip", c.rx_bad_ip),
         ("rx_overflow", c.rx_overflow),
         ("tx_no_route", c.tx_no_route),

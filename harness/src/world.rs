@@ -130,6 +130,7 @@ struct NodeCtx {
     net: TurmoilNet,
     board: Arc<Mutex<Board>>,
     probe: ProbeFactory,
+    allow_cross_org: bool,
 }
 
 /// UDP port of every node's one socket (Tailscale's default), so traces do not depend on
@@ -159,6 +160,7 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     cfg.timeout = Duration::from_secs(10);
     cfg.net = Arc::new(ctx.net.clone());
     cfg.udp_port = NODE_UDP_PORT;
+    cfg.routes.allow_cross_org = ctx.allow_cross_org;
     let mesh = loop {
         match Mesh::connect(cfg.clone()).await {
             Ok(m) => break Arc::new(m),
@@ -431,6 +433,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             net: TurmoilNet { uplink, ip: Some(ip[&name]) },
             board: board.clone(),
             probe: probe_factory.clone(),
+            allow_cross_org: n.allow_cross_org,
         };
         ctxs.insert(name, Arc::new(ctx));
     }
@@ -798,15 +801,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         };
         verdicts.push((report::describe(e, end), v));
     }
-    for l in &sc.leaks {
-        let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
-        let v = if leaked_pairs.contains(&(into.clone(), peer.clone())) {
-            Verdict::Pass
-        } else {
-            Verdict::Fail("the entry never appeared in the netmap".into())
-        };
-        verdicts.push((format!("injected: {into}'s netmap lists {peer} (another org's node)"), v));
-    }
+    verdicts.extend(injected_verdicts(sc, &leaked_pairs));
     let mut obs_all: Vec<(Duration, String)> = observed;
     for (n, o) in &bd.nodes {
         obs_all.extend(o.events.iter().map(|(t, e)| (*t, format!("{n}: {e}"))));
@@ -998,20 +993,39 @@ pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by
 }
 
 /// The second half of `reaches a -> b, path none` when Nexus leaked `b` into `a`'s map: `a`
-/// really sent WireGuard packets to `b`, and `b` received and dropped some.
-fn judge_at_receiver(bd: &Board, a: &str, b: &str) -> Verdict {
-    let (Some(oa), Some(ob)) = (bd.nodes.get(a), bd.nodes.get(b)) else {
-        return Verdict::Fail(format!("{a} or {b} never ran"));
-    };
-    let sent = oa.tx_bytes_to(&ob.node_key);
-    let dropped = ob.rx_dropped();
-    if sent == 0 {
-        Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised"))
-    } else if dropped == 0 {
-        Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing"))
-    } else {
-        Verdict::Pass
+/// really sent WireGuard packets to `b` (`sent` bytes), and `b` received and dropped some
+/// (`dropped`). `None`: one of them never ran. The same rule in simulation and in `--real`.
+pub(crate) fn receiver_verdict(a: &str, b: &str, counts: Option<(u64, u64)>) -> Verdict {
+    match counts {
+        None => Verdict::Fail(format!("{a} or {b} never ran")),
+        Some((0, _)) => Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised")),
+        Some((sent, 0)) => Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing")),
+        Some(_) => Verdict::Pass,
     }
+}
+
+fn judge_at_receiver(bd: &Board, a: &str, b: &str) -> Verdict {
+    let counts = match (bd.nodes.get(a), bd.nodes.get(b)) {
+        (Some(oa), Some(ob)) => Some((oa.tx_bytes_to(&ob.node_key), ob.rx_dropped())),
+        _ => None,
+    };
+    receiver_verdict(a, b, counts)
+}
+
+/// One verdict per `[[leak]]`: the injected entry was seen in the receiver's map (`seen`).
+pub(crate) fn injected_verdicts(sc: &Scenario, seen: &BTreeSet<(String, String)>) -> Vec<(String, Verdict)> {
+    sc.leaks
+        .iter()
+        .map(|l| {
+            let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
+            let v = if seen.contains(&(into.clone(), peer.clone())) {
+                Verdict::Pass
+            } else {
+                Verdict::Fail("the entry never appeared in the netmap".into())
+            };
+            (format!("injected: {into}'s netmap lists {peer} (another org's node)"), v)
+        })
+        .collect()
 }
 
 /// The path of the last mesh ping that ended by `by` (`none` if it got no answer or there

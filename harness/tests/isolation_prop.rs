@@ -93,7 +93,9 @@ fn world_toml(
     }
     s += &node_toml("r0", 0, base_nats[0], 0);
     s += &node_toml("r1", 0, base_nats[1], 0);
+    // The sender's own org guard is off, so the leaked entry makes it really send.
     s += &node_toml("s0", 1, base_nats[2], 4);
+    s += "allow_cross_org = true\n";
     for (i, (org, nat)) in extra.iter().enumerate() {
         s += &node_toml(&format!("x{i}"), org % orgs, *nat, if i % 2 == 1 { 3 } else { 0 });
     }

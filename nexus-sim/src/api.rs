@@ -74,7 +74,9 @@ pub fn node_json(s: &Shared, n: &Node) -> Value {
            "registerMethod": if n.register_method == "authkey" { "REGISTER_METHOD_AUTH_KEY" } else { "REGISTER_METHOD_CLI" },
            "online": s.store.is_online(n.id), "tags": n.tags, "forcedTags": n.tags, "validTags": n.tags, "invalidTags": [],
            "ephemeral": n.ephemeral, "endpoints": n.endpoints, "homeDerp": n.home_derp,
-           "approvedRoutes": [], "availableRoutes": [], "subnetRoutes": []})
+           "approvedRoutes": n.approved_routes,
+           "availableRoutes": crate::routes::advertised(&n.hostinfo).iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+           "subnetRoutes": crate::routes::served(n).iter().map(|p| p.to_string()).collect::<Vec<_>>()})
 }
 
 fn api_key_json(k: &ApiKey) -> Value {
@@ -219,6 +221,23 @@ async fn rename_node(State(s): State<Shared>, Path((id, name)): Path<(String, St
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
+/// `POST /api/v1/node/{id}/approve_routes {"routes": [...]}`: replaces the node's approved
+/// routes (an empty list approves none).
+async fn approve_routes(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json<Value>) -> ApiResult {
+    let id = node_id(&id)?;
+    let routes: Vec<String> = match b.get("routes") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| r.as_str().map(str::to_string).ok_or_else(|| bad("routes must be strings")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("routes must be a list of prefixes")),
+    };
+    let routes = crate::routes::parse_approved(&routes).map_err(|e| bad(e.to_string()))?;
+    let n = s.store.set_approved_routes(id, routes)?;
+    Ok(Json(json!({"node": node_json(&s, &n)})))
+}
+
 /// `POST /api/v1/node/register?user=U&key=ID`: approve an interactive registration.
 async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let user = q.get("user").ok_or_else(|| bad("user is required"))?;
@@ -294,6 +313,7 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}", get(get_node).delete(delete_node))
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
+        .route("/api/v1/node/{id}/approve_routes", post(approve_routes))
         .route("/api/v1/policy", get(crate::policy::state::get_policy).put(crate::policy::state::set_policy))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
         .route("/api/v1/apikey/expire", post(expire_api_key))

@@ -285,8 +285,13 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
     let now = Utc::now();
     let compiled = s.policy.compiled(&s.store);
     let all: std::collections::HashMap<u64, StoreNode> = s.store.nodes(None).into_iter().map(|n| (n.id, n)).collect();
+    let primaries = crate::routes::primaries(all.values(), |id| s.store.is_online(id));
     let to_tail = |n: &StoreNode| {
         let addrs = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
+        let own: Vec<crate::policy::ipset::Prefix> =
+            addrs.iter().filter_map(|a| crate::policy::ipset::Prefix::parse(a)).collect();
+        let (allowed_ips, primary_routes) =
+            crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
         tailcfg::Node {
             id: n.id as i64,
             stable_id: n.id.to_string(),
@@ -296,8 +301,9 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
             key_expiry: n.expiry,
             machine: n.machine_key,
             disco_key: n.disco_key,
-            addresses: addrs.clone(),
-            allowed_ips: addrs,
+            addresses: addrs,
+            allowed_ips,
+            primary_routes,
             endpoints: n.endpoints.clone(),
             derp: if n.home_derp > 0 { format!("127.3.3.40:{}", n.home_derp) } else { String::new() },
             home_derp: n.home_derp,

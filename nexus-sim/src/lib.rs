@@ -10,9 +10,11 @@ pub mod derp;
 pub mod device;
 pub mod metrics;
 pub mod policy;
+pub mod routes;
 pub mod store;
 pub mod stun;
 pub mod tls;
+pub mod web;
 
 use axum::extract::{Path, State};
 use axum::response::Html;
@@ -393,12 +395,10 @@ pub fn router(s: Shared) -> Router {
         .route("/ts2021", post(control::upgrade))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }))
         .route("/register/{id}", get(register_page))
-        .route("/oauth/device/code", post(device::start))
-        .route("/oauth/token", post(device::token))
-        .route("/device", get(device::page))
         .route("/metrics", get(metrics::handler))
         .route("/debug/derp", get(derp_stats))
         .merge(api::router(s.clone()))
+        .merge(device::router())
         .with_state(s)
 }
 

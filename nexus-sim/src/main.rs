@@ -141,6 +141,9 @@ struct ServeArgs {
     /// Minimum seconds between device-login polls
     #[arg(long, default_value_t = 5)]
     device_poll_interval: u64,
+    /// Seconds a device-login code stays valid
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    device_code_ttl: u64,
     /// Embedded DERP regions (region 1 on --listen's port, each further one on its own port)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
     derp_regions: u16,
@@ -270,6 +273,15 @@ enum NodesCmd {
     Expire { id: u64 },
     /// Rename a node
     Rename { id: u64, name: String },
+    /// Set a node's approved routes (replaces them; no --routes approves none)
+    ApproveRoutes {
+        /// Node id
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        /// Comma-separated prefixes, e.g. 10.0.0.0/8,0.0.0.0/0
+        #[arg(long, short, value_delimiter = ',')]
+        routes: Vec<String>,
+    },
     /// Approve an interactive registration (the id from /register/{id})
     Register {
         #[arg(long, short)]
@@ -430,6 +442,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         keepalive: Duration::from_secs(a.keepalive.max(1)),
         ephemeral_timeout: Duration::from_secs(a.ephemeral_timeout),
         device_poll_interval: a.device_poll_interval,
+        device_code_ttl: Duration::from_secs(a.device_code_ttl),
         derp,
         derp_verify_clients: !a.no_derp_verify_clients,
         policy,
@@ -680,6 +693,17 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                     NodesCmd::Rename { id, name } => {
                         c.call(Method::POST, &format!("/api/v1/node/{id}/rename/{name}"), None).await?;
+                    }
+                    NodesCmd::ApproveRoutes { identifier, routes } => {
+                        let body = serde_json::json!({"routes": routes});
+                        let v = c
+                            .call(Method::POST, &format!("/api/v1/node/{identifier}/approve_routes"), Some(body))
+                            .await?;
+                        if json {
+                            println!("{}", v["node"])
+                        } else {
+                            println!("approved routes: {}", v["node"]["approvedRoutes"])
+                        }
                     }
                     NodesCmd::Reject { key } => {
                         let id = key.rsplit('/').next().unwrap_or(&key).to_string();

@@ -107,6 +107,9 @@ pub struct Node {
     /// Home DERP region the node reports (0 = none).
     #[serde(default)]
     pub home_derp: i32,
+    /// Routes an admin approved (`nodes approve-routes`); served when also advertised.
+    #[serde(default)]
+    pub approved_routes: Vec<String>,
 }
 
 impl Node {
@@ -722,6 +725,7 @@ impl Store {
                     auth_key_id,
                     register_method: method.to_string(),
                     home_derp: 0,
+                    approved_routes: vec![],
                 };
                 d.nodes.insert(id, n.clone());
                 n
@@ -768,6 +772,15 @@ impl Store {
         self.update_node(id, |n| {
             n.given_name = name;
             true
+        })
+    }
+
+    /// Replaces node `id`'s approved routes (already checked by [`crate::routes::parse_approved`]).
+    pub fn set_approved_routes(&self, id: u64, routes: Vec<String>) -> Result<Node, StoreError> {
+        self.update_node(id, |n| {
+            let changed = n.approved_routes != routes;
+            n.approved_routes = routes;
+            changed
         })
     }
 

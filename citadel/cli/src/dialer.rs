@@ -9,7 +9,7 @@ pub(crate) struct NodeDialer(pub(crate) Mesh);
 
 impl MeshDialer for NodeDialer {
     fn is_mesh_addr(&self, ip: IpAddr) -> bool {
-        citadel::addr::is_mesh_ip(ip)
+        citadel::addr::is_mesh_ip(ip) || self.0.routes_to(ip)
     }
 
     fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {

@@ -242,6 +242,9 @@ pub struct Node {
     /// Addresses routed to this node.
     #[serde(rename = "AllowedIPs")]
     pub allowed_ips: Vec<String>,
+    /// Subnet routes this node is the primary router for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub primary_routes: Vec<String>,
     /// UDP endpoints (`ip:port`) to try for a direct path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,

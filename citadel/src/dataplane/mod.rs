@@ -21,6 +21,7 @@ pub mod route;
 pub mod socket;
 pub mod wg;
 
+pub use peers::{PeerRoutes, RoutePrefs};
 pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
@@ -98,6 +99,8 @@ pub struct DataPlaneCounters {
     pub rx_spoofed: u64,
     /// Decrypted packets the packet filter refused (no rule, or not addressed to us).
     pub rx_filtered: u64,
+    /// Relayed packets and disco messages from peers of another org, dropped by the org guard.
+    pub rx_cross_org: u64,
     /// Decrypted packets that are not parseable IP (or are fragments).
     pub rx_bad_ip: u64,
     /// Packets dropped because the netstack's queue was full.
@@ -131,6 +134,7 @@ pub(crate) struct Counters {
     pub rx_unknown_peer: AtomicU64,
     pub rx_spoofed: AtomicU64,
     pub rx_filtered: AtomicU64,
+    pub rx_cross_org: AtomicU64,
     pub rx_bad_ip: AtomicU64,
     pub tx_no_route: AtomicU64,
     pub tx_no_path: AtomicU64,
@@ -149,6 +153,10 @@ pub(crate) struct Shared {
     stack: Mutex<Stack>,
     wg: Mutex<WgRouter>,
     filter: Mutex<InboundFilter>,
+    /// How peers' routes are taken; applied with every netmap.
+    prefs: Mutex<RoutePrefs>,
+    /// Peers of another org, whose relayed packets and disco are dropped.
+    guard: Mutex<peers::OrgGuard>,
     counters: Arc<Counters>,
     wake: Notify,
     /// Datagrams produced outside the driver (e.g. [`DataPlane::rehandshake`]).
@@ -274,6 +282,8 @@ impl DataPlane {
             stack: Mutex::new(Stack::new()),
             wg: Mutex::new(router),
             filter: Mutex::new(InboundFilter::default()),
+            prefs: Mutex::new(RoutePrefs::default()),
+            guard: Mutex::new(peers::OrgGuard::default()),
             counters,
             wake: Notify::new(),
             outbox: Mutex::new(Vec::new()),
@@ -434,6 +444,25 @@ impl DataPlane {
         Ok(MeshUdpSocket::new(Arc::clone(&self.shared), h, port))
     }
 
+    /// Sets how peers' routes are taken (`--accept-routes`, `--exit-node`) and whether the org
+    /// guard is off, and applies the current netmap again under them.
+    pub fn set_route_prefs(&self, prefs: RoutePrefs) {
+        *self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()) = prefs;
+        let nm = self.shared.netmap.lock().unwrap_or_else(|e| e.into_inner()).borrow_and_update().clone();
+        apply_netmap(&self.shared, &nm, self.node_public);
+    }
+
+    /// True when some peer takes traffic for `ip`: a mesh address, an accepted subnet route,
+    /// or anything once an exit node is chosen.
+    pub fn routes_to(&self, ip: IpAddr) -> bool {
+        self.shared.check_route(ip).is_ok()
+    }
+
+    /// How peers' routes are taken now.
+    pub fn route_prefs(&self) -> RoutePrefs {
+        self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Per-peer tunnel state, sorted by node key.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
         self.shared.sync_netmap();
@@ -456,6 +485,7 @@ impl DataPlane {
             rx_unknown_peer: c.rx_unknown_peer.load(Relaxed),
             rx_spoofed: c.rx_spoofed.load(Relaxed),
             rx_filtered: c.rx_filtered.load(Relaxed),
+            rx_cross_org: c.rx_cross_org.load(Relaxed),
             rx_bad_ip: c.rx_bad_ip.load(Relaxed),
             rx_overflow,
             tx_no_route: c.tx_no_route.load(Relaxed),
@@ -545,7 +575,15 @@ fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
     }
     let cidrs = mesh_cidrs(&nm.self_node.addresses);
     let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
-    shared.lock_wg().set_peers(peers::desired_peers(nm));
+    let desired = {
+        let prefs = shared.prefs.lock().unwrap_or_else(|e| e.into_inner());
+        peers::desired(nm, &prefs)
+    };
+    if desired.guard.len() > 0 {
+        tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
+    }
+    shared.lock_wg().set_peers(desired.peers);
+    *shared.guard.lock().unwrap_or_else(|e| e.into_inner()) = desired.guard;
     {
         let mut f = shared.lock_filter();
         f.set_rules(&nm.packet_filter);
@@ -698,6 +736,9 @@ impl Driver {
         delivered: &mut Vec<(NodePublic, Vec<u8>)>,
     ) {
         if crate::disco::looks_like_disco(data) {
+            if self.cross_org_disco(data) {
+                return;
+            }
             self.shared.lock_wg().handle_disco(Source::Udp(src), data, out);
         } else if crate::stun::is_stun(data) {
             if !self.probe.as_mut().is_some_and(|p| p.on_packet(src, data, now)) {
@@ -708,8 +749,24 @@ impl Driver {
         }
     }
 
+    /// True (and counted) when a disco message comes from a peer of another org.
+    fn cross_org_disco(&self, data: &[u8]) -> bool {
+        let Some(sender) = crate::disco::sender(data) else { return false };
+        if self.shared.guard.lock().unwrap_or_else(|e| e.into_inner()).blocks_disco(&sender) {
+            self.shared.counters.rx_cross_org.fetch_add(1, Relaxed);
+            tracing::trace!("org guard dropped a disco message");
+            return true;
+        }
+        false
+    }
+
     fn on_relayed(&mut self, r: relay::Relayed, out: &mut Vec<Transmit>, delivered: &mut Vec<(NodePublic, Vec<u8>)>) {
         tracing::trace!(region = r.region, peer = %r.src.short(), len = r.packet.len(), "received over DERP");
+        if self.shared.guard.lock().unwrap_or_else(|e| e.into_inner()).blocks_node(&r.src) {
+            self.shared.counters.rx_cross_org.fetch_add(1, Relaxed);
+            tracing::trace!(peer = %r.src.short(), "org guard dropped a relayed packet");
+            return;
+        }
         let src = Source::Derp { region: r.region, key: r.src };
         let mut wg = self.shared.lock_wg();
         if crate::disco::looks_like_disco(&r.packet) {

@@ -1,13 +1,82 @@
 //! The data plane's view of the netmap's peers, and the diff between two such views, so a
 //! netmap update touches only the tunnels that changed (a tunnel rebuilt needlessly would
 //! drop its session and force a new handshake).
+//!
+//! AllowedIPs are taken as Tailscale clients take them: a peer's own addresses always, subnet
+//! routes only with [`RoutePrefs::accept_routes`], exit routes (`0.0.0.0/0`, `::/0`) only from
+//! the peer chosen as [`RoutePrefs::exit_node`]. The same filtered set is what the anti-spoofing
+//! check accepts as source addresses. Peers of another org (user) get no tunnel at all unless
+//! [`RoutePrefs::allow_cross_org`] is set: the [`OrgGuard`] lists them so the driver can drop
+//! and count their packets.
 
 use super::filter::parse_prefix;
 use crate::keys::{DiscoPublic, NodePublic};
-use crate::netmap::NetMap;
+use crate::netmap::{short_name, NetMap};
+use crate::tailcfg::Node;
 use ip_network::IpNetwork;
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// How this node takes the routes its peers offer, and whether it talks across orgs.
+/// The default is the safe one: own addresses only, no exit node, org guard on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePrefs {
+    /// Take the subnet routes peers advertise (`--accept-routes`).
+    pub accept_routes: bool,
+    /// The peer (short name, FQDN, host name or mesh IP) whose exit routes to take
+    /// (`--exit-node`); every other peer's exit routes are ignored.
+    pub exit_node: Option<String>,
+    /// Turn the org guard off (`--allow-cross-org`): for deployments whose policy shares nodes
+    /// across orgs on purpose.
+    pub allow_cross_org: bool,
+}
+
+/// Peers of another org that the org guard keeps out, by node key and disco key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct OrgGuard {
+    node_keys: BTreeSet<NodePublic>,
+    disco_keys: BTreeSet<DiscoPublic>,
+}
+
+impl OrgGuard {
+    /// True when packets relayed from this node key must be dropped.
+    pub(crate) fn blocks_node(&self, k: &NodePublic) -> bool {
+        self.node_keys.contains(k)
+    }
+
+    /// True when disco from this disco key must be dropped.
+    pub(crate) fn blocks_disco(&self, k: &DiscoPublic) -> bool {
+        self.disco_keys.contains(k)
+    }
+
+    /// How many peers are kept out.
+    pub(crate) fn len(&self) -> usize {
+        self.node_keys.len()
+    }
+}
+
+/// What the data plane should have for one netmap: the tunnels, and who is kept out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Desired {
+    /// Peers to keep a tunnel to, keyed by node key.
+    pub peers: BTreeMap<NodePublic, PeerConfig>,
+    /// Peers of another org, left without a tunnel.
+    pub guard: OrgGuard,
+}
+
+/// How one peer's AllowedIPs were taken, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerRoutes {
+    /// Prefixes this node routes to the peer (and accepts as its source addresses).
+    pub taken: Vec<String>,
+    /// Prefixes the peer offers that are not taken (subnet routes without
+    /// `--accept-routes`, exit routes of a peer not chosen as exit node).
+    pub skipped: Vec<String>,
+    /// The peer belongs to another org and the org guard drops its traffic.
+    pub org_blocked: bool,
+    /// The peer is the selected exit node and offers exit routes.
+    pub exit_node: bool,
+}
 
 /// What the data plane needs to know about one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,22 +104,127 @@ pub(crate) enum PeerChange {
     Remove(NodePublic),
 }
 
-/// The peers the data plane should have for this netmap, keyed by node key. Peers without a
-/// key, with an expired key, or with this node's own key are left out; unparseable
-/// addresses are skipped.
-pub(crate) fn desired_peers(nm: &NetMap) -> BTreeMap<NodePublic, PeerConfig> {
-    let mut out = BTreeMap::new();
+/// True for an exit route (a default route, `/0`).
+fn is_exit_route(p: &IpNetwork) -> bool {
+    p.netmask() == 0
+}
+
+/// True when `p` is exactly one of `n`'s own addresses (Tailscale's test: a single-IP prefix
+/// equal to one of the node's `Addresses`); anything else but `/0` is a subnet route.
+fn is_own_address(n: &Node, p: &IpNetwork) -> bool {
+    let single = p.netmask() == if p.is_ipv4() { 32 } else { 128 };
+    single && n.addresses.iter().filter_map(|a| parse_prefix(a)).any(|a| a == *p)
+}
+
+/// The peer `sel` names: a mesh IP, short name, FQDN (with or without the final dot), the
+/// host name it reported, or its stable ID. Names compare case-insensitively.
+pub fn find_peer<'a>(nm: &'a NetMap, sel: &str) -> Option<&'a Node> {
+    let sel = sel.trim().trim_end_matches('.');
+    if sel.is_empty() {
+        return None;
+    }
+    if let Ok(ip) = sel.parse::<IpAddr>() {
+        return nm.peers.values().find(|n| {
+            n.addresses.iter().filter_map(|a| parse_prefix(a)).any(|a| a.contains(ip) && is_own_address(n, &a))
+        });
+    }
+    let eq = |s: &str| !s.is_empty() && s.eq_ignore_ascii_case(sel);
+    nm.peers.values().find(|n| {
+        eq(&short_name(n)) || eq(n.name.trim_end_matches('.')) || eq(&n.hostinfo.hostname) || eq(&n.stable_id)
+    })
+}
+
+/// True when `n` belongs to another org (user) than this node.
+fn other_org(nm: &NetMap, n: &Node) -> bool {
+    n.user != nm.self_node.user
+}
+
+/// Splits `n`'s AllowedIPs into taken and skipped; unparseable entries are dropped.
+fn split_routes(n: &Node, prefs: &RoutePrefs, chosen_exit: bool) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
+    let (mut taken, mut skipped) = (Vec::new(), Vec::new());
+    for p in n.allowed_ips.iter().filter_map(|s| parse_prefix(s)) {
+        let take = if is_exit_route(&p) { chosen_exit } else { is_own_address(n, &p) || prefs.accept_routes };
+        let v = if take { &mut taken } else { &mut skipped };
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    (taken, skipped)
+}
+
+/// The key of the peer chosen as exit node, if `prefs` names one present in the map.
+fn chosen_exit(nm: &NetMap, prefs: &RoutePrefs) -> Option<NodePublic> {
+    let sel = prefs.exit_node.as_deref()?;
+    let n = find_peer(nm, sel);
+    if n.is_none() {
+        tracing::debug!(exit_node = sel, "the chosen exit node is not in the netmap");
+    }
+    n.map(|n| n.key)
+}
+
+/// True for a peer the data plane never keeps a tunnel to: no key, expired, or our own key.
+fn unusable(nm: &NetMap, n: &Node) -> bool {
+    n.key.is_zero() || n.expired || n.key == nm.self_node.key
+}
+
+/// How each peer's AllowedIPs are taken under `prefs`, keyed by node key (for `status`).
+pub fn peer_routes(nm: &NetMap, prefs: &RoutePrefs) -> BTreeMap<NodePublic, PeerRoutes> {
+    let exit = chosen_exit(nm, prefs);
+    nm.peers
+        .values()
+        .map(|n| {
+            let blocked = !prefs.allow_cross_org && other_org(nm, n);
+            let is_exit = exit == Some(n.key) && !blocked;
+            let (taken, skipped) = split_routes(n, prefs, is_exit);
+            let r = if blocked {
+                PeerRoutes {
+                    taken: Vec::new(),
+                    skipped: taken.iter().chain(&skipped).map(|p| p.to_string()).collect(),
+                    org_blocked: true,
+                    exit_node: false,
+                }
+            } else {
+                PeerRoutes {
+                    exit_node: is_exit && taken.iter().any(is_exit_route),
+                    taken: taken.iter().map(|p| p.to_string()).collect(),
+                    skipped: skipped.iter().map(|p| p.to_string()).collect(),
+                    org_blocked: false,
+                }
+            };
+            (n.key, r)
+        })
+        .collect()
+}
+
+/// The peers the data plane should have for this netmap under `prefs`. Peers without a key,
+/// with an expired key, or with this node's own key are left out; so are peers of another org
+/// unless the org guard is off (they go into [`Desired::guard`]); unparseable addresses are
+/// skipped.
+pub(crate) fn desired(nm: &NetMap, prefs: &RoutePrefs) -> Desired {
+    let exit = chosen_exit(nm, prefs);
+    let mut out = Desired::default();
     for n in nm.peers.values() {
-        if n.key.is_zero() || n.expired || n.key == nm.self_node.key {
+        if unusable(nm, n) {
             continue;
         }
-        let allowed_ips: Vec<IpNetwork> = n.allowed_ips.iter().filter_map(|s| parse_prefix(s)).collect();
+        if !prefs.allow_cross_org && other_org(nm, n) {
+            out.guard.node_keys.insert(n.key);
+            if !n.disco_key.is_zero() {
+                out.guard.disco_keys.insert(n.disco_key);
+            }
+            continue;
+        }
+        let (allowed_ips, _) = split_routes(n, prefs, exit == Some(n.key));
         let mut endpoints: Vec<SocketAddr> = n.endpoints.iter().filter_map(|e| e.parse().ok()).collect();
         endpoints.dedup();
         let cfg = PeerConfig { key: n.key, allowed_ips, endpoints, home_derp: n.home_region(), disco: n.disco_key };
-        if out.insert(n.key, cfg).is_some() {
+        if out.peers.insert(n.key, cfg).is_some() {
             tracing::warn!(peer = %n.key.short(), "netmap lists the same node key twice; keeping the last");
         }
+    }
+    // A key listed both as a peer of ours and of another org stays blocked: deny wins.
+    for k in &out.guard.node_keys {
+        out.peers.remove(k);
     }
     out
 }
@@ -76,16 +250,48 @@ pub(crate) fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tailcfg::Node;
+    use crate::dataplane::route::RouteTable;
 
     fn node(id: i64, key: u8, ip: &str, ep: &str) -> Node {
         Node {
             id,
             key: NodePublic([key; 32]),
+            addresses: vec![format!("{ip}/32")],
             allowed_ips: vec![format!("{ip}/32"), "garbage".into()],
             endpoints: vec![ep.to_string(), "not-an-endpoint".into()],
             ..Default::default()
         }
+    }
+
+    fn desired_peers(nm: &NetMap) -> BTreeMap<NodePublic, PeerConfig> {
+        desired(nm, &RoutePrefs::default()).peers
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNetwork> {
+        v.iter().map(|s| parse_prefix(s).unwrap()).collect()
+    }
+
+    /// A map with a plain peer (2), a subnet router (3) and two exit nodes (4, 5), all in
+    /// this node's org.
+    fn routed_map() -> NetMap {
+        let mut nm = NetMap::default();
+        nm.self_node.key = NodePublic([1; 32]);
+        nm.self_node.user = 7;
+        let mut add = |id: i64, name: &str, extra: &[&str]| {
+            let ip = format!("100.64.0.{id}");
+            let mut n = node(id, id as u8, &ip, "127.0.0.1:1000");
+            n.user = 7;
+            n.name = format!("{name}.acme.mesh.");
+            n.addresses.push(format!("fd7a:115c:a1e0::{id}/128"));
+            n.allowed_ips.push(format!("fd7a:115c:a1e0::{id}/128"));
+            n.allowed_ips.extend(extra.iter().map(|s| s.to_string()));
+            nm.peers.insert(id, n);
+        };
+        add(2, "plain", &[]);
+        add(3, "router", &["192.0.2.0/24", "100.64.0.99/32"]);
+        add(4, "exit-a", &["0.0.0.0/0", "::/0"]);
+        add(5, "exit-b", &["0.0.0.0/0", "::/0", "198.51.100.0/24"]);
+        nm
     }
 
     #[test]
@@ -99,8 +305,104 @@ mod tests {
         let d = desired_peers(&nm);
         assert_eq!(d.len(), 1);
         let p = &d[&NodePublic([2; 32])];
-        assert_eq!(p.allowed_ips, vec![parse_prefix("100.64.0.2/32").unwrap()]);
+        assert_eq!(p.allowed_ips, nets(&["100.64.0.2/32"]));
         assert_eq!(p.endpoints, vec!["127.0.0.1:1000".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn own_addresses_only_by_default() {
+        let nm = routed_map();
+        let d = desired_peers(&nm);
+        for id in 2..=5u8 {
+            let want = nets(&[&format!("100.64.0.{id}/32"), &format!("fd7a:115c:a1e0::{id}/128")]);
+            assert_eq!(d[&NodePublic([id; 32])].allowed_ips, want, "peer {id}");
+        }
+        // Neither a subnet nor the internet routes anywhere, and the router cannot use an
+        // address of its subnet (or another node's-looking single IP) as a source.
+        let t = RouteTable::build(d.values());
+        for ip in ["192.0.2.1", "198.51.100.7", "203.0.113.5", "100.64.0.99", "2001:db8::1"] {
+            assert_eq!(t.lookup(ip.parse().unwrap()), None, "{ip}");
+        }
+        assert_eq!(t.lookup("100.64.0.3".parse().unwrap()), Some(NodePublic([3; 32])));
+    }
+
+    #[test]
+    fn accept_routes_takes_subnets_but_no_exit_routes() {
+        let nm = routed_map();
+        let prefs = RoutePrefs { accept_routes: true, ..Default::default() };
+        let d = desired(&nm, &prefs).peers;
+        let t = RouteTable::build(d.values());
+        assert_eq!(t.lookup("192.0.2.1".parse().unwrap()), Some(NodePublic([3; 32])));
+        assert_eq!(t.lookup("100.64.0.99".parse().unwrap()), Some(NodePublic([3; 32])));
+        assert_eq!(t.lookup("198.51.100.7".parse().unwrap()), Some(NodePublic([5; 32])));
+        assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), None);
+        assert!(d.values().all(|p| !p.allowed_ips.iter().any(is_exit_route)));
+    }
+
+    #[test]
+    fn exit_routes_only_from_the_chosen_peer() {
+        let nm = routed_map();
+        for sel in ["exit-a", "EXIT-A.acme.mesh.", "100.64.0.4", "fd7a:115c:a1e0::4"] {
+            let prefs = RoutePrefs { exit_node: Some(sel.into()), ..Default::default() };
+            let d = desired(&nm, &prefs).peers;
+            let t = RouteTable::build(d.values());
+            assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), Some(NodePublic([4; 32])), "{sel}");
+            assert_eq!(t.lookup("2001:db8::1".parse().unwrap()), Some(NodePublic([4; 32])), "{sel}");
+            // Subnets still need --accept-routes, even those of the exit node's neighbour.
+            assert_eq!(t.lookup("198.51.100.7".parse().unwrap()), Some(NodePublic([4; 32])), "{sel}");
+            assert!(!d[&NodePublic([5; 32])].allowed_ips.iter().any(is_exit_route), "{sel}");
+            // Mesh addresses still go to their own peers.
+            assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(NodePublic([2; 32])));
+        }
+        // A name no peer has, or a subnet address, chooses nothing.
+        for sel in ["nope", "192.0.2.1", "100.64.0.99", ""] {
+            let prefs = RoutePrefs { exit_node: Some(sel.into()), ..Default::default() };
+            let t = RouteTable::build(desired(&nm, &prefs).peers.values());
+            assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), None, "{sel}");
+        }
+    }
+
+    #[test]
+    fn peer_routes_report_taken_and_skipped() {
+        let nm = routed_map();
+        let prefs = RoutePrefs { exit_node: Some("exit-b".into()), ..Default::default() };
+        let r = peer_routes(&nm, &prefs);
+        let b = &r[&NodePublic([5; 32])];
+        assert!(b.exit_node && !b.org_blocked);
+        assert!(b.taken.contains(&"0.0.0.0/0".to_string()) && b.taken.contains(&"::/0".to_string()));
+        assert_eq!(b.skipped, vec!["198.51.100.0/24".to_string()]);
+        let a = &r[&NodePublic([4; 32])];
+        assert!(!a.exit_node);
+        assert_eq!(a.skipped, vec!["0.0.0.0/0".to_string(), "::/0".to_string()]);
+    }
+
+    #[test]
+    fn org_guard_keeps_other_orgs_out_unless_allowed() {
+        let mut nm = routed_map();
+        let mut foreign = node(9, 9, "100.64.0.9", "127.0.0.1:1009");
+        foreign.user = 8;
+        foreign.name = "g1.globex.mesh.".into();
+        foreign.disco_key = DiscoPublic([9; 32]);
+        foreign.allowed_ips.push("0.0.0.0/0".into());
+        nm.peers.insert(9, foreign);
+        // Even chosen as exit node, a peer of another org gets nothing.
+        let prefs = RoutePrefs { exit_node: Some("g1".into()), accept_routes: true, ..Default::default() };
+        let d = desired(&nm, &prefs);
+        assert!(!d.peers.contains_key(&NodePublic([9; 32])));
+        assert!(d.guard.blocks_node(&NodePublic([9; 32])) && d.guard.blocks_disco(&DiscoPublic([9; 32])));
+        assert!(!d.guard.blocks_node(&NodePublic([2; 32])));
+        assert_eq!(d.guard.len(), 1);
+        let t = RouteTable::build(d.peers.values());
+        assert_eq!(t.lookup("100.64.0.9".parse().unwrap()), None);
+        assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), None);
+        assert!(peer_routes(&nm, &prefs)[&NodePublic([9; 32])].org_blocked);
+
+        let open = RoutePrefs { allow_cross_org: true, ..prefs };
+        let d = desired(&nm, &open);
+        assert_eq!(d.guard.len(), 0);
+        let t = RouteTable::build(d.peers.values());
+        assert_eq!(t.lookup("100.64.0.9".parse().unwrap()), Some(NodePublic([9; 32])));
+        assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), Some(NodePublic([9; 32])));
     }
 
     #[test]
@@ -120,5 +422,25 @@ mod tests {
         assert_eq!(changes[0], PeerChange::Remove(NodePublic([2; 32])));
         assert!(matches!(&changes[1], PeerChange::Update(p) if p.key == NodePublic([3; 32])));
         assert!(matches!(&changes[2], PeerChange::Add(p) if p.key == NodePublic([4; 32])));
+    }
+
+    proptest::proptest! {
+        /// Whatever the map offers, without options a peer is routed nothing but its own
+        /// addresses.
+        #[test]
+        fn default_prefs_take_only_own_addresses(
+            extra in proptest::collection::vec("[0-9a-f.:/]{0,20}", 0..6),
+            own in proptest::collection::vec((0u8..=255, 0u8..=255), 1..3),
+        ) {
+            let mut nm = NetMap::default();
+            let mut n = node(2, 2, "100.64.0.2", "127.0.0.1:1");
+            n.addresses = own.iter().map(|(a, b)| format!("100.64.{a}.{b}/32")).collect();
+            n.allowed_ips = n.addresses.iter().cloned().chain(extra).collect();
+            nm.peers.insert(2, n.clone());
+            let d = desired_peers(&nm);
+            for p in &d[&NodePublic([2; 32])].allowed_ips {
+                proptest::prop_assert!(is_own_address(&n, p), "{p}");
+            }
+        }
     }
 }

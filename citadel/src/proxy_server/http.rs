@@ -1,12 +1,17 @@
 //! An HTTP proxy into the mesh: `CONNECT host:port` tunnels, and absolute-URI requests
-//! (`GET http://bravo:8080/file`) forwarded in origin form. One request per client
-//! connection for the latter (the forwarded request carries `Connection: close`), which every
-//! HTTP client handles by opening a new connection.
+//! (`GET http://bravo:8080/file`) forwarded in origin form. A connection that starts with an
+//! absolute-URI request stays open for more (HTTP/1.1 keep-alive, hyper does the framing), and
+//! reuses its connection to the origin while the requests go to the same host and port.
 
-use super::{dial, route, splice, Backend, Host, ProxyConfig};
+use super::{dial, route, splice, AsyncReadWrite, Backend, Host, ProxyConfig};
 use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use std::io;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Bound on the request head.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -245,7 +250,9 @@ where
         }
     }
     let (host, port) = match &head.target {
-        Target::Connect { host, port } | Target::Forward { host, port, .. } => (host, *port),
+        Target::Connect { host, port } => (host, *port),
+        // hyper reads the same head again, then every request after it.
+        Target::Forward { .. } => return forward(Prefixed { prefix: buf, at: 0, inner: s }, backend, cfg).await,
     };
     let r = match route(backend, host, port, cfg.allow_direct) {
         Ok(r) => r,
@@ -264,13 +271,176 @@ where
         }
     };
     let early = buf.split_off(head.len);
-    match head.target {
-        Target::Connect { .. } => {
-            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
-        }
-        Target::Forward { head, .. } => dest.write_all(&head).await?,
-    }
+    s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
     splice(&mut s, &mut *dest, &early).await
+}
+
+/// A stream whose first bytes were already read into `prefix`.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(out.remaining());
+            let at = self.at;
+            out.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+fn plain(status: u16, message: &str) -> hyper::Response<ProxyBody> {
+    let mut r = hyper::Response::new(Either::Right(Full::new(Bytes::from(format!("{message}\n")))));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    let h = r.headers_mut();
+    h.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
+    // A refused request ends the connection, as the first request's refusals do.
+    h.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    if status == 407 {
+        h.insert("proxy-authenticate", hyper::header::HeaderValue::from_static("Basic realm=\"citadel\""));
+    }
+    r
+}
+
+/// The open connection to the origin of the last request.
+type Origin = Option<((Host, u16), hyper::client::conn::http1::SendRequest<Incoming>)>;
+
+/// Serves absolute-URI requests on `io` until the client closes or stops keeping alive.
+async fn forward<S>(io: Prefixed<S>, backend: &dyn Backend, cfg: &ProxyConfig) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let origin: tokio::sync::Mutex<Origin> = tokio::sync::Mutex::new(None);
+    let service = hyper::service::service_fn(|req| {
+        let origin = &origin;
+        async move { Ok::<_, std::convert::Infallible>(forward_one(req, origin, backend, cfg).await) }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(cfg.handshake_timeout)
+        .max_buf_size(MAX_HEAD.max(8192))
+        .title_case_headers(true);
+    b.serve_connection(hyper_util::rt::TokioIo::new(io), service).await.map_err(io::Error::other)
+}
+
+/// One forwarded request: checks, routing, the origin connection (reused when it goes to the
+/// same host and port), and the response.
+async fn forward_one(
+    mut req: hyper::Request<Incoming>,
+    origin: &tokio::sync::Mutex<Origin>,
+    backend: &dyn Backend,
+    cfg: &ProxyConfig,
+) -> hyper::Response<ProxyBody> {
+    if let Some(creds) = &cfg.auth {
+        let got = req.headers().get("proxy-authorization").and_then(|v| basic_credentials(v.as_bytes()));
+        if !got.is_some_and(|(u, p)| creds.matches(&u, &p)) {
+            return plain(407, "proxy credentials required");
+        }
+    }
+    if req.method() == hyper::Method::CONNECT {
+        return plain(400, "CONNECT must be the first request of a connection");
+    }
+    match req.uri().scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("http") => {}
+        None => return plain(400, "not a proxy request (origin-form target)"),
+        Some(_) => return plain(501, "only http:// URIs are forwarded; use CONNECT for TLS"),
+    }
+    let Some((host, port)) = req.uri().authority().and_then(|a| authority(a.as_str(), Some(80))) else {
+        return plain(400, "bad host in URI");
+    };
+    let r = match route(backend, &host, port, cfg.allow_direct) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!("HTTP proxy: {e}");
+            return plain(403, &e.to_string());
+        }
+    };
+    // Origin form, without the hop-by-hop headers (RFC 9110 section 7.6.1).
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let host_header = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    *req.uri_mut() = match path.parse() {
+        Ok(u) => u,
+        Err(_) => return plain(400, "bad path in URI"),
+    };
+    let tokens: Vec<String> = req
+        .headers()
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes()).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>()
+        })
+        .collect();
+    let names: Vec<hyper::header::HeaderName> = req.headers().keys().cloned().collect();
+    for n in names.iter().filter(|n| hop_by_hop(n.as_str(), &tokens)) {
+        req.headers_mut().remove(n);
+    }
+    if !req.headers().contains_key(hyper::header::HOST) {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&host_header) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
+
+    let mut slot = origin.lock().await;
+    let reusable = matches!(&*slot, Some((k, tx)) if *k == (host.clone(), port) && tx.is_ready());
+    if !reusable {
+        *slot = None;
+        let dest: Box<dyn AsyncReadWrite> = match dial(backend, &r).await {
+            Ok(d) => d,
+            Err(e) => {
+                let status = if e.kind() == io::ErrorKind::TimedOut { 504 } else { 502 };
+                return plain(status, &format!("cannot reach {host}:{port}: {e}"));
+            }
+        };
+        let handshake = hyper::client::conn::http1::Builder::new()
+            .title_case_headers(true)
+            .handshake(hyper_util::rt::TokioIo::new(dest))
+            .await;
+        match handshake {
+            Ok((tx, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                *slot = Some(((host.clone(), port), tx));
+            }
+            Err(e) => return plain(502, &format!("cannot reach {host}:{port}: {e}")),
+        }
+    }
+    let Some((_, tx)) = slot.as_mut() else { return plain(502, "no origin connection") };
+    match tx.send_request(req).await {
+        Ok(mut resp) => {
+            for n in ["connection", "keep-alive", "proxy-connection"] {
+                resp.headers_mut().remove(n);
+            }
+            // The proxy answers in its own protocol version (RFC 9110 section 6.2), so an
+            // HTTP/1.0 origin does not end the client's kept-alive connection.
+            *resp.version_mut() = hyper::Version::HTTP_11;
+            resp.map(Either::Left)
+        }
+        Err(e) => {
+            *slot = None;
+            plain(502, &format!("{host}:{port} did not answer: {e}"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -357,13 +527,25 @@ mod tests {
         )
         .await;
         assert_eq!(got, "HTTP/1.1 200 Connection established\r\n\r\necho: hi\n");
-        let got = talk(
-            mesh_with("bravo"),
-            cfg,
-            format!("GET http://bravo:{}/x HTTP/1.1\r\nHost: bravo\r\n\r\n", server.port()).as_bytes(),
-        )
-        .await;
-        assert_eq!(got, "echo: GET /x HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn forwarded_requests_keep_the_connection_alive_in_origin_form() {
+        let (origin, conns, heads) = http_origin().await;
+        let p = origin.port();
+        let two = format!(
+            "GET http://bravo:{p}/x HTTP/1.1\r\nHost: bravo:{p}\r\nProxy-Connection: keep-alive\r\nX-Keep: 1\r\n\r\n\
+             GET http://bravo:{p}/y?q=1 HTTP/1.1\r\nHost: bravo:{p}\r\nConnection: close\r\n\r\n"
+        );
+        let got = talk(mesh_with("bravo"), ProxyConfig::new(origin), two.as_bytes()).await;
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+        assert!(got.contains("GET /x HTTP/1.1") && got.ends_with("GET /y?q=1 HTTP/1.1"), "{got}");
+        // Both went over one origin connection, in origin form, without the proxy's headers.
+        assert_eq!(*conns.lock().unwrap(), 1);
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 2);
+        assert!(heads[0].starts_with("GET /x HTTP/1.1\r\n") && heads[0].contains("X-Keep: 1"), "{heads:?}");
+        assert!(heads.iter().all(|h| !h.to_ascii_lowercase().contains("proxy-connection")), "{heads:?}");
     }
 
     #[tokio::test]

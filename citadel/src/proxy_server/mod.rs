@@ -404,9 +404,12 @@ impl Backend for MeshBackend {
     }
 
     fn is_mesh_ip(&self, ip: IpAddr) -> bool {
+        // Before borrowing the netmap: the data plane may apply a newer one from it.
+        if crate::addr::is_mesh_ip(ip) || self.dp.routes_to(ip) {
+            return true;
+        }
         let nm = self.netmap.borrow();
-        crate::addr::is_mesh_ip(ip)
-            || nm.peers.values().any(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
+        nm.peers.values().any(|p| p.addresses.iter().any(|a| a.split('/').next() == Some(&ip.to_string())))
     }
 
     fn dial_mesh(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn AsyncReadWrite>>> {
@@ -442,7 +445,7 @@ pub(crate) mod testing {
     //! recorded (and never reaches the network).
     use super::*;
     use std::collections::HashMap;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Default)]
     pub(crate) struct FakeMesh {
@@ -480,6 +483,46 @@ pub(crate) mod testing {
     pub(crate) fn mesh_with(name: &str) -> FakeMesh {
         let lo: IpAddr = [127, 0, 0, 1].into();
         FakeMesh { names: [(name.to_string(), lo)].into(), mesh_ips: vec![lo], ..Default::default() }
+    }
+
+    /// A loopback HTTP/1.1 origin: answers each request of a kept-alive connection with its
+    /// request line as the body. Returns its address, the number of connections it accepted,
+    /// and every request head it read.
+    pub(crate) async fn http_origin() -> (SocketAddr, Arc<Mutex<usize>>, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (conns, heads) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (c2, h2) = (conns.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                *c2.lock().unwrap() += 1;
+                let h2 = h2.clone();
+                tokio::spawn(async move {
+                    let mut s = tokio::io::BufReader::new(s);
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let first = head.lines().next().unwrap_or_default().to_string();
+                        h2.lock().unwrap().push(head);
+                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{first}", first.len());
+                        if s.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns, heads)
     }
 
     /// A loopback TCP server answering every connection with `reply` after reading a line.

@@ -91,5 +91,38 @@ fn print_status(s: &Status, json: bool, color: bool) {
             _ => dim("-"),
         };
         println!("  {:w$}  {:15}  {}  {}", p.name, p.ipv4.as_deref().unwrap_or("-"), st, path);
+        if let Some(extra) = peer_details(p) {
+            println!("  {:w$}  {}", "", dim(&extra));
+        }
     }
+    if s.org_guard_dropped > 0 {
+        println!("  {}", dim(&format!("org guard dropped {} packets from other orgs", s.org_guard_dropped)));
+    }
+}
+
+/// The second line of a peer: tags, routes taken beyond its own addresses, exit node and org
+/// guard marks; `None` when there is nothing to say.
+fn peer_details(p: &citadel::mesh::PeerStatus) -> Option<String> {
+    let own = |r: &String| {
+        let ip = r.split('/').next().unwrap_or_default();
+        p.ipv4.as_deref() == Some(ip) || p.ipv6.as_deref() == Some(ip)
+    };
+    let mut parts = Vec::new();
+    if !p.tags.is_empty() {
+        parts.push(format!("tags {}", p.tags.join(",")));
+    }
+    let extra: Vec<&str> = p.routes.iter().filter(|r| !own(r)).map(String::as_str).collect();
+    if !extra.is_empty() {
+        parts.push(format!("routes {}", extra.join(",")));
+    }
+    if !p.routes_skipped.is_empty() {
+        parts.push(format!("offers {} (not taken)", p.routes_skipped.join(",")));
+    }
+    if p.exit_node {
+        parts.push("exit node".into());
+    }
+    if p.org_blocked {
+        parts.push("other org: blocked by the org guard".into());
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }

@@ -18,13 +18,30 @@ pub struct Args {
     /// Host name to register
     #[arg(long)]
     hostname: Option<String>,
+    /// Take the subnet routes peers advertise (as `tailscale up --accept-routes`)
+    #[arg(long)]
+    accept_routes: bool,
+    /// Send non-mesh traffic through this peer (name, FQDN or mesh IP); only the chosen
+    /// peer's exit routes are ever taken
+    #[arg(long, value_name = "PEER")]
+    exit_node: Option<String>,
+    /// Turn the org guard off: accept packets from peers of other orgs when the Nexus policy
+    /// admits them (by default they are dropped and counted as `rx_cross_org`)
+    #[arg(long)]
+    allow_cross_org: bool,
     #[command(flatten)]
     programs: crate::programs::UpFlags,
 }
 
 /// Runs `citadel up`.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
-    let mesh = Mesh::connect(ctx.config(a.nexus, a.authkey, a.hostname)).await?;
+    let mut cfg = ctx.config(a.nexus, a.authkey, a.hostname);
+    cfg.routes = citadel::dataplane::RoutePrefs {
+        accept_routes: a.accept_routes,
+        exit_node: a.exit_node.filter(|s| !s.trim().is_empty()),
+        allow_cross_org: a.allow_cross_org,
+    };
+    let mesh = Mesh::connect(cfg).await?;
     let s = mesh.status();
     eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
     let mesh = Arc::new(mesh);

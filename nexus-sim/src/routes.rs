@@ -1,0 +1,212 @@
+//! Subnet and exit routes as Headscale handles them: a node advertises prefixes in
+//! `Hostinfo.RoutableIPs`, an admin approves some (`nodes approve-routes`), and a route is
+//! served when it is both advertised and approved. A served exit route (`0.0.0.0/0`, `::/0`)
+//! goes into the node's AllowedIPs as is; a served subnet route goes there only on its primary
+//! node (one per prefix, among the nodes online) and is listed in `PrimaryRoutes`.
+//!
+//! Pure functions over the store's rows: the caller passes which nodes are online.
+
+use crate::policy::ipset::Prefix;
+use crate::store::Node;
+use citadel_proto::tailcfg::Hostinfo;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Most routes one node may advertise or have approved (bounds what a client can make the
+/// server store and send to every peer).
+pub const MAX_ROUTES: usize = 256;
+
+/// A route list that cannot be approved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// An entry is not an IP prefix.
+    #[error("invalid route {0:?}: expected a prefix such as 10.0.0.0/8 or 0.0.0.0/0")]
+    Invalid(String),
+    /// An entry has host bits set (Headscale refuses `10.0.0.1/8` too).
+    #[error("invalid route {0:?}: host bits are set (did you mean {1}?)")]
+    HostBits(String, String),
+    /// More routes than [`MAX_ROUTES`].
+    #[error("too many routes: {0} (at most {MAX_ROUTES})")]
+    TooMany(usize),
+}
+
+/// Headscale's prefix order (Go's `netip.Prefix.Compare`): IPv4 first, then shorter
+/// prefixes, then by address.
+pub fn sort_prefixes(v: &mut [Prefix]) {
+    v.sort_by_key(|p| (p.addr.is_ipv6(), p.len, p.addr));
+}
+
+/// True for an exit route.
+pub fn is_exit(p: &Prefix) -> bool {
+    p.len == 0
+}
+
+/// Parses an admin's route list: canonical prefixes, sorted, without duplicates. Approving
+/// one exit route approves both families, as Headscale's CLI does.
+///
+/// # Errors
+/// An entry that is not a prefix, has host bits set, or too many entries.
+pub fn parse_approved(routes: &[String]) -> Result<Vec<String>, RouteError> {
+    if routes.len() > MAX_ROUTES {
+        return Err(RouteError::TooMany(routes.len()));
+    }
+    let mut out: BTreeSet<Prefix> = BTreeSet::new();
+    for r in routes.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        if !r.contains('/') {
+            return Err(RouteError::Invalid(r.to_string()));
+        }
+        let p = Prefix::parse(r).ok_or_else(|| RouteError::Invalid(r.to_string()))?;
+        let ip = r.split('/').next().unwrap_or_default();
+        if ip.parse::<std::net::IpAddr>().ok() != Some(p.addr) {
+            return Err(RouteError::HostBits(r.to_string(), p.to_string()));
+        }
+        if is_exit(&p) {
+            out.insert(Prefix::parse("0.0.0.0/0").expect("valid"));
+            out.insert(Prefix::parse("::/0").expect("valid"));
+        } else {
+            out.insert(p);
+        }
+    }
+    let mut out: Vec<Prefix> = out.into_iter().collect();
+    sort_prefixes(&mut out);
+    Ok(out.into_iter().map(|p| p.to_string()).collect())
+}
+
+/// The prefixes a node advertises (`Hostinfo.RoutableIPs`); entries that are not prefixes
+/// are ignored, at most [`MAX_ROUTES`] are kept.
+pub fn advertised(h: &Hostinfo) -> Vec<Prefix> {
+    let mut out: BTreeSet<Prefix> = BTreeSet::new();
+    for v in h.rest.get("RoutableIPs").and_then(|v| v.as_array()).into_iter().flatten().take(MAX_ROUTES) {
+        if let Some(p) = v.as_str().filter(|s| s.contains('/')).and_then(Prefix::parse) {
+            out.insert(p);
+        }
+    }
+    let mut out: Vec<Prefix> = out.into_iter().collect();
+    sort_prefixes(&mut out);
+    out
+}
+
+/// The routes a node serves: advertised and approved.
+pub fn served(n: &Node) -> Vec<Prefix> {
+    let approved: BTreeSet<Prefix> = n.approved_routes.iter().filter_map(|r| Prefix::parse(r)).collect();
+    advertised(&n.hostinfo).into_iter().filter(|p| approved.contains(p)).collect()
+}
+
+/// Each node's primary subnet routes: for every served non-exit prefix, the online node with
+/// the lowest id serving it (offline nodes serve nothing). Exit routes are never primary.
+pub fn primaries<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    online: impl Fn(u64) -> bool,
+) -> BTreeMap<u64, Vec<Prefix>> {
+    let mut owner: BTreeMap<Prefix, u64> = BTreeMap::new();
+    for n in nodes {
+        if !online(n.id) {
+            continue;
+        }
+        for p in served(n).into_iter().filter(|p| !is_exit(p)) {
+            let e = owner.entry(p).or_insert(n.id);
+            *e = (*e).min(n.id);
+        }
+    }
+    let mut out: BTreeMap<u64, Vec<Prefix>> = BTreeMap::new();
+    for (p, id) in owner {
+        out.entry(id).or_default().push(p);
+    }
+    for v in out.values_mut() {
+        sort_prefixes(v);
+    }
+    out
+}
+
+/// What goes into a node's map entry: `(AllowedIPs, PrimaryRoutes)` from its own addresses,
+/// its primary subnet routes and its served exit routes, in Headscale's order.
+pub fn allowed_ips(n: &Node, own: &[Prefix], primary: &[Prefix]) -> (Vec<String>, Vec<String>) {
+    let mut allowed: Vec<Prefix> =
+        own.iter().chain(primary).copied().chain(served(n).into_iter().filter(is_exit)).collect();
+    sort_prefixes(&mut allowed);
+    allowed.dedup();
+    let str = |v: &[Prefix]| v.iter().map(|p| p.to_string()).collect();
+    (str(&allowed), str(primary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, advertised: &[&str], approved: &[&str]) -> Node {
+        let mut h = Hostinfo::default();
+        h.rest.insert("RoutableIPs".into(), serde_json::json!(advertised));
+        Node {
+            id,
+            machine_key: Default::default(),
+            node_key: Default::default(),
+            disco_key: Default::default(),
+            user_id: 1,
+            hostname: format!("n{id}"),
+            given_name: format!("n{id}"),
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: std::net::Ipv6Addr::LOCALHOST,
+            endpoints: vec![],
+            hostinfo: h,
+            expiry: None,
+            created_at: chrono::Utc::now(),
+            last_seen: None,
+            ephemeral: false,
+            tags: vec![],
+            auth_key_id: None,
+            register_method: "authkey".into(),
+            home_derp: 0,
+            approved_routes: approved.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn approved_routes_are_checked_and_canonical() {
+        let v = |a: &[&str]| parse_approved(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(v(&["10.1.0.0/16", " 10.1.0.0/16", ""]).unwrap(), vec!["10.1.0.0/16"]);
+        assert_eq!(v(&["0.0.0.0/0"]).unwrap(), vec!["0.0.0.0/0", "::/0"]);
+        assert_eq!(
+            v(&["9.9.0.0/16", "10.0.0.0/8", "::/0"]).unwrap(),
+            vec!["0.0.0.0/0", "10.0.0.0/8", "9.9.0.0/16", "::/0"]
+        );
+        assert!(matches!(v(&["10.1.0.1/16"]), Err(RouteError::HostBits(_, s)) if s == "10.1.0.0/16"));
+        assert!(matches!(v(&["10.1.0.1"]), Err(RouteError::Invalid(_))));
+        assert!(matches!(v(&["nonsense/8"]), Err(RouteError::Invalid(_))));
+        let many: Vec<String> = (0..=MAX_ROUTES).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
+        assert!(matches!(parse_approved(&many), Err(RouteError::TooMany(_))));
+    }
+
+    #[test]
+    fn served_needs_both_advertised_and_approved() {
+        let n = node(1, &["10.1.0.0/16", "10.2.0.0/16", "0.0.0.0/0", "::/0", "junk"], &["10.2.0.0/16", "10.9.0.0/16"]);
+        let s: Vec<String> = served(&n).iter().map(|p| p.to_string()).collect();
+        assert_eq!(s, vec!["10.2.0.0/16"]);
+        let own = [Prefix::parse("100.64.0.1/32").unwrap()];
+        let (allowed, primary) = allowed_ips(&n, &own, &served(&n));
+        assert_eq!(allowed, vec!["10.2.0.0/16", "100.64.0.1/32"]);
+        assert_eq!(primary, vec!["10.2.0.0/16"]);
+    }
+
+    #[test]
+    fn exit_routes_go_to_allowed_ips_but_are_never_primary() {
+        let n = node(1, &["0.0.0.0/0", "::/0"], &["0.0.0.0/0", "::/0"]);
+        let prim = primaries([&n], |_| true);
+        assert!(prim.get(&1).is_none());
+        let own = [Prefix::parse("fd7a:115c:a1e0::1/128").unwrap(), Prefix::parse("100.64.0.1/32").unwrap()];
+        let (allowed, primary) = allowed_ips(&n, &own, &[]);
+        assert_eq!(allowed, vec!["0.0.0.0/0", "100.64.0.1/32", "::/0", "fd7a:115c:a1e0::1/128"]);
+        assert!(primary.is_empty());
+    }
+
+    #[test]
+    fn one_primary_per_prefix_among_online_nodes() {
+        let a = node(1, &["10.1.0.0/16"], &["10.1.0.0/16"]);
+        let b = node(2, &["10.1.0.0/16", "10.2.0.0/16"], &["10.1.0.0/16", "10.2.0.0/16"]);
+        let p = primaries([&a, &b], |_| true);
+        assert_eq!(p[&1].iter().map(|p| p.to_string()).collect::<Vec<_>>(), vec!["10.1.0.0/16"]);
+        assert_eq!(p[&2].iter().map(|p| p.to_string()).collect::<Vec<_>>(), vec!["10.2.0.0/16"]);
+        // The first router offline: the second takes its prefix over.
+        let p = primaries([&a, &b], |id| id != 1);
+        assert!(p.get(&1).is_none());
+        assert_eq!(p[&2].len(), 2);
+    }
+}

@@ -1,0 +1,122 @@
+//! Routes as Headscale serves them: a node advertises prefixes in Hostinfo, an admin approves
+//! some through REST or `nodes approve-routes`, and peers' maps then carry the served ones in
+//! the router's AllowedIPs and PrimaryRoutes (exit routes in AllowedIPs only).
+
+use citadel_proto::keys::{MachinePublic, NodePublic};
+use citadel_proto::tailcfg::{Hostinfo, Node as TailNode};
+use nexus_sim::Config;
+use serde_json::{json, Value};
+use std::process::Command;
+
+const KEY: &str = "nsapi-routes-test-key-0123456789";
+
+fn client() -> reqwest::Client {
+    let tls = nexus_sim::tls::client_config().expect("TLS client config");
+    reqwest::Client::builder().use_preconfigured_tls(tls).build().expect("client")
+}
+
+async fn approve(url: &str, id: u64, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{url}/api/v1/node/{id}/approve_routes"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The map entry `viewer` gets for `peer`.
+fn peer_in_map(n: &nexus_sim::Running, viewer: u64, peer: u64) -> TailNode {
+    let me = n.shared.store.node(viewer).expect("viewer");
+    let m = nexus_sim::control::build_map(&n.shared, &me);
+    m.peers.into_iter().flatten().find(|p| p.id == peer as i64).expect("peer in map")
+}
+
+// Multi-threaded: the admin CLI runs as a blocking child process while the server answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_and_advertised_routes_reach_peers_maps() {
+    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
+        .await
+        .expect("nexus-sim starts");
+    let st = &n.shared.store;
+    let u = st.create_user("acme", "").unwrap();
+    let reg = |k: u8, routes: &[&str]| {
+        let mut h = Hostinfo { hostname: format!("n{k}"), ..Default::default() };
+        h.rest.insert("RoutableIPs".into(), json!(routes));
+        let node = st
+            .register(
+                MachinePublic([k; 32]),
+                NodePublic([k; 32]),
+                u.id,
+                h,
+                false,
+                vec![],
+                None,
+                "authkey",
+                n.shared.cfg.ipv4_base,
+                n.shared.cfg.ipv6_base,
+            )
+            .unwrap();
+        st.session(node.id, true);
+        node
+    };
+    let router = reg(1, &["10.1.0.0/16", "10.2.0.0/16", "0.0.0.0/0", "::/0"]);
+    let viewer = reg(2, &[]);
+    let own = |p: &TailNode| p.addresses.clone();
+
+    // Advertised but not approved: nothing beyond its own addresses.
+    let p = peer_in_map(&n, viewer.id, router.id);
+    assert_eq!(p.allowed_ips, own(&p));
+    assert!(p.primary_routes.is_empty());
+
+    // Approve a subnet (and one not advertised) and the exit route.
+    let (code, v) = approve(&n.url, router.id, json!({"routes": ["10.1.0.0/16", "10.9.0.0/16", "0.0.0.0/0"]})).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"]["approvedRoutes"], json!(["0.0.0.0/0", "10.1.0.0/16", "10.9.0.0/16", "::/0"]));
+    assert_eq!(v["node"]["availableRoutes"], json!(["0.0.0.0/0", "10.1.0.0/16", "10.2.0.0/16", "::/0"]));
+    assert_eq!(v["node"]["subnetRoutes"], json!(["0.0.0.0/0", "10.1.0.0/16", "::/0"]));
+    let p = peer_in_map(&n, viewer.id, router.id);
+    let (v4, v6) = (p.addresses[0].clone(), p.addresses[1].clone());
+    assert_eq!(
+        p.allowed_ips,
+        vec!["0.0.0.0/0".to_string(), "10.1.0.0/16".into(), v4.clone(), "::/0".into(), v6.clone()]
+    );
+    assert_eq!(p.primary_routes, vec!["10.1.0.0/16".to_string()]);
+
+    // Bad lists are refused and change nothing.
+    for bad in [json!({"routes": ["10.1.0.1/16"]}), json!({"routes": ["ten"]}), json!({"routes": "10.0.0.0/8"})] {
+        let (code, v) = approve(&n.url, router.id, bad.clone()).await;
+        assert_eq!(code, 400, "{bad} -> {v}");
+    }
+    assert_eq!(peer_in_map(&n, viewer.id, router.id).primary_routes, vec!["10.1.0.0/16".to_string()]);
+    let (code, _) = approve(&n.url, 999, json!({"routes": []})).await;
+    assert_eq!(code, 404);
+
+    // The admin CLI replaces the list: an empty one withdraws every route.
+    let exe = env!("CARGO_BIN_EXE_nexus-sim");
+    let out = Command::new(exe)
+        .args(["nodes", "approve-routes", "--url", &n.url, "--api-key", KEY, "-i", &router.id.to_string()])
+        .args(["--routes", "10.2.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = peer_in_map(&n, viewer.id, router.id);
+    assert_eq!(p.allowed_ips, vec!["10.2.0.0/16".to_string(), v4, v6]);
+    let out = Command::new(exe)
+        .args(["nodes", "approve-routes", "--url", &n.url, "--api-key", KEY, "-i", &router.id.to_string()])
+        .args(["--routes", "10.2.0.1/16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host bits"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(exe)
+        .args(["nodes", "approve-routes", "--url", &n.url, "--api-key", KEY, "-i", &router.id.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = peer_in_map(&n, viewer.id, router.id);
+    assert_eq!(p.allowed_ips, own(&p));
+    assert!(p.primary_routes.is_empty());
+}
