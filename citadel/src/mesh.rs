@@ -8,7 +8,7 @@ use crate::dataplane::{DataPlane, DataPlaneConfig, MeshTcpListener, MeshTcpStrea
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic, PrivateKey};
 use crate::net::{Net, TokioNet};
 use crate::netmap::{short_name, NetMap};
-use crate::state::{Identity, NodeInfo, StateDir, StateError};
+use crate::state::{Batch, Identity, NodeInfo, StateDir, StateError};
 use crate::tailcfg::{self, Hostinfo, MapRequest, RegisterAuth, RegisterRequest};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -258,6 +258,9 @@ struct Inner {
     node_key: Mutex<(PrivateKey, Option<NodePublic>)>,
     /// Node-key renewals completed since start.
     key_renewals: std::sync::atomic::AtomicU64,
+    /// The state files written at start, in the background until the server is first told
+    /// the node key (see [`Inner::saved`]).
+    saving: Mutex<Option<tokio::task::JoinHandle<Result<(), StateError>>>>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -377,15 +380,36 @@ impl Inner {
     }
 
     /// Pins the session's server key if none is pinned yet (first registration, or state from
-    /// before pinning), writing it at once.
-    fn pin_server_key(&self, conn: &ControlConn) -> Result<(), StateError> {
+    /// before pinning). Only the first session of a start can pin; the start writes it with
+    /// the first netmap's addresses (one write, not two).
+    fn pin_server_key(&self, conn: &ControlConn) {
         let mut info = self.info.lock().unwrap();
         if info.server_key.is_none() {
             info.server_key = Some(conn.server_key);
-            self.state.write("node.json", &*info)?;
             tracing::info!(key = %conn.server_key, "pinned the Nexus server key");
         }
-        Ok(())
+    }
+
+    /// Waits for the state files the start writes in the background: the node key must be on
+    /// disk before the server hears it.
+    async fn saved(&self) -> Result<(), StateError> {
+        let pending = self.saving.lock().unwrap().take();
+        match pending {
+            None => Ok(()),
+            Some(h) => h.await.unwrap_or_else(|e| {
+                Err(StateError::Io { path: self.state.path().to_path_buf(), source: std::io::Error::other(e) })
+            }),
+        }
+    }
+
+    /// Writes `node.json` if it differs from the copy on disk.
+    fn save_info(&self, info: &NodeInfo) -> Result<(), StateError> {
+        match self.state.read::<NodeInfo>("node.json").ok().flatten() {
+            Some(on_disk) if on_disk == *info => Ok(()),
+            // A durable version exists: after a crash either one is a valid state.
+            Some(_) => self.state.replace("node.json", info),
+            None => self.state.write("node.json", info),
+        }
     }
 
     /// A register request for our node key; the auth key only when the session asks for it.
@@ -437,6 +461,9 @@ impl Inner {
                         session.handle_error(now(), ControlError::Closed.into());
                         continue;
                     };
+                    if let Err(e) = self.saved().await {
+                        return Err(e.into());
+                    }
                     let req = self.register_request(with_auth_key, followup);
                     // Only an approval wait has a deadline: the server holds those requests.
                     let resp = match session.poll_timeout() {
@@ -475,6 +502,9 @@ impl Inner {
                     // Registered: the server accepted the node, so the auth key is never needed
                     // again in this process (the session stops asking for it too).
                     self.auth_key.lock().unwrap().take();
+                    if let Err(e) = self.saved().await {
+                        return Err(e.into());
+                    }
                     // The server accepted the node key, so a renewal left unconfirmed is done.
                     let unconfirmed = {
                         let mut k = self.node_key.lock().unwrap();
@@ -486,10 +516,7 @@ impl Inner {
                             continue;
                         }
                     }
-                    if let Err(e) = self.pin_server_key(&c) {
-                        session.handle_error(now(), e.into());
-                        continue;
-                    }
+                    self.pin_server_key(&c);
                     self.take_net_info(&net_info.borrow());
                     match c.map(&self.map_request(true)).await {
                         Ok(stream) => {
@@ -535,16 +562,12 @@ impl Inner {
                 tracing::warn!("Nexus reports this node's key as expired");
             }
             let mut info = self.info.lock().unwrap();
-            let addrs = nm.self_node.addresses.clone();
+            info.addresses = nm.self_node.addresses.clone();
             let org = nm.org();
-            let on_disk: Option<NodeInfo> = self.state.read("node.json").ok().flatten();
-            if info.addresses != addrs || (!org.is_empty() && info.org != org) || on_disk.as_ref() != Some(&*info) {
-                info.addresses = addrs;
-                if !org.is_empty() {
-                    info.org = org;
-                }
-                self.state.write("node.json", &*info)?;
+            if !org.is_empty() {
+                info.org = org;
             }
+            self.save_info(&info)?;
             self.state.write_cache("netmap.json", &nm)?;
         }
         Ok(())
@@ -561,7 +584,10 @@ impl Mesh {
     async fn start(cfg: Config) -> Result<Mesh, ConnectError> {
         tracing::debug!("connecting");
         let state = StateDir::open(&cfg.state_dir)?;
-        let mut id = state.identity(&mut rand::thread_rng())?;
+        // Fresh keys and changed registration details are written in one batch (one directory
+        // fsync) while the data plane starts and the control channel dials.
+        let mut batch = Batch::default();
+        let mut id = state.identity_or_new(&mut rand::thread_rng(), &mut batch)?;
         // Like Tailscale's, the disco key is new each start (the stored one is not used): a
         // changed disco key is how peers learn that this node restarted and reset its paths
         // and WireGuard state.
@@ -589,7 +615,7 @@ impl Mesh {
             info.hostname = os_hostname();
         }
         if state.read::<NodeInfo>("node.json")?.as_ref() != Some(&info) {
-            state.write("node.json", &info)?;
+            batch.add("node.json", &info);
         }
         let cached: NetMap = state.read("netmap.json").ok().flatten().unwrap_or_default();
         let node_key = (id.node_key.clone(), id.old_node_key);
@@ -607,13 +633,25 @@ impl Mesh {
             auth_key: Mutex::new(cfg.auth_key.clone()),
             node_key: Mutex::new(node_key),
             key_renewals: Default::default(),
+            saving: Mutex::new(None),
         });
+        // On a multi-thread runtime the write overlaps the data plane start and the dial. A
+        // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
+        // step of a simulated join happens never depends on the real disk.
+        let flavor = tokio::runtime::Handle::current().runtime_flavor();
+        if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+            inner.state.write_batch(&batch)?;
+        } else if !batch.is_empty() {
+            let i = inner.clone();
+            *inner.saving.lock().unwrap() = Some(tokio::task::spawn_blocking(move || i.state.write_batch(&batch)));
+        }
         // The data plane starts first: its endpoints and disco key go into the map request, and
         // it serves cached peers from netmap.json while the control plane connects.
         let (dp, net_info) = if cfg.data_plane {
+            let node_key = inner.node_key.lock().unwrap().0.clone();
             let dp = DataPlane::start_with_net(
                 DataPlaneConfig {
-                    node_key: inner.node_key.lock().unwrap().0.clone(),
+                    node_key,
                     disco_key: inner.id.disco_key.clone(),
                     bind: std::net::SocketAddr::from(([0, 0, 0, 0], cfg.udp_port)),
                 },
@@ -624,7 +662,6 @@ impl Mesh {
             .map_err(ConnectError::LocalUdp)?;
             dp.set_route_prefs(cfg.routes.clone());
             let net_info = dp.net_info();
-            inner.take_net_info(&net_info.borrow());
             (Some(Arc::new(dp)), net_info)
         } else {
             // No data plane: nothing to report; the closed channel tells the loops so.
@@ -655,6 +692,8 @@ impl Mesh {
         tracing::debug!("first netmap");
         inner.netmap.send_modify(|nm| nm.peers.clear());
         inner.apply(&first)?;
+        // The server key pinned by this start, even if the first map changed nothing.
+        inner.save_info(&inner.info.lock().unwrap().clone())?;
         let mut net_info = net_info;
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);

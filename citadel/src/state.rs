@@ -4,6 +4,11 @@
 //! (`node.json`) and the last netmap (`netmap.json`, for fast restarts). Directory 0700, files
 //! 0600, every write atomic (temp file, fsync, rename, fsync of the directory), and an exclusive
 //! lock (`lock`) so two processes never run one identity.
+//!
+//! fsyncs are what a join waits for on disk, so they are spent only where durability needs
+//! them: files written together share one directory fsync ([`StateDir::write_batch`]); a file
+//! that already has a durable version is replaced without one ([`StateDir::replace`]); the
+//! marker and the netmap cache are never fsynced.
 
 use crate::keys::PrivateKey;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -152,7 +157,9 @@ impl StateDir {
             Err(fs::TryLockError::Error(e)) => return Err(StateError::Io { path: lock_path, source: e }),
         }
         if !marker.exists() {
-            write_atomic(&marker, b"citadel state directory\n", true)?;
+            // Not fsynced: after a crash a missing marker only means the directory, which then
+            // holds nothing but citadel's files, is adopted again.
+            write_atomic(&marker, b"citadel state directory\n", false)?;
         }
         Ok(Self { path: path.to_path_buf(), lock: std::sync::Mutex::new(Some(lock)) })
     }
@@ -191,6 +198,50 @@ impl StateDir {
         write_atomic(&self.path.join(name), &bytes, true)
     }
 
+    /// Writes `name` atomically with its contents fsynced but not the directory: after a crash
+    /// the file is the previous version or this one, both whole. Only for a file that already
+    /// has a durable version (the rename itself may be lost).
+    pub fn replace<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        if !self.held() {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+        let path = self.path.join(name);
+        let tmp = stage(&path, &bytes, true)?;
+        commit(&tmp, &path)
+    }
+
+    /// Writes every file of `batch` atomically and durably with one directory fsync: each temp
+    /// file is written and fsynced, all are renamed, then the directory is fsynced once.
+    pub fn write_batch(&self, batch: &Batch) -> Result<(), StateError> {
+        if !self.held() || batch.files.is_empty() {
+            return Ok(());
+        }
+        let mut staged = Vec::with_capacity(batch.files.len());
+        for (name, bytes) in &batch.files {
+            let path = self.path.join(name);
+            match stage(&path, bytes, true) {
+                Ok(tmp) => staged.push((tmp, path)),
+                Err(e) => {
+                    for (tmp, _) in &staged {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut staged = staged.into_iter();
+        while let Some((tmp, path)) = staged.next() {
+            if let Err(e) = commit(&tmp, &path) {
+                for (tmp, _) in staged {
+                    let _ = fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+        }
+        sync_dir(&self.path)
+    }
+
     /// Writes a cache file atomically (rename) but without fsync: after a crash it may be
     /// missing or stale, never half-written; readers treat it as optional.
     pub fn write_cache<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
@@ -203,11 +254,20 @@ impl StateDir {
 
     /// Loads the identity, creating and saving fresh keys on first use.
     pub fn identity(&self, rng: &mut impl rand::RngCore) -> Result<Identity, StateError> {
+        let mut batch = Batch::default();
+        let id = self.identity_or_new(rng, &mut batch)?;
+        self.write_batch(&batch)?;
+        Ok(id)
+    }
+
+    /// Loads the identity, or makes fresh keys and adds them to `batch`: they must be written
+    /// before they are used with a server.
+    pub fn identity_or_new(&self, rng: &mut impl rand::RngCore, batch: &mut Batch) -> Result<Identity, StateError> {
         if let Some(id) = self.read::<Identity>("identity.json")? {
             return Ok(id);
         }
         let id = Identity::generate(rng);
-        self.write("identity.json", &id)?;
+        batch.add("identity.json", &id);
         Ok(id)
     }
 
@@ -249,6 +309,27 @@ impl StateDir {
     }
 }
 
+/// State files to write together with [`StateDir::write_batch`]. Holds serialized keys, so it
+/// has no `Debug`.
+#[derive(Default)]
+pub struct Batch {
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Batch {
+    /// Adds `name` with `value` as JSON (replacing an earlier entry of the same name).
+    pub fn add<T: Serialize>(&mut self, name: &str, value: &T) {
+        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+        self.files.retain(|(n, _)| n != name);
+        self.files.push((name.to_string(), bytes));
+    }
+
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
 /// New files are 0600 (owner only) where the platform has modes.
 fn private(opts: &mut OpenOptions) {
     #[cfg(unix)]
@@ -269,10 +350,46 @@ fn write_atomic_with(
     durable: bool,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> Result<(), StateError> {
-    let dir = match path.parent() {
+    let tmp = stage_with(path, durable, fill)?;
+    commit(&tmp, path)?;
+    if durable {
+        sync_dir(parent(path))?;
+    }
+    Ok(())
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// Fsyncs directory `dir`, so the renames into it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Renames `tmp` over `path`, removing `tmp` if that fails.
+fn commit(tmp: &Path, path: &Path) -> Result<(), StateError> {
+    fs::rename(tmp, path).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        StateError::Io { path: path.to_path_buf(), source: e }
+    })
+}
+
+fn stage(path: &Path, bytes: &[u8], durable: bool) -> Result<PathBuf, StateError> {
+    stage_with(path, durable, |f| f.write_all(bytes))
+}
+
+/// Writes a fresh 0600 temp file next to `path` (created exclusively, never through a
+/// symlink), fsynced if `durable`, and returns its path; on error it is removed.
+fn stage_with(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<PathBuf, StateError> {
+    let dir = parent(path);
     let tmp = dir.join(format!(
         ".{}.tmp{}-{:016x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
@@ -288,15 +405,11 @@ fn write_atomic_with(
     };
     let written = fill(&mut f).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
-    if let Err(e) = written.map_err(io_err(&tmp)).and_then(|()| fs::rename(&tmp, path).map_err(io_err(path))) {
+    if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(e);
+        return Err(StateError::Io { path: tmp, source: e });
     }
-    if durable {
-        // Without the directory fsync the rename may not survive a crash: report it.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    }
-    Ok(())
+    Ok(tmp)
 }
 
 #[cfg(all(test, unix))]
@@ -399,6 +512,51 @@ mod tests {
         fs::write(t.path().join("lock"), b"").unwrap();
         StateDir::open(t.path()).unwrap();
         assert!(t.path().join(MARKER).exists());
+    }
+
+    #[test]
+    fn a_batch_writes_every_file_and_a_fresh_identity_waits_for_it() {
+        let t = tempfile::tempdir().unwrap();
+        let s = StateDir::open(t.path()).unwrap();
+        let mut batch = Batch::default();
+        let id = s.identity_or_new(&mut rand::thread_rng(), &mut batch).unwrap();
+        assert!(!t.path().join("identity.json").exists(), "keys are written by the batch, not before");
+        batch.add("node.json", &NodeInfo { hostname: "a".into(), ..Default::default() });
+        batch.add("node.json", &NodeInfo { hostname: "b".into(), ..Default::default() });
+        s.write_batch(&batch).unwrap();
+        let again = s.identity(&mut rand::thread_rng()).unwrap();
+        assert_eq!(id.node_key.to_bytes(), again.node_key.to_bytes());
+        assert_eq!(s.read::<NodeInfo>("node.json").unwrap().unwrap().hostname, "b");
+        for f in ["identity.json", "node.json"] {
+            assert_eq!(fs::metadata(t.path().join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+        }
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failed_batch_leaves_no_temp_file() {
+        let t = tempfile::tempdir().unwrap();
+        let s = StateDir::open(t.path()).unwrap();
+        // The second rename fails: its target is a non-empty directory.
+        fs::create_dir(t.path().join("node.json")).unwrap();
+        fs::write(t.path().join("node.json").join("x"), b"x").unwrap();
+        let mut batch = Batch::default();
+        s.identity_or_new(&mut rand::thread_rng(), &mut batch).unwrap();
+        batch.add("node.json", &NodeInfo::default());
+        assert!(s.write_batch(&batch).is_err());
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn replace_swaps_the_whole_file() {
+        let t = tempfile::tempdir().unwrap();
+        let s = StateDir::open(t.path()).unwrap();
+        s.write("node.json", &NodeInfo { hostname: "old".into(), ..Default::default() }).unwrap();
+        s.replace("node.json", &NodeInfo { hostname: "new".into(), registered: true, ..Default::default() }).unwrap();
+        let got = s.read::<NodeInfo>("node.json").unwrap().unwrap();
+        assert!(got.registered && got.hostname == "new");
+        assert_eq!(fs::metadata(t.path().join("node.json")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(temp_files(t.path()), Vec::<String>::new());
     }
 
     #[test]

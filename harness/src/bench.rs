@@ -14,6 +14,9 @@ pub struct BenchResult {
     pub simulated: Duration,
     /// Wall time it took (world setup included).
     pub wall: Duration,
+    /// CPU time (user + system) the process spent in that time: on a shared machine the
+    /// steadier figure.
+    pub cpu: Duration,
     /// Peak resident memory of the process so far, in MiB.
     pub peak_rss_mib: f64,
     /// Nodes that saw their whole org by the end.
@@ -25,13 +28,15 @@ pub struct BenchResult {
 impl fmt::Display for BenchResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let per_min = self.wall.as_secs_f64() * 60.0 / self.simulated.as_secs_f64();
+        let cpu_per_min = self.cpu.as_secs_f64() * 60.0 / self.simulated.as_secs_f64();
         write!(
             f,
-            "{:>5} nodes: {:>7.2} s wall for {} s simulated = {:>7.2} s wall per simulated minute; peak RSS {:.0} MiB; {}/{} nodes converged; {}/{} mesh pings answered",
+            "{:>5} nodes: {:>7.2} s wall for {} s simulated = {:>7.2} s wall ({:.2} s CPU) per simulated minute; peak RSS {:.0} MiB; {}/{} nodes converged; {}/{} mesh pings answered",
             self.nodes,
             self.wall.as_secs_f64(),
             self.simulated.as_secs(),
             per_min,
+            cpu_per_min,
             self.peak_rss_mib,
             self.converged,
             self.nodes,
@@ -73,6 +78,20 @@ pub fn world_toml(nodes: usize, secs: u64, tick: Duration) -> String {
     s
 }
 
+/// User + system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            return tv(u.ru_utime) + tv(u.ru_stime);
+        }
+    }
+    Duration::ZERO
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -86,9 +105,9 @@ fn peak_rss_mib() -> f64 {
 /// Plays the benchmark world with `nodes` nodes for `simulated` at `tick`.
 pub fn measure(nodes: usize, simulated: Duration, tick: Duration) -> anyhow::Result<BenchResult> {
     let sc = Scenario::parse("bench", &world_toml(nodes, simulated.as_secs().max(1), tick))?;
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_time());
     let out = world::run(&sc, &RunOptions { sample: Duration::from_secs(1), ..Default::default() })?;
-    let wall = start.elapsed();
+    let (wall, cpu) = (start.elapsed(), cpu_time().saturating_sub(cpu0));
     let converged = out
         .visibility
         .iter()
@@ -99,7 +118,7 @@ pub fn measure(nodes: usize, simulated: Duration, tick: Duration) -> anyhow::Res
         })
         .count();
     let reached = (out.paths.values().filter(|p| **p != crate::probe::PathKind::None).count(), out.paths.len());
-    Ok(BenchResult { nodes, simulated, wall, peak_rss_mib: peak_rss_mib(), converged, reached })
+    Ok(BenchResult { nodes, simulated, wall, cpu, peak_rss_mib: peak_rss_mib(), converged, reached })
 }
 
 #[cfg(test)]

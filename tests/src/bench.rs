@@ -23,6 +23,8 @@ pub const MAX_JOIN_RATIO: f64 = 0.5;
 /// The CI guard: citadel↔citadel throughput must reach this fraction of tsnet↔tsnet. Gross on
 /// purpose (today's ratio is 0.65–0.72): it catches a collapse, not noise on a shared machine.
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.4;
+/// Peers in the netmap of each node whose idle memory is measured.
+pub const MEMORY_PEERS: usize = 100;
 
 /// How long and how often to measure.
 #[derive(Debug, Clone, Copy)]
@@ -383,10 +385,47 @@ fn rss_mb(pid: Option<u32>) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// Joins `n` control-only nodes (citadel's library, data plane off) in this process: real
+/// registrations with open map streams, so every node of the tailnet lists them as peers.
+async fn control_only_peers(w: &World, n: usize) -> anyhow::Result<Vec<citadel::mesh::Mesh>> {
+    let mut peers = Vec::with_capacity(n);
+    let mut joining = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut cfg = citadel::mesh::Config::new(
+            Some(w.nexus.url()),
+            Some(w.key.clone()),
+            w.dir.path().join(format!("mem-peer-{i}")),
+        );
+        cfg.hostname = Some(format!("mem-peer-{i}"));
+        cfg.data_plane = false;
+        joining.spawn(citadel::mesh::Mesh::connect(cfg));
+        // A few at a time: the point is the peers, not a join storm.
+        if joining.len() >= 8 {
+            peers.push(joining.join_next().await.expect("non-empty")??);
+        }
+    }
+    while let Some(m) = joining.join_next().await {
+        peers.push(m??);
+    }
+    Ok(peers)
+}
+
+/// The peers `citadel up` in `state_dir` lists, through its API socket.
+async fn citadel_peer_count(state_dir: &std::path::Path) -> anyhow::Result<usize> {
+    match citadel::api::call(state_dir, &citadel::api::Request::Status).await? {
+        Some(citadel::api::Response::Status(st)) => Ok(st.peers.len()),
+        other => bail!("citadel up answered its status request with {other:?}"),
+    }
+}
+
 /// Idle whole-process RSS of `citadel up`, against the tsnet part of a Caddy node (Caddy with
-/// its tailscale block minus the same Caddy without one), all idle for `idle` after joining.
+/// its tailscale block minus the same Caddy without one), all idle for `idle` after joining,
+/// each with [`MEMORY_PEERS`] peers (control-only nodes fill the tailnet up to that).
 pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
     let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
+    // The two measured nodes join after these and see each other too.
+    let have = w.store().nodes(None).len() + 2;
+    let _peers = control_only_peers(w, (MEMORY_PEERS + 1).saturating_sub(have)).await?;
     let mut up = Command::new(bin("citadel"))
         .arg("--state-dir")
         .arg(w.dir.path().join("mem-cit"))
@@ -402,10 +441,21 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     w.online("mem-ts", Duration::from_secs(60)).await?;
     tokio::time::sleep(idle).await;
     let peers = w.store().nodes(None).len() - 1;
+    let listed = citadel_peer_count(&w.dir.path().join("mem-cit")).await?;
+    if listed < MEMORY_PEERS {
+        bail!("citadel up lists {listed} peers, not the {MEMORY_PEERS} the figure is for");
+    }
     let (c, t, p) = (rss_mb(up.id())?, rss_mb(ts.id())?, rss_mb(plain.id())?);
     let _ = up.kill().await;
-    eprintln!("idle RSS with {peers} peers: citadel up {c:.1} MB, Caddy+tsnet {t:.1} MB, Caddy alone {p:.1} MB");
-    Ok(vec![Figure { name: "idle RSS: citadel up vs tsnet part of Caddy", unit: "MB", citadel: c, tsnet: Some(t - p) }])
+    eprintln!(
+        "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB, Caddy+tsnet {t:.1} MB, Caddy alone {p:.1} MB"
+    );
+    Ok(vec![Figure {
+        name: "idle RSS, 100 peers: citadel up vs tsnet part",
+        unit: "MB",
+        citadel: c,
+        tsnet: Some(t - p),
+    }])
 }
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
