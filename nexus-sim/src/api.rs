@@ -238,6 +238,32 @@ async fn approve_routes(State(s): State<Shared>, Path(id): Path<String>, Json(b)
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
+/// `POST /api/v1/node/{id}/tags {"tags": [...]}`: replaces the node's tags.
+async fn set_tags(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json<Value>) -> ApiResult {
+    let id = node_id(&id)?;
+    let tags: Vec<String> = match b.get("tags") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(str::to_string).ok_or_else(|| bad("tags must be strings")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("tags must be a list")),
+    };
+    let n = s.store.set_tags(id, tags)?;
+    Ok(Json(json!({"node": node_json(&s, &n)})))
+}
+
+/// `POST /api/v1/node/{id}/user {"user": ID}`: moves the node to another user (org). The id
+/// may be a number or a string holding one, as Headscale's JSON gateway takes it; a user name
+/// works too.
+async fn move_node(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json<Value>) -> ApiResult {
+    let id = node_id(&id)?;
+    let user = b.get("user").and_then(json_str).ok_or_else(|| bad("user is required"))?;
+    let u = resolve_user(&s, &user)?;
+    let n = s.store.move_node(id, u.id)?;
+    Ok(Json(json!({"node": node_json(&s, &n)})))
+}
+
 /// `POST /api/v1/node/register?user=U&key=ID`: approve an interactive registration.
 async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let user = q.get("user").ok_or_else(|| bad("user is required"))?;
@@ -314,6 +340,8 @@ pub fn router(s: Shared) -> Router<Shared> {
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
         .route("/api/v1/node/{id}/approve_routes", post(approve_routes))
+        .route("/api/v1/node/{id}/tags", post(set_tags))
+        .route("/api/v1/node/{id}/user", post(move_node))
         .route("/api/v1/policy", get(crate::policy::state::get_policy).put(crate::policy::state::set_policy))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
         .route("/api/v1/apikey/expire", post(expire_api_key))

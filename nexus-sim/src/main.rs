@@ -285,6 +285,24 @@ enum NodesCmd {
         #[arg(long, short, value_delimiter = ',')]
         routes: Vec<String>,
     },
+    /// Replace a node's tags (no --tags removes them all)
+    Tag {
+        /// Node id
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        /// Comma-separated tags, e.g. tag:server,tag:gpu
+        #[arg(long, short, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// Move a node to another user (org)
+    Move {
+        /// Node id
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        /// User id or name
+        #[arg(long, short)]
+        user: String,
+    },
     /// Approve an interactive registration (the id from /register/{id})
     Register {
         #[arg(long, short)]
@@ -707,6 +725,24 @@ async fn run(cli: Cli) -> Result<()> {
                             println!("{}", v["node"])
                         } else {
                             println!("approved routes: {}", v["node"]["approvedRoutes"])
+                        }
+                    }
+                    NodesCmd::Tag { identifier, tags } => {
+                        let body = serde_json::json!({"tags": tags});
+                        let v = c.call(Method::POST, &format!("/api/v1/node/{identifier}/tags"), Some(body)).await?;
+                        if json {
+                            println!("{}", v["node"])
+                        } else {
+                            println!("tags: {}", v["node"]["forcedTags"])
+                        }
+                    }
+                    NodesCmd::Move { identifier, user } => {
+                        let body = serde_json::json!({"user": user});
+                        let v = c.call(Method::POST, &format!("/api/v1/node/{identifier}/user"), Some(body)).await?;
+                        if json {
+                            println!("{}", v["node"])
+                        } else {
+                            println!("moved to user {}", v["node"]["user"]["name"])
                         }
                     }
                     NodesCmd::Reject { key } => {

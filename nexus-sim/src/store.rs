@@ -986,6 +986,39 @@ impl Store {
         })
     }
 
+    /// Replaces node `id`'s tags (Headscale's forced tags: an admin's word, not checked
+    /// against `tagOwners`). Each must be `tag:` and 1-64 of a-z, 0-9, `-` and `_`.
+    pub fn set_tags(&self, id: u64, tags: Vec<String>) -> Result<Node, StoreError> {
+        let ok = |t: &str| {
+            t.strip_prefix("tag:").is_some_and(|n| {
+                !n.is_empty() && n.len() <= 64 && n.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            })
+        };
+        if let Some(bad) = tags.iter().find(|t| !ok(t)) {
+            return Err(StoreError::Invalid(format!("tag {bad:?}: use tag:NAME (a-z, 0-9, '-', '_')")));
+        }
+        let mut tags = tags;
+        tags.sort();
+        tags.dedup();
+        self.update_node(id, |n| {
+            let changed = n.tags != tags;
+            n.tags = tags;
+            changed
+        })
+    }
+
+    /// Moves node `id` to user (org) `user_id`: its old org's peers lose it, the new org's gain it.
+    pub fn move_node(&self, id: u64, user_id: u64) -> Result<Node, StoreError> {
+        if self.user(user_id).is_none() {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        self.update_node(id, |n| {
+            let changed = n.user_id != user_id;
+            n.user_id = user_id;
+            changed
+        })
+    }
+
     pub fn expire_node(&self, id: u64) -> Result<Node, StoreError> {
         self.update_node(id, |n| {
             n.expiry = Some(Utc::now());

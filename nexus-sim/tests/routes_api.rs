@@ -120,3 +120,104 @@ async fn approved_and_advertised_routes_reach_peers_maps() {
     assert_eq!(p.allowed_ips, own(&p));
     assert!(p.primary_routes.is_empty());
 }
+
+async fn post(url: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = client().post(format!("{url}{path}")).bearer_auth(KEY).json(&body).send().await.expect("request");
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+fn peer_ids(n: &nexus_sim::Running, viewer: u64) -> Vec<i64> {
+    let me = n.shared.store.node(viewer).expect("viewer");
+    let m = nexus_sim::control::build_map(&n.shared, &me);
+    let mut v: Vec<i64> = m.peers.into_iter().flatten().map(|p| p.id).collect();
+    v.sort();
+    v
+}
+
+/// `POST /api/v1/node/{id}/user` moves a node between orgs (REST and `nodes move`), and
+/// `POST /api/v1/node/{id}/tags` replaces its tags (REST and `nodes tag`); both change the maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_and_tags_change_the_maps() {
+    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
+        .await
+        .expect("nexus-sim starts");
+    let st = &n.shared.store;
+    let acme = st.create_user("acme", "").unwrap();
+    let globex = st.create_user("globex", "").unwrap();
+    let reg = |k: u8, user: u64| {
+        let h = Hostinfo { hostname: format!("m{k}"), ..Default::default() };
+        let node = st
+            .register(
+                MachinePublic([k; 32]),
+                NodePublic([k; 32]),
+                user,
+                h,
+                false,
+                vec![],
+                None,
+                "authkey",
+                n.shared.cfg.ipv4_base,
+                n.shared.cfg.ipv6_base,
+            )
+            .unwrap();
+        st.session(node.id, true);
+        node
+    };
+    let (a, b, g) = (reg(11, acme.id), reg(12, acme.id), reg(13, globex.id));
+    assert_eq!(peer_ids(&n, a.id), vec![b.id as i64]);
+    assert!(peer_ids(&n, g.id).is_empty());
+
+    // Move b to globex by id (as a JSON number): a no longer sees it, g does.
+    let (code, v) = post(&n.url, &format!("/api/v1/node/{}/user", b.id), json!({"user": globex.id})).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"]["user"]["name"], "globex");
+    assert!(peer_ids(&n, a.id).is_empty());
+    assert_eq!(peer_ids(&n, g.id), vec![b.id as i64]);
+    let (code, _) = post(&n.url, &format!("/api/v1/node/{}/user", b.id), json!({"user": "nosuchorg"})).await;
+    assert_eq!(code, 404);
+
+    // And back through the CLI, by name.
+    let url = n.url.clone();
+    let bid = b.id.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_nexus-sim"))
+            .args(["nodes", "move", "-i", &bid, "-u", "acme"])
+            .env("NEXUS_URL", &url)
+            .env("NEXUS_API_KEY", KEY)
+            .output()
+            .expect("nexus-sim nodes move")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(peer_ids(&n, a.id), vec![b.id as i64]);
+    assert!(peer_ids(&n, g.id).is_empty());
+
+    // Tags: bad ones are refused and change nothing; good ones are set, sorted, in the API
+    // and in the node's own map entry.
+    let (code, _) = post(&n.url, &format!("/api/v1/node/{}/tags", a.id), json!({"tags": ["server"]})).await;
+    assert_eq!(code, 400);
+    assert!(st.node(a.id).unwrap().tags.is_empty());
+    let (code, v) =
+        post(&n.url, &format!("/api/v1/node/{}/tags", a.id), json!({"tags": ["tag:web", "tag:db", "tag:web"]})).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"]["forcedTags"], json!(["tag:db", "tag:web"]));
+    let me = st.node(a.id).unwrap();
+    let m = nexus_sim::control::build_map(&n.shared, &me);
+    assert_eq!(m.node.expect("self node").tags, vec!["tag:db".to_string(), "tag:web".to_string()]);
+    let url = n.url.clone();
+    let aid = a.id.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_nexus-sim"))
+            .args(["nodes", "tag", "-i", &aid])
+            .env("NEXUS_URL", &url)
+            .env("NEXUS_API_KEY", KEY)
+            .output()
+            .expect("nexus-sim nodes tag")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(st.node(a.id).unwrap().tags.is_empty(), "no --tags removes them all");
+}
