@@ -57,6 +57,7 @@ fn parse() -> anyhow::Result<Opts> {
 /// Raises the open-file limit to its hard maximum (every client is one socket here and one
 /// in nexus-sim).
 fn raise_nofile() {
+    #[cfg(unix)]
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -274,10 +275,19 @@ fn proc_stats(pid: u32) -> (u64, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = clock_ticks();
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     (rss_kb * 1024, Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// Clock ticks per second of `/proc/PID/stat` (the bench reads /proc, so Linux only).
+fn clock_ticks() -> u64 {
+    #[cfg(unix)]
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[cfg(not(unix))]
+    let hz = 100;
+    u64::try_from(hz).unwrap_or(100).max(1)
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -420,8 +430,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         "nexus-sim CPU per join {:.1?}, per endpoint change {:.1?} (whole org's deltas; {} clock ticks/s)",
         join_cpu / n,
         ep_cpu / n,
-        // SAFETY: sysconf reads a constant.
-        unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+        clock_ticks()
     );
     println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
     board.stopping.store(true, Ordering::Relaxed);
