@@ -27,6 +27,27 @@ async fn approve(url: &str, id: u64, body: Value) -> (u16, Value) {
     (st, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Registers machine `k` (machine and node key bytes all `k`) for `user` and marks it online.
+fn register_online(n: &nexus_sim::Running, k: u8, user: u64, h: Hostinfo) -> nexus_sim::store::Node {
+    let st = &n.shared.store;
+    let node = st
+        .register(
+            MachinePublic([k; 32]),
+            NodePublic([k; 32]),
+            user,
+            h,
+            false,
+            vec![],
+            None,
+            "authkey",
+            n.shared.cfg.ipv4_base,
+            n.shared.cfg.ipv6_base,
+        )
+        .unwrap();
+    st.session(node.id, true);
+    node
+}
+
 /// The map entry `viewer` gets for `peer`.
 fn peer_in_map(n: &nexus_sim::Running, viewer: u64, peer: u64) -> TailNode {
     let me = n.shared.store.node(viewer).expect("viewer");
@@ -45,22 +66,7 @@ async fn approved_and_advertised_routes_reach_peers_maps() {
     let reg = |k: u8, routes: &[&str]| {
         let mut h = Hostinfo { hostname: format!("n{k}"), ..Default::default() };
         h.rest.insert("RoutableIPs".into(), json!(routes));
-        let node = st
-            .register(
-                MachinePublic([k; 32]),
-                NodePublic([k; 32]),
-                u.id,
-                h,
-                false,
-                vec![],
-                None,
-                "authkey",
-                n.shared.cfg.ipv4_base,
-                n.shared.cfg.ipv6_base,
-            )
-            .unwrap();
-        st.session(node.id, true);
-        node
+        register_online(&n, k, u.id, h)
     };
     let router = reg(1, &["10.1.0.0/16", "10.2.0.0/16", "0.0.0.0/0", "::/0"]);
     let viewer = reg(2, &[]);
@@ -145,25 +151,8 @@ async fn moves_and_tags_change_the_maps() {
     let st = &n.shared.store;
     let acme = st.create_user("acme", "").unwrap();
     let globex = st.create_user("globex", "").unwrap();
-    let reg = |k: u8, user: u64| {
-        let h = Hostinfo { hostname: format!("m{k}"), ..Default::default() };
-        let node = st
-            .register(
-                MachinePublic([k; 32]),
-                NodePublic([k; 32]),
-                user,
-                h,
-                false,
-                vec![],
-                None,
-                "authkey",
-                n.shared.cfg.ipv4_base,
-                n.shared.cfg.ipv6_base,
-            )
-            .unwrap();
-        st.session(node.id, true);
-        node
-    };
+    let reg =
+        |k: u8, user: u64| register_online(&n, k, user, Hostinfo { hostname: format!("m{k}"), ..Default::default() });
     let (a, b, g) = (reg(11, acme.id), reg(12, acme.id), reg(13, globex.id));
     assert_eq!(peer_ids(&n, a.id), vec![b.id as i64]);
     assert!(peer_ids(&n, g.id).is_empty());
