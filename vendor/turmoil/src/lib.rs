@@ -203,8 +203,6 @@ mod ip;
 pub use ip::IpVersion;
 
 #[cfg(feature = "unstable-fs")]
-pub mod fs;
-#[cfg(feature = "unstable-fs")]
 pub use fs::FsConfig;
 
 #[cfg(feature = "unstable-barriers")]
