@@ -284,7 +284,8 @@ impl Drop for Mesh {
     }
 }
 
-fn os_hostname() -> String {
+/// The machine's host name as Linux reports it, or `citadel` when there is none.
+pub fn os_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())

@@ -32,14 +32,6 @@ pub struct Args {
     no_qr: bool,
 }
 
-fn os_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "citadel".to_string())
-}
-
 fn show_code(c: &citadel::login::DeviceCode, qr: bool) {
     let full = if c.verification_uri_complete.is_empty() { &c.verification_uri } else { &c.verification_uri_complete };
     show_login(full, Some(&c.user_code), qr);
@@ -57,7 +49,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
         let Some(auth) = a.auth_service.as_deref() else {
             return Err(CliError::Usage("--flow aceteam needs --auth-service URL (or CITADEL_AUTH_HOST)".into()));
         };
-        let host = a.hostname.clone().unwrap_or_else(os_hostname);
+        let host = a.hostname.clone().unwrap_or_else(citadel::mesh::os_hostname);
         let r = citadel::login::fabric_login(&net, auth, &host, limit, ctx.timeout, |c| show_code(c, !no_qr));
         let grant = with_spinner("waiting for approval…", r).await?;
         if nexus.is_none() {
