@@ -196,3 +196,85 @@ fn citadel_and_real_tsnet_direct_relayed_and_both_ways() {
     let peer = st["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "iop-caddy")).cloned();
     println!("status: {}", peer.unwrap_or_default());
 }
+
+/// The real tsnet node fetches a page from a plain local web server that a `citadel up`
+/// process publishes on the mesh with `--expose` (no mesh code in the server: any program
+/// on the citadel machine is reachable from Tailscale clients this way).
+#[test]
+fn real_tsnet_fetches_a_page_from_citadel_up_expose() {
+    let Some(caddy) = real_available() else { return };
+    let ns = Netns::new(&format!("cit-iex-{}", std::process::id()), "10.206.0.1/24").expect("netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let nexus_log = tmp.path().join("nexus.log");
+    let nx = NsNexus::start(&ns, 18291, &[], Some(&nexus_log));
+    nx.admin(&["users", "create", "acme"]);
+    let authkey = nx.admin(&["preauthkeys", "create", "--user", "acme", "--reusable"]);
+
+    // A web server that knows nothing of the mesh, on loopback inside the namespace.
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let token = format!("exposed-page-{}", std::process::id());
+    std::fs::write(www.join("page.txt"), &token).unwrap();
+    let _web = Proc(
+        ns.cmd("python3")
+            .args(["-m", "http.server", "18292", "--bind", "127.0.0.1", "--directory"])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 http.server"),
+    );
+
+    let state = tmp.path().join("citadel-state");
+    let up_log = tmp.path().join("up.log");
+    let _up = Proc(
+        ns.cmd(bin("citadel"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["up", "--nexus", &nx.url, "--authkey", &authkey, "--hostname", "exposer"])
+            .args(["--expose", "8080=127.0.0.1:18292"])
+            .env("CITADEL_LOG", "info,boringtun=error")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&up_log).unwrap())
+            .spawn()
+            .expect("citadel up"),
+    );
+    let start = Instant::now();
+    let ip = loop {
+        let o = ns.cmd(bin("citadel")).arg("--state-dir").arg(&state).args(["status", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let (true, Some(ip)) = (state.join("citadel.sock").exists(), v["ipv4"].as_str()) {
+            break ip.to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "citadel up did not come up:\n{}", tail(&up_log));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let proxy_site = format!(
+        ":8081 {{\n\tbind 127.0.0.1\n\treverse_proxy http://{ip}:8080 {{\n\t\ttransport tailscale iex-caddy\n\t}}\n}}"
+    );
+    let options = format!("\t\tiex-caddy {{\n\t\t\tport {CADDY_UDP}\n\t\t}}");
+    let _caddy = start_caddy(&ns, &caddy, tmp.path(), &nx.url, &authkey, "iex-caddy", &options, &proxy_site);
+    let start = Instant::now();
+    let body = loop {
+        let o = ns.cmd("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:8081/page.txt"]).output().unwrap();
+        let body = String::from_utf8_lossy(&o.stdout).to_string();
+        if body == token {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "Caddy never fetched the exposed page (last {body:?})\n--- citadel up ---\n{}\n--- caddy ---\n{}",
+            tail(&up_log),
+            tail(&tmp.path().join("caddy.log"))
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!("tsnet fetched {body:?} from citadel's --expose after {:?}", start.elapsed());
+    // The exposing node saw the Caddy node as the connection's peer.
+    let o = ns.cmd(bin("citadel")).arg("--state-dir").arg(&state).args(["status", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let caddy_peer = v["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "iex-caddy")).cloned();
+    let rx = caddy_peer.as_ref().and_then(|p| p["rx_bytes"].as_u64()).unwrap_or(0);
+    assert!(rx > 0, "citadel received nothing from iex-caddy: {caddy_peer:?}");
+}

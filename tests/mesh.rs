@@ -7,6 +7,8 @@ use citadel_e2e::{bin, eventually, free_port, Nexus, Proc};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn cfg(url: &str, key: Option<&str>, dir: &Path, host: &str) -> Config {
@@ -16,16 +18,21 @@ fn cfg(url: &str, key: Option<&str>, dir: &Path, host: &str) -> Config {
     c
 }
 
-async fn echo_server(m: &Mesh, port: u16) {
+/// Echoes every connection on `port`; the counter is the number of connections accepted.
+async fn echo_server(m: &Mesh, port: u16) -> Arc<AtomicUsize> {
     let l = m.listen_tcp(port).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let n = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut r, mut w) = tokio::io::split(&mut s);
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
     });
+    accepted
 }
 
 #[tokio::test]
@@ -36,12 +43,15 @@ async fn same_org_nodes_talk_and_other_orgs_cannot() {
     let t = tempfile::tempdir().unwrap();
     let a = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a"), "a")).await.unwrap();
     let b = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("b"), "b")).await.unwrap();
+    // Nexus's fault hook lists b in g's map although g is in another org, so g has b's key
+    // and endpoints and really sends: isolation must then hold at the receiver.
+    assert!(nx.running.shared.faults.leak_peer_by_hostname("g", "b"));
     let g = Mesh::connect(cfg(&nx.url(), Some(&globex), &t.path().join("g"), "g")).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || a.resolve("b").is_some() && !a.status().peers[0].endpoints.is_empty())
             .await
     );
-    echo_server(&b, 7000).await;
+    let accepted = echo_server(&b, 7000).await;
 
     // 1 MiB echo by name, through the tunnel.
     let ip = a.resolve("b").unwrap();
@@ -58,10 +68,18 @@ async fn same_org_nodes_talk_and_other_orgs_cannot() {
     let st = a.status();
     assert!(st.peers[0].last_handshake.is_some() && st.peers[0].rx_bytes > 1 << 20, "{st:?}");
 
-    // Another org's node knows b's address but is not in b's map: nothing gets through.
-    assert!(g.resolve("b").is_none());
-    let r = g.dial_tcp((ip, 7000).into()).await;
-    assert!(r.is_err(), "globex reached acme");
+    // g holds b in its (leaked) map and sends to it; g is not in b's map, so b drops every
+    // packet and its listener never sees a connection.
+    assert!(eventually(Duration::from_secs(5), || g.resolve("b").is_some()).await, "the leak did not reach g's map");
+    let accepted_before = accepted.load(Ordering::SeqCst);
+    let dropped_before = b.data_plane().unwrap().counters().rx_unknown_peer;
+    let r = tokio::time::timeout(Duration::from_secs(8), g.dial_tcp((ip, 7000).into())).await;
+    assert!(!matches!(r, Ok(Ok(_))), "globex reached acme");
+    let sent = g.status().peers.iter().find(|p| p.name == "b").map(|p| p.tx_bytes).unwrap_or(0);
+    assert!(sent > 0, "g sent no WireGuard bytes to b: the isolation was not exercised");
+    let dropped = b.data_plane().unwrap().counters().rx_unknown_peer - dropped_before;
+    assert!(dropped > 0, "b received nothing from g (sent {sent} bytes)");
+    assert_eq!(accepted.load(Ordering::SeqCst), accepted_before, "b's listener accepted globex");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

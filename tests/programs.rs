@@ -738,4 +738,47 @@ async fn library_accept_names_the_peer_and_udp_expose_round_trips() {
     assert_eq!((got.as_slice(), from), (&b"echo:ping"[..], std::net::SocketAddr::from((bravo, 5300))));
     let list = b.exposes();
     assert_eq!((list[0].accepted, list[0].active), (1, 1), "{list:?}");
+
+    // The same echo through alpha's SOCKS5 proxy: UDP ASSOCIATE over the real mesh, the
+    // destination named by its short mesh name.
+    let cfg = citadel::proxy_server::ProxyConfig::new("127.0.0.1:0".parse().unwrap());
+    let proxy = a.start_proxy(citadel::proxy_server::ProxyKind::Socks5, cfg).await.unwrap();
+    let mut ctl = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    ctl.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    ctl.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut rep = [0u8; 10];
+    ctl.read_exact(&mut rep).await.unwrap();
+    assert_eq!(&rep[..4], &[5, 0, 0, 1], "UDP ASSOCIATE refused: {rep:?}");
+    let relay = std::net::SocketAddr::from(([rep[4], rep[5], rep[6], rep[7]], u16::from_be_bytes([rep[8], rep[9]])));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut dgram = vec![0, 0, 0, 3, 5];
+    dgram.extend_from_slice(b"bravo");
+    dgram.extend_from_slice(&5300u16.to_be_bytes());
+    dgram.extend_from_slice(b"via socks");
+    let mut answered = None;
+    for _ in 0..20 {
+        client.send_to(&dgram, relay).await.unwrap();
+        if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await {
+            answered = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    let got = answered.expect("no answer through SOCKS5 UDP ASSOCIATE");
+    let mut want = vec![0, 0, 0, 1];
+    match bravo {
+        std::net::IpAddr::V4(v4) => want.extend_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(_) => panic!("bravo resolved to IPv6"),
+    }
+    want.extend_from_slice(&5300u16.to_be_bytes());
+    want.extend_from_slice(b"echo:via socks");
+    assert_eq!(got, want, "the reply names bravo's mesh address and carries the echo");
+    // Closing the control connection ends the association: nothing is relayed any more.
+    drop(ctl);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.send_to(&dgram, relay).await.unwrap();
+    let late = tokio::time::timeout(Duration::from_millis(800), client.recv_from(&mut buf)).await;
+    assert!(late.is_err(), "the association outlived its TCP connection");
 }

@@ -198,6 +198,9 @@ pub struct Status {
     /// Local proxy listeners (`--socks5`, `--http-proxy`).
     #[serde(default)]
     pub listeners: Vec<crate::proxy_server::ListenerInfo>,
+    /// The data plane's counters (drops by reason, handshakes, disco); `null` without one.
+    #[serde(default)]
+    pub counters: Option<crate::dataplane::DataPlaneCounters>,
 }
 
 struct Inner {
@@ -618,6 +621,7 @@ impl Mesh {
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
             exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),
             listeners: self.proxies.lock().unwrap().iter().map(|p| p.info().clone()).collect(),
+            counters: self.dp.as_ref().map(|d| d.counters()),
         }
     }
 

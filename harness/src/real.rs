@@ -167,6 +167,18 @@ struct Obs {
     connects: Vec<Duration>,
     /// `(when, home DERP region)` at each sample.
     homes: Vec<(Duration, i32)>,
+    /// Packets received and dropped (unknown peer, filtered): earlier runs' sum, this run's.
+    dropped: (u64, u64),
+    /// WireGuard bytes sent, by peer node key: earlier runs' sum, this run's.
+    tx: BTreeMap<String, (u64, u64)>,
+}
+
+/// Adds a sample of a counter that restarts from zero with the process to `(earlier, current)`.
+fn grow(c: &mut (u64, u64), now: u64) {
+    if now < c.1 {
+        c.0 += c.1;
+    }
+    c.1 = now;
 }
 
 /// Plays `sc` with the binaries in `bin_dir`. Needs root, `ip` and `iptables`.
@@ -333,6 +345,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     .into_iter()
                     .flatten(),
             )
+            .chain(
+                sc.leaks.iter().flat_map(|l| {
+                    ["--fault-leak-peer".to_string(), format!("{}={}", l.into.get_ref(), l.peer.get_ref())]
+                }),
+            )
             .collect();
     let mut nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
     wait_port(&lab, "inet", "198.18.0.1", 8080)?;
@@ -365,6 +382,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let mut met: Vec<Option<Duration>> = vec![None; sc.expects.len()];
     let mut violated: Vec<Option<String>> = vec![None; sc.expects.len()];
     let mut leak: Option<String> = None;
+    let mut injected_seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut samples = 0u64;
 
     let start_node = |lab: &mut Lab, i: usize, first: bool| -> anyhow::Result<usize> {
@@ -527,6 +545,12 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                 key_to_name.insert(s.node_key.clone(), name.clone());
                 o.peers = s.peers.iter().map(|p| p.node_key.clone()).collect();
                 o.homes.push((now, s.home_derp));
+                if let Some(c) = &s.counters {
+                    grow(&mut o.dropped, c.rx_unknown_peer + c.rx_filtered);
+                }
+                for p in &s.peers {
+                    grow(o.tx.entry(p.node_key.clone()).or_default(), p.tx_bytes);
+                }
             }
         }
         let vis = |o: &Obs| -> BTreeSet<String> {
@@ -536,7 +560,9 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let o = &obs[n.name.get_ref()];
             for p in vis(o) {
                 let porg = sc.node(&p).map(|x| x.org.get_ref().as_str()).unwrap_or("?");
-                if porg != n.org.get_ref() && leak.is_none() && sc.policy.is_none() {
+                if porg != n.org.get_ref() && sc.leaks_into(n.name.get_ref(), &p) {
+                    injected_seen.insert((n.name.get_ref().clone(), p.clone()));
+                } else if porg != n.org.get_ref() && leak.is_none() && sc.policy.is_none() {
                     leak = Some(format!(
                         "at {}: {} ({}) lists {p} ({porg})",
                         fmt_t(now),
@@ -642,12 +668,31 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     // A ping the local API could not make proves nothing either way.
                     match pingers.failures(a, &b).into_iter().find(|(t, _)| *t >= e.after.0 && *t <= by) {
                         Some((t, why)) => Verdict::Fail(format!("ping not measured at {}: {why}", fmt_t(t))),
-                        None => crate::world::judge_pings(e, &pingers.results(a, &b), by),
+                        None => {
+                            let v = crate::world::judge_pings(e, &pingers.results(a, &b), by);
+                            if v == Verdict::Pass
+                                && e.path == Some(crate::probe::PathKind::None)
+                                && sc.leaks_into(a, &b)
+                            {
+                                judge_at_receiver(&obs, a, &b)
+                            } else {
+                                v
+                            }
+                        }
                     }
                 }
             }
         };
         verdicts.push((desc, v));
+    }
+    for l in &sc.leaks {
+        let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
+        let v = if injected_seen.contains(&(into.clone(), peer.clone())) {
+            Verdict::Pass
+        } else {
+            Verdict::Fail("the entry never appeared in the netmap".into())
+        };
+        verdicts.push((format!("injected: {into}'s netmap lists {peer} (another org's node)"), v));
     }
     let mut report = format!(
         "real run of {} ({} namespaces prefixed {}-):\n",
@@ -675,6 +720,23 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     drop(lab);
     Ok(RealOutcome { report, verdicts, passed })
+}
+
+/// As the simulation judges it: when Nexus leaked `b` into `a`'s map, `a` really sent
+/// WireGuard bytes to `b` and `b` received and dropped packets.
+fn judge_at_receiver(obs: &BTreeMap<String, Obs>, a: &str, b: &str) -> Verdict {
+    let (Some(oa), Some(ob)) = (obs.get(a), obs.get(b)) else {
+        return Verdict::Fail(format!("{a} or {b} never ran"));
+    };
+    let sent = oa.tx.get(&ob.key).map_or(0, |c| c.0 + c.1);
+    let dropped = ob.dropped.0 + ob.dropped.1;
+    if sent == 0 {
+        Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised"))
+    } else if dropped == 0 {
+        Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing"))
+    } else {
+        Verdict::Pass
+    }
 }
 
 /// The running `up`'s status over its local API socket; `None` when none answers. (`citadel

@@ -414,6 +414,22 @@ pub struct Scenario {
     /// not check org isolation by itself: the expectations say who sees whom.
     #[serde(default)]
     pub policy: Option<Spanned<String>>,
+    /// Injected cross-org map entries (Nexus's fault hook): they make a `reaches … path =
+    /// "none"` between the pair a test of real packets judged at the receiver.
+    #[serde(default, rename = "leak")]
+    pub leaks: Vec<LeakSpec>,
+}
+
+/// A cross-org entry Nexus's fault hook puts into one node's netmap from the start: `into`
+/// then knows `peer`'s key and endpoints and really sends to it, so isolation is shown by the
+/// receiver dropping packets, not by the sender failing to route them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeakSpec {
+    /// The node whose map gets the entry.
+    pub into: Spanned<String>,
+    /// The node of another org listed in it.
+    pub peer: Spanned<String>,
 }
 
 fn one() -> u64 {
@@ -456,6 +472,11 @@ pub fn policy_text(p: &str) -> String {
 }
 
 impl Scenario {
+    /// Whether the file injects `peer` into `into`'s netmap (a `[[leak]]`).
+    pub fn leaks_into(&self, into: &str, peer: &str) -> bool {
+        self.leaks.iter().any(|l| l.into.get_ref() == into && l.peer.get_ref() == peer)
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let file = path.display().to_string();
@@ -617,6 +638,23 @@ impl Scenario {
             }
             Ok(s.get_ref().clone())
         };
+        let mut leaks = BTreeSet::new();
+        for l in &self.leaks {
+            let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
+            let (Some(a), Some(b)) = (self.node(into), self.node(peer)) else {
+                let bad = if self.node(into).is_none() { &l.into } else { &l.peer };
+                return Err(at(bad, format!("leak names unknown node {:?}", bad.get_ref())));
+            };
+            if a.org.get_ref() == b.org.get_ref() {
+                return Err(at(&l.peer, format!("leak: {into} and {peer} are in the same org; a leak crosses orgs")));
+            }
+            if self.policy.is_some() {
+                return Err(at(&l.into, "leak needs nexus-sim's built-in org isolation (no `policy`)".into()));
+            }
+            if !leaks.insert((into.clone(), peer.clone())) {
+                return Err(at(&l.into, format!("leak {into} -> {peer} is listed twice")));
+            }
+        }
         for f in &self.faults {
             let k = f.kind.span().start;
             if f.at > self.duration {

@@ -82,6 +82,29 @@ pub struct NodeObs {
     pub connects: Vec<Duration>,
     /// Home DERP region it reports (0: none yet).
     pub home_derp: i32,
+    /// Data-plane counters of each start (index: start - 1).
+    pub traffic: Vec<Traffic>,
+}
+
+/// What one start of a node's data plane counted.
+#[derive(Debug, Default, Clone)]
+pub struct Traffic {
+    /// Packets it received and dropped as from an unknown peer, or refused by its filter.
+    pub rx_dropped: u64,
+    /// WireGuard bytes sent, by the receiving peer's node key.
+    pub tx_bytes: BTreeMap<String, u64>,
+}
+
+impl NodeObs {
+    /// Drops over every start (see [`Traffic::rx_dropped`]).
+    pub fn rx_dropped(&self) -> u64 {
+        self.traffic.iter().map(|t| t.rx_dropped).sum()
+    }
+
+    /// WireGuard bytes sent to node key `key` over every start.
+    pub fn tx_bytes_to(&self, key: &str) -> u64 {
+        self.traffic.iter().filter_map(|t| t.tx_bytes.get(key)).sum()
+    }
 }
 
 pub use crate::report::PingResult;
@@ -176,6 +199,18 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
             o.ipv4 = st.ipv4.clone();
             o.node_key = st.node_key.clone();
             o.peer_keys = st.peers.iter().map(|p| p.node_key.clone()).collect();
+            if let Some(dp) = mesh.data_plane() {
+                let c = dp.counters();
+                let t = Traffic {
+                    rx_dropped: c.rx_unknown_peer + c.rx_filtered,
+                    tx_bytes: dp.peer_stats().iter().map(|p| (p.node_key.to_string(), p.tx_bytes)).collect(),
+                };
+                let i = o.starts.saturating_sub(1) as usize;
+                if o.traffic.len() <= i {
+                    o.traffic.resize(i + 1, Traffic::default());
+                }
+                o.traffic[i] = t;
+            }
             if o.home_derp != st.home_derp {
                 o.events
                     .push((turmoil::sim_elapsed().unwrap_or_default(), format!("home DERP region {}", st.home_derp)));
@@ -358,14 +393,15 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     for (a, bn) in &opts.pings {
         board.lock().unwrap().reach_targets.entry(a.clone()).or_default().insert(bn.clone());
     }
-    for (into, peer) in &opts.leaks {
+    let declared = sc.leaks.iter().map(|l| (l.into.get_ref().clone(), l.peer.get_ref().clone()));
+    for (into, peer) in opts.leaks.iter().cloned().chain(declared) {
         let bd = board.lock().unwrap();
         let key = |n: &str| -> anyhow::Result<citadel::keys::NodePublic> {
             let k = bd.key_to_name.iter().find(|(_, v)| *v == n).map(|(k, _)| k);
             let k = k.ok_or_else(|| anyhow::anyhow!("leak names {n:?}, which is no node of the scenario"))?;
             k.parse().map_err(|e| anyhow::anyhow!("node key of {n}: {e:?}"))
         };
-        if !shared.faults.leak_peer(key(into)?, key(peer)?) {
+        if !shared.faults.leak_peer(key(&into)?, key(&peer)?) {
             anyhow::bail!("too many injected leaks");
         }
     }
@@ -478,6 +514,9 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     let porg = bd.nodes.get(p).map(|o| o.org.as_str()).unwrap_or("?");
                     if porg != n.org.get_ref() {
                         leaked_pairs.insert((name.clone(), p.clone()));
+                        if sc.leaks_into(name, p) {
+                            continue;
+                        }
                         leak.get_or_insert_with(|| {
                             format!("at {}: {name} ({}) lists {p} ({porg})", report::fmt_t(now), n.org.get_ref())
                         });
@@ -749,10 +788,24 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 if *e.kind.get_ref() == ExpectKind::UdpPath {
                     paths.insert((a.clone(), b2.clone()), path_at(rs, by));
                 }
-                judge_pings(e, rs, by)
+                let v = judge_pings(e, rs, by);
+                if v == Verdict::Pass && e.path == Some(PathKind::None) && sc.leaks_into(a, b2) {
+                    judge_at_receiver(&bd, a, b2)
+                } else {
+                    v
+                }
             }
         };
         verdicts.push((report::describe(e, end), v));
+    }
+    for l in &sc.leaks {
+        let (into, peer) = (l.into.get_ref(), l.peer.get_ref());
+        let v = if leaked_pairs.contains(&(into.clone(), peer.clone())) {
+            Verdict::Pass
+        } else {
+            Verdict::Fail("the entry never appeared in the netmap".into())
+        };
+        verdicts.push((format!("injected: {into}'s netmap lists {peer} (another org's node)"), v));
     }
     let mut obs_all: Vec<(Duration, String)> = observed;
     for (n, o) in &bd.nodes {
@@ -942,6 +995,23 @@ pub(crate) fn judge_pings(e: &crate::scenario::ExpectSpec, rs: &[PingResult], by
             None => "-".into(),
         }
     ))
+}
+
+/// The second half of `reaches a -> b, path none` when Nexus leaked `b` into `a`'s map: `a`
+/// really sent WireGuard packets to `b`, and `b` received and dropped some.
+fn judge_at_receiver(bd: &Board, a: &str, b: &str) -> Verdict {
+    let (Some(oa), Some(ob)) = (bd.nodes.get(a), bd.nodes.get(b)) else {
+        return Verdict::Fail(format!("{a} or {b} never ran"));
+    };
+    let sent = oa.tx_bytes_to(&ob.node_key);
+    let dropped = ob.rx_dropped();
+    if sent == 0 {
+        Verdict::Fail(format!("{a} sent no WireGuard bytes to {b}: the leak was not exercised"))
+    } else if dropped == 0 {
+        Verdict::Fail(format!("{a} sent {sent} WireGuard bytes to {b}, but {b} dropped nothing"))
+    } else {
+        Verdict::Pass
+    }
 }
 
 /// The path of the last mesh ping that ended by `by` (`none` if it got no answer or there

@@ -191,6 +191,8 @@ pub struct Faults {
     derp: OnceLock<Arc<derp::DerpServer>>,
     /// `(receiver, leaked)` node keys: the leaked node is added to the receiver's map.
     leaks: std::sync::Mutex<Vec<(citadel_proto::keys::NodePublic, citadel_proto::keys::NodePublic)>>,
+    /// `(receiver, leaked)` host names, for a server in another process than the test.
+    host_leaks: std::sync::Mutex<Vec<(String, String)>>,
     register_requests: std::sync::atomic::AtomicU64,
 }
 
@@ -246,6 +248,17 @@ impl Faults {
         true
     }
 
+    /// [`Faults::leak_peer`] by host name (as the nodes report it), for a server a test
+    /// starts as a process (`serve --fault-leak-peer INTO=PEER`). Same bound.
+    pub fn leak_peer_by_hostname(&self, into: &str, peer: &str) -> bool {
+        let mut l = self.host_leaks.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= MAX_LEAKS {
+            return false;
+        }
+        l.push((into.to_string(), peer.to_string()));
+        true
+    }
+
     /// `build(s, me)` plus the peers [`Faults::leak_peer`] leaks into `me`'s map; each leaked
     /// node is described as its own map (built by `build`) describes it.
     pub(crate) fn with_leaks(
@@ -259,11 +272,16 @@ impl Faults {
             let l = self.leaks.lock().unwrap_or_else(|e| e.into_inner());
             l.iter().filter(|(into, _)| *into == me.node_key).map(|(_, p)| *p).collect()
         };
-        if leaked.is_empty() {
+        let by_name: Vec<String> = {
+            let l = self.host_leaks.lock().unwrap_or_else(|e| e.into_inner());
+            l.iter().filter(|(into, _)| *into == me.hostname).map(|(_, p)| p.clone()).collect()
+        };
+        if leaked.is_empty() && by_name.is_empty() {
             return m;
         }
         let peers = m.peers.get_or_insert_with(Vec::new);
-        for n in s.store.nodes(None).iter().filter(|n| leaked.contains(&n.node_key) && n.id != me.id) {
+        let wanted = |n: &store::Node| leaked.contains(&n.node_key) || by_name.contains(&n.hostname);
+        for n in s.store.nodes(None).iter().filter(|n| wanted(n) && n.id != me.id) {
             if let Some(node) = build(s, n).node {
                 if !peers.iter().any(|p| p.key == node.key) {
                     peers.push(node);

@@ -176,6 +176,18 @@ struct ServeArgs {
     /// Private key (PEM) of --tls-cert
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Fault injection for test labs, never for a real deployment: breaks org isolation on
+    /// purpose by listing host PEER in every map built for host INTO, whatever their orgs
+    /// (repeatable, at most 64)
+    #[arg(long, value_name = "INTO=PEER", value_parser = parse_leak)]
+    fault_leak_peer: Vec<(String, String)>,
+}
+
+fn parse_leak(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("{s:?}: expected INTO=PEER (two host names)")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -430,6 +442,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         ..Default::default()
     };
     let running = nexus_sim::start(cfg).await?;
+    for (into, peer) in &a.fault_leak_peer {
+        if !running.shared.faults.leak_peer_by_hostname(into, peer) {
+            anyhow::bail!("too many --fault-leak-peer entries (at most 64)");
+        }
+        tracing::warn!("fault injection: {into}'s netmap lists {peer} whatever its org (--fault-leak-peer)");
+    }
     if generated {
         // The admin credential goes to stdout (never to the log) so a script can capture it.
         println!("NEXUS_API_KEY={key}");

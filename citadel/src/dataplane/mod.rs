@@ -76,7 +76,8 @@ pub struct DataPlaneConfig {
 }
 
 /// Packets dropped, by reason; all counters only grow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DataPlaneCounters {
     /// Datagrams that are not well-formed WireGuard messages.
     pub rx_malformed: u64,

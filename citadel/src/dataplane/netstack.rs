@@ -103,6 +103,8 @@ pub(crate) struct Stack {
     listeners: BTreeMap<u16, Listener>,
     closing: Vec<(SocketHandle, Instant)>,
     udp_ports: BTreeSet<u16>,
+    /// Where the search for the next ephemeral port starts (see [`Stack::ephemeral_port`]).
+    next_port: u16,
     /// Set when the data plane stops; every socket operation then fails.
     pub(crate) stopped: bool,
     pub(crate) rx_overflow: u64,
@@ -138,6 +140,7 @@ impl Stack {
             listeners: BTreeMap::new(),
             closing: Vec::new(),
             udp_ports: BTreeSet::new(),
+            next_port: rand::thread_rng().gen_range(EPHEMERAL),
             stopped: false,
             rx_overflow: 0,
             parked: BTreeMap::new(),
@@ -206,13 +209,26 @@ impl Stack {
         }) || self.listeners.contains_key(&port)
     }
 
+    /// The next free ephemeral port after the last one handed out (a random start, then in
+    /// order, as Linux does). Random picks would reuse a recent port by the birthday bound
+    /// after a few hundred connections, and a peer still holding that 4-tuple in TIME-WAIT
+    /// ignores the new SYN until it expires: a connect that hangs for seconds under churn.
+    fn ephemeral_port(&mut self, in_use: impl Fn(&Self, u16) -> bool) -> io::Result<u16> {
+        let (lo, hi) = (*EPHEMERAL.start(), *EPHEMERAL.end());
+        for _ in EPHEMERAL {
+            let p = self.next_port;
+            self.next_port = if p >= hi { lo } else { p + 1 };
+            if !in_use(self, p) {
+                return Ok(p);
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::AddrInUse, "no free ephemeral port"))
+    }
+
     /// Starts connecting to `remote` from an ephemeral port.
     pub(crate) fn connect(&mut self, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
         self.check_running()?;
-        let port = (0..64)
-            .map(|_| rand::thread_rng().gen_range(EPHEMERAL))
-            .find(|p| !self.tcp_port_in_use(*p))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free ephemeral port"))?;
+        let port = self.ephemeral_port(|st, p| st.tcp_port_in_use(p))?;
         let mut s = Self::tcp_socket();
         s.connect(self.iface.context(), remote, port).map_err(|e| {
             io::Error::new(io::ErrorKind::AddrNotAvailable, format!("cannot connect to {remote} from the mesh: {e}"))
@@ -310,14 +326,7 @@ impl Stack {
 
     pub(crate) fn bind_udp(&mut self, port: u16) -> io::Result<(SocketHandle, u16)> {
         self.check_running()?;
-        let port = if port == 0 {
-            (0..64)
-                .map(|_| rand::thread_rng().gen_range(EPHEMERAL))
-                .find(|p| !self.udp_ports.contains(p))
-                .ok_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free ephemeral port"))?
-        } else {
-            port
-        };
+        let port = if port == 0 { self.ephemeral_port(|st, p| st.udp_ports.contains(&p))? } else { port };
         if self.udp_ports.contains(&port) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("mesh UDP port {port} is in use")));
         }
@@ -569,6 +578,32 @@ mod tests {
         shuttle(&mut a, &mut b, false);
         assert_eq!(b.sockets.iter().count(), 2);
         assert_eq!(a.sockets.get::<tcp::Socket>(ha).state(), tcp::State::TimeWait);
+    }
+
+    /// Connection churn where the server closes first (it then holds each 4-tuple in
+    /// TIME-WAIT): every new dial must still connect at once, so no client port is reused
+    /// while the server may remember it.
+    #[test]
+    fn churn_with_server_side_time_wait_never_stalls_a_dial() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        b.listen(80).unwrap();
+        let server: SocketAddr = "100.64.0.2:80".parse().unwrap();
+        let mut ports = BTreeSet::new();
+        for i in 0..600 {
+            let (h, local) = a.connect(server).unwrap();
+            shuttle(&mut a, &mut b, false);
+            assert!(
+                matches!(a.poll_connected(h, &mut cx()), Poll::Ready(Ok(_))),
+                "dial {i} from port {} did not connect",
+                local.port()
+            );
+            assert!(ports.insert(local.port()), "dial {i} reused port {}", local.port());
+            let Poll::Ready(Ok((hb, ..))) = b.poll_accept(80, &mut cx()) else { panic!("dial {i} not accepted") };
+            b.release_tcp(hb);
+            shuttle(&mut a, &mut b, false);
+            a.release_tcp(h);
+            shuttle(&mut a, &mut b, false);
+        }
     }
 
     #[test]
