@@ -226,6 +226,7 @@ impl Conn {
     }
 
     /// The home region; 0 until one is picked.
+    #[cfg(test)]
     pub(crate) fn home_region(&self) -> i32 {
         self.home.home()
     }
