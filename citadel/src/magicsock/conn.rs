@@ -447,6 +447,38 @@ mod tests {
     }
 
     #[test]
+    fn org_guard_drops_and_counts_relayed_traffic_from_another_org_unless_allowed() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node(1, t0), node(2, t0));
+        let mut na = netmap(&a, &b, derp_map(&[1]));
+        na.peers.get_mut(&b.id).expect("peer").user = 7;
+        a.conn.set_netmap(t0, &na);
+        b.conn.set_netmap(t0, &netmap(&b, &a, derp_map(&[1])));
+        assert!(!a.conn.routes_to("100.64.0.2".parse().unwrap()));
+
+        // b's handshake and disco reach a over DERP only to be dropped and counted.
+        b.conn.send_ip(t0, &ip_packet(2, 1));
+        b.conn.handle_timeout(t0);
+        pump(&mut b, &mut a, t0, false);
+        assert_eq!(a.conn.poll_ip(), None);
+        let dropped = a.conn.counters.rx_cross_org.load(Relaxed);
+        assert!(dropped > 0);
+        assert!(transmits(&mut a.conn).is_empty());
+
+        // With the guard off, the same traffic gets through.
+        a.conn.set_route_prefs(RoutePrefs { allow_cross_org: true, ..Default::default() });
+        a.conn.set_netmap(t0, &na);
+        assert!(a.conn.routes_to("100.64.0.2".parse().unwrap()));
+        let t1 = t0 + Duration::from_secs(6);
+        b.conn.force_handshake(t1, &pub_key(&a));
+        pump(&mut b, &mut a, t1, false);
+        b.conn.send_ip(t1, &ip_packet(2, 1));
+        pump(&mut b, &mut a, t1, false);
+        assert_eq!(a.conn.poll_ip(), Some((pub_key(&b), ip_packet(2, 1))));
+        assert_eq!(a.conn.counters.rx_cross_org.load(Relaxed), dropped);
+    }
+
+    #[test]
     fn relayed_first_then_direct_on_pong_then_relayed_when_pongs_stop() {
         let t0 = Instant::now();
         let (mut a, mut b) = pair(t0, &[1]);
