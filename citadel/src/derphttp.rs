@@ -801,6 +801,11 @@ impl DerpConn {
         self.current.borrow().clone()
     }
 
+    /// The live connection as it changes (`None` while reconnecting).
+    pub fn watch_client(&self) -> watch::Receiver<Option<Arc<DerpClient>>> {
+        self.current.clone()
+    }
+
     /// Whether a connection is up now.
     pub fn is_connected(&self) -> bool {
         self.client().is_some_and(|c| !c.is_closed())

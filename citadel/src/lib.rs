@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod derphttp;
 pub mod expose;
 pub mod login;
+pub mod magicsock;
 pub mod mesh;
 pub mod metrics;
 pub mod net;

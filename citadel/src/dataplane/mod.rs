@@ -13,7 +13,6 @@
 
 pub mod ackfix;
 pub mod filter;
-pub mod magicsock;
 pub mod netstack;
 pub mod peers;
 mod relay;
@@ -26,10 +25,10 @@ pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
+use crate::magicsock::{Conn, Event};
 use crate::net::{Datagram, Net, TokioNet};
 use crate::netcheck;
 use crate::netmap::NetMap;
-use crate::tailcfg::DerpMap;
 use filter::{InboundFilter, PacketInfo};
 use netstack::Stack;
 use smoltcp::wire::IpCidr;
@@ -41,20 +40,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
-use wg::{Source, Transmit, WgRouter};
+use wg::Transmit;
 
 /// How long [`DataPlane::dial_tcp`] waits for the peer to answer.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often boringtun's timers run (its own device uses 250 ms).
-const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Longest sleep while the netstack has no timer of its own (it still ages closing sockets).
+const STACK_IDLE: Duration = Duration::from_secs(1);
 /// Datagrams read per wakeup before the stack runs, so bulk traffic is processed in batches.
 const RX_BATCH: usize = 128;
-/// How often STUN runs again: keeps the NAT mapping fresh and notices a new public address.
-const NETCHECK_INTERVAL: Duration = Duration::from_secs(30);
-/// When the home DERP connection has been down this long, netcheck runs at once (not at the
-/// next interval) so the node re-homes on a relay that answers: until it does, peers that can
-/// only relay cannot reach it.
-const HOME_DOWN_RECHECK: Duration = Duration::from_secs(3);
 /// Relayed packets buffered between the DERP readers and the driver.
 const RELAY_INBOX: usize = 1024;
 
@@ -148,41 +141,123 @@ pub(crate) struct Counters {
     pub derp_reconnects: AtomicU64,
 }
 
+/// The data plane's state: the packet core, the netstack and the packet filter, behind the one
+/// lock the driver and the app's socket handles share.
+pub(crate) struct Engine {
+    conn: Conn,
+    stack: Stack,
+    filter: InboundFilter,
+    ackfix: ackfix::AckFix,
+    /// Every netmap is applied under the lock, always the latest value, so the driver and an
+    /// API call racing to apply never regress to an older map.
+    netmap: watch::Receiver<NetMap>,
+    /// This node's public key; renewed by [`DataPlane::set_node_key`].
+    me: NodePublic,
+    /// A renewed node key the driver has yet to give its DERP connections.
+    rekey: Option<PrivateKey>,
+}
+
+impl Engine {
+    /// Applies the latest netmap if it has not been applied yet; true when it did.
+    fn sync_netmap(&mut self, now: Instant) -> bool {
+        if !self.netmap.has_changed().unwrap_or(false) {
+            return false;
+        }
+        self.apply_netmap(now);
+        true
+    }
+
+    /// Applies the latest netmap (again) to the core, the filter and the netstack.
+    fn apply_netmap(&mut self, now: Instant) {
+        let nm = self.netmap.borrow_and_update().clone();
+        let me = self.me;
+        if !nm.self_node.key.is_zero() && nm.self_node.key != me {
+            tracing::warn!(netmap = %nm.self_node.key.short(), ours = %me.short(), "netmap is for another node key");
+        }
+        let cidrs = mesh_cidrs(&nm.self_node.addresses);
+        let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
+        self.conn.set_netmap(now, &nm);
+        self.filter.set_rules(&nm.packet_filter);
+        self.filter.set_local_addrs(addrs);
+        self.stack.set_addresses(&cidrs);
+    }
+
+    /// Filters decrypted packets into the netstack, polls it, encrypts what it sent, and runs
+    /// the core's timers. Returns when the netstack next needs a poll.
+    fn step(&mut self, now: Instant, c: &Counters, egress: &mut Vec<Vec<u8>>) -> Option<Duration> {
+        while let Some((peer, mut packet)) = self.conn.poll_ip() {
+            let info = match PacketInfo::parse(&packet) {
+                Ok(i) => i,
+                Err(e) => {
+                    c.rx_bad_ip.fetch_add(1, Relaxed);
+                    tracing::trace!(peer = %peer.short(), error = %e, "dropped inbound packet");
+                    continue;
+                }
+            };
+            let verdict = self.filter.check(&info, now);
+            if !verdict.accepted() {
+                c.rx_filtered.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %peer.short(), src = %info.src, dst = %info.dst, proto = info.proto,
+                    port = info.dst_port, ?verdict, "packet filter dropped inbound packet");
+                continue;
+            }
+            if info.proto == filter::PROTO_TCP && self.ackfix.on_ingress(&mut packet) {
+                c.tcp_acks_moved.fetch_add(1, Relaxed);
+            }
+            self.stack.ingress(&info, packet);
+        }
+        let delay = self.stack.poll();
+        self.stack.take_egress(egress);
+        for p in egress.drain(..) {
+            if let Ok(info) = PacketInfo::parse(&p) {
+                self.filter.record_outbound(&info, now);
+                if info.proto == filter::PROTO_TCP {
+                    self.ackfix.on_egress(&p);
+                }
+            }
+            self.conn.send_ip(now, &p);
+        }
+        // After the egress: discovery starts as soon as traffic to a peer does.
+        self.conn.handle_timeout(now);
+        delay
+    }
+}
+
+/// The netstack inside the locked [`Engine`], for the socket handles.
+pub(crate) struct StackGuard<'a>(MutexGuard<'a, Engine>);
+
+impl std::ops::Deref for StackGuard<'_> {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.0.stack
+    }
+}
+
+impl std::ops::DerefMut for StackGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.0.stack
+    }
+}
+
 /// State shared between the driver task and the app's socket handles.
 pub(crate) struct Shared {
-    stack: Mutex<Stack>,
-    wg: Mutex<WgRouter>,
-    filter: Mutex<InboundFilter>,
-    /// How peers' routes are taken; applied with every netmap.
-    prefs: Mutex<RoutePrefs>,
-    /// Peers of another org, whose relayed packets and disco are dropped.
-    guard: Mutex<peers::OrgGuard>,
+    engine: Mutex<Engine>,
     counters: Arc<Counters>,
     wake: Notify,
-    /// Datagrams produced outside the driver (e.g. [`DataPlane::rehandshake`]).
-    outbox: Mutex<Vec<Transmit>>,
-    /// Every netmap is applied under this lock, always the latest value, so the driver and an
-    /// API call racing to apply never regress to an older map.
-    netmap: Mutex<watch::Receiver<NetMap>>,
-    node_public: Mutex<NodePublic>,
-    /// A renewed node key the driver has yet to give its DERP connections.
-    rekey: Mutex<Option<PrivateKey>>,
     net_info: watch::Sender<NetInfo>,
 }
 
 impl Shared {
-    /// Locks the netstack. A panic elsewhere while holding the lock leaves smoltcp's state
-    /// consistent (it has no multi-step invariants across our calls), so poisoning is ignored.
-    pub(crate) fn lock_stack(&self) -> MutexGuard<'_, Stack> {
-        self.stack.lock().unwrap_or_else(|e| e.into_inner())
+    /// Locks the engine. A panic elsewhere while holding the lock leaves smoltcp's and the
+    /// core's state consistent (no multi-step invariants across our calls), so poisoning is
+    /// ignored.
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_wg(&self) -> MutexGuard<'_, WgRouter> {
-        self.wg.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_filter(&self) -> MutexGuard<'_, InboundFilter> {
-        self.filter.lock().unwrap_or_else(|e| e.into_inner())
+    /// Locks the engine for its netstack.
+    pub(crate) fn lock_stack(&self) -> StackGuard<'_> {
+        StackGuard(self.lock())
     }
 
     /// Tells the driver that a socket has something to send (or a window to reopen).
@@ -194,11 +269,11 @@ impl Shared {
     /// A netmap sent but not yet applied by the driver is applied first, so a dial right after
     /// a netmap update sees it.
     pub(crate) fn check_route(&self, ip: IpAddr) -> io::Result<()> {
-        if self.lock_wg().routes_to(ip) {
+        if self.lock().conn.routes_to(ip) {
             return Ok(());
         }
         self.sync_netmap();
-        if self.lock_wg().routes_to(ip) {
+        if self.lock().conn.routes_to(ip) {
             return Ok(());
         }
         Err(io::Error::new(io::ErrorKind::HostUnreachable, format!("no mesh peer routes {ip}")))
@@ -206,11 +281,9 @@ impl Shared {
 
     /// Applies the latest netmap if it has not been applied yet.
     fn sync_netmap(&self) {
-        let mut rx = self.netmap.lock().unwrap_or_else(|e| e.into_inner());
-        if rx.borrow().has_changed() {
-            let nm = rx.borrow_and_update().clone();
-            let me = *self.node_public.lock().unwrap_or_else(|e| e.into_inner());
-            apply_netmap(self, &nm, me);
+        if self.lock().sync_netmap(crate::clock::now()) {
+            // The core may have DERP connections or probes to start.
+            self.wake_driver();
         }
     }
 }
@@ -276,55 +349,41 @@ impl DataPlane {
         let local_addr = udp.local_addr()?;
         let counters = Arc::new(Counters::default());
         let node_public = NodePublic(cfg.node_key.public_bytes());
-        let mut router = WgRouter::new(&cfg.node_key, Arc::clone(&counters));
-        router.set_disco_key(&cfg.disco_key);
         let local = endpoints_for(local_addr, net.interface_ips());
-        router.set_my_endpoints(local.clone());
+        let now = crate::clock::now();
+        let conn =
+            Conn::new(now, &cfg.node_key, &cfg.disco_key, local.clone(), local_addr.is_ipv4(), Arc::clone(&counters));
+        let mut engine = Engine {
+            conn,
+            stack: Stack::new(),
+            filter: InboundFilter::default(),
+            ackfix: ackfix::AckFix::default(),
+            netmap: netmap.clone(),
+            me: node_public,
+            rekey: None,
+        };
+        engine.netmap.mark_changed();
+        engine.sync_netmap(now);
         let shared = Arc::new(Shared {
-            stack: Mutex::new(Stack::new()),
-            wg: Mutex::new(router),
-            filter: Mutex::new(InboundFilter::default()),
-            prefs: Mutex::new(RoutePrefs::default()),
-            guard: Mutex::new(peers::OrgGuard::default()),
+            engine: Mutex::new(engine),
             counters,
             wake: Notify::new(),
-            outbox: Mutex::new(Vec::new()),
-            netmap: Mutex::new(netmap.clone()),
-            node_public: Mutex::new(node_public),
-            rekey: Mutex::new(None),
             net_info: watch::channel(NetInfo { endpoints: local, ..Default::default() }).0,
         });
-        {
-            let mut rx = shared.netmap.lock().unwrap_or_else(|e| e.into_inner());
-            let nm = rx.borrow_and_update().clone();
-            apply_netmap(&shared, &nm, node_public);
-        }
-        let v4_only = local_addr.is_ipv4();
         let dp_net = Arc::clone(&net);
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_INBOX);
-        let (latency_tx, latency_rx) = mpsc::channel(1);
-        let (resolve_tx, resolve_rx) = mpsc::channel(1);
+        let (answer_tx, answer_rx) = mpsc::channel(2);
         let driver = Driver {
             shared: Arc::clone(&shared),
             udp,
             netmap,
-            v4_only,
-            ackfix: ackfix::AckFix::default(),
+            v4_only: local_addr.is_ipv4(),
             relays: relay::Relays::new(Arc::clone(&net), cfg.node_key.clone(), relay_tx),
             relay_rx,
             net,
-            local_addr,
-            probe: None,
-            last_probe: None,
-            home_down_since: None,
-            report: None,
-            latency_tx,
-            latency_rx,
-            https_probe_running: false,
-            stun_hosts: HashMap::new(),
-            resolve_tx,
-            resolve_rx,
-            resolving: false,
+            answer_tx,
+            answer_rx,
+            closed_regions: Vec::new(),
         };
         let task = tokio::spawn(driver.run());
         tracing::info!(node = %node_public.short(), udp = %local_addr, "data plane started");
@@ -334,16 +393,19 @@ impl DataPlane {
 
     /// This node's public node key.
     pub fn node_public(&self) -> NodePublic {
-        *self.shared.node_public.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.lock().me
     }
 
     /// Switches to a renewed node key without dropping anything above WireGuard: the mesh
     /// addresses, the netstack and its connections stay; tunnels handshake again with the new
     /// key and DERP connections log in again.
     pub fn set_node_key(&self, key: PrivateKey) {
-        *self.shared.node_public.lock().unwrap_or_else(|e| e.into_inner()) = NodePublic(key.public_bytes());
-        self.shared.lock_wg().set_static_key(&key);
-        *self.shared.rekey.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        {
+            let mut e = self.shared.lock();
+            e.me = NodePublic(key.public_bytes());
+            e.conn.set_static_key(crate::clock::now(), &key);
+            e.rekey = Some(key);
+        }
         self.shared.wake_driver();
     }
 
@@ -372,7 +434,7 @@ impl DataPlane {
     /// The node's mesh addresses as the netstack holds them.
     pub fn mesh_addrs(&self) -> Vec<IpAddr> {
         self.shared.sync_netmap();
-        self.shared.lock_stack().local_addrs()
+        self.shared.lock().stack.local_addrs()
     }
 
     /// Opens a TCP connection inside the mesh, waiting at most [`DEFAULT_DIAL_TIMEOUT`].
@@ -460,9 +522,13 @@ impl DataPlane {
     /// Sets how peers' routes are taken (`--accept-routes`, `--exit-node`) and whether the org
     /// guard is off, and applies the current netmap again under them.
     pub fn set_route_prefs(&self, prefs: RoutePrefs) {
-        *self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()) = prefs;
-        let nm = self.shared.netmap.lock().unwrap_or_else(|e| e.into_inner()).borrow_and_update().clone();
-        apply_netmap(&self.shared, &nm, self.node_public());
+        {
+            let mut e = self.shared.lock();
+            e.conn.set_route_prefs(prefs);
+            e.apply_netmap(crate::clock::now());
+        }
+        // The core may have DERP connections to start for peers it now has.
+        self.shared.wake_driver();
     }
 
     /// True when some peer takes traffic for `ip`: a mesh address, an accepted subnet route,
@@ -473,13 +539,13 @@ impl DataPlane {
 
     /// How peers' routes are taken now.
     pub fn route_prefs(&self) -> RoutePrefs {
-        self.shared.prefs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared.lock().conn.route_prefs().clone()
     }
 
     /// Per-peer tunnel state, sorted by node key.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
         self.shared.sync_netmap();
-        self.shared.lock_wg().stats()
+        self.shared.lock().conn.stats(crate::clock::now())
     }
 
     /// One line per netstack socket (TCP state, queue lengths, endpoints), for diagnostics.
@@ -517,10 +583,8 @@ impl DataPlane {
     /// does; traffic moves to the new session when it completes. Useful after a path change.
     /// Returns false when `peer` is not in the netmap.
     pub fn rehandshake(&self, peer: &NodePublic) -> bool {
-        let mut out = Vec::new();
-        let known = self.shared.lock_wg().force_handshake(peer, &mut out);
-        // The driver owns the socket: hand it the initiation.
-        self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()).append(&mut out);
+        let known = self.shared.lock().conn.force_handshake(crate::clock::now(), peer);
+        // The driver owns the socket: it sends the initiation.
         self.shared.wake_driver();
         known
     }
@@ -581,32 +645,23 @@ fn mesh_cidrs(addresses: &[String]) -> Vec<IpCidr> {
     out
 }
 
-/// Pushes a netmap into the router, the filter and the netstack.
-fn apply_netmap(shared: &Shared, nm: &NetMap, me: NodePublic) {
-    if !nm.self_node.key.is_zero() && nm.self_node.key != me {
-        tracing::warn!(netmap = %nm.self_node.key.short(), ours = %me.short(), "netmap is for another node key");
-    }
-    let cidrs = mesh_cidrs(&nm.self_node.addresses);
-    let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
-    let desired = {
-        let prefs = shared.prefs.lock().unwrap_or_else(|e| e.into_inner());
-        peers::desired(nm, &prefs)
-    };
-    if desired.guard.len() > 0 {
-        tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
-    }
-    shared.lock_wg().set_peers(desired.peers);
-    *shared.guard.lock().unwrap_or_else(|e| e.into_inner()) = desired.guard;
-    {
-        let mut f = shared.lock_filter();
-        f.set_rules(&nm.packet_filter);
-        f.set_local_addrs(addrs);
-    }
-    shared.lock_stack().set_addresses(&cidrs);
+/// Answers to the core's requests that took I/O.
+enum Answer {
+    Resolved(HashMap<String, IpAddr>),
+    Latency(Vec<crate::derphttp::RegionLatency>),
 }
 
-/// The task that owns the UDP socket and the DERP connections, and moves packets between them,
-/// the WireGuard router and the netstack.
+/// What woke the driver.
+enum Wake {
+    Udp(usize, SocketAddr),
+    Relay(relay::RelayIn),
+    Answer(Answer),
+    Other,
+}
+
+/// The tokio driver: owns the UDP socket and the DERP connections, feeds the engine what
+/// arrives, sleeps until the core's next deadline, and carries out what the core asks for.
+/// It holds no policy.
 struct Driver {
     shared: Arc<Shared>,
     udp: Box<dyn Datagram>,
@@ -614,379 +669,121 @@ struct Driver {
     netmap: watch::Receiver<NetMap>,
     /// An IPv4 socket cannot reach IPv6 candidates.
     v4_only: bool,
-    ackfix: ackfix::AckFix,
     relays: relay::Relays,
-    relay_rx: mpsc::Receiver<relay::Relayed>,
+    relay_rx: mpsc::Receiver<relay::RelayIn>,
     net: Arc<dyn Net>,
-    local_addr: SocketAddr,
-    /// The STUN probe in flight, if any.
-    probe: Option<netcheck::Probe>,
-    last_probe: Option<Instant>,
-    /// Since when the home region's DERP connection has been down (None: up, or no home).
-    home_down_since: Option<Instant>,
-    report: Option<netcheck::Report>,
-    /// Results of the HTTPS latency fallback (when STUN gets no answer).
-    latency_tx: mpsc::Sender<Vec<crate::derphttp::RegionLatency>>,
-    latency_rx: mpsc::Receiver<Vec<crate::derphttp::RegionLatency>>,
-    https_probe_running: bool,
-    /// Addresses of STUN servers the DERP map names only by host name.
-    stun_hosts: HashMap<String, IpAddr>,
-    resolve_tx: mpsc::Sender<HashMap<String, IpAddr>>,
-    resolve_rx: mpsc::Receiver<HashMap<String, IpAddr>>,
-    resolving: bool,
+    answer_tx: mpsc::Sender<Answer>,
+    answer_rx: mpsc::Receiver<Answer>,
+    /// Regions whose connection the driver closed (DERP map change), for the core.
+    closed_regions: Vec<i32>,
 }
 
 impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; 65536];
-        let mut out: Vec<Transmit> = Vec::new();
-        let mut delivered: Vec<(NodePublic, Vec<u8>)> = Vec::new();
-        let mut egress: Vec<Vec<u8>> = Vec::new();
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut out, mut events, mut egress) = (Vec::new(), Vec::new(), Vec::new());
         let mut netmap_open = true;
-        let stack_timer = tokio::time::sleep(TIMER_TICK);
-        tokio::pin!(stack_timer);
-        // A netmap sent before this task first ran is marked seen here, so apply it here too.
-        let dm = self.netmap.borrow_and_update().derp_map.clone();
-        self.shared.sync_netmap();
-        self.on_derp_map(&dm);
-        self.netcheck_timers(crate::clock::now()).await;
+        self.netmap.borrow_and_update();
+        let mut deadline = crate::clock::now();
         loop {
-            tokio::select! {
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            let wake = tokio::select! {
                 r = self.udp.recv_from(&mut buf) => match r {
-                    Ok((n, src)) => {
-                        let now = self.now();
-                        self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered)
+                    Ok((n, src)) => Wake::Udp(n, src),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp receive failed");
+                        Wake::Other
                     }
-                    Err(e) => tracing::debug!(error = %e, "udp receive failed"),
                 },
-                Some(r) = self.relay_rx.recv() => {
-                    self.now();
-                    self.on_relayed(r, &mut out, &mut delivered)
-                }
-                Some(r) = self.resolve_rx.recv() => {
-                    self.resolving = false;
-                    if !r.is_empty() {
-                        self.stun_hosts.extend(r);
-                        if self.probe.is_none() {
-                            self.start_probe(crate::clock::now());
-                        }
-                    }
-                }
-                Some(l) = self.latency_rx.recv() => {
-                    self.https_probe_running = false;
-                    if self.report.as_ref().is_some_and(|r| r.region_latency.is_empty()) {
-                        if let Some(home) = crate::derphttp::pick_home_region(&l) {
-                            self.set_home(home);
-                        }
-                    }
-                }
-                _ = self.shared.wake.notified() => {}
-                _ = tick.tick() => {
-                    let now = self.now();
-                    self.shared.lock_wg().tick(now, &mut out);
-                    self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
-                    self.netcheck_timers(now).await;
-                }
+                Some(r) = self.relay_rx.recv() => Wake::Relay(r),
+                Some(a) = self.answer_rx.recv() => Wake::Answer(a),
+                _ = self.shared.wake.notified() => Wake::Other,
                 r = self.netmap.changed(), if netmap_open => {
-                    let dm = self.netmap.borrow_and_update().derp_map.clone();
-                    self.shared.sync_netmap();
-                    self.on_derp_map(&dm);
-                    self.netcheck_timers(self.now()).await;
+                    self.netmap.borrow_and_update();
                     // A closed channel means the owner dropped the sender: keep running on the
                     // last netmap.
                     netmap_open = r.is_ok();
+                    Wake::Other
                 }
-                _ = &mut stack_timer => {}
-            }
-            if let Some(key) = self.shared.rekey.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                self.relays.set_key(key);
-            }
-            // Drain what else has arrived, so the stack sees a batch at once.
-            let now = self.now();
-            for _ in 0..RX_BATCH {
-                match self.udp.try_recv_from(&mut buf) {
-                    Ok((n, src)) => self.on_udp(canonical(src), &buf[..n], now, &mut out, &mut delivered),
-                    Err(_) => break,
+                _ = sleep => Wake::Other,
+            };
+            let now = crate::clock::now();
+            {
+                let mut e = self.shared.lock();
+                e.sync_netmap(now);
+                if let Some(key) = e.rekey.take() {
+                    self.relays.set_key(key);
                 }
-            }
-            for _ in 0..RX_BATCH {
-                match self.relay_rx.try_recv() {
-                    Ok(r) => self.on_relayed(r, &mut out, &mut delivered),
-                    Err(_) => break,
+                for r in self.closed_regions.drain(..) {
+                    e.conn.handle_relay_status(now, r, false);
                 }
+                match wake {
+                    Wake::Udp(n, src) => e.conn.handle_udp(now, src, &buf[..n]),
+                    Wake::Relay(r) => on_relay(&mut e.conn, now, r),
+                    Wake::Answer(Answer::Resolved(h)) => e.conn.handle_resolved(now, h),
+                    Wake::Answer(Answer::Latency(l)) => e.conn.handle_https_latency(now, &l),
+                    Wake::Other => {}
+                }
+                // Drain what else has arrived, so the stack sees a batch at once.
+                for _ in 0..RX_BATCH {
+                    match self.udp.try_recv_from(&mut buf) {
+                        Ok((n, src)) => e.conn.handle_udp(now, src, &buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+                for _ in 0..RX_BATCH {
+                    match self.relay_rx.try_recv() {
+                        Ok(r) => on_relay(&mut e.conn, now, r),
+                        Err(_) => break,
+                    }
+                }
+                let stack = e.step(now, &self.shared.counters, &mut egress);
+                let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
+                deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
+                out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
+                events.extend(std::iter::from_fn(|| e.conn.poll_event()));
             }
-            // A probe is finished as soon as its last answer arrives, not at the next tick:
-            // the mesh waits for its report to announce the node.
-            if self.probe.as_ref().is_some_and(|p| p.done(now)) {
-                self.netcheck_timers(now).await;
+            for ev in events.drain(..) {
+                self.on_event(ev);
             }
-            let delay = self.run_stack(&mut delivered, &mut egress, &mut out);
-            // Discovery starts as soon as traffic to a peer does, not at the next tick.
-            self.shared.lock_wg().poll_disco(&mut out);
-            stack_timer.as_mut().reset(tokio::time::Instant::now() + delay);
-            out.append(&mut self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()));
+            if !self.closed_regions.is_empty() {
+                deadline = now;
+            }
+            self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
             for t in out.drain(..) {
                 self.send(t).await;
             }
         }
     }
 
-    /// The current time, also handed to the router: the path logic takes time as input, and
-    /// round trips must be measured from when a packet arrived, not from before the wait.
-    fn now(&self) -> Instant {
-        let now = crate::clock::now();
-        self.shared.lock_wg().set_now(now);
-        now
-    }
-
-    /// Demultiplexes one datagram of the shared socket: disco (magic prefix), STUN (cookie),
-    /// else WireGuard.
-    fn on_udp(
-        &mut self,
-        src: SocketAddr,
-        data: &[u8],
-        now: Instant,
-        out: &mut Vec<Transmit>,
-        delivered: &mut Vec<(NodePublic, Vec<u8>)>,
-    ) {
-        if crate::disco::looks_like_disco(data) {
-            if self.cross_org_disco(data) {
-                return;
+    /// Carries out one request of the core.
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::DerpMap(dm) => self.closed_regions.extend(self.relays.set_map(&dm)),
+            Event::Connect(region) => self.relays.ensure(region),
+            Event::Home(region) => self.relays.set_home(region),
+            Event::Resolve(names) => {
+                let tx = self.answer_tx.clone();
+                tokio::spawn(async move {
+                    let r = netcheck::resolve_hosts(names, Duration::from_secs(3)).await;
+                    let _ = tx.send(Answer::Resolved(r)).await;
+                });
             }
-            self.shared.lock_wg().handle_disco(Source::Udp(src), data, out);
-        } else if crate::stun::is_stun(data) {
-            if !self.probe.as_mut().is_some_and(|p| p.on_packet(src, data, now)) {
-                tracing::trace!(%src, "unexpected STUN packet");
+            Event::MeasureHttps(dm) => {
+                let (net, tx) = (Arc::clone(&self.net), self.answer_tx.clone());
+                tokio::spawn(async move {
+                    let l = crate::derphttp::measure_regions(net, &dm, Duration::from_secs(3)).await;
+                    let _ = tx.send(Answer::Latency(l)).await;
+                });
             }
-        } else {
-            self.shared.lock_wg().handle_wg(Source::Udp(src), data, out, delivered);
-        }
-    }
-
-    /// True (and counted) when a disco message comes from a peer of another org.
-    fn cross_org_disco(&self, data: &[u8]) -> bool {
-        let Some(sender) = crate::disco::sender(data) else { return false };
-        if self.shared.guard.lock().unwrap_or_else(|e| e.into_inner()).blocks_disco(&sender) {
-            self.shared.counters.rx_cross_org.fetch_add(1, Relaxed);
-            tracing::trace!("org guard dropped a disco message");
-            return true;
-        }
-        false
-    }
-
-    fn on_relayed(&mut self, r: relay::Relayed, out: &mut Vec<Transmit>, delivered: &mut Vec<(NodePublic, Vec<u8>)>) {
-        tracing::trace!(region = r.region, peer = %r.src.short(), len = r.packet.len(), "received over DERP");
-        if self.shared.guard.lock().unwrap_or_else(|e| e.into_inner()).blocks_node(&r.src) {
-            self.shared.counters.rx_cross_org.fetch_add(1, Relaxed);
-            tracing::trace!(peer = %r.src.short(), "org guard dropped a relayed packet");
-            return;
-        }
-        let src = Source::Derp { region: r.region, key: r.src };
-        let mut wg = self.shared.lock_wg();
-        if crate::disco::looks_like_disco(&r.packet) {
-            wg.handle_disco(src, &r.packet, out);
-        } else {
-            wg.handle_wg(src, &r.packet, out, delivered);
-        }
-    }
-
-    /// A (possibly) new DERP map: reconnect what changed, connect to the peers' regions ahead
-    /// of their first packet, and probe STUN again.
-    fn on_derp_map(&mut self, dm: &DerpMap) {
-        let changed = {
-            let before = self.relays.available();
-            self.relays.set_map(dm);
-            before != self.relays.available() || self.probe.is_none() && self.last_probe.is_none()
-        };
-        let regions = {
-            let mut wg = self.shared.lock_wg();
-            wg.set_derp_ok(self.relays.available());
-            wg.peer_regions()
-        };
-        if !self.relays.available() {
-            return;
-        }
-        for r in regions {
-            self.relays.ensure(r);
-        }
-        if dm.regions.len() == 1 {
-            // One region: nothing to choose, so no need to wait for probes.
-            if let Some(id) = dm.regions.keys().next() {
-                self.set_home(*id);
+            Event::NetInfo(info) => {
+                self.shared.net_info.send_if_modified(|cur| {
+                    let changed = *cur != info;
+                    *cur = info;
+                    changed
+                });
             }
         }
-        if changed || self.relays.home() == 0 {
-            self.last_probe = None;
-        }
-        let names = netcheck::stun_hostnames(dm);
-        self.stun_hosts.retain(|h, _| names.contains(h));
-        let missing: Vec<String> = names.into_iter().filter(|h| !self.stun_hosts.contains_key(h)).collect();
-        if !missing.is_empty() && !self.resolving {
-            self.resolving = true;
-            let tx = self.resolve_tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(netcheck::resolve_hosts(missing, Duration::from_secs(3)).await).await;
-            });
-        }
-        if self.probe.is_none() && self.last_probe.is_none() {
-            // Probe now rather than at the next tick: the mesh waits for this to announce the
-            // node.
-            self.start_probe(crate::clock::now());
-        }
-    }
-
-    fn start_probe(&mut self, now: Instant) {
-        let dm = self.netmap.borrow().derp_map.clone();
-        self.last_probe = Some(now);
-        self.probe = Some(netcheck::Probe::new(&netcheck::stun_targets_with(&dm, &self.stun_hosts), now));
-    }
-
-    /// Starts, advances and finishes STUN probes.
-    async fn netcheck_timers(&mut self, now: Instant) {
-        let home = self.relays.home();
-        let home_down = home > 0 && !self.relays.connected().contains(&home);
-        self.home_down_since = match (home_down, self.home_down_since) {
-            (false, _) => None,
-            (true, None) => Some(now),
-            (true, since) => since,
-        };
-        let since_probe = |t: Instant| now.saturating_duration_since(t);
-        let home_lost = self.home_down_since.is_some_and(|t| now.saturating_duration_since(t) >= HOME_DOWN_RECHECK)
-            && self.last_probe.is_none_or(|t| since_probe(t) >= HOME_DOWN_RECHECK);
-        if self.probe.is_none()
-            && self.relays.available()
-            && (home_lost || self.last_probe.is_none_or(|t| since_probe(t) >= NETCHECK_INTERVAL))
-        {
-            if home_lost {
-                tracing::debug!(region = home, "home DERP unreachable: netcheck now");
-            }
-            self.start_probe(now);
-        }
-        let Some(p) = self.probe.as_mut() else { return };
-        let sends = p.poll(now);
-        let done = p.done(now);
-        for (dst, payload) in sends {
-            self.send(Transmit::udp(dst, payload)).await;
-        }
-        if done {
-            if let Some(p) = self.probe.take() {
-                self.finish_probe(p.report());
-            }
-        }
-    }
-
-    fn finish_probe(&mut self, report: netcheck::Report) {
-        tracing::debug!(udp = report.udp, mapped = ?report.mapped, varies = ?report.mapping_varies_by_dest,
-            latency = ?report.region_latency, "netcheck");
-        let dm = self.netmap.borrow().derp_map.clone();
-        if let Some(home) = report.preferred_region(self.relays.home()) {
-            self.set_home(home);
-        } else if dm.regions.len() > 1 && !self.https_probe_running {
-            // No UDP answer (UDP blocked?): rank regions over HTTPS, as Tailscale's netcheck
-            // falls back to.
-            self.https_probe_running = true;
-            let (net, tx) = (Arc::clone(&self.net), self.latency_tx.clone());
-            tokio::spawn(async move {
-                let l = crate::derphttp::measure_regions(net, &dm, Duration::from_secs(3)).await;
-                let _ = tx.send(l).await;
-            });
-        }
-        self.report = Some(report);
-        self.publish();
-    }
-
-    fn set_home(&mut self, region: i32) {
-        if self.relays.home() != region {
-            self.relays.set_home(region);
-            self.publish();
-        }
-    }
-
-    /// Publishes endpoints and home region (the mesh reports them to the control server).
-    fn publish(&mut self) {
-        let mut endpoints = endpoints_for(self.local_addr, self.net.interface_ips());
-        for m in self.report.iter().flat_map(|r| r.mapped.iter()) {
-            if !(endpoints.contains(m) || self.v4_only && m.is_ipv6()) {
-                endpoints.push(*m);
-            }
-        }
-        self.shared.lock_wg().set_my_endpoints(endpoints.clone());
-        let info = NetInfo {
-            endpoints,
-            preferred_derp: self.relays.home(),
-            report: self.report.clone(),
-            derp_connected: self.relays.connected(),
-        };
-        self.shared.net_info.send_if_modified(|cur| {
-            let changed = *cur != info;
-            *cur = info;
-            changed
-        });
-    }
-
-    /// Filters decrypted packets into the netstack, polls it, and encrypts what it sent.
-    fn run_stack(
-        &mut self,
-        delivered: &mut Vec<(NodePublic, Vec<u8>)>,
-        egress: &mut Vec<Vec<u8>>,
-        out: &mut Vec<Transmit>,
-    ) -> Duration {
-        let now = crate::clock::now();
-        let c = &self.shared.counters;
-        let mut accepted = Vec::with_capacity(delivered.len());
-        if !delivered.is_empty() {
-            let mut f = self.shared.lock_filter();
-            for (peer, packet) in delivered.drain(..) {
-                let info = match PacketInfo::parse(&packet) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        c.rx_bad_ip.fetch_add(1, Relaxed);
-                        tracing::trace!(peer = %peer.short(), error = %e, "dropped inbound packet");
-                        continue;
-                    }
-                };
-                let verdict = f.check(&info, now);
-                if verdict.accepted() {
-                    accepted.push((info, packet));
-                } else {
-                    c.rx_filtered.fetch_add(1, Relaxed);
-                    tracing::debug!(peer = %peer.short(), src = %info.src, dst = %info.dst, proto = info.proto,
-                        port = info.dst_port, ?verdict, "packet filter dropped inbound packet");
-                }
-            }
-        }
-        let delay = {
-            let mut st = self.shared.lock_stack();
-            for (info, mut packet) in accepted {
-                if info.proto == filter::PROTO_TCP && self.ackfix.on_ingress(&mut packet) {
-                    c.tcp_acks_moved.fetch_add(1, Relaxed);
-                }
-                st.ingress(&info, packet);
-            }
-            let delay = st.poll();
-            st.take_egress(egress);
-            delay
-        };
-        if !egress.is_empty() {
-            {
-                let mut f = self.shared.lock_filter();
-                for p in egress.iter() {
-                    if let Ok(info) = PacketInfo::parse(p) {
-                        f.record_outbound(&info, now);
-                        if info.proto == filter::PROTO_TCP {
-                            self.ackfix.on_egress(p);
-                        }
-                    }
-                }
-            }
-            let mut wg = self.shared.lock_wg();
-            for p in egress.drain(..) {
-                wg.send_packet(&p, out);
-            }
-        }
-        delay.unwrap_or(TIMER_TICK).min(TIMER_TICK)
     }
 
     async fn send(&mut self, t: Transmit) {
@@ -1014,10 +811,11 @@ impl Driver {
     }
 }
 
-/// IPv4 peers reach a dual-stack socket as `::ffff:a.b.c.d`; keep them as IPv4 so they match
-/// the netmap's endpoints.
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+fn on_relay(conn: &mut Conn, now: Instant, r: relay::RelayIn) {
+    match r {
+        relay::RelayIn::Packet { region, src, packet } => conn.handle_relayed(now, region, src, &packet),
+        relay::RelayIn::Status { region, up } => conn.handle_relay_status(now, region, up),
+    }
 }
 
 #[cfg(test)]

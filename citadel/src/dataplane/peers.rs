@@ -6,8 +6,8 @@
 //! routes only with [`RoutePrefs::accept_routes`], exit routes (`0.0.0.0/0`, `::/0`) only from
 //! the peer chosen as [`RoutePrefs::exit_node`]. The same filtered set is what the anti-spoofing
 //! check accepts as source addresses. Peers of another org (user) get no tunnel at all unless
-//! [`RoutePrefs::allow_cross_org`] is set: the [`OrgGuard`] lists them so the driver can drop
-//! and count their packets.
+//! [`RoutePrefs::allow_cross_org`] is set: the [`OrgGuard`] lists them so the packet core
+//! (magicsock's `Conn`) can drop and count their packets.
 
 use super::filter::parse_prefix;
 use crate::keys::{DiscoPublic, NodePublic};

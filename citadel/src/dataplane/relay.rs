@@ -1,7 +1,8 @@
 //! The data plane's DERP connections: one reconnecting [`DerpConn`] per region in use (the home
 //! region, marked preferred, and the home regions of peers), each with a reader task that
-//! forwards relayed packets to the driver and a writer task that waits for the connection, so
-//! packets sent while it is still coming up are not lost.
+//! forwards relayed packets and connection up/down to the driver, and a writer task that waits
+//! for the connection, so packets sent while it is still coming up are not lost. No policy
+//! here: which regions to use and which is home is decided by [`crate::magicsock`].
 
 use crate::derphttp::{DerpConn, DerpConnOptions, Received};
 use crate::keys::{NodePublic, PrivateKey};
@@ -18,12 +19,13 @@ const WRITE_QUEUE: usize = 512;
 /// How long the writer waits for a connection before dropping what it holds.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-/// A packet that arrived over DERP.
+/// What a region's reader hands the driver.
 #[derive(Debug)]
-pub(crate) struct Relayed {
-    pub region: i32,
-    pub src: NodePublic,
-    pub packet: Vec<u8>,
+pub(crate) enum RelayIn {
+    /// A packet relayed from the holder of `src`.
+    Packet { region: i32, src: NodePublic, packet: Vec<u8> },
+    /// The region's connection came up or went down.
+    Status { region: i32, up: bool },
 }
 
 struct Region {
@@ -48,11 +50,11 @@ pub(crate) struct Relays {
     map: DerpMap,
     home: i32,
     regions: BTreeMap<i32, Region>,
-    inbox: mpsc::Sender<Relayed>,
+    inbox: mpsc::Sender<RelayIn>,
 }
 
 impl Relays {
-    pub(crate) fn new(net: Arc<dyn Net>, key: PrivateKey, inbox: mpsc::Sender<Relayed>) -> Self {
+    pub(crate) fn new(net: Arc<dyn Net>, key: PrivateKey, inbox: mpsc::Sender<RelayIn>) -> Self {
         Relays { net, key, map: DerpMap::default(), home: 0, regions: BTreeMap::new(), inbox }
     }
 
@@ -66,19 +68,11 @@ impl Relays {
         }
     }
 
-    /// Whether any region is known.
-    pub(crate) fn available(&self) -> bool {
-        !self.map.regions.is_empty()
-    }
-
-    pub(crate) fn home(&self) -> i32 {
-        self.home
-    }
-
     /// A new DERP map: connections to regions that vanished or whose node changed are closed.
-    pub(crate) fn set_map(&mut self, map: &DerpMap) {
+    /// Returns the regions closed.
+    pub(crate) fn set_map(&mut self, map: &DerpMap) -> Vec<i32> {
         if &self.map == map {
-            return;
+            return Vec::new();
         }
         self.map = map.clone();
         let keep: Vec<i32> = self
@@ -87,10 +81,12 @@ impl Relays {
             .filter(|(id, r)| first_node(&self.map, **id).is_some_and(|n| n == r.node))
             .map(|(id, _)| *id)
             .collect();
+        let closed: Vec<i32> = self.regions.keys().filter(|id| !keep.contains(id)).copied().collect();
         self.regions.retain(|id, _| keep.contains(id));
         if !self.map.regions.contains_key(&self.home) {
             self.home = 0;
         }
+        closed
     }
 
     /// Makes `region` the home region (NotePreferred on its connection).
@@ -127,11 +123,27 @@ impl Relays {
         let reader = {
             let conn = Arc::clone(&conn);
             let inbox = self.inbox.clone();
+            let mut state = conn.watch_client();
             tokio::spawn(async move {
+                let mut was_up = false;
                 loop {
-                    match conn.recv().await {
+                    let up = state.borrow_and_update().as_ref().is_some_and(|c| !c.is_closed());
+                    if up != was_up {
+                        was_up = up;
+                        if inbox.send(RelayIn::Status { region, up }).await.is_err() {
+                            return;
+                        }
+                    }
+                    let received = tokio::select! {
+                        r = conn.recv() => r,
+                        c = state.changed() => match c {
+                            Ok(()) => continue,
+                            Err(_) => return,
+                        },
+                    };
+                    match received {
                         Ok(Received::Packet { src, packet }) => {
-                            if inbox.send(Relayed { region, src, packet }).await.is_err() {
+                            if inbox.send(RelayIn::Packet { region, src, packet }).await.is_err() {
                                 return;
                             }
                         }
@@ -179,13 +191,6 @@ impl Relays {
     /// DERP logins beyond each connection's first, over the connections open now.
     pub(crate) fn reconnects(&self) -> u64 {
         self.regions.values().map(|r| r.conn.logins().saturating_sub(1)).sum()
-    }
-
-    /// Regions with a live connection.
-    pub(crate) fn connected(&self) -> Vec<i32> {
-        let mut v: Vec<i32> = self.regions.iter().filter(|(_, r)| r.conn.is_connected()).map(|(id, _)| *id).collect();
-        v.sort_unstable();
-        v
     }
 }
 

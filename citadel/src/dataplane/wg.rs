@@ -2,9 +2,10 @@
 //!
 //! [`WgRouter`] opens no socket: datagrams come in through [`WgRouter::handle_datagram`],
 //! IP packets from the netstack through [`WgRouter::send_packet`], and timers through
-//! [`WgRouter::tick`]; each appends [`Transmit`]s for the driver to send. Time comes from the
-//! driver ([`WgRouter::set_now`], `tick(now)`); boringtun reads a mock clock, which the router
-//! points at that time before every call into a [`Tunn`] or the rate limiter. Disco messages
+//! [`WgRouter::tick`]; each appends [`Transmit`]s for the caller to send. Time comes from the
+//! caller, [`crate::magicsock`]'s `Conn` ([`WgRouter::set_now`], `tick(now)`); boringtun reads
+//! a mock clock, which the router points at that time before every call into a [`Tunn`] or the
+//! rate limiter (the one place that clock is set). Disco messages
 //! (ping, pong, call-me-maybe) arrive on the same socket and are handled here too, feeding the
 //! per-peer path state in `magicsock`.
 //!
@@ -15,12 +16,12 @@
 //! initiator's static key. A peer's endpoint follows the source of its last authenticated
 //! packet (roaming).
 
-use super::magicsock::{PeerPaths, Probe};
 use super::peers::{diff, PeerChange, PeerConfig};
 use super::route::RouteTable;
 use super::Counters;
 use crate::disco::{self, SharedKey};
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
+use crate::magicsock::endpoint::{PeerPaths, Probe};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -171,10 +172,9 @@ impl std::fmt::Debug for WgRouter {
 }
 
 impl WgRouter {
-    pub(crate) fn new(key: &PrivateKey, counters: Arc<Counters>) -> WgRouter {
+    pub(crate) fn new(key: &PrivateKey, counters: Arc<Counters>, now: Instant) -> WgRouter {
         let secret = StaticSecret::from(key.to_bytes());
         let public = PublicKey::from(&secret);
-        let now = crate::clock::now();
         set_boringtun_clock(now, now);
         WgRouter {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
@@ -222,6 +222,11 @@ impl WgRouter {
     /// Whether DERP can carry packets.
     pub(crate) fn set_derp_ok(&mut self, ok: bool) {
         self.derp_ok = ok;
+    }
+
+    /// Whether any peer is configured.
+    pub(crate) fn has_peers(&self) -> bool {
+        !self.peers.is_empty()
     }
 
     /// DERP regions the peers live in (to connect to ahead of the first packet).
@@ -675,10 +680,10 @@ impl WgRouter {
         true
     }
 
-    pub(crate) fn stats(&self) -> Vec<PeerStats> {
+    pub(crate) fn stats(&self, at: Instant) -> Vec<PeerStats> {
         self.sync_clock();
         let now = SystemTime::now();
-        let mono = crate::clock::now().max(self.now);
+        let mono = at.max(self.now);
         let mut v: Vec<PeerStats> = self
             .peers
             .iter()
@@ -835,7 +840,7 @@ mod tests {
 
     fn node(seed: u8, port: u16) -> Node {
         let key = PrivateKey::from_bytes([seed; 32]);
-        let wg = WgRouter::new(&key, Arc::new(Counters::default()));
+        let wg = WgRouter::new(&key, Arc::new(Counters::default()), crate::clock::now());
         Node { key, wg, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
     }
 
@@ -907,7 +912,7 @@ mod tests {
         let wire: Vec<_> = out.into_iter().map(|t| (a.addr, t)).collect();
         let (_, got_b) = pump(&mut a, &mut b, wire);
         assert_eq!(got_b, vec![pkt.clone()], "queued packet flushed after the handshake");
-        assert_eq!(b.wg.stats()[0].path, Some(Path::Direct(a.addr)));
+        assert_eq!(b.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(a.addr)));
 
         // A data packet decrypts once; its replay is dropped and counted.
         let mut out = vec![];
@@ -925,7 +930,7 @@ mod tests {
         a.wg.send_packet(&pkt, &mut out);
         let moved: SocketAddr = "127.0.0.1:4444".parse().unwrap();
         b.wg.handle_datagram(moved, &out[0].payload, &mut o, &mut d);
-        assert_eq!(b.wg.stats()[0].path, Some(Path::Direct(moved)));
+        assert_eq!(b.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(moved)));
 
         // A packet whose inner source is outside A's AllowedIPs is dropped.
         let spoof = udp_packet([100, 64, 0, 9], [100, 64, 0, 2], b"x");
@@ -1005,14 +1010,14 @@ mod tests {
         // ...and pings back at once (completing the punch from its side).
         assert_eq!(back.iter().filter(|t| t.path == Path::Direct(a.addr)).count(), 2, "{back:?}");
         a.wg.handle_disco(Source::Udp(b.addr), &pong.payload, &mut vec![]);
-        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
+        assert_eq!(a.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(b.addr)));
         let mut out = vec![];
         a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
         assert!(out.iter().all(|t| t.path == Path::Direct(b.addr)), "{out:?}");
 
         // Hostile input: garbage with the magic, a ping relayed by DERP under another node key,
         // a pong for no ping, a replayed pong from another address.
-        let before = b.wg.stats();
+        let before = b.wg.stats(crate::clock::now());
         let mut junk = disco::MAGIC.to_vec();
         junk.extend_from_slice(&[0u8; 100]);
         let mut o = vec![];
@@ -1023,8 +1028,8 @@ mod tests {
         let mut c = PeerPaths::new(&[]);
         assert!(!c.on_pong_udp([0; 12], stranger, crate::clock::now()));
         a.wg.handle_disco(Source::Udp(stranger), &pong.payload, &mut o);
-        assert_eq!(a.wg.stats()[0].path, Some(Path::Direct(b.addr)));
-        assert_eq!(b.wg.stats(), before);
+        assert_eq!(a.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(b.addr)));
+        assert_eq!(b.wg.stats(crate::clock::now()), before);
 
         // A call-me-maybe over DERP makes B ping the listed endpoints at once.
         let cmm = probes.iter().filter(|t| t.path == Path::Derp(1)).find_map(|t| {
@@ -1059,7 +1064,7 @@ mod tests {
         assert!(a.wg.routes_to("100.64.0.2".parse().unwrap()));
         a.wg.set_peers(BTreeMap::new());
         assert!(!a.wg.routes_to("100.64.0.2".parse().unwrap()));
-        assert!(a.wg.stats().is_empty());
+        assert!(a.wg.stats(crate::clock::now()).is_empty());
         assert!(!a.wg.force_handshake(&NodePublic(b.key.public_bytes()), &mut out));
     }
 }

@@ -1,0 +1,607 @@
+//! [`Conn`]: the node's packet core, sans-IO. It owns the WireGuard tunnels, disco and the
+//! per-peer paths ([`super::endpoint`]), and the netcheck and home-relay policy
+//! ([`super::home`]). It opens no socket and reads no clock: inputs are `handle_*` calls with
+//! `now`, outputs are drained with `poll_*`, and the caller sleeps until [`Conn::poll_timeout`].
+//!
+//! Call order per wakeup: feed what arrived (`handle_udp`, `handle_relayed`, `send_ip`, the
+//! answers to earlier [`Event`]s), then `handle_timeout(now)`, then drain `poll_ip` (decrypted
+//! packets for the netstack), `poll_transmit` (datagrams for UDP or DERP) and `poll_event`
+//! (work for the driver's I/O: DERP connections, name resolution, HTTPS probes, published
+//! [`NetInfo`]).
+
+use super::home::{Action, HomePolicy};
+use crate::dataplane::peers::{self, OrgGuard, RoutePrefs};
+use crate::dataplane::wg::{Source, Transmit, WgRouter};
+use crate::dataplane::{Counters, NetInfo, PeerStats};
+use crate::derphttp::RegionLatency;
+use crate::keys::{NodePublic, PrivateKey};
+use crate::netmap::NetMap;
+use crate::tailcfg::DerpMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often boringtun's timers run while there are peers (its own device uses 250 ms; it has
+/// no way to say when its next timer is due).
+const WG_TIMER: Duration = Duration::from_millis(250);
+
+/// Work for the driver's I/O.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    /// A new DERP map: close connections to regions that vanished or changed.
+    DerpMap(DerpMap),
+    /// Connect to this region ahead of the first packet (a peer lives there).
+    Connect(i32),
+    /// This region is home now (NotePreferred on its connection).
+    Home(i32),
+    /// Resolve these STUN host names; answer with [`Conn::handle_resolved`].
+    Resolve(Vec<String>),
+    /// Rank these regions over HTTPS; answer with [`Conn::handle_https_latency`].
+    MeasureHttps(DerpMap),
+    /// Endpoints or home region changed: tell the control server.
+    NetInfo(NetInfo),
+}
+
+/// The packet core of one node (see the module doc).
+pub(crate) struct Conn {
+    wg: WgRouter,
+    home: HomePolicy,
+    /// How peers' routes are taken; applied with every netmap.
+    prefs: RoutePrefs,
+    /// Peers of another org, whose relayed packets and disco are dropped.
+    guard: OrgGuard,
+    counters: Arc<Counters>,
+    /// Interface endpoints of the UDP socket.
+    local: Vec<SocketAddr>,
+    /// An IPv4 socket cannot use IPv6 mapped endpoints.
+    v4_only: bool,
+    derp_map: DerpMap,
+    net_info: NetInfo,
+    next_wg_timer: Option<Instant>,
+    transmits: VecDeque<Transmit>,
+    ips: VecDeque<(NodePublic, Vec<u8>)>,
+    events: VecDeque<Event>,
+    scratch: Vec<Transmit>,
+    scratch_ips: Vec<(NodePublic, Vec<u8>)>,
+    actions: Vec<Action>,
+}
+
+impl Conn {
+    /// A core with no peers. `local` are the socket's interface endpoints.
+    pub(crate) fn new(
+        now: Instant,
+        node_key: &PrivateKey,
+        disco_key: &PrivateKey,
+        local: Vec<SocketAddr>,
+        v4_only: bool,
+        counters: Arc<Counters>,
+    ) -> Conn {
+        let mut wg = WgRouter::new(node_key, Arc::clone(&counters), now);
+        wg.set_disco_key(disco_key);
+        wg.set_my_endpoints(local.clone());
+        Conn {
+            wg,
+            home: HomePolicy::default(),
+            prefs: RoutePrefs::default(),
+            guard: OrgGuard::default(),
+            counters,
+            net_info: NetInfo { endpoints: local.clone(), ..Default::default() },
+            local,
+            v4_only,
+            derp_map: DerpMap::default(),
+            next_wg_timer: None,
+            transmits: VecDeque::new(),
+            ips: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: Vec::new(),
+            scratch_ips: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    /// Applies a netmap: peers (their routes taken under the [`RoutePrefs`], peers of another
+    /// org kept out) and their paths, the DERP map (connections, netcheck, home).
+    pub(crate) fn set_netmap(&mut self, now: Instant, nm: &NetMap) {
+        self.wg.set_now(now);
+        let desired = peers::desired(nm, &self.prefs);
+        if desired.guard.len() > 0 {
+            tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
+        }
+        self.wg.set_peers(desired.peers);
+        self.guard = desired.guard;
+        if self.wg.has_peers() && self.next_wg_timer.is_none() {
+            self.next_wg_timer = Some(now);
+        }
+        let dm = &nm.derp_map;
+        if *dm != self.derp_map {
+            self.derp_map = dm.clone();
+            self.events.push_back(Event::DerpMap(dm.clone()));
+        }
+        self.wg.set_derp_ok(!dm.regions.is_empty());
+        if !dm.regions.is_empty() {
+            for r in self.wg.peer_regions() {
+                self.events.push_back(Event::Connect(r));
+            }
+        }
+        self.home.set_derp_map(now, dm, &mut self.actions);
+        self.apply_actions();
+    }
+
+    /// One datagram from the UDP socket: disco (magic prefix), STUN (cookie), else WireGuard.
+    pub(crate) fn handle_udp(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
+        // IPv4 peers reach a dual-stack socket as `::ffff:a.b.c.d`; keep them as IPv4 so they
+        // match the netmap's endpoints.
+        let src = SocketAddr::new(src.ip().to_canonical(), src.port());
+        self.wg.set_now(now);
+        if crate::disco::looks_like_disco(data) {
+            if self.cross_org_disco(data) {
+                return;
+            }
+            self.wg.handle_disco(Source::Udp(src), data, &mut self.scratch);
+        } else if crate::stun::is_stun(data) {
+            if !self.home.handle_stun(now, src, data, &mut self.actions) {
+                tracing::trace!(%src, "unexpected STUN packet");
+            }
+            self.apply_actions();
+        } else {
+            self.wg.handle_wg(Source::Udp(src), data, &mut self.scratch, &mut self.scratch_ips);
+        }
+        self.flush();
+    }
+
+    /// One packet relayed by DERP `region` from the holder of `from`.
+    pub(crate) fn handle_relayed(&mut self, now: Instant, region: i32, from: NodePublic, data: &[u8]) {
+        tracing::trace!(region, peer = %from.short(), len = data.len(), "received over DERP");
+        if self.guard.blocks_node(&from) {
+            self.counters.rx_cross_org.fetch_add(1, Relaxed);
+            tracing::trace!(peer = %from.short(), "org guard dropped a relayed packet");
+            return;
+        }
+        self.wg.set_now(now);
+        let src = Source::Derp { region, key: from };
+        if crate::disco::looks_like_disco(data) {
+            if self.cross_org_disco(data) {
+                return;
+            }
+            self.wg.handle_disco(src, data, &mut self.scratch);
+        } else {
+            self.wg.handle_wg(src, data, &mut self.scratch, &mut self.scratch_ips);
+        }
+        self.flush();
+    }
+
+    /// True (and counted) when a disco message comes from a peer of another org.
+    fn cross_org_disco(&self, data: &[u8]) -> bool {
+        let Some(sender) = crate::disco::sender(data) else { return false };
+        if self.guard.blocks_disco(&sender) {
+            self.counters.rx_cross_org.fetch_add(1, Relaxed);
+            tracing::trace!("org guard dropped a disco message");
+            return true;
+        }
+        false
+    }
+
+    /// Sets how peers' routes are taken; they apply from the next [`Conn::set_netmap`].
+    pub(crate) fn set_route_prefs(&mut self, prefs: RoutePrefs) {
+        self.prefs = prefs;
+    }
+
+    /// How peers' routes are taken now.
+    pub(crate) fn route_prefs(&self) -> &RoutePrefs {
+        &self.prefs
+    }
+
+    /// Switches to a renewed node key: every tunnel starts over (see
+    /// [`WgRouter::set_static_key`]).
+    pub(crate) fn set_static_key(&mut self, now: Instant, key: &PrivateKey) {
+        self.wg.set_now(now);
+        self.wg.set_static_key(key);
+    }
+
+    /// A region's DERP connection came up or went down.
+    pub(crate) fn handle_relay_status(&mut self, now: Instant, region: i32, up: bool) {
+        self.home.handle_relay_status(now, region, up, &mut self.actions);
+        self.apply_actions();
+    }
+
+    /// The answer to [`Event::Resolve`].
+    pub(crate) fn handle_resolved(&mut self, now: Instant, hosts: HashMap<String, IpAddr>) {
+        self.home.handle_resolved(now, hosts, &mut self.actions);
+        self.apply_actions();
+    }
+
+    /// The answer to [`Event::MeasureHttps`].
+    pub(crate) fn handle_https_latency(&mut self, now: Instant, latencies: &[RegionLatency]) {
+        self.home.handle_https_latency(now, latencies, &mut self.actions);
+        self.apply_actions();
+    }
+
+    /// Encrypts one IP packet from the netstack for the peer its destination routes to.
+    pub(crate) fn send_ip(&mut self, now: Instant, packet: &[u8]) {
+        self.wg.set_now(now);
+        self.wg.send_packet(packet, &mut self.scratch);
+        self.flush();
+    }
+
+    /// Starts a fresh handshake with `peer`; false when it is not in the netmap.
+    pub(crate) fn force_handshake(&mut self, now: Instant, peer: &NodePublic) -> bool {
+        self.wg.set_now(now);
+        let known = self.wg.force_handshake(peer, &mut self.scratch);
+        self.flush();
+        known
+    }
+
+    /// Runs what is due: WireGuard timers, disco (heartbeats, discovery, which also starts as
+    /// soon as traffic to a peer does), netcheck. Safe to call early: it does only what is due.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.wg.set_now(now);
+        match self.next_wg_timer {
+            Some(t) if now >= t => {
+                self.wg.tick(now, &mut self.scratch);
+                self.next_wg_timer = self.wg.has_peers().then(|| now + WG_TIMER);
+            }
+            _ => self.wg.poll_disco(&mut self.scratch),
+        }
+        self.flush();
+        self.home.handle_timeout(now, &mut self.actions);
+        self.apply_actions();
+    }
+
+    /// When [`Conn::handle_timeout`] next has work; `None`: only input can create work.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        [self.next_wg_timer, self.home.poll_timeout()].into_iter().flatten().min()
+    }
+
+    /// The next datagram to send.
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next decrypted packet (from a peer's AllowedIPs), for the packet filter and netstack.
+    pub(crate) fn poll_ip(&mut self) -> Option<(NodePublic, Vec<u8>)> {
+        self.ips.pop_front()
+    }
+
+    /// The next piece of work for the driver's I/O.
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// True when some peer's AllowedIPs contain `ip`.
+    pub(crate) fn routes_to(&self, ip: IpAddr) -> bool {
+        self.wg.routes_to(ip)
+    }
+
+    /// Per-peer tunnel state at `now`, sorted by node key.
+    pub(crate) fn stats(&self, now: Instant) -> Vec<PeerStats> {
+        self.wg.stats(now)
+    }
+
+    /// The home region; 0 until one is picked.
+    #[cfg(test)]
+    pub(crate) fn home_region(&self) -> i32 {
+        self.home.home()
+    }
+
+    fn flush(&mut self) {
+        self.transmits.extend(self.scratch.drain(..));
+        self.ips.extend(self.scratch_ips.drain(..));
+    }
+
+    fn apply_actions(&mut self) {
+        let mut publish = false;
+        for a in std::mem::take(&mut self.actions) {
+            match a {
+                Action::Stun(dst, payload) => self.transmits.push_back(Transmit::udp(dst, payload)),
+                Action::Home(r) => {
+                    self.events.push_back(Event::Home(r));
+                    publish = true;
+                }
+                Action::Resolve(names) => self.events.push_back(Event::Resolve(names)),
+                Action::MeasureHttps(dm) => self.events.push_back(Event::MeasureHttps(dm)),
+                Action::Report => publish = true,
+            }
+        }
+        if publish {
+            self.publish();
+        }
+    }
+
+    /// Endpoints (local, then STUN-mapped) and home region, for the control server.
+    fn publish(&mut self) {
+        let mut endpoints = self.local.clone();
+        for m in self.home.report().iter().flat_map(|r| r.mapped.iter()) {
+            if !(endpoints.contains(m) || self.v4_only && m.is_ipv6()) {
+                endpoints.push(*m);
+            }
+        }
+        self.wg.set_my_endpoints(endpoints.clone());
+        let info = NetInfo {
+            endpoints,
+            preferred_derp: self.home.home(),
+            report: self.home.report().cloned(),
+            derp_connected: self.home.connected(),
+        };
+        if info != self.net_info {
+            self.net_info = info.clone();
+            self.events.push_back(Event::NetInfo(info));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Path;
+    use crate::keys::DiscoPublic;
+    use crate::magicsock::endpoint::{HEARTBEAT, TRUST_DURATION};
+    use crate::magicsock::{HOME_DOWN_RECHECK, NETCHECK_INTERVAL};
+    use crate::tailcfg::{DerpNode, DerpRegion, Node};
+
+    struct N {
+        conn: Conn,
+        key: PrivateKey,
+        disco: PrivateKey,
+        addr: SocketAddr,
+        id: i64,
+    }
+
+    fn node(id: u8, t0: Instant) -> N {
+        let (key, disco) = (PrivateKey::from_bytes([id; 32]), PrivateKey::from_bytes([id + 100; 32]));
+        let addr = SocketAddr::from(([198, 51, 100, id], 41641));
+        let conn = Conn::new(t0, &key, &disco, vec![addr], true, Arc::new(Counters::default()));
+        N { conn, key, disco, addr, id: id.into() }
+    }
+
+    fn pub_key(n: &N) -> NodePublic {
+        NodePublic(n.key.public_bytes())
+    }
+
+    fn derp_map(regions: &[u8]) -> DerpMap {
+        let mut m = DerpMap::default();
+        for r in regions {
+            let node = DerpNode {
+                name: format!("{r}a"),
+                region_id: (*r).into(),
+                host_name: format!("derp{r}.test"),
+                ipv4: format!("192.0.2.{r}"),
+                stun_port: 3478,
+                ..Default::default()
+            };
+            m.regions
+                .insert((*r).into(), DerpRegion { region_id: (*r).into(), nodes: vec![node], ..Default::default() });
+        }
+        m
+    }
+
+    fn mesh_node(n: &N) -> Node {
+        let ip = format!("100.64.0.{}/32", n.id);
+        Node {
+            id: n.id,
+            key: pub_key(n),
+            disco_key: DiscoPublic(n.disco.public_bytes()),
+            addresses: vec![ip.clone()],
+            allowed_ips: vec![ip],
+            endpoints: vec![n.addr.to_string()],
+            home_derp: 1,
+            ..Default::default()
+        }
+    }
+
+    fn netmap(me: &N, peer: &N, dm: DerpMap) -> NetMap {
+        let mut nm = NetMap { self_node: mesh_node(me), derp_map: dm, ..Default::default() };
+        nm.peers.insert(peer.id, mesh_node(peer));
+        nm
+    }
+
+    /// A minimal IPv4/UDP packet from 100.64.0.`src` to 100.64.0.`dst`.
+    fn ip_packet(src: u8, dst: u8) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 32, 0, 0, 0, 0, 64, 17, 0, 0, 100, 64, 0, src, 100, 64, 0, dst];
+        p.extend_from_slice(&[0, 1, 0, 2, 0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+        p
+    }
+
+    fn transmits(c: &mut Conn) -> Vec<Transmit> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    fn events(c: &mut Conn) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    /// Carries every datagram between the two cores (over UDP to the other's address, or over
+    /// DERP) at `now` until the wire is quiet; UDP is dropped unless `udp_ok`.
+    fn pump(a: &mut N, b: &mut N, now: Instant, udp_ok: bool) {
+        for _ in 0..20 {
+            let (ta, tb) = (transmits(&mut a.conn), transmits(&mut b.conn));
+            if ta.is_empty() && tb.is_empty() {
+                return;
+            }
+            deliver(b, (a.addr, pub_key(a)), ta, now, udp_ok);
+            deliver(a, (b.addr, pub_key(b)), tb, now, udp_ok);
+        }
+    }
+
+    fn deliver(to: &mut N, from: (SocketAddr, NodePublic), ts: Vec<Transmit>, now: Instant, udp_ok: bool) {
+        for t in ts {
+            match t.path {
+                Path::Direct(dst) if udp_ok && dst == to.addr => to.conn.handle_udp(now, from.0, &t.payload),
+                Path::Derp(region) if t.peer == pub_key(to) => to.conn.handle_relayed(now, region, from.1, &t.payload),
+                _ => {}
+            }
+        }
+    }
+
+    fn pair(t0: Instant, dm: &[u8]) -> (N, N) {
+        let (mut a, mut b) = (node(1, t0), node(2, t0));
+        let (na, nb) = (netmap(&a, &b, derp_map(dm)), netmap(&b, &a, derp_map(dm)));
+        a.conn.set_netmap(t0, &na);
+        b.conn.set_netmap(t0, &nb);
+        (a, b)
+    }
+
+    fn path(c: &Conn, now: Instant) -> Option<Path> {
+        c.stats(now)[0].path
+    }
+
+    #[test]
+    fn org_guard_drops_and_counts_relayed_traffic_from_another_org_unless_allowed() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node(1, t0), node(2, t0));
+        let mut na = netmap(&a, &b, derp_map(&[1]));
+        na.peers.get_mut(&b.id).expect("peer").user = 7;
+        a.conn.set_netmap(t0, &na);
+        b.conn.set_netmap(t0, &netmap(&b, &a, derp_map(&[1])));
+        assert!(!a.conn.routes_to("100.64.0.2".parse().unwrap()));
+
+        // b's handshake and disco reach a over DERP only to be dropped and counted.
+        b.conn.send_ip(t0, &ip_packet(2, 1));
+        b.conn.handle_timeout(t0);
+        pump(&mut b, &mut a, t0, false);
+        assert_eq!(a.conn.poll_ip(), None);
+        let dropped = a.conn.counters.rx_cross_org.load(Relaxed);
+        assert!(dropped > 0);
+        assert!(transmits(&mut a.conn).is_empty());
+
+        // With the guard off, the same traffic gets through.
+        a.conn.set_route_prefs(RoutePrefs { allow_cross_org: true, ..Default::default() });
+        a.conn.set_netmap(t0, &na);
+        assert!(a.conn.routes_to("100.64.0.2".parse().unwrap()));
+        let t1 = t0 + Duration::from_secs(6);
+        b.conn.force_handshake(t1, &pub_key(&a));
+        pump(&mut b, &mut a, t1, false);
+        b.conn.send_ip(t1, &ip_packet(2, 1));
+        pump(&mut b, &mut a, t1, false);
+        assert_eq!(a.conn.poll_ip(), Some((pub_key(&b), ip_packet(2, 1))));
+        assert_eq!(a.conn.counters.rx_cross_org.load(Relaxed), dropped);
+    }
+
+    #[test]
+    fn relayed_first_then_direct_on_pong_then_relayed_when_pongs_stop() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = pair(t0, &[1]);
+        // The first packet completes a handshake over DERP and arrives relayed.
+        a.conn.send_ip(t0, &ip_packet(1, 2));
+        pump(&mut a, &mut b, t0, false);
+        assert_eq!(b.conn.poll_ip(), Some((pub_key(&a), ip_packet(1, 2))));
+        assert_eq!(path(&a.conn, t0), Some(Path::Derp(1)));
+
+        // Discovery: a's ping reaches b directly, b's pong comes back: a goes direct.
+        let t1 = t0 + Duration::from_millis(100);
+        a.conn.handle_timeout(t1);
+        pump(&mut a, &mut b, t1, true);
+        assert_eq!(path(&a.conn, t1), Some(Path::Direct(b.addr)));
+        a.conn.send_ip(t1, &ip_packet(1, 2));
+        let sent: Vec<Path> = transmits(&mut a.conn).iter().map(|t| t.path).collect();
+        assert_eq!(sent, vec![Path::Direct(b.addr)]);
+
+        // The pongs stop (UDP dropped from here on): heartbeats go unanswered, and once the
+        // trust window after the last pong passes, traffic is relayed again.
+        let mut now = t1;
+        while now < t1 + TRUST_DURATION {
+            now = a.conn.poll_timeout().expect("peers keep timers running").max(now + HEARTBEAT / 4);
+            a.conn.handle_timeout(now);
+            b.conn.handle_timeout(now);
+            pump(&mut a, &mut b, now, false);
+        }
+        assert_eq!(path(&a.conn, now), Some(Path::Derp(1)));
+        a.conn.send_ip(now, &ip_packet(1, 2));
+        assert!(transmits(&mut a.conn).iter().any(|t| t.path == Path::Derp(1)));
+    }
+
+    /// Sends STUN answers from the given regions (`(region, delay)`) to the probe's requests.
+    fn answer_stun(c: &mut Conn, sent: &[Transmit], at: Instant, answers: &[(u8, u64)]) {
+        for (region, ms) in answers {
+            let server = SocketAddr::from(([192, 0, 2, *region], 3478));
+            let req = sent.iter().find(|t| t.path == Path::Direct(server)).expect("STUN request to the region");
+            let tx = crate::stun::tx_id(&req.payload).expect("a STUN request");
+            let mapped = SocketAddr::from(([203, 0, 113, 1], 50000));
+            c.handle_udp(at + Duration::from_millis(*ms), server, &crate::stun::response(tx, mapped));
+        }
+    }
+
+    fn homes(evs: &[Event]) -> Vec<i32> {
+        evs.iter().filter_map(|e| if let Event::Home(r) = e { Some(*r) } else { None }).collect()
+    }
+
+    #[test]
+    fn home_is_the_fastest_region_and_moves_when_its_relay_drops() {
+        let t0 = Instant::now();
+        let mut a = node(1, t0);
+        let b = node(2, t0);
+        a.conn.set_netmap(t0, &netmap(&a, &b, derp_map(&[1, 2])));
+        let sent = transmits(&mut a.conn);
+        assert!(events(&mut a.conn).contains(&Event::DerpMap(derp_map(&[1, 2]))));
+        answer_stun(&mut a.conn, &sent, t0, &[(1, 10), (2, 30)]);
+        let evs = events(&mut a.conn);
+        assert_eq!(homes(&evs), vec![1]);
+        let info = evs.iter().find_map(|e| if let Event::NetInfo(i) = e { Some(i.clone()) } else { None });
+        let info = info.expect("NetInfo published");
+        assert_eq!(info.preferred_derp, 1);
+        assert_eq!(info.endpoints, vec![a.addr, "203.0.113.1:50000".parse().unwrap()]);
+
+        // Both relays up; the home one drops. Nothing before the recheck delay, a probe then.
+        let t1 = t0 + Duration::from_secs(5);
+        a.conn.handle_relay_status(t1, 1, true);
+        a.conn.handle_relay_status(t1, 2, true);
+        let t2 = t1 + Duration::from_secs(5);
+        a.conn.handle_relay_status(t2, 1, false);
+        assert!(a.conn.poll_timeout().is_some_and(|t| t <= t2 + HOME_DOWN_RECHECK));
+        a.conn.handle_timeout(t2 + HOME_DOWN_RECHECK / 2);
+        assert!(transmits(&mut a.conn).iter().all(|t| t.path != Path::Direct("192.0.2.2:3478".parse().unwrap())));
+        let t3 = t2 + HOME_DOWN_RECHECK;
+        a.conn.handle_timeout(t3);
+        let sent = transmits(&mut a.conn);
+        // Only region 2 answers now: when the probe gives up on region 1, 2 becomes home.
+        answer_stun(&mut a.conn, &sent, t3, &[(2, 20)]);
+        let mut evs = events(&mut a.conn);
+        for _ in 0..100 {
+            if !homes(&evs).is_empty() {
+                break;
+            }
+            let now = a.conn.poll_timeout().expect("the probe is running");
+            a.conn.handle_timeout(now);
+            evs.extend(events(&mut a.conn));
+        }
+        assert_eq!(homes(&evs), vec![2]);
+        assert_eq!(a.conn.home_region(), 2);
+    }
+
+    #[test]
+    fn no_stun_answer_ranks_regions_over_https_and_netcheck_repeats() {
+        let t0 = Instant::now();
+        let mut a = node(1, t0);
+        let b = node(2, t0);
+        a.conn.set_netmap(t0, &netmap(&a, &b, derp_map(&[1, 2])));
+        // Nobody answers: step from deadline to deadline until the probe gives up.
+        let mut now = t0;
+        let mut evs = Vec::new();
+        for _ in 0..100 {
+            now = a.conn.poll_timeout().expect("a probe is running");
+            a.conn.handle_timeout(now);
+            evs.extend(events(&mut a.conn));
+            if evs.iter().any(|e| matches!(e, Event::MeasureHttps(_))) {
+                break;
+            }
+        }
+        assert!(evs.contains(&Event::MeasureHttps(derp_map(&[1, 2]))), "{evs:?}");
+        assert!(homes(&evs).is_empty());
+        let l = |r, ms| RegionLatency { region_id: r, latency: Some(Duration::from_millis(ms)) };
+        a.conn.handle_https_latency(now, &[l(1, 40), l(2, 15)]);
+        assert_eq!(homes(&events(&mut a.conn)), vec![2]);
+        // The next probe is due one interval after the last one started.
+        let next = a.conn.home.poll_timeout().expect("netcheck repeats");
+        assert!(next > now && next <= t0 + NETCHECK_INTERVAL, "{next:?}");
+    }
+
+    #[test]
+    fn an_idle_core_sleeps_until_input() {
+        let t0 = Instant::now();
+        let mut a = node(1, t0);
+        assert_eq!(a.conn.poll_timeout(), None, "no peers, no DERP map: nothing to wake for");
+        a.conn.handle_timeout(t0);
+        assert!(transmits(&mut a.conn).is_empty() && events(&mut a.conn).is_empty());
+    }
+}
