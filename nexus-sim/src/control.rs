@@ -364,7 +364,9 @@ fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
     let peer_nodes: Vec<&StoreNode> = compiled.peers_of(me.id).iter().filter_map(|id| all.get(id)).collect();
     let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
-    map_of(s, me, peers, compiled.filter_for(me.id), users, now)
+    let mut m = map_of(s, me, peers, compiled.filter_for(me.id), users, now);
+    crate::routes::reduce_map(&mut m, &|r| compiled.can_access_route(me.id, r));
+    m
 }
 
 fn map_of(
@@ -457,7 +459,9 @@ impl OrgTemplate {
             vec![]
         };
         let filter = self.filter(me, &s.store.org_member_sources(me.user_id));
-        map_of(s, me, peers, filter, vec![], now)
+        let mut m = map_of(s, me, peers, filter, vec![], now);
+        crate::routes::reduce_map(&mut m, &crate::routes::org_route_check(s, me));
+        m
     }
 }
 
@@ -690,6 +694,18 @@ fn org_delta(
                 if !upserted.contains(id) && !removed.contains(id) {
                     patches.entry(*id).or_default().merge(p);
                 }
+                // A router going on- or offline moves primaries: re-send the org's routers.
+                if s.store.node(*id).is_some_and(|n| crate::routes::primary_may_move(&n, p)) {
+                    for n in s
+                        .store
+                        .org_nodes(me.user_id)
+                        .iter()
+                        .filter(|n| n.id != *id && !crate::routes::served(n).is_empty())
+                    {
+                        patches.remove(&n.id);
+                        upserted.insert(n.id);
+                    }
+                }
             }
             Change::Resync => resync = true,
         }
@@ -729,6 +745,7 @@ fn org_delta(
     if !patched.is_empty() {
         d.peers_changed_patch = Some(patched);
     }
+    crate::routes::reduce_map(&mut d, &crate::routes::org_route_check(s, me));
     if members_changed || self_changed || resync {
         let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
         let fp = fingerprint(&f);
@@ -794,6 +811,7 @@ async fn map(
         Ok(n) => n,
         Err(_) => return (StatusCode::UNAUTHORIZED, "node not registered").into_response(),
     };
+    let node = if req.read_only { node } else { crate::routes::auto_approve(&s, node.id).unwrap_or(node) };
     let zstd = req.compress == "zstd";
     if !req.stream && req.omit_peers {
         // A "lite" update: endpoints/hostinfo only.
