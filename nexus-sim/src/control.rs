@@ -694,18 +694,6 @@ fn org_delta(
                 if !upserted.contains(id) && !removed.contains(id) {
                     patches.entry(*id).or_default().merge(p);
                 }
-                // A router going on- or offline moves primaries: re-send the org's routers.
-                if s.store.node(*id).is_some_and(|n| crate::routes::primary_may_move(&n, p)) {
-                    for n in s
-                        .store
-                        .org_nodes(me.user_id)
-                        .iter()
-                        .filter(|n| n.id != *id && !crate::routes::served(n).is_empty())
-                    {
-                        patches.remove(&n.id);
-                        upserted.insert(n.id);
-                    }
-                }
             }
             Change::Resync => resync = true,
         }
@@ -1047,5 +1035,49 @@ mod tests {
         s.policy.set(crate::policy::ORG_ISOLATION).unwrap();
         let Step::Send(d) = st.policy_changed() else { panic!("no map after a policy change") };
         assert!(d.peers_removed.is_some() && d.peers.is_none(), "{d:?}");
+    }
+
+    /// Primary-route failover: when a subnet's primary router goes offline, each stream gets
+    /// the other router's entry, now primary for the subnet, in the next delta.
+    #[test]
+    fn failover_resends_the_new_primary_router() {
+        let s = shared();
+        s.policy.set(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#).unwrap();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let mut routers = vec![];
+        for k in [1, 2] {
+            let r = reg(&s, k, org, vec![]);
+            let mut h = r.hostinfo.clone();
+            h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16"]));
+            s.store
+                .update_node(r.id, |n| {
+                    n.hostinfo = h;
+                    true
+                })
+                .unwrap();
+            s.store.set_approved_routes(r.id, vec!["10.1.0.0/16".into()]).unwrap();
+            s.store.session(r.id, true);
+            routers.push(r.id);
+        }
+        let viewer = reg(&s, 3, org, vec![]);
+        let (mut st, first) = Streamer::start(&s, &viewer);
+        let primary = |m: &MapResponse, id: u64| {
+            m.peers
+                .iter()
+                .chain(&m.peers_changed)
+                .flatten()
+                .find(|p| p.id == id as i64)
+                .map(|p| p.primary_routes.clone())
+        };
+        assert_eq!(primary(&first, routers[0]), Some(vec!["10.1.0.0/16".to_string()]));
+        assert_eq!(primary(&first, routers[1]), Some(vec![]));
+        s.store.session(routers[0], false);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta after the primary went offline") };
+        assert_eq!(primary(&d, routers[1]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
+        assert_eq!(primary(&d, routers[0]), Some(vec![]), "{d:?}");
+        // Back online: the lowest id is primary again.
+        s.store.session(routers[0], true);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        assert_eq!(primary(&d, routers[0]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
     }
 }

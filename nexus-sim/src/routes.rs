@@ -226,12 +226,6 @@ pub fn org_route_check(s: &Shared, me: &Node) -> impl Fn(&Prefix) -> bool {
     }
 }
 
-/// True when a store change of node `n` moves which node is primary for a subnet: it serves
-/// subnet routes and its online state changed.
-pub fn primary_may_move(n: &Node, patch: &crate::store::NodePatch) -> bool {
-    patch.online.is_some() && served(n).iter().any(|p| !is_exit(p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +306,36 @@ mod tests {
         let p = primaries([&a, &b], |id| id != 1);
         assert!(p.get(&1).is_none());
         assert_eq!(p[&2].len(), 2);
+    }
+
+    /// What a map request runs: the policy's autoApprovers take the advertised routes they
+    /// cover, and nothing without them.
+    #[test]
+    fn auto_approve_follows_the_active_policy() {
+        let s = crate::build(crate::Config { derp: crate::DerpMode::Off, stun_listen: None, ..Default::default() })
+            .unwrap();
+        let u = s.store.create_user("acme", "").unwrap();
+        let mut h = Hostinfo { hostname: "r".into(), ..Default::default() };
+        h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16", "192.168.0.0/24", "0.0.0.0/0"]));
+        let key = citadel_proto::keys::NodePublic([7; 32]);
+        let n = s
+            .store
+            .register(
+                citadel_proto::keys::MachinePublic([7; 32]),
+                key,
+                u.id,
+                h,
+                false,
+                vec![],
+                None,
+                "authkey",
+                s.cfg.ipv4_base,
+                s.cfg.ipv6_base,
+            )
+            .unwrap();
+        assert!(auto_approve(&s, n.id).unwrap().approved_routes.is_empty(), "the built-in policy approves nothing");
+        s.policy.set(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["acme@"]}}}"#).unwrap();
+        assert_eq!(auto_approve(&s, n.id).unwrap().approved_routes, vec!["10.1.0.0/16"]);
+        assert!(auto_approve(&s, 999).is_err());
     }
 }

@@ -50,8 +50,12 @@ impl PolicyState {
     /// Parses `text` and, only if it is valid, makes it the active policy and wakes every
     /// map stream.
     pub fn set(&self, text: &str) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
+        self.set_time(text, Utc::now())
+    }
+
+    /// [`PolicyState::set`] recording `now` as the time it was set.
+    pub fn set_time(&self, text: &str, now: DateTime<Utc>) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
         let p = Arc::new(Policy::parse(text)?);
-        let now = Utc::now();
         *self.current.write().unwrap() = (p.clone(), now);
         self.changed.send_modify(|g| *g += 1);
         tracing::info!(bytes = text.len(), "policy replaced");
@@ -131,11 +135,12 @@ pub async fn set_policy(State(s): State<Shared>, body: axum::body::Bytes) -> Res
         return api_error(StatusCode::BAD_REQUEST, format!("setting policy: {e}"));
     }
     // Stored before it takes effect: a policy in force is always the one a restart loads.
-    if let Err(e) = s.store.store_policy(text, Utc::now()) {
+    let now = Utc::now();
+    if let Err(e) = s.store.store_policy(text, now) {
         tracing::error!("storing the policy failed: {e}");
         return api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("storing policy: {e}"));
     }
-    match s.policy.set(text) {
+    match s.policy.set_time(text, now) {
         Ok((p, at)) => {
             crate::routes::auto_approve_all(&s);
             Json(policy_json(&p, &at)).into_response()
