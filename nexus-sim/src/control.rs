@@ -364,7 +364,9 @@ fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
     let peer_nodes: Vec<&StoreNode> = compiled.peers_of(me.id).iter().filter_map(|id| all.get(id)).collect();
     let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
-    map_of(s, me, peers, compiled.filter_for(me.id), users, now)
+    let mut m = map_of(s, me, peers, compiled.filter_for(me.id), users, now);
+    crate::routes::reduce_map(&mut m, &|r| compiled.can_access_route(me.id, r));
+    m
 }
 
 fn map_of(
@@ -457,7 +459,9 @@ impl OrgTemplate {
             vec![]
         };
         let filter = self.filter(me, &s.store.org_member_sources(me.user_id));
-        map_of(s, me, peers, filter, vec![], now)
+        let mut m = map_of(s, me, peers, filter, vec![], now);
+        crate::routes::reduce_map(&mut m, &crate::routes::org_route_check(s, me));
+        m
     }
 }
 
@@ -729,6 +733,7 @@ fn org_delta(
     if !patched.is_empty() {
         d.peers_changed_patch = Some(patched);
     }
+    crate::routes::reduce_map(&mut d, &crate::routes::org_route_check(s, me));
     if members_changed || self_changed || resync {
         let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
         let fp = fingerprint(&f);
@@ -794,6 +799,7 @@ async fn map(
         Ok(n) => n,
         Err(_) => return (StatusCode::UNAUTHORIZED, "node not registered").into_response(),
     };
+    let node = if req.read_only { node } else { crate::routes::auto_approve(&s, node.id).unwrap_or(node) };
     let zstd = req.compress == "zstd";
     if !req.stream && req.omit_peers {
         // A "lite" update: endpoints/hostinfo only.
@@ -1029,5 +1035,49 @@ mod tests {
         s.policy.set(crate::policy::ORG_ISOLATION).unwrap();
         let Step::Send(d) = st.policy_changed() else { panic!("no map after a policy change") };
         assert!(d.peers_removed.is_some() && d.peers.is_none(), "{d:?}");
+    }
+
+    /// Primary-route failover: when a subnet's primary router goes offline, each stream gets
+    /// the other router's entry, now primary for the subnet, in the next delta.
+    #[test]
+    fn failover_resends_the_new_primary_router() {
+        let s = shared();
+        s.policy.set(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#).unwrap();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let mut routers = vec![];
+        for k in [1, 2] {
+            let r = reg(&s, k, org, vec![]);
+            let mut h = r.hostinfo.clone();
+            h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16"]));
+            s.store
+                .update_node(r.id, |n| {
+                    n.hostinfo = h;
+                    true
+                })
+                .unwrap();
+            s.store.set_approved_routes(r.id, vec!["10.1.0.0/16".into()]).unwrap();
+            s.store.session(r.id, true);
+            routers.push(r.id);
+        }
+        let viewer = reg(&s, 3, org, vec![]);
+        let (mut st, first) = Streamer::start(&s, &viewer);
+        let primary = |m: &MapResponse, id: u64| {
+            m.peers
+                .iter()
+                .chain(&m.peers_changed)
+                .flatten()
+                .find(|p| p.id == id as i64)
+                .map(|p| p.primary_routes.clone())
+        };
+        assert_eq!(primary(&first, routers[0]), Some(vec!["10.1.0.0/16".to_string()]));
+        assert_eq!(primary(&first, routers[1]), Some(vec![]));
+        s.store.session(routers[0], false);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta after the primary went offline") };
+        assert_eq!(primary(&d, routers[1]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
+        assert_eq!(primary(&d, routers[0]), Some(vec![]), "{d:?}");
+        // Back online: the lowest id is primary again.
+        s.store.session(routers[0], true);
+        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        assert_eq!(primary(&d, routers[0]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
     }
 }

@@ -71,7 +71,8 @@ pub struct Config {
     /// Mesh key (64 hex digits) that lets a DERP client watch connections and forward
     /// packets, as a region mesh peer; none by default.
     pub derp_mesh_key: Option<String>,
-    /// ACL policy text (Headscale v2 HuJSON); `None` means [`policy::ORG_ISOLATION`].
+    /// ACL policy text (Headscale v2 HuJSON); `None` means the policy last set through the API
+    /// and kept in the database (`db`), else [`policy::ORG_ISOLATION`].
     pub policy: Option<String>,
     /// Packets queued per DERP client before the oldest is dropped.
     pub derp_queue_depth: usize,
@@ -367,8 +368,21 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
     let key_text = store.meta_or_insert("server_key", || PrivateKey::generate(&mut rand::thread_rng()).to_text());
     let server_key = PrivateKey::from_text(&key_text).map_err(|e| anyhow::anyhow!("stored server key: {e}"))?;
     store.set_config_api_keys(&cfg.api_keys);
-    let pol = policy::Policy::parse(cfg.policy.as_deref().unwrap_or(policy::ORG_ISOLATION))
-        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    let policy_state = match (&cfg.policy, store.stored_policy()?) {
+        // A policy set through the API, kept in the database, unless one is given explicitly.
+        (None, Some((text, at))) => policy::PolicyState::set_at(
+            policy::Policy::parse(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "the policy stored in the database is invalid (start with --policy FILE to replace it):\n{e}"
+                )
+            })?,
+            at,
+        ),
+        (given, _) => policy::PolicyState::new(
+            policy::Policy::parse(given.as_deref().unwrap_or(policy::ORG_ISOLATION))
+                .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?,
+        ),
+    };
     let challenge = PrivateKey::generate(&mut rand::thread_rng());
     Ok(Arc::new(Inner {
         store,
@@ -379,7 +393,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         faults: Faults::default(),
         device: device::Flows::default(),
         metrics: metrics::Metrics::default(),
-        policy: policy::PolicyState::new(pol),
+        policy: policy_state,
     }))
 }
 

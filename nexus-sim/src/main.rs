@@ -104,7 +104,8 @@ enum Cmd {
 enum PolicyCmd {
     /// Print the active policy
     Get,
-    /// Replace the active policy with a file's (refused, leaving the old one, if invalid)
+    /// Replace the active policy with a file's (refused, leaving the old one, if invalid);
+    /// kept in the server's database when it runs with --db
     Set {
         #[arg(long, short = 'f')]
         file: PathBuf,
@@ -161,7 +162,8 @@ struct ServeArgs {
     /// embedded DERP does (the policy then does not apply to relayed packets)
     #[arg(long)]
     no_derp_verify_clients: bool,
-    /// ACL policy file (Headscale v2 HuJSON); default: the built-in org isolation policy
+    /// ACL policy file (Headscale v2 HuJSON); default: the policy last set with `policy set`
+    /// when --db keeps one, else the built-in org isolation policy
     #[arg(long, conflicts_with = "headscale_default")]
     policy: Option<PathBuf>,
     /// No policy, as Headscale without one: every node may reach every other

@@ -6,9 +6,10 @@
 //!
 //! Pure functions over the store's rows: the caller passes which nodes are online.
 
-use crate::policy::ipset::Prefix;
+use crate::policy::ipset::{IpSet, Prefix};
 use crate::store::Node;
-use citadel_proto::tailcfg::Hostinfo;
+use crate::Shared;
+use citadel_proto::tailcfg::{self, Hostinfo, MapResponse};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Most routes one node may advertise or have approved (bounds what a client can make the
@@ -128,6 +129,103 @@ pub fn allowed_ips(n: &Node, own: &[Prefix], primary: &[Prefix]) -> (Vec<String>
     (str(&allowed), str(primary))
 }
 
+/// Applies the active policy's `autoApprovers` to node `id`: every advertised route the
+/// policy approves joins its approved routes (none is ever removed, as Headscale). Returns
+/// the node as stored afterwards.
+///
+/// # Errors
+/// The node does not exist.
+pub fn auto_approve(s: &Shared, id: u64) -> Result<Node, crate::store::StoreError> {
+    let (pol, _) = s.policy.get();
+    if !pol.has_auto_approvers() {
+        return s.store.node(id).ok_or_else(|| crate::store::StoreError::NotFound(format!("node {id}")));
+    }
+    let users = crate::policy::state::users(&s.store);
+    s.store.update_node(id, |n| {
+        let announced = advertised(&n.hostinfo);
+        if announced.is_empty() {
+            return false;
+        }
+        let approved: Vec<Prefix> = n.approved_routes.iter().filter_map(|r| Prefix::parse(r)).collect();
+        let node = crate::policy::state::policy_node(n);
+        match pol.auto_approved(&users, &node, &approved, &announced) {
+            Some(v) => {
+                tracing::info!(node = n.id, routes = ?v.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "routes auto-approved by policy");
+                n.approved_routes = v.iter().map(|p| p.to_string()).collect();
+                true
+            }
+            None => false,
+        }
+    })
+}
+
+/// [`auto_approve`] for every node (after the policy changed).
+pub fn auto_approve_all(s: &Shared) {
+    if !s.policy.get().0.has_auto_approvers() {
+        return;
+    }
+    for id in s.store.node_ids() {
+        // A node deleted meanwhile has nothing to approve.
+        let _ = auto_approve(s, id);
+    }
+}
+
+/// Removes from one map entry the routes `keep` refuses, from `PrimaryRoutes` and
+/// `AllowedIPs`; the entry's own addresses always stay, and its exit routes too when
+/// `keep_exit` (a node's own entry, as Headscale).
+pub fn reduce_entry(entry: &mut tailcfg::Node, keep_exit: bool, keep: &dyn Fn(&Prefix) -> bool) {
+    if entry.allowed_ips.len() <= entry.addresses.len() {
+        return;
+    }
+    let addrs = entry.addresses.clone();
+    let ok = |r: &String| {
+        if addrs.contains(r) {
+            return true;
+        }
+        match Prefix::parse(r) {
+            Some(p) if keep_exit && is_exit(&p) => true,
+            Some(p) => keep(&p),
+            None => false,
+        }
+    };
+    entry.allowed_ips.retain(ok);
+    entry.primary_routes.retain(ok);
+}
+
+/// [`reduce_entry`] over a whole map or delta: its own node and every peer in it.
+pub fn reduce_map(m: &mut MapResponse, keep: &dyn Fn(&Prefix) -> bool) {
+    if let Some(n) = m.node.as_mut() {
+        reduce_entry(n, true, keep);
+    }
+    for p in m.peers.iter_mut().flatten().chain(m.peers_changed.iter_mut().flatten()) {
+        reduce_entry(p, false, keep);
+    }
+}
+
+/// The route check of the built-in org-isolation policy for `me`, without compiling it
+/// over the tailnet: its rules let an org's untagged nodes reach each other's addresses
+/// only, so a route is reachable when `me` is untagged and the route overlaps one of those
+/// addresses (what [`crate::policy::Compiled::can_access_route`] answers for that policy).
+pub fn org_route_check(s: &Shared, me: &Node) -> impl Fn(&Prefix) -> bool {
+    let tagged = !me.tags.is_empty();
+    let store = s.store.clone();
+    let user = me.user_id;
+    let set = std::sync::OnceLock::new();
+    move |r: &Prefix| {
+        if tagged {
+            return false;
+        }
+        let set: &IpSet = set.get_or_init(|| {
+            let mut set = IpSet::default();
+            for p in store.org_member_sources(user).iter().filter_map(|p| Prefix::parse(p)) {
+                set.add_prefix(p);
+            }
+            set
+        });
+        set.overlaps_prefix(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +306,36 @@ mod tests {
         let p = primaries([&a, &b], |id| id != 1);
         assert!(p.get(&1).is_none());
         assert_eq!(p[&2].len(), 2);
+    }
+
+    /// What a map request runs: the policy's autoApprovers take the advertised routes they
+    /// cover, and nothing without them.
+    #[test]
+    fn auto_approve_follows_the_active_policy() {
+        let s = crate::build(crate::Config { derp: crate::DerpMode::Off, stun_listen: None, ..Default::default() })
+            .unwrap();
+        let u = s.store.create_user("acme", "").unwrap();
+        let mut h = Hostinfo { hostname: "r".into(), ..Default::default() };
+        h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16", "192.168.0.0/24", "0.0.0.0/0"]));
+        let key = citadel_proto::keys::NodePublic([7; 32]);
+        let n = s
+            .store
+            .register(
+                citadel_proto::keys::MachinePublic([7; 32]),
+                key,
+                u.id,
+                h,
+                false,
+                vec![],
+                None,
+                "authkey",
+                s.cfg.ipv4_base,
+                s.cfg.ipv6_base,
+            )
+            .unwrap();
+        assert!(auto_approve(&s, n.id).unwrap().approved_routes.is_empty(), "the built-in policy approves nothing");
+        s.policy.set(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["acme@"]}}}"#).unwrap();
+        assert_eq!(auto_approve(&s, n.id).unwrap().approved_routes, vec!["10.1.0.0/16"]);
+        assert!(auto_approve(&s, 999).is_err());
     }
 }

@@ -1262,3 +1262,55 @@ mod tests {
         assert_eq!(reg(&s, 3, u.id).ipv4, Ipv4Addr::new(100, 64, 0, 3));
     }
 }
+
+/// Policies kept in the `policies` table (older ones are dropped).
+const POLICY_HISTORY: i64 = 16;
+
+impl Store {
+    fn policies_table(c: &rusqlite::Connection) -> Result<(), StoreError> {
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS policies \
+             (id INTEGER PRIMARY KEY AUTOINCREMENT, data TEXT NOT NULL, updated_at TEXT NOT NULL)",
+            [],
+        )?;
+        Ok(())
+    }
+
+    /// The newest policy set through the API and when, as Headscale's database policy mode
+    /// keeps it (`None` without a database or before the first one).
+    pub fn stored_policy(&self) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let Some(db) = &self.db else { return Ok(None) };
+        let c = db.lock();
+        Self::policies_table(&c)?;
+        let row: Option<(String, String)> = c
+            .query_row("SELECT data, updated_at FROM policies ORDER BY id DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+        let Some((data, at)) = row else { return Ok(None) };
+        let at = DateTime::parse_from_rfc3339(&at)
+            .map_err(|e| StoreError::Invalid(format!("corrupt policy row time {at:?}: {e}")))?
+            .with_timezone(&Utc);
+        Ok(Some((data, at)))
+    }
+
+    /// Records `text` as the newest policy (one transaction; the newest [`POLICY_HISTORY`]
+    /// rows are kept). Without a database nothing is written.
+    pub fn store_policy(&self, text: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let mut c = db.lock();
+        Self::policies_table(&c)?;
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO policies (data, updated_at) VALUES (?1, ?2)",
+            rusqlite::params![text, at.to_rfc3339()],
+        )?;
+        tx.execute(
+            "DELETE FROM policies WHERE id <= (SELECT MAX(id) FROM policies) - ?1",
+            rusqlite::params![POLICY_HISTORY],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}

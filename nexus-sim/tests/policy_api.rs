@@ -114,3 +114,80 @@ fn cli_check_reports_lines_and_serve_refuses_a_bad_policy_file() {
     assert!(!out.status.success(), "serve started with a bad policy");
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// With `--db`, a policy set through the API is stored (Headscale's database policy mode)
+/// and is the one in force after each restart; a bad one is refused and never stored; an
+/// explicit policy at start wins over the stored one.
+#[tokio::test]
+async fn a_policy_set_through_the_api_survives_restarts_with_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nexus.db");
+    let boot = |policy: Option<&str>| {
+        let db = db.clone();
+        let policy = policy.map(str::to_string);
+        async move {
+            nexus_sim::start(Config {
+                api_keys: vec![KEY.into()],
+                db: Some(db),
+                policy,
+                stun_listen: None,
+                ..Config::default()
+            })
+            .await
+            .expect("nexus-sim starts")
+        }
+    };
+    let good =
+        "// kept across restarts\n{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:22\"]}]}\n";
+    let n = boot(None).await;
+    let (code, v) = call(&n.url, reqwest::Method::GET, None).await;
+    assert_eq!((code, v["policy"].as_str()), (200, Some(ORG_ISOLATION)), "{v}");
+    let (code, v) = call(&n.url, reqwest::Method::PUT, Some(json!({"policy": good}))).await;
+    assert_eq!(code, 200, "{v}");
+    let set_at = v["updatedAt"].clone();
+    drop(n);
+
+    // First restart: the stored policy is in force; a bad one is refused and not stored.
+    let n = boot(None).await;
+    let (code, v) = call(&n.url, reqwest::Method::GET, None).await;
+    assert_eq!((code, v["policy"].as_str()), (200, Some(good)), "{v}");
+    assert_eq!(v["updatedAt"], set_at, "the time it was set is kept too");
+    let (code, v) =
+        call(&n.url, reqwest::Method::PUT, Some(json!({"policy": "{\"acls\": [{\"action\": \"drop\"}]}"}))).await;
+    assert_eq!(code, 400, "{v}");
+    drop(n);
+
+    // Second restart: still the good one.
+    let n = boot(None).await;
+    let (_, v) = call(&n.url, reqwest::Method::GET, None).await;
+    assert_eq!(v["policy"].as_str(), Some(good), "{v}");
+    let (code, _) = call(&n.url, reqwest::Method::PUT, Some(json!({"policy": HEADSCALE_DEFAULT}))).await;
+    assert_eq!(code, 200);
+    drop(n);
+
+    // Third: the newest stored wins; an explicit policy at start overrides it.
+    let n = boot(None).await;
+    let (_, v) = call(&n.url, reqwest::Method::GET, None).await;
+    assert_eq!(v["policy"].as_str(), Some(HEADSCALE_DEFAULT), "{v}");
+    drop(n);
+    let n = boot(Some(ORG_ISOLATION)).await;
+    let (_, v) = call(&n.url, reqwest::Method::GET, None).await;
+    assert_eq!(v["policy"].as_str(), Some(ORG_ISOLATION), "{v}");
+}
+
+/// A stored policy that no longer parses stops the server with a clear error instead of
+/// being replaced silently by the built-in one.
+#[tokio::test]
+async fn a_corrupt_stored_policy_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nexus.db");
+    {
+        let store = nexus_sim::store::Store::open(Some(&db)).unwrap();
+        store.store_policy("{\"acls\": [", chrono::Utc::now()).unwrap();
+    }
+    let cfg = Config { db: Some(db.clone()), stun_listen: None, ..Config::default() };
+    let e = nexus_sim::start(cfg).await.err().expect("refused");
+    assert!(e.to_string().contains("policy stored in the database is invalid"), "{e}");
+    let cfg = Config { db: Some(db), policy: Some(ORG_ISOLATION.into()), stun_listen: None, ..Config::default() };
+    assert!(nexus_sim::start(cfg).await.is_ok(), "an explicit policy replaces it");
+}

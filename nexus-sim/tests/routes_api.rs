@@ -49,6 +49,7 @@ fn register_online(n: &nexus_sim::Running, k: u8, user: u64, h: Hostinfo) -> nex
 }
 
 /// The map entry `viewer` gets for `peer`.
+#[track_caller]
 fn peer_in_map(n: &nexus_sim::Running, viewer: u64, peer: u64) -> TailNode {
     let me = n.shared.store.node(viewer).expect("viewer");
     let m = nexus_sim::control::build_map(&n.shared, &me);
@@ -58,9 +59,16 @@ fn peer_in_map(n: &nexus_sim::Running, viewer: u64, peer: u64) -> TailNode {
 // Multi-threaded: the admin CLI runs as a blocking child process while the server answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approved_and_advertised_routes_reach_peers_maps() {
-    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
-        .await
-        .expect("nexus-sim starts");
+    // The org may reach its nodes and 10.0.0.0/8: the routes there reach its maps.
+    let policy = r#"{"acls": [{"action": "accept", "src": ["acme@"], "dst": ["acme@:*", "10.0.0.0/8:*"]}]}"#;
+    let n = nexus_sim::start(Config {
+        api_keys: vec![KEY.into()],
+        policy: Some(policy.into()),
+        stun_listen: None,
+        ..Config::default()
+    })
+    .await
+    .expect("nexus-sim starts");
     let st = &n.shared.store;
     let u = st.create_user("acme", "").unwrap();
     let reg = |k: u8, routes: &[&str]| {
@@ -209,4 +217,100 @@ async fn moves_and_tags_change_the_maps() {
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(st.node(a.id).unwrap().tags.is_empty(), "no --tags removes them all");
+}
+
+async fn put_policy(url: &str, text: &str) -> (u16, Value) {
+    let r = client()
+        .put(format!("{url}/api/v1/policy"))
+        .bearer_auth(KEY)
+        .json(&json!({"policy": text}))
+        .send()
+        .await
+        .expect("request");
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+fn hostinfo(name: &str, routes: &[&str]) -> Hostinfo {
+    let mut h = Hostinfo { hostname: name.into(), ..Default::default() };
+    h.rest.insert("RoutableIPs".into(), json!(routes));
+    h
+}
+
+/// Headscale's route reduction: a router's approved routes reach only the maps of nodes the
+/// policy lets reach them; `autoApprovers` approve advertised routes when a policy is set,
+/// never removing one; the built-in policy offers no subnet of an org to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_reach_only_the_nodes_the_policy_lets_reach_them() {
+    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
+        .await
+        .expect("nexus-sim starts");
+    let st = &n.shared.store;
+    let acme = st.create_user("acme", "").unwrap();
+    let globex = st.create_user("globex", "").unwrap();
+    let router = register_online(&n, 31, acme.id, hostinfo("router", &["10.1.0.0/16", "10.2.0.0/16"]));
+    let exit = register_online(&n, 32, acme.id, hostinfo("exit", &["0.0.0.0/0", "::/0"]));
+    let dev = register_online(&n, 33, acme.id, hostinfo("dev", &[]));
+    let ops = register_online(&n, 34, globex.id, hostinfo("ops", &[]));
+
+    // Built-in policy: approved subnets reach nobody (no rule reaches 10.x); the org's exit
+    // node is offered to its members (their rules reach IPv4 and IPv6 addresses).
+    st.set_approved_routes(router.id, vec!["10.1.0.0/16".into(), "10.2.0.0/16".into()]).unwrap();
+    let p = peer_in_map(&n, dev.id, router.id);
+    assert_eq!(p.allowed_ips, p.addresses);
+    assert!(p.primary_routes.is_empty());
+    st.set_approved_routes(exit.id, vec!["0.0.0.0/0".into(), "::/0".into()]).unwrap();
+    let p = peer_in_map(&n, dev.id, exit.id);
+    assert!(p.allowed_ips.contains(&"0.0.0.0/0".to_string()) && p.allowed_ips.contains(&"::/0".to_string()), "{p:?}");
+    st.set_approved_routes(router.id, vec![]).unwrap();
+    st.set_approved_routes(exit.id, vec![]).unwrap();
+
+    // acme's people reach 10.1.0.0/16 only; globex's ops reaches 10.2.0.0/16 on port 22 and
+    // nothing else. autoApprovers: acme approves 10.0.0.0/8, exit routes need tag:exit.
+    let policy = r#"{
+      "tagOwners": {"tag:exit": ["acme@"]},
+      "autoApprovers": {"routes": {"10.0.0.0/8": ["acme@"]}, "exitNode": ["tag:exit"]},
+      "acls": [
+        {"action": "accept", "src": ["acme@"], "dst": ["acme@:*", "10.1.0.0/16:*"]},
+        {"action": "accept", "src": ["acme@"], "dst": ["autogroup:internet:*"]},
+        {"action": "accept", "src": ["globex@"], "dst": ["10.2.0.0/16:22"]},
+      ],
+    }"#;
+    let (code, v) = put_policy(&n.url, policy).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(st.node(router.id).unwrap().approved_routes, vec!["10.1.0.0/16", "10.2.0.0/16"], "auto-approved");
+    assert!(st.node(exit.id).unwrap().approved_routes.is_empty(), "exit routes need tag:exit");
+
+    let p = peer_in_map(&n, dev.id, router.id);
+    assert_eq!(p.primary_routes, vec!["10.1.0.0/16".to_string()]);
+    assert_eq!(p.allowed_ips, vec!["10.1.0.0/16".to_string(), p.addresses[0].clone(), p.addresses[1].clone()]);
+    // globex's node sees acme's router only for the route it may reach, and not acme's others.
+    let p = peer_in_map(&n, ops.id, router.id);
+    assert_eq!(p.primary_routes, vec!["10.2.0.0/16".to_string()]);
+    assert_eq!(p.allowed_ips, vec!["10.2.0.0/16".to_string(), p.addresses[0].clone(), p.addresses[1].clone()]);
+    assert_eq!(peer_ids(&n, ops.id), vec![router.id as i64], "the router is ops' only peer");
+    // The router's filter admits ops to its subnet on port 22.
+    let me = st.node(router.id).unwrap();
+    let m = nexus_sim::control::build_map(&n.shared, &me);
+    let f = m.packet_filter.unwrap_or_default();
+    assert!(
+        f.iter()
+            .any(|r| r.dst_ports.iter().any(|d| d.ip == "10.2.0.0/16" && d.ports.first == 22 && d.ports.last == 22)),
+        "{f:?}"
+    );
+
+    // Once tagged tag:exit, the exit node's routes are approved when the policy is set again;
+    // approvals an admin removed come back, and none is ever removed by it.
+    st.set_tags(exit.id, vec!["tag:exit".into()]).unwrap();
+    st.set_approved_routes(router.id, vec!["10.1.0.0/16".into()]).unwrap();
+    let (code, v) = put_policy(&n.url, policy).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(st.node(exit.id).unwrap().approved_routes, vec!["0.0.0.0/0", "::/0"]);
+    assert_eq!(st.node(router.id).unwrap().approved_routes, vec!["10.1.0.0/16", "10.2.0.0/16"]);
+    // The tagged exit node is dev's peer through the internet rule alone, with its routes.
+    let p = peer_in_map(&n, dev.id, exit.id);
+    let (v4, v6) = (p.addresses[0].clone(), p.addresses[1].clone());
+    assert_eq!(p.allowed_ips, vec!["0.0.0.0/0".to_string(), v4, "::/0".into(), v6]);
+    // ops reaches no internet: the exit node is not its peer.
+    assert_eq!(peer_ids(&n, ops.id), vec![router.id as i64]);
 }

@@ -92,7 +92,8 @@ pub struct DataPlaneCounters {
     pub rx_spoofed: u64,
     /// Decrypted packets the packet filter refused (no rule, or not addressed to us).
     pub rx_filtered: u64,
-    /// Relayed packets and disco messages from peers of another org, dropped by the org guard.
+    /// Packets (relayed, or direct handshakes) and disco messages from peers of another org,
+    /// dropped by the org guard.
     pub rx_cross_org: u64,
     /// Decrypted packets that are not parseable IP (or are fragments).
     pub rx_bad_ip: u64,

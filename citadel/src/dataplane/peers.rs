@@ -134,9 +134,35 @@ pub fn find_peer<'a>(nm: &'a NetMap, sel: &str) -> Option<&'a Node> {
     })
 }
 
-/// True when `n` belongs to another org (user) than this node.
+/// The user id Headscale (from 0.28) gives every tagged node in map responses, its
+/// "tagged-devices" user: the tags are the node's identity, shared by all orgs' tagged nodes.
+pub const TAGGED_DEVICES_USER: i64 = 2147455555;
+
+/// The org (user) a node belongs to; `None` for a tagged node shown as Headscale's
+/// tagged-devices user (its org is not in the map).
+fn org_of(n: &Node) -> Option<i64> {
+    (n.user != TAGGED_DEVICES_USER || n.tags.is_empty()).then_some(n.user)
+}
+
+/// True when this node's filter admits every source to every destination and port
+/// (Headscale without a policy, or `*` to `*:*`): such a server admits peers without
+/// saying who belongs together.
+fn admits_everyone(nm: &NetMap) -> bool {
+    let any = |s: &str| matches!(s, "*" | "0.0.0.0/0" | "::/0");
+    nm.packet_filter.iter().any(|r| {
+        r.src_ips.iter().any(|s| any(s))
+            && r.dst_ports.iter().any(|d| any(&d.ip) && d.ports.first == 0 && d.ports.last == 65535)
+    })
+}
+
+/// True when `n` belongs to another org (user) than this node. A tagged node without an org
+/// in the map (newer Headscale) counts as this node's org when the server's policy says
+/// who may reach whom and put it in this map; under an allow-all filter it stays out.
 fn other_org(nm: &NetMap, n: &Node) -> bool {
-    n.user != nm.self_node.user
+    match (org_of(&nm.self_node), org_of(n)) {
+        (Some(a), Some(b)) => a != b,
+        _ => admits_everyone(nm),
+    }
 }
 
 /// Splits `n`'s AllowedIPs into taken and skipped; unparseable entries are dropped.
@@ -403,6 +429,54 @@ mod tests {
         let t = RouteTable::build(d.peers.values());
         assert_eq!(t.lookup("100.64.0.9".parse().unwrap()), Some(NodePublic([9; 32])));
         assert_eq!(t.lookup("203.0.113.5".parse().unwrap()), Some(NodePublic([9; 32])));
+    }
+
+    /// Newer Headscale shows tagged nodes as its tagged-devices user: one of them is this
+    /// org's under a policy naming who reaches whom, another org's under an allow-all filter;
+    /// untagged peers of another user stay out either way.
+    #[test]
+    fn tagged_devices_user_counts_as_own_org_only_under_a_real_policy() {
+        use citadel_proto::tailcfg::{FilterRule, NetPortRange, PortRange};
+        let mut nm = routed_map();
+        let mut server = node(9, 9, "100.64.0.9", "127.0.0.1:1009");
+        server.user = TAGGED_DEVICES_USER;
+        server.tags = vec!["tag:server".into()];
+        nm.peers.insert(9, server.clone());
+        let mut stranger = node(10, 10, "100.64.0.10", "127.0.0.1:1010");
+        stranger.user = 8;
+        nm.peers.insert(10, stranger);
+        let rule = |src: &str, dst: &str, first: u16, last: u16| FilterRule {
+            src_ips: vec![src.into()],
+            dst_ports: vec![NetPortRange { ip: dst.into(), ports: PortRange { first, last } }],
+            ip_proto: vec![],
+        };
+        let blocked = |nm: &NetMap| {
+            let d = desired(nm, &RoutePrefs::default());
+            (d.guard.blocks_node(&NodePublic([9; 32])), d.guard.blocks_node(&NodePublic([10; 32])))
+        };
+        // A policy: the tagged server may reach this node on port 22.
+        nm.packet_filter = vec![rule("100.64.0.9/32", "100.64.0.1/32", 22, 22)];
+        assert_eq!(blocked(&nm), (false, true));
+        // Everyone admitted to everything (Headscale without a policy): the guard holds.
+        nm.packet_filter = vec![rule("*", "*", 0, 65535)];
+        assert_eq!(blocked(&nm), (true, true));
+        nm.packet_filter = vec![rule("0.0.0.0/0", "0.0.0.0/0", 0, 65535)];
+        assert_eq!(blocked(&nm), (true, true));
+        // A wildcard source to one port is a policy, not allow-all.
+        nm.packet_filter = vec![rule("*", "100.64.0.1/32", 443, 443)];
+        assert_eq!(blocked(&nm), (false, true));
+        // The special user without tags is just another user.
+        let mut untagged = server;
+        untagged.tags.clear();
+        nm.peers.insert(9, untagged);
+        assert_eq!(blocked(&nm), (true, true));
+        // This node tagged: its org peers count as its own under the policy.
+        nm.self_node.user = TAGGED_DEVICES_USER;
+        nm.self_node.tags = vec!["tag:ci".into()];
+        let d = desired(&nm, &RoutePrefs::default());
+        assert!(!d.guard.blocks_node(&NodePublic([2; 32])));
+        nm.packet_filter = vec![rule("*", "*", 0, 65535)];
+        assert!(desired(&nm, &RoutePrefs::default()).guard.blocks_node(&NodePublic([2; 32])));
     }
 
     #[test]

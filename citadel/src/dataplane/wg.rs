@@ -163,6 +163,8 @@ pub(crate) struct WgRouter {
     my_endpoints: Vec<SocketAddr>,
     /// Whether a DERP map is known (else peers are reached over UDP only).
     derp_ok: bool,
+    /// Peers of another org (no tunnel): their handshakes count as cross-org, not unknown.
+    org_guard: super::peers::OrgGuard,
 }
 
 impl std::fmt::Debug for WgRouter {
@@ -195,7 +197,13 @@ impl WgRouter {
             by_disco: BTreeMap::new(),
             my_endpoints: Vec::new(),
             derp_ok: false,
+            org_guard: Default::default(),
         }
+    }
+
+    /// Sets the peers of another org the org guard keeps out (for counting their packets).
+    pub(crate) fn set_org_guard(&mut self, guard: super::peers::OrgGuard) {
+        self.org_guard = guard;
     }
 
     /// Enables disco with this key (peers with a disco key get path discovery).
@@ -438,8 +446,13 @@ impl WgRouter {
             }
         };
         let Some(peer) = self.peers.get_mut(&key) else {
-            c.rx_unknown_peer.fetch_add(1, Relaxed);
-            tracing::trace!(peer = %key.short(), ?src, "handshake from a key not in the netmap");
+            if self.org_guard.blocks_node(&key) {
+                c.rx_cross_org.fetch_add(1, Relaxed);
+                tracing::trace!(peer = %key.short(), ?src, "org guard dropped a handshake");
+            } else {
+                c.rx_unknown_peer.fetch_add(1, Relaxed);
+                tracing::trace!(peer = %key.short(), ?src, "handshake from a key not in the netmap");
+            }
             return;
         };
         // Replies go back the way the message came: over UDP to its source, or over DERP to

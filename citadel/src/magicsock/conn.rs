@@ -110,6 +110,7 @@ impl Conn {
             tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
         }
         self.wg.set_peers(desired.peers);
+        self.wg.set_org_guard(desired.guard.clone());
         self.guard = desired.guard;
         if self.wg.has_peers() && self.next_wg_timer.is_none() {
             self.next_wg_timer = Some(now);
@@ -444,6 +445,27 @@ mod tests {
 
     fn path(c: &Conn, now: Instant) -> Option<Path> {
         c.stats(now)[0].path
+    }
+
+    /// A direct (UDP) WireGuard handshake from a peer of another org is counted as cross-org,
+    /// not as coming from an unknown peer.
+    #[test]
+    fn direct_handshake_from_another_org_counts_as_cross_org() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node(1, t0), node(2, t0));
+        let mut na = netmap(&a, &b, DerpMap::default());
+        na.peers.get_mut(&b.id).expect("peer").user = 7;
+        a.conn.set_netmap(t0, &na);
+        b.conn.set_netmap(t0, &netmap(&b, &a, DerpMap::default()));
+        b.conn.force_handshake(t0, &pub_key(&a));
+        let hs: Vec<Transmit> =
+            transmits(&mut b.conn).into_iter().filter(|t| !crate::disco::looks_like_disco(&t.payload)).collect();
+        assert!(!hs.is_empty(), "b sends a handshake over UDP");
+        deliver(&mut a, (b.addr, pub_key(&b)), hs, t0, true);
+        let c = &a.conn.counters;
+        assert!(c.rx_cross_org.load(Relaxed) >= 1);
+        assert_eq!(c.rx_unknown_peer.load(Relaxed), 0);
+        assert!(transmits(&mut a.conn).is_empty(), "no answer to a peer of another org");
     }
 
     #[test]

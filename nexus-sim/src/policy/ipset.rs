@@ -171,6 +171,29 @@ impl IpSet {
         i < r.len() && r[i].0 <= v
     }
 
+    /// True when some address of `p` is in the set (`netipx.IPSet.OverlapsPrefix`).
+    pub fn overlaps_prefix(&self, p: &Prefix) -> bool {
+        let (f, lo, hi) = p.range();
+        let r = &self.ranges[f];
+        let i = r.partition_point(|&(_, h)| h < lo);
+        i < r.len() && r[i].0 <= hi
+    }
+
+    /// True when every address of `p` is in the set.
+    pub fn contains_prefix(&self, p: &Prefix) -> bool {
+        let (f, lo, hi) = p.range();
+        let r = &self.ranges[f];
+        let i = r.partition_point(|&(_, h)| h < lo);
+        i < r.len() && r[i].0 <= lo && r[i].1 >= hi
+    }
+
+    /// Headscale's `DestsIsTheInternet`: the set is `autogroup:internet` or holds all of one
+    /// family.
+    pub fn is_the_internet(&self) -> bool {
+        let all = |s: &str| Prefix::parse(s).expect("constant prefix");
+        *self == the_internet() || self.contains_prefix(&all("0.0.0.0/0")) || self.contains_prefix(&all("::/0"))
+    }
+
     /// The minimal list of prefixes covering exactly the set, IPv4 first, in address order.
     pub fn prefixes(&self) -> Vec<Prefix> {
         let mut out = vec![];

@@ -124,6 +124,16 @@ pub struct Policy {
     groups: BTreeMap<String, Vec<String>>,
     hosts: BTreeMap<String, Prefix>,
     acls: Option<Vec<Acl>>,
+    auto: AutoApprovers,
+}
+
+/// `autoApprovers`: who may have which advertised routes approved without an admin.
+#[derive(Debug, Clone, Default)]
+struct AutoApprovers {
+    /// A prefix and its approvers (users, groups, tags), with the approvers as written.
+    routes: Vec<(Prefix, Vec<(Alias, String)>)>,
+    /// Approvers of exit routes.
+    exit: Vec<(Alias, String)>,
 }
 
 /// A user (org) as the compiler needs it.
@@ -135,19 +145,25 @@ pub struct PolicyUser {
 }
 
 /// A node as the compiler needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyNode {
     pub id: u64,
     pub user_id: u64,
     /// Its addresses, IPv4 first.
     pub ips: Vec<IpAddr>,
     pub tags: Vec<String>,
+    /// Subnet routes it serves: advertised, approved, not exit routes (`SubnetRoutes`).
+    pub routes: Vec<Prefix>,
+    /// Every route it advertises (`Hostinfo.RoutableIPs`), approved or not.
+    pub announced: Vec<Prefix>,
+    /// True when it serves an approved exit route (`IsExitNode`).
+    pub exit: bool,
 }
 
 impl PolicyNode {
     /// A node with one IPv4 and one IPv6 address.
     pub fn new(id: u64, user_id: u64, ipv4: Ipv4Addr, ipv6: Ipv6Addr, tags: Vec<String>) -> PolicyNode {
-        PolicyNode { id, user_id, ips: vec![IpAddr::V4(ipv4), IpAddr::V6(ipv6)], tags }
+        PolicyNode { id, user_id, ips: vec![IpAddr::V4(ipv4), IpAddr::V6(ipv6)], tags, ..Default::default() }
     }
     fn ips(&self) -> Vec<IpAddr> {
         self.ips.clone()
@@ -157,6 +173,11 @@ impl PolicyNode {
     }
     fn in_set(&self, s: &IpSet) -> bool {
         self.ips.iter().any(|ip| s.contains(*ip))
+    }
+    /// True when `s` overlaps a route it advertises or serves (a router keeps those
+    /// destinations in its filter).
+    fn routes_overlap(&self, s: &IpSet) -> bool {
+        self.announced.iter().chain(&self.routes).any(|r| s.overlaps_prefix(r))
     }
     fn add_to(&self, s: &mut IpSet) {
         for ip in &self.ips {
@@ -357,22 +378,23 @@ impl Policy {
         let mut hosts = BTreeMap::new();
         let mut tag_owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut acls = None;
+        let mut auto = AutoApprovers::default();
         for (key, v) in &root {
             match key.to_ascii_lowercase().as_str() {
                 "groups" => parse_groups(&mut ctx, v, &mut groups),
                 "hosts" => parse_hosts(&mut ctx, v, &mut hosts),
                 "tagowners" => parse_tag_owners(&mut ctx, v, &mut tag_owners),
                 "acls" => acls = parse_acls(&mut ctx, v),
-                // Route approval and SSH are not served by nexus-sim; their shape is still checked.
-                "autoapprovers" if v.is_object() => {}
+                "autoapprovers" => auto = parse_auto_approvers(&mut ctx, v),
+                // SSH is not served by nexus-sim; its shape is still checked.
                 "ssh" if v.is_array() => {}
-                "autoapprovers" | "ssh" => {
+                "ssh" => {
                     ctx.err(key, format!("{key:?} has the wrong type {}", type_name(v)));
                 }
                 _ => ctx.err(key, format!("unknown field {key:?}")),
             }
         }
-        let pol = Policy { text: text.to_string(), groups, hosts, acls };
+        let pol = Policy { text: text.to_string(), groups, hosts, acls, auto };
         pol.validate(&mut ctx, &tag_owners);
         if ctx.issues.is_empty() {
             Ok(pol)
@@ -429,6 +451,14 @@ impl Policy {
             }
             for ((d, _), raw) in acl.dst.iter().zip(&acl.raw.1) {
                 check(ctx, d, false, raw);
+            }
+        }
+        let approvers = self.auto.routes.iter().flat_map(|(_, a)| a).chain(&self.auto.exit);
+        for (a, raw) in approvers {
+            match a {
+                Alias::Group(g) if !self.groups.contains_key(g) => ctx.err(raw, undefined("Group", g)),
+                Alias::Tag(t) if !tag_owners.contains_key(t) => ctx.err(raw, undefined("Tag", t)),
+                _ => {}
             }
         }
         for (tag, owners) in tag_owners {
@@ -526,6 +556,61 @@ fn parse_tag_owners(ctx: &mut Ctx, v: &Value, out: &mut BTreeMap<String, Vec<Str
         }
         out.insert(tag.clone(), list);
     }
+}
+
+/// One auto-approver: a user, a group or a tag.
+fn parse_approver(ctx: &mut Ctx, s: &str) -> Option<(Alias, String)> {
+    let a = if s.contains('@') {
+        Alias::User(s.to_string())
+    } else if s.starts_with("group:") {
+        Alias::Group(s.to_string())
+    } else if s.starts_with("tag:") {
+        Alias::Tag(s.to_string())
+    } else {
+        ctx.err(
+            s,
+            format!(
+                "Invalid AutoApprover {s:?}. An alias must be one of the following types: user (containing an \"@\"), \
+                 group (starting with \"group:\"), tag (starting with \"tag:\")"
+            ),
+        );
+        return None;
+    };
+    Some((a, s.to_string()))
+}
+
+fn parse_approvers(ctx: &mut Ctx, key: &str, v: &Value) -> Vec<(Alias, String)> {
+    let Some(list) = strings(ctx, key, v) else { return vec![] };
+    list.iter().filter_map(|s| parse_approver(ctx, s)).collect()
+}
+
+fn parse_auto_approvers(ctx: &mut Ctx, v: &Value) -> AutoApprovers {
+    let mut out = AutoApprovers::default();
+    let Some(m) = v.as_object() else {
+        ctx.err("autoApprovers", format!("\"autoApprovers\" must be an object, got {}", type_name(v)));
+        return out;
+    };
+    for (key, v) in m {
+        match key.to_ascii_lowercase().as_str() {
+            "routes" => {
+                let Some(routes) = v.as_object() else {
+                    ctx.err(key, format!("\"routes\" must be an object, got {}", type_name(v)));
+                    continue;
+                };
+                for (prefix, approvers) in routes {
+                    let Some(p) = Prefix::parse(prefix).filter(|_| prefix.contains('/')) else {
+                        ctx.err(prefix, format!("autoApprovers: {prefix:?} is not an IP prefix"));
+                        continue;
+                    };
+                    let list = parse_approvers(ctx, prefix, approvers);
+                    out.routes.push((p, list));
+                }
+            }
+            "exitnode" => out.exit = parse_approvers(ctx, key, v),
+            _ => ctx.err(key, format!("unknown field {key:?} in autoApprovers")),
+        }
+    }
+    out
 }
 
 fn parse_acls(ctx: &mut Ctx, v: &Value) -> Option<Vec<Acl>> {
@@ -642,6 +727,25 @@ impl Rule {
 struct Matcher {
     srcs: IpSet,
     dsts: IpSet,
+    /// The destinations are "the internet" (exit nodes are reached through it).
+    internet: bool,
+}
+
+impl Matcher {
+    /// True when `n` is a destination: one of its addresses, a subnet it serves, or the
+    /// internet when it is an exit node (Headscale's `CanAccess`, destination side).
+    fn dst_has(&self, n: &PolicyNode) -> bool {
+        n.in_set(&self.dsts) || n.routes.iter().any(|r| self.dsts.overlaps_prefix(r)) || (n.exit && self.internet)
+    }
+
+    /// Headscale's `CanAccessRoute` for one matcher, as of its main branch (subnet routers
+    /// also reach routes on behalf of their own subnets).
+    fn allows_route(&self, n: &PolicyNode, route: &Prefix) -> bool {
+        (n.in_set(&self.srcs) && self.dsts.overlaps_prefix(route))
+            || (self.srcs.overlaps_prefix(route) && n.in_set(&self.dsts))
+            || (n.routes.iter().any(|r| self.srcs.overlaps_prefix(r)) && self.dsts.overlaps_prefix(route))
+            || (self.srcs.overlaps_prefix(route) && n.routes.iter().any(|r| self.dsts.overlaps_prefix(r)))
+    }
 }
 
 fn matchers(rules: &[Rule]) -> Vec<Matcher> {
@@ -658,9 +762,18 @@ fn matchers(rules: &[Rule]) -> Vec<Matcher> {
             for set in r.dst_sets.iter().flatten() {
                 dsts.add_set(set);
             }
-            Matcher { srcs, dsts }
+            let internet = dsts.is_the_internet();
+            Matcher { srcs, dsts, internet }
         })
         .collect()
+}
+
+/// Headscale's `ReduceRoutes`: the routes `node` may reach under `rules` (unreduced rules,
+/// in the order given).
+pub fn reduce_routes(node: &PolicyNode, routes: &[Prefix], rules: &[FilterRule]) -> Vec<Prefix> {
+    let rules: Vec<Rule> = rules.iter().cloned().map(Rule::new).collect();
+    let ms = matchers(&rules);
+    routes.iter().filter(|r| ms.iter().any(|m| m.allows_route(node, r))).copied().collect()
 }
 
 /// The policy compiled against a set of users and nodes: each node's filter and peers.
@@ -672,6 +785,14 @@ pub struct Compiled {
     rules: RulesBy,
     /// Peers of each node, by index, as a bitset.
     peers: Vec<Vec<u64>>,
+    /// The rules' matchers, parallel to `rules`.
+    matchers: MatchersBy,
+}
+
+#[derive(Debug, Clone)]
+enum MatchersBy {
+    Global(Vec<Matcher>),
+    PerNode(Vec<Vec<Matcher>>),
 }
 
 #[derive(Debug, Clone)]
@@ -884,10 +1005,19 @@ fn touches(me: &PolicyNode, nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<u64> {
         }
         b
     };
+    let dst_of = |m: &Matcher| -> Vec<u64> {
+        let mut b = vec![0u64; words];
+        for (i, n) in nodes.iter().enumerate() {
+            if m.dst_has(n) {
+                b[i / 64] |= 1 << (i % 64);
+            }
+        }
+        b
+    };
     for m in ms {
-        let (src, dst) = (me.in_set(&m.srcs), me.in_set(&m.dsts));
+        let (src, dst) = (me.in_set(&m.srcs), m.dst_has(me));
         if src {
-            for (o, w) in out.iter_mut().zip(in_set(&m.dsts)) {
+            for (o, w) in out.iter_mut().zip(dst_of(m)) {
                 *o |= w;
             }
         }
@@ -901,21 +1031,75 @@ fn touches(me: &PolicyNode, nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<u64> {
 }
 
 impl Policy {
+    /// True when the policy has any `autoApprovers`.
+    pub fn has_auto_approvers(&self) -> bool {
+        !self.auto.routes.is_empty() || !self.auto.exit.is_empty()
+    }
+
+    fn approver_has(&self, users: &[PolicyUser], a: &Alias, node: &PolicyNode) -> bool {
+        let r = Resolver { pol: self, users, nodes: &[] };
+        let is_user = |u: &str| !node.tagged() && r.user_id(u) == Some(node.user_id);
+        match a {
+            Alias::User(u) => is_user(u),
+            Alias::Group(g) => self.groups.get(g).into_iter().flatten().any(|u| is_user(u)),
+            Alias::Tag(t) => node.tags.iter().any(|x| x == t),
+            _ => false,
+        }
+    }
+
+    /// Headscale's `NodeCanApproveRoute`: an exit route needs `exitNode`; any other route an
+    /// entry of `routes` whose prefix contains it, with `node` among its approvers.
+    pub fn node_can_approve_route(&self, users: &[PolicyUser], node: &PolicyNode, route: &Prefix) -> bool {
+        let any = |list: &[(Alias, String)]| list.iter().any(|(a, _)| self.approver_has(users, a, node));
+        if route.len == 0 {
+            return any(&self.auto.exit);
+        }
+        self.auto.routes.iter().any(|(p, list)| {
+            let mut covers = IpSet::default();
+            covers.add_prefix(*p);
+            p.len <= route.len && covers.overlaps_prefix(route) && any(list)
+        })
+    }
+
+    /// Headscale's `ApproveRoutesWithPolicy`: the approved routes plus every announced one the
+    /// policy approves (never fewer), or `None` when nothing is added.
+    pub fn auto_approved(
+        &self,
+        users: &[PolicyUser],
+        node: &PolicyNode,
+        approved: &[Prefix],
+        announced: &[Prefix],
+    ) -> Option<Vec<Prefix>> {
+        let added: Vec<Prefix> = announced
+            .iter()
+            .filter(|r| !approved.contains(r) && self.node_can_approve_route(users, node, r))
+            .copied()
+            .collect();
+        if added.is_empty() {
+            return None;
+        }
+        let mut out: Vec<Prefix> = approved.iter().chain(&added).copied().collect();
+        out.sort_by_key(|p| (p.addr.is_ipv6(), p.len, p.addr));
+        out.dedup();
+        Some(out)
+    }
+
     /// Compiles the policy for these users and nodes.
     pub fn compile(&self, users: &[PolicyUser], nodes: &[PolicyNode]) -> Compiled {
         let r = Resolver { pol: self, users, nodes };
         let n = nodes.len();
         let index = nodes.iter().enumerate().map(|(i, x)| (x.id, i)).collect();
-        let (rules, touch) = if self.uses_autogroup_self() {
+        let (rules, touch, ms) = if self.uses_autogroup_self() {
             let per: Vec<Vec<Rule>> =
                 nodes.iter().map(|x| r.for_node(x).into_iter().map(Rule::new).collect()).collect();
-            let touch: Vec<Vec<u64>> = nodes.iter().zip(&per).map(|(x, rs)| touches(x, nodes, &matchers(rs))).collect();
-            (RulesBy::PerNode(per), touch)
+            let ms: Vec<Vec<Matcher>> = per.iter().map(|rs| matchers(rs)).collect();
+            let touch: Vec<Vec<u64>> = nodes.iter().zip(&ms).map(|(x, m)| touches(x, nodes, m)).collect();
+            (RulesBy::PerNode(per), touch, MatchersBy::PerNode(ms))
         } else {
             let global: Vec<Rule> = r.global().into_iter().map(Rule::new).collect();
             let ms = matchers(&global);
             let touch = precompute_global_touch(nodes, &ms);
-            (RulesBy::Global(global), touch)
+            (RulesBy::Global(global), touch, MatchersBy::Global(ms))
         };
         // Symmetric closure: a peer when either side's rules connect the two.
         let words = n.div_ceil(64);
@@ -929,7 +1113,7 @@ impl Policy {
             peers[i][i / 64] &= !(1 << (i % 64));
         }
         debug_assert!(peers.iter().all(|p| p.len() == words));
-        Compiled { nodes: nodes.to_vec(), index, rules, peers }
+        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms }
     }
 }
 
@@ -945,7 +1129,16 @@ fn precompute_global_touch(nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<Vec<u64>
         }
         b
     };
-    let sets: Vec<(Vec<u64>, Vec<u64>)> = ms.iter().map(|m| (bits(&m.srcs), bits(&m.dsts))).collect();
+    let dst_bits = |m: &Matcher| -> Vec<u64> {
+        let mut b = vec![0u64; words];
+        for (i, n) in nodes.iter().enumerate() {
+            if m.dst_has(n) {
+                b[i / 64] |= 1 << (i % 64);
+            }
+        }
+        b
+    };
+    let sets: Vec<(Vec<u64>, Vec<u64>)> = ms.iter().map(|m| (bits(&m.srcs), dst_bits(m))).collect();
     (0..nodes.len())
         .map(|i| {
             let mut out = vec![0u64; words];
@@ -997,7 +1190,7 @@ impl Compiled {
                 .dst_ports
                 .iter()
                 .zip(&r.dst_sets)
-                .filter(|(_, set)| set.as_ref().is_some_and(|s| node.in_set(s)))
+                .filter(|(_, set)| set.as_ref().is_some_and(|s| node.in_set(s) || node.routes_overlap(s)))
                 .map(|(d, _)| d.clone())
                 .collect();
             if !dst.is_empty() {
@@ -1020,6 +1213,17 @@ impl Compiled {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// Headscale's `ReduceRoutes` for `viewer`: true when the viewer may reach `route` under
+    /// the rules it was compiled with. False for an unknown viewer.
+    pub fn can_access_route(&self, viewer: u64, route: &Prefix) -> bool {
+        let Some(&i) = self.index.get(&viewer) else { return false };
+        let ms = match &self.matchers {
+            MatchersBy::Global(g) => g,
+            MatchersBy::PerNode(p) => &p[i],
+        };
+        ms.iter().any(|m| m.allows_route(&self.nodes[i], route))
     }
 
     /// True when `a` and `b` are in each other's maps (they may talk in some direction).

@@ -30,8 +30,13 @@ pub struct PolicyState {
 impl PolicyState {
     /// Starts with `policy`.
     pub fn new(policy: Policy) -> PolicyState {
+        PolicyState::set_at(policy, Utc::now())
+    }
+
+    /// Starts with `policy`, set at `at` (a policy loaded from the database).
+    pub fn set_at(policy: Policy, at: DateTime<Utc>) -> PolicyState {
         PolicyState {
-            current: RwLock::new((Arc::new(policy), Utc::now())),
+            current: RwLock::new((Arc::new(policy), at)),
             changed: watch::channel(0).0,
             cache: Mutex::new(None),
         }
@@ -45,8 +50,12 @@ impl PolicyState {
     /// Parses `text` and, only if it is valid, makes it the active policy and wakes every
     /// map stream.
     pub fn set(&self, text: &str) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
+        self.set_time(text, Utc::now())
+    }
+
+    /// [`PolicyState::set`] recording `now` as the time it was set.
+    pub fn set_time(&self, text: &str, now: DateTime<Utc>) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
         let p = Arc::new(Policy::parse(text)?);
-        let now = Utc::now();
         *self.current.write().unwrap() = (p.clone(), now);
         self.changed.send_modify(|g| *g += 1);
         tracing::info!(bytes = text.len(), "policy replaced");
@@ -77,12 +86,25 @@ impl PolicyState {
 
 /// The users and nodes of `store` as the compiler sees them (nodes by ascending id).
 pub fn inputs(store: &Store) -> (Vec<PolicyUser>, Vec<PolicyNode>) {
-    let users =
-        store.users().into_iter().map(|u| PolicyUser { id: u.id, name: u.name, email: String::new() }).collect();
-    let mut nodes: Vec<PolicyNode> =
-        store.nodes(None).into_iter().map(|n| PolicyNode::new(n.id, n.user_id, n.ipv4, n.ipv6, n.tags)).collect();
+    let users = self::users(store);
+    let mut nodes: Vec<PolicyNode> = store.nodes(None).iter().map(policy_node).collect();
     nodes.sort_by_key(|n| n.id);
     (users, nodes)
+}
+
+/// The users of `store` as the compiler sees them.
+pub fn users(store: &Store) -> Vec<PolicyUser> {
+    store.users().into_iter().map(|u| PolicyUser { id: u.id, name: u.name, email: String::new() }).collect()
+}
+
+/// A store node as the compiler sees it: addresses, tags and the routes it serves.
+pub fn policy_node(n: &crate::store::Node) -> PolicyNode {
+    let served = crate::routes::served(n);
+    let mut p = PolicyNode::new(n.id, n.user_id, n.ipv4, n.ipv6, n.tags.clone());
+    p.exit = served.iter().any(crate::routes::is_exit);
+    p.routes = served.into_iter().filter(|r| !crate::routes::is_exit(r)).collect();
+    p.announced = crate::routes::advertised(&n.hostinfo);
+    p
 }
 
 fn policy_json(p: &Policy, at: &DateTime<Utc>) -> Value {
@@ -109,8 +131,20 @@ pub async fn set_policy(State(s): State<Shared>, body: axum::body::Bytes) -> Res
     let Some(text) = v.get("policy").and_then(Value::as_str) else {
         return api_error(StatusCode::BAD_REQUEST, "missing string field \"policy\"".into());
     };
-    match s.policy.set(text) {
-        Ok((p, at)) => Json(policy_json(&p, &at)).into_response(),
+    if let Err(e) = Policy::parse(text) {
+        return api_error(StatusCode::BAD_REQUEST, format!("setting policy: {e}"));
+    }
+    // Stored before it takes effect: a policy in force is always the one a restart loads.
+    let now = Utc::now();
+    if let Err(e) = s.store.store_policy(text, now) {
+        tracing::error!("storing the policy failed: {e}");
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("storing policy: {e}"));
+    }
+    match s.policy.set_time(text, now) {
+        Ok((p, at)) => {
+            crate::routes::auto_approve_all(&s);
+            Json(policy_json(&p, &at)).into_response()
+        }
         Err(e) => api_error(StatusCode::BAD_REQUEST, format!("setting policy: {e}")),
     }
 }

@@ -10,7 +10,13 @@ fn user(id: u64, name: &str) -> PolicyUser {
 }
 
 fn v4node(id: u64, user_id: u64, ip: &str, tags: &[&str]) -> PolicyNode {
-    PolicyNode { id, user_id, ips: vec![ip.parse().unwrap()], tags: tags.iter().map(|t| t.to_string()).collect() }
+    PolicyNode {
+        id,
+        user_id,
+        ips: vec![ip.parse().unwrap()],
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 fn pr(first: u16, last: u16) -> PortRange {
@@ -406,4 +412,233 @@ proptest! {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- routes
+
+fn pf(s: &str) -> Prefix {
+    Prefix::parse(s).unwrap()
+}
+
+fn pfs(v: &[&str]) -> Vec<Prefix> {
+    v.iter().map(|s| pf(s)).collect()
+}
+
+fn dst_only(ips: &[&str]) -> Vec<NetPortRange> {
+    ips.iter().map(|ip| npr(ip, ANY)).collect()
+}
+
+/// Headscale `TestReduceRoutes` (hscontrol/policy/policy_test.go, v0.27.1): the routes a
+/// node keeps under raw filter rules.
+#[test]
+fn headscale_reduce_routes() {
+    let n1 = v4node(1, 1, "100.64.0.1", &[]);
+    let n2 = v4node(2, 2, "100.64.0.2", &[]);
+    let three = pfs(&["10.0.0.0/24", "192.168.1.0/24", "172.16.0.0/16"]);
+    let routers = pfs(&["10.10.10.0/24", "10.10.11.0/24", "10.10.12.0/24"]);
+    let cases: Vec<(&str, &PolicyNode, Vec<Prefix>, Vec<FilterRule>, Vec<Prefix>)> = vec![
+        (
+            "node-can-access-all-routes",
+            &n1,
+            three.clone(),
+            vec![rule(&["100.64.0.1"], dst_only(&["*"]), &[])],
+            three.clone(),
+        ),
+        (
+            "node-can-access-specific-route",
+            &n1,
+            three.clone(),
+            vec![rule(&["100.64.0.1"], dst_only(&["10.0.0.0/24"]), &[])],
+            pfs(&["10.0.0.0/24"]),
+        ),
+        (
+            "node-can-access-multiple-specific-routes",
+            &n1,
+            three.clone(),
+            vec![rule(&["100.64.0.1"], dst_only(&["10.0.0.0/24", "192.168.1.0/24"]), &[])],
+            pfs(&["10.0.0.0/24", "192.168.1.0/24"]),
+        ),
+        (
+            "node-can-access-overlapping-routes",
+            &n1,
+            pfs(&["10.0.0.0/24", "10.0.0.0/16", "192.168.1.0/24"]),
+            vec![rule(&["100.64.0.1"], dst_only(&["10.0.0.0/16"]), &[])],
+            pfs(&["10.0.0.0/24", "10.0.0.0/16"]),
+        ),
+        ("node-with-no-matching-rules", &n1, three.clone(), vec![rule(&["100.64.0.2"], dst_only(&["*"]), &[])], vec![]),
+        (
+            "router-with-multiple-routes-and-node-with-specific-access",
+            &n2,
+            routers.clone(),
+            vec![
+                rule(&["*"], dst_only(&["100.64.0.1"]), &[]),
+                rule(&["100.64.0.2"], dst_only(&["10.10.10.0/24"]), &[]),
+            ],
+            pfs(&["10.10.10.0/24"]),
+        ),
+        (
+            "node-with-access-to-one-subnet-and-partial-overlap",
+            &n2,
+            pfs(&["10.10.10.0/24", "10.10.11.0/24", "10.10.0.0/16"]),
+            vec![rule(&["100.64.0.2"], dst_only(&["10.10.10.0/24"]), &[])],
+            pfs(&["10.10.10.0/24", "10.10.0.0/16"]),
+        ),
+        (
+            "node-with-access-to-wildcard-subnet",
+            &n2,
+            routers.clone(),
+            vec![rule(&["100.64.0.2"], dst_only(&["10.10.0.0/16"]), &[])],
+            routers.clone(),
+        ),
+        (
+            "multiple-nodes-with-different-subnet-permissions",
+            &n2,
+            routers.clone(),
+            vec![
+                rule(&["100.64.0.1"], dst_only(&["10.10.11.0/24"]), &[]),
+                rule(&["100.64.0.2"], dst_only(&["10.10.10.0/24"]), &[]),
+                rule(&["100.64.0.3"], dst_only(&["10.10.12.0/24"]), &[]),
+            ],
+            pfs(&["10.10.10.0/24"]),
+        ),
+    ];
+    for (name, node, routes, rules, want) in cases {
+        assert_eq!(reduce_routes(node, &routes, &rules), want, "{name}");
+    }
+    // IPv4 and IPv6 sources each reach their own family's route.
+    let dual = PolicyNode {
+        id: 1,
+        user_id: 1,
+        ips: vec!["100.64.0.1".parse().unwrap(), "fd7a:115c:a1e0::1".parse().unwrap()],
+        ..Default::default()
+    };
+    let rules = vec![
+        rule(&["fd7a:115c:a1e0::1"], dst_only(&["2001:db8::/64"]), &[]),
+        rule(&["100.64.0.1"], dst_only(&["10.0.0.0/24"]), &[]),
+    ];
+    assert_eq!(
+        reduce_routes(&dual, &pfs(&["10.0.0.0/24", "2001:db8::/64", "192.168.1.0/24"]), &rules),
+        pfs(&["10.0.0.0/24", "2001:db8::/64"])
+    );
+    // The reverse direction: a route whose hosts may open connections to the node.
+    let rules = vec![rule(&["10.20.0.0/16"], dst_only(&["100.64.0.1"]), &[])];
+    assert_eq!(reduce_routes(&n1, &pfs(&["10.20.0.0/16", "10.30.0.0/16"]), &rules), pfs(&["10.20.0.0/16"]));
+    // A subnet router reaches a route on behalf of the subnet it serves (Headscale main).
+    let mut router = v4node(3, 1, "100.64.0.3", &[]);
+    router.routes = pfs(&["192.168.5.0/24"]);
+    let rules = vec![rule(&["192.168.5.0/24"], dst_only(&["10.40.0.0/16"]), &[])];
+    assert_eq!(reduce_routes(&router, &pfs(&["10.40.0.0/16", "10.50.0.0/16"]), &rules), pfs(&["10.40.0.0/16"]));
+    assert!(reduce_routes(&n1, &pfs(&["10.40.0.0/16"]), &rules).is_empty());
+}
+
+/// A peer serving a subnet (or the internet, as an exit node) is in the map of a node the
+/// policy lets reach that subnet, though not the peer's own address (Headscale `CanAccess`);
+/// the router's filter keeps the subnet's destinations (`ReduceFilterRules`).
+#[test]
+fn routers_are_peers_of_those_who_may_reach_their_routes() {
+    let users = vec![user(1, "alice"), user(2, "bob")];
+    let mut router = v4node(1, 2, "100.64.0.1", &[]);
+    router.routes = pfs(&["10.1.0.0/16"]);
+    router.announced = pfs(&["10.1.0.0/16"]);
+    let mut exit = v4node(2, 2, "100.64.0.2", &[]);
+    exit.exit = true;
+    let client = v4node(3, 1, "100.64.0.3", &[]);
+    let other = v4node(4, 2, "100.64.0.4", &[]);
+    let nodes = vec![router, exit, client, other];
+    let pol = Policy::parse(
+        r#"{"acls": [
+            {"action": "accept", "src": ["alice@"], "dst": ["10.1.2.0/24:443"]},
+            {"action": "accept", "src": ["alice@"], "dst": ["autogroup:internet:*"]},
+        ]}"#,
+    )
+    .unwrap();
+    let c = pol.compile(&users, &nodes);
+    assert_eq!(c.peers_of(3), vec![1, 2]);
+    assert!(c.peers_of(4).is_empty(), "bob's other node reaches nothing and is reached by nobody");
+    assert_eq!(
+        c.filter_for(1),
+        vec![rule(&["100.64.0.3/32"], vec![npr("10.1.2.0/24", pr(443, 443))], &[6, 17])],
+        "the router's filter keeps its subnet's destination"
+    );
+    assert!(c.can_access_route(3, &pf("10.1.0.0/16")));
+    assert!(!c.can_access_route(4, &pf("10.1.0.0/16")));
+    assert!(c.can_access_route(3, &pf("0.0.0.0/0")));
+    assert!(!c.can_access_route(4, &pf("0.0.0.0/0")));
+    assert!(!c.can_access_route(99, &pf("0.0.0.0/0")), "unknown viewer");
+}
+
+fn approves(policy: &str, node: &PolicyNode, route: &str) -> bool {
+    let users = vec![user(1, "user1"), user(2, "user2"), user(3, "user3")];
+    Policy::parse(policy).unwrap_or_else(|e| panic!("{e}")).node_can_approve_route(&users, node, &pf(route))
+}
+
+/// Headscale `TestNodeCanApproveRoute` (hscontrol/policy/route_approval_test.go, v0.27.1).
+#[test]
+fn headscale_node_can_approve_route() {
+    let normal = v4node(1, 1, "100.64.0.1", &[]);
+    let other = v4node(2, 2, "100.64.0.2", &[]);
+    let tagged = v4node(3, 3, "100.64.0.3", &["tag:router"]);
+    let admin = |routes: &str| {
+        format!(
+            r#"{{"groups": {{"group:admin": ["user1@"]}}, "tagOwners": {{"tag:router": ["user3@"]}},
+            "acls": [{{"action": "accept", "src": ["group:admin"], "dst": ["*:*"]}}],
+            "autoApprovers": {routes}}}"#
+        )
+    };
+    let v16 = admin(r#"{"routes": {"192.168.0.0/16": ["group:admin"]}}"#);
+    assert!(approves(&v16, &normal, "192.168.1.0/24"), "allow-all-routes-for-admin-user");
+    assert!(!approves(&v16, &normal, "10.0.0.0/24"), "deny-route-that-doesnt-match-autoApprovers");
+    assert!(!approves(&v16, &other, "192.168.1.0/24"), "user-not-in-group");
+    assert!(approves(&v16, &normal, "192.168.5.0/24"), "match-specific-route-within-range");
+    let tag = admin(r#"{"routes": {"10.0.0.0/8": ["tag:router"]}}"#);
+    assert!(approves(&tag, &tagged, "10.0.0.0/8"), "tagged-node-can-approve");
+    assert!(!approves(&tag, &normal, "10.0.0.0/8"));
+    let multi = admin(
+        r#"{"routes": {"192.168.0.0/16": ["group:admin"], "172.16.0.0/12": ["group:admin"], "10.0.0.0/8": ["tag:router"]}}"#,
+    );
+    assert!(approves(&multi, &normal, "172.16.10.0/24"), "multiple-routes-in-policy");
+    let host = admin(r#"{"routes": {"192.168.1.0/24": ["group:admin"], "192.168.1.128/25": ["group:admin"]}}"#);
+    assert!(approves(&host, &normal, "192.168.1.5/32"), "ip-address-within-range");
+    let all = admin(r#"{"routes": {"0.0.0.0/0": ["group:admin"]}}"#);
+    assert!(!approves(&all, &normal, "0.0.0.0/0"), "all-IPv4-routes-(0.0.0.0/0)-approval");
+    assert!(approves(&all, &normal, "10.9.0.0/16"), "a /0 approver approves any subnet, not exit routes");
+    let exit = admin(r#"{"exitNode": ["group:admin"]}"#);
+    assert!(approves(&exit, &normal, "0.0.0.0/0"), "all-IPv4-routes-exitnode-approval");
+    assert!(approves(&exit, &normal, "::/0"), "all-IPv6-routes-exitnode-approval");
+    assert!(!approves(&exit, &normal, "192.168.1.0/24"), "specific-IPv4-route-with-exitnode-only-approval");
+    let by_user = admin(r#"{"routes": {"10.0.0.0/8": ["user2@"]}}"#);
+    assert!(approves(&by_user, &other, "10.3.0.0/16"));
+    let tagged_of_user2 = v4node(4, 2, "100.64.0.4", &["tag:router"]);
+    assert!(!approves(&by_user, &tagged_of_user2, "10.3.0.0/16"), "a user's tagged node is not the user");
+}
+
+/// `ApproveRoutesWithPolicy`: approval only adds, keeps the order, and reports no change.
+#[test]
+fn auto_approval_never_removes_routes() {
+    let users = vec![user(1, "user1")];
+    let pol =
+        Policy::parse(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["user1@"]}, "exitNode": ["user1@"]}}"#).unwrap();
+    let n = v4node(1, 1, "100.64.0.1", &[]);
+    let got = pol.auto_approved(
+        &users,
+        &n,
+        &pfs(&["172.16.0.0/12"]),
+        &pfs(&["10.1.0.0/16", "192.168.0.0/16", "0.0.0.0/0", "::/0"]),
+    );
+    // Go's prefix order: family, then length, then address.
+    assert_eq!(got, Some(pfs(&["0.0.0.0/0", "172.16.0.0/12", "10.1.0.0/16", "::/0"])));
+    assert_eq!(pol.auto_approved(&users, &n, &pfs(&["10.1.0.0/16"]), &pfs(&["10.1.0.0/16"])), None);
+    assert_eq!(pol.auto_approved(&users, &n, &[], &pfs(&["192.168.0.0/16"])), None);
+}
+
+#[test]
+fn bad_auto_approvers_are_refused_with_lines() {
+    let e = Policy::parse("{\n\"autoApprovers\": {\"routes\": {\"10.0.0.0/8\": [\"group:nope\"]}}}").unwrap_err();
+    assert!(e.to_string().contains("line 2") && e.to_string().contains("group:nope"), "{e}");
+    let e = Policy::parse(r#"{"autoApprovers": {"exitNode": ["somebody"]}}"#).unwrap_err();
+    assert!(e.to_string().contains("Invalid AutoApprover"), "{e}");
+    let e = Policy::parse(r#"{"autoApprovers": {"routes": {"ten": ["a@"]}}}"#).unwrap_err();
+    assert!(e.to_string().contains("not an IP prefix"), "{e}");
+    let e = Policy::parse(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:x"]}}}"#).unwrap_err();
+    assert!(e.to_string().contains("Tag \"tag:x\" is not defined"), "{e}");
 }
