@@ -1630,6 +1630,37 @@ mod tests {
     }
 
     #[test]
+    fn one_way_cuts_drop_one_direction_on_the_wire() {
+        let text = "duration = \"10s\"\n[[org]]\nname = \"o\"\n[[nat]]\nname = \"home-a\"\n[[nat]]\nname = \"home-b\"\n\
+                    [[node]]\nname = \"a\"\norg = \"o\"\nnat = \"home-a\"\n[[node]]\nname = \"b\"\norg = \"o\"\nnat = \"home-b\"\n";
+        let sc = Scenario::parse("t.toml", text).unwrap();
+        let leg = |up_ns: &str, ip: &str, prefix| Leg { up_ns: up_ns.into(), ip: ip.into(), prefix, gw: String::new() };
+        let plan = Plan {
+            nat_up: BTreeMap::from([(0, leg("inet", "198.18.1.1", 16)), (1, leg("inet", "198.18.1.2", 16))]),
+            node: BTreeMap::from([(0, leg("t0", "198.19.0.10", 24)), (1, leg("t1", "198.19.1.10", 24))]),
+        };
+        let rule = |ns: &str, chain: &'static str, m: &str| {
+            (ns.to_string(), chain, m.split(' ').map(String::from).collect::<Vec<_>>())
+        };
+        // A node's own UDP towards the internet, before its NAT maps it.
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "b", "home-b", true),
+            vec![rule("n1", "OUTPUT", "-o eth0 -p udp ! -d 198.19.1.0/24")]
+        );
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "home-b", "b", true),
+            vec![rule("n1", "INPUT", "-i eth0 -p udp ! -s 198.19.1.0/24")]
+        );
+        // Between NATs, one way is dropped where it arrives (home-b has mapped it by then).
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "home-b", "home-a", true),
+            vec![rule("t0", "INPUT", "-s 198.18.1.2 -p udp"), rule("t0", "FORWARD", "-s 198.18.1.2 -p udp")]
+        );
+        // Both ways: both ends, both directions.
+        assert_eq!(cut_rules(&sc, &plan, &[], "home-b", "home-a", false).len(), 8);
+    }
+
+    #[test]
     fn only_listed_differences_that_still_differ_agree() {
         let listed =
             "[real]\nexpect_differ = [{ expectation = \"path a -> b is direct at 10s (mesh)\", reason = \"r\" }]\n";
