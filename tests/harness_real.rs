@@ -148,6 +148,7 @@ const GROUPS: [&[(&str, u64)]; 4] = [
         ("lossy_link.toml", 240),
         ("home_router_drop.toml", 200),
         ("tsnet_behind_nat.toml", 200),
+        ("home_router_firewall.toml", 200),
     ],
 ];
 
@@ -224,6 +225,8 @@ fn group_4_nat_kinds_on_kernel_nat() {
     assert!(r.contains("PASS           laptop reaches server via direct"), "{r}");
     let r = real_of(&p, "home_router_drop.toml").expect("played");
     assert!(r.contains("PASS           path a -> b is direct at 40s"), "an input drop rule keeps the port: {r}");
+    let r = real_of(&p, "home_router_firewall.toml").expect("played");
+    assert!(r.contains("PASS           path b -> a is direct at 50s"), "the input drop rule, switched on: {r}");
     let r = real_of(&p, "tsnet_behind_nat.toml").expect("played");
     assert!(
         r.contains("PASS           laptop reaches web:80 via direct"),
