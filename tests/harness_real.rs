@@ -20,8 +20,6 @@ struct Played {
     real: String,
     /// `None` when it agreed; else why not.
     problem: Option<String>,
-    /// Why this machine could not play it at all (a kernel without `tc netem`).
-    skipped: Option<String>,
 }
 
 /// Plays `file` with `--real`; `None` when namespaces are unavailable (and not required).
@@ -79,10 +77,9 @@ fn play_real(file: &'static str, bound: Duration) -> Option<Played> {
     let stdout = out_t.join().expect("reader");
     let stderr = err_t.join().expect("reader");
     let real = stdout.split("real run of").nth(1).map(|r| format!("real run of{r}")).unwrap_or_default();
-    // Region latencies need `tc netem`; a kernel built without it cannot play such a file.
-    if real.is_empty() && stderr.contains("has no tc netem") {
-        let why = stderr.lines().find(|l| l.contains("has no tc netem")).unwrap_or_default().to_string();
-        return Some(Played { file, stdout, real, problem: None, skipped: Some(why) });
+    // Which delays latency: netem, or the NFQUEUE delayer where the kernel lacks netem.
+    if let Some(l) = stderr.lines().find(|l| l.contains("latency and jitter with")) {
+        println!("{file}: {l}");
     }
     let problem = if timed_out {
         Some(format!("did not finish in {bound:?}"))
@@ -95,7 +92,7 @@ fn play_real(file: &'static str, bound: Duration) -> Option<Played> {
     } else {
         None
     };
-    Some(Played { file, stdout, real, problem, skipped: None })
+    Some(Played { file, stdout, real, problem })
 }
 
 /// Plays the files of a group one after another and fails with every disagreement at once.
@@ -104,11 +101,6 @@ fn play_group(files: &[(&'static str, u64)]) -> Vec<Played> {
     let mut summary = String::new();
     for &(file, bound) in files {
         let Some(p) = play_real(file, Duration::from_secs(bound)) else { return Vec::new() };
-        if let Some(why) = &p.skipped {
-            let _ = writeln!(summary, "{file}: NOT played on kernel NAT: {why}");
-            played.push(p);
-            continue;
-        }
         let sim_wall = p.stdout.lines().find_map(|l| l.strip_prefix("simulation wall time ")).unwrap_or("?");
         let real_wall = p.real.lines().find_map(|l| l.trim().strip_prefix("wall time ")).unwrap_or("?");
         let expected = p.real.lines().filter(|l| l.contains("differs (ok)")).count();
@@ -128,15 +120,21 @@ fn play_group(files: &[(&'static str, u64)]) -> Vec<Played> {
     played
 }
 
-/// The real report of `file`; `None` when this machine could not play it.
+/// The real report of `file`.
 fn real_of<'a>(played: &'a [Played], file: &str) -> Option<&'a str> {
-    played.iter().find(|p| p.file == file && p.skipped.is_none()).map(|p| p.real.as_str())
+    played.iter().find(|p| p.file == file).map(|p| p.real.as_str())
 }
 
 /// Every file in `scenarios/`, each in exactly one group.
 const GROUPS: [&[(&str, u64)]; 4] = [
     &[("nexus_down.toml", 330), ("derp_regions.toml", 240), ("policy_group.toml", 150), ("policy_self.toml", 150)],
-    &[("nat_rebind.toml", 330), ("derp_down.toml", 240), ("headscale_default.toml", 150), ("policy_ports.toml", 150)],
+    &[
+        ("nat_rebind.toml", 330),
+        ("derp_down.toml", 240),
+        ("headscale_default.toml", 150),
+        ("policy_ports.toml", 150),
+        ("home_router_remap.toml", 200),
+    ],
     &[
         ("partition_heal.toml", 300),
         ("node_restart.toml", 240),
@@ -150,12 +148,9 @@ const GROUPS: [&[(&str, u64)]; 4] = [
         ("lossy_link.toml", 240),
         ("home_router_drop.toml", 200),
         ("tsnet_behind_nat.toml", 200),
+        ("home_router_firewall.toml", 200),
     ],
 ];
-
-/// Files whose kernel-NAT verdict depends on a race no scenario can order: they are played
-/// by an ignored test of their own, by hand.
-const NONDETERMINISTIC_ON_KERNEL: [&str; 1] = ["home_router_remap.toml"];
 
 #[test]
 fn every_scenario_file_is_in_one_group() {
@@ -166,11 +161,7 @@ fn every_scenario_file_is_in_one_group() {
         .filter(|n| n.ends_with(".toml"))
         .collect();
     files.sort();
-    let mut grouped: Vec<String> = GROUPS
-        .iter()
-        .flat_map(|g| g.iter().map(|(f, _)| f.to_string()))
-        .chain(NONDETERMINISTIC_ON_KERNEL.iter().map(|f| f.to_string()))
-        .collect();
+    let mut grouped: Vec<String> = GROUPS.iter().flat_map(|g| g.iter().map(|(f, _)| f.to_string())).collect();
     grouped.sort();
     assert_eq!(grouped, files, "each scenario file belongs to exactly one --real group");
 }
@@ -181,11 +172,12 @@ fn group_1_nexus_regions_policies_on_kernel_nat() {
     if p.is_empty() {
         return;
     }
-    let r = real_of(&p, "nexus_down.toml").expect("needs no netem");
+    let r = real_of(&p, "nexus_down.toml").expect("played");
     assert!(r.contains("PASS           path a1 -> a2 is direct at 75s"), "{r}");
-    if let Some(r) = real_of(&p, "derp_regions.toml") {
-        assert!(r.contains("PASS           paris homes on DERP region eu"), "{r}");
-    }
+    // Region latencies (netem, or the NFQUEUE delayer) decide where each node homes.
+    let r = real_of(&p, "derp_regions.toml").expect("played");
+    assert!(r.contains("PASS           paris homes on DERP region eu"), "{r}");
+    assert!(r.contains("PASS           austin homes on DERP region us"), "{r}");
 }
 
 #[test]
@@ -194,11 +186,16 @@ fn group_2_rebinding_relay_outage_on_kernel_nat() {
     if p.is_empty() {
         return;
     }
-    let r = real_of(&p, "nat_rebind.toml").expect("needs no netem");
+    let r = real_of(&p, "nat_rebind.toml").expect("played");
     assert!(r.contains("PASS           laptop reaches server via relay in [21s, 60s]"), "{r}");
     assert!(r.contains("nat home flushed"), "{r}");
-    let r = real_of(&p, "derp_down.toml").expect("needs no netem");
+    let r = real_of(&p, "derp_down.toml").expect("played");
     assert!(r.contains("PASS           h1 never reaches h2 in [30s, 60s]"), "{r}");
+    // Plain MASQUERADE: a's punch reached home-b first (the file orders it), so b's mapping
+    // towards a moved to another port and the pair stays relayed.
+    let r = real_of(&p, "home_router_remap.toml").expect("played");
+    assert!(r.contains("PASS           path a -> b is relay at 40s"), "{r}");
+    assert!(r.contains("PASS           path b -> a is relay at 40s"), "{r}");
 }
 
 #[test]
@@ -207,11 +204,11 @@ fn group_3_partitions_restarts_orgs_on_kernel_nat() {
     if p.is_empty() {
         return;
     }
-    let r = real_of(&p, "partition_heal.toml").expect("needs no netem");
+    let r = real_of(&p, "partition_heal.toml").expect("played");
     assert!(r.contains("PASS           path a1 -> a2 is relay at 60s"), "{r}");
-    let r = real_of(&p, "three_orgs.toml").expect("needs no netem");
+    let r = real_of(&p, "three_orgs.toml").expect("played");
     assert!(r.contains("PASS           globex-1 never reaches acme-3"), "{r}");
-    let r = real_of(&p, "udp_blocked.toml").expect("needs no netem");
+    let r = real_of(&p, "udp_blocked.toml").expect("played");
     assert!(r.contains("PASS           path blocked -> open is relay"), "{r}");
 }
 
@@ -221,31 +218,18 @@ fn group_4_nat_kinds_on_kernel_nat() {
     if p.is_empty() {
         return;
     }
-    let r = real_of(&p, "cgnat.toml").expect("needs no netem");
+    let r = real_of(&p, "cgnat.toml").expect("played");
     assert!(r.contains("PASS           path c3 -> c4 is direct at 20s"), "hairpinning carrier: {r}");
     assert!(r.contains("PASS           path c1 -> c3 is direct at 20s"), "endpoint-independent filtering: {r}");
-    let r = real_of(&p, "lossy_link.toml").expect("loss needs no netem");
+    let r = real_of(&p, "lossy_link.toml").expect("played");
     assert!(r.contains("PASS           laptop reaches server via direct"), "{r}");
-    let r = real_of(&p, "home_router_drop.toml").expect("needs no netem");
+    let r = real_of(&p, "home_router_drop.toml").expect("played");
     assert!(r.contains("PASS           path a -> b is direct at 40s"), "an input drop rule keeps the port: {r}");
-    let r = real_of(&p, "tsnet_behind_nat.toml").expect("needs no netem");
+    let r = real_of(&p, "home_router_firewall.toml").expect("played");
+    assert!(r.contains("PASS           path b -> a is direct at 50s"), "the input drop rule, switched on: {r}");
+    let r = real_of(&p, "tsnet_behind_nat.toml").expect("played");
     assert!(
         r.contains("PASS           laptop reaches web:80 via direct"),
         "citadel to a real tsnet node behind NAT: {r}"
     );
-}
-
-/// On a real kernel the remap happens only when a peer's punch reaches the router before the
-/// inside node's own first packet to that peer: both nodes learn each other's endpoints from
-/// the same map update, so which comes first is a race (in CI runs it went either way). The
-/// simulation orders it by its seed.
-#[test]
-#[ignore = "kernel NAT race: the remap needs the peer's punch to arrive first, which the map update's timing decides; run by hand"]
-fn home_router_remap_on_kernel_nat() {
-    let p = play_group(&[("home_router_remap.toml", 200)]);
-    if p.is_empty() {
-        return;
-    }
-    let r = real_of(&p, "home_router_remap.toml").expect("needs no netem");
-    assert!(r.contains("PASS           path a -> b is relay at 40s"), "plain MASQUERADE remaps: {r}");
 }

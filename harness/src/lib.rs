@@ -13,6 +13,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod bench;
+pub mod delay;
 pub mod derp_host;
 pub mod nat;
 pub mod nat_host;

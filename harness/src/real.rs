@@ -427,11 +427,12 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     }
     for l in &sc.links {
         let (a, b) = (l.a.get_ref(), l.b.get_ref());
+        // One egress carries the link's round trip: twice its latency and jitter.
         let shape = |dst: Option<String>| Shape {
             udp_only: dst.is_none(),
             dst,
-            delay: l.latency.map(|d| d.0).unwrap_or(Duration::ZERO),
-            jitter: l.jitter.map(|d| d.0).unwrap_or(Duration::ZERO),
+            delay: l.latency.map(|d| d.0 * 2).unwrap_or(Duration::ZERO),
+            jitter: l.jitter.map(|d| d.0 * 2).unwrap_or(Duration::ZERO),
             loss: l.loss.unwrap_or(0.0),
         };
         let node_i = |x: &str| sc.nodes.iter().position(|n| n.name.get_ref() == x);
@@ -454,21 +455,45 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             unshaped.push(format!("{a} <-> {b}"));
         }
     }
-    let netem_ok = shaped.values().flatten().all(|s| s.delay.is_zero() && s.jitter.is_zero()) || has_netem(&lab);
-    for ((ns, dev), shapes) in &shaped {
-        if !shape(&lab, ns, dev, shapes, netem_ok)? {
-            let latency_matters = !sc.regions.is_empty();
-            if latency_matters {
-                bail!("{NO_NETEM}: the file's region latencies decide where nodes home and cannot be played");
-            }
-            approximations.insert(format!("{ns}/{dev}: latency and jitter not applied ({NO_NETEM}); loss is"));
+    // The `[net]` latency and jitter: every host on the internet holds what it sends there for
+    // one link's worth (public nodes, NATs, and Nexus and the relays), so a round trip between
+    // any two of them crosses two such links, as in simulation. Region and link latencies are
+    // added on top of it (the simulation replaces it on those links).
+    if !sc.net.latency.0.is_zero() || !sc.net.jitter.0.is_zero() {
+        let net = Shape { dst: None, udp_only: false, delay: sc.net.latency.0, jitter: sc.net.jitter.0, loss: 0.0 };
+        let mut edges: Vec<(String, String)> = vec![("inet".into(), "br0".into())];
+        edges.extend(
+            sc.nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.nat.is_none() && n.network != NetworkKind::Offline)
+                .map(|(i, _)| (format!("n{i}"), "eth0".to_string())),
+        );
+        edges.extend((0..sc.nats.len()).map(|j| (format!("t{j}"), "out0".to_string())));
+        for e in edges {
+            shaped.entry(e).or_default().insert(0, net.clone());
         }
+    }
+    let timed = shaped.values().flatten().any(|s| !s.delay.is_zero() || !s.jitter.is_zero());
+    let backend = if !timed {
+        Backend::Netem
+    } else if has_netem(&lab) {
+        eprintln!("harness --real: latency and jitter with tc netem");
+        Backend::Netem
+    } else {
+        eprintln!("harness --real: latency and jitter with the NFQUEUE delayer ({NO_NETEM})");
+        approximations.insert(format!("latency and jitter: NFQUEUE delayer in the harness ({NO_NETEM})"));
+        Backend::Nfqueue
+    };
+    let mut delayers: Vec<crate::delay::Delayer> = Vec::new();
+    for ((ns, dev), shapes) in &shaped {
+        shape(&lab, ns, dev, shapes, backend, sc.seed, &mut delayers)?;
     }
     for u in &unshaped {
         approximations.insert(format!("link {u}: not shaped (only a node's own links are)"));
     }
-    if !sc.net.latency.0.is_zero() || !sc.net.jitter.0.is_zero() || sc.net.loss > 0.0 {
-        approximations.insert("[net] defaults are not applied: namespace links have no added latency".into());
+    if sc.net.loss > 0.0 {
+        approximations.insert("[net] loss is not applied (only [[link]] loss is)".into());
     }
 
     let derp_args = |ip: &str| -> Vec<String> {
@@ -672,6 +697,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         cfg.hairpin = f.hairpin.unwrap_or(cfg.hairpin);
                         cfg.ports = f.ports.unwrap_or(cfg.ports);
                         cfg.timeout = f.timeout.map(|t| t.0).unwrap_or(cfg.timeout);
+                        cfg.unsolicited = f.unsolicited.unwrap_or(cfg.unsolicited);
                     }
                     *g += 1;
                     // New rules (and, with random ports, new ports), then every mapping goes.
@@ -692,7 +718,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         f.b.as_ref().map(|x| x.get_ref().clone()).unwrap_or_default(),
                     );
                     let cut = matches!(kind, FaultKind::Partition | FaultKind::Hold);
-                    for (ns, chain, m) in cut_rules(sc, &plan, &derp_hosts, &a, &b) {
+                    for (ns, chain, m) in cut_rules(sc, &plan, &derp_hosts, &a, &b, f.oneway) {
                         let op = if cut { "-I" } else { "-D" };
                         let mut args = vec!["iptables", op, chain];
                         args.extend(m.iter().map(String::as_str));
@@ -705,7 +731,8 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     }
                     // A hold is a blackhole that TCP rides out by retransmitting: the kernel's
                     // analogue of turmoil queueing the messages.
-                    format!("{} {a} | {b}", format!("{kind:?}").to_lowercase())
+                    let arrow = if f.oneway { "->" } else { "|" };
+                    format!("{} {a} {arrow} {b}", format!("{kind:?}").to_lowercase())
                 }
                 (FaultKind::NexusDown, _) => {
                     if let Some(c) = nexus_child.take() {
@@ -961,6 +988,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
+    drop(delayers);
     drop(lab);
     Ok(RealOutcome { report, verdicts, passed, leak })
 }
@@ -1221,7 +1249,8 @@ struct Leg {
     gw: String,
 }
 
-/// One `tc netem` class: for packets to `dst` (every packet when `None`).
+/// One shaping class on an interface's egress: for packets to `dst` (every packet when
+/// `None`), held `delay` plus a uniform draw in `[0, jitter]`.
 #[derive(Debug, Clone)]
 struct Shape {
     dst: Option<String>,
@@ -1230,6 +1259,15 @@ struct Shape {
     delay: Duration,
     jitter: Duration,
     loss: f64,
+}
+
+/// What delays packets in `--real`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// `tc netem` qdiscs.
+    Netem,
+    /// iptables `NFQUEUE` rules and a [`crate::delay::Delayer`] thread per namespace.
+    Nfqueue,
 }
 
 /// The relays as `(host name, address, DERP region id)`: `derp` first, then one per region
@@ -1287,11 +1325,21 @@ fn has_netem(lab: &Lab) -> bool {
 }
 
 /// Shapes `dev` in namespace `ns`. Loss is an nftables rule on both directions of the
-/// interface (portable); delay and jitter are `tc netem` on its egress (twice the one-way
-/// delay, so round trips match the simulation), one netem for everything or an HTB whose
-/// classes hold one netem per destination. Without netem only loss is applied and `false` is
-/// returned when some delay or jitter was asked for.
-fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> anyhow::Result<bool> {
+/// interface (portable). Delay and jitter hold packets on the interface's egress: with
+/// [`Backend::Netem`] one netem for everything or an HTB whose classes hold one netem per
+/// destination; with [`Backend::Nfqueue`] iptables `raw` rules (before conntrack, so no
+/// unconfirmed NAT entry waits in the queue) send each class to its own netfilter queue, which
+/// a [`crate::delay::Delayer`] bound in the namespace holds (it is pushed on `delayers`). A
+/// class for a destination adds the interface's default class on top.
+fn shape(
+    lab: &Lab,
+    ns: &str,
+    dev: &str,
+    shapes: &[Shape],
+    backend: Backend,
+    seed: u64,
+    delayers: &mut Vec<crate::delay::Delayer>,
+) -> anyhow::Result<()> {
     let mut nft = String::from("table ip hzshape {\n");
     for (hook, dirk, addr) in [("postrouting", "oifname", "daddr"), ("prerouting", "iifname", "saddr")] {
         nft += &format!("  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n");
@@ -1315,15 +1363,16 @@ fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> an
     }
     let timed: Vec<&Shape> = shapes.iter().filter(|s| !s.delay.is_zero() || !s.jitter.is_zero()).collect();
     if timed.is_empty() {
-        return Ok(true);
+        return Ok(());
     }
-    if !netem_ok {
-        return Ok(false);
+    if backend == Backend::Nfqueue {
+        return delay_with_nfqueue(lab, ns, dev, &timed, seed, delayers);
     }
+    // netem's jitter is ± around the delay: centred, it spans `[delay, delay + jitter]`.
     let params = |s: &Shape| -> Vec<String> {
-        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", (s.delay * 2).as_micros())];
+        let mut v = vec!["netem".to_string(), "delay".into(), format!("{}us", (s.delay + s.jitter / 2).as_micros())];
         if !s.jitter.is_zero() {
-            v.push(format!("{}us", s.jitter.as_micros()));
+            v.push(format!("{}us", (s.jitter / 2).as_micros()));
         }
         v
     };
@@ -1340,7 +1389,7 @@ fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> an
             a.extend(params(d));
             run(a)?;
         }
-        return Ok(true);
+        return Ok(());
     }
     run(base(&["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"]))?;
     for (k, s) in std::iter::once(default.copied()).chain(by_dst.iter().map(|s| Some(**s))).enumerate() {
@@ -1370,7 +1419,67 @@ fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> an
             ]))?;
         }
     }
-    Ok(true)
+    Ok(())
+}
+
+/// The [`Backend::Nfqueue`] half of [`shape`]: one netfilter queue per class (destination
+/// classes first, as the first matching `NFQUEUE` rule takes the packet), a delayer bound to
+/// them, then the rules: `raw OUTPUT -o dev` for the namespace's own packets and, in a NAT,
+/// `raw PREROUTING ! -i dev` for what it forwards towards the destination.
+fn delay_with_nfqueue(
+    lab: &Lab,
+    ns: &str,
+    dev: &str,
+    timed: &[&Shape],
+    seed: u64,
+    delayers: &mut Vec<crate::delay::Delayer>,
+) -> anyhow::Result<()> {
+    let default = timed.iter().rev().find(|s| s.dst.is_none());
+    let mut classes: Vec<Shape> = timed
+        .iter()
+        .filter(|s| s.dst.is_some())
+        .map(|s| {
+            let mut eff = (*s).clone();
+            if let Some(d) = default {
+                eff.delay += d.delay;
+                eff.jitter += d.jitter;
+            }
+            eff
+        })
+        .collect();
+    classes.extend(default.map(|d| (*d).clone()));
+    let queues: Vec<(u16, crate::delay::Spec)> = classes
+        .iter()
+        .enumerate()
+        .map(|(k, c)| (k as u16 + 1, crate::delay::Spec { delay: c.delay, jitter: c.jitter }))
+        .collect();
+    let netns = Path::new("/run/netns").join(lab.ns(ns));
+    let ns_seed = ns.bytes().fold(seed, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    delayers.push(crate::delay::Delayer::start(&netns, queues.clone(), ns_seed).context("NFQUEUE delayer")?);
+    let forwards = ns.starts_with('t');
+    for (c, (q, _)) in classes.iter().zip(&queues) {
+        let mut m: Vec<String> = Vec::new();
+        if let Some(d) = &c.dst {
+            m.extend(["-d".to_string(), format!("{d}/32")]);
+        }
+        if c.udp_only {
+            m.extend(["-p".to_string(), "udp".to_string()]);
+        }
+        let target = ["-j", "NFQUEUE", "--queue-num", &q.to_string(), "--queue-bypass"].map(String::from);
+        let mut hooks = vec![vec!["OUTPUT".to_string(), "-o".into(), dev.into()]];
+        if forwards {
+            hooks.push(vec!["PREROUTING".to_string(), "!".into(), "-i".into(), dev.into()]);
+        }
+        for h in hooks {
+            let mut args: Vec<String> = vec!["iptables".into(), "-t".into(), "raw".into(), "-A".into()];
+            args.extend(h);
+            args.extend(m.iter().cloned());
+            args.extend(target.iter().cloned());
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.sh(Some(ns), &a).context("iptables NFQUEUE (kernel needs xt_NFQUEUE and nfnetlink_queue)")?;
+        }
+    }
+    Ok(())
 }
 
 /// The iptables rules (`namespace`, chain, match) that cut what the simulation's link between
@@ -1379,12 +1488,14 @@ fn shape(lab: &Lab, ns: &str, dev: &str, shapes: &[Shape], netem_ok: bool) -> an
 /// TCP, a relay's TCP and STUN. A node and its own NAT (or a NAT and the carrier NAT it sits
 /// behind) share the access link: all its UDP beyond its LAN. Pairs with no link between them
 /// in simulation (two NATed nodes, a NAT and Nexus) get no rule, as nothing travels there.
+/// With `oneway` only the rules for packets from `a` to `b` are kept.
 fn cut_rules(
     sc: &Scenario,
     plan: &Plan,
     derps: &[(String, String, i32)],
     a: &str,
     b: &str,
+    oneway: bool,
 ) -> Vec<(String, &'static str, Vec<String>)> {
     let expand = |x: &str| -> Vec<String> {
         if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
@@ -1425,13 +1536,15 @@ fn cut_rules(
         Some((format!("t{k}"), "out0", None))
     };
     let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
-    let mut rules = Vec::new();
+    // Each rule with whether it drops packets travelling from `a`'s side to `b`'s.
+    let mut rules: Vec<(String, &'static str, Vec<String>, bool)> = Vec::new();
     for x in expand(a) {
         for y in expand(b) {
             if x == y {
                 continue;
             }
-            if let Some((ns, dev, lan)) = uplink(&x, &y).or_else(|| uplink(&y, &x)) {
+            let inside = uplink(&x, &y).map(|u| (u, true)).or_else(|| uplink(&y, &x).map(|u| (u, false)));
+            if let Some(((ns, dev, lan), x_inside)) = inside {
                 let spare = |flag: &str| {
                     lan.as_ref().map(|l| vec!["!".to_string(), flag.to_string(), l.clone()]).unwrap_or_default()
                 };
@@ -1439,11 +1552,11 @@ fn cut_rules(
                 out.extend(spare("-d"));
                 let mut inp = s(&["-i", dev, "-p", "udp"]);
                 inp.extend(spare("-s"));
-                rules.push((ns.clone(), "OUTPUT", out.clone()));
-                rules.push((ns.clone(), "INPUT", inp.clone()));
+                rules.push((ns.clone(), "OUTPUT", out.clone(), x_inside));
+                rules.push((ns.clone(), "INPUT", inp.clone(), !x_inside));
                 if ns.starts_with('t') {
-                    rules.push((ns.clone(), "FORWARD", out));
-                    rules.push((ns, "FORWARD", inp));
+                    rules.push((ns.clone(), "FORWARD", out, x_inside));
+                    rules.push((ns, "FORWARD", inp, !x_inside));
                 }
                 continue;
             }
@@ -1462,16 +1575,26 @@ fn cut_rules(
                     }
                     v
                 };
-                rules.push((ns.clone(), "INPUT", with("-s")));
-                rules.push((ns.clone(), "OUTPUT", with("-d")));
+                let me_is_a = me == &x;
+                let mut mine =
+                    vec![(ns.clone(), "INPUT", with("-s"), !me_is_a), (ns.clone(), "OUTPUT", with("-d"), me_is_a)];
                 if is_nat {
-                    rules.push((ns.clone(), "FORWARD", with("-s")));
-                    rules.push((ns.clone(), "FORWARD", with("-d")));
+                    mine.push((ns.clone(), "FORWARD", with("-s"), !me_is_a));
+                    mine.push((ns.clone(), "FORWARD", with("-d"), me_is_a));
                 }
+                // One way, a packet is lost on the wire, as on the simulation's link: past the
+                // sender's NAT (its mapping made), at `b`'s end when `b` has a namespace.
+                if oneway {
+                    mine.retain(|r| r.3);
+                    if me_is_a && side(&y).is_some() && host_ip(sc, plan, derps, &x).is_some() {
+                        mine.clear();
+                    }
+                }
+                rules.extend(mine);
             }
         }
     }
-    rules
+    rules.into_iter().filter(|r| !oneway || r.3).map(|(ns, chain, m, _)| (ns, chain, m)).collect()
 }
 
 #[cfg(test)]
@@ -1504,6 +1627,37 @@ mod tests {
         };
         let real = RealOutcome { report: String::new(), verdicts: vec![(d, real)], passed: true, leak: None };
         (sim, real)
+    }
+
+    #[test]
+    fn one_way_cuts_drop_one_direction_on_the_wire() {
+        let text = "duration = \"10s\"\n[[org]]\nname = \"o\"\n[[nat]]\nname = \"home-a\"\n[[nat]]\nname = \"home-b\"\n\
+                    [[node]]\nname = \"a\"\norg = \"o\"\nnat = \"home-a\"\n[[node]]\nname = \"b\"\norg = \"o\"\nnat = \"home-b\"\n";
+        let sc = Scenario::parse("t.toml", text).unwrap();
+        let leg = |up_ns: &str, ip: &str, prefix| Leg { up_ns: up_ns.into(), ip: ip.into(), prefix, gw: String::new() };
+        let plan = Plan {
+            nat_up: BTreeMap::from([(0, leg("inet", "198.18.1.1", 16)), (1, leg("inet", "198.18.1.2", 16))]),
+            node: BTreeMap::from([(0, leg("t0", "198.19.0.10", 24)), (1, leg("t1", "198.19.1.10", 24))]),
+        };
+        let rule = |ns: &str, chain: &'static str, m: &str| {
+            (ns.to_string(), chain, m.split(' ').map(String::from).collect::<Vec<_>>())
+        };
+        // A node's own UDP towards the internet, before its NAT maps it.
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "b", "home-b", true),
+            vec![rule("n1", "OUTPUT", "-o eth0 -p udp ! -d 198.19.1.0/24")]
+        );
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "home-b", "b", true),
+            vec![rule("n1", "INPUT", "-i eth0 -p udp ! -s 198.19.1.0/24")]
+        );
+        // Between NATs, one way is dropped where it arrives (home-b has mapped it by then).
+        assert_eq!(
+            cut_rules(&sc, &plan, &[], "home-b", "home-a", true),
+            vec![rule("t0", "INPUT", "-s 198.18.1.2 -p udp"), rule("t0", "FORWARD", "-s 198.18.1.2 -p udp")]
+        );
+        // Both ways: both ends, both directions.
+        assert_eq!(cut_rules(&sc, &plan, &[], "home-b", "home-a", false).len(), 8);
     }
 
     #[test]

@@ -307,6 +307,12 @@ pub struct FaultSpec {
     /// New timeout for nat_change.
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// New handling of unsolicited inbound UDP for nat_change.
+    #[serde(default)]
+    pub unsolicited: Option<crate::nat::Unsolicited>,
+    /// partition/heal: only traffic from `a` to `b` (the other direction is left alone).
+    #[serde(default)]
+    pub oneway: bool,
     /// derp_down/derp_up: the region whose DERP host (default: the world's `derp` host).
     #[serde(default)]
     pub region: Option<Spanned<String>>,
@@ -698,6 +704,21 @@ impl Scenario {
             if f.at > self.duration {
                 return Err((Some(k), format!("fault at {} is after the end of the run", f.at)));
             }
+            if f.oneway && !matches!(f.kind.get_ref(), FaultKind::Partition | FaultKind::Heal) {
+                return Err((Some(k), "`oneway` applies to partition and heal only".into()));
+            }
+            let nat_fields = f.mapping.is_some()
+                || f.filtering.is_some()
+                || f.hairpin.is_some()
+                || f.ports.is_some()
+                || f.timeout.is_some()
+                || f.unsolicited.is_some();
+            if nat_fields && *f.kind.get_ref() != FaultKind::NatChange {
+                return Err((
+                    Some(k),
+                    "mapping, filtering, hairpin, ports, timeout and unsolicited apply to nat_change only".into(),
+                ));
+            }
             match f.kind.get_ref() {
                 FaultKind::Restart | FaultKind::Stop | FaultKind::Start => {
                     node_ref(&f.node, "node", k)?;
@@ -848,6 +869,24 @@ by = "10s"
         assert!(err(&with(down)).msg.contains("not a region with `derp = true`"));
         // The regional DERP host's name is taken.
         assert!(err(&with("[[nat]]\nname = \"derp-eu\"\n")).msg.contains("reserved or used twice"));
+    }
+
+    #[test]
+    fn nat_change_switches_unsolicited_and_partitions_go_one_way() {
+        let with = |fault: &str| format!("{OK}[[fault]]\nat = \"5s\"\n{fault}");
+        let s = Scenario::parse("t.toml", &with("kind = \"nat_change\"\nnat = \"home\"\nunsolicited = \"remap\"\n"))
+            .unwrap();
+        assert_eq!(s.faults[0].unsolicited, Some(crate::nat::Unsolicited::Remap));
+        assert_eq!(s.nats[0].unsolicited, crate::nat::Unsolicited::Drop, "the NAT starts as written");
+        let e = err(&with("kind = \"nat_change\"\nnat = \"home\"\nunsolicited = \"forward\"\n"));
+        assert!(e.msg.contains("unknown variant"), "{e}");
+        let e = err(&with("kind = \"nat_flush\"\nnat = \"home\"\nunsolicited = \"drop\"\n"));
+        assert!(e.msg.contains("nat_change only"), "{e}");
+        let s = Scenario::parse("t.toml", &with("kind = \"partition\"\na = \"a1\"\nb = \"home\"\noneway = true\n"))
+            .unwrap();
+        assert!(s.faults[0].oneway);
+        let e = err(&with("kind = \"hold\"\na = \"a1\"\nb = \"home\"\noneway = true\n"));
+        assert!(e.msg.contains("partition and heal only"), "{e}");
     }
 
     #[test]

@@ -450,6 +450,8 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     }
 
     let mut partitions: BTreeSet<(String, String)> = BTreeSet::new();
+    // One-way cuts, `(from, to)`.
+    let mut oneway: BTreeSet<(String, String)> = BTreeSet::new();
     let expand = |x: &str| -> Vec<String> {
         if sc.orgs.iter().any(|o| o.name.get_ref() == x) {
             sc.nodes.iter().filter(|n| n.org.get_ref() == x).map(|n| n.name.get_ref().clone()).collect()
@@ -461,7 +463,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
         .chain(derps.iter().map(|(_, _, h)| h.clone()))
         .chain(sc.nats.iter().map(|n| n.name.get_ref().clone()))
         .collect();
-    configure_links(&mut sim, sc, None, &registered, &mut partitions);
+    configure_links(&mut sim, sc, None, &registered, &mut partitions, &oneway);
 
     let mut pending: Vec<(Duration, String)> = sc.nodes.iter().map(|n| (n.start.0, n.name.get_ref().clone())).collect();
     pending.sort();
@@ -501,7 +503,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             let ctx = ctxs[&name].clone();
             sim.host(name.as_str(), move || node_main(ctx.clone()));
             registered.insert(name.clone());
-            configure_links(&mut sim, sc, Some(&name), &registered, &mut partitions);
+            configure_links(&mut sim, sc, Some(&name), &registered, &mut partitions, &oneway);
             running.insert(name.clone());
             if now > Duration::ZERO {
                 timeline.push((now, format!("start node {name}")));
@@ -650,27 +652,41 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                 }
                 FaultKind::Partition | FaultKind::Heal => {
                     let (a, bb) = (name(&f.a), name(&f.b));
+                    let cut = *f.kind.get_ref() == FaultKind::Partition;
                     // Rules on hosts not started yet apply when they start (configure_links).
                     for x in expand(&a) {
                         for y in expand(&bb) {
                             let live = registered.contains(&x) && registered.contains(&y) && x != y;
-                            if *f.kind.get_ref() == FaultKind::Partition {
-                                if live {
-                                    sim.partition(x.as_str(), y.as_str());
+                            match (cut, f.oneway) {
+                                (true, false) => {
+                                    if live {
+                                        sim.partition(x.as_str(), y.as_str());
+                                    }
+                                    partitions.insert(pair(&x, &y));
                                 }
-                                partitions.insert(pair(&x, &y));
-                            } else {
-                                if live {
-                                    sim.repair(x.as_str(), y.as_str());
+                                (false, false) => {
+                                    if live {
+                                        sim.repair(x.as_str(), y.as_str());
+                                    }
+                                    partitions.remove(&pair(&x, &y));
                                 }
-                                partitions.remove(&pair(&x, &y));
+                                (true, true) => {
+                                    if live {
+                                        sim.partition_oneway(x.as_str(), y.as_str());
+                                    }
+                                    oneway.insert((x.clone(), y.clone()));
+                                }
+                                (false, true) => {
+                                    if live {
+                                        sim.repair_oneway(x.as_str(), y.as_str());
+                                    }
+                                    oneway.remove(&(x.clone(), y.clone()));
+                                }
                             }
                         }
                     }
-                    format!(
-                        "{} {a} | {bb}",
-                        if *f.kind.get_ref() == FaultKind::Partition { "partition" } else { "heal" }
-                    )
+                    let arrow = if f.oneway { "->" } else { "|" };
+                    format!("{} {a} {arrow} {bb}", if cut { "partition" } else { "heal" })
                 }
                 FaultKind::Hold | FaultKind::Release => {
                     let (a, bb) = (name(&f.a), name(&f.b));
@@ -710,7 +726,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                             let ctx = ctxs[&n].clone();
                             sim.host(n.as_str(), move || node_main(ctx.clone()));
                             registered.insert(n.clone());
-                            configure_links(&mut sim, sc, Some(&n), &registered, &mut partitions);
+                            configure_links(&mut sim, sc, Some(&n), &registered, &mut partitions, &oneway);
                             pending.retain(|(_, p)| *p != n);
                         }
                         running.insert(n.clone());
@@ -727,13 +743,15 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                     cfg.hairpin = f.hairpin.unwrap_or(cfg.hairpin);
                     cfg.ports = f.ports.unwrap_or(cfg.ports);
                     cfg.timeout = f.timeout.map(|t| t.0).unwrap_or(cfg.timeout);
+                    cfg.unsolicited = f.unsolicited.unwrap_or(cfg.unsolicited);
                     nat.reconfigure(cfg.clone());
                     format!(
-                        "nat {n} now {} mapping, {} filtering, hairpin {}, {:?} ports",
+                        "nat {n} now {} mapping, {} filtering, hairpin {}, {:?} ports{}",
                         report::short_mapping(cfg.mapping),
                         report::short_filtering(cfg.filtering),
                         if cfg.hairpin { "on" } else { "off" },
-                        cfg.ports
+                        cfg.ports,
+                        f.unsolicited.map(|u| format!(", unsolicited {u:?}").to_lowercase()).unwrap_or_default()
                     )
                 }
                 FaultKind::NatFlush => {
@@ -861,6 +879,7 @@ fn configure_links(
     node: Option<&str>,
     registered: &BTreeSet<String>,
     partitions: &mut BTreeSet<(String, String)>,
+    oneway: &BTreeSet<(String, String)>,
 ) {
     let set_latency = |sim: &turmoil::Sim<'_>, a: &str, b: &str, l: Duration, jitter: Duration| {
         sim.set_link_latency(a, b, l);
@@ -882,6 +901,11 @@ fn configure_links(
             };
             if registered.contains(other) && other != name {
                 sim.partition(name, other.as_str());
+            }
+        }
+        for (from, to) in oneway.iter().filter(|(f, t)| f != t && (f == name || t == name)) {
+            if registered.contains(from) && registered.contains(to) {
+                sim.partition_oneway(from.as_str(), to.as_str());
             }
         }
         // An offline host reaches nobody, and nobody reaches it.
