@@ -15,8 +15,7 @@ use chrono::Utc;
 use citadel_proto::keys::MachinePublic;
 use citadel_proto::noise::{self, NoiseStream};
 use citadel_proto::tailcfg::{
-    self, encode_map_frame, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse,
-    UserProfile,
+    self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse, UserProfile,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -24,6 +23,31 @@ use std::convert::Infallible;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::ReceiverStream;
+
+/// One map-stream message: little-endian length, then the JSON body, zstd-compressed when
+/// asked. The compression context is reused per thread: making one per message cost more
+/// than the compression itself.
+fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    if !zstd {
+        return tailcfg::encode_map_frame(resp, false);
+    }
+    let json = serde_json::to_vec(resp).expect("MapResponse serializes");
+    let body = CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
+        }
+        c.as_mut().and_then(|c| c.compress(&json).ok())
+    });
+    let body = body.unwrap_or_else(|| zstd::bulk::compress(&json, 1).expect("zstd in memory"));
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
 
 /// Who is on the other end of a Noise session.
 #[derive(Clone, Copy)]
@@ -318,7 +342,7 @@ fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::No
     let primaries = if crate::routes::served(n).is_empty() {
         Default::default()
     } else {
-        crate::routes::primaries(s.store.nodes(None).iter(), |id| s.store.is_online(id))
+        crate::routes::primaries(s.store.nodes_shared(None).iter().map(|n| &**n), |id| s.store.is_online(id))
     };
     let (allowed_ips, primary_routes) =
         crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
@@ -360,8 +384,10 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
 fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
     let now = Utc::now();
     let compiled = s.policy.compiled(&s.store);
-    let all: std::collections::HashMap<u64, StoreNode> = s.store.nodes(None).into_iter().map(|n| (n.id, n)).collect();
-    let peer_nodes: Vec<&StoreNode> = compiled.peers_of(me.id).iter().filter_map(|id| all.get(id)).collect();
+    let all: std::collections::HashMap<u64, std::sync::Arc<StoreNode>> =
+        s.store.nodes_shared(None).into_iter().map(|n| (n.id, n)).collect();
+    let peer_nodes: Vec<&StoreNode> =
+        compiled.peers_of(me.id).iter().filter_map(|id| all.get(id).map(|n| &**n)).collect();
     let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
     let mut m = map_of(s, me, peers, compiled.filter_for(me.id), users, now);
@@ -454,7 +480,12 @@ impl OrgTemplate {
     fn build_map(&self, s: &Shared, me: &StoreNode) -> MapResponse {
         let now = Utc::now();
         let peers: Vec<tailcfg::Node> = if me.tags.is_empty() {
-            s.store.org_nodes(me.user_id).iter().filter(|n| Self::visible(me, n)).map(|n| to_tail(s, n, now)).collect()
+            s.store
+                .org_nodes_shared(me.user_id)
+                .iter()
+                .filter(|n| Self::visible(me, n))
+                .map(|n| to_tail(s, n, now))
+                .collect()
         } else {
             vec![]
         };
@@ -605,8 +636,8 @@ impl Streamer {
         }
     }
 
-    fn current(&self) -> Option<StoreNode> {
-        let me = self.s.store.node(self.node_id)?;
+    fn current(&self) -> Option<std::sync::Arc<StoreNode>> {
+        let me = self.s.store.node_shared(self.node_id)?;
         (me.user_id == self.user_id && !me.is_expired(Utc::now())).then_some(me)
     }
 
@@ -712,7 +743,7 @@ fn org_delta(
     }
     let mut changed = vec![];
     for id in upserted {
-        match s.store.node(id) {
+        match s.store.node_shared(id) {
             Some(n) if OrgTemplate::visible(me, &n) => changed.push(to_tail(s, &n, now)),
             _ => {
                 removed.insert(id);
@@ -721,7 +752,7 @@ fn org_delta(
     }
     let patched: Vec<tailcfg::PeerChange> = patches
         .iter()
-        .filter(|(id, _)| s.store.node(**id).is_some_and(|n| OrgTemplate::visible(me, &n)))
+        .filter(|(id, _)| s.store.node_shared(**id).is_some_and(|n| OrgTemplate::visible(me, &n)))
         .map(|(id, p)| patch_of(*id, p))
         .collect();
     if !changed.is_empty() {

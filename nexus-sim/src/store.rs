@@ -162,7 +162,8 @@ pub enum StoreError {
 struct Data {
     users: BTreeMap<u64, User>,
     keys: BTreeMap<u64, PreAuthKey>,
-    nodes: BTreeMap<u64, Node>,
+    /// Node records, shared with readers that hold them across a lock release.
+    nodes: BTreeMap<u64, Arc<Node>>,
     api_keys: BTreeMap<u64, ApiKey>,
     /// machine key → allocation index (stable addresses across re-registration).
     allocations: BTreeMap<MachinePublic, u32>,
@@ -176,12 +177,20 @@ struct Data {
     by_org: HashMap<u64, BTreeSet<u64>>,
     /// Node id per node key.
     by_key: HashMap<NodePublic, u64>,
+    /// Node id per machine key.
+    by_machine: HashMap<MachinePublic, u64>,
+    /// Node id per given (DNS) name.
+    by_name: HashMap<String, u64>,
+    /// Highest allocation index handed out; `None` until the first registration reads it.
+    max_alloc: Option<u32>,
 }
 
 impl Data {
     fn index(&mut self, n: &Node) {
         self.by_org.entry(n.user_id).or_default().insert(n.id);
         self.by_key.insert(n.node_key, n.id);
+        self.by_machine.insert(n.machine_key, n.id);
+        self.by_name.insert(n.given_name.clone(), n.id);
     }
 
     fn unindex(&mut self, n: &Node) {
@@ -194,6 +203,17 @@ impl Data {
         if self.by_key.get(&n.node_key) == Some(&n.id) {
             self.by_key.remove(&n.node_key);
         }
+        if self.by_machine.get(&n.machine_key) == Some(&n.id) {
+            self.by_machine.remove(&n.machine_key);
+        }
+        if self.by_name.get(&n.given_name) == Some(&n.id) {
+            self.by_name.remove(&n.given_name);
+        }
+    }
+
+    /// The node with this id, shared.
+    fn node(&self, id: u64) -> Option<&Arc<Node>> {
+        self.nodes.get(&id)
     }
 }
 
@@ -390,7 +410,7 @@ impl Store {
                 }
                 for (_, n) in load::<Node>(&c, "nodes")? {
                     data.index(&n);
-                    data.nodes.insert(n.id, n);
+                    data.nodes.insert(n.id, Arc::new(n));
                 }
                 for (_, k) in load::<ApiKey>(&c, "apikeys")? {
                     data.api_keys.insert(k.id, k);
@@ -542,8 +562,13 @@ impl Store {
 
     /// The nodes of org `user_id` (by ascending id), without scanning other orgs.
     pub fn org_nodes(&self, user_id: u64) -> Vec<Node> {
+        self.org_nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
+    }
+
+    /// [`Store::org_nodes`] without copying the records.
+    pub fn org_nodes_shared(&self, user_id: u64) -> Vec<Arc<Node>> {
         let d = self.data.lock();
-        d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.nodes.get(id).cloned()).collect()
+        d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect()
     }
 
     /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the
@@ -624,7 +649,7 @@ impl Store {
         if !d.users.contains_key(&id) {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
-        if d.nodes.values().any(|n| n.user_id == id) {
+        if d.by_org.get(&id).is_some_and(|s| !s.is_empty()) {
             return Err(StoreError::Invalid("user still has nodes; delete them first".into()));
         }
         d.users.remove(&id);
@@ -759,17 +784,31 @@ impl Store {
     // ---- nodes
 
     pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.data.lock().nodes.values().filter(|n| user_id.is_none_or(|u| n.user_id == u)).cloned().collect()
+        self.nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
+    }
+
+    /// [`Store::nodes`] without copying the records (by ascending id).
+    pub fn nodes_shared(&self, user_id: Option<u64>) -> Vec<Arc<Node>> {
+        let d = self.data.lock();
+        match user_id {
+            Some(u) => d.by_org.get(&u).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect(),
+            None => d.nodes.values().cloned().collect(),
+        }
     }
 
     pub fn node(&self, id: u64) -> Option<Node> {
-        self.data.lock().nodes.get(&id).cloned()
+        self.node_shared(id).map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Store::node`] without copying the record.
+    pub fn node_shared(&self, id: u64) -> Option<Arc<Node>> {
+        self.data.lock().node(id).cloned()
     }
 
     /// The node registered with this machine key and node key.
     pub fn node_by_keys(&self, mk: &MachinePublic, nk: &NodePublic) -> Option<Node> {
         let d = self.data.lock();
-        d.by_key.get(nk).and_then(|id| d.nodes.get(id)).filter(|n| n.machine_key == *mk).cloned()
+        d.by_key.get(nk).and_then(|id| d.node(*id)).filter(|n| n.machine_key == *mk).map(|n| (**n).clone())
     }
 
     /// Ids of every node.
@@ -780,7 +819,7 @@ impl Store {
     /// The node holding node key `nk`.
     pub fn node_by_node_key(&self, nk: &NodePublic) -> Option<Node> {
         let d = self.data.lock();
-        d.by_key.get(nk).and_then(|id| d.nodes.get(id)).cloned()
+        d.by_key.get(nk).and_then(|id| d.node(*id)).map(|n| (**n).clone())
     }
 
     pub fn is_online(&self, id: u64) -> bool {
@@ -833,38 +872,43 @@ impl Store {
             return Err(StoreError::Invalid("empty node key".into()));
         }
         let mut d = self.data.lock();
-        if d.by_key.get(&nk).and_then(|id| d.nodes.get(id)).is_some_and(|n| n.machine_key != mk) {
+        if d.by_key.get(&nk).and_then(|id| d.node(*id)).is_some_and(|n| n.machine_key != mk) {
             return Err(StoreError::Invalid(format!("node key {nk} is registered to another machine")));
         }
         let now = Utc::now();
-        let old_user = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.user_id);
-        // Nodes whose allocation was lost (a database written before registrations were one
-        // transaction) keep their address: rebuild the allocation from it.
-        let orphans: Vec<(MachinePublic, u32)> = d
-            .nodes
-            .values()
-            .filter(|n| !d.allocations.contains_key(&n.machine_key))
-            .filter_map(|n| u32::from(n.ipv4).checked_sub(u32::from(ipv4_base)).map(|i| (n.machine_key, i)))
-            .collect();
-        d.allocations.extend(orphans);
+        let existing = d.by_machine.get(&mk).copied();
+        let old_user = existing.and_then(|id| d.node(id)).map(|n| n.user_id);
+        if d.max_alloc.is_none() {
+            // Once per process: nodes whose allocation was lost (a database written before
+            // registrations were one transaction) keep their address, so rebuild the allocation
+            // from it; every later registration writes both together.
+            let orphans: Vec<(MachinePublic, u32)> = d
+                .nodes
+                .values()
+                .filter(|n| !d.allocations.contains_key(&n.machine_key))
+                .filter_map(|n| u32::from(n.ipv4).checked_sub(u32::from(ipv4_base)).map(|i| (n.machine_key, i)))
+                .collect();
+            d.allocations.extend(orphans);
+            d.max_alloc = Some(d.allocations.values().max().copied().unwrap_or(0));
+        }
         let idx = match d.allocations.get(&mk) {
             Some(i) => *i,
             None => {
                 // Indexes are never reused (a machine keeps its address), so the next is max + 1
                 // and the range ends where the IPv4 address would wrap.
                 let last = u32::MAX - u32::from(ipv4_base);
-                let i = d.allocations.values().max().map_or(Some(1), |m| m.checked_add(1)).filter(|i| *i <= last);
+                let i = d.max_alloc.unwrap_or(0).checked_add(1).filter(|i| *i <= last);
                 let i = i.ok_or_else(|| {
                     StoreError::Exhausted(format!("no IPv4 address left after {ipv4_base} ({last} allocated)"))
                 })?;
                 d.allocations.insert(mk, i);
+                d.max_alloc = Some(i);
                 i
             }
         };
-        let existing = d.nodes.values().find(|n| n.machine_key == mk).map(|n| n.id);
         let want = sanitize_hostname(if hostinfo.hostname.is_empty() { "node" } else { &hostinfo.hostname });
         let given = {
-            let taken = |name: &str| d.nodes.values().any(|n| n.given_name == name && Some(n.id) != existing);
+            let taken = |name: &str| d.by_name.get(name).is_some_and(|id| Some(*id) != existing);
             if !taken(&want) {
                 want.clone()
             } else {
@@ -875,7 +919,7 @@ impl Store {
             Some(id) => {
                 let old = d.nodes.get(&id).expect("exists").clone();
                 d.unindex(&old);
-                let n = d.nodes.get_mut(&id).expect("exists");
+                let n = Arc::make_mut(d.nodes.get_mut(&id).expect("exists"));
                 n.node_key = nk;
                 n.user_id = user_id;
                 n.hostinfo = hostinfo.clone();
@@ -915,7 +959,7 @@ impl Store {
                     approved_routes: vec![],
                 };
                 d.index(&n);
-                d.nodes.insert(id, n.clone());
+                d.nodes.insert(id, Arc::new(n.clone()));
                 n
             }
         };
@@ -932,9 +976,9 @@ impl Store {
     pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let old = d.nodes.get(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?.clone();
-        let n = d.nodes.get_mut(&id).expect("present");
-        let changed = f(n);
-        let n = n.clone();
+        let mut n = (*old).clone();
+        let changed = f(&mut n);
+        d.nodes.insert(id, Arc::new(n.clone()));
         if changed {
             d.unindex(&old);
             d.index(&n);
@@ -958,6 +1002,7 @@ impl Store {
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        let n = Arc::unwrap_or_clone(n);
         d.unindex(&n);
         d.sessions.remove(&id);
         drop(d);
@@ -968,7 +1013,7 @@ impl Store {
 
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
-        if self.data.lock().nodes.values().any(|n| n.given_name == name && n.id != id) {
+        if self.data.lock().by_name.get(&name).is_some_and(|o| *o != id) {
             return Err(StoreError::Invalid(format!("name {name:?} is taken")));
         }
         self.update_node(id, |n| {
@@ -1040,7 +1085,7 @@ impl Store {
         if was == now_online {
             return;
         }
-        let Some(n) = d.nodes.get_mut(&id) else { return };
+        let Some(n) = d.nodes.get_mut(&id).map(Arc::make_mut) else { return };
         n.last_seen = Some(Utc::now());
         let n = n.clone();
         drop(d);
