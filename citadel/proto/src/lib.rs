@@ -10,6 +10,7 @@ pub mod addr;
 pub mod backoff;
 pub mod derp;
 pub mod disco;
+pub mod http;
 pub mod keys;
 pub mod noise;
 pub mod stun;

@@ -194,14 +194,15 @@ pub struct WorkConfig {
 }
 
 impl WorkConfig {
-    /// Defaults: queue `citadel:jobs`, group `citadel-workers`, consumer `<hostname>-<pid>`,
-    /// 3 attempts, 4 concurrent jobs, 5 min job timeout, 30 s claim idle, 30 s drain.
-    pub fn new(redis_url: impl Into<String>) -> Self {
+    /// Defaults: queue `citadel:jobs`, group `citadel-workers`, consumer `<host>-<pid>` (the
+    /// caller names the host), 3 attempts, 4 concurrent jobs, 5 min job timeout, 30 s claim
+    /// idle, 30 s drain.
+    pub fn new(redis_url: impl Into<String>, host: &str) -> Self {
         WorkConfig {
             redis_url: redis_url.into(),
             queue: DEFAULT_QUEUE.into(),
             group: DEFAULT_GROUP.into(),
-            consumer: default_consumer(),
+            consumer: consumer_name(host),
             max_retries: 3,
             max_concurrency: 4,
             job_timeout: Duration::from_secs(300),
@@ -235,15 +236,8 @@ impl fmt::Debug for WorkConfig {
     }
 }
 
-/// `<hostname>-<pid>`: unique per process on a host, and readable in `XINFO CONSUMERS`.
-pub fn default_consumer() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "citadel".into());
+/// `<host>-<pid>`: unique per process on a host, and readable in `XINFO CONSUMERS`.
+pub fn consumer_name(host: &str) -> String {
     format!("{host}-{}", std::process::id())
 }
 
@@ -292,7 +286,7 @@ mod tests {
 
     #[test]
     fn config_debug_redacts_password() {
-        let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379");
+        let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379", "h");
         let d = format!("{c:?}");
         assert!(!d.contains("hunter2") && d.contains("***"), "{d}");
     }
@@ -354,6 +348,6 @@ mod fetch_policy_tests {
 
     #[test]
     fn shell_jobs_are_off_by_default() {
-        assert!(!WorkConfig::new("redis://h").allow_shell);
+        assert!(!WorkConfig::new("redis://h", "h").allow_shell);
     }
 }

@@ -126,7 +126,7 @@ async fn client(url: &str) -> RedisClient {
 }
 
 fn cfg(url: &str, consumer: &str) -> WorkConfig {
-    let mut c = WorkConfig::new(url);
+    let mut c = WorkConfig::new(url, "test");
     c.consumer = consumer.into();
     c.claim_idle = Duration::from_millis(300);
     c.block = Duration::from_millis(200);

@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     if !mesh.is_connected() {
         return Err(CliError::NotConnected("not connected to the mesh; refusing to start the job loop".into()));
     }
-    let mut wc = citadel_work::WorkConfig::new(a.redis_url);
+    let mut wc = citadel_work::WorkConfig::new(a.redis_url, &citadel::mesh::os_hostname());
     wc.queue = a.queue;
     wc.group = a.group;
     wc.max_retries = a.max_retries;
