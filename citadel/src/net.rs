@@ -1,20 +1,16 @@
 //! The host network as the node code sees it, behind a trait so the same node code runs on
-//! tokio (production) and on turmoil (the harness's simulated networks).
+//! tokio (production) and on turmoil (the harness's simulated networks): [`Net`] extends the
+//! one dial trait ([`Dial`], from `citadel-proto`) with UDP and the interface list. Also the
+//! one reader of HTTP/1.x heads the node parses by hand ([`read_head`]).
 
 use citadel_proto::http::{parse_response, BadHead, ResponseHead};
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-/// A byte stream (TCP, or a mesh connection).
-pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
-
-/// A boxed future, as trait objects need.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use citadel_proto::dial::{AsyncReadWrite, BoxFuture, Dial, DialFuture};
 
 /// A datagram socket.
 pub trait Datagram: Send + Sync {
@@ -31,10 +27,8 @@ pub trait Datagram: Send + Sync {
     }
 }
 
-/// How the node reaches the host network.
-pub trait Net: Send + Sync + 'static {
-    /// Opens a TCP connection to `host:port`.
-    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<Box<dyn AsyncReadWrite>>>;
+/// How the node reaches the host network: TCP through [`Dial`], plus UDP and interfaces.
+pub trait Net: Dial + 'static {
     /// Binds a UDP socket.
     fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Datagram>>>;
     /// The host's interface addresses (a socket bound to the unspecified address is reachable
@@ -64,16 +58,18 @@ pub fn bind_tokio_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TokioNet;
 
-impl Net for TokioNet {
-    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<Box<dyn AsyncReadWrite>>> {
+impl Dial for TokioNet {
+    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> DialFuture<'a> {
         Box::pin(async move {
             let s = tokio::net::TcpStream::connect((host, port)).await?;
-            // Control frames are small; never let Nagle hold them back.
+            // Control frames and requests are small; never let Nagle hold them back.
             let _ = s.set_nodelay(true);
             Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
         })
     }
+}
 
+impl Net for TokioNet {
     fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Datagram>>> {
         Box::pin(async move { Ok(Box::new(bind_tokio_udp(addr)?) as Box<dyn Datagram>) })
     }

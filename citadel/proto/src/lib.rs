@@ -9,6 +9,7 @@
 pub mod addr;
 pub mod backoff;
 pub mod derp;
+pub mod dial;
 pub mod disco;
 pub mod http;
 pub mod keys;

@@ -15,7 +15,7 @@ use super::client::{RedisClient, RedisError, RedisTarget};
 use super::exec::{self, Chunk, Limits, Report};
 use super::job::{self, Job};
 use super::resp::Value;
-use super::{MeshDialer, WorkConfig, WorkError, WorkSummary};
+use super::{Dial, WorkConfig, WorkError, WorkSummary};
 
 /// Builds a command from string-ish and byte parts.
 macro_rules! cmd {
@@ -53,7 +53,7 @@ enum Outcome {
 struct Ctx {
     cfg: WorkConfig,
     redis: RedisClient,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     dead_key: String,
 }
 
@@ -80,7 +80,7 @@ const EVENT_CHUNK: usize = 64 * 1024;
 /// logged and retried with backoff until shutdown.
 pub async fn run(
     cfg: WorkConfig,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<WorkSummary, WorkError> {
     validate(&cfg)?;

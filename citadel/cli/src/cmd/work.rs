@@ -65,7 +65,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let dialer: Arc<dyn citadel_work::MeshDialer> = Arc::new(NodeDialer(mesh));
+    let dialer: Arc<dyn citadel_work::Dial> = Arc::new(NodeDialer(mesh));
     let sum = citadel_work::run(wc, dialer, shutdown).await?;
     eprintln!(
         "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
