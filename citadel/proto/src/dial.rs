@@ -1,9 +1,7 @@
-//! The one dial trait. The node's host network ([`citadel::net::Net`], tokio or the turmoil
+//! The one dial trait. The node's host network (`citadel::net::Net`: tokio, or turmoil in the
 //! harness) and the dialer the job worker gets from the CLI (mesh addresses through the node,
 //! the rest over the host) both implement [`Dial`], so code that needs byte streams does not
 //! know which it was given.
-//!
-//! [`citadel::net::Net`]: https://docs.rs/citadel
 
 use std::future::Future;
 use std::io;
