@@ -158,108 +158,107 @@ mod imp {
         let owner = unsafe { libc::geteuid() };
         loop {
             let (s, _) = listener.accept().await?;
-            let mesh = mesh.clone();
-            let done = done.clone();
-            tokio::spawn(async move {
-                let peer_uid = s.peer_cred().map(|c| c.uid());
-                let (r, mut w) = s.into_split();
-                if peer_uid.as_ref().ok() != Some(&owner) {
-                    let who = peer_uid.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
-                    tracing::warn!(uid = %who, "local API connection from another user refused");
-                    let message = format!("uid {who} is not allowed to use this node's API");
-                    let _ = send(&mut w, &Response::Error { message }).await;
+            tokio::spawn(connection(s, mesh.clone(), done.clone(), owner));
+        }
+    }
+
+    /// One API connection: the peer's uid is checked, then one request line is answered, or
+    /// (for `dial`) the connection becomes a byte pipe to the mesh.
+    async fn connection(s: UnixStream, mesh: Shared, done: Arc<Notify>, owner: libc::uid_t) {
+        let peer_uid = s.peer_cred().map(|c| c.uid());
+        let (r, mut w) = s.into_split();
+        if peer_uid.as_ref().ok() != Some(&owner) {
+            let who = peer_uid.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
+            tracing::warn!(uid = %who, "local API connection from another user refused");
+            let message = format!("uid {who} is not allowed to use this node's API");
+            let _ = send(&mut w, &Response::Error { message }).await;
+            return;
+        }
+        let mut reader = BufReader::new(r);
+        let line = match read_line_bounded(&mut reader, MAX_REQUEST_LINE).await {
+            Ok(Some(l)) => l,
+            Ok(None) | Err(_) => return,
+        };
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
+            Ok(Request::Dial { peer, port }) => {
+                let Some(m) = current(&mesh).await else { return };
+                let Some(ip) = m.resolve(&peer) else {
+                    let _ = send(&mut w, &Response::Error { message: format!("unknown peer {peer:?}") }).await;
                     return;
-                }
-                let mut reader = BufReader::new(r);
-                let line = match read_line_bounded(&mut reader, MAX_REQUEST_LINE).await {
-                    Ok(Some(l)) => l,
-                    Ok(None) | Err(_) => return,
                 };
-                let req = serde_json::from_slice::<Request>(&line);
-                let resp = match req {
-                    Err(e) => Response::Error { message: format!("bad request: {e}") },
-                    Ok(Request::Status) => match current(&mesh).await {
-                        Some(m) => Response::Status(m.status()),
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::Logout) => match mesh.lock().await.take() {
-                        Some(m) => {
-                            let r = match Arc::try_unwrap(m) {
-                                Ok(m) => m.logout().await.map_err(|e| e.to_string()),
-                                Err(_) => Err("node is busy (open connections); try again".into()),
-                            };
-                            done.notify_one();
-                            match r {
-                                Ok(()) => Response::Ok,
-                                Err(message) => Response::Error { message },
-                            }
-                        }
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::Ping { peer, port, timeout_ms }) => match current(&mesh).await {
-                        Some(m) => match m.resolve(&peer) {
-                            Some(ip) => match m.ping(ip, port, Duration::from_millis(timeout_ms.max(1))).await {
-                                Ok(p) => Response::Pong(p),
-                                Err(e) => Response::Error { message: format!("no reply from {peer}: {e}") },
-                            },
-                            None => Response::Error { message: format!("unknown peer {peer:?}") },
-                        },
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::ExposeAdd { spec }) => match current(&mesh).await {
-                        Some(m) => match spec.parse().and_then(|s| m.expose(s)) {
-                            Ok(()) => Response::Exposes { exposes: m.exposes() },
-                            Err(e) => Response::Error { message: e.to_string() },
-                        },
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::ExposeRemove { proto, port }) => match current(&mesh).await {
-                        Some(m) => match m.unexpose(proto, port) {
-                            Ok(()) => Response::Exposes { exposes: m.exposes() },
-                            Err(e) => Response::Error { message: e.to_string() },
-                        },
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::ExposeList) => match current(&mesh).await {
-                        Some(m) => Response::Exposes { exposes: m.exposes() },
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::Whois { addr }) => match current(&mesh).await {
-                        Some(m) => match crate::whois::parse_addr(&addr) {
-                            Some(ip) => match m.whois(ip) {
-                                Some(w) => Response::Whois(w),
-                                None => Response::Error { message: format!("no mesh node has address {ip}") },
-                            },
-                            None => Response::Error { message: format!("{addr:?} is not IP[:PORT]") },
-                        },
-                        None => Response::Error { message: "node is stopping".into() },
-                    },
-                    Ok(Request::Dial { peer, port }) => {
-                        let Some(m) = current(&mesh).await else { return };
-                        let Some(ip) = m.resolve(&peer) else {
-                            let _ = send(&mut w, &Response::Error { message: format!("unknown peer {peer:?}") }).await;
+                match m.dial_tcp(std::net::SocketAddr::new(ip, port)).await {
+                    Err(e) => Response::Error { message: format!("cannot connect to {peer}:{port}: {e}") },
+                    Ok(mut conn) => {
+                        if send(&mut w, &Response::Ok).await.is_err() {
                             return;
-                        };
-                        match m.dial_tcp(std::net::SocketAddr::new(ip, port)).await {
-                            Err(e) => Response::Error { message: format!("cannot connect to {peer}:{port}: {e}") },
-                            Ok(mut conn) => {
-                                if send(&mut w, &Response::Ok).await.is_err() {
-                                    return;
-                                }
-                                // Bytes the client sent after its request line are already buffered.
-                                let early = reader.buffer().to_vec();
-                                if !early.is_empty() && conn.write_all(&early).await.is_err() {
-                                    return;
-                                }
-                                let mut unix = reader.into_inner().reunite(w).expect("halves of one stream");
-                                let _ = tokio::io::copy_bidirectional(&mut unix, &mut conn).await;
-                                return;
-                            }
                         }
+                        // Bytes the client sent after its request line are already buffered.
+                        let early = reader.buffer().to_vec();
+                        if !early.is_empty() && conn.write_all(&early).await.is_err() {
+                            return;
+                        }
+                        let mut unix = reader.into_inner().reunite(w).expect("halves of one stream");
+                        let _ = tokio::io::copy_bidirectional(&mut unix, &mut conn).await;
+                        return;
                     }
-                };
-                let _ = send(&mut w, &resp).await;
-            });
+                }
+            }
+            Ok(Request::Logout) => logout(&mesh, &done).await,
+            Ok(req) => match current(&mesh).await {
+                Some(m) => answer(&m, req).await,
+                None => Response::Error { message: "node is stopping".into() },
+            },
+        };
+        let _ = send(&mut w, &resp).await;
+    }
+
+    /// `logout`: the node is taken out of service whatever the outcome, and `done` notified.
+    async fn logout(mesh: &Shared, done: &Notify) -> Response {
+        let Some(m) = mesh.lock().await.take() else {
+            return Response::Error { message: "node is stopping".into() };
+        };
+        let r = match Arc::try_unwrap(m) {
+            Ok(m) => m.logout().await.map_err(|e| e.to_string()),
+            Err(_) => Err("node is busy (open connections); try again".into()),
+        };
+        done.notify_one();
+        match r {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        }
+    }
+
+    /// The answer to a request that needs only the running node (`dial` and `logout` are
+    /// answered by [`connection`]).
+    async fn answer(m: &Mesh, req: Request) -> Response {
+        let error = |message: String| Response::Error { message };
+        match req {
+            Request::Status => Response::Status(m.status()),
+            Request::Ping { peer, port, timeout_ms } => match m.resolve(&peer) {
+                Some(ip) => match m.ping(ip, port, Duration::from_millis(timeout_ms.max(1))).await {
+                    Ok(p) => Response::Pong(p),
+                    Err(e) => error(format!("no reply from {peer}: {e}")),
+                },
+                None => error(format!("unknown peer {peer:?}")),
+            },
+            Request::ExposeAdd { spec } => match spec.parse().and_then(|s| m.expose(s)) {
+                Ok(()) => Response::Exposes { exposes: m.exposes() },
+                Err(e) => error(e.to_string()),
+            },
+            Request::ExposeRemove { proto, port } => match m.unexpose(proto, port) {
+                Ok(()) => Response::Exposes { exposes: m.exposes() },
+                Err(e) => error(e.to_string()),
+            },
+            Request::ExposeList => Response::Exposes { exposes: m.exposes() },
+            Request::Whois { addr } => match crate::whois::parse_addr(&addr) {
+                Some(ip) => match m.whois(ip) {
+                    Some(w) => Response::Whois(w),
+                    None => error(format!("no mesh node has address {ip}")),
+                },
+                None => error(format!("{addr:?} is not IP[:PORT]")),
+            },
+            Request::Dial { .. } | Request::Logout => error("dial and logout are answered per connection".into()),
         }
     }
 

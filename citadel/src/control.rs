@@ -6,7 +6,7 @@
 pub mod session;
 
 use crate::keys::{MachinePublic, PrivateKey};
-use crate::net::{AsyncReadWrite, Net};
+use crate::net::{read_response_head, unread, AsyncReadWrite, Net, ReadHeadError};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
 use crate::tailcfg::{
     self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest,
@@ -73,6 +73,8 @@ impl From<hyper::Error> for ControlError {
 /// Largest HTTP/1 response body read outside the Noise channel (`/key`, device login) and
 /// largest register response: all are small JSON documents.
 pub const MAX_BODY: usize = 1 << 20;
+/// Bound on the `/ts2021` upgrade answer's head.
+const MAX_UPGRADE_HEAD: usize = 16 * 1024;
 
 /// A parsed Nexus URL: `http://host[:port]` or `https://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,22 +230,6 @@ pub struct ControlConn {
     pub server_key: MachinePublic,
 }
 
-/// Reads an HTTP/1.1 response head byte by byte (so nothing past it is consumed).
-async fn read_head(tcp: &mut Box<dyn AsyncReadWrite>) -> Result<Vec<u8>, ControlError> {
-    let mut head = Vec::with_capacity(256);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 * 1024 {
-            return Err(ControlError::Protocol("upgrade response head too large".into()));
-        }
-        if tcp.read(&mut b).await.map_err(|_| ControlError::Closed)? == 0 {
-            return Err(ControlError::Closed);
-        }
-        head.push(b[0]);
-    }
-    Ok(head)
-}
-
 impl ControlConn {
     /// Dials `url`, performs the Noise handshake as `machine` and starts HTTP/2.
     pub async fn dial(
@@ -262,17 +248,19 @@ impl ControlConn {
                 "POST /ts2021 HTTP/1.1\r\nHost: {host}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {hdr}\r\nContent-Length: 0\r\n\r\n"
             );
             tcp.write_all(req.as_bytes()).await.map_err(|_| ControlError::Closed)?;
-            let head = read_head(&mut tcp).await?;
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            resp.parse(&head).map_err(|e| ControlError::Protocol(format!("bad upgrade response: {e}")))?;
-            if resp.code != Some(101) {
+            let mut early = Vec::new();
+            let head = match read_response_head(&mut tcp, &mut early, MAX_UPGRADE_HEAD).await {
+                Ok(h) => h,
+                Err(ReadHeadError::Closed | ReadHeadError::Io(_)) => return Err(ControlError::Closed),
+                Err(e) => return Err(ControlError::Protocol(format!("bad upgrade response: {e}"))),
+            };
+            if head.status != 101 {
                 return Err(ControlError::Protocol(format!(
                     "/ts2021 answered {} {} instead of 101",
-                    resp.code.unwrap_or(0),
-                    resp.reason.unwrap_or("")
+                    head.status, head.reason
                 )));
             }
+            let mut tcp = unread(early, tcp);
             let mut hdr3 = [0u8; 3];
             tcp.read_exact(&mut hdr3).await.map_err(|_| ControlError::Closed)?;
             let len = u16::from_be_bytes([hdr3[1], hdr3[2]]) as usize;

@@ -11,9 +11,10 @@
 use crate::backoff::Backoff;
 use crate::derp::{self, ClientInfo, Frame, FrameType, PeerGoneReason, PeerPresentFlags, ServerInfo};
 use crate::keys::{NodePublic, PrivateKey};
-use crate::net::{AsyncReadWrite, Net};
+use crate::net::{read_response_head, AsyncReadWrite, Net, ReadHeadError};
 use crate::tailcfg::{DerpMap, DerpNode};
 use bytes::{Buf, BytesMut};
+use citadel_proto::http::ResponseHead;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::io;
@@ -308,49 +309,13 @@ fn host_header(ep: &Endpoint) -> String {
     }
 }
 
-/// A parsed HTTP response head.
-struct Head {
-    status: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
 /// Reads an HTTP/1.1 response head; bytes after it stay in `buf`.
-async fn read_head(s: &mut Box<dyn AsyncReadWrite>, buf: &mut Vec<u8>) -> Result<Head> {
-    loop {
-        let mut hdrs = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut hdrs);
-        match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let head = Head {
-                    status: resp.code.unwrap_or(0),
-                    headers: resp
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
-                        .collect(),
-                };
-                buf.drain(..n);
-                return Ok(head);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(DerpClientError::Http(format!("bad HTTP response: {e}"))),
-        }
-        if buf.len() > MAX_HTTP_HEAD {
-            return Err(DerpClientError::Http("HTTP response head too long".into()));
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(DerpClientError::Http("connection closed before the HTTP response".into()));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+async fn read_head(s: &mut Box<dyn AsyncReadWrite>, buf: &mut Vec<u8>) -> Result<ResponseHead> {
+    read_response_head(s, buf, MAX_HTTP_HEAD).await.map_err(|e| match e {
+        ReadHeadError::Io(e) => DerpClientError::Io(e),
+        ReadHeadError::Closed => DerpClientError::Http("connection closed before the HTTP response".into()),
+        e => DerpClientError::Http(e.to_string()),
+    })
 }
 
 /// Reads one DERP frame from `s`, buffering in `buf` (a `BytesMut` so consuming a frame

@@ -284,13 +284,14 @@ impl Drop for Mesh {
     }
 }
 
-/// The machine's host name as Linux reports it, or `citadel` when there is none.
+/// The machine's host name: the kernel's, else `/etc/hostname`, else `$HOSTNAME` or
+/// `%COMPUTERNAME%`, else `citadel`. The one host-name reader (node registration, `citadel
+/// login`, the job worker's consumer name).
 pub fn os_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "citadel".to_string())
+    let files =
+        ["/proc/sys/kernel/hostname", "/etc/hostname"].into_iter().filter_map(|p| std::fs::read_to_string(p).ok());
+    let vars = ["HOSTNAME", "COMPUTERNAME"].into_iter().filter_map(|v| std::env::var(v).ok());
+    files.chain(vars).map(|s| s.trim().to_string()).find(|s| !s.is_empty()).unwrap_or_else(|| "citadel".to_string())
 }
 
 impl Inner {

@@ -5,10 +5,10 @@
 //!
 //! The choice ([`proxy_for`]) is a pure function of the variables; [`connect`] does the I/O.
 
-use crate::net::{AsyncReadWrite, Net};
+use crate::net::{read_response_head, unread, AsyncReadWrite, Net, ReadHeadError};
 use std::io;
 use std::net::IpAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Largest CONNECT response head accepted.
 const MAX_HEAD: usize = 16 << 10;
@@ -119,32 +119,17 @@ pub async fn connect_via(net: &dyn Net, proxy: &Proxy, host: &str, port: u16) ->
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await?;
-    // Byte by byte so nothing after the head (the tunnel's first bytes) is consumed.
-    let mut head = Vec::with_capacity(128);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "proxy response head too large"));
-        }
-        if s.read(&mut b).await? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "proxy closed the connection"));
-        }
-        head.push(b[0]);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    resp.parse(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("proxy answer: {e}")))?;
-    match resp.code {
-        Some(200..=299) => Ok(s),
+    let mut early = Vec::new();
+    let head = read_response_head(&mut s, &mut early, MAX_HEAD).await.map_err(|e| match e {
+        ReadHeadError::Io(e) => e,
+        ReadHeadError::Closed => io::Error::new(io::ErrorKind::UnexpectedEof, "proxy closed the connection"),
+        e => io::Error::new(io::ErrorKind::InvalidData, format!("proxy answer: {e}")),
+    })?;
+    match head.status {
+        200..=299 => Ok(unread(early, s)),
         c => Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            format!(
-                "proxy {}:{} refused CONNECT {target}: {} {}",
-                proxy.host,
-                proxy.port,
-                c.unwrap_or(0),
-                resp.reason.unwrap_or("")
-            ),
+            format!("proxy {}:{} refused CONNECT {target}: {c} {}", proxy.host, proxy.port, head.reason),
         )),
     }
 }
@@ -171,6 +156,7 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: std::collections::HashMap<String, String> =
@@ -211,5 +197,22 @@ mod tests {
         let p = Proxy { host: "127.0.0.1".into(), port, auth: None };
         let e = connect_via(&crate::net::TokioNet, &p, "nexus.example", 443).await.err().unwrap().to_string();
         assert!(e.contains("refused CONNECT nexus.example:443") && e.contains("403"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tunnel_bytes_sent_with_the_proxy_answer_are_kept() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-x\r\n").await;
+        });
+        let p = Proxy { host: "127.0.0.1".into(), port, auth: None };
+        let mut s = connect_via(&crate::net::TokioNet, &p, "bravo", 22).await.unwrap();
+        let mut got = [0u8; 11];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"SSH-2.0-x\r\n");
     }
 }

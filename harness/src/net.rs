@@ -6,7 +6,7 @@
 //! sits behind a NAT. NAT of TCP changes nothing the control plane can observe, so the harness
 //! leaves it out; an "offline" network is a turmoil partition instead.
 
-use citadel::net::{AsyncReadWrite, BoxFuture, Datagram, Net};
+use citadel::net::{AsyncReadWrite, BoxFuture, Datagram, Dial, Net};
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -99,14 +99,16 @@ impl TurmoilNet {
     }
 }
 
-impl Net for TurmoilNet {
+impl Dial for TurmoilNet {
     fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<Box<dyn AsyncReadWrite>>> {
         Box::pin(async move {
             let s = turmoil::net::TcpStream::connect((host, port)).await?;
             Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
         })
     }
+}
 
+impl Net for TurmoilNet {
     fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Datagram>>> {
         Box::pin(async move {
             // turmoil binds only the unspecified address (or loopback).

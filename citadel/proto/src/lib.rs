@@ -9,7 +9,9 @@
 pub mod addr;
 pub mod backoff;
 pub mod derp;
+pub mod dial;
 pub mod disco;
+pub mod http;
 pub mod keys;
 pub mod noise;
 pub mod stun;

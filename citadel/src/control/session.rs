@@ -562,6 +562,48 @@ mod tests {
     }
 
     #[test]
+    fn failures_while_reconnecting_back_off_and_never_bring_the_auth_key_back() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(true, true), 11);
+        assert_eq!(connect(&mut s, t0, &ok()), [false]);
+        s.handle_map_message(t0);
+        s.handle_stream_ended(t0);
+        let err = || ConnectError::Control(ControlError::Closed);
+        let unapproved = RegisterResponse { auth_url: "https://nexus/a/1".into(), ..Default::default() };
+        let mut now = t0;
+        let mut waits = Vec::new();
+        let mut sent = Vec::new();
+        // Each step fails differently: the dial, the register call, the server's answer, the map.
+        for step in 0..4 {
+            let until = s.poll_timeout().expect("a retry is scheduled");
+            waits.push(until - now);
+            now = until;
+            s.handle_timeout(now);
+            assert!(matches!(drain(&mut s).as_slice(), [Action::Dial]));
+            if step == 0 {
+                s.handle_error(now, err());
+            } else {
+                s.handle_dialed(now);
+                sent.extend(auth_keys(&drain(&mut s)));
+                match step {
+                    1 => s.handle_error(now, err()),
+                    2 => s.handle_register(now, &unapproved),
+                    _ => {
+                        s.handle_register(now, &ok());
+                        assert!(matches!(drain(&mut s).as_slice(), [Action::StartMap]));
+                        s.handle_error(now, err());
+                    }
+                }
+            }
+            let acts = drain(&mut s);
+            assert!(matches!(acts.as_slice(), [Action::Failed(_)]), "step {step}: {acts:?}");
+            assert!(!s.is_done(), "after joining, no failure ends the session");
+        }
+        assert_eq!(sent, [false, false, false], "the saved registration is probed, never re-authenticated");
+        assert!(waits.windows(2).all(|w| w[1] > w[0]), "each failure waits longer: {waits:?}");
+    }
+
+    #[test]
     fn the_auth_key_goes_only_into_a_first_registration_or_a_re_auth() {
         let t0 = Instant::now();
         // First registration: straight to the key, then never again.

@@ -4,14 +4,13 @@
 //! reuses its connection to the origin while the requests go to the same host and port.
 
 use super::{dial, route, splice, AsyncReadWrite, Backend, Host, ProxyConfig};
+use crate::net::{read_head, Prefixed, ReadHeadError};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Bound on the request head.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -28,14 +27,12 @@ pub enum Target {
         /// Destination port.
         port: u16,
     },
-    /// An absolute-URI request, rewritten to origin form.
+    /// An absolute-URI request (hyper reads it again and forwards it in origin form).
     Forward {
         /// Destination host.
         host: Host,
         /// Destination port.
         port: u16,
-        /// The head to send to the origin server.
-        head: Vec<u8>,
     },
 }
 
@@ -142,37 +139,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, BadRequest> {
         _ if path.starts_with('/') => return Err(bad(400, "not a proxy request (origin-form target)")),
         _ => return Err(bad(501, "only http:// URIs are forwarded; use CONNECT for TLS")),
     };
-    let (auth, origin_path) = match rest.find(['/', '?']) {
-        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
-        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
-        None => (rest, "/".to_string()),
-    };
+    let auth = rest.find(['/', '?']).map_or(rest, |i| &rest[..i]);
     let (host, port) = authority(auth, Some(80)).ok_or(bad(400, "bad host in URI"))?;
-    let connection_tokens: Vec<String> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| {
-            String::from_utf8_lossy(h.value).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>()
-        })
-        .collect();
-    let mut head = format!("{method} {origin_path} HTTP/1.1\r\n").into_bytes();
-    let mut has_host = false;
-    for h in req.headers.iter() {
-        if hop_by_hop(h.name, &connection_tokens) {
-            continue;
-        }
-        has_host |= h.name.eq_ignore_ascii_case("host");
-        head.extend_from_slice(h.name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(h.value);
-        head.extend_from_slice(b"\r\n");
-    }
-    if !has_host {
-        head.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
-    }
-    head.extend_from_slice(b"Connection: close\r\n\r\n");
-    Ok(Some(Head { target: Target::Forward { host, port, head }, proxy_auth, len }))
+    Ok(Some(Head { target: Target::Forward { host, port }, proxy_auth, len }))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -201,23 +170,6 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<Result<Head, BadRequest>> {
-    let mut chunk = vec![0u8; 4096];
-    loop {
-        match parse_head(buf) {
-            Ok(Some(h)) => return Ok(Ok(h)),
-            Ok(None) => {}
-            Err(e) => return Ok(Err(e)),
-        }
-        let room = (MAX_HEAD + 1).saturating_sub(buf.len()).min(chunk.len());
-        let n = s.read(&mut chunk[..room]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// Serves one HTTP proxy client: the head (bounded by [`ProxyConfig::handshake_timeout`] and
 /// [`MAX_HEAD`]), then a tunnel or one forwarded request.
 ///
@@ -228,20 +180,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = Vec::new();
-    let head = match tokio::time::timeout(cfg.handshake_timeout, read_head(&mut s, &mut buf)).await {
-        Err(_) => {
-            let _ = s.write_all(&error_response(408, "request head timed out")).await;
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP proxy request timed out"));
-        }
-        Ok(r) => r?,
-    };
-    let head = match head {
-        Ok(h) => h,
-        Err(e) => {
-            s.write_all(&error_response(e.status, e.why)).await?;
-            return Ok(());
-        }
-    };
+    let head =
+        match tokio::time::timeout(cfg.handshake_timeout, read_head(&mut s, &mut buf, MAX_HEAD, parse_head)).await {
+            Err(_) => {
+                let _ = s.write_all(&error_response(408, "request head timed out")).await;
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP proxy request timed out"));
+            }
+            Ok(Ok(h)) => h,
+            Ok(Err(ReadHeadError::Bad(e))) => {
+                s.write_all(&error_response(e.status, e.why)).await?;
+                return Ok(());
+            }
+            Ok(Err(ReadHeadError::TooLarge(_))) => {
+                s.write_all(&error_response(431, "request head too large")).await?;
+                return Ok(());
+            }
+            Ok(Err(ReadHeadError::Closed)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Err(ReadHeadError::Io(e))) => return Err(e),
+        };
     if let Some(creds) = &cfg.auth {
         let ok = head.proxy_auth.as_ref().is_some_and(|(u, p)| creds.matches(u, p));
         if !ok {
@@ -252,7 +208,7 @@ where
     let (host, port) = match &head.target {
         Target::Connect { host, port } => (host, *port),
         // hyper reads the same head again, then every request after it.
-        Target::Forward { .. } => return forward(Prefixed { prefix: buf, at: 0, inner: s }, backend, cfg).await,
+        Target::Forward { .. } => return forward(Prefixed::new(buf, s), backend, cfg).await,
     };
     let r = match route(backend, host, port, cfg.allow_direct) {
         Ok(r) => r,
@@ -273,38 +229,6 @@ where
     let early = buf.split_off(head.len);
     s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
     splice(&mut s, &mut *dest, &early).await
-}
-
-/// A stream whose first bytes were already read into `prefix`.
-struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = (self.prefix.len() - self.at).min(out.remaining());
-            let at = self.at;
-            out.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, out)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, b)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -449,6 +373,7 @@ mod tests {
     use super::super::Credentials;
     use super::*;
     use proptest::prelude::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn parses_connect_and_absolute_uris() {
@@ -457,19 +382,14 @@ mod tests {
         assert_eq!(h.len, 45);
         let h = parse_head(b"CONNECT [fd7a:115c:a1e0::1]:443 HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.target, Target::Connect { host: Host::Ip("fd7a:115c:a1e0::1".parse().unwrap()), port: 443 });
-        let raw = b"GET http://bravo.acme.mesh:8080/f?x=1 HTTP/1.1\r\nHost: bravo.acme.mesh:8080\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nAccept: */*\r\nProxy-Authorization: Basic YTpi\r\n\r\n";
+        let raw = b"GET http://bravo.acme.mesh:8080/f?x=1 HTTP/1.1\r\nHost: bravo.acme.mesh:8080\r\nProxy-Authorization: Basic YTpi\r\n\r\n";
         let h = parse_head(raw).unwrap().unwrap();
-        let Target::Forward { host, port, head } = h.target else { panic!() };
-        assert_eq!((host, port), (Host::Name("bravo.acme.mesh".into()), 8080));
-        assert_eq!(
-            String::from_utf8(head).unwrap(),
-            "GET /f?x=1 HTTP/1.1\r\nHost: bravo.acme.mesh:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-        );
+        assert_eq!(h.target, Target::Forward { host: Host::Name("bravo.acme.mesh".into()), port: 8080 });
         assert_eq!(h.proxy_auth, Some((b"a".to_vec(), b"b".to_vec())));
         let h = parse_head(b"GET http://bravo HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        let Target::Forward { port, head, .. } = h.target else { panic!() };
-        assert_eq!(port, 80);
-        assert!(String::from_utf8(head).unwrap().starts_with("GET / HTTP/1.1\r\nHost: bravo\r\n"));
+        assert_eq!(h.target, Target::Forward { host: Host::Name("bravo".into()), port: 80 });
+        let h = parse_head(b"GET http://bravo?q HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.target, Target::Forward { host: Host::Name("bravo".into()), port: 80 });
         assert_eq!(parse_head(b"GET http://bravo/ HTTP/1.1\r\nHost: b"), Ok(None));
     }
 
@@ -534,7 +454,7 @@ mod tests {
         let (origin, conns, heads) = http_origin().await;
         let p = origin.port();
         let two = format!(
-            "GET http://bravo:{p}/x HTTP/1.1\r\nHost: bravo:{p}\r\nProxy-Connection: keep-alive\r\nX-Keep: 1\r\n\r\n\
+            "GET http://bravo:{p}/x HTTP/1.1\r\nHost: bravo:{p}\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nX-Keep: 1\r\nProxy-Authorization: Basic YTpi\r\n\r\n\
              GET http://bravo:{p}/y?q=1 HTTP/1.1\r\nHost: bravo:{p}\r\nConnection: close\r\n\r\n"
         );
         let got = talk(mesh_with("bravo"), ProxyConfig::new(origin), two.as_bytes()).await;
@@ -545,7 +465,9 @@ mod tests {
         let heads = heads.lock().unwrap().clone();
         assert_eq!(heads.len(), 2);
         assert!(heads[0].starts_with("GET /x HTTP/1.1\r\n") && heads[0].contains("X-Keep: 1"), "{heads:?}");
-        assert!(heads.iter().all(|h| !h.to_ascii_lowercase().contains("proxy-connection")), "{heads:?}");
+        for dropped in ["proxy-connection", "x-drop", "proxy-authorization"] {
+            assert!(heads.iter().all(|h| !h.to_ascii_lowercase().contains(dropped)), "{dropped}: {heads:?}");
+        }
     }
 
     #[tokio::test]

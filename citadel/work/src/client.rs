@@ -3,7 +3,7 @@
 //!
 //! Why hand-written rather than the `redis` crate: the worker must be able to reach Redis over
 //! the userspace mesh, i.e. over an arbitrary `AsyncRead + AsyncWrite` handed to us by a
-//! [`MeshDialer`], and it needs only a dozen stream/hash commands. Owning the ~300 lines of
+//! [`Dial`], and it needs only a dozen stream/hash commands. Owning the ~300 lines of
 //! RESP2 means one code path for mesh and direct connections (no loopback forwarder to keep
 //! alive), explicit timeouts on every round trip, and no surprise reconnect policy hidden under
 //! a blocking `XREADGROUP`.
@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 use super::resp::{self, ProtocolError, Value};
-use super::{dial, AsyncReadWrite, MeshDialer};
+use super::{dial, AsyncReadWrite, Dial};
 
 /// Where Redis lives and how to log in. `Debug`/`Display` never show the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -257,7 +257,7 @@ impl Conn {
 /// may still be in flight) can never leave a half-read reply for the next caller.
 pub struct RedisClient {
     target: RedisTarget,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     connect_timeout: Duration,
     command_timeout: Duration,
     slot: Mutex<Option<Conn>>,
@@ -269,7 +269,7 @@ pub struct RedisClient {
 
 impl RedisClient {
     /// Creates a client; no connection is made until the first command (see [`Self::connect`]).
-    pub fn new(target: RedisTarget, dialer: Arc<dyn MeshDialer>, connect_timeout: Duration) -> Self {
+    pub fn new(target: RedisTarget, dialer: Arc<dyn Dial>, connect_timeout: Duration) -> Self {
         RedisClient {
             target,
             dialer,
@@ -281,11 +281,7 @@ impl RedisClient {
     }
 
     /// Parses `url`, connects and PINGs, all within `connect_timeout`.
-    pub async fn connect(
-        url: &str,
-        dialer: Arc<dyn MeshDialer>,
-        connect_timeout: Duration,
-    ) -> Result<Self, RedisError> {
+    pub async fn connect(url: &str, dialer: Arc<dyn Dial>, connect_timeout: Duration) -> Result<Self, RedisError> {
         let target =
             RedisTarget::parse(url).map_err(|e| RedisError::Connect { target: e.url.clone(), reason: e.reason })?;
         let client = RedisClient::new(target, dialer, connect_timeout);

@@ -13,7 +13,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::job::JobKind;
-use super::{dial_filtered, fetch_allowed, MeshDialer};
+use super::{dial_filtered, fetch_allowed, Dial};
 
 /// A piece of job output: which stream it came from (`stdout`, `stderr`, `body`) and bytes.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub(crate) struct Limits {
 /// Runs `kind`, sending output to `out`. Never panics; every failure is a [`Report`].
 pub(crate) async fn run(
     kind: &JobKind,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     limits: Limits,
     allow_fetch: &[ip_network::IpNetwork],
     out: mpsc::Sender<Chunk>,
@@ -226,7 +226,7 @@ pub(crate) fn parse_http_url(url: &str) -> Result<HttpTarget, String> {
 
 async fn fetch(
     url: &str,
-    dialer: &dyn MeshDialer,
+    dialer: &dyn Dial,
     allow: &[ip_network::IpNetwork],
     max_body: usize,
     out: mpsc::Sender<Chunk>,

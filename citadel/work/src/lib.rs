@@ -1,6 +1,7 @@
 //! The Redis Streams job worker behind `citadel work`. It reaches Redis and HTTP targets
-//! through a [`MeshDialer`] the caller provides (the CLI adapts a running node to it); this
-//! crate knows nothing of the mesh itself.
+//! through one byte-stream dialer, a [`Dial`] the caller provides (the CLI's dials mesh
+//! addresses through the running node and the rest over the host); this crate knows nothing
+//! of the mesh itself, only which addresses the dialer claims for it.
 //!
 //! [`run`] joins a consumer group on one stream, runs up to `max_concurrency` jobs at a time
 //! (`SHELL_COMMAND`, `HTTP_FETCH`), records progress in Redis and acknowledges each job only
@@ -27,10 +28,8 @@ pub mod resp;
 mod worker;
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::time::Duration;
 
 pub use client::{redact_url, RedisClient, RedisError, RedisTarget, UrlError};
@@ -42,37 +41,21 @@ pub const DEFAULT_QUEUE: &str = "citadel:jobs";
 /// Default consumer group (the Go agent's default too, so both can share a group).
 pub const DEFAULT_GROUP: &str = "citadel-workers";
 
-/// A bidirectional byte stream: a TCP socket or a TCP connection over the mesh.
-pub trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
-
-/// The future returned by [`MeshDialer::dial_tcp`].
-pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn AsyncReadWrite>>> + Send + 'a>>;
-
-/// Opens TCP connections over the mesh. The worker asks [`MeshDialer::is_mesh_addr`] for every
-/// address it connects to (Redis, HTTP_FETCH targets) and dials through the mesh when it says
-/// yes, otherwise over the host's own network.
-pub trait MeshDialer: Send + Sync {
-    /// Whether `ip` must be reached through the mesh. Implementations over a live mesh
-    /// normally answer `citadel::addr::is_mesh_ip`.
-    fn is_mesh_addr(&self, ip: IpAddr) -> bool;
-    /// Opens a TCP connection to `addr` through the mesh.
-    fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_>;
-}
+pub use citadel_proto::dial::{AsyncReadWrite, Dial, DialFuture};
 
 /// A dialer for nodes without a userspace mesh: every address goes over the host network
 /// (which still reaches 100.64/10 if a system-wide Tailscale is running).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoMesh;
 
-impl MeshDialer for NoMesh {
-    fn is_mesh_addr(&self, _ip: IpAddr) -> bool {
-        false
-    }
-    fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
-        Box::pin(
-            async move { Err(io::Error::new(io::ErrorKind::Unsupported, format!("no mesh to dial {addr} through"))) },
-        )
+impl Dial for NoMesh {
+    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> DialFuture<'a> {
+        Box::pin(async move {
+            let s = tokio::net::TcpStream::connect((host, port)).await?;
+            // Requests are small and latency-bound; don't let Nagle batch them.
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s) as Box<dyn AsyncReadWrite>)
+        })
     }
 }
 
@@ -92,7 +75,7 @@ pub fn parse_network(s: &str) -> Result<IpNetwork, String> {
 /// the `--allow-fetch` networks; everything else (loopback, link-local
 /// such as the cloud metadata address, private and public ranges) is refused, so whoever can
 /// enqueue a job cannot read services this host reaches. IPv4-mapped IPv6 counts as IPv4.
-pub fn fetch_allowed(ip: IpAddr, dialer: &dyn MeshDialer, allow: &[ip_network::IpNetwork]) -> bool {
+pub fn fetch_allowed(ip: IpAddr, dialer: &dyn Dial, allow: &[ip_network::IpNetwork]) -> bool {
     let ip = match ip {
         IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
         v4 => v4,
@@ -102,18 +85,14 @@ pub fn fetch_allowed(ip: IpAddr, dialer: &dyn MeshDialer, allow: &[ip_network::I
 
 /// Connects to `host:port`, through the mesh when the dialer claims the address. Returns the
 /// stream and whether it went over the mesh. Tries each resolved address in turn.
-pub(crate) async fn dial(
-    dialer: &dyn MeshDialer,
-    host: &str,
-    port: u16,
-) -> io::Result<(Box<dyn AsyncReadWrite>, bool)> {
+pub(crate) async fn dial(dialer: &dyn Dial, host: &str, port: u16) -> io::Result<(Box<dyn AsyncReadWrite>, bool)> {
     dial_filtered(dialer, host, port, |_| true).await
 }
 
 /// [`dial`] restricted to the resolved addresses `allowed` accepts (checked after DNS
 /// resolution, and the checked address is the one connected to).
 pub(crate) async fn dial_filtered(
-    dialer: &dyn MeshDialer,
+    dialer: &dyn Dial,
     host: &str,
     port: u16,
     allowed: impl Fn(IpAddr) -> bool,
@@ -129,22 +108,13 @@ pub(crate) async fn dial_filtered(
     }
     let mut last = None;
     for addr in addrs {
-        let r: io::Result<(Box<dyn AsyncReadWrite>, bool)> = if dialer.is_mesh_addr(addr.ip()) {
-            dialer
-                .dial_tcp(addr)
-                .await
-                .map(|s| (s, true))
-                .map_err(|e| io::Error::new(e.kind(), format!("{addr} via mesh: {e}")))
-        } else {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(s) => {
-                    // Requests are small and latency-bound; don't let Nagle batch them.
-                    let _ = s.set_nodelay(true);
-                    Ok((Box::new(s) as Box<dyn AsyncReadWrite>, false))
-                }
-                Err(e) => Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
-            }
-        };
+        let mesh = dialer.is_mesh_addr(addr.ip());
+        let via = if mesh { " via mesh" } else { "" };
+        let r = dialer
+            .connect_tcp(&addr.ip().to_string(), addr.port())
+            .await
+            .map(|s| (s, mesh))
+            .map_err(|e| io::Error::new(e.kind(), format!("{addr}{via}: {e}")));
         match r {
             Ok(x) => return Ok(x),
             Err(e) => last = Some(e),
@@ -194,14 +164,15 @@ pub struct WorkConfig {
 }
 
 impl WorkConfig {
-    /// Defaults: queue `citadel:jobs`, group `citadel-workers`, consumer `<hostname>-<pid>`,
-    /// 3 attempts, 4 concurrent jobs, 5 min job timeout, 30 s claim idle, 30 s drain.
-    pub fn new(redis_url: impl Into<String>) -> Self {
+    /// Defaults: queue `citadel:jobs`, group `citadel-workers`, consumer `<host>-<pid>` (the
+    /// caller names the host), 3 attempts, 4 concurrent jobs, 5 min job timeout, 30 s claim
+    /// idle, 30 s drain.
+    pub fn new(redis_url: impl Into<String>, host: &str) -> Self {
         WorkConfig {
             redis_url: redis_url.into(),
             queue: DEFAULT_QUEUE.into(),
             group: DEFAULT_GROUP.into(),
-            consumer: default_consumer(),
+            consumer: consumer_name(host),
             max_retries: 3,
             max_concurrency: 4,
             job_timeout: Duration::from_secs(300),
@@ -235,15 +206,8 @@ impl fmt::Debug for WorkConfig {
     }
 }
 
-/// `<hostname>-<pid>`: unique per process on a host, and readable in `XINFO CONSUMERS`.
-pub fn default_consumer() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "citadel".into());
+/// `<host>-<pid>`: unique per process on a host, and readable in `XINFO CONSUMERS`.
+pub fn consumer_name(host: &str) -> String {
     format!("{host}-{}", std::process::id())
 }
 
@@ -292,7 +256,7 @@ mod tests {
 
     #[test]
     fn config_debug_redacts_password() {
-        let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379");
+        let c = WorkConfig::new("redis://:hunter2@10.0.0.1:6379", "h");
         let d = format!("{c:?}");
         assert!(!d.contains("hunter2") && d.contains("***"), "{d}");
     }
@@ -305,12 +269,12 @@ mod fetch_policy_tests {
     /// Claims one mesh address, like a live mesh would for its peers.
     struct OnePeer(IpAddr);
 
-    impl MeshDialer for OnePeer {
+    impl Dial for OnePeer {
         fn is_mesh_addr(&self, ip: IpAddr) -> bool {
             ip == self.0
         }
-        fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
-            NoMesh.dial_tcp(addr)
+        fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> DialFuture<'a> {
+            NoMesh.connect_tcp(host, port)
         }
     }
 
@@ -354,6 +318,6 @@ mod fetch_policy_tests {
 
     #[test]
     fn shell_jobs_are_off_by_default() {
-        assert!(!WorkConfig::new("redis://h").allow_shell);
+        assert!(!WorkConfig::new("redis://h", "h").allow_shell);
     }
 }

@@ -15,7 +15,7 @@ use super::client::{RedisClient, RedisError, RedisTarget};
 use super::exec::{self, Chunk, Limits, Report};
 use super::job::{self, Job};
 use super::resp::Value;
-use super::{MeshDialer, WorkConfig, WorkError, WorkSummary};
+use super::{Dial, WorkConfig, WorkError, WorkSummary};
 
 /// Builds a command from string-ish and byte parts.
 macro_rules! cmd {
@@ -53,7 +53,7 @@ enum Outcome {
 struct Ctx {
     cfg: WorkConfig,
     redis: RedisClient,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     dead_key: String,
 }
 
@@ -80,7 +80,7 @@ const EVENT_CHUNK: usize = 64 * 1024;
 /// logged and retried with backoff until shutdown.
 pub async fn run(
     cfg: WorkConfig,
-    dialer: Arc<dyn MeshDialer>,
+    dialer: Arc<dyn Dial>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<WorkSummary, WorkError> {
     validate(&cfg)?;
@@ -197,7 +197,20 @@ pub async fn run(
         }
     }
 
-    // Drain: no new reads; give running jobs until the deadline.
+    drain(&ctx, &mut tasks, &mut running, &mut in_flight, &mut summary).await;
+    tracing::info!(?summary, "work: stopped");
+    Ok(summary)
+}
+
+/// The shutdown drain: no new reads; running jobs get until `drain_timeout`, then the rest are
+/// aborted and released for reclaim.
+async fn drain(
+    ctx: &Ctx,
+    tasks: &mut JoinSet<Outcome>,
+    running: &mut HashMap<TaskId, String>,
+    in_flight: &mut HashSet<String>,
+    summary: &mut WorkSummary,
+) {
     let mut abandoned = Vec::new();
     let deadline = Instant::now() + ctx.cfg.drain_timeout;
     if !tasks.is_empty() {
@@ -205,7 +218,7 @@ pub async fn run(
     }
     while !tasks.is_empty() {
         match tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {
-            Ok(r) => finished(r, &mut running, &mut in_flight, &mut summary),
+            Ok(r) => finished(r, running, in_flight, summary),
             Err(_) => {
                 summary.abandoned = tasks.len() as u64;
                 tracing::warn!(
@@ -220,9 +233,7 @@ pub async fn run(
         }
     }
     // They did start, so they keep their attempt count; they only skip the idle wait.
-    release(&ctx, &abandoned, false).await;
-    tracing::info!(?summary, "work: stopped");
-    Ok(summary)
+    release(ctx, &abandoned, false).await;
 }
 
 /// Ends a parked XREADGROUP on shutdown without losing what it may deliver.

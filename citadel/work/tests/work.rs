@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use citadel_proto::addr::is_mesh_ip;
-use citadel_work::{run, DialFuture, MeshDialer, NoMesh, RedisClient, Value, WorkConfig, WorkError, WorkSummary};
+use citadel_work::{run, Dial, DialFuture, NoMesh, RedisClient, Value, WorkConfig, WorkError, WorkSummary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -126,7 +126,7 @@ async fn client(url: &str) -> RedisClient {
 }
 
 fn cfg(url: &str, consumer: &str) -> WorkConfig {
-    let mut c = WorkConfig::new(url);
+    let mut c = WorkConfig::new(url, "test");
     c.consumer = consumer.into();
     c.claim_idle = Duration::from_millis(300);
     c.block = Duration::from_millis(200);
@@ -143,7 +143,7 @@ struct Worker {
     stop: Option<oneshot::Sender<()>>,
 }
 
-fn spawn_worker(cfg: WorkConfig, dialer: Arc<dyn MeshDialer>) -> Worker {
+fn spawn_worker(cfg: WorkConfig, dialer: Arc<dyn Dial>) -> Worker {
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(run(cfg, dialer, async move {
         let _ = rx.await;
@@ -671,14 +671,20 @@ struct RecordingDialer {
     dialed: Mutex<Vec<SocketAddr>>,
 }
 
-impl MeshDialer for RecordingDialer {
+impl Dial for RecordingDialer {
     fn is_mesh_addr(&self, ip: std::net::IpAddr) -> bool {
         is_mesh_ip(ip)
     }
-    fn dial_tcp(&self, addr: SocketAddr) -> DialFuture<'_> {
-        self.dialed.lock().expect("lock").push(addr);
+    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> DialFuture<'a> {
+        let mesh = host.parse().ok().filter(|ip| is_mesh_ip(*ip));
+        if let Some(ip) = mesh {
+            self.dialed.lock().expect("lock").push(SocketAddr::new(ip, port));
+        }
         Box::pin(async move {
-            let s = TcpStream::connect(("127.0.0.1", addr.port())).await?;
+            if mesh.is_none() {
+                return NoMesh.connect_tcp(host, port).await;
+            }
+            let s = TcpStream::connect(("127.0.0.1", port)).await?;
             Ok(Box::new(s) as Box<dyn citadel_work::AsyncReadWrite>)
         })
     }

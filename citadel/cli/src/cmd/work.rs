@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     if !mesh.is_connected() {
         return Err(CliError::NotConnected("not connected to the mesh; refusing to start the job loop".into()));
     }
-    let mut wc = citadel_work::WorkConfig::new(a.redis_url);
+    let mut wc = citadel_work::WorkConfig::new(a.redis_url, &citadel::mesh::os_hostname());
     wc.queue = a.queue;
     wc.group = a.group;
     wc.max_retries = a.max_retries;
@@ -65,7 +65,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let dialer: Arc<dyn citadel_work::MeshDialer> = Arc::new(NodeDialer(mesh));
+    let dialer: Arc<dyn citadel_work::Dial> = Arc::new(NodeDialer(mesh));
     let sum = citadel_work::run(wc, dialer, shutdown).await?;
     eprintln!(
         "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
