@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fuzz campaign: builds every target with cargo-fuzz (nightly, coverage-instrumented, no
 # sanitizer: the code under test is safe Rust), runs them one after another at low priority,
-# then minimises each corpus into corpus/<target> (what .ci/run replays).
+# then minimises each corpus into corpus/<target> (what .ci/run replays), keeping an input only
+# for new edges (-use_counters=0: hit counts would keep many near-duplicates in git).
 #   citadel/fuzz/campaign.sh SECONDS [TARGET...]     (default: all targets)
 # FUZZ_FEATURES picks the target groups to build (Cargo.toml [features]; default all);
 # FUZZ_SKIP_BUILD=1 runs what is built already.
@@ -32,11 +33,11 @@ for t in "${targets[@]}"; do
   before=$(ls "corpus/$t" | wc -l)
   start=$(date +%s)
   nice -n 19 "$bin/$t" -runs=10000000 -max_total_time="$secs" -max_len=$max_len -timeout=10 \
-    -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="artifacts/$t-" \
+    -rss_limit_mb=1024 -print_final_stats=1 -artifact_prefix="artifacts/$t-" \
     "fuzz-logs/work-$t" "corpus/$t" > "fuzz-logs/$t.log" 2>&1 || echo "$t: fuzzer exited non-zero (see fuzz-logs/$t.log)"
   took=$(( $(date +%s) - start ))
   rm -rf "fuzz-logs/min-$t" && mkdir -p "fuzz-logs/min-$t"
-  nice -n 19 "$bin/$t" -merge=1 -max_len=$max_len -timeout=10 "fuzz-logs/min-$t" "corpus/$t" "fuzz-logs/work-$t" \
+  nice -n 19 "$bin/$t" -merge=1 -use_counters=0 -max_len=$max_len -timeout=10 "fuzz-logs/min-$t" "corpus/$t" "fuzz-logs/work-$t" \
     > "fuzz-logs/$t.merge.log" 2>&1
   rm -rf "corpus/$t" && mv "fuzz-logs/min-$t" "corpus/$t"
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz-logs/$t.log" | grep -o '[0-9]*$' || echo "?")
