@@ -497,13 +497,28 @@ pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapRespo
     if buf.len() < 4 + len {
         return Ok(None);
     }
-    let body: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
-    let json = if zstd {
-        zstd::bulk::decompress(&body, MAX_MAP_MESSAGE).map_err(|e| FrameError::Decompress(e.to_string()))?
-    } else {
-        body
-    };
-    Ok(Some(serde_json::from_slice(&json)?))
+    let decoded = decode_map_body(&buf[4..4 + len], zstd);
+    buf.drain(..4 + len);
+    decoded.map(Some)
+}
+
+/// Parses one frame body, decompressing it first when the stream is zstd; the decompressed size
+/// is bounded by [`MAX_MAP_MESSAGE`] without reserving that much up front.
+fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameError> {
+    if !zstd {
+        return Ok(serde_json::from_slice(body)?);
+    }
+    use std::io::Read;
+    let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(|e| FrameError::Decompress(e.to_string()))?;
+    let mut json = Vec::with_capacity(body.len().saturating_mul(4).min(MAX_MAP_MESSAGE));
+    decoder
+        .take(MAX_MAP_MESSAGE as u64 + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| FrameError::Decompress(e.to_string()))?;
+    if json.len() > MAX_MAP_MESSAGE {
+        return Err(FrameError::TooLarge(json.len()));
+    }
+    Ok(serde_json::from_slice(&json)?)
 }
 
 #[cfg(test)]
@@ -567,6 +582,11 @@ mod tests {
         let mut bad = 3u32.to_le_bytes().to_vec();
         bad.extend_from_slice(b"abc");
         assert!(matches!(decode_map_frame(&mut bad, true), Err(FrameError::Decompress(_))));
+        let bomb = zstd::bulk::compress(&vec![b' '; MAX_MAP_MESSAGE + 1], 3).unwrap();
+        let mut framed = (bomb.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(&bomb);
+        assert!(matches!(decode_map_frame(&mut framed, true), Err(FrameError::TooLarge(_))));
+        assert!(framed.is_empty(), "a refused frame is consumed");
     }
 
     proptest! {
