@@ -24,6 +24,7 @@ pub use peers::{PeerRoutes, RoutePrefs};
 pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
+use crate::derphttp::{Inbound, Received};
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
 use crate::magicsock::{Conn, Event};
 use crate::net::{Datagram, Net, TokioNet};
@@ -654,7 +655,7 @@ enum Answer {
 /// What woke the driver.
 enum Wake {
     Udp(usize, SocketAddr),
-    Relay(relay::RelayIn),
+    Relay(Inbound),
     Answer(Answer),
     Other,
 }
@@ -670,7 +671,7 @@ struct Driver {
     /// An IPv4 socket cannot reach IPv6 candidates.
     v4_only: bool,
     relays: relay::Relays,
-    relay_rx: mpsc::Receiver<relay::RelayIn>,
+    relay_rx: mpsc::Receiver<Inbound>,
     net: Arc<dyn Net>,
     answer_tx: mpsc::Sender<Answer>,
     answer_rx: mpsc::Receiver<Answer>,
@@ -811,10 +812,20 @@ impl Driver {
     }
 }
 
-fn on_relay(conn: &mut Conn, now: Instant, r: relay::RelayIn) {
+/// Feeds the core what a region's DERP connection delivered.
+fn on_relay(conn: &mut Conn, now: Instant, r: Inbound) {
     match r {
-        relay::RelayIn::Packet { region, src, packet } => conn.handle_relayed(now, region, src, &packet),
-        relay::RelayIn::Status { region, up } => conn.handle_relay_status(now, region, up),
+        Inbound::Message { tag: region, msg: Received::Packet { src, packet } } => {
+            conn.handle_relayed(now, region, src, &packet)
+        }
+        Inbound::Message { tag: region, msg: Received::PeerGone { peer, reason } } => {
+            tracing::debug!(region, peer = %peer.short(), ?reason, "DERP peer gone")
+        }
+        Inbound::Message { tag: region, msg: Received::Health { problem } } if !problem.is_empty() => {
+            tracing::warn!(region, %problem, "DERP server reports a problem")
+        }
+        Inbound::Message { .. } => {}
+        Inbound::Status { tag: region, up } => conn.handle_relay_status(now, region, up),
     }
 }
 
