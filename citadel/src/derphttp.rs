@@ -145,6 +145,54 @@ pub enum Received {
     },
 }
 
+/// What a [`DerpConn`] made with [`DerpConn::with_inbox`] hands its shared inbox, tagged
+/// with the connection's `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// The connection came up (logged in) or went down.
+    Status {
+        /// The connection's tag.
+        tag: i32,
+        /// Whether it is up now.
+        up: bool,
+    },
+    /// A message from the server.
+    Message {
+        /// The connection's tag.
+        tag: i32,
+        /// What the server sent.
+        msg: Received,
+    },
+}
+
+/// Where a connection's reader hands what the server sends: straight to the consumer's
+/// queue, so a relayed packet crosses one queue between the socket and its reader.
+#[derive(Clone)]
+enum Sink {
+    /// A queue of this client or its [`DerpConn`], read with `recv`.
+    Own(mpsc::Sender<Received>),
+    /// A queue several connections share, each message tagged.
+    Shared { tx: mpsc::Sender<Inbound>, tag: i32 },
+}
+
+impl Sink {
+    /// Hands over one message; false once the consumer is gone.
+    async fn deliver(&self, msg: Received) -> bool {
+        match self {
+            Sink::Own(tx) => tx.send(msg).await.is_ok(),
+            Sink::Shared { tx, tag } => tx.send(Inbound::Message { tag: *tag, msg }).await.is_ok(),
+        }
+    }
+
+    /// Reports the connection up or down (shared inboxes only); false once the consumer is gone.
+    async fn status(&self, up: bool) -> bool {
+        match self {
+            Sink::Own(tx) => !tx.is_closed(),
+            Sink::Shared { tx, tag } => tx.send(Inbound::Status { tag: *tag, up }).await.is_ok(),
+        }
+    }
+}
+
 /// Where and how to dial, resolved from a [`DerpTarget`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Endpoint {
@@ -347,7 +395,10 @@ pub struct DerpClient {
     server_key: NodePublic,
     server_info: ServerInfo,
     out: mpsc::Sender<Vec<u8>>,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    /// `None` when messages go to a [`DerpConn`]'s queue instead.
+    inbox: Option<tokio::sync::Mutex<mpsc::Receiver<Received>>>,
+    /// The wait the server's last `Restarting` frame asked for.
+    restart_hint: Arc<Mutex<Option<Duration>>>,
     pings: Arc<Mutex<HashMap<[u8; derp::PING_DATA_LEN], oneshot::Sender<()>>>>,
     closed: watch::Receiver<Option<String>>,
     tasks: [tokio::task::JoinHandle<()>; 2],
@@ -387,13 +438,31 @@ impl DerpClient {
         info: ClientInfo,
         timeout: Duration,
     ) -> Result<DerpClient> {
+        Self::connect_into(net, target, node_key, info, timeout, None).await
+    }
+
+    /// [`DerpClient::connect_with_info`] delivering to `sink` (else to the client's own queue).
+    async fn connect_into(
+        net: &dyn Net,
+        target: impl Into<DerpTarget>,
+        node_key: &PrivateKey,
+        info: ClientInfo,
+        timeout: Duration,
+        sink: Option<Sink>,
+    ) -> Result<DerpClient> {
         let ep = endpoint(&target.into(), derp::upgrade::PATH)?;
-        tokio::time::timeout(timeout, Self::login(net, &ep, node_key, info))
+        tokio::time::timeout(timeout, Self::login(net, &ep, node_key, info, sink))
             .await
             .map_err(|_| DerpClientError::Timeout)?
     }
 
-    async fn login(net: &dyn Net, ep: &Endpoint, node_key: &PrivateKey, info: ClientInfo) -> Result<DerpClient> {
+    async fn login(
+        net: &dyn Net,
+        ep: &Endpoint,
+        node_key: &PrivateKey,
+        info: ClientInfo,
+        sink: Option<Sink>,
+    ) -> Result<DerpClient> {
         let mut s = dial(net, ep).await?;
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: citadel\r\nUpgrade: {}\r\nConnection: Upgrade\r\n\r\n",
@@ -447,17 +516,26 @@ impl DerpClient {
 
         let (rd, wr) = tokio::io::split(s);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-        let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+        let (sink, inbox) = match sink {
+            Some(s) => (s, None),
+            None => {
+                let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+                (Sink::Own(in_tx), Some(tokio::sync::Mutex::new(in_rx)))
+            }
+        };
         let (closed_tx, closed_rx) = watch::channel(None);
         let closed_tx = Arc::new(closed_tx);
         let pings: Arc<Mutex<HashMap<_, oneshot::Sender<()>>>> = Arc::default();
+        let restart_hint = Arc::new(Mutex::new(None));
         let writer = tokio::spawn(write_loop(wr, out_rx, closed_tx.clone()));
-        let reader = tokio::spawn(read_loop(rd, buf, in_tx, out_tx.clone(), pings.clone(), closed_tx));
+        let reader =
+            tokio::spawn(read_loop(rd, buf, sink, out_tx.clone(), pings.clone(), Arc::clone(&restart_hint), closed_tx));
         Ok(DerpClient {
             server_key,
             server_info,
             out: out_tx,
-            inbox: tokio::sync::Mutex::new(in_rx),
+            inbox,
+            restart_hint,
             pings,
             closed: closed_rx,
             tasks: [reader, writer],
@@ -527,7 +605,10 @@ impl DerpClient {
 
     /// The next message from the server; an error once the connection is gone.
     pub async fn recv(&self) -> Result<Received> {
-        let mut rx = self.inbox.lock().await;
+        let Some(inbox) = &self.inbox else {
+            return Err(DerpClientError::Closed("messages go to the connection's shared inbox".into()));
+        };
+        let mut rx = inbox.lock().await;
         match rx.recv().await {
             Some(r) => Ok(r),
             None => Err(self.closed_error()),
@@ -594,9 +675,10 @@ fn set_once(c: &mut Option<String>, why: String) -> bool {
 async fn read_loop(
     mut rd: tokio::io::ReadHalf<Box<dyn AsyncReadWrite>>,
     mut buf: BytesMut,
-    inbox: mpsc::Sender<Received>,
+    sink: Sink,
     out: mpsc::Sender<Vec<u8>>,
     pings: Arc<Mutex<HashMap<[u8; derp::PING_DATA_LEN], oneshot::Sender<()>>>>,
+    restart_hint: Arc<Mutex<Option<Duration>>>,
     closed: Arc<watch::Sender<Option<String>>>,
 ) {
     // A failed writer also ends the reader, so `recv` reports the dead connection at once.
@@ -633,11 +715,14 @@ async fn read_loop(
             Frame::PeerGone { peer, reason } => Received::PeerGone { peer, reason },
             Frame::PeerPresent { peer, endpoint, flags } => Received::PeerPresent { peer, endpoint, flags },
             Frame::Health { problem } => Received::Health { problem },
-            Frame::Restarting { reconnect_in, try_for } => Received::Restarting { reconnect_in, try_for },
+            Frame::Restarting { reconnect_in, try_for } => {
+                *restart_hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(reconnect_in);
+                Received::Restarting { reconnect_in, try_for }
+            }
             // Client-to-server frames and unknown types are skipped, as Go's client does.
             _ => continue,
         };
-        if inbox.send(msg).await.is_err() {
+        if !sink.deliver(msg).await {
             break "client dropped".into();
         }
     };
@@ -684,7 +769,8 @@ fn clamp_restart_hint(reconnect_in: Duration, opts: &DerpConnOptions) -> Duratio
 /// whether to retry.
 pub struct DerpConn {
     current: watch::Receiver<Option<Arc<DerpClient>>>,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    /// `None` when made with [`DerpConn::with_inbox`].
+    inbox: Option<tokio::sync::Mutex<mpsc::Receiver<Received>>>,
     preferred: Arc<AtomicBool>,
     logins: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -699,9 +785,28 @@ impl Drop for DerpConn {
 impl DerpConn {
     /// Starts connecting to `target` as `node_key` in the background.
     pub fn new(net: Arc<dyn Net>, target: impl Into<DerpTarget>, node_key: PrivateKey, opts: DerpConnOptions) -> Self {
-        let target = target.into();
-        let (cur_tx, cur_rx) = watch::channel(None::<Arc<DerpClient>>);
         let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+        let mut c = Self::start(net, target.into(), node_key, opts, Sink::Own(in_tx));
+        c.inbox = Some(tokio::sync::Mutex::new(in_rx));
+        c
+    }
+
+    /// Like [`DerpConn::new`], but every connection's reader hands what the server sends
+    /// straight to `inbox`, tagged with `tag`, and reports each login and loss as
+    /// [`Inbound::Status`]; [`DerpConn::recv`] then has nothing to read.
+    pub fn with_inbox(
+        net: Arc<dyn Net>,
+        target: impl Into<DerpTarget>,
+        node_key: PrivateKey,
+        opts: DerpConnOptions,
+        inbox: mpsc::Sender<Inbound>,
+        tag: i32,
+    ) -> Self {
+        Self::start(net, target.into(), node_key, opts, Sink::Shared { tx: inbox, tag })
+    }
+
+    fn start(net: Arc<dyn Net>, target: DerpTarget, node_key: PrivateKey, opts: DerpConnOptions, sink: Sink) -> Self {
+        let (cur_tx, cur_rx) = watch::channel(None::<Arc<DerpClient>>);
         let preferred = Arc::new(AtomicBool::new(opts.preferred));
         let logins = Arc::new(AtomicU64::new(0));
         let task = {
@@ -711,12 +816,13 @@ impl DerpConn {
                 // Jitter keeps a fleet of clients from reconnecting in lockstep.
                 let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff).jitter(0.5, 1.0, rand::random());
                 loop {
-                    let attempt = DerpClient::connect_with_info(
+                    let attempt = DerpClient::connect_into(
                         net.as_ref(),
                         target.clone(),
                         &node_key,
                         opts.info.clone(),
                         opts.connect_timeout,
+                        Some(sink.clone()),
                     )
                     .await;
                     let mut hint = None;
@@ -728,24 +834,18 @@ impl DerpConn {
                             }
                             logins.fetch_add(1, Ordering::Relaxed);
                             cur_tx.send_replace(Some(c.clone()));
-                            let up = crate::clock::now();
-                            loop {
-                                match c.recv().await {
-                                    Ok(r) => {
-                                        if let Received::Restarting { reconnect_in, .. } = r {
-                                            hint = Some(clamp_restart_hint(reconnect_in, &opts));
-                                        }
-                                        if in_tx.send(r).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e) => {
-                                        tracing::debug!("DERP connection lost: {e}");
-                                        break;
-                                    }
-                                }
+                            if !sink.status(true).await {
+                                return;
                             }
+                            let up = crate::clock::now();
+                            let why = c.closed().await;
+                            tracing::debug!("DERP connection lost: {why}");
+                            let asked = c.restart_hint.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            hint = asked.map(|d| clamp_restart_hint(d, &opts));
                             cur_tx.send_replace(None);
+                            if !sink.status(false).await {
+                                return;
+                            }
                             // A connection that lived a while was a success: start over.
                             if crate::clock::now().saturating_duration_since(up) > Duration::from_secs(10) {
                                 backoff.reset();
@@ -758,7 +858,7 @@ impl DerpConn {
                 }
             })
         };
-        DerpConn { current: cur_rx, inbox: tokio::sync::Mutex::new(in_rx), preferred, logins, task }
+        DerpConn { current: cur_rx, inbox: None, preferred, logins, task }
     }
 
     /// The live connection, if any.
@@ -798,7 +898,10 @@ impl DerpConn {
 
     /// The next message from any connection (across reconnects).
     pub async fn recv(&self) -> Result<Received> {
-        let mut rx = self.inbox.lock().await;
+        let Some(inbox) = &self.inbox else {
+            return Err(DerpClientError::Closed("messages go to the shared inbox".into()));
+        };
+        let mut rx = inbox.lock().await;
         rx.recv().await.ok_or_else(|| DerpClientError::Closed("reconnect task ended".into()))
     }
 

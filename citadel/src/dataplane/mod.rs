@@ -24,6 +24,7 @@ pub use peers::{PeerRoutes, RoutePrefs};
 pub use socket::{MeshTcpListener, MeshTcpStream, MeshUdpSocket};
 pub use wg::{Path, PeerStats};
 
+use crate::derphttp::{Inbound, Received};
 use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
 use crate::magicsock::{Conn, Event};
 use crate::net::{Datagram, Net, TokioNet};
@@ -142,13 +143,10 @@ pub(crate) struct Counters {
     pub derp_reconnects: AtomicU64,
 }
 
-/// The data plane's state: the packet core, the netstack and the packet filter, behind the one
-/// lock the driver and the app's socket handles share.
+/// The packet core and what goes with it, behind its own lock: the driver holds it while it
+/// decrypts and encrypts, without blocking the app's socket calls on the [`Host`] lock.
 pub(crate) struct Engine {
     conn: Conn,
-    stack: Stack,
-    filter: InboundFilter,
-    ackfix: ackfix::AckFix,
     /// Every netmap is applied under the lock, always the latest value, so the driver and an
     /// API call racing to apply never regress to an older map.
     netmap: watch::Receiver<NetMap>,
@@ -158,18 +156,26 @@ pub(crate) struct Engine {
     rekey: Option<PrivateKey>,
 }
 
+/// The netstack, the packet filter and the ACK fix-up: what the app's socket handles lock.
+pub(crate) struct Host {
+    stack: Stack,
+    filter: InboundFilter,
+    ackfix: ackfix::AckFix,
+}
+
 impl Engine {
-    /// Applies the latest netmap if it has not been applied yet; true when it did.
-    fn sync_netmap(&mut self, now: Instant) -> bool {
+    /// Applies the latest netmap if it has not been applied yet; true when it did. Takes the
+    /// [`Host`] lock only then (always after the engine's, never the other way round).
+    fn sync_netmap(&mut self, host: &Mutex<Host>, now: Instant) -> bool {
         if !self.netmap.has_changed().unwrap_or(false) {
             return false;
         }
-        self.apply_netmap(now);
+        self.apply_netmap(&mut lock(host), now);
         true
     }
 
     /// Applies the latest netmap (again) to the core, the filter and the netstack.
-    fn apply_netmap(&mut self, now: Instant) {
+    fn apply_netmap(&mut self, host: &mut Host, now: Instant) {
         let nm = self.netmap.borrow_and_update().clone();
         let me = self.me;
         if !nm.self_node.key.is_zero() && nm.self_node.key != me {
@@ -178,15 +184,32 @@ impl Engine {
         let cidrs = mesh_cidrs(&nm.self_node.addresses);
         let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
         self.conn.set_netmap(now, &nm);
-        self.filter.set_rules(&nm.packet_filter);
-        self.filter.set_local_addrs(addrs);
-        self.stack.set_addresses(&cidrs);
+        host.filter.set_rules(&nm.packet_filter);
+        host.filter.set_local_addrs(addrs);
+        host.stack.set_addresses(&cidrs);
     }
 
-    /// Filters decrypted packets into the netstack, polls it, encrypts what it sent, and runs
-    /// the core's timers. Returns when the netstack next needs a poll.
-    fn step(&mut self, now: Instant, c: &Counters, egress: &mut Vec<Vec<u8>>) -> Option<Duration> {
-        while let Some((peer, mut packet)) = self.conn.poll_ip() {
+    /// Encrypts what the netstack sent and runs the core's timers.
+    fn send(&mut self, now: Instant, egress: &mut Vec<Vec<u8>>) {
+        for p in egress.drain(..) {
+            self.conn.send_ip(now, &p);
+        }
+        // After the egress: discovery starts as soon as traffic to a peer does.
+        self.conn.handle_timeout(now);
+    }
+}
+
+impl Host {
+    /// Filters decrypted packets into the netstack, polls it, and collects what it sent in
+    /// `egress`. Returns when the netstack next needs a poll.
+    fn step(
+        &mut self,
+        now: Instant,
+        c: &Counters,
+        ingress: &mut Vec<(NodePublic, Vec<u8>)>,
+        egress: &mut Vec<Vec<u8>>,
+    ) -> Option<Duration> {
+        for (peer, mut packet) in ingress.drain(..) {
             let info = match PacketInfo::parse(&packet) {
                 Ok(i) => i,
                 Err(e) => {
@@ -209,23 +232,26 @@ impl Engine {
         }
         let delay = self.stack.poll();
         self.stack.take_egress(egress);
-        for p in egress.drain(..) {
-            if let Ok(info) = PacketInfo::parse(&p) {
+        for p in egress.iter() {
+            if let Ok(info) = PacketInfo::parse(p) {
                 self.filter.record_outbound(&info, now);
                 if info.proto == filter::PROTO_TCP {
-                    self.ackfix.on_egress(&p);
+                    self.ackfix.on_egress(p);
                 }
             }
-            self.conn.send_ip(now, &p);
         }
-        // After the egress: discovery starts as soon as traffic to a peer does.
-        self.conn.handle_timeout(now);
         delay
     }
 }
 
-/// The netstack inside the locked [`Engine`], for the socket handles.
-pub(crate) struct StackGuard<'a>(MutexGuard<'a, Engine>);
+/// Locks `m`. A panic elsewhere while holding a lock leaves smoltcp's and the core's state
+/// consistent (no multi-step invariants across our calls), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The netstack inside the locked [`Host`], for the socket handles.
+pub(crate) struct StackGuard<'a>(MutexGuard<'a, Host>);
 
 impl std::ops::Deref for StackGuard<'_> {
     type Target = Stack;
@@ -243,22 +269,21 @@ impl std::ops::DerefMut for StackGuard<'_> {
 /// State shared between the driver task and the app's socket handles.
 pub(crate) struct Shared {
     engine: Mutex<Engine>,
+    host: Mutex<Host>,
     counters: Arc<Counters>,
     wake: Notify,
     net_info: watch::Sender<NetInfo>,
 }
 
 impl Shared {
-    /// Locks the engine. A panic elsewhere while holding the lock leaves smoltcp's and the
-    /// core's state consistent (no multi-step invariants across our calls), so poisoning is
-    /// ignored.
+    /// Locks the engine (the packet core).
     fn lock(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.engine)
     }
 
-    /// Locks the engine for its netstack.
+    /// Locks the netstack.
     pub(crate) fn lock_stack(&self) -> StackGuard<'_> {
-        StackGuard(self.lock())
+        StackGuard(lock(&self.host))
     }
 
     /// Tells the driver that a socket has something to send (or a window to reopen).
@@ -282,7 +307,7 @@ impl Shared {
 
     /// Applies the latest netmap if it has not been applied yet.
     fn sync_netmap(&self) {
-        if self.lock().sync_netmap(crate::clock::now()) {
+        if self.lock().sync_netmap(&self.host, crate::clock::now()) {
             // The core may have DERP connections or probes to start.
             self.wake_driver();
         }
@@ -354,19 +379,17 @@ impl DataPlane {
         let now = crate::clock::now();
         let conn =
             Conn::new(now, &cfg.node_key, &cfg.disco_key, local.clone(), local_addr.is_ipv4(), Arc::clone(&counters));
-        let mut engine = Engine {
-            conn,
+        let mut engine = Engine { conn, netmap: netmap.clone(), me: node_public, rekey: None };
+        let host = Mutex::new(Host {
             stack: Stack::new(),
             filter: InboundFilter::default(),
             ackfix: ackfix::AckFix::default(),
-            netmap: netmap.clone(),
-            me: node_public,
-            rekey: None,
-        };
+        });
         engine.netmap.mark_changed();
-        engine.sync_netmap(now);
+        engine.sync_netmap(&host, now);
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
+            host,
             counters,
             wake: Notify::new(),
             net_info: watch::channel(NetInfo { endpoints: local, ..Default::default() }).0,
@@ -435,7 +458,7 @@ impl DataPlane {
     /// The node's mesh addresses as the netstack holds them.
     pub fn mesh_addrs(&self) -> Vec<IpAddr> {
         self.shared.sync_netmap();
-        self.shared.lock().stack.local_addrs()
+        self.shared.lock_stack().local_addrs()
     }
 
     /// Opens a TCP connection inside the mesh, waiting at most [`DEFAULT_DIAL_TIMEOUT`].
@@ -526,7 +549,7 @@ impl DataPlane {
         {
             let mut e = self.shared.lock();
             e.conn.set_route_prefs(prefs);
-            e.apply_netmap(crate::clock::now());
+            e.apply_netmap(&mut lock(&self.shared.host), crate::clock::now());
         }
         // The core may have DERP connections to start for peers it now has.
         self.shared.wake_driver();
@@ -655,7 +678,7 @@ enum Answer {
 /// What woke the driver.
 enum Wake {
     Udp(usize, SocketAddr),
-    Relay(relay::RelayIn),
+    Relay(Inbound),
     Answer(Answer),
     Other,
 }
@@ -671,7 +694,7 @@ struct Driver {
     /// An IPv4 socket cannot reach IPv6 candidates.
     v4_only: bool,
     relays: relay::Relays,
-    relay_rx: mpsc::Receiver<relay::RelayIn>,
+    relay_rx: mpsc::Receiver<Inbound>,
     net: Arc<dyn Net>,
     answer_tx: mpsc::Sender<Answer>,
     answer_rx: mpsc::Receiver<Answer>,
@@ -682,7 +705,7 @@ struct Driver {
 impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; 65536];
-        let (mut out, mut events, mut egress) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut out, mut events, mut ingress, mut egress) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut netmap_open = true;
         self.netmap.borrow_and_update();
         let mut deadline = crate::clock::now();
@@ -711,7 +734,7 @@ impl Driver {
             let now = crate::clock::now();
             {
                 let mut e = self.shared.lock();
-                e.sync_netmap(now);
+                e.sync_netmap(&self.shared.host, now);
                 if let Some(key) = e.rekey.take() {
                     self.relays.set_key(key);
                 }
@@ -738,7 +761,14 @@ impl Driver {
                         Err(_) => break,
                     }
                 }
-                let stack = e.step(now, &self.shared.counters, &mut egress);
+                ingress.extend(std::iter::from_fn(|| e.conn.poll_ip()));
+            }
+            // The netstack under its own lock: the app's socket calls wait only for this part,
+            // not for the decryption before it or the encryption after it.
+            let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress);
+            {
+                let mut e = self.shared.lock();
+                e.send(now, &mut egress);
                 let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
                 deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
                 out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
@@ -812,10 +842,20 @@ impl Driver {
     }
 }
 
-fn on_relay(conn: &mut Conn, now: Instant, r: relay::RelayIn) {
+/// Feeds the core what a region's DERP connection delivered.
+fn on_relay(conn: &mut Conn, now: Instant, r: Inbound) {
     match r {
-        relay::RelayIn::Packet { region, src, packet } => conn.handle_relayed(now, region, src, &packet),
-        relay::RelayIn::Status { region, up } => conn.handle_relay_status(now, region, up),
+        Inbound::Message { tag: region, msg: Received::Packet { src, packet } } => {
+            conn.handle_relayed(now, region, src, &packet)
+        }
+        Inbound::Message { tag: region, msg: Received::PeerGone { peer, reason } } => {
+            tracing::debug!(region, peer = %peer.short(), ?reason, "DERP peer gone")
+        }
+        Inbound::Message { tag: region, msg: Received::Health { problem } } if !problem.is_empty() => {
+            tracing::warn!(region, %problem, "DERP server reports a problem")
+        }
+        Inbound::Message { .. } => {}
+        Inbound::Status { tag: region, up } => conn.handle_relay_status(now, region, up),
     }
 }
 

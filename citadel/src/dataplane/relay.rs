@@ -1,10 +1,11 @@
 //! The data plane's DERP connections: one reconnecting [`DerpConn`] per region in use (the home
-//! region, marked preferred, and the home regions of peers), each with a reader task that
-//! forwards relayed packets and connection up/down to the driver, and a writer task that waits
-//! for the connection, so packets sent while it is still coming up are not lost. No policy
-//! here: which regions to use and which is home is decided by [`crate::magicsock`].
+//! region, marked preferred, and the home regions of peers). Each connection's reader hands
+//! relayed packets and its up/down straight to the driver's inbox ([`Inbound`], tagged with
+//! the region), one queue from the socket to the core; a writer task per region waits for the
+//! connection, so packets sent while it is still coming up are not lost. No policy here:
+//! which regions to use and which is home is decided by [`crate::magicsock`].
 
-use crate::derphttp::{DerpConn, DerpConnOptions, Received};
+use crate::derphttp::{DerpConn, DerpConnOptions, Inbound};
 use crate::keys::{NodePublic, PrivateKey};
 use crate::net::Net;
 use crate::tailcfg::{DerpMap, DerpNode};
@@ -18,15 +19,6 @@ use tokio::sync::mpsc;
 const WRITE_QUEUE: usize = 512;
 /// How long the writer waits for a connection before dropping what it holds.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// What a region's reader hands the driver.
-#[derive(Debug)]
-pub(crate) enum RelayIn {
-    /// A packet relayed from the holder of `src`.
-    Packet { region: i32, src: NodePublic, packet: Vec<u8> },
-    /// The region's connection came up or went down.
-    Status { region: i32, up: bool },
-}
 
 struct Region {
     conn: Arc<DerpConn>,
@@ -50,11 +42,11 @@ pub(crate) struct Relays {
     map: DerpMap,
     home: i32,
     regions: BTreeMap<i32, Region>,
-    inbox: mpsc::Sender<RelayIn>,
+    inbox: mpsc::Sender<Inbound>,
 }
 
 impl Relays {
-    pub(crate) fn new(net: Arc<dyn Net>, key: PrivateKey, inbox: mpsc::Sender<RelayIn>) -> Self {
+    pub(crate) fn new(net: Arc<dyn Net>, key: PrivateKey, inbox: mpsc::Sender<Inbound>) -> Self {
         Relays { net, key, map: DerpMap::default(), home: 0, regions: BTreeMap::new(), inbox }
     }
 
@@ -118,50 +110,15 @@ impl Relays {
         }
         let Some(node) = first_node(&self.map, region) else { return };
         let opts = DerpConnOptions { preferred: region == self.home, ..Default::default() };
-        let conn = Arc::new(DerpConn::new(Arc::clone(&self.net), node.clone(), self.key.clone(), opts));
+        let conn = Arc::new(DerpConn::with_inbox(
+            Arc::clone(&self.net),
+            node.clone(),
+            self.key.clone(),
+            opts,
+            self.inbox.clone(),
+            region,
+        ));
         let (tx, mut rx) = mpsc::channel::<(NodePublic, Vec<u8>)>(WRITE_QUEUE);
-        let reader = {
-            let conn = Arc::clone(&conn);
-            let inbox = self.inbox.clone();
-            let mut state = conn.watch_client();
-            tokio::spawn(async move {
-                let mut was_up = false;
-                loop {
-                    let up = state.borrow_and_update().as_ref().is_some_and(|c| !c.is_closed());
-                    if up != was_up {
-                        was_up = up;
-                        if inbox.send(RelayIn::Status { region, up }).await.is_err() {
-                            return;
-                        }
-                    }
-                    let received = tokio::select! {
-                        r = conn.recv() => r,
-                        c = state.changed() => match c {
-                            Ok(()) => continue,
-                            Err(_) => return,
-                        },
-                    };
-                    match received {
-                        Ok(Received::Packet { src, packet }) => {
-                            if inbox.send(RelayIn::Packet { region, src, packet }).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(Received::PeerGone { peer, reason }) => {
-                            tracing::debug!(region, peer = %peer.short(), ?reason, "DERP peer gone")
-                        }
-                        Ok(Received::Health { problem }) if !problem.is_empty() => {
-                            tracing::warn!(region, %problem, "DERP server reports a problem")
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(region, error = %e, "DERP reader ended");
-                            return;
-                        }
-                    }
-                }
-            })
-        };
         let writer = {
             let conn = Arc::clone(&conn);
             tokio::spawn(async move {
@@ -176,7 +133,7 @@ impl Relays {
             })
         };
         tracing::debug!(region, node = %node.name, "connecting to DERP");
-        self.regions.insert(region, Region { conn, tx, node, tasks: vec![reader, writer] });
+        self.regions.insert(region, Region { conn, tx, node, tasks: vec![writer] });
     }
 
     /// Queues `packet` for `dst` through `region`. False when it cannot be queued.

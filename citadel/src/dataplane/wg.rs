@@ -6,8 +6,8 @@
 //! caller, [`crate::magicsock`]'s `Conn` ([`WgRouter::set_now`], `tick(now)`); boringtun reads
 //! a mock clock, which the router points at that time before every call into a [`Tunn`] or the
 //! rate limiter (the one place that clock is set). Disco messages
-//! (ping, pong, call-me-maybe) arrive on the same socket and are handled here too, feeding the
-//! per-peer path state in `magicsock`.
+//! (ping, pong, call-me-maybe) arrive on the same socket; `magicsock`'s disco module handles
+//! them.
 //!
 //! Incoming datagrams are demultiplexed the way boringtun's own device does it: data,
 //! handshake responses and cookie replies carry our receiver index (`index << 8 | session`),
@@ -19,9 +19,10 @@
 use super::peers::{diff, PeerChange, PeerConfig};
 use super::route::RouteTable;
 use super::Counters;
-use crate::disco::{self, SharedKey};
-use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
-use crate::magicsock::endpoint::{PeerPaths, Probe};
+use crate::disco::SharedKey;
+use crate::keys::{NodePublic, PrivateKey};
+use crate::magicsock::disco::Disco;
+use crate::magicsock::endpoint::PeerPaths;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -120,12 +121,12 @@ pub struct PeerStats {
     pub latency: Option<Duration>,
 }
 
-struct Peer {
-    tunn: Box<Tunn>,
+pub(crate) struct Peer {
+    pub(crate) tunn: Box<Tunn>,
     index: u32,
-    paths: PeerPaths,
+    pub(crate) paths: PeerPaths,
     /// Box key for disco with this peer; `None` for plain WireGuard peers (no disco key).
-    disco: Option<SharedKey>,
+    pub(crate) disco: Option<SharedKey>,
     home_derp: i32,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -135,7 +136,7 @@ struct Peer {
 
 impl Peer {
     /// DERP region to relay through, when the peer has one and we have DERP at all.
-    fn derp_region(&self, derp_ok: bool) -> Option<i32> {
+    pub(crate) fn derp_region(&self, derp_ok: bool) -> Option<i32> {
         (derp_ok && self.home_derp > 0).then_some(self.home_derp)
     }
 }
@@ -145,24 +146,22 @@ pub(crate) struct WgRouter {
     secret: StaticSecret,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
-    peers: BTreeMap<NodePublic, Peer>,
+    pub(crate) peers: BTreeMap<NodePublic, Peer>,
     configs: BTreeMap<NodePublic, PeerConfig>,
     by_index: BTreeMap<u32, NodePublic>,
     routes: RouteTable,
     next_index: u32,
-    buf: Box<[u8]>,
-    counters: Arc<Counters>,
+    pub(crate) buf: Box<[u8]>,
+    pub(crate) counters: Arc<Counters>,
     last_rate_reset: Option<Instant>,
     /// The time the current batch runs at (set by the driver; the path logic is sans-IO).
-    now: Instant,
+    pub(crate) now: Instant,
     /// When this router was made: boringtun's clock reads `now - epoch` (see [`Self::sync_clock`]).
     epoch: Instant,
-    disco_key: Option<PrivateKey>,
-    by_disco: BTreeMap<DiscoPublic, NodePublic>,
-    /// Our endpoints, sent in call-me-maybe.
-    my_endpoints: Vec<SocketAddr>,
+    /// Disco keys and advertised endpoints ([`crate::magicsock::disco`]).
+    pub(crate) disco: Disco,
     /// Whether a DERP map is known (else peers are reached over UDP only).
-    derp_ok: bool,
+    pub(crate) derp_ok: bool,
     /// Peers of another org (no tunnel): their handshakes count as cross-org, not unknown.
     org_guard: super::peers::OrgGuard,
 }
@@ -193,9 +192,7 @@ impl WgRouter {
             last_rate_reset: None,
             now,
             epoch: now,
-            disco_key: None,
-            by_disco: BTreeMap::new(),
-            my_endpoints: Vec::new(),
+            disco: Disco::default(),
             derp_ok: false,
             org_guard: Default::default(),
         }
@@ -208,7 +205,7 @@ impl WgRouter {
 
     /// Enables disco with this key (peers with a disco key get path discovery).
     pub(crate) fn set_disco_key(&mut self, key: &PrivateKey) {
-        self.disco_key = Some(key.clone());
+        self.disco.set_key(key);
     }
 
     /// Sets the time for the following calls (never backwards).
@@ -218,13 +215,18 @@ impl WgRouter {
 
     /// Points boringtun's clock at this router's time. Every method that calls into a
     /// [`Tunn`] or the rate limiter calls this first.
-    fn sync_clock(&self) {
+    pub(crate) fn sync_clock(&self) {
         set_boringtun_clock(self.epoch, self.now);
     }
 
     /// Our endpoints, as advertised in call-me-maybe.
     pub(crate) fn set_my_endpoints(&mut self, eps: Vec<SocketAddr>) {
-        self.my_endpoints = eps;
+        self.disco.set_my_endpoints(eps);
+    }
+
+    /// This node's public key.
+    pub(crate) fn me(&self) -> NodePublic {
+        NodePublic(self.public.to_bytes())
     }
 
     /// Whether DERP can carry packets.
@@ -245,13 +247,6 @@ impl WgRouter {
         v
     }
 
-    fn disco_for(&self, cfg: &PeerConfig) -> Option<SharedKey> {
-        match (&self.disco_key, cfg.disco.is_zero()) {
-            (Some(k), false) => Some(SharedKey::new(k, &cfg.disco)),
-            _ => None,
-        }
-    }
-
     /// Reconciles the tunnels with the netmap's peers: new peers get a tunnel, gone peers lose
     /// theirs, changed endpoints or routes keep the tunnel (and its session).
     pub(crate) fn set_peers(&mut self, desired: BTreeMap<NodePublic, PeerConfig>) {
@@ -261,9 +256,7 @@ impl WgRouter {
                 PeerChange::Remove(k) => {
                     if let Some(p) = self.peers.remove(&k) {
                         self.by_index.remove(&p.index);
-                        if let Some(d) = &p.disco {
-                            self.by_disco.remove(&d.peer());
-                        }
+                        self.disco.detach(p.disco.as_ref());
                     }
                     tracing::debug!(peer = %k.short(), "peer removed");
                 }
@@ -271,10 +264,8 @@ impl WgRouter {
                     let index = self.alloc_index();
                     let tunn = self.new_tunn(&cfg.key, index);
                     self.by_index.insert(index, cfg.key);
-                    let disco = self.disco_for(&cfg);
-                    if let Some(d) = &disco {
-                        self.by_disco.insert(d.peer(), cfg.key);
-                    }
+                    let disco = self.disco.shared_for(&cfg);
+                    self.disco.attach(disco.as_ref(), cfg.key);
                     self.peers.insert(
                         cfg.key,
                         Peer {
@@ -292,7 +283,7 @@ impl WgRouter {
                     tracing::debug!(peer = %cfg.key.short(), endpoints = ?cfg.endpoints, "peer added");
                 }
                 PeerChange::Update(cfg) => {
-                    let disco = self.disco_for(&cfg);
+                    let disco = self.disco.shared_for(&cfg);
                     let mut restarted = false;
                     if let Some(p) = self.peers.get_mut(&cfg.key) {
                         if self.configs.get(&cfg.key).is_none_or(|c| c.endpoints != cfg.endpoints) {
@@ -301,12 +292,8 @@ impl WgRouter {
                         p.home_derp = cfg.home_derp;
                         if p.disco.as_ref().map(|d| d.peer()) != disco.as_ref().map(|d| d.peer()) {
                             // A new disco key means a restarted peer: start its paths afresh.
-                            if let Some(old) = &p.disco {
-                                self.by_disco.remove(&old.peer());
-                            }
-                            if let Some(d) = &disco {
-                                self.by_disco.insert(d.peer(), cfg.key);
-                            }
+                            self.disco.detach(p.disco.as_ref());
+                            self.disco.attach(disco.as_ref(), cfg.key);
                             restarted = p.disco.is_some();
                             p.disco = disco;
                             p.paths = PeerPaths::new(&cfg.endpoints);
@@ -511,100 +498,9 @@ impl WgRouter {
                 if peer.paths.direct(now) != Some(a) {
                     tracing::debug!(peer = %key.short(), old = ?peer.paths.last_direct(), new = %a, "peer seen at a new address");
                 }
-                let proves_path = peer.disco.is_none();
-                if let Some(probe) = peer.paths.on_authenticated_udp(a, now, proves_path) {
-                    let me = NodePublic(self.public.to_bytes());
-                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
-                }
+                let me = NodePublic(self.public.to_bytes());
+                out.extend(self.disco.after_udp(peer, key, derp_ok, a, now, me));
             }
-        }
-    }
-
-    /// Handles one disco packet (already recognised by [`disco::looks_like_disco`]) from `src`.
-    /// Packets from disco keys not in the netmap, that fail to open, or that do not make sense
-    /// on the path they came over are dropped.
-    pub(crate) fn handle_disco(&mut self, src: Source, packet: &[u8], out: &mut Vec<Transmit>) {
-        self.sync_clock();
-        let now = self.now;
-        let derp_ok = self.derp_ok;
-        let me = NodePublic(self.public.to_bytes());
-        let Some(sender) = disco::sender(packet) else { return };
-        let Some(key) = self.by_disco.get(&sender).copied() else {
-            self.counters.rx_unknown_peer.fetch_add(1, Relaxed);
-            tracing::trace!(?src, "disco from a key not in the netmap");
-            return;
-        };
-        let Some(peer) = self.peers.get_mut(&key) else { return };
-        if let Source::Derp { key: via, .. } = src {
-            // DERP authenticates the sender's node key: it must be the disco key's owner.
-            if via != key {
-                self.counters.rx_rejected.fetch_add(1, Relaxed);
-                return;
-            }
-        }
-        let Some(shared) = &peer.disco else { return };
-        let msg = match shared.open(packet) {
-            Ok(m) => m,
-            Err(e) => {
-                self.counters.rx_rejected.fetch_add(1, Relaxed);
-                tracing::trace!(peer = %key.short(), ?src, error = %e, "dropped disco packet");
-                return;
-            }
-        };
-        let seal = |shared: &SharedKey, m: &disco::Message| shared.seal(rand::random(), m);
-        match &msg {
-            disco::Message::Ping(_) => self.counters.disco_pings_rx.fetch_add(1, Relaxed),
-            disco::Message::Pong(_) => self.counters.disco_pongs_rx.fetch_add(1, Relaxed),
-            disco::Message::CallMeMaybe(_) => 0,
-        };
-        match (msg, src) {
-            (disco::Message::Ping(p), Source::Udp(addr)) => {
-                if !p.node_key.is_zero() && p.node_key != key {
-                    self.counters.rx_rejected.fetch_add(1, Relaxed);
-                    return;
-                }
-                let Ok(probe) = peer.paths.on_ping(p.tx_id, addr, now) else {
-                    // A replay (maybe from a spoofed address): no pong, nothing learned.
-                    self.counters.rx_rejected.fetch_add(1, Relaxed);
-                    return;
-                };
-                let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src: addr });
-                out.push(Transmit::udp(addr, seal(shared, &pong)));
-                tracing::trace!(peer = %key.short(), %addr, "disco ping over UDP");
-                if let Some(probe) = probe {
-                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
-                }
-            }
-            (disco::Message::Ping(p), Source::Derp { region, .. }) => {
-                let src = SocketAddr::from((DERP_MAGIC_IP, u16::try_from(region).unwrap_or(0)));
-                let pong = disco::Message::Pong(disco::Pong { tx_id: p.tx_id, src });
-                let r = peer.derp_region(derp_ok).unwrap_or(region);
-                out.push(Transmit::derp(r, key, seal(shared, &pong)));
-            }
-            (disco::Message::Pong(p), Source::Udp(addr)) => {
-                if peer.paths.on_pong_udp(p.tx_id, addr, now) {
-                    tracing::debug!(peer = %key.short(), %addr, latency = ?peer.paths.direct_latency(), "direct path confirmed");
-                    // The peer is alive and reachable now. If our handshake is still pending,
-                    // its initiation was probably lost (e.g. relayed before the peer was ready):
-                    // resend it over the new path instead of waiting for the 5 s retry.
-                    if peer.tunn.stats().0.is_none() {
-                        if let TunnResult::WriteToNetwork(hs) =
-                            peer.tunn.format_handshake_initiation(&mut self.buf, true)
-                        {
-                            out.push(Transmit::udp(addr, hs.to_vec()));
-                        }
-                    }
-                }
-            }
-            (disco::Message::Pong(p), Source::Derp { .. }) => peer.paths.on_pong_derp(p.tx_id, now),
-            (disco::Message::CallMeMaybe(cmm), Source::Derp { .. }) => {
-                tracing::debug!(peer = %key.short(), endpoints = ?cmm.endpoints, "call-me-maybe");
-                for probe in peer.paths.on_call_me_maybe(&cmm.endpoints, now) {
-                    out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, derp_ok));
-                }
-            }
-            // Call-me-maybe is only meaningful over DERP (Tailscale ignores it over UDP).
-            (disco::Message::CallMeMaybe(_), Source::Udp(_)) => {}
         }
     }
 
@@ -658,26 +554,6 @@ impl WgRouter {
             }
         }
         self.poll_disco(out);
-    }
-
-    /// Runs the disco timers of all peers now (cheap when nothing is due).
-    pub(crate) fn poll_disco(&mut self, out: &mut Vec<Transmit>) {
-        let me = NodePublic(self.public.to_bytes());
-        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
-        for k in keys {
-            self.probe(k, me, out);
-        }
-    }
-
-    fn probe(&mut self, key: NodePublic, me: NodePublic, out: &mut Vec<Transmit>) {
-        let Some(peer) = self.peers.get_mut(&key) else { return };
-        if peer.disco.is_none() {
-            return;
-        }
-        let can_derp = peer.derp_region(self.derp_ok).is_some();
-        for probe in peer.paths.poll(self.now, can_derp) {
-            out.extend(probe_transmit(peer, key, &probe, me, &self.my_endpoints, self.derp_ok));
-        }
     }
 
     /// Starts a new handshake with `key` now, as the rekey timer would. False when the peer is
@@ -736,33 +612,6 @@ impl WgRouter {
 /// routers on one thread (several nodes in one process) never see each other's time.
 fn set_boringtun_clock(epoch: Instant, now: Instant) {
     mock_instant::MockClock::set_time(now.saturating_duration_since(epoch));
-}
-
-/// Seals one disco probe for `peer`. `None` when it needs DERP and there is none.
-fn probe_transmit(
-    peer: &Peer,
-    key: NodePublic,
-    probe: &Probe,
-    me: NodePublic,
-    my_endpoints: &[SocketAddr],
-    derp_ok: bool,
-) -> Option<Transmit> {
-    let shared = peer.disco.as_ref()?;
-    let nonce: [u8; disco::NONCE_LEN] = rand::random();
-    match probe {
-        Probe::PingUdp { addr, tx_id } => {
-            let m = disco::Message::Ping(disco::Ping { tx_id: *tx_id, node_key: me, padding: 0 });
-            Some(Transmit::udp(*addr, shared.seal(nonce, &m)))
-        }
-        Probe::PingDerp { tx_id } => {
-            let m = disco::Message::Ping(disco::Ping { tx_id: *tx_id, node_key: me, padding: 0 });
-            Some(Transmit::derp(peer.derp_region(derp_ok)?, key, shared.seal(nonce, &m)))
-        }
-        Probe::CallMeMaybe => {
-            let m = disco::Message::CallMeMaybe(disco::CallMeMaybe { endpoints: my_endpoints.to_vec() });
-            Some(Transmit::derp(peer.derp_region(derp_ok)?, key, shared.seal(nonce, &m)))
-        }
-    }
 }
 
 /// Sends a WireGuard message to the peer: over its trusted direct path when there is one;
@@ -839,25 +688,26 @@ fn count_error(c: &Counters, e: &WireGuardError) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dataplane::filter::parse_prefix;
+    use crate::keys::DiscoPublic;
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, UdpPacket, UdpRepr};
 
-    struct Node {
-        key: PrivateKey,
-        wg: WgRouter,
-        addr: SocketAddr,
+    pub(crate) struct Node {
+        pub(crate) key: PrivateKey,
+        pub(crate) wg: WgRouter,
+        pub(crate) addr: SocketAddr,
     }
 
-    fn node(seed: u8, port: u16) -> Node {
+    pub(crate) fn node(seed: u8, port: u16) -> Node {
         let key = PrivateKey::from_bytes([seed; 32]);
         let wg = WgRouter::new(&key, Arc::new(Counters::default()), crate::clock::now());
         Node { key, wg, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
     }
 
-    fn cfg(of: &Node, ip: &str) -> PeerConfig {
+    pub(crate) fn cfg(of: &Node, ip: &str) -> PeerConfig {
         PeerConfig {
             key: NodePublic(of.key.public_bytes()),
             allowed_ips: vec![parse_prefix(ip).unwrap()],
@@ -873,7 +723,7 @@ mod tests {
         b.wg.set_peers([(cb.key, cb)].into());
     }
 
-    fn udp_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn udp_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
         let (s, d) = (IpAddress::from(std::net::Ipv4Addr::from(src)), IpAddress::from(std::net::Ipv4Addr::from(dst)));
         let udp = UdpRepr { src_port: 1, dst_port: 2 };
         let ip = IpRepr::new(s, d, IpProtocol::Udp, 8 + payload.len(), 64);
@@ -979,91 +829,6 @@ mod tests {
         }
         assert!(o.is_empty() && d.is_empty());
         assert!(b.wg.counters.rx_unknown_peer.load(Relaxed) >= 1);
-    }
-
-    /// Two routers with disco keys and a home region: the first packet goes over DERP, pings
-    /// and call-me-maybe go out, a pong confirms the direct path, and hostile disco input is
-    /// dropped without effect.
-    #[test]
-    fn disco_upgrades_derp_to_direct_and_drops_hostile_input() {
-        let (mut a, mut b) = (node(1, 1001), node(2, 1002));
-        let (da, db) = (PrivateKey::from_bytes([11; 32]), PrivateKey::from_bytes([12; 32]));
-        a.wg.set_disco_key(&da);
-        b.wg.set_disco_key(&db);
-        let with = |of: &Node, d: &PrivateKey, ip: &str| PeerConfig {
-            disco: DiscoPublic(d.public_bytes()),
-            home_derp: 1,
-            ..cfg(of, ip)
-        };
-        let (ca, cb) = (with(&b, &db, "100.64.0.2/32"), with(&a, &da, "100.64.0.1/32"));
-        a.wg.set_peers([(ca.key, ca)].into());
-        b.wg.set_peers([(cb.key, cb)].into());
-        for n in [&mut a, &mut b] {
-            n.wg.set_derp_ok(true);
-            let addr = n.addr;
-            n.wg.set_my_endpoints(vec![addr]);
-        }
-        let ka = NodePublic(a.key.public_bytes());
-
-        // The first packet (a handshake) goes over DERP only: nothing is confirmed yet.
-        let mut out = vec![];
-        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
-        assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), vec![Path::Derp(1)]);
-        // Discovery: a ping to each candidate, a DERP ping and a call-me-maybe.
-        let mut probes = vec![];
-        a.wg.poll_disco(&mut probes);
-        assert!(probes.iter().any(|t| t.path == Path::Direct(b.addr)));
-        assert_eq!(probes.iter().filter(|t| t.path == Path::Derp(1)).count(), 2);
-
-        // B answers the UDP ping with a pong to its source; A takes it and goes direct.
-        let ping = probes.iter().find(|t| t.path == Path::Direct(b.addr)).unwrap();
-        let mut back = vec![];
-        b.wg.handle_disco(Source::Udp(a.addr), &ping.payload, &mut back);
-        let pong = back.iter().find(|t| t.path == Path::Direct(a.addr)).expect("pong to the ping's source");
-        // ...and pings back at once (completing the punch from its side).
-        assert_eq!(back.iter().filter(|t| t.path == Path::Direct(a.addr)).count(), 2, "{back:?}");
-        a.wg.handle_disco(Source::Udp(b.addr), &pong.payload, &mut vec![]);
-        assert_eq!(a.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(b.addr)));
-        let mut out = vec![];
-        a.wg.send_packet(&udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hi"), &mut out);
-        assert!(out.iter().all(|t| t.path == Path::Direct(b.addr)), "{out:?}");
-
-        // Hostile input: garbage with the magic, a ping relayed by DERP under another node key,
-        // a pong for no ping, a replayed pong from another address.
-        let before = b.wg.stats(crate::clock::now());
-        let mut junk = disco::MAGIC.to_vec();
-        junk.extend_from_slice(&[0u8; 100]);
-        let mut o = vec![];
-        b.wg.handle_disco(Source::Udp(a.addr), &junk, &mut o);
-        b.wg.handle_disco(Source::Derp { region: 1, key: NodePublic([9; 32]) }, &ping.payload, &mut o);
-        assert!(o.is_empty(), "{o:?}");
-        let stranger: SocketAddr = "192.0.2.66:1".parse().unwrap();
-        let mut c = PeerPaths::new(&[]);
-        assert!(!c.on_pong_udp([0; 12], stranger, crate::clock::now()));
-        a.wg.handle_disco(Source::Udp(stranger), &pong.payload, &mut o);
-        assert_eq!(a.wg.stats(crate::clock::now())[0].path, Some(Path::Direct(b.addr)));
-        assert_eq!(b.wg.stats(crate::clock::now()), before);
-
-        // A call-me-maybe over DERP makes B ping the listed endpoints at once.
-        let cmm = probes.iter().filter(|t| t.path == Path::Derp(1)).find_map(|t| {
-            let (_, m) = disco::open(&db, &t.payload).ok()?;
-            matches!(m, disco::Message::CallMeMaybe(_)).then(|| t.payload.clone())
-        });
-        let mut o = vec![];
-        // (after the per-address ping gap, or the ping back above already covers it)
-        b.wg.set_now(crate::clock::now() + Duration::from_secs(1));
-        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &cmm.expect("call-me-maybe"), &mut o);
-        assert!(o.iter().any(|t| t.path == Path::Direct(a.addr)), "{o:?}");
-        // The pong B sends over DERP to a DERP ping names the region as its source.
-        let dping = probes
-            .iter()
-            .filter(|t| t.path == Path::Derp(1))
-            .find(|t| matches!(disco::open(&db, &t.payload), Ok((_, disco::Message::Ping(_)))));
-        let mut o = vec![];
-        b.wg.handle_disco(Source::Derp { region: 1, key: ka }, &dping.unwrap().payload, &mut o);
-        let (_, m) = disco::open(&da, &o[0].payload).unwrap();
-        assert!(matches!(m, disco::Message::Pong(p) if p.src == SocketAddr::from((DERP_MAGIC_IP, 1))));
-        assert_eq!((o[0].path, o[0].peer), (Path::Derp(1), ka));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! ```
 
 mod conn;
+pub(crate) mod disco;
 pub mod endpoint;
 mod home;
 
