@@ -135,6 +135,9 @@ pub enum DelayerError {
     /// The thread ended before saying whether it started.
     #[error("the delayer thread ended before it started")]
     Thread,
+    /// Netfilter queues exist only on Linux.
+    #[error("the NFQUEUE delayer needs Linux")]
+    Unsupported,
 }
 
 /// One namespace's delayer: a thread bound to its netfilter queues, stopped on drop (holding
@@ -148,6 +151,15 @@ impl Delayer {
     /// Binds `queues` (number → hold time) in the namespace mounted at `netns` (as `ip netns`
     /// makes them) and starts holding their packets. Bind before adding the `NFQUEUE` rules
     /// (they use `--queue-bypass`, so packets pass undelayed while no one listens).
+    #[cfg(not(target_os = "linux"))]
+    pub fn start(_netns: &Path, _queues: Vec<(u16, Spec)>, _seed: u64) -> Result<Delayer, DelayerError> {
+        Err(DelayerError::Unsupported)
+    }
+
+    /// Binds `queues` (number → hold time) in the namespace mounted at `netns` (as `ip netns`
+    /// makes them) and starts holding their packets. Bind before adding the `NFQUEUE` rules
+    /// (they use `--queue-bypass`, so packets pass undelayed while no one listens).
+    #[cfg(target_os = "linux")]
     pub fn start(netns: &Path, queues: Vec<(u16, Spec)>, seed: u64) -> Result<Delayer, DelayerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -188,6 +200,7 @@ impl Drop for Delayer {
 }
 
 /// Enters the namespace (this thread only) and binds the queues there.
+#[cfg(target_os = "linux")]
 fn open(netns: &Path, queues: &[(u16, Spec)]) -> Result<nfq::Queue, DelayerError> {
     let name = netns.display().to_string();
     let f = std::fs::File::open(netns).map_err(|e| DelayerError::Netns(name.clone(), e))?;
@@ -210,8 +223,10 @@ fn open(netns: &Path, queues: &[(u16, Spec)]) -> Result<nfq::Queue, DelayerError
 
 /// How long the loop sleeps at most between looks at the socket (the nfq crate exposes no file
 /// descriptor to wait on); it bounds how late a packet may leave.
+#[cfg(target_os = "linux")]
 const POLL: Duration = Duration::from_micros(500);
 
+#[cfg(target_os = "linux")]
 fn run(q: &mut nfq::Queue, specs: &BTreeMap<u16, Spec>, seed: u64, stop: &AtomicBool) {
     let mut hold: Hold<nfq::Message> = Hold::new(LIMIT, seed);
     while !stop.load(Ordering::SeqCst) {
