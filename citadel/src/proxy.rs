@@ -184,16 +184,22 @@ mod tests {
         assert_eq!(proxy_from(env(&[("HTTPS_PROXY", "socks5://p:1080")]), true, "x.example"), None);
     }
 
-    #[tokio::test]
-    async fn a_refused_connect_is_a_clear_error() {
+    /// A proxy on loopback that reads one request and writes `answer`; returns its port.
+    async fn fake_proxy(answer: &'static [u8]) -> u16 {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
+            let _ = s.write_all(answer).await;
         });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_a_clear_error() {
+        let port = fake_proxy(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
         let p = Proxy { host: "127.0.0.1".into(), port, auth: None };
         let e = connect_via(&crate::net::TokioNet, &p, "nexus.example", 443).await.err().unwrap().to_string();
         assert!(e.contains("refused CONNECT nexus.example:443") && e.contains("403"), "{e}");
@@ -201,14 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn tunnel_bytes_sent_with_the_proxy_answer_are_kept() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-x\r\n").await;
-        });
+        let port = fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-x\r\n").await;
         let p = Proxy { host: "127.0.0.1".into(), port, auth: None };
         let mut s = connect_via(&crate::net::TokioNet, &p, "bravo", 22).await.unwrap();
         let mut got = [0u8; 11];

@@ -48,6 +48,16 @@ fn register_online(n: &nexus_sim::Running, k: u8, user: u64, h: Hostinfo) -> nex
     node
 }
 
+/// nexus-sim under the built-in policy with the orgs acme and globex; returns their ids.
+async fn start_with_two_orgs() -> (nexus_sim::Running, u64, u64) {
+    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
+        .await
+        .expect("nexus-sim starts");
+    let acme = n.shared.store.create_user("acme", "").unwrap().id;
+    let globex = n.shared.store.create_user("globex", "").unwrap().id;
+    (n, acme, globex)
+}
+
 /// The map entry `viewer` gets for `peer`.
 #[track_caller]
 fn peer_in_map(n: &nexus_sim::Running, viewer: u64, peer: u64) -> TailNode {
@@ -153,20 +163,16 @@ fn peer_ids(n: &nexus_sim::Running, viewer: u64) -> Vec<i64> {
 /// `POST /api/v1/node/{id}/tags` replaces its tags (REST and `nodes tag`); both change the maps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_and_tags_change_the_maps() {
-    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
-        .await
-        .expect("nexus-sim starts");
+    let (n, acme, globex) = start_with_two_orgs().await;
     let st = &n.shared.store;
-    let acme = st.create_user("acme", "").unwrap();
-    let globex = st.create_user("globex", "").unwrap();
     let reg =
         |k: u8, user: u64| register_online(&n, k, user, Hostinfo { hostname: format!("m{k}"), ..Default::default() });
-    let (a, b, g) = (reg(11, acme.id), reg(12, acme.id), reg(13, globex.id));
+    let (a, b, g) = (reg(11, acme), reg(12, acme), reg(13, globex));
     assert_eq!(peer_ids(&n, a.id), vec![b.id as i64]);
     assert!(peer_ids(&n, g.id).is_empty());
 
     // Move b to globex by id (as a JSON number): a no longer sees it, g does.
-    let (code, v) = post(&n.url, &format!("/api/v1/node/{}/user", b.id), json!({"user": globex.id})).await;
+    let (code, v) = post(&n.url, &format!("/api/v1/node/{}/user", b.id), json!({"user": globex})).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["node"]["user"]["name"], "globex");
     assert!(peer_ids(&n, a.id).is_empty());
@@ -242,16 +248,12 @@ fn hostinfo(name: &str, routes: &[&str]) -> Hostinfo {
 /// never removing one; the built-in policy offers no subnet of an org to anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_reach_only_the_nodes_the_policy_lets_reach_them() {
-    let n = nexus_sim::start(Config { api_keys: vec![KEY.into()], stun_listen: None, ..Config::default() })
-        .await
-        .expect("nexus-sim starts");
+    let (n, acme, globex) = start_with_two_orgs().await;
     let st = &n.shared.store;
-    let acme = st.create_user("acme", "").unwrap();
-    let globex = st.create_user("globex", "").unwrap();
-    let router = register_online(&n, 31, acme.id, hostinfo("router", &["10.1.0.0/16", "10.2.0.0/16"]));
-    let exit = register_online(&n, 32, acme.id, hostinfo("exit", &["0.0.0.0/0", "::/0"]));
-    let dev = register_online(&n, 33, acme.id, hostinfo("dev", &[]));
-    let ops = register_online(&n, 34, globex.id, hostinfo("ops", &[]));
+    let router = register_online(&n, 31, acme, hostinfo("router", &["10.1.0.0/16", "10.2.0.0/16"]));
+    let exit = register_online(&n, 32, acme, hostinfo("exit", &["0.0.0.0/0", "::/0"]));
+    let dev = register_online(&n, 33, acme, hostinfo("dev", &[]));
+    let ops = register_online(&n, 34, globex, hostinfo("ops", &[]));
 
     // Built-in policy: approved subnets reach nobody (no rule reaches 10.x); the org's exit
     // node is offered to its members (their rules reach IPv4 and IPv6 addresses).
