@@ -5,7 +5,7 @@
 # for new edges (-use_counters=0: hit counts would keep many near-duplicates in git).
 #   citadel/fuzz/campaign.sh SECONDS [TARGET...]     (default: all targets)
 # FUZZ_FEATURES picks the target groups to build (Cargo.toml [features]; default all);
-# FUZZ_SKIP_BUILD=1 runs what is built already.
+# FUZZ_SKIP_BUILD=1 runs what is built already; FUZZ_RUNS caps executions (default 10 million).
 # Each target stops at 10 million executions or SECONDS, whichever comes first; the last line
 # of its log (fuzz-logs/<target>.log, not committed) has libFuzzer's final statistics.
 set -euo pipefail
@@ -32,7 +32,7 @@ for t in "${targets[@]}"; do
   esac
   before=$(ls "corpus/$t" | wc -l)
   start=$(date +%s)
-  nice -n 19 "$bin/$t" -runs=10000000 -max_total_time="$secs" -max_len=$max_len -timeout=10 \
+  nice -n 19 "$bin/$t" -runs="${FUZZ_RUNS:-10000000}" -max_total_time="$secs" -max_len=$max_len -timeout=10 \
     -rss_limit_mb=1024 -print_final_stats=1 -artifact_prefix="artifacts/$t-" \
     "fuzz-logs/work-$t" "corpus/$t" > "fuzz-logs/$t.log" 2>&1 || echo "$t: fuzzer exited non-zero (see fuzz-logs/$t.log)"
   took=$(( $(date +%s) - start ))
