@@ -3,6 +3,7 @@
 //!
 //! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
 
+pub mod liveness;
 pub mod session;
 
 use crate::keys::{MachinePublic, PrivateKey};
