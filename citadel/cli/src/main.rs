@@ -4,6 +4,7 @@ use clap::Parser;
 use std::io::Write;
 
 fn main() {
+    citadel_cli::trim::at_start();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
