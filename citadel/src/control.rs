@@ -3,6 +3,7 @@
 //!
 //! I/O lives here; the protocol pieces it drives (Noise, frames, JSON) are sans-IO modules.
 
+pub mod liveness;
 pub mod session;
 
 use crate::keys::{MachinePublic, PrivateKey};
@@ -351,6 +352,9 @@ async fn read_early<S: tokio::io::AsyncRead + Unpin>(
     serde_json::from_slice(&json).map(Some).map_err(|e| ControlError::Protocol(format!("bad early payload: {e}")))
 }
 
+/// Capacity a map stream's buffer may keep between messages.
+const IDLE_MAP_BUF: usize = 16 * 1024;
+
 /// The body of a map response, decoded message by message.
 pub struct MapStream {
     body: Incoming,
@@ -363,6 +367,10 @@ impl MapStream {
     pub async fn next(&mut self) -> Result<Option<MapResponse>, ControlError> {
         loop {
             if let Some(m) = decode_map_frame(&mut self.buf, self.zstd)? {
+                // A full map can be hundreds of KB; an idle stream need not keep its buffer.
+                if self.buf.is_empty() && self.buf.capacity() > IDLE_MAP_BUF {
+                    self.buf = Vec::new();
+                }
                 return Ok(Some(m));
             }
             match self.body.frame().await {

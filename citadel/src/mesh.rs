@@ -2,6 +2,7 @@
 //! current (reconnecting with backoff, never re-authenticating while the state is valid) and
 //! reports status. [`crate::network`] is the process-global facade over it.
 
+use crate::control::liveness::{Liveness, NetView};
 use crate::control::session::{Action, Session, SessionConfig};
 use crate::control::{self, ControlConn, ControlError};
 use crate::dataplane::{DataPlane, DataPlaneConfig, MeshTcpListener, MeshTcpStream, MeshUdpSocket, PeerStats};
@@ -1004,6 +1005,15 @@ async fn renewal_actions(
     true
 }
 
+/// What the control connection's probe policy needs from the data plane's findings.
+fn net_view(ni: &crate::dataplane::NetInfo) -> NetView {
+    NetView {
+        endpoints: ni.endpoints.clone(),
+        home: ni.preferred_derp,
+        home_connected: ni.preferred_derp != 0 && ni.derp_connected.contains(&ni.preferred_derp),
+    }
+}
+
 /// The background control loop: read the map stream; when it ends, let the control session
 /// reconnect (with its backoff, re-confirming the registration with the saved node key only).
 async fn run(
@@ -1020,6 +1030,8 @@ async fn run(
     loop {
         if let Some((mut conn, mut stream)) = live.take() {
             session.handle_key_expiry(crate::clock::now(), self_key_expiry(&inner));
+            let mut liveness = Liveness::new();
+            liveness.handle_net(net_view(&net_info.borrow()));
             loop {
                 let renew_at = session.poll_timeout().map(tokio::time::Instant::from_std);
                 tokio::select! {
@@ -1036,11 +1048,29 @@ async fn run(
                             continue;
                         }
                         let ni = net_info.borrow_and_update().clone();
-                        if inner.take_net_info(&ni) {
-                            tracing::debug!(endpoints = ?ni.endpoints, home = ni.preferred_derp, "reporting endpoints");
-                            if let Err(e) = conn.map(&inner.lite_map_request()).await {
-                                tracing::info!("endpoint update failed: {e}");
-                                break;
+                        let probe = liveness.handle_net(net_view(&ni));
+                        let report = inner.take_net_info(&ni);
+                        if report || probe {
+                            tracing::debug!(endpoints = ?ni.endpoints, home = ni.preferred_derp, probe, "reporting endpoints");
+                            // The update doubles as the probe: any answer proves the connection.
+                            liveness.handle_probe_sent(crate::clock::now());
+                            let deadline = liveness.poll_timeout().map(tokio::time::Instant::from_std);
+                            let sent = tokio::time::timeout_at(
+                                deadline.unwrap_or_else(tokio::time::Instant::now),
+                                conn.map(&inner.lite_map_request()),
+                            )
+                            .await;
+                            match sent {
+                                Ok(Ok(_)) => liveness.handle_probe_answered(),
+                                Ok(Err(e)) => {
+                                    tracing::info!("endpoint update failed: {e}");
+                                    break;
+                                }
+                                Err(_) if liveness.is_dead(crate::clock::now()) => {
+                                    tracing::info!("control connection did not answer within {:?} after a network change; reconnecting", control::liveness::PROBE_TIMEOUT);
+                                    break;
+                                }
+                                Err(_) => {}
                             }
                         }
                     }

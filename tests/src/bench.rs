@@ -391,6 +391,15 @@ fn rss_mb(pid: Option<u32>) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// Anonymous and file-backed parts of a process's RSS, in MB.
+fn rss_split(pid: Option<u32>) -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb = |key: &str| -> Option<f64> {
+        s.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
+    };
+    Some((kb("RssAnon:")? / 1024.0, kb("RssFile:")? / 1024.0))
+}
+
 /// Joins `n` control-only nodes (citadel's library, data plane off) in this process: real
 /// registrations with open map streams, so every node of the tailnet lists them as peers.
 async fn control_only_peers(w: &World, n: usize) -> anyhow::Result<Vec<citadel::mesh::Mesh>> {
@@ -432,7 +441,8 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     // The two measured nodes join after these and see each other too.
     let have = w.store().nodes(None).len() + 2;
     let _peers = control_only_peers(w, (MEMORY_PEERS + 1).saturating_sub(have)).await?;
-    let mut up = Command::new(bin("citadel"))
+    let citadel = std::env::var_os("BENCH_CITADEL").map(PathBuf::from).unwrap_or_else(|| bin("citadel"));
+    let mut up = Command::new(citadel)
         .arg("--state-dir")
         .arg(w.dir.path().join("mem-cit"))
         .args(["up", "--authkey", &w.key, "--nexus", &w.nexus.url(), "--hostname", "mem-cit"])
@@ -452,9 +462,12 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
         bail!("citadel up lists {listed} peers, not the {MEMORY_PEERS} the figure is for");
     }
     let (c, t, p) = (rss_mb(up.id())?, rss_mb(ts.id())?, rss_mb(plain.id())?);
+    let split =
+        |pid: Option<u32>| rss_split(pid).map(|(a, f)| format!("{a:.1} anon + {f:.1} file")).unwrap_or_default();
+    let (cs, ts_, ps) = (split(up.id()), split(ts.id()), split(plain.id()));
     let _ = up.kill().await;
     eprintln!(
-        "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB, Caddy+tsnet {t:.1} MB, Caddy alone {p:.1} MB"
+        "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB ({cs}), Caddy+tsnet {t:.1} MB ({ts_}), Caddy alone {p:.1} MB ({ps})"
     );
     Ok(vec![Figure {
         name: "idle RSS, 100 peers: citadel up vs tsnet part",

@@ -8,6 +8,7 @@ pub mod exit;
 mod node;
 pub mod programs;
 mod term;
+pub mod trim;
 
 pub use exit::{exit_code, CliError, Exit};
 

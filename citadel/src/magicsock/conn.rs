@@ -205,6 +205,8 @@ impl Conn {
     pub(crate) fn handle_relay_status(&mut self, now: Instant, region: i32, up: bool) {
         self.home.handle_relay_status(now, region, up, &mut self.actions);
         self.apply_actions();
+        // The control loop probes its connection when the home relay breaks or returns.
+        self.publish();
     }
 
     /// The answer to [`Event::Resolve`].

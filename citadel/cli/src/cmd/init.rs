@@ -24,6 +24,10 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let mut c = ctx.config(Some(a.nexus), a.authkey, a.hostname);
     c.ephemeral = a.ephemeral;
+    // Registration and the mesh IP need the control plane only: the process exits right
+    // after, so a UDP socket, STUN and a DERP connection would only delay it (`citadel up`
+    // reports endpoints when it starts).
+    c.data_plane = false;
     let m = Mesh::connect(c).await?;
     println!("{}", m.ipv4().map(|a| a.to_string()).unwrap_or_default());
     Ok(())

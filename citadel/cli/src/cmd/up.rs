@@ -50,6 +50,12 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let done = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&ctx.state_dir), done.clone()));
     let mut term = Terminate::new();
+    // Start-up is over once the first endpoint report has gone out (it follows the join
+    // within the data plane's settle time).
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        crate::trim::after_start();
+    });
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
