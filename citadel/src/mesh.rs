@@ -784,6 +784,11 @@ impl Mesh {
         *self.inner.connected.borrow()
     }
 
+    /// The home DERP region last reported to Nexus (0: none yet), as [`Mesh::status`] shows it.
+    pub fn home_derp(&self) -> i32 {
+        *self.inner.preferred_derp.lock().unwrap()
+    }
+
     /// The mesh IPv4 address.
     pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
         self.inner.netmap.borrow().ipv4()
