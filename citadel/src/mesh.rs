@@ -50,6 +50,9 @@ pub struct Config {
     /// How peers' routes are taken (`--accept-routes`, `--exit-node`) and whether the org
     /// guard is off (`--allow-cross-org`); the default takes own addresses only, guard on.
     pub routes: crate::dataplane::RoutePrefs,
+    /// Seed of the control session's reconnect jitter; `None` draws one. A simulation passes
+    /// its own so that the same world reconnects at the same instants.
+    pub jitter_seed: Option<u64>,
 }
 
 impl std::fmt::Debug for Config {
@@ -83,6 +86,7 @@ impl Config {
             retrust_server_key: false,
             data_plane: true,
             routes: crate::dataplane::RoutePrefs::default(),
+            jitter_seed: None,
         }
     }
 }
@@ -677,7 +681,7 @@ impl Mesh {
                 interactive: cfg.on_auth_url.is_some(),
                 login_timeout: cfg.login_timeout,
             },
-            rand::random(),
+            cfg.jitter_seed.unwrap_or_else(rand::random),
         );
         let (mut conn, mut stream) = inner.establish(&mut session, &net_info).await?;
         tracing::debug!("map stream open");

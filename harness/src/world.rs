@@ -131,6 +131,8 @@ struct NodeCtx {
     board: Arc<Mutex<Board>>,
     probe: ProbeFactory,
     allow_cross_org: bool,
+    /// Seeds this node's reconnect jitter (with its start count), from the world's seed.
+    seed: u64,
 }
 
 /// UDP port of every node's one socket (Tailscale's default), so traces do not depend on
@@ -145,13 +147,13 @@ fn event(board: &Mutex<Board>, name: &str, what: String) {
 
 async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     let name = &ctx.name;
-    let first = {
+    let (first, starts) = {
         let mut b = ctx.board.lock().unwrap();
         let o = b.nodes.entry(name.clone()).or_default();
         o.starts += 1;
         o.running = true;
         o.connected = false;
-        !o.ever_connected
+        (!o.ever_connected, o.starts)
     };
     event(&ctx.board, name, "started".into());
     // A restart joins from the state directory alone.
@@ -161,6 +163,7 @@ async fn node_main(ctx: Arc<NodeCtx>) -> turmoil::Result {
     cfg.net = Arc::new(ctx.net.clone());
     cfg.udp_port = NODE_UDP_PORT;
     cfg.routes.allow_cross_org = ctx.allow_cross_org;
+    cfg.jitter_seed = Some(ctx.seed ^ (starts as u64).rotate_left(32));
     let mesh = loop {
         match Mesh::connect(cfg.clone()).await {
             Ok(m) => break Arc::new(m),
@@ -475,7 +478,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
 
     let probe_factory = opts.probe.clone().unwrap_or_else(probe::mesh_probe);
     let mut ctxs: BTreeMap<String, Arc<NodeCtx>> = BTreeMap::new();
-    for n in &sc.nodes {
+    for (i, n) in sc.nodes.iter().enumerate() {
         let name = n.name.get_ref().clone();
         let uplink = match (n.network, &n.nat) {
             (NetworkKind::UdpBlocked, _) => Uplink::Blocked,
@@ -499,6 +502,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
             board: board.clone(),
             probe: probe_factory.clone(),
             allow_cross_org: n.allow_cross_org,
+            seed: seed.wrapping_mul(0xD134_2543_DE82_EF95).wrapping_add(i as u64 + 1),
         };
         ctxs.insert(name, Arc::new(ctx));
     }
