@@ -195,10 +195,11 @@ impl Engine {
         host.stack.set_addresses(&cidrs);
     }
 
-    /// Encrypts what the netstack sent and runs the core's timers.
-    fn send(&mut self, now: Instant, egress: &mut Vec<Vec<u8>>) {
-        for p in egress.drain(..) {
-            self.conn.send_ip(now, &p);
+    /// Encrypts what the netstack sent and runs the core's timers. The packets stay in
+    /// `egress`, for the netstack to reuse their buffers.
+    fn send(&mut self, now: Instant, egress: &[Vec<u8>]) {
+        for p in egress {
+            self.conn.send_ip(now, p);
         }
         // After the egress: discovery starts as soon as traffic to a peer does.
         self.conn.handle_timeout(now);
@@ -208,13 +209,17 @@ impl Engine {
 impl Host {
     /// Filters decrypted packets into the netstack, polls it, and collects what it sent in
     /// `egress`. Returns when the netstack next needs a poll.
+    /// `egress` holds the last step's packets, already encrypted: their buffers are reused,
+    /// and those the netstack does not need go to `spare`.
     fn step(
         &mut self,
         now: Instant,
         c: &Counters,
         ingress: &mut Vec<(NodePublic, Vec<u8>)>,
         egress: &mut Vec<Vec<u8>>,
+        spare: &mut Vec<Vec<u8>>,
     ) -> Option<Duration> {
+        self.stack.recycle(egress, spare);
         for (peer, mut packet) in ingress.drain(..) {
             let info = match PacketInfo::parse(&packet) {
                 Ok(i) => i,
@@ -715,6 +720,9 @@ impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; 65536];
         let (mut out, mut events, mut ingress, mut egress) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Packet buffers on their way back to the core's pool: sent datagrams, and what the
+        // netstack did not need.
+        let mut spare: Vec<Vec<u8>> = Vec::new();
         let mut netmap_open = true;
         self.netmap.borrow_and_update();
         let mut deadline = crate::clock::now();
@@ -743,6 +751,7 @@ impl Driver {
             let now = crate::clock::now();
             {
                 let mut e = self.shared.lock();
+                e.conn.recycle(spare.drain(..));
                 e.sync_netmap(&self.shared.host, now);
                 if let Some(key) = e.rekey.take() {
                     self.relays.set_key(key);
@@ -774,10 +783,11 @@ impl Driver {
             }
             // The netstack under its own lock: the app's socket calls wait only for this part,
             // not for the decryption before it or the encryption after it.
-            let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress);
+            let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress, &mut spare);
             {
                 let mut e = self.shared.lock();
-                e.send(now, &mut egress);
+                e.conn.recycle(spare.drain(..));
+                e.send(now, &egress);
                 let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
                 deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
                 out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
@@ -791,6 +801,7 @@ impl Driver {
             }
             self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
             self.send_all(&mut out).await;
+            spare.extend(out.drain(..).map(|t| t.payload));
         }
     }
 
@@ -824,10 +835,11 @@ impl Driver {
         }
     }
 
-    /// Sends what the core queued, in order. Consecutive datagrams to one address go out
+    /// Sends what the core queued, in order (the transmits stay in `out`, for their buffers).
+    /// Consecutive datagrams to one address go out
     /// together through [`Datagram::send_segments`] (one system call where the OS segments
     /// them), as long as they have one size but the last.
-    async fn send_all(&mut self, out: &mut Vec<Transmit>) {
+    async fn send_all(&mut self, out: &mut [Transmit]) {
         let mut i = 0;
         while i < out.len() {
             let dst = match out[i].path {
@@ -849,9 +861,7 @@ impl Driver {
                 // Skip rather than count as errors: the peer may list candidates of both families.
                 SocketAddr::V6(_) if self.v4_only => continue,
                 // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
-                SocketAddr::V4(v4) if !self.v4_only => {
-                    SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                }
+                SocketAddr::V4(v4) if !self.v4_only => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
                 _ => dst,
             };
             if let Err(e) = self.udp.send_segments(&segs, dst).await {
@@ -859,7 +869,6 @@ impl Driver {
                 tracing::debug!(%dst, error = %e, "udp send failed");
             }
         }
-        out.clear();
     }
 }
 

@@ -191,8 +191,10 @@ mod tests {
         let mut got: Vec<Vec<u8>> = Vec::new();
         let mut buf = vec![0u8; 65536];
         while got.len() < bodies.len() {
-            let (n, src, seg) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_segments(&mut buf)).await.unwrap().unwrap();
+            let (n, src, seg) = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_segments(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(src, a.local_addr().unwrap());
             got.extend(buf[..n].chunks(seg).map(<[u8]>::to_vec));
         }
