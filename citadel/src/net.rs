@@ -25,6 +25,30 @@ pub trait Datagram: Send + Sync {
     fn try_recv_from(&self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         Err(io::ErrorKind::WouldBlock.into())
     }
+    /// Sends `segments` to `to` as separate datagrams, in order: equal sizes but the last,
+    /// which may be shorter (what UDP segmentation offload takes in one system call). The
+    /// default sends them one by one.
+    fn send_segments<'a>(&'a self, segments: &'a [&'a [u8]], to: SocketAddr) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            for s in segments {
+                self.send_to(s, to).await?;
+            }
+            Ok(())
+        })
+    }
+    /// Receives one datagram, or several from one sender coalesced into `buf` (receive offload):
+    /// returns the length, the sender and the size of each datagram in it (the last may be
+    /// shorter). The default receives one datagram.
+    fn recv_segments<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr, usize)>> {
+        Box::pin(async move {
+            let (n, src) = self.recv_from(buf).await?;
+            Ok((n, src, n))
+        })
+    }
+    /// [`Datagram::recv_segments`] if something is waiting, else `WouldBlock`.
+    fn try_recv_segments(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        self.try_recv_from(buf).map(|(n, src)| (n, src, n))
+    }
 }
 
 /// How the node reaches the host network: TCP through [`Dial`], plus UDP and interfaces.

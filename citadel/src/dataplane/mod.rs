@@ -18,6 +18,8 @@ pub mod peers;
 mod relay;
 pub mod route;
 pub mod socket;
+#[cfg(target_os = "linux")]
+mod udp;
 pub mod wg;
 
 pub use peers::{PeerRoutes, RoutePrefs};
@@ -49,6 +51,10 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const STACK_IDLE: Duration = Duration::from_secs(1);
 /// Datagrams read per wakeup before the stack runs, so bulk traffic is processed in batches.
 const RX_BATCH: usize = 128;
+/// Datagrams sent together in one segmented send at most (the kernel's `UDP_MAX_SEGMENTS`).
+const BATCH_SEGMENTS: usize = 64;
+/// Bytes in one segmented send at most: within one UDP datagram over IPv4 and IPv6.
+const BATCH_BYTES: usize = 65_000;
 /// Relayed packets buffered between the DERP readers and the driver.
 const RELAY_INBOX: usize = 1024;
 
@@ -189,10 +195,11 @@ impl Engine {
         host.stack.set_addresses(&cidrs);
     }
 
-    /// Encrypts what the netstack sent and runs the core's timers.
-    fn send(&mut self, now: Instant, egress: &mut Vec<Vec<u8>>) {
-        for p in egress.drain(..) {
-            self.conn.send_ip(now, &p);
+    /// Encrypts what the netstack sent and runs the core's timers. The packets stay in
+    /// `egress`, for the netstack to reuse their buffers.
+    fn send(&mut self, now: Instant, egress: &[Vec<u8>]) {
+        for p in egress {
+            self.conn.send_ip(now, p);
         }
         // After the egress: discovery starts as soon as traffic to a peer does.
         self.conn.handle_timeout(now);
@@ -202,13 +209,17 @@ impl Engine {
 impl Host {
     /// Filters decrypted packets into the netstack, polls it, and collects what it sent in
     /// `egress`. Returns when the netstack next needs a poll.
+    /// `egress` holds the last step's packets, already encrypted: their buffers are reused,
+    /// and those the netstack does not need go to `spare`.
     fn step(
         &mut self,
         now: Instant,
         c: &Counters,
         ingress: &mut Vec<(NodePublic, Vec<u8>)>,
         egress: &mut Vec<Vec<u8>>,
+        spare: &mut Vec<Vec<u8>>,
     ) -> Option<Duration> {
+        self.stack.recycle(egress, spare);
         for (peer, mut packet) in ingress.drain(..) {
             let info = match PacketInfo::parse(&packet) {
                 Ok(i) => i,
@@ -349,6 +360,8 @@ impl DataPlane {
             .map_err(|e| io::Error::other(format!("the data plane needs a tokio runtime: {e}")))?;
         let _enter = rt.enter();
         let udp = crate::net::bind_tokio_udp(cfg.bind)?;
+        #[cfg(target_os = "linux")]
+        let udp = udp::BatchUdp::new(udp);
         Self::start_on(cfg, netmap, Arc::new(TokioNet), Box::new(udp))
     }
 
@@ -677,7 +690,8 @@ enum Answer {
 
 /// What woke the driver.
 enum Wake {
-    Udp(usize, SocketAddr),
+    /// Bytes read, sender, size of each datagram in them.
+    Udp(usize, SocketAddr, usize),
     Relay(Inbound),
     Answer(Answer),
     Other,
@@ -706,14 +720,17 @@ impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; 65536];
         let (mut out, mut events, mut ingress, mut egress) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Packet buffers on their way back to the core's pool: sent datagrams, and what the
+        // netstack did not need.
+        let mut spare: Vec<Vec<u8>> = Vec::new();
         let mut netmap_open = true;
         self.netmap.borrow_and_update();
         let mut deadline = crate::clock::now();
         loop {
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
             let wake = tokio::select! {
-                r = self.udp.recv_from(&mut buf) => match r {
-                    Ok((n, src)) => Wake::Udp(n, src),
+                r = self.udp.recv_segments(&mut buf) => match r {
+                    Ok((n, src, seg)) => Wake::Udp(n, src, seg),
                     Err(e) => {
                         tracing::debug!(error = %e, "udp receive failed");
                         Wake::Other
@@ -734,6 +751,7 @@ impl Driver {
             let now = crate::clock::now();
             {
                 let mut e = self.shared.lock();
+                e.conn.recycle(spare.drain(..));
                 e.sync_netmap(&self.shared.host, now);
                 if let Some(key) = e.rekey.take() {
                     self.relays.set_key(key);
@@ -742,7 +760,7 @@ impl Driver {
                     e.conn.handle_relay_status(now, r, false);
                 }
                 match wake {
-                    Wake::Udp(n, src) => e.conn.handle_udp(now, src, &buf[..n]),
+                    Wake::Udp(n, src, seg) => handle_segments(&mut e.conn, now, src, &buf[..n], seg),
                     Wake::Relay(r) => on_relay(&mut e.conn, now, r),
                     Wake::Answer(Answer::Resolved(h)) => e.conn.handle_resolved(now, h),
                     Wake::Answer(Answer::Latency(l)) => e.conn.handle_https_latency(now, &l),
@@ -750,8 +768,8 @@ impl Driver {
                 }
                 // Drain what else has arrived, so the stack sees a batch at once.
                 for _ in 0..RX_BATCH {
-                    match self.udp.try_recv_from(&mut buf) {
-                        Ok((n, src)) => e.conn.handle_udp(now, src, &buf[..n]),
+                    match self.udp.try_recv_segments(&mut buf) {
+                        Ok((n, src, seg)) => handle_segments(&mut e.conn, now, src, &buf[..n], seg),
                         Err(_) => break,
                     }
                 }
@@ -765,10 +783,11 @@ impl Driver {
             }
             // The netstack under its own lock: the app's socket calls wait only for this part,
             // not for the decryption before it or the encryption after it.
-            let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress);
+            let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress, &mut spare);
             {
                 let mut e = self.shared.lock();
-                e.send(now, &mut egress);
+                e.conn.recycle(spare.drain(..));
+                e.send(now, &egress);
                 let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
                 deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
                 out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
@@ -781,9 +800,8 @@ impl Driver {
                 deadline = now;
             }
             self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
-            for t in out.drain(..) {
-                self.send(t).await;
-            }
+            self.send_all(&mut out).await;
+            spare.extend(out.drain(..).map(|t| t.payload));
         }
     }
 
@@ -817,28 +835,68 @@ impl Driver {
         }
     }
 
-    async fn send(&mut self, t: Transmit) {
-        let dst = match t.path {
-            Path::Direct(a) => a,
-            Path::Derp(region) => {
-                tracing::trace!(region, peer = %t.peer.short(), len = t.payload.len(), "send over DERP");
-                if !self.relays.send(region, t.peer, t.payload) {
-                    self.shared.counters.tx_no_path.fetch_add(1, Relaxed);
+    /// Sends what the core queued, in order (the transmits stay in `out`, for their buffers).
+    /// Consecutive datagrams to one address go out
+    /// together through [`Datagram::send_segments`] (one system call where the OS segments
+    /// them), as long as they have one size but the last.
+    async fn send_all(&mut self, out: &mut [Transmit]) {
+        let mut i = 0;
+        while i < out.len() {
+            let dst = match out[i].path {
+                Path::Direct(a) => a,
+                Path::Derp(region) => {
+                    let t = &mut out[i];
+                    tracing::trace!(region, peer = %t.peer.short(), len = t.payload.len(), "send over DERP");
+                    if !self.relays.send(region, t.peer, std::mem::take(&mut t.payload)) {
+                        self.shared.counters.tx_no_path.fetch_add(1, Relaxed);
+                    }
+                    i += 1;
+                    continue;
                 }
-                return;
+            };
+            let run = segment_run(&out[i..], dst);
+            let segs: Vec<&[u8]> = out[i..i + run].iter().map(|t| t.payload.as_slice()).collect();
+            i += run;
+            let dst = match dst {
+                // Skip rather than count as errors: the peer may list candidates of both families.
+                SocketAddr::V6(_) if self.v4_only => continue,
+                // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
+                SocketAddr::V4(v4) if !self.v4_only => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+                _ => dst,
+            };
+            if let Err(e) = self.udp.send_segments(&segs, dst).await {
+                self.shared.counters.tx_socket_error.fetch_add(segs.len() as u64, Relaxed);
+                tracing::debug!(%dst, error = %e, "udp send failed");
             }
-        };
-        let dst = match dst {
-            // Skip rather than count as errors: the peer may list candidates of both families.
-            SocketAddr::V6(_) if self.v4_only => return,
-            // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
-            SocketAddr::V4(v4) if !self.v4_only => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-            _ => dst,
-        };
-        if let Err(e) = self.udp.send_to(&t.payload, dst).await {
-            self.shared.counters.tx_socket_error.fetch_add(1, Relaxed);
-            tracing::debug!(%dst, error = %e, "udp send failed");
         }
+    }
+}
+
+/// How many of `ts` (the first of which goes straight to `dst`) can leave in one segmented
+/// send: same address, same size, except that the last may be shorter, within the kernel's
+/// limits.
+fn segment_run(ts: &[Transmit], dst: SocketAddr) -> usize {
+    let Some(size) = ts.first().map(|t| t.payload.len()) else { return 0 };
+    let (mut n, mut bytes) = (0, 0);
+    for t in ts {
+        let len = t.payload.len();
+        if t.path != Path::Direct(dst) || len > size || bytes + len > BATCH_BYTES || n == BATCH_SEGMENTS {
+            break;
+        }
+        n += 1;
+        bytes += len;
+        if len < size {
+            break;
+        }
+    }
+    n.max(1)
+}
+
+/// Feeds the core datagrams from `src` that arrived coalesced in `data`, each `seg` bytes
+/// but the last.
+fn handle_segments(conn: &mut Conn, now: Instant, src: SocketAddr, data: &[u8], seg: usize) {
+    for d in data.chunks(seg.max(1)) {
+        conn.handle_udp(now, src, d);
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`Stack::take_egress`].
 
 use super::filter::{PacketInfo, PROTO_TCP};
+use super::wg::Pool;
 use rand::Rng;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -28,6 +29,8 @@ const UDP_PACKETS: usize = 512;
 const UDP_BUFFER: usize = 256 * 1024;
 /// Decrypted packets waiting for the stack; past this they are dropped like a full NIC ring.
 const RX_QUEUE_MAX: usize = 4096;
+/// Spare packet buffers the stack keeps for what it emits; the rest go back to the tunnels.
+const STACK_POOL_KEEP: usize = 128;
 /// Connections a listener holds before `accept` takes them; further SYNs are refused.
 const LISTEN_BACKLOG: usize = 128;
 /// How long a closed-by-app socket may take to finish its FIN exchange before it is reset.
@@ -40,20 +43,26 @@ const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 pub(crate) struct MeshDevice {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    /// Consumed and sent packets' buffers, for the next packets the stack emits.
+    pool: Pool,
+    /// Consumed inbound packets' buffers (moved into `pool` after each poll).
+    rx_spent: Pool,
 }
 
-pub(crate) struct MeshRx(Vec<u8>);
-pub(crate) struct MeshTx<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct MeshRx<'a>(Vec<u8>, &'a mut Pool);
+pub(crate) struct MeshTx<'a>(&'a mut VecDeque<Vec<u8>>, &'a mut Pool);
 
-impl RxToken for MeshRx {
+impl RxToken for MeshRx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.0);
+        self.1.put(self.0);
+        r
     }
 }
 
 impl TxToken for MeshTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.1.zeroed(len);
         let r = f(&mut buf);
         self.0.push_back(buf);
         r
@@ -61,16 +70,19 @@ impl TxToken for MeshTx<'_> {
 }
 
 impl Device for MeshDevice {
-    type RxToken<'a> = MeshRx;
+    type RxToken<'a> = MeshRx<'a>;
     type TxToken<'a> = MeshTx<'a>;
 
-    fn receive(&mut self, _: SmolInstant) -> Option<(MeshRx, MeshTx<'_>)> {
+    fn receive(&mut self, _: SmolInstant) -> Option<(MeshRx<'_>, MeshTx<'_>)> {
         let p = self.rx.pop_front()?;
-        Some((MeshRx(p), MeshTx(&mut self.tx)))
+        // The two tokens share the pool; smoltcp consumes at most one of them at a time, but
+        // the borrow checker needs them apart: the rx token returns its buffer to a side pool.
+        let (rx_pool, tx_pool) = (&mut self.rx_spent, &mut self.pool);
+        Some((MeshRx(p, rx_pool), MeshTx(&mut self.tx, tx_pool)))
     }
 
     fn transmit(&mut self, _: SmolInstant) -> Option<MeshTx<'_>> {
-        Some(MeshTx(&mut self.tx))
+        Some(MeshTx(&mut self.tx, &mut self.pool))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -474,6 +486,17 @@ impl Stack {
     /// IP packets the stack sent since the last call.
     pub(crate) fn take_egress(&mut self, out: &mut Vec<Vec<u8>>) {
         out.extend(self.device.tx.drain(..));
+    }
+
+    /// Takes buffers of packets already sent back for reuse, and hands what the stack holds
+    /// beyond its own needs to `spare` (for the WireGuard side's pool).
+    pub(crate) fn recycle(&mut self, sent: &mut Vec<Vec<u8>>, spare: &mut Vec<Vec<u8>>) {
+        let d = &mut self.device;
+        d.rx_spent.surplus(0, spare);
+        for b in sent.drain(..) {
+            d.pool.put(b);
+        }
+        d.pool.surplus(STACK_POOL_KEEP, spare);
     }
 
     /// Stops every socket: pending reads, writes and accepts fail from now on.

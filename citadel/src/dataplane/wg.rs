@@ -86,6 +86,48 @@ impl Transmit {
     }
 }
 
+/// Spent packet buffers, reused so that a packet in flight costs no allocation. Bounded in
+/// count and in the size of the buffers it keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Pool(Vec<Vec<u8>>);
+
+impl Pool {
+    /// Buffers kept at most.
+    const MAX: usize = 256;
+    /// Larger buffers (a rare jumbo datagram) are freed, not kept.
+    const MAX_CAPACITY: usize = 4096;
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn copy_of(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut v = self.0.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// A zeroed buffer of `len` bytes.
+    pub(crate) fn zeroed(&mut self, len: usize) -> Vec<u8> {
+        let mut v = self.0.pop().unwrap_or_default();
+        v.clear();
+        v.resize(len, 0);
+        v
+    }
+
+    /// Takes `v` back for reuse.
+    pub(crate) fn put(&mut self, v: Vec<u8>) {
+        if self.0.len() < Self::MAX && v.capacity() <= Self::MAX_CAPACITY && v.capacity() > 0 {
+            self.0.push(v);
+        }
+    }
+
+    /// Buffers beyond `keep`, for another pool.
+    pub(crate) fn surplus(&mut self, keep: usize, to: &mut Vec<Vec<u8>>) {
+        if self.0.len() > keep {
+            to.extend(self.0.drain(keep..));
+        }
+    }
+}
+
 /// Where an incoming packet came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -152,6 +194,8 @@ pub(crate) struct WgRouter {
     routes: RouteTable,
     next_index: u32,
     pub(crate) buf: Box<[u8]>,
+    /// Buffers for outgoing datagrams and decrypted packets.
+    pub(crate) pool: Pool,
     pub(crate) counters: Arc<Counters>,
     last_rate_reset: Option<Instant>,
     /// The time the current batch runs at (set by the driver; the path logic is sans-IO).
@@ -188,6 +232,7 @@ impl WgRouter {
             // Indices only need to be unique locally; a random start keeps restarts apart.
             next_index: rand::random::<u32>() & 0x00ff_ffff,
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            pool: Pool::default(),
             counters,
             last_rate_reset: None,
             now,
@@ -479,11 +524,11 @@ impl WgRouter {
                 authed
             }
             TunnResult::WriteToTunnelV4(packet, ip) => {
-                deliver_checked(&self.routes, c, key, IpAddr::V4(ip), packet, deliver);
+                deliver_checked(&self.routes, c, key, IpAddr::V4(ip), packet, deliver, &mut self.pool);
                 true
             }
             TunnResult::WriteToTunnelV6(packet, ip) => {
-                deliver_checked(&self.routes, c, key, IpAddr::V6(ip), packet, deliver);
+                deliver_checked(&self.routes, c, key, IpAddr::V6(ip), packet, deliver, &mut self.pool);
                 true
             }
         };
@@ -522,7 +567,7 @@ impl WgRouter {
             return;
         };
         match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(p) => emit(peer, key, p, out, c, self.now, self.derp_ok),
+            TunnResult::WriteToNetwork(p) => emit(peer, key, p, out, c, self.now, self.derp_ok, &mut self.pool),
             TunnResult::Err(e) => {
                 c.tx_error.fetch_add(1, Relaxed);
                 tracing::debug!(error = ?e, "encapsulate failed");
@@ -546,7 +591,9 @@ impl WgRouter {
         }
         for (key, peer) in &mut self.peers {
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(p) => emit(peer, *key, p, out, &self.counters, now, self.derp_ok),
+                TunnResult::WriteToNetwork(p) => {
+                    emit(peer, *key, p, out, &self.counters, now, self.derp_ok, &mut self.pool)
+                }
                 // Expired means "idle with no session": not an error for an idle peer.
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
                 TunnResult::Err(e) => tracing::debug!(peer = %key.short(), error = ?e, "timer error"),
@@ -564,7 +611,7 @@ impl WgRouter {
             return false;
         };
         if let TunnResult::WriteToNetwork(p) = peer.tunn.format_handshake_initiation(&mut self.buf, true) {
-            emit(peer, *key, p, out, &self.counters, self.now, self.derp_ok);
+            emit(peer, *key, p, out, &self.counters, self.now, self.derp_ok, &mut self.pool);
         }
         true
     }
@@ -618,6 +665,7 @@ fn set_boringtun_clock(epoch: Instant, now: Instant) {
 /// otherwise over DERP (plus the last direct address, which may still work) when the peer has
 /// a home region; otherwise, for plain WireGuard peers, to every candidate (duplicates are
 /// harmless, the receiver's replay checks drop them).
+#[allow(clippy::too_many_arguments)]
 fn emit(
     peer: &mut Peer,
     key: NodePublic,
@@ -626,12 +674,13 @@ fn emit(
     c: &Counters,
     now: Instant,
     derp_ok: bool,
+    pool: &mut Pool,
 ) {
     peer.paths.note_active(now);
     peer.tx_bytes += payload.len() as u64;
     peer.tx_packets += 1;
     if let Some(a) = peer.paths.direct(now) {
-        out.push(Transmit::udp(a, payload.to_vec()));
+        out.push(Transmit::udp(a, pool.copy_of(payload)));
         return;
     }
     if let Some(region) = peer.derp_region(derp_ok) {
@@ -666,9 +715,10 @@ fn deliver_checked(
     src: IpAddr,
     packet: &[u8],
     deliver: &mut Vec<(NodePublic, Vec<u8>)>,
+    pool: &mut Pool,
 ) {
     if routes.lookup(src) == Some(key) {
-        deliver.push((key, packet.to_vec()));
+        deliver.push((key, pool.copy_of(packet)));
     } else {
         c.rx_spoofed.fetch_add(1, Relaxed);
         tracing::debug!(peer = %key.short(), %src, "dropped packet with a source outside the peer's AllowedIPs");

@@ -257,6 +257,13 @@ impl Conn {
         [self.next_wg_timer, self.home.poll_timeout()].into_iter().flatten().min()
     }
 
+    /// Takes spent packet buffers (sent datagrams' payloads, consumed packets) for reuse.
+    pub(crate) fn recycle(&mut self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        for b in bufs {
+            self.wg.pool.put(b);
+        }
+    }
+
     /// The next datagram to send.
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
