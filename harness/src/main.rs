@@ -85,6 +85,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     println!("{}", r.report);
                     let cmp = harness::real::compare(&sc, &out, &r);
                     println!("{}", cmp.report);
+                    if !cmp.agrees || std::env::var_os("HARNESS_REAL_DIAGNOSTICS").is_some() {
+                        println!("{}", r.diagnostics);
+                    }
                     // A real-side failure listed in `[real] expect_differ` is the agreed outcome.
                     ok &= cmp.agrees;
                 }

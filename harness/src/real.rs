@@ -46,6 +46,10 @@ pub struct RealOutcome {
     pub passed: bool,
     /// First org leak seen, if any.
     pub leak: Option<String>,
+    /// What explains a failure: each delayer's counts and its kernel queues, each node's UDP
+    /// sockets and last status, the tail of every process's log, and where the whole logs
+    /// were kept (only when the run failed). Printed by `harness run` when the sides disagree.
+    pub diagnostics: String,
 }
 
 /// Namespaces and processes of one run; dropping it removes everything.
@@ -77,6 +81,14 @@ impl Lab {
             bail!("{args:?} in {ns:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
         }
         Ok(())
+    }
+
+    /// What `args` printed in namespace `ns` (its error when it failed to run).
+    fn out(&self, ns: &str, args: &[&str]) -> String {
+        match Command::new("ip").args(["netns", "exec", &self.ns(ns)]).args(args).output() {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+            Err(e) => format!("{args:?}: {e}"),
+        }
     }
 
     fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -112,6 +124,8 @@ impl Lab {
             .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             // The lab's relays serve a self-signed certificate (InsecureForTests in the map).
             .env("CITADEL_DERP_INSECURE", "1")
+            // Plain logs: their tails go into a failed run's diagnostics.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -485,7 +499,7 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         approximations.insert(format!("latency and jitter: NFQUEUE delayer in the harness ({NO_NETEM})"));
         Backend::Nfqueue
     };
-    let mut delayers: Vec<crate::delay::Delayer> = Vec::new();
+    let mut delayers: Vec<(String, crate::delay::Delayer)> = Vec::new();
     for ((ns, dev), shapes) in &shaped {
         shape(&lab, ns, dev, shapes, backend, sc.seed, &mut delayers)?;
     }
@@ -634,7 +648,16 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
             args.extend(["--authkey".to_string(), key.clone()]);
         }
-        lab.spawn(&format!("n{i}"), &citadel, &args, &tmp.path().join(format!("{name}.log")))
+        // Path decisions (disco, WireGuard, relays) are logged at debug: a failed run's
+        // diagnostics show them. CITADEL_LOG in the harness's environment overrides it.
+        let log = std::env::var("CITADEL_LOG").unwrap_or_else(|_| NODE_LOG.to_string());
+        lab.spawn_env(
+            &format!("n{i}"),
+            &citadel,
+            &args,
+            &tmp.path().join(format!("{name}.log")),
+            &[("CITADEL_LOG", PathBuf::from(log))],
+        )
     };
 
     loop {
@@ -988,9 +1011,106 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
+    let diagnostics = diagnose(&lab, sc, &rt, tmp.path(), &delayers, &node_child, !passed);
     drop(delayers);
     drop(lab);
-    Ok(RealOutcome { report, verdicts, passed, leak })
+    Ok(RealOutcome { report, verdicts, passed, leak, diagnostics })
+}
+
+/// The log filter of the `citadel up` nodes of a real run.
+const NODE_LOG: &str = "info,boringtun=error,citadel=debug";
+
+/// Lines of each log kept in a failed run's diagnostics.
+const LOG_TAIL: usize = 40;
+
+/// The diagnostics of [`RealOutcome`]: taken while everything still runs. With `keep`, the
+/// logs are copied to a fresh directory (0700) under the temporary directory, named in the text.
+fn diagnose(
+    lab: &Lab,
+    sc: &Scenario,
+    rt: &tokio::runtime::Runtime,
+    state_root: &Path,
+    delayers: &[(String, crate::delay::Delayer)],
+    running: &BTreeMap<usize, usize>,
+    keep: bool,
+) -> String {
+    let mut d = String::from("diagnostics of the real run:\n");
+    for (ns, delayer) in delayers {
+        let _ = writeln!(d, "  delayer {ns}: {}", delayer.counts());
+        // Kernel side: queue, port id, waiting, copy mode, range, queue-full drops,
+        // undeliverable to the socket, last packet id, 1.
+        for l in lab.out(ns, &["cat", "/proc/net/netfilter/nfnetlink_queue"]).lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 8 {
+                let _ = writeln!(
+                    d,
+                    "    kernel queue {}: waiting for a verdict {}, dropped queue full {}, not delivered to the delayer {}, packets {}",
+                    f[0], f[2], f[5], f[6], f[7]
+                );
+            } else {
+                let _ = writeln!(d, "    {l}");
+            }
+        }
+    }
+    for (i, n) in sc.nodes.iter().enumerate() {
+        let name = n.name.get_ref();
+        let ns = format!("n{i}");
+        if n.network != NetworkKind::Offline {
+            let _ = writeln!(d, "  {name} ({ns}) UDP sockets:");
+            for l in lab.out(&ns, &["ss", "-uanm"]).lines() {
+                let _ = writeln!(d, "    {}", l.trim());
+            }
+        }
+        if running.contains_key(&i) {
+            let st = status(rt, &state_root.join(name));
+            let _ = writeln!(
+                d,
+                "  {name} last status: {}",
+                st.map(|s| serde_json::to_string(&s).unwrap_or_default()).unwrap_or_else(|| "no answer".into())
+            );
+        }
+    }
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(state_root)
+        .map(|r| {
+            r.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    for p in &logs {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL);
+        let _ = writeln!(
+            d,
+            "  last {} of {} lines of {}:",
+            lines.len() - from,
+            lines.len(),
+            p.file_name().unwrap_or_default().to_string_lossy()
+        );
+        for l in &lines[from..] {
+            let _ = writeln!(d, "    {l}");
+        }
+    }
+    if keep {
+        let dir = std::env::temp_dir().join(format!(
+            "harness-real-{}-{}",
+            lab.prefix,
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0)
+        ));
+        let kept = (|| -> std::io::Result<()> {
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
+            for p in &logs {
+                std::fs::copy(p, dir.join(p.file_name().unwrap_or_default()))?;
+            }
+            std::fs::write(dir.join("diagnostics.txt"), &d)?;
+            Ok(())
+        })();
+        let _ = match kept {
+            Ok(()) => writeln!(d, "  whole logs kept in {}", dir.display()),
+            Err(e) => writeln!(d, "  logs not kept in {}: {e}", dir.display()),
+        };
+    }
+    d
 }
 
 /// [`crate::world::receiver_verdict`] from the sampled counters.
@@ -1338,7 +1458,7 @@ fn shape(
     shapes: &[Shape],
     backend: Backend,
     seed: u64,
-    delayers: &mut Vec<crate::delay::Delayer>,
+    delayers: &mut Vec<(String, crate::delay::Delayer)>,
 ) -> anyhow::Result<()> {
     let mut nft = String::from("table ip hzshape {\n");
     for (hook, dirk, addr) in [("postrouting", "oifname", "daddr"), ("prerouting", "iifname", "saddr")] {
@@ -1432,7 +1552,7 @@ fn delay_with_nfqueue(
     dev: &str,
     timed: &[&Shape],
     seed: u64,
-    delayers: &mut Vec<crate::delay::Delayer>,
+    delayers: &mut Vec<(String, crate::delay::Delayer)>,
 ) -> anyhow::Result<()> {
     let default = timed.iter().rev().find(|s| s.dst.is_none());
     let mut classes: Vec<Shape> = timed
@@ -1455,7 +1575,10 @@ fn delay_with_nfqueue(
         .collect();
     let netns = Path::new("/run/netns").join(lab.ns(ns));
     let ns_seed = ns.bytes().fold(seed, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    delayers.push(crate::delay::Delayer::start(&netns, queues.clone(), ns_seed).context("NFQUEUE delayer")?);
+    delayers.push((
+        ns.to_string(),
+        crate::delay::Delayer::start(&netns, queues.clone(), ns_seed).context("NFQUEUE delayer")?,
+    ));
     let forwards = ns.starts_with('t');
     for (c, (q, _)) in classes.iter().zip(&queues) {
         let mut m: Vec<String> = Vec::new();
@@ -1625,7 +1748,13 @@ mod tests {
             visibility: Default::default(),
             paths: Default::default(),
         };
-        let real = RealOutcome { report: String::new(), verdicts: vec![(d, real)], passed: true, leak: None };
+        let real = RealOutcome {
+            report: String::new(),
+            verdicts: vec![(d, real)],
+            passed: true,
+            leak: None,
+            diagnostics: String::new(),
+        };
         (sim, real)
     }
 
