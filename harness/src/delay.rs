@@ -149,8 +149,6 @@ pub struct Counts {
     pub released: u64,
     /// Packets dropped because the hold was full ([`LIMIT`]).
     pub overflowed: u64,
-    /// Packets dropped on purpose (a shaping class's loss).
-    pub dropped: u64,
     /// Verdicts the kernel refused (the packet is then gone or stuck in its queue).
     pub verdict_errors: u64,
     /// Errors reading the queue socket other than "nothing to read".
@@ -165,11 +163,10 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "queued {} released {} overflowed {} dropped {} verdict errors {} recv errors {} max held {} max late {:.1} ms",
+            "queued {} released {} overflowed {} verdict errors {} recv errors {} max held {} max late {:.1} ms",
             self.queued,
             self.released,
             self.overflowed,
-            self.dropped,
             self.verdict_errors,
             self.recv_errors,
             self.max_held,
@@ -184,7 +181,6 @@ struct SharedCounts {
     queued: AtomicU64,
     released: AtomicU64,
     overflowed: AtomicU64,
-    dropped: AtomicU64,
     verdict_errors: AtomicU64,
     recv_errors: AtomicU64,
     max_held: AtomicU64,
@@ -198,7 +194,6 @@ impl SharedCounts {
             queued: l(&self.queued),
             released: l(&self.released),
             overflowed: l(&self.overflowed),
-            dropped: l(&self.dropped),
             verdict_errors: l(&self.verdict_errors),
             recv_errors: l(&self.recv_errors),
             max_held: l(&self.max_held),
