@@ -475,12 +475,13 @@ impl WgRouter {
                 peer.tx_packets += 1;
                 out.push(t);
                 // A completed handshake releases the packets queued while it was pending.
-                while !answered_init {
-                    let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) else { break };
-                    let t = reply_to(p, peer);
-                    peer.tx_bytes += t.payload.len() as u64;
-                    peer.tx_packets += 1;
-                    out.push(t);
+                if !answered_init {
+                    while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                        let t = reply_to(p, peer);
+                        peer.tx_bytes += t.payload.len() as u64;
+                        peer.tx_packets += 1;
+                        out.push(t);
+                    }
                 }
                 authed
             }
