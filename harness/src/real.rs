@@ -50,6 +50,9 @@ pub struct RealOutcome {
     /// sockets and last status, the tail of every process's log, and where the whole logs
     /// were kept (only when the run failed). Printed by `harness run` when the sides disagree.
     pub diagnostics: String,
+    /// Where a failed run's logs were kept; `harness run` removes them when the failure was an
+    /// expected difference.
+    pub kept_logs: Option<PathBuf>,
 }
 
 /// Namespaces and processes of one run; dropping it removes everything.
@@ -1054,10 +1057,10 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
-    let diagnostics = diagnose(&lab, sc, &rt, tmp.path(), &delayers, &node_child, !passed);
+    let (diagnostics, kept_logs) = diagnose(&lab, sc, &rt, tmp.path(), &delayers, &node_child, !passed);
     drop(delayers);
     drop(lab);
-    Ok(RealOutcome { report, verdicts, passed, leak, diagnostics })
+    Ok(RealOutcome { report, verdicts, passed, leak, diagnostics, kept_logs })
 }
 
 /// The log filter of the `citadel up` nodes of a real run.
@@ -1067,7 +1070,8 @@ const NODE_LOG: &str = "info,boringtun=error,citadel=debug";
 const LOG_TAIL: usize = 40;
 
 /// The diagnostics of [`RealOutcome`]: taken while everything still runs. With `keep`, the
-/// logs are copied to a fresh directory (0700) under the temporary directory, named in the text.
+/// logs are copied to a fresh directory (0700) under the temporary directory, named in the text
+/// and returned.
 fn diagnose(
     lab: &Lab,
     sc: &Scenario,
@@ -1076,7 +1080,7 @@ fn diagnose(
     delayers: &[(String, crate::delay::Delayer)],
     running: &BTreeMap<usize, usize>,
     keep: bool,
-) -> String {
+) -> (String, Option<PathBuf>) {
     let mut d = String::from("diagnostics of the real run:\n");
     for (ns, delayer) in delayers {
         let _ = writeln!(d, "  delayer {ns}: {}", delayer.counts());
@@ -1148,12 +1152,17 @@ fn diagnose(
             std::fs::write(dir.join("diagnostics.txt"), &d)?;
             Ok(())
         })();
-        let _ = match kept {
-            Ok(()) => writeln!(d, "  whole logs kept in {}", dir.display()),
-            Err(e) => writeln!(d, "  logs not kept in {}: {e}", dir.display()),
-        };
+        match kept {
+            Ok(()) => {
+                let _ = writeln!(d, "  whole logs kept in {}", dir.display());
+                return (d, Some(dir));
+            }
+            Err(e) => {
+                let _ = writeln!(d, "  logs not kept in {}: {e}", dir.display());
+            }
+        }
     }
-    d
+    (d, None)
 }
 
 /// [`crate::world::receiver_verdict`] from the sampled counters.
@@ -1801,6 +1810,7 @@ mod tests {
             passed: true,
             leak: None,
             diagnostics: String::new(),
+            kept_logs: None,
         };
         (sim, real)
     }
