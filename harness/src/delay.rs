@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,10 +140,73 @@ pub enum DelayerError {
     Unsupported,
 }
 
+/// What a delayer did so far, for the report of a failed run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Packets taken from the netfilter queues.
+    pub queued: u64,
+    /// Packets accepted after their hold.
+    pub released: u64,
+    /// Packets dropped because the hold was full ([`LIMIT`]).
+    pub overflowed: u64,
+    /// Verdicts the kernel refused (the packet is then gone or stuck in its queue).
+    pub verdict_errors: u64,
+    /// Errors reading the queue socket other than "nothing to read".
+    pub recv_errors: u64,
+    /// Most packets held at once.
+    pub max_held: u64,
+    /// Latest a packet left after its due time, in microseconds (the thread was not scheduled).
+    pub max_late_us: u64,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queued {} released {} overflowed {} verdict errors {} recv errors {} max held {} max late {:.1} ms",
+            self.queued,
+            self.released,
+            self.overflowed,
+            self.verdict_errors,
+            self.recv_errors,
+            self.max_held,
+            self.max_late_us as f64 / 1000.0
+        )
+    }
+}
+
+/// [`Counts`] shared between the delayer thread and its owner.
+#[derive(Debug, Default)]
+struct SharedCounts {
+    queued: AtomicU64,
+    released: AtomicU64,
+    overflowed: AtomicU64,
+    verdict_errors: AtomicU64,
+    recv_errors: AtomicU64,
+    max_held: AtomicU64,
+    max_late_us: AtomicU64,
+}
+
+impl SharedCounts {
+    fn get(&self) -> Counts {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            queued: l(&self.queued),
+            released: l(&self.released),
+            overflowed: l(&self.overflowed),
+            verdict_errors: l(&self.verdict_errors),
+            recv_errors: l(&self.recv_errors),
+            max_held: l(&self.max_held),
+            max_late_us: l(&self.max_late_us),
+        }
+    }
+}
+
 /// One namespace's delayer: a thread bound to its netfilter queues, stopped on drop (holding
 /// nothing back: what it still holds is accepted at once).
 pub struct Delayer {
     stop: Arc<AtomicBool>,
+    counts: Arc<SharedCounts>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -162,9 +225,10 @@ impl Delayer {
     #[cfg(target_os = "linux")]
     pub fn start(netns: &Path, queues: Vec<(u16, Spec)>, seed: u64) -> Result<Delayer, DelayerError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(SharedCounts::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let ns = netns.to_path_buf();
-        let st = stop.clone();
+        let (st, c) = (stop.clone(), counts.clone());
         let thread = std::thread::spawn(move || {
             let mut q = match open(&ns, &queues) {
                 Ok(q) => {
@@ -177,16 +241,23 @@ impl Delayer {
                 }
             };
             let specs: BTreeMap<u16, Spec> = queues.into_iter().collect();
-            run(&mut q, &specs, seed, &st);
+            run(&mut q, &specs, seed, &st, &c);
         });
         match rx.recv() {
-            Ok(Ok(())) => Ok(Delayer { stop, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Delayer { stop, counts, thread: Some(thread) }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
             Err(_) => Err(DelayerError::Thread),
         }
+    }
+}
+
+impl Delayer {
+    /// What it did so far.
+    pub fn counts(&self) -> Counts {
+        self.counts.get()
     }
 }
 
@@ -227,40 +298,55 @@ fn open(netns: &Path, queues: &[(u16, Spec)]) -> Result<nfq::Queue, DelayerError
 const POLL: Duration = Duration::from_micros(500);
 
 #[cfg(target_os = "linux")]
-fn run(q: &mut nfq::Queue, specs: &BTreeMap<u16, Spec>, seed: u64, stop: &AtomicBool) {
+fn run(q: &mut nfq::Queue, specs: &BTreeMap<u16, Spec>, seed: u64, stop: &AtomicBool, c: &SharedCounts) {
     let mut hold: Hold<nfq::Message> = Hold::new(LIMIT, seed);
+    let bump = |a: &AtomicU64| a.fetch_add(1, Ordering::Relaxed);
+    let verdict = |q: &mut nfq::Queue, mut msg: nfq::Message, v: nfq::Verdict| {
+        msg.set_verdict(v);
+        if q.verdict(msg).is_err() {
+            bump(&c.verdict_errors);
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
         loop {
             match q.recv() {
                 Ok(msg) => {
+                    bump(&c.queued);
                     let spec = specs
                         .get(&msg.get_queue_num())
                         .copied()
                         .unwrap_or(Spec { delay: Duration::ZERO, jitter: Duration::ZERO });
                     let flow = flow_of(msg.get_payload());
-                    if let Err(mut msg) = hold.push(Instant::now(), flow, spec, msg) {
-                        msg.set_verdict(nfq::Verdict::Drop);
-                        let _ = q.verdict(msg);
+                    if let Err(msg) = hold.push(Instant::now(), flow, spec, msg) {
+                        bump(&c.overflowed);
+                        verdict(q, msg, nfq::Verdict::Drop);
                     }
+                    c.max_held.fetch_max(hold.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    bump(&c.recv_errors);
                     tracing::warn!("delayer: netfilter queue: {e}");
                     break;
                 }
             }
         }
-        for mut msg in hold.pop_due(Instant::now()) {
-            msg.set_verdict(nfq::Verdict::Accept);
-            let _ = q.verdict(msg);
+        let now = Instant::now();
+        if let Some(due) = hold.next_due().filter(|t| *t <= now) {
+            let late = u64::try_from(now.duration_since(due).as_micros()).unwrap_or(u64::MAX);
+            c.max_late_us.fetch_max(late, Ordering::Relaxed);
+        }
+        for msg in hold.pop_due(now) {
+            bump(&c.released);
+            verdict(q, msg, nfq::Verdict::Accept);
         }
         let wait = hold.next_due().map_or(POLL, |t| t.saturating_duration_since(Instant::now()).min(POLL));
         std::thread::sleep(wait);
     }
-    for mut msg in hold.drain() {
-        msg.set_verdict(nfq::Verdict::Accept);
-        let _ = q.verdict(msg);
+    for msg in hold.drain() {
+        bump(&c.released);
+        verdict(q, msg, nfq::Verdict::Accept);
     }
 }
 

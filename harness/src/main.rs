@@ -85,6 +85,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     println!("{}", r.report);
                     let cmp = harness::real::compare(&sc, &out, &r);
                     println!("{}", cmp.report);
+                    if !cmp.agrees || std::env::var_os("HARNESS_REAL_DIAGNOSTICS").is_some() {
+                        println!("{}", r.diagnostics);
+                    } else if let Some(dir) = &r.kept_logs {
+                        // The real side failed only where the file expects it to.
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
                     // A real-side failure listed in `[real] expect_differ` is the agreed outcome.
                     ok &= cmp.agrees;
                 }

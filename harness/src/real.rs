@@ -46,6 +46,13 @@ pub struct RealOutcome {
     pub passed: bool,
     /// First org leak seen, if any.
     pub leak: Option<String>,
+    /// What explains a failure: each delayer's counts and its kernel queues, each node's UDP
+    /// sockets and last status, the tail of every process's log, and where the whole logs
+    /// were kept (only when the run failed). Printed by `harness run` when the sides disagree.
+    pub diagnostics: String,
+    /// Where a failed run's logs were kept; `harness run` removes them when the failure was an
+    /// expected difference.
+    pub kept_logs: Option<PathBuf>,
 }
 
 /// Namespaces and processes of one run; dropping it removes everything.
@@ -77,6 +84,14 @@ impl Lab {
             bail!("{args:?} in {ns:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
         }
         Ok(())
+    }
+
+    /// What `args` printed in namespace `ns` (its error when it failed to run).
+    fn out(&self, ns: &str, args: &[&str]) -> String {
+        match Command::new("ip").args(["netns", "exec", &self.ns(ns)]).args(args).output() {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+            Err(e) => format!("{args:?}: {e}"),
+        }
     }
 
     fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -112,6 +127,8 @@ impl Lab {
             .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             // The lab's relays serve a self-signed certificate (InsecureForTests in the map).
             .env("CITADEL_DERP_INSECURE", "1")
+            // Plain logs: their tails go into a failed run's diagnostics.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -375,58 +392,90 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         }
     }
 
-    // Link overrides and region latencies as `tc netem` on the node's (or NAT's) uplink.
+    // Latency, jitter and loss as the simulation's links set them, held on one interface's
+    // egress per link (see harness/README.md): Nexus and the relays delay nothing, so each
+    // internet host holds the whole round trip of its link to each of them (its region's
+    // latency there, else `[net]`'s); between two other internet hosts each side holds one way.
     let mut shaped: BTreeMap<(String, String), Vec<Shape>> = BTreeMap::new();
     let mut unshaped: Vec<String> = Vec::new();
     let region_of =
         |r: Option<&toml::Spanned<String>>| r.and_then(|r| sc.regions.iter().find(|x| x.name.get_ref() == r.get_ref()));
     let derp_hosts = derp_hosts(sc);
-    let region_shapes = |region: Option<&crate::scenario::RegionSpec>| -> Vec<Shape> {
-        let mut v = Vec::new();
-        if let Some(r) = region {
-            for ip in ["198.18.0.1", "198.18.0.2"] {
-                v.push(Shape {
-                    dst: Some(ip.into()),
-                    udp_only: false,
-                    delay: r.latency.0 * 2,
-                    jitter: Duration::ZERO,
-                    loss: 0.0,
-                });
-            }
-        }
-        for (name, ip, _) in derp_hosts.iter().skip(1) {
-            let other = sc.regions.iter().find(|x| format!("derp-{}", x.name.get_ref()) == *name).expect("derp region");
-            let one_way = match region {
-                Some(r) if r.name.get_ref() == other.name.get_ref() => Duration::from_millis(2),
-                Some(r) => r.latency.0 + other.latency.0,
-                None => other.latency.0,
+    let net = &sc.net;
+    let inet_ips: Vec<String> =
+        std::iter::once("198.18.0.1".to_string()).chain(derp_hosts.iter().map(|(_, ip, _)| ip.clone())).collect();
+    // One-way latency of the link between a host and each `inet` host (`world::region_links`:
+    // a NAT outside any region keeps `[net]` towards every relay).
+    let inet_links = |region: Option<&crate::scenario::RegionSpec>, is_nat: bool| -> Vec<(String, Duration)> {
+        let central = region.map_or(net.latency.0, |r| r.latency.0);
+        let mut v = vec![("198.18.0.1".to_string(), central)];
+        for (name, ip, _) in &derp_hosts {
+            let l = match sc.regions.iter().find(|x| format!("derp-{}", x.name.get_ref()) == *name) {
+                None => central,
+                Some(_) if is_nat && region.is_none() => net.latency.0,
+                Some(other) => match region {
+                    Some(r) if r.name.get_ref() == other.name.get_ref() => Duration::from_millis(2),
+                    Some(r) => r.latency.0 + other.latency.0,
+                    None => other.latency.0,
+                },
             };
-            v.push(Shape {
-                dst: Some(ip.clone()),
-                udp_only: false,
-                delay: one_way * 2,
-                jitter: Duration::ZERO,
-                loss: 0.0,
-            });
+            v.push((ip.clone(), l));
         }
         v
     };
-    if sc.regions.iter().any(|r| r.derp) || !sc.regions.is_empty() {
-        for (i, n) in sc.nodes.iter().enumerate() {
-            if n.network != NetworkKind::Offline {
-                let reg = region_of(n.region.as_ref());
-                shaped.entry((format!("n{i}"), "eth0".into())).or_default().extend(region_shapes(reg));
-            }
-        }
-        for (j, n) in sc.nats.iter().enumerate().filter(|(_, n)| n.region.is_some()) {
-            shaped
-                .entry((format!("t{j}"), "out0".into()))
-                .or_default()
-                .extend(region_shapes(region_of(n.region.as_ref())));
+    let class = |dst: Option<String>, delay: Duration, jitter: Duration| Shape {
+        dst,
+        udp_only: false,
+        delay,
+        jitter,
+        loss: 0.0,
+        loss_dirs: LossDirs::Both,
+    };
+    // Hosts on the internet bridge: public nodes and the outermost NATs.
+    let mut internet: Vec<((String, String), Option<&crate::scenario::RegionSpec>, bool)> = sc
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.nat.is_none() && n.network != NetworkKind::Offline)
+        .map(|(i, n)| ((format!("n{i}"), "eth0".to_string()), region_of(n.region.as_ref()), false))
+        .collect();
+    internet.extend(
+        sc.nats
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.behind.is_none())
+            .map(|(j, n)| ((format!("t{j}"), "out0".to_string()), region_of(n.region.as_ref()), true)),
+    );
+    for (edge, region, is_nat) in &internet {
+        let v = shaped.entry(edge.clone()).or_default();
+        v.push(class(None, net.latency.0, net.jitter.0));
+        for (ip, l) in inet_links(*region, *is_nat) {
+            v.push(class(Some(ip), l * 2, net.jitter.0 * 2));
         }
     }
+    // A NAT behind another holds the round trip of its link to the carrier.
+    for (j, _) in sc.nats.iter().enumerate().filter(|(_, n)| n.behind.is_some()) {
+        shaped.entry((format!("t{j}"), "out0".into())).or_default().push(class(
+            None,
+            net.latency.0 * 2,
+            net.jitter.0 * 2,
+        ));
+    }
+    for n in sc.nodes.iter().filter(|n| n.nat.is_some() && n.region.is_some()) {
+        let nat = sc.nat(n.nat.as_ref().expect("filtered").get_ref()).expect("validated");
+        if nat.region.as_ref().map(|r| r.get_ref()) != n.region.as_ref().map(|r| r.get_ref()) {
+            approximations.insert(format!(
+                "node {}: its TCP to Nexus and the relays takes its NAT's latencies, not its own region's",
+                n.name.get_ref()
+            ));
+        }
+    }
+    let mut access_loss: BTreeSet<usize> = BTreeSet::new();
     for l in &sc.links {
         let (a, b) = (l.a.get_ref(), l.b.get_ref());
+        let node_i = |x: &str| sc.nodes.iter().position(|n| n.name.get_ref() == x);
+        let on_its_nat =
+            |x: &str, y: &str| node_i(x).filter(|&i| sc.nodes[i].nat.as_ref().is_some_and(|t| t.get_ref() == y));
         // One egress carries the link's round trip: twice its latency and jitter.
         let shape = |dst: Option<String>| Shape {
             udp_only: dst.is_none(),
@@ -434,20 +483,26 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             delay: l.latency.map(|d| d.0 * 2).unwrap_or(Duration::ZERO),
             jitter: l.jitter.map(|d| d.0 * 2).unwrap_or(Duration::ZERO),
             loss: l.loss.unwrap_or(0.0),
+            loss_dirs: LossDirs::Both,
         };
-        let node_i = |x: &str| sc.nodes.iter().position(|n| n.name.get_ref() == x);
-        let on_its_nat =
-            |x: &str, y: &str| node_i(x).filter(|&i| sc.nodes[i].nat.as_ref().is_some_and(|t| t.get_ref() == y));
         if let Some(i) = on_its_nat(a, b).or_else(|| on_its_nat(b, a)) {
             // The access link: both directions of the whole veth.
-            let j = idx[sc.nodes[i].nat.as_ref().expect("checked").get_ref()];
-            let _ = j;
+            if l.loss.is_some() {
+                access_loss.insert(i);
+            }
             shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(None));
         } else if let (Some(i), Some(ip)) =
             (node_i(a).or(node_i(b)), host_ip(sc, &plan, &derp_hosts, if node_i(a).is_some() { b } else { a }))
         {
             if sc.nodes[i].nat.is_none() {
-                shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(shape(Some(ip)));
+                // It replaces the class the internet host had for that destination.
+                let v = shaped.entry((format!("n{i}"), "eth0".into())).or_default();
+                v.retain(|s| s.dst.as_ref() != Some(&ip));
+                v.push(shape(Some(ip.clone())));
+                if !inet_ips.contains(&ip) {
+                    approximations
+                        .insert(format!("link {a} <-> {b}: the way back also carries [net] latency at the other end"));
+                }
             } else {
                 unshaped.push(format!("{a} <-> {b}"));
             }
@@ -455,24 +510,32 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             unshaped.push(format!("{a} <-> {b}"));
         }
     }
-    // The `[net]` latency and jitter: every host on the internet holds what it sends there for
-    // one link's worth (public nodes, NATs, and Nexus and the relays), so a round trip between
-    // any two of them crosses two such links, as in simulation. Region and link latencies are
-    // added on top of it (the simulation replaces it on those links).
-    if !sc.net.latency.0.is_zero() || !sc.net.jitter.0.is_zero() {
-        let net = Shape { dst: None, udp_only: false, delay: sc.net.latency.0, jitter: sc.net.jitter.0, loss: 0.0 };
-        let mut edges: Vec<(String, String)> = vec![("inet".into(), "br0".into())];
-        edges.extend(
-            sc.nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.nat.is_none() && n.network != NetworkKind::Offline)
-                .map(|(i, _)| (format!("n{i}"), "eth0".to_string())),
-        );
-        edges.extend((0..sc.nats.len()).map(|j| (format!("t{j}"), "out0".to_string())));
-        for e in edges {
-            shaped.entry(e).or_default().insert(0, net.clone());
+    // `[net]` loss on every link UDP crosses (kernel TCP would retransmit what turmoil's TCP
+    // loses, so TCP is left alone): an internet host's egress and what reaches it from Nexus
+    // and the relays; both ways of a NAT LAN's access link unless the file gives it a loss.
+    if net.loss > 0.0 {
+        let lossy = |dst: Option<String>, dirs: LossDirs| Shape {
+            dst,
+            udp_only: true,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: net.loss,
+            loss_dirs: dirs,
+        };
+        for (edge, _, _) in &internet {
+            let v = shaped.entry(edge.clone()).or_default();
+            v.push(lossy(None, LossDirs::Egress));
+            v.extend(inet_ips.iter().map(|ip| lossy(Some(ip.clone()), LossDirs::Ingress)));
         }
+        for (i, n) in sc.nodes.iter().enumerate() {
+            if n.nat.is_some() && n.network != NetworkKind::Offline && !access_loss.contains(&i) {
+                shaped.entry((format!("n{i}"), "eth0".into())).or_default().push(lossy(None, LossDirs::Both));
+            }
+        }
+        for (j, _) in sc.nats.iter().enumerate().filter(|(_, n)| n.behind.is_some()) {
+            shaped.entry((format!("t{j}"), "out0".into())).or_default().push(lossy(None, LossDirs::Both));
+        }
+        approximations.insert("[net] loss: UDP only (kernel TCP retransmits what turmoil's TCP loses)".into());
     }
     let timed = shaped.values().flatten().any(|s| !s.delay.is_zero() || !s.jitter.is_zero());
     let backend = if !timed {
@@ -485,15 +548,12 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         approximations.insert(format!("latency and jitter: NFQUEUE delayer in the harness ({NO_NETEM})"));
         Backend::Nfqueue
     };
-    let mut delayers: Vec<crate::delay::Delayer> = Vec::new();
+    let mut delayers: Vec<(String, crate::delay::Delayer)> = Vec::new();
     for ((ns, dev), shapes) in &shaped {
         shape(&lab, ns, dev, shapes, backend, sc.seed, &mut delayers)?;
     }
     for u in &unshaped {
         approximations.insert(format!("link {u}: not shaped (only a node's own links are)"));
-    }
-    if sc.net.loss > 0.0 {
-        approximations.insert("[net] loss is not applied (only [[link]] loss is)".into());
     }
 
     let derp_args = |ip: &str| -> Vec<String> {
@@ -634,7 +694,16 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
             let key = keys.get(n.name.get_ref()).unwrap_or(&keys[n.org.get_ref()]);
             args.extend(["--authkey".to_string(), key.clone()]);
         }
-        lab.spawn(&format!("n{i}"), &citadel, &args, &tmp.path().join(format!("{name}.log")))
+        // Path decisions (disco, WireGuard, relays) are logged at debug: a failed run's
+        // diagnostics show them. CITADEL_LOG in the harness's environment overrides it.
+        let log = std::env::var("CITADEL_LOG").unwrap_or_else(|_| NODE_LOG.to_string());
+        lab.spawn_env(
+            &format!("n{i}"),
+            &citadel,
+            &args,
+            &tmp.path().join(format!("{name}.log")),
+            &[("CITADEL_LOG", PathBuf::from(log))],
+        )
     };
 
     loop {
@@ -988,9 +1057,112 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
     };
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
+    let (diagnostics, kept_logs) = diagnose(&lab, sc, &rt, tmp.path(), &delayers, &node_child, !passed);
     drop(delayers);
     drop(lab);
-    Ok(RealOutcome { report, verdicts, passed, leak })
+    Ok(RealOutcome { report, verdicts, passed, leak, diagnostics, kept_logs })
+}
+
+/// The log filter of the `citadel up` nodes of a real run.
+const NODE_LOG: &str = "info,boringtun=error,citadel=debug";
+
+/// Lines of each log kept in a failed run's diagnostics.
+const LOG_TAIL: usize = 40;
+
+/// The diagnostics of [`RealOutcome`]: taken while everything still runs. With `keep`, the
+/// logs are copied to a fresh directory (0700) under the temporary directory, named in the text
+/// and returned.
+fn diagnose(
+    lab: &Lab,
+    sc: &Scenario,
+    rt: &tokio::runtime::Runtime,
+    state_root: &Path,
+    delayers: &[(String, crate::delay::Delayer)],
+    running: &BTreeMap<usize, usize>,
+    keep: bool,
+) -> (String, Option<PathBuf>) {
+    let mut d = String::from("diagnostics of the real run:\n");
+    for (ns, delayer) in delayers {
+        let _ = writeln!(d, "  delayer {ns}: {}", delayer.counts());
+        // Kernel side: queue, port id, waiting, copy mode, range, queue-full drops,
+        // undeliverable to the socket, last packet id, 1.
+        for l in lab.out(ns, &["cat", "/proc/net/netfilter/nfnetlink_queue"]).lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 8 {
+                let _ = writeln!(
+                    d,
+                    "    kernel queue {}: waiting for a verdict {}, dropped queue full {}, not delivered to the delayer {}, packets {}",
+                    f[0], f[2], f[5], f[6], f[7]
+                );
+            } else {
+                let _ = writeln!(d, "    {l}");
+            }
+        }
+    }
+    for (i, n) in sc.nodes.iter().enumerate() {
+        let name = n.name.get_ref();
+        let ns = format!("n{i}");
+        if n.network != NetworkKind::Offline {
+            let _ = writeln!(d, "  {name} ({ns}) UDP sockets:");
+            for l in lab.out(&ns, &["ss", "-uanm"]).lines() {
+                let _ = writeln!(d, "    {}", l.trim());
+            }
+        }
+        if running.contains_key(&i) {
+            let st = status(rt, &state_root.join(name));
+            let _ = writeln!(
+                d,
+                "  {name} last status: {}",
+                st.map(|s| serde_json::to_string(&s).unwrap_or_default()).unwrap_or_else(|| "no answer".into())
+            );
+        }
+    }
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(state_root)
+        .map(|r| {
+            r.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    for p in &logs {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL);
+        let _ = writeln!(
+            d,
+            "  last {} of {} lines of {}:",
+            lines.len() - from,
+            lines.len(),
+            p.file_name().unwrap_or_default().to_string_lossy()
+        );
+        for l in &lines[from..] {
+            let _ = writeln!(d, "    {l}");
+        }
+    }
+    if keep {
+        let dir = std::env::temp_dir().join(format!(
+            "harness-real-{}-{}",
+            lab.prefix,
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0)
+        ));
+        let kept = (|| -> std::io::Result<()> {
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
+            for p in &logs {
+                std::fs::copy(p, dir.join(p.file_name().unwrap_or_default()))?;
+            }
+            std::fs::write(dir.join("diagnostics.txt"), &d)?;
+            Ok(())
+        })();
+        match kept {
+            Ok(()) => {
+                let _ = writeln!(d, "  whole logs kept in {}", dir.display());
+                return (d, Some(dir));
+            }
+            Err(e) => {
+                let _ = writeln!(d, "  logs not kept in {}: {e}", dir.display());
+            }
+        }
+    }
+    (d, None)
 }
 
 /// [`crate::world::receiver_verdict`] from the sampled counters.
@@ -1259,6 +1431,16 @@ struct Shape {
     delay: Duration,
     jitter: Duration,
     loss: f64,
+    /// Which directions `loss` drops.
+    loss_dirs: LossDirs,
+}
+
+/// The directions of an interface a [`Shape`]'s loss applies to (to `dst`, from `dst`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LossDirs {
+    Both,
+    Egress,
+    Ingress,
 }
 
 /// What delays packets in `--real`.
@@ -1330,7 +1512,7 @@ fn has_netem(lab: &Lab) -> bool {
 /// destination; with [`Backend::Nfqueue`] iptables `raw` rules (before conntrack, so no
 /// unconfirmed NAT entry waits in the queue) send each class to its own netfilter queue, which
 /// a [`crate::delay::Delayer`] bound in the namespace holds (it is pushed on `delayers`). A
-/// class for a destination adds the interface's default class on top.
+/// class for a destination replaces the interface's default class for it.
 fn shape(
     lab: &Lab,
     ns: &str,
@@ -1338,22 +1520,9 @@ fn shape(
     shapes: &[Shape],
     backend: Backend,
     seed: u64,
-    delayers: &mut Vec<crate::delay::Delayer>,
+    delayers: &mut Vec<(String, crate::delay::Delayer)>,
 ) -> anyhow::Result<()> {
-    let mut nft = String::from("table ip hzshape {\n");
-    for (hook, dirk, addr) in [("postrouting", "oifname", "daddr"), ("prerouting", "iifname", "saddr")] {
-        nft += &format!("  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n");
-        for s in shapes.iter().filter(|s| s.loss > 0.0) {
-            let per_mille = (s.loss * 1000.0).round() as u32;
-            let mut m = s.dst.as_ref().map(|d| format!("ip {addr} {d} ")).unwrap_or_default();
-            if s.udp_only {
-                m += "meta l4proto udp ";
-            }
-            nft += &format!("    {dirk} \"{dev}\" {m}numgen random mod 1000 < {per_mille} drop\n");
-        }
-        nft += "  }\n";
-    }
-    nft += "}\n";
+    let nft = loss_ruleset(dev, shapes);
     if shapes.iter().any(|s| s.loss > 0.0) {
         let file = std::env::temp_dir().join(format!("{}-{ns}-{dev}.nft", lab.prefix));
         std::fs::write(&file, nft)?;
@@ -1395,17 +1564,14 @@ fn shape(
     for (k, s) in std::iter::once(default.copied()).chain(by_dst.iter().map(|s| Some(**s))).enumerate() {
         let class = format!("1:{}", k + 1);
         run(base(&["tc", "class", "add", "dev", dev, "parent", "1:", "classid", &class, "htb", "rate", "10gbit"]))?;
-        let mut eff = s.cloned().unwrap_or(Shape {
+        let eff = s.cloned().unwrap_or(Shape {
             dst: None,
             udp_only: false,
             delay: Duration::ZERO,
             jitter: Duration::ZERO,
             loss: 0.0,
+            loss_dirs: LossDirs::Both,
         });
-        if let (Some(d), Some(_)) = (default, &eff.dst) {
-            eff.delay += d.delay;
-            eff.jitter += d.jitter;
-        }
         if !eff.delay.is_zero() || !eff.jitter.is_zero() {
             let mut a = base(&["tc", "qdisc", "add", "dev", dev, "parent", &class, "handle", &format!("{}:", k + 10)]);
             a.extend(params(&eff));
@@ -1422,6 +1588,27 @@ fn shape(
     Ok(())
 }
 
+/// The nftables table dropping each shape's `loss` share of the packets on `dev`, in the
+/// shape's directions (to its destination on egress, from it on ingress).
+fn loss_ruleset(dev: &str, shapes: &[Shape]) -> String {
+    let mut nft = String::from("table ip hzshape {\n");
+    for (hook, dirk, addr, dir) in
+        [("postrouting", "oifname", "daddr", LossDirs::Egress), ("prerouting", "iifname", "saddr", LossDirs::Ingress)]
+    {
+        nft += &format!("  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n");
+        for s in shapes.iter().filter(|s| s.loss > 0.0 && (s.loss_dirs == dir || s.loss_dirs == LossDirs::Both)) {
+            let per_mille = (s.loss * 1000.0).round() as u32;
+            let mut m = s.dst.as_ref().map(|d| format!("ip {addr} {d} ")).unwrap_or_default();
+            if s.udp_only {
+                m += "meta l4proto udp ";
+            }
+            nft += &format!("    {dirk} \"{dev}\" {m}numgen random mod 1000 < {per_mille} drop\n");
+        }
+        nft += "  }\n";
+    }
+    nft + "}\n"
+}
+
 /// The [`Backend::Nfqueue`] half of [`shape`]: one netfilter queue per class (destination
 /// classes first, as the first matching `NFQUEUE` rule takes the packet), a delayer bound to
 /// them, then the rules: `raw OUTPUT -o dev` for the namespace's own packets and, in a NAT,
@@ -1432,21 +1619,10 @@ fn delay_with_nfqueue(
     dev: &str,
     timed: &[&Shape],
     seed: u64,
-    delayers: &mut Vec<crate::delay::Delayer>,
+    delayers: &mut Vec<(String, crate::delay::Delayer)>,
 ) -> anyhow::Result<()> {
     let default = timed.iter().rev().find(|s| s.dst.is_none());
-    let mut classes: Vec<Shape> = timed
-        .iter()
-        .filter(|s| s.dst.is_some())
-        .map(|s| {
-            let mut eff = (*s).clone();
-            if let Some(d) = default {
-                eff.delay += d.delay;
-                eff.jitter += d.jitter;
-            }
-            eff
-        })
-        .collect();
+    let mut classes: Vec<Shape> = timed.iter().filter(|s| s.dst.is_some()).map(|s| (*s).clone()).collect();
     classes.extend(default.map(|d| (*d).clone()));
     let queues: Vec<(u16, crate::delay::Spec)> = classes
         .iter()
@@ -1455,7 +1631,10 @@ fn delay_with_nfqueue(
         .collect();
     let netns = Path::new("/run/netns").join(lab.ns(ns));
     let ns_seed = ns.bytes().fold(seed, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    delayers.push(crate::delay::Delayer::start(&netns, queues.clone(), ns_seed).context("NFQUEUE delayer")?);
+    delayers.push((
+        ns.to_string(),
+        crate::delay::Delayer::start(&netns, queues.clone(), ns_seed).context("NFQUEUE delayer")?,
+    ));
     let forwards = ns.starts_with('t');
     for (c, (q, _)) in classes.iter().zip(&queues) {
         let mut m: Vec<String> = Vec::new();
@@ -1625,8 +1804,47 @@ mod tests {
             visibility: Default::default(),
             paths: Default::default(),
         };
-        let real = RealOutcome { report: String::new(), verdicts: vec![(d, real)], passed: true, leak: None };
+        let real = RealOutcome {
+            report: String::new(),
+            verdicts: vec![(d, real)],
+            passed: true,
+            leak: None,
+            diagnostics: String::new(),
+            kept_logs: None,
+        };
         (sim, real)
+    }
+
+    #[test]
+    fn loss_rules_follow_their_directions() {
+        let shape = |dst: Option<&str>, loss: f64, loss_dirs| Shape {
+            dst: dst.map(String::from),
+            udp_only: true,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss,
+            loss_dirs,
+        };
+        let nft = loss_ruleset(
+            "eth0",
+            &[
+                shape(None, 0.05, LossDirs::Egress),
+                shape(Some("198.18.0.2"), 0.05, LossDirs::Ingress),
+                shape(Some("198.18.0.9"), 0.2, LossDirs::Both),
+                shape(None, 0.0, LossDirs::Both),
+            ],
+        );
+        let (post, pre) = nft.split_once("chain prerouting").expect("both chains");
+        assert_eq!(post.matches("drop").count(), 2, "{nft}");
+        assert!(post.contains("oifname \"eth0\" meta l4proto udp numgen random mod 1000 < 50 drop"), "{nft}");
+        assert!(post.contains("ip daddr 198.18.0.9 meta l4proto udp numgen random mod 1000 < 200 drop"), "{nft}");
+        assert_eq!(pre.matches("drop").count(), 2, "{nft}");
+        assert!(
+            pre.contains("iifname \"eth0\" ip saddr 198.18.0.2 meta l4proto udp numgen random mod 1000 < 50"),
+            "{nft}"
+        );
+        assert!(pre.contains("ip saddr 198.18.0.9"), "{nft}");
+        assert!(!pre.contains("daddr") && !post.contains("saddr"), "{nft}");
     }
 
     #[test]

@@ -107,9 +107,26 @@ pub fn caddy() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, for a process the test starts next.
+///
+/// Never the same port twice in one test process, and taken below Linux's ephemeral range
+/// (32768-60999): a port the kernel hands out for `bind(0)` can be handed out again, or taken by
+/// another connection's source port, before the child binds it, and the test then fails by
+/// chance.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use rand::Rng;
+    use std::sync::{Mutex, OnceLock};
+    static GIVEN: OnceLock<Mutex<std::collections::BTreeSet<u16>>> = OnceLock::new();
+    let mut given = GIVEN.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999 after 1000 tries");
 }
 
 /// The suite's test CA: one CA and a server certificate for `localhost` and loopback,

@@ -510,16 +510,23 @@ impl WgRouter {
                 if reply.first() == Some(&MSG_HANDSHAKE_RESPONSE) {
                     c.handshakes.fetch_add(1, Relaxed);
                 }
+                // Having answered the peer's initiation, packets still queued wait for a
+                // session: flushing them now would start an initiation of ours, which replaces
+                // the one in flight, and two peers initiating at once would keep invalidating
+                // each other's handshakes.
+                let answered_init = reply.first() == Some(&MSG_HANDSHAKE_RESPONSE);
                 let t = reply_to(reply, peer);
                 peer.tx_bytes += t.payload.len() as u64;
                 peer.tx_packets += 1;
                 out.push(t);
                 // A completed handshake releases the packets queued while it was pending.
-                while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
-                    let t = reply_to(p, peer);
-                    peer.tx_bytes += t.payload.len() as u64;
-                    peer.tx_packets += 1;
-                    out.push(t);
+                if !answered_init {
+                    while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                        let t = reply_to(p, peer);
+                        peer.tx_bytes += t.payload.len() as u64;
+                        peer.tx_packets += 1;
+                        out.push(t);
+                    }
                 }
                 authed
             }
@@ -812,6 +819,46 @@ pub(crate) mod tests {
             wire = next;
         }
         (got_a, got_b)
+    }
+
+    #[test]
+    fn simultaneous_initiations_both_complete() {
+        // Both sides queue a packet and initiate at once; every message of a round crosses the
+        // other side's, as on a link with equal latency both ways. Time moves 30 ms a round,
+        // so each initiation carries a newer timestamp than the last.
+        let (mut a, mut b) = (node(3, 1003), node(4, 1004));
+        connect(&mut a, &mut b);
+        let pa = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"from a");
+        let pb = udp_packet([100, 64, 0, 2], [100, 64, 0, 1], b"from b");
+        let (mut out_a, mut out_b) = (vec![], vec![]);
+        a.wg.send_packet(&pa, &mut out_a);
+        b.wg.send_packet(&pb, &mut out_b);
+        let mut wire: Vec<(SocketAddr, Transmit)> =
+            out_a.into_iter().map(|t| (a.addr, t)).chain(out_b.into_iter().map(|t| (b.addr, t))).collect();
+        let (mut got_a, mut got_b) = (vec![], vec![]);
+        let mut now = crate::clock::now();
+        for _ in 0..40 {
+            now += Duration::from_millis(30);
+            a.wg.set_now(now);
+            b.wg.set_now(now);
+            let mut next = vec![];
+            for (from, t) in wire.drain(..) {
+                let Path::Direct(to) = t.path else { continue };
+                let (n, got) = if to == a.addr { (&mut a, &mut got_a) } else { (&mut b, &mut got_b) };
+                let (mut out, mut del) = (vec![], vec![]);
+                n.wg.handle_datagram(from, &t.payload, &mut out, &mut del);
+                got.extend(del.into_iter().map(|(_, p)| p));
+                next.extend(out.into_iter().map(|t| (n.addr, t)));
+            }
+            wire = next;
+        }
+        assert_eq!(got_b, vec![pa], "b got a's packet");
+        assert_eq!(got_a, vec![pb], "a got b's packet");
+        for n in [&a, &b] {
+            let c = &n.wg.counters;
+            assert!(c.rx_rejected.load(Relaxed) <= 1, "handshakes kept replacing each other: {c:?}");
+            assert!(n.wg.stats(now)[0].last_handshake.is_some());
+        }
     }
 
     #[test]
