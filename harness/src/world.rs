@@ -993,8 +993,10 @@ fn configure_links(
         if !concerns {
             continue;
         }
-        if let Some(lat) = l.latency {
-            set_latency(sim, a, b, lat.0, l.jitter.map(|j| j.0).unwrap_or(sc.net.jitter.0));
+        // Either one given overrides `[net]`'s; the other keeps `[net]`'s value.
+        if l.latency.is_some() || l.jitter.is_some() {
+            let lat = l.latency.map_or(sc.net.latency.0, |d| d.0);
+            set_latency(sim, a, b, lat, l.jitter.map_or(sc.net.jitter.0, |j| j.0));
         }
         if let Some(loss) = l.loss {
             sim.set_link_fail_rate(a, b, loss);
