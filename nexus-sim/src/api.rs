@@ -250,6 +250,8 @@ async fn set_tags(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json
         Some(_) => return Err(bad("tags must be a list")),
     };
     let n = s.store.set_tags(id, tags)?;
+    // Tags decide which auto-approvers apply.
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -261,6 +263,8 @@ async fn move_node(State(s): State<Shared>, Path(id): Path<String>, Json(b): Jso
     let user = b.get("user").and_then(json_str).ok_or_else(|| bad("user is required"))?;
     let u = resolve_user(&s, &user)?;
     let n = s.store.move_node(id, u.id)?;
+    // The owner decides which auto-approvers apply.
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -286,6 +290,7 @@ async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, 
         s.cfg.ipv4_base,
         s.cfg.ipv6_base,
     )?;
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 

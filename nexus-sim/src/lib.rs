@@ -331,6 +331,8 @@ pub struct Inner {
     pub device: device::Flows,
     pub metrics: metrics::Metrics,
     pub policy: policy::PolicyState,
+    /// Map entries serialized once for every viewer.
+    pub entries: control::EntryCache,
 }
 
 /// Handle to the shared state.
@@ -394,6 +396,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         device: device::Flows::default(),
         metrics: metrics::Metrics::default(),
         policy: policy_state,
+        entries: Default::default(),
     }))
 }
 

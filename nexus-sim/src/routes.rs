@@ -138,7 +138,11 @@ pub fn allowed_ips(n: &Node, own: &[Prefix], primary: &[Prefix]) -> (Vec<String>
 pub fn auto_approve(s: &Shared, id: u64) -> Result<Node, crate::store::StoreError> {
     let (pol, _) = s.policy.get();
     if !pol.has_auto_approvers() {
-        return s.store.node(id).ok_or_else(|| crate::store::StoreError::NotFound(format!("node {id}")));
+        return s
+            .store
+            .node(id)
+            .map(std::sync::Arc::unwrap_or_clone)
+            .ok_or_else(|| crate::store::StoreError::NotFound(format!("node {id}")));
     }
     let users = crate::policy::state::users(&s.store);
     s.store.update_node(id, |n| {

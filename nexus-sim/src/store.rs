@@ -310,6 +310,14 @@ pub struct Store {
     all: watch::Sender<u64>,
 }
 
+/// Meta-table rows holding one machine's address allocation are named this, then the key.
+const ALLOC_ROW: &str = "alloc:";
+
+fn alloc_row(mk: &MachinePublic) -> String {
+    let key = serde_json::to_value(mk).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    format!("{ALLOC_ROW}{key}")
+}
+
 const TABLES: [&str; 5] = ["users", "preauthkeys", "nodes", "apikeys", "meta"];
 
 fn sha256_hex(s: &str) -> String {
@@ -368,7 +376,7 @@ impl Store {
             None => None,
             Some(p) => {
                 make_private(p)?;
-                let c = rusqlite::Connection::open(p)?;
+                let mut c = rusqlite::Connection::open(p)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 for t in TABLES {
                     c.execute(
@@ -415,13 +423,33 @@ impl Store {
                 for (_, k) in load::<ApiKey>(&c, "apikeys")? {
                     data.api_keys.insert(k.id, k);
                 }
+                let mut legacy = vec![];
                 for (id, v) in load::<serde_json::Value>(&c, "meta")? {
-                    if id == "allocations" {
-                        let a: Vec<(MachinePublic, u32)> = serde_json::from_value(v).unwrap_or_default();
-                        data.allocations = a.into_iter().collect();
+                    if let Some(mk) = id.strip_prefix(ALLOC_ROW) {
+                        let mk: Option<MachinePublic> = serde_json::from_value(mk.into()).ok();
+                        if let (Some(mk), Some(i)) = (mk, v.as_u64().and_then(|i| u32::try_from(i).ok())) {
+                            data.allocations.insert(mk, i);
+                        }
+                    } else if id == "allocations" {
+                        // The whole list in one row, as older versions wrote it.
+                        legacy = serde_json::from_value::<Vec<(MachinePublic, u32)>>(v).unwrap_or_default();
                     } else if id == "next_id" {
                         data.next_id = v.as_u64().unwrap_or(1);
                     }
+                }
+                if !legacy.is_empty() {
+                    let tx = c.transaction()?;
+                    for (mk, i) in legacy {
+                        data.allocations.entry(mk).or_insert(i);
+                    }
+                    for (mk, i) in &data.allocations {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta (id, json) VALUES (?1, ?2)",
+                            rusqlite::params![alloc_row(mk), i.to_string()],
+                        )?;
+                    }
+                    tx.execute("DELETE FROM meta WHERE id = 'allocations'", [])?;
+                    tx.commit()?;
                 }
                 Some(Arc::new(Mutex::new(c)))
             }
@@ -460,15 +488,15 @@ impl Store {
         }
     }
 
-    /// Writes one row (if any) and the allocation metadata in a single transaction, so a
-    /// crash never leaves a node without its address allocation or the other way round.
-    fn put_with_meta<T: Serialize>(&self, d: &Data, row: Option<(&str, &str, &T)>) {
+    /// Writes one row (if any), the id counter and machine `mk`'s address allocation (if
+    /// given) in a single transaction, so a crash never leaves a node without its address
+    /// allocation or the other way round.
+    fn put_with_meta<T: Serialize>(&self, d: &Data, mk: Option<&MachinePublic>, row: Option<(&str, &str, &T)>) {
         let Some(db) = &self.db else { return };
-        let a: Vec<(MachinePublic, u32)> = d.allocations.iter().map(|(k, v)| (*k, *v)).collect();
-        let mut rows = vec![
-            ("meta", "allocations".to_string(), serde_json::to_string(&a).expect("serializes")),
-            ("meta", "next_id".to_string(), d.next_id.to_string()),
-        ];
+        let mut rows = vec![("meta", "next_id".to_string(), d.next_id.to_string())];
+        if let Some((mk, i)) = mk.and_then(|mk| d.allocations.get(mk).map(|i| (mk, i))) {
+            rows.push(("meta", alloc_row(mk), i.to_string()));
+        }
         if let Some((table, id, v)) = row {
             rows.push((table, id.to_string(), serde_json::to_string(v).expect("serializes")));
         }
@@ -561,14 +589,8 @@ impl Store {
     }
 
     /// The nodes of org `user_id` (by ascending id), without scanning other orgs.
-    pub fn org_nodes(&self, user_id: u64) -> Vec<Node> {
-        self.org_nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
-    }
-
-    /// [`Store::org_nodes`] without copying the records.
-    pub fn org_nodes_shared(&self, user_id: u64) -> Vec<Arc<Node>> {
-        let d = self.data.lock();
-        d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect()
+    pub fn org_nodes(&self, user_id: u64) -> Vec<Arc<Node>> {
+        self.nodes(Some(user_id))
     }
 
     /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the
@@ -626,7 +648,7 @@ impl Store {
             created_at: Utc::now(),
         };
         d.users.insert(u.id, u.clone());
-        self.put_with_meta(&d, Some(("users", &u.id.to_string(), &u)));
+        self.put_with_meta(&d, None, Some(("users", &u.id.to_string(), &u)));
         Ok(u)
     }
 
@@ -690,7 +712,7 @@ impl Store {
             acl_tags,
         };
         d.keys.insert(k.id, k.clone());
-        self.put_with_meta(&d, Some(("preauthkeys", &k.id.to_string(), &k)));
+        self.put_with_meta(&d, None, Some(("preauthkeys", &k.id.to_string(), &k)));
         Ok(PreAuthKey { key: full, ..k })
     }
 
@@ -726,7 +748,7 @@ impl Store {
         let k =
             ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
         d.api_keys.insert(k.id, k.clone());
-        self.put_with_meta(&d, Some(("apikeys", &k.id.to_string(), &k)));
+        self.put_with_meta(&d, None, Some(("apikeys", &k.id.to_string(), &k)));
         (full, k)
     }
 
@@ -783,12 +805,8 @@ impl Store {
 
     // ---- nodes
 
-    pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
-    }
-
-    /// [`Store::nodes`] without copying the records (by ascending id).
-    pub fn nodes_shared(&self, user_id: Option<u64>) -> Vec<Arc<Node>> {
+    /// Every node, or org `user_id`'s, by ascending id (the records are shared, not copied).
+    pub fn nodes(&self, user_id: Option<u64>) -> Vec<Arc<Node>> {
         let d = self.data.lock();
         match user_id {
             Some(u) => d.by_org.get(&u).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect(),
@@ -796,13 +814,20 @@ impl Store {
         }
     }
 
-    pub fn node(&self, id: u64) -> Option<Node> {
-        self.node_shared(id).map(Arc::unwrap_or_clone)
+    /// Node `id` (the record is shared, not copied).
+    pub fn node(&self, id: u64) -> Option<Arc<Node>> {
+        self.data.lock().node(id).cloned()
     }
 
-    /// [`Store::node`] without copying the record.
-    pub fn node_shared(&self, id: u64) -> Option<Arc<Node>> {
-        self.data.lock().node(id).cloned()
+    /// The nodes with these ids that exist, in the order given.
+    pub fn nodes_by_id(&self, ids: &[u64]) -> Vec<Arc<Node>> {
+        let d = self.data.lock();
+        ids.iter().filter_map(|id| d.node(*id).cloned()).collect()
+    }
+
+    /// How many nodes exist.
+    pub fn node_count(&self) -> usize {
+        self.data.lock().nodes.len()
     }
 
     /// The node registered with this machine key and node key.
@@ -963,7 +988,7 @@ impl Store {
                 n
             }
         };
-        self.put_with_meta(&d, Some(("nodes", &node.id.to_string(), &node)));
+        self.put_with_meta(&d, Some(&mk), Some(("nodes", &node.id.to_string(), &node)));
         drop(d);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
             self.emit(u, Change::Removed(node.id));
