@@ -1177,6 +1177,69 @@ mod tests {
         assert!(matches!(st.store_changed(), Step::End));
     }
 
+    /// Cached map entries follow the node: a changed record, its online state and its key
+    /// expiring each show in the next full map, and a deleted node's entry is dropped.
+    #[test]
+    fn cached_entries_follow_node_changes() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let a1 = reg(&s, 1, org, vec![]);
+        let a2 = reg(&s, 2, org, vec![]);
+        let peer = |s: &Shared| {
+            let (_, m) = Streamer::start(s, &s.store.node(a1.id).unwrap());
+            m.response().peers.unwrap().into_iter().find(|p| p.id == a2.id as i64).unwrap()
+        };
+        let first = peer(&s);
+        assert_eq!(peer(&s), first, "same record, same entry");
+        assert!(s.entries.entries.lock().contains_key(&a2.id));
+        s.store
+            .update_node(a2.id, |n| {
+                n.hostinfo.hostname = "renamed".into();
+                n.endpoints = vec!["127.0.0.1:9".into()];
+                true
+            })
+            .unwrap();
+        let p = peer(&s);
+        assert_eq!((p.hostinfo.hostname.as_str(), p.endpoints.clone()), ("renamed", vec!["127.0.0.1:9".to_string()]));
+        assert_eq!(p.online, Some(false));
+        s.store.session(a2.id, true);
+        assert_eq!(peer(&s).online, Some(true));
+        s.store
+            .update_node(a2.id, |n| {
+                n.expiry = Some(Utc::now() + chrono::Duration::milliseconds(300));
+                true
+            })
+            .unwrap();
+        assert!(!peer(&s).expired);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(peer(&s).expired, "the entry shows the key expired without a store change");
+        // A deletion seen by a stream drops the entry.
+        let (mut st, _) = Streamer::start(&s, &a1);
+        s.store.delete_node(a2.id).unwrap();
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a delete") };
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
+        assert!(!s.entries.entries.lock().contains_key(&a2.id));
+    }
+
+    /// The spliced JSON of a message with cached entries is the JSON of the same message
+    /// built whole.
+    #[test]
+    fn spliced_messages_equal_whole_ones() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let nodes: Vec<StoreNode> = (1..=3).map(|k| reg(&s, k, org, vec![])).collect();
+        let (_, out) = Streamer::start(&s, &nodes[0]);
+        let whole = out.response();
+        assert_eq!(whole.peers.as_ref().map(Vec::len), Some(2));
+        let a: serde_json::Value = serde_json::from_slice(&out.to_json()).unwrap();
+        let b = serde_json::to_value(&whole).unwrap();
+        assert_eq!(a, b);
+        // Nothing but entries, and no entries at all.
+        let only = Out { resp: MapResponse::default(), peers: None, changed: out.peers.clone().unwrap() };
+        assert_eq!(only.response().peers_changed, whole.peers);
+        assert_eq!(Out::default().to_json(), b"{}");
+    }
+
     #[test]
     fn a_lagging_cursor_is_reported_and_logs_are_bounded() {
         let s = shared();

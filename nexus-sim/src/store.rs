@@ -1334,6 +1334,42 @@ mod tests {
         assert_eq!(reg(&s, 1, u.id).ipv4, a.ipv4);
         assert_eq!(reg(&s, 3, u.id).ipv4, Ipv4Addr::new(100, 64, 0, 3));
     }
+
+    /// A registration writes its own allocation row, not the whole list; a database holding
+    /// the list in one row (older versions) is moved to rows and keeps every address.
+    #[test]
+    fn allocations_are_one_row_each_and_the_old_list_migrates() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let b = reg(&s, 2, u.id);
+        drop(s);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let rows = |c: &rusqlite::Connection| -> Vec<(String, String)> {
+            let mut st = c.prepare("SELECT id, json FROM meta WHERE id LIKE 'alloc%' ORDER BY id").unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+        };
+        let got = rows(&c);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|(id, _)| id.starts_with(ALLOC_ROW)), "{got:?}");
+        // Back to the old layout: one row with the whole list.
+        let list: Vec<(MachinePublic, u32)> = vec![(a.machine_key, 1), (b.machine_key, 2)];
+        c.execute("DELETE FROM meta WHERE id LIKE 'alloc:%'", []).unwrap();
+        c.execute("INSERT INTO meta (id, json) VALUES ('allocations', ?1)", [serde_json::to_string(&list).unwrap()])
+            .unwrap();
+        drop(c);
+        let s = Store::open(Some(&db)).unwrap();
+        s.delete_node(a.id).unwrap();
+        assert_eq!(reg(&s, 1, u.id).ipv4, a.ipv4, "the migrated allocation keeps the address");
+        assert_eq!(reg(&s, 3, u.id).ipv4, Ipv4Addr::new(100, 64, 0, 3), "no index is handed out twice");
+        drop(s);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let got = rows(&c);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.iter().all(|(id, _)| id != "allocations"), "the old row is gone: {got:?}");
+    }
 }
 
 /// Policies kept in the `policies` table (older ones are dropped).
