@@ -784,7 +784,7 @@ impl Streamer {
         };
         let m = self.reset(&me);
         match old {
-            Some(old) => diff_maps(&old, &m.resp).map_or(Step::Nothing, |d| Step::Send(d.into())),
+            Some(old) => diff_maps(&old, &m.response()).map_or(Step::Nothing, |d| Step::Send(d.into())),
             None => Step::Send(replacing(&self.s, m, self.node_id)),
         }
     }
