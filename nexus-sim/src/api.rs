@@ -51,6 +51,7 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// A user as Headscale's REST API shows it.
 pub fn user_json(u: &User) -> Value {
     json!({"id": u.id.to_string(), "name": u.name, "createdAt": ts(&u.created_at), "displayName": u.display_name,
            "email": "", "providerId": "", "provider": "", "profilePicUrl": ""})

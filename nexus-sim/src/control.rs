@@ -176,7 +176,9 @@ impl EntryCache {
 /// Who is on the other end of a Noise session.
 #[derive(Clone, Copy)]
 pub struct Session {
+    /// The client's machine key.
     pub machine: MachinePublic,
+    /// The client's capability version.
     pub version: u16,
 }
 

@@ -18,9 +18,13 @@ use tokio::sync::watch;
 /// An org (Headscale user).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
+    /// Id.
     pub id: u64,
+    /// Unique name.
     pub name: String,
+    /// Name to show.
     pub display_name: String,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
 }
 
@@ -28,6 +32,7 @@ pub struct User {
 /// text only in the value [`Store::create_key`] returns, to be shown once.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct PreAuthKey {
+    /// Id.
     pub id: u64,
     /// The full key, right after creation; empty otherwise. Never written to the database
     /// (read only to migrate rows from before keys were hashed).
@@ -39,12 +44,19 @@ pub struct PreAuthKey {
     /// SHA-256 of the full key, hex.
     #[serde(default)]
     pub hash: String,
+    /// Org the key registers nodes into.
     pub user_id: u64,
+    /// Usable more than once.
     pub reusable: bool,
+    /// Nodes it registers are removed once offline.
     pub ephemeral: bool,
+    /// Used at least once.
     pub used: bool,
+    /// When it stops working.
     pub expiration: Option<DateTime<Utc>>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Tags its nodes get.
     pub acl_tags: Vec<String>,
 }
 
@@ -87,23 +99,41 @@ fn same_hash(a: &str, b: &str) -> bool {
 /// A registered node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Node {
+    /// Id (stable).
     pub id: u64,
+    /// Machine key (Noise identity).
     pub machine_key: MachinePublic,
+    /// Current node key.
     pub node_key: NodePublic,
+    /// Disco key it last reported.
     pub disco_key: DiscoPublic,
+    /// Org (user) it belongs to.
     pub user_id: u64,
+    /// Host name it reported.
     pub hostname: String,
+    /// DNS label, unique on the server.
     pub given_name: String,
+    /// Mesh IPv4 address.
     pub ipv4: Ipv4Addr,
+    /// Mesh IPv6 address.
     pub ipv6: Ipv6Addr,
+    /// Endpoints it last reported.
     pub endpoints: Vec<String>,
+    /// Hostinfo it last reported.
     pub hostinfo: Hostinfo,
+    /// Node-key expiry, if any.
     pub expiry: Option<DateTime<Utc>>,
+    /// When it registered.
     pub created_at: DateTime<Utc>,
+    /// When it last went online or offline.
     pub last_seen: Option<DateTime<Utc>>,
+    /// Removed once offline (ephemeral).
     pub ephemeral: bool,
+    /// ACL tags.
     pub tags: Vec<String>,
+    /// Pre-auth key it registered with.
     pub auth_key_id: Option<u64>,
+    /// How it registered (`authkey`, `cli`, ...).
     pub register_method: String,
     /// Home DERP region the node reports (0 = none).
     #[serde(default)]
@@ -123,21 +153,30 @@ impl Node {
 /// An admin API key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ApiKey {
+    /// Id.
     pub id: u64,
+    /// Public prefix (`nsapi-<prefix>.`).
     pub prefix: String,
     /// SHA-256 of the full key, hex.
     pub hash: String,
+    /// When it stops working.
     pub expiration: Option<DateTime<Utc>>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
 }
 
 /// A node waiting for an admin to approve it (`/register/{id}`).
 #[derive(Debug, Clone)]
 pub struct Pending {
+    /// Machine key of the waiting client.
     pub machine_key: MachinePublic,
+    /// Node key of the waiting client.
     pub node_key: NodePublic,
+    /// Hostinfo it sent.
     pub hostinfo: Hostinfo,
+    /// It asked to be ephemeral.
     pub ephemeral: bool,
+    /// When it asked.
     pub created: DateTime<Utc>,
 }
 
@@ -148,10 +187,13 @@ pub const MAX_PENDING: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
+    /// The named thing does not exist.
     NotFound(String),
     #[error("{0}")]
+    /// The request is not valid.
     Invalid(String),
     #[error("database: {0}")]
+    /// SQLite failed.
     Db(#[from] rusqlite::Error),
     /// No address is left in the configured range.
     #[error("address range exhausted: {0}")]
@@ -221,10 +263,15 @@ impl Data {
 /// instead of the whole node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodePatch {
+    /// New endpoints.
     pub endpoints: Option<Vec<String>>,
+    /// New home DERP region.
     pub home_derp: Option<i32>,
+    /// New disco key.
     pub disco_key: Option<DiscoPublic>,
+    /// New online state.
     pub online: Option<bool>,
+    /// New last-seen time.
     pub last_seen: Option<DateTime<Utc>>,
 }
 
@@ -620,18 +667,22 @@ impl Store {
 
     // ---- users
 
+    /// Every user.
     pub fn users(&self) -> Vec<User> {
         self.data.lock().users.values().cloned().collect()
     }
 
+    /// User `id`.
     pub fn user(&self, id: u64) -> Option<User> {
         self.data.lock().users.get(&id).cloned()
     }
 
+    /// The user named `name`.
     pub fn user_by_name(&self, name: &str) -> Option<User> {
         self.data.lock().users.values().find(|u| u.name == name).cloned()
     }
 
+    /// Creates a user (org); names are unique.
     pub fn create_user(&self, name: &str, display_name: &str) -> Result<User, StoreError> {
         let name = name.trim();
         if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_whitespace()) {
@@ -652,6 +703,7 @@ impl Store {
         Ok(u)
     }
 
+    /// Renames user `id`; its org's maps get the new profile.
     pub fn rename_user(&self, id: u64, new: &str) -> Result<User, StoreError> {
         let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == new && u.id != id) {
@@ -666,6 +718,7 @@ impl Store {
         Ok(u)
     }
 
+    /// Deletes user `id`, which must have no nodes.
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
         let mut d = self.data.lock();
         if !d.users.contains_key(&id) {
@@ -681,6 +734,7 @@ impl Store {
 
     // ---- pre-auth keys
 
+    /// Creates a pre-auth key for user `user_id`; the returned value holds the full key once.
     pub fn create_key(
         &self,
         user_id: u64,
@@ -716,6 +770,7 @@ impl Store {
         Ok(PreAuthKey { key: full, ..k })
     }
 
+    /// Pre-auth keys (of one user, or all).
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
         self.data.lock().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
@@ -758,6 +813,7 @@ impl Store {
         self.data.lock().config_api_keys = keys.iter().map(|k| sha256_hex(k)).collect();
     }
 
+    /// Every stored API key.
     pub fn api_keys(&self) -> Vec<ApiKey> {
         self.data.lock().api_keys.values().cloned().collect()
     }
@@ -847,6 +903,7 @@ impl Store {
         d.by_key.get(nk).and_then(|id| d.node(*id)).map(|n| (**n).clone())
     }
 
+    /// True while node `id` has a map stream open.
     pub fn is_online(&self, id: u64) -> bool {
         self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
     }
@@ -1024,6 +1081,7 @@ impl Store {
         Ok(n)
     }
 
+    /// Deletes node `id`; its org's maps drop it.
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
@@ -1036,6 +1094,7 @@ impl Store {
         Ok(n)
     }
 
+    /// Sets node `id`'s DNS label (sanitized; must be free).
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
         if self.data.lock().by_name.get(&name).is_some_and(|o| *o != id) {
@@ -1089,6 +1148,7 @@ impl Store {
         })
     }
 
+    /// Expires node `id`'s key now.
     pub fn expire_node(&self, id: u64) -> Result<Node, StoreError> {
         self.update_node(id, |n| {
             n.expiry = Some(Utc::now());
@@ -1151,12 +1211,14 @@ impl Store {
         self.data.lock().pending.len()
     }
 
+    /// Takes the waiting registration `id` (to approve or refuse it).
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
         let p = self.data.lock().pending.remove(id);
         self.all.send_modify(|g| *g += 1);
         p
     }
 
+    /// The waiting registration `id`, if still waiting.
     pub fn pending(&self, id: &str) -> Option<Pending> {
         self.data.lock().pending.get(id).cloned()
     }
