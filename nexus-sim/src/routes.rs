@@ -6,7 +6,7 @@
 //!
 //! Pure functions over the store's rows: the caller passes which nodes are online.
 
-use crate::policy::ipset::{IpSet, Prefix};
+use crate::policy::ipset::Prefix;
 use crate::store::Node;
 use crate::Shared;
 use citadel_proto::tailcfg::{self, Hostinfo, MapResponse};
@@ -219,14 +219,7 @@ pub fn org_route_check(s: &Shared, me: &Node) -> impl Fn(&Prefix) -> bool {
         if tagged {
             return false;
         }
-        let set: &IpSet = set.get_or_init(|| {
-            let mut set = IpSet::default();
-            for p in store.org_member_sources(user).iter().filter_map(|p| Prefix::parse(p)) {
-                set.add_prefix(p);
-            }
-            set
-        });
-        set.overlaps_prefix(r)
+        set.get_or_init(|| store.org_member_set(user)).overlaps_prefix(r)
     }
 }
 

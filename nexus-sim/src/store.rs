@@ -338,8 +338,9 @@ struct OrgLog {
     log: VecDeque<(u64, Arc<Change>)>,
     /// Sequence number of the last change that can alter membership (not a patch).
     member_gen: u64,
-    /// The org's untagged members' addresses as a minimal prefix list, for `member_gen`.
-    sources: Option<(u64, Arc<Vec<String>>)>,
+    /// The org's untagged members' addresses as a minimal prefix list and as a set, for
+    /// `member_gen`.
+    sources: Option<(u64, Arc<Vec<String>>, Arc<crate::policy::ipset::IpSet>)>,
 }
 
 impl Default for OrgLog {
@@ -643,11 +644,21 @@ impl Store {
     /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the
     /// built-in policy puts in each member's filter), cached until the membership changes.
     pub fn org_member_sources(&self, user_id: u64) -> Arc<Vec<String>> {
+        self.org_members(user_id).0
+    }
+
+    /// [`Store::org_member_sources`] as an address set (which routes a member may use),
+    /// cached the same way.
+    pub fn org_member_set(&self, user_id: u64) -> Arc<crate::policy::ipset::IpSet> {
+        self.org_members(user_id).1
+    }
+
+    fn org_members(&self, user_id: u64) -> (Arc<Vec<String>>, Arc<crate::policy::ipset::IpSet>) {
         let mut orgs = self.orgs.lock();
         let org = orgs.entry(user_id).or_default();
-        if let Some((g, v)) = &org.sources {
+        if let Some((g, v, set)) = &org.sources {
             if *g == org.member_gen {
-                return v.clone();
+                return (v.clone(), set.clone());
             }
         }
         let mut set = crate::policy::ipset::IpSet::default();
@@ -661,8 +672,9 @@ impl Store {
             }
         }
         let v = Arc::new(set.prefix_strings());
-        org.sources = Some((org.member_gen, v.clone()));
-        v
+        let set = Arc::new(set);
+        org.sources = Some((org.member_gen, v.clone(), set.clone()));
+        (v, set)
     }
 
     // ---- users
