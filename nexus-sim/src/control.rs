@@ -732,7 +732,7 @@ struct Streamer {
 
 /// What a stream does after a wake.
 enum Step {
-    Send(Out),
+    Send(Box<Out>),
     Nothing,
     /// The client must reconnect (moved org, expired, deleted, or its own visibility changed).
     End,
@@ -786,8 +786,8 @@ impl Streamer {
         };
         let m = self.reset(&me);
         match old {
-            Some(old) => diff_maps(&old, &m.response()).map_or(Step::Nothing, |d| Step::Send(d.into())),
-            None => Step::Send(replacing(&self.s, m, self.node_id)),
+            Some(old) => diff_maps(&old, &m.response()).map_or(Step::Nothing, |d| Step::Send(Box::new(d.into()))),
+            None => Step::Send(Box::new(replacing(&self.s, m, self.node_id))),
         }
     }
 
@@ -800,16 +800,16 @@ impl Streamer {
                 let m = s.faults.with_leaks(&s, &me, build_map);
                 let d = diff_maps(last, &m);
                 *last = m;
-                d.map_or(Step::Nothing, |d| Step::Send(d.into()))
+                d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
             }
             Mode::Org { tmpl, cursor, filter, tagged } => {
-                if *tagged != !me.tags.is_empty() {
+                if *tagged == me.tags.is_empty() {
                     return Step::End;
                 }
                 if s.faults.leaks_any() {
                     // A test fault leaks peers across orgs: only the global path shows them.
                     let m = self.reset(&me);
-                    return Step::Send(replacing(&s, m, self.node_id));
+                    return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                 }
                 let (now, since) = s.store.org_changes(self.user_id, *cursor);
                 *cursor = now;
@@ -817,10 +817,10 @@ impl Streamer {
                     crate::store::Since::Changes(c) => c,
                     crate::store::Since::Lagged => {
                         let m = self.reset(&me);
-                        return Step::Send(replacing(&s, m, self.node_id));
+                        return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                     }
                 };
-                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, Step::Send)
+                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
             }
         }
     }
@@ -1023,7 +1023,7 @@ async fn map(
                 _ = s.faults.wait_drop_streams() => Step::End,
             };
             match step {
-                Step::Send(m) => next = Some(m),
+                Step::Send(m) => next = Some(*m),
                 Step::Nothing => {}
                 Step::End => break,
             }
