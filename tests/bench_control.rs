@@ -54,16 +54,24 @@ fn parse() -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-/// Raises the open-file limit to its hard maximum (every client is one socket here and one
-/// in nexus-sim).
+/// Raises the open-file limit (every client is one socket here and one in nexus-sim): to the
+/// kernel's per-process maximum when allowed (root), else to the hard limit.
 fn raise_nofile() {
+    let most: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+        .min(4 << 20);
     #[cfg(unix)]
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            let up = libc::rlimit { rlim_cur: most.max(r.rlim_max), rlim_max: most.max(r.rlim_max) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) != 0 {
+                r.rlim_cur = r.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            }
         }
     }
 }
@@ -433,6 +441,13 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         clock_ticks()
     );
     println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
+    let (grss, gcpu) = proc_stats(std::process::id());
+    println!(
+        "load generator (this process): RSS {:.1} MB ({:.1} KB per client), CPU {:.1?} in all",
+        grss as f64 / 1e6,
+        grss as f64 / 1e3 / total as f64,
+        gcpu
+    );
     board.stopping.store(true, Ordering::Relaxed);
     drop(cmds);
     Ok(())

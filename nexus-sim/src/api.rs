@@ -51,6 +51,7 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// A user as Headscale's REST API shows it.
 pub fn user_json(u: &User) -> Value {
     json!({"id": u.id.to_string(), "name": u.name, "createdAt": ts(&u.created_at), "displayName": u.display_name,
            "email": "", "providerId": "", "provider": "", "profilePicUrl": ""})
@@ -250,6 +251,8 @@ async fn set_tags(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json
         Some(_) => return Err(bad("tags must be a list")),
     };
     let n = s.store.set_tags(id, tags)?;
+    // Tags decide which auto-approvers apply.
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -261,6 +264,8 @@ async fn move_node(State(s): State<Shared>, Path(id): Path<String>, Json(b): Jso
     let user = b.get("user").and_then(json_str).ok_or_else(|| bad("user is required"))?;
     let u = resolve_user(&s, &user)?;
     let n = s.store.move_node(id, u.id)?;
+    // The owner decides which auto-approvers apply.
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 
@@ -286,6 +291,7 @@ async fn register_node(State(s): State<Shared>, Query(q): Query<HashMap<String, 
         s.cfg.ipv4_base,
         s.cfg.ipv6_base,
     )?;
+    let n = crate::routes::auto_approve(&s, n.id).unwrap_or(n);
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 

@@ -28,13 +28,22 @@ use tokio_stream::wrappers::ReceiverStream;
 /// asked. The compression context is reused per thread: making one per message cost more
 /// than the compression itself.
 fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
+    encode_out(&Out::from(resp.clone()), zstd)
+}
+
+/// [`encode_map_frame`] of a message whose peer entries are pre-serialized: the entries are
+/// copied into the JSON, not serialized again.
+fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
     thread_local! {
         static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
     }
+    let json = out.to_json();
     if !zstd {
-        return tailcfg::encode_map_frame(resp, false);
+        let mut out = Vec::with_capacity(4 + json.len());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        return out;
     }
-    let json = serde_json::to_vec(resp).expect("MapResponse serializes");
     let body = CCTX.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
@@ -49,10 +58,127 @@ fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
     out
 }
 
+/// A map message whose peer entries may be JSON already serialized once for every viewer
+/// (see [`EntryCache`]); the rest is in `resp`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Out {
+    /// The message without the entries below.
+    pub(crate) resp: MapResponse,
+    /// `Peers` (a full map) as serialized entries; `resp.peers` is then `None`.
+    peers: Option<Vec<Bytes>>,
+    /// `PeersChanged` as serialized entries; `resp.peers_changed` is then `None`.
+    changed: Vec<Bytes>,
+}
+
+impl From<MapResponse> for Out {
+    fn from(resp: MapResponse) -> Out {
+        Out { resp, peers: None, changed: vec![] }
+    }
+}
+
+impl Out {
+    /// The message as JSON: `resp` with the entry lists spliced into its object.
+    fn to_json(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
+        let lists =
+            [("Peers", self.peers.as_deref()), ("PeersChanged", Some(&self.changed[..]).filter(|c| !c.is_empty()))];
+        if lists.iter().all(|(_, l)| l.is_none()) {
+            return json;
+        }
+        let extra: usize = lists.iter().flat_map(|(_, l)| l.iter().flat_map(|l| l.iter())).map(|e| e.len() + 1).sum();
+        json.reserve(extra + 40);
+        // `resp` serializes as a JSON object: its closing brace goes back on at the end.
+        debug_assert_eq!(json.last(), Some(&b'}'));
+        json.pop();
+        for (name, list) in lists {
+            let Some(list) = list else { continue };
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            json.extend_from_slice(format!("\"{name}\":[").as_bytes());
+            for (i, e) in list.iter().enumerate() {
+                if i > 0 {
+                    json.push(b',');
+                }
+                json.extend_from_slice(e);
+            }
+            json.push(b']');
+        }
+        json.push(b'}');
+        json
+    }
+
+    /// The whole message as one [`MapResponse`] (entries parsed back).
+    pub(crate) fn response(&self) -> MapResponse {
+        serde_json::from_slice(&self.to_json()).expect("own JSON parses")
+    }
+
+    fn is_empty(&self) -> bool {
+        self.resp == MapResponse::default() && self.peers.is_none() && self.changed.is_empty()
+    }
+}
+
+/// Each node's map entry serialized once, for every map and delta that carries it. An entry
+/// is reused while the store still holds the same record (records are replaced, never
+/// changed in place, while another holder shares them), the node's online state and key
+/// expiry are the same; entries that depend on the viewer (nodes serving routes) are not kept.
+#[derive(Default)]
+pub struct EntryCache {
+    entries: parking_lot::Mutex<std::collections::HashMap<u64, CachedEntry>>,
+}
+
+struct CachedEntry {
+    node: std::sync::Arc<StoreNode>,
+    online: bool,
+    expired: bool,
+    json: Bytes,
+}
+
+impl EntryCache {
+    /// Node `n`'s entry as `viewer` sees it, serialized.
+    fn get(
+        &self,
+        s: &Shared,
+        n: &std::sync::Arc<StoreNode>,
+        now: chrono::DateTime<Utc>,
+        keep: &dyn Fn(&crate::policy::ipset::Prefix) -> bool,
+    ) -> Bytes {
+        let online = s.store.is_online(n.id);
+        let expired = n.is_expired(now);
+        if let Some(e) = self.entries.lock().get(&n.id) {
+            if std::sync::Arc::ptr_eq(&e.node, n) && e.online == online && e.expired == expired {
+                return e.json.clone();
+            }
+        }
+        let mut t = to_tail_as(s, n, now, online);
+        let shared = crate::routes::served(n).is_empty();
+        if !shared {
+            crate::routes::reduce_entry(&mut t, false, keep);
+        }
+        let json = Bytes::from(serde_json::to_vec(&t).expect("Node serializes"));
+        if shared {
+            let mut m = self.entries.lock();
+            if m.len() >= 2 * s.store.node_count() + 1024 {
+                // Entries of deleted nodes: drop them all; the live ones come back on use.
+                m.clear();
+            }
+            m.insert(n.id, CachedEntry { node: n.clone(), online, expired, json: json.clone() });
+        }
+        json
+    }
+
+    /// Forgets node `id`'s entry.
+    fn remove(&self, id: u64) {
+        self.entries.lock().remove(&id);
+    }
+}
+
 /// Who is on the other end of a Noise session.
 #[derive(Clone, Copy)]
 pub struct Session {
+    /// The client's machine key.
     pub machine: MachinePublic,
+    /// The client's capability version.
     pub version: u16,
 }
 
@@ -262,6 +388,7 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
         };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
         let n = s.store.update_node(n.id, |n| set_key_expiry(s, n, now)).unwrap_or(n);
+        let n = crate::routes::auto_approve(s, n.id).unwrap_or(n);
         return register_ok(s, &n);
     }
     if let Some(n) = existing {
@@ -334,6 +461,11 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
 
 /// A store node as map messages describe it (the same for every viewer).
 fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::Node {
+    to_tail_as(s, n, now, s.store.is_online(n.id))
+}
+
+/// [`to_tail`] with the node's online state given.
+fn to_tail_as(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>, online: bool) -> tailcfg::Node {
     let addrs = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
     let own: Vec<crate::policy::ipset::Prefix> =
         addrs.iter().filter_map(|a| crate::policy::ipset::Prefix::parse(a)).collect();
@@ -342,7 +474,7 @@ fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::No
     let primaries = if crate::routes::served(n).is_empty() {
         Default::default()
     } else {
-        crate::routes::primaries(s.store.nodes_shared(None).iter().map(|n| &**n), |id| s.store.is_online(id))
+        crate::routes::primaries(s.store.nodes(None).iter().map(|n| &**n), |id| s.store.is_online(id))
     };
     let (allowed_ips, primary_routes) =
         crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
@@ -365,7 +497,7 @@ fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::No
         created: Some(n.created_at),
         tags: n.tags.clone(),
         last_seen: n.last_seen,
-        online: Some(s.store.is_online(n.id)),
+        online: Some(online),
         machine_authorized: true,
         expired: n.is_expired(now),
     }
@@ -384,10 +516,7 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
 fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
     let now = Utc::now();
     let compiled = s.policy.compiled(&s.store);
-    let all: std::collections::HashMap<u64, std::sync::Arc<StoreNode>> =
-        s.store.nodes_shared(None).into_iter().map(|n| (n.id, n)).collect();
-    let peer_nodes: Vec<&StoreNode> =
-        compiled.peers_of(me.id).iter().filter_map(|id| all.get(id).map(|n| &**n)).collect();
+    let peer_nodes = s.store.nodes_by_id(&compiled.peers_of(me.id));
     let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
     let mut m = map_of(s, me, peers, compiled.filter_for(me.id), users, now);
@@ -477,22 +606,29 @@ impl OrgTemplate {
             .collect()
     }
 
-    fn build_map(&self, s: &Shared, me: &StoreNode) -> MapResponse {
+    /// `me`'s full map, its peers' entries from the [`EntryCache`].
+    fn build_out(&self, s: &Shared, me: &StoreNode) -> Out {
         let now = Utc::now();
-        let peers: Vec<tailcfg::Node> = if me.tags.is_empty() {
+        let keep = crate::routes::org_route_check(s, me);
+        let peers: Vec<Bytes> = if me.tags.is_empty() {
             s.store
-                .org_nodes_shared(me.user_id)
+                .org_nodes(me.user_id)
                 .iter()
                 .filter(|n| Self::visible(me, n))
-                .map(|n| to_tail(s, n, now))
+                .map(|n| s.entries.get(s, n, now, &keep))
                 .collect()
         } else {
             vec![]
         };
         let filter = self.filter(me, &s.store.org_member_sources(me.user_id));
-        let mut m = map_of(s, me, peers, filter, vec![], now);
-        crate::routes::reduce_map(&mut m, &crate::routes::org_route_check(s, me));
-        m
+        let mut m = map_of(s, me, vec![], filter, vec![], now);
+        m.peers = None;
+        crate::routes::reduce_map(&mut m, &keep);
+        Out { resp: m, peers: Some(peers), changed: vec![] }
+    }
+
+    fn build_map(&self, s: &Shared, me: &StoreNode) -> MapResponse {
+        self.build_out(s, me).response()
     }
 }
 
@@ -557,11 +693,11 @@ pub fn diff_maps(old: &MapResponse, new: &MapResponse) -> Option<MapResponse> {
 /// Turns a full map into a message that replaces whatever the client holds. Tailscale clients
 /// read an empty `Peers` as "no change", so a map without peers instead removes every node
 /// the client may know.
-fn replacing(s: &Shared, mut m: MapResponse, me: u64) -> MapResponse {
-    if m.peers.as_ref().is_some_and(|p| p.is_empty()) {
-        m.peers = None;
+fn replacing(s: &Shared, mut m: Out, me: u64) -> Out {
+    if m.peers.as_ref().is_some_and(|p| p.is_empty()) || m.resp.peers.as_ref().is_some_and(|p| p.is_empty()) {
+        (m.peers, m.resp.peers) = (None, None);
         let ids: Vec<i64> = s.store.node_ids().into_iter().filter(|id| *id != me).map(|id| id as i64).collect();
-        m.peers_removed = (!ids.is_empty()).then_some(ids);
+        m.resp.peers_removed = (!ids.is_empty()).then_some(ids);
     }
     m
 }
@@ -596,7 +732,7 @@ struct Streamer {
 
 /// What a stream does after a wake.
 enum Step {
-    Send(MapResponse),
+    Send(Box<Out>),
     Nothing,
     /// The client must reconnect (moved org, expired, deleted, or its own visibility changed).
     End,
@@ -604,7 +740,7 @@ enum Step {
 
 impl Streamer {
     /// The first message (a full map) and the stream state after it.
-    fn start(s: &Shared, me: &StoreNode) -> (Streamer, MapResponse) {
+    fn start(s: &Shared, me: &StoreNode) -> (Streamer, Out) {
         let mut st = Streamer {
             s: s.clone(),
             node_id: me.id,
@@ -616,28 +752,28 @@ impl Streamer {
     }
 
     /// Switches to the mode the current policy allows and returns a full map.
-    fn reset(&mut self, me: &StoreNode) -> MapResponse {
+    fn reset(&mut self, me: &StoreNode) -> Out {
         let s = &self.s;
         match OrgTemplate::current(s) {
             Some(tmpl) => {
                 // The cursor is taken before the map is built: changes in between are sent
                 // again, which is harmless (each delta carries current state).
                 let cursor = *s.store.subscribe(me.user_id).borrow();
-                let m = tmpl.build_map(s, me);
-                let filter = fingerprint(&m.packet_filter);
+                let m = tmpl.build_out(s, me);
+                let filter = fingerprint(&m.resp.packet_filter);
                 self.mode = Mode::Org { tmpl, cursor, filter, tagged: !me.tags.is_empty() };
                 m
             }
             None => {
                 let m = s.faults.with_leaks(s, me, build_map);
                 self.mode = Mode::Global { last: m.clone() };
-                m
+                Out::from(m)
             }
         }
     }
 
     fn current(&self) -> Option<std::sync::Arc<StoreNode>> {
-        let me = self.s.store.node_shared(self.node_id)?;
+        let me = self.s.store.node(self.node_id)?;
         (me.user_id == self.user_id && !me.is_expired(Utc::now())).then_some(me)
     }
 
@@ -650,8 +786,8 @@ impl Streamer {
         };
         let m = self.reset(&me);
         match old {
-            Some(old) => diff_maps(&old, &m).map_or(Step::Nothing, Step::Send),
-            None => Step::Send(replacing(&self.s, m, self.node_id)),
+            Some(old) => diff_maps(&old, &m.response()).map_or(Step::Nothing, |d| Step::Send(Box::new(d.into()))),
+            None => Step::Send(Box::new(replacing(&self.s, m, self.node_id))),
         }
     }
 
@@ -664,16 +800,16 @@ impl Streamer {
                 let m = s.faults.with_leaks(&s, &me, build_map);
                 let d = diff_maps(last, &m);
                 *last = m;
-                d.map_or(Step::Nothing, Step::Send)
+                d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
             }
             Mode::Org { tmpl, cursor, filter, tagged } => {
-                if *tagged != !me.tags.is_empty() {
+                if *tagged == me.tags.is_empty() {
                     return Step::End;
                 }
                 if s.faults.leaks_any() {
                     // A test fault leaks peers across orgs: only the global path shows them.
                     let m = self.reset(&me);
-                    return Step::Send(replacing(&s, m, self.node_id));
+                    return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                 }
                 let (now, since) = s.store.org_changes(self.user_id, *cursor);
                 *cursor = now;
@@ -681,10 +817,10 @@ impl Streamer {
                     crate::store::Since::Changes(c) => c,
                     crate::store::Since::Lagged => {
                         let m = self.reset(&me);
-                        return Step::Send(replacing(&s, m, self.node_id));
+                        return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                     }
                 };
-                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, Step::Send)
+                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
             }
         }
     }
@@ -698,7 +834,7 @@ fn org_delta(
     me: &StoreNode,
     changes: &[std::sync::Arc<crate::store::Change>],
     filter_fp: &mut u64,
-) -> Option<MapResponse> {
+) -> Option<Out> {
     use crate::store::{Change, NodePatch};
     use std::collections::{BTreeMap, BTreeSet};
     let mut upserted = BTreeSet::new();
@@ -730,6 +866,7 @@ fn org_delta(
         }
     }
     let now = Utc::now();
+    let keep = crate::routes::org_route_check(s, me);
     let mut d = MapResponse::default();
     if resync {
         d.user_profiles = vec![user_profile(s, me.user_id)];
@@ -743,28 +880,30 @@ fn org_delta(
     }
     let mut changed = vec![];
     for id in upserted {
-        match s.store.node_shared(id) {
-            Some(n) if OrgTemplate::visible(me, &n) => changed.push(to_tail(s, &n, now)),
+        match s.store.node(id) {
+            Some(n) if OrgTemplate::visible(me, &n) => changed.push(s.entries.get(s, &n, now, &keep)),
             _ => {
                 removed.insert(id);
             }
         }
     }
+    for id in &removed {
+        if s.store.node(*id).is_none() {
+            s.entries.remove(*id);
+        }
+    }
     let patched: Vec<tailcfg::PeerChange> = patches
         .iter()
-        .filter(|(id, _)| s.store.node_shared(**id).is_some_and(|n| OrgTemplate::visible(me, &n)))
+        .filter(|(id, _)| s.store.node(**id).is_some_and(|n| OrgTemplate::visible(me, &n)))
         .map(|(id, p)| patch_of(*id, p))
         .collect();
-    if !changed.is_empty() {
-        d.peers_changed = Some(changed);
-    }
     if !removed.is_empty() {
         d.peers_removed = Some(removed.into_iter().map(|id| id as i64).collect());
     }
     if !patched.is_empty() {
         d.peers_changed_patch = Some(patched);
     }
-    crate::routes::reduce_map(&mut d, &crate::routes::org_route_check(s, me));
+    crate::routes::reduce_map(&mut d, &keep);
     if members_changed || self_changed || resync {
         let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
         let fp = fingerprint(&f);
@@ -773,7 +912,8 @@ fn org_delta(
             d.packet_filter = Some(f);
         }
     }
-    (d != MapResponse::default()).then_some(d)
+    let out = Out { resp: d, peers: None, changed };
+    (!out.is_empty()).then_some(out)
 }
 
 async fn map(
@@ -800,6 +940,7 @@ async fn map(
             .into_response();
     }
     let hi = req.hostinfo.clone();
+    let mut routes_changed = false;
     let node = match s.store.update_node(node.id, |n| {
         let mut changed = false;
         if !req.read_only {
@@ -820,6 +961,7 @@ async fn map(
                     changed = true;
                 }
                 if *h != n.hostinfo {
+                    routes_changed = crate::routes::advertised(h) != crate::routes::advertised(&n.hostinfo);
                     n.hostinfo = h.clone();
                     changed = true;
                 }
@@ -830,7 +972,9 @@ async fn map(
         Ok(n) => n,
         Err(_) => return (StatusCode::UNAUTHORIZED, "node not registered").into_response(),
     };
-    let node = if req.read_only { node } else { crate::routes::auto_approve(&s, node.id).unwrap_or(node) };
+    // Approval depends on the advertised routes and the policy only; a policy change
+    // approves for every node itself.
+    let node = if routes_changed { crate::routes::auto_approve(&s, node.id).unwrap_or(node) } else { node };
     let zstd = req.compress == "zstd";
     if !req.stream && req.omit_peers {
         // A "lite" update: endpoints/hostinfo only.
@@ -854,8 +998,8 @@ async fn map(
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         loop {
             if let Some(mut out) = next.take() {
-                out.control_time = Some(Utc::now());
-                if tx.send(Ok(Bytes::from(encode_map_frame(&out, zstd)))).await.is_err() {
+                out.resp.control_time = Some(Utc::now());
+                if tx.send(Ok(Bytes::from(encode_out(&out, zstd)))).await.is_err() {
                     break;
                 }
                 s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -879,7 +1023,7 @@ async fn map(
                 _ = s.faults.wait_drop_streams() => Step::End,
             };
             match step {
-                Step::Send(m) => next = Some(m),
+                Step::Send(m) => next = Some(*m),
                 Step::Nothing => {}
                 Step::End => break,
             }
@@ -900,6 +1044,14 @@ mod tests {
     use crate::store::Change;
     use citadel_proto::keys::{MachinePublic, NodePublic};
     use citadel_proto::tailcfg::Hostinfo;
+
+    /// The message a step sends, as one map response.
+    fn sent(step: Step) -> Option<MapResponse> {
+        match step {
+            Step::Send(o) => Some(o.response()),
+            _ => None,
+        }
+    }
 
     fn shared() -> Shared {
         crate::build(crate::Config { derp: crate::DerpMode::Off, stun_listen: None, ..Default::default() }).unwrap()
@@ -969,12 +1121,13 @@ mod tests {
         let b_org = s.store.create_user("b", "").unwrap().id;
         let a1 = reg(&s, 1, a_org, vec![]);
         let (mut st, first) = Streamer::start(&s, &a1);
+        let first = first.response();
         assert_eq!(first.peers, Some(vec![]));
         assert!(matches!(st.store_changed(), Step::Nothing));
 
         let b_seq = *s.store.subscribe(b_org).borrow();
         let a2 = reg(&s, 2, a_org, vec![]);
-        let Step::Send(d) = st.store_changed() else { panic!("no delta for a join") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a join") };
         assert_eq!(d.peers_changed.as_ref().map(|p| p[0].id), Some(a2.id as i64));
         assert!(d.peers.is_none() && d.peers_removed.is_none());
         let f = d.packet_filter.expect("the filter names the new member");
@@ -994,7 +1147,7 @@ mod tests {
             })
             .unwrap();
         s.store.session(a2.id, true);
-        let Step::Send(d) = st.store_changed() else { panic!("no delta for a patch") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a patch") };
         let p = d.peers_changed_patch.expect("patch");
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].endpoints.as_deref(), Some(&["127.0.0.1:41641".to_string()][..]));
@@ -1008,22 +1161,85 @@ mod tests {
                 true
             })
             .unwrap();
-        let Step::Send(d) = st.store_changed() else { panic!("no delta for a tag") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a tag") };
         assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
         s.store.delete_node(a2.id).unwrap();
-        let Step::Send(d) = st.store_changed() else { panic!("no delta for a delete") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a delete") };
         assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
 
         // A stream that fell behind the log gets a full map.
         for _ in 0..crate::store::ORG_LOG_LEN + 1 {
             s.store.notify(a_org);
         }
-        let Step::Send(d) = st.store_changed() else { panic!("no resync") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no resync") };
         assert!(d.node.is_some() && d.packet_filter.is_some() && d.peers_removed.is_some(), "{d:?}");
 
         // Its own deletion ends the stream.
         s.store.delete_node(a1.id).unwrap();
         assert!(matches!(st.store_changed(), Step::End));
+    }
+
+    /// Cached map entries follow the node: a changed record, its online state and its key
+    /// expiring each show in the next full map, and a deleted node's entry is dropped.
+    #[test]
+    fn cached_entries_follow_node_changes() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let a1 = reg(&s, 1, org, vec![]);
+        let a2 = reg(&s, 2, org, vec![]);
+        let peer = |s: &Shared| {
+            let (_, m) = Streamer::start(s, &s.store.node(a1.id).unwrap());
+            m.response().peers.unwrap().into_iter().find(|p| p.id == a2.id as i64).unwrap()
+        };
+        let first = peer(&s);
+        assert_eq!(peer(&s), first, "same record, same entry");
+        assert!(s.entries.entries.lock().contains_key(&a2.id));
+        s.store
+            .update_node(a2.id, |n| {
+                n.hostinfo.hostname = "renamed".into();
+                n.endpoints = vec!["127.0.0.1:9".into()];
+                true
+            })
+            .unwrap();
+        let p = peer(&s);
+        assert_eq!((p.hostinfo.hostname.as_str(), p.endpoints.clone()), ("renamed", vec!["127.0.0.1:9".to_string()]));
+        assert_eq!(p.online, Some(false));
+        s.store.session(a2.id, true);
+        assert_eq!(peer(&s).online, Some(true));
+        s.store
+            .update_node(a2.id, |n| {
+                n.expiry = Some(Utc::now() + chrono::Duration::milliseconds(300));
+                true
+            })
+            .unwrap();
+        assert!(!peer(&s).expired);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(peer(&s).expired, "the entry shows the key expired without a store change");
+        // A deletion seen by a stream drops the entry.
+        let (mut st, _) = Streamer::start(&s, &a1);
+        s.store.delete_node(a2.id).unwrap();
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta for a delete") };
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
+        assert!(!s.entries.entries.lock().contains_key(&a2.id));
+    }
+
+    /// The spliced JSON of a message with cached entries is the JSON of the same message
+    /// built whole.
+    #[test]
+    fn spliced_messages_equal_whole_ones() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let nodes: Vec<StoreNode> = (1..=3).map(|k| reg(&s, k, org, vec![])).collect();
+        let (_, out) = Streamer::start(&s, &nodes[0]);
+        let whole = out.response();
+        assert_eq!(whole.peers.as_ref().map(Vec::len), Some(2));
+        let a: serde_json::Value = serde_json::from_slice(&out.to_json()).unwrap();
+        let b = serde_json::to_value(&whole).unwrap();
+        assert_eq!(a, b);
+        // Nothing but entries, and no entries at all.
+        let only = Out { resp: MapResponse::default(), peers: None, changed: out.peers.clone().unwrap() };
+        assert_eq!(only.response().peers_changed, whole.peers);
+        assert_eq!(Out::default().to_json(), b"{}");
     }
 
     #[test]
@@ -1054,17 +1270,17 @@ mod tests {
         let a1 = reg(&s, 1, a, vec![]);
         let (mut st, _) = Streamer::start(&s, &a1);
         let b1 = reg(&s, 2, b, vec![]);
-        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta") };
         assert_eq!(d.peers_changed.map(|p| p.iter().map(|n| n.id).collect::<Vec<_>>()), Some(vec![b1.id as i64]));
         assert!(d.peers.is_none());
         s.store.delete_node(b1.id).unwrap();
-        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta") };
         assert_eq!(d.peers_removed, Some(vec![b1.id as i64]));
         // Back to the built-in policy: the org-b node would be gone, a full map replaces.
         reg(&s, 3, b, vec![]);
         let _ = st.store_changed();
         s.policy.set(crate::policy::ORG_ISOLATION).unwrap();
-        let Step::Send(d) = st.policy_changed() else { panic!("no map after a policy change") };
+        let Some(d) = sent(st.policy_changed()) else { panic!("no map after a policy change") };
         assert!(d.peers_removed.is_some() && d.peers.is_none(), "{d:?}");
     }
 
@@ -1092,6 +1308,7 @@ mod tests {
         }
         let viewer = reg(&s, 3, org, vec![]);
         let (mut st, first) = Streamer::start(&s, &viewer);
+        let first = first.response();
         let primary = |m: &MapResponse, id: u64| {
             m.peers
                 .iter()
@@ -1103,12 +1320,12 @@ mod tests {
         assert_eq!(primary(&first, routers[0]), Some(vec!["10.1.0.0/16".to_string()]));
         assert_eq!(primary(&first, routers[1]), Some(vec![]));
         s.store.session(routers[0], false);
-        let Step::Send(d) = st.store_changed() else { panic!("no delta after the primary went offline") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta after the primary went offline") };
         assert_eq!(primary(&d, routers[1]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
         assert_eq!(primary(&d, routers[0]), Some(vec![]), "{d:?}");
         // Back online: the lowest id is primary again.
         s.store.session(routers[0], true);
-        let Step::Send(d) = st.store_changed() else { panic!("no delta") };
+        let Some(d) = sent(st.store_changed()) else { panic!("no delta") };
         assert_eq!(primary(&d, routers[0]), Some(vec!["10.1.0.0/16".to_string()]), "{d:?}");
     }
 }

@@ -124,11 +124,13 @@ struct Counters {
 /// One connected client as others see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSummary {
+    /// The client's node key.
     pub key: NodePublic,
     /// Region whose listener the client connected to.
     pub region: i32,
     /// Whether the client said this is its home region (NotePreferred).
     pub preferred: bool,
+    /// The client's address as the relay saw it.
     pub remote: Option<SocketAddr>,
 }
 
@@ -638,6 +640,7 @@ struct RegionState {
 /// Who is on the other end of a connection accepted by [`DualListener`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteAddr {
+    /// The peer's address.
     pub addr: SocketAddr,
     /// Whether the connection speaks TLS.
     pub tls: bool,

@@ -47,7 +47,14 @@ pub enum Verdict {
     /// Nobody decided yet.
     Pending,
     /// Approved into an org, with the key minted for it.
-    Approved { key: String, org_id: u64, org_name: String },
+    Approved {
+        /// The pre-auth key minted for the device.
+        key: String,
+        /// The org's id.
+        org_id: u64,
+        /// The org's name.
+        org_name: String,
+    },
     /// Denied.
     Denied,
 }
@@ -88,9 +95,21 @@ impl Flow {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Poll {
     /// An OAuth error code; `interval` is the flow's (possibly raised) interval.
-    Error { code: &'static str, interval: Duration },
+    Error {
+        /// The OAuth error code.
+        code: &'static str,
+        /// How long the client must wait between polls.
+        interval: Duration,
+    },
     /// Approved: the flow is gone, here is its key.
-    Approved { key: String, org_id: u64, org_name: String },
+    Approved {
+        /// The pre-auth key minted for the device.
+        key: String,
+        /// The org's id.
+        org_id: u64,
+        /// The org's name.
+        org_name: String,
+    },
 }
 
 /// Open device flows, by device code.

@@ -4,6 +4,8 @@
 //! keeps orgs (Headscale users) isolated from each other, serves Headscale's REST API v1 and
 //! offers fault switches for tests. [`start`] runs it in-process; the `nexus-sim` binary wraps it.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod control;
 pub mod derp;
@@ -145,7 +147,10 @@ impl std::fmt::Debug for Config {
 pub enum DerpMode {
     /// Relay in-process: `regions` regions with ids 1..=regions, region 1 on the server's own
     /// port and every further region on a listener of its own (same IP, free port).
-    Embedded { regions: u16 },
+    Embedded {
+        /// How many regions.
+        regions: u16,
+    },
     /// Hand out this DERP map (tailcfg JSON, e.g. real `derper`s) and relay nothing.
     External(DerpMap),
     /// An empty DERP map and no relay.
@@ -322,15 +327,26 @@ impl Faults {
 
 /// State shared by every handler.
 pub struct Inner {
+    /// Users, keys, nodes and their change logs.
     pub store: Store,
+    /// The server's Noise (machine) private key.
     pub server_key: PrivateKey,
+    /// Public key of the node-key challenge sent in the early Noise payload.
     pub challenge_pub: [u8; 32],
+    /// The configuration it was started with.
     pub cfg: Config,
+    /// The DERP map handed to clients.
     pub derp_map: DerpMap,
+    /// Test fault switches.
     pub faults: Faults,
+    /// Device-authorization flows waiting for an admin.
     pub device: device::Flows,
+    /// Prometheus counters.
     pub metrics: metrics::Metrics,
+    /// The active ACL policy.
     pub policy: policy::PolicyState,
+    /// Map entries serialized once for every viewer.
+    pub entries: control::EntryCache,
 }
 
 /// Handle to the shared state.
@@ -394,6 +410,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         device: device::Flows::default(),
         metrics: metrics::Metrics::default(),
         policy: policy_state,
+        entries: Default::default(),
     }))
 }
 

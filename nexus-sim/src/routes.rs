@@ -6,7 +6,7 @@
 //!
 //! Pure functions over the store's rows: the caller passes which nodes are online.
 
-use crate::policy::ipset::{IpSet, Prefix};
+use crate::policy::ipset::Prefix;
 use crate::store::Node;
 use crate::Shared;
 use citadel_proto::tailcfg::{self, Hostinfo, MapResponse};
@@ -138,7 +138,11 @@ pub fn allowed_ips(n: &Node, own: &[Prefix], primary: &[Prefix]) -> (Vec<String>
 pub fn auto_approve(s: &Shared, id: u64) -> Result<Node, crate::store::StoreError> {
     let (pol, _) = s.policy.get();
     if !pol.has_auto_approvers() {
-        return s.store.node(id).ok_or_else(|| crate::store::StoreError::NotFound(format!("node {id}")));
+        return s
+            .store
+            .node(id)
+            .map(std::sync::Arc::unwrap_or_clone)
+            .ok_or_else(|| crate::store::StoreError::NotFound(format!("node {id}")));
     }
     let users = crate::policy::state::users(&s.store);
     s.store.update_node(id, |n| {
@@ -215,14 +219,7 @@ pub fn org_route_check(s: &Shared, me: &Node) -> impl Fn(&Prefix) -> bool {
         if tagged {
             return false;
         }
-        let set: &IpSet = set.get_or_init(|| {
-            let mut set = IpSet::default();
-            for p in store.org_member_sources(user).iter().filter_map(|p| Prefix::parse(p)) {
-                set.add_prefix(p);
-            }
-            set
-        });
-        set.overlaps_prefix(r)
+        set.get_or_init(|| store.org_member_set(user)).overlaps_prefix(r)
     }
 }
 

@@ -18,9 +18,13 @@ use tokio::sync::watch;
 /// An org (Headscale user).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
+    /// Id.
     pub id: u64,
+    /// Unique name.
     pub name: String,
+    /// Name to show.
     pub display_name: String,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
 }
 
@@ -28,6 +32,7 @@ pub struct User {
 /// text only in the value [`Store::create_key`] returns, to be shown once.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct PreAuthKey {
+    /// Id.
     pub id: u64,
     /// The full key, right after creation; empty otherwise. Never written to the database
     /// (read only to migrate rows from before keys were hashed).
@@ -39,12 +44,19 @@ pub struct PreAuthKey {
     /// SHA-256 of the full key, hex.
     #[serde(default)]
     pub hash: String,
+    /// Org the key registers nodes into.
     pub user_id: u64,
+    /// Usable more than once.
     pub reusable: bool,
+    /// Nodes it registers are removed once offline.
     pub ephemeral: bool,
+    /// Used at least once.
     pub used: bool,
+    /// When it stops working.
     pub expiration: Option<DateTime<Utc>>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Tags its nodes get.
     pub acl_tags: Vec<String>,
 }
 
@@ -87,23 +99,41 @@ fn same_hash(a: &str, b: &str) -> bool {
 /// A registered node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Node {
+    /// Id (stable).
     pub id: u64,
+    /// Machine key (Noise identity).
     pub machine_key: MachinePublic,
+    /// Current node key.
     pub node_key: NodePublic,
+    /// Disco key it last reported.
     pub disco_key: DiscoPublic,
+    /// Org (user) it belongs to.
     pub user_id: u64,
+    /// Host name it reported.
     pub hostname: String,
+    /// DNS label, unique on the server.
     pub given_name: String,
+    /// Mesh IPv4 address.
     pub ipv4: Ipv4Addr,
+    /// Mesh IPv6 address.
     pub ipv6: Ipv6Addr,
+    /// Endpoints it last reported.
     pub endpoints: Vec<String>,
+    /// Hostinfo it last reported.
     pub hostinfo: Hostinfo,
+    /// Node-key expiry, if any.
     pub expiry: Option<DateTime<Utc>>,
+    /// When it registered.
     pub created_at: DateTime<Utc>,
+    /// When it last went online or offline.
     pub last_seen: Option<DateTime<Utc>>,
+    /// Removed once offline (ephemeral).
     pub ephemeral: bool,
+    /// ACL tags.
     pub tags: Vec<String>,
+    /// Pre-auth key it registered with.
     pub auth_key_id: Option<u64>,
+    /// How it registered (`authkey`, `cli`, ...).
     pub register_method: String,
     /// Home DERP region the node reports (0 = none).
     #[serde(default)]
@@ -123,21 +153,30 @@ impl Node {
 /// An admin API key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ApiKey {
+    /// Id.
     pub id: u64,
+    /// Public prefix (`nsapi-<prefix>.`).
     pub prefix: String,
     /// SHA-256 of the full key, hex.
     pub hash: String,
+    /// When it stops working.
     pub expiration: Option<DateTime<Utc>>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
 }
 
 /// A node waiting for an admin to approve it (`/register/{id}`).
 #[derive(Debug, Clone)]
 pub struct Pending {
+    /// Machine key of the waiting client.
     pub machine_key: MachinePublic,
+    /// Node key of the waiting client.
     pub node_key: NodePublic,
+    /// Hostinfo it sent.
     pub hostinfo: Hostinfo,
+    /// It asked to be ephemeral.
     pub ephemeral: bool,
+    /// When it asked.
     pub created: DateTime<Utc>,
 }
 
@@ -148,10 +187,13 @@ pub const MAX_PENDING: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
+    /// The named thing does not exist.
     NotFound(String),
     #[error("{0}")]
+    /// The request is not valid.
     Invalid(String),
     #[error("database: {0}")]
+    /// SQLite failed.
     Db(#[from] rusqlite::Error),
     /// No address is left in the configured range.
     #[error("address range exhausted: {0}")]
@@ -221,10 +263,15 @@ impl Data {
 /// instead of the whole node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodePatch {
+    /// New endpoints.
     pub endpoints: Option<Vec<String>>,
+    /// New home DERP region.
     pub home_derp: Option<i32>,
+    /// New disco key.
     pub disco_key: Option<DiscoPublic>,
+    /// New online state.
     pub online: Option<bool>,
+    /// New last-seen time.
     pub last_seen: Option<DateTime<Utc>>,
 }
 
@@ -291,8 +338,9 @@ struct OrgLog {
     log: VecDeque<(u64, Arc<Change>)>,
     /// Sequence number of the last change that can alter membership (not a patch).
     member_gen: u64,
-    /// The org's untagged members' addresses as a minimal prefix list, for `member_gen`.
-    sources: Option<(u64, Arc<Vec<String>>)>,
+    /// The org's untagged members' addresses as a minimal prefix list and as a set, for
+    /// `member_gen`.
+    sources: Option<(u64, Arc<Vec<String>>, Arc<crate::policy::ipset::IpSet>)>,
 }
 
 impl Default for OrgLog {
@@ -308,6 +356,14 @@ pub struct Store {
     db: Option<Arc<Mutex<rusqlite::Connection>>>,
     orgs: Arc<Mutex<HashMap<u64, OrgLog>>>,
     all: watch::Sender<u64>,
+}
+
+/// Meta-table rows holding one machine's address allocation are named this, then the key.
+const ALLOC_ROW: &str = "alloc:";
+
+fn alloc_row(mk: &MachinePublic) -> String {
+    let key = serde_json::to_value(mk).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    format!("{ALLOC_ROW}{key}")
 }
 
 const TABLES: [&str; 5] = ["users", "preauthkeys", "nodes", "apikeys", "meta"];
@@ -368,7 +424,7 @@ impl Store {
             None => None,
             Some(p) => {
                 make_private(p)?;
-                let c = rusqlite::Connection::open(p)?;
+                let mut c = rusqlite::Connection::open(p)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 for t in TABLES {
                     c.execute(
@@ -415,13 +471,33 @@ impl Store {
                 for (_, k) in load::<ApiKey>(&c, "apikeys")? {
                     data.api_keys.insert(k.id, k);
                 }
+                let mut legacy = vec![];
                 for (id, v) in load::<serde_json::Value>(&c, "meta")? {
-                    if id == "allocations" {
-                        let a: Vec<(MachinePublic, u32)> = serde_json::from_value(v).unwrap_or_default();
-                        data.allocations = a.into_iter().collect();
+                    if let Some(mk) = id.strip_prefix(ALLOC_ROW) {
+                        let mk: Option<MachinePublic> = serde_json::from_value(mk.into()).ok();
+                        if let (Some(mk), Some(i)) = (mk, v.as_u64().and_then(|i| u32::try_from(i).ok())) {
+                            data.allocations.insert(mk, i);
+                        }
+                    } else if id == "allocations" {
+                        // The whole list in one row, as older versions wrote it.
+                        legacy = serde_json::from_value::<Vec<(MachinePublic, u32)>>(v).unwrap_or_default();
                     } else if id == "next_id" {
                         data.next_id = v.as_u64().unwrap_or(1);
                     }
+                }
+                if !legacy.is_empty() {
+                    let tx = c.transaction()?;
+                    for (mk, i) in legacy {
+                        data.allocations.entry(mk).or_insert(i);
+                    }
+                    for (mk, i) in &data.allocations {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO meta (id, json) VALUES (?1, ?2)",
+                            rusqlite::params![alloc_row(mk), i.to_string()],
+                        )?;
+                    }
+                    tx.execute("DELETE FROM meta WHERE id = 'allocations'", [])?;
+                    tx.commit()?;
                 }
                 Some(Arc::new(Mutex::new(c)))
             }
@@ -460,15 +536,15 @@ impl Store {
         }
     }
 
-    /// Writes one row (if any) and the allocation metadata in a single transaction, so a
-    /// crash never leaves a node without its address allocation or the other way round.
-    fn put_with_meta<T: Serialize>(&self, d: &Data, row: Option<(&str, &str, &T)>) {
+    /// Writes one row (if any), the id counter and machine `mk`'s address allocation (if
+    /// given) in a single transaction, so a crash never leaves a node without its address
+    /// allocation or the other way round.
+    fn put_with_meta<T: Serialize>(&self, d: &Data, mk: Option<&MachinePublic>, row: Option<(&str, &str, &T)>) {
         let Some(db) = &self.db else { return };
-        let a: Vec<(MachinePublic, u32)> = d.allocations.iter().map(|(k, v)| (*k, *v)).collect();
-        let mut rows = vec![
-            ("meta", "allocations".to_string(), serde_json::to_string(&a).expect("serializes")),
-            ("meta", "next_id".to_string(), d.next_id.to_string()),
-        ];
+        let mut rows = vec![("meta", "next_id".to_string(), d.next_id.to_string())];
+        if let Some((mk, i)) = mk.and_then(|mk| d.allocations.get(mk).map(|i| (mk, i))) {
+            rows.push(("meta", alloc_row(mk), i.to_string()));
+        }
         if let Some((table, id, v)) = row {
             rows.push((table, id.to_string(), serde_json::to_string(v).expect("serializes")));
         }
@@ -561,24 +637,28 @@ impl Store {
     }
 
     /// The nodes of org `user_id` (by ascending id), without scanning other orgs.
-    pub fn org_nodes(&self, user_id: u64) -> Vec<Node> {
-        self.org_nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
-    }
-
-    /// [`Store::org_nodes`] without copying the records.
-    pub fn org_nodes_shared(&self, user_id: u64) -> Vec<Arc<Node>> {
-        let d = self.data.lock();
-        d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect()
+    pub fn org_nodes(&self, user_id: u64) -> Vec<Arc<Node>> {
+        self.nodes(Some(user_id))
     }
 
     /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the
     /// built-in policy puts in each member's filter), cached until the membership changes.
     pub fn org_member_sources(&self, user_id: u64) -> Arc<Vec<String>> {
+        self.org_members(user_id).0
+    }
+
+    /// [`Store::org_member_sources`] as an address set (which routes a member may use),
+    /// cached the same way.
+    pub fn org_member_set(&self, user_id: u64) -> Arc<crate::policy::ipset::IpSet> {
+        self.org_members(user_id).1
+    }
+
+    fn org_members(&self, user_id: u64) -> (Arc<Vec<String>>, Arc<crate::policy::ipset::IpSet>) {
         let mut orgs = self.orgs.lock();
         let org = orgs.entry(user_id).or_default();
-        if let Some((g, v)) = &org.sources {
+        if let Some((g, v, set)) = &org.sources {
             if *g == org.member_gen {
-                return v.clone();
+                return (v.clone(), set.clone());
             }
         }
         let mut set = crate::policy::ipset::IpSet::default();
@@ -592,24 +672,29 @@ impl Store {
             }
         }
         let v = Arc::new(set.prefix_strings());
-        org.sources = Some((org.member_gen, v.clone()));
-        v
+        let set = Arc::new(set);
+        org.sources = Some((org.member_gen, v.clone(), set.clone()));
+        (v, set)
     }
 
     // ---- users
 
+    /// Every user.
     pub fn users(&self) -> Vec<User> {
         self.data.lock().users.values().cloned().collect()
     }
 
+    /// User `id`.
     pub fn user(&self, id: u64) -> Option<User> {
         self.data.lock().users.get(&id).cloned()
     }
 
+    /// The user named `name`.
     pub fn user_by_name(&self, name: &str) -> Option<User> {
         self.data.lock().users.values().find(|u| u.name == name).cloned()
     }
 
+    /// Creates a user (org); names are unique.
     pub fn create_user(&self, name: &str, display_name: &str) -> Result<User, StoreError> {
         let name = name.trim();
         if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_whitespace()) {
@@ -626,10 +711,11 @@ impl Store {
             created_at: Utc::now(),
         };
         d.users.insert(u.id, u.clone());
-        self.put_with_meta(&d, Some(("users", &u.id.to_string(), &u)));
+        self.put_with_meta(&d, None, Some(("users", &u.id.to_string(), &u)));
         Ok(u)
     }
 
+    /// Renames user `id`; its org's maps get the new profile.
     pub fn rename_user(&self, id: u64, new: &str) -> Result<User, StoreError> {
         let mut d = self.data.lock();
         if d.users.values().any(|u| u.name == new && u.id != id) {
@@ -644,6 +730,7 @@ impl Store {
         Ok(u)
     }
 
+    /// Deletes user `id`, which must have no nodes.
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
         let mut d = self.data.lock();
         if !d.users.contains_key(&id) {
@@ -659,6 +746,7 @@ impl Store {
 
     // ---- pre-auth keys
 
+    /// Creates a pre-auth key for user `user_id`; the returned value holds the full key once.
     pub fn create_key(
         &self,
         user_id: u64,
@@ -690,10 +778,11 @@ impl Store {
             acl_tags,
         };
         d.keys.insert(k.id, k.clone());
-        self.put_with_meta(&d, Some(("preauthkeys", &k.id.to_string(), &k)));
+        self.put_with_meta(&d, None, Some(("preauthkeys", &k.id.to_string(), &k)));
         Ok(PreAuthKey { key: full, ..k })
     }
 
+    /// Pre-auth keys (of one user, or all).
     pub fn keys(&self, user_id: Option<u64>) -> Vec<PreAuthKey> {
         self.data.lock().keys.values().filter(|k| user_id.is_none_or(|u| k.user_id == u)).cloned().collect()
     }
@@ -726,7 +815,7 @@ impl Store {
         let k =
             ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
         d.api_keys.insert(k.id, k.clone());
-        self.put_with_meta(&d, Some(("apikeys", &k.id.to_string(), &k)));
+        self.put_with_meta(&d, None, Some(("apikeys", &k.id.to_string(), &k)));
         (full, k)
     }
 
@@ -736,6 +825,7 @@ impl Store {
         self.data.lock().config_api_keys = keys.iter().map(|k| sha256_hex(k)).collect();
     }
 
+    /// Every stored API key.
     pub fn api_keys(&self) -> Vec<ApiKey> {
         self.data.lock().api_keys.values().cloned().collect()
     }
@@ -783,12 +873,8 @@ impl Store {
 
     // ---- nodes
 
-    pub fn nodes(&self, user_id: Option<u64>) -> Vec<Node> {
-        self.nodes_shared(user_id).into_iter().map(Arc::unwrap_or_clone).collect()
-    }
-
-    /// [`Store::nodes`] without copying the records (by ascending id).
-    pub fn nodes_shared(&self, user_id: Option<u64>) -> Vec<Arc<Node>> {
+    /// Every node, or org `user_id`'s, by ascending id (the records are shared, not copied).
+    pub fn nodes(&self, user_id: Option<u64>) -> Vec<Arc<Node>> {
         let d = self.data.lock();
         match user_id {
             Some(u) => d.by_org.get(&u).into_iter().flatten().filter_map(|id| d.node(*id).cloned()).collect(),
@@ -796,13 +882,20 @@ impl Store {
         }
     }
 
-    pub fn node(&self, id: u64) -> Option<Node> {
-        self.node_shared(id).map(Arc::unwrap_or_clone)
+    /// Node `id` (the record is shared, not copied).
+    pub fn node(&self, id: u64) -> Option<Arc<Node>> {
+        self.data.lock().node(id).cloned()
     }
 
-    /// [`Store::node`] without copying the record.
-    pub fn node_shared(&self, id: u64) -> Option<Arc<Node>> {
-        self.data.lock().node(id).cloned()
+    /// The nodes with these ids that exist, in the order given.
+    pub fn nodes_by_id(&self, ids: &[u64]) -> Vec<Arc<Node>> {
+        let d = self.data.lock();
+        ids.iter().filter_map(|id| d.node(*id).cloned()).collect()
+    }
+
+    /// How many nodes exist.
+    pub fn node_count(&self) -> usize {
+        self.data.lock().nodes.len()
     }
 
     /// The node registered with this machine key and node key.
@@ -822,6 +915,7 @@ impl Store {
         d.by_key.get(nk).and_then(|id| d.node(*id)).map(|n| (**n).clone())
     }
 
+    /// True while node `id` has a map stream open.
     pub fn is_online(&self, id: u64) -> bool {
         self.data.lock().sessions.get(&id).copied().unwrap_or(0) > 0
     }
@@ -963,7 +1057,7 @@ impl Store {
                 n
             }
         };
-        self.put_with_meta(&d, Some(("nodes", &node.id.to_string(), &node)));
+        self.put_with_meta(&d, Some(&mk), Some(("nodes", &node.id.to_string(), &node)));
         drop(d);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
             self.emit(u, Change::Removed(node.id));
@@ -999,6 +1093,7 @@ impl Store {
         Ok(n)
     }
 
+    /// Deletes node `id`; its org's maps drop it.
     pub fn delete_node(&self, id: u64) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let n = d.nodes.remove(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
@@ -1011,6 +1106,7 @@ impl Store {
         Ok(n)
     }
 
+    /// Sets node `id`'s DNS label (sanitized; must be free).
     pub fn rename_node(&self, id: u64, name: &str) -> Result<Node, StoreError> {
         let name = sanitize_hostname(name);
         if self.data.lock().by_name.get(&name).is_some_and(|o| *o != id) {
@@ -1064,6 +1160,7 @@ impl Store {
         })
     }
 
+    /// Expires node `id`'s key now.
     pub fn expire_node(&self, id: u64) -> Result<Node, StoreError> {
         self.update_node(id, |n| {
             n.expiry = Some(Utc::now());
@@ -1126,12 +1223,14 @@ impl Store {
         self.data.lock().pending.len()
     }
 
+    /// Takes the waiting registration `id` (to approve or refuse it).
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
         let p = self.data.lock().pending.remove(id);
         self.all.send_modify(|g| *g += 1);
         p
     }
 
+    /// The waiting registration `id`, if still waiting.
     pub fn pending(&self, id: &str) -> Option<Pending> {
         self.data.lock().pending.get(id).cloned()
     }
@@ -1308,6 +1407,42 @@ mod tests {
         // Same machine key → same address after re-registration.
         assert_eq!(reg(&s, 1, u.id).ipv4, a.ipv4);
         assert_eq!(reg(&s, 3, u.id).ipv4, Ipv4Addr::new(100, 64, 0, 3));
+    }
+
+    /// A registration writes its own allocation row, not the whole list; a database holding
+    /// the list in one row (older versions) is moved to rows and keeps every address.
+    #[test]
+    fn allocations_are_one_row_each_and_the_old_list_migrates() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("n.db");
+        let s = Store::open(Some(&db)).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let b = reg(&s, 2, u.id);
+        drop(s);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let rows = |c: &rusqlite::Connection| -> Vec<(String, String)> {
+            let mut st = c.prepare("SELECT id, json FROM meta WHERE id LIKE 'alloc%' ORDER BY id").unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+        };
+        let got = rows(&c);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|(id, _)| id.starts_with(ALLOC_ROW)), "{got:?}");
+        // Back to the old layout: one row with the whole list.
+        let list: Vec<(MachinePublic, u32)> = vec![(a.machine_key, 1), (b.machine_key, 2)];
+        c.execute("DELETE FROM meta WHERE id LIKE 'alloc:%'", []).unwrap();
+        c.execute("INSERT INTO meta (id, json) VALUES ('allocations', ?1)", [serde_json::to_string(&list).unwrap()])
+            .unwrap();
+        drop(c);
+        let s = Store::open(Some(&db)).unwrap();
+        s.delete_node(a.id).unwrap();
+        assert_eq!(reg(&s, 1, u.id).ipv4, a.ipv4, "the migrated allocation keeps the address");
+        assert_eq!(reg(&s, 3, u.id).ipv4, Ipv4Addr::new(100, 64, 0, 3), "no index is handed out twice");
+        drop(s);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let got = rows(&c);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.iter().all(|(id, _)| id != "allocations"), "the old row is gone: {got:?}");
     }
 }
 

@@ -10,7 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// An IP prefix (address masked to its length on construction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Prefix {
+    /// Network address (host bits clear).
     pub addr: IpAddr,
+    /// Prefix length in bits.
     pub len: u8,
 }
 

@@ -54,6 +54,7 @@ pub const HEADSCALE_DEFAULT: &str = r#"// Headscale's default with no policy: ev
 pub struct Issue {
     /// 1-based line in the policy text, when one can be named.
     pub line: Option<usize>,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -70,6 +71,7 @@ impl std::fmt::Display for Issue {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .issues.iter().map(Issue::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct PolicyError {
+    /// Every problem found, in text order.
     pub issues: Vec<Issue>,
 }
 
@@ -139,18 +141,24 @@ struct AutoApprovers {
 /// A user (org) as the compiler needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyUser {
+    /// User id.
     pub id: u64,
+    /// User name.
     pub name: String,
+    /// E-mail address (may be empty).
     pub email: String,
 }
 
 /// A node as the compiler needs it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyNode {
+    /// Node id.
     pub id: u64,
+    /// Owner's user id.
     pub user_id: u64,
     /// Its addresses, IPv4 first.
     pub ips: Vec<IpAddr>,
+    /// Its ACL tags.
     pub tags: Vec<String>,
     /// Subnet routes it serves: advertised, approved, not exit routes (`SubnetRoutes`).
     pub routes: Vec<Prefix>,

@@ -87,7 +87,7 @@ impl PolicyState {
 /// The users and nodes of `store` as the compiler sees them (nodes by ascending id).
 pub fn inputs(store: &Store) -> (Vec<PolicyUser>, Vec<PolicyNode>) {
     let users = self::users(store);
-    let mut nodes: Vec<PolicyNode> = store.nodes(None).iter().map(policy_node).collect();
+    let mut nodes: Vec<PolicyNode> = store.nodes(None).iter().map(|n| policy_node(n)).collect();
     nodes.sort_by_key(|n| n.id);
     (users, nodes)
 }
