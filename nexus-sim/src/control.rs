@@ -692,11 +692,22 @@ pub fn diff_maps(old: &MapResponse, new: &MapResponse) -> Option<MapResponse> {
 
 /// Turns a full map into a message that replaces whatever the client holds. Tailscale clients
 /// read an empty `Peers` as "no change", so a map without peers instead removes every node
-/// the client may know.
+/// the client may know. Only org streams replace (a global stream sends differences), so that
+/// is its org's other members and the nodes that left the org lately (the client may have
+/// missed their removal): naming other orgs' nodes would tell the client about them. A test
+/// fault leaking peers across orgs adds every node.
 fn replacing(s: &Shared, mut m: Out, me: u64) -> Out {
     if m.peers.as_ref().is_some_and(|p| p.is_empty()) || m.resp.peers.as_ref().is_some_and(|p| p.is_empty()) {
         (m.peers, m.resp.peers) = (None, None);
-        let ids: Vec<i64> = s.store.node_ids().into_iter().filter(|id| *id != me).map(|id| id as i64).collect();
+        let mut known = std::collections::BTreeSet::new();
+        if let Some(org) = s.store.node(me).map(|n| n.user_id) {
+            known.extend(s.store.org_nodes(org).iter().map(|n| n.id));
+            known.extend(s.store.org_gone(org));
+        }
+        if s.faults.leaks_any() {
+            known.extend(s.store.node_ids());
+        }
+        let ids: Vec<i64> = known.into_iter().filter(|id| *id != me).map(|id| id as i64).collect();
         m.resp.peers_removed = (!ids.is_empty()).then_some(ids);
     }
     m
@@ -1172,7 +1183,9 @@ mod tests {
             s.store.notify(a_org);
         }
         let Some(d) = sent(st.store_changed()) else { panic!("no resync") };
-        assert!(d.node.is_some() && d.packet_filter.is_some() && d.peers_removed.is_some(), "{d:?}");
+        assert!(d.node.is_some() && d.packet_filter.is_some(), "{d:?}");
+        // The deleted peer whose removal it may have missed is named; no other org's node is.
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]), "{d:?}");
 
         // Its own deletion ends the stream.
         s.store.delete_node(a1.id).unwrap();
@@ -1259,6 +1272,24 @@ mod tests {
         assert!(
             matches!(s.store.org_changes(org, c1).1, crate::store::Since::Changes(c) if c.len() == crate::store::ORG_LOG_LEN)
         );
+    }
+
+    /// A policy that leaves a node no peers replaces its map by removing the peers it may
+    /// know (its org's other members), and names no node of another org.
+    #[test]
+    fn an_empty_replacing_map_removes_only_org_members() {
+        let s = shared();
+        let a = s.store.create_user("a", "").unwrap().id;
+        let b = s.store.create_user("b", "").unwrap().id;
+        let a1 = reg(&s, 1, a, vec![]);
+        let a2 = reg(&s, 2, a, vec![]);
+        reg(&s, 3, b, vec![]);
+        let (mut st, first) = Streamer::start(&s, &a1);
+        assert_eq!(first.response().peers.map(|p| p.len()), Some(1));
+        s.policy.set(r#"{"acls": []}"#).unwrap();
+        let Some(d) = sent(st.policy_changed()) else { panic!("no map after a policy change") };
+        assert!(d.peers.is_none(), "{d:?}");
+        assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
     }
 
     #[test]

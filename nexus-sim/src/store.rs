@@ -341,11 +341,17 @@ struct OrgLog {
     /// The org's untagged members' addresses as a minimal prefix list and as a set, for
     /// `member_gen`.
     sources: Option<(u64, Arc<Vec<String>>, Arc<crate::policy::ipset::IpSet>)>,
+    /// Ids of the nodes that left the org (deleted or moved), the latest [`ORG_GONE_LEN`]: a
+    /// stream that fell behind the log may still show them.
+    gone: VecDeque<u64>,
 }
+
+/// Departed node ids remembered per org.
+pub const ORG_GONE_LEN: usize = 4096;
 
 impl Default for OrgLog {
     fn default() -> Self {
-        OrgLog { seq: watch::channel(0).0, log: VecDeque::new(), member_gen: 0, sources: None }
+        OrgLog { seq: watch::channel(0).0, log: VecDeque::new(), member_gen: 0, sources: None, gone: VecDeque::new() }
     }
 }
 
@@ -612,6 +618,12 @@ impl Store {
         if !matches!(c, Change::Patch(..)) {
             org.member_gen = seq;
         }
+        if let Change::Removed(id) = c {
+            org.gone.push_back(id);
+            if org.gone.len() > ORG_GONE_LEN {
+                org.gone.pop_front();
+            }
+        }
         org.log.push_back((seq, Arc::new(c)));
         while org.log.len() > ORG_LOG_LEN {
             org.log.pop_front();
@@ -639,6 +651,12 @@ impl Store {
     /// The nodes of org `user_id` (by ascending id), without scanning other orgs.
     pub fn org_nodes(&self, user_id: u64) -> Vec<Arc<Node>> {
         self.nodes(Some(user_id))
+    }
+
+    /// Ids of the nodes that left org `user_id` lately (deleted or moved; the latest
+    /// [`ORG_GONE_LEN`]).
+    pub fn org_gone(&self, user_id: u64) -> Vec<u64> {
+        self.orgs.lock().get(&user_id).map(|o| o.gone.iter().copied().collect()).unwrap_or_default()
     }
 
     /// The addresses of org `user_id`'s untagged nodes as a minimal prefix list (what the

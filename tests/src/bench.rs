@@ -158,7 +158,12 @@ impl World {
     async fn online(&mut self, name: &str, limit: Duration) -> anyhow::Result<(Instant, nexus_sim::store::Node)> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let found = self.store().nodes(None).into_iter().find(|n| n.hostname == name && n.last_seen.is_some()).map(std::sync::Arc::unwrap_or_clone);
+            let found = self
+                .store()
+                .nodes(None)
+                .into_iter()
+                .find(|n| n.hostname == name && n.last_seen.is_some())
+                .map(std::sync::Arc::unwrap_or_clone);
             if let Some(n) = found {
                 return Ok((Instant::now(), n));
             }
