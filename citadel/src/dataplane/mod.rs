@@ -893,8 +893,12 @@ fn segment_run(ts: &[Transmit], dst: SocketAddr) -> usize {
 }
 
 /// Feeds the core datagrams from `src` that arrived coalesced in `data`, each `seg` bytes
-/// but the last.
+/// but the last. An empty datagram is one datagram too (the core counts it as malformed).
 fn handle_segments(conn: &mut Conn, now: Instant, src: SocketAddr, data: &[u8], seg: usize) {
+    if data.is_empty() {
+        conn.handle_udp(now, src, data);
+        return;
+    }
     for d in data.chunks(seg.max(1)) {
         conn.handle_udp(now, src, d);
     }
