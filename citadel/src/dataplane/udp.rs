@@ -200,4 +200,27 @@ mod tests {
         }
         assert_eq!(got, bodies);
     }
+
+    /// After the kernel refused segmentation (and on a socket without receive offload), the
+    /// same sends still arrive, one datagram per call, an empty one included.
+    #[tokio::test]
+    async fn without_offload_every_datagram_still_arrives() {
+        let a = BatchUdp::new(crate::net::bind_tokio_udp("127.0.0.1:0".parse().unwrap()).unwrap());
+        a.gso.store(false, Relaxed);
+        let mut b = BatchUdp::new(crate::net::bind_tokio_udp("127.0.0.1:0".parse().unwrap()).unwrap());
+        b.gro = false;
+        let to = b.local_addr().unwrap();
+        let bodies: Vec<Vec<u8>> = vec![vec![1; 1200], vec![2; 1200], vec![], vec![3; 7]];
+        let segs: Vec<&[u8]> = bodies.iter().map(|v| v.as_slice()).collect();
+        a.send_segments(&segs, to).await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        for want in &bodies {
+            let (n, src, seg) = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_segments(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((src, n, seg), (a.local_addr().unwrap(), want.len(), want.len()));
+            assert_eq!(&buf[..n], &want[..]);
+        }
+    }
 }
