@@ -471,11 +471,6 @@ impl DerpServer {
             (Some(ours), Some(theirs)) => constant_time_eq(ours.as_bytes(), theirs.as_bytes()),
             _ => false,
         };
-        let mut nonce = [0u8; codec::NONCE_LEN];
-        rand::thread_rng().fill_bytes(&mut nonce);
-        if write_frame(&mut wr, &ServerInfo::current().seal(&self.key, &key, nonce)).await.is_err() {
-            return;
-        }
         let (closed, _) = watch::channel(false);
         let client = Arc::new(Client {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -491,7 +486,16 @@ impl DerpServer {
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         // Public keys are not secret; logging the full key lets tests and operators find a node.
         tracing::info!(key = %key, region, ?remote, tls, app = %info.app_name, "DERP client connected");
+        // Registered before the client learns it is logged in, so that a packet sent to it
+        // the moment its login completes finds it (it waits in its queue).
         self.register(client.clone());
+        let mut nonce = [0u8; codec::NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        if write_frame(&mut wr, &ServerInfo::current().seal(&self.key, &key, nonce)).await.is_err() {
+            client.close();
+            self.unregister(&client);
+            return;
+        }
 
         let writer = tokio::spawn(write_loop(client.clone(), wr, self.opts.keepalive));
         let mut closed_rx = client.closed.subscribe();
