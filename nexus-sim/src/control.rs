@@ -33,75 +33,30 @@ fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 
 /// [`encode_map_frame`] of a message whose peer entries are pre-serialized: the entries are
 /// copied into the JSON, not serialized again.
-/// With zstd, the filter's shared source list goes in as its own frame, compressed once per
-/// org membership (a zstd stream may hold several frames; clients decode them in sequence).
 fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
-    let parts = out.json_parts();
-    if !zstd {
-        let len: usize = parts.iter().map(|p| p.json().len()).sum();
-        let mut out = Vec::with_capacity(4 + len);
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        for p in &parts {
-            out.extend_from_slice(p.json());
-        }
-        return out;
-    }
-    let mut body = vec![];
-    for p in &parts {
-        match p {
-            Part::Own(json) if json.is_empty() => {}
-            Part::Own(json) => body.extend_from_slice(&compress(json)),
-            Part::Sources(src) => body.extend_from_slice(&src.zstd),
-        }
-    }
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
-/// `json` as one zstd frame. The compression context is reused per thread.
-fn compress(json: &[u8]) -> Vec<u8> {
     thread_local! {
         static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    let json = out.to_json();
+    if !zstd {
+        let mut out = Vec::with_capacity(4 + json.len());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        return out;
     }
     let body = CCTX.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
             *c = zstd::bulk::Compressor::new(1).ok();
         }
-        c.as_mut().and_then(|c| c.compress(json).ok())
+        c.as_mut().and_then(|c| c.compress(&json).ok())
     });
-    body.unwrap_or_else(|| zstd::bulk::compress(json, 1).expect("zstd in memory"))
+    let body = body.unwrap_or_else(|| zstd::bulk::compress(&json, 1).expect("zstd in memory"));
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
 }
-
-/// An org's untagged member addresses (every filter rule's `SrcIPs` under the built-in
-/// policy) serialized and compressed once for every member's delta.
-#[derive(Debug)]
-pub(crate) struct SharedSources {
-    of: std::sync::Arc<Vec<String>>,
-    hash: u64,
-    json: Bytes,
-    zstd: Bytes,
-}
-
-/// A piece of a message's JSON.
-enum Part<'a> {
-    Own(Vec<u8>),
-    Sources(&'a SharedSources),
-}
-
-impl Part<'_> {
-    fn json(&self) -> &[u8] {
-        match self {
-            Part::Own(j) => j,
-            Part::Sources(s) => &s.json,
-        }
-    }
-}
-
-/// The placeholder a filter rule's empty source list serializes as.
-const EMPTY_SOURCES: &[u8] = b"\"SrcIPs\":[]";
 
 /// A map message whose peer entries may be JSON already serialized once for every viewer
 /// (see [`EntryCache`]); the rest is in `resp`.
@@ -113,41 +68,17 @@ pub(crate) struct Out {
     peers: Option<Vec<Bytes>>,
     /// `PeersChanged` as serialized entries; `resp.peers_changed` is then `None`.
     changed: Vec<Bytes>,
-    /// Every filter rule's `SrcIPs` (then empty in `resp`).
-    sources: Option<std::sync::Arc<SharedSources>>,
 }
 
 impl From<MapResponse> for Out {
     fn from(resp: MapResponse) -> Out {
-        Out { resp, peers: None, changed: vec![], sources: None }
+        Out { resp, peers: None, changed: vec![] }
     }
 }
 
 impl Out {
-    /// The message as JSON.
+    /// The message as JSON: `resp` with the entry lists spliced into its object.
     fn to_json(&self) -> Vec<u8> {
-        self.json_parts().iter().flat_map(|p| p.json().iter().copied()).collect()
-    }
-
-    /// The message as JSON pieces: [`Out::entries_json`] with the shared source list in place
-    /// of each rule's empty one.
-    fn json_parts(&self) -> Vec<Part<'_>> {
-        let json = self.entries_json();
-        let Some(src) = self.sources.as_deref() else { return vec![Part::Own(json)] };
-        let mut parts = vec![];
-        let mut rest = &json[..];
-        while let Some(at) = rest.windows(EMPTY_SOURCES.len()).position(|w| w == EMPTY_SOURCES) {
-            let head = at + EMPTY_SOURCES.len() - 2;
-            parts.push(Part::Own(rest[..head].to_vec()));
-            parts.push(Part::Sources(src));
-            rest = &rest[head + 2..];
-        }
-        parts.push(Part::Own(rest.to_vec()));
-        parts
-    }
-
-    /// `resp` as JSON with the entry lists spliced into its object.
-    fn entries_json(&self) -> Vec<u8> {
         let mut json = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
         let lists =
             [("Peers", self.peers.as_deref()), ("PeersChanged", Some(&self.changed[..]).filter(|c| !c.is_empty()))];
@@ -183,7 +114,7 @@ impl Out {
     }
 
     fn is_empty(&self) -> bool {
-        self.resp == MapResponse::default() && self.peers.is_none() && self.changed.is_empty() && self.sources.is_none()
+        self.resp == MapResponse::default() && self.peers.is_none() && self.changed.is_empty()
     }
 }
 
@@ -250,7 +181,6 @@ impl EntryCache {
 #[derive(Default)]
 pub struct DeltaCache {
     frames: parking_lot::Mutex<std::collections::HashMap<DeltaKey, Option<Bytes>>>,
-    sources: parking_lot::Mutex<std::collections::HashMap<u64, std::sync::Arc<SharedSources>>>,
 }
 
 /// Org, change-log stretch (after `from` up to `to`) and compression of a shared delta.
@@ -271,27 +201,6 @@ impl DeltaCache {
             m.clear();
         }
         m.entry(key).or_insert(f).clone()
-    }
-
-    /// Org `org`'s source list `of` serialized and compressed, kept while the org's list is
-    /// the same.
-    fn sources(&self, org: u64, of: &std::sync::Arc<Vec<String>>) -> std::sync::Arc<SharedSources> {
-        if let Some(s) = self.sources.lock().get(&org).filter(|s| std::sync::Arc::ptr_eq(&s.of, of)) {
-            return s.clone();
-        }
-        let json = serde_json::to_vec(&**of).expect("strings serialize");
-        let shared = std::sync::Arc::new(SharedSources {
-            of: of.clone(),
-            hash: fingerprint(&**of),
-            zstd: Bytes::from(compress(&json)),
-            json: Bytes::from(json),
-        });
-        let mut m = self.sources.lock();
-        if m.len() >= MAX_SHARED_DELTAS {
-            m.clear();
-        }
-        m.insert(org, shared.clone());
-        shared
     }
 }
 
@@ -752,7 +661,7 @@ impl OrgTemplate {
         let mut m = map_of(s, me, vec![], filter, vec![], now);
         m.peers = None;
         crate::routes::reduce_map(&mut m, &keep);
-        Out { resp: m, peers: Some(peers), changed: vec![], sources: None }
+        Out { resp: m, peers: Some(peers), changed: vec![] }
     }
 
     fn build_map(&self, s: &Shared, me: &StoreNode) -> MapResponse {
@@ -770,18 +679,6 @@ pub fn may_talk(s: &Shared, a: u64, b: u64) -> bool {
         };
     }
     s.policy.compiled(&s.store).may_talk(a, b)
-}
-
-/// A fingerprint of a packet filter under the org template: of its rules without their
-/// sources, and of the sources (the same list in every rule), so that a delta need not
-/// serialize the org's whole address list per member to tell whether it changed.
-fn filter_fingerprint(rules: &[tailcfg::FilterRule], sources_hash: impl FnOnce() -> u64) -> u64 {
-    let shape: Vec<tailcfg::FilterRule> =
-        rules.iter().map(|r| tailcfg::FilterRule { src_ips: vec![], ..r.clone() }).collect();
-    if shape.is_empty() {
-        return fingerprint(&shape);
-    }
-    fingerprint(&(fingerprint(&shape), sources_hash()))
 }
 
 /// A fingerprint of a value, to tell whether it changed without keeping it.
@@ -915,8 +812,7 @@ impl Streamer {
                 // again, which is harmless (each delta carries current state).
                 let cursor = *s.store.subscribe(me.user_id).borrow();
                 let m = tmpl.build_out(s, me);
-                let rules = m.resp.packet_filter.as_deref().unwrap_or_default();
-                let filter = filter_fingerprint(rules, || fingerprint(&rules[0].src_ips));
+                let filter = fingerprint(&m.resp.packet_filter);
                 self.mode = Mode::Org { tmpl, cursor, filter, tagged: !me.tags.is_empty() };
                 m
             }
@@ -1071,19 +967,15 @@ fn org_delta(
         d.peers_changed_patch = Some(patched);
     }
     crate::routes::reduce_map(&mut d, &keep);
-    let mut sources = None;
     if members_changed || self_changed || resync {
-        let of = s.store.org_member_sources(me.user_id);
-        let f = tmpl.filter(me, &[]);
-        let src = (!f.is_empty()).then(|| s.deltas.sources(me.user_id, &of));
-        let fp = filter_fingerprint(&f, || src.as_ref().map_or(0, |s| s.hash));
+        let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
+        let fp = fingerprint(&f);
         if fp != *filter_fp {
             *filter_fp = fp;
             d.packet_filter = Some(f);
-            sources = src;
         }
     }
-    let out = Out { resp: d, peers: None, changed, sources };
+    let out = Out { resp: d, peers: None, changed };
     (!out.is_empty()).then_some(out)
 }
 
@@ -1316,20 +1208,6 @@ mod tests {
         reg(&s, 5, org, vec![]);
         let joins: Vec<Step> = streams.iter_mut().map(|st| st.store_changed()).collect();
         assert!(joins.iter().all(|j| !matches!(j, Step::Frame(_))), "a join delta was shared");
-        // The org's address list in the two untagged members' filters is one shared,
-        // once-compressed piece; each whole frame decodes (client decoder, plain and zstd)
-        // to that member's own delta.
-        let outs: Vec<&Out> =
-            joins.iter().filter_map(|j| if let Step::Send(o) = j { Some(&**o) } else { None }).collect();
-        let (s0, s1) = (outs[0].sources.as_ref().unwrap(), outs[1].sources.as_ref().unwrap());
-        assert!(std::sync::Arc::ptr_eq(s0, s1), "the source list was built per member");
-        for o in &outs {
-            let whole = o.response();
-            for zstd in [false, true] {
-                let mut buf = encode_out(o, zstd);
-                assert_eq!(citadel_proto::tailcfg::decode_map_frame(&mut buf, zstd).unwrap(), Some(whole.clone()));
-            }
-        }
         let filters: Vec<_> = joins.into_iter().map(|j| sent(j).and_then(|d| d.packet_filter)).collect();
         assert!(filters[2].is_none(), "the tagged member got a filter change");
         assert_ne!(filters[0], filters[1]);
@@ -1484,8 +1362,7 @@ mod tests {
         let b = serde_json::to_value(&whole).unwrap();
         assert_eq!(a, b);
         // Nothing but entries, and no entries at all.
-        let only =
-            Out { resp: MapResponse::default(), peers: None, changed: out.peers.clone().unwrap(), sources: None };
+        let only = Out { resp: MapResponse::default(), peers: None, changed: out.peers.clone().unwrap() };
         assert_eq!(only.response().peers_changed, whole.peers);
         assert_eq!(Out::default().to_json(), b"{}");
     }
