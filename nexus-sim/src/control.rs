@@ -173,6 +173,43 @@ impl EntryCache {
     }
 }
 
+/// An org's delta frames encoded once and shared by every stream they are the same bytes
+/// for: streams of untagged members that read the same stretch of the org's change log
+/// when it holds only patches of other members (endpoint, DERP, online changes). Such a
+/// delta names no member-specific field (no filter, no self entry, no viewer-dependent
+/// routes), so building, serializing and compressing it per member repeats the same work.
+#[derive(Default)]
+pub struct DeltaCache {
+    frames: parking_lot::Mutex<std::collections::HashMap<DeltaKey, Option<Bytes>>>,
+}
+
+/// Org, change-log stretch (after `from` up to `to`) and compression of a shared delta.
+type DeltaKey = (u64, u64, u64, bool);
+
+/// Frames kept at most; past it the cache starts over (streams rebuild what they need).
+const MAX_SHARED_DELTAS: usize = 4096;
+
+impl DeltaCache {
+    /// The frame under `key` (`None` inside: nothing to send), built by `build` if absent.
+    fn get_or_build(&self, key: DeltaKey, build: impl FnOnce() -> Option<Bytes>) -> Option<Bytes> {
+        if let Some(f) = self.frames.lock().get(&key) {
+            return f.clone();
+        }
+        let f = build();
+        let mut m = self.frames.lock();
+        if m.len() >= MAX_SHARED_DELTAS {
+            m.clear();
+        }
+        m.entry(key).or_insert(f).clone()
+    }
+}
+
+/// True when an org delta over `changes` is the same for every untagged member not named in
+/// them: only patches, none of `me`.
+fn shareable(changes: &[std::sync::Arc<crate::store::Change>], me: u64) -> bool {
+    changes.iter().all(|c| matches!(&**c, crate::store::Change::Patch(id, _) if *id != me))
+}
+
 /// Who is on the other end of a Noise session.
 #[derive(Clone, Copy)]
 pub struct Session {
@@ -739,11 +776,14 @@ struct Streamer {
     node_id: u64,
     user_id: u64,
     mode: Mode,
+    zstd: bool,
 }
 
 /// What a stream does after a wake.
 enum Step {
     Send(Box<Out>),
+    /// An encoded frame shared with other streams (its control time already set).
+    Frame(Bytes),
     Nothing,
     /// The client must reconnect (moved org, expired, deleted, or its own visibility changed).
     End,
@@ -751,12 +791,13 @@ enum Step {
 
 impl Streamer {
     /// The first message (a full map) and the stream state after it.
-    fn start(s: &Shared, me: &StoreNode) -> (Streamer, Out) {
+    fn start(s: &Shared, me: &StoreNode, zstd: bool) -> (Streamer, Out) {
         let mut st = Streamer {
             s: s.clone(),
             node_id: me.id,
             user_id: me.user_id,
             mode: Mode::Global { last: MapResponse::default() },
+            zstd,
         };
         let m = st.reset(me);
         (st, m)
@@ -822,7 +863,8 @@ impl Streamer {
                     let m = self.reset(&me);
                     return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                 }
-                let (now, since) = s.store.org_changes(self.user_id, *cursor);
+                let from = *cursor;
+                let (now, since) = s.store.org_changes(self.user_id, from);
                 *cursor = now;
                 let changes = match since {
                     crate::store::Since::Changes(c) => c,
@@ -831,6 +873,16 @@ impl Streamer {
                         return Step::Send(Box::new(replacing(&s, m, self.node_id)));
                     }
                 };
+                if !*tagged && shareable(&changes, me.id) {
+                    let key = (self.user_id, from, now, self.zstd);
+                    let zstd = self.zstd;
+                    let frame = s.deltas.get_or_build(key, || {
+                        let mut o = org_delta(&s, tmpl, &me, &changes, filter)?;
+                        o.resp.control_time = Some(Utc::now());
+                        Some(Bytes::from(encode_out(&o, zstd)))
+                    });
+                    return frame.map_or(Step::Nothing, Step::Frame);
+                }
                 org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
             }
         }
@@ -1004,13 +1056,20 @@ async fn map(
         let mut any_changed = store.subscribe_all();
         let mut policy_changed = s.policy.subscribe();
         store.session(node_id, true);
-        let (mut st, first) = Streamer::start(&s, &node);
-        let mut next = Some(first);
+        let (mut st, first) = Streamer::start(&s, &node, zstd);
+        let mut next = Some(Step::Send(Box::new(first)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         loop {
-            if let Some(mut out) = next.take() {
-                out.resp.control_time = Some(Utc::now());
-                if tx.send(Ok(Bytes::from(encode_out(&out, zstd)))).await.is_err() {
+            let frame = match next.take() {
+                Some(Step::Send(mut out)) => {
+                    out.resp.control_time = Some(Utc::now());
+                    Some(Bytes::from(encode_out(&out, zstd)))
+                }
+                Some(Step::Frame(f)) => Some(f),
+                _ => None,
+            };
+            if let Some(frame) = frame {
+                if tx.send(Ok(frame)).await.is_err() {
                     break;
                 }
                 s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1034,7 +1093,7 @@ async fn map(
                 _ = s.faults.wait_drop_streams() => Step::End,
             };
             match step {
-                Step::Send(m) => next = Some(*m),
+                Step::Send(_) | Step::Frame(_) => next = Some(step),
                 Step::Nothing => {}
                 Step::End => break,
             }
@@ -1060,6 +1119,11 @@ mod tests {
     fn sent(step: Step) -> Option<MapResponse> {
         match step {
             Step::Send(o) => Some(o.response()),
+            Step::Frame(f) => {
+                let mut m: MapResponse = serde_json::from_slice(&f[4..]).unwrap();
+                m.control_time = None;
+                Some(m)
+            }
             _ => None,
         }
     }
@@ -1125,13 +1189,61 @@ mod tests {
         assert!(OrgTemplate::current(&s).is_none());
     }
 
+    /// Untagged members reading the same stretch of their org's log get one shared frame for
+    /// another member's endpoint change; a join (member-specific filter), a tagged member and
+    /// the changed member itself get their own delta, the same as before sharing.
+    #[test]
+    fn patch_deltas_are_shared_frames_only_where_identical() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let a1 = reg(&s, 1, org, vec![]);
+        let a2 = reg(&s, 2, org, vec![]);
+        let t = reg(&s, 3, org, vec!["tag:srv".into()]);
+        let mover = reg(&s, 4, org, vec![]);
+        let mut streams: Vec<Streamer> =
+            [&a1, &a2, &t, &mover].iter().map(|n| Streamer::start(&s, n, true).0).collect();
+
+        // A join: every member's delta carries its own filter (its own addresses as the
+        // destination), so none is a shared frame.
+        reg(&s, 5, org, vec![]);
+        let joins: Vec<Step> = streams.iter_mut().map(|st| st.store_changed()).collect();
+        assert!(joins.iter().all(|j| !matches!(j, Step::Frame(_))), "a join delta was shared");
+        let filters: Vec<_> = joins.into_iter().map(|j| sent(j).and_then(|d| d.packet_filter)).collect();
+        assert!(filters[2].is_none(), "the tagged member got a filter change");
+        assert_ne!(filters[0], filters[1]);
+        assert!(filters[0].is_some() && filters[1].is_some(), "a member missed the filter change");
+
+        s.store
+            .update_node(mover.id, |n| {
+                n.endpoints = vec!["127.0.0.1:41641".into()];
+                true
+            })
+            .unwrap();
+        let steps: Vec<Step> = streams.iter_mut().map(|st| st.store_changed()).collect();
+        let [one, two, tagged, own] = <[Step; 4]>::try_from(steps).ok().unwrap();
+        let (Step::Frame(f1), Step::Frame(f2)) = (&one, &two) else { panic!("untagged members got no shared frame") };
+        assert_eq!(f1, f2);
+        assert_eq!(f1.as_ptr(), f2.as_ptr(), "the frame was encoded twice");
+        let body = zstd::bulk::decompress(&f1[4..], 1 << 20).unwrap();
+        let d: MapResponse = serde_json::from_slice(&body).unwrap();
+        let p = d.peers_changed_patch.expect("patch");
+        assert_eq!((p.len(), p[0].node_id), (1, mover.id as i64));
+        assert_eq!(p[0].endpoints.as_deref(), Some(&["127.0.0.1:41641".to_string()][..]));
+        assert!(d.packet_filter.is_none() && d.node.is_none() && d.control_time.is_some());
+        // The tagged member sees no untagged peer: nothing to send, and nothing shared.
+        assert!(matches!(tagged, Step::Nothing));
+        // The changed member's own delta carries its node: its own, not the shared frame.
+        let Step::Send(o) = own else { panic!("the changed member got a shared frame") };
+        assert!(o.response().node.is_some_and(|n| n.id == mover.id as i64));
+    }
+
     #[test]
     fn org_streams_get_deltas_and_only_for_their_org() {
         let s = shared();
         let a_org = s.store.create_user("a", "").unwrap().id;
         let b_org = s.store.create_user("b", "").unwrap().id;
         let a1 = reg(&s, 1, a_org, vec![]);
-        let (mut st, first) = Streamer::start(&s, &a1);
+        let (mut st, first) = Streamer::start(&s, &a1, false);
         let first = first.response();
         assert_eq!(first.peers, Some(vec![]));
         assert!(matches!(st.store_changed(), Step::Nothing));
@@ -1201,7 +1313,7 @@ mod tests {
         let a1 = reg(&s, 1, org, vec![]);
         let a2 = reg(&s, 2, org, vec![]);
         let peer = |s: &Shared| {
-            let (_, m) = Streamer::start(s, &s.store.node(a1.id).unwrap());
+            let (_, m) = Streamer::start(s, &s.store.node(a1.id).unwrap(), false);
             m.response().peers.unwrap().into_iter().find(|p| p.id == a2.id as i64).unwrap()
         };
         let first = peer(&s);
@@ -1229,7 +1341,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(400));
         assert!(peer(&s).expired, "the entry shows the key expired without a store change");
         // A deletion seen by a stream drops the entry.
-        let (mut st, _) = Streamer::start(&s, &a1);
+        let (mut st, _) = Streamer::start(&s, &a1, false);
         s.store.delete_node(a2.id).unwrap();
         let Some(d) = sent(st.store_changed()) else { panic!("no delta for a delete") };
         assert_eq!(d.peers_removed, Some(vec![a2.id as i64]));
@@ -1243,7 +1355,7 @@ mod tests {
         let s = shared();
         let org = s.store.create_user("a", "").unwrap().id;
         let nodes: Vec<StoreNode> = (1..=3).map(|k| reg(&s, k, org, vec![])).collect();
-        let (_, out) = Streamer::start(&s, &nodes[0]);
+        let (_, out) = Streamer::start(&s, &nodes[0], false);
         let whole = out.response();
         assert_eq!(whole.peers.as_ref().map(Vec::len), Some(2));
         let a: serde_json::Value = serde_json::from_slice(&out.to_json()).unwrap();
@@ -1284,7 +1396,7 @@ mod tests {
         let a1 = reg(&s, 1, a, vec![]);
         let a2 = reg(&s, 2, a, vec![]);
         reg(&s, 3, b, vec![]);
-        let (mut st, first) = Streamer::start(&s, &a1);
+        let (mut st, first) = Streamer::start(&s, &a1, false);
         assert_eq!(first.response().peers.map(|p| p.len()), Some(1));
         s.policy.set(r#"{"acls": []}"#).unwrap();
         let Some(d) = sent(st.policy_changed()) else { panic!("no map after a policy change") };
@@ -1299,7 +1411,7 @@ mod tests {
         let a = s.store.create_user("a", "").unwrap().id;
         let b = s.store.create_user("b", "").unwrap().id;
         let a1 = reg(&s, 1, a, vec![]);
-        let (mut st, _) = Streamer::start(&s, &a1);
+        let (mut st, _) = Streamer::start(&s, &a1, false);
         let b1 = reg(&s, 2, b, vec![]);
         let Some(d) = sent(st.store_changed()) else { panic!("no delta") };
         assert_eq!(d.peers_changed.map(|p| p.iter().map(|n| n.id).collect::<Vec<_>>()), Some(vec![b1.id as i64]));
@@ -1338,7 +1450,7 @@ mod tests {
             routers.push(r.id);
         }
         let viewer = reg(&s, 3, org, vec![]);
-        let (mut st, first) = Streamer::start(&s, &viewer);
+        let (mut st, first) = Streamer::start(&s, &viewer, false);
         let first = first.response();
         let primary = |m: &MapResponse, id: u64| {
             m.peers

@@ -347,6 +347,8 @@ pub struct Inner {
     pub policy: policy::PolicyState,
     /// Map entries serialized once for every viewer.
     pub entries: control::EntryCache,
+    /// Org deltas encoded once for every member they are the same bytes for.
+    pub deltas: control::DeltaCache,
 }
 
 /// Handle to the shared state.
@@ -411,6 +413,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         metrics: metrics::Metrics::default(),
         policy: policy_state,
         entries: Default::default(),
+        deltas: Default::default(),
     }))
 }
 
