@@ -97,18 +97,23 @@ impl Pool {
     /// Larger buffers (a rare jumbo datagram) are freed, not kept.
     const MAX_CAPACITY: usize = 4096;
 
-    /// A buffer holding a copy of `data`.
-    pub(crate) fn copy_of(&mut self, data: &[u8]) -> Vec<u8> {
+    /// An empty buffer, reused when one is spare.
+    fn empty(&mut self) -> Vec<u8> {
         let mut v = self.0.pop().unwrap_or_default();
         v.clear();
+        v
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn copy_of(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut v = self.empty();
         v.extend_from_slice(data);
         v
     }
 
     /// A zeroed buffer of `len` bytes.
     pub(crate) fn zeroed(&mut self, len: usize) -> Vec<u8> {
-        let mut v = self.0.pop().unwrap_or_default();
-        v.clear();
+        let mut v = self.empty();
         v.resize(len, 0);
         v
     }
