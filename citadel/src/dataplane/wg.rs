@@ -616,6 +616,7 @@ impl WgRouter {
     /// device resets it every second; handshakes counted while no timer ran must not add up).
     pub(crate) fn reset_rate_limit(&mut self, now: Instant) {
         if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            self.sync_clock();
             self.rate_limiter.reset_count();
             self.last_rate_reset = Some(now);
         }
