@@ -1051,13 +1051,22 @@ async fn map(
     let store = s.store.clone();
     tokio::spawn(async move {
         // Watch the org first, so no change between the first map and the loop is missed.
-        let mut org_changed = store.subscribe(node.user_id);
+        let org_changed = store.subscribe(node.user_id);
         let mut any_changed = store.subscribe_all();
-        let mut policy_changed = s.policy.subscribe();
+        let policy_changed = s.policy.subscribe();
         store.session(node_id, true);
         let (mut st, first) = Streamer::start(&s, &node, zstd);
         let mut next = Some(Step::Send(Box::new(first)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        // The waits that rarely fire live across wakes: re-arming each on every delta
+        // (registering with notifiers every stream shares) cost more than the delta itself.
+        let mut org_wait = Box::pin(next_change(org_changed));
+        let mut policy_wait = Box::pin(next_change(policy_changed));
+        let dropped = s.faults.wait_drop_streams();
+        tokio::pin!(dropped);
+        let expiry_sleep = tokio::time::sleep(Duration::from_secs(365 * 86400));
+        tokio::pin!(expiry_sleep);
+        let mut armed_expiry = None;
         loop {
             let frame = match next.take() {
                 Some(Step::Send(mut out)) => {
@@ -1074,14 +1083,24 @@ async fn map(
                 s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let Some(me) = st.current() else { break };
-            let until_expiry =
-                me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+            if armed_expiry != Some(me.expiry) || expiry_sleep.is_elapsed() {
+                let until_expiry =
+                    me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+                expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
+                armed_expiry = Some(me.expiry);
+            }
             let global = matches!(st.mode, Mode::Global { .. });
             let step = tokio::select! {
-                r = org_changed.changed(), if !global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
+                (rx, ok) = &mut org_wait, if !global => {
+                    org_wait.set(next_change(rx));
+                    if ok { st.store_changed() } else { Step::End }
+                }
                 r = any_changed.changed(), if global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
-                r = policy_changed.changed() => match r { Ok(()) => st.policy_changed(), Err(_) => Step::End },
-                _ = tokio::time::sleep(until_expiry) => Step::Nothing,
+                (rx, ok) = &mut policy_wait => {
+                    policy_wait.set(next_change(rx));
+                    if ok { st.policy_changed() } else { Step::End }
+                }
+                _ = &mut expiry_sleep => Step::Nothing,
                 _ = ticker.tick() => {
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
                     if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }
@@ -1089,7 +1108,7 @@ async fn map(
                     Step::Nothing
                 }
                 _ = tx.closed() => Step::End,
-                _ = s.faults.wait_drop_streams() => Step::End,
+                _ = &mut dropped => Step::End,
             };
             match step {
                 Step::Send(_) | Step::Frame(_) => next = Some(step),
@@ -1105,6 +1124,13 @@ async fn map(
         .header("content-type", "application/octet-stream")
         .body(Body::from_stream(ReceiverStream::new(rx)))
         .expect("static response")
+}
+
+/// Waits for the next change on `rx` (false when its sender is gone) and hands `rx` back, so
+/// the wait can be kept across other wakes and re-armed only once it fired.
+async fn next_change(mut rx: tokio::sync::watch::Receiver<u64>) -> (tokio::sync::watch::Receiver<u64>, bool) {
+    let ok = rx.changed().await.is_ok();
+    (rx, ok)
 }
 
 #[cfg(test)]
