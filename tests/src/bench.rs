@@ -444,11 +444,7 @@ pub async fn throughput(w: &mut World, secs: f64) -> anyhow::Result<Vec<Figure>>
                 "TCP tsnet->citadel vs tsnet<->tsnet",
             ]
         } else {
-            [
-                "BENCH_MESH_NODE: citadel<->citadel",
-                "BENCH_MESH_NODE: citadel->tsnet",
-                "BENCH_MESH_NODE: tsnet->citadel",
-            ]
+            ["BENCH_MESH_NODE: citadel<->citadel", "BENCH_MESH_NODE: citadel->tsnet", "BENCH_MESH_NODE: tsnet->citadel"]
         };
         figs.push(Figure { name: names[0], unit: "MB/s", citadel: m(|r| r.cc), tsnet: Some(tt) });
         figs.push(Figure { name: names[1], unit: "MB/s", citadel: m(|r| r.ct), tsnet: Some(tt) });
