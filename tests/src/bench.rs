@@ -21,10 +21,11 @@ use tokio::sync::watch;
 /// The CI guard: `citadel init` may take at most this fraction of tsnet's join time.
 pub const MAX_JOIN_RATIO: f64 = 0.5;
 /// The CI guard: citadel↔citadel throughput must reach this fraction of tsnet↔tsnet. Gross on
-/// purpose (measured 1.5–2.1): it catches a collapse, not noise on a shared machine.
-pub const MIN_THROUGHPUT_RATIO: f64 = 0.8;
-/// The CI guard for the mixed pairs (citadel→tsnet, tsnet→citadel; measured 0.8–1.4).
-pub const MIN_MIXED_THROUGHPUT_RATIO: f64 = 0.5;
+/// purpose (measured 2.7–3.6 on 2 shared cores): it catches a collapse, such as mesh nodes
+/// losing UDP segmentation offload (then 1.5–1.9), not noise on a shared machine.
+pub const MIN_THROUGHPUT_RATIO: f64 = 1.2;
+/// The CI guard for the mixed pairs (citadel→tsnet, tsnet→citadel; measured 1.5–1.8).
+pub const MIN_MIXED_THROUGHPUT_RATIO: f64 = 0.8;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
 
