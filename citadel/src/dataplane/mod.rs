@@ -19,7 +19,7 @@ mod relay;
 pub mod route;
 pub mod socket;
 #[cfg(target_os = "linux")]
-mod udp;
+pub(crate) mod udp;
 pub mod wg;
 
 pub use peers::{PeerRoutes, RoutePrefs};
