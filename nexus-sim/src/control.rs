@@ -683,9 +683,9 @@ impl OrgTemplate {
 
 /// The destinations of an org's filter for one family: the smallest prefix covering the
 /// org's addresses `exact` when it lies inside the tailnet range `within` (a member admits
-/// only packets to its own addresses, and subnet routes do not lie inside the tailnet
-/// range, so the cover admits what the exact list does in two entries instead of one per
-/// address run); else the exact list.
+/// only packets to its own addresses, and no approved subnet route lies inside the tailnet
+/// range: `routes::parse_approved` refuses one), so the cover admits what the exact list
+/// does in one entry instead of one per address run; else the exact list.
 fn org_destinations(exact: Vec<String>, within: &str) -> Vec<String> {
     use crate::policy::ipset::Prefix;
     let Some(range) = Prefix::parse(within) else { return exact };
