@@ -7,7 +7,10 @@
 //! ```
 //!
 //! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
-//! throughput below 0.4 of tsnet↔tsnet), never on absolute times.
+//! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8), never on absolute times.
+//!
+//! `BENCH_MESH_NODE=/path/to/mesh-node` adds the throughput rows of another build, measured in
+//! interleaved rounds (`BENCH_ROUNDS`, default 3) in the same run: an A/B on one machine.
 
 use citadel_e2e::bench::{check, run, table, Plan};
 use std::process::ExitCode;

@@ -245,6 +245,63 @@ async fn endpoint_changes_reach_the_org_promptly() {
     assert!(eventually(Duration::from_secs(5), || eps(&a).len() == 2).await, "{:?}", a.status());
 }
 
+/// A join reaches the members that were already streaming as one delta the org shares
+/// (the new entry plus the org's filter): each member's filter then admits the newcomer to
+/// the member's own address and no one else's org, and the newcomer really connects.
+#[tokio::test]
+async fn a_join_delta_shared_by_the_org_admits_the_newcomer() {
+    let nx = Nexus::start().await;
+    let acme = nx.key("acme", true);
+    let globex = nx.key("globex", true);
+    let t = tempfile::tempdir().unwrap();
+    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
+    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
+    let g1 = Mesh::connect(cfg(&nx.url(), Some(&globex), &t.path().join("g1"), "g1")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    let sends = || nx.running.shared.metrics.map_sends.load(std::sync::atomic::Ordering::Relaxed);
+    let before = sends();
+
+    let a3 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a3"), "a3")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || peer_names(&a1) == ["a2", "a3"] && peer_names(&a2) == ["a1", "a3"]).await
+    );
+    assert!(sends() > before, "the join went out as no map message");
+    let new_ip = a3.status().ipv4.unwrap();
+    let g_ip = g1.status().ipv4.unwrap();
+    let f1 = a1.netmap().borrow().packet_filter.clone();
+    assert_eq!(f1, a2.netmap().borrow().packet_filter, "the org's members hold different filters");
+    for m in [&a1, &a2] {
+        let own = m.status().ipv4.unwrap();
+        let lets_in = |src: &str| {
+            f1.iter().any(|r| {
+                let dsts: Vec<String> = r.dst_ports.iter().map(|d| d.ip.clone()).collect();
+                admits(&r.src_ips, src) && admits(&dsts, &own)
+            })
+        };
+        assert!(lets_in(&new_ip), "{own}'s filter does not admit the newcomer {new_ip}: {f1:?}");
+        assert!(!lets_in(&g_ip), "{own}'s filter admits another org's {g_ip}: {f1:?}");
+    }
+
+    // The data plane applies it: the newcomer opens a connection to a1 and gets an echo.
+    let l = a1.listen_tcp(7000).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    assert!(eventually(Duration::from_secs(5), || a3.resolve("a1").is_some()).await);
+    let ip = a3.resolve("a1").unwrap();
+    let mut s = tokio::time::timeout(Duration::from_secs(10), a3.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), citadel_e2e::echo_through(&mut s, b"through the filter"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"through the filter");
+}
+
 fn rand_core() -> impl rand::RngCore {
     rand::thread_rng()
 }

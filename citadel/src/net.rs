@@ -94,8 +94,15 @@ impl Dial for TokioNet {
 }
 
 impl Net for TokioNet {
+    /// On Linux the socket sends and receives with segmentation offload (see
+    /// `dataplane::udp`): the data plane's socket, and so every mesh node's, batches bulk traffic.
     fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Datagram>>> {
-        Box::pin(async move { Ok(Box::new(bind_tokio_udp(addr)?) as Box<dyn Datagram>) })
+        Box::pin(async move {
+            let udp = bind_tokio_udp(addr)?;
+            #[cfg(target_os = "linux")]
+            let udp = crate::dataplane::udp::BatchUdp::new(udp);
+            Ok(Box::new(udp) as Box<dyn Datagram>)
+        })
     }
 }
 

@@ -175,9 +175,10 @@ impl EntryCache {
 
 /// An org's delta frames encoded once and shared by every stream they are the same bytes
 /// for: streams of untagged members that read the same stretch of the org's change log
-/// when it holds only patches of other members (endpoint, DERP, online changes). Such a
-/// delta names no member-specific field (no filter, no self entry, no viewer-dependent
-/// routes), so building, serializing and compressing it per member repeats the same work.
+/// when it names only other members (joins, removals, endpoint, DERP, online changes).
+/// Such a delta names no member-specific field (the filter and the route check are the
+/// org's, there is no self entry), so building, serializing and compressing it per member
+/// repeats the same work.
 #[derive(Default)]
 pub struct DeltaCache {
     frames: parking_lot::Mutex<std::collections::HashMap<DeltaKey, Option<Bytes>>>,
@@ -205,9 +206,13 @@ impl DeltaCache {
 }
 
 /// True when an org delta over `changes` is the same for every untagged member not named in
-/// them: only patches, none of `me`.
+/// them: changes of other members only (no resync, nothing of `me`).
 fn shareable(changes: &[std::sync::Arc<crate::store::Change>], me: u64) -> bool {
-    changes.iter().all(|c| matches!(&**c, crate::store::Change::Patch(id, _) if *id != me))
+    use crate::store::Change;
+    changes.iter().all(|c| match &**c {
+        Change::Patch(id, _) | Change::Upsert(id) | Change::Removed(id) => *id != me,
+        Change::Resync => false,
+    })
 }
 
 /// Who is on the other end of a Noise session.
@@ -589,8 +594,12 @@ fn map_of(
 /// so maps are built from the org's nodes and changes reach only the org's streams.
 ///
 /// The filter is the policy's own output for a one-node org, with that node's addresses
-/// replaced: the compiler decides ports and protocols (tests check the result equals the
-/// full compile's).
+/// replaced by the org's untagged addresses, as sources and as destinations: the compiler
+/// decides ports and protocols. The compiled policy names only the member's own addresses as
+/// destinations; every client drops inbound packets to addresses that are not its own before
+/// it consults the filter, so naming the whole org admits exactly the same packets (tests
+/// check this against the full compile), and it makes the filter one value per org: a
+/// join's delta is then the same bytes for every member and is encoded once.
 struct OrgTemplate {
     rules: Vec<tailcfg::FilterRule>,
 }
@@ -614,12 +623,15 @@ impl OrgTemplate {
         me.id != other.id && me.user_id == other.user_id && me.tags.is_empty() && other.tags.is_empty()
     }
 
-    /// `me`'s packet filter given its org's untagged addresses.
+    /// `me`'s packet filter given its org's untagged addresses (the same for every untagged
+    /// member of the org; none for a tagged node).
     fn filter(&self, me: &StoreNode, sources: &[String]) -> Vec<tailcfg::FilterRule> {
         if !me.tags.is_empty() {
             return vec![];
         }
         let (t4, t6) = (TEMPLATE_V4.to_string(), TEMPLATE_V6.to_string());
+        let (v6, v4): (Vec<String>, Vec<String>) = sources.iter().cloned().partition(|p| p.contains(':'));
+        let (v4, v6) = (org_destinations(v4, "100.64.0.0/10"), org_destinations(v6, "fd7a:115c:a1e0::/48"));
         self.rules
             .iter()
             .map(|r| tailcfg::FilterRule {
@@ -627,15 +639,15 @@ impl OrgTemplate {
                 dst_ports: r
                     .dst_ports
                     .iter()
-                    .map(|d| tailcfg::NetPortRange {
-                        ip: if d.ip == t4 {
-                            me.ipv4.to_string()
+                    .flat_map(|d| {
+                        let ips: Vec<String> = if d.ip == t4 {
+                            v4.clone()
                         } else if d.ip == t6 {
-                            me.ipv6.to_string()
+                            v6.clone()
                         } else {
-                            d.ip.clone()
-                        },
-                        ports: d.ports,
+                            vec![d.ip.clone()]
+                        };
+                        ips.into_iter().map(move |ip| tailcfg::NetPortRange { ip, ports: d.ports })
                     })
                     .collect(),
                 ip_proto: r.ip_proto.clone(),
@@ -669,6 +681,39 @@ impl OrgTemplate {
     }
 }
 
+/// The destinations of an org's filter for one family: the smallest prefix covering the
+/// org's addresses `exact` when it lies inside the tailnet range `within` (a member admits
+/// only packets to its own addresses, and no approved subnet route lies inside the tailnet
+/// range: `routes::parse_approved` refuses one), so the cover admits what the exact list
+/// does in one entry instead of one per address run; else the exact list.
+fn org_destinations(exact: Vec<String>, within: &str) -> Vec<String> {
+    use crate::policy::ipset::Prefix;
+    let Some(range) = Prefix::parse(within) else { return exact };
+    let prefixes: Vec<Prefix> = exact.iter().filter_map(|p| Prefix::parse(p)).collect();
+    if prefixes.len() != exact.len() || prefixes.len() < 2 {
+        return exact;
+    }
+    let num = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
+        std::net::IpAddr::V6(a) => u128::from(a),
+    };
+    let width: u32 = if range.addr.is_ipv4() { 32 } else { 128 };
+    let host = |len: u8| if u32::from(len) >= width { 0 } else { (u128::MAX >> (128 - width)) >> len };
+    let lo = prefixes.iter().map(|p| num(p.addr)).min().unwrap_or(0);
+    let hi = prefixes.iter().map(|p| num(p.addr) | host(p.len)).max().unwrap_or(0);
+    let len = ((lo ^ hi).leading_zeros() - (128 - width)) as u8;
+    let cover = match range.addr {
+        std::net::IpAddr::V4(_) => Prefix::parse(&format!("{}/{len}", std::net::Ipv4Addr::from(lo as u32))),
+        std::net::IpAddr::V6(_) => Prefix::parse(&format!("{}/{len}", std::net::Ipv6Addr::from(lo))),
+    };
+    match cover {
+        Some(c) if c.len >= range.len && (num(c.addr) & !host(range.len)) == num(range.addr) => {
+            vec![format!("{}/{}", c.addr, c.len)]
+        }
+        _ => exact,
+    }
+}
+
 /// True when nodes `a` and `b` are in each other's maps (the DERP relay's policy check);
 /// under the built-in policy without compiling it over every node.
 pub fn may_talk(s: &Shared, a: u64, b: u64) -> bool {
@@ -679,14 +724,6 @@ pub fn may_talk(s: &Shared, a: u64, b: u64) -> bool {
         };
     }
     s.policy.compiled(&s.store).may_talk(a, b)
-}
-
-/// A fingerprint of a value, to tell whether it changed without keeping it.
-fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 /// The delta turning map `old` into map `new` (`None` when nothing changed). Peers are
@@ -765,7 +802,7 @@ fn patch_of(id: u64, p: &crate::store::NodePatch) -> tailcfg::PeerChange {
 /// How a stream keeps its client's map current.
 enum Mode {
     /// Built-in policy: follows the org's change log.
-    Org { tmpl: OrgTemplate, cursor: u64, filter: u64, tagged: bool },
+    Org { tmpl: OrgTemplate, cursor: u64, tagged: bool },
     /// Any other policy: rebuilds the whole map on every change and sends the difference.
     Global { last: MapResponse },
 }
@@ -812,8 +849,7 @@ impl Streamer {
                 // again, which is harmless (each delta carries current state).
                 let cursor = *s.store.subscribe(me.user_id).borrow();
                 let m = tmpl.build_out(s, me);
-                let filter = fingerprint(&m.resp.packet_filter);
-                self.mode = Mode::Org { tmpl, cursor, filter, tagged: !me.tags.is_empty() };
+                self.mode = Mode::Org { tmpl, cursor, tagged: !me.tags.is_empty() };
                 m
             }
             None => {
@@ -854,7 +890,7 @@ impl Streamer {
                 *last = m;
                 d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
             }
-            Mode::Org { tmpl, cursor, filter, tagged } => {
+            Mode::Org { tmpl, cursor, tagged } => {
                 if *tagged == me.tags.is_empty() {
                     return Step::End;
                 }
@@ -877,26 +913,27 @@ impl Streamer {
                     let key = (self.user_id, from, now, self.zstd);
                     let zstd = self.zstd;
                     let frame = s.deltas.get_or_build(key, || {
-                        let mut o = org_delta(&s, tmpl, &me, &changes, filter)?;
+                        let mut o = org_delta(&s, tmpl, &me, &changes)?;
                         o.resp.control_time = Some(Utc::now());
                         Some(Bytes::from(encode_out(&o, zstd)))
                     });
                     return frame.map_or(Step::Nothing, Step::Frame);
                 }
-                org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
+                org_delta(&s, tmpl, &me, &changes).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
             }
         }
     }
 }
 
 /// Folds an org's changes into one delta for `me`: whole entries for upserted peers, removals,
-/// merged patches, `me` itself when it changed, the filter when membership changed it.
+/// merged patches, `me` itself when it changed, the filter when membership may have changed
+/// it (sent again even when unchanged: a delta shared by the org cannot depend on what one
+/// stream sent before).
 fn org_delta(
     s: &Shared,
     tmpl: &OrgTemplate,
     me: &StoreNode,
     changes: &[std::sync::Arc<crate::store::Change>],
-    filter_fp: &mut u64,
 ) -> Option<Out> {
     use crate::store::{Change, NodePatch};
     use std::collections::{BTreeMap, BTreeSet};
@@ -967,13 +1004,9 @@ fn org_delta(
         d.peers_changed_patch = Some(patched);
     }
     crate::routes::reduce_map(&mut d, &keep);
-    if members_changed || self_changed || resync {
-        let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
-        let fp = fingerprint(&f);
-        if fp != *filter_fp {
-            *filter_fp = fp;
-            d.packet_filter = Some(f);
-        }
+    // A tagged node's filter is empty for as long as its stream lives (tagging ends it).
+    if (members_changed || resync) && me.tags.is_empty() {
+        d.packet_filter = Some(tmpl.filter(me, &s.store.org_member_sources(me.user_id)));
     }
     let out = Out { resp: d, peers: None, changed };
     (!out.is_empty()).then_some(out)
@@ -1052,13 +1085,22 @@ async fn map(
     let store = s.store.clone();
     tokio::spawn(async move {
         // Watch the org first, so no change between the first map and the loop is missed.
-        let mut org_changed = store.subscribe(node.user_id);
+        let org_changed = store.subscribe(node.user_id);
         let mut any_changed = store.subscribe_all();
-        let mut policy_changed = s.policy.subscribe();
+        let policy_changed = s.policy.subscribe();
         store.session(node_id, true);
         let (mut st, first) = Streamer::start(&s, &node, zstd);
         let mut next = Some(Step::Send(Box::new(first)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        // The waits that rarely fire live across wakes: re-arming each on every delta
+        // (registering with notifiers every stream shares) cost more than the delta itself.
+        let mut org_wait = Box::pin(next_change(org_changed));
+        let mut policy_wait = Box::pin(next_change(policy_changed));
+        let dropped = s.faults.wait_drop_streams();
+        tokio::pin!(dropped);
+        let expiry_sleep = tokio::time::sleep(Duration::from_secs(365 * 86400));
+        tokio::pin!(expiry_sleep);
+        let mut armed_expiry = None;
         loop {
             let frame = match next.take() {
                 Some(Step::Send(mut out)) => {
@@ -1075,14 +1117,24 @@ async fn map(
                 s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let Some(me) = st.current() else { break };
-            let until_expiry =
-                me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+            if armed_expiry != Some(me.expiry) || expiry_sleep.is_elapsed() {
+                let until_expiry =
+                    me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+                expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
+                armed_expiry = Some(me.expiry);
+            }
             let global = matches!(st.mode, Mode::Global { .. });
             let step = tokio::select! {
-                r = org_changed.changed(), if !global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
+                (rx, ok) = &mut org_wait, if !global => {
+                    org_wait.set(next_change(rx));
+                    if ok { st.store_changed() } else { Step::End }
+                }
                 r = any_changed.changed(), if global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
-                r = policy_changed.changed() => match r { Ok(()) => st.policy_changed(), Err(_) => Step::End },
-                _ = tokio::time::sleep(until_expiry) => Step::Nothing,
+                (rx, ok) = &mut policy_wait => {
+                    policy_wait.set(next_change(rx));
+                    if ok { st.policy_changed() } else { Step::End }
+                }
+                _ = &mut expiry_sleep => Step::Nothing,
                 _ = ticker.tick() => {
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
                     if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }
@@ -1090,7 +1142,7 @@ async fn map(
                     Step::Nothing
                 }
                 _ = tx.closed() => Step::End,
-                _ = s.faults.wait_drop_streams() => Step::End,
+                _ = &mut dropped => Step::End,
             };
             match step {
                 Step::Send(_) | Step::Frame(_) => next = Some(step),
@@ -1108,12 +1160,67 @@ async fn map(
         .expect("static response")
 }
 
+/// Waits for the next change on `rx` (false when its sender is gone) and hands `rx` back, so
+/// the wait can be kept across other wakes and re-armed only once it fired.
+async fn next_change(mut rx: tokio::sync::watch::Receiver<u64>) -> (tokio::sync::watch::Receiver<u64>, bool) {
+    let ok = rx.changed().await.is_ok();
+    (rx, ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::Change;
     use citadel_proto::keys::{MachinePublic, NodePublic};
     use citadel_proto::tailcfg::Hostinfo;
+
+    #[test]
+    fn org_destinations_cover_the_org_inside_the_tailnet_range() {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let r4 = "100.64.0.0/10";
+        assert_eq!(
+            org_destinations(v(&["100.64.0.1/32", "100.64.0.2/31", "100.64.0.9/32"]), r4),
+            v(&["100.64.0.0/28"])
+        );
+        assert_eq!(org_destinations(v(&["100.64.0.1/32"]), r4), v(&["100.64.0.1/32"]));
+        assert_eq!(org_destinations(v(&["100.64.0.1/32", "100.127.255.255/32"]), r4), v(&["100.64.0.0/10"]));
+        // A cover leaving the tailnet range: the exact list.
+        let out = v(&["100.64.0.1/32", "100.128.0.1/32"]);
+        assert_eq!(org_destinations(out.clone(), r4), out);
+        let other = v(&["10.0.0.1/32", "10.0.0.2/32"]);
+        assert_eq!(org_destinations(other.clone(), r4), other);
+        assert_eq!(
+            org_destinations(v(&["fd7a:115c:a1e0::1/128", "fd7a:115c:a1e0::2/128"]), "fd7a:115c:a1e0::/48"),
+            v(&["fd7a:115c:a1e0::/126"])
+        );
+        assert_eq!(org_destinations(vec![], r4), Vec::<String>::new());
+    }
+
+    /// True when `rules` let a new flow of `proto` from `src` in to `dst` (the client's check
+    /// after it has dropped packets to addresses not its own; every port).
+    fn admits(rules: &[tailcfg::FilterRule], src: std::net::IpAddr, dst: std::net::IpAddr, proto: i32) -> bool {
+        use crate::policy::ipset::IpSet;
+        let set = |list: &mut dyn Iterator<Item = &String>| {
+            let mut set = IpSet::default();
+            for p in list {
+                match crate::policy::ipset::Prefix::parse(p) {
+                    Some(p) => set.add_prefix(p),
+                    None if p == "*" => set = IpSet::all(),
+                    None => panic!("unparsable filter address {p}"),
+                }
+            }
+            set
+        };
+        rules.iter().any(|r| {
+            let protos_ok =
+                if r.ip_proto.is_empty() { [1, 6, 17, 58].contains(&proto) } else { r.ip_proto.contains(&proto) };
+            protos_ok
+                && set(&mut r.src_ips.iter()).contains(src)
+                && r.dst_ports.iter().any(|d| {
+                    d.ports.first == 0 && d.ports.last == 65535 && set(&mut std::iter::once(&d.ip)).contains(dst)
+                })
+        })
+    }
 
     /// The message a step sends, as one map response.
     fn sent(step: Step) -> Option<MapResponse> {
@@ -1173,7 +1280,25 @@ mod tests {
             let full = build_map_compiled(&s, &n);
             assert_eq!(fast.node, full.node, "node {}", n.id);
             assert_eq!(fast.peers, full.peers, "peers of node {}", n.id);
-            assert_eq!(fast.packet_filter, full.packet_filter, "filter of node {}", n.id);
+            let addrs = |n: &StoreNode| [std::net::IpAddr::from(n.ipv4), std::net::IpAddr::from(n.ipv6)];
+            let (ff, cf) = (fast.packet_filter.clone().unwrap(), full.packet_filter.clone().unwrap());
+            assert_eq!(ff.is_empty(), cf.is_empty(), "filter of node {}", n.id);
+            for src in s.store.nodes(None) {
+                for (sip, dip) in addrs(&src).into_iter().zip(addrs(&n)).chain([(addrs(&src)[0], addrs(&n)[1])]) {
+                    for proto in [1, 6, 17, 58] {
+                        assert_eq!(
+                            admits(&ff, sip, dip, proto),
+                            admits(&cf, sip, dip, proto),
+                            "{sip} -> {dip} proto {proto} at node {}: {ff:?} vs {cf:?}",
+                            n.id
+                        );
+                    }
+                }
+            }
+            if n.tags.is_empty() {
+                let same_org = s.store.org_member_sources(n.user_id);
+                assert_eq!(ff[0].src_ips, *same_org);
+            }
             assert_eq!(fast.user_profiles, full.user_profiles, "profiles of node {}", n.id);
             seen_peers += fast.peers.as_ref().map_or(0, Vec::len);
         }
@@ -1190,10 +1315,10 @@ mod tests {
     }
 
     /// Untagged members reading the same stretch of their org's log get one shared frame for
-    /// another member's endpoint change; a join (member-specific filter), a tagged member and
-    /// the changed member itself get their own delta, the same as before sharing.
+    /// another member's join or endpoint change (the filter is the org's); a tagged member
+    /// and the changed member itself get their own delta, the same as before sharing.
     #[test]
-    fn patch_deltas_are_shared_frames_only_where_identical() {
+    fn org_deltas_are_shared_frames_only_where_identical() {
         let s = shared();
         let org = s.store.create_user("a", "").unwrap().id;
         let a1 = reg(&s, 1, org, vec![]);
@@ -1203,15 +1328,32 @@ mod tests {
         let mut streams: Vec<Streamer> =
             [&a1, &a2, &t, &mover].iter().map(|n| Streamer::start(&s, n, true).0).collect();
 
-        // A join: every member's delta carries its own filter (its own addresses as the
-        // destination), so none is a shared frame.
-        reg(&s, 5, org, vec![]);
+        // A join: one frame for every untagged member, carrying the new entry and the filter
+        // naming the new member; the tagged member, which sees nobody, gets neither.
+        let joined = reg(&s, 5, org, vec![]);
         let joins: Vec<Step> = streams.iter_mut().map(|st| st.store_changed()).collect();
-        assert!(joins.iter().all(|j| !matches!(j, Step::Frame(_))), "a join delta was shared");
-        let filters: Vec<_> = joins.into_iter().map(|j| sent(j).and_then(|d| d.packet_filter)).collect();
-        assert!(filters[2].is_none(), "the tagged member got a filter change");
-        assert_ne!(filters[0], filters[1]);
-        assert!(filters[0].is_some() && filters[1].is_some(), "a member missed the filter change");
+        let frames: Vec<&Bytes> =
+            joins.iter().filter_map(|j| if let Step::Frame(f) = j { Some(f) } else { None }).collect();
+        assert_eq!(frames.len(), 3, "every untagged member gets the shared join frame");
+        assert!(frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()), "the join frame was encoded twice");
+        let Step::Send(tagged) = &joins[2] else { panic!("the tagged member got a shared frame") };
+        let tagged = tagged.response();
+        assert!(tagged.packet_filter.is_none() && tagged.peers_changed.is_none(), "{tagged:?}");
+        let body = zstd::bulk::decompress(&frames[0][4..], 1 << 20).unwrap();
+        let d: MapResponse = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            d.peers_changed.as_ref().map(|p| p.iter().map(|n| n.id).collect::<Vec<_>>()),
+            Some(vec![joined.id as i64])
+        );
+        let f = d.packet_filter.expect("the join frame carries the filter");
+        for n in [&a1, &a2, &mover] {
+            assert!(admits(&f, joined.ipv4.into(), n.ipv4.into(), 6), "{f:?}");
+        }
+        assert!(!admits(&f, t.ipv4.into(), a1.ipv4.into(), 6), "the tagged node is let in: {f:?}");
+        // Each member's full map, built now, holds the same filter the frame sent.
+        for n in [&a1, &a2, &mover] {
+            assert_eq!(Streamer::start(&s, n, false).1.response().packet_filter.as_ref(), Some(&f));
+        }
 
         s.store
             .update_node(mover.id, |n| {

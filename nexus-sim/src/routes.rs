@@ -28,6 +28,23 @@ pub enum RouteError {
     /// More routes than [`MAX_ROUTES`].
     #[error("too many routes: {0} (at most {MAX_ROUTES})")]
     TooMany(usize),
+    /// A route other than an exit route overlaps the tailnet's own address ranges.
+    #[error("invalid route {0:?}: it overlaps the tailnet's addresses (100.64.0.0/10, fd7a:115c:a1e0::/48)")]
+    InsideTailnet(String),
+}
+
+/// The tailnet's own address ranges: nodes' addresses come from them, so a subnet route
+/// inside them would shadow members' addresses (and the built-in policy's filter admits
+/// the org's cover of them).
+const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
+
+/// True when `p` shares an address with one of [`TAILNET_RANGES`].
+fn inside_tailnet(p: &Prefix) -> bool {
+    let (f, lo, hi) = p.range();
+    TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| {
+        let (rf, rlo, rhi) = r.range();
+        rf == f && lo <= rhi && rlo <= hi
+    })
 }
 
 /// Headscale's prefix order (Go's `netip.Prefix.Compare`): IPv4 first, then shorter
@@ -59,6 +76,9 @@ pub fn parse_approved(routes: &[String]) -> Result<Vec<String>, RouteError> {
         let ip = r.split('/').next().unwrap_or_default();
         if ip.parse::<std::net::IpAddr>().ok() != Some(p.addr) {
             return Err(RouteError::HostBits(r.to_string(), p.to_string()));
+        }
+        if !is_exit(&p) && inside_tailnet(&p) {
+            return Err(RouteError::InsideTailnet(r.to_string()));
         }
         if is_exit(&p) {
             out.insert(Prefix::parse("0.0.0.0/0").expect("valid"));
@@ -266,6 +286,10 @@ mod tests {
         assert!(matches!(v(&["10.1.0.1/16"]), Err(RouteError::HostBits(_, s)) if s == "10.1.0.0/16"));
         assert!(matches!(v(&["10.1.0.1"]), Err(RouteError::Invalid(_))));
         assert!(matches!(v(&["nonsense/8"]), Err(RouteError::Invalid(_))));
+        for inside in ["100.64.0.0/24", "100.0.0.0/8", "fd7a:115c:a1e0:5::/64", "fd00::/8"] {
+            assert!(matches!(v(&[inside]), Err(RouteError::InsideTailnet(_))), "{inside}");
+        }
+        assert_eq!(v(&["100.128.0.0/16"]).unwrap(), vec!["100.128.0.0/16"]);
         let many: Vec<String> = (0..=MAX_ROUTES).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
         assert!(matches!(parse_approved(&many), Err(RouteError::TooMany(_))));
     }

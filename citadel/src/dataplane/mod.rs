@@ -20,7 +20,7 @@ pub mod route;
 pub mod socket;
 mod tunnel;
 #[cfg(target_os = "linux")]
-mod udp;
+pub(crate) mod udp;
 pub mod wg;
 
 pub use peers::{PeerRoutes, RoutePrefs};

@@ -40,7 +40,8 @@ impl Prefix {
         self.len == bits(&self.addr)
     }
 
-    fn range(&self) -> (usize, u128, u128) {
+    /// Family index and the first and last address as numbers.
+    pub(crate) fn range(&self) -> (usize, u128, u128) {
         let b = bits(&self.addr);
         let lo = to_u128(self.addr);
         let host = if self.len == b { 0 } else { max_of(b) >> self.len };
