@@ -205,7 +205,9 @@ impl PeerPaths {
         // The ping is sealed by the peer, so it sends from here now. A replay from elsewhere
         // gains nothing: only a pong sealed by the peer moves the path.
         self.seen_from = Some((addr, now));
-        self.note_active(now);
+        // Not activity: the peer's heartbeat would make ours, and ours its, so two idle peers
+        // would keep each other's heartbeats (and timers) going forever. Answering and the
+        // ping back (which opens our NAT toward it) need no activity.
         if self.direct(now) == Some(addr) {
             return None;
         }
@@ -362,6 +364,18 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_ping_alone_does_not_wake_the_heartbeat() {
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(&[a("192.0.2.1:1")]);
+        let back = p.on_ping_from(a("192.0.2.1:1"), t0);
+        assert!(back.is_some(), "a ping from a new address is pinged back");
+        assert!(!p.is_active(t0), "a heartbeat ping made the peer active");
+        for i in 1..=20 {
+            assert!(pings(&p.poll(t0 + HEARTBEAT * i, true)).is_empty(), "idle peer pinged at beat {i}");
+        }
     }
 
     #[test]
