@@ -26,6 +26,9 @@ pub const MAX_JOIN_RATIO: f64 = 0.5;
 pub const MIN_THROUGHPUT_RATIO: f64 = 1.2;
 /// The CI guard for the mixed pairs (citadel→tsnet, tsnet→citadel; measured 1.5–1.8).
 pub const MIN_MIXED_THROUGHPUT_RATIO: f64 = 0.8;
+/// The CI guard: `citadel up`'s idle RSS may be at most this multiple of the tsnet part of a
+/// Caddy node (measured 1.0–1.3 with the shipped profile, higher in the guard's LTO-less build).
+pub const MAX_MEMORY_RATIO: f64 = 2.0;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
 
@@ -90,6 +93,9 @@ pub fn check(figs: &[Figure]) -> Result<(), String> {
         let mixed = f.name.starts_with("TCP citadel->tsnet") || f.name.starts_with("TCP tsnet->citadel");
         if mixed && r < MIN_MIXED_THROUGHPUT_RATIO {
             bad.push(format!("{}: ratio {r:.2} below {MIN_MIXED_THROUGHPUT_RATIO}", f.name));
+        }
+        if f.name.starts_with("idle RSS") && r > MAX_MEMORY_RATIO {
+            bad.push(format!("{}: ratio {r:.2} above {MAX_MEMORY_RATIO}", f.name));
         }
     }
     if bad.is_empty() {
@@ -597,4 +603,34 @@ async fn measure(w: &mut World, what: &str, plan: Plan) -> anyhow::Result<Vec<Fi
         figs.extend(memory(w, plan.idle).await?);
     }
     Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(name: &'static str, citadel: f64, tsnet: f64) -> Figure {
+        Figure { name, unit: "", citadel, tsnet: Some(tsnet) }
+    }
+
+    #[test]
+    fn the_guard_fails_only_on_a_gross_regression_of_a_ratio() {
+        let good = [
+            fig("join: init exit (mesh IP) vs tsnet online", 10.0, 50.0),
+            fig("TCP citadel<->citadel", 400.0, 200.0),
+            fig("TCP citadel->tsnet", 200.0, 200.0),
+            fig("TCP tsnet->citadel", 200.0, 200.0),
+            fig("idle RSS, 100 peers: citadel up vs tsnet part", 11.0, 10.0),
+        ];
+        assert_eq!(check(&good), Ok(()));
+        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0)] {
+            let mut figs = good.clone();
+            figs[i].citadel = bad;
+            let err = check(&figs).expect_err(figs[i].name);
+            assert!(err.starts_with(figs[i].name), "{err}");
+        }
+        let mut no_tsnet = good.clone();
+        no_tsnet[4].tsnet = None;
+        assert_eq!(check(&no_tsnet), Ok(()), "a figure without a tsnet side has no ratio to guard");
+    }
 }
