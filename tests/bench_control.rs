@@ -159,6 +159,8 @@ struct Board {
     seen: AtomicUsize,
     messages: AtomicU64,
     joined: AtomicUsize,
+    /// Fewest peers any member's first (full) map held.
+    min_first_peers: AtomicUsize,
     /// Set once the figures are printed (streams ending then are expected).
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -291,6 +293,7 @@ async fn member(
                 }
                 view.apply(&m);
                 if let Some(tx) = first.take() {
+                    board.min_first_peers.fetch_min(m.peers.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
                     let _ = tx.send(());
                 }
             }
@@ -462,7 +465,7 @@ async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
 
 async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyhow::Result<()> {
     let server = fetch_server_key(&TokioNet, &url, TIMEOUT).await?;
-    let board = Arc::new(Board::default());
+    let board = Arc::new(Board { min_first_peers: AtomicUsize::new(usize::MAX), ..Default::default() });
     let (rss0, _) = proc_stats(server_pid);
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency));
     let reg = register_offline(&o, &url, &server, &keys, &sem, server_pid).await?;
@@ -470,6 +473,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     // Org 0 gets the remainder's first node, and the probes join org 0.
     let per_org = o.nodes.div_ceil(o.orgs);
     println!("joining {} online nodes in {} orgs ({per_org} in org 0) ...", o.nodes, o.orgs);
+    let (_, cpu_wave0) = proc_stats(server_pid);
     let t0 = Instant::now();
     let mut tasks = vec![];
     for i in 0..o.nodes {
@@ -501,6 +505,14 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         last = now;
     }
     let (rss1, cpu1) = proc_stats(server_pid);
+    // Every org holds at least this many offline nodes, all of them in each member's map.
+    let min_off = o.offline / o.orgs;
+    let min_first = board.min_first_peers.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        min_first >= min_off,
+        "a member's first map held {min_first} peers, fewer than its org's {min_off} offline nodes"
+    );
+    println!("every member's first map held at least {min_first} peers (its org's offline nodes: >= {min_off})");
     println!(
         "{} nodes joined and settled in {:.1?} (all first maps in {join_all:.1?}); nexus-sim RSS {} MB",
         o.nodes,
@@ -594,7 +606,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         ep_cpu / n,
         clock_ticks()
     );
-    println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
+    println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1 - cpu_wave0);
     let (grss, gcpu) = proc_stats(std::process::id());
     println!(
         "load generator (this process): RSS {:.1} MB ({:.1} KB per client), CPU {:.1?} in all",
