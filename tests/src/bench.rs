@@ -511,6 +511,7 @@ async fn citadel_peer_count(state_dir: &std::path::Path) -> anyhow::Result<usize
 /// Idle whole-process RSS of `citadel up`, against the tsnet part of a Caddy node (Caddy with
 /// its tailscale block minus the same Caddy without one), all idle for `idle` after joining,
 /// each with [`MEMORY_PEERS`] peers (control-only nodes fill the tailnet up to that).
+/// `BENCH_SMAPS` names a file to copy `citadel up`'s `/proc/PID/smaps` to at that moment.
 pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
     let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
     // The two measured nodes join after these and see each other too.
@@ -540,6 +541,10 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     let split =
         |pid: Option<u32>| rss_split(pid).map(|(a, f)| format!("{a:.1} anon + {f:.1} file")).unwrap_or_default();
     let (cs, ts_, ps) = (split(up.id()), split(ts.id()), split(plain.id()));
+    // For a closer look: where citadel's resident pages are, mapping by mapping.
+    if let (Some(path), Some(pid)) = (std::env::var_os("BENCH_SMAPS"), up.id()) {
+        std::fs::copy(format!("/proc/{pid}/smaps"), &path).context("BENCH_SMAPS")?;
+    }
     let _ = up.kill().await;
     eprintln!(
         "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB ({cs}), Caddy+tsnet {t:.1} MB ({ts_}), Caddy alone {p:.1} MB ({ps})"

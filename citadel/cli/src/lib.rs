@@ -5,6 +5,7 @@
 pub mod cmd;
 mod dialer;
 pub mod exit;
+pub mod logging;
 mod node;
 pub mod programs;
 mod term;

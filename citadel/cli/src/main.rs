@@ -29,13 +29,7 @@ async fn run() -> i32 {
     // boringtun warns on every handshake retry to an unreachable peer (every 5 s); the data
     // plane's own status and logs say it better.
     let default_level = if cli.is_daemon() { "info,boringtun=error" } else { "warn,boringtun=error" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CITADEL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    citadel_cli::logging::init(std::env::var("CITADEL_LOG").ok().as_deref(), default_level);
     match citadel_cli::run(cli).await {
         Ok(()) => 0,
         Err(e) => {

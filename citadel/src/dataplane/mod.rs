@@ -18,6 +18,7 @@ pub mod peers;
 mod relay;
 pub mod route;
 pub mod socket;
+mod tunnel;
 #[cfg(target_os = "linux")]
 pub(crate) mod udp;
 pub mod wg;

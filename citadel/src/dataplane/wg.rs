@@ -18,6 +18,7 @@
 
 use super::peers::{diff, PeerChange, PeerConfig};
 use super::route::RouteTable;
+use super::tunnel::LazyTunn;
 use super::Counters;
 use crate::disco::SharedKey;
 use crate::keys::{NodePublic, PrivateKey};
@@ -169,7 +170,7 @@ pub struct PeerStats {
 }
 
 pub(crate) struct Peer {
-    pub(crate) tunn: Box<Tunn>,
+    pub(crate) tunn: LazyTunn,
     index: u32,
     pub(crate) paths: PeerPaths,
     /// Box key for disco with this peer; `None` for plain WireGuard peers (no disco key).
@@ -284,9 +285,10 @@ impl WgRouter {
         self.derp_ok = ok;
     }
 
-    /// Whether any peer is configured.
-    pub(crate) fn has_peers(&self) -> bool {
-        !self.peers.is_empty()
+    /// Whether some peer has timer work: a live tunnel, or disco paths in use.
+    pub(crate) fn needs_timers(&self) -> bool {
+        let now = self.now;
+        self.peers.values().any(|p| p.tunn.is_live() || p.paths.is_active(now))
     }
 
     /// DERP regions the peers live in (to connect to ahead of the first packet).
@@ -319,7 +321,7 @@ impl WgRouter {
                     self.peers.insert(
                         cfg.key,
                         Peer {
-                            tunn: Box::new(tunn),
+                            tunn,
                             index,
                             paths: PeerPaths::new(&cfg.endpoints),
                             disco,
@@ -384,13 +386,13 @@ impl WgRouter {
             self.by_index.remove(&p.index);
             self.by_index.insert(index, *key);
             p.index = index;
-            *p.tunn = tunn;
+            p.tunn = tunn;
             tracing::debug!(peer = %key.short(), "peer restarted: tunnel reset");
         }
     }
 
-    fn new_tunn(&self, key: &NodePublic, index: u32) -> Tunn {
-        Tunn::new(self.secret.clone(), PublicKey::from(key.0), None, None, index, Some(Arc::clone(&self.rate_limiter)))
+    fn new_tunn(&self, key: &NodePublic, index: u32) -> LazyTunn {
+        LazyTunn::new(self.secret.clone(), PublicKey::from(key.0), index, Arc::clone(&self.rate_limiter))
     }
 
     fn alloc_index(&mut self) -> u32 {
@@ -595,12 +597,7 @@ impl WgRouter {
         self.set_now(now);
         let now = self.now;
         self.sync_clock();
-        // The shared limiter counts handshakes per period; boringtun's device resets it every
-        // second.
-        if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            self.rate_limiter.reset_count();
-            self.last_rate_reset = Some(now);
-        }
+        self.reset_rate_limit(now);
         for (key, peer) in &mut self.peers {
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(p) => {
@@ -613,6 +610,16 @@ impl WgRouter {
             }
         }
         self.poll_disco(out);
+    }
+
+    /// Starts the shared rate limiter's next period once a second has passed (boringtun's
+    /// device resets it every second; handshakes counted while no timer ran must not add up).
+    pub(crate) fn reset_rate_limit(&mut self, now: Instant) {
+        if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            self.sync_clock();
+            self.rate_limiter.reset_count();
+            self.last_rate_reset = Some(now);
+        }
     }
 
     /// Starts a new handshake with `key` now, as the rekey timer would. False when the peer is

@@ -23,8 +23,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often boringtun's timers run while there are peers (its own device uses 250 ms; it has
-/// no way to say when its next timer is due).
+/// How often boringtun's timers run while some peer has a tunnel or disco paths in use (its
+/// own device uses 250 ms; it has no way to say when its next timer is due). Peers with neither
+/// need no timer: their tunnel is made by the first packet.
 const WG_TIMER: Duration = Duration::from_millis(250);
 
 /// Work for the driver's I/O.
@@ -112,9 +113,6 @@ impl Conn {
         self.wg.set_peers(desired.peers);
         self.wg.set_org_guard(desired.guard.clone());
         self.guard = desired.guard;
-        if self.wg.has_peers() && self.next_wg_timer.is_none() {
-            self.next_wg_timer = Some(now);
-        }
         let dm = &nm.derp_map;
         if *dm != self.derp_map {
             self.derp_map = dm.clone();
@@ -147,6 +145,7 @@ impl Conn {
             }
             self.apply_actions();
         } else {
+            self.wg.reset_rate_limit(now);
             self.wg.handle_wg(Source::Udp(src), data, &mut self.scratch, &mut self.scratch_ips);
         }
         self.flush();
@@ -168,6 +167,7 @@ impl Conn {
             }
             self.wg.handle_disco(src, data, &mut self.scratch);
         } else {
+            self.wg.reset_rate_limit(now);
             self.wg.handle_wg(src, data, &mut self.scratch, &mut self.scratch_ips);
         }
         self.flush();
@@ -240,12 +240,15 @@ impl Conn {
     /// soon as traffic to a peer does), netcheck. Safe to call early: it does only what is due.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         self.wg.set_now(now);
-        match self.next_wg_timer {
-            Some(t) if now >= t => {
-                self.wg.tick(now, &mut self.scratch);
-                self.next_wg_timer = self.wg.has_peers().then(|| now + WG_TIMER);
-            }
-            _ => self.wg.poll_disco(&mut self.scratch),
+        let due = self.next_wg_timer.is_some_and(|t| now >= t);
+        if due {
+            self.wg.tick(now, &mut self.scratch);
+        } else {
+            self.wg.poll_disco(&mut self.scratch);
+        }
+        // Without a timer, a packet sent or received since the last call may have made a tunnel.
+        if due || self.next_wg_timer.is_none() {
+            self.next_wg_timer = self.wg.needs_timers().then(|| now + WG_TIMER);
         }
         self.flush();
         self.home.handle_timeout(now, &mut self.actions);
@@ -507,6 +510,54 @@ mod tests {
         pump(&mut b, &mut a, t1, false);
         assert_eq!(a.conn.poll_ip(), Some((pub_key(&b), ip_packet(2, 1))));
         assert_eq!(a.conn.counters.rx_cross_org.load(Relaxed), dropped);
+    }
+
+    /// Peers that carry no traffic cost no timer wake-ups; the first packet makes the tunnel,
+    /// which handshakes and runs timers until it expires, after which they stop again. (Plain
+    /// WireGuard peers: disco heartbeats between two peers keep each other's paths active.)
+    #[test]
+    fn idle_peers_need_no_timer_until_traffic_and_again_after_expiry() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node(1, t0), node(2, t0));
+        let plain = |me: &N, peer: &N| {
+            let mut nm = netmap(me, peer, DerpMap::default());
+            nm.peers.values_mut().for_each(|p| p.disco_key = DiscoPublic([0; 32]));
+            nm
+        };
+        let (na, nb) = (plain(&a, &b), plain(&b, &a));
+        a.conn.set_netmap(t0, &na);
+        b.conn.set_netmap(t0, &nb);
+        for n in [&mut a, &mut b] {
+            n.conn.handle_timeout(t0);
+            assert_eq!(n.conn.poll_timeout(), None, "a peer without traffic needs no timer");
+        }
+        a.conn.send_ip(t0, &ip_packet(1, 2));
+        a.conn.handle_timeout(t0);
+        assert!(a.conn.poll_timeout().is_some(), "a tunnel in use runs its timers");
+        pump(&mut a, &mut b, t0, true);
+        assert_eq!(b.conn.poll_ip(), Some((pub_key(&a), ip_packet(1, 2))));
+        b.conn.handle_timeout(t0);
+        assert!(b.conn.poll_timeout().is_some(), "the answering side runs timers too");
+
+        // Idle past boringtun's connection expiry (9 minutes without a new handshake).
+        let mut now = t0;
+        let end = t0 + Duration::from_secs(10 * 60);
+        while let Some(t) = a.conn.poll_timeout().filter(|_| now < end) {
+            now = t.max(now + Duration::from_secs(1));
+            for n in [&mut a, &mut b] {
+                n.conn.handle_timeout(now);
+            }
+            pump(&mut a, &mut b, now, true);
+        }
+        assert!(now < end, "the timers stop once the idle tunnel expired");
+        b.conn.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(b.conn.poll_timeout(), None);
+
+        // The next packet makes a new tunnel, which handshakes again.
+        let later = now + Duration::from_secs(60);
+        a.conn.send_ip(later, &ip_packet(1, 2));
+        pump(&mut a, &mut b, later, true);
+        assert_eq!(b.conn.poll_ip(), Some((pub_key(&a), ip_packet(1, 2))));
     }
 
     #[test]

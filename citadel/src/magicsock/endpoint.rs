@@ -164,7 +164,7 @@ impl PeerPaths {
         }
     }
 
-    fn is_active(&self, now: Instant) -> bool {
+    pub(crate) fn is_active(&self, now: Instant) -> bool {
         self.last_active.is_some_and(|t| now.saturating_duration_since(t) <= ACTIVE_TIMEOUT)
     }
 

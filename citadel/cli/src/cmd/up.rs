@@ -44,18 +44,14 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let mesh = Mesh::connect(cfg).await?;
     let s = mesh.status();
     eprintln!("citadel: up as {} ({}) in org {}", s.hostname, s.ipv4.as_deref().unwrap_or("-"), s.org);
+    let net_info = mesh.data_plane().map(|dp| dp.net_info());
     let mesh = Arc::new(mesh);
     a.programs.start(&mesh).await?;
     let mesh = Arc::new(tokio::sync::Mutex::new(Some(mesh)));
     let done = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(api::serve(mesh.clone(), api::socket_path(&ctx.state_dir), done.clone()));
     let mut term = Terminate::new();
-    // Start-up is over once the first endpoint report has gone out (it follows the join
-    // within the data plane's settle time).
-    tokio::spawn(async {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        crate::trim::after_start();
-    });
+    tokio::spawn(crate::trim::after_settled(net_info));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
