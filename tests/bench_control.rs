@@ -9,6 +9,13 @@
 //! nexus-sim CPU per change.
 //!
 //!   cargo run --release -p citadel-e2e --bin bench-control -- --nodes 1000 [--orgs 1] [--probes 20]
+//!       [--offline N] [--concurrency 32] [--apply]
+//!
+//! `--offline N` first registers N more nodes spread over the orgs through the same protocol
+//! (Noise handshake, `/machine/register` with the org's auth key) and closes each connection,
+//! so nexus-sim holds them as registered, offline members of the online members' maps. Every
+//! online node is one open socket in each process, so `--nodes` is checked against the
+//! open-file limit before anything starts.
 //!
 //! `--apply` makes every client keep a full `citadel::netmap::NetMap` (the real delta apply;
 //! memory grows with nodes × org size); without it a client tracks only the probe node.
@@ -25,6 +32,13 @@ use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
+disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
+[--short]";
+
+/// Open files each process needs besides one socket per online node (runtime, listener, stdio).
+const FD_SPARE: u64 = 64;
+
 #[derive(Clone)]
 struct Opts {
     nodes: usize,
@@ -32,10 +46,11 @@ struct Opts {
     probes: usize,
     apply: bool,
     concurrency: usize,
+    offline: usize,
 }
 
 fn parse() -> anyhow::Result<Opts> {
-    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32 };
+    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0 };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> anyhow::Result<usize> {
@@ -46,9 +61,14 @@ fn parse() -> anyhow::Result<Opts> {
             "--orgs" => o.orgs = num("--orgs")?.max(1),
             "--probes" => o.probes = num("--probes")?.max(1),
             "--concurrency" => o.concurrency = num("--concurrency")?.max(1),
+            "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--short" => (o.nodes, o.probes) = (100, 5),
-            other => anyhow::bail!("unknown argument {other:?} (see the file's doc comment)"),
+            other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
     Ok(o)
@@ -74,6 +94,24 @@ fn raise_nofile() {
             }
         }
     }
+}
+
+/// The open-file limit now in force (soft).
+fn nofile_limit() -> u64 {
+    #[cfg(unix)]
+    // SAFETY: getrlimit only writes the struct passed.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            return r.rlim_cur;
+        }
+    }
+    u64::MAX
+}
+
+/// Number of open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// `serve ORGS`: nexus-sim for the bench; prints `{"url", "keys"}` and runs until stdin closes.
@@ -121,6 +159,8 @@ struct Board {
     seen: AtomicUsize,
     messages: AtomicU64,
     joined: AtomicUsize,
+    /// Fewest peers any member's first (full) map held.
+    min_first_peers: AtomicUsize,
     /// Set once the figures are printed (streams ending then are expected).
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -253,6 +293,7 @@ async fn member(
                 }
                 view.apply(&m);
                 if let Some(tx) = first.take() {
+                    board.min_first_peers.fetch_min(m.peers.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
                     let _ = tx.send(());
                 }
             }
@@ -318,6 +359,96 @@ fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool) -> Spawn
     (tx, frx)
 }
 
+/// What registering the offline nodes cost.
+struct Registered {
+    elapsed: Duration,
+    retries: usize,
+    /// nexus-sim's RSS once all are registered.
+    rss: u64,
+    /// nexus-sim's CPU time spent on them.
+    cpu: Duration,
+    server_fds: usize,
+    own_fds: usize,
+}
+
+/// Registers `--offline` nodes, node `i` in org `i % orgs`, each over its own connection that
+/// is closed once registered (as a node that registers and goes away).
+async fn register_offline(
+    o: &Opts,
+    url: &str,
+    server: &citadel::keys::MachinePublic,
+    keys: &[String],
+    sem: &Arc<tokio::sync::Semaphore>,
+    server_pid: u32,
+) -> anyhow::Result<Option<Registered>> {
+    if o.offline == 0 {
+        return Ok(None);
+    }
+    println!("registering {} offline nodes in {} orgs ...", o.offline, o.orgs);
+    let (_, cpu0) = proc_stats(server_pid);
+    let t0 = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..o.offline {
+        let (url, server, key, sem) = (url.to_string(), *server, keys[i % o.orgs].clone(), sem.clone());
+        let (done, retries) = (done.clone(), retries.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let node = PrivateKey::generate(&mut rand::thread_rng());
+            // A loopback port still in TIME_WAIT or a full accept queue fails one dial; a few
+            // tries ride over it, anything persistent is reported.
+            let mut tries = 0;
+            loop {
+                match join(&url, &server, &key, &format!("off{i}"), node.clone()).await {
+                    Ok(c) => {
+                        drop(c);
+                        break;
+                    }
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        if tries == 5 {
+                            eprintln!("offline node {i}: {e} (retrying)");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                    }
+                    Err(e) => return Err(e.context(format!("registering offline node {i}"))),
+                }
+            }
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % 10_000 == 0 {
+                println!("  {n} registered ({:.0}/s)", n as f64 / t0.elapsed().as_secs_f64());
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let elapsed = t0.elapsed();
+    // The closed connections' tasks end on their own; let them finish before counting fds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss, cpu1) = proc_stats(server_pid);
+    let r = Registered {
+        elapsed,
+        retries: retries.load(Ordering::Relaxed),
+        rss,
+        cpu: cpu1 - cpu0,
+        server_fds: open_fds(server_pid),
+        own_fds: open_fds(std::process::id()),
+    };
+    println!(
+        "{} registered in {elapsed:.1?} ({:.0}/s); nexus-sim RSS {} MB, open fds: nexus-sim {}, generator {}",
+        o.offline,
+        o.offline as f64 / elapsed.as_secs_f64(),
+        rss / 1_000_000,
+        r.server_fds,
+        r.own_fds
+    );
+    Ok(Some(r))
+}
+
 /// Waits until `want` members saw the probe or the timeout passes.
 async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + TIMEOUT;
@@ -334,12 +465,16 @@ async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
 
 async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyhow::Result<()> {
     let server = fetch_server_key(&TokioNet, &url, TIMEOUT).await?;
-    let board = Arc::new(Board::default());
+    let board = Arc::new(Board { min_first_peers: AtomicUsize::new(usize::MAX), ..Default::default() });
     let (rss0, _) = proc_stats(server_pid);
-    let per_org = o.nodes / o.orgs;
-    println!("joining {} nodes in {} orgs ({per_org} per org) ...", o.nodes, o.orgs);
-    let t0 = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency));
+    let reg = register_offline(&o, &url, &server, &keys, &sem, server_pid).await?;
+    let rss_off = reg.as_ref().map_or(rss0, |r| r.rss);
+    // Org 0 gets the remainder's first node, and the probes join org 0.
+    let per_org = o.nodes.div_ceil(o.orgs);
+    println!("joining {} online nodes in {} orgs ({per_org} in org 0) ...", o.nodes, o.orgs);
+    let (_, cpu_wave0) = proc_stats(server_pid);
+    let t0 = Instant::now();
     let mut tasks = vec![];
     for i in 0..o.nodes {
         let (url, key, board, sem) = (url.clone(), keys[i % o.orgs].clone(), board.clone(), sem.clone());
@@ -370,6 +505,14 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         last = now;
     }
     let (rss1, cpu1) = proc_stats(server_pid);
+    // Every org holds at least this many offline nodes, all of them in each member's map.
+    let min_off = o.offline / o.orgs;
+    let min_first = board.min_first_peers.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        min_first >= min_off,
+        "a member's first map held {min_first} peers, fewer than its org's {min_off} offline nodes"
+    );
+    println!("every member's first map held at least {min_first} peers (its org's offline nodes: >= {min_off})");
     println!(
         "{} nodes joined and settled in {:.1?} (all first maps in {join_all:.1?}); nexus-sim RSS {} MB",
         o.nodes,
@@ -413,8 +556,11 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let n = o.probes as u32;
     let total = o.nodes + o.probes;
     println!(
-        "\nnodes {} orgs {} (org 0: {} members at the end), clients {}",
+        "\nnodes held {} ({} online, {} registered offline) orgs {} (org 0: {} online members at the end), \
+         clients {}",
+        total + o.offline,
         total,
+        o.offline,
         o.orgs,
         per_org + o.probes,
         if o.apply { "full NetMap apply" } else { "probe tracking only" }
@@ -432,15 +578,35 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     println!(
         "nexus-sim RSS {:.1} MB ({:.1} KB per node over the empty server)",
         rss1 as f64 / 1e6,
-        rss1.saturating_sub(rss0) as f64 / 1e3 / o.nodes as f64
+        rss1.saturating_sub(rss0) as f64 / 1e3 / (o.nodes + o.offline) as f64
     );
+    if let Some(r) = &reg {
+        println!(
+            "nexus-sim KB per offline node {:.1} (RSS after registering them), per online node {:.1} \
+             (RSS of the join wave over that)",
+            r.rss.saturating_sub(rss0) as f64 / 1e3 / o.offline as f64,
+            rss1.saturating_sub(rss_off) as f64 / 1e3 / o.nodes as f64
+        );
+        println!(
+            "registration: {} offline nodes in {:.1?} = {:.0}/s at concurrency {} ({} retried), nexus-sim CPU \
+             {:.0?} per registration; open fds after: nexus-sim {}, generator {}",
+            o.offline,
+            r.elapsed,
+            o.offline as f64 / r.elapsed.as_secs_f64(),
+            o.concurrency,
+            r.retries,
+            r.cpu / o.offline as u32,
+            r.server_fds,
+            r.own_fds
+        );
+    }
     println!(
         "nexus-sim CPU per join {:.1?}, per endpoint change {:.1?} (whole org's deltas; {} clock ticks/s)",
         join_cpu / n,
         ep_cpu / n,
         clock_ticks()
     );
-    println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1);
+    println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1 - cpu_wave0);
     let (grss, gcpu) = proc_stats(std::process::id());
     println!(
         "load generator (this process): RSS {:.1} MB ({:.1} KB per client), CPU {:.1?} in all",
@@ -460,6 +626,18 @@ fn main() -> anyhow::Result<()> {
     }
     let o = parse()?;
     raise_nofile();
+    let limit = nofile_limit();
+    let need = (o.nodes + o.probes) as u64 + o.concurrency as u64 + FD_SPARE;
+    if need > limit {
+        // One line, no backtrace: this is a setting to change, not a failure.
+        eprintln!(
+            "--nodes {} needs about {need} open files in each process (one socket per online node) but the \
+             limit is {limit} and cannot be raised here: use --nodes {} or less and --offline for the rest",
+            o.nodes,
+            limit.saturating_sub(o.probes as u64 + o.concurrency as u64 + FD_SPARE)
+        );
+        std::process::exit(2);
+    }
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", &o.orgs.to_string()])
         .stdin(std::process::Stdio::piped())
