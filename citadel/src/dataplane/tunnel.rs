@@ -10,7 +10,7 @@
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Tunn, TunnResult};
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -50,15 +50,25 @@ impl LazyTunn {
         })
     }
 
-    /// [`Tunn::decapsulate`]: a datagram from the peer (empty: the next queued packet).
+    /// [`Tunn::decapsulate`]: a datagram from the peer (empty: the next queued packet). Only
+    /// a handshake initiation makes the tunnel: any other message needs a session or a
+    /// handshake of ours, which a tunnel not yet made cannot have, so a stranger's datagram
+    /// naming this peer's index allocates nothing.
     pub(crate) fn decapsulate<'a>(
         &mut self,
         src: Option<IpAddr>,
         datagram: &[u8],
         dst: &'a mut [u8],
     ) -> TunnResult<'a> {
-        if datagram.is_empty() && self.live.is_none() {
-            return TunnResult::Done;
+        if self.live.is_none() {
+            if datagram.is_empty() {
+                return TunnResult::Done;
+            }
+            match Tunn::parse_incoming_packet(datagram) {
+                Ok(Packet::HandshakeInit(_)) => {}
+                Ok(_) => return TunnResult::Err(WireGuardError::NoCurrentSession),
+                Err(e) => return TunnResult::Err(e),
+            }
         }
         self.tunn().decapsulate(src, datagram, dst)
     }
@@ -153,6 +163,25 @@ mod tests {
         assert!(matches!(a.decapsulate(None, &[], &mut buf), TunnResult::Done));
         assert_eq!(a.stats().0, None);
         assert!(!a.is_live(), "timers, statistics and an empty read must not make the tunnel");
+    }
+
+    #[test]
+    fn only_a_handshake_initiation_makes_the_tunnel_from_outside() {
+        let (mut a, mut b) = pair();
+        let mut buf = vec![0u8; 2048];
+        // A data message naming our index (type 4, receiver 2, counter, a tag's worth).
+        let mut data = vec![0u8; 32];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(b.decapsulate(None, &data, &mut buf), TunnResult::Err(WireGuardError::NoCurrentSession)));
+        assert!(matches!(b.decapsulate(None, &[9, 9, 9], &mut buf), TunnResult::Err(_)));
+        assert!(!b.is_live(), "a stranger's datagram made a tunnel");
+        let init = match a.encapsulate(&ipv4_packet(), &mut buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no handshake initiation"),
+        };
+        assert!(matches!(b.decapsulate(None, &init, &mut buf), TunnResult::WriteToNetwork(_)));
+        assert!(b.is_live(), "the peer's initiation makes the tunnel");
     }
 
     #[test]
