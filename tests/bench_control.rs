@@ -77,6 +77,7 @@ fn parse() -> anyhow::Result<Opts> {
 /// Raises the open-file limit (every client is one socket here and one in nexus-sim): to the
 /// kernel's per-process maximum when allowed (root), else to the hard limit.
 fn raise_nofile() {
+    #[cfg(unix)]
     let most: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|v| v.trim().parse().ok())
