@@ -12,12 +12,16 @@ pub fn filter(spec: Option<&str>, default: &str) -> Targets {
     spec.and_then(|s| s.parse().ok()).or_else(|| default.parse().ok()).unwrap_or_default()
 }
 
-/// Installs the stderr logger with [`filter`]`(spec, default)`.
+/// Installs the stderr logger with [`filter`]`(spec, default)`; a `spec` that is not valid is
+/// named in a warning rather than ignored silently.
 pub fn init(spec: Option<&str>, default: &str) {
     tracing_subscriber::registry()
         .with(filter(spec, default))
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    if let Some(bad) = spec.filter(|s| s.parse::<Targets>().is_err()) {
+        tracing::warn!("CITADEL_LOG={bad:?} is not a list of target=level directives; using {default:?}");
+    }
 }
 
 #[cfg(test)]

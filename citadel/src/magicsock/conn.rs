@@ -514,7 +514,7 @@ mod tests {
 
     /// Peers that carry no traffic cost no timer wake-ups; the first packet makes the tunnel,
     /// which handshakes and runs timers until it expires, after which they stop again. (Plain
-    /// WireGuard peers: disco heartbeats between two peers keep each other's paths active.)
+    /// WireGuard peers, so the tunnel alone decides; disco paths have their own tests.)
     #[test]
     fn idle_peers_need_no_timer_until_traffic_and_again_after_expiry() {
         let t0 = Instant::now();
