@@ -631,7 +631,7 @@ impl OrgTemplate {
         }
         let (t4, t6) = (TEMPLATE_V4.to_string(), TEMPLATE_V6.to_string());
         let (v6, v4): (Vec<String>, Vec<String>) = sources.iter().cloned().partition(|p| p.contains(':'));
-        let (v4, v6) = (org_destinations(v4, "100.64.0.0/10"), org_destinations(v6, "fd7a:115c:a1e0::/48"));
+        let (v4, v6) = (org_destinations(v4), org_destinations(v6));
         self.rules
             .iter()
             .map(|r| tailcfg::FilterRule {
@@ -682,33 +682,19 @@ impl OrgTemplate {
 }
 
 /// The destinations of an org's filter for one family: the smallest prefix covering the
-/// org's addresses `exact` when it lies inside the tailnet range `within` (a member admits
-/// only packets to its own addresses, and no approved subnet route lies inside the tailnet
-/// range: `routes::parse_approved` refuses one), so the cover admits what the exact list
-/// does in one entry instead of one per address run; else the exact list.
-fn org_destinations(exact: Vec<String>, within: &str) -> Vec<String> {
-    use crate::policy::ipset::Prefix;
-    let Some(range) = Prefix::parse(within) else { return exact };
+/// org's addresses `exact` when it lies inside the tailnet's ranges (a member admits only
+/// packets to its own addresses, and no approved subnet route lies inside those ranges:
+/// `routes::parse_approved` refuses one), so the cover admits what the exact list does in
+/// one entry instead of one per address run; else the exact list.
+fn org_destinations(exact: Vec<String>) -> Vec<String> {
+    use crate::policy::ipset::{Prefix, TAILNET_RANGES};
     let prefixes: Vec<Prefix> = exact.iter().filter_map(|p| Prefix::parse(p)).collect();
     if prefixes.len() != exact.len() || prefixes.len() < 2 {
         return exact;
     }
-    let num = |a: std::net::IpAddr| match a {
-        std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
-        std::net::IpAddr::V6(a) => u128::from(a),
-    };
-    let width: u32 = if range.addr.is_ipv4() { 32 } else { 128 };
-    let host = |len: u8| if u32::from(len) >= width { 0 } else { (u128::MAX >> (128 - width)) >> len };
-    let lo = prefixes.iter().map(|p| num(p.addr)).min().unwrap_or(0);
-    let hi = prefixes.iter().map(|p| num(p.addr) | host(p.len)).max().unwrap_or(0);
-    let len = ((lo ^ hi).leading_zeros() - (128 - width)) as u8;
-    let cover = match range.addr {
-        std::net::IpAddr::V4(_) => Prefix::parse(&format!("{}/{len}", std::net::Ipv4Addr::from(lo as u32))),
-        std::net::IpAddr::V6(_) => Prefix::parse(&format!("{}/{len}", std::net::Ipv6Addr::from(lo))),
-    };
-    match cover {
-        Some(c) if c.len >= range.len && (num(c.addr) & !host(range.len)) == num(range.addr) => {
-            vec![format!("{}/{}", c.addr, c.len)]
+    match Prefix::cover(&prefixes) {
+        Some(c) if TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| r.contains_prefix(&c)) => {
+            vec![c.to_string()]
         }
         _ => exact,
     }
@@ -1177,23 +1163,19 @@ mod tests {
     #[test]
     fn org_destinations_cover_the_org_inside_the_tailnet_range() {
         let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let r4 = "100.64.0.0/10";
-        assert_eq!(
-            org_destinations(v(&["100.64.0.1/32", "100.64.0.2/31", "100.64.0.9/32"]), r4),
-            v(&["100.64.0.0/28"])
-        );
-        assert_eq!(org_destinations(v(&["100.64.0.1/32"]), r4), v(&["100.64.0.1/32"]));
-        assert_eq!(org_destinations(v(&["100.64.0.1/32", "100.127.255.255/32"]), r4), v(&["100.64.0.0/10"]));
+        assert_eq!(org_destinations(v(&["100.64.0.1/32", "100.64.0.2/31", "100.64.0.9/32"])), v(&["100.64.0.0/28"]));
+        assert_eq!(org_destinations(v(&["100.64.0.1/32"])), v(&["100.64.0.1/32"]));
+        assert_eq!(org_destinations(v(&["100.64.0.1/32", "100.127.255.255/32"])), v(&["100.64.0.0/10"]));
         // A cover leaving the tailnet range: the exact list.
         let out = v(&["100.64.0.1/32", "100.128.0.1/32"]);
-        assert_eq!(org_destinations(out.clone(), r4), out);
+        assert_eq!(org_destinations(out.clone()), out);
         let other = v(&["10.0.0.1/32", "10.0.0.2/32"]);
-        assert_eq!(org_destinations(other.clone(), r4), other);
+        assert_eq!(org_destinations(other.clone()), other);
         assert_eq!(
-            org_destinations(v(&["fd7a:115c:a1e0::1/128", "fd7a:115c:a1e0::2/128"]), "fd7a:115c:a1e0::/48"),
+            org_destinations(v(&["fd7a:115c:a1e0::1/128", "fd7a:115c:a1e0::2/128"])),
             v(&["fd7a:115c:a1e0::/126"])
         );
-        assert_eq!(org_destinations(vec![], r4), Vec::<String>::new());
+        assert_eq!(org_destinations(vec![]), Vec::<String>::new());
     }
 
     /// True when `rules` let a new flow of `proto` from `src` in to `dst` (the client's check

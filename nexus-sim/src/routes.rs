@@ -33,18 +33,10 @@ pub enum RouteError {
     InsideTailnet(String),
 }
 
-/// The tailnet's own address ranges: nodes' addresses come from them, so a subnet route
-/// inside them would shadow members' addresses (and the built-in policy's filter admits
-/// the org's cover of them).
-const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
-
-/// True when `p` shares an address with one of [`TAILNET_RANGES`].
+/// True when `p` shares an address with the tailnet's own ranges: nodes' addresses come
+/// from them, so a subnet route there would shadow members' addresses.
 fn inside_tailnet(p: &Prefix) -> bool {
-    let (f, lo, hi) = p.range();
-    TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| {
-        let (rf, rlo, rhi) = r.range();
-        rf == f && lo <= rhi && rlo <= hi
-    })
+    crate::policy::ipset::TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| r.overlaps(p))
 }
 
 /// Headscale's prefix order (Go's `netip.Prefix.Compare`): IPv4 first, then shorter

@@ -41,13 +41,42 @@ impl Prefix {
     }
 
     /// Family index and the first and last address as numbers.
-    pub(crate) fn range(&self) -> (usize, u128, u128) {
+    fn range(&self) -> (usize, u128, u128) {
         let b = bits(&self.addr);
         let lo = to_u128(self.addr);
         let host = if self.len == b { 0 } else { max_of(b) >> self.len };
         (fam(&self.addr), lo, lo | host)
     }
+
+    /// True when `self` and `other` share an address.
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        let ((f, lo, hi), (g, lo2, hi2)) = (self.range(), other.range());
+        f == g && lo <= hi2 && lo2 <= hi
+    }
+
+    /// True when every address of `other` is in `self`.
+    pub fn contains_prefix(&self, other: &Prefix) -> bool {
+        let ((f, lo, hi), (g, lo2, hi2)) = (self.range(), other.range());
+        f == g && lo <= lo2 && hi2 <= hi
+    }
+
+    /// The smallest prefix holding all of `ps`; `None` when `ps` is empty or mixes families.
+    pub fn cover(ps: &[Prefix]) -> Option<Prefix> {
+        let (f, mut lo, mut hi) = ps.first()?.range();
+        for (g, l, h) in ps.iter().map(Prefix::range) {
+            if g != f {
+                return None;
+            }
+            (lo, hi) = (lo.min(l), hi.max(h));
+        }
+        let b = if f == 0 { 32 } else { 128 };
+        let len = ((lo ^ hi).leading_zeros() - (128 - b)) as u8;
+        Some(Prefix { addr: mask(from_u128(f, lo), len), len })
+    }
 }
+
+/// The tailnet's own address ranges: Tailscale's CGNAT range and its ULA range.
+pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
 
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,6 +343,18 @@ mod tests {
         assert!(parse_ip_set("10.0.0.1/8").is_none(), "host bits set");
         assert!(parse_ip_set("10.0.0.1-10.0.0.9").unwrap().contains(ip("10.0.0.5")));
         assert!(parse_ip_set("*").unwrap().contains(ip("::1")));
+    }
+
+    #[test]
+    fn cover_is_the_smallest_prefix_holding_all_of_one_family() {
+        let p = |s: &str| Prefix::parse(s).unwrap();
+        assert_eq!(Prefix::cover(&[p("100.64.0.1"), p("100.64.0.6/31")]), Some(p("100.64.0.0/29")));
+        assert_eq!(Prefix::cover(&[p("10.0.0.1")]), Some(p("10.0.0.1/32")));
+        assert_eq!(Prefix::cover(&[p("10.0.0.1"), p("fd7a::1")]), None, "mixed families");
+        assert_eq!(Prefix::cover(&[]), None);
+        assert!(p("100.64.0.0/10").contains_prefix(&p("100.64.0.0/29")));
+        assert!(!p("100.64.0.0/29").contains_prefix(&p("100.64.0.0/10")));
+        assert!(p("100.64.0.0/29").overlaps(&p("100.64.0.0/10")) && !p("100.64.0.0/10").overlaps(&p("10.0.0.0/8")));
     }
 
     #[test]
