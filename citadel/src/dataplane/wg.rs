@@ -433,6 +433,7 @@ impl WgRouter {
         deliver: &mut Vec<(NodePublic, Vec<u8>)>,
     ) {
         self.sync_clock();
+        self.reset_rate_limit(self.now);
         let c = &self.counters;
         let now = self.now;
         let derp_ok = self.derp_ok;
@@ -614,9 +615,9 @@ impl WgRouter {
 
     /// Starts the shared rate limiter's next period once a second has passed (boringtun's
     /// device resets it every second; handshakes counted while no timer ran must not add up).
-    pub(crate) fn reset_rate_limit(&mut self, now: Instant) {
+    /// Callers have pointed boringtun's clock at `now`.
+    fn reset_rate_limit(&mut self, now: Instant) {
         if self.last_rate_reset.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            self.sync_clock();
             self.rate_limiter.reset_count();
             self.last_rate_reset = Some(now);
         }

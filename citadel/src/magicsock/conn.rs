@@ -145,7 +145,6 @@ impl Conn {
             }
             self.apply_actions();
         } else {
-            self.wg.reset_rate_limit(now);
             self.wg.handle_wg(Source::Udp(src), data, &mut self.scratch, &mut self.scratch_ips);
         }
         self.flush();
@@ -167,7 +166,6 @@ impl Conn {
             }
             self.wg.handle_disco(src, data, &mut self.scratch);
         } else {
-            self.wg.reset_rate_limit(now);
             self.wg.handle_wg(src, data, &mut self.scratch, &mut self.scratch_ips);
         }
         self.flush();
