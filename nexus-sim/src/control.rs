@@ -799,6 +799,8 @@ struct Streamer {
     user_id: u64,
     mode: Mode,
     zstd: bool,
+    /// The node as of the last wake, `None` once it left the org, expired or was deleted.
+    me: Option<std::sync::Arc<StoreNode>>,
 }
 
 /// What a stream does after a wake.
@@ -820,7 +822,9 @@ impl Streamer {
             user_id: me.user_id,
             mode: Mode::Global { last: MapResponse::default() },
             zstd,
+            me: None,
         };
+        st.current();
         let m = st.reset(me);
         (st, m)
     }
@@ -845,9 +849,10 @@ impl Streamer {
         }
     }
 
-    fn current(&self) -> Option<std::sync::Arc<StoreNode>> {
-        let me = self.s.store.node(self.node_id)?;
-        (me.user_id == self.user_id && !me.is_expired(Utc::now())).then_some(me)
+    /// The node now (see [`Streamer::me`]).
+    fn current(&mut self) -> Option<std::sync::Arc<StoreNode>> {
+        self.me = self.s.store.node(self.node_id).filter(|me| me.user_id == self.user_id && !me.is_expired(Utc::now()));
+        self.me.clone()
     }
 
     /// After a policy change: a full map for the new policy.
@@ -1137,12 +1142,14 @@ impl MapBody {
                 self.st.s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Some(frame);
             }
-            let me = self.st.current()?;
-            if self.armed_expiry != Some(me.expiry) || self.expiry_sleep.is_elapsed() {
+            // Every change to the node is in its org's log and wakes the stream, which reads the
+            // node again; its expiry wakes the stream too (below).
+            let expiry = self.st.me.as_ref()?.expiry;
+            if self.armed_expiry != Some(expiry) || self.expiry_sleep.is_elapsed() {
                 let until_expiry =
-                    me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+                    expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
                 self.expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
-                self.armed_expiry = Some(me.expiry);
+                self.armed_expiry = Some(expiry);
             }
             let global = matches!(self.st.mode, Mode::Global { .. });
             // Biased, the org's wait first: a delta wakes the stream without polling (and
@@ -1159,7 +1166,7 @@ impl MapBody {
                     if ok { self.st.policy_changed() } else { Step::End }
                 }
                 _ = &mut self.dropped => Step::End,
-                _ = &mut self.expiry_sleep => Step::Nothing,
+                _ = &mut self.expiry_sleep => if self.st.current().is_some() { Step::Nothing } else { Step::End },
                 _ = self.ticker.tick() => {
                     self.st.s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
