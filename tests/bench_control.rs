@@ -282,7 +282,9 @@ async fn member(
     let mut done_round = 0u64;
     let mut first = Some(first_map);
     loop {
+        // Biased: a message wakes the member without polling its command channel too.
         tokio::select! {
+            biased;
             m = stream.next() => {
                 let Some(m) = m? else { anyhow::bail!("map stream ended") };
                 board.messages.fetch_add(1, Ordering::Relaxed);

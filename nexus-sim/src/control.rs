@@ -22,7 +22,6 @@ use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// One map-stream message: little-endian length, then the JSON body, zstd-compressed when
 /// asked. The compression context is reused per thread: making one per message cost more
@@ -800,6 +799,8 @@ struct Streamer {
     user_id: u64,
     mode: Mode,
     zstd: bool,
+    /// The node as of the last wake, `None` once it left the org, expired or was deleted.
+    me: Option<std::sync::Arc<StoreNode>>,
 }
 
 /// What a stream does after a wake.
@@ -821,7 +822,9 @@ impl Streamer {
             user_id: me.user_id,
             mode: Mode::Global { last: MapResponse::default() },
             zstd,
+            me: None,
         };
+        st.current();
         let m = st.reset(me);
         (st, m)
     }
@@ -846,9 +849,10 @@ impl Streamer {
         }
     }
 
-    fn current(&self) -> Option<std::sync::Arc<StoreNode>> {
-        let me = self.s.store.node(self.node_id)?;
-        (me.user_id == self.user_id && !me.is_expired(Utc::now())).then_some(me)
+    /// The node now (see [`Streamer::me`]).
+    fn current(&mut self) -> Option<std::sync::Arc<StoreNode>> {
+        self.me = self.s.store.node(self.node_id).filter(|me| me.user_id == self.user_id && !me.is_expired(Utc::now()));
+        self.me.clone()
     }
 
     /// After a policy change: a full map for the new policy.
@@ -1065,85 +1069,128 @@ async fn map(
     if !req.stream {
         return Response::new(Body::from(encode_map_frame(&s.faults.with_leaks(&s, &node, build_map), zstd)));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
-    let keepalive = s.cfg.keepalive;
-    let node_id = node.id;
-    let store = s.store.clone();
-    tokio::spawn(async move {
+    let body = MapBody::open(s, &node, zstd);
+    let frames = futures_util::stream::unfold(body, |mut b| async move {
+        let frame = b.next_frame().await?;
+        Some((Ok::<Bytes, Infallible>(frame), b))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/octet-stream")
+        .body(Body::from_stream(frames))
+        .expect("static response")
+}
+
+type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = (tokio::sync::watch::Receiver<u64>, bool)> + Send>>;
+
+/// A map stream's body. The stream's loop runs inside the HTTP/2 stream's own task as the body
+/// is read, with no task and channel of its own: with thousands of streams in an org, that
+/// second wake per delta and stream cost more than the delta. Dropping it (the client went
+/// away, or the stream ended) marks the node offline.
+struct MapBody {
+    st: Streamer,
+    next: Option<Step>,
+    zstd: bool,
+    ticker: tokio::time::Interval,
+    // The waits that rarely fire live across wakes: re-arming each on every delta
+    // (registering with notifiers every stream shares) cost more than the delta itself.
+    org_wait: Wait,
+    policy_wait: Wait,
+    any_changed: tokio::sync::watch::Receiver<u64>,
+    dropped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    expiry_sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed_expiry: Option<Option<chrono::DateTime<Utc>>>,
+}
+
+impl MapBody {
+    /// Marks the node online and queues its first (full) map.
+    fn open(s: Shared, node: &StoreNode, zstd: bool) -> MapBody {
         // Watch the org first, so no change between the first map and the loop is missed.
-        let org_changed = store.subscribe(node.user_id);
-        let mut any_changed = store.subscribe_all();
+        let org_changed = s.store.subscribe(node.user_id);
+        let any_changed = s.store.subscribe_all();
         let policy_changed = s.policy.subscribe();
-        store.session(node_id, true);
-        let (mut st, first) = Streamer::start(&s, &node, zstd);
-        let mut next = Some(Step::Send(Box::new(first)));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-        // The waits that rarely fire live across wakes: re-arming each on every delta
-        // (registering with notifiers every stream shares) cost more than the delta itself.
-        let mut org_wait = Box::pin(next_change(org_changed));
-        let mut policy_wait = Box::pin(next_change(policy_changed));
-        let dropped = s.faults.wait_drop_streams();
-        tokio::pin!(dropped);
-        let expiry_sleep = tokio::time::sleep(Duration::from_secs(365 * 86400));
-        tokio::pin!(expiry_sleep);
-        let mut armed_expiry = None;
+        s.store.session(node.id, true);
+        let (st, first) = Streamer::start(&s, node, zstd);
+        let keepalive = s.cfg.keepalive;
+        let faults = s.clone();
+        MapBody {
+            st,
+            next: Some(Step::Send(Box::new(first))),
+            zstd,
+            ticker: tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive),
+            org_wait: Box::pin(next_change(org_changed)),
+            policy_wait: Box::pin(next_change(policy_changed)),
+            any_changed,
+            dropped: Box::pin(async move { faults.faults.wait_drop_streams().await }),
+            expiry_sleep: Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))),
+            armed_expiry: None,
+        }
+    }
+
+    /// The next message to send, `None` when the stream ends.
+    async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            let frame = match next.take() {
+            let frame = match self.next.take() {
                 Some(Step::Send(mut out)) => {
                     out.resp.control_time = Some(Utc::now());
-                    Some(Bytes::from(encode_out(&out, zstd)))
+                    Some(Bytes::from(encode_out(&out, self.zstd)))
                 }
                 Some(Step::Frame(f)) => Some(f),
                 _ => None,
             };
             if let Some(frame) = frame {
-                if tx.send(Ok(frame)).await.is_err() {
-                    break;
-                }
-                s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.st.s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(frame);
             }
-            let Some(me) = st.current() else { break };
-            if armed_expiry != Some(me.expiry) || expiry_sleep.is_elapsed() {
+            // Every change to the node is in its org's log and wakes the stream, which reads the
+            // node again; its expiry wakes the stream too (below).
+            let expiry = self.st.me.as_ref()?.expiry;
+            if self.armed_expiry != Some(expiry) || self.expiry_sleep.is_elapsed() {
                 let until_expiry =
-                    me.expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
-                expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
-                armed_expiry = Some(me.expiry);
+                    expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+                self.expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
+                self.armed_expiry = Some(expiry);
             }
-            let global = matches!(st.mode, Mode::Global { .. });
+            let global = matches!(self.st.mode, Mode::Global { .. });
+            // Biased, the org's wait first: a delta wakes the stream without polling (and
+            // re-registering) the timers and the rarer waits.
             let step = tokio::select! {
-                (rx, ok) = &mut org_wait, if !global => {
-                    org_wait.set(next_change(rx));
-                    if ok { st.store_changed() } else { Step::End }
+                biased;
+                (rx, ok) = &mut self.org_wait, if !global => {
+                    self.org_wait = Box::pin(next_change(rx));
+                    if ok { self.st.store_changed() } else { Step::End }
                 }
-                r = any_changed.changed(), if global => match r { Ok(()) => st.store_changed(), Err(_) => Step::End },
-                (rx, ok) = &mut policy_wait => {
-                    policy_wait.set(next_change(rx));
-                    if ok { st.policy_changed() } else { Step::End }
+                r = self.any_changed.changed(), if global => match r { Ok(()) => self.st.store_changed(), Err(_) => Step::End },
+                (rx, ok) = &mut self.policy_wait => {
+                    self.policy_wait = Box::pin(next_change(rx));
+                    if ok { self.st.policy_changed() } else { Step::End }
                 }
-                _ = &mut expiry_sleep => Step::Nothing,
-                _ = ticker.tick() => {
+                _ = &mut self.dropped => Step::End,
+                _ = &mut self.expiry_sleep => if self.st.current().is_some() { Step::Nothing } else { Step::End },
+                _ = self.ticker.tick() => {
+                    self.st.s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let ka = MapResponse { keep_alive: true, ..Default::default() };
-                    if tx.send(Ok(Bytes::from(encode_map_frame(&ka, zstd)))).await.is_err() { break }
-                    s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Step::Nothing
+                    return Some(Bytes::from(encode_map_frame(&ka, self.zstd)));
                 }
-                _ = tx.closed() => Step::End,
-                _ = &mut dropped => Step::End,
             };
             match step {
-                Step::Send(_) | Step::Frame(_) => next = Some(step),
+                Step::Send(_) | Step::Frame(_) => self.next = Some(step),
                 Step::Nothing => {}
-                Step::End => break,
+                Step::End => return None,
             }
         }
-        store.session(node_id, false);
-        s.schedule_ephemeral_cleanup(node_id);
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/octet-stream")
-        .body(Body::from_stream(ReceiverStream::new(rx)))
-        .expect("static response")
+    }
+}
+
+impl Drop for MapBody {
+    fn drop(&mut self) {
+        let s = &self.st.s;
+        s.store.session(self.st.node_id, false);
+        // A server shutting down drops its streams outside the runtime: nothing to schedule.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            s.schedule_ephemeral_cleanup(self.st.node_id);
+        }
+    }
 }
 
 /// Waits for the next change on `rx` (false when its sender is gone) and hands `rx` back, so

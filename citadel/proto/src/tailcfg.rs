@@ -485,7 +485,7 @@ pub fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 }
 
 /// Splits one map-stream message off the front of `buf` and decodes it, or `Ok(None)` when
-/// more bytes are needed.
+/// more bytes are needed. A refused message is consumed too.
 pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapResponse>, FrameError> {
     if buf.len() < 4 {
         return Ok(None);
@@ -505,8 +505,35 @@ pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapRespo
 /// Parses one frame body, decompressing it first when the stream is zstd; the decompressed size
 /// is bounded by [`MAX_MAP_MESSAGE`] without reserving that much up front.
 fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameError> {
+    // One decompression context per thread: making one per message cost more than the
+    // decompression (set-up queries the CPU's features, which traps to the hypervisor in a VM),
+    // and one per stream would keep ~90 KB per stream.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
     if !zstd {
         return Ok(serde_json::from_slice(body)?);
+    }
+    // A frame that states its size (every known server's does) is decompressed in one pass into
+    // a buffer of that size; one that does not, or whose size is not the message's (several
+    // frames), takes the streaming path.
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(body) {
+        if size > MAX_MAP_MESSAGE as u64 {
+            return Err(FrameError::TooLarge(size as usize));
+        }
+        let json = DCTX.with(|d| {
+            let mut d = d.try_borrow_mut().ok()?;
+            if d.is_none() {
+                *d = zstd::bulk::Decompressor::new().ok();
+            }
+            let mut json = Vec::with_capacity(size as usize);
+            d.as_mut()?.decompress_to_buffer(body, &mut json).ok()?;
+            Some(json)
+        });
+        if let Some(json) = json {
+            return Ok(serde_json::from_slice(&json)?);
+        }
     }
     use std::io::Read;
     let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(|e| FrameError::Decompress(e.to_string()))?;
@@ -587,6 +614,31 @@ mod tests {
         framed.extend_from_slice(&bomb);
         assert!(matches!(decode_map_frame(&mut framed, true), Err(FrameError::TooLarge(_))));
         assert!(framed.is_empty(), "a refused frame is consumed");
+    }
+
+    /// Messages that state their size, messages that do not (a streaming encoder's) and a
+    /// message made of two zstd frames (its first frame's size is not the message's) all
+    /// decode, in order, on one thread's reused context.
+    #[test]
+    fn sized_unsized_and_multi_frame_messages_decode() {
+        let msg = |i: i64| MapResponse { peers_removed: Some(vec![i; 50]), ..Default::default() };
+        let frame = |body: Vec<u8>| {
+            let mut f = (body.len() as u32).to_le_bytes().to_vec();
+            f.extend_from_slice(&body);
+            f
+        };
+        let mut buf = encode_map_frame(&msg(1), true);
+        let json = serde_json::to_vec(&msg(2)).unwrap();
+        buf.extend(frame(zstd::stream::encode_all(&json[..], 1).unwrap()));
+        let json = serde_json::to_vec(&msg(3)).unwrap();
+        let mut two = zstd::bulk::compress(&json[..10], 1).unwrap();
+        two.extend(zstd::bulk::compress(&json[10..], 1).unwrap());
+        buf.extend(frame(two));
+        buf.extend(encode_map_frame(&msg(4), true));
+        for i in 1..=4 {
+            assert_eq!(decode_map_frame(&mut buf, true).unwrap().unwrap(), msg(i), "message {i}");
+        }
+        assert!(decode_map_frame(&mut buf, true).unwrap().is_none());
     }
 
     proptest! {
