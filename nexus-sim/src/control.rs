@@ -692,7 +692,7 @@ fn org_destinations(exact: Vec<String>) -> Vec<String> {
         return exact;
     }
     match Prefix::cover(&prefixes) {
-        Some(c) if TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| r.contains_prefix(&c)) => {
+        Some(c) if TAILNET_RANGES.iter().any(|r| r.contains_prefix(&c)) => {
             vec![c.to_string()]
         }
         _ => exact,

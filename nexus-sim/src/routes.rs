@@ -36,7 +36,7 @@ pub enum RouteError {
 /// True when `p` shares an address with the tailnet's own ranges: nodes' addresses come
 /// from them, so a subnet route there would shadow members' addresses.
 fn inside_tailnet(p: &Prefix) -> bool {
-    crate::policy::ipset::TAILNET_RANGES.iter().filter_map(|r| Prefix::parse(r)).any(|r| r.overlaps(p))
+    crate::policy::ipset::TAILNET_RANGES.iter().any(|r| r.overlaps(p))
 }
 
 /// Headscale's prefix order (Go's `netip.Prefix.Compare`): IPv4 first, then shorter

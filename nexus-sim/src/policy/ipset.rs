@@ -75,8 +75,12 @@ impl Prefix {
     }
 }
 
-/// The tailnet's own address ranges: Tailscale's CGNAT range and its ULA range.
-pub const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
+/// The tailnet's own address ranges: Tailscale's CGNAT range (100.64.0.0/10) and its ULA
+/// range (fd7a:115c:a1e0::/48).
+pub const TAILNET_RANGES: [Prefix; 2] = [
+    Prefix { addr: IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 0)), len: 10 },
+    Prefix { addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0)), len: 48 },
+];
 
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -355,6 +359,7 @@ mod tests {
         assert!(p("100.64.0.0/10").contains_prefix(&p("100.64.0.0/29")));
         assert!(!p("100.64.0.0/29").contains_prefix(&p("100.64.0.0/10")));
         assert!(p("100.64.0.0/29").overlaps(&p("100.64.0.0/10")) && !p("100.64.0.0/10").overlaps(&p("10.0.0.0/8")));
+        assert_eq!(TAILNET_RANGES, [p("100.64.0.0/10"), p("fd7a:115c:a1e0::/48")]);
     }
 
     #[test]
