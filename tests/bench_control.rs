@@ -30,6 +30,65 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// The load generator (10,000 clients' tasks on two threads, each freeing what the other
+/// allocated) spent a fifth of its CPU in glibc malloc's arena locks; mimalloc cuts that. The
+/// nexus-sim child keeps the system allocator, as the `nexus-sim` binary has, so its CPU and
+/// memory figures are the shipped server's. The choice is made once, at the first allocation,
+/// from an environment variable the parent sets for the child (`getenv` does not allocate).
+struct BenchAlloc;
+
+/// 0: not chosen yet; 1: the system allocator (the server child); 2: mimalloc.
+static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+const SERVE_ENV: &std::ffi::CStr = c"BENCH_CONTROL_SERVE";
+
+impl BenchAlloc {
+    #[inline]
+    fn mimalloc() -> bool {
+        let mut c = CHOSEN.load(Ordering::Relaxed);
+        if c == 0 {
+            // SAFETY: getenv reads the environment without allocating; nothing here changes it.
+            c = if unsafe { libc::getenv(SERVE_ENV.as_ptr()) }.is_null() { 2 } else { 1 };
+            CHOSEN.store(c, Ordering::Relaxed);
+        }
+        c == 2
+    }
+}
+
+// SAFETY: every call goes to the allocator chosen before the first allocation, for good.
+unsafe impl std::alloc::GlobalAlloc for BenchAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if Self::mimalloc() {
+            mimalloc::MiMalloc.alloc(l)
+        } else {
+            std::alloc::System.alloc(l)
+        }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        if Self::mimalloc() {
+            mimalloc::MiMalloc.dealloc(p, l)
+        } else {
+            std::alloc::System.dealloc(p, l)
+        }
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        if Self::mimalloc() {
+            mimalloc::MiMalloc.alloc_zeroed(l)
+        } else {
+            std::alloc::System.alloc_zeroed(l)
+        }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        if Self::mimalloc() {
+            mimalloc::MiMalloc.realloc(p, l, n)
+        } else {
+            std::alloc::System.realloc(p, l, n)
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOC: BenchAlloc = BenchAlloc;
+
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
@@ -526,6 +585,8 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let mut join_lat = vec![];
     let mut ep_lat = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
+    // Messages the members received per round, over the members: 1.0 is one delta each.
+    let (mut join_msgs, mut ep_msgs) = (0u64, 0u64);
     let mut probes = vec![];
     for round in 0..o.probes as u64 {
         let node = PrivateKey::generate(&mut rand::thread_rng());
@@ -535,6 +596,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
         let members = per_org + probes.len();
         let (_, c0) = proc_stats(server_pid);
+        let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
         let (tx, _first) = spawn_member(c, 0, &board, o.apply);
@@ -542,18 +604,21 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         join_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
         join_cpu += proc_stats(server_pid).1 - c0;
+        join_msgs += board.messages.load(Ordering::Relaxed) - m0;
 
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
         *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
         let (_, c0) = proc_stats(server_pid);
+        let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         tx.send(eps).await?;
         wait_seen(&board, members).await?;
         ep_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
         ep_cpu += proc_stats(server_pid).1 - c0;
+        ep_msgs += board.messages.load(Ordering::Relaxed) - m0;
         probes.push(tx);
     }
     let n = o.probes as u32;
@@ -609,6 +674,12 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         ep_cpu / n,
         clock_ticks()
     );
+    let per_member = |m: u64| m as f64 / o.probes as f64 / (per_org + o.probes / 2) as f64;
+    println!(
+        "messages per member: {:.2} per join (the joiner's first map included), {:.2} per endpoint change",
+        per_member(join_msgs),
+        per_member(ep_msgs)
+    );
     println!("nexus-sim CPU for the whole join wave {:.1?}", cpu1 - cpu_wave0);
     let (grss, gcpu) = proc_stats(std::process::id());
     println!(
@@ -646,6 +717,7 @@ fn main() -> anyhow::Result<()> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .env("NEXUS_LOG", "warn")
+        .env(SERVE_ENV.to_str().expect("ASCII"), "1")
         .spawn()?;
     let pid = child.id();
     let mut line = String::new();

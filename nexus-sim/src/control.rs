@@ -871,6 +871,9 @@ impl Streamer {
 
     /// After a store change: the delta since the last message.
     fn store_changed(&mut self) -> Step {
+        if let Mode::Org { cursor, .. } = self.mode {
+            return self.org_changed(cursor);
+        }
         let Some(me) = self.current() else { return Step::End };
         let s = self.s.clone();
         match &mut self.mode {
@@ -880,38 +883,48 @@ impl Streamer {
                 *last = m;
                 d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
             }
-            Mode::Org { tmpl, cursor, tagged } => {
-                if *tagged == me.tags.is_empty() {
-                    return Step::End;
-                }
-                if s.faults.leaks_any() {
-                    // A test fault leaks peers across orgs: only the global path shows them.
-                    let m = self.reset(&me);
-                    return Step::Send(Box::new(replacing(&s, m, self.node_id)));
-                }
-                let from = *cursor;
-                let (now, since) = s.store.org_changes(self.user_id, from);
-                *cursor = now;
-                let changes = match since {
-                    crate::store::Since::Changes(c) => c,
-                    crate::store::Since::Lagged => {
-                        let m = self.reset(&me);
-                        return Step::Send(Box::new(replacing(&s, m, self.node_id)));
-                    }
-                };
-                if !*tagged && shareable(&changes, me.id) {
-                    let key = (self.user_id, from, now, self.zstd);
-                    let zstd = self.zstd;
-                    let frame = s.deltas.get_or_build(key, || {
-                        let mut o = org_delta(&s, tmpl, &me, &changes)?;
-                        o.resp.control_time = Some(Utc::now());
-                        Some(Bytes::from(encode_out(&o, zstd)))
-                    });
-                    return frame.map_or(Step::Nothing, Step::Frame);
-                }
-                org_delta(&s, tmpl, &me, &changes).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
-            }
+            Mode::Org { .. } => unreachable!("org streams return above"),
         }
+    }
+
+    /// [`Streamer::store_changed`] of an org stream whose cursor is at `from`. A delta naming
+    /// only other members leaves this node as it was: it is read again from the store only
+    /// when a change names it (joining, leaving, tags, expiry set) or a resync asks for it.
+    fn org_changed(&mut self, from: u64) -> Step {
+        let s = self.s.clone();
+        let (now, since) = s.store.org_changes(self.user_id, from);
+        let changes = match since {
+            crate::store::Since::Changes(c) => Some(c),
+            crate::store::Since::Lagged => None,
+        };
+        let mine = changes.as_ref().is_none_or(|c| !shareable(c, self.node_id));
+        let me = if mine || self.me.is_none() { self.current() } else { self.me.clone() };
+        let Some(me) = me else { return Step::End };
+        let Mode::Org { tmpl, cursor, tagged } = &mut self.mode else { unreachable!("called for org streams") };
+        *cursor = now;
+        if *tagged == me.tags.is_empty() {
+            return Step::End;
+        }
+        if s.faults.leaks_any() {
+            // A test fault leaks peers across orgs: only the global path shows them.
+            let m = self.reset(&me);
+            return Step::Send(Box::new(replacing(&s, m, self.node_id)));
+        }
+        let Some(changes) = changes else {
+            let m = self.reset(&me);
+            return Step::Send(Box::new(replacing(&s, m, self.node_id)));
+        };
+        if !*tagged && !mine {
+            let key = (self.user_id, from, now, self.zstd);
+            let zstd = self.zstd;
+            let frame = s.deltas.get_or_build(key, || {
+                let mut o = org_delta(&s, tmpl, &me, &changes)?;
+                o.resp.control_time = Some(Utc::now());
+                Some(Bytes::from(encode_out(&o, zstd)))
+            });
+            return frame.map_or(Step::Nothing, Step::Frame);
+        }
+        org_delta(&s, tmpl, &me, &changes).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
     }
 }
 
@@ -1027,7 +1040,9 @@ async fn map(
     }
     let hi = req.hostinfo.clone();
     let mut routes_changed = false;
-    let node = match s.store.update_node(node.id, |n| {
+    // A stream's session opens with the update, in one change (see `update_node_and_open`);
+    // from here to `MapBody::open`, which owns it, nothing returns early.
+    let update = |n: &mut StoreNode| {
         let mut changed = false;
         if !req.read_only {
             if !disco.is_zero() && n.disco_key != disco {
@@ -1054,7 +1069,10 @@ async fn map(
             }
         }
         changed
-    }) {
+    };
+    let updated =
+        if req.stream { s.store.update_node_and_open(node.id, update) } else { s.store.update_node(node.id, update) };
+    let node = match updated {
         Ok(n) => n,
         Err(_) => return (StatusCode::UNAUTHORIZED, "node not registered").into_response(),
     };
@@ -1103,13 +1121,13 @@ struct MapBody {
 }
 
 impl MapBody {
-    /// Marks the node online and queues its first (full) map.
+    /// Queues the node's first (full) map. Its session was opened with the map request's
+    /// update ([`crate::store::Store::update_node_and_open`]); dropping the body closes it.
     fn open(s: Shared, node: &StoreNode, zstd: bool) -> MapBody {
         // Watch the org first, so no change between the first map and the loop is missed.
         let org_changed = s.store.subscribe(node.user_id);
         let any_changed = s.store.subscribe_all();
         let policy_changed = s.policy.subscribe();
-        s.store.session(node.id, true);
         let (st, first) = Streamer::start(&s, node, zstd);
         let keepalive = s.cfg.keepalive;
         let faults = s.clone();

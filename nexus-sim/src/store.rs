@@ -1086,25 +1086,53 @@ impl Store {
 
     /// Applies `f` to node `id`, persists it and wakes its org when `f` reports a change.
     pub fn update_node(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
+        self.update(id, f, false)
+    }
+
+    /// [`Store::update_node`] for a map stream that opens: the stream is counted as
+    /// [`Store::session`] counts it, and the node coming online goes to its org in the same
+    /// change as `f`'s (endpoints, disco key), so each peer's stream sends one delta for the
+    /// connect, not two. The caller closes it with `session(id, false)`.
+    pub fn update_node_and_open(&self, id: u64, f: impl FnOnce(&mut Node) -> bool) -> Result<Node, StoreError> {
+        self.update(id, f, true)
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut Node) -> bool, open: bool) -> Result<Node, StoreError> {
         let mut d = self.data.lock();
         let old = d.nodes.get(&id).ok_or_else(|| StoreError::NotFound(format!("node {id}")))?.clone();
         let mut n = (*old).clone();
         let changed = f(&mut n);
+        let came_online = open && {
+            let c = d.sessions.entry(id).or_insert(0);
+            *c += 1;
+            *c == 1
+        };
+        if came_online {
+            n.last_seen = Some(Utc::now());
+        }
         d.nodes.insert(id, Arc::new(n.clone()));
         if changed {
             d.unindex(&old);
             d.index(&n);
         }
         drop(d);
-        if changed {
+        if changed || came_online {
             self.put("nodes", &id.to_string(), &n);
             if old.user_id != n.user_id {
                 self.emit(old.user_id, Change::Removed(id));
             }
             match NodePatch::between(&old, &n) {
                 _ if old.user_id != n.user_id => self.emit(n.user_id, Change::Upsert(id)),
-                Some(p) if p == NodePatch::default() => self.all.send_modify(|g| *g += 1),
-                Some(p) => self.emit(n.user_id, Change::Patch(id, p)),
+                Some(mut p) => {
+                    if came_online {
+                        p.online = Some(true);
+                    }
+                    if p == NodePatch::default() {
+                        self.all.send_modify(|g| *g += 1);
+                    } else {
+                        self.emit(n.user_id, Change::Patch(id, p));
+                    }
+                }
                 None => self.emit(n.user_id, Change::Upsert(id)),
             }
         }
@@ -1285,6 +1313,35 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(s.nodes(None).len(), 1);
         assert_eq!(s.user(u.id).unwrap().name, "acme");
+    }
+
+    #[test]
+    fn a_stream_opening_with_new_endpoints_is_one_change_for_its_peers() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let a = reg(&s, 1, u.id);
+        let (seq, _) = s.org_changes(u.id, 0);
+        let ep = vec!["192.0.2.1:41641".to_string()];
+        let n = s
+            .update_node_and_open(a.id, |n| {
+                n.endpoints = ep.clone();
+                true
+            })
+            .unwrap();
+        assert!(s.is_online(a.id) && n.last_seen.is_some());
+        let (_, since) = s.org_changes(u.id, seq);
+        let Since::Changes(c) = since else { panic!("lagged") };
+        assert_eq!(c.len(), 1, "{c:?}");
+        let Change::Patch(id, p) = &*c[0] else { panic!("{c:?}") };
+        assert_eq!((*id, p.online, p.endpoints.clone()), (a.id, Some(true), Some(ep.clone())));
+        // A second stream of the same node changes nothing; it stays online until both close.
+        let (seq, _) = s.org_changes(u.id, 0);
+        s.update_node_and_open(a.id, |_| false).unwrap();
+        assert_eq!(s.org_changes(u.id, seq).0, seq);
+        s.session(a.id, false);
+        assert!(s.is_online(a.id));
+        s.session(a.id, false);
+        assert!(!s.is_online(a.id));
     }
 
     #[test]
