@@ -216,6 +216,9 @@ struct Probe {
 #[derive(Default)]
 struct Board {
     probe: RwLock<Option<Probe>>,
+    /// The round of `probe`, set after it: members read the lock only when this moved (10,000
+    /// readers of one lock on every message made its line bounce between the cores).
+    round: AtomicU64,
     seen: AtomicUsize,
     messages: AtomicU64,
     joined: AtomicUsize,
@@ -331,7 +334,7 @@ async fn member(
     org: usize,
     board: Arc<Board>,
     apply: bool,
-    mut cmds: tokio::sync::mpsc::Receiver<Vec<String>>,
+    mut cmds: Option<tokio::sync::mpsc::Receiver<Vec<String>>>,
     first_map: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<()> {
     let me = NodePublic(c.node.public_bytes());
@@ -340,33 +343,37 @@ async fn member(
     let mut view = if apply { View::Full(Box::default()) } else { View::Probe(ProbeView::default()) };
     let mut done_round = 0u64;
     let mut first = Some(first_map);
+    let (mut probe, mut probe_round) = (None::<Probe>, 0u64);
     loop {
-        // Biased: a message wakes the member without polling its command channel too.
-        tokio::select! {
+        // Biased: a message wakes the member without polling its command channel too. Only
+        // the probe nodes have one.
+        let m = tokio::select! {
             biased;
-            m = stream.next() => {
-                let Some(m) = m? else { anyhow::bail!("map stream ended") };
-                board.messages.fetch_add(1, Ordering::Relaxed);
-                if let (View::Probe(v), Some(p)) = (&mut view, &*board.probe.read().unwrap()) {
-                    if v.key != p.key {
-                        // A new probe node: nothing seen of it yet.
-                        *v = ProbeView { key: p.key, ..Default::default() };
-                    }
-                }
-                view.apply(&m);
-                if let Some(tx) = first.take() {
-                    board.min_first_peers.fetch_min(m.peers.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
-                    let _ = tx.send(());
-                }
-            }
-            e = cmds.recv() => {
+            m = stream.next() => m,
+            e = async { cmds.as_mut()?.recv().await }, if cmds.is_some() => {
                 let Some(e) = e else { return Ok(()) };
                 c.conn.map(&map_request(&c.node, e, false)).await?;
                 continue;
             }
+        };
+        let Some(m) = m? else { anyhow::bail!("map stream ended") };
+        board.messages.fetch_add(1, Ordering::Relaxed);
+        let round = board.round.load(Ordering::Acquire);
+        if round != probe_round {
+            (probe, probe_round) = (board.probe.read().unwrap().clone(), round);
         }
-        let p = board.probe.read().unwrap().clone();
-        if let Some(p) = p.filter(|p| p.org == org && p.key != me && p.round != done_round) {
+        if let (View::Probe(v), Some(p)) = (&mut view, &probe) {
+            if v.key != p.key {
+                // A new probe node: nothing seen of it yet.
+                *v = ProbeView { key: p.key, ..Default::default() };
+            }
+        }
+        view.apply(&m);
+        if let Some(tx) = first.take() {
+            board.min_first_peers.fetch_min(m.peers.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
+            let _ = tx.send(());
+        }
+        if let Some(p) = probe.as_ref().filter(|p| p.org == org && p.key != me && p.round != done_round) {
             if view.holds(&p) {
                 done_round = p.round;
                 board.seen.fetch_add(1, Ordering::AcqRel);
@@ -408,8 +415,11 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 type Spawned = (tokio::sync::mpsc::Sender<Vec<String>>, tokio::sync::oneshot::Receiver<()>);
 
-fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool) -> Spawned {
+/// Starts a member; a probe member also takes endpoint changes on the returned sender (the
+/// others' senders are closed).
+fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool, probe: bool) -> Spawned {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let rx = probe.then_some(rx);
     let (ftx, frx) = tokio::sync::oneshot::channel();
     let b = board.clone();
     tokio::spawn(async move {
@@ -545,7 +555,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
             let _permit = sem.acquire_owned().await?;
             let node = PrivateKey::generate(&mut rand::thread_rng());
             let c = join(&url, &server, &key, &format!("n{i}"), node).await?;
-            let (tx, first) = spawn_member(c, org, &board, o.apply);
+            let (tx, first) = spawn_member(c, org, &board, o.apply, false);
             first.await.map_err(|_| anyhow::anyhow!("no first map"))?;
             board.joined.fetch_add(1, Ordering::Relaxed);
             anyhow::Ok(tx)
@@ -594,12 +604,13 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         // Join: from the register request to every other member of org 0 holding the node.
         board.seen.store(0, Ordering::Release);
         *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
+        board.round.store(2 * round + 1, Ordering::Release);
         let members = per_org + probes.len();
         let (_, c0) = proc_stats(server_pid);
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
-        let (tx, _first) = spawn_member(c, 0, &board, o.apply);
+        let (tx, _first) = spawn_member(c, 0, &board, o.apply, true);
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -610,6 +621,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
         *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
+        board.round.store(2 * round + 2, Ordering::Release);
         let (_, c0) = proc_stats(server_pid);
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();

@@ -192,11 +192,30 @@ impl Cipher {
         let nonce = self.next_nonce()?;
         self.aead.decrypt_in_place(&nonce, &[], body).map_err(|_| NoiseError::Decrypt)
     }
+
+    /// [`Cipher::open`] of a record body (ciphertext, then its tag) borrowed from the read
+    /// buffer, decrypted onto the end of `out` (left as it was on error): one copy, no
+    /// allocation per record.
+    pub fn open_into(&mut self, record: &[u8], out: &mut BytesMut) -> Result<(), NoiseError> {
+        let Some(split) = record.len().checked_sub(16) else {
+            return Err(NoiseError::Malformed("record shorter than its tag"));
+        };
+        let nonce = self.next_nonce()?;
+        let (text, tag) = record.split_at(split);
+        let start = out.len();
+        out.extend_from_slice(text);
+        let r = self.aead.decrypt_in_place_detached(&nonce, &[], &mut out[start..], tag.into());
+        if r.is_err() {
+            out.truncate(start);
+            return Err(NoiseError::Decrypt);
+        }
+        Ok(())
+    }
 }
 
-/// Splits one complete frame off the front of `buf`: `Ok(Some((type, body)))`, `Ok(None)` when
+/// The type and body length of the complete frame at the front of `buf`, `Ok(None)` when
 /// more bytes are needed, an error when the header is impossible.
-pub fn take_frame(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, NoiseError> {
+fn frame_header(buf: &[u8]) -> Result<Option<(u8, usize)>, NoiseError> {
     if buf.len() < 3 {
         return Ok(None);
     }
@@ -208,9 +227,13 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, NoiseErro
     if len + 3 > MAX_FRAME {
         return Err(NoiseError::Malformed("frame larger than 4096 bytes"));
     }
-    if buf.len() < 3 + len {
-        return Ok(None);
-    }
+    Ok((buf.len() >= 3 + len).then_some((ty, len)))
+}
+
+/// Splits one complete frame off the front of `buf`: `Ok(Some((type, body)))`, `Ok(None)` when
+/// more bytes are needed, an error when the header is impossible.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, NoiseError> {
+    let Some((ty, len)) = frame_header(buf)? else { return Ok(None) };
     buf.advance(3);
     let body = buf.split_to(len).to_vec();
     Ok(Some((ty, body)))
@@ -369,7 +392,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
         loop {
             if !this.plain.is_empty() {
                 let n = this.plain.len().min(buf.remaining());
-                buf.put_slice(&this.plain.split_to(n));
+                buf.put_slice(&this.plain[..n]);
+                this.plain.advance(n);
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
@@ -378,20 +402,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                 }
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
-            match take_frame(&mut this.raw)? {
-                Some((MSG_RECORD, mut body)) => {
-                    this.rx.open(&mut body)?;
-                    this.plain.extend_from_slice(&body);
-                    continue;
+            // One record at a time, so what came before a bad record is read before its error.
+            if let Some((ty, len)) = frame_header(&this.raw)? {
+                let body = &this.raw[3..3 + len];
+                match ty {
+                    MSG_RECORD => this.rx.open_into(body, &mut this.plain)?,
+                    MSG_ERROR => {
+                        let text = String::from_utf8_lossy(body).into_owned();
+                        return Poll::Ready(Err(NoiseError::Remote(text).into()));
+                    }
+                    _ => return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into())),
                 }
-                Some((MSG_ERROR, body)) => {
-                    return Poll::Ready(Err(NoiseError::Remote(String::from_utf8_lossy(&body).into_owned()).into()))
-                }
-                Some(_) => return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into())),
-                None => {}
+                this.raw.advance(3 + len);
+                continue;
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
+            // Not zeroed: the socket writes it and only what it wrote is read.
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+            let mut rb = ReadBuf::uninit(&mut tmp);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 this.eof = true;
@@ -656,6 +683,26 @@ mod tests {
             let k = PrivateKey::from_bytes([3; 32]);
             let _ = accept(&k, &data);
         }
+    }
+
+    #[tokio::test]
+    async fn stream_reads_what_came_before_a_tampered_record_then_fails() {
+        let ((mut ctx, _crx), acc) = pair();
+        let mut wire = vec![];
+        ctx.seal_frame(b"first", &mut wire).unwrap();
+        let second = wire.len();
+        ctx.seal_frame(b"second", &mut wire).unwrap();
+        *wire.last_mut().unwrap() ^= 1;
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&wire).await.unwrap();
+        drop(a);
+        assert!(wire.len() > second);
+        let mut server = NoiseStream::new(b, acc.tx, acc.rx);
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"first");
+        let e = server.read_u8().await.expect_err("the tampered record was accepted");
+        assert!(e.to_string().contains("decrypt") || e.to_string().contains("Decrypt"), "{e}");
     }
 
     #[tokio::test]
