@@ -596,7 +596,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let mut ep_lat = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // Messages the members received per round, over the members: 1.0 is one delta each.
-    let (mut join_msgs, mut ep_msgs) = (0u64, 0u64);
+    let (mut join_msgs, mut ep_msgs, mut member_rounds) = (0u64, 0u64, 0u64);
     let mut probes = vec![];
     for round in 0..o.probes as u64 {
         let node = PrivateKey::generate(&mut rand::thread_rng());
@@ -606,6 +606,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
         board.round.store(2 * round + 1, Ordering::Release);
         let members = per_org + probes.len();
+        member_rounds += members as u64;
         let (_, c0) = proc_stats(server_pid);
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
@@ -686,7 +687,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         ep_cpu / n,
         clock_ticks()
     );
-    let per_member = |m: u64| m as f64 / o.probes as f64 / (per_org + o.probes / 2) as f64;
+    let per_member = |m: u64| m as f64 / member_rounds as f64;
     println!(
         "messages per member: {:.2} per join (the joiner's first map included), {:.2} per endpoint change",
         per_member(join_msgs),

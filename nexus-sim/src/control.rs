@@ -876,15 +876,11 @@ impl Streamer {
         }
         let Some(me) = self.current() else { return Step::End };
         let s = self.s.clone();
-        match &mut self.mode {
-            Mode::Global { last } => {
-                let m = s.faults.with_leaks(&s, &me, build_map);
-                let d = diff_maps(last, &m);
-                *last = m;
-                d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
-            }
-            Mode::Org { .. } => unreachable!("org streams return above"),
-        }
+        let Mode::Global { last } = &mut self.mode else { return Step::End };
+        let m = s.faults.with_leaks(&s, &me, build_map);
+        let d = diff_maps(last, &m);
+        *last = m;
+        d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
     }
 
     /// [`Streamer::store_changed`] of an org stream whose cursor is at `from`. A delta naming
@@ -900,7 +896,8 @@ impl Streamer {
         let mine = changes.as_ref().is_none_or(|c| !shareable(c, self.node_id));
         let me = if mine || self.me.is_none() { self.current() } else { self.me.clone() };
         let Some(me) = me else { return Step::End };
-        let Mode::Org { tmpl, cursor, tagged } = &mut self.mode else { unreachable!("called for org streams") };
+        // Only org streams come here; were it otherwise, the client reconnects.
+        let Mode::Org { tmpl, cursor, tagged } = &mut self.mode else { return Step::End };
         *cursor = now;
         if *tagged == me.tags.is_empty() {
             return Step::End;
