@@ -43,46 +43,34 @@ const SERVE_ENV: &std::ffi::CStr = c"BENCH_CONTROL_SERVE";
 
 impl BenchAlloc {
     #[inline]
-    fn mimalloc() -> bool {
+    fn chosen() -> &'static dyn std::alloc::GlobalAlloc {
         let mut c = CHOSEN.load(Ordering::Relaxed);
         if c == 0 {
             // SAFETY: getenv reads the environment without allocating; nothing here changes it.
             c = if unsafe { libc::getenv(SERVE_ENV.as_ptr()) }.is_null() { 2 } else { 1 };
             CHOSEN.store(c, Ordering::Relaxed);
         }
-        c == 2
+        if c == 2 {
+            &mimalloc::MiMalloc
+        } else {
+            &std::alloc::System
+        }
     }
 }
 
 // SAFETY: every call goes to the allocator chosen before the first allocation, for good.
 unsafe impl std::alloc::GlobalAlloc for BenchAlloc {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        if Self::mimalloc() {
-            mimalloc::MiMalloc.alloc(l)
-        } else {
-            std::alloc::System.alloc(l)
-        }
+        Self::chosen().alloc(l)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        if Self::mimalloc() {
-            mimalloc::MiMalloc.dealloc(p, l)
-        } else {
-            std::alloc::System.dealloc(p, l)
-        }
+        Self::chosen().dealloc(p, l)
     }
     unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
-        if Self::mimalloc() {
-            mimalloc::MiMalloc.alloc_zeroed(l)
-        } else {
-            std::alloc::System.alloc_zeroed(l)
-        }
+        Self::chosen().alloc_zeroed(l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        if Self::mimalloc() {
-            mimalloc::MiMalloc.realloc(p, l, n)
-        } else {
-            std::alloc::System.realloc(p, l, n)
-        }
+        Self::chosen().realloc(p, l, n)
     }
 }
 
@@ -228,6 +216,15 @@ struct Board {
     stopping: std::sync::atomic::AtomicBool,
 }
 
+impl Board {
+    /// Starts timing `p`: members see it on their next message.
+    fn set_probe(&self, p: Probe) {
+        let round = p.round;
+        *self.probe.write().unwrap() = Some(p);
+        self.round.store(round, Ordering::Release);
+    }
+}
+
 /// What a client knows of the probe node (all a client keeps without `--apply`).
 #[derive(Default)]
 struct ProbeView {
@@ -328,7 +325,7 @@ fn map_request(node: &PrivateKey, endpoints: Vec<String>, stream: bool) -> MapRe
 }
 
 /// Runs one member: streams its map and reports when it holds the current probe. Endpoint
-/// changes for this node arrive on `cmds`.
+/// changes for this node arrive on `cmds` (probe members only).
 async fn member(
     mut c: Client,
     org: usize,
@@ -413,22 +410,24 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-type Spawned = (tokio::sync::mpsc::Sender<Vec<String>>, tokio::sync::oneshot::Receiver<()>);
-
-/// Starts a member; a probe member also takes endpoint changes on the returned sender (the
-/// others' senders are closed).
-fn spawn_member(c: Client, org: usize, board: &Arc<Board>, apply: bool, probe: bool) -> Spawned {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let rx = probe.then_some(rx);
+/// Starts a member; a probe member takes endpoint changes on `cmds` and ends when it closes.
+/// The receiver fires at the member's first map.
+fn spawn_member(
+    c: Client,
+    org: usize,
+    board: &Arc<Board>,
+    apply: bool,
+    cmds: Option<tokio::sync::mpsc::Receiver<Vec<String>>>,
+) -> tokio::sync::oneshot::Receiver<()> {
     let (ftx, frx) = tokio::sync::oneshot::channel();
     let b = board.clone();
     tokio::spawn(async move {
-        let r = member(c, org, b.clone(), apply, rx, ftx).await;
+        let r = member(c, org, b.clone(), apply, cmds, ftx).await;
         if let Some(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
             eprintln!("member ended: {e}");
         }
     });
-    (tx, frx)
+    frx
 }
 
 /// What registering the offline nodes cost.
@@ -555,15 +554,14 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
             let _permit = sem.acquire_owned().await?;
             let node = PrivateKey::generate(&mut rand::thread_rng());
             let c = join(&url, &server, &key, &format!("n{i}"), node).await?;
-            let (tx, first) = spawn_member(c, org, &board, o.apply, false);
+            let first = spawn_member(c, org, &board, o.apply, None);
             first.await.map_err(|_| anyhow::anyhow!("no first map"))?;
             board.joined.fetch_add(1, Ordering::Relaxed);
-            anyhow::Ok(tx)
+            anyhow::Ok(())
         }));
     }
-    let mut cmds = vec![];
     for t in tasks {
-        cmds.push(t.await??);
+        t.await??;
     }
     let join_all = t0.elapsed();
     // Let the join wave's deltas drain.
@@ -603,15 +601,15 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let key = NodePublic(node.public_bytes());
         // Join: from the register request to every other member of org 0 holding the node.
         board.seen.store(0, Ordering::Release);
-        *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
-        board.round.store(2 * round + 1, Ordering::Release);
+        board.set_probe(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
         let members = per_org + probes.len();
         member_rounds += members as u64;
         let (_, c0) = proc_stats(server_pid);
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
-        let (tx, _first) = spawn_member(c, 0, &board, o.apply, true);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        spawn_member(c, 0, &board, o.apply, Some(rx));
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -621,8 +619,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
-        *board.probe.write().unwrap() = Some(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
-        board.round.store(2 * round + 2, Ordering::Release);
+        board.set_probe(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
         let (_, c0) = proc_stats(server_pid);
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
@@ -702,7 +699,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         gcpu
     );
     board.stopping.store(true, Ordering::Relaxed);
-    drop(cmds);
+    drop(probes);
     Ok(())
 }
 

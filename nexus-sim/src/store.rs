@@ -1216,16 +1216,16 @@ impl Store {
 
     /// A map stream of node `id` opened (`+1`) or closed (`-1`); online state follows.
     pub fn session(&self, id: u64, open: bool) {
-        let mut d = self.data.lock();
-        let c = d.sessions.entry(id).or_insert(0);
-        let was = *c > 0;
         if open {
-            *c += 1;
-        } else {
-            *c = c.saturating_sub(1);
+            // An unknown node has no session to count.
+            let _ = self.update(id, |_| false, true);
+            return;
         }
-        let now_online = *c > 0;
-        if was == now_online {
+        let mut d = self.data.lock();
+        let Some(c) = d.sessions.get_mut(&id) else { return };
+        let was = *c > 0;
+        *c = c.saturating_sub(1);
+        if !was || *c > 0 {
             return;
         }
         let Some(n) = d.nodes.get_mut(&id).map(Arc::make_mut) else { return };
@@ -1233,7 +1233,7 @@ impl Store {
         let n = n.clone();
         drop(d);
         self.put("nodes", &id.to_string(), &n);
-        let p = NodePatch { online: Some(now_online), last_seen: n.last_seen, ..Default::default() };
+        let p = NodePatch { online: Some(false), last_seen: n.last_seen, ..Default::default() };
         self.emit(n.user_id, Change::Patch(id, p));
     }
 
