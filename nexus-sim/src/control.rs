@@ -51,9 +51,53 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
         c.as_mut().and_then(|c| c.compress(&json).ok())
     });
     let body = body.unwrap_or_else(|| zstd::bulk::compress(&json, 1).expect("zstd in memory"));
+    // Every member of an org decodes every delta; one that compression barely shrinks (an
+    // endpoint patch: 143 bytes to 137) goes stored, which a decoder copies instead of
+    // building its entropy tables. A join's delta (1.8 KB to 0.5 KB) stays compressed.
+    let body = if body.len() * 4 > json.len() * 3 { zstd_stored(&json) } else { body };
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
+    out
+}
+
+/// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1).
+/// Written by hand: libzstd falls back to raw blocks only after trying to compress, and its
+/// API has no way to ask for them.
+fn zstd_stored(data: &[u8]) -> Vec<u8> {
+    // Largest block (Block_Maximum_Size); a single-segment frame's window is its content.
+    const MAX_BLOCK: usize = 128 << 10;
+    let mut out = Vec::with_capacity(data.len() + 14 + 3 * (data.len() / MAX_BLOCK + 1));
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    // Frame header descriptor: single segment (no window descriptor), no checksum, no
+    // dictionary; the two top bits size the content-size field that follows.
+    let n = data.len() as u64;
+    match n {
+        0..=255 => out.extend_from_slice(&[0x20, n as u8]),
+        256..=65_791 => {
+            out.push(0x60);
+            out.extend_from_slice(&((n - 256) as u16).to_le_bytes());
+        }
+        _ if n <= u32::MAX as u64 => {
+            out.push(0xA0);
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        _ => {
+            out.push(0xE0);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    let mut blocks = data.chunks(MAX_BLOCK).peekable();
+    if blocks.peek().is_none() {
+        // An empty frame still has one (last, empty) block.
+        out.extend_from_slice(&[1, 0, 0]);
+    }
+    while let Some(b) = blocks.next() {
+        // Block header, 3 bytes little-endian: last-block bit, type 0 (raw), then the size.
+        let last = u32::from(blocks.peek().is_none());
+        out.extend_from_slice(&(last | (b.len() as u32) << 3).to_le_bytes()[..3]);
+        out.extend_from_slice(b);
+    }
     out
 }
 
@@ -1421,6 +1465,43 @@ mod tests {
         // The changed member's own delta carries its node: its own, not the shared frame.
         let Step::Send(o) = own else { panic!("the changed member got a shared frame") };
         assert!(o.response().node.is_some_and(|n| n.id == mover.id as i64));
+    }
+
+    /// Stored frames are valid zstd that libzstd and citadel's decoder read back, with the
+    /// content size stated, at every size class of the header and across block boundaries.
+    #[test]
+    fn stored_zstd_frames_decode_to_their_content() {
+        for n in [0usize, 1, 255, 256, 65_791, 65_792, 128 << 10, (128 << 10) + 1, 300_000] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+            let f = zstd_stored(&data);
+            assert_eq!(zstd::zstd_safe::get_frame_content_size(&f).ok(), Some(Some(n as u64)), "size {n}");
+            assert_eq!(zstd::bulk::decompress(&f, n.max(1)).unwrap(), data, "size {n}");
+            let mut streamed = Vec::new();
+            zstd::stream::copy_decode(&f[..], &mut streamed).unwrap();
+            assert_eq!(streamed, data, "size {n}");
+        }
+        // A message compression barely shrinks goes stored; one it shrinks goes compressed;
+        // citadel's client reads both.
+        let patch = MapResponse {
+            peers_changed_patch: Some(vec![tailcfg::PeerChange {
+                node_id: 7,
+                endpoints: Some(vec!["192.0.2.7:41641".into()]),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let full = MapResponse {
+            peers: Some((0..50).map(|i| tailcfg::Node { id: i, name: format!("n{i}.x."), ..Default::default() }).collect()),
+            ..Default::default()
+        };
+        for (m, stored) in [(&patch, true), (&full, false)] {
+            let mut frame = encode_map_frame(m, true);
+            let json = serde_json::to_vec(m).unwrap();
+            assert_eq!(frame[8..].ends_with(&json), stored, "{} bytes", json.len());
+            let back = citadel_proto::tailcfg::decode_map_frame(&mut frame, true).unwrap();
+            assert_eq!(back.as_ref(), Some(m));
+            assert!(frame.is_empty());
+        }
     }
 
     #[test]
