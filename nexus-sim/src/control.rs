@@ -2,6 +2,7 @@
 //! inside the Noise channel.
 
 use crate::store::{Node as StoreNode, Pending};
+use crate::woken::WokenOnly;
 use crate::Shared;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -335,9 +336,13 @@ pub async fn upgrade(State(s): State<Shared>, mut req: Request) -> Response {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .serve_connection(TokioIo::new(stream), svc);
+        // The connection's task runs for every frame; the shutdown wait is looked at only
+        // when it fired.
+        let mut shutdown = WokenOnly::new(Box::pin(s.faults.wait_shutdown()));
         tokio::select! {
+            biased;
             r = conn => if let Err(e) = r { tracing::debug!("noise http/2 session ended: {e}") },
-            _ = s.faults.wait_shutdown() => {}
+            _ = std::future::poll_fn(|cx| shutdown.poll_with(cx, |f, cx| std::future::Future::poll(f.as_mut(), cx))) => {}
         }
     });
     Response::builder()
@@ -1150,38 +1155,73 @@ struct MapBody {
     st: Streamer,
     next: Option<Step>,
     zstd: bool,
-    ticker: tokio::time::Interval,
-    // The waits that rarely fire live across wakes: re-arming each on every delta
-    // (registering with notifiers every stream shares) cost more than the delta itself.
+    // Kept across wakes: re-arming it on every delta (registering with the notifier every
+    // stream of the org shares) cost more than the delta itself.
     org_wait: Wait,
-    policy_wait: Wait,
     any_changed: tokio::sync::watch::Receiver<u64>,
+    rare: WokenOnly<Rare>,
+    armed_expiry: Option<Option<chrono::DateTime<Utc>>>,
+}
+
+/// What wakes a map stream besides its org's changes, polled only after one of them woke it
+/// (see [`WokenOnly`]).
+struct Rare {
+    policy_wait: Wait,
     dropped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     expiry_sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    armed_expiry: Option<Option<chrono::DateTime<Utc>>>,
+    ticker: tokio::time::Interval,
+}
+
+enum RareEvent {
+    Policy(tokio::sync::watch::Receiver<u64>, bool),
+    Dropped,
+    Expiry,
+    Tick,
+}
+
+impl Rare {
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<RareEvent> {
+        use std::future::Future;
+        use std::task::Poll;
+        Poll::Ready(if let Poll::Ready((rx, ok)) = self.policy_wait.as_mut().poll(cx) {
+            RareEvent::Policy(rx, ok)
+        } else if self.dropped.as_mut().poll(cx).is_ready() {
+            RareEvent::Dropped
+        } else if self.expiry_sleep.as_mut().poll(cx).is_ready() {
+            RareEvent::Expiry
+        } else if self.ticker.poll_tick(cx).is_ready() {
+            RareEvent::Tick
+        } else {
+            return Poll::Pending;
+        })
+    }
 }
 
 impl MapBody {
     /// Queues the node's first (full) map. Its session was opened with the map request's
     /// update ([`crate::store::Store::update_node_and_open`]); dropping the body closes it.
     fn open(s: Shared, node: &StoreNode, zstd: bool) -> MapBody {
-        // Watch the org first, so no change between the first map and the loop is missed.
+        // Watch the org (and the rest) first, so no change between the first map and the
+        // loop is missed.
         let org_changed = s.store.subscribe(node.user_id);
         let any_changed = s.store.subscribe_all();
         let policy_changed = s.policy.subscribe();
+        let dropped = Box::pin(s.faults.streams_dropped());
         let (st, first) = Streamer::start(&s, node, zstd);
         let keepalive = s.cfg.keepalive;
-        let faults = s.clone();
+        let rare = WokenOnly::new(Rare {
+            policy_wait: Box::pin(next_change(policy_changed)),
+            dropped,
+            expiry_sleep: Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))),
+            ticker: tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive),
+        });
         MapBody {
             st,
             next: Some(Step::Send(Box::new(first))),
             zstd,
-            ticker: tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive),
             org_wait: Box::pin(next_change(org_changed)),
-            policy_wait: Box::pin(next_change(policy_changed)),
             any_changed,
-            dropped: Box::pin(async move { faults.faults.wait_drop_streams().await }),
-            expiry_sleep: Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))),
+            rare,
             armed_expiry: None,
         }
     }
@@ -1204,15 +1244,17 @@ impl MapBody {
             // Every change to the node is in its org's log and wakes the stream, which reads the
             // node again; its expiry wakes the stream too (below).
             let expiry = self.st.me.as_ref()?.expiry;
-            if self.armed_expiry != Some(expiry) || self.expiry_sleep.is_elapsed() {
+            if self.armed_expiry != Some(expiry) || self.rare.get_mut().expiry_sleep.is_elapsed() {
                 let until_expiry =
                     expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
-                self.expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
+                self.rare.get_mut().expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
                 self.armed_expiry = Some(expiry);
+                self.rare.rearmed();
             }
             let global = matches!(self.st.mode, Mode::Global { .. });
-            // Biased, the org's wait first: a delta wakes the stream without polling (and
-            // re-registering) the timers and the rarer waits.
+            // Biased, the org's wait first: a delta wakes the stream without looking at the
+            // rarer waits.
+            let rare = &mut self.rare;
             let step = tokio::select! {
                 biased;
                 (rx, ok) = &mut self.org_wait, if !global => {
@@ -1220,17 +1262,19 @@ impl MapBody {
                     if ok { self.st.store_changed() } else { Step::End }
                 }
                 r = self.any_changed.changed(), if global => match r { Ok(()) => self.st.store_changed(), Err(_) => Step::End },
-                (rx, ok) = &mut self.policy_wait => {
-                    self.policy_wait = Box::pin(next_change(rx));
-                    if ok { self.st.policy_changed() } else { Step::End }
-                }
-                _ = &mut self.dropped => Step::End,
-                _ = &mut self.expiry_sleep => if self.st.current().is_some() { Step::Nothing } else { Step::End },
-                _ = self.ticker.tick() => {
-                    self.st.s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let ka = MapResponse { keep_alive: true, ..Default::default() };
-                    return Some(Bytes::from(encode_map_frame(&ka, self.zstd)));
-                }
+                ev = std::future::poll_fn(|cx| rare.poll_with(cx, Rare::poll_next)) => match ev {
+                    RareEvent::Policy(rx, ok) => {
+                        self.rare.get_mut().policy_wait = Box::pin(next_change(rx));
+                        if ok { self.st.policy_changed() } else { Step::End }
+                    }
+                    RareEvent::Dropped => Step::End,
+                    RareEvent::Expiry => if self.st.current().is_some() { Step::Nothing } else { Step::End },
+                    RareEvent::Tick => {
+                        self.st.s.metrics.keepalives.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let ka = MapResponse { keep_alive: true, ..Default::default() };
+                        return Some(Bytes::from(encode_map_frame(&ka, self.zstd)));
+                    }
+                },
             };
             match step {
                 Step::Send(_) | Step::Frame(_) => self.next = Some(step),
@@ -1491,7 +1535,9 @@ mod tests {
             ..Default::default()
         };
         let full = MapResponse {
-            peers: Some((0..50).map(|i| tailcfg::Node { id: i, name: format!("n{i}.x."), ..Default::default() }).collect()),
+            peers: Some(
+                (0..50).map(|i| tailcfg::Node { id: i, name: format!("n{i}.x."), ..Default::default() }).collect(),
+            ),
             ..Default::default()
         };
         for (m, stored) in [(&patch, true), (&full, false)] {
@@ -1502,6 +1548,73 @@ mod tests {
             assert_eq!(back.as_ref(), Some(m));
             assert!(frame.is_empty());
         }
+    }
+
+    /// A map stream's rarer wakes each still reach it while its org's deltas keep coming:
+    /// keep-alives on time, a policy change (a replacing map), its key's expiry (the stream
+    /// ends) and the streams-dropped fault.
+    #[tokio::test]
+    async fn map_streams_wake_for_keepalives_policy_expiry_and_dropped_streams() {
+        let s = crate::build(crate::Config {
+            derp: crate::DerpMode::Off,
+            stun_listen: None,
+            keepalive: Duration::from_millis(150),
+            ..Default::default()
+        })
+        .unwrap();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let me = reg(&s, 1, org, vec![]);
+        let _other = reg(&s, 2, org, vec![]);
+        async fn next(b: &mut MapBody) -> Option<MapResponse> {
+            let f = tokio::time::timeout(Duration::from_secs(5), b.next_frame()).await;
+            let f = f.expect("the stream woke within 5 s")?;
+            Some(citadel_proto::tailcfg::decode_map_frame(&mut f.to_vec(), false).unwrap().unwrap())
+        }
+        let mut b = MapBody::open(s.clone(), &me, false);
+        assert!(next(&mut b).await.expect("first map").peers.is_some());
+
+        // Keep-alives, with org deltas waking the stream in between: the one due at 150 ms is
+        // sent when the stream next looks, the next one on time at 300 ms.
+        let t0 = tokio::time::Instant::now();
+        for k in 10..14 {
+            reg(&s, k, org, vec![]);
+            let m = next(&mut b).await.expect("open");
+            assert!(!m.keep_alive && m.peers_changed.is_some(), "{m:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(next(&mut b).await.expect("open").keep_alive);
+        assert!(next(&mut b).await.expect("open").keep_alive);
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2), "two keep-alives in {took:?}");
+
+        // A policy change: a map that replaces the peer list.
+        s.policy.set(r#"{"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}"#).unwrap();
+        loop {
+            let m = next(&mut b).await.expect("open");
+            if m.peers.is_some() {
+                break;
+            }
+            assert!(m.keep_alive, "{m:?}");
+        }
+
+        // The node's key expiry is set, then passes: the stream ends by itself.
+        let at = Utc::now() + chrono::Duration::milliseconds(400);
+        s.store
+            .update_node(me.id, |n| {
+                n.expiry = Some(at);
+                true
+            })
+            .unwrap();
+        let t0 = tokio::time::Instant::now();
+        while next(&mut b).await.is_some() {}
+        assert!(Utc::now() >= at && t0.elapsed() < Duration::from_secs(3), "ended {:?} after", t0.elapsed());
+
+        // The streams-dropped fault ends an open stream.
+        let you = reg(&s, 99, org, vec![]);
+        let mut b = MapBody::open(s.clone(), &you, false);
+        assert!(next(&mut b).await.is_some());
+        s.faults.drop_streams();
+        while next(&mut b).await.is_some() {}
     }
 
     #[test]

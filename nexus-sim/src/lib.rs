@@ -17,6 +17,7 @@ pub mod store;
 pub mod stun;
 pub mod tls;
 pub mod web;
+mod woken;
 
 use axum::extract::{Path, State};
 use axum::response::Html;
@@ -225,12 +226,15 @@ impl Faults {
     pub fn drop_streams(&self) {
         self.drop_streams.send_modify(|g| *g += 1);
     }
-    /// Resolves when [`Faults::drop_streams`] is called or the server shuts down.
-    pub async fn wait_drop_streams(&self) {
-        let mut rx = self.drop_streams.subscribe();
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = self.wait_shutdown() => {}
+    /// Resolves when [`Faults::drop_streams`] is called or the server shuts down, after this
+    /// call (not after the future's first poll: a stream that has not waited yet ends too).
+    pub fn streams_dropped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (mut drops, mut shutdown) = (self.drop_streams.subscribe(), self.shutdown.subscribe());
+        async move {
+            tokio::select! {
+                _ = drops.changed() => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
         }
     }
     /// Stops the embedded DERP relay (open DERP connections are closed, new ones refused
