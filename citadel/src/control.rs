@@ -10,8 +10,8 @@ use crate::keys::{MachinePublic, PrivateKey};
 use crate::net::{read_response_head, unread, AsyncReadWrite, Net, ReadHeadError};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
 use crate::tailcfg::{
-    self, decode_map_frame, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest,
-    RegisterResponse,
+    self, decode_map_frame, decode_map_frame_at, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse,
+    RegisterRequest, RegisterResponse,
 };
 use base64::Engine;
 use bytes::Bytes;
@@ -328,7 +328,7 @@ impl ControlConn {
                 String::from_utf8_lossy(&body).trim()
             )));
         }
-        Ok(MapStream { body: resp.into_body(), buf: Vec::new(), zstd: req.compress == "zstd" })
+        Ok(MapStream { body: resp.into_body(), frames: MapFrames::new(req.compress == "zstd") })
     }
 }
 
@@ -358,36 +358,67 @@ const IDLE_MAP_BUF: usize = 16 * 1024;
 /// The body of a map response, decoded message by message.
 pub struct MapStream {
     body: Incoming,
-    buf: Vec<u8>,
-    zstd: bool,
+    frames: MapFrames,
 }
 
 impl MapStream {
     /// The next message, `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<MapResponse>, ControlError> {
         loop {
-            if let Some(m) = decode_map_frame(&mut self.buf, self.zstd)? {
-                // A full map can be hundreds of KB; an idle stream need not keep its buffer.
-                if self.buf.is_empty() && self.buf.capacity() > IDLE_MAP_BUF {
-                    self.buf = Vec::new();
-                }
+            if let Some(m) = self.frames.next()? {
                 return Ok(Some(m));
             }
             match self.body.frame().await {
                 None => {
-                    if self.buf.is_empty() {
+                    if self.frames.buf.is_empty() {
                         return Ok(None);
                     }
                     return Err(ControlError::Protocol("map stream ended mid-message".into()));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        self.buf.extend_from_slice(&d);
+                    if let Some(m) = f.into_data().ok().map(|d| self.frames.push(&d)).transpose()?.flatten() {
+                        return Ok(Some(m));
                     }
                 }
             }
         }
+    }
+}
+
+/// A map stream's messages, cut out of the body's DATA frames as they come (sans-IO).
+struct MapFrames {
+    buf: Vec<u8>,
+    zstd: bool,
+}
+
+impl MapFrames {
+    fn new(zstd: bool) -> Self {
+        MapFrames { buf: Vec::new(), zstd }
+    }
+
+    /// The next message the bytes pushed so far hold whole.
+    fn next(&mut self) -> Result<Option<MapResponse>, ControlError> {
+        let m = decode_map_frame(&mut self.buf, self.zstd)?;
+        // A full map can be hundreds of KB; an idle stream need not keep its buffer.
+        if m.is_some() && self.buf.is_empty() && self.buf.capacity() > IDLE_MAP_BUF {
+            self.buf = Vec::new();
+        }
+        Ok(m)
+    }
+
+    /// Takes a DATA frame's bytes. A frame usually starts with a whole message: that one is
+    /// decoded where it lies (not copied into the buffer first) and returned; the rest is
+    /// kept for [`MapFrames::next`].
+    fn push(&mut self, data: &[u8]) -> Result<Option<MapResponse>, ControlError> {
+        if self.buf.is_empty() {
+            if let Some((m, used)) = decode_map_frame_at(data, self.zstd)? {
+                self.buf.extend_from_slice(&data[used..]);
+                return Ok(Some(m?));
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(None)
     }
 }
 
@@ -396,6 +427,48 @@ mod tests {
     use super::*;
     use crate::net::TokioNet;
     use tokio::io::AsyncWriteExt;
+
+    /// Messages come out whole and in order however the body cuts them into DATA frames:
+    /// several in one frame, one across many, cut at every byte. A length over the cap is an
+    /// error.
+    #[test]
+    fn map_frames_decode_messages_however_the_body_cuts_them() {
+        use citadel_proto::tailcfg::encode_map_frame;
+        for zstd in [false, true] {
+            let msgs: Vec<MapResponse> = (0..4)
+                .map(|i| MapResponse {
+                    keep_alive: i == 2,
+                    peers_removed: Some((0..i * 50).collect()),
+                    ..Default::default()
+                })
+                .collect();
+            let wire: Vec<u8> = msgs.iter().flat_map(|m| encode_map_frame(m, zstd)).collect();
+            for cut in 1..wire.len() {
+                let mut f = MapFrames::new(zstd);
+                let mut got = vec![];
+                for chunk in [&wire[..cut], &wire[cut..]] {
+                    got.extend(f.push(chunk).unwrap());
+                    while let Some(m) = f.next().unwrap() {
+                        got.push(m);
+                    }
+                }
+                assert_eq!(got, msgs, "cut at {cut}, zstd {zstd}");
+                assert!(f.buf.is_empty());
+            }
+            // Byte by byte.
+            let mut f = MapFrames::new(zstd);
+            let mut got = vec![];
+            for b in &wire {
+                got.extend(f.push(std::slice::from_ref(b)).unwrap());
+                got.extend(f.next().unwrap());
+            }
+            assert_eq!(got, msgs);
+        }
+        // A length over the cap is an error, not an allocation.
+        let mut f = MapFrames::new(false);
+        let huge = (citadel_proto::tailcfg::MAX_MAP_MESSAGE as u32 + 1).to_le_bytes();
+        assert!(f.push(&huge).is_err());
+    }
 
     #[test]
     fn urls_pick_scheme_and_default_port() {

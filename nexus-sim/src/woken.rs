@@ -93,7 +93,7 @@ mod tests {
         let polls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = WokenOnly::new(Counted { polls: polls.clone(), rx });
-        let mut poll = |w: &mut WokenOnly<Counted>| {
+        let poll = |w: &mut WokenOnly<Counted>| {
             let waker = futures_util::task::noop_waker();
             w.poll_with(&mut Context::from_waker(&waker), |f, cx| std::pin::Pin::new(f).poll(cx))
         };

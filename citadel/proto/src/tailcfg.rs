@@ -487,19 +487,25 @@ pub fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 /// Splits one map-stream message off the front of `buf` and decodes it, or `Ok(None)` when
 /// more bytes are needed. A refused message is consumed too.
 pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapResponse>, FrameError> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let Some((decoded, used)) = decode_map_frame_at(buf, zstd)? else { return Ok(None) };
+    buf.drain(..used);
+    decoded.map(Some)
+}
+
+/// [`decode_map_frame`] of the message at the front of `bytes`, left in place: the message (or
+/// why it was refused) and the bytes it took; `Ok(None)` when more bytes are needed.
+#[allow(clippy::type_complexity)]
+pub fn decode_map_frame_at(
+    bytes: &[u8],
+    zstd: bool,
+) -> Result<Option<(Result<MapResponse, FrameError>, usize)>, FrameError> {
+    let Some(head) = bytes.first_chunk::<4>() else { return Ok(None) };
+    let len = u32::from_le_bytes(*head) as usize;
     if len > MAX_MAP_MESSAGE {
         return Err(FrameError::TooLarge(len));
     }
-    if buf.len() < 4 + len {
-        return Ok(None);
-    }
-    let decoded = decode_map_body(&buf[4..4 + len], zstd);
-    buf.drain(..4 + len);
-    decoded.map(Some)
+    let Some(body) = bytes.get(4..4 + len) else { return Ok(None) };
+    Ok(Some((decode_map_body(body, zstd), 4 + len)))
 }
 
 /// Parses one frame body, decompressing it first when the stream is zstd; the decompressed size
