@@ -10,8 +10,8 @@ use crate::keys::{MachinePublic, PrivateKey};
 use crate::net::{read_response_head, unread, AsyncReadWrite, Net, ReadHeadError};
 use crate::noise::{self, NoiseStream, EARLY_MAGIC};
 use crate::tailcfg::{
-    self, decode_map_frame, decode_map_frame_at, EarlyNoise, MapRequest, MapResponse, OverTlsPublicKeyResponse,
-    RegisterRequest, RegisterResponse,
+    self, decode_map_body, decode_map_frame, map_frame_len, EarlyNoise, MapRequest, MapResponse,
+    OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse,
 };
 use base64::Engine;
 use bytes::Bytes;
@@ -377,8 +377,10 @@ impl MapStream {
                 }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(f)) => {
-                    if let Some(m) = f.into_data().ok().map(|d| self.frames.push(&d)).transpose()?.flatten() {
-                        return Ok(Some(m));
+                    if let Ok(d) = f.into_data() {
+                        if let Some(m) = self.frames.push(&d)? {
+                            return Ok(Some(m));
+                        }
                     }
                 }
             }
@@ -412,9 +414,9 @@ impl MapFrames {
     /// kept for [`MapFrames::next`].
     fn push(&mut self, data: &[u8]) -> Result<Option<MapResponse>, ControlError> {
         if self.buf.is_empty() {
-            if let Some((m, used)) = decode_map_frame_at(data, self.zstd)? {
-                self.buf.extend_from_slice(&data[used..]);
-                return Ok(Some(m?));
+            if let Some(n) = map_frame_len(data)? {
+                self.buf.extend_from_slice(&data[n..]);
+                return Ok(Some(decode_map_body(&data[4..n], self.zstd)?));
             }
         }
         self.buf.extend_from_slice(data);

@@ -487,30 +487,26 @@ pub fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 /// Splits one map-stream message off the front of `buf` and decodes it, or `Ok(None)` when
 /// more bytes are needed. A refused message is consumed too.
 pub fn decode_map_frame(buf: &mut Vec<u8>, zstd: bool) -> Result<Option<MapResponse>, FrameError> {
-    let Some((decoded, used)) = decode_map_frame_at(buf, zstd)? else { return Ok(None) };
-    buf.drain(..used);
+    let Some(n) = map_frame_len(buf)? else { return Ok(None) };
+    let decoded = decode_map_body(&buf[4..n], zstd);
+    buf.drain(..n);
     decoded.map(Some)
 }
 
-/// [`decode_map_frame`] of the message at the front of `bytes`, left in place: the message (or
-/// why it was refused) and the bytes it took; `Ok(None)` when more bytes are needed.
-#[allow(clippy::type_complexity)]
-pub fn decode_map_frame_at(
-    bytes: &[u8],
-    zstd: bool,
-) -> Result<Option<(Result<MapResponse, FrameError>, usize)>, FrameError> {
+/// The length (header included) of the message at the front of `bytes` when it is all there,
+/// `Ok(None)` when more bytes are needed; its body is `bytes[4..len]`.
+pub fn map_frame_len(bytes: &[u8]) -> Result<Option<usize>, FrameError> {
     let Some(head) = bytes.first_chunk::<4>() else { return Ok(None) };
     let len = u32::from_le_bytes(*head) as usize;
     if len > MAX_MAP_MESSAGE {
         return Err(FrameError::TooLarge(len));
     }
-    let Some(body) = bytes.get(4..4 + len) else { return Ok(None) };
-    Ok(Some((decode_map_body(body, zstd), 4 + len)))
+    Ok((bytes.len() >= 4 + len).then_some(4 + len))
 }
 
 /// Parses one frame body, decompressing it first when the stream is zstd; the decompressed size
 /// is bounded by [`MAX_MAP_MESSAGE`] without reserving that much up front.
-fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameError> {
+pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameError> {
     // One decompression context per thread: making one per message cost more than the
     // decompression (set-up queries the CPU's features, which traps to the hypervisor in a VM),
     // and one per stream would keep ~90 KB per stream.
