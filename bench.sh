@@ -17,7 +17,8 @@ if [ "${1:-}" = hot-symbols ]; then
     # the memory figure's world. Needs valgrind. Run it after upgrading the toolchain or
     # dependencies, or after large changes to what `citadel up` runs.
     cargo build --release -q -p citadel-cli
-    cargo build --release -q -p citadel-e2e --bin bench
+    # The bench only hosts the world here: no LTO, so its build reuses the CI guard's.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 cargo build --release -q -p citadel-e2e --bin bench
     out=$(mktemp -d)
     trap 'rm -rf "$out"' EXIT
     # Callgrind writes its profile only on exit or when asked, and the bench kills the node.
