@@ -4,8 +4,11 @@
 //! and idling touched (the kernel maps file pages around each fault), and those functions lie
 //! spread over the whole `.text`. `hot-symbols.txt` lists them (`./bench.sh hot-symbols`
 //! regenerates it from a callgrind run of `citadel up`); the linker puts them first, so the
-//! rest of the code is never mapped. Symbols the build does not define (another toolchain,
-//! other dependency versions) are skipped: a stale list costs memory, never correctness.
+//! rest of the code is never mapped. The names carry hashes of one build: this toolchain, this
+//! `Cargo.lock`, and `citadel-cli` built on its own (`cargo build --release -p citadel-cli`;
+//! built together with other packages, cargo unifies the dependencies' features and the hashes
+//! change). Names the build does not define are skipped: a stale list costs memory, never
+//! correctness.
 //!
 //! Only for release builds on x86_64 Linux, where rustc links with its own lld (the only
 //! linker here that takes `--symbol-ordering-file`). A build that picks its own linker
