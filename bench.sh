@@ -28,9 +28,10 @@ if [ "${1:-}" = hot-symbols ]; then
         > "$out/wrap.sh"
     chmod +x "$out/wrap.sh"
     BENCH_CITADEL="$out/wrap.sh" target/release/bench memory > /dev/null
-    sed -n 's/^c\?fn=([0-9]*) //p' "$out"/cg.* | awk '!seen[$0]++' > "$out/ran"
-    nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | sort -u > "$out/defined"
-    grep -Fxf "$out/defined" "$out/ran" > citadel/cli/hot-symbols.txt
+    # Sorted, so that a new run's list differs from the last by the functions that changed.
+    sed -n 's/^c\?fn=([0-9]*) //p' "$out"/cg.* | LC_ALL=C sort -u > "$out/ran"
+    nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u > "$out/defined"
+    LC_ALL=C comm -12 "$out/defined" "$out/ran" > citadel/cli/hot-symbols.txt
     echo "citadel/cli/hot-symbols.txt: $(wc -l < citadel/cli/hot-symbols.txt) of the $(wc -l < "$out/ran") functions that ran"
     exit 0
 fi
