@@ -22,31 +22,32 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
     let plan = if args.iter().any(|a| a == "--short") { Plan::SHORT } else { Plan::FULL };
-    let started = std::time::Instant::now();
-    let figs = match run(what, plan) {
-        Ok(f) => f,
-        Err(e) => {
+    // One measuring run, its table printed; exit code 2 when it could not measure.
+    let measure = || {
+        let started = std::time::Instant::now();
+        let figs = run(what, plan).map_err(|e| {
             eprintln!("bench: {e:#}");
-            return ExitCode::from(2);
-        }
+            ExitCode::from(2)
+        })?;
+        print!("{}", table(&figs));
+        println!(
+            "({:.0} s, {} cores)",
+            started.elapsed().as_secs_f64(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        Ok::<_, ExitCode>(figs)
     };
-    print!("{}", table(&figs));
-    println!(
-        "({:.0} s, {} cores)",
-        started.elapsed().as_secs_f64(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    let figs = match measure() {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
     if args.iter().any(|a| a == "--check") {
         if let Err(first) = check(&figs) {
             eprintln!("bench: outside the bounds ({first}): measuring once more");
-            let again = match run(what, plan) {
+            let again = match measure() {
                 Ok(f) => f,
-                Err(e) => {
-                    eprintln!("bench: {e:#}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            print!("{}", table(&again));
             if let Err(e) = check(&again) {
                 eprintln!("bench: gross regression, in both runs: {e}");
                 return ExitCode::from(1);
