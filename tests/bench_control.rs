@@ -593,6 +593,10 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let mut join_lat = vec![];
     let mut ep_lat = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
+    // The load generator's own CPU over the same windows: it shares the machine's cores with
+    // nexus-sim, so the latencies above are of both.
+    let (mut gen_join_cpu, mut gen_ep_cpu) = (Duration::ZERO, Duration::ZERO);
+    let own = std::process::id();
     // Messages the members received per round, over the members: 1.0 is one delta each.
     let (mut join_msgs, mut ep_msgs, mut member_rounds) = (0u64, 0u64, 0u64);
     let mut probes = vec![];
@@ -604,7 +608,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         board.set_probe(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
         let members = per_org + probes.len();
         member_rounds += members as u64;
-        let (_, c0) = proc_stats(server_pid);
+        let ((_, c0), (_, g0)) = (proc_stats(server_pid), proc_stats(own));
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
@@ -614,13 +618,14 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         join_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
         join_cpu += proc_stats(server_pid).1 - c0;
+        gen_join_cpu += proc_stats(own).1 - g0;
         join_msgs += board.messages.load(Ordering::Relaxed) - m0;
 
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
         board.set_probe(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
-        let (_, c0) = proc_stats(server_pid);
+        let ((_, c0), (_, g0)) = (proc_stats(server_pid), proc_stats(own));
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         tx.send(eps).await?;
@@ -628,6 +633,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         ep_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
         ep_cpu += proc_stats(server_pid).1 - c0;
+        gen_ep_cpu += proc_stats(own).1 - g0;
         ep_msgs += board.messages.load(Ordering::Relaxed) - m0;
         probes.push(tx);
     }
@@ -683,6 +689,12 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         join_cpu / n,
         ep_cpu / n,
         clock_ticks()
+    );
+    println!(
+        "load generator CPU per join {:.1?}, per endpoint change {:.1?} (every member's client decoding the deltas, \
+         the joiner's first map)",
+        gen_join_cpu / n,
+        gen_ep_cpu / n
     );
     let per_member = |m: u64| m as f64 / member_rounds as f64;
     println!(

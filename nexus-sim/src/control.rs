@@ -225,18 +225,30 @@ impl EntryCache {
 /// repeats the same work.
 #[derive(Default)]
 pub struct DeltaCache {
-    frames: parking_lot::Mutex<std::collections::HashMap<DeltaKey, Option<Bytes>>>,
+    frames: parking_lot::Mutex<std::collections::HashMap<DeltaKey, Option<SharedDelta>>>,
 }
 
-/// Org, change-log stretch (after `from` up to `to`) and compression of a shared delta.
-type DeltaKey = (u64, u64, u64, bool);
+/// A shared delta's frame and the filter fingerprint its readers hold after it.
+type SharedDelta = (Bytes, Option<u64>);
+
+/// Org, change-log stretch (after `from` up to `to`), compression and the filter the readers
+/// hold (its [`filter_print`]) of a shared delta.
+type DeltaKey = (u64, u64, u64, bool, Option<u64>);
+
+/// A packet filter's fingerprint: streams remember it rather than the filter itself.
+fn filter_print(f: &[tailcfg::FilterRule]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    f.hash(&mut h);
+    h.finish()
+}
 
 /// Frames kept at most; past it the cache starts over (streams rebuild what they need).
 const MAX_SHARED_DELTAS: usize = 4096;
 
 impl DeltaCache {
     /// The frame under `key` (`None` inside: nothing to send), built by `build` if absent.
-    fn get_or_build(&self, key: DeltaKey, build: impl FnOnce() -> Option<Bytes>) -> Option<Bytes> {
+    fn get_or_build(&self, key: DeltaKey, build: impl FnOnce() -> Option<SharedDelta>) -> Option<SharedDelta> {
         if let Some(f) = self.frames.lock().get(&key) {
             return f.clone();
         }
@@ -836,7 +848,9 @@ fn patch_of(id: u64, p: &crate::store::NodePatch) -> tailcfg::PeerChange {
 /// How a stream keeps its client's map current.
 enum Mode {
     /// Built-in policy: follows the org's change log.
-    Org { tmpl: OrgTemplate, cursor: u64, tagged: bool },
+    /// `filter`: the fingerprint of the packet filter this stream last sent (see
+    /// [`filter_print`]); a delta carries the filter only when it differs.
+    Org { tmpl: OrgTemplate, cursor: u64, tagged: bool, filter: Option<u64> },
     /// Any other policy: rebuilds the whole map on every change and sends the difference.
     Global { last: MapResponse },
 }
@@ -887,7 +901,8 @@ impl Streamer {
                 // again, which is harmless (each delta carries current state).
                 let cursor = *s.store.subscribe(me.user_id).borrow();
                 let m = tmpl.build_out(s, me);
-                self.mode = Mode::Org { tmpl, cursor, tagged: !me.tags.is_empty() };
+                let filter = m.resp.packet_filter.as_deref().map(filter_print);
+                self.mode = Mode::Org { tmpl, cursor, tagged: !me.tags.is_empty(), filter };
                 m
             }
             None => {
@@ -946,7 +961,7 @@ impl Streamer {
         let me = if mine || self.me.is_none() { self.current() } else { self.me.clone() };
         let Some(me) = me else { return Step::End };
         // Only org streams come here; were it otherwise, the client reconnects.
-        let Mode::Org { tmpl, cursor, tagged } = &mut self.mode else { return Step::End };
+        let Mode::Org { tmpl, cursor, tagged, filter } = &mut self.mode else { return Step::End };
         *cursor = now;
         if *tagged == me.tags.is_empty() {
             return Step::End;
@@ -961,28 +976,42 @@ impl Streamer {
             return Step::Send(Box::new(replacing(&s, m, self.node_id)));
         };
         if !*tagged && !mine {
-            let key = (self.user_id, from, now, self.zstd);
+            // Untagged members at the same stretch of the log were sent the same filters
+            // before it (the org's, from the same frames or full maps): the filter they hold
+            // is part of the key, so sharing never skips a filter one of them lacks.
+            let key = (self.user_id, from, now, self.zstd, *filter);
             let zstd = self.zstd;
-            let frame = s.deltas.get_or_build(key, || {
-                let mut o = org_delta(&s, tmpl, &me, &changes)?;
+            let held = *filter;
+            let built = s.deltas.get_or_build(key, || {
+                let mut held = held;
+                let mut o = org_delta(&s, tmpl, &me, &changes, &mut held)?;
                 o.resp.control_time = Some(Utc::now());
-                Some(Bytes::from(encode_out(&o, zstd)))
+                Some((Bytes::from(encode_out(&o, zstd)), held))
             });
-            return frame.map_or(Step::Nothing, Step::Frame);
+            return match built {
+                Some((frame, held)) => {
+                    *filter = held;
+                    Step::Frame(frame)
+                }
+                None => Step::Nothing,
+            };
         }
-        org_delta(&s, tmpl, &me, &changes).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
+        org_delta(&s, tmpl, &me, &changes, filter).map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
     }
 }
 
 /// Folds an org's changes into one delta for `me`: whole entries for upserted peers, removals,
-/// merged patches, `me` itself when it changed, the filter when membership may have changed
-/// it (sent again even when unchanged: a delta shared by the org cannot depend on what one
-/// stream sent before).
+/// merged patches, `me` itself when it changed, the filter when membership changed it. An
+/// absent `PacketFilter` leaves the client's as it was (Tailscale's rule); `held` is the
+/// fingerprint of the filter the stream holds, updated when the delta carries a new one. A
+/// join to a large org rarely changes the org's address cover, so most joins' deltas are the
+/// new entry alone, half the bytes every member decodes.
 fn org_delta(
     s: &Shared,
     tmpl: &OrgTemplate,
     me: &StoreNode,
     changes: &[std::sync::Arc<crate::store::Change>],
+    held: &mut Option<u64>,
 ) -> Option<Out> {
     use crate::store::{Change, NodePatch};
     use std::collections::{BTreeMap, BTreeSet};
@@ -1055,7 +1084,12 @@ fn org_delta(
     crate::routes::reduce_map(&mut d, &keep);
     // A tagged node's filter is empty for as long as its stream lives (tagging ends it).
     if (members_changed || resync) && me.tags.is_empty() {
-        d.packet_filter = Some(tmpl.filter(me, &s.store.org_member_sources(me.user_id)));
+        let f = tmpl.filter(me, &s.store.org_member_sources(me.user_id));
+        let print = filter_print(&f);
+        if resync || *held != Some(print) {
+            *held = Some(print);
+            d.packet_filter = Some(f);
+        }
     }
     let out = Out { resp: d, peers: None, changed };
     (!out.is_empty()).then_some(out)
@@ -1509,6 +1543,56 @@ mod tests {
         // The changed member's own delta carries its node: its own, not the shared frame.
         let Step::Send(o) = own else { panic!("the changed member got a shared frame") };
         assert!(o.response().node.is_some_and(|n| n.id == mover.id as i64));
+    }
+
+    /// A delta carries the packet filter only when it differs from the one the stream was
+    /// last sent: a member's hostinfo change leaves the org's filter as it was, a join
+    /// changes it. Shared and own deltas alike, and a stream that missed a filter gets it.
+    #[test]
+    fn deltas_carry_the_filter_only_when_it_changed() {
+        let s = shared();
+        let org = s.store.create_user("a", "").unwrap().id;
+        let a1 = reg(&s, 1, org, vec![]);
+        let a2 = reg(&s, 2, org, vec![]);
+        let mut streams: Vec<Streamer> = [&a1, &a2].iter().map(|n| Streamer::start(&s, n, false).0).collect();
+        let rename = |id: u64, name: &str| {
+            let name = name.to_string();
+            s.store
+                .update_node(id, |n| {
+                    n.hostinfo.hostname = name;
+                    true
+                })
+                .unwrap()
+        };
+
+        // Another member's hostinfo: its entry, no filter (for the shared and the own delta).
+        rename(a2.id, "renamed");
+        let d = sent(streams[0].store_changed()).expect("a delta");
+        assert!(d.peers_changed.is_some() && d.packet_filter.is_none(), "{d:?}");
+        let own = sent(streams[1].store_changed()).expect("a delta");
+        assert!(own.node.is_some() && own.packet_filter.is_none(), "{own:?}");
+
+        // A join changes the filter: both get it, and it admits the new member.
+        let joined = reg(&s, 3, org, vec![]);
+        for st in &mut streams {
+            let d = sent(st.store_changed()).expect("a delta");
+            let f = d.packet_filter.expect("the join's delta carries the filter");
+            assert!(admits(&f, joined.ipv4.into(), a1.ipv4.into(), 6), "{f:?}");
+        }
+        // Hostinfo again: no filter.
+        rename(a1.id, "again");
+        assert!(sent(streams[1].store_changed()).expect("a delta").packet_filter.is_none());
+
+        // A stream that was sent none (as after a full map without one) gets it with the next
+        // membership change, even one that leaves the org's filter as it was.
+        if let Mode::Org { filter, .. } = &mut streams[1].mode {
+            *filter = None;
+        }
+        rename(joined.id, "third");
+        let d = sent(streams[1].store_changed()).expect("a delta");
+        assert!(d.packet_filter.is_some(), "{d:?}");
+        let d = sent(streams[0].store_changed()).expect("a delta");
+        assert!(d.packet_filter.is_none(), "{d:?}");
     }
 
     /// Stored frames are valid zstd that libzstd and citadel's decoder read back, with the

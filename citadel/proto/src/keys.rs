@@ -26,16 +26,31 @@ pub enum KeyError {
 }
 
 fn parse_hex32(prefix: &'static str, s: &str) -> Result<[u8; 32], KeyError> {
-    let (p, rest) = match s.find(':') {
-        Some(i) => (&s[..=i], &s[i + 1..]),
-        None => ("", s),
+    let Some(rest) = s.strip_prefix(prefix) else {
+        let found = s.find(':').map_or("", |i| &s[..=i]);
+        return Err(KeyError::WrongPrefix { expected: prefix, found: found.to_string() });
     };
-    if p != prefix {
-        return Err(KeyError::WrongPrefix { expected: prefix, found: p.to_string() });
-    }
     let mut out = [0u8; 32];
     hex::decode_to_slice(rest, &mut out).map_err(|_| KeyError::BadHex)?;
     Ok(out)
+}
+
+/// Reads a key's text form straight from the decoder's string (borrowed when the input has
+/// no escapes): a map message carries three keys per peer, and a `String` for each cost an
+/// allocation apiece.
+struct KeyText<K>(std::marker::PhantomData<K>);
+
+impl<K: Default + std::str::FromStr<Err = KeyError>> serde::de::Visitor<'_> for KeyText<K> {
+    type Value = K;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key's text form")
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<K, E> {
+        if s.is_empty() {
+            return Ok(K::default());
+        }
+        s.parse().map_err(E::custom)
+    }
 }
 
 macro_rules! public_key {
@@ -83,11 +98,7 @@ macro_rules! public_key {
         }
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                if s.is_empty() {
-                    return Ok(Self::default());
-                }
-                Self::parse(&s).map_err(serde::de::Error::custom)
+                d.deserialize_str(KeyText::<Self>(std::marker::PhantomData))
             }
         }
     };

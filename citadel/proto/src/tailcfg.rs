@@ -30,8 +30,53 @@ fn is_zero_i32(v: &i32) -> bool {
     *v == 0
 }
 
+/// Times as Go's `time.Time` encodes them (RFC 3339), or null. chrono's own serde reads them
+/// with its general format parser; `parse_from_rfc3339` is its fast path for exactly this
+/// form (every peer entry of a map carries two or three times), and the general parser stays
+/// the fallback for what only it accepts.
+mod wire_time {
+    use chrono::{DateTime, FixedOffset, Utc};
+    use serde::de::{Deserializer, Error, Visitor};
+    use std::fmt;
+
+    pub(super) fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        d.deserialize_option(OptTime)
+    }
+
+    struct OptTime;
+    impl<'de> Visitor<'de> for OptTime {
+        type Value = Option<DateTime<Utc>>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an RFC 3339 time or null")
+        }
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(Time).map(Some)
+        }
+    }
+
+    struct Time;
+    impl Visitor<'_> for Time {
+        type Value = DateTime<Utc>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an RFC 3339 time")
+        }
+        fn visit_str<E: Error>(self, s: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(s)
+                .or_else(|_| s.parse::<DateTime<FixedOffset>>())
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(E::custom)
+        }
+    }
+}
+
 /// Free-form host information; the fields citadel reads are typed, the rest kept as-is.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Hostinfo {
     /// Client version (`IPNVersion`).
@@ -46,6 +91,41 @@ pub struct Hostinfo {
     /// Fields citadel does not interpret, kept so they round-trip.
     #[serde(flatten)]
     pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Decoded by hand rather than with `#[serde(flatten)]`, which buffers every field of the
+/// object into an intermediate tree before sorting them out (allocations for each key and
+/// value, in every peer entry of every map).
+impl<'de> Deserialize<'de> for Hostinfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Hostinfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Hostinfo object")
+            }
+            // Go's `HostinfoView` of a nil pointer encodes as null.
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Hostinfo, E> {
+                Ok(Hostinfo::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Hostinfo, A::Error> {
+                let mut h = Hostinfo::default();
+                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    // A repeated field: the last one wins, as in Go.
+                    match &*k {
+                        "IPNVersion" => h.ipn_version = m.next_value::<Option<String>>()?.unwrap_or_default(),
+                        "OS" => h.os = m.next_value::<Option<String>>()?.unwrap_or_default(),
+                        "Hostname" => h.hostname = m.next_value::<Option<String>>()?.unwrap_or_default(),
+                        _ => {
+                            h.rest.insert(k.into_owned(), m.next_value()?);
+                        }
+                    }
+                }
+                Ok(h)
+            }
+        }
+        d.deserialize_any(Fields)
+    }
 }
 
 /// Credentials in a register request. `Debug` never shows the auth key.
@@ -90,6 +170,7 @@ pub struct RegisterRequest {
     /// Credentials, when registering with an auth key.
     pub auth: Option<RegisterAuth>,
     /// A time in the past asks the server to log the node out.
+    #[serde(deserialize_with = "wire_time::opt")]
     pub expiry: Option<DateTime<Utc>>,
     /// The auth URL being waited on, for the interactive flow.
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -181,7 +262,7 @@ pub struct MapRequest {
 }
 
 /// A port range in a filter rule.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct PortRange {
     /// First port, inclusive.
@@ -191,7 +272,7 @@ pub struct PortRange {
 }
 
 /// Destination of a filter rule.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct NetPortRange {
     /// Destination address, prefix or `*`.
@@ -202,7 +283,7 @@ pub struct NetPortRange {
 }
 
 /// One packet filter rule: traffic from `SrcIPs` to `DstPorts` is allowed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct FilterRule {
     /// Source addresses or prefixes (`*` for any).
@@ -232,6 +313,7 @@ pub struct Node {
     /// WireGuard node key.
     pub key: NodePublic,
     /// When the node key expires.
+    #[serde(deserialize_with = "wire_time::opt")]
     pub key_expiry: Option<DateTime<Utc>>,
     /// Machine key.
     pub machine: MachinePublic,
@@ -257,11 +339,13 @@ pub struct Node {
     /// What the node said about itself.
     pub hostinfo: Hostinfo,
     /// When the node registered.
+    #[serde(deserialize_with = "wire_time::opt")]
     pub created: Option<DateTime<Utc>>,
     /// ACL tags.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// When the server last heard from it.
+    #[serde(deserialize_with = "wire_time::opt")]
     pub last_seen: Option<DateTime<Utc>>,
     /// Whether it is connected to the server, if known.
     pub online: Option<bool>,
@@ -393,7 +477,7 @@ pub struct MapResponse {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_profiles: Vec<UserProfile>,
     /// The server's clock.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "wire_time::opt")]
     pub control_time: Option<DateTime<Utc>>,
     /// Sequence number of the message.
     #[serde(skip_serializing_if = "is_zero_i64")]
@@ -429,10 +513,10 @@ pub struct PeerChange {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub online: Option<bool>,
     /// New key expiry.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "wire_time::opt")]
     pub key_expiry: Option<DateTime<Utc>>,
     /// When the peer was last online.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "wire_time::opt")]
     pub last_seen: Option<DateTime<Utc>>,
 }
 
@@ -599,6 +683,43 @@ mod tests {
         let n: Node = serde_json::from_str(r#"{"ID":3,"StableID":"x","Key":"","HomeDERP":2,"Unknown":1}"#).unwrap();
         assert_eq!((n.id, n.home_region()), (3, 2));
         assert_eq!(Node { derp: "127.3.3.40:5".into(), ..Default::default() }.home_region(), 5);
+    }
+
+    /// A peer entry as Go writes it decodes field by field: Hostinfo's unknown fields are kept
+    /// and written back, a null Hostinfo is empty, times take both the RFC 3339 form and
+    /// chrono's laxer one, and bad keys or times are errors, not defaults.
+    #[test]
+    fn peer_entries_decode_hostinfo_times_and_keys() {
+        let key = format!("nodekey:{}", "ab".repeat(32));
+        let j = format!(
+            r#"{{"Key":"{key}","Machine":"","Hostinfo":{{"OS":"linux","Hostname":"h","NetInfo":{{"PreferredDERP":3}},"Services":[]}},"Created":"2026-11-27T07:07:49.172709015Z","LastSeen":"2026-11-27T08:07:49+01:00","KeyExpiry":null}}"#
+        );
+        let n: Node = serde_json::from_str(&j).unwrap();
+        assert_eq!(n.key.0, [0xab; 32]);
+        assert!(n.machine.is_zero());
+        assert_eq!((n.hostinfo.os.as_str(), n.hostinfo.hostname.as_str()), ("linux", "h"));
+        assert_eq!(n.hostinfo.rest["NetInfo"]["PreferredDERP"], 3);
+        let back = serde_json::to_value(&n.hostinfo).unwrap();
+        assert_eq!(
+            back,
+            serde_json::json!({"OS": "linux", "Hostname": "h", "NetInfo": {"PreferredDERP": 3}, "Services": []})
+        );
+        assert_eq!(n.created.unwrap().timestamp_nanos_opt(), Some(1_795_763_269_172_709_015));
+        assert_eq!(n.last_seen.map(|t| t.timestamp()), n.created.map(|c| c.timestamp()));
+        assert_eq!(n.key_expiry, None);
+        let n: Node = serde_json::from_str(r#"{"Hostinfo":null,"Created":"2026-11-27 07:07:49Z"}"#).unwrap();
+        assert_eq!(n.hostinfo, Hostinfo::default());
+        assert_eq!(n.created.unwrap().timestamp(), 1_795_763_269);
+        for bad in [
+            r#"{"Created":"yesterday"}"#,
+            r#"{"Created":7}"#,
+            r#"{"Key":"mkey:00"}"#,
+            r#"{"Key":"nodekey:zz"}"#,
+            r#"{"Hostinfo":{"OS":7}}"#,
+            r#"{"Hostinfo":[1]}"#,
+        ] {
+            assert!(serde_json::from_str::<Node>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
