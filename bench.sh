@@ -39,5 +39,12 @@ fi
 # with the test crate, cargo would unify the features of shared dependencies and give it other
 # symbols than the ones citadel/cli/hot-symbols.txt lists.
 cargo build --release -q -p citadel-cli
+# How much of the list this build still defines: renamed or removed functions drop out (new
+# ones that run are only found by regenerating it).
+listed=$(wc -l < citadel/cli/hot-symbols.txt)
+found=$(nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u \
+    | LC_ALL=C comm -12 - citadel/cli/hot-symbols.txt | wc -l)
+echo "citadel/cli/hot-symbols.txt: $found of its $listed functions are in this build$( \
+    [ $((found * 10)) -ge $((listed * 9)) ] || echo " (stale: ./bench.sh hot-symbols regenerates it)")"
 cargo build --release -q -p citadel-e2e --bins
 exec target/release/bench "$@"
