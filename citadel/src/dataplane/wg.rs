@@ -208,6 +208,8 @@ pub(crate) struct WgRouter {
     pub(crate) now: Instant,
     /// When this router was made: boringtun's clock reads `now - epoch` (see [`Self::sync_clock`]).
     epoch: Instant,
+    /// boringtun's clock as this router last set it.
+    clock: std::cell::Cell<Duration>,
     /// Disco keys and advertised endpoints ([`crate::magicsock::disco`]).
     pub(crate) disco: Disco,
     /// Whether a DERP map is known (else peers are reached over UDP only).
@@ -226,7 +228,7 @@ impl WgRouter {
     pub(crate) fn new(key: &PrivateKey, counters: Arc<Counters>, now: Instant) -> WgRouter {
         let secret = StaticSecret::from(key.to_bytes());
         let public = PublicKey::from(&secret);
-        set_boringtun_clock(now, now);
+        set_boringtun_clock(Duration::ZERO);
         WgRouter {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
@@ -243,6 +245,7 @@ impl WgRouter {
             last_rate_reset: None,
             now,
             epoch: now,
+            clock: std::cell::Cell::new(Duration::ZERO),
             disco: Disco::default(),
             derp_ok: false,
             org_guard: Default::default(),
@@ -266,8 +269,18 @@ impl WgRouter {
 
     /// Points boringtun's clock at this router's time. Every method that calls into a
     /// [`Tunn`] or the rate limiter calls this first.
+    ///
+    /// The clock moves strictly forward on every call, by a nanosecond when `now` has not
+    /// moved. A handshake initiation carries boringtun's clock as its TAI64N timestamp, and a
+    /// peer drops an initiation not newer than the last one it took. Two initiations in one
+    /// batch (the same `now`; a queued packet's and a forced one) carried the same stamp: the
+    /// peer answered the first and dropped the second, this side waited for the answer to the
+    /// second and threw away the answer to the first, and the tunnel stalled until boringtun
+    /// retried 5 s later (seen in the simulated NAT matrix).
     pub(crate) fn sync_clock(&self) {
-        set_boringtun_clock(self.epoch, self.now);
+        let t = self.now.saturating_duration_since(self.epoch).max(self.clock.get() + Duration::from_nanos(1));
+        self.clock.set(t);
+        set_boringtun_clock(t);
     }
 
     /// Our endpoints, as advertised in call-me-maybe.
@@ -671,14 +684,15 @@ impl WgRouter {
     }
 }
 
-/// Sets the thread-local clock boringtun reads (its `mock-instant` feature) to `now - epoch`.
+/// Sets the thread-local clock boringtun reads (its `mock-instant` feature): a router's
+/// `now - epoch`.
 ///
 /// boringtun reads `Instant::now()` for its timers, cookies and handshake timestamps; built
 /// this way, the same code keeps WireGuard time on tokio's clock in production and on the
 /// simulated clock under turmoil. The clock is per thread and set right before each call, so
 /// routers on one thread (several nodes in one process) never see each other's time.
-fn set_boringtun_clock(epoch: Instant, now: Instant) {
-    mock_instant::MockClock::set_time(now.saturating_duration_since(epoch));
+fn set_boringtun_clock(t: Duration) {
+    mock_instant::MockClock::set_time(t);
 }
 
 /// Sends a WireGuard message to the peer: over its trusted direct path when there is one;
@@ -872,6 +886,26 @@ pub(crate) mod tests {
             assert!(c.rx_rejected.load(Relaxed) <= 1, "handshakes kept replacing each other: {c:?}");
             assert!(n.wg.stats(now)[0].last_handshake.is_some());
         }
+    }
+
+    /// Initiations at the same instant (a queued packet's, then forced ones) carry different
+    /// timestamps: the peer answers each and the handshake completes at once, not after
+    /// boringtun's 5 s retry (it keeps one earlier initiation besides the last, so three in a
+    /// batch with one stamp stalled).
+    #[test]
+    fn initiations_in_one_batch_all_count() {
+        let (mut a, mut b) = (node(5, 1005), node(6, 1006));
+        connect(&mut a, &mut b);
+        let pa = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"from a");
+        let mut out = vec![];
+        a.wg.send_packet(&pa, &mut out);
+        assert!(a.wg.force_handshake(&b.wg.me(), &mut out));
+        assert!(a.wg.force_handshake(&b.wg.me(), &mut out));
+        assert_eq!(out.len(), 3, "three initiations");
+        let wire = out.into_iter().map(|t| (a.addr, t)).collect();
+        let (_, got_b) = pump(&mut a, &mut b, wire);
+        assert_eq!(got_b, vec![pa], "b got a's packet without a retry");
+        assert!(a.wg.stats(a.wg.now)[0].last_handshake.is_some());
     }
 
     #[test]
