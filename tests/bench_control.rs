@@ -594,7 +594,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let mut ep_lat = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // The load generator's own CPU over the same windows: it shares the machine's cores with
-    // nexus-sim, so the latencies above are of both.
+    // nexus-sim, so each latency is of both.
     let (mut gen_join_cpu, mut gen_ep_cpu) = (Duration::ZERO, Duration::ZERO);
     let own = std::process::id();
     // Messages the members received per round, over the members: 1.0 is one delta each.

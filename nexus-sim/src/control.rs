@@ -1004,8 +1004,8 @@ impl Streamer {
 /// merged patches, `me` itself when it changed, the filter when membership changed it. An
 /// absent `PacketFilter` leaves the client's as it was (Tailscale's rule); `held` is the
 /// fingerprint of the filter the stream holds, updated when the delta carries a new one. A
-/// join to a large org rarely changes the org's address cover, so most joins' deltas are the
-/// new entry alone, half the bytes every member decodes.
+/// member's hostinfo change or rename goes without the filter; a join or a removal changes the
+/// org's sources (the member addresses) and carries it.
 fn org_delta(
     s: &Shared,
     tmpl: &OrgTemplate,
