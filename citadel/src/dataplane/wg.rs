@@ -272,11 +272,10 @@ impl WgRouter {
     ///
     /// The clock moves strictly forward on every call, by a nanosecond when `now` has not
     /// moved. A handshake initiation carries boringtun's clock as its TAI64N timestamp, and a
-    /// peer drops an initiation not newer than the last one it took. Two initiations in one
-    /// batch (the same `now`; a queued packet's and a forced one) carried the same stamp: the
-    /// peer answered the first and dropped the second, this side waited for the answer to the
-    /// second and threw away the answer to the first, and the tunnel stalled until boringtun
-    /// retried 5 s later (seen in the simulated NAT matrix).
+    /// peer drops an initiation not newer than the last one it took. Initiations made in one
+    /// batch (the same `now`) carried the same stamp: the peer answered the first and dropped
+    /// the rest, and boringtun, which keeps only the last initiation and the one before it,
+    /// threw the answer away once there were three; the tunnel stalled until its 5 s retry.
     pub(crate) fn sync_clock(&self) {
         let t = self.now.saturating_duration_since(self.epoch).max(self.clock.get() + Duration::from_nanos(1));
         self.clock.set(t);
