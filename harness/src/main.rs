@@ -48,6 +48,19 @@ enum Cmd {
     },
 }
 
+/// Log lines carry the simulated time (seconds since the world started) when they come from
+/// inside a simulation, so they line up with the report's timeline; wall time otherwise.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "sim {:>9.3}s", t.as_secs_f64()),
+            None => tracing_subscriber::fmt::time::SystemTime.format_time(w),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Before any thread: `world::run` and `real::run` opt in too, but only once they start.
     harness::world::opt_in_unverified_harness_relays();
@@ -57,6 +70,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn,turmoil=error,boringtun=error".into()),
         )
         .with_writer(std::io::stderr)
+        .with_timer(SimTime)
         .init();
     match real_main() {
         Ok(code) => code,

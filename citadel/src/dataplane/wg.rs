@@ -45,6 +45,7 @@ const BUF_LEN: usize = 65536 + 64;
 pub const DERP_MAGIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 3, 3, 40);
 
 /// WireGuard message types (first byte, little-endian u32).
+const MSG_HANDSHAKE_INIT: u8 = 1;
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
@@ -176,6 +177,9 @@ pub(crate) struct Peer {
     /// Box key for disco with this peer; `None` for plain WireGuard peers (no disco key).
     pub(crate) disco: Option<SharedKey>,
     home_derp: i32,
+    /// The last handshake initiation went only to unconfirmed direct candidates (the peer had
+    /// no relay yet), so it may well be lost; see [`WgRouter::resend_unrelayed_initiations`].
+    unrelayed_init: bool,
     rx_bytes: u64,
     tx_bytes: u64,
     rx_packets: u64,
@@ -338,6 +342,7 @@ impl WgRouter {
                             paths: PeerPaths::new(&cfg.endpoints),
                             disco,
                             home_derp: cfg.home_derp,
+                            unrelayed_init: false,
                             rx_bytes: 0,
                             tx_bytes: 0,
                             rx_packets: 0,
@@ -648,6 +653,28 @@ impl WgRouter {
         true
     }
 
+    /// Sends a fresh initiation to each peer that now has a relay but whose pending
+    /// handshake went only to direct candidates that nobody has confirmed. Without this, a
+    /// packet sent before the netmap named the peer's home region (a peer that joined a moment
+    /// earlier) waits for boringtun's 5 s handshake retry when its candidates are behind a NAT.
+    /// Call after the peers or the DERP map changed.
+    pub(crate) fn resend_unrelayed_initiations(&mut self, out: &mut Vec<Transmit>) {
+        let derp_ok = self.derp_ok;
+        let mut due = Vec::new();
+        for (k, p) in self.peers.iter_mut().filter(|(_, p)| p.unrelayed_init) {
+            if p.tunn.stats().0.is_some() {
+                // Answered after all (the candidate was reachable): nothing is pending.
+                p.unrelayed_init = false;
+            } else if p.derp_region(derp_ok).is_some() {
+                due.push(*k);
+            }
+        }
+        for key in due {
+            tracing::trace!(peer = %key.short(), "relay now known: initiation sent again over it");
+            self.force_handshake(&key, out);
+        }
+    }
+
     pub(crate) fn stats(&self, at: Instant) -> Vec<PeerStats> {
         self.sync_clock();
         let now = SystemTime::now();
@@ -712,6 +739,10 @@ fn emit(
     peer.paths.note_active(now);
     peer.tx_bytes += payload.len() as u64;
     peer.tx_packets += 1;
+    let initiation = payload.first() == Some(&MSG_HANDSHAKE_INIT);
+    if initiation {
+        peer.unrelayed_init = false;
+    }
     if let Some(a) = peer.paths.direct(now) {
         out.push(Transmit::udp(a, pool.copy_of(payload)));
         return;
@@ -735,6 +766,8 @@ fn emit(
         peer.tx_packets -= 1;
         return;
     }
+    tracing::trace!(peer = %key.short(), ?targets, len = payload.len(), "no relay for this peer: send to its candidates");
+    peer.unrelayed_init |= initiation;
     for t in targets {
         out.push(Transmit::udp(t, payload.to_vec()));
     }
@@ -905,6 +938,63 @@ pub(crate) mod tests {
         let (_, got_b) = pump(&mut a, &mut b, wire);
         assert_eq!(got_b, vec![pa], "b got a's packet without a retry");
         assert!(a.wg.stats(a.wg.now)[0].last_handshake.is_some());
+    }
+
+    /// A packet to a peer whose home region the netmap does not name yet goes to its direct
+    /// candidate only (here one nobody answers on, as a private address behind a NAT). When a
+    /// netmap then names the region, the initiation goes again over DERP at once: the packet
+    /// arrives without boringtun's 5 s retry.
+    #[test]
+    fn initiation_sent_again_once_the_peer_has_a_relay() {
+        let (mut a, mut b) = (node(7, 1007), node(8, 1008));
+        let (ka, kb) = (a.wg.me(), b.wg.me());
+        let lost: SocketAddr = "192.168.9.9:41641".parse().unwrap();
+        let mut cb = cfg(&b, "100.64.0.2/32");
+        cb.endpoints = vec![lost];
+        let mut ca = cfg(&a, "100.64.0.1/32");
+        ca.home_derp = 1;
+        a.wg.set_derp_ok(true);
+        b.wg.set_derp_ok(true);
+        a.wg.set_peers([(kb, cb.clone())].into());
+        b.wg.set_peers([(ka, ca)].into());
+        let pa = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"from a");
+        let mut out = vec![];
+        a.wg.send_packet(&pa, &mut out);
+        assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), vec![Path::Direct(lost)]);
+        // Nothing to resend while the peer has no relay.
+        a.wg.resend_unrelayed_initiations(&mut out);
+        assert_eq!(out.len(), 1);
+
+        cb.home_derp = 1;
+        a.wg.set_peers([(kb, cb)].into());
+        let mut out = vec![];
+        a.wg.resend_unrelayed_initiations(&mut out);
+        assert_eq!(out.len(), 1, "one fresh initiation: {out:?}");
+        assert_eq!((out[0].path, out[0].payload[0]), (Path::Derp(1), MSG_HANDSHAKE_INIT));
+        // Over the relay: b answers, a's session releases the queued packet.
+        let mut wire: Vec<(Source, Transmit)> =
+            out.into_iter().map(|t| (Source::Derp { region: 1, key: ka }, t)).collect();
+        let mut got_b = vec![];
+        for _ in 0..4 {
+            let mut next = vec![];
+            for (src, t) in wire.drain(..) {
+                let Path::Derp(_) = t.path else { continue };
+                let to_b = matches!(src, Source::Derp { key, .. } if key == ka);
+                let (n, from) = if to_b { (&mut b, kb) } else { (&mut a, ka) };
+                let (mut o, mut del) = (vec![], vec![]);
+                n.wg.handle_wg(src, &t.payload, &mut o, &mut del);
+                if to_b {
+                    got_b.extend(del.into_iter().map(|(_, p)| p));
+                }
+                next.extend(o.into_iter().map(|t| (Source::Derp { region: 1, key: from }, t)));
+            }
+            wire = next;
+        }
+        assert_eq!(got_b, vec![pa], "b got a's packet over DERP");
+        // Done: the next netmap sends nothing again.
+        let mut out = vec![];
+        a.wg.resend_unrelayed_initiations(&mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

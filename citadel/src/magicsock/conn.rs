@@ -119,6 +119,8 @@ impl Conn {
             self.events.push_back(Event::DerpMap(dm.clone()));
         }
         self.wg.set_derp_ok(!dm.regions.is_empty());
+        self.wg.resend_unrelayed_initiations(&mut self.scratch);
+        self.flush();
         if !dm.regions.is_empty() {
             for r in self.wg.peer_regions() {
                 self.events.push_back(Event::Connect(r));
