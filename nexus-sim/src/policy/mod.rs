@@ -1201,13 +1201,26 @@ impl Compiled {
                 .filter(|(_, set)| set.as_ref().is_some_and(|s| node.in_set(s) || node.routes_overlap(s)))
                 .map(|(d, _)| d.clone())
                 .collect();
-            if !dst.is_empty() {
-                out.push(FilterRule {
-                    src_ips: r.rule.src_ips.clone(),
-                    dst_ports: dst,
-                    ip_proto: r.rule.ip_proto.clone(),
-                });
+            if dst.is_empty() {
+                continue;
             }
+            // A rule that differs from the one before only in its (explicit) protocols is
+            // that rule with more protocols: the built-in policy's TCP/UDP and ICMP rules go as
+            // one, half the filter that every map and every member change carries.
+            if let Some(prev) = out.last_mut().filter(|p: &&mut FilterRule| {
+                p.src_ips == r.rule.src_ips
+                    && p.dst_ports == dst
+                    && !p.ip_proto.is_empty()
+                    && !r.rule.ip_proto.is_empty()
+            }) {
+                for proto in &r.rule.ip_proto {
+                    if !prev.ip_proto.contains(proto) {
+                        prev.ip_proto.push(*proto);
+                    }
+                }
+                continue;
+            }
+            out.push(FilterRule { src_ips: r.rule.src_ips.clone(), dst_ports: dst, ip_proto: r.rule.ip_proto.clone() });
         }
         out
     }

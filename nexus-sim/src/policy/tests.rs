@@ -203,9 +203,27 @@ fn org_isolation_builtin_keeps_each_org_to_itself() {
     assert_eq!(c.peers_of(4), [3]);
     assert!(!c.may_talk(1, 3));
     let f = c.filter_for(1);
-    assert_eq!(f.len(), 2);
+    // The TCP/UDP rule and the ICMP rule have the same sources and destinations: one rule.
+    assert_eq!(f.len(), 1);
     assert_eq!(f[0].src_ips, ["100.64.0.1/32", "100.64.0.2/32", "fd7a:115c:a1e0::1/128", "fd7a:115c:a1e0::2/128"]);
-    assert_eq!(f[1].ip_proto, [1, 58]);
+    assert_eq!(f[0].ip_proto, [6, 17, 1, 58]);
+}
+
+/// Only rules naming the same sources and destinations merge, their protocols joined once
+/// each; a rule to other ports stays a rule of its own.
+#[test]
+fn rules_merge_only_when_they_differ_in_protocols_alone() {
+    let (users, nodes) = orgs();
+    let policy = r#"{"acls": [
+        {"action": "accept", "proto": "tcp", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        {"action": "accept", "proto": "udp", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        {"action": "accept", "proto": "tcp", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]}
+    ]}"#;
+    let f = Policy::parse(policy).unwrap().compile(&users, &nodes).filter_for(1);
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert_eq!(f[0].ip_proto, [6, 17]);
+    assert_eq!((f[1].ip_proto.as_slice(), f[1].dst_ports[0].ports.first), (&[6][..], 22));
 }
 
 #[test]
