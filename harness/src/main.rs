@@ -64,13 +64,23 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
 fn main() -> ExitCode {
     // Before any thread: `world::run` and `real::run` opt in too, but only once they start.
     harness::world::opt_in_unverified_harness_relays();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,turmoil=error,boringtun=error".into()),
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,turmoil=error,boringtun=error".into());
+    // turmoil's span for the host a line comes from ("node{name=...}"), whatever the filter
+    // says of turmoil's own events: every line of a world names its node.
+    let host_span =
+        tracing_subscriber::filter::filter_fn(|m| m.is_span() && m.name() == "node" && m.target() == "turmoil::sim");
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_timer(SimTime)
+                .with_filter(env.or(host_span)),
         )
-        .with_writer(std::io::stderr)
-        .with_timer(SimTime)
         .init();
     match real_main() {
         Ok(code) => code,
