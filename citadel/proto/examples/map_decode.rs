@@ -26,7 +26,7 @@ fn entry(i: u32) -> String {
     )
 }
 
-const FILTER: &str = r#""PacketFilter":[{"SrcIPs":["100.64.0.0/10","fd7a:115c:a1e0::/48"],"DstPorts":[{"IP":"100.64.0.0/18","Ports":{"First":0,"Last":65535}},{"IP":"fd7a:115c:a1e0::/114","Ports":{"First":0,"Last":65535}}],"IPProto":[6,17]},{"SrcIPs":["100.64.0.0/10","fd7a:115c:a1e0::/48"],"DstPorts":[{"IP":"100.64.0.0/18","Ports":{"First":0,"Last":65535}},{"IP":"fd7a:115c:a1e0::/114","Ports":{"First":0,"Last":65535}}],"IPProto":[1,58]}]"#;
+const FILTER: &str = r#""PacketFilter":[{"SrcIPs":["100.64.0.0/10","fd7a:115c:a1e0::/48"],"DstPorts":[{"IP":"100.64.0.0/18","Ports":{"First":0,"Last":65535}},{"IP":"fd7a:115c:a1e0::/114","Ports":{"First":0,"Last":65535}}],"IPProto":[6,17,1,58]}]"#;
 
 fn time(name: &str, body: &[u8], json_len: usize, rounds: u32) {
     decode_map_body(body, true).expect("the sample decodes");

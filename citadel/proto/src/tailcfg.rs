@@ -599,7 +599,7 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
             const { std::cell::RefCell::new(None) };
     }
     if !zstd {
-        return Ok(serde_json::from_slice(body)?);
+        return parse_json(body);
     }
     // A frame that states its size (every known server's does) is decompressed in one pass into
     // a buffer of that size; one that does not, or whose size is not the message's (several
@@ -618,7 +618,7 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
             Some(json)
         });
         if let Some(json) = json {
-            return Ok(serde_json::from_slice(&json)?);
+            return parse_json(&json);
         }
     }
     use std::io::Read;
@@ -631,7 +631,18 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
     if json.len() > MAX_MAP_MESSAGE {
         return Err(FrameError::TooLarge(json.len()));
     }
-    Ok(serde_json::from_slice(&json)?)
+    parse_json(&json)
+}
+
+/// Parses a map message's JSON. The whole message is checked as UTF-8 once, so the decoder
+/// does not check each string again (a full map holds hundreds of thousands of short strings,
+/// and checking them one by one cost more than one pass over the message); a message that is
+/// not UTF-8 gets the decoder's own error.
+fn parse_json(json: &[u8]) -> Result<MapResponse, FrameError> {
+    Ok(match std::str::from_utf8(json) {
+        Ok(text) => serde_json::from_str(text)?,
+        Err(_) => serde_json::from_slice(json)?,
+    })
 }
 
 #[cfg(test)]
@@ -646,6 +657,23 @@ mod tests {
         for text in [format!("{auth:?}"), format!("{req:?}"), format!("{req:#?}")] {
             assert!(!text.contains("SECRET123"), "{text}");
             assert!(text.contains("auth_key"), "{text}");
+        }
+    }
+
+    /// A map message that is not UTF-8 (inside a string or outside one) is an error, plain or
+    /// compressed; valid non-ASCII text decodes.
+    #[test]
+    fn map_bodies_that_are_not_utf8_are_refused() {
+        let good = r#"{"Domain":"café.example"}"#.as_bytes();
+        assert_eq!(decode_map_body(good, false).unwrap().domain, "café.example");
+        let mut in_string = br#"{"Domain":"caf"#.to_vec();
+        in_string.extend([0xff, b'"', b'}']);
+        let mut outside = br#"{"Domain":"x"}"#.to_vec();
+        outside.push(0xc3);
+        for bad in [in_string, outside] {
+            assert!(decode_map_body(&bad, false).is_err());
+            let z = zstd::bulk::compress(&bad, 1).unwrap();
+            assert!(decode_map_body(&z, true).is_err());
         }
     }
 
