@@ -1055,12 +1055,39 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
         None => writeln!(report, "  PASS           no node ever listed a node of another org ({samples} samples)"),
         Some(l) => writeln!(report, "  FAIL           org isolation: {l}"),
     };
+    first_contacts(&mut report, &pingers.all_results());
     let passed = leak.is_none() && !verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_)));
     let _ = writeln!(report, "  wall time {:.1}s", start.elapsed().as_secs_f64());
     let (diagnostics, kept_logs) = diagnose(&lab, sc, &rt, tmp.path(), &delayers, &node_child, !passed);
     drop(delayers);
     drop(lab);
     Ok(RealOutcome { report, verdicts, passed, leak, diagnostics, kept_logs })
+}
+
+/// How long the pinged pairs took to first reach each other (time since the lab started, and
+/// the pings that got no answer before): the pairs that missed before their first answer, by
+/// name, and the slowest first answer. The simulation's report has the same facts per pair in
+/// its timeline; here the wall clock makes them figures, not part of any verdict.
+fn first_contacts(report: &mut String, pings: &BTreeMap<(String, String), Vec<crate::world::PingResult>>) {
+    let mut firsts = vec![];
+    let mut never = 0;
+    for ((a, b), rs) in pings {
+        match rs.iter().position(|(_, p)| p.is_some()) {
+            Some(i) => firsts.push((rs[i].0, i, format!("{a} -> {b}"))),
+            None => never += 1,
+        }
+    }
+    let Some(slowest) = firsts.iter().max_by_key(|f| f.0) else { return };
+    let _ = writeln!(
+        report,
+        "  first answers: {} pairs answered (slowest {} at {}), {never} never did",
+        firsts.len(),
+        slowest.2,
+        fmt_t(slowest.0)
+    );
+    for (t, missed, pair) in firsts.iter().filter(|f| f.1 > 0) {
+        let _ = writeln!(report, "    {pair}: first answer at {} after {missed} unanswered ping(s)", fmt_t(*t));
+    }
 }
 
 /// The log filter of the `citadel up` nodes of a real run.
@@ -1346,6 +1373,10 @@ impl Pingers {
 
     fn results(&self, a: &str, b: &str) -> Vec<crate::world::PingResult> {
         self.results.lock().unwrap().get(&(a.to_string(), b.to_string())).cloned().unwrap_or_default()
+    }
+
+    fn all_results(&self) -> BTreeMap<(String, String), Vec<crate::world::PingResult>> {
+        self.results.lock().unwrap().clone()
     }
 
     fn failures(&self, a: &str, b: &str) -> Vec<(Duration, String)> {
@@ -1813,6 +1844,29 @@ mod tests {
             kept_logs: None,
         };
         (sim, real)
+    }
+
+    /// The real report names the pairs that missed before their first answer and the slowest
+    /// first answer; a pair that never answered is counted, not listed as slowest.
+    #[test]
+    fn first_contacts_name_the_late_pairs() {
+        use crate::probe::PathKind::{Direct, Relay};
+        let s = |x: u64| Duration::from_millis(x);
+        let pings = BTreeMap::from([
+            (("a".to_string(), "b".to_string()), vec![(s(1100), Some(Direct)), (s(2100), Some(Direct))]),
+            (("c".to_string(), "d".to_string()), vec![(s(2300), None), (s(5470), Some(Relay))]),
+            (("e".to_string(), "f".to_string()), vec![(s(2300), None)]),
+        ]);
+        let mut out = String::new();
+        first_contacts(&mut out, &pings);
+        assert_eq!(
+            out,
+            "  first answers: 2 pairs answered (slowest c -> d at 5.470s), 1 never did\n    \
+             c -> d: first answer at 5.470s after 1 unanswered ping(s)\n"
+        );
+        let mut none = String::new();
+        first_contacts(&mut none, &BTreeMap::new());
+        assert!(none.is_empty());
     }
 
     #[test]
