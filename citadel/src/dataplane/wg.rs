@@ -177,8 +177,9 @@ pub(crate) struct Peer {
     /// Box key for disco with this peer; `None` for plain WireGuard peers (no disco key).
     pub(crate) disco: Option<SharedKey>,
     home_derp: i32,
-    /// The last handshake initiation went only to unconfirmed direct candidates (the peer had
-    /// no relay yet), so it may well be lost; see [`WgRouter::resend_unrelayed_initiations`].
+    /// The last handshake initiation went only to unconfirmed direct candidates, or nowhere
+    /// (the peer had no relay yet), so it may well be lost; see
+    /// [`WgRouter::resend_unrelayed_initiations`].
     unrelayed_init: bool,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -760,6 +761,9 @@ fn emit(
             targets.push(a);
         }
     }
+    // An initiation that goes to unconfirmed candidates, or nowhere, is sent again once the
+    // peer has a relay.
+    peer.unrelayed_init |= initiation;
     if targets.is_empty() {
         c.tx_no_path.fetch_add(1, Relaxed);
         peer.tx_bytes -= payload.len() as u64;
@@ -767,7 +771,6 @@ fn emit(
         return;
     }
     tracing::trace!(peer = %key.short(), ?targets, len = payload.len(), "no relay for this peer: send to its candidates");
-    peer.unrelayed_init |= initiation;
     for t in targets {
         out.push(Transmit::udp(t, payload.to_vec()));
     }
@@ -858,20 +861,28 @@ pub(crate) mod tests {
         buf
     }
 
-    /// Delivers every transmit to whichever node owns its address until the network is quiet;
-    /// returns the packets each side decrypted.
+    /// Delivers every transmit until the network is quiet: a direct one to whichever node owns
+    /// its address (an address neither owns loses it), a relayed one to the node it names, as
+    /// from the other; returns the packets each side decrypted.
     fn pump(a: &mut Node, b: &mut Node, mut wire: Vec<(SocketAddr, Transmit)>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let (mut got_a, mut got_b) = (vec![], vec![]);
+        let (ka, kb) = (a.wg.me(), b.wg.me());
         for _ in 0..20 {
             if wire.is_empty() {
                 break;
             }
             let mut next = vec![];
             for (from, t) in wire.drain(..) {
-                let Path::Direct(to) = t.path else { continue };
-                let (n, got) = if to == a.addr { (&mut *a, &mut got_a) } else { (&mut *b, &mut got_b) };
+                let (to_a, src) = match t.path {
+                    Path::Direct(to) if to == a.addr || to == b.addr => (to == a.addr, Source::Udp(from)),
+                    Path::Direct(_) => continue,
+                    Path::Derp(region) => {
+                        (t.peer == ka, Source::Derp { region, key: if t.peer == ka { kb } else { ka } })
+                    }
+                };
+                let (n, got) = if to_a { (&mut *a, &mut got_a) } else { (&mut *b, &mut got_b) };
                 let (mut out, mut del) = (vec![], vec![]);
-                n.wg.handle_datagram(from, &t.payload, &mut out, &mut del);
+                n.wg.handle_wg(src, &t.payload, &mut out, &mut del);
                 got.extend(del.into_iter().map(|(_, p)| p));
                 next.extend(out.into_iter().map(|t| (n.addr, t)));
             }
@@ -941,60 +952,47 @@ pub(crate) mod tests {
     }
 
     /// A packet to a peer whose home region the netmap does not name yet goes to its direct
-    /// candidate only (here one nobody answers on, as a private address behind a NAT). When a
-    /// netmap then names the region, the initiation goes again over DERP at once: the packet
-    /// arrives without boringtun's 5 s retry.
+    /// candidates only (here one nobody answers on, as a private address behind a NAT), or
+    /// nowhere when it has none. When a netmap then names the region, the initiation goes
+    /// again over DERP at once: the packet arrives without boringtun's 5 s retry.
     #[test]
     fn initiation_sent_again_once_the_peer_has_a_relay() {
-        let (mut a, mut b) = (node(7, 1007), node(8, 1008));
-        let (ka, kb) = (a.wg.me(), b.wg.me());
         let lost: SocketAddr = "192.168.9.9:41641".parse().unwrap();
-        let mut cb = cfg(&b, "100.64.0.2/32");
-        cb.endpoints = vec![lost];
-        let mut ca = cfg(&a, "100.64.0.1/32");
-        ca.home_derp = 1;
-        a.wg.set_derp_ok(true);
-        b.wg.set_derp_ok(true);
-        a.wg.set_peers([(kb, cb.clone())].into());
-        b.wg.set_peers([(ka, ca)].into());
-        let pa = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"from a");
-        let mut out = vec![];
-        a.wg.send_packet(&pa, &mut out);
-        assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), vec![Path::Direct(lost)]);
-        // Nothing to resend while the peer has no relay.
-        a.wg.resend_unrelayed_initiations(&mut out);
-        assert_eq!(out.len(), 1);
+        for endpoints in [vec![lost], vec![]] {
+            let (mut a, mut b) = (node(7, 1007), node(8, 1008));
+            let (ka, kb) = (a.wg.me(), b.wg.me());
+            let mut cb = cfg(&b, "100.64.0.2/32");
+            cb.endpoints = endpoints.clone();
+            let mut ca = cfg(&a, "100.64.0.1/32");
+            ca.home_derp = 1;
+            a.wg.set_derp_ok(true);
+            b.wg.set_derp_ok(true);
+            a.wg.set_peers([(kb, cb.clone())].into());
+            b.wg.set_peers([(ka, ca)].into());
+            let pa = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], b"from a");
+            let mut out = vec![];
+            a.wg.send_packet(&pa, &mut out);
+            let direct: Vec<Path> = endpoints.iter().map(|e| Path::Direct(*e)).collect();
+            assert_eq!(out.iter().map(|t| t.path).collect::<Vec<_>>(), direct);
+            // Nothing to resend while the peer has no relay.
+            a.wg.resend_unrelayed_initiations(&mut out);
+            assert_eq!(out.len(), endpoints.len());
 
-        cb.home_derp = 1;
-        a.wg.set_peers([(kb, cb)].into());
-        let mut out = vec![];
-        a.wg.resend_unrelayed_initiations(&mut out);
-        assert_eq!(out.len(), 1, "one fresh initiation: {out:?}");
-        assert_eq!((out[0].path, out[0].payload[0]), (Path::Derp(1), MSG_HANDSHAKE_INIT));
-        // Over the relay: b answers, a's session releases the queued packet.
-        let mut wire: Vec<(Source, Transmit)> =
-            out.into_iter().map(|t| (Source::Derp { region: 1, key: ka }, t)).collect();
-        let mut got_b = vec![];
-        for _ in 0..4 {
-            let mut next = vec![];
-            for (src, t) in wire.drain(..) {
-                let Path::Derp(_) = t.path else { continue };
-                let to_b = matches!(src, Source::Derp { key, .. } if key == ka);
-                let (n, from) = if to_b { (&mut b, kb) } else { (&mut a, ka) };
-                let (mut o, mut del) = (vec![], vec![]);
-                n.wg.handle_wg(src, &t.payload, &mut o, &mut del);
-                if to_b {
-                    got_b.extend(del.into_iter().map(|(_, p)| p));
-                }
-                next.extend(o.into_iter().map(|t| (Source::Derp { region: 1, key: from }, t)));
-            }
-            wire = next;
+            cb.home_derp = 1;
+            a.wg.set_peers([(kb, cb)].into());
+            let mut out = vec![];
+            a.wg.resend_unrelayed_initiations(&mut out);
+            assert_eq!(out.len(), 1, "one fresh initiation: {out:?}");
+            assert_eq!((out[0].path, out[0].payload[0]), (Path::Derp(1), MSG_HANDSHAKE_INIT));
+            // Over the relay: b answers, a's session releases the queued packet.
+            let wire = out.into_iter().map(|t| (a.addr, t)).collect();
+            let (_, got_b) = pump(&mut a, &mut b, wire);
+            assert_eq!(got_b, vec![pa], "b got a's packet over DERP");
+            // Done: the next netmap sends nothing again.
+            let mut out = vec![];
+            a.wg.resend_unrelayed_initiations(&mut out);
+            assert!(out.is_empty(), "{out:?}");
         }
-        assert_eq!(got_b, vec![pa], "b got a's packet over DERP");
-        // Done: the next netmap sends nothing again.
-        let mut out = vec![];
-        a.wg.resend_unrelayed_initiations(&mut out);
-        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
