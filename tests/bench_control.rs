@@ -17,6 +17,9 @@
 //! online node is one open socket in each process, so `--nodes` is checked against the
 //! open-file limit before anything starts.
 //!
+//! `--floor BYTES` measures the transport alone instead: the same number of loopback TCP
+//! connections and tasks, one `BYTES`-byte write to each per probe, no protocol (see `floor`).
+//!
 //! `--apply` makes every client keep a full `citadel::netmap::NetMap` (the real delta apply;
 //! memory grows with nodes × org size); without it a client tracks only the probe node.
 
@@ -81,7 +84,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
 disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
-[--short]";
+[--short] [--floor BYTES: the same fan-out over bare TCP instead]";
 
 /// Open files each process needs besides one socket per online node (runtime, listener, stdio).
 const FD_SPARE: u64 = 64;
@@ -94,10 +97,12 @@ struct Opts {
     apply: bool,
     concurrency: usize,
     offline: usize,
+    /// `--floor BYTES`: the transport floor instead (see [`floor`]).
+    floor: Option<usize>,
 }
 
 fn parse() -> anyhow::Result<Opts> {
-    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0 };
+    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0, floor: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> anyhow::Result<usize> {
@@ -110,6 +115,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = num("--concurrency")?.max(1),
             "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
+            "--floor" => o.floor = Some(num("--floor")?.max(1)),
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -722,6 +728,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("serve") {
         return serve(args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1));
     }
+    if args.get(1).map(String::as_str) == Some("serve-floor") {
+        return serve_floor(args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1));
+    }
     let o = parse()?;
     raise_nofile();
     let limit = nofile_limit();
@@ -735,6 +744,9 @@ fn main() -> anyhow::Result<()> {
             limit.saturating_sub(o.probes as u64 + o.concurrency as u64 + FD_SPARE)
         );
         std::process::exit(2);
+    }
+    if let Some(bytes) = o.floor {
+        return floor(&o, bytes);
     }
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", &o.orgs.to_string()])
@@ -753,6 +765,109 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let r = rt.block_on(bench(o, url, keys, pid));
     drop(child.stdin.take());
+    let _ = child.wait();
+    r
+}
+
+/// `serve-floor BYTES`: the floor's server. Accepts connections; each has a task that waits on
+/// one shared notifier (as a map stream waits on its org's) and writes `BYTES` to its socket
+/// each time it fires. Prints its port; a line on stdin fires it, end of stdin stops it.
+fn serve_floor(bytes: usize) -> anyhow::Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?.port());
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let msg: Arc<[u8]> = vec![7u8; bytes].into();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (mut rx, msg) = (rx.clone(), msg.clone());
+                let _ = sock.set_nodelay(true);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    while rx.changed().await.is_ok() {
+                        if sock.write_all(&msg).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let lines = tokio::task::spawn_blocking(move || {
+            for line in std::io::stdin().lock().lines() {
+                if line.is_err() {
+                    break;
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        let _ = lines.await;
+        anyhow::Ok(())
+    })
+}
+
+/// `--floor BYTES`: what the same fan-out costs with nothing but the transport: `--nodes`
+/// TCP connections on loopback to a child process, one task per connection on each side (as
+/// in the control bench), and per probe one `BYTES`-byte write to every connection. No Noise,
+/// HTTP/2, zstd or JSON: the time from the trigger until every client has read its bytes, and
+/// both processes' CPU per probe, are what the kernel and the runtime alone take here.
+fn floor(o: &Opts, bytes: usize) -> anyhow::Result<()> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve-floor", &bytes.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .env(SERVE_ENV.to_str().expect("ASCII"), "1")
+        .spawn()?;
+    let server_pid = child.id();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let port: u16 = line.trim().parse()?;
+    let mut trigger = child.stdin.take().expect("piped");
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(async move {
+        let board = Arc::new(Board::default());
+        for _ in 0..o.nodes {
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let _ = sock.set_nodelay(true);
+            let b = board.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; bytes];
+                while sock.read_exact(&mut buf).await.is_ok() {
+                    b.seen.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+        }
+        let own = std::process::id();
+        let (mut lat, mut srv_cpu, mut gen_cpu) = (vec![], Duration::ZERO, Duration::ZERO);
+        for _ in 0..o.probes {
+            board.seen.store(0, Ordering::Release);
+            let (c0, g0) = (proc_stats(server_pid).1, proc_stats(own).1);
+            let start = Instant::now();
+            trigger.write_all(b"go\n")?;
+            trigger.flush()?;
+            wait_seen(&board, o.nodes).await?;
+            lat.push(start.elapsed());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            srv_cpu += proc_stats(server_pid).1 - c0;
+            gen_cpu += proc_stats(own).1 - g0;
+        }
+        let n = o.probes as u32;
+        println!(
+            "transport floor: {} connections, {bytes} bytes each per probe\n\
+             trigger -> every client read it   p50 {:>8.1?}  p99 {:>8.1?}\n\
+             server CPU per probe {:.1?}, clients' CPU per probe {:.1?} ({} clock ticks/s)",
+            o.nodes,
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99),
+            srv_cpu / n,
+            gen_cpu / n,
+            clock_ticks()
+        );
+        anyhow::Ok(())
+    });
+    drop(rt);
     let _ = child.wait();
     r
 }
