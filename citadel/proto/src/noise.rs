@@ -14,8 +14,6 @@
 //! adapter both the client and nexus-sim run HTTP/2 over.
 
 use bytes::{Buf, BytesMut};
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -137,25 +135,33 @@ impl snow::types::Dh for ContributoryDh {
 }
 
 /// One direction of the transport: a key and a big-endian counter nonce.
+///
+/// The records are sealed and opened with ring's ChaCha20-Poly1305, not the RustCrypto crate
+/// the handshake uses: a control message is one small record, and on this project's 2-core
+/// machine RustCrypto's AVX2 code took 2.0 µs to seal 173 bytes (a fixed cost of about
+/// 1.9 µs per record) where ring took 0.23 µs (0.84 vs 2.8 µs at 1,400 bytes). Every member of
+/// an org opens a record for each change, and the server seals one per member.
 pub struct Cipher {
-    aead: ChaCha20Poly1305,
+    aead: ring::aead::LessSafeKey,
     nonce: u64,
 }
 
 impl Cipher {
     /// A cipher from a raw 32-byte key, counter at zero.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), nonce: 0 }
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).expect("a 32-byte key");
+        Self { aead: ring::aead::LessSafeKey::new(key), nonce: 0 }
     }
 
-    fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
+    fn next_nonce(&mut self) -> Result<ring::aead::Nonce, NoiseError> {
         if self.nonce == u64::MAX {
             return Err(NoiseError::NonceExhausted);
         }
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&self.nonce.to_be_bytes());
         self.nonce += 1;
-        Ok(*Nonce::from_slice(&n))
+        // Unique: the counter only moves forward, and a key is never reused across ciphers.
+        Ok(ring::aead::Nonce::assume_unique_for_key(n))
     }
 
     /// Appends one record frame carrying `plain` (at most [`MAX_PLAINTEXT`] bytes) to `out`.
@@ -178,9 +184,11 @@ impl Cipher {
         for p in parts {
             out.extend_from_slice(p);
         }
-        let tag =
-            self.aead.encrypt_in_place_detached(&nonce, &[], &mut out[body..]).map_err(|_| NoiseError::Decrypt)?;
-        out.extend_from_slice(&tag);
+        let tag = self
+            .aead
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), &mut out[body..])
+            .map_err(|_| NoiseError::Decrypt)?;
+        out.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -189,8 +197,11 @@ impl Cipher {
         if body.len() < 16 {
             return Err(NoiseError::Malformed("record shorter than its tag"));
         }
-        let nonce = self.next_nonce()?;
-        self.aead.decrypt_in_place(&nonce, &[], body).map_err(|_| NoiseError::Decrypt)
+        let split = body.len() - 16;
+        let (text, tag) = body.split_at_mut(split);
+        self.open_in_place(text, tag)?;
+        body.truncate(split);
+        Ok(())
     }
 
     /// [`Cipher::open`] of a record body (ciphertext, then its tag) borrowed from the read
@@ -211,7 +222,11 @@ impl Cipher {
     /// place, checking it against the record's `tag`.
     fn open_in_place(&mut self, text: &mut [u8], tag: &[u8]) -> Result<(), NoiseError> {
         let nonce = self.next_nonce()?;
-        self.aead.decrypt_in_place_detached(&nonce, &[], text, tag.into()).map_err(|_| NoiseError::Decrypt)
+        let tag = ring::aead::Tag::try_from(tag).map_err(|_| NoiseError::Malformed("record shorter than its tag"))?;
+        self.aead
+            .open_in_place_separate_tag(nonce, ring::aead::Aad::empty(), tag, text, 0..)
+            .map(|_| ())
+            .map_err(|_| NoiseError::Decrypt)
     }
 }
 
@@ -524,6 +539,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for NoiseStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // An independent implementation, to check the records ring seals.
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
