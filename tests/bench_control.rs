@@ -748,16 +748,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(bytes) = o.floor {
         return floor(&o, bytes);
     }
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", &o.orgs.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .env("NEXUS_LOG", "warn")
-        .env(SERVE_ENV.to_str().expect("ASCII"), "1")
-        .spawn()?;
+    let (mut child, line) = spawn_server(&["serve", &o.orgs.to_string()])?;
     let pid = child.id();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let v: serde_json::Value = serde_json::from_str(&line)?;
     let url = v["url"].as_str().unwrap_or_default().to_string();
     let keys: Vec<String> =
@@ -767,6 +759,21 @@ fn main() -> anyhow::Result<()> {
     drop(child.stdin.take());
     let _ = child.wait();
     r
+}
+
+/// Starts this binary as a server child (`serve` or `serve-floor`) with the system allocator;
+/// returns it and the first line it printed (where to reach it).
+fn spawn_server(args: &[&str]) -> anyhow::Result<(std::process::Child, String)> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .env("NEXUS_LOG", "warn")
+        .env(SERVE_ENV.to_str().expect("ASCII"), "1")
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    Ok((child, line))
 }
 
 /// `serve-floor BYTES`: the floor's server. Accepts connections; each has a task that waits on
@@ -813,15 +820,8 @@ fn serve_floor(bytes: usize) -> anyhow::Result<()> {
 /// HTTP/2, zstd or JSON: the time from the trigger until every client has read its bytes, and
 /// both processes' CPU per probe, are what the kernel and the runtime alone take here.
 fn floor(o: &Opts, bytes: usize) -> anyhow::Result<()> {
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve-floor", &bytes.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .env(SERVE_ENV.to_str().expect("ASCII"), "1")
-        .spawn()?;
+    let (mut child, line) = spawn_server(&["serve-floor", &bytes.to_string()])?;
     let server_pid = child.id();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let port: u16 = line.trim().parse()?;
     let mut trigger = child.stdin.take().expect("piped");
     let rt = tokio::runtime::Runtime::new()?;
