@@ -22,6 +22,13 @@ fn peer_names(m: &Mesh) -> Vec<String> {
 fn admits(srcs: &[String], ip: &str) -> bool {
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
     srcs.iter().any(|s| {
+        // An inclusive range `first-last` (nexus-sim writes an org's members so).
+        if let Some((a, b)) = s.split_once('-') {
+            return match (a.parse::<std::net::Ipv4Addr>(), b.parse::<std::net::Ipv4Addr>()) {
+                (Ok(a), Ok(b)) => a <= ip && ip <= b,
+                _ => false,
+            };
+        }
         let (a, l) = s.split_once('/').unwrap_or((s, "32"));
         match (a.parse::<std::net::Ipv4Addr>(), l.parse::<u32>()) {
             (Ok(a), Ok(l)) if l <= 32 => {

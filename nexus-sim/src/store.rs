@@ -689,7 +689,7 @@ impl Store {
                 }
             }
         }
-        let v = Arc::new(set.prefix_strings());
+        let v = Arc::new(set.range_strings());
         let set = Arc::new(set);
         org.sources = Some((org.member_gen, v.clone(), set.clone()));
         (v, set)

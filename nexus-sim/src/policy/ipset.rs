@@ -245,6 +245,26 @@ impl IpSet {
     pub fn prefix_strings(&self) -> Vec<String> {
         self.prefixes().iter().map(Prefix::to_string).collect()
     }
+
+    /// The set as filter sources in the fewest entries: each merged range that is exactly one
+    /// prefix as that prefix, any other as an inclusive `first-last` range, IPv4 first, in
+    /// address order. Tailscale's and citadel's filters read ranges in `SrcIPs`; an org of
+    /// consecutively numbered members is one range per family where its prefix cover runs to
+    /// ~20 prefixes each, and every member decodes that list again on every join.
+    pub fn range_strings(&self) -> Vec<String> {
+        let mut out = vec![];
+        for (f, width) in [(0usize, 32u8), (1, 128)] {
+            for &(lo, hi) in &self.ranges[f] {
+                let mut one = vec![];
+                cover(f, width, lo, hi, &mut one);
+                match one[..] {
+                    [p] => out.push(p.to_string()),
+                    _ => out.push(format!("{}-{}", from_u128(f, lo), from_u128(f, hi))),
+                }
+            }
+        }
+        out
+    }
 }
 
 fn cover(f: usize, width: u8, mut lo: u128, hi: u128, out: &mut Vec<Prefix>) {
@@ -335,6 +355,31 @@ mod tests {
         }
         assert_eq!(s.prefix_strings(), ["100.64.0.1/32", "100.64.0.2/31", "fd7a:115c:a1e0::1/128"]);
         assert_eq!(IpSet::all().prefix_strings(), ["0.0.0.0/0", "::/0"]);
+    }
+
+    /// Ranges print as one prefix where they are one, else as `first-last`, and read back as
+    /// the same set.
+    #[test]
+    fn range_strings_are_the_fewest_entries_and_read_back() {
+        let mut s = IpSet::default();
+        for a in ["100.64.0.2", "100.64.0.3", "100.64.0.1", "100.64.0.9", "fd7a:115c:a1e0::1"] {
+            s.add_ip(ip(a));
+        }
+        s.add_prefix(Prefix::parse("10.0.0.0/8").unwrap());
+        let strings = s.range_strings();
+        assert_eq!(strings, ["10.0.0.0/8", "100.64.0.1-100.64.0.3", "100.64.0.9/32", "fd7a:115c:a1e0::1/128"]);
+        let mut back = IpSet::default();
+        for t in &strings {
+            back.add_set(&parse_ip_set(t).unwrap());
+        }
+        assert_eq!(back, s);
+        let mut org = IpSet::default();
+        for i in 1..=10_000u32 {
+            org.add_ip(IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i)));
+        }
+        assert_eq!(org.range_strings(), ["100.64.0.1-100.64.39.16"]);
+        // Where the prefix cover of the same 10,000 addresses takes 18 entries.
+        assert_eq!(org.prefix_strings().len(), 18);
     }
 
     #[test]
