@@ -52,7 +52,7 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
     // CPU per change. A larger one (a full map, many changes at once) is compressed, and
     // stored only if compression barely shrinks it.
     let body = if json.len() <= STORE_UP_TO {
-        zstd_stored(&json)
+        citadel_proto::tailcfg::zstd_stored(&json)
     } else {
         let body = CCTX.with(|c| {
             let mut c = c.borrow_mut();
@@ -63,7 +63,7 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
         });
         let body = body.unwrap_or_else(|| zstd::bulk::compress(&json, 1).expect("zstd in memory"));
         if body.len() * 4 > json.len() * 3 {
-            zstd_stored(&json)
+            citadel_proto::tailcfg::zstd_stored(&json)
         } else {
             body
         }
@@ -76,46 +76,6 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
 
 /// Map messages up to this size (JSON) go as stored zstd frames (see [`encode_out`]).
 const STORE_UP_TO: usize = 2048;
-
-/// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1).
-/// Written by hand: libzstd falls back to raw blocks only after trying to compress, and its
-/// API has no way to ask for them.
-fn zstd_stored(data: &[u8]) -> Vec<u8> {
-    // Largest block (Block_Maximum_Size); a single-segment frame's window is its content.
-    const MAX_BLOCK: usize = 128 << 10;
-    let mut out = Vec::with_capacity(data.len() + 14 + 3 * (data.len() / MAX_BLOCK + 1));
-    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
-    // Frame header descriptor: single segment (no window descriptor), no checksum, no
-    // dictionary; the two top bits size the content-size field that follows.
-    let n = data.len() as u64;
-    match n {
-        0..=255 => out.extend_from_slice(&[0x20, n as u8]),
-        256..=65_791 => {
-            out.push(0x60);
-            out.extend_from_slice(&((n - 256) as u16).to_le_bytes());
-        }
-        _ if n <= u32::MAX as u64 => {
-            out.push(0xA0);
-            out.extend_from_slice(&(n as u32).to_le_bytes());
-        }
-        _ => {
-            out.push(0xE0);
-            out.extend_from_slice(&n.to_le_bytes());
-        }
-    }
-    let mut blocks = data.chunks(MAX_BLOCK).peekable();
-    if blocks.peek().is_none() {
-        // An empty frame still has one (last, empty) block.
-        out.extend_from_slice(&[1, 0, 0]);
-    }
-    while let Some(b) = blocks.next() {
-        // Block header, 3 bytes little-endian: last-block bit, type 0 (raw), then the size.
-        let last = u32::from(blocks.peek().is_none());
-        out.extend_from_slice(&(last | (b.len() as u32) << 3).to_le_bytes()[..3]);
-        out.extend_from_slice(b);
-    }
-    out
-}
 
 /// A map message whose peer entries may be JSON already serialized once for every viewer
 /// (see [`EntryCache`]); the rest is in `resp`.
@@ -1614,7 +1574,7 @@ mod tests {
     fn stored_zstd_frames_decode_to_their_content() {
         for n in [0usize, 1, 255, 256, 65_791, 65_792, 128 << 10, (128 << 10) + 1, 300_000] {
             let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
-            let f = zstd_stored(&data);
+            let f = citadel_proto::tailcfg::zstd_stored(&data);
             assert_eq!(zstd::zstd_safe::get_frame_content_size(&f).ok(), Some(Some(n as u64)), "size {n}");
             assert_eq!(zstd::bulk::decompress(&f, n.max(1)).unwrap(), data, "size {n}");
             let mut streamed = Vec::new();

@@ -1,7 +1,8 @@
 //! How long a client takes to decode map messages as nexus-sim sends them: a join's delta
-//! (one new peer and the org's packet filter), an endpoint patch and a full map of N peers,
-//! compressed with zstd as on the wire. Every member of an org decodes every delta, so this
-//! is the client's share of a change's cost (`bench-control` measures the whole).
+//! (one new peer and the org's packet filter; again with the filter's sources as a prefix
+//! cover), an endpoint patch and a full map of N peers, framed as zstd as on the wire (stored
+//! up to 2 KB, compressed above). Every member of an org decodes every delta, so this is the
+//! client's share of a change's cost (`bench-control` measures the whole).
 //!
 //! `cargo run --release -p citadel-proto --example map_decode [PEERS] [ROUNDS]`
 
@@ -26,7 +27,54 @@ fn entry(i: u32) -> String {
     )
 }
 
-const FILTER: &str = r#""PacketFilter":[{"SrcIPs":["100.64.0.0/10","fd7a:115c:a1e0::/48"],"DstPorts":[{"IP":"100.64.0.0/18","Ports":{"First":0,"Last":65535}},{"IP":"fd7a:115c:a1e0::/114","Ports":{"First":0,"Last":65535}}],"IPProto":[6,17,1,58]}]"#;
+/// The org's filter as nexus-sim sends it: its members as one range per family.
+const FILTER: &str = r#""PacketFilter":[{"SrcIPs":["100.64.0.1-100.64.39.16","fd7a:115c:a1e0::1-fd7a:115c:a1e0::2710"],"DstPorts":[{"IP":"100.64.0.0/18","Ports":{"First":0,"Last":65535}},{"IP":"fd7a:115c:a1e0::/114","Ports":{"First":0,"Last":65535}}],"IPProto":[6,17,1,58]}]"#;
+
+/// The same members' filter as their prefix cover (what nexus-sim sent before it wrote ranges).
+fn prefix_filter() -> String {
+    let v4 = [
+        "100.64.0.1/32",
+        "100.64.0.2/31",
+        "100.64.0.4/30",
+        "100.64.0.8/29",
+        "100.64.0.16/28",
+        "100.64.0.32/27",
+        "100.64.0.64/26",
+        "100.64.0.128/25",
+        "100.64.1.0/24",
+        "100.64.2.0/23",
+        "100.64.4.0/22",
+        "100.64.8.0/21",
+        "100.64.16.0/20",
+        "100.64.32.0/22",
+        "100.64.36.0/23",
+        "100.64.38.0/24",
+        "100.64.39.0/28",
+        "100.64.39.16/32",
+    ];
+    let v6 = [
+        "fd7a:115c:a1e0::1/128",
+        "fd7a:115c:a1e0::2/127",
+        "fd7a:115c:a1e0::4/126",
+        "fd7a:115c:a1e0::8/125",
+        "fd7a:115c:a1e0::10/124",
+        "fd7a:115c:a1e0::20/123",
+        "fd7a:115c:a1e0::40/122",
+        "fd7a:115c:a1e0::80/121",
+        "fd7a:115c:a1e0::100/120",
+        "fd7a:115c:a1e0::200/119",
+        "fd7a:115c:a1e0::400/118",
+        "fd7a:115c:a1e0::800/117",
+        "fd7a:115c:a1e0::1000/116",
+        "fd7a:115c:a1e0::2000/118",
+        "fd7a:115c:a1e0::2400/120",
+        "fd7a:115c:a1e0::2500/119",
+        "fd7a:115c:a1e0::2700/124",
+        "fd7a:115c:a1e0::2710/128",
+    ];
+    let srcs: Vec<String> = v4.iter().chain(&v6).map(|p| format!("\"{p}\"")).collect();
+    FILTER.replace(r#""100.64.0.1-100.64.39.16","fd7a:115c:a1e0::1-fd7a:115c:a1e0::2710""#, &srcs.join(","))
+}
 
 fn time(name: &str, body: &[u8], json_len: usize, rounds: u32) {
     decode_map_body(body, true).expect("the sample decodes");
@@ -49,16 +97,23 @@ fn main() {
     let rounds: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let ctime = r#""ControlTime":"2026-11-27T07:07:49.172915551Z""#;
     let join = format!(r#"{{{FILTER},{ctime},"PeersChanged":[{}]}}"#, entry(peers));
+    let join_prefixes = format!(r#"{{{},{ctime},"PeersChanged":[{}]}}"#, prefix_filter(), entry(peers));
     let patch =
         format!(r#"{{{ctime},"PeersChangedPatch":[{{"NodeID":7,"Endpoints":["127.0.0.1:20001","[::1]:20001"]}}]}}"#);
     let list: Vec<String> = (0..peers).map(entry).collect();
     let full = format!(r#"{{"Node":{},{FILTER},{ctime},"Peers":[{}]}}"#, entry(peers + 1), list.join(","));
     for (name, json, rounds) in [
         ("join delta (1 peer + filter)", &join, rounds),
+        ("  same, filter as prefixes", &join_prefixes, rounds),
         ("endpoint patch", &patch, rounds),
         (&*format!("full map of {peers} peers"), &full, (rounds / peers).max(3)),
     ] {
-        let z = zstd::bulk::compress(json.as_bytes(), 1).unwrap();
+        // As nexus-sim sends them: up to 2 KB of JSON stored, larger compressed.
+        let z = if json.len() <= 2048 {
+            citadel_proto::tailcfg::zstd_stored(json.as_bytes())
+        } else {
+            zstd::bulk::compress(json.as_bytes(), 1).unwrap()
+        };
         time(name, &z, json.len(), rounds);
     }
 }

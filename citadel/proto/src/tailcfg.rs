@@ -634,6 +634,47 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
     parse_json(&json)
 }
 
+/// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1): a
+/// map message a decoder copies out without building entropy tables (nexus-sim sends small
+/// ones so). Written by hand: libzstd falls back to raw blocks only after trying to compress, and its
+/// API has no way to ask for them.
+pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
+    // Largest block (Block_Maximum_Size); a single-segment frame's window is its content.
+    const MAX_BLOCK: usize = 128 << 10;
+    let mut out = Vec::with_capacity(data.len() + 14 + 3 * (data.len() / MAX_BLOCK + 1));
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    // Frame header descriptor: single segment (no window descriptor), no checksum, no
+    // dictionary; the two top bits size the content-size field that follows.
+    let n = data.len() as u64;
+    match n {
+        0..=255 => out.extend_from_slice(&[0x20, n as u8]),
+        256..=65_791 => {
+            out.push(0x60);
+            out.extend_from_slice(&((n - 256) as u16).to_le_bytes());
+        }
+        _ if n <= u32::MAX as u64 => {
+            out.push(0xA0);
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        _ => {
+            out.push(0xE0);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    let mut blocks = data.chunks(MAX_BLOCK).peekable();
+    if blocks.peek().is_none() {
+        // An empty frame still has one (last, empty) block.
+        out.extend_from_slice(&[1, 0, 0]);
+    }
+    while let Some(b) = blocks.next() {
+        // Block header, 3 bytes little-endian: last-block bit, type 0 (raw), then the size.
+        let last = u32::from(blocks.peek().is_none());
+        out.extend_from_slice(&(last | (b.len() as u32) << 3).to_le_bytes()[..3]);
+        out.extend_from_slice(b);
+    }
+    out
+}
+
 /// Parses a map message's JSON. The whole message is checked as UTF-8 once, so the decoder
 /// does not check each string again (a full map holds hundreds of thousands of short strings,
 /// and checking them one by one cost more than one pass over the message); a message that is
