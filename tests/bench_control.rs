@@ -84,7 +84,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
 disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
-[--short] [--floor BYTES: the same fan-out over bare TCP instead]";
+[--short] [--rounds: a line per probe round] [--floor BYTES: the same fan-out over bare TCP instead]";
 
 /// Open files each process needs besides one socket per online node (runtime, listener, stdio).
 const FD_SPARE: u64 = 64;
@@ -99,10 +99,13 @@ struct Opts {
     offline: usize,
     /// `--floor BYTES`: the transport floor instead (see [`floor`]).
     floor: Option<usize>,
+    /// `--rounds`: a line per probe round (latency, messages, each side's CPU).
+    rounds: bool,
 }
 
 fn parse() -> anyhow::Result<Opts> {
-    let mut o = Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0, floor: None };
+    let mut o =
+        Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0, floor: None, rounds: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> anyhow::Result<usize> {
@@ -115,6 +118,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = num("--concurrency")?.max(1),
             "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
+            "--rounds" => o.rounds = true,
             "--floor" => o.floor = Some(num("--floor")?.max(1)),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -627,7 +631,9 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
-        join_msgs += board.messages.load(Ordering::Relaxed) - m0;
+        let msgs = board.messages.load(Ordering::Relaxed) - m0;
+        join_msgs += msgs;
+        let join_round = (c1 - c0, g1 - g0, msgs);
 
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
@@ -642,7 +648,25 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (ep_cpu, gen_ep_cpu) = (ep_cpu + (c1 - c0), gen_ep_cpu + (g1 - g0));
-        ep_msgs += board.messages.load(Ordering::Relaxed) - m0;
+        let msgs = board.messages.load(Ordering::Relaxed) - m0;
+        ep_msgs += msgs;
+        if o.rounds {
+            // CPU comes in clock ticks (10 ms at 100 Hz); each window ends 50 ms after the last
+            // member saw the change.
+            let per = |m: u64| m as f64 / members as f64;
+            println!(
+                "round {round:>3}: join {:>8.1?} ({:.2} msg/member, CPU nexus-sim {:>6.1?} generator {:>6.1?})  \
+                 endpoint {:>8.1?} ({:.2}, {:>6.1?} / {:>6.1?})",
+                join_lat[join_lat.len() - 1],
+                per(join_round.2),
+                join_round.0,
+                join_round.1,
+                ep_lat[ep_lat.len() - 1],
+                per(msgs),
+                c1 - c0,
+                g1 - g0
+            );
+        }
         probes.push(tx);
     }
     let n = o.probes as u32;
