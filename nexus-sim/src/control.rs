@@ -1568,21 +1568,10 @@ mod tests {
         assert!(d.packet_filter.is_none(), "{d:?}");
     }
 
-    /// Stored frames are valid zstd that libzstd and citadel's decoder read back, with the
-    /// content size stated, at every size class of the header and across block boundaries.
+    /// A small message (a patch, one joining peer) goes as a stored zstd frame; a larger one
+    /// compression shrinks goes compressed; citadel's client reads both.
     #[test]
-    fn stored_zstd_frames_decode_to_their_content() {
-        for n in [0usize, 1, 255, 256, 65_791, 65_792, 128 << 10, (128 << 10) + 1, 300_000] {
-            let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
-            let f = citadel_proto::tailcfg::zstd_stored(&data);
-            assert_eq!(zstd::zstd_safe::get_frame_content_size(&f).ok(), Some(Some(n as u64)), "size {n}");
-            assert_eq!(zstd::bulk::decompress(&f, n.max(1)).unwrap(), data, "size {n}");
-            let mut streamed = Vec::new();
-            zstd::stream::copy_decode(&f[..], &mut streamed).unwrap();
-            assert_eq!(streamed, data, "size {n}");
-        }
-        // A small message (a patch, one joining peer) goes stored; a larger one compression
-        // shrinks goes compressed; citadel's client reads both.
+    fn small_map_messages_go_stored_and_large_ones_compressed() {
         let patch = MapResponse {
             peers_changed_patch: Some(vec![tailcfg::PeerChange {
                 node_id: 7,

@@ -636,8 +636,8 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
 
 /// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1): a
 /// map message a decoder copies out without building entropy tables (nexus-sim sends small
-/// ones so). Written by hand: libzstd falls back to raw blocks only after trying to compress, and its
-/// API has no way to ask for them.
+/// ones so). Written by hand: libzstd falls back to raw blocks only after trying to compress,
+/// and its API has no way to ask for them.
 pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
     // Largest block (Block_Maximum_Size); a single-segment frame's window is its content.
     const MAX_BLOCK: usize = 128 << 10;
@@ -699,6 +699,23 @@ mod tests {
             assert!(!text.contains("SECRET123"), "{text}");
             assert!(text.contains("auth_key"), "{text}");
         }
+    }
+
+    /// Stored frames are valid zstd that libzstd and [`decode_map_body`] read back, with the
+    /// content size stated, at every size class of the header and across block boundaries.
+    #[test]
+    fn stored_zstd_frames_decode_to_their_content() {
+        for n in [0usize, 1, 255, 256, 65_791, 65_792, 128 << 10, (128 << 10) + 1, 300_000] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+            let f = zstd_stored(&data);
+            assert_eq!(zstd::zstd_safe::get_frame_content_size(&f).ok(), Some(Some(n as u64)), "size {n}");
+            assert_eq!(zstd::bulk::decompress(&f, n.max(1)).unwrap(), data, "size {n}");
+            let mut streamed = Vec::new();
+            zstd::stream::copy_decode(&f[..], &mut streamed).unwrap();
+            assert_eq!(streamed, data, "size {n}");
+        }
+        let json = br#"{"PeersRemoved":[7]}"#;
+        assert_eq!(decode_map_body(&zstd_stored(json), true).unwrap().peers_removed, Some(vec![7]));
     }
 
     /// A map message that is not UTF-8 (inside a string or outside one) is an error, plain or
