@@ -51,7 +51,7 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
     // costs each member about 0.5 KB more on the wire, the price of not spending 2 µs of its
     // CPU per change. A larger one (a full map, many changes at once) is compressed, and
     // stored only if compression barely shrinks it.
-    let body = if json.len() <= STORE_UP_TO {
+    let body = if json.len() <= citadel_proto::tailcfg::STORED_UP_TO {
         citadel_proto::tailcfg::zstd_stored(&json)
     } else {
         let body = CCTX.with(|c| {
@@ -73,9 +73,6 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
     out.extend_from_slice(&body);
     out
 }
-
-/// Map messages up to this size (JSON) go as stored zstd frames (see [`encode_out`]).
-const STORE_UP_TO: usize = 2048;
 
 /// A map message whose peer entries may be JSON already serialized once for every viewer
 /// (see [`EntryCache`]); the rest is in `resp`.

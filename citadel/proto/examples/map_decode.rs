@@ -108,8 +108,8 @@ fn main() {
         ("endpoint patch", &patch, rounds),
         (&*format!("full map of {peers} peers"), &full, (rounds / peers).max(3)),
     ] {
-        // As nexus-sim sends them: up to 2 KB of JSON stored, larger compressed.
-        let z = if json.len() <= 2048 {
+        // As nexus-sim sends them: small ones stored, larger compressed.
+        let z = if json.len() <= citadel_proto::tailcfg::STORED_UP_TO {
             citadel_proto::tailcfg::zstd_stored(json.as_bytes())
         } else {
             zstd::bulk::compress(json.as_bytes(), 1).unwrap()

@@ -634,6 +634,11 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
     parse_json(&json)
 }
 
+/// Map messages up to this size (JSON) go as [`zstd_stored`] frames from nexus-sim (larger
+/// ones compressed): every member of an org decodes every delta, and a stored frame is copied
+/// out where a compressed one needs entropy tables built first.
+pub const STORED_UP_TO: usize = 2048;
+
 /// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1): a
 /// map message a decoder copies out without building entropy tables (nexus-sim sends small
 /// ones so). Written by hand: libzstd falls back to raw blocks only after trying to compress,

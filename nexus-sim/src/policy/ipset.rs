@@ -252,10 +252,10 @@ impl IpSet {
     /// consecutively numbered members is one range per family where its prefix cover runs to
     /// ~20 prefixes each, and every member decodes that list again on every join.
     pub fn range_strings(&self) -> Vec<String> {
-        let mut out = vec![];
+        let (mut out, mut one) = (vec![], vec![]);
         for (f, width) in [(0usize, 32u8), (1, 128)] {
             for &(lo, hi) in &self.ranges[f] {
-                let mut one = vec![];
+                one.clear();
                 cover(f, width, lo, hi, &mut one);
                 match one[..] {
                     [p] => out.push(p.to_string()),
