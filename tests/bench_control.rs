@@ -99,7 +99,7 @@ struct Opts {
     offline: usize,
     /// `--floor BYTES`: the transport floor instead (see [`floor`]).
     floor: Option<usize>,
-    /// `--rounds`: a line per probe round (latency, messages, each side's CPU).
+    /// `--rounds`: a line per probe round (latency, messages, each side's CPU, the machine's steal).
     rounds: bool,
 }
 
@@ -405,6 +405,20 @@ fn proc_stats(pid: u32) -> (u64, Duration) {
     (rss_kb * 1024, Duration::from_millis(ticks * 1000 / hz))
 }
 
+/// CPU time the hypervisor took from this machine's virtual CPUs so far (`steal` in
+/// `/proc/stat`; zero on bare metal): a round that took more CPU than the others for the same
+/// work shows here whether the machine, not the code, was slower then.
+fn machine_steal() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .and_then(|l| l.split_whitespace().nth(8)?.parse().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / clock_ticks())
+}
+
 /// Clock ticks per second of `/proc/PID/stat` (the bench reads /proc, so Linux only).
 fn clock_ticks() -> u64 {
     #[cfg(unix)]
@@ -621,6 +635,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let members = per_org + probes.len();
         member_rounds += members as u64;
         let (c0, g0) = cpu();
+        let steal0 = machine_steal();
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
@@ -633,13 +648,14 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
         let msgs = board.messages.load(Ordering::Relaxed) - m0;
         join_msgs += msgs;
-        let join_round = (c1 - c0, g1 - g0, msgs);
+        let join_round = (c1 - c0, g1 - g0, msgs, machine_steal().saturating_sub(steal0));
 
         // Endpoint change of that node.
         let eps = vec![format!("127.0.0.1:{}", 20000 + round), format!("[::1]:{}", 20000 + round)];
         board.seen.store(0, Ordering::Release);
         board.set_probe(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
         let (c0, g0) = cpu();
+        let steal0 = machine_steal();
         let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         tx.send(eps).await?;
@@ -652,19 +668,21 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         ep_msgs += msgs;
         if o.rounds {
             // CPU comes in clock ticks (10 ms at 100 Hz); each window ends 50 ms after the last
-            // member saw the change.
+            // member saw the change. Steal is the whole machine's over the same window.
             let per = |m: u64| m as f64 / members as f64;
             println!(
-                "round {round:>3}: join {:>8.1?} ({:.2} msg/member, CPU nexus-sim {:>6.1?} generator {:>6.1?})  \
-                 endpoint {:>8.1?} ({:.2}, {:>6.1?} / {:>6.1?})",
+                "round {round:>3}: join {:>8.1?} ({:.2} msg/member, CPU nexus-sim {:>6.1?} generator {:>6.1?}, \
+                 steal {:.1?})  endpoint {:>8.1?} ({:.2}, {:>6.1?} / {:>6.1?}, steal {:.1?})",
                 join_lat[join_lat.len() - 1],
                 per(join_round.2),
                 join_round.0,
                 join_round.1,
+                join_round.3,
                 ep_lat[ep_lat.len() - 1],
                 per(msgs),
                 c1 - c0,
-                g1 - g0
+                g1 - g0,
+                machine_steal().saturating_sub(steal0)
             );
         }
         probes.push(tx);
