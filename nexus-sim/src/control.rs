@@ -413,6 +413,11 @@ fn hostinfo_too_large(h: Option<&tailcfg::Hostinfo>) -> bool {
     h.is_some_and(|h| serde_json::to_vec(h).map_or(true, |j| j.len() > MAX_HOSTINFO))
 }
 
+/// How long a node registered with an auth key may take to open its map stream before its
+/// org's members are told of it anyway (see [`crate::store::Store::register_unannounced`]).
+/// Clients open it right after the registration's answer.
+pub(crate) const ANNOUNCE_GRACE: Duration = Duration::from_secs(1);
+
 pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> RegisterResponse {
     let now = Utc::now();
     if hostinfo_too_large(req.hostinfo.as_ref()) {
@@ -441,7 +446,7 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         let hostinfo = req.hostinfo.clone().unwrap_or_default();
-        let n = s.store.register(
+        let n = s.store.register_unannounced(
             sess.machine,
             req.node_key,
             key.user_id,
@@ -461,6 +466,12 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
+        // Its org hears of it with its first map stream, or after the grace if none comes.
+        let (later, id) = (s.clone(), n.id);
+        tokio::spawn(async move {
+            tokio::time::sleep(ANNOUNCE_GRACE).await;
+            later.store.announce(id);
+        });
         let n = s.store.update_node(n.id, |n| set_key_expiry(s, n, now)).unwrap_or(n);
         let n = crate::routes::auto_approve(s, n.id).unwrap_or(n);
         return register_ok(s, &n);

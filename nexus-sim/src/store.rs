@@ -9,7 +9,7 @@ use citadel_proto::keys::{DiscoPublic, MachinePublic, NodePublic};
 use citadel_proto::tailcfg::Hostinfo;
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Arc;
@@ -225,6 +225,9 @@ struct Data {
     by_name: HashMap<String, u64>,
     /// Highest allocation index handed out; `None` until the first registration reads it.
     max_alloc: Option<u32>,
+    /// New nodes registered but not yet told to their org (see [`Store::register_unannounced`]);
+    /// each leaves at its first map stream, its grace or its deletion.
+    unannounced: HashSet<u64>,
 }
 
 impl Data {
@@ -965,7 +968,8 @@ impl Store {
         Ok(k)
     }
 
-    /// Creates or re-keys the node of machine `mk` in org `user_id`.
+    /// Creates or re-keys the node of machine `mk` in org `user_id`; its org's members learn of
+    /// it at once.
     #[allow(clippy::too_many_arguments)]
     pub fn register(
         &self,
@@ -979,6 +983,68 @@ impl Store {
         method: &str,
         ipv4_base: Ipv4Addr,
         ipv6_base: Ipv6Addr,
+    ) -> Result<Node, StoreError> {
+        let args = (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id);
+        self.register_as(args, method, ipv4_base, ipv6_base, false)
+    }
+
+    /// [`Store::register`] for a client that opens its map stream next (a ts2021 registration):
+    /// a *new* node is told to its org's members with that stream (by [`Store::update_node_and_open`]),
+    /// in one change with its endpoints and online state, or by [`Store::announce`] if the
+    /// stream never comes. Told at registration, a join reached every member twice, the node and
+    /// then its endpoints, and in a large org the second fan-out often ran behind the first one
+    /// (the stream's request waited behind the members' deltas), doubling the join's cost. A
+    /// re-keyed node is told at once, as by [`Store::register`]. Updates before the stream
+    /// (expiry, approved routes, a "lite" endpoint update) are kept and go with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_unannounced(
+        &self,
+        mk: MachinePublic,
+        nk: NodePublic,
+        user_id: u64,
+        hostinfo: Hostinfo,
+        ephemeral: bool,
+        tags: Vec<String>,
+        auth_key_id: Option<u64>,
+        method: &str,
+        ipv4_base: Ipv4Addr,
+        ipv6_base: Ipv6Addr,
+    ) -> Result<Node, StoreError> {
+        let args = (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id);
+        self.register_as(args, method, ipv4_base, ipv6_base, true)
+    }
+
+    /// Tells node `id`'s org about it if it is still unannounced (its grace ran out before its
+    /// first map stream); otherwise nothing.
+    pub fn announce(&self, id: u64) {
+        let org = {
+            let mut d = self.data.lock();
+            if !d.unannounced.remove(&id) {
+                return;
+            }
+            d.nodes.get(&id).map(|n| n.user_id)
+        };
+        if let Some(org) = org {
+            self.emit(org, Change::Upsert(id));
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn register_as(
+        &self,
+        (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id): (
+            MachinePublic,
+            NodePublic,
+            u64,
+            Hostinfo,
+            bool,
+            Vec<String>,
+            Option<u64>,
+        ),
+        method: &str,
+        ipv4_base: Ipv4Addr,
+        ipv6_base: Ipv6Addr,
+        defer: bool,
     ) -> Result<Node, StoreError> {
         if nk.is_zero() {
             return Err(StoreError::Invalid("empty node key".into()));
@@ -1076,11 +1142,19 @@ impl Store {
             }
         };
         self.put_with_meta(&d, Some(&mk), Some(("nodes", &node.id.to_string(), &node)));
+        let defer = defer && existing.is_none();
+        if defer {
+            d.unannounced.insert(node.id);
+        }
         drop(d);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
             self.emit(u, Change::Removed(node.id));
         }
-        self.emit(user_id, Change::Upsert(node.id));
+        if defer {
+            self.all.send_modify(|g| *g += 1);
+        } else {
+            self.emit(user_id, Change::Upsert(node.id));
+        }
         Ok(node)
     }
 
@@ -1115,7 +1189,24 @@ impl Store {
             d.unindex(&old);
             d.index(&n);
         }
+        // Not told to its org yet (see `register_unannounced`): the first stream tells it, with
+        // whatever changed before; other updates only wait for that.
+        let unannounced = d.unannounced.contains(&id);
+        if unannounced && open {
+            d.unannounced.remove(&id);
+        }
         drop(d);
+        if unannounced {
+            if changed || came_online {
+                self.put("nodes", &id.to_string(), &n);
+            }
+            if open {
+                self.emit(n.user_id, Change::Upsert(id));
+            } else {
+                self.all.send_modify(|g| *g += 1);
+            }
+            return Ok(n);
+        }
         if changed || came_online {
             self.put("nodes", &id.to_string(), &n);
             if old.user_id != n.user_id {
@@ -1146,6 +1237,7 @@ impl Store {
         let n = Arc::unwrap_or_clone(n);
         d.unindex(&n);
         d.sessions.remove(&id);
+        d.unannounced.remove(&id);
         drop(d);
         self.del("nodes", &id.to_string());
         self.emit(n.user_id, Change::Removed(id));
@@ -1342,6 +1434,80 @@ mod tests {
         assert!(s.is_online(a.id));
         s.session(a.id, false);
         assert!(!s.is_online(a.id));
+    }
+
+    /// A node registered for a stream reaches its org once, with that stream (endpoints and
+    /// online state in the same entry), or when its grace runs out; updates before either wait
+    /// for it. A re-keyed node, and one registered otherwise, is told at once.
+    #[test]
+    fn an_unannounced_node_reaches_its_org_once_with_its_first_stream_or_its_grace() {
+        let s = Store::open(None).unwrap();
+        let u = s.create_user("acme", "").unwrap();
+        let unannounced = |mk: u8, nk: u8| {
+            s.register_unannounced(
+                MachinePublic([mk; 32]),
+                NodePublic([nk; 32]),
+                u.id,
+                Hostinfo { hostname: format!("n{mk}"), ..Default::default() },
+                false,
+                vec![],
+                None,
+                "authkey",
+                Ipv4Addr::new(100, 64, 0, 0),
+                "fd7a:115c:a1e0::".parse().unwrap(),
+            )
+            .unwrap()
+        };
+        let changes = |from: u64| match s.org_changes(u.id, from) {
+            (now, Since::Changes(c)) => (now, c),
+            (_, Since::Lagged) => panic!("lagged"),
+        };
+        let (seq, _) = changes(0);
+        let a = unannounced(1, 1);
+        // Stored (the API lists it, full maps hold it) but not in the org's log yet, and an
+        // update before the stream (the key expiry a registration sets) waits too.
+        assert!(s.nodes(None).iter().any(|n| n.id == a.id));
+        s.update_node(a.id, |n| {
+            n.expiry = Some(Utc::now() + chrono::Duration::days(1));
+            true
+        })
+        .unwrap();
+        assert_eq!(changes(seq).0, seq, "nothing told before the stream");
+        let ep = vec!["192.0.2.1:41641".to_string()];
+        let n = s
+            .update_node_and_open(a.id, |n| {
+                n.endpoints = ep.clone();
+                true
+            })
+            .unwrap();
+        let (seq2, c) = changes(seq);
+        assert_eq!(c.len(), 1, "one change for the join: {c:?}");
+        assert!(matches!(&*c[0], Change::Upsert(id) if *id == a.id), "{c:?}");
+        assert!(s.is_online(a.id) && n.endpoints == ep && n.expiry.is_some());
+        // Its grace running out later tells nothing more.
+        s.announce(a.id);
+        assert_eq!(changes(seq2).0, seq2);
+
+        // No stream: the grace tells it; the stream afterwards is the usual online patch.
+        let b = unannounced(2, 2);
+        assert_eq!(changes(seq2).0, seq2);
+        s.announce(b.id);
+        let (seq3, c) = changes(seq2);
+        assert!(c.len() == 1 && matches!(&*c[0], Change::Upsert(id) if *id == b.id), "{c:?}");
+        s.update_node_and_open(b.id, |_| false).unwrap();
+        let (seq4, c) = changes(seq3);
+        assert!(c.len() == 1 && matches!(&*c[0], Change::Patch(id, p) if *id == b.id && p.online == Some(true)));
+
+        // Re-keying a known machine is told at once.
+        unannounced(2, 3);
+        let (seq5, c) = changes(seq4);
+        assert!(c.len() == 1 && matches!(&*c[0], Change::Upsert(id) if *id == b.id), "{c:?}");
+        // Deleted before its stream or grace: nothing is told of it later.
+        let d = unannounced(4, 4);
+        s.delete_node(d.id).unwrap();
+        let (seq6, _) = changes(seq5);
+        s.announce(d.id);
+        assert_eq!(changes(seq6).0, seq6);
     }
 
     #[test]
