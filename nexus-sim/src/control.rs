@@ -466,11 +466,14 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
-        // Its org hears of it with its first map stream, or after the grace if none comes.
-        let (later, id) = (s.clone(), n.id);
+        // Its org hears of it with its first map stream, or after the grace if none comes (a
+        // server stopped meanwhile is not kept alive for it).
+        let (later, id) = (std::sync::Arc::downgrade(s), n.id);
         tokio::spawn(async move {
             tokio::time::sleep(ANNOUNCE_GRACE).await;
-            later.store.announce(id);
+            if let Some(s) = later.upgrade() {
+                s.store.announce(id);
+            }
         });
         let n = s.store.update_node(n.id, |n| set_key_expiry(s, n, now)).unwrap_or(n);
         let n = crate::routes::auto_approve(s, n.id).unwrap_or(n);
@@ -1679,6 +1682,38 @@ mod tests {
         assert!(next(&mut b).await.is_some());
         s.faults.drop_streams();
         while next(&mut b).await.is_some() {}
+    }
+
+    /// A node registered with an auth key reaches its org's log only with its first map
+    /// stream, or when the grace runs out if it never opens one (as a node that registers and
+    /// goes away): then its members hold it as an offline peer.
+    #[tokio::test]
+    async fn a_registered_node_that_never_streams_reaches_its_org_after_the_grace() {
+        use crate::store::{Change, Since};
+        let s = shared();
+        let u = s.store.create_user("acme", "").unwrap();
+        let key = s.store.create_key(u.id, true, false, None, vec![]).unwrap().key;
+        let (seq, _) = s.store.org_changes(u.id, 0);
+        let req = RegisterRequest {
+            version: tailcfg::CAPABILITY_VERSION,
+            node_key: NodePublic([5; 32]),
+            auth: Some(tailcfg::RegisterAuth { auth_key: key, ..Default::default() }),
+            ..Default::default()
+        };
+        let sess = Session { machine: MachinePublic([5; 32]), version: tailcfg::CAPABILITY_VERSION };
+        let r = handle_register(&s, sess, req).await;
+        assert!(r.machine_authorized && r.error.is_empty(), "{r:?}");
+        let id = s.store.nodes(Some(u.id))[0].id;
+        tokio::time::sleep(ANNOUNCE_GRACE / 2).await;
+        assert_eq!(s.store.org_changes(u.id, seq).0, seq, "told before its stream or grace");
+        // Real time: the grace, then some slack for a loaded machine.
+        let deadline = tokio::time::Instant::now() + 4 * ANNOUNCE_GRACE;
+        while s.store.org_changes(u.id, seq).0 == seq && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, Since::Changes(c)) = s.store.org_changes(u.id, seq) else { panic!("lagged") };
+        assert!(c.len() == 1 && matches!(&*c[0], Change::Upsert(n) if *n == id), "{c:?}");
+        assert!(!s.store.is_online(id));
     }
 
     #[test]
