@@ -30,6 +30,8 @@ rc=0
 cargo test --workspace -- --test-threads "$threads" --skip _on_kernel_nat || rc=$?
 real_rc=0
 wait "$real_pid" || real_rc=$?
+# It has ended: nothing to stop any more (its pid may be another process's by now).
+trap 'rm -f "$real_log"' EXIT
 echo "== tests/harness_real.rs (played beside the rest)"
 cat "$real_log"
 [ "$real_rc" -eq 0 ] || echo "test.sh: tests/harness_real.rs failed (exit $real_rc)" >&2

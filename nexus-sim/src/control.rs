@@ -466,15 +466,8 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         tracing::info!(node = n.id, user = key.user_id, "node registered with a pre-auth key");
-        // Its org hears of it with its first map stream, or after the grace if none comes (a
-        // server stopped meanwhile is not kept alive for it).
-        let (later, id) = (std::sync::Arc::downgrade(s), n.id);
-        tokio::spawn(async move {
-            tokio::time::sleep(ANNOUNCE_GRACE).await;
-            if let Some(s) = later.upgrade() {
-                s.store.announce(id);
-            }
-        });
+        // Its org hears of it with its first map stream, or after the grace if none comes.
+        s.schedule_announce(n.id);
         let n = s.store.update_node(n.id, |n| set_key_expiry(s, n, now)).unwrap_or(n);
         let n = crate::routes::auto_approve(s, n.id).unwrap_or(n);
         return register_ok(s, &n);

@@ -1145,6 +1145,9 @@ impl Store {
         let defer = defer && existing.is_none();
         if defer {
             d.unannounced.insert(node.id);
+        } else {
+            // Told now (a re-registration before its stream also tells an unannounced node).
+            d.unannounced.remove(&node.id);
         }
         drop(d);
         if let Some(u) = old_user.filter(|u| *u != user_id) {
@@ -1502,6 +1505,14 @@ mod tests {
         unannounced(2, 3);
         let (seq5, c) = changes(seq4);
         assert!(c.len() == 1 && matches!(&*c[0], Change::Upsert(id) if *id == b.id), "{c:?}");
+        // Re-registered before its stream: told then, and its stream is the online patch.
+        let c = unannounced(5, 5);
+        unannounced(5, 6);
+        let (seq55, ch) = changes(seq5);
+        assert!(ch.len() == 1 && matches!(&*ch[0], Change::Upsert(id) if *id == c.id), "{ch:?}");
+        s.update_node_and_open(c.id, |_| false).unwrap();
+        let (seq5, ch) = changes(seq55);
+        assert!(ch.len() == 1 && matches!(&*ch[0], Change::Patch(id, _) if *id == c.id), "{ch:?}");
         // Deleted before its stream or grace: nothing is told of it later.
         let d = unannounced(4, 4);
         s.delete_node(d.id).unwrap();
