@@ -446,18 +446,18 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
             }
         };
         let hostinfo = req.hostinfo.clone().unwrap_or_default();
-        let n = s.store.register_unannounced(
-            sess.machine,
-            req.node_key,
-            key.user_id,
+        let n = s.store.register_unannounced(crate::store::Registration {
+            mk: sess.machine,
+            nk: req.node_key,
+            user_id: key.user_id,
             hostinfo,
-            key.ephemeral || req.ephemeral,
-            key.acl_tags.clone(),
-            Some(key.id),
-            "authkey",
-            s.cfg.ipv4_base,
-            s.cfg.ipv6_base,
-        );
+            ephemeral: key.ephemeral || req.ephemeral,
+            tags: key.acl_tags.clone(),
+            auth_key_id: Some(key.id),
+            method: "authkey",
+            ipv4_base: s.cfg.ipv4_base,
+            ipv6_base: s.cfg.ipv6_base,
+        });
         let n = match n {
             Ok(n) => n,
             Err(e) => {

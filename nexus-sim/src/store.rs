@@ -358,6 +358,31 @@ impl Default for OrgLog {
     }
 }
 
+/// What a registration asks for: the machine and node keys, the org, what the node says of
+/// itself and how it registered (see [`Store::register`]).
+pub struct Registration<'a> {
+    /// The machine's key (the Noise session's).
+    pub mk: MachinePublic,
+    /// The node key it registers.
+    pub nk: NodePublic,
+    /// The org (user) it joins.
+    pub user_id: u64,
+    /// What the node says about itself.
+    pub hostinfo: Hostinfo,
+    /// Removed once it goes offline.
+    pub ephemeral: bool,
+    /// ACL tags (from its auth key).
+    pub tags: Vec<String>,
+    /// The auth key it used, if any.
+    pub auth_key_id: Option<u64>,
+    /// How it registered (`authkey`, `cli`, ...).
+    pub method: &'a str,
+    /// Where the tailnet's IPv4 addresses start.
+    pub ipv4_base: Ipv4Addr,
+    /// Where the tailnet's IPv6 addresses start.
+    pub ipv6_base: Ipv6Addr,
+}
+
 /// The shared store.
 #[derive(Clone)]
 pub struct Store {
@@ -984,8 +1009,8 @@ impl Store {
         ipv4_base: Ipv4Addr,
         ipv6_base: Ipv6Addr,
     ) -> Result<Node, StoreError> {
-        let args = (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id);
-        self.register_as(args, method, ipv4_base, ipv6_base, false)
+        let r = Registration { mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id, method, ipv4_base, ipv6_base };
+        self.register_as(r, false)
     }
 
     /// [`Store::register`] for a client that opens its map stream next (a ts2021 registration):
@@ -996,22 +1021,8 @@ impl Store {
     /// (the stream's request waited behind the members' deltas), doubling the join's cost. A
     /// re-keyed node is told at once, as by [`Store::register`]. Updates before the stream
     /// (expiry, approved routes, a "lite" endpoint update) are kept and go with it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn register_unannounced(
-        &self,
-        mk: MachinePublic,
-        nk: NodePublic,
-        user_id: u64,
-        hostinfo: Hostinfo,
-        ephemeral: bool,
-        tags: Vec<String>,
-        auth_key_id: Option<u64>,
-        method: &str,
-        ipv4_base: Ipv4Addr,
-        ipv6_base: Ipv6Addr,
-    ) -> Result<Node, StoreError> {
-        let args = (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id);
-        self.register_as(args, method, ipv4_base, ipv6_base, true)
+    pub fn register_unannounced(&self, r: Registration<'_>) -> Result<Node, StoreError> {
+        self.register_as(r, true)
     }
 
     /// Tells node `id`'s org about it if it is still unannounced (its grace ran out before its
@@ -1029,23 +1040,8 @@ impl Store {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn register_as(
-        &self,
-        (mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id): (
-            MachinePublic,
-            NodePublic,
-            u64,
-            Hostinfo,
-            bool,
-            Vec<String>,
-            Option<u64>,
-        ),
-        method: &str,
-        ipv4_base: Ipv4Addr,
-        ipv6_base: Ipv6Addr,
-        defer: bool,
-    ) -> Result<Node, StoreError> {
+    fn register_as(&self, r: Registration<'_>, defer: bool) -> Result<Node, StoreError> {
+        let Registration { mk, nk, user_id, hostinfo, ephemeral, tags, auth_key_id, method, ipv4_base, ipv6_base } = r;
         if nk.is_zero() {
             return Err(StoreError::Invalid("empty node key".into()));
         }
@@ -1397,6 +1393,15 @@ mod tests {
         .unwrap()
     }
 
+    /// Opens a map stream of node `id` that reports `ep` as its endpoints.
+    fn open_with_endpoints(s: &Store, id: u64, ep: &[String]) -> Node {
+        s.update_node_and_open(id, |n| {
+            n.endpoints = ep.to_vec();
+            true
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_panic_inside_an_update_leaves_the_store_usable() {
         let s = Store::open(None).unwrap();
@@ -1417,12 +1422,7 @@ mod tests {
         let a = reg(&s, 1, u.id);
         let (seq, _) = s.org_changes(u.id, 0);
         let ep = vec!["192.0.2.1:41641".to_string()];
-        let n = s
-            .update_node_and_open(a.id, |n| {
-                n.endpoints = ep.clone();
-                true
-            })
-            .unwrap();
+        let n = open_with_endpoints(&s, a.id, &ep);
         assert!(s.is_online(a.id) && n.last_seen.is_some());
         let (_, since) = s.org_changes(u.id, seq);
         let Since::Changes(c) = since else { panic!("lagged") };
@@ -1447,18 +1447,18 @@ mod tests {
         let s = Store::open(None).unwrap();
         let u = s.create_user("acme", "").unwrap();
         let unannounced = |mk: u8, nk: u8| {
-            s.register_unannounced(
-                MachinePublic([mk; 32]),
-                NodePublic([nk; 32]),
-                u.id,
-                Hostinfo { hostname: format!("n{mk}"), ..Default::default() },
-                false,
-                vec![],
-                None,
-                "authkey",
-                Ipv4Addr::new(100, 64, 0, 0),
-                "fd7a:115c:a1e0::".parse().unwrap(),
-            )
+            s.register_unannounced(Registration {
+                mk: MachinePublic([mk; 32]),
+                nk: NodePublic([nk; 32]),
+                user_id: u.id,
+                hostinfo: Hostinfo { hostname: format!("n{mk}"), ..Default::default() },
+                ephemeral: false,
+                tags: vec![],
+                auth_key_id: None,
+                method: "authkey",
+                ipv4_base: Ipv4Addr::new(100, 64, 0, 0),
+                ipv6_base: "fd7a:115c:a1e0::".parse().unwrap(),
+            })
             .unwrap()
         };
         let changes = |from: u64| match s.org_changes(u.id, from) {
@@ -1477,12 +1477,7 @@ mod tests {
         .unwrap();
         assert_eq!(changes(seq).0, seq, "nothing told before the stream");
         let ep = vec!["192.0.2.1:41641".to_string()];
-        let n = s
-            .update_node_and_open(a.id, |n| {
-                n.endpoints = ep.clone();
-                true
-            })
-            .unwrap();
+        let n = open_with_endpoints(&s, a.id, &ep);
         let (seq2, c) = changes(seq);
         assert_eq!(c.len(), 1, "one change for the join: {c:?}");
         assert!(matches!(&*c[0], Change::Upsert(id) if *id == a.id), "{c:?}");
