@@ -878,7 +878,7 @@ impl Streamer {
             Some(tmpl) => {
                 // The cursor is taken before the map is built: changes in between are sent
                 // again, which is harmless (each delta carries current state).
-                let cursor = *s.store.subscribe(me.user_id).borrow();
+                let cursor = s.store.org_seq(me.user_id);
                 let m = tmpl.build_out(s, me);
                 let filter = m.resp.packet_filter.as_deref().map(filter_print);
                 self.mode = Mode::Org { tmpl, cursor, tagged: !me.tags.is_empty(), filter };

@@ -217,6 +217,10 @@ struct Data {
     config_api_keys: Vec<String>,
     /// Node ids per org.
     by_org: HashMap<u64, BTreeSet<u64>>,
+    /// The addresses of each org's untagged nodes, kept with `by_org`: a join would otherwise
+    /// look up every member of its org (10,000 lookups in a large one) to rebuild the org's
+    /// packet filter sources.
+    org_addrs: HashMap<u64, crate::policy::ipset::IpSet>,
     /// Node id per node key.
     by_key: HashMap<NodePublic, u64>,
     /// Node id per machine key.
@@ -233,6 +237,11 @@ struct Data {
 impl Data {
     fn index(&mut self, n: &Node) {
         self.by_org.entry(n.user_id).or_default().insert(n.id);
+        if n.tags.is_empty() {
+            let set = self.org_addrs.entry(n.user_id).or_default();
+            set.add_ip(n.ipv4.into());
+            set.add_ip(n.ipv6.into());
+        }
         self.by_key.insert(n.node_key, n.id);
         self.by_machine.insert(n.machine_key, n.id);
         self.by_name.insert(n.given_name.clone(), n.id);
@@ -243,6 +252,13 @@ impl Data {
             set.remove(&n.id);
             if set.is_empty() {
                 self.by_org.remove(&n.user_id);
+            }
+        }
+        if let Some(set) = self.org_addrs.get_mut(&n.user_id).filter(|_| n.tags.is_empty()) {
+            set.remove_ip(n.ipv4.into());
+            set.remove_ip(n.ipv6.into());
+            if set.is_empty() {
+                self.org_addrs.remove(&n.user_id);
             }
         }
         if self.by_key.get(&n.node_key) == Some(&n.id) {
@@ -337,7 +353,11 @@ pub enum Since {
 }
 
 struct OrgLog {
+    /// Wakes the org's streams; its value follows `last` (set after the lock is released, so
+    /// it can trail the log for a moment).
     seq: watch::Sender<u64>,
+    /// Sequence number of the newest change in `log`.
+    last: u64,
     log: VecDeque<(u64, Arc<Change>)>,
     /// Sequence number of the last change that can alter membership (not a patch).
     member_gen: u64,
@@ -354,7 +374,14 @@ pub const ORG_GONE_LEN: usize = 4096;
 
 impl Default for OrgLog {
     fn default() -> Self {
-        OrgLog { seq: watch::channel(0).0, log: VecDeque::new(), member_gen: 0, sources: None, gone: VecDeque::new() }
+        OrgLog {
+            seq: watch::channel(0).0,
+            last: 0,
+            log: VecDeque::new(),
+            member_gen: 0,
+            sources: None,
+            gone: VecDeque::new(),
+        }
     }
 }
 
@@ -642,7 +669,8 @@ impl Store {
         self.all.send_modify(|g| *g += 1);
         let mut orgs = self.orgs.lock();
         let org = orgs.entry(user_id).or_default();
-        let seq = *org.seq.borrow() + 1;
+        let seq = org.last + 1;
+        org.last = seq;
         if !matches!(c, Change::Patch(..)) {
             org.member_gen = seq;
         }
@@ -656,14 +684,30 @@ impl Store {
         while org.log.len() > ORG_LOG_LEN {
             org.log.pop_front();
         }
-        org.seq.send_replace(seq);
+        let wake = org.seq.clone();
+        drop(orgs);
+        // Waking a large org's streams takes milliseconds (one task each); under the lock,
+        // the streams it woke first would wait for it to read the log. Two changes racing
+        // here leave the higher number.
+        wake.send_if_modified(|v| {
+            let newer = *v < seq;
+            if newer {
+                *v = seq;
+            }
+            newer
+        });
+    }
+
+    /// The sequence number of org `user_id`'s newest change (a cursor for [`Store::org_changes`]).
+    pub fn org_seq(&self, user_id: u64) -> u64 {
+        self.orgs.lock().get(&user_id).map_or(0, |o| o.last)
     }
 
     /// The current sequence number of org `user_id` and its changes after `cursor`.
     pub fn org_changes(&self, user_id: u64, cursor: u64) -> (u64, Since) {
         let orgs = self.orgs.lock();
         let Some(org) = orgs.get(&user_id) else { return (cursor, Since::Changes(vec![])) };
-        let now = *org.seq.borrow();
+        let now = org.last;
         if now <= cursor {
             return (now, Since::Changes(vec![]));
         }
@@ -707,16 +751,7 @@ impl Store {
                 return (v.clone(), set.clone());
             }
         }
-        let mut set = crate::policy::ipset::IpSet::default();
-        {
-            let d = self.data.lock();
-            for n in d.by_org.get(&user_id).into_iter().flatten().filter_map(|id| d.nodes.get(id)) {
-                if n.tags.is_empty() {
-                    set.add_ip(n.ipv4.into());
-                    set.add_ip(n.ipv6.into());
-                }
-            }
-        }
+        let set = self.data.lock().org_addrs.get(&user_id).cloned().unwrap_or_default();
         let v = Arc::new(set.range_strings());
         let set = Arc::new(set);
         org.sources = Some((org.member_gen, v.clone(), set.clone()));
@@ -1413,6 +1448,48 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(s.nodes(None).len(), 1);
         assert_eq!(s.user(u.id).unwrap().name, "acme");
+    }
+
+    /// The org's filter sources follow its untagged members through joins, tagging, moves,
+    /// re-registration into another org and deletion, and are rebuilt from a database on start:
+    /// always the addresses a scan of the org's nodes finds.
+    #[test]
+    fn org_sources_follow_membership() {
+        let scan = |s: &Store, user: u64| {
+            let mut set = crate::policy::ipset::IpSet::default();
+            for n in s.org_nodes(user).iter().filter(|n| n.tags.is_empty()) {
+                set.add_ip(n.ipv4.into());
+                set.add_ip(n.ipv6.into());
+            }
+            set.range_strings()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nexus.db");
+        let s = Store::open(Some(&path)).unwrap();
+        let (a, b) = (s.create_user("a", "").unwrap().id, s.create_user("b", "").unwrap().id);
+        let n: Vec<Node> = (1..=6).map(|k| reg(&s, k, if k % 2 == 0 { b } else { a })).collect();
+        let check = |s: &Store, when: &str| {
+            for u in [a, b] {
+                assert_eq!(*s.org_member_sources(u), scan(s, u), "org {u} {when}");
+            }
+        };
+        check(&s, "after the joins");
+        assert_eq!(s.org_member_sources(a).len(), 6, "three single addresses per family");
+        s.set_tags(n[2].id, vec!["tag:server".into()]).unwrap();
+        check(&s, "after tagging");
+        s.move_node(n[0].id, b).unwrap();
+        check(&s, "after a move");
+        reg(&s, 5, b);
+        check(&s, "after re-registering into the other org");
+        s.delete_node(n[3].id).unwrap();
+        check(&s, "after a delete");
+        s.set_tags(n[2].id, vec![]).unwrap();
+        check(&s, "after untagging");
+        let before: Vec<_> = [a, b].iter().map(|u| s.org_member_sources(*u)).collect();
+        drop(s);
+        let s = Store::open(Some(&path)).unwrap();
+        check(&s, "after a restart");
+        assert_eq!([a, b].iter().map(|u| s.org_member_sources(*u)).collect::<Vec<_>>(), before);
     }
 
     #[test]

@@ -180,6 +180,11 @@ impl IpSet {
         r.splice(i..j, [(nlo, nhi)]);
     }
 
+    /// Removes one address.
+    pub fn remove_ip(&mut self, ip: IpAddr) {
+        self.remove_prefix(Prefix { addr: ip, len: bits(&ip) });
+    }
+
     /// Removes a prefix.
     pub fn remove_prefix(&mut self, p: Prefix) {
         let (f, lo, hi) = p.range();
