@@ -218,6 +218,10 @@ struct Board {
     /// readers of one lock on every message made its line bounce between the cores).
     round: AtomicU64,
     seen: AtomicUsize,
+    /// When the first member saw the current probe, in nanoseconds after `epoch`: a fan-out's
+    /// start apart from its length.
+    first_seen: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
     messages: AtomicU64,
     joined: AtomicUsize,
     /// Fewest peers any member's first (full) map held.
@@ -232,6 +236,15 @@ impl Board {
         let round = p.round;
         *self.probe.write().unwrap() = Some(p);
         self.round.store(round, Ordering::Release);
+    }
+
+    fn since_epoch(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(*self.epoch.get_or_init(Instant::now)).as_nanos() as u64
+    }
+
+    /// How long after `start` the first member saw the probe.
+    fn first_after(&self, start: Instant) -> Duration {
+        Duration::from_nanos(self.first_seen.load(Ordering::Acquire).saturating_sub(self.since_epoch(start)))
     }
 }
 
@@ -383,7 +396,9 @@ async fn member(
         if let Some(p) = probe.as_ref().filter(|p| p.org == org && p.key != me && p.round != done_round) {
             if view.holds(&p) {
                 done_round = p.round;
-                board.seen.fetch_add(1, Ordering::AcqRel);
+                if board.seen.fetch_add(1, Ordering::AcqRel) == 0 {
+                    board.first_seen.store(board.since_epoch(Instant::now()), Ordering::Release);
+                }
             }
         }
     }
@@ -561,6 +576,7 @@ async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
 async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyhow::Result<()> {
     let server = fetch_server_key(&TokioNet, &url, TIMEOUT).await?;
     let board = Arc::new(Board { min_first_peers: AtomicUsize::new(usize::MAX), ..Default::default() });
+    board.epoch.get_or_init(Instant::now);
     let (rss0, _) = proc_stats(server_pid);
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency));
     let reg = register_offline(&o, &url, &server, &keys, &sem, server_pid).await?;
@@ -615,6 +631,9 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     );
 
     let mut join_lat = vec![];
+    // From a join's start to the first member holding it: registration, the joiner's map
+    // request and the start of the fan-out, before it is spread over the org.
+    let mut first_lat = vec![];
     let mut ep_lat = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // The load generator's own CPU over the same windows: it shares the machine's cores with
@@ -643,6 +662,8 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         spawn_member(c, 0, &board, o.apply, Some(rx));
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
+        let join_first = board.first_after(start);
+        first_lat.push(join_first);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
@@ -661,6 +682,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         tx.send(eps).await?;
         wait_seen(&board, members).await?;
         ep_lat.push(start.elapsed());
+        let ep_first = board.first_after(start);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (ep_cpu, gen_ep_cpu) = (ep_cpu + (c1 - c0), gen_ep_cpu + (g1 - g0));
@@ -671,14 +693,17 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
             // member saw the change. Steal is the whole machine's over the same window.
             let per = |m: u64| m as f64 / members as f64;
             println!(
-                "round {round:>3}: join {:>8.1?} ({:.2} msg/member, CPU nexus-sim {:>6.1?} generator {:>6.1?}, \
-                 steal {:.1?})  endpoint {:>8.1?} ({:.2}, {:>6.1?} / {:>6.1?}, steal {:.1?})",
+                "round {round:>3}: join {:>8.1?} (first member {:>6.1?}, {:.2} msg/member, CPU nexus-sim {:>6.1?} \
+                 generator {:>6.1?}, steal {:.1?})  endpoint {:>8.1?} (first {:>6.1?}, {:.2}, {:>6.1?} / {:>6.1?}, \
+                 steal {:.1?})",
                 join_lat[join_lat.len() - 1],
+                join_first,
                 per(join_round.2),
                 join_round.0,
                 join_round.1,
                 join_round.3,
                 ep_lat[ep_lat.len() - 1],
+                ep_first,
                 per(msgs),
                 c1 - c0,
                 g1 - g0,
@@ -698,6 +723,11 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         o.orgs,
         per_org + o.probes,
         if o.apply { "full NetMap apply" } else { "probe tracking only" }
+    );
+    println!(
+        "join -> the first member holds it     p50 {:>8.1?}  p99 {:>8.1?}",
+        pct(&mut first_lat, 0.5),
+        pct(&mut first_lat, 0.99)
     );
     println!(
         "join -> every member's map holds it   p50 {:>8.1?}  p99 {:>8.1?}",
