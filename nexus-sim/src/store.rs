@@ -649,7 +649,8 @@ impl Store {
     }
 
     /// Subscribes to changes of org `user_id`'s nodes; the value is the sequence number of the
-    /// org's last change (read the changes with [`Store::org_changes`]).
+    /// org's last change whose wake went out (read the changes with [`Store::org_changes`],
+    /// which may already hold newer ones).
     pub fn subscribe(&self, user_id: u64) -> watch::Receiver<u64> {
         self.orgs.lock().entry(user_id).or_default().seq.subscribe()
     }
