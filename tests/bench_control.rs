@@ -218,10 +218,9 @@ struct Board {
     /// readers of one lock on every message made its line bounce between the cores).
     round: AtomicU64,
     seen: AtomicUsize,
-    /// When the first member saw the current probe, in nanoseconds after `epoch`: a fan-out's
-    /// start apart from its length.
-    first_seen: AtomicU64,
-    epoch: std::sync::OnceLock<Instant>,
+    /// When the first member saw the current probe (set by the member that made `seen` 1): a
+    /// fan-out's start apart from its length.
+    first_seen: std::sync::Mutex<Option<Instant>>,
     messages: AtomicU64,
     joined: AtomicUsize,
     /// Fewest peers any member's first (full) map held.
@@ -238,13 +237,9 @@ impl Board {
         self.round.store(round, Ordering::Release);
     }
 
-    fn since_epoch(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(*self.epoch.get_or_init(Instant::now)).as_nanos() as u64
-    }
-
     /// How long after `start` the first member saw the probe.
     fn first_after(&self, start: Instant) -> Duration {
-        Duration::from_nanos(self.first_seen.load(Ordering::Acquire).saturating_sub(self.since_epoch(start)))
+        self.first_seen.lock().unwrap().map_or(Duration::ZERO, |t| t.saturating_duration_since(start))
     }
 }
 
@@ -397,7 +392,7 @@ async fn member(
             if view.holds(&p) {
                 done_round = p.round;
                 if board.seen.fetch_add(1, Ordering::AcqRel) == 0 {
-                    board.first_seen.store(board.since_epoch(Instant::now()), Ordering::Release);
+                    *board.first_seen.lock().unwrap() = Some(Instant::now());
                 }
             }
         }
@@ -576,7 +571,6 @@ async fn wait_seen(board: &Board, want: usize) -> anyhow::Result<()> {
 async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyhow::Result<()> {
     let server = fetch_server_key(&TokioNet, &url, TIMEOUT).await?;
     let board = Arc::new(Board { min_first_peers: AtomicUsize::new(usize::MAX), ..Default::default() });
-    board.epoch.get_or_init(Instant::now);
     let (rss0, _) = proc_stats(server_pid);
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency));
     let reg = register_offline(&o, &url, &server, &keys, &sem, server_pid).await?;

@@ -254,9 +254,11 @@ impl Data {
                 self.by_org.remove(&n.user_id);
             }
         }
-        if let Some(set) = self.org_addrs.get_mut(&n.user_id).filter(|_| n.tags.is_empty()) {
-            set.remove_ip(n.ipv4.into());
-            set.remove_ip(n.ipv6.into());
+        if let Some(set) = self.org_addrs.get_mut(&n.user_id) {
+            if n.tags.is_empty() {
+                set.remove_ip(n.ipv4.into());
+                set.remove_ip(n.ipv6.into());
+            }
             if set.is_empty() {
                 self.org_addrs.remove(&n.user_id);
             }
