@@ -315,7 +315,7 @@ async fn exit_node_run(lab: &exit_lab::Lab) {
     // the exit routes.
     let wg_key = PrivateKey::generate(&mut rand::thread_rng());
     let mut hi = citadel::tailcfg::Hostinfo { hostname: "exit".into(), ..Default::default() };
-    hi.rest.insert("RoutableIPs".into(), serde_json::json!(["0.0.0.0/0", "::/0"]));
+    hi.rest.insert("RoutableIPs", serde_json::json!(["0.0.0.0/0", "::/0"]));
     let exit = st
         .register(
             MachinePublic([9; 32]),

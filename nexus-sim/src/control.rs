@@ -1112,9 +1112,7 @@ async fn map(
                 changed = true;
             }
             if let Some(h) = &hi {
-                let region =
-                    h.rest.get("NetInfo").and_then(|ni| ni.get("PreferredDERP")).and_then(|r| r.as_i64()).unwrap_or(0)
-                        as i32;
+                let region = h.rest.get("NetInfo").and_then(|ni| ni.get("PreferredDERP")?.as_i64()).unwrap_or(0) as i32;
                 if region != 0 && n.home_derp != region {
                     n.home_derp = region;
                     changed = true;
@@ -1912,7 +1910,7 @@ mod tests {
         for k in [1, 2] {
             let r = reg(&s, k, org, vec![]);
             let mut h = r.hostinfo.clone();
-            h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16"]));
+            h.rest.insert("RoutableIPs", serde_json::json!(["10.1.0.0/16"]));
             s.store
                 .update_node(r.id, |n| {
                     n.hostinfo = h;

@@ -803,7 +803,7 @@ mod tests {
         }
 
         let mut big = Hostinfo::default();
-        big.rest.insert("Padding".into(), serde_json::Value::String("x".repeat(2 << 20)));
+        big.rest.insert("Padding", serde_json::Value::String("x".repeat(2 << 20)));
         let req = RegisterRequest { node_key: NodePublic(key(1)), hostinfo: Some(big), ..Default::default() };
         let sess = control::Session { machine: MachinePublic(key(1)), version: 130 };
         let resp = control::handle_register(&s, sess, req).await;

@@ -88,7 +88,8 @@ pub fn parse_approved(routes: &[String]) -> Result<Vec<String>, RouteError> {
 /// are ignored, at most [`MAX_ROUTES`] are kept.
 pub fn advertised(h: &Hostinfo) -> Vec<Prefix> {
     let mut out: BTreeSet<Prefix> = BTreeSet::new();
-    for v in h.rest.get("RoutableIPs").and_then(|v| v.as_array()).into_iter().flatten().take(MAX_ROUTES) {
+    let routable = h.rest.get("RoutableIPs");
+    for v in routable.as_ref().and_then(|v| v.as_array()).into_iter().flatten().take(MAX_ROUTES) {
         if let Some(p) = v.as_str().filter(|s| s.contains('/')).and_then(Prefix::parse) {
             out.insert(p);
         }
@@ -241,7 +242,7 @@ mod tests {
 
     fn node(id: u64, advertised: &[&str], approved: &[&str]) -> Node {
         let mut h = Hostinfo::default();
-        h.rest.insert("RoutableIPs".into(), serde_json::json!(advertised));
+        h.rest.insert("RoutableIPs", serde_json::json!(advertised));
         Node {
             id,
             machine_key: Default::default(),
@@ -329,7 +330,7 @@ mod tests {
             .unwrap();
         let u = s.store.create_user("acme", "").unwrap();
         let mut h = Hostinfo { hostname: "r".into(), ..Default::default() };
-        h.rest.insert("RoutableIPs".into(), serde_json::json!(["10.1.0.0/16", "192.168.0.0/24", "0.0.0.0/0"]));
+        h.rest.insert("RoutableIPs", serde_json::json!(["10.1.0.0/16", "192.168.0.0/24", "0.0.0.0/0"]));
         let key = citadel_proto::keys::NodePublic([7; 32]);
         let n = s
             .store

@@ -83,7 +83,7 @@ async fn approved_and_advertised_routes_reach_peers_maps() {
     let u = st.create_user("acme", "").unwrap();
     let reg = |k: u8, routes: &[&str]| {
         let mut h = Hostinfo { hostname: format!("n{k}"), ..Default::default() };
-        h.rest.insert("RoutableIPs".into(), json!(routes));
+        h.rest.insert("RoutableIPs", json!(routes));
         register_online(&n, k, u.id, h)
     };
     let router = reg(1, &["10.1.0.0/16", "10.2.0.0/16", "0.0.0.0/0", "::/0"]);
@@ -239,7 +239,7 @@ async fn put_policy(url: &str, text: &str) -> (u16, Value) {
 
 fn hostinfo(name: &str, routes: &[&str]) -> Hostinfo {
     let mut h = Hostinfo { hostname: name.into(), ..Default::default() };
-    h.rest.insert("RoutableIPs".into(), json!(routes));
+    h.rest.insert("RoutableIPs", json!(routes));
     h
 }
 
