@@ -114,6 +114,37 @@ async fn restart_reuses_identity_and_ip_without_a_key() {
     assert!(matches!(e, ConnectError::State(citadel::state::StateError::Locked(_))), "{e}");
 }
 
+/// netmap.json (what the next start serves while it connects) follows the map after the first
+/// one: peers that join or leave later are in it within the rewrite interval.
+#[tokio::test]
+async fn the_netmap_cache_follows_later_changes() {
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("a");
+    let a = Mesh::connect(cfg(&nx.url(), Some(&key), &dir, "a")).await.unwrap();
+    let cached_peers = || {
+        let nm: citadel::netmap::NetMap =
+            serde_json::from_slice(&std::fs::read(dir.join("netmap.json")).unwrap_or_default()).unwrap_or_default();
+        let mut names: Vec<String> = nm.peers.values().map(citadel::netmap::short_name).collect();
+        names.sort();
+        names
+    };
+    let mut joined = vec![];
+    for name in ["b", "c", "d"] {
+        joined.push(Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join(name), name)).await.unwrap());
+    }
+    assert!(eventually(Duration::from_secs(5), || peer_names(&a).len() == 3).await, "{:?}", peer_names(&a));
+    assert!(eventually(Duration::from_secs(5), || cached_peers() == ["b", "c", "d"]).await, "{:?}", cached_peers());
+    drop(joined.pop());
+    nx.running
+        .shared
+        .store
+        .delete_node(nx.running.shared.store.nodes(None).iter().find(|n| n.hostname == "d").unwrap().id)
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || cached_peers() == ["b", "c"]).await, "{:?}", cached_peers());
+}
+
 #[tokio::test]
 async fn bad_keys_unreachable_nexus_and_corrupt_state_are_clear_errors() {
     let nx = Nexus::start().await;

@@ -564,20 +564,59 @@ impl Inner {
             changed
         });
         if changed {
-            let nm = self.netmap.borrow().clone();
-            if nm.self_node.key_expiry.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()) {
+            // Only this node's part is read here: a copy of the whole map per change cost a
+            // member of a large org more than the change (netmap.json follows in
+            // `cache_netmap`).
+            let (expired, addresses, org) = {
+                let nm = self.netmap.borrow();
+                let e = nm.self_node.key_expiry;
+                (
+                    e.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()),
+                    nm.self_node.addresses.clone(),
+                    nm.org(),
+                )
+            };
+            if expired {
                 tracing::warn!("Nexus reports this node's key as expired");
             }
             let mut info = self.info.lock().unwrap();
-            info.addresses = nm.self_node.addresses.clone();
-            let org = nm.org();
+            info.addresses = addresses;
             if !org.is_empty() {
                 info.org = org;
             }
             self.save_info(&info)?;
-            self.state.write_cache("netmap.json", &nm)?;
         }
         Ok(())
+    }
+}
+
+/// How often netmap.json is rewritten at most while the map keeps changing.
+const NETMAP_CACHE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps netmap.json (the last netmap, read at the next start) current: written after the map
+/// changes, at most once per [`NETMAP_CACHE_EVERY`]; changes in between go out together. The
+/// file is the whole map (megabytes at 10,000 peers), and a large org changes many times a
+/// second: written on every change, it cost every member a serialization and a file per change.
+/// The map is serialized under the watch's read lock and written after it is released. Ends
+/// with the mesh (the netmap's sender dropped); a mesh that was dropped has released its state
+/// directory, so a last wake writes nothing.
+async fn cache_netmap(inner: std::sync::Weak<Inner>, mut netmap: watch::Receiver<NetMap>) {
+    let in_place = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
+    while netmap.changed().await.is_ok() {
+        let bytes = serde_json::to_vec(&*netmap.borrow_and_update()).expect("netmap serializes");
+        let Some(inner) = inner.upgrade() else { return };
+        // As at start: a current-thread runtime (the simulator's hosts) writes in place.
+        let written = if in_place {
+            inner.state.write_cache_bytes("netmap.json", &bytes)
+        } else {
+            tokio::task::spawn_blocking(move || inner.state.write_cache_bytes("netmap.json", &bytes))
+                .await
+                .unwrap_or(Ok(()))
+        };
+        if let Err(e) = written {
+            tracing::warn!("saving the netmap cache: {e}");
+        }
+        tokio::time::sleep(NETMAP_CACHE_EVERY).await;
     }
 }
 
@@ -642,6 +681,7 @@ impl Mesh {
             key_renewals: Default::default(),
             saving: Mutex::new(None),
         });
+        tokio::spawn(cache_netmap(Arc::downgrade(&inner), inner.netmap.subscribe()));
         // On a multi-thread runtime the write overlaps the data plane start and the dial. A
         // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
         // step of a simulated join happens never depends on the real disk.

@@ -245,11 +245,15 @@ impl StateDir {
     /// Writes a cache file atomically (rename) but without fsync: after a crash it may be
     /// missing or stale, never half-written; readers treat it as optional.
     pub fn write_cache<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        self.write_cache_bytes(name, &serde_json::to_vec(value).expect("state serializes"))
+    }
+
+    /// [`StateDir::write_cache`] of bytes serialized already.
+    pub fn write_cache_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
         if !self.held() {
             return Ok(());
         }
-        let bytes = serde_json::to_vec(value).expect("state serializes");
-        write_atomic(&self.path.join(name), &bytes, false)
+        write_atomic(&self.path.join(name), bytes, false)
     }
 
     /// Loads the identity, creating and saving fresh keys on first use.
