@@ -603,8 +603,8 @@ const NETMAP_CACHE_EVERY: Duration = Duration::from_secs(2);
 async fn cache_netmap(inner: std::sync::Weak<Inner>, mut netmap: watch::Receiver<NetMap>) {
     let in_place = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
     while netmap.changed().await.is_ok() {
-        let bytes = serde_json::to_vec(&*netmap.borrow_and_update()).expect("netmap serializes");
         let Some(inner) = inner.upgrade() else { return };
+        let bytes = serde_json::to_vec(&*netmap.borrow_and_update()).expect("netmap serializes");
         // As at start: a current-thread runtime (the simulator's hosts) writes in place.
         let written = if in_place {
             inner.state.write_cache_bytes("netmap.json", &bytes)
