@@ -114,8 +114,9 @@ async fn restart_reuses_identity_and_ip_without_a_key() {
     assert!(matches!(e, ConnectError::State(citadel::state::StateError::Locked(_))), "{e}");
 }
 
-/// netmap.json (what the next start serves while it connects) follows the map after the first
-/// one: peers that join or leave later are in it within the rewrite interval.
+/// netmap.json (what the next start serves while it connects) holds the first map when
+/// `connect` returns and follows the map after it: peers that join or leave later are in it
+/// within the rewrite interval.
 #[tokio::test]
 async fn the_netmap_cache_follows_later_changes() {
     let nx = Nexus::start().await;
@@ -123,6 +124,10 @@ async fn the_netmap_cache_follows_later_changes() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("a");
     let a = Mesh::connect(cfg(&nx.url(), Some(&key), &dir, "a")).await.unwrap();
+    // The first map is on disk when `connect` returns (`citadel netcheck` reads it).
+    let first: citadel::netmap::NetMap =
+        serde_json::from_slice(&std::fs::read(dir.join("netmap.json")).unwrap()).unwrap();
+    assert_eq!(first.self_node.key, a.node_key());
     let cached_peers = || {
         let nm: citadel::netmap::NetMap =
             serde_json::from_slice(&std::fs::read(dir.join("netmap.json")).unwrap_or_default()).unwrap_or_default();

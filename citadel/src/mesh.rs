@@ -593,8 +593,9 @@ impl Inner {
 /// How often netmap.json is rewritten at most while the map keeps changing.
 const NETMAP_CACHE_EVERY: Duration = Duration::from_secs(2);
 
-/// Keeps netmap.json (the last netmap, read at the next start) current: written after the map
-/// changes, at most once per [`NETMAP_CACHE_EVERY`]; changes in between go out together. The
+/// Keeps netmap.json (the last netmap, read at the next start) current after the first map
+/// (written by `Mesh::start`): written after the map changes, at most once per
+/// [`NETMAP_CACHE_EVERY`]; changes in between go out together. The
 /// file is the whole map (megabytes at 10,000 peers), and a large org changes many times a
 /// second: written on every change, it cost every member a serialization and a file per change.
 /// The map is serialized under the watch's read lock and written after it is released. Ends
@@ -681,7 +682,6 @@ impl Mesh {
             key_renewals: Default::default(),
             saving: Mutex::new(None),
         });
-        tokio::spawn(cache_netmap(Arc::downgrade(&inner), inner.netmap.subscribe()));
         // On a multi-thread runtime the write overlaps the data plane start and the dial. A
         // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
         // step of a simulated join happens never depends on the real disk.
@@ -741,6 +741,11 @@ impl Mesh {
         inner.apply(&first)?;
         // The server key pinned by this start, even if the first map changed nothing.
         inner.save_info(&inner.info.lock().unwrap().clone())?;
+        // The first map is on disk before `connect` returns (`citadel netcheck` reads its DERP
+        // map there); later ones follow from `cache_netmap`, which sees only later changes.
+        let first_map = serde_json::to_vec(&*inner.netmap.borrow()).expect("netmap serializes");
+        inner.state.write_cache_bytes("netmap.json", &first_map)?;
+        tokio::spawn(cache_netmap(Arc::downgrade(&inner), inner.netmap.subscribe()));
         let mut net_info = net_info;
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
         inner.connected.send_replace(true);
