@@ -266,6 +266,8 @@ struct Inner {
     /// The state files written at start, in the background until the server is first told
     /// the node key (see [`Inner::saved`]).
     saving: Mutex<Option<tokio::task::JoinHandle<Result<(), StateError>>>>,
+    /// `node.json` as this process last wrote it (or as the start found or batched it).
+    info_on_disk: Mutex<NodeInfo>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -409,14 +411,19 @@ impl Inner {
         }
     }
 
-    /// Writes `node.json` if it differs from the copy on disk.
+    /// Writes `node.json` if it differs from the copy on disk. That copy is kept here, not read
+    /// back: this runs on every netmap change, and only this process (holding the state lock)
+    /// writes the file.
     fn save_info(&self, info: &NodeInfo) -> Result<(), StateError> {
-        match self.state.read::<NodeInfo>("node.json").ok().flatten() {
-            Some(on_disk) if on_disk == *info => Ok(()),
-            // A durable version exists: after a crash either one is a valid state.
-            Some(_) => self.state.replace("node.json", info),
-            None => self.state.write("node.json", info),
+        let mut on_disk = self.info_on_disk.lock().unwrap();
+        if *on_disk == *info {
+            return Ok(());
         }
+        // A durable version exists (the start wrote it before the map stream opened): after a
+        // crash either one is a valid state.
+        self.state.replace("node.json", info)?;
+        on_disk.clone_from(info);
+        Ok(())
     }
 
     /// A register request for our node key; the auth key only when the session asks for it.
@@ -599,21 +606,24 @@ const NETMAP_CACHE_EVERY: Duration = Duration::from_secs(2);
 /// file is the whole map (megabytes at 10,000 peers), and a large org changes many times a
 /// second: written on every change, it cost every member a serialization and a file per change.
 /// The map is serialized under the watch's read lock and written after it is released. Ends
-/// with the mesh (the netmap's sender dropped); a mesh that was dropped has released its state
-/// directory, so a last wake writes nothing.
+/// with the mesh (the netmap's sender dropped); after a stop (logout, drop) a wake writes
+/// nothing.
 async fn cache_netmap(inner: std::sync::Weak<Inner>, mut netmap: watch::Receiver<NetMap>) {
     let in_place = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
     while netmap.changed().await.is_ok() {
         let Some(inner) = inner.upgrade() else { return };
         let bytes = serde_json::to_vec(&*netmap.borrow_and_update()).expect("netmap serializes");
-        // As at start: a current-thread runtime (the simulator's hosts) writes in place.
-        let written = if in_place {
+        // Under the stop flag's read lock: `logout` raises it before it clears the directory,
+        // so it waits for a write in progress, and no write comes after it.
+        let write = move || {
+            let stopped = inner.stop.borrow();
+            if *stopped {
+                return Ok(());
+            }
             inner.state.write_cache_bytes("netmap.json", &bytes)
-        } else {
-            tokio::task::spawn_blocking(move || inner.state.write_cache_bytes("netmap.json", &bytes))
-                .await
-                .unwrap_or(Ok(()))
         };
+        // As at start: a current-thread runtime (the simulator's hosts) writes in place.
+        let written = if in_place { write() } else { tokio::task::spawn_blocking(write).await.unwrap_or(Ok(())) };
         if let Err(e) = written {
             tracing::warn!("saving the netmap cache: {e}");
         }
@@ -669,6 +679,7 @@ impl Mesh {
         let inner = Arc::new(Inner {
             state,
             id,
+            info_on_disk: Mutex::new(info.clone()),
             info: Mutex::new(info),
             cfg: cfg.clone(),
             netmap: watch::channel(cached).0,
@@ -743,8 +754,7 @@ impl Mesh {
         inner.save_info(&inner.info.lock().unwrap().clone())?;
         // The first map is on disk before `connect` returns (`citadel netcheck` reads its DERP
         // map there); later ones follow from `cache_netmap`, which sees only later changes.
-        let first_map = serde_json::to_vec(&*inner.netmap.borrow()).expect("netmap serializes");
-        inner.state.write_cache_bytes("netmap.json", &first_map)?;
+        inner.state.write_cache("netmap.json", &*inner.netmap.borrow())?;
         tokio::spawn(cache_netmap(Arc::downgrade(&inner), inner.netmap.subscribe()));
         let mut net_info = net_info;
         settle_net_info(&inner, &mut conn, &mut stream, &mut net_info).await;
