@@ -748,7 +748,7 @@ impl Mesh {
         .await
         .map_err(|_| ConnectError::NoMap(cfg.timeout))??;
         tracing::debug!("first netmap");
-        inner.netmap.send_modify(|nm| nm.peers.clear());
+        inner.netmap.send_modify(|nm| nm.clear_peers());
         inner.apply(&first)?;
         // The server key pinned by this start, even if the first map changed nothing.
         inner.save_info(&inner.info.lock().unwrap().clone())?;

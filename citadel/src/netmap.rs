@@ -3,7 +3,8 @@
 
 use crate::tailcfg::{DerpMap, FilterRule, MapResponse, Node, UserProfile};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The current network map.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -20,6 +21,106 @@ pub struct NetMap {
     pub users: BTreeMap<i64, UserProfile>,
     /// Tailnet domain.
     pub domain: String,
+    /// What [`NetMap::apply`] changed, for readers that follow the map in steps (the data
+    /// plane, which would otherwise rebuild every peer on every change). Bookkeeping, not map
+    /// content: not serialized, ignored by `==`, and a clone starts a log of its own. Code that
+    /// changes `peers`, `self_node`, `packet_filter` or `derp_map` in a watched map other than
+    /// through `apply` or [`NetMap::clear_peers`] must call [`ChangeLog::touch_all`].
+    #[serde(skip)]
+    pub changes: ChangeLog,
+}
+
+/// The part of a map one change touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Peer(i64),
+    SelfNode,
+    Filter,
+    DerpMap,
+    /// The peer list was replaced, or the map changed in ways the log did not record.
+    All,
+}
+
+/// Changes kept: a reader further behind rebuilds from the whole map.
+const LOG_LEN: usize = 1024;
+
+/// Numbers the logs: a reader's cursor from another log (another map, a copy, a map read
+/// from disk) never matches.
+static LINEAGE: AtomicU64 = AtomicU64::new(1);
+
+/// The change log of a [`NetMap`] (see [`NetMap::changes`]): numbered changes, the latest
+/// [`LOG_LEN`] kept.
+pub struct ChangeLog {
+    lineage: u64,
+    seq: u64,
+    log: VecDeque<(u64, Part)>,
+}
+
+impl ChangeLog {
+    fn note(&mut self, part: Part) {
+        self.seq += 1;
+        if self.log.len() == LOG_LEN {
+            self.log.pop_front();
+        }
+        self.log.push_back((self.seq, part));
+    }
+
+    /// Records that the map changed in ways not logged part by part: every reader takes the
+    /// whole map at its next look.
+    pub fn touch_all(&mut self) {
+        self.note(Part::All);
+    }
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        ChangeLog { lineage: LINEAGE.fetch_add(1, Ordering::Relaxed), seq: 0, log: VecDeque::new() }
+    }
+}
+
+/// A copy is a map of its own: its readers start from the whole of it.
+impl Clone for ChangeLog {
+    fn clone(&self) -> Self {
+        ChangeLog::default()
+    }
+}
+
+/// Not map content: two maps with the same content are equal whatever their logs.
+impl PartialEq for ChangeLog {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ChangeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChangeLog({}:{})", self.lineage, self.seq)
+    }
+}
+
+/// Where a reader of a map's [`ChangeLog`] stands (see [`NetMap::changes_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    lineage: u64,
+    seq: u64,
+}
+
+/// What changed in a map since a [`Cursor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Take the whole map: another map, a reader too far behind, or a peer list replaced.
+    Everything,
+    /// Only these parts changed (all empty or false: nothing).
+    Parts {
+        /// Peers (by node ID) added, removed or changed.
+        peers: BTreeSet<i64>,
+        /// This node's own entry.
+        self_node: bool,
+        /// The packet filter.
+        filter: bool,
+        /// The DERP map.
+        derp_map: bool,
+    },
 }
 
 impl NetMap {
@@ -31,13 +132,22 @@ impl NetMap {
     pub fn apply(&mut self, r: &MapResponse) -> bool {
         let mut changed = false;
         if let Some(n) = &r.node {
-            changed |= set(&mut self.self_node, n);
+            if set(&mut self.self_node, n) {
+                self.changes.note(Part::SelfNode);
+                changed = true;
+            }
         }
         if let Some(d) = &r.derp_map {
-            changed |= set(&mut self.derp_map, d);
+            if set(&mut self.derp_map, d) {
+                self.changes.note(Part::DerpMap);
+                changed = true;
+            }
         }
         if let Some(f) = &r.packet_filter {
-            changed |= set(&mut self.packet_filter, f);
+            if set(&mut self.packet_filter, f) {
+                self.changes.note(Part::Filter);
+                changed = true;
+            }
         }
         for u in &r.user_profiles {
             match self.users.get_mut(&u.id) {
@@ -56,53 +166,108 @@ impl NetMap {
         // Removals and patches of peers this node does not know are ignored.
         if let Some(peers) = &r.peers {
             let peers: BTreeMap<i64, Node> = peers.iter().map(|p| (p.id, p.clone())).collect();
-            changed |= peers != self.peers;
-            self.peers = peers;
+            if peers != self.peers {
+                self.peers = peers;
+                self.changes.note(Part::All);
+                changed = true;
+            }
             return changed;
         }
         for id in r.peers_removed.iter().flatten() {
-            changed |= self.peers.remove(id).is_some();
+            if self.peers.remove(id).is_some() {
+                self.changes.note(Part::Peer(*id));
+                changed = true;
+            }
         }
         for p in r.peers_changed.iter().flatten() {
-            match self.peers.get_mut(&p.id) {
-                Some(old) => changed |= set(old, p),
+            let new = match self.peers.get_mut(&p.id) {
+                Some(old) => set(old, p),
                 None => {
                     self.peers.insert(p.id, p.clone());
-                    changed = true;
+                    true
                 }
+            };
+            if new {
+                self.changes.note(Part::Peer(p.id));
+                changed = true;
             }
         }
         for (id, online) in r.online_change.iter().flatten() {
             if let Some(p) = self.peers.get_mut(id) {
-                changed |= set(&mut p.online, &Some(*online));
+                if set(&mut p.online, &Some(*online)) {
+                    self.changes.note(Part::Peer(*id));
+                    changed = true;
+                }
             }
         }
         for c in r.peers_changed_patch.iter().flatten() {
             let Some(p) = self.peers.get_mut(&c.node_id) else { continue };
+            let mut patched = false;
             if let Some(r) = c.derp_region {
-                changed |= set(&mut p.home_derp, &r);
-                changed |= set(&mut p.derp, &if r > 0 { format!("127.3.3.40:{r}") } else { String::new() });
+                patched |= set(&mut p.home_derp, &r);
+                patched |= set(&mut p.derp, &if r > 0 { format!("127.3.3.40:{r}") } else { String::new() });
             }
             if let Some(e) = &c.endpoints {
-                changed |= set(&mut p.endpoints, e);
+                patched |= set(&mut p.endpoints, e);
             }
             if let Some(k) = &c.key {
-                changed |= set(&mut p.key, k);
+                patched |= set(&mut p.key, k);
             }
             if let Some(k) = &c.disco_key {
-                changed |= set(&mut p.disco_key, k);
+                patched |= set(&mut p.disco_key, k);
             }
             if let Some(o) = c.online {
-                changed |= set(&mut p.online, &Some(o));
+                patched |= set(&mut p.online, &Some(o));
             }
             if let Some(k) = c.key_expiry {
-                changed |= set(&mut p.key_expiry, &Some(k));
+                patched |= set(&mut p.key_expiry, &Some(k));
             }
             if let Some(t) = c.last_seen {
-                changed |= set(&mut p.last_seen, &Some(t));
+                patched |= set(&mut p.last_seen, &Some(t));
+            }
+            if patched {
+                self.changes.note(Part::Peer(c.node_id));
+                changed = true;
             }
         }
         changed
+    }
+
+    /// Drops every peer (a node that starts from its cached map before the first fresh one).
+    pub fn clear_peers(&mut self) {
+        if !self.peers.is_empty() {
+            self.peers.clear();
+            self.changes.note(Part::All);
+        }
+    }
+
+    /// Where this map's change log stands now.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { lineage: self.changes.lineage, seq: self.changes.seq }
+    }
+
+    /// What changed since `at` (a cursor from this map's [`NetMap::cursor`]); from another
+    /// map's cursor, or one further behind than the log reaches, [`Changes::Everything`].
+    pub fn changes_since(&self, at: &Cursor) -> Changes {
+        let log = &self.changes;
+        let oldest = log.log.front().map_or(log.seq + 1, |(seq, _)| *seq);
+        if at.lineage != log.lineage || at.seq > log.seq || at.seq + 1 < oldest {
+            return Changes::Everything;
+        }
+        let (mut peers, mut self_node, mut filter, mut derp_map) = (BTreeSet::new(), false, false, false);
+        let skip = log.log.len() - (log.seq - at.seq) as usize;
+        for (_, part) in log.log.iter().skip(skip) {
+            match part {
+                Part::Peer(id) => {
+                    peers.insert(*id);
+                }
+                Part::SelfNode => self_node = true,
+                Part::Filter => filter = true,
+                Part::DerpMap => derp_map = true,
+                Part::All => return Changes::Everything,
+            }
+        }
+        Changes::Parts { peers, self_node, filter, derp_map }
     }
 
     /// The org (user) name this node belongs to.
@@ -144,7 +309,7 @@ pub fn short_name(n: &Node) -> String {
 mod tests {
     use super::*;
     use crate::keys::{DiscoPublic, NodePublic};
-    use crate::tailcfg::PeerChange;
+    use crate::tailcfg::{FilterRule, PeerChange};
 
     fn node(id: i64) -> Node {
         Node { id, name: format!("n{id}.mesh."), ..Default::default() }
@@ -323,5 +488,59 @@ mod tests {
         let mut m = with_peers(&[2]);
         m.apply(&MapResponse { peers: Some(vec![node(5)]), peers_removed: Some(vec![5]), ..Default::default() });
         assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), vec![5]);
+    }
+
+    #[test]
+    fn the_change_log_names_what_changed_and_sends_readers_of_other_maps_to_the_whole() {
+        let mut m = with_peers(&[2, 3]);
+        let at = m.cursor();
+        assert_eq!(
+            m.changes_since(&at),
+            Changes::Parts { peers: BTreeSet::new(), self_node: false, filter: false, derp_map: false }
+        );
+        // A message that changes nothing logs nothing.
+        m.apply(&MapResponse { peers_changed: Some(vec![node(2)]), ..Default::default() });
+        assert_eq!(m.cursor(), at);
+        m.apply(&MapResponse {
+            peers_changed: Some(vec![node(4)]),
+            peers_removed: Some(vec![3, 99]),
+            peers_changed_patch: Some(vec![PeerChange { node_id: 2, online: Some(true), ..Default::default() }]),
+            packet_filter: Some(vec![FilterRule::default()]),
+            ..Default::default()
+        });
+        assert_eq!(
+            m.changes_since(&at),
+            Changes::Parts { peers: BTreeSet::from([2, 3, 4]), self_node: false, filter: true, derp_map: false }
+        );
+        let mid = m.cursor();
+        m.apply(&MapResponse { node: Some(Node { name: "renamed.".into(), ..node(1) }), ..Default::default() });
+        assert_eq!(
+            m.changes_since(&mid),
+            Changes::Parts { peers: BTreeSet::new(), self_node: true, filter: false, derp_map: false }
+        );
+        // A whole peer list, a cleared map, a copy, a map read back, a reader too far behind:
+        // the whole map.
+        let before_list = m.cursor();
+        m.apply(&MapResponse { peers: Some(vec![node(5)]), ..Default::default() });
+        assert_eq!(m.changes_since(&before_list), Changes::Everything);
+        let before_clear = m.cursor();
+        m.clear_peers();
+        assert_eq!(m.changes_since(&before_clear), Changes::Everything);
+        let copy = m.clone();
+        assert_eq!(copy, m, "the log is not map content");
+        assert_eq!(copy.changes_since(&m.cursor()), Changes::Everything);
+        let read: NetMap = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(read.changes_since(&m.cursor()), Changes::Everything);
+        let behind = m.cursor();
+        for i in 0..LOG_LEN as i64 + 1 {
+            m.apply(&MapResponse { peers_changed: Some(vec![node(100 + i)]), ..Default::default() });
+        }
+        assert_eq!(m.changes_since(&behind), Changes::Everything);
+        let one_behind = {
+            let mut c = m.cursor();
+            c.seq -= LOG_LEN as u64;
+            c
+        };
+        assert!(matches!(m.changes_since(&one_behind), Changes::Parts { ref peers, .. } if peers.len() == LOG_LEN));
     }
 }

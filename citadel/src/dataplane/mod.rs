@@ -32,7 +32,7 @@ use crate::keys::{DiscoPublic, NodePublic, PrivateKey};
 use crate::magicsock::{Conn, Event};
 use crate::net::{Datagram, Net, TokioNet};
 use crate::netcheck;
-use crate::netmap::NetMap;
+use crate::netmap::{Changes, Cursor, NetMap};
 use filter::{InboundFilter, PacketInfo};
 use netstack::Stack;
 use smoltcp::wire::IpCidr;
@@ -161,6 +161,9 @@ pub(crate) struct Engine {
     me: NodePublic,
     /// A renewed node key the driver has yet to give its DERP connections.
     rekey: Option<PrivateKey>,
+    /// Where the netmap's change log stood at the last apply: the next one applies only
+    /// what changed since.
+    applied: Cursor,
 }
 
 /// The netstack, the packet filter and the ACK fix-up: what the app's socket handles lock.
@@ -177,23 +180,43 @@ impl Engine {
         if !self.netmap.has_changed().unwrap_or(false) {
             return false;
         }
-        self.apply_netmap(&mut lock(host), now);
+        let mut host = lock(host);
+        {
+            // A few peers changed (a join, an endpoint change): only they are applied, under
+            // the watch's read lock (no copy of the map). The filter is compiled again only
+            // when it changed.
+            let nm = self.netmap.borrow_and_update();
+            if let Changes::Parts { peers, self_node, filter, derp_map: _ } = nm.changes_since(&self.applied) {
+                if self.conn.update_netmap(now, &nm, &peers, filter) {
+                    if filter {
+                        host.filter.set_rules(&nm.packet_filter);
+                    }
+                    if self_node {
+                        host.set_addresses(&nm.self_node.addresses);
+                    }
+                    self.applied = nm.cursor();
+                    return true;
+                }
+            }
+        }
+        self.apply_netmap(&mut host, now);
         true
     }
 
-    /// Applies the latest netmap (again) to the core, the filter and the netstack.
+    /// Applies the latest netmap (again) in whole to the core, the filter and the netstack.
     fn apply_netmap(&mut self, host: &mut Host, now: Instant) {
-        let nm = self.netmap.borrow_and_update().clone();
+        let (nm, at) = {
+            let nm = self.netmap.borrow_and_update();
+            (nm.clone(), nm.cursor())
+        };
+        self.applied = at;
         let me = self.me;
         if !nm.self_node.key.is_zero() && nm.self_node.key != me {
             tracing::warn!(netmap = %nm.self_node.key.short(), ours = %me.short(), "netmap is for another node key");
         }
-        let cidrs = mesh_cidrs(&nm.self_node.addresses);
-        let addrs: Vec<IpAddr> = cidrs.iter().map(|c| IpAddr::from(c.address())).collect();
         self.conn.set_netmap(now, &nm);
         host.filter.set_rules(&nm.packet_filter);
-        host.filter.set_local_addrs(addrs);
-        host.stack.set_addresses(&cidrs);
+        host.set_addresses(&nm.self_node.addresses);
     }
 
     /// Encrypts what the netstack sent and runs the core's timers. The packets stay in
@@ -208,6 +231,14 @@ impl Engine {
 }
 
 impl Host {
+    /// This node's mesh addresses (from its netmap entry): what the netstack answers on and
+    /// the filter counts as local.
+    fn set_addresses(&mut self, addresses: &[String]) {
+        let cidrs = mesh_cidrs(addresses);
+        self.filter.set_local_addrs(cidrs.iter().map(|c| IpAddr::from(c.address())).collect());
+        self.stack.set_addresses(&cidrs);
+    }
+
     /// Filters decrypted packets into the netstack, polls it, and collects what it sent in
     /// `egress`. Returns when the netstack next needs a poll.
     /// `egress` holds the last step's packets, already encrypted: their buffers are reused,
@@ -393,7 +424,8 @@ impl DataPlane {
         let now = crate::clock::now();
         let conn =
             Conn::new(now, &cfg.node_key, &cfg.disco_key, local.clone(), local_addr.is_ipv4(), Arc::clone(&counters));
-        let mut engine = Engine { conn, netmap: netmap.clone(), me: node_public, rekey: None };
+        let mut engine =
+            Engine { conn, netmap: netmap.clone(), me: node_public, rekey: None, applied: Cursor::default() };
         let host = Mutex::new(Host {
             stack: Stack::new(),
             filter: InboundFilter::default(),

@@ -16,6 +16,9 @@ pub(crate) struct RouteTable {
     recent: [Cell<Option<(IpAddr, Option<NodePublic>)>>; 2],
     /// The slot the next miss replaces.
     next: Cell<usize>,
+    /// Two peers claimed one prefix when the table was built: which keeps it depends on all
+    /// the peers, so changes go through [`RouteTable::build`] until a build finds no clash.
+    contested: bool,
 }
 
 impl std::fmt::Debug for RouteTable {
@@ -29,10 +32,12 @@ impl RouteTable {
     /// first (in key order) keeps it, so the outcome does not depend on map iteration order.
     pub(crate) fn build<'a>(peers: impl IntoIterator<Item = &'a PeerConfig>) -> RouteTable {
         let mut table: IpNetworkTable<NodePublic> = IpNetworkTable::new();
+        let mut contested = false;
         for p in peers {
             for net in &p.allowed_ips {
                 if let Some(other) = table.exact_match(*net) {
                     if *other != p.key {
+                        contested = true;
                         tracing::warn!(%net, kept = %other.short(), ignored = %p.key.short(), "two peers claim one prefix");
                     }
                     continue;
@@ -40,7 +45,43 @@ impl RouteTable {
                 table.insert(*net, p.key);
             }
         }
-        RouteTable { table, recent: Default::default(), next: Cell::new(0) }
+        RouteTable { table, recent: Default::default(), next: Cell::new(0), contested }
+    }
+
+    /// Drops the prefixes `p` holds, for a peer removed or about to get other AllowedIPs;
+    /// false (the table unchanged) when only a build can tell who holds what.
+    pub(crate) fn remove_peer(&mut self, p: &PeerConfig) -> bool {
+        if self.contested {
+            return false;
+        }
+        for net in &p.allowed_ips {
+            if self.table.exact_match(*net) == Some(&p.key) {
+                self.table.remove(*net);
+            }
+        }
+        self.forget();
+        true
+    }
+
+    /// Adds `p`'s prefixes; false when one of them is another peer's (the caller builds the
+    /// table again, which decides the clash as every build does). A peer's prefixes are
+    /// either all added or none.
+    pub(crate) fn add_peer(&mut self, p: &PeerConfig) -> bool {
+        if self.contested || p.allowed_ips.iter().any(|n| self.table.exact_match(*n).is_some_and(|k| *k != p.key)) {
+            return false;
+        }
+        for net in &p.allowed_ips {
+            self.table.insert(*net, p.key);
+        }
+        self.forget();
+        true
+    }
+
+    /// Clears the recent answers after a change.
+    fn forget(&self) {
+        for slot in &self.recent {
+            slot.set(None);
+        }
     }
 
     /// The peer that `ip` routes to.

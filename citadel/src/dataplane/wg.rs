@@ -316,16 +316,57 @@ impl WgRouter {
         v
     }
 
+    /// The DERP regions of these peers (see [`Self::peer_regions`]).
+    pub(crate) fn peer_regions_of(&self, keys: &[NodePublic]) -> Vec<i32> {
+        let mut v: Vec<i32> =
+            keys.iter().filter_map(|k| self.peers.get(k)).map(|p| p.home_derp).filter(|r| *r > 0).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The peer `ip` routes to.
+    #[cfg(test)]
+    pub(crate) fn route_of(&self, ip: IpAddr) -> Option<NodePublic> {
+        self.routes.lookup(ip)
+    }
+
+    /// The peers as configured, by node key.
+    pub(crate) fn configs(&self) -> &BTreeMap<NodePublic, PeerConfig> {
+        &self.configs
+    }
+
     /// Reconciles the tunnels with the netmap's peers: new peers get a tunnel, gone peers lose
     /// theirs, changed endpoints or routes keep the tunnel (and its session).
     pub(crate) fn set_peers(&mut self, desired: BTreeMap<NodePublic, PeerConfig>) {
+        self.apply_changes(diff(&self.configs, &desired), false);
+        debug_assert!(self.configs == desired, "the changes lead to the desired peers");
+        self.routes = RouteTable::build(desired.values());
+        self.configs = desired;
+    }
+
+    /// Applies the changes of a few peers (the rest as they are): their tunnels, and their
+    /// routes without building the table again unless two peers claim one prefix.
+    pub(crate) fn update_peers(&mut self, changes: Vec<PeerChange>) {
+        if self.apply_changes(changes, true) {
+            self.routes = RouteTable::build(self.configs.values());
+        }
+    }
+
+    /// The tunnels of `changes`, and their configs; true when the route table must be built
+    /// again (always, unless `routes` asks to update it in place and it could).
+    fn apply_changes(&mut self, changes: Vec<PeerChange>, routes: bool) -> bool {
         self.sync_clock();
-        for change in diff(&self.configs, &desired) {
+        let mut rebuild = !routes;
+        for change in changes {
             match change {
                 PeerChange::Remove(k) => {
                     if let Some(p) = self.peers.remove(&k) {
                         self.by_index.remove(&p.index);
                         self.disco.detach(p.disco.as_ref());
+                    }
+                    if let Some(old) = self.configs.remove(&k) {
+                        rebuild = rebuild || !self.routes.remove_peer(&old);
                     }
                     tracing::debug!(peer = %k.short(), "peer removed");
                 }
@@ -351,12 +392,15 @@ impl WgRouter {
                         },
                     );
                     tracing::debug!(peer = %cfg.key.short(), endpoints = ?cfg.endpoints, "peer added");
+                    rebuild = rebuild || !self.routes.add_peer(&cfg);
+                    self.configs.insert(cfg.key, cfg);
                 }
                 PeerChange::Update(cfg) => {
                     let disco = self.disco.shared_for(&cfg);
                     let mut restarted = false;
+                    let old = self.configs.get(&cfg.key);
                     if let Some(p) = self.peers.get_mut(&cfg.key) {
-                        if self.configs.get(&cfg.key).is_none_or(|c| c.endpoints != cfg.endpoints) {
+                        if old.is_none_or(|c| c.endpoints != cfg.endpoints) {
                             p.paths.set_candidates(&cfg.endpoints);
                         }
                         p.home_derp = cfg.home_derp;
@@ -369,6 +413,16 @@ impl WgRouter {
                             p.paths = PeerPaths::new(&cfg.endpoints);
                         }
                     }
+                    if !rebuild {
+                        match old {
+                            Some(old) if old.allowed_ips == cfg.allowed_ips => {}
+                            Some(old) => {
+                                let old = old.clone();
+                                rebuild = !self.routes.remove_peer(&old) || !self.routes.add_peer(&cfg);
+                            }
+                            None => rebuild = !self.routes.add_peer(&cfg),
+                        }
+                    }
                     if restarted {
                         // Its WireGuard state too: a restarted peer's handshake timestamps
                         // start again from its clock, which the old tunnel could take for
@@ -376,11 +430,11 @@ impl WgRouter {
                         // removes and re-adds such a peer in wireguard-go for the same reason).
                         self.reset_tunnel(&cfg.key);
                     }
+                    self.configs.insert(cfg.key, cfg);
                 }
             }
         }
-        self.routes = RouteTable::build(desired.values());
-        self.configs = desired;
+        rebuild
     }
 
     /// Switches to a new static key (a renewed node key): every peer's tunnel starts over, as
@@ -660,9 +714,17 @@ impl WgRouter {
     /// earlier) waits for boringtun's 5 s handshake retry when its candidates are behind a NAT.
     /// Call after the peers or the DERP map changed.
     pub(crate) fn resend_unrelayed_initiations(&mut self, out: &mut Vec<Transmit>) {
+        let pending: Vec<NodePublic> = self.peers.iter().filter(|(_, p)| p.unrelayed_init).map(|(k, _)| *k).collect();
+        self.resend_unrelayed_initiations_of(&pending, out);
+    }
+
+    /// [`Self::resend_unrelayed_initiations`] for these peers only (those a netmap change
+    /// touched: only their relays can have become known).
+    pub(crate) fn resend_unrelayed_initiations_of(&mut self, keys: &[NodePublic], out: &mut Vec<Transmit>) {
         let derp_ok = self.derp_ok;
         let mut due = Vec::new();
-        for (k, p) in self.peers.iter_mut().filter(|(_, p)| p.unrelayed_init) {
+        for k in keys {
+            let Some(p) = self.peers.get_mut(k).filter(|p| p.unrelayed_init) else { continue };
             if p.tunn.stats().0.is_some() {
                 // Answered after all (the candidate was reachable): nothing is pending.
                 p.unrelayed_init = false;

@@ -10,7 +10,7 @@
 //! [`NetInfo`]).
 
 use super::home::{Action, HomePolicy};
-use crate::dataplane::peers::{self, OrgGuard, RoutePrefs};
+use crate::dataplane::peers::{self, OrgGuard, PeerIndex, RoutePrefs};
 use crate::dataplane::wg::{Source, Transmit, WgRouter};
 use crate::dataplane::{Counters, NetInfo, PeerStats};
 use crate::derphttp::RegionLatency;
@@ -53,6 +53,8 @@ pub(crate) struct Conn {
     prefs: RoutePrefs,
     /// Peers of another org, whose relayed packets and disco are dropped.
     guard: OrgGuard,
+    /// Which netmap peer holds which tunnel, for applying changes of a few peers.
+    index: PeerIndex,
     counters: Arc<Counters>,
     /// Interface endpoints of the UDP socket.
     local: Vec<SocketAddr>,
@@ -87,6 +89,7 @@ impl Conn {
             home: HomePolicy::default(),
             prefs: RoutePrefs::default(),
             guard: OrgGuard::default(),
+            index: PeerIndex::default(),
             counters,
             net_info: NetInfo { endpoints: local.clone(), ..Default::default() },
             local,
@@ -106,23 +109,67 @@ impl Conn {
     /// org kept out) and their paths, the DERP map (connections, netcheck, home).
     pub(crate) fn set_netmap(&mut self, now: Instant, nm: &NetMap) {
         self.wg.set_now(now);
-        let desired = peers::desired(nm, &self.prefs);
+        let (desired, index) = peers::desired_indexed(nm, &self.prefs);
         if desired.guard.len() > 0 {
             tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
         }
         self.wg.set_peers(desired.peers);
         self.wg.set_org_guard(desired.guard.clone());
         self.guard = desired.guard;
-        let dm = &nm.derp_map;
-        if *dm != self.derp_map {
+        self.index = index;
+        self.set_derp(now, &nm.derp_map, None);
+    }
+
+    /// Applies a netmap in which only the peers `ids` (by node ID) and perhaps the packet
+    /// filter and the DERP map changed since the last one applied: those peers' tunnels and
+    /// routes, not every peer's. False, with nothing changed, when only the whole map can tell
+    /// (see [`PeerIndex::update`]): the caller then applies it with [`Conn::set_netmap`].
+    pub(crate) fn update_netmap(
+        &mut self,
+        now: Instant,
+        nm: &NetMap,
+        ids: &std::collections::BTreeSet<i64>,
+        filter_changed: bool,
+    ) -> bool {
+        self.wg.set_now(now);
+        let Some(changes) = self.index.update(nm, &self.prefs, ids, filter_changed, self.wg.configs()) else {
+            return false;
+        };
+        let touched: Vec<NodePublic> = changes
+            .iter()
+            .filter_map(|c| match c {
+                peers::PeerChange::Add(cfg) | peers::PeerChange::Update(cfg) => Some(cfg.key),
+                peers::PeerChange::Remove(_) => None,
+            })
+            .collect();
+        self.wg.update_peers(changes);
+        self.set_derp(now, &nm.derp_map, Some(&touched));
+        true
+    }
+
+    /// The DERP map and what follows from it and the peers: relays for initiations that had
+    /// none, connections to the peers' regions, the home region. `touched`: only these peers
+    /// changed (all of them when the DERP map did).
+    fn set_derp(&mut self, now: Instant, dm: &DerpMap, touched: Option<&[NodePublic]>) {
+        let touched = if *dm != self.derp_map {
             self.derp_map = dm.clone();
             self.events.push_back(Event::DerpMap(dm.clone()));
-        }
+            None
+        } else {
+            touched
+        };
         self.wg.set_derp_ok(!dm.regions.is_empty());
-        self.wg.resend_unrelayed_initiations(&mut self.scratch);
+        match touched {
+            None => self.wg.resend_unrelayed_initiations(&mut self.scratch),
+            Some(keys) => self.wg.resend_unrelayed_initiations_of(keys, &mut self.scratch),
+        }
         self.flush();
         if !dm.regions.is_empty() {
-            for r in self.wg.peer_regions() {
+            let regions = match touched {
+                None => self.wg.peer_regions(),
+                Some(keys) => self.wg.peer_regions_of(keys),
+            };
+            for r in regions {
                 self.events.push_back(Event::Connect(r));
             }
         }
@@ -187,6 +234,8 @@ impl Conn {
     /// Sets how peers' routes are taken; they apply from the next [`Conn::set_netmap`].
     pub(crate) fn set_route_prefs(&mut self, prefs: RoutePrefs) {
         self.prefs = prefs;
+        // Every peer's routes may change: the next netmap is applied in whole.
+        self.index = PeerIndex::default();
     }
 
     /// How peers' routes are taken now.
@@ -685,5 +734,171 @@ mod tests {
         assert_eq!(a.conn.poll_timeout(), None, "no peers, no DERP map: nothing to wake for");
         a.conn.handle_timeout(t0);
         assert!(transmits(&mut a.conn).is_empty() && events(&mut a.conn).is_empty());
+    }
+
+    /// One change to a netmap of the incremental-apply property below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A peer joins or its whole entry changes: id, key, org, a subnet route, tagged.
+        Upsert(i64, u8, i64, bool, bool),
+        Remove(i64),
+        Endpoint(i64, u16),
+        Key(i64, u8),
+        Disco(i64, u8),
+        Region(i64, i32),
+        Expired(i64, bool),
+        /// The filter: allow-all or the org's members only (which decides tagged peers' org).
+        Filter(bool),
+        /// This node's own entry: its org.
+        SelfOrg(i64),
+        /// Several of the above in one message.
+        Batch(Vec<Op>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let id = 2i64..14;
+        let leaf = prop_oneof![
+            4 => (id.clone(), 1u8..20, 7i64..9, any::<bool>(), proptest::bool::weighted(0.1))
+                .prop_map(|(i, k, o, r, t)| Op::Upsert(i, k, o, r, t)),
+            2 => id.clone().prop_map(Op::Remove),
+            4 => (id.clone(), 1u16..4).prop_map(|(i, p)| Op::Endpoint(i, p)),
+            1 => (id.clone(), 1u8..20).prop_map(|(i, k)| Op::Key(i, k)),
+            1 => (id.clone(), 1u8..4).prop_map(|(i, k)| Op::Disco(i, k)),
+            1 => (id.clone(), 0i32..3).prop_map(|(i, r)| Op::Region(i, r)),
+            1 => (id.clone(), any::<bool>()).prop_map(|(i, e)| Op::Expired(i, e)),
+            1 => any::<bool>().prop_map(Op::Filter),
+            1 => (7i64..9).prop_map(Op::SelfOrg),
+        ];
+        leaf.prop_recursive(1, 6, 4, |inner| proptest::collection::vec(inner, 1..4).prop_map(Op::Batch))
+    }
+
+    /// A tagged peer shows as Headscale's tagged-devices user.
+    fn peer_entry(id: i64, key: u8, org: i64, subnet: bool, tagged: bool) -> Node {
+        let own = [format!("100.64.0.{id}/32"), format!("fd7a:115c:a1e0::{id}/128")];
+        let mut allowed = own.to_vec();
+        if subnet {
+            allowed.push(format!("10.{}.0.0/16", id % 3));
+        }
+        Node {
+            id,
+            key: NodePublic([key; 32]),
+            disco_key: DiscoPublic([key + 100; 32]),
+            user: if tagged { peers::TAGGED_DEVICES_USER } else { org },
+            tags: if tagged { vec!["tag:ci".into()] } else { vec![] },
+            addresses: own.to_vec(),
+            allowed_ips: allowed,
+            endpoints: vec![format!("192.0.2.{id}:41641")],
+            home_derp: 1,
+            ..Default::default()
+        }
+    }
+
+    fn message(nm: &NetMap, op: &Op, r: &mut crate::tailcfg::MapResponse) {
+        use crate::tailcfg::{FilterRule, NetPortRange, PeerChange, PortRange};
+        let patch = |id: i64| PeerChange { node_id: id, ..Default::default() };
+        match op {
+            Op::Upsert(i, k, o, s, t) => r.peers_changed.get_or_insert_default().push(peer_entry(*i, *k, *o, *s, *t)),
+            Op::Remove(i) => r.peers_removed.get_or_insert_default().push(*i),
+            Op::Endpoint(i, p) => r
+                .peers_changed_patch
+                .get_or_insert_default()
+                .push(PeerChange { endpoints: Some(vec![format!("198.51.100.{i}:{p}")]), ..patch(*i) }),
+            Op::Key(i, k) => r
+                .peers_changed_patch
+                .get_or_insert_default()
+                .push(PeerChange { key: Some(NodePublic([*k; 32])), ..patch(*i) }),
+            Op::Disco(i, k) => r
+                .peers_changed_patch
+                .get_or_insert_default()
+                .push(PeerChange { disco_key: Some(DiscoPublic([*k + 150; 32])), ..patch(*i) }),
+            Op::Region(i, g) => {
+                r.peers_changed_patch.get_or_insert_default().push(PeerChange { derp_region: Some(*g), ..patch(*i) })
+            }
+            Op::Expired(i, e) => {
+                if let Some(mut n) = nm.peers.get(i).cloned() {
+                    n.expired = *e;
+                    r.peers_changed.get_or_insert_default().push(n);
+                }
+            }
+            Op::Filter(all) => {
+                let src = if *all { "*".to_string() } else { "100.64.0.0/24".to_string() };
+                r.packet_filter = Some(vec![FilterRule {
+                    src_ips: vec![src],
+                    dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+                    ip_proto: vec![],
+                }]);
+            }
+            Op::SelfOrg(o) => r.node = Some(Node { user: *o, ..nm.self_node.clone() }),
+            Op::Batch(ops) => {
+                for op in ops {
+                    message(nm, op, r);
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Applying only the peers a message changed leaves the core exactly as applying the
+        /// whole map does: the same tunnels and configs, the same org guard, the same route
+        /// for every address in play; and the changes that need the whole map take it.
+        #[test]
+        fn applying_changed_peers_equals_applying_the_whole_map(
+            ops in proptest::collection::vec(op(), 1..40),
+            accept_routes in proptest::prelude::any::<bool>(),
+        ) {
+            let t0 = Instant::now();
+            let (mut inc, mut whole) = (node(1, t0), node(1, t0));
+            let prefs = RoutePrefs { accept_routes, ..Default::default() };
+            inc.conn.set_route_prefs(prefs.clone());
+            whole.conn.set_route_prefs(prefs);
+            let mut nm = NetMap::default();
+            nm.apply(&crate::tailcfg::MapResponse {
+                node: Some(Node { id: 1, key: pub_key(&inc), user: 7, ..Default::default() }),
+                derp_map: Some(derp_map(&[1, 2])),
+                peers: Some((2..6).map(|i| peer_entry(i, i as u8, 7, false, false)).collect()),
+                ..Default::default()
+            });
+            inc.conn.set_netmap(t0, &nm);
+            whole.conn.set_netmap(t0, &nm);
+            let mut at = nm.cursor();
+            let mut in_place = 0;
+            for op in &ops {
+                let mut r = crate::tailcfg::MapResponse::default();
+                message(&nm, op, &mut r);
+                nm.apply(&r);
+                let done = match nm.changes_since(&at) {
+                    crate::netmap::Changes::Parts { peers, filter, .. } => inc.conn.update_netmap(t0, &nm, &peers, filter),
+                    crate::netmap::Changes::Everything => false,
+                };
+                if done {
+                    in_place += 1;
+                } else {
+                    inc.conn.set_netmap(t0, &nm);
+                }
+                at = nm.cursor();
+                whole.conn.set_netmap(t0, &nm);
+                proptest::prop_assert_eq!(inc.conn.wg.configs(), whole.conn.wg.configs(), "after {:?}", op);
+                proptest::prop_assert_eq!(
+                    inc.conn.wg.peers.keys().collect::<Vec<_>>(),
+                    whole.conn.wg.peers.keys().collect::<Vec<_>>()
+                );
+                proptest::prop_assert_eq!(&inc.conn.guard, &whole.conn.guard);
+                for i in 0..16u8 {
+                    for ip in [
+                        IpAddr::from([100, 64, 0, i]),
+                        format!("fd7a:115c:a1e0::{i}").parse().unwrap(),
+                        IpAddr::from([10, i % 3, 0, 1]),
+                    ] {
+                        proptest::prop_assert_eq!(inc.conn.wg.route_of(ip), whole.conn.wg.route_of(ip), "{} after {:?}", ip, op);
+                    }
+                }
+            }
+            // Plain peer changes (most messages here) must not all fall back to the whole map.
+            let plain = ops.iter().filter(|o| matches!(o, Op::Endpoint(..) | Op::Region(..) | Op::Disco(..))).count();
+            proptest::prop_assert!(plain < 8 || in_place > 0, "no message was applied in place: {:?}", ops);
+        }
     }
 }
