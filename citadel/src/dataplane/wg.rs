@@ -396,15 +396,18 @@ impl WgRouter {
                     self.configs.insert(cfg.key, cfg);
                 }
                 PeerChange::Update(cfg) => {
-                    let disco = self.disco.shared_for(&cfg);
                     let mut restarted = false;
                     let old = self.configs.get(&cfg.key);
+                    // The box key costs a Diffie-Hellman: made only for a new disco key.
+                    let disco = old.is_none_or(|c| c.disco != cfg.disco).then(|| self.disco.shared_for(&cfg));
                     if let Some(p) = self.peers.get_mut(&cfg.key) {
                         if old.is_none_or(|c| c.endpoints != cfg.endpoints) {
                             p.paths.set_candidates(&cfg.endpoints);
                         }
                         p.home_derp = cfg.home_derp;
-                        if p.disco.as_ref().map(|d| d.peer()) != disco.as_ref().map(|d| d.peer()) {
+                        let disco =
+                            disco.filter(|new| p.disco.as_ref().map(|d| d.peer()) != new.as_ref().map(|d| d.peer()));
+                        if let Some(disco) = disco {
                             // A new disco key means a restarted peer: start its paths afresh.
                             self.disco.detach(p.disco.as_ref());
                             self.disco.attach(disco.as_ref(), cfg.key);

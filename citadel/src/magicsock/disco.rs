@@ -17,7 +17,8 @@ use std::time::Instant;
 /// This node's disco key, which peer owns each disco key, and the endpoints we advertise.
 #[derive(Default)]
 pub(crate) struct Disco {
-    key: Option<PrivateKey>,
+    /// Our disco key and its public half (every peer's box key starts from them).
+    key: Option<(std::sync::Arc<PrivateKey>, DiscoPublic)>,
     by_disco: BTreeMap<DiscoPublic, NodePublic>,
     /// Our endpoints, sent in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
@@ -26,7 +27,7 @@ pub(crate) struct Disco {
 impl Disco {
     /// Enables disco with this key (peers with a disco key get path discovery).
     pub(crate) fn set_key(&mut self, key: &PrivateKey) {
-        self.key = Some(key.clone());
+        self.key = Some((std::sync::Arc::new(key.clone()), DiscoPublic(key.public_bytes())));
     }
 
     /// Our endpoints, as advertised in call-me-maybe.
@@ -37,7 +38,7 @@ impl Disco {
     /// The box key for a peer's disco key; `None` without disco (plain WireGuard peers).
     pub(crate) fn shared_for(&self, cfg: &PeerConfig) -> Option<SharedKey> {
         match (&self.key, cfg.disco.is_zero()) {
-            (Some(k), false) => Some(SharedKey::new(k, &cfg.disco)),
+            (Some((k, public)), false) => Some(SharedKey::with_public(k.clone(), *public, &cfg.disco)),
             _ => None,
         }
     }
