@@ -89,7 +89,7 @@ async fn run(peers: usize, changes: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Changes one peer at a time; each is applied to the watched map and then synced.
-    let mut step = |r: MapResponse| -> Duration {
+    let step = |r: MapResponse| -> Duration {
         let start = Instant::now();
         tx.send_if_modified(|nm| nm.apply(&r));
         std::hint::black_box(dp.mesh_addrs());
