@@ -88,12 +88,20 @@ async fn run(peers: usize, changes: usize) -> anyhow::Result<()> {
     println!("netmap apply bench: {peers} peers; first map applied in {:.1?}", t0.elapsed());
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // Changes one peer at a time; each is applied to the watched map and then synced.
-    let step = |r: MapResponse| -> Duration {
-        let start = Instant::now();
-        tx.send_if_modified(|nm| nm.apply(&r));
-        std::hint::black_box(dp.mesh_addrs());
-        start.elapsed()
+    // The messages are built before the clock starts (key generation is not the data
+    // plane's); then each is applied to the watched map and synced, one at a time.
+    let run = |what: &str, msgs: Vec<MapResponse>| {
+        let (c0, n) = (cpu(), msgs.len() as u32);
+        let mut walls: Vec<Duration> = msgs
+            .into_iter()
+            .map(|r| {
+                let start = Instant::now();
+                tx.send_if_modified(|nm| nm.apply(&r));
+                std::hint::black_box(dp.mesh_addrs());
+                start.elapsed()
+            })
+            .collect();
+        report(what, &mut walls, (cpu() - c0) / n);
     };
     let patches: Vec<MapResponse> = (0..changes)
         .map(|k| {
@@ -106,14 +114,7 @@ async fn run(peers: usize, changes: usize) -> anyhow::Result<()> {
             MapResponse { peers_changed_patch: Some(vec![patch]), ..Default::default() }
         })
         .collect();
-    let (c0, mut walls) = (cpu(), Vec::<Duration>::new());
-    for r in patches {
-        walls.push(step(r));
-    }
-    let ep_cpu = (cpu() - c0) / changes as u32;
-    report("endpoint change", &mut walls, ep_cpu);
-
-    // Built before the clock starts: key generation is not the data plane's.
+    run("endpoint change", patches);
     let joins: Vec<MapResponse> = (0..changes)
         .map(|k| {
             let i = peers + 2 + k;
@@ -124,12 +125,7 @@ async fn run(peers: usize, changes: usize) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let (c0, mut walls) = (cpu(), Vec::<Duration>::new());
-    for r in joins {
-        walls.push(step(r));
-    }
-    let join_cpu = (cpu() - c0) / changes as u32;
-    report("join (entry + filter)", &mut walls, join_cpu);
+    run("join (entry + filter)", joins);
     Ok(())
 }
 

@@ -24,7 +24,7 @@ pub struct NetMap {
     /// What [`NetMap::apply`] changed, for readers that follow the map in steps (the data
     /// plane, which would otherwise rebuild every peer on every change). Bookkeeping, not map
     /// content: not serialized, ignored by `==`, and a clone starts a log of its own. Code that
-    /// changes `peers`, `self_node`, `packet_filter` or `derp_map` in a watched map other than
+    /// changes `peers`, `self_node` or `packet_filter` in a watched map other than
     /// through `apply` or [`NetMap::clear_peers`] must call [`ChangeLog::touch_all`].
     #[serde(skip)]
     pub changes: ChangeLog,
@@ -36,7 +36,6 @@ enum Part {
     Peer(i64),
     SelfNode,
     Filter,
-    DerpMap,
     /// The peer list was replaced, or the map changed in ways the log did not record.
     All,
 }
@@ -112,7 +111,8 @@ pub struct Cursor {
 pub enum Changes {
     /// Take the whole map: another map, a reader too far behind, or a peer list replaced.
     Everything,
-    /// Only these parts changed (all empty or false: nothing).
+    /// Only these parts changed (all empty or false: nothing among them; the DERP map, users
+    /// and domain are not logged, and a reader of them compares them itself).
     Parts {
         /// Peers (by node ID) added, removed or changed.
         peers: BTreeSet<i64>,
@@ -120,8 +120,6 @@ pub enum Changes {
         self_node: bool,
         /// The packet filter.
         filter: bool,
-        /// The DERP map.
-        derp_map: bool,
     },
 }
 
@@ -140,10 +138,8 @@ impl NetMap {
             }
         }
         if let Some(d) = &r.derp_map {
-            if set(&mut self.derp_map, d) {
-                self.changes.note(Part::DerpMap);
-                changed = true;
-            }
+            // Not logged: its one reader compares the map with its own copy.
+            changed |= set(&mut self.derp_map, d);
         }
         if let Some(f) = &r.packet_filter {
             if set(&mut self.packet_filter, f) {
@@ -256,7 +252,7 @@ impl NetMap {
         if at.lineage != log.lineage || at.seq > log.seq || at.seq + 1 < oldest {
             return Changes::Everything;
         }
-        let (mut peers, mut self_node, mut filter, mut derp_map) = (BTreeSet::new(), false, false, false);
+        let (mut peers, mut self_node, mut filter) = (BTreeSet::new(), false, false);
         let skip = log.log.len() - (log.seq - at.seq) as usize;
         for (_, part) in log.log.iter().skip(skip) {
             match part {
@@ -265,11 +261,10 @@ impl NetMap {
                 }
                 Part::SelfNode => self_node = true,
                 Part::Filter => filter = true,
-                Part::DerpMap => derp_map = true,
                 Part::All => return Changes::Everything,
             }
         }
-        Changes::Parts { peers, self_node, filter, derp_map }
+        Changes::Parts { peers, self_node, filter }
     }
 
     /// The org (user) name this node belongs to.
@@ -496,10 +491,7 @@ mod tests {
     fn the_change_log_names_what_changed_and_sends_readers_of_other_maps_to_the_whole() {
         let mut m = with_peers(&[2, 3]);
         let at = m.cursor();
-        assert_eq!(
-            m.changes_since(&at),
-            Changes::Parts { peers: BTreeSet::new(), self_node: false, filter: false, derp_map: false }
-        );
+        assert_eq!(m.changes_since(&at), Changes::Parts { peers: BTreeSet::new(), self_node: false, filter: false });
         // A message that changes nothing logs nothing.
         m.apply(&MapResponse { peers_changed: Some(vec![node(2)]), ..Default::default() });
         assert_eq!(m.cursor(), at);
@@ -512,14 +504,11 @@ mod tests {
         });
         assert_eq!(
             m.changes_since(&at),
-            Changes::Parts { peers: BTreeSet::from([2, 3, 4]), self_node: false, filter: true, derp_map: false }
+            Changes::Parts { peers: BTreeSet::from([2, 3, 4]), self_node: false, filter: true }
         );
         let mid = m.cursor();
         m.apply(&MapResponse { node: Some(Node { name: "renamed.".into(), ..node(1) }), ..Default::default() });
-        assert_eq!(
-            m.changes_since(&mid),
-            Changes::Parts { peers: BTreeSet::new(), self_node: true, filter: false, derp_map: false }
-        );
+        assert_eq!(m.changes_since(&mid), Changes::Parts { peers: BTreeSet::new(), self_node: true, filter: false });
         // A whole peer list, a cleared map, a copy, a map read back, a reader too far behind:
         // the whole map.
         let before_list = m.cursor();

@@ -186,7 +186,7 @@ impl Engine {
             // the watch's read lock (no copy of the map). The filter is compiled again only
             // when it changed.
             let nm = self.netmap.borrow_and_update();
-            if let Changes::Parts { peers, self_node, filter, derp_map: _ } = nm.changes_since(&self.applied) {
+            if let Changes::Parts { peers, self_node, filter } = nm.changes_since(&self.applied) {
                 if self.conn.update_netmap(now, &nm, &peers, filter) {
                     if filter {
                         host.filter.set_rules(&nm.packet_filter);

@@ -296,9 +296,8 @@ fn classify(nm: &NetMap, n: &Node, prefs: &RoutePrefs, exit: Option<NodePublic>)
 /// on every change in the org).
 #[derive(Debug)]
 pub(crate) struct PeerIndex {
-    /// Each peer's node key, and whether it has a tunnel (else the org guard keeps it out);
-    /// peers without a key, expired or with this node's key are absent.
-    by_id: HashMap<i64, (NodePublic, bool)>,
+    /// Each peer's node key; peers without a key, expired or with this node's key are absent.
+    by_id: HashMap<i64, NodePublic>,
     /// The ID holding each of those keys.
     owners: HashMap<NodePublic, i64>,
     /// A key listed twice, or a peer of another org: only the whole map tells who wins.
@@ -327,7 +326,7 @@ impl PeerIndex {
     fn note(&mut self, id: i64, key: NodePublic, tunnel: bool) {
         self.whole_only |= !tunnel;
         self.whole_only |= self.owners.insert(key, id).is_some_and(|other| other != id);
-        self.by_id.insert(id, (key, tunnel));
+        self.by_id.insert(id, key);
     }
 
     /// The tunnel changes (removals first) when the peers `ids` changed in `nm` and nothing
@@ -367,13 +366,13 @@ impl PeerIndex {
         }
         let (mut changes, mut added) = (Vec::new(), Vec::new());
         for (id, slot) in next {
-            let old = self.by_id.remove(&id).map(|(k, _)| k);
+            let old = self.by_id.remove(&id);
             if let Some(k) = old {
                 self.owners.remove(&k);
             }
             match slot {
                 Slot::Tunnel(cfg) => {
-                    self.by_id.insert(id, (cfg.key, true));
+                    self.by_id.insert(id, cfg.key);
                     self.owners.insert(cfg.key, id);
                     match old {
                         Some(k) if k == cfg.key => {

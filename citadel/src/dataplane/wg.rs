@@ -194,6 +194,14 @@ impl Peer {
     }
 }
 
+/// The home DERP regions of `peers`, sorted, each once.
+fn regions<'a>(peers: impl Iterator<Item = &'a Peer>) -> Vec<i32> {
+    let mut v: Vec<i32> = peers.map(|p| p.home_derp).filter(|r| *r > 0).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// All tunnels and the routing table.
 pub(crate) struct WgRouter {
     secret: StaticSecret,
@@ -310,19 +318,12 @@ impl WgRouter {
 
     /// DERP regions the peers live in (to connect to ahead of the first packet).
     pub(crate) fn peer_regions(&self) -> Vec<i32> {
-        let mut v: Vec<i32> = self.peers.values().map(|p| p.home_derp).filter(|r| *r > 0).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        regions(self.peers.values())
     }
 
     /// The DERP regions of these peers (see [`Self::peer_regions`]).
     pub(crate) fn peer_regions_of(&self, keys: &[NodePublic]) -> Vec<i32> {
-        let mut v: Vec<i32> =
-            keys.iter().filter_map(|k| self.peers.get(k)).map(|p| p.home_derp).filter(|r| *r > 0).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        regions(keys.iter().filter_map(|k| self.peers.get(k)))
     }
 
     /// The peer `ip` routes to.

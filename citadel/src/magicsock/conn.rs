@@ -120,8 +120,9 @@ impl Conn {
         self.set_derp(now, &nm.derp_map, None);
     }
 
-    /// Applies a netmap in which only the peers `ids` (by node ID) and perhaps the packet
-    /// filter and the DERP map changed since the last one applied: those peers' tunnels and
+    /// Applies a netmap in which only the peers `ids` (by node ID), perhaps the packet filter
+    /// (`filter_changed`) and perhaps the DERP map (compared here) changed since the last one
+    /// applied: those peers' tunnels and
     /// routes, not every peer's. False, with nothing changed, when only the whole map can tell
     /// (see [`PeerIndex::update`]): the caller then applies it with [`Conn::set_netmap`].
     pub(crate) fn update_netmap(
