@@ -17,7 +17,11 @@
 //! A failed job is left pending; after `claim_idle` any worker (this one included) reclaims it
 //! with `XAUTOCLAIM`, and the entry's delivery count is the attempt number. The same path picks
 //! up the jobs of a crashed worker. Running jobs refresh their pending entry so they are not
-//! reclaimed from under a live worker.
+//! reclaimed from under a live worker. A worker that stalls past `claim_idle` anyway (a
+//! paused process, a starved machine) loses the entry: every status write and ack runs in a
+//! server-side script that first checks the entry is still pending (and, for the start, a
+//! failure and the heartbeat, still held by this worker), so a stale delivery never runs a job
+//! another worker has taken over and never writes over a recorded result.
 
 #![warn(missing_docs)]
 
@@ -225,6 +229,9 @@ pub struct WorkSummary {
     pub reclaimed: u64,
     /// In-flight jobs cut off by the drain timeout (still pending, will be reclaimed).
     pub abandoned: u64,
+    /// Deliveries dropped because another worker had meanwhile claimed the entry or recorded
+    /// its result (this worker stalled past `claim_idle`); they wrote no status.
+    pub superseded: u64,
 }
 
 /// Why [`run`] could not start (or had to stop).

@@ -47,6 +47,9 @@ enum Outcome {
     /// The result could not be written/acknowledged (Redis trouble); the entry stays pending
     /// and is retried after `claim_idle` like a failure.
     Unrecorded,
+    /// Another worker took the entry over (this one stalled past `claim_idle`) or already
+    /// recorded its result: this delivery neither ran nor wrote anything after finding out.
+    Superseded,
 }
 
 /// Shared, read-only state of a running worker.
@@ -279,7 +282,8 @@ async fn release(ctx: &Ctx, ids: &[String], never_started: bool) {
                 x.extend(cmd!("RETRYCOUNT", "0"));
             }
             x.extend(cmd!("JUSTID"));
-            x
+            // Only entries this consumer still holds: another worker's claim is left alone.
+            guarded(ctx, id, Holder::Me, vec![x])
         })
         .collect();
     match ctx.redis.pipeline(cmds).await {
@@ -314,6 +318,7 @@ fn finished(
         Some(Outcome::Succeeded) => summary.succeeded += 1,
         Some(Outcome::Retry) | Some(Outcome::Unrecorded) | None => summary.failed_attempts += 1,
         Some(Outcome::Dead) => summary.dead_lettered += 1,
+        Some(Outcome::Superseded) => summary.superseded += 1,
     }
 }
 
@@ -566,9 +571,17 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
         status_event(&events, "running", &[("attempt", &attempts), ("worker", &c.consumer)], &started),
     ];
     start.extend(expire_cmds(&ctx, &key, &events));
-    if let Err(e) = ctx.redis.pipeline(start).await {
+    match if_pending(&ctx, &entry.id, Holder::Me, start).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // Between the read and now this worker stalled past `claim_idle`: another one
+            // holds the entry (and may have finished it). Running it here would run it twice
+            // and could write "running" over a recorded result.
+            tracing::info!(job = %job.id, attempt = deliveries, "work: job taken over by another worker before it started here; skipping");
+            return Outcome::Superseded;
+        }
         // Status is advisory; the job still runs and its ack decides its fate.
-        tracing::warn!(job = %job.id, error = %e, "work: could not record job start");
+        Err(e) => tracing::warn!(job = %job.id, error = %e, "work: could not record job start"),
     }
 
     let report = execute(&ctx, &entry.id, &job, &events).await;
@@ -584,12 +597,18 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
             hset.extend(cmd!("state", "succeeded"));
             let mut tx = vec![hset, status_event(&events, "succeeded", &[("attempt", &attempts)], &finished)];
             tx.extend(expire_cmds(&ctx, &key, &events));
-            // Ack in the same transaction as the result, so "acked" implies "result recorded".
+            // Ack in the same script as the result, so "acked" implies "result recorded". Any
+            // holder: a success is a result even if another worker has since claimed the
+            // entry, but once the entry is acked (a result is recorded) nothing is written.
             tx.push(cmd!("XACK", c.queue, c.group, entry.id));
-            match atomically(&ctx, tx).await {
-                Ok(()) => {
+            match if_pending(&ctx, &entry.id, Holder::Anyone, tx).await {
+                Ok(true) => {
                     tracing::debug!(job = %job.id, attempt = deliveries, "work: job succeeded");
                     Outcome::Succeeded
+                }
+                Ok(false) => {
+                    tracing::info!(job = %job.id, attempt = deliveries, "work: job succeeded, but another worker already recorded its result");
+                    Outcome::Superseded
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "work: job succeeded but result not recorded; it will run again");
@@ -600,10 +619,7 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
         Some(err) if deliveries >= max => {
             tracing::warn!(job = %job.id, attempt = deliveries, error = %err, "work: job failed on its last attempt");
             // Keep exit code / HTTP status in the hash; dead_letter sets the state.
-            if let Err(e) = ctx.redis.pipeline(vec![hset]).await {
-                tracing::debug!(job = %job.id, error = %e, "work: could not record result fields");
-            }
-            dead_letter(&ctx, &entry, &job.id, deliveries, &err).await
+            dead_letter_with(&ctx, &entry, &job.id, deliveries, &err, vec![hset]).await
         }
         Some(err) => {
             tracing::info!(job = %job.id, attempt = deliveries, max_attempts = max, error = %err, "work: job failed; will retry");
@@ -619,10 +635,15 @@ async fn process(ctx: Arc<Ctx>, entry: Entry, deliveries: u64) -> Outcome {
                 ),
             ];
             cmds.extend(expire_cmds(&ctx, &key, &events));
-            if let Err(e) = ctx.redis.pipeline(cmds).await {
-                tracing::warn!(job = %job.id, error = %e, "work: could not record failure");
+            match if_pending(&ctx, &entry.id, Holder::Me, cmds).await {
+                Ok(true) => Outcome::Retry,
+                // Another worker holds the entry now; its attempt owns the status.
+                Ok(false) => Outcome::Superseded,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "work: could not record failure");
+                    Outcome::Retry
+                }
             }
-            Outcome::Retry
         }
     }
 }
@@ -647,34 +668,75 @@ fn expire_cmds(ctx: &Ctx, key: &str, events: &str) -> Vec<Vec<Vec<u8>>> {
     }
 }
 
-/// Runs `cmds` inside MULTI/EXEC and fails if any of them failed.
-async fn atomically(ctx: &Ctx, cmds: Vec<Vec<Vec<u8>>>) -> Result<(), RedisError> {
-    let n = cmds.len();
-    let mut all = Vec::with_capacity(n + 2);
-    all.push(cmd!("MULTI"));
-    all.extend(cmds);
-    all.push(cmd!("EXEC"));
-    let replies = ctx.redis.pipeline(all).await?;
-    for r in &replies[..replies.len().saturating_sub(1)] {
-        if let Value::Error(e) = r {
-            return Err(RedisError::Server(e.clone()));
-        }
-    }
-    match replies.last() {
-        Some(Value::Array(results)) => {
-            match results.iter().find_map(|r| if let Value::Error(e) = r { Some(e) } else { None }) {
-                Some(e) => Err(RedisError::Server(e.clone())),
-                None => Ok(()),
-            }
-        }
-        Some(v) => Err(unexpected("EXEC", v)),
-        None => Err(unexpected("EXEC", &Value::Nil)),
+/// Who must hold a pending entry for [`if_pending`] to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// This worker's consumer: the entry was not claimed by another worker since.
+    Me,
+    /// Any consumer: the entry is still pending, i.e. no result has been recorded for it.
+    Anyone,
+}
+
+/// Runs `cmds` atomically, but only while the stream entry is pending (held by this consumer
+/// for [`Holder::Me`]); returns whether they ran.
+///
+/// Written as a server-side script because Redis has no conditional transaction on a pending
+/// entry (WATCH does not see the pending list), and a worker that stalls past `claim_idle`
+/// must not write over the status of a delivery another worker has taken over or finished.
+/// The script reads its commands as `argc, args...` groups; it touches the job's status keys
+/// beside the stream, so it assumes one Redis server, not a cluster.
+async fn if_pending(ctx: &Ctx, entry_id: &str, holder: Holder, cmds: Vec<Vec<Vec<u8>>>) -> Result<bool, RedisError> {
+    let reply = ctx.redis.pipeline(vec![guarded(ctx, entry_id, holder, cmds)]).await?;
+    match reply.first() {
+        Some(Value::Int(1)) => Ok(true),
+        Some(Value::Int(0)) => Ok(false),
+        Some(Value::Error(e)) => Err(RedisError::Server(e.clone())),
+        Some(v) => Err(unexpected("EVAL", v)),
+        None => Err(unexpected("EVAL", &Value::Nil)),
     }
 }
 
+/// The EVAL command behind [`if_pending`].
+fn guarded(ctx: &Ctx, entry_id: &str, holder: Holder, cmds: Vec<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
+    const SCRIPT: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
+if p == nil or p[1] ~= ARGV[2] or (ARGV[3] ~= '' and p[2] ~= ARGV[3]) then return 0 end
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"#;
+    let c = &ctx.cfg;
+    let holder = match holder {
+        Holder::Me => c.consumer.as_str(),
+        Holder::Anyone => "",
+    };
+    let mut x = cmd!("EVAL", SCRIPT, "1", c.queue, c.group, entry_id, holder);
+    for args in cmds {
+        x.push(args.len().to_string().into_bytes());
+        x.extend(args);
+    }
+    x
+}
+
 /// Moves the entry to `<queue>:dead` (original fields kept, so it can be re-queued by copying
-/// them back) and acks it, atomically.
+/// them back) and acks it, atomically, unless a result was recorded for it meanwhile.
 async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reason: &str) -> Outcome {
+    dead_letter_with(ctx, entry, job_id, attempts, reason, vec![]).await
+}
+
+/// [`dead_letter`], running `first` (the last attempt's result fields) in the same script.
+async fn dead_letter_with(
+    ctx: &Ctx,
+    entry: &Entry,
+    job_id: &str,
+    attempts: u64,
+    reason: &str,
+    first: Vec<Vec<Vec<u8>>>,
+) -> Outcome {
     let c = &ctx.cfg;
     let at = now();
     let attempts = attempts.to_string();
@@ -705,7 +767,8 @@ async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reas
     ));
     let key = ctx.status_key(job_id);
     let events = ctx.events_key(job_id);
-    let mut tx = vec![
+    let mut tx = first;
+    tx.extend([
         xadd,
         cmd!(
             "HSET",
@@ -724,11 +787,15 @@ async fn dead_letter(ctx: &Ctx, entry: &Entry, job_id: &str, attempts: u64, reas
             at
         ),
         status_event(&events, "dead", &[("error", reason)], &at),
-    ];
+    ]);
     tx.extend(expire_cmds(ctx, &key, &events));
     tx.push(cmd!("XACK", c.queue, c.group, entry.id));
-    match atomically(ctx, tx).await {
-        Ok(()) => Outcome::Dead,
+    match if_pending(ctx, &entry.id, Holder::Anyone, tx).await {
+        Ok(true) => Outcome::Dead,
+        Ok(false) => {
+            tracing::info!(job = %job_id, "work: not dead-lettered: another worker already recorded a result");
+            Outcome::Superseded
+        }
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "work: dead-lettering failed; will try again after claim_idle");
             Outcome::Unrecorded
@@ -752,8 +819,11 @@ async fn execute(ctx: &Arc<Ctx>, entry_id: &str, job: &Job, events: &str) -> Rep
             Some(first) = rx.recv() => forward_output(ctx, events, first, &mut rx).await,
             _ = heartbeat.tick() => {
                 // JUSTID: refresh idle time without bumping the delivery (attempt) counter.
+                // Only while this consumer holds the entry: a plain XCLAIM would take back an
+                // entry another worker claimed while this one stalled.
                 let c = &ctx.cfg;
-                if let Err(e) = ctx.redis.cmd(&["XCLAIM", &c.queue, &c.group, &c.consumer, "0", entry_id, "JUSTID"]).await {
+                let beat = cmd!("XCLAIM", c.queue, c.group, c.consumer, "0", entry_id, "JUSTID");
+                if let Err(e) = if_pending(ctx, entry_id, Holder::Me, vec![beat]).await {
                     tracing::debug!(entry = entry_id, error = %e, "work: heartbeat failed");
                 }
             }

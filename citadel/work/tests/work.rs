@@ -404,6 +404,147 @@ async fn string_and_array_commands_run_only_with_allow_shell() {
     .await;
 }
 
+/// A dialer whose connections stop writing once a reply containing `marker` has been read:
+/// the worker behind it gets its delivery, then stalls (as a paused or starved process does)
+/// until the test opens the gate.
+struct StallingDialer {
+    marker: Vec<u8>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    tripped: std::sync::atomic::AtomicBool,
+    opened: std::sync::atomic::AtomicBool,
+    wakers: Mutex<Vec<std::task::Waker>>,
+}
+
+impl Gate {
+    fn open(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.opened.store(true, SeqCst);
+        self.closed.store(false, SeqCst);
+        for w in self.wakers.lock().expect("lock").drain(..) {
+            w.wake();
+        }
+    }
+}
+
+struct Stalling {
+    inner: TcpStream,
+    marker: Vec<u8>,
+    gate: Arc<Gate>,
+}
+
+impl tokio::io::AsyncRead for Stalling {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let fresh = &buf.filled()[before..];
+        if !self.gate.opened.load(SeqCst) && fresh.windows(self.marker.len()).any(|w| w == self.marker) {
+            self.gate.closed.store(true, SeqCst);
+            self.gate.tripped.store(true, SeqCst);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Stalling {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.gate.closed.load(SeqCst) {
+            self.gate.wakers.lock().expect("lock").push(cx.waker().clone());
+            // Re-check: `open` may have run between the load and the push.
+            if self.gate.closed.load(SeqCst) {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Dial for StallingDialer {
+    fn is_mesh_addr(&self, _: std::net::IpAddr) -> bool {
+        false
+    }
+    fn connect_tcp<'a>(&'a self, host: &'a str, port: u16) -> DialFuture<'a> {
+        Box::pin(async move {
+            let inner = TcpStream::connect((host, port)).await?;
+            Ok(Box::new(Stalling { inner, marker: self.marker.clone(), gate: self.gate.clone() })
+                as Box<dyn citadel_work::AsyncReadWrite>)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_worker_neither_reruns_nor_overwrites_a_job_taken_over_and_finished() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(Duration::from_secs(30), async {
+        let c = client(&redis.url()).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runs = dir.path().join("runs");
+        let gate = Arc::new(Gate::default());
+        let stalling = StallingDialer { marker: b"stall-me".to_vec(), gate: gate.clone() };
+        let slow = spawn_worker(cfg(&redis.url(), "stalled"), Arc::new(stalling));
+        let cmd = format!("echo ran >> {}", runs.display());
+        enqueue(&c, Q, serde_json::json!({"id":"stall-me","type":"SHELL_COMMAND","payload":{"argv":["sh","-c",cmd]}}))
+            .await;
+        // The stalled worker read the job and is now stuck before recording its start.
+        wait_for("the delivery to the stalled worker", Duration::from_secs(10), || async {
+            gate.tripped.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        // Past claim_idle another worker takes the job over and finishes it.
+        let other = spawn_worker(cfg(&redis.url(), "other"), Arc::new(NoMesh));
+        let key = format!("{Q}:job:stall-me");
+        wait_for("the job to succeed on the other worker", Duration::from_secs(10), || state_is(&c, &key, "succeeded"))
+            .await;
+        // The stalled worker wakes up with a delivery that is no longer its own.
+        gate.open();
+        let stalled = slow.stop().await;
+        let s = other.stop().await;
+
+        let ran = std::fs::read_to_string(&runs).expect("the job ran");
+        assert_eq!(ran.lines().count(), 1, "the job ran once, not again on the stalled worker");
+        assert_eq!((s.succeeded, s.reclaimed), (1, 1), "{s:?}");
+        assert_eq!((stalled.superseded, stalled.succeeded), (1, 0), "{stalled:?}");
+        let h = hgetall(&c, &key).await;
+        assert_eq!((h["state"].as_str(), h["worker"].as_str(), h["attempts"].as_str()), ("succeeded", "other", "2"));
+        let running: Vec<_> = xrange(&c, &format!("{key}:events"))
+            .await
+            .into_iter()
+            .filter(|e| e.get("state").map(String::as_str) == Some("running"))
+            .collect();
+        assert_eq!(running.len(), 1, "only the other worker recorded a start: {running:?}");
+        assert_eq!(pending_count(&c, Q, G).await, 0);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_workers_job_is_reclaimed_and_completed() {
     let Some(redis) = RedisServer::start() else {

@@ -68,8 +68,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let dialer: Arc<dyn citadel_work::Dial> = Arc::new(NodeDialer(mesh));
     let sum = citadel_work::run(wc, dialer, shutdown).await?;
     eprintln!(
-        "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim",
-        sum.succeeded, sum.failed_attempts, sum.dead_lettered, sum.reclaimed, sum.abandoned
+        "citadel: job loop stopped: {} succeeded, {} failed attempts, {} dead-lettered, {} reclaimed, {} left for reclaim, {} taken over by other workers",
+        sum.succeeded, sum.failed_attempts, sum.dead_lettered, sum.reclaimed, sum.abandoned, sum.superseded
     );
     Ok(())
 }
