@@ -119,19 +119,37 @@ fn is_own_address(n: &Node, p: &IpNetwork) -> bool {
 /// The peer `sel` names: a mesh IP, short name, FQDN (with or without the final dot), the
 /// host name it reported, or its stable ID. Names compare case-insensitively.
 pub fn find_peer<'a>(nm: &'a NetMap, sel: &str) -> Option<&'a Node> {
-    let sel = sel.trim().trim_end_matches('.');
-    if sel.is_empty() {
-        return None;
+    let sel = Selector::new(sel)?;
+    nm.peers.values().find(|n| sel.names(n))
+}
+
+/// A parsed peer selector (see [`find_peer`]).
+enum Selector<'a> {
+    Ip(IpAddr),
+    Name(&'a str),
+}
+
+impl<'a> Selector<'a> {
+    fn new(sel: &'a str) -> Option<Self> {
+        let sel = sel.trim().trim_end_matches('.');
+        if sel.is_empty() {
+            return None;
+        }
+        Some(sel.parse::<IpAddr>().map_or(Selector::Name(sel), Selector::Ip))
     }
-    if let Ok(ip) = sel.parse::<IpAddr>() {
-        return nm.peers.values().find(|n| {
-            n.addresses.iter().filter_map(|a| parse_prefix(a)).any(|a| a.contains(ip) && is_own_address(n, &a))
-        });
+
+    /// True when the selector names `n`.
+    fn names(&self, n: &Node) -> bool {
+        match *self {
+            Selector::Ip(ip) => {
+                n.addresses.iter().filter_map(|a| parse_prefix(a)).any(|a| a.contains(ip) && is_own_address(n, &a))
+            }
+            Selector::Name(sel) => {
+                let eq = |s: &str| !s.is_empty() && s.eq_ignore_ascii_case(sel);
+                eq(&short_name(n)) || eq(n.name.trim_end_matches('.')) || eq(&n.hostinfo.hostname) || eq(&n.stable_id)
+            }
+        }
     }
-    let eq = |s: &str| !s.is_empty() && s.eq_ignore_ascii_case(sel);
-    nm.peers.values().find(|n| {
-        eq(&short_name(n)) || eq(n.name.trim_end_matches('.')) || eq(&n.hostinfo.hostname) || eq(&n.stable_id)
-    })
 }
 
 /// The user id Headscale (from 0.28) gives every tagged node in map responses, its
@@ -180,12 +198,17 @@ fn split_routes(n: &Node, prefs: &RoutePrefs, chosen_exit: bool) -> (Vec<IpNetwo
 
 /// The key of the peer chosen as exit node, if `prefs` names one present in the map.
 fn chosen_exit(nm: &NetMap, prefs: &RoutePrefs) -> Option<NodePublic> {
+    chosen_exit_node(nm, prefs).map(|n| n.key)
+}
+
+/// The peer chosen as exit node, if `prefs` names one present in the map.
+fn chosen_exit_node<'a>(nm: &'a NetMap, prefs: &RoutePrefs) -> Option<&'a Node> {
     let sel = prefs.exit_node.as_deref()?;
     let n = find_peer(nm, sel);
     if n.is_none() {
         tracing::debug!(exit_node = sel, "the chosen exit node is not in the netmap");
     }
-    n.map(|n| n.key)
+    n
 }
 
 /// True for a peer the data plane never keeps a tunnel to: no key, expired, or our own key.
@@ -233,7 +256,8 @@ pub(crate) fn desired(nm: &NetMap, prefs: &RoutePrefs) -> Desired {
 
 /// [`desired`], and the [`PeerIndex`] that later changes of a few peers start from.
 pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, PeerIndex) {
-    let exit = chosen_exit(nm, prefs);
+    let chosen = chosen_exit_node(nm, prefs).map(|n| (n.id, n.key));
+    let exit = chosen.map(|(_, k)| k);
     let mut out = Desired::default();
     let mut index = PeerIndex {
         by_id: HashMap::new(),
@@ -241,6 +265,7 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
         whole_only: false,
         admits_everyone: admits_everyone(nm),
         me: (nm.self_node.key, org_of(&nm.self_node)),
+        exit: chosen,
     };
     for n in nm.peers.values() {
         match classify(nm, n, prefs, exit) {
@@ -306,6 +331,9 @@ pub(crate) struct PeerIndex {
     admits_everyone: bool,
     /// This node's key and org in the map: they decide which peers are usable and whose org.
     me: (NodePublic, Option<i64>),
+    /// The ID and key of the peer chosen as exit node, if one is chosen and in the map
+    /// (usable or not).
+    exit: Option<(i64, NodePublic)>,
 }
 
 /// Before any map was applied in whole (or after the route preferences changed): the next
@@ -318,6 +346,7 @@ impl Default for PeerIndex {
             whole_only: true,
             admits_everyone: false,
             me: (NodePublic([0; 32]), None),
+            exit: None,
         }
     }
 }
@@ -333,9 +362,9 @@ impl PeerIndex {
     /// else that decides peers' tunnels did since this index was made or last updated (the
     /// filter may have: `filter_changed`); `current` are the tunnels' configs now. `None`,
     /// with the index left as it was, when only the whole map can tell: this node's key or
-    /// org changed, an exit node is chosen (which peer it is depends on all of them), the
-    /// filter started or stopped admitting everyone, a key is listed twice, or a peer of
-    /// another org is involved.
+    /// org changed, the chosen exit node is another peer now (or another key), the filter
+    /// started or stopped admitting everyone, a key is listed twice, or a peer of another org
+    /// is involved.
     pub(crate) fn update(
         &mut self,
         nm: &NetMap,
@@ -344,9 +373,20 @@ impl PeerIndex {
         filter_changed: bool,
         current: &BTreeMap<NodePublic, PeerConfig>,
     ) -> Option<Vec<PeerChange>> {
-        if self.whole_only || prefs.exit_node.is_some() || (nm.self_node.key, org_of(&nm.self_node)) != self.me {
+        if self.whole_only || (nm.self_node.key, org_of(&nm.self_node)) != self.me {
             return None;
         }
+        // The exit node is the first peer (by ID) the selector names: only a change to the
+        // current one or to a peer the selector names can make it another, and then the map
+        // is searched again (no other peer's tunnel depends on which one it is otherwise).
+        if let Some(sel) = prefs.exit_node.as_deref().and_then(Selector::new) {
+            let exit_id = self.exit.map(|(id, _)| id);
+            let touched = ids.iter().any(|id| Some(*id) == exit_id || nm.peers.get(id).is_some_and(|n| sel.names(n)));
+            if touched && chosen_exit_node(nm, prefs).map(|n| (n.id, n.key)) != self.exit {
+                return None;
+            }
+        }
+        let exit = self.exit.map(|(_, k)| k);
         if filter_changed && admits_everyone(nm) != self.admits_everyone {
             return None;
         }
@@ -354,7 +394,7 @@ impl PeerIndex {
         let mut next = Vec::with_capacity(ids.len());
         let mut keys = BTreeSet::new();
         for id in ids {
-            let slot = nm.peers.get(id).map_or(Slot::Unusable, |n| classify(nm, n, prefs, None));
+            let slot = nm.peers.get(id).map_or(Slot::Unusable, |n| classify(nm, n, prefs, exit));
             match &slot {
                 Slot::Guarded => return None,
                 Slot::Tunnel(cfg) if self.owners.get(&cfg.key).is_some_and(|o| o != id) || !keys.insert(cfg.key) => {

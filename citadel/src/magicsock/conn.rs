@@ -740,8 +740,9 @@ mod tests {
     /// One change to a netmap of the incremental-apply property below.
     #[derive(Debug, Clone)]
     enum Op {
-        /// A peer joins or its whole entry changes: id, key, org, a subnet route, tagged.
-        Upsert(i64, u8, i64, bool, bool),
+        /// A peer joins or its whole entry changes: id, key, org, routes (0 its own, 1 a
+        /// subnet, 2 exit routes), tagged.
+        Upsert(i64, u8, i64, u8, bool),
         Remove(i64),
         Endpoint(i64, u16),
         Key(i64, u8),
@@ -760,7 +761,7 @@ mod tests {
         use proptest::prelude::*;
         let id = 2i64..14;
         let leaf = prop_oneof![
-            4 => (id.clone(), 1u8..20, 7i64..9, any::<bool>(), proptest::bool::weighted(0.1))
+            4 => (id.clone(), 1u8..20, 7i64..9, 0u8..3, proptest::bool::weighted(0.1))
                 .prop_map(|(i, k, o, r, t)| Op::Upsert(i, k, o, r, t)),
             2 => id.clone().prop_map(Op::Remove),
             4 => (id.clone(), 1u16..4).prop_map(|(i, p)| Op::Endpoint(i, p)),
@@ -774,15 +775,29 @@ mod tests {
         leaf.prop_recursive(1, 6, 4, |inner| proptest::collection::vec(inner, 1..4).prop_map(Op::Batch))
     }
 
-    /// A tagged peer shows as Headscale's tagged-devices user.
-    fn peer_entry(id: i64, key: u8, org: i64, subnet: bool, tagged: bool) -> Node {
+    /// `--exit-node`: none, a mesh IP, or a stable ID (which may name several peers).
+    fn exit_choice() -> impl proptest::strategy::Strategy<Value = Option<String>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            (2i64..8).prop_map(|i| Some(format!("100.64.0.{i}"))),
+            (0i64..5).prop_map(|i| Some(format!("n{i}"))),
+        ]
+    }
+
+    /// A tagged peer shows as Headscale's tagged-devices user. Stable IDs repeat every five
+    /// IDs, so a name can select more than one peer (the first by ID is the one).
+    fn peer_entry(id: i64, key: u8, org: i64, routes: u8, tagged: bool) -> Node {
         let own = [format!("100.64.0.{id}/32"), format!("fd7a:115c:a1e0::{id}/128")];
         let mut allowed = own.to_vec();
-        if subnet {
-            allowed.push(format!("10.{}.0.0/16", id % 3));
+        match routes {
+            1 => allowed.push(format!("10.{}.0.0/16", id % 3)),
+            2 => allowed.extend(["0.0.0.0/0".to_string(), "::/0".to_string()]),
+            _ => {}
         }
         Node {
             id,
+            stable_id: format!("n{}", id % 5),
             key: NodePublic([key; 32]),
             disco_key: DiscoPublic([key + 100; 32]),
             user: if tagged { peers::TAGGED_DEVICES_USER } else { org },
@@ -849,17 +864,18 @@ mod tests {
         fn applying_changed_peers_equals_applying_the_whole_map(
             ops in proptest::collection::vec(op(), 1..40),
             accept_routes in proptest::prelude::any::<bool>(),
+            exit_node in exit_choice(),
         ) {
             let t0 = Instant::now();
             let (mut inc, mut whole) = (node(1, t0), node(1, t0));
-            let prefs = RoutePrefs { accept_routes, ..Default::default() };
+            let prefs = RoutePrefs { accept_routes, exit_node, ..Default::default() };
             inc.conn.set_route_prefs(prefs.clone());
             whole.conn.set_route_prefs(prefs);
             let mut nm = NetMap::default();
             nm.apply(&crate::tailcfg::MapResponse {
                 node: Some(Node { id: 1, key: pub_key(&inc), user: 7, ..Default::default() }),
                 derp_map: Some(derp_map(&[1, 2])),
-                peers: Some((2..6).map(|i| peer_entry(i, i as u8, 7, false, false)).collect()),
+                peers: Some((2..6).map(|i| peer_entry(i, i as u8, 7, if i == 4 { 2 } else { 0 }, false)).collect()),
                 ..Default::default()
             });
             inc.conn.set_netmap(t0, &nm);
@@ -892,6 +908,8 @@ mod tests {
                         IpAddr::from([100, 64, 0, i]),
                         format!("fd7a:115c:a1e0::{i}").parse().unwrap(),
                         IpAddr::from([10, i % 3, 0, 1]),
+                        IpAddr::from([203, 0, 113, i]),
+                        format!("2001:db8::{i}").parse().unwrap(),
                     ] {
                         proptest::prop_assert_eq!(inc.conn.wg.route_of(ip), whole.conn.wg.route_of(ip), "{} after {:?}", ip, op);
                     }
