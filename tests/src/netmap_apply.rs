@@ -9,6 +9,10 @@
 //! plane rebuilt everything, which is what the guard compares a change with.
 //!
 //! Wall time per change and this process's CPU per change (the driver's thread included).
+//!
+//! With `orgs` above 1 the peers are spread over that many orgs and the filter admits
+//! everyone, as Headscale without a policy sends it: the peers of other orgs are in the map,
+//! and the org guard keeps them out.
 
 use citadel::dataplane::{DataPlane, DataPlaneConfig};
 use citadel::keys::{DiscoPublic, NodePublic, PrivateKey};
@@ -35,6 +39,7 @@ impl Sample {
 #[derive(Debug, Clone)]
 pub struct Figures {
     pub peers: usize,
+    pub orgs: usize,
     /// `DataPlane::start` with the whole first map.
     pub first_map: Duration,
     pub endpoint: Sample,
@@ -46,7 +51,10 @@ pub struct Figures {
 impl Figures {
     /// One line per kind of change.
     pub fn render(&self) -> String {
-        let mut s = format!("netmap apply: {} peers; first map applied in {:.1?}\n", self.peers, self.first_map);
+        let mut s = format!(
+            "netmap apply: {} peers in {} org(s); first map applied in {:.1?}\n",
+            self.peers, self.orgs, self.first_map
+        );
         for (what, x) in
             [("endpoint change", &self.endpoint), ("join (entry + filter)", &self.join), ("whole map", &self.whole)]
         {
@@ -63,10 +71,11 @@ impl Figures {
 
 /// Measures `changes` endpoint changes, `changes` joins and `wholes` whole maps on a data
 /// plane holding `peers` peers. Builds its own runtime: call it outside of one.
-pub fn measure(peers: usize, changes: usize, wholes: usize) -> anyhow::Result<Figures> {
+pub fn measure(peers: usize, orgs: usize, changes: usize, wholes: usize) -> anyhow::Result<Figures> {
     anyhow::ensure!((1..60_000).contains(&peers), "peers must be 1..60000");
+    anyhow::ensure!((1..=peers).contains(&orgs), "orgs must be 1..=peers");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run(peers, changes.max(1), wholes.max(1)))
+    rt.block_on(run(peers, orgs, changes.max(1), wholes.max(1)))
 }
 
 /// The mesh address of member `i` (1 is this node).
@@ -74,14 +83,15 @@ fn addr(i: usize) -> (String, String) {
     (format!("100.64.{}.{}/32", i / 250, i % 250 + 1), format!("fd7a:115c:a1e0::{i:x}/128"))
 }
 
-fn member(i: usize) -> Node {
+/// Member `i` of org `7 + i % orgs` (this node, 1, is in org 7).
+fn member(i: usize, orgs: usize) -> Node {
     let mut rng = rand::thread_rng();
     let (v4, v6) = addr(i);
     Node {
         id: i as i64,
         stable_id: format!("n{i}"),
         name: format!("node-{i}.org.mesh.example."),
-        user: 7,
+        user: 7 + if i == 1 { 0 } else { (i % orgs) as i64 },
         key: NodePublic(PrivateKey::generate(&mut rng).public_bytes()),
         disco_key: DiscoPublic(PrivateKey::generate(&mut rng).public_bytes()),
         addresses: vec![v4.clone(), v6.clone()],
@@ -94,10 +104,11 @@ fn member(i: usize) -> Node {
 }
 
 /// The org's filter after member `last` joined: the members as a short prefix list (as
-/// nexus-sim sends it), which changes with each join.
-fn org_filter(last: usize) -> Vec<FilterRule> {
+/// nexus-sim sends it), which changes with each join; with several orgs, everyone.
+fn org_filter(last: usize, orgs: usize) -> Vec<FilterRule> {
+    let src_ips = if orgs > 1 { vec!["*".into()] } else { vec!["100.64.0.0/16".into(), addr(last).0, addr(last).1] };
     vec![FilterRule {
-        src_ips: vec!["100.64.0.0/16".into(), addr(last).0, addr(last).1],
+        src_ips,
         dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
         ip_proto: vec![],
     }]
@@ -112,11 +123,11 @@ fn cpu() -> Duration {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-async fn run(peers: usize, changes: usize, wholes: usize) -> anyhow::Result<Figures> {
-    let me = member(1);
-    let mut nm = NetMap { self_node: me, packet_filter: org_filter(peers + 1), ..Default::default() };
+async fn run(peers: usize, orgs: usize, changes: usize, wholes: usize) -> anyhow::Result<Figures> {
+    let me = member(1, orgs);
+    let mut nm = NetMap { self_node: me, packet_filter: org_filter(peers + 1, orgs), ..Default::default() };
     for i in 2..peers + 2 {
-        nm.peers.insert(i as i64, member(i));
+        nm.peers.insert(i as i64, member(i, orgs));
     }
     let cfg = DataPlaneConfig {
         node_key: PrivateKey::generate(&mut rand::thread_rng()),
@@ -167,11 +178,9 @@ async fn run(peers: usize, changes: usize, wholes: usize) -> anyhow::Result<Figu
     let joins: Vec<MapResponse> = (0..changes)
         .map(|k| {
             let i = peers + 2 + k;
-            MapResponse {
-                peers_changed: Some(vec![member(i)]),
-                packet_filter: Some(org_filter(i)),
-                ..Default::default()
-            }
+            // Under an allow-all filter a join leaves the filter as it was.
+            let filter = (orgs == 1).then(|| org_filter(i, orgs));
+            MapResponse { peers_changed: Some(vec![member(i, orgs)]), packet_filter: filter, ..Default::default() }
         })
         .collect();
     let join = apply(joins)?;
@@ -186,5 +195,5 @@ async fn run(peers: usize, changes: usize, wholes: usize) -> anyhow::Result<Figu
         })
         .collect();
     let whole = apply(wholes)?;
-    Ok(Figures { peers, first_map, endpoint, join, whole })
+    Ok(Figures { peers, orgs, first_map, endpoint, join, whole })
 }

@@ -31,22 +31,56 @@ pub struct RoutePrefs {
     pub allow_cross_org: bool,
 }
 
-/// Peers of another org that the org guard keeps out, by node key and disco key.
+/// Peers of another org that the org guard keeps out, by node key and disco key, each with
+/// the number of guarded peers holding it (so one leaving does not unblock another's key).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct OrgGuard {
-    node_keys: BTreeSet<NodePublic>,
-    disco_keys: BTreeSet<DiscoPublic>,
+    node_keys: BTreeMap<NodePublic, u32>,
+    disco_keys: BTreeMap<DiscoPublic, u32>,
+}
+
+/// One change to the [`OrgGuard`]: a guarded peer's keys, added or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuardEdit {
+    Add(NodePublic, DiscoPublic),
+    Remove(NodePublic, DiscoPublic),
 }
 
 impl OrgGuard {
     /// True when packets relayed from this node key must be dropped.
     pub(crate) fn blocks_node(&self, k: &NodePublic) -> bool {
-        self.node_keys.contains(k)
+        self.node_keys.contains_key(k)
     }
 
     /// True when disco from this disco key must be dropped.
     pub(crate) fn blocks_disco(&self, k: &DiscoPublic) -> bool {
-        self.disco_keys.contains(k)
+        self.disco_keys.contains_key(k)
+    }
+
+    /// Applies one change (a zero disco key is not a key and is never blocked).
+    pub(crate) fn edit(&mut self, e: GuardEdit) {
+        fn dec<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
+            if let std::collections::btree_map::Entry::Occupied(mut o) = m.entry(k) {
+                *o.get_mut() -= 1;
+                if *o.get() == 0 {
+                    o.remove();
+                }
+            }
+        }
+        match e {
+            GuardEdit::Add(k, d) => {
+                *self.node_keys.entry(k).or_default() += 1;
+                if !d.is_zero() {
+                    *self.disco_keys.entry(d).or_default() += 1;
+                }
+            }
+            GuardEdit::Remove(k, d) => {
+                dec(&mut self.node_keys, k);
+                if !d.is_zero() {
+                    dec(&mut self.disco_keys, d);
+                }
+            }
+        }
     }
 
     /// How many peers are kept out.
@@ -262,6 +296,7 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
     let mut index = PeerIndex {
         by_id: HashMap::new(),
         owners: HashMap::new(),
+        guarded: HashMap::new(),
         whole_only: false,
         admits_everyone: admits_everyone(nm),
         me: (nm.self_node.key, org_of(&nm.self_node)),
@@ -271,14 +306,12 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
         match classify(nm, n, prefs, exit) {
             Slot::Unusable => {}
             Slot::Guarded => {
-                out.guard.node_keys.insert(n.key);
-                if !n.disco_key.is_zero() {
-                    out.guard.disco_keys.insert(n.disco_key);
-                }
-                index.note(n.id, n.key, false);
+                out.guard.edit(GuardEdit::Add(n.key, n.disco_key));
+                index.note(n.id, n.key);
+                index.guarded.insert(n.id, n.disco_key);
             }
             Slot::Tunnel(cfg) => {
-                index.note(n.id, n.key, true);
+                index.note(n.id, n.key);
                 if out.peers.insert(n.key, cfg).is_some() {
                     tracing::warn!(peer = %n.key.short(), "netmap lists the same node key twice; keeping the last");
                 }
@@ -286,7 +319,7 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
         }
     }
     // A key listed both as a peer of ours and of another org stays blocked: deny wins.
-    for k in &out.guard.node_keys {
+    for k in out.guard.node_keys.keys() {
         out.peers.remove(k);
     }
     (out, index)
@@ -325,7 +358,9 @@ pub(crate) struct PeerIndex {
     by_id: HashMap<i64, NodePublic>,
     /// The ID holding each of those keys.
     owners: HashMap<NodePublic, i64>,
-    /// A key listed twice, or a peer of another org: only the whole map tells who wins.
+    /// The peers of another org the guard keeps out (also in `by_id`), with their disco keys.
+    guarded: HashMap<i64, DiscoPublic>,
+    /// A key listed twice: only the whole map tells who wins.
     whole_only: bool,
     /// [`admits_everyone`] of the map: it decides which tagged peers count as another org's.
     admits_everyone: bool,
@@ -343,6 +378,7 @@ impl Default for PeerIndex {
         PeerIndex {
             by_id: HashMap::new(),
             owners: HashMap::new(),
+            guarded: HashMap::new(),
             whole_only: true,
             admits_everyone: false,
             me: (NodePublic([0; 32]), None),
@@ -352,8 +388,7 @@ impl Default for PeerIndex {
 }
 
 impl PeerIndex {
-    fn note(&mut self, id: i64, key: NodePublic, tunnel: bool) {
-        self.whole_only |= !tunnel;
+    fn note(&mut self, id: i64, key: NodePublic) {
         self.whole_only |= self.owners.insert(key, id).is_some_and(|other| other != id);
         self.by_id.insert(id, key);
     }
@@ -363,8 +398,7 @@ impl PeerIndex {
     /// filter may have: `filter_changed`); `current` are the tunnels' configs now. `None`,
     /// with the index left as it was, when only the whole map can tell: this node's key or
     /// org changed, the chosen exit node is another peer now (or another key), the filter
-    /// started or stopped admitting everyone, a key is listed twice, or a peer of another org
-    /// is involved.
+    /// started or stopped admitting everyone, or a key is listed twice (or would be).
     pub(crate) fn update(
         &mut self,
         nm: &NetMap,
@@ -372,7 +406,7 @@ impl PeerIndex {
         ids: &BTreeSet<i64>,
         filter_changed: bool,
         current: &BTreeMap<NodePublic, PeerConfig>,
-    ) -> Option<Vec<PeerChange>> {
+    ) -> Option<Update> {
         if self.whole_only || (nm.self_node.key, org_of(&nm.self_node)) != self.me {
             return None;
         }
@@ -394,27 +428,40 @@ impl PeerIndex {
         let mut next = Vec::with_capacity(ids.len());
         let mut keys = BTreeSet::new();
         for id in ids {
-            let slot = nm.peers.get(id).map_or(Slot::Unusable, |n| classify(nm, n, prefs, exit));
-            match &slot {
-                Slot::Guarded => return None,
-                Slot::Tunnel(cfg) if self.owners.get(&cfg.key).is_some_and(|o| o != id) || !keys.insert(cfg.key) => {
+            let n = nm.peers.get(id);
+            let slot = n.map_or(Slot::Unusable, |n| classify(nm, n, prefs, exit));
+            let key = match &slot {
+                Slot::Unusable => None,
+                Slot::Guarded => n.map(|n| n.key),
+                Slot::Tunnel(cfg) => Some(cfg.key),
+            };
+            // A key another peer holds (deny wins, or the last listed): the whole map decides.
+            if let Some(k) = key {
+                if self.owners.get(&k).is_some_and(|o| o != id) || !keys.insert(k) {
                     return None;
                 }
-                _ => {}
             }
-            next.push((*id, slot));
+            next.push((*id, slot, n.map(|n| (n.key, n.disco_key)).unwrap_or_default()));
         }
-        let (mut changes, mut added) = (Vec::new(), Vec::new());
-        for (id, slot) in next {
+        let (mut changes, mut added, mut guard) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, slot, (key, disco)) in next {
             let old = self.by_id.remove(&id);
             if let Some(k) = old {
                 self.owners.remove(&k);
             }
+            // A guarded peer had no tunnel: its keys leave the guard instead.
+            let old_tunnel = match (old, self.guarded.remove(&id)) {
+                (Some(k), Some(d)) => {
+                    guard.push(GuardEdit::Remove(k, d));
+                    None
+                }
+                (old, _) => old,
+            };
             match slot {
                 Slot::Tunnel(cfg) => {
                     self.by_id.insert(id, cfg.key);
                     self.owners.insert(cfg.key, id);
-                    match old {
+                    match old_tunnel {
                         Some(k) if k == cfg.key => {
                             if current.get(&k) != Some(&cfg) {
                                 added.push(PeerChange::Update(cfg));
@@ -427,12 +474,27 @@ impl PeerIndex {
                         None => added.push(PeerChange::Add(cfg)),
                     }
                 }
-                Slot::Unusable | Slot::Guarded => changes.extend(old.map(PeerChange::Remove)),
+                Slot::Guarded => {
+                    self.by_id.insert(id, key);
+                    self.owners.insert(key, id);
+                    self.guarded.insert(id, disco);
+                    guard.push(GuardEdit::Add(key, disco));
+                    changes.extend(old_tunnel.map(PeerChange::Remove));
+                }
+                Slot::Unusable => changes.extend(old_tunnel.map(PeerChange::Remove)),
             }
         }
         changes.extend(added);
-        Some(changes)
+        Some(Update { peers: changes, guard })
     }
+}
+
+/// What [`PeerIndex::update`] found to do: tunnel changes (removals first) and org-guard
+/// changes.
+#[derive(Debug, Default)]
+pub(crate) struct Update {
+    pub peers: Vec<PeerChange>,
+    pub guard: Vec<GuardEdit>,
 }
 
 /// The changes that turn `current` into `desired`, removals first (so a prefix moving from one

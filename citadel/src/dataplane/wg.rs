@@ -270,6 +270,17 @@ impl WgRouter {
         self.org_guard = guard;
     }
 
+    /// The org guard this router drops relayed traffic by.
+    #[cfg(test)]
+    pub(crate) fn org_guard(&self) -> &super::peers::OrgGuard {
+        &self.org_guard
+    }
+
+    /// Applies one change to the org guard (see [`super::peers::PeerIndex::update`]).
+    pub(crate) fn edit_org_guard(&mut self, e: super::peers::GuardEdit) {
+        self.org_guard.edit(e);
+    }
+
     /// Enables disco with this key (peers with a disco key get path discovery).
     pub(crate) fn set_disco_key(&mut self, key: &PrivateKey) {
         self.disco.set_key(key);

@@ -133,9 +133,15 @@ impl Conn {
         filter_changed: bool,
     ) -> bool {
         self.wg.set_now(now);
-        let Some(changes) = self.index.update(nm, &self.prefs, ids, filter_changed, self.wg.configs()) else {
+        let Some(peers::Update { peers: changes, guard }) =
+            self.index.update(nm, &self.prefs, ids, filter_changed, self.wg.configs())
+        else {
             return false;
         };
+        for e in guard {
+            self.guard.edit(e);
+            self.wg.edit_org_guard(e);
+        }
         let touched: Vec<NodePublic> = changes
             .iter()
             .filter_map(|c| match c {
@@ -903,6 +909,7 @@ mod tests {
                     whole.conn.wg.peers.keys().collect::<Vec<_>>()
                 );
                 proptest::prop_assert_eq!(&inc.conn.guard, &whole.conn.guard);
+                proptest::prop_assert_eq!(inc.conn.wg.org_guard(), &inc.conn.guard);
                 for i in 0..16u8 {
                     for ip in [
                         IpAddr::from([100, 64, 0, i]),
