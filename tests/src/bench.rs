@@ -606,6 +606,12 @@ pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
 /// The netmap-change rows: an endpoint patch's and a join's CPU in a running data plane,
 /// against a whole map's (what every change cost when the data plane rebuilt all peers).
 /// Needs no namespace and no tsnet.
+#[cfg(not(unix))]
+fn netmap(_: usize, _: usize) -> anyhow::Result<Vec<Figure>> {
+    bail!("the netmap figures read process CPU with getrusage: unix only")
+}
+
+#[cfg(unix)]
 fn netmap(peers: usize, orgs: usize) -> anyhow::Result<Vec<Figure>> {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let f = crate::netmap_apply::measure(peers, orgs, 200, 10)?;

@@ -450,4 +450,6 @@ where
 }
 
 pub mod bench;
+// Process CPU comes from getrusage.
+#[cfg(unix)]
 pub mod netmap_apply;
