@@ -230,11 +230,6 @@ fn split_routes(n: &Node, prefs: &RoutePrefs, chosen_exit: bool) -> (Vec<IpNetwo
     (taken, skipped)
 }
 
-/// The key of the peer chosen as exit node, if `prefs` names one present in the map.
-fn chosen_exit(nm: &NetMap, prefs: &RoutePrefs) -> Option<NodePublic> {
-    chosen_exit_node(nm, prefs).map(|n| n.key)
-}
-
 /// The peer chosen as exit node, if `prefs` names one present in the map.
 fn chosen_exit_node<'a>(nm: &'a NetMap, prefs: &RoutePrefs) -> Option<&'a Node> {
     let sel = prefs.exit_node.as_deref()?;
@@ -252,7 +247,7 @@ fn unusable(nm: &NetMap, n: &Node) -> bool {
 
 /// How each peer's AllowedIPs are taken under `prefs`, keyed by node key (for `status`).
 pub fn peer_routes(nm: &NetMap, prefs: &RoutePrefs) -> BTreeMap<NodePublic, PeerRoutes> {
-    let exit = chosen_exit(nm, prefs);
+    let exit = chosen_exit_node(nm, prefs).map(|n| n.key);
     nm.peers
         .values()
         .map(|n| {
@@ -296,7 +291,6 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
     let mut index = PeerIndex {
         by_id: HashMap::new(),
         owners: HashMap::new(),
-        guarded: HashMap::new(),
         whole_only: false,
         admits_everyone: admits_everyone(nm),
         me: (nm.self_node.key, org_of(&nm.self_node)),
@@ -307,11 +301,10 @@ pub(crate) fn desired_indexed(nm: &NetMap, prefs: &RoutePrefs) -> (Desired, Peer
             Slot::Unusable => {}
             Slot::Guarded => {
                 out.guard.edit(GuardEdit::Add(n.key, n.disco_key));
-                index.note(n.id, n.key);
-                index.guarded.insert(n.id, n.disco_key);
+                index.note(n.id, Held { key: n.key, guarded: Some(n.disco_key) });
             }
             Slot::Tunnel(cfg) => {
-                index.note(n.id, n.key);
+                index.note(n.id, Held { key: n.key, guarded: None });
                 if out.peers.insert(n.key, cfg).is_some() {
                     tracing::warn!(peer = %n.key.short(), "netmap lists the same node key twice; keeping the last");
                 }
@@ -354,12 +347,10 @@ fn classify(nm: &NetMap, n: &Node, prefs: &RoutePrefs, exit: Option<NodePublic>)
 /// on every change in the org).
 #[derive(Debug)]
 pub(crate) struct PeerIndex {
-    /// Each peer's node key; peers without a key, expired or with this node's key are absent.
-    by_id: HashMap<i64, NodePublic>,
+    /// What each peer holds; peers without a key, expired or with this node's key are absent.
+    by_id: HashMap<i64, Held>,
     /// The ID holding each of those keys.
     owners: HashMap<NodePublic, i64>,
-    /// The peers of another org the guard keeps out (also in `by_id`), with their disco keys.
-    guarded: HashMap<i64, DiscoPublic>,
     /// A key listed twice: only the whole map tells who wins.
     whole_only: bool,
     /// [`admits_everyone`] of the map: it decides which tagged peers count as another org's.
@@ -378,7 +369,6 @@ impl Default for PeerIndex {
         PeerIndex {
             by_id: HashMap::new(),
             owners: HashMap::new(),
-            guarded: HashMap::new(),
             whole_only: true,
             admits_everyone: false,
             me: (NodePublic([0; 32]), None),
@@ -388,9 +378,9 @@ impl Default for PeerIndex {
 }
 
 impl PeerIndex {
-    fn note(&mut self, id: i64, key: NodePublic) {
-        self.whole_only |= self.owners.insert(key, id).is_some_and(|other| other != id);
-        self.by_id.insert(id, key);
+    fn note(&mut self, id: i64, held: Held) {
+        self.whole_only |= self.owners.insert(held.key, id).is_some_and(|other| other != id);
+        self.by_id.insert(id, held);
     }
 
     /// The tunnel changes (removals first) when the peers `ids` changed in `nm` and nothing
@@ -430,63 +420,69 @@ impl PeerIndex {
         for id in ids {
             let n = nm.peers.get(id);
             let slot = n.map_or(Slot::Unusable, |n| classify(nm, n, prefs, exit));
-            let key = match &slot {
-                Slot::Unusable => None,
-                Slot::Guarded => n.map(|n| n.key),
-                Slot::Tunnel(cfg) => Some(cfg.key),
+            let held = match (&slot, n) {
+                (Slot::Guarded, Some(n)) => Some(Held { key: n.key, guarded: Some(n.disco_key) }),
+                (Slot::Tunnel(cfg), _) => Some(Held { key: cfg.key, guarded: None }),
+                _ => None,
             };
             // A key another peer holds (deny wins, or the last listed): the whole map decides.
-            if let Some(k) = key {
-                if self.owners.get(&k).is_some_and(|o| o != id) || !keys.insert(k) {
+            if let Some(h) = &held {
+                if self.owners.get(&h.key).is_some_and(|o| o != id) || !keys.insert(h.key) {
                     return None;
                 }
             }
-            next.push((*id, slot, n.map(|n| (n.key, n.disco_key)).unwrap_or_default()));
+            next.push((*id, slot, held));
         }
         let (mut changes, mut added, mut guard) = (Vec::new(), Vec::new(), Vec::new());
-        for (id, slot, (key, disco)) in next {
-            let old = self.by_id.remove(&id);
-            if let Some(k) = old {
-                self.owners.remove(&k);
-            }
-            // A guarded peer had no tunnel: its keys leave the guard instead.
-            let old_tunnel = match (old, self.guarded.remove(&id)) {
-                (Some(k), Some(d)) => {
-                    guard.push(GuardEdit::Remove(k, d));
-                    None
-                }
-                (old, _) => old,
-            };
-            match slot {
-                Slot::Tunnel(cfg) => {
-                    self.by_id.insert(id, cfg.key);
-                    self.owners.insert(cfg.key, id);
-                    match old_tunnel {
-                        Some(k) if k == cfg.key => {
-                            if current.get(&k) != Some(&cfg) {
-                                added.push(PeerChange::Update(cfg));
-                            }
+        for (id, slot, held) in next {
+            // The tunnel this peer had; a guarded peer had none, its keys leave the guard.
+            let old_tunnel = match self.by_id.remove(&id) {
+                Some(old) => {
+                    self.owners.remove(&old.key);
+                    match old.guarded {
+                        Some(d) => {
+                            guard.push(GuardEdit::Remove(old.key, d));
+                            None
                         }
-                        Some(k) => {
-                            changes.push(PeerChange::Remove(k));
-                            added.push(PeerChange::Add(cfg));
-                        }
-                        None => added.push(PeerChange::Add(cfg)),
+                        None => Some(old.key),
                     }
                 }
-                Slot::Guarded => {
-                    self.by_id.insert(id, key);
-                    self.owners.insert(key, id);
-                    self.guarded.insert(id, disco);
-                    guard.push(GuardEdit::Add(key, disco));
-                    changes.extend(old_tunnel.map(PeerChange::Remove));
+                None => None,
+            };
+            if let Some(h) = held {
+                self.owners.insert(h.key, id);
+                self.by_id.insert(id, h);
+                if let Some(d) = h.guarded {
+                    guard.push(GuardEdit::Add(h.key, d));
                 }
-                Slot::Unusable => changes.extend(old_tunnel.map(PeerChange::Remove)),
+            }
+            match slot {
+                Slot::Tunnel(cfg) => match old_tunnel {
+                    Some(k) if k == cfg.key => {
+                        if current.get(&k) != Some(&cfg) {
+                            added.push(PeerChange::Update(cfg));
+                        }
+                    }
+                    Some(k) => {
+                        changes.push(PeerChange::Remove(k));
+                        added.push(PeerChange::Add(cfg));
+                    }
+                    None => added.push(PeerChange::Add(cfg)),
+                },
+                Slot::Guarded | Slot::Unusable => changes.extend(old_tunnel.map(PeerChange::Remove)),
             }
         }
         changes.extend(added);
         Some(Update { peers: changes, guard })
     }
+}
+
+/// What one peer holds in a [`PeerIndex`]: its node key, and its disco key if the org guard
+/// keeps it out (then it has no tunnel).
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    key: NodePublic,
+    guarded: Option<DiscoPublic>,
 }
 
 /// What [`PeerIndex::update`] found to do: tunnel changes (removals first) and org-guard

@@ -270,8 +270,8 @@ impl WgRouter {
         self.org_guard = guard;
     }
 
-    /// The org guard this router drops relayed traffic by.
-    #[cfg(test)]
+    /// Peers of another org, whose relayed packets and disco are dropped (the one copy: the
+    /// core reads it here too).
     pub(crate) fn org_guard(&self) -> &super::peers::OrgGuard {
         &self.org_guard
     }

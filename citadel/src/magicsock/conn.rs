@@ -10,7 +10,7 @@
 //! [`NetInfo`]).
 
 use super::home::{Action, HomePolicy};
-use crate::dataplane::peers::{self, OrgGuard, PeerIndex, RoutePrefs};
+use crate::dataplane::peers::{self, PeerIndex, RoutePrefs};
 use crate::dataplane::wg::{Source, Transmit, WgRouter};
 use crate::dataplane::{Counters, NetInfo, PeerStats};
 use crate::derphttp::RegionLatency;
@@ -51,8 +51,6 @@ pub(crate) struct Conn {
     home: HomePolicy,
     /// How peers' routes are taken; applied with every netmap.
     prefs: RoutePrefs,
-    /// Peers of another org, whose relayed packets and disco are dropped.
-    guard: OrgGuard,
     /// Which netmap peer holds which tunnel, for applying changes of a few peers.
     index: PeerIndex,
     counters: Arc<Counters>,
@@ -88,7 +86,6 @@ impl Conn {
             wg,
             home: HomePolicy::default(),
             prefs: RoutePrefs::default(),
-            guard: OrgGuard::default(),
             index: PeerIndex::default(),
             counters,
             net_info: NetInfo { endpoints: local.clone(), ..Default::default() },
@@ -114,8 +111,7 @@ impl Conn {
             tracing::debug!(peers = desired.guard.len(), "org guard: peers of another org get no tunnel");
         }
         self.wg.set_peers(desired.peers);
-        self.wg.set_org_guard(desired.guard.clone());
-        self.guard = desired.guard;
+        self.wg.set_org_guard(desired.guard);
         self.index = index;
         self.set_derp(now, &nm.derp_map, None);
     }
@@ -139,7 +135,6 @@ impl Conn {
             return false;
         };
         for e in guard {
-            self.guard.edit(e);
             self.wg.edit_org_guard(e);
         }
         let touched: Vec<NodePublic> = changes
@@ -209,7 +204,7 @@ impl Conn {
     /// One packet relayed by DERP `region` from the holder of `from`.
     pub(crate) fn handle_relayed(&mut self, now: Instant, region: i32, from: NodePublic, data: &[u8]) {
         tracing::trace!(region, peer = %from.short(), len = data.len(), "received over DERP");
-        if self.guard.blocks_node(&from) {
+        if self.wg.org_guard().blocks_node(&from) {
             self.counters.rx_cross_org.fetch_add(1, Relaxed);
             tracing::trace!(peer = %from.short(), "org guard dropped a relayed packet");
             return;
@@ -230,7 +225,7 @@ impl Conn {
     /// True (and counted) when a disco message comes from a peer of another org.
     fn cross_org_disco(&self, data: &[u8]) -> bool {
         let Some(sender) = crate::disco::sender(data) else { return false };
-        if self.guard.blocks_disco(&sender) {
+        if self.wg.org_guard().blocks_disco(&sender) {
             self.counters.rx_cross_org.fetch_add(1, Relaxed);
             tracing::trace!("org guard dropped a disco message");
             return true;
@@ -908,8 +903,7 @@ mod tests {
                     inc.conn.wg.peers.keys().collect::<Vec<_>>(),
                     whole.conn.wg.peers.keys().collect::<Vec<_>>()
                 );
-                proptest::prop_assert_eq!(&inc.conn.guard, &whole.conn.guard);
-                proptest::prop_assert_eq!(inc.conn.wg.org_guard(), &inc.conn.guard);
+                proptest::prop_assert_eq!(inc.conn.wg.org_guard(), whole.conn.wg.org_guard());
                 for i in 0..16u8 {
                     for ip in [
                         IpAddr::from([100, 64, 0, i]),

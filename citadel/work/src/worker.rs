@@ -686,13 +686,10 @@ enum Holder {
 /// The script reads its commands as `argc, args...` groups; it touches the job's status keys
 /// beside the stream, so it assumes one Redis server, not a cluster.
 async fn if_pending(ctx: &Ctx, entry_id: &str, holder: Holder, cmds: Vec<Vec<Vec<u8>>>) -> Result<bool, RedisError> {
-    let reply = ctx.redis.pipeline(vec![guarded(ctx, entry_id, holder, cmds)]).await?;
-    match reply.first() {
-        Some(Value::Int(1)) => Ok(true),
-        Some(Value::Int(0)) => Ok(false),
-        Some(Value::Error(e)) => Err(RedisError::Server(e.clone())),
-        Some(v) => Err(unexpected("EVAL", v)),
-        None => Err(unexpected("EVAL", &Value::Nil)),
+    match ctx.redis.cmd(&guarded(ctx, entry_id, holder, cmds)).await? {
+        Value::Int(1) => Ok(true),
+        Value::Int(0) => Ok(false),
+        v => Err(unexpected("EVAL", &v)),
     }
 }
 

@@ -412,19 +412,23 @@ struct StallingDialer {
     gate: Arc<Gate>,
 }
 
+/// Armed until a reply with the marker is read, then closed (writes wait) until opened.
 #[derive(Default)]
 struct Gate {
-    closed: std::sync::atomic::AtomicBool,
-    tripped: std::sync::atomic::AtomicBool,
-    opened: std::sync::atomic::AtomicBool,
+    state: std::sync::atomic::AtomicU8,
     wakers: Mutex<Vec<std::task::Waker>>,
 }
 
+const ARMED: u8 = 0;
+const CLOSED: u8 = 1;
+const OPEN: u8 = 2;
+
 impl Gate {
+    fn state(&self) -> u8 {
+        self.state.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn open(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.opened.store(true, SeqCst);
-        self.closed.store(false, SeqCst);
+        self.state.store(OPEN, std::sync::atomic::Ordering::SeqCst);
         for w in self.wakers.lock().expect("lock").drain(..) {
             w.wake();
         }
@@ -446,10 +450,8 @@ impl tokio::io::AsyncRead for Stalling {
         use std::sync::atomic::Ordering::SeqCst;
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let fresh = &buf.filled()[before..];
-        if !self.gate.opened.load(SeqCst) && fresh.windows(self.marker.len()).any(|w| w == self.marker) {
-            self.gate.closed.store(true, SeqCst);
-            self.gate.tripped.store(true, SeqCst);
+        if buf.filled()[before..].windows(self.marker.len()).any(|w| w == self.marker) {
+            let _ = self.gate.state.compare_exchange(ARMED, CLOSED, SeqCst, SeqCst);
         }
         r
     }
@@ -461,11 +463,10 @@ impl tokio::io::AsyncWrite for Stalling {
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self.gate.closed.load(SeqCst) {
+        if self.gate.state() == CLOSED {
             self.gate.wakers.lock().expect("lock").push(cx.waker().clone());
             // Re-check: `open` may have run between the load and the push.
-            if self.gate.closed.load(SeqCst) {
+            if self.gate.state() == CLOSED {
                 return std::task::Poll::Pending;
             }
         }
@@ -514,10 +515,8 @@ async fn a_stalled_worker_neither_reruns_nor_overwrites_a_job_taken_over_and_fin
         enqueue(&c, Q, serde_json::json!({"id":"stall-me","type":"SHELL_COMMAND","payload":{"argv":["sh","-c",cmd]}}))
             .await;
         // The stalled worker read the job and is now stuck before recording its start.
-        wait_for("the delivery to the stalled worker", Duration::from_secs(10), || async {
-            gate.tripped.load(std::sync::atomic::Ordering::SeqCst)
-        })
-        .await;
+        wait_for("the delivery to the stalled worker", Duration::from_secs(10), || async { gate.state() != ARMED })
+            .await;
         // Past claim_idle another worker takes the job over and finishes it.
         let other = spawn_worker(cfg(&redis.url(), "other"), Arc::new(NoMesh));
         let key = format!("{Q}:job:stall-me");
