@@ -20,6 +20,7 @@ use citadel_proto::tailcfg::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -595,14 +596,20 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
 
 /// [`build_map`] from the policy compiled over every node.
 fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
+    build_out_compiled(s, me, &s.policy.compiled(&s.store)).response()
+}
+
+/// `me`'s full map under compile `c`, its peers' entries from the [`EntryCache`].
+fn build_out_compiled(s: &Shared, me: &StoreNode, c: &crate::policy::Compiled) -> Out {
     let now = Utc::now();
-    let compiled = s.policy.compiled(&s.store);
-    let peer_nodes = s.store.nodes_by_id(&compiled.peers_of(me.id));
-    let peers: Vec<tailcfg::Node> = peer_nodes.iter().map(|n| to_tail(s, n, now)).collect();
+    let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
+    let peer_nodes = s.store.nodes_by_id(&c.peers_of(me.id));
+    let peers: Vec<Bytes> = peer_nodes.iter().map(|n| s.entries.get(s, n, now, &keep)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
-    let mut m = map_of(s, me, peers, compiled.filter_for(me.id), users, now);
-    crate::routes::reduce_map(&mut m, &|r| compiled.can_access_route(me.id, r));
-    m
+    let mut m = map_of(s, me, vec![], c.filter_for(me.id), users, now);
+    m.peers = None;
+    crate::routes::reduce_map(&mut m, &keep);
+    Out { resp: m, peers: Some(peers), changed: vec![] }
 }
 
 fn map_of(
@@ -824,14 +831,29 @@ fn patch_of(id: u64, p: &crate::store::NodePatch) -> tailcfg::PeerChange {
     }
 }
 
+/// Adds `by` to user `u`'s count of peers; true when the user came or went.
+fn count_user(users: &mut BTreeMap<u64, u32>, u: u64, by: i32) -> bool {
+    let n = users.entry(u).or_insert(0);
+    let was = *n;
+    *n = n.saturating_add_signed(by);
+    let now = *n;
+    if now == 0 {
+        users.remove(&u);
+    }
+    (was == 0) != (now == 0)
+}
+
 /// How a stream keeps its client's map current.
 enum Mode {
     /// Built-in policy: follows the org's change log.
     /// `filter`: the fingerprint of the packet filter this stream last sent (see
     /// [`filter_print`]); a delta carries the filter only when it differs.
     Org { tmpl: OrgTemplate, cursor: u64, tagged: bool, filter: Option<u64> },
-    /// Any other policy: rebuilds the whole map on every change and sends the difference.
-    Global { last: MapResponse },
+    /// Any other policy: follows the log of every org's changes (peers may span orgs).
+    /// `compiled`: the policy compile the client's peers follow (it holds exactly that
+    /// compile's peers of this node); `users`: how many of those peers each user owns (the
+    /// map's user profiles are theirs and this node's); `filter` as in `Org`.
+    Global { cursor: u64, compiled: std::sync::Arc<crate::policy::Compiled>, users: BTreeMap<u64, u32>, filter: u64 },
 }
 
 /// One map stream's state between messages.
@@ -862,7 +884,7 @@ impl Streamer {
             s: s.clone(),
             node_id: me.id,
             user_id: me.user_id,
-            mode: Mode::Global { last: MapResponse::default() },
+            mode: Mode::Org { tmpl: OrgTemplate { rules: vec![] }, cursor: 0, tagged: false, filter: None },
             zstd,
             me: None,
         };
@@ -885,10 +907,40 @@ impl Streamer {
                 m
             }
             None => {
-                let m = s.faults.with_leaks(s, me, build_map);
-                self.mode = Mode::Global { last: m.clone() };
-                Out::from(m)
+                // The cursor and the compile are taken before the map is built, as above.
+                let cursor = s.store.all_seq();
+                let c = s.policy.compiled(&s.store);
+                let mut users = BTreeMap::new();
+                for u in c.peers_of(me.id).iter().filter_map(|p| c.user_of(*p)) {
+                    *users.entry(u).or_insert(0) += 1;
+                }
+                let filter = filter_print(&c.filter_for(me.id));
+                let m = if s.faults.leaks_any() {
+                    Out::from(s.faults.with_leaks(s, me, build_map))
+                } else {
+                    build_out_compiled(s, me, &c)
+                };
+                self.mode = Mode::Global { cursor, compiled: c, users, filter };
+                m
             }
+        }
+    }
+
+    /// A full map from [`Streamer::reset`] made to replace whatever the client holds: an
+    /// empty peer list names the peers it held instead (see [`replacing`]).
+    fn replace(&mut self, me: &StoreNode) -> Out {
+        let held = match &self.mode {
+            Mode::Global { compiled, .. } if !self.s.faults.leaks_any() => Some(compiled.peers_of(me.id)),
+            _ => None,
+        };
+        let mut m = self.reset(me);
+        match held {
+            Some(held) if m.peers.as_ref().is_some_and(Vec::is_empty) => {
+                m.peers = None;
+                m.resp.peers_removed = (!held.is_empty()).then(|| held.into_iter().map(|id| id as i64).collect());
+                m
+            }
+            _ => replacing(&self.s, m, self.node_id),
         }
     }
 
@@ -898,32 +950,139 @@ impl Streamer {
         self.me.clone()
     }
 
-    /// After a policy change: a full map for the new policy.
+    /// After a policy change: a full map for the new policy, replacing the client's.
     fn policy_changed(&mut self) -> Step {
         let Some(me) = self.current() else { return Step::End };
-        let old = match &self.mode {
-            Mode::Global { last } => Some(last.clone()),
-            Mode::Org { .. } => None,
-        };
-        let m = self.reset(&me);
-        match old {
-            Some(old) => diff_maps(&old, &m.response()).map_or(Step::Nothing, |d| Step::Send(Box::new(d.into()))),
-            None => Step::Send(Box::new(replacing(&self.s, m, self.node_id))),
-        }
+        Step::Send(Box::new(self.replace(&me)))
     }
 
     /// After a store change: the delta since the last message.
     fn store_changed(&mut self) -> Step {
-        if let Mode::Org { cursor, .. } = self.mode {
-            return self.org_changed(cursor);
+        match self.mode {
+            Mode::Org { cursor, .. } => self.org_changed(cursor),
+            Mode::Global { cursor, .. } => self.global_changed(cursor),
         }
-        let Some(me) = self.current() else { return Step::End };
+    }
+
+    /// [`Streamer::store_changed`] of a stream under a policy other than the built-in one,
+    /// whose cursor in the log of every org's changes is at `from`: the peers the policy
+    /// compile adds and removes, whole entries of changed peers, patches, the node itself,
+    /// and the filter and user profiles when they changed. A stream's work is in proportion
+    /// to the changes (and after a membership change to its row of the compile's peer
+    /// bits), not to its map: rebuilding and comparing every member's whole map cost each
+    /// change work in proportion to the org's size squared.
+    fn global_changed(&mut self, from: u64) -> Step {
+        use crate::store::{Change, NodePatch, Since};
         let s = self.s.clone();
-        let Mode::Global { last } = &mut self.mode else { return Step::End };
-        let m = s.faults.with_leaks(&s, &me, build_map);
-        let d = diff_maps(last, &m);
-        *last = m;
-        d.map_or(Step::Nothing, |d| Step::Send(Box::new(d.into())))
+        let (now_seq, since) = s.store.all_changes(from);
+        let Some(me) = self.current() else { return Step::End };
+        let changes = match since {
+            Since::Changes(c) if !s.faults.leaks_any() => c,
+            // Lagged, or a test fault leaks peers: a full map replaces the client's.
+            _ => return Step::Send(Box::new(self.replace(&me))),
+        };
+        // Read after the log: it holds at least the changes read.
+        let c = s.policy.compiled(&s.store);
+        let Mode::Global { cursor, compiled: last, users, filter } = &mut self.mode else { return Step::End };
+        *cursor = now_seq;
+        let mut upserted = BTreeSet::new();
+        let mut patches: BTreeMap<u64, NodePatch> = BTreeMap::new();
+        let mut profiles_changed = false;
+        let mut touched = BTreeSet::new();
+        for ch in &changes {
+            match &**ch {
+                Change::Upsert(id) => {
+                    patches.remove(id);
+                    upserted.insert(*id);
+                    touched.insert(*id);
+                }
+                Change::Removed(id) => {
+                    patches.remove(id);
+                    upserted.remove(id);
+                    touched.insert(*id);
+                }
+                Change::Patch(id, p) => {
+                    if !upserted.contains(id) {
+                        patches.entry(*id).or_default().merge(p);
+                    }
+                    touched.insert(*id);
+                }
+                // The org's profile: the compile follows user names itself.
+                Change::Resync => profiles_changed = true,
+            }
+        }
+        let recompiled = !std::sync::Arc::ptr_eq(&c, last);
+        let (added, removed) = if recompiled { c.peer_changes(last, me.id) } else { (vec![], vec![]) };
+        // Which node is primary for a route depends on every node serving it, and what a
+        // viewer may see of a route on the compile: then every router it sees is sent whole.
+        let routes_moved =
+            recompiled || touched.iter().any(|id| c.routers().contains(id) || last.routers().contains(id));
+        let mut whole: BTreeSet<u64> = added.iter().copied().collect();
+        whole.extend(upserted.iter().filter(|id| **id != me.id && c.may_talk(me.id, **id)));
+        if routes_moved {
+            whole.extend(c.routers().iter().filter(|id| **id != me.id && c.may_talk(me.id, **id)));
+        }
+        // Users of peers that stay but moved to another user (the compile saw the move).
+        for id in upserted.iter().filter(|id| recompiled && c.may_talk(me.id, **id) && last.may_talk(me.id, **id)) {
+            if let (Some(was), Some(now)) = (last.user_of(*id), c.user_of(*id)) {
+                if was != now {
+                    count_user(users, was, -1);
+                    count_user(users, now, 1);
+                    profiles_changed = true;
+                }
+            }
+        }
+        for id in &added {
+            profiles_changed |= c.user_of(*id).is_some_and(|u| count_user(users, u, 1));
+        }
+        for id in &removed {
+            profiles_changed |= last.user_of(*id).is_some_and(|u| count_user(users, u, -1));
+            if s.store.node(*id).is_none() {
+                s.entries.remove(*id);
+            }
+        }
+        let now = Utc::now();
+        let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
+        let mut d = MapResponse::default();
+        if touched.contains(&me.id) || (routes_moved && c.routers().contains(&me.id)) {
+            d.node = Some(to_tail(&s, &me, now));
+        }
+        let mut changed = vec![];
+        for n in s.store.nodes_by_id(&whole.iter().copied().collect::<Vec<_>>()) {
+            changed.push(s.entries.get(&s, &n, now, &keep));
+        }
+        let patched: Vec<tailcfg::PeerChange> = patches
+            .iter()
+            .filter(|(id, _)| !whole.contains(id) && **id != me.id && c.may_talk(me.id, **id))
+            .map(|(id, p)| patch_of(*id, p))
+            .collect();
+        if !removed.is_empty() {
+            d.peers_removed = Some(removed.iter().map(|id| *id as i64).collect());
+        }
+        if !patched.is_empty() {
+            d.peers_changed_patch = Some(patched);
+        }
+        if recompiled {
+            let f = c.filter_for(me.id);
+            let print = filter_print(&f);
+            if *filter != print {
+                *filter = print;
+                d.packet_filter = Some(f);
+            }
+        }
+        if profiles_changed {
+            let mut ids: BTreeSet<u64> = users.keys().copied().collect();
+            ids.insert(me.user_id);
+            d.user_profiles = ids.into_iter().map(|u| user_profile(&s, u)).collect();
+        }
+        crate::routes::reduce_map(&mut d, &keep);
+        *last = c;
+        let out = Out { resp: d, peers: None, changed };
+        if out.is_empty() {
+            Step::Nothing
+        } else {
+            Step::Send(Box::new(out))
+        }
     }
 
     /// [`Streamer::store_changed`] of an org stream whose cursor is at `from`. A delta naming
@@ -947,12 +1106,10 @@ impl Streamer {
         }
         if s.faults.leaks_any() {
             // A test fault leaks peers across orgs: only the global path shows them.
-            let m = self.reset(&me);
-            return Step::Send(Box::new(replacing(&s, m, self.node_id)));
+            return Step::Send(Box::new(self.replace(&me)));
         }
         let Some(changes) = changes else {
-            let m = self.reset(&me);
-            return Step::Send(Box::new(replacing(&s, m, self.node_id)));
+            return Step::Send(Box::new(self.replace(&me)));
         };
         if !*tagged && !mine {
             // Untagged members at the same stretch of the log were sent the same filters
@@ -992,7 +1149,6 @@ fn org_delta(
     held: &mut Option<u64>,
 ) -> Option<Out> {
     use crate::store::{Change, NodePatch};
-    use std::collections::{BTreeMap, BTreeSet};
     let mut upserted = BTreeSet::new();
     let mut removed = BTreeSet::new();
     let mut patches: BTreeMap<u64, NodePatch> = BTreeMap::new();
@@ -1897,6 +2053,196 @@ mod tests {
         s.policy.set(crate::policy::ORG_ISOLATION).unwrap();
         let Some(d) = sent(st.policy_changed()) else { panic!("no map after a policy change") };
         assert!(d.peers_removed.is_some() && d.peers.is_none(), "{d:?}");
+    }
+
+    /// A client's view of its map: what it holds after applying every message as Tailscale's
+    /// client does (a non-empty `Peers` replaces; removals, entries, then patches; profiles
+    /// merged).
+    #[derive(Default)]
+    struct Held {
+        node: Option<tailcfg::Node>,
+        peers: BTreeMap<i64, tailcfg::Node>,
+        filter: Vec<tailcfg::FilterRule>,
+        users: BTreeMap<i64, tailcfg::UserProfile>,
+    }
+
+    impl Held {
+        fn apply(&mut self, m: &MapResponse) {
+            if let Some(n) = &m.node {
+                self.node = Some(n.clone());
+            }
+            if let Some(f) = &m.packet_filter {
+                self.filter = f.clone();
+            }
+            for u in &m.user_profiles {
+                self.users.insert(u.id, u.clone());
+            }
+            if let Some(p) = m.peers.as_ref().filter(|p| !p.is_empty()) {
+                self.peers = p.iter().map(|n| (n.id, n.clone())).collect();
+                return;
+            }
+            for id in m.peers_removed.iter().flatten() {
+                self.peers.remove(id);
+            }
+            for n in m.peers_changed.iter().flatten() {
+                self.peers.insert(n.id, n.clone());
+            }
+            for c in m.peers_changed_patch.iter().flatten() {
+                let Some(p) = self.peers.get_mut(&c.node_id) else { continue };
+                if let Some(r) = c.derp_region {
+                    (p.home_derp, p.derp) = (r, format!("127.3.3.40:{r}"));
+                }
+                if let Some(e) = &c.endpoints {
+                    p.endpoints = e.clone();
+                }
+                if let Some(k) = c.disco_key {
+                    p.disco_key = k;
+                }
+                if c.online.is_some() {
+                    p.online = c.online;
+                }
+                if c.last_seen.is_some() {
+                    p.last_seen = c.last_seen;
+                }
+            }
+        }
+    }
+
+    /// Under policies other than the built-in one, a stream's deltas leave its client holding
+    /// the map a full build gives, after every change: joins (tagged or not, across orgs),
+    /// endpoint, DERP and online patches, tags, org moves, routes served and approved (and the
+    /// primary moving when a router goes offline), user renames, deletions, and a policy
+    /// replaced midway; a stream its node's change ends starts over.
+    #[test]
+    fn global_deltas_leave_clients_holding_the_full_map() {
+        const POLICIES: [&str; 4] = [
+            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
+            r#"{"tagOwners": {"tag:srv": ["org0@"]}, "acls": [
+                {"action": "accept", "src": ["org0@", "org1@"], "dst": ["tag:srv:22", "org2@:*"]},
+                {"action": "accept", "src": ["tag:srv"], "dst": ["10.9.0.0/16:*"]}]}"#,
+            r#"{"tagOwners": {"tag:srv": []}, "acls": [
+                {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*", "tag:srv:443"]}]}"#,
+            crate::policy::HEADSCALE_DEFAULT,
+        ];
+        let mut deltas = 0;
+        for seed in 1..=6u64 {
+            let s = shared();
+            s.policy.set(POLICIES[seed as usize % POLICIES.len()]).unwrap();
+            let users: Vec<u64> = (0..3).map(|i| s.store.create_user(&format!("org{i}"), "").unwrap().id).collect();
+            let mut rng = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let mut k = 0u32;
+            for _ in 0..6 {
+                k += 1;
+                reg(&s, k, users[next(3) as usize], vec![]);
+            }
+            let start = |s: &Shared, id: u64| {
+                let n = s.store.node(id)?;
+                let (st, first) = Streamer::start(s, &n, false);
+                let mut h = Held::default();
+                h.apply(&first.response());
+                Some((st, h))
+            };
+            let mut streams: BTreeMap<u64, (Streamer, Held)> =
+                s.store.node_ids().into_iter().filter_map(|id| Some((id, start(&s, id)?))).collect();
+            for step in 0..60 {
+                let ids = s.store.node_ids();
+                let pick = ids[next(ids.len() as u64) as usize];
+                let mut policy = false;
+                match next(10) {
+                    0 | 1 => {
+                        k += 1;
+                        let tags = if next(3) == 0 { vec!["tag:srv".to_string()] } else { vec![] };
+                        reg(&s, k, users[next(3) as usize], tags);
+                    }
+                    2 => {
+                        let ep = format!("127.0.0.1:{}", 1000 + step);
+                        s.store
+                            .update_node(pick, |n| {
+                                n.endpoints = vec![ep];
+                                n.home_derp = 1 + (step % 3) as i32;
+                                true
+                            })
+                            .unwrap();
+                    }
+                    3 => s.store.session(pick, next(2) == 0),
+                    4 => {
+                        let tags = if next(2) == 0 { vec!["tag:srv".to_string()] } else { vec![] };
+                        s.store.set_tags(pick, tags).unwrap();
+                    }
+                    5 => {
+                        s.store.move_node(pick, users[next(3) as usize]).unwrap();
+                    }
+                    6 => {
+                        let mut h = s.store.node(pick).unwrap().hostinfo.clone();
+                        h.rest.insert("RoutableIPs", serde_json::json!(["10.9.0.0/16"]));
+                        s.store
+                            .update_node(pick, |n| {
+                                n.hostinfo = h;
+                                true
+                            })
+                            .unwrap();
+                        s.store.set_approved_routes(pick, vec!["10.9.0.0/16".into()]).unwrap();
+                        s.store.session(pick, true);
+                    }
+                    7 if ids.len() > 3 => {
+                        s.store.delete_node(pick).unwrap();
+                    }
+                    8 => {
+                        let u = users[next(3) as usize];
+                        let name = s.store.user(u).unwrap().name;
+                        // Renamed and back: the policy names the users.
+                        s.store.rename_user(u, &format!("{name}x")).unwrap();
+                        s.store.rename_user(u, &name).unwrap();
+                    }
+                    _ => {
+                        s.policy.set(POLICIES[next(POLICIES.len() as u64) as usize]).unwrap();
+                        policy = true;
+                    }
+                }
+                for id in s.store.node_ids() {
+                    let (st, held) = match streams.get_mut(&id) {
+                        Some(x) => x,
+                        None => {
+                            streams.insert(id, start(&s, id).unwrap());
+                            continue;
+                        }
+                    };
+                    let step = if policy { st.policy_changed() } else { st.store_changed() };
+                    if matches!(step, Step::End) {
+                        streams.insert(id, start(&s, id).unwrap());
+                        continue;
+                    }
+                    if let Some(m) = sent(step) {
+                        deltas += 1;
+                        held.apply(&m);
+                    }
+                }
+                streams.retain(|id, _| s.store.node(*id).is_some());
+                if OrgTemplate::current(&s).is_some() {
+                    continue;
+                }
+                for (id, (_, held)) in &streams {
+                    let me = s.store.node(*id).unwrap();
+                    let full = build_map_compiled(&s, &me);
+                    let want: BTreeMap<i64, tailcfg::Node> =
+                        full.peers.iter().flatten().map(|n| (n.id, n.clone())).collect();
+                    let ctx = format!("seed {seed} step {step} node {id}");
+                    assert_eq!(held.peers, want, "{ctx}");
+                    assert_eq!(held.node, full.node, "{ctx}");
+                    assert_eq!(held.filter, full.packet_filter.clone().unwrap_or_default(), "{ctx}");
+                    for u in &full.user_profiles {
+                        assert_eq!(held.users.get(&u.id), Some(u), "{ctx}");
+                    }
+                }
+            }
+        }
+        assert!(deltas > 500, "{deltas} deltas");
     }
 
     /// Primary-route failover: when a subnet's primary router goes offline, each stream gets

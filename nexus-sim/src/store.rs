@@ -358,9 +358,8 @@ struct OrgLog {
     /// Wakes the org's streams; its value follows `last` (set after the lock is released, so
     /// it can trail the log for a moment).
     seq: watch::Sender<u64>,
-    /// Sequence number of the newest change in `log`.
-    last: u64,
-    log: VecDeque<(u64, Arc<Change>)>,
+    /// The org's changes, numbered.
+    changes: ChangeLog,
     /// Sequence number of the last change that can alter membership (not a patch).
     member_gen: u64,
     /// The org's untagged members' addresses as a minimal prefix list and as a set, for
@@ -378,8 +377,7 @@ impl Default for OrgLog {
     fn default() -> Self {
         OrgLog {
             seq: watch::channel(0).0,
-            last: 0,
-            log: VecDeque::new(),
+            changes: ChangeLog::default(),
             member_gen: 0,
             sources: None,
             gone: VecDeque::new(),
@@ -418,8 +416,49 @@ pub struct Store {
     data: Arc<Mutex<Data>>,
     db: Option<Arc<Mutex<rusqlite::Connection>>>,
     orgs: Arc<Mutex<HashMap<u64, OrgLog>>>,
+    /// Every org's changes in one log, for map streams whose policy lets peers span orgs.
+    /// Locked only inside `orgs`' lock, so both logs take a change in the same order.
+    all_log: Arc<Mutex<ChangeLog>>,
+    /// The store's version: changes with every write map streams or the policy compile may
+    /// see (after the logs hold the change), so its watchers find the change when woken.
     all: watch::Sender<u64>,
 }
+
+/// [`Store`]'s log of every org's changes (see [`Store::all_changes`]).
+#[derive(Default)]
+struct ChangeLog {
+    last: u64,
+    log: VecDeque<(u64, Arc<Change>)>,
+}
+
+impl ChangeLog {
+    fn push(&mut self, c: Arc<Change>, keep: usize) -> u64 {
+        self.last += 1;
+        self.log.push_back((self.last, c));
+        while self.log.len() > keep {
+            self.log.pop_front();
+        }
+        self.last
+    }
+
+    /// The sequence number now and the changes after `cursor`.
+    fn since(&self, cursor: u64) -> (u64, Since) {
+        let now = self.last;
+        if now <= cursor {
+            return (now, Since::Changes(vec![]));
+        }
+        // The log holds consecutive sequence numbers ending at `now`.
+        let held = self.log.len() as u64;
+        if now - cursor > held {
+            return (now, Since::Lagged);
+        }
+        let skip = (held - (now - cursor)) as usize;
+        (now, Since::Changes(self.log.iter().skip(skip).map(|(_, c)| c.clone()).collect()))
+    }
+}
+
+/// Changes kept in the log of every org's changes; a stream further behind gets a full map.
+pub const ALL_LOG_LEN: usize = 4096;
 
 /// Meta-table rows holding one machine's address allocation are named this, then the key.
 const ALLOC_ROW: &str = "alloc:";
@@ -576,7 +615,13 @@ impl Store {
                 .unwrap_or(0)
                 + 1,
         );
-        Ok(Store { data: Arc::new(Mutex::new(data)), db: conn, orgs: Default::default(), all: watch::channel(0).0 })
+        Ok(Store {
+            data: Arc::new(Mutex::new(data)),
+            db: conn,
+            orgs: Default::default(),
+            all_log: Default::default(),
+            all: watch::channel(0).0,
+        })
     }
 
     fn put<T: Serialize>(&self, table: &str, id: &str, v: &T) {
@@ -667,26 +712,23 @@ impl Store {
         self.emit(user_id, Change::Resync);
     }
 
-    /// Appends `c` to org `user_id`'s log and wakes its watchers (and those of every change).
+    /// Appends `c` to org `user_id`'s log and to the log of every change, then wakes the
+    /// org's watchers and those of every change.
     fn emit(&self, user_id: u64, c: Change) {
-        self.all.send_modify(|g| *g += 1);
         let mut orgs = self.orgs.lock();
         let org = orgs.entry(user_id).or_default();
-        let seq = org.last + 1;
-        org.last = seq;
-        if !matches!(c, Change::Patch(..)) {
+        let c = Arc::new(c);
+        let seq = org.changes.push(c.clone(), ORG_LOG_LEN);
+        if !matches!(*c, Change::Patch(..)) {
             org.member_gen = seq;
         }
-        if let Change::Removed(id) = c {
+        if let Change::Removed(id) = *c {
             org.gone.push_back(id);
             if org.gone.len() > ORG_GONE_LEN {
                 org.gone.pop_front();
             }
         }
-        org.log.push_back((seq, Arc::new(c)));
-        while org.log.len() > ORG_LOG_LEN {
-            org.log.pop_front();
-        }
+        self.all_log.lock().push(c, ALL_LOG_LEN);
         let wake = org.seq.clone();
         drop(orgs);
         // Waking a large org's streams takes milliseconds (one task each); under the lock,
@@ -699,28 +741,38 @@ impl Store {
             }
             newer
         });
+        self.all.send_modify(|g| *g += 1);
+    }
+
+    /// The store's version (see [`Store::subscribe_all`]): read it before reading what
+    /// depends on it, and a later change moves it on.
+    pub fn version(&self) -> u64 {
+        *self.all.borrow()
+    }
+
+    /// The sequence number of the newest change of any org (a cursor for
+    /// [`Store::all_changes`]).
+    pub fn all_seq(&self) -> u64 {
+        self.all_log.lock().last
+    }
+
+    /// The current sequence number of the log of every org's changes and its changes after
+    /// `cursor`.
+    pub fn all_changes(&self, cursor: u64) -> (u64, Since) {
+        self.all_log.lock().since(cursor)
     }
 
     /// The sequence number of org `user_id`'s newest change (a cursor for [`Store::org_changes`]).
     pub fn org_seq(&self, user_id: u64) -> u64 {
-        self.orgs.lock().get(&user_id).map_or(0, |o| o.last)
+        self.orgs.lock().get(&user_id).map_or(0, |o| o.changes.last)
     }
 
     /// The current sequence number of org `user_id` and its changes after `cursor`.
     pub fn org_changes(&self, user_id: u64, cursor: u64) -> (u64, Since) {
-        let orgs = self.orgs.lock();
-        let Some(org) = orgs.get(&user_id) else { return (cursor, Since::Changes(vec![])) };
-        let now = org.last;
-        if now <= cursor {
-            return (now, Since::Changes(vec![]));
+        match self.orgs.lock().get(&user_id) {
+            Some(org) => org.changes.since(cursor),
+            None => (cursor, Since::Changes(vec![])),
         }
-        // The log holds consecutive sequence numbers ending at `now`.
-        let held = org.log.len() as u64;
-        if now - cursor > held {
-            return (now, Since::Lagged);
-        }
-        let skip = (held - (now - cursor)) as usize;
-        (now, Since::Changes(org.log.iter().skip(skip).map(|(_, c)| c.clone()).collect()))
     }
 
     /// The nodes of org `user_id` (by ascending id), without scanning other orgs.

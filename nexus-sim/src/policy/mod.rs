@@ -795,6 +795,10 @@ pub struct Compiled {
     peers: Vec<Vec<u64>>,
     /// The rules' matchers, parallel to `rules`.
     matchers: MatchersBy,
+    /// Ids of the nodes that serve routes (subnet or exit), ascending.
+    routers: Vec<u64>,
+    /// `nodes`' ids, in order (ascending).
+    ids: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -1121,7 +1125,9 @@ impl Policy {
             peers[i][i / 64] &= !(1 << (i % 64));
         }
         debug_assert!(peers.iter().all(|p| p.len() == words));
-        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms }
+        let routers = nodes.iter().filter(|x| x.exit || !x.routes.is_empty()).map(|x| x.id).collect();
+        let ids = nodes.iter().map(|x| x.id).collect();
+        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms, routers, ids }
     }
 }
 
@@ -1245,6 +1251,64 @@ impl Compiled {
             MatchersBy::PerNode(p) => &p[i],
         };
         ms.iter().any(|m| m.allows_route(&self.nodes[i], route))
+    }
+
+    /// Ids of the nodes serving routes (subnet or exit), ascending: a change of one of them
+    /// may change which node is primary for a route, and so other nodes' entries.
+    pub fn routers(&self) -> &[u64] {
+        &self.routers
+    }
+
+    /// The peers node `me` gains and loses from compile `old` to this one, by ascending id:
+    /// `(added, removed)`. When the nodes are `old`'s with more after them (a join: ids only
+    /// grow), only the bits that differ are visited; else both peer lists are merged.
+    pub fn peer_changes(&self, old: &Compiled, me: u64) -> (Vec<u64>, Vec<u64>) {
+        fn row(c: &Compiled, me: u64) -> &[u64] {
+            c.index.get(&me).map(|&i| c.peers[i].as_slice()).unwrap_or(&[])
+        }
+        let (new_row, old_row) = (row(self, me), row(old, me));
+        let (mut added, mut removed) = (vec![], vec![]);
+        let set_bits = |w: u64, base: usize, ids: &[u64], out: &mut Vec<u64>| {
+            let mut w = w;
+            while w != 0 {
+                out.push(ids[base + w.trailing_zeros() as usize]);
+                w &= w - 1;
+            }
+        };
+        if self.ids.starts_with(&old.ids) {
+            for (k, &n) in new_row.iter().enumerate() {
+                let o = old_row.get(k).copied().unwrap_or(0);
+                set_bits(n & !o, k * 64, &self.ids, &mut added);
+                set_bits(o & !n, k * 64, &old.ids, &mut removed);
+            }
+            return (added, removed);
+        }
+        let ids_of = |r: &[u64], ids: &[u64]| {
+            let mut out = vec![];
+            for (k, &w) in r.iter().enumerate() {
+                set_bits(w, k * 64, ids, &mut out);
+            }
+            out
+        };
+        let (new, old) = (ids_of(new_row, &self.ids), ids_of(old_row, &old.ids));
+        let (mut a, mut b) = (new.iter().peekable(), old.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x == y => {
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x < y => added.push(*a.next().unwrap()),
+                (Some(_), Some(_)) | (None, Some(_)) => removed.push(*b.next().unwrap()),
+                (Some(_), None) => added.push(*a.next().unwrap()),
+                (None, None) => return (added, removed),
+            }
+        }
+    }
+
+    /// Node `id`'s user, `None` for an unknown node.
+    pub fn user_of(&self, id: u64) -> Option<u64> {
+        self.index.get(&id).map(|&i| self.nodes[i].user_id)
     }
 
     /// True when `a` and `b` are in each other's maps (they may talk in some direction).

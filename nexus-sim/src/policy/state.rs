@@ -15,6 +15,8 @@ use tokio::sync::watch;
 
 struct Cache {
     generation: u64,
+    /// The store version the inputs were last read at (see [`Store::version`]).
+    version: u64,
     users: Vec<PolicyUser>,
     nodes: Vec<PolicyNode>,
     compiled: Arc<Compiled>,
@@ -68,18 +70,26 @@ impl PolicyState {
     }
 
     /// The policy compiled against the store's current users and nodes (cached until either
-    /// changes).
+    /// changes). At a store version it was already asked at, it is answered without reading
+    /// the store: every map stream asks after every change, and reading every node per ask
+    /// cost each change work in proportion to nodes times streams.
     pub fn compiled(&self, store: &Store) -> Arc<Compiled> {
-        let (users, nodes) = inputs(store);
+        // Read before the inputs: a change after this moves the version on, so inputs read
+        // below are never older than the version they are kept under.
+        let version = store.version();
         let generation = *self.changed.borrow();
+        // Held while compiling: the streams asking at the same time need the same result.
         let mut cache = self.cache.lock().unwrap();
-        if let Some(c) = cache.as_ref() {
-            if c.generation == generation && c.users == users && c.nodes == nodes {
-                return c.compiled.clone();
-            }
+        if let Some(c) = cache.as_ref().filter(|c| c.generation == generation && c.version == version) {
+            return c.compiled.clone();
+        }
+        let (users, nodes) = inputs(store);
+        if let Some(c) = cache.as_mut().filter(|c| c.generation == generation && c.users == users && c.nodes == nodes) {
+            c.version = version;
+            return c.compiled.clone();
         }
         let compiled = Arc::new(self.get().0.compile(&users, &nodes));
-        *cache = Some(Cache { generation, users, nodes, compiled: compiled.clone() });
+        *cache = Some(Cache { generation, version, users, nodes, compiled: compiled.clone() });
         compiled
     }
 }
