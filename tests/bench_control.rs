@@ -82,9 +82,12 @@ static ALLOC: BenchAlloc = BenchAlloc;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `--policy allow-all`: every node reaches every other, across orgs.
+const ALLOW_ALL: &str = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
 disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
-[--short] [--rounds: a line per probe round] [--floor BYTES: the same fan-out over bare TCP instead]";
+[--short] [--rounds: a line per probe round] [--policy FILE|allow-all: an ACL policy instead of org isolation] [--floor BYTES: the same fan-out over bare TCP instead]";
 
 /// Open files each process needs besides one socket per online node (runtime, listener, stdio).
 const FD_SPARE: u64 = 64;
@@ -101,11 +104,24 @@ struct Opts {
     floor: Option<usize>,
     /// `--rounds`: a line per probe round (latency, messages, each side's CPU, the machine's steal).
     rounds: bool,
+    /// `--policy PATH|allow-all`: the server's ACL policy instead of its built-in org isolation
+    /// (any other policy takes the map streams' path for peers across orgs).
+    policy: Option<String>,
 }
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o =
-        Opts { nodes: 200, orgs: 1, probes: 10, apply: false, concurrency: 32, offline: 0, floor: None, rounds: false };
+        Opts {
+        nodes: 200,
+        orgs: 1,
+        probes: 10,
+        apply: false,
+        concurrency: 32,
+        offline: 0,
+        floor: None,
+        rounds: false,
+        policy: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> anyhow::Result<usize> {
@@ -119,6 +135,14 @@ fn parse() -> anyhow::Result<Opts> {
             "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
             "--rounds" => o.rounds = true,
+            "--policy" => {
+                let p = args.next().ok_or_else(|| anyhow::anyhow!("--policy needs a file or allow-all"))?;
+                o.policy = Some(if p == "allow-all" {
+                    ALLOW_ALL.to_string()
+                } else {
+                    std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("--policy {p}: {e}"))?
+                });
+            }
             "--floor" => o.floor = Some(num("--floor")?.max(1)),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -173,6 +197,7 @@ fn open_fds(pid: u32) -> usize {
 }
 
 /// `serve ORGS`: nexus-sim for the bench; prints `{"url", "keys"}` and runs until stdin closes.
+/// The policy, if any, comes in `BENCH_CONTROL_POLICY`.
 fn serve(orgs: usize) -> anyhow::Result<()> {
     raise_nofile();
     let rt = tokio::runtime::Runtime::new()?;
@@ -181,6 +206,7 @@ fn serve(orgs: usize) -> anyhow::Result<()> {
             derp: nexus_sim::DerpMode::Off,
             stun_listen: None,
             keepalive: Duration::from_secs(3600),
+            policy: std::env::var("BENCH_CONTROL_POLICY").ok(),
             ..Default::default()
         })
         .await?;
@@ -818,7 +844,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(bytes) = o.floor {
         return floor(&o, bytes);
     }
-    let (mut child, line) = spawn_server(&["serve", &o.orgs.to_string()])?;
+    if let Some(p) = &o.policy {
+        println!("policy: {} bytes (not the built-in org isolation)", p.len());
+    }
+    let (mut child, line) = spawn_server(&["serve", &o.orgs.to_string()], o.policy.as_deref())?;
     let pid = child.id();
     let v: serde_json::Value = serde_json::from_str(&line)?;
     let url = v["url"].as_str().unwrap_or_default().to_string();
@@ -833,8 +862,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Starts this binary as a server child (`serve` or `serve-floor`) with the system allocator;
 /// returns it and the first line it printed (where to reach it).
-fn spawn_server(args: &[&str]) -> anyhow::Result<(std::process::Child, String)> {
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+fn spawn_server(args: &[&str], policy: Option<&str>) -> anyhow::Result<(std::process::Child, String)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    if let Some(p) = policy {
+        cmd.env("BENCH_CONTROL_POLICY", p);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -890,7 +923,7 @@ fn serve_floor(bytes: usize) -> anyhow::Result<()> {
 /// HTTP/2, zstd or JSON: the time from the trigger until every client has read its bytes, and
 /// both processes' CPU per probe, are what the kernel and the runtime alone take here.
 fn floor(o: &Opts, bytes: usize) -> anyhow::Result<()> {
-    let (mut child, line) = spawn_server(&["serve-floor", &bytes.to_string()])?;
+    let (mut child, line) = spawn_server(&["serve-floor", &bytes.to_string()], None)?;
     let server_pid = child.id();
     let port: u16 = line.trim().parse()?;
     let mut trigger = child.stdin.take().expect("piped");
