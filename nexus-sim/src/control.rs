@@ -977,6 +977,9 @@ impl Streamer {
         let (now_seq, since) = s.store.all_changes(from);
         let Some(me) = self.current() else { return Step::End };
         let changes = match since {
+            // Woken by a write no map shows (a node registered but not yet announced: its
+            // org learns of it with its first stream, as under the built-in policy).
+            Since::Changes(c) if c.is_empty() => return Step::Nothing,
             Since::Changes(c) if !s.faults.leaks_any() => c,
             // Lagged, or a test fault leaks peers: a full map replaces the client's.
             _ => return Step::Send(Box::new(self.replace(&me))),
