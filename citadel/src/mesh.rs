@@ -600,9 +600,24 @@ impl Inner {
 /// How often netmap.json is rewritten at most while the map keeps changing.
 const NETMAP_CACHE_EVERY: Duration = Duration::from_secs(2);
 
+/// A larger map waits longer: netmap.json is rewritten at no more than this many bytes per
+/// second on average (it is the whole map: about 7.5 MB at 10,000 peers, whose org changes
+/// many times a second, and only a restart reads it, while the control plane connects).
+const NETMAP_CACHE_BYTES_PER_SEC: f64 = 256.0 * 1024.0;
+
+/// The longest wait between rewrites while the map keeps changing.
+const NETMAP_CACHE_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// How long the cache waits after writing `bytes` before it writes again. From the size, not
+/// the time the write took, so a simulated node's timers stay the same from run to run.
+fn netmap_cache_wait(bytes: usize) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / NETMAP_CACHE_BYTES_PER_SEC).clamp(NETMAP_CACHE_EVERY, NETMAP_CACHE_MAX_WAIT)
+}
+
 /// Keeps netmap.json (the last netmap, read at the next start) current after the first map
-/// (written by `Mesh::start`): written after the map changes, at most once per
-/// [`NETMAP_CACHE_EVERY`]; changes in between go out together. The
+/// (written by `Mesh::start`): written after the map changes, then not again for
+/// [`netmap_cache_wait`] of its size (2 s up to 512 KB, about 30 s at 10,000 peers); changes
+/// in between go out together. The
 /// file is the whole map (megabytes at 10,000 peers), and a large org changes many times a
 /// second: written on every change, it cost every member a serialization and a file per change.
 /// The map is serialized under the watch's read lock and written after it is released. Ends
@@ -613,6 +628,7 @@ async fn cache_netmap(inner: std::sync::Weak<Inner>, mut netmap: watch::Receiver
     while netmap.changed().await.is_ok() {
         let Some(inner) = inner.upgrade() else { return };
         let bytes = serde_json::to_vec(&*netmap.borrow_and_update()).expect("netmap serializes");
+        let wait = netmap_cache_wait(bytes.len());
         // Under the stop flag's read lock: `logout` raises it before it clears the directory,
         // so it waits for a write in progress, and no write comes after it.
         let write = move || {
@@ -627,7 +643,7 @@ async fn cache_netmap(inner: std::sync::Weak<Inner>, mut netmap: watch::Receiver
         if let Err(e) = written {
             tracing::warn!("saving the netmap cache: {e}");
         }
-        tokio::time::sleep(NETMAP_CACHE_EVERY).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -1173,5 +1189,22 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small map's cache is rewritten every 2 s while it changes; a large one waits in
+    /// proportion to its size, up to a minute: a 10,000-peer map (about 7.5 MB) about 30 s.
+    #[test]
+    fn a_large_netmap_cache_is_rewritten_less_often() {
+        assert_eq!(netmap_cache_wait(0), NETMAP_CACHE_EVERY);
+        assert_eq!(netmap_cache_wait(75_000), NETMAP_CACHE_EVERY);
+        let big = netmap_cache_wait(7_500_000);
+        assert!(big > Duration::from_secs(25) && big < Duration::from_secs(35), "{big:?}");
+        assert_eq!(netmap_cache_wait(1 << 30), NETMAP_CACHE_MAX_WAIT);
+        assert!(netmap_cache_wait(1_000_000) < netmap_cache_wait(2_000_000));
     }
 }

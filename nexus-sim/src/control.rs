@@ -975,15 +975,24 @@ impl Streamer {
         use crate::store::{Change, NodePatch, Since};
         let s = self.s.clone();
         let (now_seq, since) = s.store.all_changes(from);
-        let Some(me) = self.current() else { return Step::End };
         let changes = match since {
             // Woken by a write no map shows (a node registered but not yet announced: its
             // org learns of it with its first stream, as under the built-in policy).
             Since::Changes(c) if c.is_empty() => return Step::Nothing,
             Since::Changes(c) if !s.faults.leaks_any() => c,
             // Lagged, or a test fault leaks peers: a full map replaces the client's.
-            _ => return Step::Send(Box::new(self.replace(&me))),
+            _ => {
+                let Some(me) = self.current() else { return Step::End };
+                return Step::Send(Box::new(self.replace(&me)));
+            }
         };
+        // The node is read again only when a change names it (as in `org_changed`).
+        let named = changes.iter().any(|c| match &**c {
+            Change::Upsert(id) | Change::Removed(id) | Change::Patch(id, _) => *id == self.node_id,
+            Change::Resync => false,
+        });
+        let me = if named || self.me.is_none() { self.current() } else { self.me.clone() };
+        let Some(me) = me else { return Step::End };
         // Read after the log: it holds at least the changes read.
         let c = s.policy.compiled(&s.store);
         let Mode::Global { cursor, compiled: last, users, filter } = &mut self.mode else { return Step::End };

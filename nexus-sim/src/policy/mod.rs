@@ -799,7 +799,14 @@ pub struct Compiled {
     routers: Vec<u64>,
     /// `nodes`' ids, in order (ascending).
     ids: Vec<u64>,
+    /// This compile's number, and the number of the compile whose ids begin this one's (set
+    /// by [`Compiled::after`]).
+    serial: u64,
+    extends: Option<u64>,
 }
+
+/// Numbers compiles for [`Compiled::after`].
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 #[derive(Debug, Clone)]
 enum MatchersBy {
@@ -1135,7 +1142,8 @@ impl Policy {
         debug_assert!(peers.iter().all(|p| p.len() == words));
         let routers = nodes.iter().filter(|x| x.exit || !x.routes.is_empty()).map(|x| x.id).collect();
         let ids = nodes.iter().map(|x| x.id).collect();
-        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms, routers, ids }
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms, routers, ids, serial, extends: None }
     }
 }
 
@@ -1285,7 +1293,7 @@ impl Compiled {
                 w &= w - 1;
             }
         };
-        if self.ids.starts_with(&old.ids) {
+        if self.extends == Some(old.serial) || self.ids.starts_with(&old.ids) {
             for (k, &n) in new_row.iter().enumerate() {
                 let o = old_row.get(k).copied().unwrap_or(0);
                 set_bits(n & !o, k * 64, &self.ids, &mut added);
@@ -1314,6 +1322,15 @@ impl Compiled {
                 (None, None) => return (added, removed),
             }
         }
+    }
+
+    /// Notes that this compile's nodes are `prev`'s with more after them, when they are:
+    /// checked once here, not by every stream in [`Compiled::peer_changes`].
+    pub fn after(mut self, prev: &Compiled) -> Compiled {
+        if self.ids.starts_with(&prev.ids) {
+            self.extends = Some(prev.serial);
+        }
+        self
     }
 
     /// Node `id`'s user, `None` for an unknown node.

@@ -88,7 +88,11 @@ impl PolicyState {
             c.version = version;
             return c.compiled.clone();
         }
-        let compiled = Arc::new(self.get().0.compile(&users, &nodes));
+        let mut compiled = self.get().0.compile(&users, &nodes);
+        if let Some(prev) = cache.as_ref() {
+            compiled = compiled.after(&prev.compiled);
+        }
+        let compiled = Arc::new(compiled);
         *cache = Some(Cache { generation, version, users, nodes, compiled: compiled.clone() });
         compiled
     }
