@@ -541,6 +541,33 @@ pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequ
     }
 }
 
+/// Each node's primary subnet routes ([`crate::routes::primaries`]) at one store version:
+/// computed once per version, where every route-serving entry a stream built scanned every
+/// node (a router's change in an org of N members cost N scans of N nodes).
+#[derive(Default)]
+pub struct PrimaryCache {
+    at: parking_lot::Mutex<Option<(u64, Primaries)>>,
+}
+
+type Primaries = std::sync::Arc<BTreeMap<u64, Vec<crate::policy::ipset::Prefix>>>;
+
+impl PrimaryCache {
+    fn get(&self, s: &Shared) -> Primaries {
+        // Read before the nodes: a change after this moves the version on (as in
+        // `PolicyState::compiled`). Held while computing: the callers at the same time need it.
+        let version = s.store.version();
+        let mut at = self.at.lock();
+        if let Some((_, p)) = at.as_ref().filter(|(v, _)| *v == version) {
+            return p.clone();
+        }
+        let p = std::sync::Arc::new(crate::routes::primaries(s.store.nodes(None).iter().map(|n| &**n), |id| {
+            s.store.is_online(id)
+        }));
+        *at = Some((version, p.clone()));
+        p
+    }
+}
+
 /// A store node as map messages describe it (the same for every viewer).
 fn to_tail(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>) -> tailcfg::Node {
     to_tail_as(s, n, now, s.store.is_online(n.id))
@@ -552,14 +579,10 @@ fn to_tail_as(s: &Shared, n: &StoreNode, now: chrono::DateTime<Utc>, online: boo
     let own: Vec<crate::policy::ipset::Prefix> =
         addrs.iter().filter_map(|a| crate::policy::ipset::Prefix::parse(a)).collect();
     // Which node is primary for a subnet depends on every node serving it; only a node that
-    // serves routes pays for the scan.
-    let primaries = if crate::routes::served(n).is_empty() {
-        Default::default()
-    } else {
-        crate::routes::primaries(s.store.nodes(None).iter().map(|n| &**n), |id| s.store.is_online(id))
-    };
-    let (allowed_ips, primary_routes) =
-        crate::routes::allowed_ips(n, &own, primaries.get(&n.id).map(Vec::as_slice).unwrap_or(&[]));
+    // serves routes asks.
+    let primaries = if crate::routes::served(n).is_empty() { None } else { Some(s.primaries.get(s)) };
+    let primary = primaries.as_ref().and_then(|p| p.get(&n.id)).map(Vec::as_slice).unwrap_or(&[]);
+    let (allowed_ips, primary_routes) = crate::routes::allowed_ips(n, &own, primary);
     tailcfg::Node {
         id: n.id as i64,
         stable_id: n.id.to_string(),
@@ -1001,23 +1024,30 @@ impl Streamer {
         let mut patches: BTreeMap<u64, NodePatch> = BTreeMap::new();
         let mut profiles_changed = false;
         let mut touched = BTreeSet::new();
+        // Nodes whose change can move a route's primary (being there, routes, online state).
+        let mut route_relevant = BTreeSet::new();
         for ch in &changes {
             match &**ch {
                 Change::Upsert(id) => {
                     patches.remove(id);
                     upserted.insert(*id);
                     touched.insert(*id);
+                    route_relevant.insert(*id);
                 }
                 Change::Removed(id) => {
                     patches.remove(id);
                     upserted.remove(id);
                     touched.insert(*id);
+                    route_relevant.insert(*id);
                 }
                 Change::Patch(id, p) => {
                     if !upserted.contains(id) {
                         patches.entry(*id).or_default().merge(p);
                     }
                     touched.insert(*id);
+                    if p.online.is_some() {
+                        route_relevant.insert(*id);
+                    }
                 }
                 // The org's profile: the compile follows user names itself.
                 Change::Resync => profiles_changed = true,
@@ -1027,8 +1057,8 @@ impl Streamer {
         let (added, removed) = if recompiled { c.peer_changes(last, me.id) } else { (vec![], vec![]) };
         // Which node is primary for a route depends on every node serving it, and what a
         // viewer may see of a route on the compile: then every router it sees is sent whole.
-        let routes_moved =
-            recompiled || touched.iter().any(|id| c.routers().contains(id) || last.routers().contains(id));
+        let is_router = |c: &crate::policy::Compiled, id: &u64| c.routers().binary_search(id).is_ok();
+        let routes_moved = recompiled || route_relevant.iter().any(|id| is_router(&c, id) || is_router(last, id));
         let mut whole: BTreeSet<u64> = added.iter().copied().collect();
         whole.extend(upserted.iter().filter(|id| **id != me.id && c.may_talk(me.id, **id)));
         if routes_moved {
@@ -1056,7 +1086,7 @@ impl Streamer {
         let now = Utc::now();
         let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
         let mut d = MapResponse::default();
-        if touched.contains(&me.id) || (routes_moved && c.routers().contains(&me.id)) {
+        if touched.contains(&me.id) || (routes_moved && is_router(&c, &me.id)) {
             d.node = Some(to_tail(&s, &me, now));
         }
         let mut changed = vec![];

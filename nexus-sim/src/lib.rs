@@ -353,6 +353,8 @@ pub struct Inner {
     pub entries: control::EntryCache,
     /// Org deltas encoded once for every member they are the same bytes for.
     pub deltas: control::DeltaCache,
+    /// Which node is primary for each subnet route, once per store version.
+    pub primaries: control::PrimaryCache,
     /// Nodes waiting for their announce grace (see [`Inner::schedule_announce`]), drained by one
     /// task started with the first.
     announcer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, u64)>>,
@@ -447,6 +449,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         policy: policy_state,
         entries: Default::default(),
         deltas: Default::default(),
+        primaries: Default::default(),
         announcer: Default::default(),
     }))
 }
