@@ -791,8 +791,11 @@ pub struct Compiled {
     index: HashMap<u64, usize>,
     /// Rules per node before reduction (one shared list unless `autogroup:self` is used).
     rules: RulesBy,
-    /// Peers of each node, by index, as a bitset.
-    peers: Vec<Vec<u64>>,
+    /// Peers of each node, by index, as a bitset: node `i`'s row is
+    /// `peers[i * words..(i + 1) * words]`.
+    peers: Vec<u64>,
+    /// Words per row of `peers`.
+    words: usize,
     /// The rules' matchers, parallel to `rules`.
     matchers: MatchersBy,
     /// Ids of the nodes that serve routes (subnet or exit), ascending.
@@ -1113,44 +1116,64 @@ impl Policy {
                 nodes.iter().map(|x| r.for_node(x).into_iter().map(Rule::new).collect()).collect();
             let ms: Vec<Vec<Matcher>> = per.iter().map(|rs| matchers(rs)).collect();
             let touch: Vec<Vec<u64>> = nodes.iter().zip(&ms).map(|(x, m)| touches(x, nodes, m)).collect();
-            (RulesBy::PerNode(per), touch, MatchersBy::PerNode(ms))
+            (RulesBy::PerNode(per), Touch::Rows(touch), MatchersBy::PerNode(ms))
         } else {
             let global: Vec<Rule> = r.global().into_iter().map(Rule::new).collect();
             let ms = matchers(&global);
             let touch = precompute_global_touch(nodes, &ms);
-            (RulesBy::Global(global), touch, MatchersBy::Global(ms))
+            (RulesBy::Global(global), Touch::Flat(touch), MatchersBy::Global(ms))
         };
         // Symmetric closure: a peer when either side's rules connect the two. The shared
         // rule list's touch is symmetric already (see `precompute_global_touch`), so only
         // per-node rules need it: the bit-by-bit pass costs nodes squared, 100 million steps
         // at 10,000 nodes, on every membership change.
         let words = n.div_ceil(64);
-        let mut peers = touch;
-        if matches!(rules, RulesBy::PerNode(_)) {
-            let touch = peers.clone();
-            for (i, row) in touch.iter().enumerate() {
-                for j in 0..n {
-                    if row[j / 64] >> (j % 64) & 1 == 1 {
-                        peers[j][i / 64] |= 1 << (i % 64);
+        let mut peers = match touch {
+            Touch::Flat(flat) => flat,
+            Touch::Rows(touch) => {
+                let mut flat: Vec<u64> = touch.concat();
+                for (i, row) in touch.iter().enumerate() {
+                    for j in 0..n {
+                        if row[j / 64] >> (j % 64) & 1 == 1 {
+                            flat[j * words + i / 64] |= 1 << (i % 64);
+                        }
                     }
                 }
+                flat
             }
+        };
+        for i in 0..n {
+            peers[i * words + i / 64] &= !(1 << (i % 64));
         }
-        for (i, row) in peers.iter_mut().enumerate() {
-            row[i / 64] &= !(1 << (i % 64));
-        }
-        debug_assert!(peers.iter().all(|p| p.len() == words));
+        debug_assert_eq!(peers.len(), n * words);
         let routers = nodes.iter().filter(|x| x.exit || !x.routes.is_empty()).map(|x| x.id).collect();
         let ids = nodes.iter().map(|x| x.id).collect();
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Compiled { nodes: nodes.to_vec(), index, rules, peers, matchers: ms, routers, ids, serial, extends: None }
+        Compiled {
+            nodes: nodes.to_vec(),
+            index,
+            rules,
+            peers,
+            words,
+            matchers: ms,
+            routers,
+            ids,
+            serial,
+            extends: None,
+        }
     }
+}
+
+/// Which nodes each node touches: one row per node, or rows laid end to end.
+enum Touch {
+    Rows(Vec<Vec<u64>>),
+    Flat(Vec<u64>),
 }
 
 /// [`touches`] for every node under one shared rule list, sharing the per-matcher bitsets.
 /// Symmetric: `i` touches `j` when some rule has one in its sources and the other in its
 /// destinations, either way round.
-fn precompute_global_touch(nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<Vec<u64>> {
+fn precompute_global_touch(nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<u64> {
     let words = nodes.len().div_ceil(64);
     let bits = |s: &IpSet| -> Vec<u64> {
         let mut b = vec![0u64; words];
@@ -1171,28 +1194,32 @@ fn precompute_global_touch(nodes: &[PolicyNode], ms: &[Matcher]) -> Vec<Vec<u64>
         b
     };
     let sets: Vec<(Vec<u64>, Vec<u64>)> = ms.iter().map(|m| (bits(&m.srcs), dst_bits(m))).collect();
-    (0..nodes.len())
-        .map(|i| {
-            let mut out = vec![0u64; words];
-            for (s, d) in &sets {
-                let (in_s, in_d) = (s[i / 64] >> (i % 64) & 1 == 1, d[i / 64] >> (i % 64) & 1 == 1);
-                if in_s {
-                    for (o, w) in out.iter_mut().zip(d) {
-                        *o |= w;
-                    }
-                }
-                if in_d {
-                    for (o, w) in out.iter_mut().zip(s) {
-                        *o |= w;
-                    }
+    // One allocation for the whole matrix: a row apiece was 10,000 allocations per compile.
+    let mut out = vec![0u64; nodes.len() * words];
+    for (i, row) in out.chunks_exact_mut(words.max(1)).enumerate().take(nodes.len()) {
+        for (s, d) in &sets {
+            let (in_s, in_d) = (s[i / 64] >> (i % 64) & 1 == 1, d[i / 64] >> (i % 64) & 1 == 1);
+            if in_s {
+                for (o, w) in row.iter_mut().zip(d) {
+                    *o |= w;
                 }
             }
-            out
-        })
-        .collect()
+            if in_d {
+                for (o, w) in row.iter_mut().zip(s) {
+                    *o |= w;
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Compiled {
+    /// Node index `i`'s row of peer bits.
+    fn row(&self, i: usize) -> &[u64] {
+        &self.peers[i * self.words..(i + 1) * self.words]
+    }
+
     /// The unreduced rules node `id` was compiled with (the tailnet's list without
     /// `autogroup:self`).
     pub fn rules_for(&self, id: u64) -> Vec<FilterRule> {
@@ -1253,7 +1280,7 @@ impl Compiled {
     pub fn peers_of(&self, id: u64) -> Vec<u64> {
         let Some(&i) = self.index.get(&id) else { return vec![] };
         let mut out: Vec<u64> = (0..self.nodes.len())
-            .filter(|&j| self.peers[i][j / 64] >> (j % 64) & 1 == 1)
+            .filter(|&j| self.row(i)[j / 64] >> (j % 64) & 1 == 1)
             .map(|j| self.nodes[j].id)
             .collect();
         out.sort_unstable();
@@ -1282,7 +1309,7 @@ impl Compiled {
     /// grow), only the bits that differ are visited; else both peer lists are merged.
     pub fn peer_changes(&self, old: &Compiled, me: u64) -> (Vec<u64>, Vec<u64>) {
         fn row(c: &Compiled, me: u64) -> &[u64] {
-            c.index.get(&me).map(|&i| c.peers[i].as_slice()).unwrap_or(&[])
+            c.index.get(&me).map(|&i| c.row(i)).unwrap_or(&[])
         }
         let (new_row, old_row) = (row(self, me), row(old, me));
         let (mut added, mut removed) = (vec![], vec![]);
@@ -1341,7 +1368,7 @@ impl Compiled {
     /// True when `a` and `b` are in each other's maps (they may talk in some direction).
     pub fn may_talk(&self, a: u64, b: u64) -> bool {
         match (self.index.get(&a), self.index.get(&b)) {
-            (Some(&i), Some(&j)) => i != j && self.peers[i][j / 64] >> (j % 64) & 1 == 1,
+            (Some(&i), Some(&j)) => i != j && self.row(i)[j / 64] >> (j % 64) & 1 == 1,
             _ => false,
         }
     }
