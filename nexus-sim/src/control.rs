@@ -204,9 +204,24 @@ pub struct DeltaCache {
 /// A shared delta's frame and the filter fingerprint its readers hold after it.
 type SharedDelta = (Bytes, Option<u64>);
 
-/// Org, change-log stretch (after `from` up to `to`), compression and the filter the readers
-/// hold (its [`filter_print`]) of a shared delta.
-type DeltaKey = (u64, u64, u64, bool, Option<u64>);
+/// What a shared delta is the same bytes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum DeltaKey {
+    /// Org, change-log stretch (after `from` up to `to`), compression and the filter the
+    /// readers hold (its [`filter_print`]).
+    Org(u64, u64, u64, bool, Option<u64>),
+    /// Stretch of the log of every org's changes, compression, and [`ids_print`] of the
+    /// peers it names.
+    Global(u64, u64, bool, u64),
+}
+
+/// A fingerprint of the peers a custom-policy delta sends whole, patches and removes.
+fn ids_print(whole: &BTreeSet<u64>, patched: &[u64], removed: &[u64]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (whole, patched, removed).hash(&mut h);
+    h.finish()
+}
 
 /// A packet filter's fingerprint: streams remember it rather than the filter itself.
 fn filter_print(f: &[tailcfg::FilterRule]) -> u64 {
@@ -1084,47 +1099,69 @@ impl Streamer {
             }
         }
         let now = Utc::now();
-        let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
-        let mut d = MapResponse::default();
-        if touched.contains(&me.id) || (routes_moved && is_router(&c, &me.id)) {
-            d.node = Some(to_tail(&s, &me, now));
-        }
-        let mut changed = vec![];
-        for n in s.store.nodes_by_id(&whole.iter().copied().collect::<Vec<_>>()) {
-            changed.push(s.entries.get(&s, &n, now, &keep));
-        }
-        let patched: Vec<tailcfg::PeerChange> = patches
-            .iter()
-            .filter(|(id, _)| !whole.contains(id) && **id != me.id && c.may_talk(me.id, **id))
-            .map(|(id, p)| patch_of(*id, p))
+        let self_entry = touched.contains(&me.id) || (routes_moved && is_router(&c, &me.id));
+        let patched: Vec<u64> = patches
+            .keys()
+            .filter(|id| !whole.contains(id) && **id != me.id && c.may_talk(me.id, **id))
+            .copied()
             .collect();
-        if !removed.is_empty() {
-            d.peers_removed = Some(removed.iter().map(|id| *id as i64).collect());
-        }
-        if !patched.is_empty() {
-            d.peers_changed_patch = Some(patched);
-        }
+        let mut new_filter = None;
         if recompiled {
             let f = c.filter_for(me.id);
             let print = filter_print(&f);
             if *filter != print {
                 *filter = print;
-                d.packet_filter = Some(f);
+                new_filter = Some(f);
             }
         }
-        if profiles_changed {
+        let profiles: Option<Vec<UserProfile>> = profiles_changed.then(|| {
             let mut ids: BTreeSet<u64> = users.keys().copied().collect();
             ids.insert(me.user_id);
-            d.user_profiles = ids.into_iter().map(|u| user_profile(&s, u)).collect();
-        }
-        crate::routes::reduce_map(&mut d, &keep);
-        *last = c;
-        let out = Out { resp: d, peers: None, changed };
-        if out.is_empty() {
-            Step::Nothing
+            ids.into_iter().map(|u| user_profile(&s, u)).collect()
+        });
+        // A delta with nothing of this node (no self entry, filter or profiles) and no router
+        // (whose entry depends on the viewer) is the same bytes for every stream that read
+        // the same stretch of the log and names the same peers: encoded once for all.
+        let shared =
+            !self_entry && new_filter.is_none() && profiles.is_none() && !whole.iter().any(|id| is_router(&c, id));
+        let key = DeltaKey::Global(from, now_seq, self.zstd, ids_print(&whole, &patched, &removed));
+        let build = || {
+            let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
+            let mut d = MapResponse::default();
+            if self_entry {
+                d.node = Some(to_tail(&s, &me, now));
+            }
+            let changed: Vec<Bytes> = s
+                .store
+                .nodes_by_id(&whole.iter().copied().collect::<Vec<_>>())
+                .iter()
+                .map(|n| s.entries.get(&s, n, now, &keep))
+                .collect();
+            if !removed.is_empty() {
+                d.peers_removed = Some(removed.iter().map(|id| *id as i64).collect());
+            }
+            if !patched.is_empty() {
+                d.peers_changed_patch = Some(patched.iter().map(|id| patch_of(*id, &patches[id])).collect());
+            }
+            d.packet_filter = new_filter;
+            d.user_profiles = profiles.unwrap_or_default();
+            crate::routes::reduce_map(&mut d, &keep);
+            let out = Out { resp: d, peers: None, changed };
+            (!out.is_empty()).then_some(out)
+        };
+        let step = if shared {
+            let zstd = self.zstd;
+            let built = s.deltas.get_or_build(key, || {
+                let mut o = build()?;
+                o.resp.control_time = Some(Utc::now());
+                Some((Bytes::from(encode_out(&o, zstd)), None))
+            });
+            built.map_or(Step::Nothing, |(f, _)| Step::Frame(f))
         } else {
-            Step::Send(Box::new(out))
-        }
+            build().map_or(Step::Nothing, |o| Step::Send(Box::new(o)))
+        };
+        *last = c;
+        step
     }
 
     /// [`Streamer::store_changed`] of an org stream whose cursor is at `from`. A delta naming
@@ -1157,7 +1194,7 @@ impl Streamer {
             // Untagged members at the same stretch of the log were sent the same filters
             // before it (the org's, from the same frames or full maps): the filter they hold
             // is part of the key, so sharing never skips a filter one of them lacks.
-            let key = (self.user_id, from, now, self.zstd, *filter);
+            let key = DeltaKey::Org(self.user_id, from, now, self.zstd, *filter);
             let zstd = self.zstd;
             let built = s.deltas.get_or_build(key, || {
                 let mut held = *filter;
@@ -2166,7 +2203,7 @@ mod tests {
                 {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*", "tag:srv:443"]}]}"#,
             crate::policy::HEADSCALE_DEFAULT,
         ];
-        let mut deltas = 0;
+        let (mut deltas, mut frames) = (0, 0);
         for seed in 1..=6u64 {
             let s = shared();
             s.policy.set(POLICIES[seed as usize % POLICIES.len()]).unwrap();
@@ -2260,6 +2297,7 @@ mod tests {
                         streams.insert(id, start(&s, id).unwrap());
                         continue;
                     }
+                    frames += usize::from(matches!(step, Step::Frame(_)) && OrgTemplate::current(&s).is_none());
                     if let Some(m) = sent(step) {
                         deltas += 1;
                         held.apply(&m);
@@ -2284,7 +2322,59 @@ mod tests {
                 }
             }
         }
-        assert!(deltas > 500, "{deltas} deltas");
+        assert!(deltas > 500 && frames > 100, "{deltas} deltas, {frames} shared frames");
+    }
+
+    /// A custom-policy delta is encoded once for the streams it is the same bytes for, and
+    /// only for them: a stream that loses a peer and one that never saw it read the same
+    /// stretch of the log, and neither gets the other's message.
+    #[test]
+    fn shared_custom_policy_deltas_go_only_to_streams_with_the_same_changes() {
+        let s = shared();
+        s.policy
+            .set(
+                r#"{"tagOwners": {"tag:srv": []}, "acls": [
+                    {"action": "accept", "src": ["org0@"], "dst": ["org1@:*"]}]}"#,
+            )
+            .unwrap();
+        let users: Vec<u64> = (0..3).map(|i| s.store.create_user(&format!("org{i}"), "").unwrap().id).collect();
+        let a = reg(&s, 1, users[0], vec![]);
+        let x = reg(&s, 2, users[1], vec![]);
+        let y = reg(&s, 3, users[1], vec![]);
+        let b = reg(&s, 4, users[2], vec![]);
+        let (mut sa, first_a) = Streamer::start(&s, &a, false);
+        let (mut sb, first_b) = Streamer::start(&s, &b, false);
+        assert_eq!(first_a.response().peers.map(|p| p.len()), Some(2));
+        assert_eq!(first_b.response().peers.map(|p| p.len()), Some(0));
+        // Both members see the same endpoint change of another org0 member: one frame.
+        let a2 = reg(&s, 5, users[0], vec![]);
+        let _ = (sb.store_changed(), sa.store_changed());
+        s.store
+            .update_node(a2.id, |n| {
+                n.endpoints = vec!["127.0.0.1:7".into()];
+                true
+            })
+            .unwrap();
+        let (Step::Nothing, Step::Nothing) = (sb.store_changed(), sa.store_changed()) else {
+            panic!("neither sees org0's other member")
+        };
+        // Tagged, x is no longer org1's: a loses it, b never had it. b reads first.
+        s.store.set_tags(x.id, vec!["tag:srv".into()]).unwrap();
+        assert!(matches!(sb.store_changed(), Step::Nothing));
+        let d = sent(sa.store_changed()).expect("a loses x");
+        assert_eq!(d.peers_removed, Some(vec![x.id as i64]));
+        // Two members of org0 woken by a change of org1's remaining member share its frame.
+        let (mut sa2, _) = Streamer::start(&s, &s.store.node(a2.id).unwrap(), false);
+        s.store
+            .update_node(y.id, |n| {
+                n.endpoints = vec!["127.0.0.1:8".into()];
+                true
+            })
+            .unwrap();
+        let (Step::Frame(f1), Step::Frame(f2)) = (sa.store_changed(), sa2.store_changed()) else {
+            panic!("the same patch is not one shared frame")
+        };
+        assert_eq!(f1, f2);
     }
 
     /// Primary-route failover: when a subnet's primary router goes offline, each stream gets
