@@ -1038,7 +1038,6 @@ impl Streamer {
         let mut upserted = BTreeSet::new();
         let mut patches: BTreeMap<u64, NodePatch> = BTreeMap::new();
         let mut profiles_changed = false;
-        let mut touched = BTreeSet::new();
         // Nodes whose change can move a route's primary (being there, routes, online state).
         let mut route_relevant = BTreeSet::new();
         for ch in &changes {
@@ -1046,20 +1045,17 @@ impl Streamer {
                 Change::Upsert(id) => {
                     patches.remove(id);
                     upserted.insert(*id);
-                    touched.insert(*id);
                     route_relevant.insert(*id);
                 }
                 Change::Removed(id) => {
                     patches.remove(id);
                     upserted.remove(id);
-                    touched.insert(*id);
                     route_relevant.insert(*id);
                 }
                 Change::Patch(id, p) => {
                     if !upserted.contains(id) {
                         patches.entry(*id).or_default().merge(p);
                     }
-                    touched.insert(*id);
                     if p.online.is_some() {
                         route_relevant.insert(*id);
                     }
@@ -1099,7 +1095,7 @@ impl Streamer {
             }
         }
         let now = Utc::now();
-        let self_entry = touched.contains(&me.id) || (routes_moved && is_router(&c, &me.id));
+        let self_entry = named || (routes_moved && is_router(&c, &me.id));
         let patched: Vec<u64> = patches
             .keys()
             .filter(|id| !whole.contains(id) && **id != me.id && c.may_talk(me.id, **id))
