@@ -2240,7 +2240,7 @@ mod tests {
                         s.store
                             .update_node(pick, |n| {
                                 n.endpoints = vec![ep];
-                                n.home_derp = 1 + (step % 3) as i32;
+                                n.home_derp = 1 + step % 3;
                                 true
                             })
                             .unwrap();
