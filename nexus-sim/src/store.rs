@@ -419,9 +419,12 @@ pub struct Store {
     /// Every org's changes in one log, for map streams whose policy lets peers span orgs.
     /// Locked only inside `orgs`' lock, so both logs take a change in the same order.
     all_log: Arc<Mutex<ChangeLog>>,
-    /// The store's version: changes with every write map streams or the policy compile may
-    /// see (after the logs hold the change), so its watchers find the change when woken.
+    /// Changes with every write map streams may see, after the logs hold the change, so its
+    /// watchers find the change when woken.
     all: watch::Sender<u64>,
+    /// The store's version: moves on with every write map streams or the policy compile may
+    /// see, before the logs hold the change (see [`Store::version`]).
+    version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// [`Store`]'s log of every org's changes (see [`Store::all_changes`]).
@@ -621,6 +624,7 @@ impl Store {
             orgs: Default::default(),
             all_log: Default::default(),
             all: watch::channel(0).0,
+            version: Default::default(),
         })
     }
 
@@ -715,6 +719,9 @@ impl Store {
     /// Appends `c` to org `user_id`'s log and to the log of every change, then wakes the
     /// org's watchers and those of every change.
     fn emit(&self, user_id: u64, c: Change) {
+        // Before the logs hold the change: a stream that reads it there then finds the store
+        // at a later version, so nothing cached at the earlier one can stand for it.
+        self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut orgs = self.orgs.lock();
         let org = orgs.entry(user_id).or_default();
         let c = Arc::new(c);
@@ -744,10 +751,18 @@ impl Store {
         self.all.send_modify(|g| *g += 1);
     }
 
-    /// The store's version (see [`Store::subscribe_all`]): read it before reading what
-    /// depends on it, and a later change moves it on.
+    /// A write no log holds (a node not yet announced, a pending registration): a new version,
+    /// and a wake for the watchers of every change.
+    fn changed_unlogged(&self) {
+        self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.all.send_modify(|g| *g += 1);
+    }
+
+    /// The store's version: read it before reading what depends on it (the policy compile's
+    /// inputs, the primary routers), and any later write moves it on. A change that a log
+    /// holds moved it on before it went into the log.
     pub fn version(&self) -> u64 {
-        *self.all.borrow()
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The sequence number of the newest change of any org (a cursor for
@@ -848,6 +863,9 @@ impl Store {
         };
         d.users.insert(u.id, u.clone());
         self.put_with_meta(&d, None, Some(("users", &u.id.to_string(), &u)));
+        drop(d);
+        // Users are what a policy resolves its names against.
+        self.changed_unlogged();
         Ok(u)
     }
 
@@ -877,6 +895,8 @@ impl Store {
         }
         d.users.remove(&id);
         self.del("users", &id.to_string());
+        drop(d);
+        self.changed_unlogged();
         Ok(())
     }
 
@@ -1240,7 +1260,7 @@ impl Store {
             self.emit(u, Change::Removed(node.id));
         }
         if defer {
-            self.all.send_modify(|g| *g += 1);
+            self.changed_unlogged();
         } else {
             self.emit(user_id, Change::Upsert(node.id));
         }
@@ -1292,7 +1312,7 @@ impl Store {
             if open {
                 self.emit(n.user_id, Change::Upsert(id));
             } else {
-                self.all.send_modify(|g| *g += 1);
+                self.changed_unlogged();
             }
             return Ok(n);
         }
@@ -1308,7 +1328,7 @@ impl Store {
                         p.online = Some(true);
                     }
                     if p == NodePatch::default() {
-                        self.all.send_modify(|g| *g += 1);
+                        self.changed_unlogged();
                     } else {
                         self.emit(n.user_id, Change::Patch(id, p));
                     }
@@ -1453,7 +1473,7 @@ impl Store {
     /// Takes the waiting registration `id` (to approve or refuse it).
     pub fn take_pending(&self, id: &str) -> Option<Pending> {
         let p = self.data.lock().pending.remove(id);
-        self.all.send_modify(|g| *g += 1);
+        self.changed_unlogged();
         p
     }
 
