@@ -1066,15 +1066,16 @@ impl Streamer {
         }
         let recompiled = !std::sync::Arc::ptr_eq(&c, last);
         let (added, removed) = if recompiled { c.peer_changes(last, me.id) } else { (vec![], vec![]) };
-        // Which node is primary for a route depends on every node serving it, and what a
-        // viewer may see of a route on the compile: then every router it sees is sent whole.
+        // A router's entry depends on which node is primary for each route (on every router:
+        // one came, went or changed online state) and on which of its routes this node may
+        // use (on the compile): when either moved, the router is sent whole.
         let is_router = |c: &crate::policy::Compiled, id: &u64| c.routers().binary_search(id).is_ok();
-        let routes_moved = recompiled || route_relevant.iter().any(|id| is_router(&c, id) || is_router(last, id));
+        let primaries_moved = route_relevant.iter().any(|id| is_router(&c, id) || is_router(last, id));
+        let router_moved =
+            |r: u64| primaries_moved || (recompiled && c.route_view(me.id, r) != last.route_view(me.id, r));
         let mut whole: BTreeSet<u64> = added.iter().copied().collect();
         whole.extend(upserted.iter().filter(|id| **id != me.id && c.may_talk(me.id, **id)));
-        if routes_moved {
-            whole.extend(c.routers().iter().filter(|id| **id != me.id && c.may_talk(me.id, **id)));
-        }
+        whole.extend(c.routers().iter().filter(|r| **r != me.id && c.may_talk(me.id, **r) && router_moved(**r)));
         // Users of peers that stay but moved to another user (the compile saw the move).
         for id in upserted.iter().filter(|id| recompiled && c.may_talk(me.id, **id) && last.may_talk(me.id, **id)) {
             if let (Some(was), Some(now)) = (last.user_of(*id), c.user_of(*id)) {
@@ -1095,7 +1096,7 @@ impl Streamer {
             }
         }
         let now = Utc::now();
-        let self_entry = named || (routes_moved && is_router(&c, &me.id));
+        let self_entry = named || (is_router(&c, &me.id) && router_moved(me.id));
         let patched: Vec<u64> = patches
             .keys()
             .filter(|id| !whole.contains(id) && **id != me.id && c.may_talk(me.id, **id))

@@ -1360,6 +1360,17 @@ impl Compiled {
         self
     }
 
+    /// Which of node `router`'s served routes (its subnet routes, then both exit routes if it
+    /// serves them) `viewer` may use under this compile: what reduces `router`'s entry in
+    /// `viewer`'s map. Empty for an unknown node.
+    pub fn route_view(&self, viewer: u64, router: u64) -> Vec<bool> {
+        let Some(&i) = self.index.get(&router) else { return vec![] };
+        let n = &self.nodes[i];
+        let exits =
+            if n.exit { ["0.0.0.0/0", "::/0"].iter().filter_map(|p| Prefix::parse(p)).collect() } else { vec![] };
+        n.routes.iter().chain(&exits).map(|p| self.can_access_route(viewer, p)).collect()
+    }
+
     /// Node `id`'s user, `None` for an unknown node.
     pub fn user_of(&self, id: u64) -> Option<u64> {
         self.index.get(&id).map(|&i| self.nodes[i].user_id)
