@@ -922,6 +922,7 @@ impl Streamer {
             s: s.clone(),
             node_id: me.id,
             user_id: me.user_id,
+            // Set by `reset` below, for the policy in force.
             mode: Mode::Org { tmpl: OrgTemplate { rules: vec![] }, cursor: 0, tagged: false, filter: None },
             zstd,
             me: None,
