@@ -36,8 +36,8 @@ pub const MAX_MEMORY_RATIO: f64 = 2.0;
 pub const MAX_NETMAP_CHANGE_RATIO: f64 = 0.1;
 /// The CI guard: nexus-sim's CPU per change under an ACL policy (streams whose peers span
 /// orgs) may be at most this multiple of the same under its built-in org isolation. Gross on
-/// purpose (measured about 1.1–1.5): it catches map streams rebuilding whole maps per change
-/// again (then about 100 at 500 nodes, and growing with the square of the tailnet).
+/// purpose (measured about 1.0–1.3): it catches map streams rebuilding whole maps per change
+/// again (then about 40 at 300 nodes and 200 at 1,000, growing with the tailnet).
 pub const MAX_POLICY_CONTROL_RATIO: f64 = 3.0;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
