@@ -635,7 +635,7 @@ pub fn run(what: &str, plan: Plan) -> anyhow::Result<Vec<Figure>> {
 fn policy(nodes: usize) -> anyhow::Result<Vec<Figure>> {
     let cpu = |acl: bool| -> anyhow::Result<(f64, f64)> {
         let mut cmd = std::process::Command::new(crate::bin("bench-control"));
-        cmd.args(["--nodes", &nodes.to_string(), "--probes", "10"]);
+        cmd.args(["--nodes", &nodes.to_string(), "--probes", "20"]);
         if acl {
             cmd.args(["--policy", "allow-all"]);
         }
