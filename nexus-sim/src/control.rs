@@ -634,14 +634,16 @@ pub fn build_map(s: &Shared, me: &StoreNode) -> MapResponse {
 
 /// [`build_map`] from the policy compiled over every node.
 fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
-    build_out_compiled(s, me, &s.policy.compiled(&s.store)).response()
+    let c = s.policy.compiled(&s.store);
+    build_out_compiled(s, me, &c, &c.peers_of(me.id)).response()
 }
 
-/// `me`'s full map under compile `c`, its peers' entries from the [`EntryCache`].
-fn build_out_compiled(s: &Shared, me: &StoreNode, c: &crate::policy::Compiled) -> Out {
+/// `me`'s full map under compile `c`, whose peers of `me` are `peers`, their entries from the
+/// [`EntryCache`].
+fn build_out_compiled(s: &Shared, me: &StoreNode, c: &crate::policy::Compiled, peers: &[u64]) -> Out {
     let now = Utc::now();
     let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
-    let peer_nodes = s.store.nodes_by_id(&c.peers_of(me.id));
+    let peer_nodes = s.store.nodes_by_id(peers);
     let peers: Vec<Bytes> = peer_nodes.iter().map(|n| s.entries.get(s, n, now, &keep)).collect();
     let users: Vec<u64> = peer_nodes.iter().map(|n| n.user_id).collect();
     let mut m = map_of(s, me, vec![], c.filter_for(me.id), users, now);
@@ -949,16 +951,18 @@ impl Streamer {
                 // The cursor and the compile are taken before the map is built, as above.
                 let cursor = s.store.all_seq();
                 let c = s.policy.compiled(&s.store);
+                let peers = c.peers_of(me.id);
                 let mut users = BTreeMap::new();
-                for u in c.peers_of(me.id).iter().filter_map(|p| c.user_of(*p)) {
+                for u in peers.iter().filter_map(|p| c.user_of(*p)) {
                     *users.entry(u).or_insert(0) += 1;
                 }
-                let filter = filter_print(&c.filter_for(me.id));
                 let m = if s.faults.leaks_any() {
                     Out::from(s.faults.with_leaks(s, me, build_map))
                 } else {
-                    build_out_compiled(s, me, &c)
+                    build_out_compiled(s, me, &c, &peers)
                 };
+                // The filter the map carries (the compile's for this node).
+                let filter = filter_print(m.resp.packet_filter.as_deref().unwrap_or_default());
                 self.mode = Mode::Global { cursor, compiled: c, users, filter };
                 m
             }

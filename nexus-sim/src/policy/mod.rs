@@ -800,8 +800,6 @@ pub struct Compiled {
     matchers: MatchersBy,
     /// Ids of the nodes that serve routes (subnet or exit), ascending.
     routers: Vec<u64>,
-    /// `nodes`' ids, in order (ascending).
-    ids: Vec<u64>,
     /// This compile's number, and the number of the compile whose ids begin this one's (set
     /// by [`Compiled::after`]).
     serial: u64,
@@ -1147,20 +1145,8 @@ impl Policy {
         }
         debug_assert_eq!(peers.len(), n * words);
         let routers = nodes.iter().filter(|x| x.exit || !x.routes.is_empty()).map(|x| x.id).collect();
-        let ids = nodes.iter().map(|x| x.id).collect();
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Compiled {
-            nodes: nodes.to_vec(),
-            index,
-            rules,
-            peers,
-            words,
-            matchers: ms,
-            routers,
-            ids,
-            serial,
-            extends: None,
-        }
+        Compiled { nodes: nodes.to_vec(), index, rules, peers, words, matchers: ms, routers, serial, extends: None }
     }
 }
 
@@ -1313,29 +1299,29 @@ impl Compiled {
         }
         let (new_row, old_row) = (row(self, me), row(old, me));
         let (mut added, mut removed) = (vec![], vec![]);
-        let set_bits = |w: u64, base: usize, ids: &[u64], out: &mut Vec<u64>| {
+        let set_bits = |w: u64, base: usize, nodes: &[PolicyNode], out: &mut Vec<u64>| {
             let mut w = w;
             while w != 0 {
-                out.push(ids[base + w.trailing_zeros() as usize]);
+                out.push(nodes[base + w.trailing_zeros() as usize].id);
                 w &= w - 1;
             }
         };
-        if self.extends == Some(old.serial) || self.ids.starts_with(&old.ids) {
+        if self.extends == Some(old.serial) || self.begins_with(old) {
             for (k, &n) in new_row.iter().enumerate() {
                 let o = old_row.get(k).copied().unwrap_or(0);
-                set_bits(n & !o, k * 64, &self.ids, &mut added);
-                set_bits(o & !n, k * 64, &old.ids, &mut removed);
+                set_bits(n & !o, k * 64, &self.nodes, &mut added);
+                set_bits(o & !n, k * 64, &old.nodes, &mut removed);
             }
             return (added, removed);
         }
-        let ids_of = |r: &[u64], ids: &[u64]| {
+        let ids_of = |r: &[u64], nodes: &[PolicyNode]| {
             let mut out = vec![];
             for (k, &w) in r.iter().enumerate() {
-                set_bits(w, k * 64, ids, &mut out);
+                set_bits(w, k * 64, nodes, &mut out);
             }
             out
         };
-        let (new, old) = (ids_of(new_row, &self.ids), ids_of(old_row, &old.ids));
+        let (new, old) = (ids_of(new_row, &self.nodes), ids_of(old_row, &old.nodes));
         let (mut a, mut b) = (new.iter().peekable(), old.iter().peekable());
         loop {
             match (a.peek(), b.peek()) {
@@ -1354,7 +1340,7 @@ impl Compiled {
     /// Notes that this compile's nodes are `prev`'s with more after them, when they are:
     /// checked once here, not by every stream in [`Compiled::peer_changes`].
     pub fn after(mut self, prev: &Compiled) -> Compiled {
-        if self.ids.starts_with(&prev.ids) {
+        if self.begins_with(prev) {
             self.extends = Some(prev.serial);
         }
         self
@@ -1369,6 +1355,11 @@ impl Compiled {
         let exits =
             if n.exit { ["0.0.0.0/0", "::/0"].iter().filter_map(|p| Prefix::parse(p)).collect() } else { vec![] };
         n.routes.iter().chain(&exits).map(|p| self.can_access_route(viewer, p)).collect()
+    }
+
+    /// True when this compile's nodes begin with `prev`'s, in the same order.
+    fn begins_with(&self, prev: &Compiled) -> bool {
+        prev.nodes.len() <= self.nodes.len() && self.nodes.iter().zip(&prev.nodes).all(|(a, b)| a.id == b.id)
     }
 
     /// Node `id`'s user, `None` for an unknown node.
