@@ -45,16 +45,27 @@ if [ "${1:-}" = hot-symbols ]; then
     echo "citadel/cli/hot-symbols.txt: $(wc -l < citadel/cli/hot-symbols.txt) of the $(wc -l < "$out/ran") functions that ran"
     exit 0
 fi
-# The citadel binary on its own, as `cargo build --release -p citadel-cli` ships it: built
-# with the test crate, cargo would unify the features of shared dependencies and give it other
-# symbols than the ones citadel/cli/hot-symbols.txt lists.
-cargo build --release -q -p citadel-cli
+nolto=false
+if [ "${CARGO_PROFILE_RELEASE_LTO:-}" = false ] || [ "${CARGO_PROFILE_RELEASE_LTO:-}" = off ]; then
+    nolto=true
+fi
+if $nolto; then
+    # A build without LTO (the CI guard's) matches few of the list's names anyway, so citadel
+    # is built with the bench binaries in one go: built apart, cargo would compile most shared
+    # dependencies twice (their features differ), about two minutes more on a cold 2-core machine.
+    cargo build --release -q -p citadel-cli -p citadel-e2e --bins
+else
+    # The citadel binary on its own, as `cargo build --release -p citadel-cli` ships it: built
+    # with the test crate, cargo would unify the features of shared dependencies and give it
+    # other symbols than the ones citadel/cli/hot-symbols.txt lists.
+    cargo build --release -q -p citadel-cli
+fi
 # How much of the list this build still defines: renamed or removed functions drop out (new
 # ones that run are only found by regenerating it). The names are those of the shipped LTO
 # build, so a build without LTO (the CI guard's) matches few of them by design.
 listed=$(wc -l < citadel/cli/hot-symbols.txt)
 found=$(defined_functions | LC_ALL=C comm -12 - citadel/cli/hot-symbols.txt | wc -l)
-if [ "${CARGO_PROFILE_RELEASE_LTO:-}" = false ] || [ "${CARGO_PROFILE_RELEASE_LTO:-}" = off ]; then
+if $nolto; then
     verdict=" (a build without LTO: the list is of the LTO build)"
 elif [ $((found * 10)) -lt $((listed * 9)) ]; then
     verdict=" (stale: ./bench.sh hot-symbols regenerates it)"
@@ -62,5 +73,5 @@ else
     verdict=""
 fi
 echo "citadel/cli/hot-symbols.txt: $found of its $listed functions are in this build$verdict"
-cargo build --release -q -p citadel-e2e --bins
+$nolto || cargo build --release -q -p citadel-e2e --bins
 exec target/release/bench "$@"
