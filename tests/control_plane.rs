@@ -348,3 +348,47 @@ async fn a_join_delta_shared_by_the_org_admits_the_newcomer() {
 fn rand_core() -> impl rand::RngCore {
     rand::thread_rng()
 }
+
+/// A peer's key expiring is told to its org when the time passes (not only in the next full
+/// map): every member's map marks it expired and their data planes drop its tunnel, so an
+/// expired node reaches nobody even while it keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
+    const T: Duration = Duration::from_secs(10);
+    let nx = Nexus::start().await;
+    let acme = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
+    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
+    assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    let l = a2.listen_tcp(7000).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let ip = a1.resolve("a2").unwrap();
+    async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
+        let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
+        citadel_e2e::echo_through(&mut s, b"hello").await.ok()
+    }
+    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+
+    // a2's key gets an expiry 1.5 s ahead (a2 is told, as of any change of its record).
+    let store = &nx.running.shared.store;
+    let id = store.nodes(None).into_iter().find(|n| n.given_name == "a2").unwrap().id;
+    store
+        .update_node(id, |n| {
+            n.expiry = Some(chrono::Utc::now() + chrono::Duration::milliseconds(1500));
+            true
+        })
+        .unwrap();
+    let expired_in_a1 = || a1.netmap().borrow().peers.values().any(|p| p.id == id as i64 && p.expired);
+    assert!(!expired_in_a1());
+    assert!(eventually(T, expired_in_a1).await, "a1's map never marked a2 expired");
+    // a1 no longer holds a tunnel to a2: nothing gets through (a2 itself still runs).
+    assert_eq!(tokio::time::timeout(Duration::from_secs(4), echo(&a1, ip)).await.ok().flatten(), None);
+}

@@ -664,13 +664,15 @@ async fn unregistered_keys_are_refused_by_default() {
 #[tokio::test]
 async fn deleted_or_expired_nodes_lose_their_relay_within_a_second() {
     let n = Nexus::start().await;
-    let (a, b, c) = (key(), key(), key());
+    let (a, b, c, d) = (key(), key(), key(), key());
     let ida = register_node(&n, "acme", &a, 1);
     let idb = register_node(&n, "acme", &b, 2);
     register_node(&n, "acme", &c, 3);
+    let idd = register_node(&n, "acme", &d, 4);
     let (ca, cb, cc) = (connect(n.url(), &a).await, connect(n.url(), &b).await, connect(n.url(), &c).await);
+    let cd = connect(n.url(), &d).await;
     let derp = n.running.derp.clone().unwrap();
-    assert!(eventually(T, || derp.clients().len() == 3).await);
+    assert!(eventually(T, || derp.clients().len() == 4).await);
 
     let st = &n.running.shared.store;
     let t0 = Instant::now();
@@ -679,6 +681,18 @@ async fn deleted_or_expired_nodes_lose_their_relay_within_a_second() {
     st.expire_node(idb).unwrap();
     assert!(eventually(Duration::from_secs(1), || !derp.is_connected(&public(&b))).await, "expired node kept DERP");
     println!("both closed after {:?}", t0.elapsed());
+    // A key whose expiry time passes, with no other store change, loses it too.
+    st.update_node(idd, |n| {
+        n.expiry = Some(chrono::Utc::now() + chrono::Duration::milliseconds(500));
+        true
+    })
+    .unwrap();
+    assert!(derp.is_connected(&public(&d)));
+    assert!(
+        eventually(Duration::from_millis(1500), || !derp.is_connected(&public(&d))).await,
+        "a node whose key expired by the clock kept DERP"
+    );
+    drop(cd);
     // Their clients see the end; the live node stays.
     assert!(tokio::time::timeout(T, async { while ca.recv().await.is_ok() {} }).await.is_ok());
     assert!(tokio::time::timeout(T, async { while cb.recv().await.is_ok() {} }).await.is_ok());

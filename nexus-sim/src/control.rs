@@ -2057,6 +2057,40 @@ mod tests {
         assert!(!s.entries.entries.lock().contains_key(&a2.id));
     }
 
+    /// A key expiring by the clock (no store change) reaches the streams of its peers when the
+    /// server announces it, under the built-in policy and under an ACL policy alike, once; the
+    /// next expiry is reported.
+    #[test]
+    fn an_expiry_passing_reaches_peer_streams_when_announced() {
+        for acl in [false, true] {
+            let s = shared();
+            if acl {
+                s.policy.set(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#).unwrap();
+            }
+            let org = s.store.create_user("a", "").unwrap().id;
+            let a1 = reg(&s, 1, org, vec![]);
+            let a2 = reg(&s, 2, org, vec![]);
+            let (mut st, _) = Streamer::start(&s, &a1, false);
+            let t0 = Utc::now();
+            let soon = t0 + chrono::Duration::milliseconds(200);
+            s.store.update_node(a2.id, |n| n.expiry.replace(soon) != Some(soon)).unwrap();
+            let d = sent(st.store_changed()).expect("the expiry set");
+            assert!(!d.peers_changed.unwrap()[0].expired);
+            // Nothing due yet: nothing told, the next expiry named.
+            assert_eq!(s.store.announce_expired(t0, t0), Some(soon), "acl {acl}");
+            assert!(matches!(st.store_changed(), Step::Nothing), "acl {acl}");
+            std::thread::sleep(Duration::from_millis(250));
+            let now = Utc::now();
+            assert_eq!(s.store.announce_expired(t0, now), None);
+            let d = sent(st.store_changed()).unwrap_or_else(|| panic!("acl {acl}: the expiry was not told"));
+            let p = &d.peers_changed.unwrap()[0];
+            assert_eq!((p.id, p.expired), (a2.id as i64, true), "acl {acl}");
+            // Told once: the same window again is empty.
+            assert_eq!(s.store.announce_expired(now, Utc::now()), None);
+            assert!(matches!(st.store_changed(), Step::Nothing), "acl {acl}");
+        }
+    }
+
     /// The spliced JSON of a message with cached entries is the JSON of the same message
     /// built whole.
     #[test]

@@ -312,6 +312,11 @@ impl DerpServer {
         v
     }
 
+    /// The keys of the connected clients, in no order.
+    pub fn client_keys(&self) -> Vec<NodePublic> {
+        self.table().by_key.keys().copied().collect()
+    }
+
     /// Closes `key`'s connection, if any.
     pub fn close_client(&self, key: &NodePublic) {
         if let Some(c) = self.table().by_key.get(key).cloned() {

@@ -607,8 +607,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         // Only verified clients have an identity the policy can speak about.
         let relay_policy: Option<derp::RelayPolicy> = verify.then(|| {
             let s = shared.clone();
-            // Decisions per key pair, valid until the store or the policy changes (expiry by
-            // time alone is caught by `close_dead_derp_clients` within half a second).
+            // Decisions per key pair, valid until the store or the policy changes (a key
+            // expiring by time is a store change too: `announce_expiries`).
             type Decisions = ((u64, u64), std::collections::HashMap<(NodePublic, NodePublic), bool>);
             let cache: Mutex<Decisions> = Mutex::default();
             Arc::new(move |a: &NodePublic, b: &NodePublic| {
@@ -658,6 +658,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
             }
         })
     });
+    region_tasks.push(tokio::spawn(announce_expiries(shared.clone())));
     if let Some(d) = &derp_server {
         for (id, l) in extra {
             region_tasks
@@ -679,23 +680,46 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
 
 /// Id of the registered, unexpired node holding node key `k`.
 fn live_node(s: &Shared, k: &NodePublic) -> Option<u64> {
-    s.store.node_by_node_key(k).filter(|n| !n.is_expired(chrono::Utc::now())).map(|n| n.id)
+    s.store.live_node_id(k, chrono::Utc::now())
 }
 
-/// Closes the DERP connections of nodes deleted or expired: at once on a store change, and
-/// within half a second of an expiry time passing.
+/// Closes the DERP connections of nodes deleted, re-keyed or expired, on a store change (an
+/// expiry is one: [`announce_expiries`] logs it) and at least once a minute. Changes come in
+/// bursts (a join wave is thousands), so it looks at most every 100 ms: each look asks about
+/// every connected client.
 async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
     let mut changed = s.store.subscribe_all();
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        for c in d.clients() {
-            if live_node(&s, &c.key).is_none() {
-                tracing::info!(key = %c.key, "closing DERP connection of a deleted or expired node");
-                d.close_client(&c.key);
+        changed.borrow_and_update();
+        for k in d.client_keys() {
+            if live_node(&s, &k).is_none() {
+                tracing::info!(key = %k, "closing DERP connection of a deleted or expired node");
+                d.close_client(&k);
             }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Tells each org when one of its nodes' key expires ([`store::Store::announce_expired`]): wakes
+/// at the next expiry, and on every store change (which may have set a nearer one; a look is a
+/// lookup in the store's expiry index, not a pass over the nodes).
+async fn announce_expiries(s: Shared) {
+    let mut changed = s.store.subscribe_all();
+    let mut last = chrono::Utc::now();
+    loop {
+        let now = chrono::Utc::now();
+        let next = s.store.announce_expired(last, now);
+        last = now;
+        // A year stands for "none": a sleep of Duration::MAX would overflow the timer.
+        let until = next.and_then(|n| (n - now).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(until) => {}
         }
     }
 }

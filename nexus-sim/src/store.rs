@@ -229,6 +229,8 @@ struct Data {
     by_name: HashMap<String, u64>,
     /// Highest allocation index handed out; `None` until the first registration reads it.
     max_alloc: Option<u32>,
+    /// Every node key expiry, in time order (what [`Store::announce_expired`] reads).
+    expiries: BTreeSet<(DateTime<Utc>, u64)>,
     /// New nodes registered but not yet told to their org (see [`Store::register_unannounced`]);
     /// each leaves at its first map stream, its grace or its deletion.
     unannounced: HashSet<u64>,
@@ -245,9 +247,15 @@ impl Data {
         self.by_key.insert(n.node_key, n.id);
         self.by_machine.insert(n.machine_key, n.id);
         self.by_name.insert(n.given_name.clone(), n.id);
+        if let Some(e) = n.expiry {
+            self.expiries.insert((e, n.id));
+        }
     }
 
     fn unindex(&mut self, n: &Node) {
+        if let Some(e) = n.expiry {
+            self.expiries.remove(&(e, n.id));
+        }
         if let Some(set) = self.by_org.get_mut(&n.user_id) {
             set.remove(&n.id);
             if set.is_empty() {
@@ -1065,6 +1073,13 @@ impl Store {
         self.data.lock().nodes.keys().copied().collect()
     }
 
+    /// The id of the registered node holding node key `nk` if its key has not expired at `now`
+    /// (a lookup without copying the record: the DERP server asks it for every client).
+    pub fn live_node_id(&self, nk: &NodePublic, now: DateTime<Utc>) -> Option<u64> {
+        let d = self.data.lock();
+        d.by_key.get(nk).and_then(|id| d.node(*id)).filter(|n| !n.is_expired(now)).map(|n| n.id)
+    }
+
     /// The node holding node key `nk`.
     pub fn node_by_node_key(&self, nk: &NodePublic) -> Option<Node> {
         let d = self.data.lock();
@@ -1297,6 +1312,14 @@ impl Store {
         if changed {
             d.unindex(&old);
             d.index(&n);
+        } else if old.expiry != n.expiry {
+            // Told to nobody, but the expiry index follows the record.
+            if let Some(e) = old.expiry {
+                d.expiries.remove(&(e, id));
+            }
+            if let Some(e) = n.expiry {
+                d.expiries.insert((e, id));
+            }
         }
         // Not told to its org yet (see `register_unannounced`): the first stream tells it, with
         // whatever changed before; other updates only wait for that.
@@ -1405,6 +1428,30 @@ impl Store {
             n.user_id = user_id;
             changed
         })
+    }
+
+    /// Tells each org about its nodes whose key expired in `(after, now]`, one whole-entry change
+    /// each: every peer's map then shows the node expired and its data plane drops the tunnel,
+    /// as Headscale tells peers, instead of only at their next full map. Nodes not yet announced
+    /// to their org stay untold. Returns the next expiry after `now`, if any. Time is passed in
+    /// (the server's timer task calls it; tests call it with their own clock).
+    pub fn announce_expired(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let (due, next) = {
+            let d = self.data.lock();
+            let due: Vec<(u64, u64)> = d
+                .expiries
+                .range((Excluded((after, u64::MAX)), Included((now, u64::MAX))))
+                .filter(|(_, id)| !d.unannounced.contains(id))
+                .filter_map(|(_, id)| d.nodes.get(id).map(|n| (n.user_id, *id)))
+                .collect();
+            let next = d.expiries.range((Excluded((now, u64::MAX)), Unbounded)).next().map(|(e, _)| *e);
+            (due, next)
+        };
+        for (org, id) in due {
+            self.emit(org, Change::Upsert(id));
+        }
+        next
     }
 
     /// Expires node `id`'s key now.
