@@ -326,15 +326,7 @@ async fn a_join_delta_shared_by_the_org_admits_the_newcomer() {
     }
 
     // The data plane applies it: the newcomer opens a connection to a1 and gets an echo.
-    let l = a1.listen_tcp(7000).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(&mut s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    citadel_e2e::serve_echo(a1.listen_tcp(7000).unwrap());
     assert!(eventually(Duration::from_secs(5), || a3.resolve("a1").is_some()).await);
     let ip = a3.resolve("a1").unwrap();
     let mut s = tokio::time::timeout(Duration::from_secs(10), a3.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
@@ -361,15 +353,7 @@ async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
     let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
     let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
     assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
-    let l = a2.listen_tcp(7000).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(&mut s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    citadel_e2e::serve_echo(a2.listen_tcp(7000).unwrap());
     let ip = a1.resolve("a2").unwrap();
     async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
         let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;

@@ -438,15 +438,7 @@ async fn derp_first_then_call_me_maybe_finds_the_direct_path() {
         (DataPlane::start(cfg, rx).unwrap(), tx)
     };
     let ((a, _ta), (b, _tb)) = (start(0), start(1));
-    let l = b.listen_tcp(7000).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(&mut s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    citadel_e2e::serve_echo(b.listen_tcp(7000).unwrap());
     let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let run = async {
         let mut s = a.dial_tcp("100.64.0.2:7000".parse().unwrap()).await.unwrap();

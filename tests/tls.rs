@@ -108,15 +108,7 @@ async fn nodes_over_https_with_a_test_ca_register_map_relay_and_reach_each_other
     assert!(eventually(T, || a.resolve("b").is_some()).await, "a never saw b in its map");
 
     // Data through the mesh.
-    let l = b.listen_tcp(7000).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(&mut s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    citadel_e2e::serve_echo(b.listen_tcp(7000).unwrap());
     let ip = a.resolve("b").unwrap();
     let mut s = tokio::time::timeout(T, a.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
     let got = tokio::time::timeout(T, citadel_e2e::echo_through(&mut s, b"over a verified control plane"))
@@ -596,15 +588,7 @@ async fn a_node_key_near_expiry_is_renewed_online_keeping_ip_and_connections() {
     assert!(a0.key_expiry.is_some(), "status shows the expiry: {a0:?}");
     assert_eq!(a0.key_renewals, 0);
 
-    let l = b.listen_tcp(7000).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(&mut s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    citadel_e2e::serve_echo(b.listen_tcp(7000).unwrap());
     let ip = a.resolve("b").unwrap();
     let mut s = tokio::time::timeout(T, a.dial_tcp((ip, 7000).into())).await.unwrap().unwrap();
     let got = tokio::time::timeout(T, echo_line(&mut s, b"before")).await.unwrap().unwrap();

@@ -430,6 +430,18 @@ pub fn two_node_netmaps(
     })
 }
 
+/// Echoes every connection `l` accepts back to its sender, in tasks of their own.
+pub fn serve_echo(l: citadel::dataplane::MeshTcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
 /// Writes `data` into a connection to an echo server while reading what comes back, closes
 /// the write side when done, and returns everything echoed.
 pub async fn echo_through<S>(s: &mut S, data: &[u8]) -> std::io::Result<Vec<u8>>
