@@ -3,7 +3,8 @@
 //!
 //! Trusted roots: the webpki (Mozilla) roots, the platform's roots (on Unix the OpenSSL
 //! locations, replaced by `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, as Go and OpenSSL do),
-//! and every CA file added with [`add_ca_file`] (`--ca-file`).
+//! and every CA file added with [`add_ca_file`] (`--ca-file`). The platform's store is read
+//! only when the others do not verify a chain (`StagedVerifier`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -127,8 +128,8 @@ fn build(extra: &[CertificateDer<'static>]) -> Result<ClientConfig, TlsError> {
 }
 
 /// Checks a server's chain against the roots at hand first, and against every trusted root
-/// (the platform's too) only when that fails. The platform's roots are
-/// read at that first miss, once per process: reading them took 1-4 ms of every start here
+/// (the platform's too) only when that fails. The platform's roots are read at that first
+/// miss, once per process: reading them took 1-4 ms of every start here
 /// (a PEM bundle of ~150 certificates, and with `SSL_CERT_DIR` every file of the directory:
 /// 3.8 ms of an 11.8 ms `citadel init`), although a Nexus with a public certificate (the
 /// webpki roots) or a private CA given by file never needs them. A chain verifies against a

@@ -694,7 +694,6 @@ async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
             r = changed.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        changed.borrow_and_update();
         for k in d.client_keys() {
             if live_node(&s, &k).is_none() {
                 tracing::info!(key = %k, "closing DERP connection of a deleted or expired node");
