@@ -107,16 +107,16 @@ fn build(extra: &[CertificateDer<'static>]) -> Result<ClientConfig, TlsError> {
         // Unreadable: the platform load below reports it, when it runs.
         first.add_parsable_certificates(read_pem_certs(Path::new(&f)).unwrap_or_default());
     }
-    let extra = extra.to_vec();
+    // Then all of them: those and the platform's (which reads `SSL_CERT_FILE` again, if set).
+    let at_hand = first.clone();
     let verifier = StagedVerifier::new(first, provider.clone(), move || {
-        let mut all = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut all = at_hand.clone();
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
             // An unreadable SSL_CERT_FILE is worth knowing about; a missing system store is not.
             tracing::warn!("loading platform CA certificates: {e}");
         }
         all.add_parsable_certificates(native.certs);
-        all.add_parsable_certificates(extra.iter().cloned());
         all
     })?;
     Ok(ClientConfig::builder_with_provider(provider)

@@ -247,15 +247,24 @@ impl Data {
         self.by_key.insert(n.node_key, n.id);
         self.by_machine.insert(n.machine_key, n.id);
         self.by_name.insert(n.given_name.clone(), n.id);
-        if let Some(e) = n.expiry {
-            self.expiries.insert((e, n.id));
+        self.move_expiry(n.id, None, n.expiry);
+    }
+
+    /// Keeps node `id`'s entry of the expiry index at `to` (it was at `from`).
+    fn move_expiry(&mut self, id: u64, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) {
+        if from == to {
+            return;
+        }
+        if let Some(e) = from {
+            self.expiries.remove(&(e, id));
+        }
+        if let Some(e) = to {
+            self.expiries.insert((e, id));
         }
     }
 
     fn unindex(&mut self, n: &Node) {
-        if let Some(e) = n.expiry {
-            self.expiries.remove(&(e, n.id));
-        }
+        self.move_expiry(n.id, n.expiry, None);
         if let Some(set) = self.by_org.get_mut(&n.user_id) {
             set.remove(&n.id);
             if set.is_empty() {
@@ -1312,14 +1321,9 @@ impl Store {
         if changed {
             d.unindex(&old);
             d.index(&n);
-        } else if old.expiry != n.expiry {
+        } else {
             // Told to nobody, but the expiry index follows the record.
-            if let Some(e) = old.expiry {
-                d.expiries.remove(&(e, id));
-            }
-            if let Some(e) = n.expiry {
-                d.expiries.insert((e, id));
-            }
+            d.move_expiry(id, old.expiry, n.expiry);
         }
         // Not told to its org yet (see `register_unannounced`): the first stream tells it, with
         // whatever changed before; other updates only wait for that.
