@@ -376,3 +376,45 @@ async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
     // a1 no longer holds a tunnel to a2: nothing gets through (a2 itself still runs).
     assert_eq!(tokio::time::timeout(Duration::from_secs(4), echo(&a1, ip)).await.ok().flatten(), None);
 }
+
+/// A peer's key expiring while Nexus is unreachable: no server tells the org, yet each member
+/// marks the peer expired by its own clock when the time passes and its data plane drops the
+/// tunnel, as a Tailscale client does. Until then the tunnel works without the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
+    const T: Duration = Duration::from_secs(10);
+    let nx = Nexus::start().await;
+    let acme = nx.key("acme", true);
+    let t = tempfile::tempdir().unwrap();
+    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
+    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
+    assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    citadel_e2e::serve_echo(a2.listen_tcp(7000).unwrap());
+    let ip = a1.resolve("a2").unwrap();
+    async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
+        let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
+        citadel_e2e::echo_through(&mut s, b"hello").await.ok()
+    }
+    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+
+    // a2's key gets an expiry 4 s ahead; a1 learns it, then Nexus goes away.
+    let store = &nx.running.shared.store;
+    let id = store.nodes(None).into_iter().find(|n| n.given_name == "a2").unwrap().id as i64;
+    let expiry = chrono::Utc::now() + chrono::Duration::seconds(4);
+    store
+        .update_node(id as u64, |n| {
+            n.expiry = Some(expiry);
+            true
+        })
+        .unwrap();
+    let a2_in_a1 = || a1.netmap().borrow().peers.get(&id).map(|p| (p.key_expiry, p.expired));
+    assert!(eventually(T, || a2_in_a1() == Some((Some(expiry), false))).await, "a1 never learned a2's expiry");
+    nx.running.stop();
+    // Before the expiry the tunnel works without Nexus.
+    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+    assert!(chrono::Utc::now() < expiry, "the machine was too slow to see the tunnel before the expiry");
+    assert!(eventually(T, || a2_in_a1() == Some((Some(expiry), true))).await, "a1 never marked a2 expired");
+    assert!(chrono::Utc::now() >= expiry, "a2 was marked expired before its expiry");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(4), echo(&a1, ip)).await.ok().flatten(), None);
+    assert!(a1.status().peers.iter().any(|p| p.expired), "a1's status shows a2 expired");
+}

@@ -268,6 +268,12 @@ struct Inner {
     saving: Mutex<Option<tokio::task::JoinHandle<Result<(), StateError>>>>,
     /// `node.json` as this process last wrote it (or as the start found or batched it).
     info_on_disk: Mutex<NodeInfo>,
+    /// The server's clock minus this node's, from the last map message that carried
+    /// `ControlTime` (zero before): peer key expiries are the server's times.
+    clock_delta: Mutex<chrono::TimeDelta>,
+    /// When [`expire_peers`] looks at the peers next; a map message carrying an earlier key
+    /// expiry moves it and wakes the task (see [`Inner::apply`]).
+    next_peer_expiry: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 /// A running mesh node. Dropping it stops the background control loop.
@@ -565,6 +571,25 @@ impl Inner {
     }
 
     fn apply(&self, m: &tailcfg::MapResponse) -> Result<(), StateError> {
+        if let Some(t) = m.control_time {
+            *self.clock_delta.lock().unwrap() = t - chrono::Utc::now();
+        }
+        // Only the entries this message carries: a peer's key expiring sooner than the expiry
+        // task's next look wakes it (a whole pass over the peers per change would cost a
+        // member of a large org more than the change).
+        let zero = tailcfg::zero_time();
+        let soonest = m
+            .peers
+            .iter()
+            .chain(&m.peers_changed)
+            .flatten()
+            .filter_map(|p| p.key_expiry)
+            .chain(m.peers_changed_patch.iter().flatten().filter_map(|c| c.key_expiry))
+            .filter(|e| *e > zero)
+            .min();
+        if let Some(e) = soonest {
+            self.next_peer_expiry.send_if_modified(|next| next.is_none_or(|n| e < n));
+        }
         let mut changed = false;
         self.netmap.send_if_modified(|nm| {
             changed = nm.apply(m);
@@ -594,6 +619,57 @@ impl Inner {
             self.save_info(&info)?;
         }
         Ok(())
+    }
+}
+
+/// The shortest wait of [`expire_peers`] between two looks: in simulation the wall clock
+/// (expiries) and the runtime's (sleeps) differ, and a shorter wait could spin.
+const PEER_EXPIRY_MIN_WAIT: Duration = Duration::from_millis(250);
+
+/// The longest: a look at least this often, whatever the clock did meanwhile (a suspended
+/// machine's sleeps stop; the wall clock does not).
+const PEER_EXPIRY_MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The server's clock as this node reads it: the local clock plus the last delta the map
+/// stream showed.
+fn server_now(inner: &Inner) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + *inner.clock_delta.lock().unwrap()
+}
+
+/// Marks peers expired as their key expiries pass ([`NetMap::expire_peers`]), so the data
+/// plane drops their tunnels even while Nexus is unreachable or silent about it, as a
+/// Tailscale client does. Sleeps until the next expiry among the peers (bounded by
+/// [`PEER_EXPIRY_MIN_WAIT`] and [`PEER_EXPIRY_MAX_WAIT`]) or until a map message brings a
+/// sooner one; one pass over the peers per wake. Ends with the mesh.
+async fn expire_peers(inner: std::sync::Weak<Inner>, mut next: watch::Receiver<Option<chrono::DateTime<chrono::Utc>>>) {
+    loop {
+        let wait = {
+            let Some(inner) = inner.upgrade() else { return };
+            // Seen before the pass: a sooner expiry arriving during it wakes the next wait.
+            next.borrow_and_update();
+            let now = server_now(&inner);
+            let mut soonest = None;
+            let marked = inner.netmap.send_if_modified(|nm| {
+                let marked = nm.expire_peers(now);
+                soonest = nm.next_peer_expiry(now);
+                marked
+            });
+            if marked {
+                tracing::info!("a peer's key expired: its tunnel is dropped until it re-authenticates");
+            }
+            inner.next_peer_expiry.send_if_modified(|n| {
+                *n = soonest;
+                false
+            });
+            soonest
+                .and_then(|e| (e - now).to_std().ok())
+                .unwrap_or(PEER_EXPIRY_MAX_WAIT)
+                .clamp(PEER_EXPIRY_MIN_WAIT, PEER_EXPIRY_MAX_WAIT)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = next.changed() => if r.is_err() { return },
+        }
     }
 }
 
@@ -708,7 +784,13 @@ impl Mesh {
             node_key: Mutex::new(node_key),
             key_renewals: Default::default(),
             saving: Mutex::new(None),
+            clock_delta: Mutex::new(chrono::TimeDelta::zero()),
+            next_peer_expiry: watch::channel(None).0,
         });
+        // Peers of the cached map whose keys expired while the node was down are out before the
+        // data plane serves them; later expiries are the task's.
+        inner.netmap.send_if_modified(|nm| nm.expire_peers(chrono::Utc::now()));
+        tokio::spawn(expire_peers(Arc::downgrade(&inner), inner.next_peer_expiry.subscribe()));
         // On a multi-thread runtime the write overlaps the data plane start and the dial. A
         // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
         // step of a simulated join happens never depends on the real disk.

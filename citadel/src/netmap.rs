@@ -2,6 +2,7 @@
 //! filter and the org it belongs to. Applying a [`MapResponse`] is a pure function.
 
 use crate::tailcfg::{DerpMap, FilterRule, MapResponse, Node, UserProfile};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -265,6 +266,31 @@ impl NetMap {
             }
         }
         Changes::Parts { peers, self_node, filter }
+    }
+
+    /// Marks expired every peer whose key expiry has passed at `now` and that the server has not
+    /// marked yet, as Tailscale's client does: the data plane drops such a peer's tunnel even
+    /// while the server is unreachable or did not say so (a cached map, an older server).
+    /// `now` is this node's clock set to the server's (see `Mesh`). A later entry from the
+    /// server replaces the mark; the next look marks it again. One pass over the peers, so it
+    /// runs when an expiry is due, not per change. Returns whether it marked any.
+    pub fn expire_peers(&mut self, now: DateTime<Utc>) -> bool {
+        let zero = crate::tailcfg::zero_time();
+        let mut marked = false;
+        for (id, p) in self.peers.iter_mut() {
+            if !p.expired && p.key_expiry.is_some_and(|e| e > zero && e <= now) {
+                p.expired = true;
+                self.changes.note(Part::Peer(*id));
+                marked = true;
+            }
+        }
+        marked
+    }
+
+    /// The earliest key expiry after `now` among peers not marked expired: when
+    /// [`NetMap::expire_peers`] next has something to do (unless the map changes).
+    pub fn next_peer_expiry(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.peers.values().filter(|p| !p.expired).filter_map(|p| p.key_expiry).filter(|e| *e > now).min()
     }
 
     /// The org (user) name this node belongs to.
@@ -533,5 +559,38 @@ mod tests {
             c
         };
         assert!(matches!(m.changes_since(&one_behind), Changes::Parts { ref peers, .. } if peers.len() == LOG_LEN));
+    }
+
+    #[test]
+    fn peers_whose_key_expiry_passed_are_marked_by_the_clock_and_logged() {
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z").unwrap().with_timezone(&Utc);
+        let s = chrono::Duration::seconds;
+        let with_expiry = |id, e: Option<DateTime<Utc>>| Node { key_expiry: e, ..node(id) };
+        let mut m = NetMap::default();
+        m.apply(&MapResponse {
+            peers: Some(vec![
+                with_expiry(1, Some(t0 + s(10))),
+                with_expiry(2, Some(t0 + s(30))),
+                // No expiry, and Go's zero time (what tailcfg sends for none).
+                with_expiry(3, None),
+                with_expiry(4, Some(crate::tailcfg::zero_time())),
+            ]),
+            ..Default::default()
+        });
+        assert_eq!(m.next_peer_expiry(t0), Some(t0 + s(10)));
+        let c = m.cursor();
+        assert!(!m.expire_peers(t0 + s(9)), "nothing is due yet");
+        assert_eq!(m.changes_since(&c), Changes::Parts { peers: BTreeSet::new(), self_node: false, filter: false });
+        assert!(m.expire_peers(t0 + s(10)), "an expiry is passed at its instant");
+        assert_eq!(m.changes_since(&c), Changes::Parts { peers: [1].into(), self_node: false, filter: false });
+        assert!(m.peers[&1].expired && !m.peers[&2].expired && !m.peers[&3].expired && !m.peers[&4].expired);
+        assert_eq!(m.next_peer_expiry(t0 + s(10)), Some(t0 + s(30)));
+        // The server renews peer 1's key: its entry replaces the mark.
+        m.apply(&MapResponse { peers_changed: Some(vec![with_expiry(1, Some(t0 + s(3600)))]), ..Default::default() });
+        assert!(!m.peers[&1].expired);
+        assert!(m.expire_peers(t0 + s(31)));
+        assert!(m.peers[&2].expired && !m.peers[&1].expired);
+        assert!(!m.expire_peers(t0 + s(32)), "a marked peer is not marked again");
+        assert_eq!(m.next_peer_expiry(t0 + s(32)), Some(t0 + s(3600)));
     }
 }
