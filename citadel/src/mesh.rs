@@ -576,13 +576,15 @@ impl Inner {
         }
         // Only the entries this message carries: a peer's key expiring sooner than the expiry
         // task's next look wakes it (a whole pass over the peers per change would cost a
-        // member of a large org more than the change).
+        // member of a large org more than the change). Entries the server already marks
+        // expired need no look.
         let zero = tailcfg::zero_time();
         let soonest = m
             .peers
             .iter()
             .chain(&m.peers_changed)
             .flatten()
+            .filter(|p| !p.expired)
             .filter_map(|p| p.key_expiry)
             .chain(m.peers_changed_patch.iter().flatten().filter_map(|c| c.key_expiry))
             .filter(|e| *e > zero)

@@ -17,7 +17,9 @@ pub const MIN_CAPABILITY_VERSION: u16 = 106;
 
 /// Go's zero `time.Time`, which Tailscale uses for "never".
 pub fn zero_time() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z").expect("constant").with_timezone(&Utc)
+    // 0001-01-01T00:00:00Z in Unix seconds; arithmetic, not parsing: callers compare every
+    // peer's times with it.
+    DateTime::from_timestamp(-62_135_596_800, 0).expect("in chrono's range")
 }
 
 fn is_false(b: &bool) -> bool {
@@ -779,6 +781,13 @@ fn parse_json(json: &[u8]) -> Result<MapResponse, FrameError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn zero_time_is_gos_zero_time() {
+        let go = DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(zero_time(), go);
+        assert_eq!(serde_json::to_string(&zero_time()).unwrap(), "\"0001-01-01T00:00:00Z\"");
+    }
 
     #[test]
     fn register_auth_debug_hides_the_key() {
