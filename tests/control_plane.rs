@@ -341,6 +341,25 @@ fn rand_core() -> impl rand::RngCore {
     rand::thread_rng()
 }
 
+/// Two nodes of one org, a2 echoing on port 7000 and a1 through to it: (a1, a2, a2's IP).
+async fn echo_pair(nx: &Nexus, dir: &Path) -> (Mesh, Mesh, std::net::IpAddr) {
+    const T: Duration = Duration::from_secs(10);
+    let acme = nx.key("acme", true);
+    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &dir.join("a1"), "a1")).await.unwrap();
+    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &dir.join("a2"), "a2")).await.unwrap();
+    assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
+    citadel_e2e::serve_echo(a2.listen_tcp(7000).unwrap());
+    let ip = a1.resolve("a2").unwrap();
+    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+    (a1, a2, ip)
+}
+
+/// "hello" echoed by `ip`'s port 7000 through `m`, or `None`.
+async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
+    let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
+    citadel_e2e::echo_through(&mut s, b"hello").await.ok()
+}
+
 /// A peer's key expiring is told to its org when the time passes (not only in the next full
 /// map): every member's map marks it expired and their data planes drop its tunnel, so an
 /// expired node reaches nobody even while it keeps running.
@@ -348,18 +367,8 @@ fn rand_core() -> impl rand::RngCore {
 async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
     const T: Duration = Duration::from_secs(10);
     let nx = Nexus::start().await;
-    let acme = nx.key("acme", true);
     let t = tempfile::tempdir().unwrap();
-    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
-    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
-    assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
-    citadel_e2e::serve_echo(a2.listen_tcp(7000).unwrap());
-    let ip = a1.resolve("a2").unwrap();
-    async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
-        let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
-        citadel_e2e::echo_through(&mut s, b"hello").await.ok()
-    }
-    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+    let (a1, _a2, ip) = echo_pair(&nx, t.path()).await;
 
     // a2's key gets an expiry 1.5 s ahead (a2 is told, as of any change of its record).
     let store = &nx.running.shared.store;
@@ -384,18 +393,8 @@ async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
 async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
     const T: Duration = Duration::from_secs(10);
     let nx = Nexus::start().await;
-    let acme = nx.key("acme", true);
     let t = tempfile::tempdir().unwrap();
-    let a1 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a1"), "a1")).await.unwrap();
-    let a2 = Mesh::connect(cfg(&nx.url(), Some(&acme), &t.path().join("a2"), "a2")).await.unwrap();
-    assert!(eventually(T, || peer_names(&a1) == ["a2"] && peer_names(&a2) == ["a1"]).await);
-    citadel_e2e::serve_echo(a2.listen_tcp(7000).unwrap());
-    let ip = a1.resolve("a2").unwrap();
-    async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
-        let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
-        citadel_e2e::echo_through(&mut s, b"hello").await.ok()
-    }
-    assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
+    let (a1, _a2, ip) = echo_pair(&nx, t.path()).await;
 
     // a2's key gets an expiry 4 s ahead; a1 learns it, then Nexus goes away.
     let store = &nx.running.shared.store;
