@@ -557,7 +557,8 @@ async fn citadel_peer_count(state_dir: &std::path::Path) -> anyhow::Result<usize
 /// Idle whole-process RSS of `citadel up`, against the tsnet part of a Caddy node (Caddy with
 /// its tailscale block minus the same Caddy without one), all idle for `idle` after joining,
 /// each with [`MEMORY_PEERS`] peers (control-only nodes fill the tailnet up to that).
-/// `BENCH_SMAPS` names a file to copy `citadel up`'s `/proc/PID/smaps` to at that moment.
+/// `BENCH_SMAPS` names a file to copy `citadel up`'s `/proc/PID/smaps` to at that moment;
+/// `BENCH_KEEP_MS` keeps it running that long after.
 pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
     let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
     // The two measured nodes join after these and see each other too.
@@ -590,6 +591,11 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     // For a closer look: where citadel's resident pages are, mapping by mapping.
     if let (Some(path), Some(pid)) = (std::env::var_os("BENCH_SMAPS"), up.id()) {
         std::fs::copy(format!("/proc/{pid}/smaps"), &path).context("BENCH_SMAPS")?;
+    }
+    // `./bench.sh hot-symbols` keeps the node running a little longer: callgrind writes its
+    // profile every second, and the status request just made must be in it.
+    if let Some(ms) = std::env::var("BENCH_KEEP_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let _ = up.kill().await;
     eprintln!(
