@@ -354,15 +354,31 @@ async fn echo_pair(nx: &Nexus, dir: &Path) -> (Mesh, Mesh, std::net::IpAddr) {
     (a1, a2, ip)
 }
 
+/// Gives node `name` the key expiry `at` in Nexus's store (its org is told, as of any change of
+/// its record) and returns its ID.
+fn set_expiry(nx: &Nexus, name: &str, at: chrono::DateTime<chrono::Utc>) -> u64 {
+    let store = &nx.running.shared.store;
+    let id = store.nodes(None).into_iter().find(|n| n.given_name == name).unwrap().id;
+    store
+        .update_node(id, |n| {
+            n.expiry = Some(at);
+            true
+        })
+        .unwrap();
+    id
+}
+
 /// "hello" echoed by `ip`'s port 7000 through `m`, or `None`.
 async fn echo(m: &Mesh, ip: std::net::IpAddr) -> Option<Vec<u8>> {
     let mut s = m.dial_tcp((ip, 7000).into()).await.ok()?;
     citadel_e2e::echo_through(&mut s, b"hello").await.ok()
 }
 
-/// A peer's key expiring is told to its org when the time passes (not only in the next full
-/// map): every member's map marks it expired and their data planes drop its tunnel, so an
-/// expired node reaches nobody even while it keeps running.
+/// A peer's key expiring, with Nexus up: every member's map marks it expired when the time
+/// passes (not only in the next full map) and their data planes drop its tunnel, so an expired
+/// node reaches nobody even while it keeps running. Members mark it by their own clocks too
+/// (the next test), so that Nexus tells the org is asserted in nexus-sim, by
+/// `an_expiry_passing_reaches_peer_streams_when_announced`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
     const T: Duration = Duration::from_secs(10);
@@ -371,14 +387,7 @@ async fn an_expiring_peer_key_is_told_to_the_org_and_its_tunnel_dropped() {
     let (a1, _a2, ip) = echo_pair(&nx, t.path()).await;
 
     // a2's key gets an expiry 1.5 s ahead (a2 is told, as of any change of its record).
-    let store = &nx.running.shared.store;
-    let id = store.nodes(None).into_iter().find(|n| n.given_name == "a2").unwrap().id;
-    store
-        .update_node(id, |n| {
-            n.expiry = Some(chrono::Utc::now() + chrono::Duration::milliseconds(1500));
-            true
-        })
-        .unwrap();
+    let id = set_expiry(&nx, "a2", chrono::Utc::now() + chrono::Duration::milliseconds(1500));
     let expired_in_a1 = || a1.netmap().borrow().peers.values().any(|p| p.id == id as i64 && p.expired);
     assert!(!expired_in_a1());
     assert!(eventually(T, expired_in_a1).await, "a1's map never marked a2 expired");
@@ -397,15 +406,8 @@ async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
     let (a1, _a2, ip) = echo_pair(&nx, t.path()).await;
 
     // a2's key gets an expiry 4 s ahead; a1 learns it, then Nexus goes away.
-    let store = &nx.running.shared.store;
-    let id = store.nodes(None).into_iter().find(|n| n.given_name == "a2").unwrap().id as i64;
     let expiry = chrono::Utc::now() + chrono::Duration::seconds(4);
-    store
-        .update_node(id as u64, |n| {
-            n.expiry = Some(expiry);
-            true
-        })
-        .unwrap();
+    let id = set_expiry(&nx, "a2", expiry) as i64;
     let a2_in_a1 = || a1.netmap().borrow().peers.get(&id).map(|p| (p.key_expiry, p.expired));
     assert!(eventually(T, || a2_in_a1() == Some((Some(expiry), false))).await, "a1 never learned a2's expiry");
     nx.running.stop();

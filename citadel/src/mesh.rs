@@ -903,7 +903,8 @@ impl Mesh {
                 node_key: p.key.to_string(),
                 endpoints: p.endpoints.clone(),
                 home_derp: p.home_region(),
-                expired: p.expired || p.key_expiry.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()),
+                // Marked in the map, by Nexus or by `expire_peers` when the expiry passes.
+                expired: p.expired,
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ipv4.cmp(&b.ipv4)));
