@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property, end-to-end and real-peer tests.
 #
-# The scenario files on kernel NAT (tests/harness_real.rs, six groups) take about three and a
+# The scenario files on kernel NAT (tests/harness_real.rs, seven groups) take about three and a
 # half minutes of scenario clocks, the groups side by side; the rest of the suite, run one test
 # binary after another, takes about three. So that binary runs beside the rest instead of after
 # it (all its groups at once), and its output is printed once both are done.
@@ -21,7 +21,7 @@ for line in sys.stdin:
 
 real_log=$(mktemp)
 # As cargo runs it: from the package's directory.
-(cd tests && exec "$real_bin" --test-threads 6) > "$real_log" 2>&1 &
+(cd tests && exec "$real_bin" --test-threads 7) > "$real_log" 2>&1 &
 real_pid=$!
 # Whatever ends this script ends that run too (it stops its own namespaces on SIGTERM).
 trap 'kill -TERM "$real_pid" 2>/dev/null || true; rm -f "$real_log"' EXIT

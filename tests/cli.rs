@@ -220,3 +220,41 @@ fn api_keys_expire_and_delete_through_the_cli() {
     env.admin(&["apikeys", "delete", "--prefix", &prefix]);
     assert!(!env.admin(&["apikeys", "list"]).contains(&prefix));
 }
+
+#[test]
+fn a_node_key_expiry_is_set_through_the_cli_now_or_later() {
+    let env = Env::start();
+    env.admin(&["users", "create", "acme"]);
+    let key = env.admin(&["preauthkeys", "create", "--user", "acme"]);
+    let o = env.citadel("a", &["init", "--authkey", &key, "--nexus", &env.url, "--hostname", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let node = || -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&env.admin(&["nodes", "list", "-o", "json"])).unwrap();
+        v[0].clone()
+    };
+    let expiry = || {
+        let e = node()["expiry"].as_str().map(str::to_string).expect("an expiry");
+        chrono::DateTime::parse_from_rfc3339(&e).unwrap().with_timezone(&chrono::Utc)
+    };
+    let id = node()["id"].as_str().map(str::to_string).unwrap_or_else(|| node()["id"].to_string());
+
+    // Later: an hour from now.
+    let before = chrono::Utc::now();
+    env.admin(&["nodes", "expire", &id, "--in", "1h"]);
+    let left = expiry() - before;
+    assert!(left > chrono::Duration::minutes(59) && left <= chrono::Duration::minutes(61), "{left}");
+
+    // Now (Headscale's `nodes expire`).
+    env.admin(&["nodes", "expire", &id]);
+    assert!(expiry() <= chrono::Utc::now());
+
+    // A bad duration is refused before anything is sent.
+    let o = run_with_deadline(
+        Command::new(bin("nexus-sim"))
+            .args(["nodes", "expire", &id, "--in", "soon"])
+            .env("NEXUS_URL", &env.url)
+            .env("NEXUS_API_KEY", "test-admin-key"),
+        T,
+    );
+    assert!(!o.status.success() && stderr(&o).contains("bad duration"), "{}", stderr(&o));
+}

@@ -85,7 +85,7 @@ async fn orgs_are_isolated_and_changes_reach_only_the_same_org() {
 
     // Expiry by the admin reaches the peers.
     let id = nx.running.shared.store.nodes(None).iter().find(|n| n.given_name == "a2").unwrap().id;
-    nx.running.shared.store.expire_node(id).unwrap();
+    nx.running.shared.store.expire_node(id, None).unwrap();
     assert!(eventually(Duration::from_secs(5), || a1.netmap().borrow().peers.values().any(|p| p.expired)).await);
 }
 
@@ -359,12 +359,7 @@ async fn echo_pair(nx: &Nexus, dir: &Path) -> (Mesh, Mesh, std::net::IpAddr) {
 fn set_expiry(nx: &Nexus, name: &str, at: chrono::DateTime<chrono::Utc>) -> u64 {
     let store = &nx.running.shared.store;
     let id = store.nodes(None).into_iter().find(|n| n.given_name == name).unwrap().id;
-    store
-        .update_node(id, |n| {
-            n.expiry = Some(at);
-            true
-        })
-        .unwrap();
+    store.expire_node(id, Some(at)).unwrap();
     id
 }
 

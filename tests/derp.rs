@@ -678,7 +678,7 @@ async fn deleted_or_expired_nodes_lose_their_relay_within_a_second() {
     let t0 = Instant::now();
     st.delete_node(ida).unwrap();
     assert!(eventually(Duration::from_secs(1), || !derp.is_connected(&public(&a))).await, "deleted node kept DERP");
-    st.expire_node(idb).unwrap();
+    st.expire_node(idb, None).unwrap();
     assert!(eventually(Duration::from_secs(1), || !derp.is_connected(&public(&b))).await, "expired node kept DERP");
     println!("both closed after {:?}", t0.elapsed());
     // A key whose expiry time passes, with no other store change, loses it too.

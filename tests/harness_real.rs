@@ -3,7 +3,7 @@
 //! judges the same expectations as the simulation, with the same faults. Each file must agree
 //! with the simulation on every verdict, or list the difference with its reason in its
 //! `[real] expect_differ` (which the runner checks is still a difference). The files are split
-//! into six groups of about equal wall time, one test each, so the suite plays them in
+//! into seven groups (six of about equal wall time, one short), one test each, so the suite plays them in
 //! parallel; within a group they run one after another.
 
 use citadel_e2e::{bin, can_netns};
@@ -126,11 +126,11 @@ fn real_of<'a>(played: &'a [Played], file: &str) -> Option<&'a str> {
 }
 
 /// Every file in `scenarios/`, each in exactly one group.
-// Six groups of 170-190 s of scenario clock each (plus a few seconds per file to set up and
-// to play the simulation first), so the binary's wall time is about its longest file's group
-// rather than a quarter of the sum: 20 files, 1,060 s of clocks. Each group's processes are
-// mostly idle (pings once a second), so six at a time still use under two cores.
-const GROUPS: [&[(&str, u64)]; 6] = [
+// Six groups of 170-190 s of scenario clock each and one of 80 s (plus a few seconds per file
+// to set up and to play the simulation first), so the binary's wall time is about its longest
+// group rather than a quarter of the sum: 21 files, 1,140 s of clocks. Each group's processes
+// are mostly idle (pings once a second), so seven at a time still use under two cores.
+const GROUPS: [&[(&str, u64)]; 7] = [
     &[("nexus_down.toml", 330), ("policy_group.toml", 150), ("policy_tagged_server.toml", 150)],
     &[("nat_rebind.toml", 330), ("headscale_default.toml", 150)],
     &[("partition_heal.toml", 300), ("udp_blocked.toml", 200), ("policy_ports.toml", 150)],
@@ -143,6 +143,7 @@ const GROUPS: [&[(&str, u64)]; 6] = [
         ("tsnet_behind_nat.toml", 200),
         ("home_router_firewall.toml", 200),
     ],
+    &[("key_expiry.toml", 200)],
 ];
 
 #[test]
@@ -241,4 +242,15 @@ fn group_6_nat_kinds_on_kernel_nat() {
         r.contains("PASS           laptop reaches web:80 via direct"),
         "citadel to a real tsnet node behind NAT: {r}"
     );
+}
+
+#[test]
+fn group_7_key_expiry_on_kernel_nat() {
+    let p = play_group(GROUPS[6]);
+    if p.is_empty() {
+        return;
+    }
+    let r = real_of(&p, "key_expiry.toml").expect("played");
+    assert!(r.contains("fault: key of a2 expires at"), "the operator's expiry went through the admin CLI: {r}");
+    assert!(r.contains("PASS           a1 never reaches a2 in [32s, 48s]"), "dropped by the peers' own clocks: {r}");
 }

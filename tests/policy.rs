@@ -74,7 +74,7 @@ async fn deleted_and_expired_nodes_lose_their_stream_within_a_second() {
     let st = &nx.running.shared.store;
     let id = |name: &str| st.nodes(None).into_iter().find(|n| n.given_name == name).unwrap().id;
 
-    st.expire_node(id("a")).unwrap();
+    st.expire_node(id("a"), None).unwrap();
     let mut ca = a.connected();
     assert!(tokio::time::timeout(Duration::from_secs(1), ca.wait_for(|c| !*c)).await.is_ok(), "expired stream open");
     st.delete_node(id("b")).unwrap();

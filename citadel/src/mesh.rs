@@ -11,6 +11,7 @@ use crate::net::{Net, TokioNet};
 use crate::netmap::{short_name, NetMap};
 use crate::state::{Batch, Identity, NodeInfo, StateDir, StateError};
 use crate::tailcfg::{self, Hostinfo, MapRequest, RegisterAuth, RegisterRequest};
+use citadel_proto::wall;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -572,7 +573,7 @@ impl Inner {
 
     fn apply(&self, m: &tailcfg::MapResponse) -> Result<(), StateError> {
         if let Some(t) = m.control_time {
-            *self.clock_delta.lock().unwrap() = t - chrono::Utc::now();
+            *self.clock_delta.lock().unwrap() = t - wall::now();
         }
         // Only the entries this message carries: a peer's key expiring sooner than the expiry
         // task's next look wakes it (a whole pass over the peers per change would cost a
@@ -605,7 +606,7 @@ impl Inner {
                 let nm = self.netmap.borrow();
                 let e = nm.self_node.key_expiry;
                 (
-                    e.is_some_and(|e| e > tailcfg::zero_time() && e < chrono::Utc::now()),
+                    e.is_some_and(|e| e > tailcfg::zero_time() && e < server_now(self)),
                     nm.self_node.addresses.clone(),
                     nm.org(),
                 )
@@ -624,8 +625,9 @@ impl Inner {
     }
 }
 
-/// The shortest wait of [`expire_peers`] between two looks: in simulation the wall clock
-/// (expiries) and the runtime's (sleeps) differ, and a shorter wait could spin.
+/// The shortest wait of [`expire_peers`] between two looks: expiries are on the wall clock and
+/// sleeps on the runtime's, which drift apart (a wall clock stepped back), and a shorter wait
+/// could spin.
 const PEER_EXPIRY_MIN_WAIT: Duration = Duration::from_millis(250);
 
 /// The longest: a look at least this often, whatever the clock did meanwhile (a suspended
@@ -635,7 +637,7 @@ const PEER_EXPIRY_MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The server's clock as this node reads it: the local clock plus the last delta the map
 /// stream showed.
 fn server_now(inner: &Inner) -> chrono::DateTime<chrono::Utc> {
-    chrono::Utc::now() + *inner.clock_delta.lock().unwrap()
+    wall::now() + *inner.clock_delta.lock().unwrap()
 }
 
 /// Marks peers expired as their key expiries pass ([`NetMap::expire_peers`]), so the data
@@ -791,7 +793,7 @@ impl Mesh {
         });
         // Peers of the cached map whose keys expired while the node was down are out before the
         // data plane serves them; later expiries are the task's.
-        inner.netmap.send_if_modified(|nm| nm.expire_peers(chrono::Utc::now()));
+        inner.netmap.send_if_modified(|nm| nm.expire_peers(wall::now()));
         tokio::spawn(expire_peers(Arc::downgrade(&inner), inner.next_peer_expiry.subscribe()));
         // On a multi-thread runtime the write overlaps the data plane start and the dial. A
         // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
@@ -1059,7 +1061,7 @@ impl Mesh {
         let req = RegisterRequest {
             version: tailcfg::CAPABILITY_VERSION,
             node_key: self.inner.node_pub(),
-            expiry: Some(chrono::Utc::now() - chrono::Duration::days(1)),
+            expiry: Some(wall::now() - chrono::Duration::days(1)),
             hostinfo: Some(self.inner.hostinfo()),
             ..Default::default()
         };
@@ -1116,13 +1118,14 @@ async fn settle_net_info(
     .await;
 }
 
-/// This node's key expiry from its netmap, on the monotonic clock (`None`: no expiry).
+/// This node's key expiry from its netmap, on the monotonic clock (`None`: no expiry). Read
+/// against the server's clock, as peers' expiries are ([`server_now`]).
 fn self_key_expiry(inner: &Inner) -> Option<std::time::Instant> {
     let e = inner.netmap.borrow().self_node.key_expiry.filter(|e| *e > tailcfg::zero_time())?;
-    let now = crate::clock::now();
-    match (e - chrono::Utc::now()).to_std() {
+    let (now, wall_now) = (crate::clock::now(), server_now(inner));
+    match (e - wall_now).to_std() {
         Ok(ahead) => Some(now + ahead),
-        Err(_) => Some(now.checked_sub((chrono::Utc::now() - e).to_std().unwrap_or_default()).unwrap_or(now)),
+        Err(_) => Some(now.checked_sub((wall_now - e).to_std().unwrap_or_default()).unwrap_or(now)),
     }
 }
 

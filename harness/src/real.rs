@@ -816,6 +816,35 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                     nexus_child = Some(lab.spawn("inet", &nexus, &nexus_args, &tmp.path().join("nexus.log"))?);
                     "nexus (re)started".into()
                 }
+                (FaultKind::ExpireKey, Some(i)) => {
+                    // As an operator would: the admin CLI against the API, in Nexus's namespace.
+                    let n = sc.nodes[i].name.get_ref();
+                    let admin = |args: &[&str]| -> anyhow::Result<String> {
+                        let o = Command::new("ip")
+                            .args(["netns", "exec", &lab.ns("inet")])
+                            .arg(&nexus)
+                            .args(args)
+                            .args(["--url", "http://198.18.0.1:8080", "--api-key", "nsapi-harness"])
+                            .output()?;
+                        anyhow::ensure!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
+                        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+                    };
+                    let list: serde_json::Value = serde_json::from_str(&admin(&["nodes", "list", "-o", "json"])?)?;
+                    let id =
+                        list.as_array().and_then(|a| a.iter().find(|x| x["givenName"] == n.as_str())).and_then(|x| {
+                            x["id"].as_str().map(str::to_string).or_else(|| x["id"].as_u64().map(|v| v.to_string()))
+                        });
+                    match id {
+                        Some(id) => {
+                            let ahead = f.expires_in.map_or(Duration::ZERO, |d| d.0);
+                            // The CLI takes whole seconds.
+                            let ahead = Duration::from_secs(ahead.as_secs_f64().ceil() as u64);
+                            admin(&["nodes", "expire", &id, "--in", &format!("{}s", ahead.as_secs())])?;
+                            format!("key of {n} expires at {:?}", now + ahead)
+                        }
+                        None => format!("expire_key: {n} is not registered (nothing done)"),
+                    }
+                }
                 (FaultKind::Restart, Some(i)) => {
                     respawn.remove(&i);
                     if let Some(c) = node_child.remove(&i) {

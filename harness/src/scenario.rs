@@ -270,6 +270,10 @@ pub enum FaultKind {
     NatChange,
     /// Drop every mapping of NAT `nat` (a rebinding).
     NatFlush,
+    /// Set node `node`'s key expiry to now plus `in` (default 0: it expires now, as
+    /// `headscale nodes expire` does). Members drop it when the time passes, whether or not
+    /// Nexus is up then.
+    ExpireKey,
 }
 
 /// A timed fault.
@@ -316,6 +320,9 @@ pub struct FaultSpec {
     /// derp_down/derp_up: the region whose DERP host (default: the world's `derp` host).
     #[serde(default)]
     pub region: Option<Spanned<String>>,
+    /// expire_key: how long after `at` the key expires (default 0).
+    #[serde(default, rename = "in")]
+    pub expires_in: Option<Dur>,
 }
 
 /// Expectation kinds.
@@ -719,8 +726,11 @@ impl Scenario {
                     "mapping, filtering, hairpin, ports, timeout and unsolicited apply to nat_change only".into(),
                 ));
             }
+            if f.expires_in.is_some() && *f.kind.get_ref() != FaultKind::ExpireKey {
+                return Err((Some(k), "`in` applies to expire_key only".into()));
+            }
             match f.kind.get_ref() {
-                FaultKind::Restart | FaultKind::Stop | FaultKind::Start => {
+                FaultKind::Restart | FaultKind::Stop | FaultKind::Start | FaultKind::ExpireKey => {
                     node_ref(&f.node, "node", k)?;
                 }
                 FaultKind::Partition | FaultKind::Heal | FaultKind::Hold | FaultKind::Release => {

@@ -363,9 +363,15 @@ fn state_tempdir() -> std::io::Result<tempfile::TempDir> {
     tempfile::tempdir()
 }
 
+/// When every simulation starts (2026-01-01 UTC), since the Unix epoch: the hosts' wall clock
+/// ([`citadel_proto::wall`]) reads it plus the simulated time.
+const SIM_EPOCH: Duration = Duration::from_secs(1_767_225_600);
+
 /// Plays `sc` in simulation.
 pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     opt_in_unverified_harness_relays();
+    // Key expiries, ControlTime and last-seen times follow simulated time on every host.
+    citadel_proto::wall::simulate_with(turmoil::since_epoch);
     let seed = opts.seed.unwrap_or(sc.seed);
     let end = sc.duration.0;
     let tmp = state_tempdir().context("temporary state directory")?;
@@ -374,7 +380,7 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
     let mut b = turmoil::Builder::new();
     let lat = sc.net.latency.0;
     b.rng_seed(seed)
-        .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+        .epoch(SystemTime::UNIX_EPOCH + SIM_EPOCH)
         .simulation_duration(end + Duration::from_secs(3600))
         .tick_duration(sc.net.tick.0)
         .min_message_latency(lat)
@@ -790,6 +796,20 @@ pub fn run(sc: &Scenario, opts: &RunOptions) -> anyhow::Result<Outcome> {
                         running.insert(n.clone());
                     }
                     format!("start node {n}")
+                }
+                FaultKind::ExpireKey => {
+                    let n = name(&f.node);
+                    let ahead = f.expires_in.map_or(Duration::ZERO, |d| d.0);
+                    let at = chrono::DateTime::UNIX_EPOCH
+                        + chrono::TimeDelta::from_std(SIM_EPOCH + now + ahead).context("expiry time")?;
+                    let st = &shared.store;
+                    match st.nodes(None).into_iter().find(|x| x.given_name == n) {
+                        Some(x) => {
+                            st.expire_node(x.id, Some(at)).map_err(|e| anyhow::anyhow!("expire {n}: {e}"))?;
+                            format!("key of {n} expires at {:?}", now + ahead)
+                        }
+                        None => format!("expire_key: {n} is not registered (nothing done)"),
+                    }
                 }
                 FaultKind::NatChange => {
                     let n = name(&f.nat);

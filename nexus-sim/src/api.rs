@@ -163,8 +163,8 @@ fn parse_time(v: &Value) -> Result<Option<DateTime<Utc>>, ApiError> {
         Value::String(t) if t.is_empty() => Ok(None),
         Value::String(t) => DateTime::parse_from_rfc3339(t)
             .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|e| bad(format!("invalid expiration {t:?}: {e}"))),
-        _ => Err(bad("expiration must be an RFC 3339 string")),
+            .map_err(|e| bad(format!("invalid time {t:?}: {e}"))),
+        _ => Err(bad("a time must be an RFC 3339 string")),
     }
 }
 
@@ -212,8 +212,18 @@ async fn delete_node(State(s): State<Shared>, Path(id): Path<String>) -> ApiResu
     Ok(Json(json!({})))
 }
 
-async fn expire_node(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult {
-    let n = s.store.expire_node(node_id(&id)?)?;
+/// `POST /api/v1/node/{id}/expire[?expiry=RFC3339]`: the key expires now, or at `expiry` (an
+/// operator shortening or extending a key's life; an expiry passed is announced to the org).
+async fn expire_node(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let at = match q.get("expiry") {
+        Some(t) => parse_time(&Value::String(t.clone()))?,
+        None => None,
+    };
+    let n = s.store.expire_node(node_id(&id)?, at)?;
     Ok(Json(json!({"node": node_json(&s, &n)})))
 }
 

@@ -18,6 +18,7 @@ use citadel_proto::noise::{self, NoiseStream};
 use citadel_proto::tailcfg::{
     self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse, UserProfile,
 };
+use citadel_proto::wall;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::collections::{BTreeMap, BTreeSet};
@@ -435,7 +436,7 @@ fn hostinfo_too_large(h: Option<&tailcfg::Hostinfo>) -> bool {
 pub(crate) const ANNOUNCE_GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) async fn handle_register(s: &Shared, sess: Session, req: RegisterRequest) -> RegisterResponse {
-    let now = Utc::now();
+    let now = wall::now();
     if hostinfo_too_large(req.hostinfo.as_ref()) {
         return RegisterResponse {
             error: format!("Hostinfo larger than {MAX_HOSTINFO} bytes refused"),
@@ -641,7 +642,7 @@ fn build_map_compiled(s: &Shared, me: &StoreNode) -> MapResponse {
 /// `me`'s full map under compile `c`, whose peers of `me` are `peers`, their entries from the
 /// [`EntryCache`].
 fn build_out_compiled(s: &Shared, me: &StoreNode, c: &crate::policy::Compiled, peers: &[u64]) -> Out {
-    let now = Utc::now();
+    let now = wall::now();
     let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
     let peer_nodes = s.store.nodes_by_id(peers);
     let peers: Vec<Bytes> = peer_nodes.iter().map(|n| s.entries.get(s, n, now, &keep)).collect();
@@ -743,7 +744,7 @@ impl OrgTemplate {
 
     /// `me`'s full map, its peers' entries from the [`EntryCache`].
     fn build_out(&self, s: &Shared, me: &StoreNode) -> Out {
-        let now = Utc::now();
+        let now = wall::now();
         let keep = crate::routes::org_route_check(s, me);
         let peers: Vec<Bytes> = if me.tags.is_empty() {
             s.store
@@ -989,7 +990,8 @@ impl Streamer {
 
     /// The node now (see [`Streamer::me`]).
     fn current(&mut self) -> Option<std::sync::Arc<StoreNode>> {
-        self.me = self.s.store.node(self.node_id).filter(|me| me.user_id == self.user_id && !me.is_expired(Utc::now()));
+        self.me =
+            self.s.store.node(self.node_id).filter(|me| me.user_id == self.user_id && !me.is_expired(wall::now()));
         self.me.clone()
     }
 
@@ -1100,7 +1102,7 @@ impl Streamer {
                 s.entries.remove(*id);
             }
         }
-        let now = Utc::now();
+        let now = wall::now();
         let self_entry = named || (is_router(&c, &me.id) && router_moved(me.id));
         let patched: Vec<u64> = patches
             .keys()
@@ -1155,7 +1157,7 @@ impl Streamer {
             let zstd = self.zstd;
             let built = s.deltas.get_or_build(key, || {
                 let mut o = build()?;
-                o.resp.control_time = Some(Utc::now());
+                o.resp.control_time = Some(wall::now());
                 Some((Bytes::from(encode_out(&o, zstd)), None))
             });
             built.map_or(Step::Nothing, |(f, _)| Step::Frame(f))
@@ -1201,7 +1203,7 @@ impl Streamer {
             let built = s.deltas.get_or_build(key, || {
                 let mut held = *filter;
                 let mut o = org_delta(&s, tmpl, &me, &changes, &mut held)?;
-                o.resp.control_time = Some(Utc::now());
+                o.resp.control_time = Some(wall::now());
                 Some((Bytes::from(encode_out(&o, zstd)), held))
             });
             return match built {
@@ -1258,7 +1260,7 @@ fn org_delta(
             Change::Resync => resync = true,
         }
     }
-    let now = Utc::now();
+    let now = wall::now();
     let keep = crate::routes::org_route_check(s, me);
     let mut d = MapResponse::default();
     if resync {
@@ -1324,7 +1326,7 @@ async fn map(
     let Some(node) = s.store.node_by_keys(&sess.machine, &req.node_key) else {
         return (StatusCode::UNAUTHORIZED, "node not registered").into_response();
     };
-    if node.is_expired(Utc::now()) {
+    if node.is_expired(wall::now()) {
         return (StatusCode::UNAUTHORIZED, "node key expired").into_response();
     }
     let ep = req.endpoints.clone();
@@ -1478,7 +1480,7 @@ impl MapBody {
         loop {
             let frame = match self.next.take() {
                 Some(Step::Send(mut out)) => {
-                    out.resp.control_time = Some(Utc::now());
+                    out.resp.control_time = Some(wall::now());
                     Some(Bytes::from(encode_out(&out, self.zstd)))
                 }
                 Some(Step::Frame(f)) => Some(f),
@@ -1493,7 +1495,7 @@ impl MapBody {
             let expiry = self.st.me.as_ref()?.expiry;
             if self.armed_expiry != Some(expiry) || self.rare.get_mut().expiry_sleep.is_elapsed() {
                 let until_expiry =
-                    expiry.and_then(|e| (e - Utc::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
+                    expiry.and_then(|e| (e - wall::now()).to_std().ok()).unwrap_or(Duration::from_secs(365 * 86400));
                 self.rare.get_mut().expiry_sleep.as_mut().reset(tokio::time::Instant::now() + until_expiry);
                 self.armed_expiry = Some(expiry);
                 self.rare.rearmed();

@@ -20,6 +20,7 @@ use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use citadel_proto::wall;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
@@ -275,7 +276,7 @@ pub fn approve_code(s: &Shared, code: &str, org: &str) -> Result<String, DecideE
         .and_then(|id| s.store.user(id))
         .or_else(|| s.store.user_by_name(org))
         .ok_or_else(|| DecideError::UnknownOrg(label(org)))?;
-    let expiry = chrono::Utc::now() + chrono::Duration::seconds(KEY_TTL.as_secs() as i64);
+    let expiry = wall::now() + chrono::Duration::seconds(KEY_TTL.as_secs() as i64);
     let key =
         s.store.create_key(user.id, false, false, Some(expiry), vec![]).map_err(|e| DecideError::Key(e.to_string()))?;
     if !s.device.set(&device, Verdict::Approved { key: key.key, org_id: user.id, org_name: user.name.clone() }, now) {

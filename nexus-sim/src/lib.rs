@@ -26,6 +26,7 @@ use axum::Router;
 use citadel_proto::keys::NodePublic;
 use citadel_proto::keys::PrivateKey;
 use citadel_proto::tailcfg::DerpMap;
+use citadel_proto::wall;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -653,7 +654,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                s.store.prune_pending(chrono::Utc::now(), s.cfg.pending_ttl);
+                s.store.prune_pending(wall::now(), s.cfg.pending_ttl);
                 s.device.prune(std::time::Instant::now());
             }
         })
@@ -680,7 +681,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
 
 /// Id of the registered, unexpired node holding node key `k`.
 fn live_node(s: &Shared, k: &NodePublic) -> Option<u64> {
-    s.store.live_node_id(k, chrono::Utc::now())
+    s.store.live_node_id(k, wall::now())
 }
 
 /// Closes the DERP connections of nodes deleted, re-keyed or expired, on a store change (an
@@ -709,9 +710,9 @@ async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
 /// lookup in the store's expiry index, not a pass over the nodes).
 async fn announce_expiries(s: Shared) {
     let mut changed = s.store.subscribe_all();
-    let mut last = chrono::Utc::now();
+    let mut last = wall::now();
     loop {
-        let now = chrono::Utc::now();
+        let now = wall::now();
         let next = s.store.announce_expired(last, now);
         last = now;
         // A year stands for "none": a sleep of Duration::MAX would overflow the timer.
@@ -882,7 +883,7 @@ mod tests {
         assert_eq!(s.store.nodes(None)[0].node_key, k2);
 
         // Once expired, the key cannot be renewed: that takes a new authentication.
-        s.store.expire_node(after.id).unwrap();
+        s.store.expire_node(after.id, None).unwrap();
         let late = RegisterRequest { node_key: k3, old_node_key: k2, ..Default::default() };
         let r = control::handle_register(&s, sess(m1), late).await;
         assert!(r.node_key_expired && !r.machine_authorized, "{r:?}");

@@ -1,6 +1,7 @@
 //! `nexus-sim`: serve, and Headscale-style admin subcommands that call the REST API.
 
 use anyhow::{bail, Context, Result};
+use citadel_proto::wall;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -274,8 +275,13 @@ enum NodesCmd {
     },
     /// Delete a node
     Delete { id: u64 },
-    /// Expire a node's key
-    Expire { id: u64 },
+    /// Expire a node's key (now, or `--in` a duration from now)
+    Expire {
+        id: u64,
+        /// Expire it this long from now instead (e.g. 40s, 2h)
+        #[arg(long = "in")]
+        after: Option<String>,
+    },
     /// Rename a node
     Rename { id: u64, name: String },
     /// Set a node's approved routes (replaces them; no --routes approves none)
@@ -627,7 +633,7 @@ async fn run(cli: Cli) -> Result<()> {
             admin(conn, async |c, json| {
                 match cmd {
                     KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
-                        let exp = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
+                        let exp = wall::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
                         let v = c
                             .call(
                                 Method::POST,
@@ -712,8 +718,15 @@ async fn run(cli: Cli) -> Result<()> {
                     NodesCmd::Delete { id } => {
                         c.call(Method::DELETE, &format!("/api/v1/node/{id}"), None).await?;
                     }
-                    NodesCmd::Expire { id } => {
-                        c.call(Method::POST, &format!("/api/v1/node/{id}/expire"), None).await?;
+                    NodesCmd::Expire { id, after } => {
+                        let query = match after {
+                            Some(d) => {
+                                let at = wall::now() + chrono::Duration::from_std(parse_duration(&d)?)?;
+                                format!("?expiry={}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                            }
+                            None => String::new(),
+                        };
+                        c.call(Method::POST, &format!("/api/v1/node/{id}/expire{query}"), None).await?;
                     }
                     NodesCmd::Rename { id, name } => {
                         c.call(Method::POST, &format!("/api/v1/node/{id}/rename/{name}"), None).await?;
@@ -786,7 +799,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ApiKeysCmd::Create { expiration } => {
                         let body = match expiration {
                             Some(e) => {
-                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
+                                let at = wall::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
                                 json!({"expiration": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
                             }
                             None => json!({}),

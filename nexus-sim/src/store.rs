@@ -7,6 +7,7 @@
 use chrono::{DateTime, Utc};
 use citadel_proto::keys::{DiscoPublic, MachinePublic, NodePublic};
 use citadel_proto::tailcfg::Hostinfo;
+use citadel_proto::wall;
 use parking_lot::Mutex;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -876,7 +877,7 @@ impl Store {
             id: Self::next_id(&mut d),
             name: name.to_string(),
             display_name: if display_name.is_empty() { name.to_string() } else { display_name.to_string() },
-            created_at: Utc::now(),
+            created_at: wall::now(),
         };
         d.users.insert(u.id, u.clone());
         self.put_with_meta(&d, None, Some(("users", &u.id.to_string(), &u)));
@@ -947,7 +948,7 @@ impl Store {
             ephemeral,
             used: false,
             expiration,
-            created_at: Utc::now(),
+            created_at: wall::now(),
             acl_tags,
         };
         d.keys.insert(k.id, k.clone());
@@ -971,7 +972,7 @@ impl Store {
                 .find(|k| k.masked() == key)
                 .ok_or_else(|| StoreError::NotFound("pre-auth key".into()))?,
         };
-        k.expiration = Some(Utc::now());
+        k.expiration = Some(wall::now());
         let k = k.clone();
         self.put("preauthkeys", &k.id.to_string(), &k);
         Ok(k)
@@ -986,7 +987,7 @@ impl Store {
         let full = format!("nsapi-{prefix}.{}", random_hex(24));
         let mut d = self.data.lock();
         let k =
-            ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: Utc::now() };
+            ApiKey { id: Self::next_id(&mut d), prefix, hash: sha256_hex(&full), expiration, created_at: wall::now() };
         d.api_keys.insert(k.id, k.clone());
         self.put_with_meta(&d, None, Some(("apikeys", &k.id.to_string(), &k)));
         (full, k)
@@ -1011,7 +1012,7 @@ impl Store {
             .values_mut()
             .find(|k| k.prefix == prefix)
             .ok_or_else(|| StoreError::NotFound(format!("API key {prefix:?}")))?;
-        k.expiration = Some(Utc::now());
+        k.expiration = Some(wall::now());
         let k = k.clone();
         self.put("apikeys", &k.id.to_string(), &k);
         Ok(k)
@@ -1034,7 +1035,7 @@ impl Store {
     /// True when `full` is a key this process was started with, or a stored unexpired one.
     pub fn check_api_key(&self, full: &str) -> bool {
         let hash = sha256_hex(full);
-        let now = Utc::now();
+        let now = wall::now();
         let d = self.data.lock();
         let configured = d.config_api_keys.iter().fold(false, |ok, h| ok | same_hash(h, &hash));
         let stored = d
@@ -1111,7 +1112,7 @@ impl Store {
     /// Validates and consumes a pre-auth key; the error text is what the client shows.
     pub fn use_key(&self, key: &str) -> Result<PreAuthKey, String> {
         let mut d = self.data.lock();
-        let now = Utc::now();
+        let now = wall::now();
         let Some(k) = Self::find_key(&mut d, key) else {
             return Err("invalid auth key: not known to this server".into());
         };
@@ -1183,7 +1184,7 @@ impl Store {
         if d.by_key.get(&nk).and_then(|id| d.node(*id)).is_some_and(|n| n.machine_key != mk) {
             return Err(StoreError::Invalid(format!("node key {nk} is registered to another machine")));
         }
-        let now = Utc::now();
+        let now = wall::now();
         let existing = d.by_machine.get(&mk).copied();
         let old_user = existing.and_then(|id| d.node(id)).map(|n| n.user_id);
         if d.max_alloc.is_none() {
@@ -1315,7 +1316,7 @@ impl Store {
             *c == 1
         };
         if came_online {
-            n.last_seen = Some(Utc::now());
+            n.last_seen = Some(wall::now());
         }
         d.nodes.insert(id, Arc::new(n.clone()));
         if changed {
@@ -1458,10 +1459,11 @@ impl Store {
         next
     }
 
-    /// Expires node `id`'s key now.
-    pub fn expire_node(&self, id: u64) -> Result<Node, StoreError> {
+    /// Expires node `id`'s key at `at` (`None`: now). Members drop the node when the time
+    /// passes: Nexus tells them then (`announce_expired`), and their own clocks agree.
+    pub fn expire_node(&self, id: u64, at: Option<DateTime<Utc>>) -> Result<Node, StoreError> {
         self.update_node(id, |n| {
-            n.expiry = Some(Utc::now());
+            n.expiry = Some(at.unwrap_or_else(wall::now));
             true
         })
     }
@@ -1481,7 +1483,7 @@ impl Store {
             return;
         }
         let Some(n) = d.nodes.get_mut(&id).map(Arc::make_mut) else { return };
-        n.last_seen = Some(Utc::now());
+        n.last_seen = Some(wall::now());
         let n = n.clone();
         drop(d);
         self.put("nodes", &id.to_string(), &n);

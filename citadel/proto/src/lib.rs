@@ -2,7 +2,8 @@
 //! (`nexus-sim`) so there is one definition of every byte on the wire.
 //!
 //! Everything here is sans-IO: codecs, handshakes and sealed boxes work on byte buffers, and
-//! time and randomness come from the caller. No sockets, no runtime, no WireGuard or TCP/IP
+//! time and randomness come from the caller (the shells around it read the time from
+//! [`wall::now`] and the runtime's clock). No sockets, no runtime, no WireGuard or TCP/IP
 //! stack; the one async item, [`noise::NoiseStream`], is generic over tokio's I/O traits.
 #![warn(missing_docs)]
 
@@ -16,3 +17,4 @@ pub mod keys;
 pub mod noise;
 pub mod stun;
 pub mod tailcfg;
+pub mod wall;

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use citadel_proto::wall;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
@@ -32,7 +33,7 @@ pub struct PolicyState {
 impl PolicyState {
     /// Starts with `policy`.
     pub fn new(policy: Policy) -> PolicyState {
-        PolicyState::set_at(policy, Utc::now())
+        PolicyState::set_at(policy, wall::now())
     }
 
     /// Starts with `policy`, set at `at` (a policy loaded from the database).
@@ -52,7 +53,7 @@ impl PolicyState {
     /// Parses `text` and, only if it is valid, makes it the active policy and wakes every
     /// map stream.
     pub fn set(&self, text: &str) -> Result<(Arc<Policy>, DateTime<Utc>), PolicyError> {
-        self.set_time(text, Utc::now())
+        self.set_time(text, wall::now())
     }
 
     /// [`PolicyState::set`] recording `now` as the time it was set.
@@ -149,7 +150,7 @@ pub async fn set_policy(State(s): State<Shared>, body: axum::body::Bytes) -> Res
         return api_error(StatusCode::BAD_REQUEST, format!("setting policy: {e}"));
     }
     // Stored before it takes effect: a policy in force is always the one a restart loads.
-    let now = Utc::now();
+    let now = wall::now();
     if let Err(e) = s.store.store_policy(text, now) {
         tracing::error!("storing the policy failed: {e}");
         return api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("storing policy: {e}"));
