@@ -900,6 +900,17 @@ by = "10s"
     }
 
     #[test]
+    fn expire_key_names_a_node_and_only_it_takes_in() {
+        let with = |fault: &str| format!("{OK}[[fault]]\nat = \"5s\"\n{fault}");
+        let s = Scenario::parse("t.toml", &with("kind = \"expire_key\"\nnode = \"a1\"\nin = \"30s\"\n")).unwrap();
+        assert_eq!(s.faults[0].expires_in.map(|d| d.0), Some(Duration::from_secs(30)));
+        assert!(err(&with("kind = \"expire_key\"\n")).msg.contains("node is required"));
+        assert!(err(&with("kind = \"expire_key\"\nnode = \"zz\"\n")).msg.contains("unknown node"));
+        let e = err(&with("kind = \"stop\"\nnode = \"a1\"\nin = \"30s\"\n"));
+        assert!(e.msg.contains("expire_key only"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(Dur::parse("250ms").unwrap().0, Duration::from_millis(250));
         assert_eq!(Dur::parse("1.5s").unwrap().0, Duration::from_millis(1500));
