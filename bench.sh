@@ -12,6 +12,21 @@ cd "$(dirname "$0")"
 defined_functions() {
     nm target/release/citadel | awk '$2 ~ /^[tT]$/ {print $3}' | LC_ALL=C sort -u
 }
+# The file offsets (hex, LO-HI) of the code the linker laid out from citadel/cli/hot-symbols.txt:
+# from the first listed function to the end of the last. The memory figure counts the node's
+# resident code outside it, which grows when the list goes stale.
+hot_text() {
+    local off vaddr lo="" hi=0 name addr size a
+    read -r off vaddr < <(readelf -lW target/release/citadel | awk '$1 == "LOAD" && $8 == "E" {print $2, $3; exit}')
+    while read -r name addr size; do
+        a=$((16#$addr))
+        if [ -z "$lo" ] || [ "$a" -lt "$lo" ]; then lo=$a; fi
+        if [ $((a + 16#$size)) -gt "$hi" ]; then hi=$((a + 16#$size)); fi
+    done < <(nm -S --defined-only target/release/citadel | awk '$3 ~ /^[tT]$/ && NF == 4 {print $4, $1, $2}' \
+        | LC_ALL=C sort -k1,1 | LC_ALL=C join - citadel/cli/hot-symbols.txt)
+    # A symbol's address minus the code segment's (address - file offset) is its file offset.
+    [ -n "$lo" ] && printf '%x-%x\n' $((lo - (vaddr - off))) $((hi - (vaddr - off)))
+}
 if [ "${1:-}" = control ]; then
     shift
     cargo build --release -q -p citadel-e2e --bin bench-control
@@ -85,5 +100,9 @@ else
     verdict=""
 fi
 echo "citadel/cli/hot-symbols.txt: $found of its $listed functions are in this build$verdict"
-$nolto || cargo build --release -q -p citadel-e2e --bins
+if ! $nolto; then
+    BENCH_HOT_TEXT=$(hot_text)
+    export BENCH_HOT_TEXT
+    cargo build --release -q -p citadel-e2e --bins
+fi
 exec target/release/bench "$@"

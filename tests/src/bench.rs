@@ -42,6 +42,12 @@ pub const MAX_POLICY_CONTROL_RATIO: f64 = 3.0;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
 
+/// Resident code outside the hot-symbols region above which the memory figure says the list
+/// looks stale. Just regenerated, three runs left 120, 376 and 312 KB outside it (5-11 windows
+/// of 64 KB: shutdown, sections outside `.text`'s ordered part, run-to-run paths); the list of
+/// one code change before left 508 KB, and the stale one found by a page-fault trace 2,088 KB.
+const COLD_CODE_STALE_KB: u64 = 768;
+
 /// How long and how often to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -521,6 +527,45 @@ fn rss_split(pid: Option<u32>) -> Option<(f64, f64)> {
     Some((kb("RssAnon:")? / 1024.0, kb("RssFile:")? / 1024.0))
 }
 
+/// Resident code of process `pid`'s own executable, split by `hot` (a range of file offsets:
+/// the code laid out from citadel/cli/hot-symbols.txt, as `bench.sh` finds it): KB inside,
+/// KB outside, and how many 64 KB windows outside hold a resident page. Read from
+/// `/proc/PID/pagemap` (a page's present bit), so it is the pages this process mapped, not the
+/// page cache.
+fn resident_code(pid: u32, hot: (u64, u64)) -> anyhow::Result<(u64, u64, usize)> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: sysconf reads a constant.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let (mut inside, mut outside, mut windows) = (0, 0, std::collections::BTreeSet::new());
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || !f[1].contains('x') || std::path::Path::new(f[5]) != exe {
+            continue;
+        }
+        let (start, end) = f[0].split_once('-').ok_or_else(|| anyhow!("bad maps line {line:?}"))?;
+        let (start, end) = (u64::from_str_radix(start, 16)?, u64::from_str_radix(end, 16)?);
+        let offset = u64::from_str_radix(f[2], 16)?;
+        let mut entries = vec![0u8; ((end - start) / page * 8) as usize];
+        pagemap.read_exact_at(&mut entries, start / page * 8)?;
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            if u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 0 {
+                continue;
+            }
+            let at = offset + i as u64 * page;
+            if at + page > hot.0 && at < hot.1 {
+                inside += page / 1024;
+            } else {
+                outside += page / 1024;
+                windows.insert(at >> 16);
+            }
+        }
+    }
+    Ok((inside, outside, windows.len()))
+}
+
 /// Joins `n` control-only nodes (citadel's library, data plane off) in this process: real
 /// registrations with open map streams, so every node of the tailnet lists them as peers.
 async fn control_only_peers(w: &World, n: usize) -> anyhow::Result<Vec<citadel::mesh::Mesh>> {
@@ -588,6 +633,24 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     let split =
         |pid: Option<u32>| rss_split(pid).map(|(a, f)| format!("{a:.1} anon + {f:.1} file")).unwrap_or_default();
     let (cs, ts_, ps) = (split(up.id()), split(ts.id()), split(plain.id()));
+    // Code outside the hot-symbols region that the idle node keeps resident: near zero with a
+    // fresh list, growing as the code that runs at start and idle drifts from it.
+    let hot = std::env::var("BENCH_HOT_TEXT").ok().and_then(|v| {
+        let (lo, hi) = v.split_once('-')?;
+        Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+    });
+    if let (Some(hot), Some(pid)) = (hot, up.id()) {
+        let (inside, outside, windows) = resident_code(pid, hot)?;
+        let stale = if outside > COLD_CODE_STALE_KB {
+            " (more than a fresh list leaves: ./bench.sh hot-symbols regenerates it)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "citadel up's resident code: {inside} KB of the {} KB hot-symbols region, {outside} KB outside it in {windows} 64 KB windows{stale}",
+            (hot.1 - hot.0) / 1024
+        );
+    }
     // For a closer look: where citadel's resident pages are, mapping by mapping.
     if let (Some(path), Some(pid)) = (std::env::var_os("BENCH_SMAPS"), up.id()) {
         std::fs::copy(format!("/proc/{pid}/smaps"), &path).context("BENCH_SMAPS")?;
