@@ -1350,11 +1350,13 @@ impl Compiled {
     /// serves them) `viewer` may use under this compile: what reduces `router`'s entry in
     /// `viewer`'s map. Empty for an unknown node.
     pub fn route_view(&self, viewer: u64, router: u64) -> Vec<bool> {
+        // Parsed once: every stream of a recompiled org asks this for every router.
+        static EXITS: std::sync::LazyLock<Vec<Prefix>> =
+            std::sync::LazyLock::new(|| ["0.0.0.0/0", "::/0"].iter().filter_map(|p| Prefix::parse(p)).collect());
         let Some(&i) = self.index.get(&router) else { return vec![] };
         let n = &self.nodes[i];
-        let exits =
-            if n.exit { ["0.0.0.0/0", "::/0"].iter().filter_map(|p| Prefix::parse(p)).collect() } else { vec![] };
-        n.routes.iter().chain(&exits).map(|p| self.can_access_route(viewer, p)).collect()
+        let exits: &[Prefix] = if n.exit { &EXITS } else { &[] };
+        n.routes.iter().chain(exits).map(|p| self.can_access_route(viewer, p)).collect()
     }
 
     /// True when this compile's nodes begin with `prev`'s, in the same order.
