@@ -583,6 +583,12 @@ fn routers_are_peers_of_those_who_may_reach_their_routes() {
     assert!(c.can_access_route(3, &pf("0.0.0.0/0")));
     assert!(!c.can_access_route(4, &pf("0.0.0.0/0")));
     assert!(!c.can_access_route(99, &pf("0.0.0.0/0")), "unknown viewer");
+    // What reduces each router's entry: its subnet routes, then both exit routes.
+    assert_eq!(c.route_view(3, 1), vec![true]);
+    assert_eq!(c.route_view(4, 1), vec![false]);
+    assert_eq!(c.route_view(3, 2), vec![true, true], "alice may use the exit node");
+    assert_eq!(c.route_view(4, 2), vec![false, false]);
+    assert!(c.route_view(3, 99).is_empty(), "unknown router");
 }
 
 fn approves(policy: &str, node: &PolicyNode, route: &str) -> bool {
