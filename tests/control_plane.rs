@@ -398,13 +398,15 @@ async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
     const T: Duration = Duration::from_secs(10);
     let nx = Nexus::start().await;
     let t = tempfile::tempdir().unwrap();
-    let (a1, _a2, ip) = echo_pair(&nx, t.path()).await;
+    let (a1, a2, ip) = echo_pair(&nx, t.path()).await;
 
-    // a2's key gets an expiry 4 s ahead; a1 learns it, then Nexus goes away.
+    // a2's key gets an expiry 4 s ahead; a1 learns it (and a2 its own), then Nexus goes away.
     let expiry = chrono::Utc::now() + chrono::Duration::seconds(4);
     let id = set_expiry(&nx, "a2", expiry) as i64;
     let a2_in_a1 = || a1.netmap().borrow().peers.get(&id).map(|p| (p.key_expiry, p.expired));
     assert!(eventually(T, || a2_in_a1() == Some((Some(expiry), false))).await, "a1 never learned a2's expiry");
+    assert!(eventually(T, || a2.status().key_expiry.is_some()).await, "a2 never learned its own expiry");
+    assert!(!a2.status().key_expired);
     nx.running.stop();
     // Before the expiry the tunnel works without Nexus.
     assert_eq!(tokio::time::timeout(T, echo(&a1, ip)).await.unwrap().as_deref(), Some(&b"hello"[..]));
@@ -413,4 +415,5 @@ async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
     assert!(chrono::Utc::now() >= expiry, "a2 was marked expired before its expiry");
     assert_eq!(tokio::time::timeout(Duration::from_secs(4), echo(&a1, ip)).await.ok().flatten(), None);
     assert!(a1.status().peers.iter().any(|p| p.expired), "a1's status shows a2 expired");
+    assert!(a2.status().key_expired, "a2's own status says its key expired, with Nexus still away");
 }

@@ -219,6 +219,10 @@ pub struct Status {
     /// Node-key renewals this process completed.
     #[serde(default)]
     pub key_renewals: u64,
+    /// True once this node's key has expired (Nexus says so, or the expiry passed by Nexus's
+    /// clock as this node reads it): peers drop its tunnels, and it must register again.
+    #[serde(default)]
+    pub key_expired: bool,
     /// Peers in the same org, sorted by name.
     pub peers: Vec<PeerStatus>,
     /// This node's home DERP region (the relay peers reach it through; 0 = none picked yet).
@@ -604,12 +608,7 @@ impl Inner {
             // `cache_netmap`).
             let (expired, addresses, org) = {
                 let nm = self.netmap.borrow();
-                let e = nm.self_node.key_expiry;
-                (
-                    e.is_some_and(|e| e > tailcfg::zero_time() && e < server_now(self)),
-                    nm.self_node.addresses.clone(),
-                    nm.org(),
-                )
+                (nm.self_node.key_expiry_passed(server_now(self)), nm.self_node.addresses.clone(), nm.org())
             };
             if expired {
                 tracing::warn!("Nexus reports this node's key as expired");
@@ -925,6 +924,7 @@ impl Mesh {
                 .filter(|e| *e > tailcfg::zero_time())
                 .map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             key_renewals: self.inner.key_renewals.load(std::sync::atomic::Ordering::Relaxed),
+            key_expired: nm.self_node.expired || nm.self_node.key_expiry_passed(server_now(&self.inner)),
             peers,
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
             exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),

@@ -275,10 +275,9 @@ impl NetMap {
     /// server replaces the mark; the next look marks it again. One pass over the peers, so it
     /// runs when an expiry is due, not per change. Returns whether it marked any.
     pub fn expire_peers(&mut self, now: DateTime<Utc>) -> bool {
-        let zero = crate::tailcfg::zero_time();
         let mut marked = false;
         for (id, p) in self.peers.iter_mut() {
-            if !p.expired && p.key_expiry.is_some_and(|e| e > zero && e <= now) {
+            if !p.expired && p.key_expiry_passed(now) {
                 p.expired = true;
                 self.changes.note(Part::Peer(*id));
                 marked = true;

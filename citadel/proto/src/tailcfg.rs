@@ -443,6 +443,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// True when the node's key has an expiry (Go's zero time is none) and `now` reached it.
+    pub fn key_expiry_passed(&self, now: DateTime<Utc>) -> bool {
+        self.key_expiry.is_some_and(|e| e > zero_time() && e <= now)
+    }
+
     /// The node's home DERP region, from either encoding.
     pub fn home_region(&self) -> i32 {
         if self.home_derp != 0 {

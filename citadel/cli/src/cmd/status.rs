@@ -65,6 +65,7 @@ fn print_status(s: &Status, json: bool, color: bool) {
     println!(
         "  Key expiry {}",
         match &s.key_expiry {
+            Some(e) if s.key_expired => bad(&format!("{e} (expired: run `citadel init --authkey KEY` again)")),
             Some(e) if s.key_renewals > 0 => format!("{e} (renewed {}x)", s.key_renewals),
             Some(e) => format!("{e} (renewed automatically before then)"),
             None => "never".to_string(),
