@@ -34,9 +34,13 @@ impl axum::serve::Listener for SimListener {
     }
 }
 
-/// The Nexus host's software: serves `shared` until the host is crashed.
+/// The Nexus host's software: serves `shared`, and runs its clock-driven work (key expiries
+/// told to the orgs, stale registrations dropped), until the host is crashed.
 pub async fn serve(shared: nexus_sim::Shared) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), NEXUS_PORT)).await?;
-    axum::serve(SimListener(listener), nexus_sim::router(shared)).await?;
+    tokio::select! {
+        r = axum::serve(SimListener(listener), nexus_sim::router(shared.clone())) => r?,
+        () = nexus_sim::housekeeping(shared) => {}
+    }
     Ok(())
 }

@@ -645,21 +645,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     if let (Some(d), true) = (&derp_server, shared.cfg.derp_verify_clients) {
         region_tasks.push(tokio::spawn(close_dead_derp_clients(shared.clone(), d.clone())));
     }
-    // Expired registrations and device codes are dropped on a timer, so a stranger's requests
-    // never outlive their TTL even if nobody asks about them again.
-    region_tasks.push({
-        let s = shared.clone();
-        let period = (s.cfg.pending_ttl.min(s.cfg.device_code_ttl) / 2)
-            .clamp(Duration::from_millis(50), Duration::from_secs(30));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                s.store.prune_pending(wall::now(), s.cfg.pending_ttl);
-                s.device.prune(std::time::Instant::now());
-            }
-        })
-    });
-    region_tasks.push(tokio::spawn(announce_expiries(shared.clone())));
+    region_tasks.push(tokio::spawn(housekeeping(shared.clone())));
     if let Some(d) = &derp_server {
         for (id, l) in extra {
             region_tasks
@@ -703,6 +689,23 @@ async fn close_dead_derp_clients(s: Shared, d: Arc<derp::DerpServer>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What the server does on its own clock, besides serving: drops expired registrations and
+/// device codes (so a stranger's requests never outlive their TTL even if nobody asks about them
+/// again) and tells each org when a key expires ([`announce_expiries`]). Runs until dropped; the
+/// simulator's Nexus host runs it beside its router, as [`start`] does.
+pub async fn housekeeping(s: Shared) {
+    let period =
+        (s.cfg.pending_ttl.min(s.cfg.device_code_ttl) / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    let prune = async {
+        loop {
+            tokio::time::sleep(period).await;
+            s.store.prune_pending(wall::now(), s.cfg.pending_ttl);
+            s.device.prune(std::time::Instant::now());
+        }
+    };
+    tokio::join!(prune, announce_expiries(s.clone()));
 }
 
 /// Tells each org when one of its nodes' key expires ([`store::Store::announce_expired`]): wakes
