@@ -792,7 +792,7 @@ impl Mesh {
         });
         // Peers of the cached map whose keys expired while the node was down are out before the
         // data plane serves them; later expiries are the task's.
-        inner.netmap.send_if_modified(|nm| nm.expire_peers(wall::now()));
+        inner.netmap.send_if_modified(|nm| nm.expire_peers(server_now(&inner)));
         tokio::spawn(expire_peers(Arc::downgrade(&inner), inner.next_peer_expiry.subscribe()));
         // On a multi-thread runtime the write overlaps the data plane start and the dial. A
         // current-thread runtime (the simulator's hosts, tests) writes in place, so when each
