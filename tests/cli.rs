@@ -236,7 +236,7 @@ fn a_node_key_expiry_is_set_through_the_cli_now_or_later() {
         let e = node()["expiry"].as_str().map(str::to_string).expect("an expiry");
         chrono::DateTime::parse_from_rfc3339(&e).unwrap().with_timezone(&chrono::Utc)
     };
-    let id = node()["id"].as_str().map(str::to_string).unwrap_or_else(|| node()["id"].to_string());
+    let id = node()["id"].as_str().expect("a string ID, as in Headscale's API").to_string();
 
     // Later: an hour from now.
     let before = chrono::Utc::now();

@@ -608,7 +608,7 @@ impl Inner {
             // `cache_netmap`).
             let (expired, addresses, org) = {
                 let nm = self.netmap.borrow();
-                (nm.self_node.key_expiry_passed(server_now(self)), nm.self_node.addresses.clone(), nm.org())
+                (nm.self_node.is_expired_at(server_now(self)), nm.self_node.addresses.clone(), nm.org())
             };
             if expired {
                 tracing::warn!("Nexus reports this node's key as expired");
@@ -924,7 +924,7 @@ impl Mesh {
                 .filter(|e| *e > tailcfg::zero_time())
                 .map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             key_renewals: self.inner.key_renewals.load(std::sync::atomic::Ordering::Relaxed),
-            key_expired: nm.self_node.expired || nm.self_node.key_expiry_passed(server_now(&self.inner)),
+            key_expired: nm.self_node.is_expired_at(server_now(&self.inner)),
             peers,
             home_derp: *self.inner.preferred_derp.lock().unwrap(),
             exposes: self.exposer.as_ref().map(|e| e.list()).unwrap_or_default(),

@@ -830,10 +830,11 @@ pub fn run(sc: &Scenario, bin_dir: &Path) -> anyhow::Result<RealOutcome> {
                         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
                     };
                     let list: serde_json::Value = serde_json::from_str(&admin(&["nodes", "list", "-o", "json"])?)?;
-                    let id =
-                        list.as_array().and_then(|a| a.iter().find(|x| x["givenName"] == n.as_str())).and_then(|x| {
-                            x["id"].as_str().map(str::to_string).or_else(|| x["id"].as_u64().map(|v| v.to_string()))
-                        });
+                    // IDs are strings in the API's JSON, as in Headscale's.
+                    let id = list
+                        .as_array()
+                        .and_then(|a| a.iter().find(|x| x["givenName"] == n.as_str()))
+                        .and_then(|x| x["id"].as_str().map(str::to_string));
                     match id {
                         Some(id) => {
                             let ahead = f.expires_in.map_or(Duration::ZERO, |d| d.0);

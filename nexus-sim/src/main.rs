@@ -1,7 +1,6 @@
 //! `nexus-sim`: serve, and Headscale-style admin subcommands that call the REST API.
 
 use anyhow::{bail, Context, Result};
-use citadel_proto::wall;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -633,7 +632,7 @@ async fn run(cli: Cli) -> Result<()> {
             admin(conn, async |c, json| {
                 match cmd {
                     KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
-                        let exp = wall::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
+                        let exp = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
                         let v = c
                             .call(
                                 Method::POST,
@@ -721,7 +720,7 @@ async fn run(cli: Cli) -> Result<()> {
                     NodesCmd::Expire { id, after } => {
                         let query = match after {
                             Some(d) => {
-                                let at = wall::now() + chrono::Duration::from_std(parse_duration(&d)?)?;
+                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&d)?)?;
                                 format!("?expiry={}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                             }
                             None => String::new(),
@@ -799,7 +798,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ApiKeysCmd::Create { expiration } => {
                         let body = match expiration {
                             Some(e) => {
-                                let at = wall::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
+                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
                                 json!({"expiration": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
                             }
                             None => json!({}),

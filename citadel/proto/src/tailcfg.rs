@@ -448,6 +448,12 @@ impl Node {
         self.key_expiry.is_some_and(|e| e > zero_time() && e <= now)
     }
 
+    /// True when the node counts as expired at `now`: marked so (by the server, or by a
+    /// client's clock) or its key expiry passed.
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expired || self.key_expiry_passed(now)
+    }
+
     /// The node's home DERP region, from either encoding.
     pub fn home_region(&self) -> i32 {
         if self.home_derp != 0 {
