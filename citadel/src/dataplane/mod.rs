@@ -14,6 +14,7 @@
 pub mod ackfix;
 pub mod filter;
 pub mod netstack;
+mod pages;
 pub mod peers;
 mod relay;
 pub mod route;

@@ -7,11 +7,12 @@
 //! [`Stack::take_egress`].
 
 use super::filter::{PacketInfo, PROTO_TCP};
+use super::pages::{Fresh, Lent};
 use super::wg::Pool;
 use rand::Rng;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -118,6 +119,8 @@ struct Listener {
 pub(crate) struct Stack {
     iface: Interface,
     pub(crate) sockets: SocketSet<'static>,
+    /// The memory of the sockets' rings. Declared after `sockets`, so it drops after them.
+    lent: Lent,
     device: MeshDevice,
     epoch: Instant,
     listeners: BTreeMap<u16, Listener>,
@@ -155,6 +158,7 @@ impl Stack {
         Stack {
             iface,
             sockets: SocketSet::new(Vec::new()),
+            lent: Lent::default(),
             device,
             epoch,
             listeners: BTreeMap::new(),
@@ -205,11 +209,11 @@ impl Stack {
         smol_now(self.epoch)
     }
 
-    fn tcp_socket() -> tcp::Socket<'static> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-        );
+    /// A TCP socket, its rings in pages the kernel zeroes when first written (see
+    /// [`super::pages`]).
+    fn tcp_socket() -> Fresh<tcp::Socket<'static>> {
+        let mut f = Fresh::tcp(TCP_BUFFER);
+        let s = &mut f.socket;
         // The app decides about batching; Nagle only adds latency to request/response.
         s.set_nagle_enabled(false);
         s.set_ack_delay(Some(SmolDuration::from_millis(1)));
@@ -217,7 +221,7 @@ impl Stack {
         // queues only a few dozen packets per client and drops the rest, and retransmitting
         // the same burst after every timeout stalls a relayed stream. Reno backs off on loss.
         s.set_congestion_control(tcp::CongestionControl::Reno);
-        s
+        f
     }
 
     fn tcp_port_in_use(&self, port: u16) -> bool {
@@ -249,12 +253,13 @@ impl Stack {
     pub(crate) fn connect(&mut self, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
         self.check_running()?;
         let port = self.ephemeral_port(|st, p| st.tcp_port_in_use(p))?;
-        let mut s = Self::tcp_socket();
-        s.connect(self.iface.context(), remote, port).map_err(|e| {
+        let mut f = Self::tcp_socket();
+        f.socket.connect(self.iface.context(), remote, port).map_err(|e| {
             io::Error::new(io::ErrorKind::AddrNotAvailable, format!("cannot connect to {remote} from the mesh: {e}"))
         })?;
-        let local = s.local_endpoint().map(SocketAddr::from).unwrap_or_else(|| SocketAddr::new(remote.ip(), port));
-        Ok((self.sockets.add(s), local))
+        let local =
+            f.socket.local_endpoint().map(SocketAddr::from).unwrap_or_else(|| SocketAddr::new(remote.ip(), port));
+        Ok((self.lent.add(&mut self.sockets, f), local))
     }
 
     /// State of a connecting socket: `Ready(Ok)` once established.
@@ -328,7 +333,7 @@ impl Stack {
                 // Reset during the handshake.
                 tcp::State::Closed | tcp::State::Listen => {
                     l.pending.remove(i);
-                    self.sockets.remove(h);
+                    self.lent.remove(&mut self.sockets, h);
                 }
                 _ => {
                     let (Some(local), Some(remote)) = (s.local_endpoint(), s.remote_endpoint()) else {
@@ -350,12 +355,12 @@ impl Stack {
         if self.udp_ports.contains(&port) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("mesh UDP port {port} is in use")));
         }
-        let buf = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0u8; UDP_BUFFER]);
-        let mut s = udp::Socket::new(buf(), buf());
-        s.bind(IpListenEndpoint { addr: None, port })
+        let mut f = Fresh::udp(UDP_PACKETS, UDP_BUFFER);
+        f.socket
+            .bind(IpListenEndpoint { addr: None, port })
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bind mesh UDP port {port}: {e}")))?;
         self.udp_ports.insert(port);
-        Ok((self.sockets.add(s), port))
+        Ok((self.lent.add(&mut self.sockets, f), port))
     }
 
     /// The app dropped its stream: close gracefully (or reset, if it left data unread, as a
@@ -378,7 +383,7 @@ impl Stack {
     pub(crate) fn release_udp(&mut self, h: SocketHandle, port: u16) {
         self.parked.remove(&(h, false));
         self.parked.remove(&(h, true));
-        self.sockets.remove(h);
+        self.lent.remove(&mut self.sockets, h);
         self.udp_ports.remove(&port);
     }
 
@@ -406,11 +411,11 @@ impl Stack {
         if owned || l.claimed.contains(&(local, remote)) || l.listening.len() + l.pending.len() >= LISTEN_BACKLOG {
             return;
         }
-        let mut s = Self::tcp_socket();
-        if s.listen(IpListenEndpoint { addr: Some(local.addr), port: local.port }).is_err() {
+        let mut f = Self::tcp_socket();
+        if f.socket.listen(IpListenEndpoint { addr: Some(local.addr), port: local.port }).is_err() {
             return;
         }
-        let h = self.sockets.add(s);
+        let h = self.lent.add(&mut self.sockets, f);
         if let Some(l) = self.listeners.get_mut(&info.dst_port) {
             l.listening.push(h);
             l.claimed.insert((local, remote));
@@ -427,7 +432,7 @@ impl Stack {
             for h in l.listening.drain(..) {
                 if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
                     // Its SYN never reached it (dropped, or taken by an older socket).
-                    self.sockets.remove(h);
+                    self.lent.remove(&mut self.sockets, h);
                 } else {
                     l.pending.push_back(h);
                 }
@@ -439,11 +444,11 @@ impl Stack {
             }
         }
         let wall = crate::clock::now();
-        let sockets = &mut self.sockets;
+        let (sockets, lent) = (&mut self.sockets, &mut self.lent);
         self.closing.retain(|(h, since)| {
             let s = sockets.get_mut::<tcp::Socket>(*h);
             if s.state() == tcp::State::Closed {
-                sockets.remove(*h);
+                lent.remove(sockets, *h);
                 return false;
             }
             if wall.duration_since(*since) > CLOSE_LINGER {
@@ -452,6 +457,12 @@ impl Stack {
             true
         });
         self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    /// Bytes of the sockets' rings that are resident.
+    #[cfg(all(test, target_os = "linux"))]
+    fn resident_rings(&self) -> usize {
+        self.lent.resident()
     }
 
     /// One line per socket (state, queues, endpoints), for diagnostics.
@@ -635,6 +646,48 @@ mod tests {
             a.release_tcp(h);
             shuttle(&mut a, &mut b, false);
         }
+    }
+
+    /// A connection holds only the ring pages it has written (not 1 MiB each), and its pages
+    /// go when its socket is reaped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn connections_hold_the_ring_pages_they_wrote_and_give_them_back() {
+        let (mut a, mut b) = (stack([100, 64, 0, 1]), stack([100, 64, 0, 2]));
+        b.listen(80).unwrap();
+        let server: SocketAddr = "100.64.0.2:80".parse().unwrap();
+        let dials: Vec<_> = (0..16).map(|_| a.connect(server).unwrap().0).collect();
+        shuttle(&mut a, &mut b, false);
+        let mut accepted = vec![];
+        while let Poll::Ready(Ok((h, ..))) = b.poll_accept(80, &mut cx()) {
+            accepted.push(h);
+        }
+        assert_eq!((a.lent.len(), b.lent.len(), accepted.len()), (16, 16, 16));
+        // Sixteen idle connections: nothing written, nothing resident (was 16 MiB).
+        assert_eq!(a.resident_rings(), 0);
+        assert_eq!(b.resident_rings(), 0);
+
+        // 100 KB through one of them: about that much becomes resident on each side (the
+        // sender's ring and the receiver's), no more.
+        let data = vec![7u8; 100_000];
+        let mut sent = 0;
+        while sent < data.len() {
+            sent += a.sockets.get_mut::<tcp::Socket>(dials[0]).send_slice(&data[sent..]).unwrap();
+            shuttle(&mut a, &mut b, false);
+        }
+        for side in [a.resident_rings(), b.resident_rings()] {
+            assert!((100_000..=100_000 + 8 * 4096).contains(&side), "{side} bytes resident");
+        }
+
+        for h in dials {
+            a.abort_tcp(h);
+        }
+        for h in accepted {
+            b.abort_tcp(h);
+        }
+        shuttle(&mut a, &mut b, false);
+        assert_eq!((a.sockets.iter().count(), a.lent.len()), (0, 0));
+        assert_eq!((b.sockets.iter().count(), b.lent.len()), (0, 0));
     }
 
     #[test]
