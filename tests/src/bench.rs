@@ -41,6 +41,14 @@ pub const MAX_NETMAP_CHANGE_RATIO: f64 = 0.1;
 pub const MAX_POLICY_CONTROL_RATIO: f64 = 3.0;
 /// Peers in the netmap of each node whose idle memory is measured.
 pub const MEMORY_PEERS: usize = 100;
+/// Mesh TCP connections held open between the two measured nodes for the per-connection row.
+pub const MEMORY_CONNECTIONS: usize = 100;
+/// The CI guard: memory per held mesh TCP connection may be at most this multiple of tsnet's.
+/// Gross on purpose (measured about RATIO_TBD): it catches each connection's rings becoming
+/// resident whole again (1 MiB each, then about 20 times tsnet's).
+pub const MAX_CONNECTION_MEMORY_RATIO: f64 = 4.0;
+/// citadel up's HTTP proxy in the memory figure (the held connections go through it).
+const MEMORY_PROXY_PORT: u16 = 18322;
 
 /// Resident code outside the hot-symbols region above which the memory figure says the list
 /// looks stale. Just regenerated, three runs left 120, 376 and 312 KB outside it (5-11 windows
@@ -136,6 +144,9 @@ pub fn check(figs: &[Figure]) -> Result<(), String> {
         }
         if f.name.starts_with("idle RSS") && r > MAX_MEMORY_RATIO {
             bad.push(format!("{}: ratio {r:.2} above {MAX_MEMORY_RATIO}", f.name));
+        }
+        if f.name.starts_with("RSS per held") && r > MAX_CONNECTION_MEMORY_RATIO {
+            bad.push(format!("{}: ratio {r:.2} above {MAX_CONNECTION_MEMORY_RATIO}", f.name));
         }
         if f.name.starts_with("netmap change") && r > MAX_NETMAP_CHANGE_RATIO {
             bad.push(format!("{}: ratio {r:.3} above {MAX_NETMAP_CHANGE_RATIO}", f.name));
@@ -614,6 +625,7 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
         .arg("--state-dir")
         .arg(w.dir.path().join("mem-cit"))
         .args(["up", "--authkey", &w.key, "--nexus", &w.nexus.url(), "--hostname", "mem-cit"])
+        .args(["--http-proxy", &format!("127.0.0.1:{MEMORY_PROXY_PORT}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -660,16 +672,79 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     if let Some(ms) = std::env::var("BENCH_KEEP_MS").ok().and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let _ = up.kill().await;
     eprintln!(
         "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB ({cs}), Caddy+tsnet {t:.1} MB ({ts_}), Caddy alone {p:.1} MB ({ps})"
     );
-    Ok(vec![Figure {
-        name: "idle RSS, 100 peers: citadel up vs tsnet part",
-        unit: "MB",
-        citadel: c,
-        against: Some(t - p),
-    }])
+    let (per_cit, per_ts) = held_connections(up.id(), ts.id(), MEMORY_CONNECTIONS).await?;
+    let _ = up.kill().await;
+    Ok(vec![
+        Figure { name: "idle RSS, 100 peers: citadel up vs tsnet part", unit: "MB", citadel: c, against: Some(t - p) },
+        Figure {
+            name: "RSS per held mesh TCP connection vs tsnet",
+            unit: "KB",
+            citadel: per_cit,
+            against: Some(per_ts),
+        },
+    ])
+}
+
+/// Opens `n` mesh TCP connections from citadel up (`cit`) to the tsnet node (`ts`, Caddy
+/// answering "hi" on :80) and holds them: each a CONNECT through citadel up's HTTP proxy with
+/// one request answered on it, as an app talking to a mesh service leaves it. Returns how much
+/// each process's RSS grew per connection (KB): citadel's mesh socket and the proxy's relay,
+/// and tsnet's endpoint with Go's HTTP connection.
+async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow::Result<(f64, f64)> {
+    let open = |i: usize| async move {
+        let talk = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
+            s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
+            let head = read_until(&mut s, b"\r\n\r\n").await?;
+            if !head.starts_with(b"HTTP/1.1 200") {
+                bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
+            }
+            s.write_all(b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n").await?;
+            let reply = read_until(&mut s, b"hi").await?;
+            if !reply.starts_with(b"HTTP/1.1 200") {
+                bail!("GET through the mesh: {}", String::from_utf8_lossy(&reply));
+            }
+            anyhow::Ok(s)
+        };
+        tokio::time::timeout(Duration::from_secs(10), talk)
+            .await
+            .map_err(|_| anyhow!("held connection {i}: no answer within 10 s"))?
+            .with_context(|| format!("held connection {i}"))
+    };
+    let rss = || -> anyhow::Result<(f64, f64)> { Ok((rss_mb(cit)? * 1024.0, rss_mb(ts)? * 1024.0)) };
+    // One first, not counted: it pages in the code both sides run per connection.
+    let mut held = vec![open(0).await?];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (c0, t0) = rss()?;
+    for i in 1..=n {
+        held.push(open(i).await?);
+    }
+    // Both sides settle (Go's collector, the proxies' tasks parked) before the reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c1, t1) = rss()?;
+    let per = |a: f64, b: f64| (b - a).max(0.0) / n as f64;
+    eprintln!(
+        "{n} held mesh TCP connections (after one more): citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB"
+    );
+    drop(held);
+    Ok((per(c0, c1), per(t0, t1)))
+}
+
+/// Reads from `s` until what was read ends with `end` (at most 64 KB).
+async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end) {
+        let k = s.read(&mut buf).await?;
+        if k == 0 || got.len() + k > 64 * 1024 {
+            bail!("stream ended or overlong after {} bytes: {}", got.len(), String::from_utf8_lossy(&got));
+        }
+        got.extend_from_slice(&buf[..k]);
+    }
+    Ok(got)
 }
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
