@@ -693,8 +693,12 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
 /// one request answered on it, as an app talking to a mesh service leaves it. Returns how much
 /// each process's RSS grew per connection (KB): citadel's mesh socket and the proxy's relay,
 /// and tsnet's endpoint with Go's HTTP connection.
+///
+/// First, `n` connections come and go, as on a node that has run a while: memory a closed
+/// connection freed is what the next ones get (glibc zeroes reused heap memory by hand, and
+/// so makes all of it resident, where fresh pages stay untouched until written).
 async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow::Result<(f64, f64)> {
-    let open = |i: usize| async move {
+    let open = |i: usize, close: bool| async move {
         let talk = async {
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
             s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
@@ -702,7 +706,13 @@ async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
             if !head.starts_with(b"HTTP/1.1 200") {
                 bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
             }
-            s.write_all(b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n").await?;
+            // A closing request: tsnet closes first, so no side lingers in TIME-WAIT.
+            let get: &[u8] = if close {
+                b"GET / HTTP/1.1\r\nHost: mem-ts\r\nConnection: close\r\n\r\n"
+            } else {
+                b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n"
+            };
+            s.write_all(get).await?;
             let reply = read_until(&mut s, b"hi").await?;
             if !reply.starts_with(b"HTTP/1.1 200") {
                 bail!("GET through the mesh: {}", String::from_utf8_lossy(&reply));
@@ -715,19 +725,22 @@ async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
             .with_context(|| format!("held connection {i}"))
     };
     let rss = || -> anyhow::Result<(f64, f64)> { Ok((rss_mb(cit)? * 1024.0, rss_mb(ts)? * 1024.0)) };
-    // One first, not counted: it pages in the code both sides run per connection.
-    let mut held = vec![open(0).await?];
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..n {
+        drop(open(i, true).await?);
+    }
+    // One more first, not counted: the code both sides run per held connection paged in.
+    let mut held = vec![open(n, false).await?];
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (c0, t0) = rss()?;
     for i in 1..=n {
-        held.push(open(i).await?);
+        held.push(open(n + i, false).await?);
     }
     // Both sides settle (Go's collector, the proxies' tasks parked) before the reading.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (c1, t1) = rss()?;
     let per = |a: f64, b: f64| (b - a).max(0.0) / n as f64;
     eprintln!(
-        "{n} held mesh TCP connections (after one more): citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB"
+        "{n} held mesh TCP connections (after {n} closed and one more): citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB"
     );
     drop(held);
     Ok((per(c0, c1), per(t0, t1)))
