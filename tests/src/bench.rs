@@ -614,7 +614,8 @@ async fn citadel_peer_count(state_dir: &std::path::Path) -> anyhow::Result<usize
 /// its tailscale block minus the same Caddy without one), all idle for `idle` after joining,
 /// each with [`MEMORY_PEERS`] peers (control-only nodes fill the tailnet up to that).
 /// `BENCH_SMAPS` names a file to copy `citadel up`'s `/proc/PID/smaps` to at that moment;
-/// `BENCH_KEEP_MS` keeps it running that long after.
+/// `BENCH_KEEP_MS` keeps it running that long after (and skips the held connections). Then
+/// [`held_connections`] gives the per-connection row.
 pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
     let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
     // The two measured nodes join after these and see each other too.
@@ -669,23 +670,31 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
     }
     // `./bench.sh hot-symbols` keeps the node running a little longer: callgrind writes its
     // profile every second, and the status request just made must be in it.
-    if let Some(ms) = std::env::var("BENCH_KEEP_MS").ok().and_then(|v| v.parse().ok()) {
+    // That run profiles start-up, joining and idling only: it leaves out the held connections.
+    let keep_ms = std::env::var("BENCH_KEEP_MS").ok().and_then(|v| v.parse().ok());
+    if let Some(ms) = keep_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     eprintln!(
         "idle RSS with {peers} peers ({listed} in citadel's netmap): citadel up {c:.1} MB ({cs}), Caddy+tsnet {t:.1} MB ({ts_}), Caddy alone {p:.1} MB ({ps})"
     );
-    let (per_cit, per_ts) = held_connections(up.id(), ts.id(), MEMORY_CONNECTIONS).await?;
-    let _ = up.kill().await;
-    Ok(vec![
-        Figure { name: "idle RSS, 100 peers: citadel up vs tsnet part", unit: "MB", citadel: c, against: Some(t - p) },
-        Figure {
+    let mut figs = vec![Figure {
+        name: "idle RSS, 100 peers: citadel up vs tsnet part",
+        unit: "MB",
+        citadel: c,
+        against: Some(t - p),
+    }];
+    if keep_ms.is_none() {
+        let (per_cit, per_ts) = held_connections(up.id(), ts.id(), MEMORY_CONNECTIONS).await?;
+        figs.push(Figure {
             name: "RSS per held mesh TCP connection vs tsnet",
             unit: "KB",
             citadel: per_cit,
             against: Some(per_ts),
-        },
-    ])
+        });
+    }
+    let _ = up.kill().await;
+    Ok(figs)
 }
 
 /// Opens `n` mesh TCP connections from citadel up (`cit`) to the tsnet node (`ts`, Caddy
