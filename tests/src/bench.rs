@@ -614,8 +614,8 @@ async fn citadel_peer_count(state_dir: &std::path::Path) -> anyhow::Result<usize
 /// its tailscale block minus the same Caddy without one), all idle for `idle` after joining,
 /// each with [`MEMORY_PEERS`] peers (control-only nodes fill the tailnet up to that).
 /// `BENCH_SMAPS` names a file to copy `citadel up`'s `/proc/PID/smaps` to at that moment;
-/// `BENCH_KEEP_MS` keeps it running that long after (and skips the held connections). Then
-/// [`held_connections`] gives the per-connection row.
+/// `BENCH_KEEP_MS` keeps it running that long after and skips the held connections; without
+/// it, [`held_connections`] gives the per-connection row.
 pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>> {
     let site = |name: &str| format!(":80 {{\n\tbind tailscale/{name}\n\trespond \"hi\"\n}}");
     // The two measured nodes join after these and see each other too.

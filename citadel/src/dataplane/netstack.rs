@@ -663,7 +663,7 @@ mod tests {
             accepted.push(h);
         }
         assert_eq!((a.lent.len(), b.lent.len(), accepted.len()), (16, 16, 16));
-        // Sixteen idle connections: nothing written, nothing resident (was 16 MiB).
+        // Sixteen idle connections: nothing written, nothing resident (whole rings: 16 MiB).
         assert_eq!(a.resident_rings(), 0);
         assert_eq!(b.resident_rings(), 0);
 
