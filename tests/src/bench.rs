@@ -44,7 +44,7 @@ pub const MEMORY_PEERS: usize = 100;
 /// Mesh TCP connections held open between the two measured nodes for the per-connection row.
 pub const MEMORY_CONNECTIONS: usize = 100;
 /// The CI guard: memory per held mesh TCP connection may be at most this multiple of tsnet's.
-/// Gross on purpose (measured 0.74-1.04): it catches each connection's buffers becoming
+/// Gross on purpose (measured 0.74-1.10): it catches each connection's buffers becoming
 /// resident whole again (the code before the rings were mapped measured 5.9 after the churn).
 pub const MAX_CONNECTION_MEMORY_RATIO: f64 = 4.0;
 /// citadel up's HTTP proxy in the memory figure (the held connections go through it).
