@@ -378,6 +378,12 @@ fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
+/// The system clock's now plus a duration as `parse_duration` reads it (the admin CLI is
+/// never simulated).
+fn from_now(d: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    Ok(chrono::Utc::now() + chrono::Duration::from_std(parse_duration(d)?)?)
+}
+
 struct Client {
     http: reqwest::Client,
     conn: Conn,
@@ -632,7 +638,7 @@ async fn run(cli: Cli) -> Result<()> {
             admin(conn, async |c, json| {
                 match cmd {
                     KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
-                        let exp = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&expiration)?)?;
+                        let exp = from_now(&expiration)?;
                         let v = c
                             .call(
                                 Method::POST,
@@ -720,7 +726,7 @@ async fn run(cli: Cli) -> Result<()> {
                     NodesCmd::Expire { id, after } => {
                         let query = match after {
                             Some(d) => {
-                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&d)?)?;
+                                let at = from_now(&d)?;
                                 format!("?expiry={}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                             }
                             None => String::new(),
@@ -798,7 +804,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ApiKeysCmd::Create { expiration } => {
                         let body = match expiration {
                             Some(e) => {
-                                let at = chrono::Utc::now() + chrono::Duration::from_std(parse_duration(&e)?)?;
+                                let at = from_now(&e)?;
                                 json!({"expiration": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
                             }
                             None => json!({}),

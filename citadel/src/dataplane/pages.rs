@@ -40,6 +40,16 @@ unsafe fn pages(len: usize) -> (Pages, &'static mut [u8]) {
     (Pages { _map: m }, slice)
 }
 
+/// Two rings of `len` bytes (receive, transmit) and their pages.
+///
+/// # Safety
+/// As for [`pages`]: the slices must not be used after the pages are dropped.
+unsafe fn rings(len: usize) -> ([Pages; 2], &'static mut [u8], &'static mut [u8]) {
+    // SAFETY: passed on to the caller.
+    let ((rx_pages, rx), (tx_pages, tx)) = unsafe { (pages(len), pages(len)) };
+    ([rx_pages, tx_pages], rx, tx)
+}
+
 /// A socket not yet in a set, with the pages its rings are made of. Fields drop in order:
 /// the socket first.
 pub(crate) struct Fresh<S> {
@@ -52,11 +62,8 @@ impl Fresh<tcp::Socket<'static>> {
     pub(crate) fn tcp(len: usize) -> Self {
         // SAFETY: the slices go into `socket`, which drops before `pages` (field order), or
         // into a set whose `Lent` takes the pages (`Lent::add`).
-        let ((rx_pages, rx), (tx_pages, tx)) = unsafe { (pages(len), pages(len)) };
-        Fresh {
-            socket: tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx)),
-            pages: [rx_pages, tx_pages],
-        }
+        let (pages, rx, tx) = unsafe { rings(len) };
+        Fresh { socket: tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx)), pages }
     }
 }
 
@@ -64,9 +71,9 @@ impl Fresh<udp::Socket<'static>> {
     /// A UDP socket with room for `packets` datagrams and `len` payload bytes each way.
     pub(crate) fn udp(packets: usize, len: usize) -> Self {
         // SAFETY: as for TCP above.
-        let ((rx_pages, rx), (tx_pages, tx)) = unsafe { (pages(len), pages(len)) };
+        let (pages, rx, tx) = unsafe { rings(len) };
         let buf = |payload| udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; packets], payload);
-        Fresh { socket: udp::Socket::new(buf(rx), buf(tx)), pages: [rx_pages, tx_pages] }
+        Fresh { socket: udp::Socket::new(buf(rx), buf(tx)), pages }
     }
 }
 
