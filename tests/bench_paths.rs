@@ -96,7 +96,7 @@ async fn run(map: &DerpMap, relay: bool, dur: Duration) -> anyhow::Result<(f64, 
 
     // Throughput: one stream A -> B for `dur`.
     let (total, took) =
-        tokio::time::timeout(dur + Duration::from_secs(30), a.bulk_send(&b, "100.64.0.2:9000".parse()?, dur)).await??;
+        tokio::time::timeout(dur + Duration::from_secs(30), a.bulk_send(b, "100.64.0.2:9000".parse()?, dur)).await??;
     let path = a.peer_stats().first().and_then(|p| p.path).map(|p| p.to_string()).unwrap_or_default();
     Ok((total as f64 / MB / took.as_secs_f64(), rtt, path))
 }

@@ -36,6 +36,8 @@ const STACK_POOL_KEEP: usize = 128;
 const LISTEN_BACKLOG: usize = 128;
 /// How long a closed-by-app socket may take to finish its FIN exchange before it is reset.
 const CLOSE_LINGER: Duration = Duration::from_secs(60);
+/// How often the rings of sockets holding no data are given back (see `Lent::release_quiet`).
+const RELEASE_EVERY: Duration = Duration::from_secs(10);
 /// Ephemeral port range (IANA dynamic ports).
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -125,6 +127,8 @@ pub(crate) struct Stack {
     epoch: Instant,
     listeners: BTreeMap<u16, Listener>,
     closing: Vec<(SocketHandle, Instant)>,
+    /// When the quiet sockets' rings were last given back.
+    released: Instant,
     udp_ports: BTreeSet<u16>,
     /// Where the search for the next ephemeral port starts (see [`Stack::ephemeral_port`]).
     next_port: u16,
@@ -163,6 +167,7 @@ impl Stack {
             epoch,
             listeners: BTreeMap::new(),
             closing: Vec::new(),
+            released: epoch,
             udp_ports: BTreeSet::new(),
             next_port: rand::thread_rng().gen_range(EPHEMERAL),
             stopped: false,
@@ -456,6 +461,10 @@ impl Stack {
             }
             true
         });
+        if wall.duration_since(self.released) >= RELEASE_EVERY {
+            self.released = wall;
+            self.lent.release_quiet(&self.sockets);
+        }
         self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
     }
 
@@ -648,8 +657,8 @@ mod tests {
         }
     }
 
-    /// A connection holds only the ring pages it has written (not 1 MiB each), and its pages
-    /// go when its socket is reaped.
+    /// A connection holds only the ring pages it has written (not 1 MiB each), gives them back
+    /// once it holds no data, and its pages go when its socket is reaped.
     #[cfg(target_os = "linux")]
     #[test]
     fn connections_hold_the_ring_pages_they_wrote_and_give_them_back() {
@@ -678,6 +687,36 @@ mod tests {
         for side in [a.resident_rings(), b.resident_rings()] {
             assert!((100_000..=100_000 + 8 * 4096).contains(&side), "{side} bytes resident");
         }
+
+        // Quiet sockets give their rings back on the stack's next poll after `RELEASE_EVERY`:
+        // the sender's data is acknowledged, so its pages go; the receiver's ring still holds
+        // the unread 100 KB, so it keeps them.
+        let release = |s: &mut Stack| {
+            s.released -= RELEASE_EVERY;
+            s.poll();
+        };
+        release(&mut a);
+        release(&mut b);
+        assert_eq!(a.resident_rings(), 0);
+        assert!(b.resident_rings() >= 100_000, "{} bytes resident", b.resident_rings());
+        let rx = *accepted.iter().find(|h| b.sockets.get::<tcp::Socket>(**h).recv_queue() > 0).unwrap();
+        let read_all = |b: &mut Stack, n: usize| {
+            let mut got = vec![0u8; n + 1];
+            let r = b.sockets.get_mut::<tcp::Socket>(rx).recv_slice(&mut got).unwrap();
+            got.truncate(r);
+            got
+        };
+        assert_eq!(read_all(&mut b, 100_000), data);
+        release(&mut b);
+        assert_eq!(b.resident_rings(), 0);
+        // The rings work as before once given back: the next data arrives whole.
+        let more: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        while sent < more.len() {
+            sent += a.sockets.get_mut::<tcp::Socket>(dials[0]).send_slice(&more[sent..]).unwrap();
+            shuttle(&mut a, &mut b, false);
+        }
+        assert_eq!(read_all(&mut b, 50_000), more);
 
         for h in dials {
             a.abort_tcp(h);
