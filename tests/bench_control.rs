@@ -318,15 +318,16 @@ impl View {
             }
         }
     }
-    fn holds(&mut self, p: &Probe) -> bool {
-        let (present, eps) = match self {
-            View::Probe(v) => (v.key == p.key && v.id.is_some(), v.endpoints.clone()),
+    fn holds(&self, p: &Probe) -> bool {
+        let eps: &[String] = match self {
+            View::Probe(v) if v.key == p.key && v.id.is_some() => &v.endpoints,
             View::Full(nm, v) => match v.id.and_then(|id| nm.peers.get(&id)).filter(|n| n.key == p.key) {
-                Some(n) => (true, n.endpoints.clone()),
-                None => (false, vec![]),
+                Some(n) => &n.endpoints,
+                None => return false,
             },
+            View::Probe(_) => return false,
         };
-        present && p.endpoints.as_ref().is_none_or(|e| *e == eps)
+        p.endpoints.as_deref().is_none_or(|e| e == eps)
     }
 }
 
