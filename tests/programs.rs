@@ -751,6 +751,12 @@ async fn library_accept_names_the_peer_and_udp_expose_round_trips() {
     tokio::spawn(async move {
         let mut buf = [0u8; 2048];
         while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            if &buf[..n] == b"big" {
+                // Too large for the mesh, then a small one.
+                let _ = echo.send_to(&[b'x'; 3000], from).await;
+                let _ = echo.send_to(b"echo:after-big", from).await;
+                continue;
+            }
             let mut out = b"echo:".to_vec();
             out.extend_from_slice(&buf[..n]);
             let _ = echo.send_to(&out, from).await;
@@ -771,6 +777,18 @@ async fn library_accept_names_the_peer_and_udp_expose_round_trips() {
     assert_eq!((got.as_slice(), from), (&b"echo:ping"[..], std::net::SocketAddr::from((bravo, 5300))));
     let list = b.exposes();
     assert_eq!((list[0].accepted, list[0].active), (1, 1), "{list:?}");
+    // A reply larger than the mesh carries is dropped whole, never cut to fit: the next one
+    // arrives, and nothing else but late echoes of the pings above.
+    u.send_to(b"big", (bravo, 5300).into()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (n, _) = u.recv_from(&mut buf).await.unwrap();
+            if &buf[..n] != b"echo:ping" {
+                return buf[..n].to_vec();
+            }
+        }
+    });
+    assert_eq!(next.await.expect("no reply after the oversized one"), b"echo:after-big");
 
     // The same echo through alpha's SOCKS5 proxy: UDP ASSOCIATE over the real mesh, the
     // destination named by its short mesh name.

@@ -3,6 +3,7 @@
 //! forwards each to a service on the host. The data plane's packet filter runs before any of
 //! this, so the policy still decides which peers may connect.
 
+use crate::dataplane::netstack::MTU;
 use crate::dataplane::{DataPlane, MeshTcpStream, MeshUdpSocket};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -354,7 +355,8 @@ impl Drop for Flow {
 async fn serve_udp(sock: MeshUdpSocket, target: String, stats: Arc<Stats>) {
     let sock = Arc::new(sock);
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    // What comes out of the mesh fits its MTU.
+    let mut buf = vec![0u8; MTU];
     let mut sweep = tokio::time::interval(UDP_IDLE / 4);
     loop {
         let (n, from) = tokio::select! {
@@ -412,9 +414,11 @@ async fn open_flow(
     local.connect(dst).await?;
     let (mesh, back) = (mesh.clone(), local.clone());
     let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
+        // One flow per peer address, each with this buffer: the mesh's MTU, not 64 KiB. A
+        // datagram that does not fit cannot be carried either (its UDP payload would not fit
+        // an MTU-sized packet): cut to the buffer, it is still too large and the send drops it.
+        let mut buf = vec![0u8; MTU];
         while let Ok(n) = back.recv(&mut buf).await {
-            // Datagrams larger than the mesh MTU cannot be carried; they are dropped.
             let _ = mesh.send_to(&buf[..n], from).await;
         }
     });
