@@ -199,7 +199,7 @@ mod imp {
                             return;
                         }
                         let mut unix = reader.into_inner().reunite(w).expect("halves of one stream");
-                        let _ = tokio::io::copy_bidirectional(&mut unix, &mut conn).await;
+                        let _ = crate::copy::both_ways(&mut unix, &mut conn).await;
                         return;
                     }
                 }

@@ -23,13 +23,6 @@ pub const MAX_UDP_FLOWS: usize = 256;
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Bound on connecting to the local service.
 pub const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction of a forwarded or proxied connection. tokio zeroes it (`calloc`),
-/// and glibc then writes every byte of one that reuses freed heap memory, so it is resident for
-/// as long as the connection is open: at 64 KiB, 128 KiB per held connection, 3-4 times what a
-/// tsnet node holds per connection (`./bench.sh memory`, `RSS per held mesh TCP connection`).
-/// At 16 KiB a download through a SOCKS5 proxy and an exposed port (both copy with it) ran
-/// at 308-333 MB/s against 314-343 MB/s at 64 KiB, in interleaved rounds on one machine.
-pub(crate) const COPY_BUF: usize = 16 * 1024;
 
 /// Transport of an exposed port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -334,7 +327,7 @@ async fn forward_tcp(mut conn: MeshTcpStream, from: SocketAddr, target: &str, st
     };
     let _ = local.set_nodelay(true);
     tracing::debug!(%from, %target, "forwarding a mesh connection");
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut local, COPY_BUF, COPY_BUF).await;
+    let _ = crate::copy::both_ways(&mut conn, &mut local).await;
 }
 
 /// One mesh sender's datagrams go through their own local socket, so the service's answers

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod clock;
 pub mod control;
+pub mod copy;
 pub mod dataplane;
 pub mod derphttp;
 pub mod expose;

@@ -364,8 +364,7 @@ where
     if !early.is_empty() {
         dest.write_all(early).await?;
     }
-    let buf = crate::expose::COPY_BUF;
-    tokio::io::copy_bidirectional_with_sizes(client, dest, buf, buf).await.map(|_| ())
+    crate::copy::both_ways(client, dest).await.map(|_| ())
 }
 
 /// The mesh a proxy runs against: the node's data plane and its netmap.

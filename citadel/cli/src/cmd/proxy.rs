@@ -39,7 +39,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
         tokio::spawn(async move {
             match node.dial(&peer, port).await {
                 Ok(mut remote) => {
-                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                    let _ = citadel::copy::both_ways(&mut local, &mut remote).await;
                 }
                 Err(e) => tracing::warn!("proxy: {e}"),
             }
