@@ -14,7 +14,9 @@
 //! [`Stack`](super::netstack::Stack) makes each socket inside a [`Fresh`], which drops the
 //! socket before its pages; once the socket is in the set, its pages move to a [`Lent`], which
 //! unmaps them only when told the socket was removed, and which the stack declares after its
-//! socket set (so it drops after it).
+//! socket set (so it drops after it). Pages a ring wrote stay resident after the data is gone;
+//! every 10 s the stack hands the pages of sockets holding no data back to the kernel
+//! ([`Lent::release_quiet`]).
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::{tcp, udp};
@@ -22,7 +24,7 @@ use std::collections::HashMap;
 
 /// One zeroed region, unmapped on drop (held for the socket's slice; tests measure it).
 pub(crate) struct Pages {
-    _map: memmap2::MmapMut,
+    map: memmap2::MmapMut,
 }
 
 impl Pages {
@@ -32,7 +34,7 @@ impl Pages {
         #[cfg(unix)]
         // SAFETY: only the zeroing of pages no one reads (see above). The socket's slice over
         // them is used only inside smoltcp's calls, and none runs: the caller holds the set.
-        let _ = unsafe { self._map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
     }
 }
 
@@ -48,7 +50,7 @@ unsafe fn pages(len: usize) -> (Pages, &'static mut [u8]) {
     // SAFETY: the mapping stays where it is when the `MmapMut` moves, and the caller keeps it
     // for as long as the slice is used.
     let slice = unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr(), m.len()) };
-    (Pages { _map: m }, slice)
+    (Pages { map: m }, slice)
 }
 
 /// Two rings of `len` bytes (receive, transmit) and their pages.
@@ -115,12 +117,10 @@ impl Lent {
     }
 
     /// Gives back the ring pages of every socket in `set` that holds no data either way (see
-    /// [`Pages::release`]); returns how many sockets that was. A connection that moved a
-    /// burst keeps up to its two whole rings resident (1 MiB for TCP) after the data is
-    /// gone; this returns it. One `madvise` per quiet socket, cheap where nothing is resident
-    /// (the kernel skips empty page tables).
-    pub(crate) fn release_quiet(&self, set: &smoltcp::iface::SocketSet<'static>) -> usize {
-        let mut n = 0;
+    /// [`Pages::release`]). A connection that moved a burst keeps up to its two whole rings
+    /// resident (1 MiB for TCP) after the data is gone; this returns it. One `madvise` per
+    /// ring, cheap where nothing is resident (the kernel skips empty page tables).
+    pub(crate) fn release_quiet(&self, set: &smoltcp::iface::SocketSet<'static>) {
         for (h, socket) in set.iter() {
             let quiet = match socket {
                 smoltcp::socket::Socket::Tcp(s) => s.recv_queue() == 0 && s.send_queue() == 0,
@@ -130,10 +130,8 @@ impl Lent {
             };
             if let Some(pages) = self.by_socket.get(&h).filter(|_| quiet) {
                 pages.iter().for_each(Pages::release);
-                n += 1;
             }
         }
-        n
     }
 
     /// Sockets holding lent pages.
@@ -148,9 +146,9 @@ impl Lent {
         let page = 4096;
         let mut total = 0;
         for p in self.by_socket.values().flatten() {
-            let mut vec = vec![0u8; p._map.len().div_ceil(page)];
+            let mut vec = vec![0u8; p.map.len().div_ceil(page)];
             // SAFETY: the range is one whole live mapping and `vec` has a byte per page of it.
-            let r = unsafe { libc::mincore(p._map.as_ptr() as *mut libc::c_void, p._map.len(), vec.as_mut_ptr()) };
+            let r = unsafe { libc::mincore(p.map.as_ptr() as *mut libc::c_void, p.map.len(), vec.as_mut_ptr()) };
             assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
             total += vec.iter().filter(|b| **b & 1 == 1).count() * page;
         }
