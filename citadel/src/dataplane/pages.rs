@@ -24,6 +24,8 @@ use std::collections::HashMap;
 
 /// One zeroed region, unmapped on drop (held for the socket's slice; tests measure it).
 pub(crate) struct Pages {
+    // Held for its drop (the unmapping); read only to release pages, on Unix.
+    #[cfg_attr(not(unix), allow(dead_code))]
     map: memmap2::MmapMut,
 }
 
