@@ -15,13 +15,13 @@
 //! Sans-IO: it sees our outgoing segments (to learn the last ACK and window we advertised per
 //! connection) and rewrites incoming ones in place.
 
-use super::netstack::TCP_BUFFER;
+use super::netstack::TCP_RX_BUFFER;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 /// The window-scale shift smoltcp derives from our receive buffer (see `tcp::Socket::new`).
-const WIN_SHIFT: u32 = (usize::BITS - TCP_BUFFER.leading_zeros()).saturating_sub(16);
+const WIN_SHIFT: u32 = (usize::BITS - TCP_RX_BUFFER.leading_zeros()).saturating_sub(16);
 /// Connections remembered at most; beyond that the table starts over and relearns.
 const MAX_FLOWS: usize = 8192;
 

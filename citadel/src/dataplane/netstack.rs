@@ -24,8 +24,14 @@ use std::time::{Duration, Instant};
 /// Tailscale's TUN MTU: leaves room for WireGuard (32) + UDP (8) + IPv6 (40) within 1360,
 /// which fits every path the mesh uses.
 pub(crate) const MTU: usize = 1280;
-/// Per-direction TCP buffer. It bounds the window, and so throughput per round trip.
-pub(crate) const TCP_BUFFER: usize = 512 * 1024;
+/// TCP receive ring: it bounds the window we advertise, and so what a peer may send per round
+/// trip. At 512 KiB it held a tsnet sender to citadel to a median of 254 MB/s over six
+/// interleaved rounds (182-358); at 1 MiB, 341 (271-374) in the same run (docs/performance.md).
+/// The pages cost nothing until written and go back once the socket is quiet.
+pub(crate) const TCP_RX_BUFFER: usize = 1024 * 1024;
+/// TCP transmit ring: unacknowledged and unsent data. At 1 MiB too, citadel<->citadel
+/// measured no faster (380-393 against 395-460 MB/s in the same rounds).
+const TCP_TX_BUFFER: usize = 512 * 1024;
 const UDP_PACKETS: usize = 512;
 const UDP_BUFFER: usize = 256 * 1024;
 /// Decrypted packets waiting for the stack; past this they are dropped like a full NIC ring.
@@ -217,7 +223,7 @@ impl Stack {
     /// A TCP socket, its rings in pages the kernel zeroes when first written (see
     /// [`super::pages`]).
     fn tcp_socket() -> Fresh<tcp::Socket<'static>> {
-        let mut f = Fresh::tcp(TCP_BUFFER);
+        let mut f = Fresh::tcp(TCP_RX_BUFFER, TCP_TX_BUFFER);
         let s = &mut f.socket;
         // The app decides about batching; Nagle only adds latency to request/response.
         s.set_nagle_enabled(false);
@@ -657,7 +663,7 @@ mod tests {
         }
     }
 
-    /// A connection holds only the ring pages it has written (not 1 MiB each), gives them back
+    /// A connection holds only the ring pages it has written (not 1.5 MiB each), gives them back
     /// once it holds no data, and its pages go when its socket is reaped.
     #[cfg(target_os = "linux")]
     #[test]
@@ -672,7 +678,7 @@ mod tests {
             accepted.push(h);
         }
         assert_eq!((a.lent.len(), b.lent.len(), accepted.len()), (16, 16, 16));
-        // Sixteen idle connections: nothing written, nothing resident (whole rings: 16 MiB).
+        // Sixteen idle connections: nothing written, nothing resident (whole rings: 24 MiB).
         assert_eq!(a.resident_rings(), 0);
         assert_eq!(b.resident_rings(), 0);
 

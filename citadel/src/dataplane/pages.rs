@@ -55,13 +55,13 @@ unsafe fn pages(len: usize) -> (Pages, &'static mut [u8]) {
     (Pages { map: m }, slice)
 }
 
-/// Two rings of `len` bytes (receive, transmit) and their pages.
+/// Two rings, receive (`rx_len` bytes) and transmit (`tx_len`), and their pages.
 ///
 /// # Safety
 /// As for [`pages`]: the slices must not be used after the pages are dropped.
-unsafe fn rings(len: usize) -> ([Pages; 2], &'static mut [u8], &'static mut [u8]) {
+unsafe fn rings(rx_len: usize, tx_len: usize) -> ([Pages; 2], &'static mut [u8], &'static mut [u8]) {
     // SAFETY: passed on to the caller.
-    let ((rx_pages, rx), (tx_pages, tx)) = unsafe { (pages(len), pages(len)) };
+    let ((rx_pages, rx), (tx_pages, tx)) = unsafe { (pages(rx_len), pages(tx_len)) };
     ([rx_pages, tx_pages], rx, tx)
 }
 
@@ -73,11 +73,11 @@ pub(crate) struct Fresh<S> {
 }
 
 impl Fresh<tcp::Socket<'static>> {
-    /// A TCP socket with rings of `len` bytes each way.
-    pub(crate) fn tcp(len: usize) -> Self {
+    /// A TCP socket with a receive ring of `rx_len` bytes and a transmit ring of `tx_len`.
+    pub(crate) fn tcp(rx_len: usize, tx_len: usize) -> Self {
         // SAFETY: the slices go into `socket`, which drops before `pages` (field order), or
         // into a set whose `Lent` takes the pages (`Lent::add`).
-        let (pages, rx, tx) = unsafe { rings(len) };
+        let (pages, rx, tx) = unsafe { rings(rx_len, tx_len) };
         Fresh { socket: tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx)), pages }
     }
 }
@@ -86,7 +86,7 @@ impl Fresh<udp::Socket<'static>> {
     /// A UDP socket with room for `packets` datagrams and `len` payload bytes each way.
     pub(crate) fn udp(packets: usize, len: usize) -> Self {
         // SAFETY: as for TCP above.
-        let (pages, rx, tx) = unsafe { rings(len) };
+        let (pages, rx, tx) = unsafe { rings(len, len) };
         let buf = |payload| udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; packets], payload);
         Fresh { socket: udp::Socket::new(buf(rx), buf(tx)), pages }
     }
@@ -120,7 +120,7 @@ impl Lent {
 
     /// Gives back the ring pages of every socket in `set` that holds no data either way (see
     /// [`Pages::release`]). A connection that moved a burst keeps up to its two whole rings
-    /// resident (1 MiB for TCP) after the data is gone; this returns it. One `madvise` per
+    /// resident (1.5 MiB for TCP) after the data is gone; this returns it. One `madvise` per
     /// ring, cheap where nothing is resident (the kernel skips empty page tables).
     pub(crate) fn release_quiet(&self, set: &smoltcp::iface::SocketSet<'static>) {
         for (h, socket) in set.iter() {
