@@ -744,52 +744,30 @@ pub async fn memory(w: &mut World, idle: Duration) -> anyhow::Result<Vec<Figure>
 /// connection freed is what the next ones get (glibc zeroes reused heap memory by hand, and
 /// so makes all of it resident, where fresh pages stay untouched until written).
 async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow::Result<(f64, f64)> {
-    let open = |i: usize, close: bool| async move {
-        let talk = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
-            s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
-            let head = read_until(&mut s, b"\r\n\r\n").await?;
-            if !head.starts_with(b"HTTP/1.1 200") {
-                bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
-            }
-            // A closing request: tsnet closes first, so no side lingers in TIME-WAIT.
-            let get: &[u8] = if close {
-                b"GET / HTTP/1.1\r\nHost: mem-ts\r\nConnection: close\r\n\r\n"
-            } else {
-                b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n"
-            };
-            s.write_all(get).await?;
-            let reply = read_until(&mut s, b"hi").await?;
-            if !reply.starts_with(b"HTTP/1.1 200") {
-                bail!("GET through the mesh: {}", String::from_utf8_lossy(&reply));
-            }
-            anyhow::Ok(s)
+    let open = |close: bool| async move {
+        let mut s = connect_mem_ts().await?;
+        // A closing request: tsnet closes first, so no side lingers in TIME-WAIT.
+        let get: &[u8] = if close {
+            b"GET / HTTP/1.1\r\nHost: mem-ts\r\nConnection: close\r\n\r\n"
+        } else {
+            b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n"
         };
-        tokio::time::timeout(Duration::from_secs(10), talk)
-            .await
-            .map_err(|_| anyhow!("held connection {i}: no answer within 10 s"))?
-            .with_context(|| format!("held connection {i}"))
+        s.write_all(get).await?;
+        let reply = read_until(&mut s, b"hi").await?;
+        if !reply.starts_with(b"HTTP/1.1 200") {
+            bail!("GET through the mesh: {}", String::from_utf8_lossy(&reply));
+        }
+        anyhow::Ok(s)
     };
-    let rss = || -> anyhow::Result<(f64, f64)> { Ok((rss_mb(cit)? * 1024.0, rss_mb(ts)? * 1024.0)) };
     for i in 0..n {
-        drop(open(i, true).await?);
+        drop(within(Duration::from_secs(10), format!("closed connection {i}"), open(true)).await?);
     }
-    // One more first, not counted: the code both sides run per held connection paged in.
-    let mut held = vec![open(n, false).await?];
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (c0, t0) = rss()?;
-    for i in 1..=n {
-        held.push(open(n + i, false).await?);
-    }
-    // Both sides settle (Go's collector, the proxies' tasks parked) before the reading.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (c1, t1) = rss()?;
-    let per = |a: f64, b: f64| (b - a).max(0.0) / n as f64;
-    eprintln!(
-        "{n} held mesh TCP connections (after {n} closed and one more): citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB"
-    );
-    drop(held);
-    Ok((per(c0, c1), per(t0, t1)))
+    let per = growth_per_connection(cit, ts, n, Duration::from_secs(2), |i| {
+        within(Duration::from_secs(10), format!("held connection {i}"), open(false))
+    })
+    .await?;
+    eprintln!("{n} held mesh TCP connections (after {n} closed and one more): {}", per.2);
+    Ok((per.0, per.1))
 }
 
 /// Opens `n` more mesh TCP connections as [`held_connections`] does, each downloading
@@ -798,65 +776,95 @@ async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
 /// connection (KB). A connection that once moved a burst and then idles (an SSH session
 /// after a copy, a database connection after a large result) holds what this measures.
 async fn held_after_burst(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow::Result<(f64, f64)> {
-    let open = |i: usize| async move {
-        let talk = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
-            s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
-            let head = read_until(&mut s, b"\r\n\r\n").await?;
-            if !head.starts_with(b"HTTP/1.1 200") {
-                bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
+    let open = || async {
+        let mut s = connect_mem_ts().await?;
+        s.write_all(b"GET /burst HTTP/1.1\r\nHost: mem-ts\r\n\r\n").await?;
+        // The head, and whatever of the body came with it.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
             }
-            s.write_all(b"GET /burst HTTP/1.1\r\nHost: mem-ts\r\n\r\n").await?;
-            // The head, and whatever of the body came with it.
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            let end = loop {
-                if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let k = s.read(&mut buf).await?;
-                if k == 0 || got.len() > 64 * 1024 {
-                    bail!("GET /burst: no response head in {} bytes", got.len());
-                }
-                got.extend_from_slice(&buf[..k]);
-            };
-            let head = String::from_utf8_lossy(&got[..end]).into_owned();
-            let len = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")?.trim().parse::<usize>().ok());
-            if !head.starts_with("HTTP/1.1 200") || len != Some(BURST_BYTES) {
-                bail!("GET /burst through the mesh: {head}");
+            let k = s.read(&mut buf).await?;
+            if k == 0 || got.len() > 64 * 1024 {
+                bail!("GET /burst: no response head in {} bytes", got.len());
             }
-            let mut left = BURST_BYTES.checked_sub(got.len() - end).context("GET /burst: body too long")?;
-            while left > 0 {
-                let k = s.read(&mut buf[..left.min(64 * 1024)]).await?;
-                if k == 0 {
-                    bail!("GET /burst: body ended {left} bytes short");
-                }
-                left -= k;
-            }
-            anyhow::Ok(s)
+            got.extend_from_slice(&buf[..k]);
         };
-        tokio::time::timeout(Duration::from_secs(20), talk)
-            .await
-            .map_err(|_| anyhow!("burst connection {i}: not done within 20 s"))?
-            .with_context(|| format!("burst connection {i}"))
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        let len = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")?.trim().parse::<usize>().ok());
+        if !head.starts_with("HTTP/1.1 200") || len != Some(BURST_BYTES) {
+            bail!("GET /burst through the mesh: {head}");
+        }
+        let mut left = BURST_BYTES.checked_sub(got.len() - end).context("GET /burst: body too long")?;
+        while left > 0 {
+            let k = s.read(&mut buf[..left.min(64 * 1024)]).await?;
+            if k == 0 {
+                bail!("GET /burst: body ended {left} bytes short");
+            }
+            left -= k;
+        }
+        anyhow::Ok(s)
     };
+    let per = growth_per_connection(cit, ts, n, BURST_QUIET, |i| {
+        within(Duration::from_secs(20), format!("burst connection {i}"), open())
+    })
+    .await?;
+    eprintln!("{n} held mesh TCP connections after {} KiB each: {}", BURST_BYTES / 1024, per.2);
+    Ok((per.0, per.1))
+}
+
+/// A `CONNECT mem-ts:80` through citadel up's HTTP proxy, answered.
+async fn connect_mem_ts() -> anyhow::Result<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
+    s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
+    let head = read_until(&mut s, b"\r\n\r\n").await?;
+    if !head.starts_with(b"HTTP/1.1 200") {
+        bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
+    }
+    Ok(s)
+}
+
+/// `fut`, failing after `limit`; its error or the timeout named `what`.
+async fn within<T>(
+    limit: Duration,
+    what: String,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| anyhow!("{what}: not done within {limit:?}"))?
+        .with_context(|| what)
+}
+
+/// Holds connections from `open(0..=n)` and returns how much `cit`'s and `ts`'s RSS grew per
+/// connection (KB), and a line of the readings. The first is opened before the first reading
+/// and not counted: the code both sides run per connection paged in. Each reading comes
+/// `settle` after the last open (both sides' tasks parked, Go's collector run).
+async fn growth_per_connection<F, Fut>(
+    cit: Option<u32>,
+    ts: Option<u32>,
+    n: usize,
+    settle: Duration,
+    open: F,
+) -> anyhow::Result<(f64, f64, String)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<tokio::net::TcpStream>>,
+{
     let rss = || -> anyhow::Result<(f64, f64)> { Ok((rss_mb(cit)? * 1024.0, rss_mb(ts)? * 1024.0)) };
-    // One first, not counted, as in `held_connections`.
     let mut held = vec![open(0).await?];
-    tokio::time::sleep(BURST_QUIET).await;
+    tokio::time::sleep(settle).await;
     let (c0, t0) = rss()?;
     for i in 1..=n {
         held.push(open(i).await?);
     }
-    tokio::time::sleep(BURST_QUIET).await;
+    tokio::time::sleep(settle).await;
     let (c1, t1) = rss()?;
-    let per = |a: f64, b: f64| (b - a).max(0.0) / n as f64;
-    eprintln!(
-        "{n} held mesh TCP connections after {} KiB each: citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB",
-        BURST_BYTES / 1024
-    );
     drop(held);
-    Ok((per(c0, c1), per(t0, t1)))
+    let per = |a: f64, b: f64| (b - a).max(0.0) / n as f64;
+    Ok((per(c0, c1), per(t0, t1), format!("citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB")))
 }
 
 /// Reads from `s` until what was read ends with `end` (at most 64 KB).
