@@ -176,6 +176,48 @@ mod tests {
         assert_eq!((ab, ba), (300_000, 200_000));
     }
 
+    /// A writer that takes nothing while `stalled`, then everything.
+    struct Gate {
+        stalled: bool,
+        got: Vec<u8>,
+        waker: Option<std::task::Waker>,
+    }
+
+    impl AsyncWrite for Gate {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            if self.stalled {
+                self.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            self.got.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A direction keeps a buffer of its own only while its writer stalls: what was read then
+    /// waits in it, and it is freed once the writer took it.
+    #[test]
+    fn a_buffer_of_its_own_only_while_the_writer_stalls() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut half = Half::default();
+        let mut w = Gate { stalled: true, got: vec![], waker: None };
+        let mut r: &[u8] = b"first chunk";
+        assert!(half.poll(&mut cx, Pin::new(&mut r), Pin::new(&mut w)).is_pending());
+        assert_eq!(half.pending, b"first chunk");
+        assert!(w.waker.is_some(), "the stalled writer holds the task's waker");
+        w.stalled = false;
+        let mut rest = tokio::io::repeat(0).take(0);
+        assert!(half.poll(&mut cx, Pin::new(&mut rest), Pin::new(&mut w)).is_ready());
+        assert_eq!((w.got.as_slice(), half.pending.capacity(), half.copied), (&b"first chunk"[..], 0, 11));
+    }
+
     /// An error on either side ends the copy with it.
     #[tokio::test]
     async fn an_error_ends_the_copy() {
