@@ -753,7 +753,7 @@ async fn held_connections(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
             b"GET / HTTP/1.1\r\nHost: mem-ts\r\n\r\n"
         };
         s.write_all(get).await?;
-        let reply = read_until(&mut s, b"hi").await?;
+        let (reply, _) = read_until(&mut s, b"\r\n\r\nhi").await?;
         if !reply.starts_with(b"HTTP/1.1 200") {
             bail!("GET through the mesh: {}", String::from_utf8_lossy(&reply));
         }
@@ -780,31 +780,15 @@ async fn held_after_burst(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
         let mut s = connect_mem_ts().await?;
         s.write_all(b"GET /burst HTTP/1.1\r\nHost: mem-ts\r\n\r\n").await?;
         // The head, and whatever of the body came with it.
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let end = loop {
-            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let k = s.read(&mut buf).await?;
-            if k == 0 || got.len() > 64 * 1024 {
-                bail!("GET /burst: no response head in {} bytes", got.len());
-            }
-            got.extend_from_slice(&buf[..k]);
-        };
+        let (got, end) = read_until(&mut s, b"\r\n\r\n").await?;
         let head = String::from_utf8_lossy(&got[..end]).into_owned();
         let len = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")?.trim().parse::<usize>().ok());
         if !head.starts_with("HTTP/1.1 200") || len != Some(BURST_BYTES) {
             bail!("GET /burst through the mesh: {head}");
         }
-        let mut left = BURST_BYTES.checked_sub(got.len() - end).context("GET /burst: body too long")?;
-        while left > 0 {
-            let k = s.read(&mut buf[..left.min(64 * 1024)]).await?;
-            if k == 0 {
-                bail!("GET /burst: body ended {left} bytes short");
-            }
-            left -= k;
-        }
+        let left = BURST_BYTES.checked_sub(got.len() - end).context("GET /burst: body too long")?;
+        let read = tokio::io::copy(&mut (&mut s).take(left as u64), &mut tokio::io::sink()).await?;
+        anyhow::ensure!(read == left as u64, "GET /burst: body ended {} bytes short", left as u64 - read);
         anyhow::Ok(s)
     };
     let per = growth_per_connection(cit, ts, n, BURST_QUIET, |i| {
@@ -819,7 +803,7 @@ async fn held_after_burst(cit: Option<u32>, ts: Option<u32>, n: usize) -> anyhow
 async fn connect_mem_ts() -> anyhow::Result<tokio::net::TcpStream> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", MEMORY_PROXY_PORT)).await?;
     s.write_all(b"CONNECT mem-ts:80 HTTP/1.1\r\nHost: mem-ts:80\r\n\r\n").await?;
-    let head = read_until(&mut s, b"\r\n\r\n").await?;
+    let (head, _) = read_until(&mut s, b"\r\n\r\n").await?;
     if !head.starts_with(b"HTTP/1.1 200") {
         bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
     }
@@ -867,18 +851,23 @@ where
     Ok((per(c0, c1), per(t0, t1), format!("citadel up {c0:.0} -> {c1:.0} KB, Caddy+tsnet {t0:.0} -> {t1:.0} KB")))
 }
 
-/// Reads from `s` until what was read ends with `end` (at most 64 KB).
-async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// Reads from `s` until what was read holds `end` (at most 64 KB); returns it, with what came
+/// after `end` in the same read, and where `end` stops.
+async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> anyhow::Result<(Vec<u8>, usize)> {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !got.ends_with(end) {
+    loop {
         let k = s.read(&mut buf).await?;
         if k == 0 || got.len() + k > 64 * 1024 {
             bail!("stream ended or overlong after {} bytes: {}", got.len(), String::from_utf8_lossy(&got));
         }
+        // Only where `end` may now be: across the old tail and the new bytes.
+        let from = got.len().saturating_sub(end.len() - 1);
         got.extend_from_slice(&buf[..k]);
+        if let Some(i) = got[from..].windows(end.len()).position(|w| w == end) {
+            return Ok((got, from + i + end.len()));
+        }
     }
-    Ok(got)
 }
 
 /// Runs the named figures (`all`, `join`, `throughput`, `memory`) and returns them.
