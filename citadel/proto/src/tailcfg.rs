@@ -698,6 +698,11 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
     if !zstd {
         return parse_json(body);
     }
+    // A stored frame of one block (every small message from nexus-sim) is parsed where it
+    // lies: no buffer to fill, no copy.
+    if let Some(json) = single_raw_block(body) {
+        return parse_json(json);
+    }
     // A frame that states its size (every known server's does) is decompressed in one pass into
     // a buffer of that size; one that does not, or whose size is not the message's (several
     // frames), takes the streaming path.
@@ -777,6 +782,33 @@ pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The content of a zstd frame that is one raw block and nothing else (single segment, its
+/// content size stated and equal to the block's, no checksum, no dictionary), as
+/// [`zstd_stored`] writes a message of up to 128 KB; `None` for any other frame, which libzstd
+/// then decodes (or refuses). Read by hand: libzstd has no call that lends a raw block's bytes.
+fn single_raw_block(frame: &[u8]) -> Option<&[u8]> {
+    let rest = frame.strip_prefix(&0xFD2F_B528u32.to_le_bytes())?;
+    let (&descriptor, rest) = rest.split_first()?;
+    // Single segment (bit 5) and nothing else set but the content-size field's size (bits 6-7):
+    // no checksum (bit 2), no dictionary ID (bits 0-1), reserved bits clear.
+    if descriptor & 0x3F != 0x20 {
+        return None;
+    }
+    let (size, rest) = match descriptor >> 6 {
+        0 => (u64::from(*rest.first()?), &rest[1..]),
+        1 => (u64::from(u16::from_le_bytes(*rest.first_chunk()?)) + 256, &rest[2..]),
+        2 => (u64::from(u32::from_le_bytes(*rest.first_chunk()?)), &rest[4..]),
+        _ => (u64::from_le_bytes(*rest.first_chunk()?), &rest[8..]),
+    };
+    let header = rest.first_chunk::<3>()?;
+    let block = u32::from_le_bytes([header[0], header[1], header[2], 0]);
+    // Last block (bit 0), raw (type 0 in bits 1-2), its size the rest of the frame and the
+    // frame's content size.
+    let len = (block >> 3) as usize;
+    let content = &rest[3..];
+    (block & 0b111 == 1 && len == content.len() && len as u64 == size).then_some(content)
+}
+
 /// Parses a map message's JSON. The whole message is checked as UTF-8 once, so the decoder
 /// does not check each string again (a full map holds hundreds of thousands of short strings,
 /// and checking them one by one cost more than one pass over the message); a message that is
@@ -825,6 +857,35 @@ mod tests {
         }
         let json = br#"{"PeersRemoved":[7]}"#;
         assert_eq!(decode_map_body(&zstd_stored(json), true).unwrap().peers_removed, Some(vec![7]));
+    }
+
+    /// A one-block stored frame is read in place, at every size class of its header; any
+    /// other frame (several blocks, compressed, a checksum, a size that does not add up, a
+    /// byte more or less) is left to libzstd, so the two never disagree on what a frame holds.
+    #[test]
+    fn one_raw_block_is_read_in_place_and_anything_else_goes_to_libzstd() {
+        for n in [0usize, 1, 255, 256, 65_791, 65_792, 128 << 10] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+            assert_eq!(single_raw_block(&zstd_stored(&data)), Some(&data[..]), "size {n}");
+        }
+        let data = vec![b'x'; (128 << 10) + 1];
+        assert_eq!(single_raw_block(&zstd_stored(&data)), None, "two blocks");
+        assert_eq!(single_raw_block(&zstd::bulk::compress(&data, 1).unwrap()), None, "compressed");
+        let json = br#"{"PeersRemoved":[7]}"#;
+        let f = zstd_stored(json);
+        let mut checksum = f.clone();
+        checksum[4] |= 0x04;
+        let mut size = f.clone();
+        size[5] += 1;
+        let mut longer = f.clone();
+        longer.push(b' ');
+        let shorter = &f[..f.len() - 1];
+        for (what, bad) in [("checksum flag", &checksum[..]), ("content size", &size), ("longer", &longer), ("shorter", shorter)]
+        {
+            assert_eq!(single_raw_block(bad), None, "{what}");
+            assert!(decode_map_body(bad, true).is_err(), "{what}: libzstd refuses it too");
+        }
+        assert_eq!(decode_map_body(&f, true).unwrap().peers_removed, Some(vec![7]));
     }
 
     /// A map message that is not UTF-8 (inside a string or outside one) is an error, plain or
