@@ -741,6 +741,9 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
 /// out where a compressed one needs entropy tables built first.
 pub const STORED_UP_TO: usize = 2048;
 
+/// A zstd frame's first four bytes (RFC 8878, 3.1.1).
+const ZSTD_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+
 /// `data` as a zstd frame of stored (raw) blocks, with its content size (RFC 8878, 3.1.1): a
 /// map message a decoder copies out without building entropy tables (nexus-sim sends small
 /// ones so). Written by hand: libzstd falls back to raw blocks only after trying to compress,
@@ -749,7 +752,7 @@ pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
     // Largest block (Block_Maximum_Size); a single-segment frame's window is its content.
     const MAX_BLOCK: usize = 128 << 10;
     let mut out = Vec::with_capacity(data.len() + 14 + 3 * (data.len() / MAX_BLOCK + 1));
-    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    out.extend_from_slice(&ZSTD_MAGIC);
     // Frame header descriptor: single segment (no window descriptor), no checksum, no
     // dictionary; the two top bits size the content-size field that follows.
     let n = data.len() as u64;
@@ -787,7 +790,7 @@ pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
 /// [`zstd_stored`] writes a message of up to 128 KB; `None` for any other frame, which libzstd
 /// then decodes (or refuses). Read by hand: libzstd has no call that lends a raw block's bytes.
 fn single_raw_block(frame: &[u8]) -> Option<&[u8]> {
-    let rest = frame.strip_prefix(&0xFD2F_B528u32.to_le_bytes())?;
+    let rest = frame.strip_prefix(&ZSTD_MAGIC)?;
     let (&descriptor, rest) = rest.split_first()?;
     // Single segment (bit 5) and nothing else set but the content-size field's size (bits 6-7):
     // no checksum (bit 2), no dictionary ID (bits 0-1), reserved bits clear.
