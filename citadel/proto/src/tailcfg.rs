@@ -883,7 +883,8 @@ mod tests {
         let mut longer = f.clone();
         longer.push(b' ');
         let shorter = &f[..f.len() - 1];
-        for (what, bad) in [("checksum flag", &checksum[..]), ("content size", &size), ("longer", &longer), ("shorter", shorter)]
+        for (what, bad) in
+            [("checksum flag", &checksum[..]), ("content size", &size), ("longer", &longer), ("shorter", shorter)]
         {
             assert_eq!(single_raw_block(bad), None, "{what}");
             assert!(decode_map_body(bad, true).is_err(), "{what}: libzstd refuses it too");
