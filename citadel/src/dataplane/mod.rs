@@ -55,6 +55,8 @@ const STACK_IDLE: Duration = Duration::from_secs(1);
 const RX_BATCH: usize = 128;
 /// Datagrams sent together in one segmented send at most (the kernel's `UDP_MAX_SEGMENTS`).
 const BATCH_SEGMENTS: usize = 64;
+/// Packets the driver encrypts before it sends what it has (see `Driver::run`).
+const SEND_SLICE: usize = BATCH_SEGMENTS;
 /// Bytes in one segmented send at most: within one UDP datagram over IPv4 and IPv6.
 const BATCH_BYTES: usize = 65_000;
 /// Relayed packets buffered between the DERP readers and the driver.
@@ -218,16 +220,6 @@ impl Engine {
         self.conn.set_netmap(now, &nm);
         host.filter.set_rules(&nm.packet_filter);
         host.set_addresses(&nm.self_node.addresses);
-    }
-
-    /// Encrypts what the netstack sent and runs the core's timers. The packets stay in
-    /// `egress`, for the netstack to reuse their buffers.
-    fn send(&mut self, now: Instant, egress: &[Vec<u8>]) {
-        for p in egress {
-            self.conn.send_ip(now, p);
-        }
-        // After the egress: discovery starts as soon as traffic to a peer does.
-        self.conn.handle_timeout(now);
     }
 }
 
@@ -818,24 +810,41 @@ impl Driver {
             // The netstack under its own lock: the app's socket calls wait only for this part,
             // not for the decryption before it or the encryption after it.
             let stack = lock(&self.shared.host).step(now, &self.shared.counters, &mut ingress, &mut egress, &mut spare);
-            {
-                let mut e = self.shared.lock();
-                e.conn.recycle(spare.drain(..));
-                e.send(now, &egress);
-                let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
-                deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
-                out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
-                events.extend(std::iter::from_fn(|| e.conn.poll_event()));
-            }
-            for ev in events.drain(..) {
-                self.on_event(ev);
+            // Encrypted and sent a slice at a time: the peer starts on the first datagrams
+            // while this side still encrypts the rest. Encrypting a whole window before sending
+            // any of it made the two sides of a bulk transfer take turns.
+            let mut slices = egress.chunks(SEND_SLICE);
+            loop {
+                let slice = slices.next();
+                let last = slices.len() == 0;
+                {
+                    let mut e = self.shared.lock();
+                    e.conn.recycle(spare.drain(..));
+                    for p in slice.unwrap_or_default() {
+                        e.conn.send_ip(now, p);
+                    }
+                    if last {
+                        // After the egress: discovery starts as soon as traffic to a peer does.
+                        e.conn.handle_timeout(now);
+                        let stack_at = now + stack.unwrap_or(STACK_IDLE).min(STACK_IDLE);
+                        deadline = e.conn.poll_timeout().map_or(stack_at, |t| t.min(stack_at));
+                    }
+                    out.extend(std::iter::from_fn(|| e.conn.poll_transmit()));
+                    events.extend(std::iter::from_fn(|| e.conn.poll_event()));
+                }
+                for ev in events.drain(..) {
+                    self.on_event(ev);
+                }
+                self.send_all(&mut out).await;
+                spare.extend(out.drain(..).map(|t| t.payload));
+                if last {
+                    break;
+                }
             }
             if !self.closed_regions.is_empty() {
                 deadline = now;
             }
             self.shared.counters.derp_reconnects.store(self.relays.reconnects(), Relaxed);
-            self.send_all(&mut out).await;
-            spare.extend(out.drain(..).map(|t| t.payload));
         }
     }
 
