@@ -51,8 +51,13 @@ use wg::Transmit;
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest sleep while the netstack has no timer of its own (it still ages closing sockets).
 const STACK_IDLE: Duration = Duration::from_secs(1);
-/// Datagrams read per wakeup before the stack runs, so bulk traffic is processed in batches.
+/// Relayed packets taken per wakeup before the stack runs, so bulk traffic is processed in
+/// batches.
 const RX_BATCH: usize = 128;
+/// Socket reads per wakeup before the stack runs (each up to 64 datagrams where the kernel
+/// coalesces them): a batch, yet the ACKs for it leave while the sender is still sending.
+/// With 128 reads a burst was decrypted whole first and a tsnet sender stalled on them.
+const RX_READS: usize = 4;
 /// Datagrams sent together in one segmented send at most (the kernel's `UDP_MAX_SEGMENTS`).
 const BATCH_SEGMENTS: usize = 64;
 /// Packets the driver encrypts before it sends what it has (see `Driver::run`).
@@ -793,7 +798,7 @@ impl Driver {
                     Wake::Other => {}
                 }
                 // Drain what else has arrived, so the stack sees a batch at once.
-                for _ in 0..RX_BATCH {
+                for _ in 0..RX_READS {
                     match self.udp.try_recv_segments(&mut buf) {
                         Ok((n, src, seg)) => handle_segments(&mut e.conn, now, src, &buf[..n], seg),
                         Err(_) => break,
