@@ -53,7 +53,7 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const STACK_IDLE: Duration = Duration::from_secs(1);
 /// Relayed packets taken per wakeup before the stack runs, so bulk traffic is processed in
 /// batches.
-const RX_BATCH: usize = 128;
+const RELAY_BATCH: usize = 128;
 /// Socket reads per wakeup before the stack runs (each up to 64 datagrams where the kernel
 /// coalesces them): a batch, yet the ACKs for it leave while the sender is still sending.
 /// With 128 reads a burst was decrypted whole first and a tsnet sender stalled on them.
@@ -804,7 +804,7 @@ impl Driver {
                         Err(_) => break,
                     }
                 }
-                for _ in 0..RX_BATCH {
+                for _ in 0..RELAY_BATCH {
                     match self.relay_rx.try_recv() {
                         Ok(r) => on_relay(&mut e.conn, now, r),
                         Err(_) => break,
