@@ -36,44 +36,41 @@ fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 /// [`encode_map_frame`] of a message whose peer entries are pre-serialized: the entries are
 /// copied into the JSON, not serialized again.
 fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
-    thread_local! {
-        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
-    }
     let json = out.to_json();
-    if !zstd {
-        let mut out = Vec::with_capacity(4 + json.len());
-        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        out.extend_from_slice(&json);
-        return out;
-    }
-    // Every member of an org decodes every delta, and a client decodes a stored frame by
-    // copying it where a compressed one costs it entropy tables first: a join's delta
-    // (1,027 bytes of JSON, 498 compressed) decoded in 5.9 µs compressed and 4.1 µs stored
-    // (`map_decode`), an endpoint patch in 2.3 and 0.7 µs. So a small message goes stored: it
-    // costs each member about 0.5 KB more on the wire, the price of not spending 2 µs of its
-    // CPU per change. A larger one (a full map, many changes at once) is compressed, and
-    // stored only if compression barely shrinks it.
-    let body = if json.len() <= citadel_proto::tailcfg::STORED_UP_TO {
-        citadel_proto::tailcfg::zstd_stored(&json)
-    } else {
-        let body = CCTX.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.is_none() {
-                *c = zstd::bulk::Compressor::new(1).ok();
-            }
-            c.as_mut().and_then(|c| c.compress(&json).ok())
-        });
-        let body = body.unwrap_or_else(|| zstd::bulk::compress(&json, 1).expect("zstd in memory"));
-        if body.len() * 4 > json.len() * 3 {
-            citadel_proto::tailcfg::zstd_stored(&json)
-        } else {
-            body
-        }
-    };
+    let body = if zstd { zstd_frame(&json) } else { json };
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// `json` as one zstd frame. Every member of an org decodes every delta, and a client decodes
+/// a stored frame by copying it where a compressed one costs it entropy tables first: a join's
+/// delta (1,027 bytes of JSON, 498 compressed) decoded in 5.9 µs compressed and 4.1 µs stored
+/// (`map_decode`), an endpoint patch in 2.3 and 0.7 µs. So a small message goes stored: it
+/// costs each member about 0.5 KB more on the wire, the price of not spending 2 µs of its CPU
+/// per change. A larger one (a full map, many changes at once) is compressed, and stored only
+/// if compression barely shrinks it. The compression context is reused per thread.
+pub(crate) fn zstd_frame(json: &[u8]) -> Vec<u8> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    if json.len() <= citadel_proto::tailcfg::STORED_UP_TO {
+        return citadel_proto::tailcfg::zstd_stored(json);
+    }
+    let body = CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
+        }
+        c.as_mut().and_then(|c| c.compress(json).ok())
+    });
+    let body = body.unwrap_or_else(|| zstd::bulk::compress(json, 1).expect("zstd in memory"));
+    if body.len() * 4 > json.len() * 3 {
+        citadel_proto::tailcfg::zstd_stored(json)
+    } else {
+        body
+    }
 }
 
 /// A map message whose peer entries may be JSON already serialized once for every viewer
@@ -133,6 +130,29 @@ impl Out {
 
     fn is_empty(&self) -> bool {
         self.resp == MapResponse::default() && self.peers.is_none() && self.changed.is_empty()
+    }
+
+    /// The message as one frame, as [`encode_out`] makes it; a full map's peer list goes as
+    /// chunks kept in `chunks` (see [`crate::chunks`]).
+    fn encode(&self, zstd: bool, s: &Shared) -> Vec<u8> {
+        let Some(peers) = self.peers.as_deref().filter(|_| zstd && self.changed.is_empty()) else {
+            return encode_out(self, zstd);
+        };
+        let mut prefix = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
+        // `resp` serializes as a JSON object: the list goes in before its closing brace.
+        debug_assert_eq!(prefix.last(), Some(&b'}'));
+        prefix.pop();
+        if prefix.len() > 1 {
+            prefix.push(b',');
+        }
+        prefix.extend_from_slice(b"\"Peers\":[");
+        // Kept chunks hold at most a few entries per node there is.
+        let bound = 3 * s.store.node_count() + 4096;
+        let body = s.chunks.body(&prefix, peers, b"]}", bound);
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
     }
 }
 
@@ -665,7 +685,7 @@ fn map_of(
     users.sort_unstable();
     users.dedup();
     MapResponse {
-        node: Some(to_tail(s, me, now)),
+        node: Some(Box::new(to_tail(s, me, now))),
         derp_map: Some(s.derp_map.clone()),
         peers: Some(peers),
         domain: s.cfg.base_domain.clone(),
@@ -1133,7 +1153,7 @@ impl Streamer {
             let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
             let mut d = MapResponse::default();
             if self_entry {
-                d.node = Some(to_tail(&s, &me, now));
+                d.node = Some(Box::new(to_tail(&s, &me, now)));
             }
             let changed: Vec<Bytes> = s
                 .store
@@ -1271,7 +1291,7 @@ fn org_delta(
         self_changed = true;
     }
     if self_changed {
-        d.node = Some(to_tail(s, me, now));
+        d.node = Some(Box::new(to_tail(s, me, now)));
     }
     let mut changed = vec![];
     for id in upserted {
@@ -1481,7 +1501,7 @@ impl MapBody {
             let frame = match self.next.take() {
                 Some(Step::Send(mut out)) => {
                     out.resp.control_time = Some(wall::now());
-                    Some(Bytes::from(encode_out(&out, self.zstd)))
+                    Some(Bytes::from(out.encode(self.zstd, &self.st.s)))
                 }
                 Some(Step::Frame(f)) => Some(f),
                 _ => None,
@@ -2186,7 +2206,7 @@ mod tests {
     impl Held {
         fn apply(&mut self, m: &MapResponse) {
             if let Some(n) = &m.node {
-                self.node = Some(n.clone());
+                self.node = Some((**n).clone());
             }
             if let Some(f) = &m.packet_filter {
                 self.filter = f.clone();
@@ -2352,7 +2372,7 @@ mod tests {
                         full.peers.iter().flatten().map(|n| (n.id, n.clone())).collect();
                     let ctx = format!("seed {seed} step {step} node {id}");
                     assert_eq!(held.peers, want, "{ctx}");
-                    assert_eq!(held.node, full.node, "{ctx}");
+                    assert_eq!(held.node.as_ref(), full.node.as_deref(), "{ctx}");
                     assert_eq!(held.filter, full.packet_filter.clone().unwrap_or_default(), "{ctx}");
                     for u in &full.user_profiles {
                         assert_eq!(held.users.get(&u.id), Some(u), "{ctx}");

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod chunks;
 pub mod control;
 pub mod derp;
 pub mod device;
@@ -308,7 +309,7 @@ impl Faults {
         for n in s.store.nodes(None).iter().filter(|n| wanted(n) && n.id != me.id) {
             if let Some(node) = build(s, n).node {
                 if !peers.iter().any(|p| p.key == node.key) {
-                    peers.push(node);
+                    peers.push(*node);
                 }
             }
         }
@@ -354,6 +355,8 @@ pub struct Inner {
     pub entries: control::EntryCache,
     /// Org deltas encoded once for every member they are the same bytes for.
     pub deltas: control::DeltaCache,
+    /// Full maps' peer lists, compressed in chunks and kept.
+    pub chunks: chunks::ChunkCache,
     /// Which node is primary for each subnet route, once per store version.
     pub primaries: control::PrimaryCache,
     /// Nodes waiting for their announce grace (see [`Inner::schedule_announce`]), drained by one
@@ -450,6 +453,7 @@ fn build_with_map(cfg: Config, derp_map: DerpMap) -> anyhow::Result<Shared> {
         policy: policy_state,
         entries: Default::default(),
         deltas: Default::default(),
+        chunks: Default::default(),
         primaries: Default::default(),
         announcer: Default::default(),
     }))

@@ -411,6 +411,41 @@ impl<S: AsyncWrite + Unpin> NoiseStream<S> {
     }
 }
 
+/// What [`NoiseStream::take_record`] did with the front of its input.
+enum Took {
+    /// No whole frame there yet.
+    Partial,
+    /// A frame of this many bytes was consumed; `true` when it gave the reader bytes.
+    Frame(usize, bool),
+}
+
+impl<S> NoiseStream<S> {
+    /// Opens the frame at the front of `src`: a record's plaintext goes straight into the
+    /// reader's buffer when it has room (one copy), else into `plain`.
+    fn take_record(&mut self, src: &[u8], buf: &mut ReadBuf<'_>) -> io::Result<Took> {
+        let Some((ty, len)) = frame_header(src)? else { return Ok(Took::Partial) };
+        let body = &src[3..3 + len];
+        match ty {
+            MSG_RECORD if buf.remaining() + 16 >= len => {
+                let (text, tag) = split_tag(body)?;
+                let start = buf.filled().len();
+                buf.put_slice(text);
+                if let Err(e) = self.rx.open_in_place(&mut buf.filled_mut()[start..], tag) {
+                    buf.set_filled(start);
+                    return Err(e.into());
+                }
+                Ok(Took::Frame(3 + len, len > 16))
+            }
+            MSG_RECORD => {
+                self.rx.open_into(body, &mut self.plain)?;
+                Ok(Took::Frame(3 + len, false))
+            }
+            MSG_ERROR => Err(NoiseError::Remote(String::from_utf8_lossy(body).into_owned()).into()),
+            _ => Err(NoiseError::Malformed("unexpected frame type").into()),
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -428,34 +463,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
             // One record at a time, so what came before a bad record is read before its error.
-            if let Some((ty, len)) = frame_header(&this.raw)? {
-                let body = &this.raw[3..3 + len];
-                match ty {
-                    // Straight into the reader's buffer when it has room (one copy); what
-                    // does not fit waits in `plain`.
-                    MSG_RECORD if buf.remaining() + 16 >= len => {
-                        let (text, tag) = split_tag(body)?;
-                        let start = buf.filled().len();
-                        buf.put_slice(text);
-                        if let Err(e) = this.rx.open_in_place(&mut buf.filled_mut()[start..], tag) {
-                            buf.set_filled(start);
-                            return Poll::Ready(Err(e.into()));
-                        }
-                        this.raw.advance(3 + len);
-                        if len > 16 {
+            if !this.raw.is_empty() {
+                let raw = std::mem::take(&mut this.raw);
+                let took = this.take_record(&raw, buf);
+                this.raw = raw;
+                match took? {
+                    Took::Frame(n, gave) => {
+                        this.raw.advance(n);
+                        if gave {
                             return Poll::Ready(Ok(()));
                         }
                         continue;
                     }
-                    MSG_RECORD => this.rx.open_into(body, &mut this.plain)?,
-                    MSG_ERROR => {
-                        let text = String::from_utf8_lossy(body).into_owned();
-                        return Poll::Ready(Err(NoiseError::Remote(text).into()));
-                    }
-                    _ => return Poll::Ready(Err(NoiseError::Malformed("unexpected frame type").into())),
+                    Took::Partial => {}
                 }
-                this.raw.advance(3 + len);
-                continue;
             }
             // Not zeroed: the socket writes it and only what it wrote is read. Read on the
             // stack, not into `raw`'s spare room: that kept 8 KB per idle connection (6.6 KB
@@ -463,10 +484,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
             let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
             let mut rb = ReadBuf::uninit(&mut tmp);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            let got = rb.filled();
+            if got.is_empty() {
                 this.eof = true;
-            } else {
-                this.raw.extend_from_slice(rb.filled());
+                continue;
+            }
+            if !this.raw.is_empty() {
+                this.raw.extend_from_slice(got);
+                continue;
+            }
+            // Nothing was pending: the first record (usually the whole read) is opened from
+            // here, and only what follows it is kept in `raw`. A bad record's error waits in
+            // `raw` too, after the records before it were read.
+            match this.take_record(got, buf) {
+                Ok(Took::Frame(n, gave)) => {
+                    this.raw.extend_from_slice(&got[n..]);
+                    if gave {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Ok(Took::Partial) | Err(_) => this.raw.extend_from_slice(got),
             }
         }
     }

@@ -548,7 +548,7 @@ pub struct MapResponse {
     pub keep_alive: bool,
     /// The node's own entry.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<Node>,
+    pub node: Option<Box<Node>>,
     /// The DERP map, when it changed.
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<DerpMap>,
@@ -703,10 +703,10 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
     if let Some(json) = single_raw_block(body) {
         return parse_json(json);
     }
-    // A frame that states its size (every known server's does) is decompressed in one pass into
-    // a buffer of that size; one that does not, or whose size is not the message's (several
-    // frames), takes the streaming path.
-    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(body) {
+    // Frames that state their sizes (every known server's do; nexus-sim sends a full map as
+    // several) are decompressed in one pass into a buffer of their total size; a frame that
+    // does not takes the streaming path.
+    if let Some(size) = frames_content_size(body) {
         if size > MAX_MAP_MESSAGE as u64 {
             return Err(FrameError::TooLarge(size as usize));
         }
@@ -734,6 +734,18 @@ pub fn decode_map_body(body: &[u8], zstd: bool) -> Result<MapResponse, FrameErro
         return Err(FrameError::TooLarge(json.len()));
     }
     parse_json(&json)
+}
+
+/// The total content size the zstd frames of `body` state, `None` when one does not state it
+/// or is malformed (the streaming path then reports what is wrong).
+fn frames_content_size(mut body: &[u8]) -> Option<u64> {
+    let mut total = 0u64;
+    while !body.is_empty() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(body).ok()?;
+        total = total.checked_add(zstd::zstd_safe::get_frame_content_size(body.get(..n)?).ok()??)?;
+        body = body.get(n..)?;
+    }
+    Some(total)
 }
 
 /// Map messages up to this size (JSON) go as [`zstd_stored`] frames from nexus-sim (larger
@@ -912,12 +924,12 @@ mod tests {
     #[test]
     fn map_frame_round_trip_plain_and_zstd() {
         let resp = MapResponse {
-            node: Some(Node {
+            node: Some(Box::new(Node {
                 id: 7,
                 name: "a.nexus.".into(),
                 addresses: vec!["100.64.0.1/32".into()],
                 ..Default::default()
-            }),
+            })),
             peers: Some(vec![]),
             ..Default::default()
         };
@@ -1056,6 +1068,9 @@ mod tests {
         let json = serde_json::to_vec(&msg(3)).unwrap();
         let mut two = zstd::bulk::compress(&json[..10], 1).unwrap();
         two.extend(zstd::bulk::compress(&json[10..], 1).unwrap());
+        // Decompressed in one pass into a buffer of both frames' stated sizes.
+        assert_eq!(frames_content_size(&two), Some(json.len() as u64));
+        assert_eq!(frames_content_size(&two[..two.len() - 1]), None, "a cut frame states nothing");
         buf.extend(frame(two));
         buf.extend(encode_map_frame(&msg(4), true));
         for i in 1..=4 {
