@@ -51,7 +51,7 @@ fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
 /// costs each member about 0.5 KB more on the wire, the price of not spending 2 µs of its CPU
 /// per change. A larger one (a full map, many changes at once) is compressed, and stored only
 /// if compression barely shrinks it. The compression context is reused per thread.
-pub(crate) fn zstd_frame(json: &[u8]) -> Vec<u8> {
+pub fn zstd_frame(json: &[u8]) -> Vec<u8> {
     thread_local! {
         static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
     }

@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
-mod chunks;
+pub mod chunks;
 pub mod control;
 pub mod derp;
 pub mod device;
