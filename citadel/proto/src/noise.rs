@@ -494,16 +494,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                 continue;
             }
             // Nothing was pending: the first record (usually the whole read) is opened from
-            // here, and only what follows it is kept in `raw`. A bad record's error waits in
-            // `raw` too, after the records before it were read.
-            match this.take_record(got, buf) {
-                Ok(Took::Frame(n, gave)) => {
+            // here, and only what follows it is kept in `raw`. Nothing came before it, so its
+            // error is the reader's at once.
+            match this.take_record(got, buf)? {
+                Took::Frame(n, gave) => {
                     this.raw.extend_from_slice(&got[n..]);
                     if gave {
                         return Poll::Ready(Ok(()));
                     }
                 }
-                Ok(Took::Partial) | Err(_) => this.raw.extend_from_slice(got),
+                Took::Partial => this.raw.extend_from_slice(got),
             }
         }
     }
