@@ -236,43 +236,6 @@ struct Probe {
     endpoints: Option<Vec<String>>,
 }
 
-/// Messages the members received, counted per runtime thread: 10,000 members on two threads
-/// adding to one atomic moved its cache line between the cores on every message.
-static MESSAGES: Messages = Messages { slots: std::sync::Mutex::new(Vec::new()) };
-
-struct Messages {
-    /// Every thread's counter (each on its own cache line), for [`Messages::total`].
-    slots: std::sync::Mutex<Vec<&'static Slot>>,
-}
-
-#[repr(align(128))]
-#[derive(Default)]
-struct Slot(AtomicU64);
-
-impl Messages {
-    fn add_one(&self) {
-        thread_local! {
-            static MINE: std::cell::Cell<Option<&'static Slot>> = const { std::cell::Cell::new(None) };
-        }
-        let slot = MINE.with(|m| match m.get() {
-            Some(s) => s,
-            None => {
-                // One per runtime thread for the process's life: a few, never freed.
-                let s: &'static Slot = Box::leak(Box::default());
-                self.slots.lock().unwrap().push(s);
-                m.set(Some(s));
-                s
-            }
-        });
-        // Only this thread writes its slot.
-        slot.0.store(slot.0.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    }
-
-    fn total(&self) -> u64 {
-        self.slots.lock().unwrap().iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
-    }
-}
-
 #[derive(Default)]
 struct Board {
     probe: RwLock<Option<Probe>>,
@@ -283,6 +246,7 @@ struct Board {
     /// When the first member saw the current probe (set by the member that made `seen` 1): a
     /// fan-out's start apart from its length.
     first_seen: std::sync::Mutex<Option<Instant>>,
+    messages: AtomicU64,
     joined: AtomicUsize,
     /// Fewest peers any member's first (full) map held.
     min_first_peers: AtomicUsize,
@@ -438,7 +402,7 @@ async fn member(
             }
         };
         let Some(m) = m? else { anyhow::bail!("map stream ended") };
-        MESSAGES.add_one();
+        board.messages.fetch_add(1, Ordering::Relaxed);
         let round = board.round.load(Ordering::Acquire);
         if round != probe_round {
             (probe, probe_round) = (board.probe.read().unwrap().clone(), round);
@@ -667,10 +631,10 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     }
     let join_all = t0.elapsed();
     // Let the join wave's deltas drain.
-    let mut last = MESSAGES.total();
+    let mut last = board.messages.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = MESSAGES.total();
+        let now = board.messages.load(Ordering::Relaxed);
         if now == last {
             break;
         }
@@ -717,7 +681,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         member_rounds += members as u64;
         let (c0, g0) = cpu();
         let steal0 = machine_steal();
-        let m0 = MESSAGES.total();
+        let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -729,7 +693,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
-        let msgs = MESSAGES.total() - m0;
+        let msgs = board.messages.load(Ordering::Relaxed) - m0;
         join_msgs += msgs;
         let join_round = (c1 - c0, g1 - g0, msgs, machine_steal().saturating_sub(steal0));
 
@@ -739,7 +703,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         board.set_probe(Probe { round: 2 * round + 2, org: 0, key, endpoints: Some(eps.clone()) });
         let (c0, g0) = cpu();
         let steal0 = machine_steal();
-        let m0 = MESSAGES.total();
+        let m0 = board.messages.load(Ordering::Relaxed);
         let start = Instant::now();
         tx.send(eps).await?;
         wait_seen(&board, members).await?;
@@ -748,7 +712,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (ep_cpu, gen_ep_cpu) = (ep_cpu + (c1 - c0), gen_ep_cpu + (g1 - g0));
-        let msgs = MESSAGES.total() - m0;
+        let msgs = board.messages.load(Ordering::Relaxed) - m0;
         ep_msgs += msgs;
         if o.rounds {
             // CPU comes in clock ticks (10 ms at 100 Hz); each window ends 50 ms after the last

@@ -341,7 +341,7 @@ mod tests {
     fn full_then_delta_updates() {
         let mut m = NetMap::default();
         assert!(m.apply(&MapResponse {
-            node: Some(Box::new(node(1))),
+            node: Some(node(1)),
             peers: Some(vec![node(2), node(3)]),
             ..Default::default()
         }));
@@ -365,7 +365,7 @@ mod tests {
     fn with_peers(ids: &[i64]) -> NetMap {
         let mut m = NetMap::default();
         m.apply(&MapResponse {
-            node: Some(Box::new(node(1))),
+            node: Some(node(1)),
             peers: Some(ids.iter().map(|i| node(*i)).collect()),
             ..Default::default()
         });
@@ -456,8 +456,8 @@ mod tests {
         n2.hostinfo.os = "linux".into();
         let seen = chrono::Utc::now();
         let messages = [
-            MapResponse { node: Some(Box::new(node(1))), ..Default::default() },
-            MapResponse { node: Some(Box::new(node(11))), ..Default::default() },
+            MapResponse { node: Some(node(1)), ..Default::default() },
+            MapResponse { node: Some(node(11)), ..Default::default() },
             MapResponse { derp_map: Some(DerpMap::default()), ..Default::default() },
             MapResponse { packet_filter: Some(vec![]), ..Default::default() },
             MapResponse { packet_filter: Some(vec![FilterRule::default()]), ..Default::default() },
@@ -532,10 +532,7 @@ mod tests {
             Changes::Parts { peers: BTreeSet::from([2, 3, 4]), self_node: false, filter: true }
         );
         let mid = m.cursor();
-        m.apply(&MapResponse {
-            node: Some(Box::new(Node { name: "renamed.".into(), ..node(1) })),
-            ..Default::default()
-        });
+        m.apply(&MapResponse { node: Some(Node { name: "renamed.".into(), ..node(1) }), ..Default::default() });
         assert_eq!(m.changes_since(&mid), Changes::Parts { peers: BTreeSet::new(), self_node: true, filter: false });
         // A whole peer list, a cleared map, a copy, a map read back, a reader too far behind:
         // the whole map.

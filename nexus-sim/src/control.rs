@@ -685,7 +685,7 @@ fn map_of(
     users.sort_unstable();
     users.dedup();
     MapResponse {
-        node: Some(Box::new(to_tail(s, me, now))),
+        node: Some(to_tail(s, me, now)),
         derp_map: Some(s.derp_map.clone()),
         peers: Some(peers),
         domain: s.cfg.base_domain.clone(),
@@ -1153,7 +1153,7 @@ impl Streamer {
             let keep = |r: &crate::policy::ipset::Prefix| c.can_access_route(me.id, r);
             let mut d = MapResponse::default();
             if self_entry {
-                d.node = Some(Box::new(to_tail(&s, &me, now)));
+                d.node = Some(to_tail(&s, &me, now));
             }
             let changed: Vec<Bytes> = s
                 .store
@@ -1291,7 +1291,7 @@ fn org_delta(
         self_changed = true;
     }
     if self_changed {
-        d.node = Some(Box::new(to_tail(s, me, now)));
+        d.node = Some(to_tail(s, me, now));
     }
     let mut changed = vec![];
     for id in upserted {
@@ -2206,7 +2206,7 @@ mod tests {
     impl Held {
         fn apply(&mut self, m: &MapResponse) {
             if let Some(n) = &m.node {
-                self.node = Some((**n).clone());
+                self.node = Some(n.clone());
             }
             if let Some(f) = &m.packet_filter {
                 self.filter = f.clone();
@@ -2372,7 +2372,7 @@ mod tests {
                         full.peers.iter().flatten().map(|n| (n.id, n.clone())).collect();
                     let ctx = format!("seed {seed} step {step} node {id}");
                     assert_eq!(held.peers, want, "{ctx}");
-                    assert_eq!(held.node.as_ref(), full.node.as_deref(), "{ctx}");
+                    assert_eq!(held.node, full.node, "{ctx}");
                     assert_eq!(held.filter, full.packet_filter.clone().unwrap_or_default(), "{ctx}");
                     for u in &full.user_profiles {
                         assert_eq!(held.users.get(&u.id), Some(u), "{ctx}");

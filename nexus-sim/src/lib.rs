@@ -309,7 +309,7 @@ impl Faults {
         for n in s.store.nodes(None).iter().filter(|n| wanted(n) && n.id != me.id) {
             if let Some(node) = build(s, n).node {
                 if !peers.iter().any(|p| p.key == node.key) {
-                    peers.push(*node);
+                    peers.push(node);
                 }
             }
         }

@@ -548,7 +548,7 @@ pub struct MapResponse {
     pub keep_alive: bool,
     /// The node's own entry.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<Box<Node>>,
+    pub node: Option<Node>,
     /// The DERP map, when it changed.
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<DerpMap>,
@@ -924,12 +924,12 @@ mod tests {
     #[test]
     fn map_frame_round_trip_plain_and_zstd() {
         let resp = MapResponse {
-            node: Some(Box::new(Node {
+            node: Some(Node {
                 id: 7,
                 name: "a.nexus.".into(),
                 addresses: vec!["100.64.0.1/32".into()],
                 ..Default::default()
-            })),
+            }),
             peers: Some(vec![]),
             ..Default::default()
         };

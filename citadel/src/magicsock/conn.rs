@@ -846,7 +846,7 @@ mod tests {
                     ip_proto: vec![],
                 }]);
             }
-            Op::SelfOrg(o) => r.node = Some(Box::new(Node { user: *o, ..nm.self_node.clone() })),
+            Op::SelfOrg(o) => r.node = Some(Node { user: *o, ..nm.self_node.clone() }),
             Op::Batch(ops) => {
                 for op in ops {
                     message(nm, op, r);
@@ -874,7 +874,7 @@ mod tests {
             whole.conn.set_route_prefs(prefs);
             let mut nm = NetMap::default();
             nm.apply(&crate::tailcfg::MapResponse {
-                node: Some(Box::new(Node { id: 1, key: pub_key(&inc), user: 7, ..Default::default() })),
+                node: Some(Node { id: 1, key: pub_key(&inc), user: 7, ..Default::default() }),
                 derp_map: Some(derp_map(&[1, 2])),
                 peers: Some((2..6).map(|i| peer_entry(i, i as u8, 7, if i == 4 { 2 } else { 0 }, false)).collect()),
                 ..Default::default()
