@@ -78,19 +78,20 @@ impl ChunkCache {
                 start = i + 1;
             }
         }
-        // Kept frames are looked up under the lock, missing ones compressed outside it.
+        // Keys are computed and missing frames compressed outside the lock.
+        let keys: Vec<u64> = ranges.iter().map(|r| key_of(&rest[r.clone()])).collect();
         let mut frames: Vec<Option<Bytes>> = {
             let kept = self.inner.lock();
             ranges
                 .iter()
-                .map(|r| {
-                    let chunk = &rest[r.clone()];
-                    kept.chunks.get(&key_of(chunk)).filter(|c| same(&c.entries, chunk)).map(|c| c.frame.clone())
+                .zip(&keys)
+                .map(|(r, k)| {
+                    kept.chunks.get(k).filter(|c| same(&c.entries, &rest[r.clone()])).map(|c| c.frame.clone())
                 })
                 .collect()
         };
         let mut made = vec![];
-        for (r, f) in ranges.iter().zip(&mut frames) {
+        for ((r, f), key) in ranges.iter().zip(&mut frames).zip(&keys) {
             if f.is_none() {
                 let chunk = &rest[r.clone()];
                 let mut json = Vec::with_capacity(chunk.iter().map(|e| e.len() + 1).sum());
@@ -99,7 +100,7 @@ impl ChunkCache {
                     json.push(b',');
                 }
                 let frame = Bytes::from(crate::control::zstd_frame(&json));
-                made.push((key_of(chunk), Chunk { entries: chunk.to_vec(), frame: frame.clone() }));
+                made.push((*key, Chunk { entries: chunk.to_vec(), frame: frame.clone() }));
                 *f = Some(frame);
             }
         }

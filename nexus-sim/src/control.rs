@@ -37,7 +37,11 @@ fn encode_map_frame(resp: &MapResponse, zstd: bool) -> Vec<u8> {
 /// copied into the JSON, not serialized again.
 fn encode_out(out: &Out, zstd: bool) -> Vec<u8> {
     let json = out.to_json();
-    let body = if zstd { zstd_frame(&json) } else { json };
+    length_prefixed(if zstd { zstd_frame(&json) } else { json })
+}
+
+/// A map-stream message: `body` after its length (u32, little-endian).
+fn length_prefixed(body: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -94,23 +98,16 @@ impl From<MapResponse> for Out {
 impl Out {
     /// The message as JSON: `resp` with the entry lists spliced into its object.
     fn to_json(&self) -> Vec<u8> {
-        let mut json = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
         let lists =
             [("Peers", self.peers.as_deref()), ("PeersChanged", Some(&self.changed[..]).filter(|c| !c.is_empty()))];
         if lists.iter().all(|(_, l)| l.is_none()) {
-            return json;
+            return serde_json::to_vec(&self.resp).expect("MapResponse serializes");
         }
         let extra: usize = lists.iter().flat_map(|(_, l)| l.iter().flat_map(|l| l.iter())).map(|e| e.len() + 1).sum();
-        json.reserve(extra + 40);
-        // `resp` serializes as a JSON object: its closing brace goes back on at the end.
-        debug_assert_eq!(json.last(), Some(&b'}'));
-        json.pop();
+        let mut json = self.open_json(extra + 40);
         for (name, list) in lists {
             let Some(list) = list else { continue };
-            if json.len() > 1 {
-                json.push(b',');
-            }
-            json.extend_from_slice(format!("\"{name}\":[").as_bytes());
+            open_list(&mut json, name);
             for (i, e) in list.iter().enumerate() {
                 if i > 0 {
                     json.push(b',');
@@ -120,6 +117,16 @@ impl Out {
             json.push(b']');
         }
         json.push(b'}');
+        json
+    }
+
+    /// `resp` as JSON without its closing brace, with room for `extra` more bytes: the entry
+    /// lists go in before the brace.
+    fn open_json(&self, extra: usize) -> Vec<u8> {
+        let mut json = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
+        debug_assert_eq!(json.last(), Some(&b'}'));
+        json.pop();
+        json.reserve(extra);
         json
     }
 
@@ -138,22 +145,22 @@ impl Out {
         let Some(peers) = self.peers.as_deref().filter(|_| zstd && self.changed.is_empty()) else {
             return encode_out(self, zstd);
         };
-        let mut prefix = serde_json::to_vec(&self.resp).expect("MapResponse serializes");
-        // `resp` serializes as a JSON object: the list goes in before its closing brace.
-        debug_assert_eq!(prefix.last(), Some(&b'}'));
-        prefix.pop();
-        if prefix.len() > 1 {
-            prefix.push(b',');
-        }
-        prefix.extend_from_slice(b"\"Peers\":[");
+        let mut prefix = self.open_json(16);
+        open_list(&mut prefix, "Peers");
         // Kept chunks hold at most a few entries per node there is.
         let bound = 3 * s.store.node_count() + 4096;
-        let body = s.chunks.body(&prefix, peers, b"]}", bound);
-        let mut out = Vec::with_capacity(4 + body.len());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        out
+        length_prefixed(s.chunks.body(&prefix, peers, b"]}", bound))
     }
+}
+
+/// Starts list `name` in an object opened by [`Out::open_json`].
+fn open_list(json: &mut Vec<u8>, name: &str) {
+    if json.len() > 1 {
+        json.push(b',');
+    }
+    json.push(b'"');
+    json.extend_from_slice(name.as_bytes());
+    json.extend_from_slice(b"\":[");
 }
 
 /// Each node's map entry serialized once, for every map and delta that carries it. An entry
