@@ -22,6 +22,12 @@
 //!
 //! `--apply` makes every client keep a full `citadel::netmap::NetMap` (the real delta apply;
 //! memory grows with nodes × org size); without it a client tracks only the probe node.
+//!
+//! The joiner stands for a machine elsewhere: its map request goes out at once (so nexus-sim
+//! counts it online and tells the org), but its own first map, every member as a peer (25-55
+//! ms to decode at 10,000), is read once every member holds the joiner, and the report gives
+//! that decode's time. Read during the round (`--joiner-inline`), that decode shares the two
+//! cores with the fan-out it does not take part in; its CPU counts in the join's either way.
 
 use citadel::control::{fetch_server_key, ControlConn};
 use citadel::keys::{NodePublic, PrivateKey};
@@ -87,7 +93,7 @@ const ALLOW_ALL: &str = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": [
 
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
 disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
-[--short] [--rounds: a line per probe round] [--policy FILE|allow-all: an ACL policy instead of org isolation] [--floor BYTES: the same fan-out over bare TCP instead]";
+[--short] [--rounds: a line per probe round] [--joiner-inline: the joiner reads its first map during the round] [--policy FILE|allow-all: an ACL policy instead of org isolation] [--floor BYTES: the same fan-out over bare TCP instead]";
 
 /// Open files each process needs besides one socket per online node (runtime, listener, stdio).
 const FD_SPARE: u64 = 64;
@@ -107,6 +113,9 @@ struct Opts {
     /// `--policy PATH|allow-all`: the server's ACL policy instead of its built-in org isolation
     /// (any other policy takes the map streams' path for peers across orgs).
     policy: Option<String>,
+    /// `--joiner-inline`: the joiner reads its own first map during the round (on the cores the
+    /// fan-out uses) instead of after it.
+    joiner_inline: bool,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -120,6 +129,7 @@ fn parse() -> anyhow::Result<Opts> {
         floor: None,
         rounds: false,
         policy: None,
+        joiner_inline: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -134,6 +144,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
             "--rounds" => o.rounds = true,
+            "--joiner-inline" => o.joiner_inline = true,
             "--policy" => {
                 let p = args.next().ok_or_else(|| anyhow::anyhow!("--policy needs a file or allow-all"))?;
                 o.policy = Some(if p == "allow-all" {
@@ -380,10 +391,16 @@ async fn member(
     apply: bool,
     mut cmds: Option<tokio::sync::mpsc::Receiver<Vec<String>>>,
     first_map: tokio::sync::oneshot::Sender<()>,
+    hold: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
     let me = NodePublic(c.node.public_bytes());
     let eps = vec![format!("127.0.0.1:{}", 10000 + (me.0[0] as u16) * 100 + me.0[1] as u16 % 100)];
     let mut stream = c.conn.map(&map_request(&c.node, eps, true)).await?;
+    // The request is out, so the server counts the node online and tells its org; its own
+    // first map is read when `hold` fires.
+    if let Some(h) = hold {
+        let _ = h.await;
+    }
     let mut view =
         if apply { View::Full(Box::default(), ProbeView::default()) } else { View::Probe(ProbeView::default()) };
     let mut done_round = 0u64;
@@ -477,18 +494,20 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 }
 
 /// Starts a member; a probe member takes endpoint changes on `cmds` and ends when it closes.
-/// The receiver fires at the member's first map.
+/// The receiver fires at the member's first map; with `hold`, the member reads that map only
+/// once `hold` fires.
 fn spawn_member(
     c: Client,
     org: usize,
     board: &Arc<Board>,
     apply: bool,
     cmds: Option<tokio::sync::mpsc::Receiver<Vec<String>>>,
+    hold: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (ftx, frx) = tokio::sync::oneshot::channel();
     let b = board.clone();
     tokio::spawn(async move {
-        let r = member(c, org, b.clone(), apply, cmds, ftx).await;
+        let r = member(c, org, b.clone(), apply, cmds, ftx, hold).await;
         if let Some(e) = r.as_ref().err().filter(|_| !b.stopping.load(Ordering::Relaxed)) {
             eprintln!("member ended: {e}");
         }
@@ -620,7 +639,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
             let _permit = sem.acquire_owned().await?;
             let node = PrivateKey::generate(&mut rand::thread_rng());
             let c = join(&url, &server, &key, &format!("n{i}"), node).await?;
-            let first = spawn_member(c, org, &board, o.apply, None);
+            let first = spawn_member(c, org, &board, o.apply, None, None);
             first.await.map_err(|_| anyhow::anyhow!("no first map"))?;
             board.joined.fetch_add(1, Ordering::Relaxed);
             anyhow::Ok(())
@@ -661,6 +680,8 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     // request and the start of the fan-out, before it is spread over the org.
     let mut first_lat = vec![];
     let mut ep_lat = vec![];
+    // From the round's end to the joiner holding its own first map.
+    let mut own_map = vec![];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // The load generator's own CPU over the same windows: it shares the machine's cores with
     // nexus-sim, so each latency is of both.
@@ -685,11 +706,18 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let start = Instant::now();
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        spawn_member(c, 0, &board, o.apply, Some(rx));
+        let (hold_tx, hold_rx) = tokio::sync::oneshot::channel();
+        let joiner_first = spawn_member(c, 0, &board, o.apply, Some(rx), (!o.joiner_inline).then_some(hold_rx));
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
         let join_first = board.first_after(start);
         first_lat.push(join_first);
+        // The joiner's own first map (every member as a peer), read now unless it was read
+        // during the round (`--joiner-inline`); its CPU counts in the join's either way.
+        let t_own = Instant::now();
+        let _ = hold_tx.send(());
+        joiner_first.await.map_err(|_| anyhow::anyhow!("the joiner got no first map"))?;
+        own_map.push(t_own.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (c1, g1) = cpu();
         (join_cpu, gen_join_cpu) = (join_cpu + (c1 - c0), gen_join_cpu + (g1 - g0));
@@ -761,6 +789,12 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         pct(&mut join_lat, 0.5),
         pct(&mut join_lat, 0.99),
         pct(&mut join_lat, 1.0)
+    );
+    println!(
+        "the joiner's own first map, {}  p50 {:>8.1?}  p99 {:>8.1?}",
+        if o.joiner_inline { "read during the round: done after it" } else { "read after the round: decoded in" },
+        pct(&mut own_map, 0.5),
+        pct(&mut own_map, 0.99)
     );
     println!(
         "endpoint change -> every member       p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}",
