@@ -93,7 +93,7 @@ const ALLOW_ALL: &str = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": [
 
 const USAGE: &str = "usage: bench-control [--nodes N online (200)] [--offline N registered, then \
 disconnected (0)] [--orgs N (1)] [--probes N (10)] [--concurrency N joins in flight (32)] [--apply] \
-[--short] [--rounds: a line per probe round] [--joiner-inline: the joiner reads its first map during the round] [--policy FILE|allow-all: an ACL policy instead of org isolation] [--floor BYTES: the same fan-out over bare TCP instead]";
+[--short] [--rounds: a line per probe round] [--joiner-inline: the joiner reads its first map during the round] [--joiner-alternate: in odd rounds only] [--policy FILE|allow-all: an ACL policy instead of org isolation] [--floor BYTES: the same fan-out over bare TCP instead]";
 
 /// Open files each process needs besides one socket per online node (runtime, listener, stdio).
 const FD_SPARE: u64 = 64;
@@ -116,6 +116,8 @@ struct Opts {
     /// `--joiner-inline`: the joiner reads its own first map during the round (on the cores the
     /// fan-out uses) instead of after it.
     joiner_inline: bool,
+    /// `--joiner-alternate`: odd rounds as `--joiner-inline`, even ones not; both reported.
+    joiner_alternate: bool,
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -130,6 +132,7 @@ fn parse() -> anyhow::Result<Opts> {
         rounds: false,
         policy: None,
         joiner_inline: false,
+        joiner_alternate: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -145,6 +148,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--apply" => o.apply = true,
             "--rounds" => o.rounds = true,
             "--joiner-inline" => o.joiner_inline = true,
+            "--joiner-alternate" => o.joiner_alternate = true,
             "--policy" => {
                 let p = args.next().ok_or_else(|| anyhow::anyhow!("--policy needs a file or allow-all"))?;
                 o.policy = Some(if p == "allow-all" {
@@ -682,6 +686,8 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     let mut ep_lat = vec![];
     // From the round's end to the joiner holding its own first map.
     let mut own_map = vec![];
+    // The join latencies of the rounds whose joiner read its first map after / during them.
+    let mut by_joiner: [Vec<Duration>; 2] = [vec![], vec![]];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // The load generator's own CPU over the same windows: it shares the machine's cores with
     // nexus-sim, so each latency is of both.
@@ -707,9 +713,11 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let (hold_tx, hold_rx) = tokio::sync::oneshot::channel();
-        let joiner_first = spawn_member(c, 0, &board, o.apply, Some(rx), (!o.joiner_inline).then_some(hold_rx));
+        let inline = o.joiner_inline || (o.joiner_alternate && round % 2 == 1);
+        let joiner_first = spawn_member(c, 0, &board, o.apply, Some(rx), (!inline).then_some(hold_rx));
         wait_seen(&board, members).await?;
         join_lat.push(start.elapsed());
+        by_joiner[usize::from(inline)].push(start.elapsed());
         let join_first = board.first_after(start);
         first_lat.push(join_first);
         // The joiner's own first map (every member as a peer), read now unless it was read
@@ -790,9 +798,26 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         pct(&mut join_lat, 0.99),
         pct(&mut join_lat, 1.0)
     );
+    if o.joiner_alternate {
+        for (inline, v) in by_joiner.iter_mut().enumerate().filter(|(_, v)| !v.is_empty()) {
+            println!(
+                "  rounds whose joiner read its own map {}  p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}",
+                if inline == 1 { "during them" } else { "after them " },
+                pct(v, 0.5),
+                pct(v, 0.99),
+                pct(v, 1.0)
+            );
+        }
+    }
     println!(
         "the joiner's own first map, {}  p50 {:>8.1?}  p99 {:>8.1?}",
-        if o.joiner_inline { "read during the round: done after it" } else { "read after the round: decoded in" },
+        if o.joiner_inline {
+            "read during the round: done after it"
+        } else if o.joiner_alternate {
+            "read during odd rounds, after even ones: done after the round"
+        } else {
+            "read after the round: decoded in"
+        },
         pct(&mut own_map, 0.5),
         pct(&mut own_map, 0.99)
     );
