@@ -113,11 +113,26 @@ struct Opts {
     /// `--policy PATH|allow-all`: the server's ACL policy instead of its built-in org isolation
     /// (any other policy takes the map streams' path for peers across orgs).
     policy: Option<String>,
-    /// `--joiner-inline`: the joiner reads its own first map during the round (on the cores the
-    /// fan-out uses) instead of after it.
-    joiner_inline: bool,
-    /// `--joiner-alternate`: odd rounds as `--joiner-inline`, even ones not; both reported.
-    joiner_alternate: bool,
+    /// When the joiner reads its own first map.
+    joiner: JoinerMap,
+}
+
+/// When a probe round's joiner reads its own first map (every member as a peer).
+#[derive(Clone, Copy, PartialEq)]
+enum JoinerMap {
+    /// Once every member holds the joiner (the default).
+    After,
+    /// `--joiner-inline`: during the round, on the cores the fan-out uses.
+    During,
+    /// `--joiner-alternate`: during odd rounds, after even ones; both reported.
+    Alternate,
+}
+
+impl JoinerMap {
+    /// Whether round `round`'s joiner reads its map during the round.
+    fn during(self, round: u64) -> bool {
+        self == JoinerMap::During || (self == JoinerMap::Alternate && round % 2 == 1)
+    }
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -131,8 +146,7 @@ fn parse() -> anyhow::Result<Opts> {
         floor: None,
         rounds: false,
         policy: None,
-        joiner_inline: false,
-        joiner_alternate: false,
+        joiner: JoinerMap::After,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -147,8 +161,8 @@ fn parse() -> anyhow::Result<Opts> {
             "--offline" => o.offline = num("--offline")?,
             "--apply" => o.apply = true,
             "--rounds" => o.rounds = true,
-            "--joiner-inline" => o.joiner_inline = true,
-            "--joiner-alternate" => o.joiner_alternate = true,
+            "--joiner-inline" => o.joiner = JoinerMap::During,
+            "--joiner-alternate" => o.joiner = JoinerMap::Alternate,
             "--policy" => {
                 let p = args.next().ok_or_else(|| anyhow::anyhow!("--policy needs a file or allow-all"))?;
                 o.policy = Some(if p == "allow-all" {
@@ -679,7 +693,6 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         rss1 / 1_000_000
     );
 
-    let mut join_lat = vec![];
     // From a join's start to the first member holding it: registration, the joiner's map
     // request and the start of the fan-out, before it is spread over the org.
     let mut first_lat = vec![];
@@ -687,7 +700,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     // From the round's end to the joiner holding its own first map.
     let mut own_map = vec![];
     // The join latencies of the rounds whose joiner read its first map after / during them.
-    let mut by_joiner: [Vec<Duration>; 2] = [vec![], vec![]];
+    let mut join_lat: [Vec<Duration>; 2] = [vec![], vec![]];
     let (mut join_cpu, mut ep_cpu) = (Duration::ZERO, Duration::ZERO);
     // The load generator's own CPU over the same windows: it shares the machine's cores with
     // nexus-sim, so each latency is of both.
@@ -713,11 +726,11 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         let c = join(&url, &server, &keys[0], &format!("probe{round}"), node).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let (hold_tx, hold_rx) = tokio::sync::oneshot::channel();
-        let inline = o.joiner_inline || (o.joiner_alternate && round % 2 == 1);
-        let joiner_first = spawn_member(c, 0, &board, o.apply, Some(rx), (!inline).then_some(hold_rx));
+        let during = o.joiner.during(round);
+        let joiner_first = spawn_member(c, 0, &board, o.apply, Some(rx), (!during).then_some(hold_rx));
         wait_seen(&board, members).await?;
-        join_lat.push(start.elapsed());
-        by_joiner[usize::from(inline)].push(start.elapsed());
+        let join_t = start.elapsed();
+        join_lat[usize::from(during)].push(join_t);
         let join_first = board.first_after(start);
         first_lat.push(join_first);
         // The joiner's own first map (every member as a peer), read now unless it was read
@@ -758,7 +771,7 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
                 "round {round:>3}: join {:>8.1?} (first member {:>6.1?}, {:.2} msg/member, CPU nexus-sim {:>6.1?} \
                  generator {:>6.1?}, steal {:.1?})  endpoint {:>8.1?} (first {:>6.1?}, {:.2}, {:>6.1?} / {:>6.1?}, \
                  steal {:.1?})",
-                join_lat[join_lat.len() - 1],
+                join_t,
                 join_first,
                 per(join_round.2),
                 join_round.0,
@@ -792,17 +805,18 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
         pct(&mut first_lat, 0.99),
         pct(&mut first_lat, 1.0)
     );
+    let mut all_joins = join_lat.concat();
     println!(
         "join -> every member's map holds it   p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}",
-        pct(&mut join_lat, 0.5),
-        pct(&mut join_lat, 0.99),
-        pct(&mut join_lat, 1.0)
+        pct(&mut all_joins, 0.5),
+        pct(&mut all_joins, 0.99),
+        pct(&mut all_joins, 1.0)
     );
-    if o.joiner_alternate {
-        for (inline, v) in by_joiner.iter_mut().enumerate().filter(|(_, v)| !v.is_empty()) {
+    if o.joiner == JoinerMap::Alternate {
+        for (during, v) in join_lat.iter_mut().enumerate().filter(|(_, v)| !v.is_empty()) {
             println!(
                 "  rounds whose joiner read its own map {}  p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}",
-                if inline == 1 { "during them" } else { "after them " },
+                if during == 1 { "during them" } else { "after them " },
                 pct(v, 0.5),
                 pct(v, 0.99),
                 pct(v, 1.0)
@@ -811,12 +825,10 @@ async fn bench(o: Opts, url: String, keys: Vec<String>, server_pid: u32) -> anyh
     }
     println!(
         "the joiner's own first map, {}  p50 {:>8.1?}  p99 {:>8.1?}",
-        if o.joiner_inline {
-            "read during the round: done after it"
-        } else if o.joiner_alternate {
-            "read during odd rounds, after even ones: done after the round"
-        } else {
-            "read after the round: decoded in"
+        match o.joiner {
+            JoinerMap::During => "read during the round: done after it",
+            JoinerMap::Alternate => "read during odd rounds, after even ones: done after the round",
+            JoinerMap::After => "read after the round: decoded in",
         },
         pct(&mut own_map, 0.5),
         pct(&mut own_map, 0.99)

@@ -365,11 +365,7 @@ impl MapStream {
     /// The next message, `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<MapResponse>, ControlError> {
         loop {
-            let m = if self.frames.holds_large()? {
-                off_worker(|| self.frames.next())?
-            } else {
-                self.frames.next()?
-            };
+            let m = if self.frames.holds_large()? { off_worker(|| self.frames.next())? } else { self.frames.next()? };
             if let Some(m) = m {
                 return Ok(Some(m));
             }
