@@ -417,3 +417,65 @@ async fn a_peer_key_expiring_while_nexus_is_down_is_dropped_by_the_clock() {
     assert!(a1.status().peers.iter().any(|p| p.expired), "a1's status shows a2 expired");
     assert!(a2.status().key_expired, "a2's own status says its key expired, with Nexus still away");
 }
+
+/// `citadel up` asks for zstd maps, as Tailscale's clients do: with 100 other members in its
+/// org (most of a map's bytes are keys, which compress least) its full map costs Nexus less
+/// than half the bytes the same map costs a client that asks for plain JSON, and it still
+/// holds every peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_asks_for_compressed_maps() {
+    use citadel::control::{fetch_server_key, ControlConn};
+    use citadel::keys::{NodePublic, PrivateKey};
+    use citadel::net::TokioNet;
+    use citadel::tailcfg::{MapRequest, RegisterAuth, RegisterRequest, CAPABILITY_VERSION};
+    const OTHERS: usize = 100;
+    let nx = Nexus::start().await;
+    let key = nx.key("acme", true);
+    let to = Duration::from_secs(10);
+    let server = fetch_server_key(&TokioNet, &nx.url(), to).await.unwrap();
+    let mut members = vec![];
+    for i in 0..OTHERS {
+        let machine = PrivateKey::generate(&mut rand_core());
+        let node = PrivateKey::generate(&mut rand_core());
+        let mut conn = ControlConn::dial(&TokioNet, &nx.url(), &machine, &server, to).await.unwrap();
+        let r = conn
+            .register(&RegisterRequest {
+                version: CAPABILITY_VERSION,
+                node_key: NodePublic(node.public_bytes()),
+                hostinfo: Some(citadel::tailcfg::Hostinfo { hostname: format!("m{i}"), ..Default::default() }),
+                auth: Some(RegisterAuth { auth_key: key.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(r.machine_authorized, "{r:?}");
+        members.push((conn, node));
+    }
+    let bytes = || nx.running.shared.metrics.map_bytes.load(std::sync::atomic::Ordering::Relaxed);
+
+    let b0 = bytes();
+    let t = tempfile::tempdir().unwrap();
+    let a = Mesh::connect(cfg(&nx.url(), Some(&key), &t.path().join("a"), "a")).await.unwrap();
+    assert!(eventually(to, || a.status().peers.len() == OTHERS).await, "{} peers", a.status().peers.len());
+    let node_map = bytes() - b0;
+
+    // One of the registered members reads its (equally large) map as plain JSON.
+    let (conn, node) = &mut members[0];
+    let b1 = bytes();
+    let plain = MapRequest {
+        version: CAPABILITY_VERSION,
+        node_key: NodePublic(node.public_bytes()),
+        stream: true,
+        ..Default::default()
+    };
+    let mut s = conn.map(&plain).await.unwrap();
+    let m = tokio::time::timeout(to, s.next()).await.unwrap().unwrap().expect("a map");
+    assert_eq!(m.peers.as_ref().map_or(0, Vec::len), OTHERS, "the plain map's peers");
+    // Its going online is a delta to `a` too, a few hundred bytes at most.
+    let plain_map = bytes() - b1;
+    eprintln!("map bytes: the node {node_map}, plain JSON {plain_map}");
+    assert!(
+        node_map * 2 < plain_map,
+        "the node's map took {node_map} bytes, a plain JSON map of the same org {plain_map}"
+    );
+}

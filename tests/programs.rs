@@ -439,6 +439,8 @@ fn real_programs_reach_exposed_services_through_proxies_and_ssh() {
     let nexus = scrape_https(w.nexus_port);
     assert_eq!(sample(&nexus, "nexus_nodes_online", None), 2.0);
     assert!(sample(&nexus, "nexus_map_sends_total", None) >= 2.0);
+    // Two full maps at least, each well over 100 bytes even compressed.
+    assert!(sample(&nexus, "nexus_map_bytes_total", None) >= 200.0);
     assert!(sample(&nexus, "nexus_registrations_total", None) >= 2.0);
 }
 

@@ -1514,7 +1514,9 @@ impl MapBody {
                 _ => None,
             };
             if let Some(frame) = frame {
-                self.st.s.metrics.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let m = &self.st.s.metrics;
+                m.map_sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                m.map_bytes.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 return Some(frame);
             }
             // Every change to the node is in its org's log and wakes the stream, which reads the

@@ -1,5 +1,5 @@
 //! `GET /metrics`: Prometheus text (format 0.0.4) with the server's own counters — nodes
-//! registered and online, map messages sent, register requests, DERP connections and frames.
+//! registered and online, map messages and their bytes sent, register requests, DERP connections and frames.
 //! Only counts, no names or keys.
 
 use crate::Shared;
@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Metrics {
     /// Map messages (not keep-alives) written to map streams.
     pub map_sends: AtomicU64,
+    /// Bytes of those messages as written to the streams (length prefixes included, before
+    /// HTTP/2 and Noise framing): what compression saves shows here.
+    pub map_bytes: AtomicU64,
     /// Keep-alives written to map streams.
     pub keepalives: AtomicU64,
     /// Register requests answered.
@@ -25,10 +28,11 @@ pub fn render(s: &Shared) -> String {
     let online = nodes.iter().filter(|n| s.store.is_online(n.id)).count();
     let derp = s.faults.derp_stats().unwrap_or_default();
     let m = &s.metrics;
-    let rows: [(&str, &str, &str, u64); 10] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         ("nexus_nodes", "gauge", "Nodes registered.", nodes.len() as u64),
         ("nexus_nodes_online", "gauge", "Nodes with an open map stream.", online as u64),
         ("nexus_map_sends_total", "counter", "Map messages sent to nodes.", m.map_sends.load(Relaxed)),
+        ("nexus_map_bytes_total", "counter", "Bytes of map messages sent to nodes.", m.map_bytes.load(Relaxed)),
         ("nexus_map_keepalives_total", "counter", "Map keep-alives sent to nodes.", m.keepalives.load(Relaxed)),
         ("nexus_registrations_total", "counter", "Register requests answered.", m.registrations.load(Relaxed)),
         ("nexus_derp_clients", "gauge", "DERP clients connected now.", derp.clients),
