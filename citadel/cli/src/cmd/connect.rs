@@ -16,7 +16,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), CliError> {
     let node = Node::attach(&ctx.state_dir, ctx.config(None, None, None)).await?;
     let mut conn = node.dial(&peer, port).await.map_err(CliError::Failed)?;
     let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    tokio::io::copy_bidirectional(&mut stdio, &mut conn)
+    // The node's own copy: 64 KiB reads where tokio's takes 8 KiB at a time.
+    citadel::copy::both_ways(&mut stdio, &mut conn)
         .await
         .map_err(|e| CliError::Failed(format!("connection to {} failed: {e}", a.target)))?;
     Ok(())
