@@ -35,7 +35,9 @@ if [ "${1:-}" = control ]; then
 fi
 if [ "${1:-}" = connect ]; then
     shift
-    cargo build --release -q -p citadel-cli -p nexus-sim
+    # Apart, so `citadel` is the binary `./bench.sh memory` builds (see below).
+    cargo build --release -q -p citadel-cli
+    cargo build --release -q -p nexus-sim
     exec tests/bench_connect.sh "$@"
 fi
 if [ "${1:-}" = netmap ] || [ "${1:-}" = policy ]; then
