@@ -572,7 +572,7 @@ impl Inner {
             stream,
             hostinfo: Some(self.hostinfo()),
             // As Tailscale's clients ask: a full map of 10,000 peers is about 1.2 MB on the
-            // wire instead of 7.4 MB of JSON. Small deltas come as stored frames, parsed where
+            // wire instead of 7.2 MB of JSON. Small deltas come as stored frames, parsed where
             // they lie; the decompression context is one per thread (see `decode_map_body`).
             compress: "zstd".into(),
             ..Default::default()

@@ -1,6 +1,6 @@
 //! `GET /metrics`: Prometheus text (format 0.0.4) with the server's own counters — nodes
-//! registered and online, map messages and their bytes sent, register requests, DERP connections and frames.
-//! Only counts, no names or keys.
+//! registered and online, map messages and their bytes sent, register requests, DERP
+//! connections and frames. Only counts, no names or keys.
 
 use crate::Shared;
 use axum::extract::State;
