@@ -438,16 +438,14 @@ async fn the_node_asks_for_compressed_maps() {
         let machine = PrivateKey::generate(&mut rand_core());
         let node = PrivateKey::generate(&mut rand_core());
         let mut conn = ControlConn::dial(&TokioNet, &nx.url(), &machine, &server, to).await.unwrap();
-        let r = conn
-            .register(&RegisterRequest {
-                version: CAPABILITY_VERSION,
-                node_key: NodePublic(node.public_bytes()),
-                hostinfo: Some(citadel::tailcfg::Hostinfo { hostname: format!("m{i}"), ..Default::default() }),
-                auth: Some(RegisterAuth { auth_key: key.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let req = RegisterRequest {
+            version: CAPABILITY_VERSION,
+            node_key: NodePublic(node.public_bytes()),
+            hostinfo: Some(citadel::tailcfg::Hostinfo { hostname: format!("m{i}"), ..Default::default() }),
+            auth: Some(RegisterAuth { auth_key: key.clone(), ..Default::default() }),
+            ..Default::default()
+        };
+        let r = tokio::time::timeout(to, conn.register(&req)).await.unwrap().unwrap();
         assert!(r.machine_authorized, "{r:?}");
         members.push((conn, node));
     }
@@ -468,7 +466,7 @@ async fn the_node_asks_for_compressed_maps() {
         stream: true,
         ..Default::default()
     };
-    let mut s = conn.map(&plain).await.unwrap();
+    let mut s = tokio::time::timeout(to, conn.map(&plain)).await.unwrap().unwrap();
     let m = tokio::time::timeout(to, s.next()).await.unwrap().unwrap().expect("a map");
     assert_eq!(m.peers.as_ref().map_or(0, Vec::len), OTHERS, "the plain map's peers");
     // Its going online is a delta to `a` too, a few hundred bytes at most.

@@ -894,7 +894,10 @@ async fn a_huge_entry_is_dead_lettered_quickly() {
         assert_eq!(dead[0]["jobId"], "huge");
         assert!(dead[0]["reason"].contains("too large"), "{}", dead[0]["reason"]);
         assert!(dead[0].len() < 20, "the dead letter copied {} fields", dead[0].len());
-        assert!(took < Duration::from_secs(2), "took {took:?}");
+        // Generous: the suite's other tests share the cores (a cold CI run took 2.4 s here).
+        // The scanner's linearity has its own unit test; this bound catches a worker that
+        // stalls on the entry.
+        assert!(took < Duration::from_secs(8), "took {took:?}");
         w.stop().await;
     })
     .await;
